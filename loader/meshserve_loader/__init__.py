@@ -1,0 +1,1 @@
+"""The loader agent and the built-in runtime that run in every runtime pod."""

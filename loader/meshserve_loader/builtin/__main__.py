@@ -1,0 +1,24 @@
+"""`python -m meshserve_loader.builtin --index N`: the built-in runtime of runtime pod N."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from meshserve import logs
+from meshserve.settings import Settings
+from meshserve_loader.builtin.server import serve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="meshserve_loader.builtin")
+    ap.add_argument("--index", type=int, required=True, help="runtime pod number (sets its ports)")
+    args = ap.parse_args()
+    s = Settings.from_env()
+    logs.setup(f"runtime-{args.index}", s.log_json)
+    rest, grpc_port, _ = s.pod_ports(args.index)
+    asyncio.run(serve(s.host, rest, grpc_port))
+
+
+if __name__ == "__main__":
+    main()

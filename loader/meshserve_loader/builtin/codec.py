@@ -1,0 +1,230 @@
+"""KServe v2 tensors in and out: the REST form (`data`), the proto3-JSON form (`contents`)
+and gRPC messages. Pure functions; every malformed input raises CodecError with a message
+that tells the client what to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+
+
+class CodecError(ValueError):
+    pass
+
+
+# datatype -> (numpy dtype, InferTensorContents field)
+DATATYPES: dict[str, tuple[Any, str]] = {
+    "BOOL": (np.bool_, "bool_contents"),
+    "INT8": (np.int8, "int_contents"),
+    "INT16": (np.int16, "int_contents"),
+    "INT32": (np.int32, "int_contents"),
+    "INT64": (np.int64, "int64_contents"),
+    "UINT8": (np.uint8, "uint_contents"),
+    "UINT16": (np.uint16, "uint_contents"),
+    "UINT32": (np.uint32, "uint_contents"),
+    "UINT64": (np.uint64, "uint64_contents"),
+    "FP16": (np.float16, ""),
+    "FP32": (np.float32, "fp32_contents"),
+    "FP64": (np.float64, "fp64_contents"),
+    "BYTES": (object, "bytes_contents"),
+}
+_NUMPY_TO_DATATYPE = {np.dtype(v[0]).str: k for k, v in DATATYPES.items() if v[0] is not object}
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    array: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    inputs: list[Tensor]
+    id: str = ""
+    outputs: list[str] | None = None
+    form: str = "rest"  # "rest" (v2 `data`) or "proto" (proto3 JSON `contents`) or "grpc"
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype.kind in ("U", "S", "O"):
+        return "BYTES"
+    dt = _NUMPY_TO_DATATYPE.get(array.dtype.str) or _NUMPY_TO_DATATYPE.get(array.dtype.newbyteorder("=").str)
+    if dt is None:
+        raise CodecError(f"unsupported output dtype {array.dtype}")
+    return dt
+
+
+def _check_shape(name: str, shape: Any) -> list[int]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CodecError(f"input '{name}': shape must be a list of non-negative integers")
+    return shape
+
+
+def _to_array(name: str, datatype: str, shape: list[int], values: Any) -> np.ndarray:
+    if datatype not in DATATYPES:
+        raise CodecError(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    dtype = DATATYPES[datatype][0]
+    n = int(np.prod(shape)) if shape else 1
+    if dtype is object:
+        flat = np.array([_as_bytes(v) for v in _flatten(values)], dtype=object)
+    else:
+        try:
+            flat = np.asarray(_flatten(values), dtype=dtype)
+        except (TypeError, ValueError, OverflowError):
+            raise CodecError(f"input '{name}': data does not match datatype {datatype}") from None
+    if flat.size != n:
+        raise CodecError(f"input '{name}': shape {shape} needs {n} values, got {flat.size}")
+    return flat.reshape(shape)
+
+
+def _flatten(values: Any) -> list[Any]:
+    if isinstance(values, (list, tuple)):
+        if values and isinstance(values[0], (list, tuple)):
+            out: list[Any] = []
+            for v in values:
+                out.extend(_flatten(v))
+            return out
+        return list(values)
+    return [values]
+
+
+def _as_bytes(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode()
+    raise CodecError("BYTES data must be strings")
+
+
+def decode_json_request(body: bytes) -> InferRequest:
+    """Either JSON form. The proto3-JSON form is chosen when any input carries `contents`."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CodecError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise CodecError("request body must be a JSON object with an 'inputs' list")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise CodecError("request needs a non-empty 'inputs' list")
+    if any(isinstance(i, dict) and ("contents" in i) for i in inputs) or "rawInputContents" in doc or "raw_input_contents" in doc:
+        try:
+            msg = json_format.ParseDict(doc, pb.ModelInferRequest(), ignore_unknown_fields=False)
+        except json_format.ParseError as e:
+            raise CodecError(f"invalid proto3-JSON inference request: {e}") from None
+        req = decode_grpc_request(msg)
+        req.form = "proto"
+        return req
+    tensors = []
+    for i, inp in enumerate(inputs):
+        if not isinstance(inp, dict):
+            raise CodecError(f"inputs[{i}] must be an object")
+        name = inp.get("name")
+        if not isinstance(name, str):
+            raise CodecError(f"inputs[{i}]: 'name' is required")
+        datatype = inp.get("datatype")
+        if not isinstance(datatype, str):
+            raise CodecError(f"input '{name}': 'datatype' is required")
+        shape = _check_shape(name, inp.get("shape"))
+        if "data" not in inp:
+            raise CodecError(f"input '{name}': 'data' is required")
+        tensors.append(Tensor(name, datatype, shape, _to_array(name, datatype, shape, inp["data"])))
+    outs = doc.get("outputs")
+    names = [o.get("name") for o in outs if isinstance(o, dict)] if isinstance(outs, list) else None
+    rid = doc.get("id")
+    return InferRequest(tensors, id=rid if isinstance(rid, str) else "", outputs=names or None, form="rest")
+
+
+def decode_grpc_request(msg: pb.ModelInferRequest) -> InferRequest:
+    tensors = []
+    raw = list(msg.raw_input_contents)
+    if raw and len(raw) != len(msg.inputs):
+        raise CodecError(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs")
+    for i, inp in enumerate(msg.inputs):
+        shape = [int(d) for d in inp.shape]
+        if any(d < 0 for d in shape):
+            raise CodecError(f"input '{inp.name}': shape must be non-negative")
+        if inp.datatype not in DATATYPES:
+            raise CodecError(f"input '{inp.name}': unknown datatype {inp.datatype!r}")
+        dtype, field = DATATYPES[inp.datatype]
+        if raw:
+            arr = _from_raw(inp.name, inp.datatype, shape, raw[i])
+        else:
+            if not field:
+                raise CodecError(f"input '{inp.name}': {inp.datatype} must be sent as raw_input_contents")
+            arr = _to_array(inp.name, inp.datatype, shape, list(getattr(inp.contents, field)))
+        tensors.append(Tensor(inp.name, inp.datatype, shape, arr))
+    return InferRequest(tensors, id=msg.id, outputs=[o.name for o in msg.outputs] or None, form="grpc")
+
+
+def _from_raw(name: str, datatype: str, shape: list[int], buf: bytes) -> np.ndarray:
+    dtype = DATATYPES[datatype][0]
+    n = int(np.prod(shape)) if shape else 1
+    if dtype is object:
+        items, off = [], 0
+        while off < len(buf):
+            if off + 4 > len(buf):
+                raise CodecError(f"input '{name}': truncated BYTES element")
+            ln = int.from_bytes(buf[off : off + 4], "little")
+            items.append(buf[off + 4 : off + 4 + ln])
+            off += 4 + ln
+        arr = np.array(items, dtype=object)
+    else:
+        width = np.dtype(dtype).itemsize
+        if len(buf) != n * width:
+            raise CodecError(f"input '{name}': raw content is {len(buf)} bytes, shape {shape} of {datatype} needs {n * width}")
+        arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"))
+    if arr.size != n:
+        raise CodecError(f"input '{name}': shape {shape} needs {n} values, got {arr.size}")
+    return arr.reshape(shape)
+
+
+def _output_shape(a: np.ndarray) -> list[int]:
+    # A 1-D prediction per row is reported as [N, 1], as MLServer's codecs do.
+    return [int(a.shape[0]), 1] if a.ndim == 1 else [int(d) for d in a.shape]
+
+
+def encode_grpc_response(model_name: str, req_id: str, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=model_name, id=req_id)
+    for name, a in outputs.items():
+        dt = datatype_of(a)
+        t = resp.outputs.add(name=name, datatype=dt, shape=_output_shape(a))
+        field = DATATYPES[dt][1]
+        flat = a.reshape(-1)
+        if dt == "BYTES":
+            t.contents.bytes_contents.extend(_as_bytes(x) for x in flat)
+        elif field:
+            getattr(t.contents, field).extend(flat.tolist())
+        else:
+            resp.raw_output_contents.append(flat.astype("<f2").tobytes())
+    return resp
+
+
+def encode_json_response(model_name: str, req: InferRequest, outputs: dict[str, np.ndarray]) -> bytes:
+    if req.form == "proto":
+        msg = encode_grpc_response(model_name, req.id, outputs)
+        return json_format.MessageToJson(msg, indent=None).encode()
+    outs = []
+    for name, a in outputs.items():
+        dt = datatype_of(a)
+        flat = a.reshape(-1)
+        data = [x.decode(errors="replace") if isinstance(x, bytes) else x for x in flat.tolist()]
+        outs.append({"name": name, "shape": _output_shape(a), "datatype": dt, "data": data})
+    doc: dict[str, Any] = {"model_name": model_name, "outputs": outs}
+    if req.id:
+        doc["id"] = req.id
+    return json.dumps(doc).encode()
+
+
+def b64(s: bytes) -> str:
+    return base64.b64encode(s).decode()

@@ -1,0 +1,35 @@
+"""Reading mesh-config/ and writing the registry: the embedded mode's input side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshserve import registry
+from meshserve.model import ModelSpec
+from meshserve.state import State
+from meshserve.yamlfile import ConfigError, iter_yaml_files, load_documents
+
+
+def read_models(path: Path) -> list[ModelSpec]:
+    """Every InferenceService under `path`. Raises ConfigError (file, line, field) on bad input;
+    nothing is written until every file has parsed."""
+    specs: list[ModelSpec] = []
+    seen: dict[str, str] = {}
+    for f in iter_yaml_files(path):
+        for doc in load_documents(f):
+            if not registry.is_inference_service(doc):
+                continue
+            registry.check_api_version(doc)
+            spec = registry.parse_inference_service(doc)
+            if spec.alias in seen:
+                raise ConfigError(doc.file, doc.line_of(("metadata", "name")), "metadata.name", f"'{spec.alias}' is also defined in {seen[spec.alias]}")
+            seen[spec.alias] = doc.file
+            specs.append(spec)
+    return specs
+
+
+async def apply_path(state: State, path: Path) -> list[ModelSpec]:
+    specs = read_models(path)
+    if specs:
+        await state.register_models(specs)
+    return specs

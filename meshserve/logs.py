@@ -1,0 +1,39 @@
+"""Logging for every process: plain lines for people, or JSON lines (MESHSERVE_LOG_JSON=true)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("model", "pod", "trace_id"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup(component: str, json_lines: bool = False, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    else:
+        fmt = logging.Formatter(f"%(asctime)s {component} %(levelname)s %(message)s", "%H:%M:%S")
+        fmt.converter = time.localtime
+        handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("aiohttp.access", "grpc", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,90 @@
+"""Plain data shared by every component: what a model is, what a pod is, where copies are.
+
+These types are the vocabulary of the pure policy code and the Redis schema alike, so they
+serialise to and from JSON with no other logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class CopyState:
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+
+
+@dataclass
+class ModelSpec:
+    id: str  # concrete model id, `<alias>__isvc-<10 hex>`
+    alias: str  # InferenceService name: the virtual model users address
+    format: str
+    storage: dict[str, Any]
+    namespace: str = "default"
+    format_version: str = ""
+    runtime: str = ""
+    min_copies: int = 0
+    max_copies: int = 0  # 0 = no limit
+    pinned: bool = False
+    size_hint: int = 0  # bytes, 0 = predict from the file
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "ModelSpec":
+        return cls(**_known(cls, json.loads(raw)))
+
+
+@dataclass
+class Pod:
+    id: str
+    host: str
+    rest_port: int
+    grpc_port: int
+    capacity_bytes: int
+    formats: list[str] = field(default_factory=list)  # model formats its runtime serves
+    runtime: str = "builtin"
+    max_loading: int = 2
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "Pod":
+        return cls(**_known(cls, json.loads(raw)))
+
+
+@dataclass
+class Copy:
+    state: str
+    size: int = 0
+    since: float = 0.0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"state": self.state, "size": self.size, "since": self.since}
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+
+def copies_from_json(raw: str | bytes | None) -> dict[str, Copy]:
+    if not raw:
+        return {}
+    return {pod: Copy(**_known(Copy, c)) for pod, c in json.loads(raw).items()}
+
+
+def copies_to_json(copies: dict[str, Copy]) -> str:
+    return json.dumps({p: c.to_dict() for p, c in sorted(copies.items())}, separators=(",", ":"))
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    # Tolerate fields written by a newer version so a rolling upgrade never breaks reads.
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}

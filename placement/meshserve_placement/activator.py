@@ -1,0 +1,211 @@
+"""The activator: where Envoy sends requests for models that no pod holds yet.
+
+It resolves the name, asks the placement leader for a load (many waiting requests make one
+request), holds the request until a copy is loaded, then forwards it to that pod. Once the
+route reaches the gateway, later requests skip this hop entirely. Unknown models get 404 and
+models that cannot be loaded get 503, both as KServe v2 error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from meshserve import state as st
+from meshserve.model import CopyState, Pod
+from meshserve.settings import Settings
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+
+log = logging.getLogger("meshserve.activator")
+
+MODEL_ID_HEADER = "mm-model-id"
+VMODEL_ID_HEADER = "mm-vmodel-id"
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+
+
+class LoadFailed(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Activator:
+    def __init__(self, settings: Settings, state: st.State):
+        self.s, self.state = settings, state
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._requested: dict[str, float] = {}
+        self.cold_requests = 0
+
+    async def watch_changes(self) -> None:
+        """Wake waiters when their model's placement changes."""
+        last = "$"
+        while True:
+            try:
+                resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=1000)
+            except Exception as e:  # redis down: waiters time out with a reason
+                log.warning("activator: reading changes failed: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            for _, entries in resp or []:
+                for eid, fields in entries:
+                    last = eid
+                    ev = self._waiters.get(fields.get(b"id", b"").decode())
+                    if ev is not None:
+                        ev.set()
+
+    async def ensure_loaded(self, model_id: str) -> Pod:
+        deadline = time.monotonic() + self.s.cold_start_timeout_seconds
+        while True:
+            ev = self._waiters.setdefault(model_id, asyncio.Event())
+            ev.clear()
+            copies = await self.state.copies(model_id)
+            loaded = [p for p, c in copies.items() if c.state == CopyState.LOADED]
+            if loaded:
+                pod = await self.state.pod(random.choice(loaded))
+                if pod is not None:
+                    return pod
+            pending = any(c.state == CopyState.LOADING for c in copies.values())
+            asked = self._requested.get(model_id, 0.0)
+            # Only failures after our own request count; older ones are history.
+            failed = [c.reason for c in copies.values() if c.state == CopyState.FAILED and asked and c.since >= asked]
+            if not pending:
+                if failed:
+                    raise LoadFailed(503, f"model '{model_id}' could not be loaded: {failed[-1]}")
+                if time.time() - asked > 2.0:
+                    self._requested[model_id] = time.time()
+                    await self.state.r.xadd(st.LOAD_REQUESTS, {"model": model_id, "ts": str(time.time())}, maxlen=100_000, approximate=True)
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0:
+                why = f"; last failure: {failed[-1]}" if failed else ""
+                raise LoadFailed(503, f"model '{model_id}' was not loaded within {self.s.cold_start_timeout_seconds:g}s{why}")
+            try:
+                await asyncio.wait_for(ev.wait(), timeout=min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def resolve(self, name: str) -> str:
+        model_id = await self.state.resolve(name)
+        if model_id is None:
+            raise LoadFailed(404, f"model '{name}' not found: no InferenceService or model is registered under this name")
+        return model_id
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Application:
+    app = web.Application(client_max_size=64 << 20)
+
+    async def health_live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def health_ready(_: web.Request) -> web.Response:
+        pods = await act.state.r.hlen(st.PODS)
+        if pods == 0:
+            return _error(503, "no runtime pods are registered yet")
+        return web.json_response({"ready": True})
+
+    async def server_md(_: web.Request) -> web.Response:
+        return web.json_response({"name": "meshserve", "version": "0.1.0", "extensions": ["model_repository"]})
+
+    async def model_route(request: web.Request) -> web.Response:
+        name = request.headers.get(MODEL_ID_HEADER) or request.match_info["name"]
+        tail = request.match_info.get("tail", "")
+        act.cold_requests += 1
+        try:
+            model_id = await act.resolve(name)
+            pod = await act.ensure_loaded(model_id)
+        except LoadFailed as e:
+            return _error(e.status, str(e))
+        await act.state.touch([model_id])
+        url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers[MODEL_ID_HEADER] = model_id
+        try:
+            async with session.request(request.method, url, data=await request.read(), headers=headers) as r:
+                body = await r.read()
+                return web.Response(status=r.status, body=body, content_type=r.content_type or "application/json")
+        except aiohttp.ClientError as e:
+            return _error(503, f"model '{model_id}' is loaded on {pod.id} but the pod did not answer: {e}")
+
+    async def not_found(request: web.Request) -> web.Response:
+        return _error(404, f"no such endpoint: {request.method} {request.path}; see the KServe v2 protocol (/v2/models/<name>/infer)")
+
+    app.router.add_get("/v2/health/live", health_live)
+    app.router.add_get("/v2/health/ready", health_ready)
+    app.router.add_get("/v2", server_md)
+    app.router.add_route("*", r"/v2/models/{name:[^/]+}{tail:(/.*)?}", model_route)
+    app.router.add_route("*", "/{path:.*}", not_found)
+    return app
+
+
+class GrpcActivator(grpc.GenericRpcHandler):
+    """Forwards any GRPCInferenceService call for a cold model once it is loaded."""
+
+    SERVICE = "/inference.GRPCInferenceService/"
+    # Where each request message carries the model name (field 1 in every one of these).
+    NAMED = {"ModelInfer": pb.ModelInferRequest, "ModelMetadata": pb.ModelMetadataRequest, "ModelReady": pb.ModelReadyRequest}
+
+    def __init__(self, act: Activator):
+        self.act = act
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        if not method.startswith(self.SERVICE):
+            return None
+        name = method[len(self.SERVICE) :]
+        if name == "ServerLive":
+            return grpc.unary_unary_rpc_method_handler(self._live)
+        if name == "ServerReady":
+            return grpc.unary_unary_rpc_method_handler(self._ready)
+        if name in self.NAMED:
+            return grpc.unary_unary_rpc_method_handler(self._forwarder(method, self.NAMED[name]))
+        return None
+
+    async def _live(self, request: bytes, context: Any) -> bytes:
+        return pb.ServerLiveResponse(live=True).SerializeToString()
+
+    async def _ready(self, request: bytes, context: Any) -> bytes:
+        return pb.ServerReadyResponse(ready=await self.act.state.r.hlen(st.PODS) > 0).SerializeToString()
+
+    def _forwarder(self, method: str, msg_type: Any) -> Any:
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            md = dict(context.invocation_metadata() or ())
+            name = md.get(MODEL_ID_HEADER) or md.get(VMODEL_ID_HEADER)
+            if not name:
+                try:
+                    msg = msg_type.FromString(request)
+                except Exception:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
+                name = getattr(msg, "model_name", "") or getattr(msg, "name", "")
+            if not name:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no model named: set mm-vmodel-id or the request's model name")
+            self.act.cold_requests += 1
+            try:
+                model_id = await self.act.resolve(name)
+                pod = await self.act.ensure_loaded(model_id)
+            except LoadFailed as e:
+                code = grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, str(e))
+            await self.act.state.touch([model_id])
+            ch = self._channels.get(pod.id)
+            if ch is None:
+                ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
+            fwd_md = [(k, v) for k, v in md.items() if k not in (MODEL_ID_HEADER, VMODEL_ID_HEADER) and not k.startswith(":")]
+            fwd_md.append((MODEL_ID_HEADER, model_id))
+            try:
+                return await ch.unary_unary(method)(request, metadata=fwd_md)
+            except grpc.aio.AioRpcError as e:
+                await context.abort(e.code(), e.details() or "")
+
+        return forward

@@ -1,0 +1,47 @@
+"""The Envoy bootstrap for a meshserve gateway: an admin port and our xDS server, nothing else.
+Every listener, route, cluster and endpoint comes over ADS."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format, duration_pb2
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from meshserve_xds import resources as r
+from meshserve_xds.server import GATEWAY_GROUP
+
+XDS_CLUSTER = "meshserve_xds"
+
+
+def gateway_bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str = GATEWAY_GROUP) -> str:
+    ads = config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3)
+    b = bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=node_id, cluster=group),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=config_source_pb2.ApiConfigSource(
+                api_type=config_source_pb2.ApiConfigSource.GRPC,
+                transport_api_version=config_source_pb2.V3,
+                grpc_services=[grpc_service_pb2.GrpcService(envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER))],
+                set_node_on_first_message_only=True,
+            ),
+            lds_config=ads,
+            cds_config=ads,
+        ),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(
+            clusters=[_xds_cluster(xds_host, xds_port)]
+        ),
+        admin=bootstrap_pb2.Admin(
+            address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=admin_port))
+        ),
+    )
+    return json_format.MessageToJson(b)
+
+
+def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:
+    c = r.build_cluster(XDS_CLUSTER, http2=True)
+    c.type = cluster_pb2.Cluster.STRICT_DNS if not host.replace(".", "").isdigit() else cluster_pb2.Cluster.STATIC
+    c.ClearField("eds_cluster_config")
+    c.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
+    c.load_assignment.CopyFrom(r.build_load_assignment(XDS_CLUSTER, host, port))
+    return c

@@ -1,0 +1,299 @@
+"""Envoy resources from routing state. Pure: plain data in, protobuf messages out.
+
+Layout (docs/design/routing.md):
+- Listeners `meshserve_rest` (8008) and `meshserve_grpc` (8033), each an HTTP connection
+  manager taking its RouteConfiguration of the same name over ADS.
+- Clusters: one per runtime pod and protocol (`pod_<id>_rest`, `pod_<id>_grpc`), plus the
+  activator's two. Their endpoints come by EDS. The cluster count follows pods, not models,
+  which keeps Envoy far from the per-cluster overheads that hurt at ~16,000 clusters.
+- Routes: only *loaded* models get a route, found through a `VirtualHost.matcher` tree
+  (a hash/trie lookup, not a linear scan). Everything else falls through to the activator,
+  which loads on demand, so 100,000 registered models cost nothing until used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2, struct_pb2
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2, substitution_format_string_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
+from envoy.type.matcher.v3 import http_inputs_pb2
+from xds.core.v3 import extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+# The order a push goes out in: clusters warm before endpoints, listeners before routes.
+PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+
+REST = "meshserve_rest"
+GRPC = "meshserve_grpc"
+ACTIVATOR_REST = "meshserve_activator_rest"
+ACTIVATOR_GRPC = "meshserve_activator_grpc"
+MODEL_ID_HEADER = "mm-model-id"
+VMODEL_ID_HEADER = "mm-vmodel-id"
+MODELS_PREFIX = "/v2/models/"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    rest_port: int
+    grpc_port: int
+
+
+@dataclass
+class RoutingState:
+    """What the gateway needs to know, and nothing more."""
+
+    pods: dict[str, Endpoint]
+    # concrete model id -> pods holding a loaded copy
+    loaded: dict[str, list[str]]
+    # alias -> concrete model id
+    aliases: dict[str, str]
+    activator: Endpoint
+    cold_timeout_s: float = 65.0
+
+
+@dataclass
+class ListenerConfig:
+    host: str = "127.0.0.1"
+    rest_port: int = 8008
+    grpc_port: int = 8033
+
+
+@dataclass
+class Resources:
+    """type_url -> name -> message."""
+
+    by_type: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+def pod_cluster(pod: str, proto: str) -> str:
+    return f"pod_{pod}_{proto}"
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3)
+
+
+def _any(msg: object) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)  # type: ignore[arg-type]
+    return a
+
+
+def _http2_options() -> dict[str, any_pb2.Any]:
+    opts = hpo.HttpProtocolOptions(
+        explicit_http_config=hpo.HttpProtocolOptions.ExplicitHttpConfig(http2_protocol_options=protocol_pb2.Http2ProtocolOptions())
+    )
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(opts)}
+
+
+def build_cluster(name: str, http2: bool) -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        connect_timeout=duration_pb2.Duration(nanos=250_000_000),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+    )
+    if http2:
+        for k, v in _http2_options().items():
+            c.typed_extension_protocol_options[k].CopyFrom(v)
+    return c
+
+
+def build_load_assignment(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+    ep = endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+        )
+    )
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[ep])]
+    )
+
+
+def build_clusters(state: RoutingState) -> tuple[dict[str, object], dict[str, object]]:
+    clusters: dict[str, object] = {}
+    endpoints: dict[str, object] = {}
+    targets = [(ACTIVATOR_REST, state.activator, False), (ACTIVATOR_GRPC, state.activator, True)]
+    for pod, ep in state.pods.items():
+        targets += [(pod_cluster(pod, "rest"), ep, False), (pod_cluster(pod, "grpc"), ep, True)]
+    for name, ep, http2 in targets:
+        clusters[name] = build_cluster(name, http2)
+        endpoints[name] = build_load_assignment(name, ep.host, ep.grpc_port if http2 else ep.rest_port)
+    return clusters, endpoints
+
+
+def _route_action(clusters: list[str], timeout_s: float) -> rc.RouteAction:
+    action = rc.RouteAction(timeout=duration_pb2.Duration(seconds=int(timeout_s)))
+    if len(clusters) == 1:
+        action.cluster = clusters[0]
+    else:
+        action.weighted_clusters.CopyFrom(
+            rc.WeightedCluster(clusters=[rc.WeightedCluster.ClusterWeight(name=c, weight=wrappers_pb2.UInt32Value(value=1)) for c in clusters])
+        )
+    # A pod that refuses or resets is retried; with several copies the retry may land elsewhere.
+    action.retry_policy.CopyFrom(
+        rc.RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=wrappers_pb2.UInt32Value(value=2))
+    )
+    return action
+
+
+def _set_model_header(model_id: str) -> list[base_pb2.HeaderValueOption]:
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=MODEL_ID_HEADER, value=model_id),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    ]
+
+
+def _on_match_route(route: rc.Route) -> matcher_pb2.Matcher.OnMatch:
+    return matcher_pb2.Matcher.OnMatch(action=extension_pb2.TypedExtensionConfig(name="route", typed_config=_any(route)))
+
+
+def _header_input(name: str) -> extension_pb2.TypedExtensionConfig:
+    return extension_pb2.TypedExtensionConfig(
+        name="header", typed_config=_any(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=name))
+    )
+
+
+def _tree(header: str, kind: str, entries: dict[str, matcher_pb2.Matcher.OnMatch], on_no_match: matcher_pb2.Matcher.OnMatch) -> matcher_pb2.Matcher:
+    """A map lookup on one header, falling through to `on_no_match`. Envoy requires a map to
+    be non-empty, so an empty one collapses into its fallback."""
+    if not entries:
+        return on_no_match.matcher if on_no_match.HasField("matcher") else matcher_pb2.Matcher(on_no_match=on_no_match)
+    tree = matcher_pb2.Matcher.MatcherTree(input=_header_input(header))
+    target = getattr(tree, kind)
+    for k, v in entries.items():
+        target.map[k].CopyFrom(v)
+    return matcher_pb2.Matcher(matcher_tree=tree, on_no_match=on_no_match)
+
+
+def _names_for(state: RoutingState) -> dict[str, list[str]]:
+    """concrete id -> every name a client may use for it (itself and its aliases)."""
+    names: dict[str, list[str]] = {m: [m] for m in state.loaded}
+    for alias, model in state.aliases.items():
+        if model in names:
+            names[model].append(alias)
+    return names
+
+
+def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
+    exact: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+    prefix: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+    for model, names in _names_for(state).items():
+        clusters = [pod_cluster(p, "rest") for p in sorted(state.loaded[model])]
+        headers = _set_model_header(model)
+        for name in names:
+            base = MODELS_PREFIX + name
+            exact[base] = _on_match_route(
+                rc.Route(
+                    match=rc.RouteMatch(path=base),
+                    route=_with_rewrite(_route_action(clusters, 120), MODELS_PREFIX + model),
+                    request_headers_to_add=headers,
+                )
+            )
+            prefix[base + "/"] = _on_match_route(
+                rc.Route(
+                    match=rc.RouteMatch(prefix=base + "/"),
+                    route=_with_rewrite(_route_action(clusters, 120), MODELS_PREFIX + model + "/"),
+                    request_headers_to_add=headers,
+                )
+            )
+    fallback = _on_match_route(
+        rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=ACTIVATOR_REST, timeout=duration_pb2.Duration(seconds=int(state.cold_timeout_s))))
+    )
+    matcher = _tree(":path", "exact_match_map", exact, matcher_pb2.Matcher.OnMatch(matcher=_tree(":path", "prefix_match_map", prefix, fallback)))
+    vh = rc.VirtualHost(name="models", domains=["*"], matcher=matcher)
+    return route_pb2.RouteConfiguration(name=REST, virtual_hosts=[vh])
+
+
+def _with_rewrite(action: rc.RouteAction, rewrite: str) -> rc.RouteAction:
+    action.prefix_rewrite = rewrite
+    return action
+
+
+def build_grpc_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
+    by_id: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+    by_alias: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+    for model, names in _names_for(state).items():
+        clusters = [pod_cluster(p, "grpc") for p in sorted(state.loaded[model])]
+        route = rc.Route(match=rc.RouteMatch(prefix="/"), route=_route_action(clusters, 120), request_headers_to_add=_set_model_header(model))
+        by_id[model] = _on_match_route(route)
+        for name in names:
+            by_alias[name] = _on_match_route(route)
+    fallback = _on_match_route(
+        rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=ACTIVATOR_GRPC, timeout=duration_pb2.Duration(seconds=int(state.cold_timeout_s))))
+    )
+    matcher = _tree(
+        MODEL_ID_HEADER,
+        "exact_match_map",
+        by_id,
+        matcher_pb2.Matcher.OnMatch(matcher=_tree(VMODEL_ID_HEADER, "exact_match_map", by_alias, fallback)),
+    )
+    vh = rc.VirtualHost(name="models", domains=["*"], matcher=matcher)
+    return route_pb2.RouteConfiguration(name=GRPC, virtual_hosts=[vh])
+
+
+def _json_errors() -> hcm.LocalReplyConfig:
+    """Replies Envoy makes itself (no upstream, timeouts) come as KServe v2 error JSON."""
+    body = struct_pb2.Struct()
+    body.update({"error": "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)"})
+    return hcm.LocalReplyConfig(
+        body_format=substitution_format_string_pb2.SubstitutionFormatString(json_format=body, content_type="application/json")
+    )
+
+
+def build_listener(name: str, host: str, port: int, http2_only: bool) -> listener_pb2.Listener:
+    manager = hcm.HttpConnectionManager(
+        stat_prefix=name,
+        codec_type=hcm.HttpConnectionManager.HTTP2 if http2_only else hcm.HttpConnectionManager.AUTO,
+        rds=hcm.Rds(config_source=_ads(), route_config_name=name),
+        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))],
+        max_request_headers_kb=wrappers_pb2.UInt32Value(value=96),
+    )
+    if not http2_only:
+        manager.local_reply_config.CopyFrom(_json_errors())
+    return listener_pb2.Listener(
+        name=name,
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port)),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))]
+            )
+        ],
+    )
+
+
+def build_all(state: RoutingState, listeners: ListenerConfig | None) -> Resources:
+    """Every resource for one gateway group. `listeners=None` is Istio/ASM mode: the
+    listener comes from elsewhere and only routes, clusters and endpoints are served."""
+    clusters, endpoints = build_clusters(state)
+    res = Resources()
+    res.by_type[CLUSTER_TYPE] = clusters
+    res.by_type[ENDPOINT_TYPE] = endpoints
+    res.by_type[ROUTE_TYPE] = {REST: build_rest_routes(state), GRPC: build_grpc_routes(state)}
+    res.by_type[LISTENER_TYPE] = (
+        {
+            REST: build_listener(REST, listeners.host, listeners.rest_port, False),
+            GRPC: build_listener(GRPC, listeners.host, listeners.grpc_port, True),
+        }
+        if listeners
+        else {}
+    )
+    return res

@@ -1,0 +1,201 @@
+"""The ADS server (state-of-the-world), kept thin: it only speaks the protocol.
+
+Per stream and per type it tracks what was sent (version, nonce) and what Envoy acknowledged.
+A request whose nonce is not the latest one sent is stale and ignored. A request carrying
+`error_detail` is a NACK: logged with Envoy's reason, counted, and the rejected version is
+not sent again; the gateway keeps its last good config until the snapshot moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from meshserve_xds import resources as r
+from meshserve_xds.cache import SnapshotCache
+
+log = logging.getLogger("meshserve.xds")
+
+# Subscriptions to these types name their resources; the others are wildcard.
+NAMED_TYPES = {r.ENDPOINT_TYPE, r.ROUTE_TYPE}
+
+M_CONNECTED = Gauge("meshserve_xds_connected_gateways", "Gateways with an open ADS stream")
+M_PUSHES = Counter("meshserve_xds_pushes", "Discovery responses sent", ["type"])
+M_BYTES = Counter("meshserve_xds_pushed_bytes", "Bytes of resources sent", ["type"])
+M_NACKS = Counter("meshserve_xds_nacks", "Responses a gateway rejected", ["type"])
+M_ACK_LATENCY = Histogram(
+    "meshserve_xds_ack_seconds", "From sending a response to the gateway's ACK",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+def short_type(type_url: str) -> str:
+    return type_url.rsplit(".", 1)[-1]
+
+
+@dataclass
+class TypeState:
+    subscribed: bool = False
+    names: set[str] = field(default_factory=set)
+    sent_version: str = ""
+    nonce: str = ""
+    sent_at: float = 0.0
+    acked_version: str = ""
+    nacked_version: str = ""
+    last_error: str = ""
+
+
+@dataclass
+class StreamState:
+    node_id: str = ""
+    group: str = ""
+    types: dict[str, TypeState] = field(default_factory=dict)
+    connected_at: float = field(default_factory=time.time)
+
+
+GATEWAY_GROUP = "meshserve-gateway"  # our own Envoy: listeners, routes, clusters, endpoints
+ISTIO_GROUP = "meshserve-istio"  # a gateway whose listeners come from istiod: no listeners
+GROUPS = (GATEWAY_GROUP, ISTIO_GROUP)
+
+
+def group_of(node_cluster: str, node_id: str) -> str:
+    """Gateways that share config share a group, named by Envoy's node.cluster."""
+    return node_cluster if node_cluster in GROUPS else GATEWAY_GROUP
+
+
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, cache: SnapshotCache):
+        self.cache = cache
+        self.streams: dict[str, StreamState] = {}
+
+    async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        sid = uuid.uuid4().hex[:8]
+        ss = StreamState()
+        self.streams[sid] = ss
+        M_CONNECTED.inc()
+        out: asyncio.Queue[discovery_pb2.DiscoveryResponse | None] = asyncio.Queue()
+        wake = asyncio.Event()
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    if self._on_request(ss, req):
+                        wake.set()
+            finally:
+                await out.put(None)
+
+        async def pusher() -> None:
+            while not ss.group:
+                await wake.wait()
+                wake.clear()
+            g = self.cache.group(ss.group)
+            while True:
+                changed = g.changed
+                for resp in self._due(ss):
+                    await out.put(resp)
+                waiter = asyncio.ensure_future(changed.wait())
+                wake_task = asyncio.ensure_future(wake.wait())
+                await asyncio.wait({waiter, wake_task}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                wake_task.cancel()
+                wake.clear()
+
+        tasks = [asyncio.create_task(reader()), asyncio.create_task(pusher())]
+        try:
+            while True:
+                resp = await out.get()
+                if resp is None:
+                    return
+                yield resp
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.streams.pop(sid, None)
+            M_CONNECTED.dec()
+            log.info("gateway %s disconnected", ss.node_id)
+
+    def _on_request(self, ss: StreamState, req: discovery_pb2.DiscoveryRequest) -> bool:
+        """Apply one request to the stream state; True when something may now be due."""
+        if not ss.group:
+            ss.node_id = req.node.id
+            ss.group = group_of(req.node.cluster, req.node.id)
+            log.info("gateway %s connected (group %s)", ss.node_id, ss.group)
+        ts = ss.types.setdefault(req.type_url, TypeState())
+        if req.response_nonce and req.response_nonce != ts.nonce:
+            return False  # stale: answers a response that a newer one replaced
+        if req.HasField("error_detail"):
+            if ts.nacked_version != ts.sent_version:
+                M_NACKS.labels(short_type(req.type_url)).inc()
+                # Envoy quotes the whole resource; the reason is at the end.
+                log.error(
+                    "gateway %s rejected %s version %s: ...%s",
+                    ss.node_id, short_type(req.type_url), ts.sent_version, req.error_detail.message[-600:],
+                )
+            ts.nacked_version = ts.sent_version
+            ts.last_error = req.error_detail.message
+        elif req.response_nonce:
+            if ts.acked_version != req.version_info:
+                M_ACK_LATENCY.observe(time.monotonic() - ts.sent_at)
+            ts.acked_version = req.version_info
+        names = set(req.resource_names)
+        new_names = req.type_url in NAMED_TYPES and names != ts.names
+        first = not ts.subscribed
+        ts.subscribed = True
+        ts.names = names
+        if new_names:
+            ts.sent_version = ""  # the set of wanted resources changed: answer it
+        return first or new_names
+
+    def _due(self, ss: StreamState) -> list[discovery_pb2.DiscoveryResponse]:
+        g = self.cache.group(ss.group)
+        out = []
+        for type_url in r.PUSH_ORDER:
+            ts = ss.types.get(type_url)
+            snap = g.types.get(type_url)
+            if ts is None or not ts.subscribed or snap is None:
+                continue
+            if snap.version == ts.sent_version or snap.version == ts.nacked_version:
+                continue
+            if type_url in NAMED_TYPES:
+                items = [snap.resources[n] for n in sorted(ts.names) if n in snap.resources]
+            else:
+                items = list(snap.resources.values())
+            ts.nonce = uuid.uuid4().hex[:12]
+            ts.sent_version = snap.version
+            ts.sent_at = time.monotonic()
+            resp = discovery_pb2.DiscoveryResponse(version_info=snap.version, resources=items, type_url=type_url, nonce=ts.nonce)
+            M_PUSHES.labels(short_type(type_url)).inc()
+            M_BYTES.labels(short_type(type_url)).inc(sum(len(a.value) for a in items))
+            out.append(resp)
+        return out
+
+    def debug(self) -> list[dict[str, object]]:
+        return [
+            {
+                "stream": sid,
+                "node": ss.node_id,
+                "group": ss.group,
+                "types": {
+                    short_type(t): {
+                        "sent": ts.sent_version,
+                        "acked": ts.acked_version,
+                        "nacked": ts.nacked_version,
+                        "in_sync": ts.sent_version == ts.acked_version,
+                        "last_error": ts.last_error,
+                        "names": len(ts.names),
+                    }
+                    for t, ts in ss.types.items()
+                },
+            }
+            for sid, ss in self.streams.items()
+        ]
