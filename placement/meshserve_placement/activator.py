@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import grpc
 from aiohttp import web
+from prometheus_client import Counter, Histogram
 
 from meshserve import state as st
 from meshserve.model import CopyState, Pod
@@ -24,6 +25,12 @@ from meshserve.settings import Settings
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 
 log = logging.getLogger("meshserve.activator")
+
+M_COLD = Counter("meshserve_activator_requests", "Requests that reached the activator (cold path)", ["protocol", "code"])
+M_COLD_WAIT = Histogram(
+    "meshserve_cache_miss_seconds", "Time a request for an unloaded model waited for its load",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 
 MODEL_ID_HEADER = "mm-model-id"
 VMODEL_ID_HEADER = "mm-vmodel-id"
@@ -121,11 +128,15 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         name = request.headers.get(MODEL_ID_HEADER) or request.match_info["name"]
         tail = request.match_info.get("tail", "")
         act.cold_requests += 1
+        t0 = time.monotonic()
         try:
             model_id = await act.resolve(name)
             pod = await act.ensure_loaded(model_id)
         except LoadFailed as e:
+            M_COLD.labels("rest", str(e.status)).inc()
             return _error(e.status, str(e))
+        M_COLD.labels("rest", "200").inc()
+        M_COLD_WAIT.observe(time.monotonic() - t0)
         await act.state.touch([model_id])
         url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -191,10 +202,14 @@ class GrpcActivator(grpc.GenericRpcHandler):
             if not name:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no model named: set mm-vmodel-id or the request's model name")
             self.act.cold_requests += 1
+            t0 = time.monotonic()
             try:
                 model_id = await self.act.resolve(name)
                 pod = await self.act.ensure_loaded(model_id)
+                M_COLD.labels("grpc", "200").inc()
+                M_COLD_WAIT.observe(time.monotonic() - t0)
             except LoadFailed as e:
+                M_COLD.labels("grpc", str(e.status)).inc()
                 code = grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, str(e))
             await self.act.state.touch([model_id])

@@ -1,0 +1,56 @@
+"""End-to-end fixtures: real Valkey, real Envoy, real runtimes, started by `meshserve up`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from meshserve import devmesh
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    if not FIXTURES.exists():
+        pytest.skip("../shared/fixtures is not beside the repository")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def e2e_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """mesh-config/ plus a model whose file is corrupt, to see a load failure end to end."""
+    d = tmp_path_factory.mktemp("mesh-config")
+    for f in (REPO / "mesh-config").glob("*.yaml"):
+        shutil.copy(f, d / f.name)
+    (d / "broken.yaml").write_text(
+        """apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: broken-model
+  annotations:
+    serving.kserve.io/deploymentMode: ModelMesh
+spec:
+  predictor:
+    model:
+      modelFormat:
+        name: sklearn
+      storage:
+        parameters: {type: pvc, name: my-models-pvc}
+        path: corrupt.joblib
+"""
+    )
+    return d
+
+
+@pytest.fixture(scope="session")
+def mesh(e2e_config: Path) -> Iterator[devmesh.Mesh]:
+    with devmesh.mesh(config_dir=e2e_config) as m:
+        corrupt = m.data_dir / "pvc" / "my-models-pvc" / "corrupt.joblib"
+        corrupt.write_bytes(b"this is not a joblib file")
+        yield m

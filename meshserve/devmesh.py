@@ -1,0 +1,206 @@
+"""Start real meshes and stores on free loopback ports: for tests, benchmarks and demos.
+
+Everything binds to 127.0.0.1 and is always stopped (context managers), so a running
+`make up` and any number of test meshes can share one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_block(size: int = 100) -> int:
+    """A base port with `size` consecutive free ports after it."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - size)
+        ok = True
+        for p in range(base, base + size, 1):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - retried until the deadline
+            last_exc = e
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not true within {timeout}s" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@dataclass
+class Valkey:
+    port: int
+    dir: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.proc.send_signal(sig)
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.proc = _spawn_valkey(self.port, self.dir)
+
+
+def _spawn_valkey(port: int, d: Path) -> subprocess.Popen[bytes]:
+    from meshserve.up import valkey_binary
+
+    proc = subprocess.Popen(
+        [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--appendonly", "yes",
+         "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    r = redis.Redis(port=port)
+    wait_until(lambda: r.ping(), 20, f"valkey on {port}")
+    r.close()
+    return proc
+
+
+@contextmanager
+def valkey(dir: Path | None = None) -> Iterator[Valkey]:
+    with tempfile.TemporaryDirectory(prefix="ms-valkey-") as tmp:
+        d = Path(dir or tmp)
+        port = free_port()
+        v = Valkey(port, d, _spawn_valkey(port, d))
+        try:
+            yield v
+        finally:
+            if v.proc.poll() is None:
+                v.proc.terminate()
+                try:
+                    v.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    v.proc.kill()
+
+
+@dataclass
+class Mesh:
+    """A `meshserve up` subprocess on its own ports and data directory."""
+
+    env: dict[str, str]
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway_rest_port']}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.ports['gateway_grpc_port']}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.ports['envoy_admin_port']}"
+
+    @property
+    def redis_url(self) -> str:
+        return self.env.get("MESHSERVE_REDIS_URL") or f"redis://127.0.0.1:{self.ports['redis_port']}/0"
+
+    def pod_rest(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports['runtime_base_port'] + 10 * i}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+def mesh_env(data_dir: Path, config_dir: Path | None = None, pods: int = 2, **extra: object) -> tuple[dict[str, str], dict[str, int]]:
+    base = free_block(60)
+    ports = {
+        "gateway_rest_port": base,
+        "gateway_grpc_port": base + 1,
+        "envoy_admin_port": base + 2,
+        "xds_port": base + 3,
+        "xds_debug_port": base + 4,
+        "activator_rest_port": base + 5,
+        "activator_grpc_port": base + 6,
+        "placement_metrics_port": base + 7,
+        "redis_port": base + 8,
+        "runtime_base_port": base + 20,
+    }
+    env = {f"MESHSERVE_{k.upper()}": str(v) for k, v in ports.items()}
+    env["MESHSERVE_DATA_DIR"] = str(data_dir)
+    env["MESHSERVE_CONFIG_DIR"] = str(config_dir or REPO / "mesh-config")
+    env["MESHSERVE_PODS"] = str(pods)
+    for k, v in extra.items():
+        env[f"MESHSERVE_{k.upper()}"] = str(v)
+    return env, ports
+
+
+@contextmanager
+def mesh(config_dir: Path | None = None, pods: int = 2, timeout: float = 120, **extra: object) -> Iterator[Mesh]:
+    with tempfile.TemporaryDirectory(prefix="ms-mesh-") as tmp:
+        data = Path(tmp) / "data"
+        env, ports = mesh_env(data, config_dir, pods, **extra)
+        m = Mesh(env, data, ports=ports, log_path=Path(tmp) / "mesh.log")
+        with open(m.log_path, "wb") as logf:
+            m.proc = subprocess.Popen(
+                [sys.executable, "-m", "meshserve.cli", "up"],
+                cwd=str(REPO), env={**os.environ, **env}, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                wait_until(lambda: "meshserve is up" in m.log() or m.proc.poll() is not None, timeout, "mesh up")
+                if m.proc.poll() is not None:
+                    raise RuntimeError(f"meshserve up exited early:\n{m.log()[-4000:]}")
+                yield m
+            finally:
+                stop_mesh(m)
+
+
+def stop_mesh(m: Mesh) -> None:
+    if m.proc is not None and m.proc.poll() is None:
+        m.proc.send_signal(signal.SIGINT)
+        try:
+            m.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(m.proc.pid, signal.SIGKILL)
+            m.proc.wait(10)
