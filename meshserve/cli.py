@@ -1,31 +1,31 @@
-"""The `meshserve` command."""
+"""The `meshserve` command. Each command group lives in its own module under
+meshserve/commands/ and is registered here, so components add commands without touching
+each other's code."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
-from pathlib import Path
+import importlib
+import pkgutil
 
 import click
 
-from meshserve.settings import Settings
+import meshserve.commands
 
 
 @click.group()
+@click.version_option(package_name="meshserve")
 def cli() -> None:
     """meshserve: many models on a pool of runtime pods, routed by Envoy."""
 
 
-@cli.command()
-@click.option("--redis-url", envvar="MESHSERVE_REDIS_URL", default="", help="Use this Redis/Valkey instead of an embedded Valkey.")
-@click.option("--pods", type=int, default=None, help="Number of local runtime pods (default 2).")
-@click.option("--config", "config_dir", type=click.Path(path_type=Path), default=None, help="mesh-config directory.")
-def up(redis_url: str, pods: int | None, config_dir: Path | None) -> None:
-    """Run the whole mesh in the foreground."""
-    from meshserve.up import run_up
+def _register() -> None:
+    for mod in pkgutil.iter_modules(meshserve.commands.__path__):
+        m = importlib.import_module(f"meshserve.commands.{mod.name}")
+        for cmd in getattr(m, "COMMANDS", ()):
+            cli.add_command(cmd)
 
-    s = Settings.from_env(redis_url=redis_url or None, pods=pods, config_dir=config_dir)
-    sys.exit(asyncio.run(run_up(s)))
+
+_register()
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""CLI command modules. Each exposes COMMANDS: a list of click commands."""
