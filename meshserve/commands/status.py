@@ -1,0 +1,160 @@
+"""`meshserve status` and `meshserve models`: what the mesh holds, for people and scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from meshserve import state as st
+from meshserve.model import CopyState
+from meshserve.settings import Settings
+
+redis_option = click.option(
+    "--redis-url", envvar="MESHSERVE_REDIS_URL", default="", help="Redis/Valkey URL (default: the embedded one of `meshserve up`)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _url(redis_url: str) -> str:
+    s = Settings.from_env()
+    return redis_url or s.redis_url or f"redis://127.0.0.1:{s.redis_port}/0"
+
+
+async def gather(url: str) -> dict[str, Any]:
+    """One consistent read of everything `status` shows."""
+    state = st.State.from_url(url)
+    try:
+        snap = await state.snapshot()
+        hb = dict((k.decode(), v) for k, v in await state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True))
+        lu = dict((k.decode(), v) for k, v in await state.r.zrange(st.LAST_USED, 0, -1, withscores=True))
+    finally:
+        await state.close()
+    now = time.time()
+    used: dict[str, int] = {p: 0 for p in snap.pods}
+    models = []
+    failures = []
+    for mid, spec in sorted(snap.models.items()):
+        copies = snap.placements.get(mid, {})
+        for pod, c in copies.items():
+            if c.state != CopyState.FAILED and pod in used:
+                used[pod] += c.size
+            if c.state == CopyState.FAILED:
+                failures.append({"model": mid, "pod": pod, "reason": c.reason, "since": c.since})
+        models.append(
+            {
+                "id": mid,
+                "alias": spec.alias,
+                "current": snap.aliases.get(spec.alias) == mid,
+                "format": spec.format,
+                "copies": {p: c.state for p, c in sorted(copies.items())},
+                "size": max((c.size for c in copies.values()), default=0),
+                "last_used": lu.get(mid, 0.0),
+            }
+        )
+    pods = [
+        {**asdict(p), "used_bytes": used.get(p.id, 0), "heartbeat_age_s": round(now - hb.get(p.id, 0), 1)}
+        for p in sorted(snap.pods.values(), key=lambda p: p.id)
+    ]
+    failures.sort(key=lambda f: -f["since"])
+    return {"revision": snap.rev, "pods": pods, "models": models, "failures": failures[:20]}
+
+
+def _bar(used: int, cap: int, width: int = 20) -> str:
+    frac = min(1.0, used / cap) if cap else 0.0
+    n = int(round(frac * width))
+    return "█" * n + "░" * (width - n) + f" {frac:5.1%}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+@click.command()
+@redis_option
+@json_option
+def status(redis_url: str, as_json: bool) -> None:
+    """Pods with capacity bars, models with copies and state, and recent failures."""
+    data = _run(gather(_url(redis_url)))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"Runtime pods (state revision {data['revision']})")
+    for col in ("pod", "address", "capacity", "used", "heartbeat"):
+        t.add_column(col)
+    for p in data["pods"]:
+        t.add_row(p["id"], f"{p['host']}:{p['rest_port']}", _mb(p["capacity_bytes"]), _bar(p["used_bytes"], p["capacity_bytes"]), f"{p['heartbeat_age_s']}s ago")
+    con.print(t)
+    _models_table(con, data["models"])
+    if data["failures"]:
+        f = Table(title="Recent failures")
+        for col in ("model", "pod", "reason"):
+            f.add_column(col)
+        for x in data["failures"]:
+            f.add_row(x["model"], x["pod"], x["reason"])
+        con.print(f)
+
+
+def _models_table(con: Any, models: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Models ({len(models)})")
+    for col in ("alias", "model id", "format", "copies", "size", "last used"):
+        t.add_column(col)
+    now = time.time()
+    for m in models:
+        copies = ", ".join(f"{p}:{s}" for p, s in m["copies"].items()) or "-"
+        ago = f"{now - m['last_used']:.0f}s ago" if m["last_used"] else "never"
+        t.add_row(m["alias"] + ("" if m["current"] else " (old)"), m["id"], m["format"], copies, _mb(m["size"]) if m["size"] else "-", ago)
+    con.print(t)
+
+
+@click.command()
+@redis_option
+@json_option
+@click.option("--state", "state_filter", type=click.Choice(["loaded", "loading", "failed", "unloaded"]), default=None, help="Only models in this state.")
+@click.option("--name", "name_filter", default="", help="Only models whose alias or id contains this text.")
+def models(redis_url: str, as_json: bool, state_filter: str | None, name_filter: str) -> None:
+    """List models, filterable by state and name."""
+    data = _run(gather(_url(redis_url)))
+    rows = []
+    for m in data["models"]:
+        states = set(m["copies"].values())
+        if state_filter == "unloaded" and states - {CopyState.FAILED}:
+            continue
+        if state_filter and state_filter != "unloaded" and state_filter not in states:
+            continue
+        if name_filter and name_filter not in m["alias"] and name_filter not in m["id"]:
+            continue
+        rows.append(m)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+
+    _models_table(Console(), rows)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except (OSError, ConnectionError) as e:
+        click.echo(f"cannot reach the mesh's Redis: {e}. Is `meshserve up` running, or pass --redis-url.", err=True)
+        sys.exit(2)
+    except Exception as e:  # redis-py wraps connection failures in its own types
+        if type(e).__module__.startswith("redis"):
+            click.echo(f"cannot reach the mesh's Redis: {e}. Is `meshserve up` running, or pass --redis-url.", err=True)
+            sys.exit(2)
+        raise
+
+
+COMMANDS = [status, models]
