@@ -45,6 +45,16 @@ class Settings:
     debounce_quiet_ms: int = 20
     debounce_max_ms: int = 200
     log_json: bool = False
+    # Loader (issue 5). Storage: a storage-config file or mounted Secret dir ("" = none).
+    storage_config: str = ""
+    cache_max_bytes: int = 4 << 30  # the pod's disk cache of pulled models
+    max_model_bytes: int = 8 << 30  # one model's files; bigger pulls are refused
+    pull_progress_bytes: int = 32 << 20  # pulls at least this big log their progress
+    # Memory: pod_capacity_bytes 0 = the cgroup memory limit minus mem_buffer_bytes.
+    mem_buffer_bytes: int = 128 << 20
+    max_concurrent_loads: int = 2
+    # False refuses formats whose files run code when loaded (pickle/joblib, user classes).
+    allow_executable_formats: bool = True
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":

@@ -21,7 +21,10 @@ import redis.asyncio as aioredis
 from meshserve import state as st
 from meshserve.model import Pod, ModelSpec
 from meshserve.settings import Settings
-from meshserve_loader.storage import StorageError, predict_size, resolve_local
+from meshserve_loader.diskcache import DiskCache
+from meshserve_loader.fetch import Fetcher
+from meshserve_loader.storage import StorageError, predict_size
+from meshserve_loader.storage_config import StorageConfigError, load_storage_config
 
 log = logging.getLogger("meshserve.loader")
 
@@ -70,8 +73,9 @@ class RuntimeClient:
 
 
 class Agent:
-    def __init__(self, settings: Settings, pod: Pod, runtime: RuntimeClient, state: st.State):
+    def __init__(self, settings: Settings, pod: Pod, runtime: RuntimeClient, state: st.State, fetcher: Fetcher | None = None):
         self.s, self.pod, self.rt, self.state = settings, pod, runtime, state
+        self.fetcher = fetcher or make_fetcher(settings, pod.id)
         self.key = st.orders_key(pod.id)
         self._seen_requests: dict[str, int] = {}
 
@@ -157,10 +161,26 @@ class Agent:
             await p.execute()
 
     async def _load(self, spec: ModelSpec) -> int:
-        path = resolve_local(spec.storage, self.s.pvc_root)
+        path = await self.fetcher.fetch(spec.storage)
         predicted = predict_size(path, spec.format)
         params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
         return await asyncio.wait_for(self.rt.load(spec.id, params, self.s.load_timeout_seconds), self.s.load_timeout_seconds)
+
+
+def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
+    try:
+        stores = load_storage_config(settings.storage_config)
+    except StorageConfigError as e:
+        # A bad storage-config must not stop local models from loading: say so loudly, go on.
+        log.error("storage-config unusable, only local/pvc and plain http models will load: %s", e)
+        stores = {}
+    return Fetcher(
+        pvc_root=settings.pvc_root,
+        stores=stores,
+        cache=DiskCache(settings.data_dir / "cache" / pod_id, settings.cache_max_bytes),
+        max_model_bytes=settings.max_model_bytes,
+        progress_min_bytes=settings.pull_progress_bytes,
+    )
 
 
 async def run(settings: Settings, index: int) -> None:

@@ -1,0 +1,130 @@
+"""From a model's `storage` (as the InferenceService writes it) to a local path the runtime can
+load: plan where the files come from (pure), then pull them through the disk cache (I/O).
+
+The storage forms understood, ModelMesh's and KServe's:
+- `parameters: {type: pvc, name}` + `path`, or `storageUri: pvc://name/path` / `file:///abs`
+- `key: <storage-config key>` + `path` (+ `parameters.bucket` to override the store's bucket);
+  no key uses the storage-config's `default` entry
+- `storageUri: s3://bucket/path` (credentials from `key` or `default`) and `http(s)://...`
+A `parameters.sha256` (hex, or `sha256:<hex>`) is checked for single-file models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from meshserve_loader.diskcache import DiskCache
+from meshserve_loader.pull_http import pull_http
+from meshserve_loader.pull_s3 import pull_s3
+from meshserve_loader.storage import StorageError, resolve_local
+from meshserve_loader.storage_config import Store, StorageConfigError, pick_store
+
+log = logging.getLogger("meshserve.loader.fetch")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "local", "s3" or "http"
+    storage: Mapping[str, Any] = field(default_factory=dict)  # local: the storage entry, resolved as before
+    store: Store | None = None
+    bucket: str = ""
+    key: str = ""
+    url: str = ""
+    sha256: str = ""
+
+    @property
+    def cache_id(self) -> str:
+        # The digest is part of the identity: a changed digest must not reuse an old download.
+        if self.kind == "s3":
+            assert self.store is not None
+            return f"s3|{self.store.endpoint_url}|{self.bucket}|{self.key}|{self.sha256}"
+        return f"http|{self.url}|{self.sha256}"
+
+
+def _relative_key(path: str) -> str:
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or ".." in p.parts:
+        raise StorageError(f"storage path {path!r} must be relative to its store, with no '..'")
+    return str(p)
+
+
+def plan_source(storage: Mapping[str, Any], stores: Mapping[str, Store]) -> Source:
+    """Pure: where a model's files come from. Raises StorageError with what to fix."""
+    params = storage.get("parameters") or {}
+    sha = str(params.get("sha256") or "")
+    uri = str(storage.get("uri") or "")
+    key = str(storage.get("key") or "")
+    try:
+        if params.get("type") == "pvc" or uri.startswith(("pvc://", "file://")):
+            return Source("local", storage=storage)
+        if uri.startswith(("http://", "https://")):
+            return Source("http", url=uri, sha256=sha)
+        if uri.startswith("s3://"):
+            u = urlsplit(uri)
+            store = pick_store(stores, key or None)
+            if store.type != "s3":
+                raise StorageError(f"{uri}: storage-config key {store.key!r} is a {store.type} store, not s3")
+            return Source("s3", store=store, bucket=u.netloc, key=_relative_key(u.path.lstrip("/")), sha256=sha)
+        if uri:
+            raise StorageError(f"storageUri {uri!r}: scheme not supported; use s3://, http(s)://, pvc:// or file://")
+        path = str(storage.get("path") or "")
+        store = pick_store(stores, key or None)
+        if store.type == "s3":
+            bucket = str(params.get("bucket") or store.bucket)
+            return Source("s3", store=store, bucket=bucket, key=_relative_key(path), sha256=sha)
+        if store.type == "http":
+            url = store.url.rstrip("/") + "/" + _relative_key(path)
+            return Source("http", store=store, url=url, sha256=sha)
+        return Source("local", storage={"parameters": {"type": "pvc", "name": store.name}, "path": path})
+    except StorageConfigError as e:
+        raise StorageError(str(e)) from None
+
+
+@dataclass
+class Fetcher:
+    pvc_root: Path
+    stores: dict[str, Store]
+    cache: DiskCache
+    max_model_bytes: int = 8 << 30
+    progress_min_bytes: int = 32 << 20
+    http_timeout: float = 600.0
+    downloads: int = 0  # pulls that went to the store (not served from the cache): for tests and stats
+
+    def __post_init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.cache.clean_staging()
+
+    async def fetch(self, storage: Mapping[str, Any]) -> Path:
+        src = plan_source(storage, self.stores)
+        if src.kind == "local":
+            return resolve_local(dict(src.storage), self.pvc_root)
+        # One pull per source at a time: a second copy of the same model waits and hits the cache.
+        lock = self._locks.setdefault(src.cache_id, asyncio.Lock())
+        async with lock:
+            hit = self.cache.lookup(src.cache_id)
+            if hit is not None:
+                log.info("disk cache hit for %s", src.url or f"s3://{src.bucket}/{src.key}")
+                return hit
+            staged = self.cache.staging()
+            try:
+                if src.kind == "s3":
+                    assert src.store is not None
+                    rel = await asyncio.get_running_loop().run_in_executor(
+                        None, pull_s3, src.store, src.bucket, src.key, staged, self.max_model_bytes, self.progress_min_bytes, src.sha256
+                    )
+                else:
+                    headers = dict(src.store.headers) if src.store else {}
+                    rel = await pull_http(
+                        src.url, staged, headers, self.max_model_bytes, self.progress_min_bytes, src.sha256, self.http_timeout
+                    )
+                self.downloads += 1
+                return self.cache.commit(src.cache_id, staged, rel)
+            finally:
+                if staged.exists():
+                    shutil.rmtree(staged, ignore_errors=True)
