@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from meshserve import logs
 from meshserve import state as st
+from meshserve.observe import MeshStateCollector
 from meshserve.settings import Settings
 from meshserve_placement.activator import Activator, GrpcActivator, build_rest_app
 from meshserve_placement.scheduler import Scheduler
@@ -25,6 +26,9 @@ async def main() -> None:
     state = st.State.from_url(s.redis_url)
     scheduler = Scheduler(s, state)
     act = Activator(s, state)
+    # Mesh-wide cache metrics (capacity, used, cache age, loads) come from this process.
+    collector = MeshStateCollector(state)
+    REGISTRY.register(collector)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         runner = web.AppRunner(build_rest_app(act, session), access_log=None)
         await runner.setup()
@@ -50,7 +54,7 @@ async def main() -> None:
         await web.TCPSite(mrunner, "127.0.0.1", s.placement_metrics_port).start()
         log.info("activator on %s:%d (REST) and :%d (gRPC)", s.host, s.activator_rest_port, s.activator_grpc_port)
         try:
-            await asyncio.gather(scheduler.run(), act.watch_changes())
+            await asyncio.gather(scheduler.run(), act.watch_changes(), collector.run())
         finally:
             await gsrv.stop(1)
             await runner.cleanup()

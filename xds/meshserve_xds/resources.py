@@ -203,6 +203,9 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
             base = MODELS_PREFIX + name
             exact[base] = _on_match_route(
                 rc.Route(
+                    # Per-model request stats come from Envoy itself (no Python on the data path);
+                    # they exist only for loaded models, which bounds their cardinality.
+                    stat_prefix=model,
                     match=rc.RouteMatch(path=base),
                     route=_with_rewrite(_route_action(clusters, 120), MODELS_PREFIX + model),
                     request_headers_to_add=headers,
@@ -210,6 +213,7 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
             )
             prefix[base + "/"] = _on_match_route(
                 rc.Route(
+                    stat_prefix=model,
                     match=rc.RouteMatch(prefix=base + "/"),
                     route=_with_rewrite(_route_action(clusters, 120), MODELS_PREFIX + model + "/"),
                     request_headers_to_add=headers,
@@ -233,7 +237,9 @@ def build_grpc_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     by_alias: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     for model, names in _names_for(state).items():
         clusters = [pod_cluster(p, "grpc") for p in sorted(state.loaded[model])]
-        route = rc.Route(match=rc.RouteMatch(prefix="/"), route=_route_action(clusters, 120), request_headers_to_add=_set_model_header(model))
+        route = rc.Route(
+            stat_prefix=model, match=rc.RouteMatch(prefix="/"), route=_route_action(clusters, 120), request_headers_to_add=_set_model_header(model)
+        )
         by_id[model] = _on_match_route(route)
         for name in names:
             by_alias[name] = _on_match_route(route)

@@ -1,0 +1,155 @@
+"""Mesh-wide metrics computed from Redis state: what the cache holds, how full and how old it is.
+
+Component metrics (xDS pushes, runtime latency, activator waits) live with their components.
+These ones describe the cache as a whole, so one process exports them (the placement service)
+from the same state everybody reads, refreshed every few seconds rather than per request.
+
+Cardinality stays bounded at 100,000 registered models: per-pod series scale with pods, and the
+only per-model series (`meshserve_model_copies`, `meshserve_model_loads_total`) exist only for
+models that are loaded now, which capacity bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter as TallyCounter
+from typing import Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meshserve import state as st
+from meshserve.model import CopyState
+
+log = logging.getLogger("meshserve.observe")
+
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class MeshStateCollector(Collector):
+    def __init__(self, state: st.State, interval: float = 2.0):
+        self.state, self.interval = state, interval
+        self._families: list[Metric] = []
+        self.loads: TallyCounter[str] = TallyCounter()  # result -> count
+        self.unloads = 0
+        self.model_loads: TallyCounter[str] = TallyCounter()
+        self.load_seconds: list[float] = []
+        self._bucket_counts = [0] * len(LOAD_BUCKETS)
+        self._load_sum = 0.0
+        self._load_n = 0
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families)
+
+    async def run(self) -> None:
+        last_event = "$"
+        while True:
+            try:
+                last_event = await self._tail_events(last_event)
+                await self.refresh()
+            except Exception as e:  # metrics must never take the service down
+                log.warning("state metrics refresh failed: %s", e)
+            await asyncio.sleep(self.interval)
+
+    async def _tail_events(self, last: str) -> str:
+        resp = await self.state.r.xread({st.EVENTS: last}, count=10_000)
+        for _, entries in resp or []:
+            for eid, f in entries:
+                last = eid
+                op = f.get(b"op", b"").decode()
+                ok = f.get(b"ok") == b"1"
+                if op == "load":
+                    self.loads["ok" if ok else "failed"] += 1
+                    if ok:
+                        self.model_loads[f.get(b"model", b"").decode()] += 1
+                    dur = f.get(b"duration")
+                    if dur:
+                        self._observe_load(float(dur))
+                elif op == "unload" and ok:
+                    self.unloads += 1
+        return last if isinstance(last, str) else last.decode()
+
+    def _observe_load(self, seconds: float) -> None:
+        for i, b in enumerate(LOAD_BUCKETS):
+            if seconds <= b:
+                self._bucket_counts[i] += 1
+        self._load_sum += seconds
+        self._load_n += 1
+
+    async def refresh(self) -> None:
+        snap = await self.state.snapshot()
+        hb = {k.decode(): v for k, v in await self.state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True)}
+        lu = {k.decode(): v for k, v in await self.state.r.zrange(st.LAST_USED, 0, -1, withscores=True)}
+        self._families = build_families(snap, hb, lu, time.time(), self)
+
+
+def build_families(snap: st.Snapshot, hb: dict[str, float], lu: dict[str, float], now: float, tallies: MeshStateCollector) -> list[Metric]:
+    """Pure: state in, metric families out."""
+    cap = GaugeMetricFamily("meshserve_pod_capacity_bytes", "Model memory a runtime pod offers", labels=["pod"])
+    used = GaugeMetricFamily("meshserve_pod_used_bytes", "Bytes held or reserved by model copies on a pod", labels=["pod"])
+    nmodels = GaugeMetricFamily("meshserve_pod_models", "Model copies on a pod (any state but failed)", labels=["pod"])
+    hb_age = GaugeMetricFamily("meshserve_pod_heartbeat_age_seconds", "Seconds since the pod's loader last reported", labels=["pod"])
+    lru_age = GaugeMetricFamily("meshserve_instance_lru_age_seconds", "Age of the least recently used model on a pod", labels=["pod"])
+    copies_g = GaugeMetricFamily("meshserve_model_copies", "Copies of a loaded model per pod and state", labels=["model", "pod", "state"])
+    pod_used = {p: 0 for p in snap.pods}
+    pod_count = {p: 0 for p in snap.pods}
+    pod_oldest: dict[str, float] = {}
+    loaded_models = 0
+    loading = 0
+    failing = 0
+    oldest = now
+    for model, copies in snap.placements.items():
+        live = [c for c in copies.values() if c.state == CopyState.LOADED]
+        if live:
+            loaded_models += 1
+        if any(c.state == CopyState.LOADING for c in copies.values()):
+            loading += 1
+        if copies and not live and any(c.state == CopyState.FAILED for c in copies.values()):
+            failing += 1
+        for pod, c in copies.items():
+            if pod not in pod_used or c.state == CopyState.FAILED:
+                continue
+            pod_used[pod] += c.size
+            pod_count[pod] += 1
+            if c.state == CopyState.LOADED:
+                t = lu.get(model, c.since)
+                pod_oldest[pod] = min(pod_oldest.get(pod, now), t)
+                oldest = min(oldest, t)
+        if live:
+            for pod, c in copies.items():
+                copies_g.add_metric([model, pod, c.state], 1)
+    for pid, p in snap.pods.items():
+        cap.add_metric([pid], p.capacity_bytes)
+        used.add_metric([pid], pod_used[pid])
+        nmodels.add_metric([pid], pod_count[pid])
+        hb_age.add_metric([pid], max(0.0, now - hb.get(pid, now)))
+        lru_age.add_metric([pid], max(0.0, now - pod_oldest.get(pid, now)))
+    managed = GaugeMetricFamily("meshserve_models_managed", "Registered concrete models")
+    managed.add_metric([], len(snap.models))
+    loaded = GaugeMetricFamily("meshserve_models_loaded", "Models with at least one loaded copy")
+    loaded.add_metric([], loaded_models)
+    loading_g = GaugeMetricFamily("meshserve_models_loading", "Models with a load in progress")
+    loading_g.add_metric([], loading)
+    failing_g = GaugeMetricFamily("meshserve_models_failing", "Models whose latest load failed and that have no loaded copy")
+    failing_g.add_metric([], failing)
+    age = GaugeMetricFamily("meshserve_cache_age_seconds", "Now minus the oldest last-used time of any loaded model (ModelMesh's cache age)")
+    age.add_metric([], max(0.0, now - oldest))
+    pods_g = GaugeMetricFamily("meshserve_pods", "Registered runtime pods")
+    pods_g.add_metric([], len(snap.pods))
+    rev = GaugeMetricFamily("meshserve_state_revision", "Redis state revision")
+    rev.add_metric([], snap.rev)
+    loads = CounterMetricFamily("meshserve_loads", "Model loads reported by loaders", labels=["result"])
+    for result in ("ok", "failed"):
+        loads.add_metric([result], tallies.loads.get(result, 0))
+    unloads = CounterMetricFamily("meshserve_evictions", "Model copies unloaded (evictions and scale-downs)")
+    unloads.add_metric([], tallies.unloads)
+    per_model = CounterMetricFamily("meshserve_model_loads", "Loads of a currently loaded model", labels=["model"])
+    for model, copies in snap.placements.items():
+        if any(c.state == CopyState.LOADED for c in copies.values()):
+            per_model.add_metric([model], tallies.model_loads.get(model, 0))
+    hist = HistogramMetricFamily("meshserve_loadmodel_seconds", "Time a loader took to pull and load a model")
+    les = [str(b) for b in LOAD_BUCKETS] + ["+Inf"]
+    hist.add_metric([], list(zip(les, tallies._bucket_counts + [tallies._load_n])), tallies._load_sum)
+    return [cap, used, nmodels, hb_age, lru_age, copies_g, managed, loaded, loading_g, failing_g, age, pods_g, rev, loads, unloads, per_model, hist]
