@@ -50,6 +50,7 @@ class Runtime:
     """The model table and the operations both transports share."""
 
     name: str = "meshserve-builtin"
+    allow_executable: bool = True  # pickle/joblib and user classes (docs/security.md)
     models: dict[str, Entry] = field(default_factory=dict)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -76,7 +77,7 @@ class Runtime:
         # One load at a time keeps the RSS delta attributable to the model being loaded.
         async with self._load_lock:
             before = rss_bytes()
-            model = await asyncio.get_running_loop().run_in_executor(None, load_model, fmt, Path(path), params)
+            model = await asyncio.get_running_loop().run_in_executor(None, load_model, fmt, Path(path), params, self.allow_executable)
             measured = rss_bytes() - before
             size = measured if measured > 0 else int(params.get("predicted_size", 0))
             self.models[name] = Entry(model, size, time.time())
@@ -297,11 +298,14 @@ def _preimport() -> None:
     import sklearn.svm  # noqa: F401
     import sklearn.linear_model  # noqa: F401
     import sklearn.ensemble  # noqa: F401
+    import xgboost  # noqa: F401
+    import lightgbm  # noqa: F401
+    import onnxruntime  # noqa: F401
 
 
-async def serve(host: str, rest_port: int, grpc_port: int) -> None:
+async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True) -> None:
     await asyncio.get_running_loop().run_in_executor(None, _preimport)
-    rt = Runtime()
+    rt = Runtime(allow_executable=allow_executable)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
     )
