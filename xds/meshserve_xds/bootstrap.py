@@ -9,18 +9,39 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from meshserve_xds import resources as r
-from meshserve_xds.server import GATEWAY_GROUP
+from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP
 
 XDS_CLUSTER = "meshserve_xds"
 
 
-def gateway_bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str = GATEWAY_GROUP) -> str:
+def gateway_bootstrap(
+    node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str = GATEWAY_GROUP, delta: bool = False
+) -> str:
+    """`delta=True` speaks incremental xDS (DeltaAggregatedResources): a change sends only the
+    resources that changed, which is what keeps a change small at 100,000 models."""
+    return json_format.MessageToJson(_bootstrap(node_id, xds_host, xds_port, admin_port, group, delta))
+
+
+def istio_bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, listen_port: int, delta: bool = False) -> str:
+    """An Envoy as the Istio/ASM ingress gateway runs it: its listener is static (istiod's, in
+    production) and only takes the route configuration `meshserve_rest` from our server, which
+    then brings in our clusters and endpoints. The node's cluster selects the Istio group."""
+    b = _bootstrap(node_id, xds_host, xds_port, admin_port, ISTIO_GROUP, delta)
+    b.dynamic_resources.ClearField("lds_config")
+    listener = r.build_listener(r.REST, "127.0.0.1", listen_port, http2_only=False)
+    listener.name = "istio_ingress_8008"
+    b.static_resources.listeners.append(listener)
+    return json_format.MessageToJson(b)
+
+
+def _bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str, delta: bool) -> bootstrap_pb2.Bootstrap:
     ads = config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3)
-    b = bootstrap_pb2.Bootstrap(
+    api_type = config_source_pb2.ApiConfigSource.DELTA_GRPC if delta else config_source_pb2.ApiConfigSource.GRPC
+    return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=node_id, cluster=group),
         dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
             ads_config=config_source_pb2.ApiConfigSource(
-                api_type=config_source_pb2.ApiConfigSource.GRPC,
+                api_type=api_type,
                 transport_api_version=config_source_pb2.V3,
                 grpc_services=[grpc_service_pb2.GrpcService(envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER))],
                 set_node_on_first_message_only=True,
@@ -35,7 +56,6 @@ def gateway_bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: in
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=admin_port))
         ),
     )
-    return json_format.MessageToJson(b)
 
 
 def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:

@@ -1,4 +1,4 @@
-"""The ADS server (state-of-the-world), kept thin: it only speaks the protocol.
+"""The ADS server, state-of-the-world and incremental (delta), kept thin: it only speaks the protocol.
 
 Per stream and per type it tracks what was sent (version, nonce) and what Envoy acknowledged.
 A request whose nonce is not the latest one sent is stale and ignored. A request carrying
@@ -51,6 +51,14 @@ class TypeState:
     acked_version: str = ""
     nacked_version: str = ""
     last_error: str = ""
+    # delta only: a wildcard subscription, what the client holds (name -> version), and the
+    # names already answered (a new name is answered even when the snapshot did not move)
+    wildcard: bool = False
+    known: dict[str, str] = field(default_factory=dict)
+    answered: set[str] = field(default_factory=set)
+    answered_once: bool = False
+    resumed: bool = False
+    pending: bool = False  # a response awaits its ACK or NACK
 
 
 @dataclass
@@ -59,6 +67,7 @@ class StreamState:
     group: str = ""
     types: dict[str, TypeState] = field(default_factory=dict)
     connected_at: float = field(default_factory=time.time)
+    delta: bool = False
 
 
 GATEWAY_GROUP = "meshserve-gateway"  # our own Envoy: listeners, routes, clusters, endpoints
@@ -79,17 +88,30 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
-        sid = uuid.uuid4().hex[:8]
         ss = StreamState()
+        async for resp in self._serve(ss, request_iterator, lambda req: self._on_request(ss, req), lambda: self._due(ss)):
+            yield resp
+
+    async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        ss = StreamState(delta=True)
+        async for resp in self._serve(ss, request_iterator, lambda req: self._on_delta_request(ss, req), lambda: self._delta_due(ss)):
+            yield resp
+
+    async def _serve(self, ss: StreamState, requests: AsyncIterator, on_request, due) -> AsyncIterator:  # type: ignore[no-untyped-def]
+        """One ADS stream: a reader applies requests to `ss`, a pusher sends what is `due` when
+        the group's snapshot moves or a request asks for something new."""
+        sid = uuid.uuid4().hex[:8]
         self.streams[sid] = ss
         M_CONNECTED.inc()
-        out: asyncio.Queue[discovery_pb2.DiscoveryResponse | None] = asyncio.Queue()
+        out: asyncio.Queue[object | None] = asyncio.Queue()
         wake = asyncio.Event()
 
         async def reader() -> None:
             try:
-                async for req in request_iterator:
-                    if self._on_request(ss, req):
+                async for req in requests:
+                    if on_request(req):
                         wake.set()
             finally:
                 await out.put(None)
@@ -101,7 +123,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             g = self.cache.group(ss.group)
             while True:
                 changed = g.changed
-                for resp in self._due(ss):
+                for resp in due():
                     await out.put(resp)
                 waiter = asyncio.ensure_future(changed.wait())
                 wake_task = asyncio.ensure_future(wake.wait())
@@ -124,25 +146,114 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             M_CONNECTED.dec()
             log.info("gateway %s disconnected", ss.node_id)
 
+    def _hello(self, ss: StreamState, node: object) -> None:
+        if not ss.group:
+            ss.node_id = node.id  # type: ignore[attr-defined]
+            ss.group = group_of(node.cluster, node.id)  # type: ignore[attr-defined]
+            log.info("gateway %s connected (group %s, %s)", ss.node_id, ss.group, "delta" if ss.delta else "sotw")
+
+    def _nack(self, ss: StreamState, ts: "TypeState", type_url: str, message: str) -> None:
+        if ts.nacked_version != ts.sent_version:
+            M_NACKS.labels(short_type(type_url)).inc()
+            # Envoy quotes the whole resource; the reason is at the end.
+            log.error(
+                "gateway %s rejected %s version %s: ...%s",
+                ss.node_id, short_type(type_url), ts.sent_version, message[-600:],
+            )
+        ts.nacked_version = ts.sent_version
+        ts.last_error = message
+
+    def _on_delta_request(self, ss: StreamState, req: discovery_pb2.DeltaDiscoveryRequest) -> bool:
+        """Apply one delta request; True when something may now be due."""
+        self._hello(ss, req.node)
+        ts = ss.types.setdefault(req.type_url, TypeState())
+        if req.response_nonce:
+            if req.response_nonce != ts.nonce:
+                return False  # stale
+            ts.pending = False
+            if req.HasField("error_detail"):
+                # The rejected versions stay recorded as sent, so they are not sent again;
+                # the next change to those resources gives them a new version.
+                self._nack(ss, ts, req.type_url, req.error_detail.message)
+            else:
+                if ts.acked_version != ts.sent_version:
+                    M_ACK_LATENCY.observe(time.monotonic() - ts.sent_at)
+                ts.acked_version = ts.sent_version
+        first = not ts.subscribed
+        ts.subscribed = True
+        subscribe = set(req.resource_names_subscribe)
+        unsubscribe = set(req.resource_names_unsubscribe)
+        if first:
+            # An empty first subscription is a wildcard one (LDS, CDS); "*" says so explicitly.
+            ts.wildcard = not subscribe or "*" in subscribe
+            ts.known = dict(req.initial_resource_versions)
+            ts.resumed = bool(ts.known)
+        if "*" in subscribe:
+            ts.wildcard = True
+        if "*" in unsubscribe:
+            ts.wildcard = False
+        subscribe.discard("*")
+        unsubscribe.discard("*")
+        ts.names |= subscribe
+        ts.names -= unsubscribe
+        for n in unsubscribe:
+            ts.known.pop(n, None)
+        if not first:
+            # A fresh subscription to a name is a request for it, whatever was sent before.
+            for n in subscribe:
+                ts.known.pop(n, None)
+            ts.answered -= subscribe
+        return first or bool(subscribe)
+
+    def _delta_due(self, ss: StreamState) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+        g = self.cache.group(ss.group)
+        out = []
+        for type_url in r.PUSH_ORDER:
+            ts = ss.types.get(type_url)
+            snap = g.types.get(type_url)
+            if ts is None or not ts.subscribed:
+                continue
+            first_answer = not ts.answered_once
+            if not first_answer and (snap is None or snap.version == ts.sent_version) and not ts.names - ts.answered:
+                continue
+            diff = self.cache.delta(ss.group, type_url, ts.known, ts.wildcard, ts.names)
+            ts.answered = set(ts.names)
+            ts.answered_once = True
+            if snap is not None:
+                ts.sent_version = snap.version
+            # A fresh Envoy waits for a first answer before it finishes initializing, even an
+            # empty one; a resumed one (it told us what it holds) needs nothing if nothing changed.
+            if not diff.updated and not diff.removed and not (first_answer and not ts.resumed):
+                if not ts.pending:
+                    ts.acked_version = ts.sent_version  # it already holds all of this version
+                continue
+            for n, v, _ in diff.updated:
+                ts.known[n] = v
+            for n in diff.removed:
+                ts.known.pop(n, None)
+            ts.nonce = uuid.uuid4().hex[:12]
+            ts.sent_at = time.monotonic()
+            ts.pending = True
+            resp = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=ts.sent_version,
+                type_url=type_url,
+                nonce=ts.nonce,
+                resources=[discovery_pb2.Resource(name=n, version=v, resource=a) for n, v, a in diff.updated],
+                removed_resources=diff.removed,
+            )
+            M_PUSHES.labels(short_type(type_url)).inc()
+            M_BYTES.labels(short_type(type_url)).inc(sum(len(a.value) for _, _, a in diff.updated))
+            out.append(resp)
+        return out
+
     def _on_request(self, ss: StreamState, req: discovery_pb2.DiscoveryRequest) -> bool:
         """Apply one request to the stream state; True when something may now be due."""
-        if not ss.group:
-            ss.node_id = req.node.id
-            ss.group = group_of(req.node.cluster, req.node.id)
-            log.info("gateway %s connected (group %s)", ss.node_id, ss.group)
+        self._hello(ss, req.node)
         ts = ss.types.setdefault(req.type_url, TypeState())
         if req.response_nonce and req.response_nonce != ts.nonce:
             return False  # stale: answers a response that a newer one replaced
         if req.HasField("error_detail"):
-            if ts.nacked_version != ts.sent_version:
-                M_NACKS.labels(short_type(req.type_url)).inc()
-                # Envoy quotes the whole resource; the reason is at the end.
-                log.error(
-                    "gateway %s rejected %s version %s: ...%s",
-                    ss.node_id, short_type(req.type_url), ts.sent_version, req.error_detail.message[-600:],
-                )
-            ts.nacked_version = ts.sent_version
-            ts.last_error = req.error_detail.message
+            self._nack(ss, ts, req.type_url, req.error_detail.message)
         elif req.response_nonce:
             if ts.acked_version != req.version_info:
                 M_ACK_LATENCY.observe(time.monotonic() - ts.sent_at)
@@ -185,6 +296,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 "stream": sid,
                 "node": ss.node_id,
                 "group": ss.group,
+                "protocol": "delta" if ss.delta else "sotw",
                 "types": {
                     short_type(t): {
                         "sent": ts.sent_version,

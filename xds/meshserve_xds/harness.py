@@ -1,0 +1,242 @@
+"""A real Envoy against an in-process ADS server: for the protocol tests and the routing bench.
+
+The ADS server runs on its own event loop in a thread, so synchronous tests and benchmarks can
+drive it (`AdsThread.call`) while Envoy, a real subprocess, talks to it over loopback gRPC.
+Everything binds to 127.0.0.1 and is stopped by the context managers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import Future
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+import grpc
+
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from meshserve.devmesh import free_port, wait_until
+from meshserve_xds import resources as r
+from meshserve_xds.cache import SnapshotCache
+from meshserve_xds.server import AdsServer
+
+T = TypeVar("T")
+
+
+class AdsThread:
+    """An AdsServer (with its cache) served by grpc.aio on a private event loop thread."""
+
+    def __init__(self, port: int = 0, cache: SnapshotCache | None = None):
+        self.port = port or free_port()
+        self.loop = asyncio.new_event_loop()
+        self.cache: SnapshotCache | None = cache
+        self.ads: AdsServer | None = None
+        self._server: grpc.aio.Server | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name=f"ads-{self.port}", daemon=True)
+
+    def start(self) -> "AdsThread":
+        self._thread.start()
+        self.call(self._start())
+        return self
+
+    async def _start(self) -> None:
+        if self.cache is None:
+            self.cache = SnapshotCache()
+        self.ads = AdsServer(self.cache)
+        self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 512 << 20)])
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, self._server)
+        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self._server.start()
+
+    def call(self, coro: Awaitable[T], timeout: float = 120) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        return fut.result(timeout)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run a plain function on the server's loop (the cache is not thread-safe)."""
+
+        async def wrap() -> T:
+            return fn()
+
+        return self.call(wrap())
+
+    def set(self, group: str, res: r.Resources) -> list[str]:
+        assert self.cache is not None
+        return self.call(self.cache.set(group, res))
+
+    def stop_server(self) -> None:
+        """Stop serving gRPC (streams drop) but keep the loop, to restart on the same port."""
+        if self._server is not None:
+            self.call(self._server.stop(0))
+            self._server = None
+
+    def restart_server(self, cache: SnapshotCache | None = None) -> None:
+        self.stop_server()
+        if cache is not None:
+            self.cache = cache
+        self.call(self._start())
+
+    def stop(self) -> None:
+        self.stop_server()
+
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.call(cancel_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@contextmanager
+def ads_server(port: int = 0) -> Iterator[AdsThread]:
+    a = AdsThread(port).start()
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+class Envoy:
+    def __init__(self, proc: subprocess.Popen[bytes], admin_port: int, log: Path):
+        self.proc, self.admin_port, self.log_path = proc, admin_port, log
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def get(self, path: str, timeout: float = 30) -> str:
+        with urllib.request.urlopen(self.admin + path, timeout=timeout) as resp:
+            return resp.read().decode()
+
+    def stats(self, filter_: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in self.get(f"/stats?filter={filter_}").splitlines():
+            k, _, v = line.partition(": ")
+            if v.strip().lstrip("-").isdigit():
+                out[k] = int(v)
+        return out
+
+    def stat(self, name: str) -> int:
+        return self.stats("^" + name.replace(".", r"\.") + "$").get(name, 0)
+
+    def config_dump(self, resource: str) -> list[dict[str, Any]]:
+        return json.loads(self.get(f"/config_dump?resource={resource}")).get("configs", [])
+
+    def route_versions(self) -> dict[str, str]:
+        return {c["route_config"]["name"]: c["version_info"] for c in self.config_dump("dynamic_route_configs")}
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def envoy_binary() -> str:
+    return str(Path(sys.executable).with_name("envoy"))
+
+
+@contextmanager
+def envoy(bootstrap_json: str, admin_port: int, concurrency: int = 1, log_level: str = "warn") -> Iterator[Envoy]:
+    with tempfile.TemporaryDirectory(prefix="ms-envoy-") as tmp:
+        boot = Path(tmp) / "bootstrap.json"
+        boot.write_text(bootstrap_json)
+        logp = Path(tmp) / "envoy.log"
+        with open(logp, "wb") as logf:
+            proc = subprocess.Popen(
+                [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", log_level,
+                 "--concurrency", str(concurrency)],
+                stdout=logf, stderr=subprocess.STDOUT,
+            )
+            e = Envoy(proc, admin_port, logp)
+            try:
+                wait_until(lambda: e.get("/ready", timeout=2).strip() == "LIVE" or proc.poll() is not None, 60, "envoy ready")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"envoy exited early:\n{e.log()[-3000:]}")
+                yield e
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait(10)
+
+
+class Upstream:
+    """A tiny HTTP server that answers every request with its own name: a stand-in pod."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.hits = 0
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                n = int(self.headers.get("content-length") or 0)
+                if n:
+                    self.rfile.read(n)
+                outer.hits += 1
+                body = json.dumps({"upstream": outer.name, "path": self.path, "model": self.headers.get(r.MODEL_ID_HEADER)}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._t = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "Upstream":
+        self._t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def http(url: str, timeout: float = 5, data: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as resp:
+            body = resp.read()
+            return resp.status, json.loads(body) if body else {}
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:
+            return e.code, {"raw": body.decode(errors="replace")}
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    return wait_until(pred, timeout, what, interval=0.02)
+
+
+def now() -> float:
+    return time.monotonic()
