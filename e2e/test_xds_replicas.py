@@ -1,0 +1,124 @@
+"""Issue 3: several stateless xDS replicas against one Redis serve the same config.
+
+Kind: e2e. A real Valkey, two in-process xDS replicas (RedisSource + cache + ADS server, each on
+its own event loop thread) and two real Envoys, one per replica. Routing state is written to
+Redis through `State.commit`, as placement writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Iterator
+
+import pytest
+
+from meshserve import devmesh
+from meshserve import state as st
+from meshserve.model import Copy, CopyState, Pod, copies_to_json
+from meshserve.settings import Settings
+from meshserve_xds import resources as r
+from meshserve_xds.bootstrap import gateway_bootstrap
+from meshserve_xds.harness import AdsThread, Upstream, envoy, http, wait_for
+from meshserve_xds.server import GATEWAY_GROUP
+from meshserve_xds.source import RedisSource
+
+pytestmark = pytest.mark.e2e
+
+M0 = "m0__isvc-0000000000"
+
+
+class Replica:
+    def __init__(self, settings: Settings):
+        self.ads = AdsThread().start()
+        self.state = self.ads.call(_make_state(settings.redis_url))
+        assert self.ads.cache is not None
+        self.source = RedisSource(settings, self.state, self.ads.cache)
+        self.task = asyncio.run_coroutine_threadsafe(self.source.run(), self.ads.loop)
+
+    def snapshot(self) -> dict[str, tuple[str, dict[str, bytes]]]:
+        assert self.ads.cache is not None
+        g = self.ads.run(lambda: self.ads.cache.group(GATEWAY_GROUP))  # type: ignore[union-attr]
+        return {t: (s.version, {n: a.value for n, a in s.resources.items()}) for t, s in g.types.items()}
+
+    def stop(self) -> None:
+        self.task.cancel()
+        self.ads.call(self.state.close())
+        self.ads.stop()
+
+
+async def _make_state(url: str) -> st.State:
+    return st.State.from_url(url)
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[devmesh.Valkey]:
+    with devmesh.valkey() as v:
+        yield v
+
+
+def _commit(url: str, ops: list[list[object]], changes: list[tuple[str, str]]) -> None:
+    async def go() -> None:
+        s = st.State.from_url(url)
+        try:
+            await s.commit(ops, changes)
+        finally:
+            await s.close()
+
+    asyncio.run(go())
+
+
+def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
+    with Upstream("pod-a") as pod_a, Upstream("pod-b") as pod_b, Upstream("activator") as act:
+        pods = {
+            "pod-a": Pod("pod-a", "127.0.0.1", pod_a.port, pod_a.port, 1 << 30),
+            "pod-b": Pod("pod-b", "127.0.0.1", pod_b.port, pod_b.port, 1 << 30),
+        }
+        _commit(
+            store.url,
+            [["HSET", st.PODS, p.id, p.to_json()] for p in pods.values()]
+            + [["HSET", st.ALIASES, "m0", M0], ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-a": Copy(CopyState.LOADED)})]],
+            [(st.KIND_POD, "pod-a"), (st.KIND_POD, "pod-b"), (st.KIND_ALIAS, "m0"), (st.KIND_PLACEMENT, M0)],
+        )
+        rest_ports = [devmesh.free_port(), devmesh.free_port()]
+        replicas = []
+        try:
+            for port in rest_ports:
+                s = Settings(
+                    redis_url=store.url, gateway_rest_port=port, gateway_grpc_port=devmesh.free_port(),
+                    activator_rest_port=act.port, activator_grpc_port=act.port,
+                )
+                replicas.append(Replica(s))
+            admins = [devmesh.free_port(), devmesh.free_port()]
+            # Both replicas build for the same listener ports so their output can be compared byte for byte.
+            for rep in replicas:
+                rep.source.listeners = r.ListenerConfig("127.0.0.1", rest_ports[0], rest_ports[1])
+            wait_for(lambda: all(rep.snapshot() for rep in replicas), 10, "both replicas built")
+            replicas[0].ads.call(replicas[0].source.rebuild())
+            replicas[1].ads.call(replicas[1].source.rebuild())
+            a, b = replicas[0].snapshot(), replicas[1].snapshot()
+            assert a == b, "replicas differ"
+
+            # Two Envoys, each on its own replica, with different listener ports.
+            boot0 = gateway_bootstrap("gw-0", "127.0.0.1", replicas[0].ads.port, admins[0])
+            with envoy(boot0, admins[0]) as gw0:
+                rest = f"http://127.0.0.1:{rest_ports[0]}"
+                wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-a", 20, "m0 on pod-a")
+                # Move the model: both replicas follow the change stream to the same config.
+                _commit(
+                    store.url,
+                    [["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-b": Copy(CopyState.LOADED)})]],
+                    [(st.KIND_PLACEMENT, M0)],
+                )
+                wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-b", 10, "m0 moved to pod-b")
+                wait_for(lambda: replicas[0].snapshot() == replicas[1].snapshot(), 5, "replicas agree after the change")
+                version0 = gw0.route_versions()[r.REST]
+            # The gateway fails over to the other replica: same versions, nothing new to apply.
+            boot1 = gateway_bootstrap("gw-0", "127.0.0.1", replicas[1].ads.port, admins[1])
+            with envoy(boot1, admins[1]) as gw1:
+                wait_for(lambda: gw1.route_versions().get(r.REST) == version0, 20, "same route version from the other replica")
+                assert json.loads(gw1.get("/config_dump?resource=dynamic_route_configs"))["configs"][0]["route_config"]["name"] in (r.REST, r.GRPC)
+                wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-b", 10, "m0 on pod-b via replica 1")
+        finally:
+            for rep in replicas:
+                rep.stop()
