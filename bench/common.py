@@ -1,0 +1,98 @@
+"""Shared benchmark helpers: a mesh with tiny models, percentiles, JSON output, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from meshserve import devmesh
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+STRING_ISVC = """apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: {name}
+  annotations:
+    serving.kserve.io/deploymentMode: ModelMesh
+spec:
+  predictor:
+    model:
+      modelFormat:
+        name: string
+      storage:
+        parameters: {{type: pvc, name: bench}}
+        path: {name}.txt
+"""
+
+
+def machine() -> dict[str, object]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def write(name: str, doc: dict[str, object]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **doc}
+    p = RESULTS / f"{name}.json"
+    p.write_text(json.dumps(doc, indent=2) + "\n")
+    return p
+
+
+@contextmanager
+def string_model_mesh(tmp: Path, names: list[str], pods: int = 2, **extra: object) -> Iterator[devmesh.Mesh]:
+    """A mesh whose config registers tiny string models (their files written before start)."""
+    cfg = tmp / "config"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "models.yaml").write_text("---\n".join(STRING_ISVC.format(name=n) for n in names))
+    with devmesh.mesh(config_dir=cfg, pods=pods, **extra) as m:
+        d = m.data_dir / "pvc" / "bench"
+        d.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (d / f"{n}.txt").write_text(f"hello from {n}")
+        yield m
+
+
+def hey(url: str, body: Path, rps: int, seconds: int, workers: int = 20, headers: tuple[str, ...] = ()) -> dict[str, float]:
+    """Rate-limited load with `hey` (Go, not Python's loop); exact percentiles from its CSV."""
+    per_worker = max(1, rps // workers)
+    cmd = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", str(per_worker), "-m", "POST", "-D", str(body), "-o", "csv", url]
+    for h in headers:
+        cmd[1:1] = ["-H", h]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    lat, codes = [], []
+    for line in out.stdout.splitlines()[1:]:
+        parts = line.split(",")
+        if len(parts) < 7:
+            continue
+        lat.append(float(parts[0]) * 1000)
+        codes.append(int(parts[6]))
+    ok = sum(1 for c in codes if c == 200)
+    return {
+        "target_rps": rps,
+        "achieved_rps": round(len(lat) / seconds, 1),
+        "requests": len(lat),
+        "errors": len(lat) - ok,
+        "p50_ms": round(pct(lat, 50), 3),
+        "p99_ms": round(pct(lat, 99), 3),
+        "mean_ms": round(statistics.fmean(lat), 3) if lat else float("nan"),
+    }

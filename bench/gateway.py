@@ -1,0 +1,65 @@
+"""Gateway overhead against the physical limit (issue 10, item 1).
+
+Same tiny model, same client (`hey`), same run: through the Envoy gateway and straight to the
+runtime pod, interleaved at each rate so machine noise hits both sides alike.
+
+    .venv/bin/python -m bench.gateway [--seconds 10] [--rates 200,500,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from bench.common import hey, string_model_mesh, write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rates", default="200,500,1000")
+    args = ap.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    with tempfile.TemporaryDirectory() as tmp, string_model_mesh(Path(tmp), ["tiny"]) as mesh:
+        body = Path(tmp) / "body.json"
+        body.write_text(json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}))
+        req = urllib.request.Request(f"{mesh.rest}/v2/models/tiny/infer", data=body.read_bytes(), method="POST")
+        model_id = json.loads(urllib.request.urlopen(req, timeout=60).read())["model_name"]
+        import time
+
+        time.sleep(1.0)  # let the route reach the gateway
+        # Which pod holds it: ask the gateway's own config via the runtime's table.
+        direct = None
+        for i in range(2):
+            with urllib.request.urlopen(mesh.pod_rest(i) + "/v2/meshserve/stats", timeout=5) as r:
+                if model_id in json.loads(r.read()):
+                    direct = mesh.pod_rest(i)
+        assert direct, "model not found on any pod"
+        rows = []
+        for rps in rates:
+            for side, url in (("direct", f"{direct}/v2/models/{model_id}/infer"), ("gateway", f"{mesh.rest}/v2/models/tiny/infer")):
+                r = hey(url, body, rps, args.seconds)
+                r["path"] = side
+                rows.append(r)
+                print(json.dumps(r))
+        summary = []
+        for rps in rates:
+            d = next(r for r in rows if r["target_rps"] == rps and r["path"] == "direct")
+            g = next(r for r in rows if r["target_rps"] == rps and r["path"] == "gateway")
+            summary.append({
+                "rps": rps,
+                "p50_overhead_ms": round(g["p50_ms"] - d["p50_ms"], 3),
+                "p99_overhead_ms": round(g["p99_ms"] - d["p99_ms"], 3),
+                "gateway_p99_ms": g["p99_ms"],
+                "target_p99_overhead_le_1ms": g["p99_ms"] <= d["p99_ms"] + 1.0,
+                "target_p99_lt_10ms": g["p99_ms"] < 10.0,
+            })
+        p = write("gateway", {"seconds_per_point": args.seconds, "client": "hey (Go), 20 workers, rate-limited", "rows": rows, "summary": summary})
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
