@@ -16,6 +16,8 @@ def read_models(path: Path) -> list[ModelSpec]:
     specs: list[ModelSpec] = []
     seen: dict[str, str] = {}
     for f in iter_yaml_files(path):
+        if path.is_dir() and "examples" in f.relative_to(path).parts[:-1]:
+            continue  # mesh-config/examples/ is documentation, applied only when named
         for doc in load_documents(f):
             if not registry.is_inference_service(doc):
                 continue
@@ -29,7 +31,8 @@ def read_models(path: Path) -> list[ModelSpec]:
 
 
 async def apply_path(state: State, path: Path) -> list[ModelSpec]:
-    specs = read_models(path)
-    if specs:
-        await state.register_models(specs)
-    return specs
+    """Models and traffic rules under `path`. A changed InferenceService becomes a version move
+    (the alias moves once the new model is loaded): meshserve/rules/config.py."""
+    from meshserve.rules.config import apply_paths
+
+    return (await apply_paths(state, [path])).specs

@@ -30,6 +30,11 @@ LOAD_REQUESTS = PREFIX + "loadreq"  # stream: activators ask the leader for a lo
 EVENTS = PREFIX + "events"  # stream: loaders report results to the leader
 LEASE = PREFIX + "leader"  # string: placement leader's id, with a TTL
 ORDERS_PREFIX = PREFIX + "orders:"  # stream per pod: load/unload orders
+# Traffic rules (docs/design/traffic.md).
+RULES = PREFIX + "rules"  # hash: rule name -> TrafficRule JSON (as applied)
+RULE_STATUS = PREFIX + "rulestatus"  # hash: rule name -> status JSON (phase, canary step, reason)
+TRANSITIONS = PREFIX + "transitions"  # hash: InferenceService name -> version move JSON
+ROLLOUT_LEASE = PREFIX + "rollout:leader"  # string: rollout controller's id, with a TTL
 
 CHANGES_MAXLEN = 200_000
 
@@ -39,6 +44,8 @@ KIND_ALIAS = "alias"
 KIND_POD = "pod"
 KIND_PLACEMENT = "placement"
 KIND_ALL = "all"
+KIND_RULE = "rule"
+KIND_TRANSITION = "transition"
 
 
 def orders_key(pod_id: str) -> str:

@@ -93,6 +93,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
 
     await sup.start("xds", [py, "-m", "meshserve_xds"])
     await sup.start("placement", [py, "-m", "meshserve_placement"])
+    await sup.start("rollout", [py, "-m", "meshserve.rollout"])  # version moves, canaries (traffic.md)
     for i in range(s.pods):
         await sup.start(f"runtime-{i}", [py, "-m", "meshserve_loader.builtin", "--index", str(i)])
         await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)])

@@ -14,6 +14,7 @@ Layout (docs/design/routing.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2, struct_pb2
 
@@ -64,6 +65,9 @@ class RoutingState:
     aliases: dict[str, str]
     activator: Endpoint
     cold_timeout_s: float = 65.0
+    # name -> traffic plan (meshserve/rules/plan.py Plan) for names governed by traffic rules or
+    # an InferenceService canary; rendered by traffic.py over the plain alias routes.
+    traffic: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -219,6 +223,10 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
                     request_headers_to_add=headers,
                 )
             )
+    if state.traffic:
+        from meshserve_xds.traffic import add_rest_routes  # lazy: traffic.py imports this module
+
+        add_rest_routes(state, exact, prefix)
     fallback = _on_match_route(
         rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=ACTIVATOR_REST, timeout=duration_pb2.Duration(seconds=int(state.cold_timeout_s))))
     )
@@ -243,6 +251,10 @@ def build_grpc_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
         by_id[model] = _on_match_route(route)
         for name in names:
             by_alias[name] = _on_match_route(route)
+    if state.traffic:
+        from meshserve_xds.traffic import add_grpc_routes
+
+        add_grpc_routes(state, by_alias)
     fallback = _on_match_route(
         rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=ACTIVATOR_GRPC, timeout=duration_pb2.Duration(seconds=int(state.cold_timeout_s))))
     )

@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from meshserve import state as st
 from meshserve.model import CopyState
+from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
@@ -54,6 +55,7 @@ class RedisSource:
         t0 = time.perf_counter()
         snap = await self.state.snapshot()
         rs = routing_state(snap, self.s)
+        rs.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
         await self.cache.set(GATEWAY_GROUP, r.build_all(rs, self.listeners))
         await self.cache.set(ISTIO_GROUP, r.build_all(rs, None))
         self.rev = snap.rev

@@ -1,0 +1,342 @@
+"""The rollout controller: InferenceService version moves and progressive canaries.
+
+Runs as its own process (`python -m meshserve.rollout`, started by `meshserve up`); one
+instance leads at a time through a Redis lease. Every decision is a pure function of
+(transition or rule status, placements, time, error rates), so tests drive it without Redis.
+
+Version move (docs/design/traffic.md):
+  Loading   new concrete model requested from placement (ms:loadreq, as the activator does)
+            until it has as many loaded copies as the old one; traffic stays on the old one.
+            A failed load ends in TRANSITION_FAILED with the reason, traffic untouched.
+  Canary    (canaryTrafficPercent < 100) the alias is split old/new, old stays "last ready".
+  Draining  the alias points at the new model; the old one keeps serving in-flight requests.
+  Unloading the old model's routes are withdrawn (copies marked unloading) ...
+  Done      ... and, a moment later, unload orders go to its pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import aiohttp
+
+from meshserve import state as st
+from meshserve.model import Copy, CopyState, ModelSpec, copies_to_json
+from meshserve.rules import plan as pl
+from meshserve.rules import store
+from meshserve.rules.schema import parse_duration
+from meshserve.settings import Settings
+
+log = logging.getLogger("meshserve.rollout")
+
+T_UNLOADING = "Unloading"
+TICK_S = 0.2
+DRAIN_S = 3.0  # > xDS debounce (200 ms) + Envoy apply, and the time a typical request takes
+ROUTE_WITHDRAW_S = 1.0  # between withdrawing the old model's routes and unloading it
+PARTIAL_COPIES_AFTER_S = 10.0  # placement gave fewer copies than asked and loads nothing more
+LOAD_REREQUEST_S = 2.0
+DEFAULT_ABORT_WINDOW_S = 60.0
+DEFAULT_ABORT_MIN_REQUESTS = 10
+
+
+def _counts(copies: dict[str, Copy], since: float) -> tuple[int, int, list[str]]:
+    loaded = sum(1 for c in copies.values() if c.state == CopyState.LOADED)
+    loading = sum(1 for c in copies.values() if c.state == CopyState.LOADING)
+    failed = [c.reason or "load failed" for c in copies.values() if c.state == CopyState.FAILED and c.since >= since]
+    return loaded, loading, failed
+
+
+# --- pure decisions -------------------------------------------------------------------------
+
+
+def registration(
+    specs: Sequence[ModelSpec],
+    percents: dict[str, int | None],
+    aliases: dict[str, str],
+    loaded_copies: dict[str, int],
+    transitions: dict[str, pl.Transition],
+    now: float,
+) -> tuple[list[list[Any]], list[tuple[str, str]], list[str]]:
+    """Redis writes that register `specs`. An alias whose current model is serving does not
+    move: a transition is recorded and the controller moves it once the new model is ready.
+    Returns (ops, changes, human notes)."""
+    ops: list[list[Any]] = []
+    changes: list[tuple[str, str]] = []
+    notes: list[str] = []
+    for s in specs:
+        ops.append(["HSET", st.MODELS, s.id, s.to_json()])
+        changes.append((st.KIND_MODEL, s.id))
+        old = aliases.get(s.alias)
+        pct = percents.get(s.alias)
+        t = transitions.get(s.alias)
+        if old is None:  # a new InferenceService
+            ops.append(["HSET", st.ALIASES, s.alias, s.id])
+            changes.append((st.KIND_ALIAS, s.alias))
+            continue
+        if old == s.id:
+            if t is not None and t.new != s.id and t.phase in (pl.T_LOADING, pl.T_CANARY):
+                # The spec went back to the serving version while a move was under way: cancel it.
+                ops.append(["HDEL", st.TRANSITIONS, s.alias])
+                changes.append((st.KIND_TRANSITION, s.alias))
+                notes.append(f"{s.alias}: move to {t.new} cancelled, the spec is back to {old}")
+            continue
+        if t is not None and t.new == s.id:
+            if t.phase in (pl.T_LOADING, pl.T_CANARY):
+                if t.percent != pct:  # only canaryTrafficPercent changed: same move, new split
+                    t.percent = pct
+                    ops.append(["HSET", st.TRANSITIONS, s.alias, json.dumps(t.to_dict())])
+                    changes.append((st.KIND_TRANSITION, s.alias))
+                    notes.append(f"{s.alias}: canaryTrafficPercent now {pct if pct is not None else 100}")
+                continue
+            if t.phase == pl.T_ROLLED_BACK and t.percent == pct:
+                notes.append(f"{s.alias}: stays rolled back to {old}; change the spec or canaryTrafficPercent to move again")
+                continue
+            # TRANSITION_FAILED (or a rolled-back move with a new percent): try again.
+        if not loaded_copies.get(old) and pct is None:
+            # Nothing serves the old version: nothing to protect, move at once.
+            ops += [["HSET", st.ALIASES, s.alias, s.id], ["HDEL", st.TRANSITIONS, s.alias]]
+            changes += [(st.KIND_ALIAS, s.alias), (st.KIND_TRANSITION, s.alias)]
+            continue
+        nt = pl.Transition(s.alias, old, s.id, max(1, loaded_copies.get(old, 0)), pct, pl.T_LOADING, now)
+        ops.append(["HSET", st.TRANSITIONS, s.alias, json.dumps(nt.to_dict())])
+        changes.append((st.KIND_TRANSITION, s.alias))
+        notes.append(f"{s.alias}: moving {old} -> {s.id} once {nt.copies} cop{'y' if nt.copies == 1 else 'ies'} loaded")
+    return ops, changes, notes
+
+
+@dataclass
+class Step:
+    """What the controller should do for one transition now."""
+
+    transition: pl.Transition | None = None  # new value to store, if changed
+    move_alias: bool = False
+    request_load: bool = False
+    withdraw_old: bool = False
+    unload_old: bool = False
+
+
+def step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: dict[str, Copy], now: float,
+                    last_request: float, load_timeout_s: float, old_in_use: bool) -> Step:
+    out = Step()
+    if t.phase == pl.T_LOADING:
+        loaded, loading, failed = _counts(new_copies, t.since)
+        if loaded >= t.copies or (loaded and not loading and now - t.extra.get("firstLoaded", now) > PARTIAL_COPIES_AFTER_S):
+            nt = pl.Transition(**{**t.__dict__, "extra": dict(t.extra)})
+            if loaded < t.copies:
+                nt.reason = f"placement gave {loaded} of {t.copies} copies; moving with {loaded}"
+            if t.percent is None or t.percent >= 100:
+                nt.phase, nt.since, out.move_alias = pl.T_DRAINING, now, True
+            else:
+                nt.phase, nt.since = pl.T_CANARY, now
+            out.transition = nt
+        elif failed and not loading and not loaded:
+            out.transition = pl.Transition(**{**t.__dict__, "phase": pl.T_FAILED, "reason": failed[-1], "since": now})
+        elif now - t.since > load_timeout_s:
+            why = f"{t.new} was not loaded within {load_timeout_s:g}s" + (f" ({loaded} of {t.copies} copies)" if loaded else "")
+            out.transition = pl.Transition(**{**t.__dict__, "phase": pl.T_FAILED, "reason": why, "since": now})
+        else:
+            if loaded and "firstLoaded" not in t.extra:
+                out.transition = pl.Transition(**{**t.__dict__, "extra": {**t.extra, "firstLoaded": now}})
+            # Ask for one more copy while placement is not busy with one (it places one per request).
+            out.request_load = not loading and not failed and now - last_request > LOAD_REREQUEST_S
+    elif t.phase == pl.T_CANARY:
+        if t.percent is None or t.percent >= 100:
+            out.transition = pl.Transition(**{**t.__dict__, "phase": pl.T_DRAINING, "since": now})
+            out.move_alias = True
+    elif t.phase == pl.T_DRAINING and now - t.since >= DRAIN_S:
+        if old_in_use:  # a rule or another name still sends traffic to it: keep it
+            out.transition = pl.Transition(**{**t.__dict__, "phase": pl.T_DONE, "since": now, "reason": f"{t.old} kept: still in use"})
+        else:
+            out.transition = pl.Transition(**{**t.__dict__, "phase": T_UNLOADING, "since": now})
+            out.withdraw_old = True
+    elif t.phase == T_UNLOADING and now - t.since >= ROUTE_WITHDRAW_S:
+        out.transition = pl.Transition(**{**t.__dict__, "phase": pl.T_DONE, "since": now})
+        out.unload_old = True
+    return out
+
+
+def step_canary(spec: dict[str, Any], status: dict[str, Any], now: float, error_rate: tuple[float, int] | None) -> dict[str, Any] | None:
+    """The next status of a progressive-canary rule, or None when unchanged.
+    `error_rate`: (percent of failed requests, requests) of the canary over the abort window."""
+    phase = status.get("phase")
+    if phase not in (pl.PROGRESSING, pl.PAUSED):
+        return None
+    c = spec["canary"]
+    abort = c.get("abort")
+    if abort and error_rate is not None and pl.canary_weight(spec, status) > 0:
+        rate, n = error_rate
+        if n >= abort.get("minRequests", DEFAULT_ABORT_MIN_REQUESTS) and rate > abort["errorRatePercent"]:
+            return {**status, "phase": pl.ABORTED, "since": now,
+                    "reason": f"canary error rate {rate:.1f}% over {n} requests crossed {abort['errorRatePercent']}%"}
+    if phase == pl.PROGRESSING:
+        hold = parse_duration(c["steps"][int(status.get("step", 0))]["hold"])
+        if now - float(status.get("since", now)) >= hold:
+            return advance(spec, status, now)
+    return None
+
+
+def advance(spec: dict[str, Any], status: dict[str, Any], now: float) -> dict[str, Any]:
+    steps = spec["canary"]["steps"]
+    i = int(status.get("step", 0)) + 1
+    if i >= len(steps):
+        return {**status, "phase": pl.PROMOTED, "step": len(steps) - 1, "since": now, "reason": ""}
+    return {**status, "phase": pl.PROGRESSING if "hold" in steps[i] else pl.PAUSED, "step": i, "since": now, "reason": ""}
+
+
+def parse_runtime_metrics(text: str) -> dict[str, tuple[float, float]]:
+    """model -> (requests, failed requests) from a runtime's /metrics (5xx count as failed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, tuple[float, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "meshserve_runtime_requests":
+            continue
+        for s in fam.samples:
+            if not s.name.endswith("_total"):
+                continue
+            m = s.labels.get("model", "")
+            total, bad = out.get(m, (0.0, 0.0))
+            out[m] = (total + s.value, bad + (s.value if s.labels.get("code", "").startswith("5") else 0.0))
+    return out
+
+
+@dataclass
+class ErrorWindow:
+    """Per-model request/error counters sampled over time, for rates over a window."""
+
+    samples: dict[str, deque[tuple[float, float, float]]] = field(default_factory=dict)
+
+    def add(self, now: float, counts: dict[str, tuple[float, float]]) -> None:
+        for m, (total, bad) in counts.items():
+            q = self.samples.setdefault(m, deque(maxlen=4096))
+            q.append((now, total, bad))
+
+    def rate(self, model: str, window_s: float, now: float) -> tuple[float, int] | None:
+        q = self.samples.get(model)
+        if not q or len(q) < 2:
+            return None
+        newest = q[-1]
+        oldest = next((s for s in q if s[0] >= now - window_s), q[0])
+        n = newest[1] - oldest[1]
+        if n <= 0:
+            return (0.0, 0)
+        return (100.0 * (newest[2] - oldest[2]) / n, int(n))
+
+
+# --- I/O ---------------------------------------------------------------------------------------
+
+
+class Controller:
+    def __init__(self, settings: Settings, state: st.State):
+        self.s, self.state = settings, state
+        self.id = f"rollout-{uuid.uuid4().hex[:8]}"
+        self.last_request: dict[str, float] = {}
+        self.errors = ErrorWindow()
+
+    async def run(self) -> None:
+        lease_ms = 3000
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    if await self.state.r.set(st.ROLLOUT_LEASE, self.id, nx=True, px=lease_ms) or (
+                        (await self.state.r.get(st.ROLLOUT_LEASE) or b"").decode() == self.id
+                    ):
+                        await self.state.r.pexpire(st.ROLLOUT_LEASE, lease_ms)
+                        await self.tick(http, time.time())
+                except Exception as e:  # redis gone or a bad record: keep going, say why
+                    log.warning("rollout: %s: %s", type(e).__name__, e)
+                await asyncio.sleep(TICK_S)
+
+    async def tick(self, http: aiohttp.ClientSession | None, now: float) -> None:
+        rules, statuses, transitions = await store.read_all(self.state)
+        snap = await self.state.snapshot()
+        plans = pl.build_plans(rules, statuses, transitions, snap.aliases, set(snap.models))
+        in_use = {m for p in plans.values() for m in p.models()} | set(snap.aliases.values())
+        for t in transitions.values():
+            await self._transition(t, snap, now, in_use)
+        canaries = {n: s for n, s in rules.items() if s.get("canary") and statuses.get(n, {}).get("phase") in (pl.PROGRESSING, pl.PAUSED)}
+        if http is not None and any(s["canary"].get("abort") for s in canaries.values()):
+            await self._scrape(http, snap, now)
+        for name, spec in canaries.items():
+            status = statuses.get(name, {})
+            canary_id = snap.aliases.get(spec["canary"]["model"], spec["canary"]["model"])
+            window = parse_duration(spec["canary"]["abort"]["window"]) if spec["canary"].get("abort", {}).get("window") else DEFAULT_ABORT_WINDOW_S
+            since = float(status.get("since", now))
+            rate = self.errors.rate(canary_id, min(window, max(0.0, now - since) + 1.0), now)
+            new = step_canary(spec, status, now, rate)
+            if new is not None:
+                log.info("rule %s: %s step %s %s", name, new["phase"], new.get("step"), new.get("reason", ""))
+                await store.set_status(self.state, name, new)
+        # Preload what plans send traffic to, so a canary's first requests do not pay a cold start.
+        for m in sorted({m for p in plans.values() for m in p.models()}):
+            copies = snap.placements.get(m, {})
+            if not any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in copies.values()):
+                await self._request_load(m, now)
+
+    async def _scrape(self, http: aiohttp.ClientSession, snap: st.Snapshot, now: float) -> None:
+        totals: dict[str, tuple[float, float]] = {}
+        for pod in snap.pods.values():
+            try:
+                async with http.get(f"http://{pod.host}:{pod.rest_port}/metrics", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    counts = parse_runtime_metrics(await r.text())
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                continue  # a pod that does not answer contributes nothing this round
+            for m, (n, bad) in counts.items():
+                t0, b0 = totals.get(m, (0.0, 0.0))
+                totals[m] = (t0 + n, b0 + bad)
+        self.errors.add(now, totals)
+
+    async def _request_load(self, model: str, now: float) -> None:
+        if now - self.last_request.get(model, 0.0) < LOAD_REREQUEST_S:
+            return
+        self.last_request[model] = now
+        await self.state.r.xadd(st.LOAD_REQUESTS, {"model": model, "ts": str(now)}, maxlen=100_000, approximate=True)
+
+    async def _transition(self, t: pl.Transition, snap: st.Snapshot, now: float, in_use: set[str]) -> None:
+        new_c, old_c = snap.placements.get(t.new, {}), snap.placements.get(t.old, {})
+        step = step_transition(t, new_c, old_c, now, self.last_request.get(t.new, 0.0), self.s.load_timeout_seconds, t.old in in_use)
+        if step.request_load:
+            self.last_request[t.new] = 0.0
+            await self._request_load(t.new, now)
+        ops: list[list[Any]] = []
+        changes: list[tuple[str, str]] = []
+        if step.move_alias:
+            ops.append(["HSET", st.ALIASES, t.alias, t.new])
+            changes.append((st.KIND_ALIAS, t.alias))
+        if step.withdraw_old:
+            # Route first, model second (as Seldon does): copies marked unloading lose their routes.
+            copies = {p: (Copy(CopyState.UNLOADING, c.size, now) if c.state == CopyState.LOADED else c) for p, c in old_c.items()}
+            if copies:
+                ops.append(["HSET", st.PLACEMENTS, t.old, copies_to_json(copies)])
+                changes.append((st.KIND_PLACEMENT, t.old))
+        if step.unload_old:
+            for p, c in old_c.items():
+                if c.state == CopyState.UNLOADING:
+                    ops.append(["XADD", st.orders_key(p), "*", "op", "unload", "model", t.old])
+        if step.transition is not None:
+            if step.transition.phase != t.phase:
+                log.info("version move %s: %s -> %s %s", t.alias, t.phase, step.transition.phase, step.transition.reason)
+            await store.set_transition(self.state, step.transition, ops, changes)
+
+
+async def main() -> None:
+    from meshserve import logs
+
+    s = Settings.from_env()
+    logs.setup("rollout", s.log_json)
+    state = st.State.from_url(s.redis_url)
+    try:
+        await Controller(s, state).run()
+    finally:
+        await state.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,120 @@
+"""`meshserve apply`: InferenceServices and TrafficRules from files, validated as a whole before
+anything is written, then registered in one atomic commit.
+
+Validation is pure (`read_config`, `validate_rules`); the Redis reads and the commit are in
+`apply_path`. A file that fails leaves the mesh exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from meshserve import registry
+from meshserve import state as st
+from meshserve.model import CopyState, ModelSpec
+from meshserve.rules import schema, store
+from meshserve.yamlfile import ConfigError, Document, iter_yaml_files, load_documents
+
+EXAMPLES_DIR = "examples"  # documentation: applied only when named explicitly
+
+
+@dataclass
+class Config:
+    specs: list[ModelSpec] = field(default_factory=list)
+    percents: dict[str, int | None] = field(default_factory=dict)  # alias -> canaryTrafficPercent
+    rule_docs: list[Document] = field(default_factory=list)
+    rules: list[schema.Rule] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def canary_percent(doc: Document) -> tuple[Document, int | None]:
+    """KServe's `spec.predictor.canaryTrafficPercent`, and the document without it.
+
+    It is a traffic setting, not part of the model: it must not change the concrete model id
+    (the SHA-1 of the predictor spec), or moving 10% -> 100% would start another version move."""
+    pred = ((doc.data or {}).get("spec") or {}).get("predictor") if isinstance(doc.data, dict) else None
+    if not isinstance(pred, dict) or "canaryTrafficPercent" not in pred:
+        return doc, None
+    raw = pred["canaryTrafficPercent"]
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw <= 100:
+        raise doc.error(("spec", "predictor", "canaryTrafficPercent"), f"must be an integer from 0 to 100, got {raw!r}")
+    data = copy.deepcopy(doc.data)
+    del data["spec"]["predictor"]["canaryTrafficPercent"]
+    return Document(doc.file, data, doc.node), raw
+
+
+def _files(path: Path) -> Iterable[Path]:
+    for f in iter_yaml_files(path):
+        if path.is_dir() and EXAMPLES_DIR in f.relative_to(path).parts[:-1]:
+            continue
+        yield f
+
+
+def read_config(paths: Iterable[Path]) -> Config:
+    """Parse every InferenceService and TrafficRule under `paths` (rules not yet validated
+    against known models: see `validate_rules`). Raises ConfigError naming file, line, field."""
+    cfg = Config()
+    seen: dict[str, str] = {}
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(str(path), 0, "", "no such file or directory")
+        for f in _files(path):
+            for doc in load_documents(f):
+                if schema.is_rule(doc):
+                    cfg.rule_docs.append(doc)
+                    continue
+                if not registry.is_inference_service(doc):
+                    # Other kinds (ServingRuntime, Secret, ...) are read by other components.
+                    kind = doc.data.get("kind") if isinstance(doc.data, dict) else None
+                    cfg.skipped.append(f"{doc.file}:{doc.line_of(())}: {kind or 'document'} skipped")
+                    continue
+                registry.check_api_version(doc)
+                doc2, pct = canary_percent(doc)
+                spec = registry.parse_inference_service(doc2)
+                if spec.alias in seen:
+                    raise doc.error(("metadata", "name"), f"'{spec.alias}' is also defined in {seen[spec.alias]}")
+                seen[spec.alias] = doc.file
+                cfg.specs.append(spec)
+                cfg.percents[spec.alias] = pct
+    return cfg
+
+
+def validate_rules(cfg: Config, known_models: Iterable[str], existing_owners: dict[str, str] | None = None) -> None:
+    known = set(known_models) | {s.alias for s in cfg.specs} | {s.id for s in cfg.specs}
+    cfg.rules = [schema.parse_rule(d, known) for d in cfg.rule_docs]
+    schema.check_unique(list(zip(cfg.rules, cfg.rule_docs)), existing_owners)
+
+
+@dataclass
+class Applied:
+    specs: list[ModelSpec]
+    rules: list[schema.Rule]
+    notes: list[str]
+
+
+async def apply_paths(state: st.State, paths: Iterable[Path]) -> Applied:
+    """Validate everything, then write it in one commit (models, aliases or version moves, rules)."""
+    from meshserve import rollout
+
+    cfg = read_config(list(paths))
+    snap = await state.snapshot()
+    rules, statuses, transitions = await store.read_all(state)
+    owners = {spec["model"]: name for name, spec in rules.items()}
+    validate_rules(cfg, set(snap.aliases) | set(snap.models), owners)
+    loaded = {m: sum(1 for c in cs.values() if c.state == CopyState.LOADED) for m, cs in snap.placements.items()}
+    now = time.time()
+    ops, changes, notes = rollout.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
+    docs = [r.to_doc() for r in cfg.rules]
+    rops, rchanges = store.rule_ops(docs, statuses, now)
+    if ops or rops:
+        await state.commit(ops + rops, changes + rchanges)
+    return Applied(cfg.specs, cfg.rules, notes)
+
+
+def rule_summary(name: str, spec: dict[str, Any], status: dict[str, Any]) -> str:
+    return json.dumps({"name": name, "spec": spec, "status": status})

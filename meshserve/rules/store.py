@@ -1,0 +1,80 @@
+"""Rules, their status and InferenceService transitions in Redis. Thin I/O: every write goes
+through State.commit with a change kind, so the xDS server rebuilds on it."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from meshserve import state as st
+from meshserve.rules import plan as pl
+
+
+def _j(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), sort_keys=True)
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha1(_j(spec).encode()).hexdigest()[:10]
+
+
+async def read_all(state: st.State) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, pl.Transition]]:
+    """(rule name -> spec, rule name -> status, alias -> transition), read in one MULTI."""
+    async with state.r.pipeline(transaction=True) as p:
+        p.hgetall(st.RULES).hgetall(st.RULE_STATUS).hgetall(st.TRANSITIONS)
+        rules_raw, status_raw, trans_raw = await p.execute()
+    rules = {k.decode(): json.loads(v)["spec"] for k, v in rules_raw.items()}
+    statuses = {k.decode(): json.loads(v) for k, v in status_raw.items()}
+    transitions = {k.decode(): pl.Transition.from_dict(json.loads(v)) for k, v in trans_raw.items()}
+    return rules, statuses, transitions
+
+
+async def plans(state: st.State, aliases: dict[str, str], models: set[str]) -> dict[str, pl.Plan]:
+    rules, statuses, transitions = await read_all(state)
+    return pl.build_plans(rules, statuses, transitions, aliases, models)
+
+
+def initial_status(spec: dict[str, Any], now: float) -> dict[str, Any]:
+    if spec.get("canary"):
+        first = spec["canary"]["steps"][0]
+        phase = pl.PROGRESSING if "hold" in first else pl.PAUSED
+        return {"phase": phase, "step": 0, "since": now, "reason": "", "specHash": spec_hash(spec)}
+    return {"phase": pl.ACTIVE, "since": now, "reason": "", "specHash": spec_hash(spec)}
+
+
+def rule_ops(docs: list[dict[str, Any]], old_status: dict[str, dict[str, Any]], now: float | None = None) -> tuple[list[list[Any]], list[tuple[str, str]]]:
+    """Writes that store `docs`. Status restarts only when a rule's spec changed, so
+    re-applying the same file does not restart a canary or undo a rollback."""
+    now = now or time.time()
+    ops: list[list[Any]] = []
+    changes: list[tuple[str, str]] = []
+    for d in docs:
+        name = d["metadata"]["name"]
+        ops.append(["HSET", st.RULES, name, _j(d)])
+        if old_status.get(name, {}).get("specHash") != spec_hash(d["spec"]):
+            ops.append(["HSET", st.RULE_STATUS, name, _j(initial_status(d["spec"], now))])
+        changes.append((st.KIND_RULE, name))
+    return ops, changes
+
+
+async def set_status(state: st.State, name: str, status: dict[str, Any]) -> int:
+    return await state.commit([["HSET", st.RULE_STATUS, name, _j(status)]], [(st.KIND_RULE, name)])
+
+
+async def set_transition(state: st.State, t: pl.Transition, extra_ops: list[list[Any]] | None = None,
+                         extra_changes: list[tuple[str, str]] | None = None) -> int:
+    return await state.commit(
+        [["HSET", st.TRANSITIONS, t.alias, _j(t.to_dict())], *(extra_ops or [])],
+        [(st.KIND_TRANSITION, t.alias), *(extra_changes or [])],
+    )
+
+
+async def delete_rule(state: st.State, name: str) -> int:
+    return await state.commit([["HDEL", st.RULES, name], ["HDEL", st.RULE_STATUS, name]], [(st.KIND_RULE, name)])
+
+
+async def rule_docs(state: st.State) -> dict[str, dict[str, Any]]:
+    return {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(st.RULES)).items()}
