@@ -45,6 +45,8 @@ spec:
         path: corrupt.joblib
 """
     )
+    # A second copy of the example under another name: a model to load during fault tests.
+    (d / "sklearn-mnist-b.yaml").write_text((REPO / "mesh-config" / "sklearn-mnist.yaml").read_text().replace("name: sklearn-mnist", "name: sklearn-mnist-b"))
     return d
 
 

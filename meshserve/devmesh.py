@@ -151,6 +151,20 @@ class Mesh:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
+    def pids(self) -> dict[str, int]:
+        """Current pid of each component (`meshserve up` rewrites the file on every restart)."""
+        import json
+
+        return json.loads((self.data_dir / "pids.json").read_text())
+
+    def signal(self, name: str, sig: int) -> int:
+        pid = self.pids()[name]
+        os.kill(pid, sig)
+        return pid
+
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 30) -> int:
+        return wait_until(lambda: self.pids()[name] != old_pid and self.pids()[name], timeout, f"{name} restarted")
+
 
 def mesh_env(data_dir: Path, config_dir: Path | None = None, pods: int = 2, **extra: object) -> tuple[dict[str, str], dict[str, int]]:
     base = free_block(60)

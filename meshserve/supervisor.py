@@ -29,16 +29,58 @@ class Child:
     name: str
     proc: asyncio.subprocess.Process
     pump: asyncio.Task[None]
+    argv: list[str]
+    env: dict[str, str] | None
+    restarts: int = 0
+    next_restart: float = 0.0
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str] | None = None):
+    def __init__(self, env: dict[str, str] | None = None, pid_file: "os.PathLike[str] | None" = None):
         self.env = {**os.environ, **(env or {})}
         self.children: list[Child] = []
         self.exited = asyncio.Event()
+        self.pid_file = pid_file
 
     async def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        proc = await asyncio.create_subprocess_exec(
+        proc = await self._spawn(argv, env)
+        child = Child(name, proc, asyncio.create_task(self._pump(name, proc)), argv, env)
+        self.children.append(child)
+        self._write_pids()
+        return child
+
+    async def restart_dead(self, now: float) -> list[str]:
+        """Restart children that died, with a per-child backoff (1 s doubling to 10 s), the way
+        a Kubernetes restartPolicy would: one crashed component never takes the mesh down."""
+        restarted = []
+        for c in self.children:
+            if c.proc.returncode is None:
+                continue
+            if c.next_restart == 0.0:
+                c.next_restart = now + min(10.0, 2.0 ** c.restarts)
+                continue
+            if now < c.next_restart:
+                continue
+            c.restarts += 1
+            c.next_restart = 0.0
+            c.proc = await self._spawn(c.argv, c.env)
+            c.pump = asyncio.create_task(self._pump(c.name, c.proc))
+            restarted.append(c.name)
+        if restarted:
+            self._write_pids()
+        return restarted
+
+    def _write_pids(self) -> None:
+        if self.pid_file is not None:
+            import json
+
+            tmp = f"{self.pid_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({c.name: c.proc.pid for c in self.children}, f)
+            os.replace(tmp, self.pid_file)
+
+    async def _spawn(self, argv: list[str], env: dict[str, str] | None) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -46,9 +88,6 @@ class Supervisor:
             env={**self.env, **(env or {})},
             preexec_fn=_child_setup,
         )
-        child = Child(name, proc, asyncio.create_task(self._pump(name, proc)))
-        self.children.append(child)
-        return child
 
     async def _pump(self, name: str, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

@@ -123,7 +123,8 @@ def banner(s: Settings) -> str:
 
 
 async def run_up(s: Settings) -> int:
-    sup = Supervisor()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    sup = Supervisor(pid_file=s.data_dir / "pids.json")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,11 +138,8 @@ async def run_up(s: Settings) -> int:
             starting.result()
             print(banner(s), flush=True)
             while not stop.is_set():
-                dead = sup.dead()
-                if dead:
-                    print(f"meshserve: {', '.join(c.name for c in dead)} exited; stopping the mesh", flush=True)
-                    code = 1
-                    break
+                for name in await sup.restart_dead(time.monotonic()):
+                    print(f"meshserve: {name} had exited; restarted it", flush=True)
                 try:
                     await asyncio.wait_for(stop.wait(), 0.5)
                 except asyncio.TimeoutError:
