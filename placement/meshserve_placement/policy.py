@@ -4,14 +4,36 @@ A decision runs a chain of filters (which pods may take the model) and then scor
 those is best), as Seldon's scheduler does. Every step has a name and a one-line description,
 and every decision returns the trace of what each step said, so `meshserve explain` and the
 "could not place" 503 can say exactly why.
+
+Scale: `ClusterView` keeps an index (per-pod bytes, loads and models; per-pod and global
+eviction heaps) that its mutators maintain incrementally, so a decision costs O(candidates x
+log models), not O(models). On large clusters a decision considers a bounded candidate set:
+the pods holding the globally cheapest evictions (global LRU) plus a random sample
+(power of d choices). bench/placement_sim.py measures both hit ratio and decisions/s.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
+import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from meshserve.model import Copy, CopyState
+
+# At most this many pods are checked one by one; larger clusters use the candidate set below.
+FULL_SCAN_PODS = 16
+SAMPLE_PODS = 4  # random pods added to the candidate set (power of d choices)
+VICTIM_PODS = 3  # pods holding the globally cheapest evictions added to the candidate set
+
+# Eviction value: a copy is kept in order of `last_used + horizon * ln(uses * ref / size)`,
+# lowest evicted first. With horizon 0 it is exact global LRU. With the default, a model that is
+# used twice as often, or is half as big, counts as used `horizon * ln 2` seconds later: the
+# size/frequency-aware LRU that bench/placement_sim.py found within 95% of Belady (plain LRU
+# reaches ~86% of it). See docs/design/placement.md.
+DEFAULT_HORIZON_S = 300.0
+DEFAULT_REF_SIZE = 64 << 20
 
 
 @dataclass
@@ -34,8 +56,40 @@ class ModelView:
 
 
 @dataclass
+class _PodIndex:
+    used: int = 0  # bytes of copies that are not FAILED (UNLOADING still holds memory)
+    loading: int = 0
+    models: dict[str, Copy] = field(default_factory=dict)
+    heap: list[tuple[float, str]] = field(default_factory=list)  # (key, model), lazily invalidated
+
+
+class _CopyTable(dict):  # type: ignore[type-arg]
+    """`copies` that keeps the owner's index in step with plain dict writes."""
+
+    owner: "ClusterView"
+
+    def __setitem__(self, model: str, copies: dict[str, Copy]) -> None:
+        self.owner._reindex(model, self.get(model, {}), copies)
+        super().__setitem__(model, copies)
+
+    def __delitem__(self, model: str) -> None:
+        self.owner._reindex(model, self.get(model, {}), {})
+        super().__delitem__(model)
+
+    def pop(self, model: str, *default: Any) -> Any:  # type: ignore[override]
+        if model in self:
+            self.owner._reindex(model, self[model], {})
+        return super().pop(model, *default)
+
+
+@dataclass
 class ClusterView:
-    """What the policy sees. `copies[model][pod]` mirrors Redis; sizes are reserved bytes."""
+    """What the policy sees. `copies[model][pod]` mirrors Redis; sizes are reserved bytes.
+
+    Replace a model's copies with `copies[m] = {...}` (never mutate the inner dict in place),
+    and report use with `touch()`: both keep the index current. Assigning a whole new
+    `copies` or `last_used` marks the index stale; it is rebuilt on the next read.
+    """
 
     pods: dict[str, PodView]
     models: dict[str, ModelView]
@@ -43,16 +97,232 @@ class ClusterView:
     last_used: dict[str, float] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)  # models with requests being served now
     excluded: dict[tuple[str, str], float] = field(default_factory=dict)  # (model, pod) -> until
+    uses: dict[str, int] = field(default_factory=dict)  # observed uses, for the eviction value
+    horizon_s: float = DEFAULT_HORIZON_S
+    ref_size: int = DEFAULT_REF_SIZE
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "copies" and not isinstance(value, _CopyTable):
+            t = _CopyTable(value)
+            t.owner = self
+            value = t
+        object.__setattr__(self, name, value)
+        if name in ("copies", "last_used", "uses", "horizon_s", "ref_size", "models"):
+            object.__setattr__(self, "_stale", True)
+
+    # --- index --------------------------------------------------------------------------
+    def _ix(self) -> dict[str, _PodIndex]:
+        if self.__dict__.get("_stale", True):
+            self._rebuild()
+        return self.__dict__["_pods_ix"]
+
+    def _rebuild(self) -> None:
+        d = self.__dict__
+        d["_stale"] = False
+        d["_pods_ix"] = {}
+        d["_keys"] = {}
+        d["_global"] = []
+        for m, cs in dict.items(self.copies):
+            self._reindex(m, {}, cs)
+
+    def _pod_ix(self, pod: str) -> _PodIndex:
+        ix = self.__dict__["_pods_ix"]
+        p = ix.get(pod)
+        if p is None:
+            p = ix[pod] = _PodIndex()
+        return p
+
+    def _reindex(self, model: str, old: dict[str, Copy], new: dict[str, Copy]) -> None:
+        if self.__dict__.get("_stale", True):
+            return  # a rebuild will read the final state anyway
+        for pod, c in old.items():
+            p = self._pod_ix(pod)
+            if c.state != CopyState.FAILED:
+                p.used -= c.size
+            if c.state == CopyState.LOADING:
+                p.loading -= 1
+            p.models.pop(model, None)
+        loaded = False
+        for pod, c in new.items():
+            p = self._pod_ix(pod)
+            if c.state != CopyState.FAILED:
+                p.used += c.size
+            if c.state == CopyState.LOADING:
+                p.loading += 1
+            p.models[model] = c
+            loaded = loaded or c.state == CopyState.LOADED
+        if loaded:
+            was = any(c.state == CopyState.LOADED for c in old.values())
+            newly = [
+                pod for pod, c in new.items()
+                if c.state == CopyState.LOADED and (pod not in old or old[pod].state != CopyState.LOADED)
+            ]
+            if newly:
+                self._push(model, newly, push_global=not was)
+
+    def eviction_key(self, model: str) -> float:
+        """Lower is evicted first: last use, shifted by how often and how small the model is."""
+        last = self.last_used.get(model, 0.0)
+        if not self.horizon_s:
+            return last
+        mv = self.models.get(model)
+        size = mv.size if mv is not None and mv.size > 0 else self.ref_size
+        return last + self.horizon_s * math.log(max(1, self.uses.get(model, 1)) * self.ref_size / size)
+
+    def _push(self, model: str, pods: list[str], push_global: bool) -> None:
+        key = self.eviction_key(model)
+        keys = self.__dict__["_keys"]
+        changed = keys.get(model) != key
+        keys[model] = key
+        for pod in pods:
+            p = self._pod_ix(pod)
+            heapq.heappush(p.heap, (key, model))
+            if len(p.heap) > 64 + 4 * len(p.models):
+                self._compact(p.heap, p.models)  # every use pushes an entry; drop the stale ones now and then
+        if push_global or changed:
+            g = self.__dict__["_global"]
+            heapq.heappush(g, (key, model))
+            if len(g) > 1024 + 4 * len(keys):
+                self._compact(g)
+
+    def touch(self, model: str, when: float, uses: int = 1) -> None:
+        """A model was used at `when` (`uses` times since the last report)."""
+        if when < self.last_used.get(model, -math.inf):
+            return
+        self.last_used[model] = when
+        self.uses[model] = self.uses.get(model, 0) + uses
+        if self.__dict__.get("_stale", True):
+            return
+        cs = self.copies.get(model)
+        if cs:
+            loaded = [p for p, c in cs.items() if c.state == CopyState.LOADED]
+            if loaded:
+                self._push(model, loaded, push_global=True)
 
     def pod_models(self, pod: str) -> dict[str, Copy]:
-        # Kept simple and O(models); the live service maintains an index (see PodIndex).
-        return {m: c[pod] for m, c in self.copies.items() if pod in c}
+        """The pod's copies (read-only view of the index)."""
+        p = self._ix().get(pod)
+        return p.models if p is not None else {}
 
     def used(self, pod: str) -> int:
-        return sum(c.size for c in self.pod_models(pod).values() if c.state != CopyState.FAILED)
+        p = self._ix().get(pod)
+        return p.used if p is not None else 0
 
     def loading(self, pod: str) -> int:
-        return sum(1 for c in self.pod_models(pod).values() if c.state == CopyState.LOADING)
+        p = self._ix().get(pod)
+        return p.loading if p is not None else 0
+
+    def live_copies(self, model: str) -> int:
+        return sum(1 for c in self.copies.get(model, {}).values() if c.state == CopyState.LOADED)
+
+    def can_evict(self, model: str) -> bool:
+        """Loaded copies of this model may be dropped: not pinned, not busy, above its minimum."""
+        if model in self.in_flight:
+            return False
+        mv = self.models.get(model)
+        if mv is not None and (mv.pinned or (mv.min_copies > 0 and self.live_copies(model) <= mv.min_copies)):
+            return False
+        return True
+
+    def _walk(self, heap: list[tuple[float, str]], valid: Callable[[float, str], bool]) -> Iterator[tuple[float, str]]:
+        """Entries of a lazy heap in key order, dropping stale ones; the heap is restored after."""
+        keep: list[tuple[float, str]] = []
+        keys = self.__dict__["_keys"]
+        seen: set[str] = set()
+        try:
+            while heap:
+                e = heapq.heappop(heap)
+                k, m = e
+                if keys.get(m) != k or m in seen or not valid(k, m):
+                    continue  # stale: the model was used again, evicted, or is a duplicate
+                seen.add(m)
+                keep.append(e)
+                yield e
+        finally:
+            for e in keep:
+                heapq.heappush(heap, e)
+
+    def _compact(self, heap: list[tuple[float, str]], held: dict[str, Copy] | None = None) -> None:
+        """Drop stale entries: superseded keys, and (for a pod's heap) models no longer held."""
+        keys = self.__dict__["_keys"]
+        live = {(k, m) for k, m in heap if keys.get(m) == k and (held is None or m in held)}
+        heap[:] = list(live)
+        heapq.heapify(heap)
+
+    def evictable(self, pod: str) -> Iterator[str]:
+        """Models this pod could drop, cheapest first (see eviction_key)."""
+        p = self._ix().get(pod)
+        if p is None:
+            return iter(())
+
+        def ok(_: float, m: str) -> bool:
+            c = p.models.get(m)
+            return c is not None and c.state == CopyState.LOADED
+
+        return (m for _, m in self._walk(p.heap, ok) if self.can_evict(m))
+
+    def victims(self, pod: str, need: int) -> tuple[list[str], int]:
+        """The cheapest evictable models on `pod` whose bytes add up to `need`, and the bytes
+        they free (less than `need` when even evicting all of them would not do). A plain loop
+        over the lazy heap rather than `evictable()`: this is the hot path of every decision."""
+        p = self._ix().get(pod)
+        if p is None:
+            return [], 0
+        heap, keys, models = p.heap, self.__dict__["_keys"], p.models
+        while heap:  # drop stale entries at the top for good
+            k, m = heap[0]
+            c = models.get(m)
+            if keys.get(m) == k and c is not None and c.state == CopyState.LOADED:
+                if c.size >= need and self.can_evict(m):
+                    return [m], c.size  # the common case: the cheapest copy alone makes room
+                break
+            heapq.heappop(heap)
+        keep: list[tuple[float, str]] = []
+        chosen: list[str] = []
+        freed = 0
+        while heap and freed < need:
+            e = heapq.heappop(heap)
+            k, m = e
+            c = models.get(m)
+            if keys.get(m) != k or c is None or c.state != CopyState.LOADED or m in chosen:
+                continue  # stale entry: used again since, evicted, or a duplicate
+            keep.append(e)
+            if self.can_evict(m):
+                chosen.append(m)
+                freed += c.size
+        for e in keep:
+            heapq.heappush(heap, e)
+        return chosen, freed
+
+    def cheapest_victims(self, n: int) -> list[tuple[str, str]]:
+        """Up to `n` (model, pod) copies that the global LRU would evict first."""
+        self._ix()
+        heap, keys = self.__dict__["_global"], self.__dict__["_keys"]
+        keep: list[tuple[float, str]] = []
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        while heap and len(out) < n:
+            e = heapq.heappop(heap)
+            k, m = e
+            cs = self.copies.get(m)
+            if keys.get(m) != k or m in seen or not cs:
+                continue  # stale: used again since, or no longer loaded anywhere
+            loaded = [pod for pod, c in cs.items() if c.state == CopyState.LOADED]
+            if not loaded:
+                continue  # re-pushed by _reindex when a copy loads again
+            seen.add(m)
+            keep.append(e)
+            if self.can_evict(m):
+                out += [(m, pod) for pod in loaded]
+        for e in keep:
+            heapq.heappush(heap, e)
+        return out[:n]
+
+
+def evictable(pod: str, cluster: ClusterView) -> list[str]:
+    """Models this pod could drop, cheapest first: loaded, not pinned, not busy, and not a copy
+    that would take the model under its minimum."""
+    return list(cluster.evictable(pod))
 
 
 @dataclass
@@ -60,7 +330,10 @@ class Context:
     model: ModelView
     cluster: ClusterView
     now: float
+    ix: dict[str, _PodIndex] = field(default_factory=dict)  # the cluster's per-pod index
+    held: dict[str, Copy] = field(default_factory=dict)  # the model's own copies
     evictions: dict[str, list[str]] = field(default_factory=dict)  # pod -> models to evict
+    eviction_rank: dict[str, float] = field(default_factory=dict)  # pod -> 0 (cheapest) .. 1
 
 
 @dataclass(frozen=True)
@@ -82,7 +355,14 @@ class Scorer:
 class Step:
     pod: str
     step: str
-    result: str
+    result: str = ""
+    scores: tuple[float, ...] | None = None  # per SCORERS, formatted only when explained
+
+    def text(self) -> str:
+        if self.scores is None:
+            return self.result
+        total = sum(s.weight * v for s, v in zip(SCORERS, self.scores))
+        return f"{total:.3f} (" + ", ".join(f"{s.name}={v:.2f}" for s, v in zip(SCORERS, self.scores)) + ")"
 
 
 @dataclass
@@ -92,11 +372,30 @@ class Decision:
     evict: list[str]
     trace: list[Step]
     reason: str = ""
+    candidates: dict[str, str] = field(default_factory=dict)  # on large clusters: pod -> why considered
+    pods_total: int = 0
+
+    @property
+    def considered(self) -> str:
+        if not self.candidates:
+            return ""
+        return f"considered {len(self.candidates)} of {self.pods_total} pods: " + ", ".join(f"{p} ({w})" for p, w in sorted(self.candidates.items()))
 
     def explain(self) -> list[str]:
-        lines = [f"{s.pod}: {s.step}: {s.result}" for s in self.trace]
+        lines = [self.considered] if self.candidates else []
+        lines += [f"{s.pod}: {s.step}: {s.text()}" for s in self.trace]
         lines.append(f"=> {self.pod}" + (f", evicting {', '.join(self.evict)}" if self.evict else "") if self.pod else f"=> not placed: {self.reason}")
         return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "pod": self.pod,
+            "evict": self.evict,
+            "reason": self.reason,
+            "considered": self.considered,
+            "trace": [{"pod": s.pod, "step": s.step, "result": s.text()} for s in self.trace],
+        }
 
 
 def _healthy(p: PodView, ctx: Context) -> str:
@@ -108,48 +407,33 @@ def _format(p: PodView, ctx: Context) -> str:
 
 
 def _not_holding(p: PodView, ctx: Context) -> str:
-    c = ctx.cluster.copies.get(ctx.model.id, {}).get(p.id)
+    c = ctx.held.get(p.id)
     return "" if c is None or c.state == CopyState.FAILED else f"already holds a copy ({c.state})"
 
 
 def _not_excluded(p: PodView, ctx: Context) -> str:
+    if not ctx.cluster.excluded:
+        return ""
     until = ctx.cluster.excluded.get((ctx.model.id, p.id), 0.0)
     return "" if until <= ctx.now else f"a load failed here; excluded for {until - ctx.now:.0f}s more"
 
 
-def evictable(pod: str, cluster: ClusterView) -> list[str]:
-    """Models this pod could drop, least recently used first: loaded, not pinned, not busy,
-    and not a copy that would take the model under its minimum."""
-    out = []
-    for m, c in cluster.pod_models(pod).items():
-        if c.state != CopyState.LOADED or m in cluster.in_flight:
-            continue
-        mv = cluster.models.get(m)
-        if mv is not None:
-            if mv.pinned:
-                continue
-            live = sum(1 for x in cluster.copies.get(m, {}).values() if x.state == CopyState.LOADED)
-            if live <= mv.min_copies:
-                continue
-        out.append(m)
-    out.sort(key=lambda m: (cluster.last_used.get(m, 0.0), m))
-    return out
+_EMPTY = _PodIndex()
 
 
 def _fits(p: PodView, ctx: Context) -> str:
-    free = p.capacity - ctx.cluster.used(p.id)
+    pix = ctx.ix.get(p.id, _EMPTY)
+    free = p.capacity - pix.used
     need = ctx.model.size
     if need > p.capacity:
         return f"model needs {need} bytes, more than the pod's whole capacity {p.capacity}"
     if free >= need:
         return ""
-    chosen = []
-    for m in evictable(p.id, ctx.cluster):
-        free += ctx.cluster.copies[m][p.id].size
-        chosen.append(m)
-        if free >= need:
-            ctx.evictions[p.id] = chosen
-            return ""
+    chosen, freed = ctx.cluster.victims(p.id, need - free)
+    free += freed
+    if free >= need:
+        ctx.evictions[p.id] = chosen
+        return ""
     return f"needs {need} bytes; only {free} free even after evicting every idle model"
 
 
@@ -158,46 +442,77 @@ FILTERS: list[Filter] = [
     Filter("serves-format", "the pod's runtime serves the model's format", _format),
     Filter("not-holding", "the pod does not already hold or load this model", _not_holding),
     Filter("not-excluded", "no load of this model failed on the pod recently", _not_excluded),
-    Filter("fits", "free bytes, after evicting idle least-recently-used models, cover the model", _fits),
+    Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU), cover the model", _fits),
 ]
 
 
 def _free_space(p: PodView, ctx: Context) -> float:
-    return max(0.0, (p.capacity - ctx.cluster.used(p.id)) / p.capacity) if p.capacity else 0.0
+    return max(0.0, (p.capacity - ctx.ix.get(p.id, _EMPTY).used) / p.capacity) if p.capacity else 0.0
 
 
 def _cheap_eviction(p: PodView, ctx: Context) -> float:
-    ev = ctx.evictions.get(p.id)
-    if not ev:
+    if not ctx.evictions.get(p.id):
         return 1.0
-    newest = max(ctx.cluster.last_used.get(m, 0.0) for m in ev)
-    age = max(0.0, ctx.now - newest)
-    # Evicting something idle for an hour is nearly free; evicting something used just now is not.
-    return 0.5 * min(1.0, age / 3600.0)
+    # Among the candidates that must evict, the one whose dearest victim is cheapest wins:
+    # that is what makes the cluster one global LRU rather than one LRU per pod.
+    return 0.5 * (1.0 - ctx.eviction_rank.get(p.id, 1.0))
 
 
 def _fewest_models(p: PodView, ctx: Context) -> float:
-    return 1.0 / (1.0 + len(ctx.cluster.pod_models(p.id)))
+    return 1.0 / (1.0 + len(ctx.ix.get(p.id, _EMPTY).models))
 
 
 def _least_loading(p: PodView, ctx: Context) -> float:
-    return 1.0 / (1.0 + ctx.cluster.loading(p.id))
+    return 1.0 / (1.0 + ctx.ix.get(p.id, _EMPTY).loading)
 
 
 SCORERS: list[Scorer] = [
-    Scorer("cheapest-eviction", "prefer pods that need no eviction, then those whose evictions are oldest", 4.0, _cheap_eviction),
+    Scorer("cheapest-eviction", "prefer pods that need no eviction, then those whose evictions are cheapest (global LRU)", 4.0, _cheap_eviction),
     Scorer("free-space", "prefer pods with more free bytes", 2.0, _free_space),
     Scorer("least-loading", "prefer pods with fewer loads in progress", 1.0, _least_loading),
     Scorer("fewest-models", "prefer pods holding fewer models", 0.5, _fewest_models),
 ]
 
 
+def candidate_pods(model: ModelView, cluster: ClusterView, now: float) -> tuple[list[PodView], dict[str, str]]:
+    """All pods on small clusters; on large ones the pods that hold the globally cheapest
+    evictions plus a random sample, so a decision stays O(1) in the number of pods."""
+    if len(cluster.pods) <= FULL_SCAN_PODS:
+        return sorted(cluster.pods.values(), key=lambda p: p.id), {}
+    ids: dict[str, str] = {}  # pod -> why it is a candidate
+    for m, pod in cluster.cheapest_victims(VICTIM_PODS):
+        if pod in cluster.pods:
+            ids.setdefault(pod, f"holds {m}, a cheapest eviction")
+    # Seeded by the model and time (not Python's salted hash), so a decision can be replayed exactly.
+    x = zlib.crc32(f"{model.id}/{now}".encode())
+    n = len(cluster.pods)
+    for _ in range(SAMPLE_PODS * 2):
+        x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF  # 64-bit LCG step
+        ids.setdefault(_nth_key(cluster.pods, (x >> 33) % n), "random sample")
+        if len(ids) >= VICTIM_PODS + SAMPLE_PODS:
+            break
+    return [cluster.pods[i] for i in sorted(ids)], ids
+
+
+_KEYS_CACHE: dict[int, tuple[int, list[str]]] = {}
+
+
+def _nth_key(d: dict[str, PodView], i: int) -> str:
+    # Pods change rarely; cache the key list per dict (checked by length) instead of copying it per call.
+    c = _KEYS_CACHE.get(id(d))
+    if c is None or c[0] != len(d):
+        c = (len(d), list(d))
+        _KEYS_CACHE[id(d)] = c
+    return c[1][i]
+
+
 def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
     """Choose a pod for one more copy of `model`, with the evictions that make room."""
-    ctx = Context(model, cluster, now)
+    ctx = Context(model, cluster, now, cluster._ix(), cluster.copies.get(model.id) or {})
     trace: list[Step] = []
     candidates: list[PodView] = []
-    for p in sorted(cluster.pods.values(), key=lambda p: p.id):
+    pods, considered = candidate_pods(model, cluster, now)
+    for p in pods:
         for f in FILTERS:
             why = f.check(p, ctx)
             if why:
@@ -206,13 +521,28 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
         else:
             candidates.append(p)
     if not candidates:
-        reason = "no pod can take it: " + "; ".join(f"{s.pod} {s.result}" for s in trace) if trace else "no runtime pods are registered"
-        return Decision(model.id, None, [], trace, reason)
+        if not cluster.pods:
+            reason = "no runtime pods are registered"
+        else:
+            reason = "no pod can take it: " + "; ".join(f"{s.pod} {s.result}" for s in trace)
+        return Decision(model.id, None, [], trace, reason, considered, len(cluster.pods))
+    evicting = [p.id for p in candidates if ctx.evictions.get(p.id)]
+    if len(evicting) > 1:
+        keys = cluster.__dict__["_keys"]
+        dearest = {pid: max(keys[m] for m in ctx.evictions[pid]) for pid in evicting}
+        order = sorted(evicting, key=lambda pid: (dearest[pid], pid))
+        ctx.eviction_rank = {pid: i / len(order) for i, pid in enumerate(order)}
+    elif evicting:
+        ctx.eviction_rank = {evicting[0]: 0.0}
     best, best_score = None, -1.0
+    weighted = [(s.weight, s.score) for s in SCORERS]
     for p in candidates:
-        total = sum(s.weight * s.score(p, ctx) for s in SCORERS)
-        trace.append(Step(p.id, "score", f"{total:.3f} (" + ", ".join(f"{s.name}={s.score(p, ctx):.2f}" for s in SCORERS) + ")"))
+        scores = tuple([fn(p, ctx) for _, fn in weighted])
+        total = 0.0
+        for (w, _), v in zip(weighted, scores):
+            total += w * v
+        trace.append(Step(p.id, "score", scores=scores))
         if total > best_score:
             best, best_score = p, total
     assert best is not None
-    return Decision(model.id, best.id, ctx.evictions.get(best.id, []), trace)
+    return Decision(model.id, best.id, ctx.evictions.get(best.id, []), trace, "", considered, len(cluster.pods))
