@@ -73,41 +73,43 @@ class Valkey:
     port: int
     dir: Path
     proc: subprocess.Popen[bytes]
+    password: str = ""
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.proc.send_signal(sig)
         self.proc.wait(10)
 
     def restart(self) -> None:
-        self.proc = _spawn_valkey(self.port, self.dir)
+        self.proc = _spawn_valkey(self.port, self.dir, self.password)
 
 
-def _spawn_valkey(port: int, d: Path) -> subprocess.Popen[bytes]:
+def _spawn_valkey(port: int, d: Path, password: str = "") -> subprocess.Popen[bytes]:
     from meshserve.up import valkey_binary
 
-    proc = subprocess.Popen(
-        [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--appendonly", "yes",
-         "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    argv = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--appendonly", "yes",
+            "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
+    if password:
+        argv += ["--requirepass", password]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import redis
 
-    r = redis.Redis(port=port)
+    r = redis.Redis(port=port, password=password or None)
     wait_until(lambda: r.ping(), 20, f"valkey on {port}")
     r.close()
     return proc
 
 
 @contextmanager
-def valkey(dir: Path | None = None) -> Iterator[Valkey]:
+def valkey(dir: Path | None = None, password: str = "") -> Iterator[Valkey]:
     with tempfile.TemporaryDirectory(prefix="ms-valkey-") as tmp:
         d = Path(dir or tmp)
         port = free_port()
-        v = Valkey(port, d, _spawn_valkey(port, d))
+        v = Valkey(port, d, _spawn_valkey(port, d, password), password)
         try:
             yield v
         finally:
