@@ -1,0 +1,51 @@
+"""`meshserve controller`: cluster mode's input side (InferenceServices from the Kubernetes API)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+
+@click.command()
+@click.option("--namespace", envvar="MESHSERVE_NAMESPACE", default=None,
+              help="Namespace to watch (default: the pod's own, else modelmesh-serving).")
+@click.option("--redis-url", envvar="MESHSERVE_REDIS_URL", required=True, help="The mesh's Redis/Valkey.")
+@click.option("--kubeconfig", envvar="KUBECONFIG", default=None, help="Outside a pod: the kubeconfig to use.")
+@click.option("--context", default=None, help="Outside a pod: the kubeconfig context.")
+@click.option("--metrics-port", type=int, default=9090, show_default=True, help="Prometheus /metrics (0: off).")
+@click.option("--resync-seconds", type=float, default=10.0, show_default=True,
+              help="Status refresh period (copies loaded since the last event).")
+def controller(namespace: str | None, redis_url: str, kubeconfig: str | None, context: str | None,
+               metrics_port: int, resync_seconds: float) -> None:
+    """Watch InferenceServices, ServingRuntimes, the storage-config Secret and runtime pods;
+    keep the model registry in Redis and each InferenceService's status up to date."""
+    from prometheus_client import start_http_server
+
+    from meshserve import logs
+    from meshserve.k8s.controller import Controller, api_client, current_namespace
+    from meshserve.settings import Settings
+    from meshserve.state import State
+
+    s = Settings.from_env()
+    logs.setup("controller", s.log_json)
+    ns = namespace or current_namespace()
+    api = api_client(kubeconfig, context)
+    if metrics_port:
+        start_http_server(metrics_port, addr="0.0.0.0")
+
+    async def main() -> None:
+        state = State.from_url(redis_url)
+        try:
+            await Controller(api, state, ns, resync_seconds=resync_seconds).run()
+        finally:
+            await state.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+COMMANDS = [controller]

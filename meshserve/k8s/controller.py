@@ -1,0 +1,222 @@
+"""The cluster-mode controller: Kubernetes objects in, registry and InferenceService status out.
+
+Level-triggered: any event marks the world dirty, and one reconcile compares everything the
+watchers hold with Redis and writes only the difference. So a missed or repeated event, a
+relist after 410 or a controller restart all converge on the same registry. Every write is
+idempotent, so a second replica only repeats no-ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter
+
+from meshserve import state as st
+from meshserve.k8s import objects as ob
+from meshserve.k8s import store
+from meshserve.k8s.watch import DELETED, Event, Watcher
+from meshserve.model import ModelSpec, Pod, copies_from_json
+
+log = logging.getLogger("meshserve.k8s")
+
+M_RECONCILES = Counter("meshserve_controller_reconciles", "Reconcile passes")
+M_REGISTERED = Counter("meshserve_controller_models_registered", "InferenceService specs written to the registry")
+M_REMOVED = Counter("meshserve_controller_aliases_removed", "Aliases removed after an InferenceService went away")
+M_STATUS = Counter("meshserve_controller_status_writes", "InferenceService status patches", ["result"])
+M_EXPEDITED = Counter("meshserve_controller_pods_expedited", "Runtime pods withdrawn on a Kubernetes event, ahead of heartbeats")
+
+ISVC, RUNTIME, SECRET, POD = "inferenceservices", "servingruntimes", "storage-config", "pods"
+
+
+class Controller:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        state: st.State,
+        namespace: str,
+        *,
+        watch_timeout_seconds: int = 300,
+        resync_seconds: float = 10.0,
+        debounce_seconds: float = 0.1,
+        max_backoff_seconds: float = 30.0,
+    ):
+        self.state, self.namespace = state, namespace
+        self.core, self.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        self.resync, self.debounce = resync_seconds, debounce_seconds
+        self._dirty: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gone_ips: set[str] = set()
+        self._gone_lock = threading.Lock()
+        self._synced: set[str] = set()
+        self.reconciles = 0
+        common = dict(on_event=self._on_event, on_synced=self._on_synced, watch_timeout_seconds=watch_timeout_seconds,
+                      max_backoff_seconds=max_backoff_seconds)
+        kserve = dict(group=ob.KSERVE_GROUP, namespace=namespace)
+        self.watchers = {
+            ISVC: Watcher(ISVC, self.custom.list_namespaced_custom_object, **common, **kserve,
+                          version=ob.ISVC_VERSION, plural=ob.ISVC_PLURAL),
+            RUNTIME: Watcher(RUNTIME, self.custom.list_namespaced_custom_object, **common, **kserve,
+                             version=ob.RUNTIME_VERSION, plural=ob.RUNTIME_PLURAL),
+            # The field selector is what lets RBAC grant this one Secret by name (resourceNames).
+            SECRET: Watcher(SECRET, self.core.list_namespaced_secret, **common, namespace=namespace,
+                            field_selector=f"metadata.name={ob.STORAGE_SECRET}"),
+            POD: Watcher(POD, self.core.list_namespaced_pod, **common, namespace=namespace,
+                         label_selector=ob.RUNTIME_POD_SELECTOR),
+        }
+
+    # --- events (watcher threads) ---------------------------------------------------------
+    def _on_event(self, ev: Event) -> None:
+        if ev.resource == POD:
+            p = ob.parse_pod(ev.obj)
+            if (ev.type == DELETED or p.gone) and p.ip:
+                with self._gone_lock:
+                    self._gone_ips.add(p.ip)
+        self._poke()
+
+    def _on_synced(self, resource: str) -> None:
+        self._synced.add(resource)
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._loop is not None and self._dirty is not None:
+            self._loop.call_soon_threadsafe(self._dirty.set)
+
+    @property
+    def synced(self) -> bool:
+        return self._synced >= set(self.watchers)
+
+    # --- main loop --------------------------------------------------------------------------
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._dirty = asyncio.Event()
+        threads = [threading.Thread(target=w.run, name=f"watch-{n}", daemon=True) for n, w in self.watchers.items()]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._dirty.wait(), self.resync)
+                    await asyncio.sleep(self.debounce)  # let a burst of events land first
+                except asyncio.TimeoutError:
+                    pass  # periodic resync: copies loaded since, status to refresh
+                self._dirty.clear()
+                if not self.synced:
+                    continue  # never act on a partial view: it would remove what is not listed yet
+                try:
+                    await self.reconcile()
+                except Exception as e:  # Redis down, API hiccup: the next pass retries
+                    log.warning("controller: reconcile failed (%s); retrying", e)
+                    await asyncio.sleep(1.0)
+                    self._dirty.set()
+        finally:
+            for w in self.watchers.values():
+                w.stop()
+            # Bounded: a thread blocked in a list request is a daemon and dies with the process.
+            deadline = asyncio.get_running_loop().time() + 5
+            for t in threads:
+                await asyncio.to_thread(t.join, max(0.0, deadline - asyncio.get_running_loop().time()))
+
+    async def reconcile(self) -> None:
+        isvcs = [o for o in self.watchers[ISVC].snapshot() if ob.is_modelmesh(o)]
+        runtimes = {r.name: r for r in map(ob.parse_runtime, self.watchers[RUNTIME].snapshot())}
+        secrets = self.watchers[SECRET].snapshot()
+        storage = ob.parse_storage_keys(secrets[0] if secrets else None)
+        verdicts = [(o, ob.judge(o, runtimes, storage)) for o in isvcs]
+
+        registered = {a: s for a, s in (await store.alias_specs(self.state)).items() if s.namespace == self.namespace}
+        desired: dict[str, ModelSpec] = {}
+        for o, v in verdicts:
+            name = ob.key_of(o)[1]
+            if v.ready and v.spec is not None:
+                desired[name] = v.spec
+            elif name in registered:
+                # A bad update keeps the last good version serving (ModelMesh does the same).
+                desired[name] = registered[name]
+        p = ob.plan(desired, registered)
+        if p.register:
+            await self.state.register_models(p.register)
+            M_REGISTERED.inc(len(p.register))
+            for s in p.register:
+                log.info("controller: registered %s -> %s", s.alias, s.id)
+        if p.remove_aliases:
+            await store.remove_aliases(self.state, p.remove_aliases)
+            M_REMOVED.inc(len(p.remove_aliases))
+            log.info("controller: removed aliases %s", ", ".join(p.remove_aliases))
+
+        await self._expedite_gone_pods()
+        await self._write_statuses(verdicts, desired)
+        self.reconciles += 1
+        M_RECONCILES.inc()
+
+    async def _expedite_gone_pods(self) -> None:
+        with self._gone_lock:
+            ips, self._gone_ips = self._gone_ips, set()
+        if not ips:
+            return
+        pods = [Pod.from_json(v) for v in (await self.state.r.hgetall(st.PODS)).values()]
+        ids = [p.id for p in pods if p.host in ips]
+        if ids:
+            # Dropping the heartbeat makes the placement leader withdraw the pod on its next
+            # check (fenced, through its own commit) instead of after missed heartbeats.
+            await self.state.r.zrem(st.HEARTBEATS, *ids)
+            M_EXPEDITED.inc(len(ids))
+            log.info("controller: runtime pods %s are going away; withdrawing them now", ", ".join(ids))
+
+    async def _write_statuses(self, verdicts: list[tuple[dict[str, Any], ob.Verdict]], desired: dict[str, ModelSpec]) -> None:
+        ids = sorted({v.spec.id for _, v in verdicts if v.spec is not None})
+        raws = await self.state.r.hmget(st.PLACEMENTS, ids) if ids else []
+        copies = dict(zip(ids, (copies_from_json(r) for r in raws)))
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for obj, v in verdicts:
+            ns, name = ob.key_of(obj)
+            status = ob.isvc_status(v, ns or self.namespace, copies.get(v.spec.id, {}) if v.spec else {}, now, obj.get("status"))
+            patch = ob.status_patch(obj.get("status"), status)
+            if not patch:
+                continue
+            try:
+                await asyncio.to_thread(
+                    self.custom.patch_namespaced_custom_object_status,
+                    ob.KSERVE_GROUP, ob.ISVC_VERSION, ns or self.namespace, ob.ISVC_PLURAL, name, {"status": patch},
+                    _content_type="application/merge-patch+json", _request_timeout=10,
+                )
+                M_STATUS.labels("ok").inc()
+                # Our own view, so the next pass does not patch again before the watch event lands.
+                obj["status"] = {**(obj.get("status") or {}), **status}
+            except ApiException as e:
+                M_STATUS.labels("error").inc()
+                if e.status != 404:  # deleted meanwhile: nothing to report
+                    log.warning("controller: status of %s/%s not written: HTTP %s %s", ns, name, e.status, e.reason)
+            except Exception as e:  # noqa: BLE001 - the next resync retries
+                M_STATUS.labels("error").inc()
+                log.warning("controller: status of %s/%s not written: %s", ns, name, e)
+
+
+def api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
+    """In a pod, the service account; elsewhere the kubeconfig (`--kubeconfig`, $KUBECONFIG)."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config(config_file=kubeconfig, context=context)
+        except (config.ConfigException, FileNotFoundError, TypeError) as e:
+            raise SystemExit(f"meshserve controller: no cluster credentials ({e}). Run it in a pod with a "
+                             "ServiceAccount, or pass --kubeconfig / set KUBECONFIG.") from None
+    return client.ApiClient()
+
+
+def current_namespace(default: str = "modelmesh-serving") -> str:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or default
+    except OSError:
+        return default
+

@@ -1,0 +1,245 @@
+"""Pure translation between Kubernetes API objects and meshserve's registry.
+
+An InferenceService from the API becomes a `Document` and goes through
+`registry.parse_inference_service`, exactly as a mesh-config/ file does: one schema, one code
+path after parsing. ServingRuntimes, the storage-config Secret and runtime pods only feed the
+status decision. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshserve import registry
+from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.yamlfile import ConfigError, Document
+
+KSERVE_GROUP = "serving.kserve.io"
+ISVC_VERSION = "v1beta1"
+ISVC_PLURAL = "inferenceservices"
+RUNTIME_VERSION = "v1alpha1"
+RUNTIME_PLURAL = "servingruntimes"
+STORAGE_SECRET = "storage-config"
+RUNTIME_POD_SELECTOR = "app.kubernetes.io/part-of=meshserve,app.kubernetes.io/component=runtime"
+# The Service users address, as in ModelMesh: grpc://modelmesh-serving.<namespace>:8033.
+SERVICE_NAME = "modelmesh-serving"
+
+# ModelMesh's failure reasons, so existing dashboards and scripts keep working.
+REASON_INVALID_SPEC = "InvalidPredictorSpec"
+REASON_NO_RUNTIME = "NoSupportingRuntime"
+REASON_LOAD_FAILED = "ModelLoadFailed"
+REASON_STORAGE = "InvalidStorageKey"
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+def key_of(obj: dict[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def resource_version(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def is_modelmesh(obj: dict[str, Any]) -> bool:
+    ann = (obj.get("metadata") or {}).get("annotations") or {}
+    return ann.get(registry.MODELMESH_ANNOTATION) == "ModelMesh"
+
+
+def document_of(obj: dict[str, Any]) -> Document:
+    """An API object as the registry's input. The label stands where a file name would, so
+    errors read `k8s:InferenceService/ns/name: spec.predictor...: required`."""
+    ns, name = key_of(obj)
+    return Document(f"k8s:{obj.get('kind', 'InferenceService')}/{ns}/{name}", obj, None)
+
+
+def parse_isvc(obj: dict[str, Any]) -> ModelSpec:
+    """Raises ConfigError for a spec the registry refuses."""
+    doc = document_of(obj)
+    registry.check_api_version(doc)
+    return registry.parse_inference_service(doc)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    formats: frozenset[str]  # formats it can serve when named explicitly
+    auto_formats: frozenset[str]  # formats it is picked for without `runtime:` (autoSelect)
+    disabled: bool = False
+
+
+def parse_runtime(obj: dict[str, Any]) -> Runtime:
+    spec = obj.get("spec") or {}
+    formats, auto = set(), set()
+    for f in spec.get("supportedModelFormats") or []:
+        if isinstance(f, dict) and isinstance(f.get("name"), str):
+            formats.add(f["name"])
+            # KServe's default for autoSelect is false, but a runtime that lists formats
+            # without the field is the users' common form (fixtures/servingruntime-triton.yaml).
+            if f.get("autoSelect", True):
+                auto.add(f["name"])
+    return Runtime(key_of(obj)[1], frozenset(formats), frozenset(auto), bool(spec.get("disabled", False)))
+
+
+def parse_storage_keys(secret: dict[str, Any] | None) -> dict[str, str]:
+    """storage-config Secret -> {key: store type}. Only the types are kept: credentials stay in
+    the Secret, which the loader sidecar mounts itself, and never enter Redis. Entries that are
+    not ModelMesh's JSON form (e.g. bare `aws_access_key_id`) map to type ''."""
+    if not secret:
+        return {}
+    out: dict[str, str] = {}
+    raw: dict[str, str] = {}
+    for k, v in (secret.get("data") or {}).items():
+        try:
+            raw[k] = base64.b64decode(v).decode()
+        except (binascii.Error, UnicodeDecodeError, TypeError):
+            raw[k] = ""
+    raw.update(secret.get("stringData") or {})
+    for k, v in raw.items():
+        try:
+            entry = json.loads(v)
+        except (TypeError, ValueError):
+            entry = None
+        out[k] = str(entry.get("type", "")) if isinstance(entry, dict) else ""
+    return out
+
+
+@dataclass(frozen=True)
+class RuntimePod:
+    name: str
+    ip: str
+    ready: bool
+    gone: bool  # terminating, failed or finished: its routes should go now, not after heartbeats
+
+
+def parse_pod(obj: dict[str, Any]) -> RuntimePod:
+    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    gone = bool(meta.get("deletionTimestamp")) or status.get("phase") in ("Failed", "Succeeded")
+    return RuntimePod(str(meta.get("name") or ""), str(status.get("podIP") or ""), ready and not gone, gone)
+
+
+@dataclass
+class Verdict:
+    """What the controller decided for one InferenceService."""
+
+    spec: ModelSpec | None
+    ready: bool
+    reason: str = ""
+    message: str = ""
+
+
+def judge(
+    obj: dict[str, Any],
+    runtimes: dict[str, Runtime],
+    storage_keys: dict[str, str],
+) -> Verdict:
+    """Parse one InferenceService and check it against the runtimes and storage it names."""
+    try:
+        spec = parse_isvc(obj)
+    except ConfigError as e:
+        return Verdict(None, False, REASON_INVALID_SPEC, str(e))
+    live = {n: r for n, r in runtimes.items() if not r.disabled}
+    if spec.runtime:
+        r = live.get(spec.runtime)
+        if r is None:
+            return Verdict(spec, False, REASON_NO_RUNTIME, f"ServingRuntime {spec.runtime!r} not found (or disabled) in namespace {spec.namespace}: create it or fix spec.predictor.model.runtime")
+        if spec.format not in r.formats:
+            return Verdict(spec, False, REASON_NO_RUNTIME, f"ServingRuntime {spec.runtime!r} does not list model format {spec.format!r} in supportedModelFormats")
+    elif not any(spec.format in r.auto_formats for r in live.values()):
+        return Verdict(spec, False, REASON_NO_RUNTIME, f"no ServingRuntime with autoSelect supports model format {spec.format!r}: add one or name it in spec.predictor.model.runtime")
+    key = spec.storage.get("key")
+    if key and key not in storage_keys:
+        return Verdict(spec, False, REASON_STORAGE, f"storage key {key!r} is not in Secret {STORAGE_SECRET!r}: add it there or fix spec.predictor.model.storage.key")
+    return Verdict(spec, True)
+
+
+def isvc_status(v: Verdict, namespace: str, copies: dict[str, Copy], now: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The InferenceService `status` in KServe's v1beta1 form (as ModelMesh writes it).
+
+    A registered model is Ready even when no pod holds it yet: the first request loads it
+    (activeModelState Standby). `now` is used only when the Ready condition changes, so an
+    unchanged verdict yields an unchanged status and no write."""
+    loaded = sum(1 for c in copies.values() if c.state == CopyState.LOADED)
+    failed = [c for c in copies.values() if c.state == CopyState.FAILED]
+    url = f"grpc://{SERVICE_NAME}.{namespace}:8033"
+    status: dict[str, Any] = {"url": url, "address": {"url": url}}
+    if v.spec is None:
+        transition, active, target = "InvalidSpec", "", ""
+    elif not v.ready:
+        transition, active, target = "BlockedByFailedLoad", "FailedToLoad", ""
+    else:
+        active = "Loaded" if loaded else ("Loading" if any(c.state == CopyState.LOADING for c in copies.values()) else "Standby")
+        transition, target = "UpToDate", ""
+    model_status: dict[str, Any] = {
+        "transitionStatus": transition,
+        "states": {"activeModelState": active or "Pending", "targetModelState": target},
+        "copies": {"totalCopies": loaded, "failedCopies": len(failed)},
+    }
+    reason, message = v.reason, v.message
+    if v.ready and failed and not loaded:
+        reason, message = REASON_LOAD_FAILED, failed[0].reason or "load failed"
+    if reason:
+        failure: dict[str, Any] = {"reason": reason, "message": message}
+        if v.spec is not None:
+            failure["modelRevisionName"] = v.spec.id
+        model_status["lastFailureInfo"] = failure
+    status["modelStatus"] = model_status
+    cond: dict[str, Any] = {"type": "Ready", "status": "True" if v.ready else "False"}
+    if not v.ready:
+        cond.update(reason=v.reason, message=v.message)
+    old = next((c for c in (previous or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    same = old is not None and all(old.get(k) == cond.get(k) for k in ("status", "reason", "message"))
+    cond["lastTransitionTime"] = old.get("lastTransitionTime", now) if same and old else now
+    status["conditions"] = [cond]
+    return status
+
+
+def merge_patch(current: Any, desired: Any) -> Any:
+    """The RFC 7386 merge patch that turns `current` into `desired` ({} when equal). Keys we
+    no longer want are sent as null: a merge patch that merely omits them would keep them,
+    and the controller would patch the same status forever."""
+    if not isinstance(current, dict) or not isinstance(desired, dict):
+        return desired if current != desired else {}
+    out: dict[str, Any] = {k: None for k in current if k not in desired}
+    for k, v in desired.items():
+        if k not in current:
+            out[k] = v
+        elif current[k] != v:
+            sub = merge_patch(current[k], v)
+            out[k] = sub if isinstance(v, dict) and isinstance(current[k], dict) else v
+    return out
+
+
+def status_patch(current: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any]:
+    """The patch for the fields the controller owns (other writers' status fields are left)."""
+    cur = {k: v for k, v in (current or {}).items() if k in OWNED_STATUS_FIELDS}
+    return merge_patch(cur, desired)
+
+
+OWNED_STATUS_FIELDS = ("url", "address", "modelStatus", "conditions")
+
+
+@dataclass
+class Plan:
+    """Registry writes that bring Redis to what the cluster says."""
+
+    register: list[ModelSpec] = field(default_factory=list)
+    remove_aliases: list[str] = field(default_factory=list)
+
+
+def plan(desired: dict[str, ModelSpec], registered: dict[str, ModelSpec]) -> Plan:
+    """`desired`: alias -> spec from the cluster; `registered`: alias -> the spec its alias
+    points at in Redis (only aliases of this controller's namespace). Registers new or changed
+    specs (annotations such as minCopies change the spec, not the id) and removes the rest."""
+    p = Plan()
+    for alias, spec in sorted(desired.items()):
+        if registered.get(alias) != spec:
+            p.register.append(spec)
+    p.remove_aliases = sorted(a for a in registered if a not in desired)
+    return p

@@ -1,0 +1,115 @@
+"""Pure translation of Kubernetes objects (meshserve.k8s.objects) and the relist diff. Kind: unit."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshserve.apply import read_models
+from meshserve.k8s import objects as ob
+from meshserve.k8s.watch import ADDED, DELETED, MODIFIED, diff_list
+from meshserve.model import Copy, CopyState
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+MNIST = yaml.safe_load((REPO / "mesh-config" / "sklearn-mnist.yaml").read_text())
+RUNTIMES = {"builtin": ob.Runtime("builtin", frozenset({"sklearn"}), frozenset({"sklearn"}))}
+
+
+def test_api_object_parses_to_the_file_spec() -> None:
+    """One code path: the API object and the mesh-config/ file give the same ModelSpec."""
+    obj = json.loads(json.dumps(MNIST))
+    obj["metadata"].update(resourceVersion="42", uid="u", managedFields=[{}])
+    obj["status"] = {"url": "x"}
+    (from_file,) = read_models(REPO / "mesh-config")
+    assert ob.parse_isvc(obj) == from_file
+
+
+def test_judge_reasons() -> None:
+    v = ob.judge(MNIST, RUNTIMES, {})
+    assert v.ready and v.spec is not None
+    assert ob.judge(MNIST, {}, {}).reason == ob.REASON_NO_RUNTIME
+    named = json.loads(json.dumps(MNIST))
+    named["spec"]["predictor"]["model"]["runtime"] = "triton"
+    assert "triton" in ob.judge(named, RUNTIMES, {}).message
+    keyed = json.loads(json.dumps(MNIST))
+    keyed["spec"]["predictor"]["model"]["storage"] = {"key": "localMinIO", "path": "m"}
+    assert ob.judge(keyed, RUNTIMES, {}).reason == ob.REASON_STORAGE
+    assert ob.judge(keyed, RUNTIMES, {"localMinIO": "s3"}).ready
+    bad = json.loads(json.dumps(MNIST))
+    bad["apiVersion"] = "serving.kserve.io/v1alpha1"
+    v = ob.judge(bad, RUNTIMES, {})
+    assert (v.ready, v.reason, v.spec) == (False, ob.REASON_INVALID_SPEC, None)
+    assert "k8s:InferenceService/modelmesh-serving/sklearn-mnist" in v.message
+
+
+def test_storage_keys_keep_types_not_credentials() -> None:
+    secret = {"data": {"s3": base64.b64encode(b'{"type": "s3", "secret_access_key": "SECRET"}').decode()},
+              "stringData": {"aws_access_key_id": "YOUR_ACCESS_KEY"}}
+    keys = ob.parse_storage_keys(secret)
+    assert keys == {"s3": "s3", "aws_access_key_id": ""}
+    assert "SECRET" not in json.dumps(keys)
+
+
+def test_runtime_and_pod_parsing() -> None:
+    r = ob.parse_runtime(yaml.safe_load("""
+metadata: {name: r}
+spec: {supportedModelFormats: [{name: a, autoSelect: false}, {name: b}], disabled: true}"""))
+    assert (r.formats, r.auto_formats, r.disabled) == ({"a", "b"}, {"b"}, True)
+    p = ob.parse_pod({"metadata": {"name": "p", "deletionTimestamp": "t"},
+                      "status": {"podIP": "1.2.3.4", "conditions": [{"type": "Ready", "status": "True"}]}})
+    assert (p.ip, p.ready, p.gone) == ("1.2.3.4", False, True)
+
+
+def test_status_is_stable_and_says_why() -> None:
+    v = ob.judge(MNIST, RUNTIMES, {})
+    s1 = ob.isvc_status(v, "ns", {}, "2026-01-01T00:00:00Z")
+    assert s1["url"] == "grpc://modelmesh-serving.ns:8033"
+    assert s1["conditions"][0]["status"] == "True"
+    # Same verdict later: same status, so no write (the transition time is kept).
+    assert ob.status_patch(s1, ob.isvc_status(v, "ns", {}, "2026-02-02T00:00:00Z", s1)) == {}
+    failed = ob.isvc_status(v, "ns", {"pod-0": Copy(CopyState.FAILED, reason="OOM")}, "t", s1)
+    assert failed["modelStatus"]["lastFailureInfo"]["reason"] == ob.REASON_LOAD_FAILED
+    loaded = ob.isvc_status(v, "ns", {"pod-0": Copy(CopyState.LOADED)}, "t", s1)
+    assert loaded["modelStatus"]["states"]["activeModelState"] == "Loaded"
+    # Recovery clears the failure: the patch nulls the key (merge patch keeps omitted keys).
+    assert ob.status_patch(failed, s1)["modelStatus"]["lastFailureInfo"] is None
+    bad = ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t3", s1)
+    assert bad["conditions"][0]["lastTransitionTime"] == "t3"
+    assert bad["conditions"][0]["reason"] == ob.REASON_NO_RUNTIME
+
+
+@pytest.mark.skipif(not (SHARED / "schemas").exists(), reason="needs ../shared/schemas (the KServe CRD schemas)")
+def test_status_matches_the_kserve_crd_schema() -> None:
+    """What the controller writes is valid InferenceService status per KServe's CRD."""
+    import jsonschema
+
+    crd = yaml.load((SHARED / "schemas" / "kserve-inferenceservices-crd.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    # The status subtree only, and the C YAML parser: the 2 MB CRD is slow to read and check otherwise.
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["schema"]["openAPIV3Schema"]["properties"]["status"]
+    v = ob.judge(MNIST, RUNTIMES, {})
+    for s in (ob.isvc_status(v, "ns", {}, "t"),
+              ob.isvc_status(v, "ns", {"p": Copy(CopyState.FAILED, reason="x")}, "t"),
+              ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t")):
+        jsonschema.validate(s, schema)
+
+
+def test_plan_registers_changes_and_removes_the_rest() -> None:
+    (spec,) = read_models(REPO / "mesh-config")
+    assert ob.plan({spec.alias: spec}, {spec.alias: spec}).register == []
+    changed = type(spec)(**{**spec.__dict__, "min_copies": 2})
+    p = ob.plan({spec.alias: changed}, {spec.alias: spec, "gone": spec})
+    assert p.register == [changed] and p.remove_aliases == ["gone"]
+
+
+def test_relist_diff() -> None:
+    def o(name: str, rv: str) -> dict:
+        return {"metadata": {"namespace": "n", "name": name, "resourceVersion": rv}}
+
+    cache = {("n", "a"): o("a", "1"), ("n", "b"): o("b", "2"), ("n", "c"): o("c", "3")}
+    evs = diff_list(cache, [o("b", "2"), o("c", "9"), o("d", "10")], "x")
+    assert [(e.type, e.obj["metadata"]["name"]) for e in evs] == [(DELETED, "a"), (MODIFIED, "c"), (ADDED, "d")]

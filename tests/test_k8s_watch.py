@@ -1,0 +1,259 @@
+"""Watchers and controller with the real `kubernetes` client over HTTP against a fake API server
+(meshserve.k8s.fakeapi) speaking list/watch, and a real Valkey. Kind: integration (local
+processes and sockets on 127.0.0.1 only, every server stopped; each test bounded to seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+import yaml
+from kubernetes import client
+
+from meshserve import state as st
+from meshserve.apply import read_models
+from meshserve.devmesh import valkey
+from meshserve.k8s.controller import Controller
+from meshserve.k8s.fakeapi import FakeApiServer
+from meshserve.model import Pod
+
+REPO = Path(__file__).resolve().parent.parent
+NS = "modelmesh-serving"
+
+MNIST = yaml.safe_load((REPO / "mesh-config" / "sklearn-mnist.yaml").read_text())
+BUILTIN_RUNTIME = {
+    "metadata": {"name": "meshserve-builtin"},
+    "spec": {"supportedModelFormats": [{"name": "sklearn", "autoSelect": True}], "multiModel": True,
+             "containers": [{"name": "runtime", "image": "meshserve/runtime"}]},
+}
+TRITON = {
+    "metadata": {"name": "triton-2.x"},
+    "spec": {"supportedModelFormats": [{"name": "pytorch"}], "containers": [{"name": "triton", "image": "triton"}]},
+}
+STORAGE = {"metadata": {"name": "storage-config"},
+           "stringData": {"localMinIO": '{"type": "s3", "bucket": "models", "access_key_id": "k", "secret_access_key": "s"}'}}
+
+
+def isvc(name: str, fmt: str = "sklearn", path: str = "mnist-svm.joblib", **model: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "metadata": {"name": name, "annotations": {"serving.kserve.io/deploymentMode": "ModelMesh"}},
+        "spec": {"predictor": {"model": {"modelFormat": {"name": fmt}, "storage": {"key": "localMinIO", "path": path}, **model}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def store():
+    with valkey() as v:
+        yield v
+
+
+@pytest.fixture
+def api():
+    with FakeApiServer(bookmark_interval=0.1) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def state(store) -> AsyncIterator[st.State]:
+    s = st.State.from_url(store.url)
+    await s.r.flushdb()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def controller(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
+    cfg = client.Configuration(host=api.url)
+    ac = client.ApiClient(cfg)
+    c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.3, debounce_seconds=0.02, max_backoff_seconds=0.3)
+    task = asyncio.create_task(c.run())
+    yield c
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 15)
+    ac.close()
+
+
+async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
+
+
+async def aliases(state: st.State) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (await state.r.hgetall(st.ALIASES)).items()}
+
+
+def ready(api: FakeApiServer, name: str) -> dict[str, Any] | None:
+    o = api.get("inferenceservices", name)
+    conds = ((o or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c.get("type") == "Ready"), None)
+
+
+async def test_converges_on_the_same_registry_as_files(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+    """The cluster path registers the same ModelSpec the mesh-config/ file path does, writes
+    status, follows ADDED/MODIFIED/DELETED, and ignores non-ModelMesh InferenceServices."""
+    api.apply("servingruntimes", BUILTIN_RUNTIME)
+    api.apply("secrets", STORAGE)
+    api.apply("inferenceservices", MNIST)
+    serverless = isvc("serverless")
+    serverless["metadata"]["annotations"] = {}
+    api.apply("inferenceservices", serverless)
+    api.apply("inferenceservices", isvc("my-model", fmt="pytorch", path="models/my-model"))
+    bad = isvc("broken")
+    del bad["spec"]["predictor"]["model"]["modelFormat"]
+    api.apply("inferenceservices", bad)
+
+    from_files = {s.alias: s for s in read_models(REPO / "mesh-config")}
+    await until(lambda: aliases(state), "sklearn-mnist registered")
+    assert await aliases(state) == {"sklearn-mnist": from_files["sklearn-mnist"].id}
+    assert await state.model(from_files["sklearn-mnist"].id) == from_files["sklearn-mnist"]
+
+    c = await until(lambda: ready(api, "sklearn-mnist"), "sklearn-mnist status")
+    assert c["status"] == "True"
+    s = api.get("inferenceservices", "sklearn-mnist")["status"]
+    assert s["url"] == "grpc://modelmesh-serving.modelmesh-serving:8033"
+    assert s["modelStatus"]["states"]["activeModelState"] == "Standby"
+    c = await until(lambda: ready(api, "my-model"), "my-model status")
+    assert (c["status"], c["reason"]) == ("False", "NoSupportingRuntime")
+    c = await until(lambda: ready(api, "broken"), "broken status")
+    assert (c["status"], c["reason"]) == ("False", "InvalidPredictorSpec")
+    assert "modelFormat" in c["message"]
+    assert ready(api, "serverless") is None
+
+    # A runtime for pytorch appears: my-model becomes servable.
+    api.apply("servingruntimes", TRITON)
+    await until(lambda: ready(api, "my-model") and ready(api, "my-model")["status"] == "True", "my-model ready")
+    assert "my-model" in await aliases(state)
+
+    # MODIFIED: a new predictor spec is a new concrete model behind the same alias.
+    old_id = (await aliases(state))["sklearn-mnist"]
+    moved = copy.deepcopy(MNIST)
+    moved["spec"]["predictor"]["model"]["storage"]["path"] = "mnist-svm-v2.joblib"
+    api.apply("inferenceservices", moved)
+    await until(lambda: _alias_is_not(state, "sklearn-mnist", old_id), "alias moved")
+
+    # A bad update keeps the last good version serving and says why.
+    broken_update = copy.deepcopy(moved)
+    broken_update["spec"]["predictor"]["model"]["runtime"] = "no-such-runtime"
+    api.apply("inferenceservices", broken_update)
+    await until(lambda: ready(api, "sklearn-mnist")["status"] == "False", "bad update reported")
+    assert (await aliases(state))["sklearn-mnist"] != old_id
+
+    # DELETED: the alias goes.
+    api.delete("inferenceservices", "my-model")
+    await until(lambda: _lacks(state, "my-model"), "my-model alias removed")
+
+
+async def _alias_is_not(state: st.State, alias: str, old: str) -> bool:
+    return (await aliases(state)).get(alias) not in (None, old)
+
+
+async def _lacks(state: st.State, alias: str) -> bool:
+    return alias not in await aliases(state)
+
+
+async def test_gone_410_relists_and_sees_deletions_missed_while_away(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+    """Watch connections are cut; while away an InferenceService is deleted and history is
+    compacted, so the resumed watch gets 410 Gone: the watcher relists and the diff against its
+    cache reports the deletion."""
+    api.apply("servingruntimes", BUILTIN_RUNTIME)
+    api.apply("secrets", STORAGE)
+    api.apply("inferenceservices", isvc("a"))
+    api.apply("inferenceservices", isvc("b"))
+    await until(lambda: _has(state, {"a", "b"}), "a and b registered")
+    w = controller.watchers["inferenceservices"]
+    lists_before = w.lists
+    with api.cond:  # no watcher may see the delete: cut them and compact in one step
+        api.drop_watches()
+        api.objects["inferenceservices"].pop((NS, "a"))
+        api.rv += 1
+        api.compact()
+    await until(lambda: _lacks(state, "a"), "a removed after relist")
+    assert w.relists_after_gone >= 1 and w.lists > lists_before
+    assert "b" in await aliases(state)
+
+
+async def _has(state: st.State, names: set[str]) -> bool:
+    return names <= set(await aliases(state))
+
+
+async def test_dropped_connections_resume_from_bookmark_without_relisting(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+    """Bookmarks move the watcher's resourceVersion although no InferenceService changed; a cut
+    connection resumes from that version (no relist), with backoff, and misses nothing."""
+    api.apply("servingruntimes", BUILTIN_RUNTIME)
+    api.apply("secrets", STORAGE)
+    api.apply("inferenceservices", isvc("a"))
+    await until(lambda: _has(state, {"a"}), "a registered")
+    w = controller.watchers["inferenceservices"]
+    # Other resources move the global version; a bookmark carries it to this watcher.
+    for i in range(3):
+        api.apply("pods", {"metadata": {"name": f"other-{i}"}})
+    target = api.rv
+    await until(lambda: int(w.rv or 0) >= target, "bookmark advanced the watch version")
+    lists = w.lists
+    errors = w.errors
+    api.drop_watches()
+    await until(lambda: w.errors > errors, "dropped connection seen as an error")
+    api.apply("inferenceservices", isvc("c"))
+    await until(lambda: _has(state, {"a", "c"}), "c registered after the drop")
+    resumed = [r for r in api.watch_requests("inferenceservices") if int(r.query.get("resourceVersion") or 0) >= target]
+    assert resumed, "the watch resumed from the bookmark's version"
+    assert all(r.query.get("allowWatchBookmarks") == "true" for r in api.watch_requests("inferenceservices"))
+    assert w.lists == lists
+
+
+async def test_failing_lists_back_off_then_converge(api: FakeApiServer, state: st.State, store) -> None:
+    """The API server answers 500 to the first lists: the watchers retry with backoff and the
+    controller acts only once every resource has listed (no removal based on a partial view)."""
+    s2 = st.State.from_url(store.url)
+    await s2.r.flushdb()
+    await s2.register_models(read_models(REPO / "mesh-config"))  # registered earlier, still in the cluster
+    api.apply("servingruntimes", BUILTIN_RUNTIME)
+    api.apply("inferenceservices", MNIST)
+    api.fail_lists = 6
+    ac = client.ApiClient(client.Configuration(host=api.url))
+    c = Controller(ac, s2, NS, watch_timeout_seconds=3, resync_seconds=0.3, debounce_seconds=0.02, max_backoff_seconds=0.3)
+    task = asyncio.create_task(c.run())
+    try:
+        await until(lambda: ready(api, "sklearn-mnist"), "status after backoff")
+        assert sum(w.errors for w in c.watchers.values()) >= 6
+        assert "sklearn-mnist" in await aliases(s2)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        ac.close()
+        await s2.close()
+
+
+async def test_deleted_runtime_pod_is_withdrawn_ahead_of_heartbeats(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+    """A runtime pod that Kubernetes deletes loses its heartbeat at once, so the placement
+    leader withdraws it on its next check instead of after missed heartbeats."""
+    labels = {"app.kubernetes.io/part-of": "meshserve", "app.kubernetes.io/component": "runtime"}
+    pod = Pod("runtime-abc", "10.1.2.3", 8080, 8081, 1 << 30, ["sklearn"])
+    await state.commit([["HSET", st.PODS, pod.id, pod.to_json()]], [(st.KIND_POD, pod.id)])
+    await state.r.zadd(st.HEARTBEATS, {pod.id: time.time() + 3600})
+    api.apply("pods", {"metadata": {"name": "runtime-abc", "labels": labels},
+                       "status": {"podIP": "10.1.2.3", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+    api.apply("pods", {"metadata": {"name": "unrelated"}, "status": {"podIP": "10.9.9.9"}})
+    await asyncio.sleep(0.5)
+    assert await state.r.zscore(st.HEARTBEATS, pod.id) is not None
+    api.delete("pods", "runtime-abc")
+    await until(lambda: _no_heartbeat(state, pod.id), "heartbeat dropped")
+
+
+async def _no_heartbeat(state: st.State, pod_id: str) -> bool:
+    return await state.r.zscore(st.HEARTBEATS, pod_id) is None
