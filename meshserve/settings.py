@@ -14,6 +14,8 @@ from pathlib import Path
 # Gateway ports are the users' contract (ModelMesh and ASM use the same numbers).
 GATEWAY_REST_PORT = 8008
 GATEWAY_GRPC_PORT = 8033
+# The largest inference request body or gRPC message any meshserve hop accepts.
+MAX_REQUEST_BYTES = 64 << 20
 
 
 @dataclass

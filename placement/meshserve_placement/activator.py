@@ -21,7 +21,7 @@ from prometheus_client import Counter, Histogram
 
 from meshserve import state as st
 from meshserve.model import CopyState, Pod
-from meshserve.settings import Settings
+from meshserve.settings import MAX_REQUEST_BYTES, Settings
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 
 log = logging.getLogger("meshserve.activator")
@@ -110,7 +110,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Application:
-    app = web.Application(client_max_size=64 << 20)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
 
     async def health_live(_: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -138,11 +138,15 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         M_COLD.labels("rest", "200").inc()
         M_COLD_WAIT.observe(time.monotonic() - t0)
         await act.state.touch([model_id])
+        try:
+            payload = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"request body is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit")
         url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
         try:
-            async with session.request(request.method, url, data=await request.read(), headers=headers) as r:
+            async with session.request(request.method, url, data=payload, headers=headers) as r:
                 body = await r.read()
                 return web.Response(status=r.status, body=body, content_type=r.content_type or "application/json")
         except aiohttp.ClientError as e:

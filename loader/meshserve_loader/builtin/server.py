@@ -20,6 +20,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_loader.builtin import codec
 from meshserve_loader.builtin.formats import Model, ModelLoadError, load_model
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -28,7 +29,7 @@ from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 log = logging.getLogger("meshserve.runtime")
 
 MODEL_ID_HEADER = "mm-model-id"
-MAX_BODY_BYTES = 64 << 20
+MAX_BODY_BYTES = MAX_REQUEST_BYTES
 
 
 def rss_bytes() -> int:
@@ -170,6 +171,9 @@ def build_rest_app(rt: Runtime) -> web.Application:
         except codec.CodecError as e:
             code = "400"
             return _err(400, str(e))
+        except web.HTTPRequestEntityTooLarge:
+            code = "413"
+            return _err(413, f"request body is larger than the {MAX_BODY_BYTES >> 20} MiB limit")
         except Exception as e:  # a model's own bug must not take the runtime down
             code = "500"
             log.exception("inference failed for %s", name)
