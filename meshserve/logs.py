@@ -24,14 +24,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        tags = [f"{k}={getattr(record, k)}" for k in ("model", "trace_id") if getattr(record, k, None)]
+        return f"{line} [{' '.join(tags)}]" if tags else line
+
+
 def setup(component: str, json_lines: bool = False, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
-        fmt = logging.Formatter(f"%(asctime)s {component} %(levelname)s %(message)s", "%H:%M:%S")
+        fmt = _PlainFormatter(f"%(asctime)s {component} %(levelname)s %(message)s", "%H:%M:%S")
         fmt.converter = time.localtime
         handler.setFormatter(fmt)
+    from meshserve.tracing import TraceLogFilter, setup as setup_tracing
+
+    # On the handler, not the logger: records from every child logger pass through it.
+    handler.addFilter(TraceLogFilter())
+    setup_tracing(f"meshserve-{component.split('-')[0]}")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
