@@ -122,3 +122,61 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
         finally:
             for rep in replicas:
                 rep.stop()
+
+
+def test_incremental_follow_matches_full_rebuild_and_gap_resyncs(store: devmesh.Valkey) -> None:
+    """Placement changes are applied by targeted re-reads (no resync); the result equals what a
+    full read of the hashes builds. A revision gap in the stream triggers one full resync."""
+    from prometheus_client import REGISTRY
+
+    def metric(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    pods = {f"p{i}": Pod(f"p{i}", "127.0.0.1", 9000 + i, 9100 + i, 1 << 30) for i in range(3)}
+    models = [f"inc{i}__isvc-{i:010x}" for i in range(50)]
+    _commit(
+        store.url,
+        [["HSET", st.PODS, p.id, p.to_json()] for p in pods.values()]
+        + [["HSET", st.PLACEMENTS, m, copies_to_json({f"p{i % 3}": Copy(CopyState.LOADED)})] for i, m in enumerate(models)],
+        [(st.KIND_POD, p) for p in pods] + [(st.KIND_PLACEMENT, m) for m in models],
+    )
+    rep = Replica(Settings(redis_url=store.url, debounce_quiet_ms=5, debounce_max_ms=50))
+    try:
+        wait_for(lambda: rep.snapshot(), 10, "replica built")
+        resyncs, incr = metric("meshserve_xds_resyncs_total"), metric("meshserve_xds_incremental_updates_total")
+        # Move ten models, unload five, in separate commits.
+        for i in range(10):
+            _commit(store.url, [["HSET", st.PLACEMENTS, models[i], copies_to_json({f"p{(i + 1) % 3}": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, models[i])])
+        for i in range(10, 15):
+            _commit(store.url, [["HDEL", st.PLACEMENTS, models[i]]], [(st.KIND_PLACEMENT, models[i])])
+        rev = asyncio.run(_rev(store.url))
+        wait_for(lambda: rep.source.rev == rev, 10, "replica caught up")
+        assert metric("meshserve_xds_resyncs_total") == resyncs
+        assert metric("meshserve_xds_incremental_updates_total") > incr
+        followed = rep.snapshot()
+
+        full = Replica(Settings(redis_url=store.url))
+        try:
+            wait_for(lambda: full.snapshot(), 10, "fresh replica built")
+            assert full.snapshot() == followed
+        finally:
+            full.stop()
+
+        # A gap: the revision moves on with no entry (as after a trimmed stream).
+        resyncs = metric("meshserve_xds_resyncs_total")
+        _commit(store.url, [["HSET", st.PLACEMENTS, models[20], copies_to_json({"p2": Copy(CopyState.LOADED)})]], [])
+        _commit(store.url, [["HSET", st.PLACEMENTS, models[21], copies_to_json({"p2": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, models[21])])
+        rev = asyncio.run(_rev(store.url))
+        wait_for(lambda: rep.source.rev == rev, 10, "replica resynced")
+        assert metric("meshserve_xds_resyncs_total") == resyncs + 1
+        assert rep.source.snap is not None and list(rep.source.snap.placements[models[20]]) == ["p2"]
+    finally:
+        rep.stop()
+
+
+async def _rev(url: str) -> int:
+    s = st.State.from_url(url)
+    try:
+        return await s.rev()
+    finally:
+        await s.close()

@@ -189,6 +189,7 @@ class Upstream:
 
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
             def _answer(self) -> None:
                 n = int(self.headers.get("content-length") or 0)

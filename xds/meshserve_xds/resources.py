@@ -35,8 +35,11 @@ LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-# The order a push goes out in: clusters warm before endpoints, listeners before routes.
-PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+SCOPED_ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
+VHOST_TYPE = "type.googleapis.com/envoy.config.route.v3.VirtualHost"
+# The order a push goes out in: clusters warm before endpoints, listeners before routes
+# (scopes before the route configurations they name, those before on-demand virtual hosts).
+PUSH_ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SCOPED_ROUTE_TYPE, ROUTE_TYPE, VHOST_TYPE)
 
 REST = "meshserve_rest"
 GRPC = "meshserve_grpc"

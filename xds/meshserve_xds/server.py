@@ -25,7 +25,7 @@ from meshserve_xds.cache import SnapshotCache
 log = logging.getLogger("meshserve.xds")
 
 # Subscriptions to these types name their resources; the others are wildcard.
-NAMED_TYPES = {r.ENDPOINT_TYPE, r.ROUTE_TYPE}
+NAMED_TYPES = {r.ENDPOINT_TYPE, r.ROUTE_TYPE, r.VHOST_TYPE}
 
 M_CONNECTED = Gauge("meshserve_xds_connected_gateways", "Gateways with an open ADS stream")
 M_PUSHES = Counter("meshserve_xds_pushes", "Discovery responses sent", ["type"])

@@ -1,5 +1,10 @@
 """Feeds the snapshot cache from Redis: reads routing state, builds resources, debounces bursts.
 
+At start it reads every routing hash once. After that it follows `ms:changes`: each entry names
+the kind and id of what changed, so a batch re-reads only those objects (one pipelined HMGET
+per kind) into the in-memory state. A revision gap in the stream means entries were missed,
+and only then does it read everything again.
+
 Changes arrive on the `ms:changes` stream. Bursts are batched: a push waits for a quiet
 window (default 20 ms) but never longer than a maximum delay (default 200 ms) after the first
 change, so a storm of loads becomes a handful of pushes while a lone change lands fast.
@@ -10,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from meshserve import state as st
-from meshserve.model import CopyState
+from meshserve.model import CopyState, ModelSpec, Pod, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
 from meshserve_xds import resources as r
@@ -27,6 +33,7 @@ M_BUILD = Histogram("meshserve_xds_build_seconds", "Time to read state and build
                     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 M_REV = Gauge("meshserve_xds_state_revision", "Redis state revision the current snapshot reflects")
 M_RESYNCS = Counter("meshserve_xds_resyncs", "Full rebuilds from Redis")
+M_INCREMENTAL = Counter("meshserve_xds_incremental_updates", "Change batches applied by targeted re-reads")
 
 
 def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
@@ -45,23 +52,100 @@ def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
     )
 
 
+@dataclass
+class ChangeBatch:
+    """What a batch of `ms:changes` entries asks for: targeted re-reads, or a full resync."""
+
+    resync: bool
+    rev: int
+    ids: dict[str, set[str]] = field(default_factory=dict)  # kind -> ids to re-read
+
+
+# Kinds whose objects are re-read one by one; rules are few and re-read whole.
+_TARGETED = {st.KIND_MODEL: st.MODELS, st.KIND_ALIAS: st.ALIASES, st.KIND_POD: st.PODS, st.KIND_PLACEMENT: st.PLACEMENTS}
+_RULE_KINDS = {st.KIND_RULE, st.KIND_TRANSITION}
+
+
+def plan_batch(current_rev: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> ChangeBatch:
+    """Pure. Entries at or below `current_rev` are already in the snapshot. A revision that
+    skips one (a trimmed stream, a commit with no entry, a reader that fell behind) or a kind
+    we don't know means something may be missing: resync from the hashes."""
+    rev = current_rev
+    ids: dict[str, set[str]] = {}
+    for _, fields in entries:
+        e_rev = int(fields.get(b"rev", b"0"))
+        if e_rev <= current_rev:
+            continue
+        if e_rev > rev + 1:
+            return ChangeBatch(True, e_rev)
+        rev = e_rev
+        kind = fields.get(b"kind", b"").decode()
+        if kind not in _TARGETED and kind not in _RULE_KINDS:
+            return ChangeBatch(True, rev)
+        ids.setdefault(kind, set()).add(fields.get(b"id", b"").decode())
+    return ChangeBatch(False, rev, ids)
+
+
 class RedisSource:
+    """Keeps routing state in memory, follows the change stream with targeted re-reads, and
+    rebuilds from the hashes only at start and on a revision gap."""
+
     def __init__(self, settings: Settings, state: st.State, cache: SnapshotCache):
         self.s, self.state, self.cache = settings, state, cache
         self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         self.rev = 0
+        self.snap: st.Snapshot | None = None
+        self.traffic: dict = {}
 
     async def rebuild(self) -> None:
+        """Full resync: read every routing hash at one revision."""
         t0 = time.perf_counter()
         snap = await self.state.snapshot()
-        rs = routing_state(snap, self.s)
-        rs.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
-        await self.cache.set(GATEWAY_GROUP, r.build_all(rs, self.listeners))
-        await self.cache.set(ISTIO_GROUP, r.build_all(rs, None))
+        self.snap = snap
+        self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
+        await self._publish()
         self.rev = snap.rev
         M_REV.set(snap.rev)
         M_RESYNCS.inc()
         M_BUILD.observe(time.perf_counter() - t0)
+
+    async def apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Follow a batch of change entries: re-read only what they name."""
+        batch = plan_batch(self.rev, entries)
+        if batch.resync or self.snap is None:
+            log.info("xds: revision gap or unknown change after %d; resyncing", self.rev)
+            await self.rebuild()
+            return
+        if not batch.ids:
+            return
+        t0 = time.perf_counter()
+        snap = self.snap
+        targeted = [(k, sorted(ids)) for k, ids in batch.ids.items() if k in _TARGETED]
+        values: list = []
+        if targeted:
+            async with self.state.r.pipeline(transaction=True) as p:
+                for kind, ids in targeted:
+                    p.hmget(_TARGETED[kind], ids)
+                values = await p.execute()
+        for (kind, ids), vals in zip(targeted, values):
+            _apply_values(snap, kind, ids, vals)
+        # What was just read may already include later commits; their entries come next and
+        # re-reading them is harmless, so the revision is the batch's own.
+        snap.rev = batch.rev
+        if batch.ids.keys() & (_RULE_KINDS | {st.KIND_ALIAS, st.KIND_MODEL}):
+            self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
+        await self._publish()
+        self.rev = batch.rev
+        M_REV.set(self.rev)
+        M_INCREMENTAL.inc()
+        M_BUILD.observe(time.perf_counter() - t0)
+
+    async def _publish(self) -> None:
+        assert self.snap is not None
+        rs = routing_state(self.snap, self.s)
+        rs.traffic = self.traffic
+        await self.cache.set(GATEWAY_GROUP, r.build_all(rs, self.listeners))
+        await self.cache.set(ISTIO_GROUP, r.build_all(rs, None))
 
     async def run(self) -> None:
         quiet = self.s.debounce_quiet_ms / 1000
@@ -76,7 +160,8 @@ class RedisSource:
                     if not resp:
                         continue
                     first = time.monotonic()
-                    last = resp[0][1][-1][0]
+                    entries = list(resp[0][1])
+                    last = entries[-1][0]
                     # Debounce: keep reading while changes keep coming, up to the max delay.
                     while time.monotonic() - first < max_delay:
                         more = await self.state.r.xread(
@@ -84,8 +169,35 @@ class RedisSource:
                         )
                         if not more:
                             break
-                        last = more[0][1][-1][0]
-                    await self.rebuild()
+                        entries += more[0][1]
+                        last = entries[-1][0]
+                    await self.apply(entries)
             except Exception as e:  # Redis gone: keep serving the last snapshot, retry
                 log.warning("xds: state source error (%s); serving last snapshot, retrying", e)
                 await asyncio.sleep(1.0)
+
+
+def _apply_values(snap: st.Snapshot, kind: str, ids: list[str], vals: list[bytes | None]) -> None:
+    """Write re-read hash values into the in-memory snapshot; a missing value is a delete."""
+    for i, v in zip(ids, vals):
+        if kind == st.KIND_MODEL:
+            if v is None:
+                snap.models.pop(i, None)
+            else:
+                snap.models[i] = ModelSpec.from_json(v)
+        elif kind == st.KIND_ALIAS:
+            if v is None:
+                snap.aliases.pop(i, None)
+            else:
+                snap.aliases[i] = v.decode()
+        elif kind == st.KIND_POD:
+            if v is None:
+                snap.pods.pop(i, None)
+            else:
+                snap.pods[i] = Pod.from_json(v)
+        elif kind == st.KIND_PLACEMENT:
+            copies = copies_from_json(v)
+            if copies:
+                snap.placements[i] = copies
+            else:
+                snap.placements.pop(i, None)
