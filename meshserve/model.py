@@ -51,6 +51,7 @@ class Pod:
     formats: list[str] = field(default_factory=list)  # model formats its runtime serves
     runtime: str = "builtin"
     max_loading: int = 2
+    draining: bool = False  # preStop: placement should move its models and place nothing new
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True)

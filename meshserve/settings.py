@@ -57,6 +57,9 @@ class Settings:
     max_concurrent_loads: int = 2
     # False refuses formats whose files run code when loaded (pickle/joblib, user classes).
     allow_executable_formats: bool = True
+    # Pod i runs runtime entry i (cycling): "builtin" or a ServingRuntime's name in config_dir.
+    pod_runtimes: str = "builtin"
+    drain_timeout_seconds: float = 3.0  # on SIGTERM, wait this long for placement to move models
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":

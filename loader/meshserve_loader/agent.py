@@ -3,7 +3,9 @@ reports results, sizes and request recency back through Redis.
 
 Orders arrive on the pod's own stream and are read through a consumer group, so an order is
 acknowledged only after its result event is written: a loader that restarts picks up exactly
-the orders it had not finished.
+the orders it had not finished. A failed load of any kind becomes an event with its reason;
+nothing a model does crashes the agent. When the agent runs the runtime process itself
+(MLServer pods) it restarts it if it dies and reports the models that went with it.
 """
 
 from __future__ import annotations
@@ -11,73 +13,68 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import redis.asyncio as aioredis
 
 from meshserve import state as st
-from meshserve.model import Pod, ModelSpec
+from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings
+from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
+from meshserve_loader.metrics import LoaderMetrics
+from meshserve_loader.process import RuntimeProcess
 from meshserve_loader.storage import StorageError, predict_size
 from meshserve_loader.storage_config import StorageConfigError, load_storage_config
 
 log = logging.getLogger("meshserve.loader")
 
 GROUP = "loader"
+# Pod lifecycle news (drain, runtime restarts and the models they lost), for operators and any
+# component that wants it. Kept off ms:events, whose readers expect one model per event.
+POD_EVENTS = st.PREFIX + "pod-events"
+
+__all__ = ["Agent", "RuntimeClient", "Runtime", "make_fetcher"]
 
 
-@dataclass
-class RuntimeClient:
-    """The pod's model server, over the KServe v2 REST repository extension."""
+class Runtime(Protocol):
+    """What the agent needs of a pod's model server (built-in, MLServer, ModelRuntime SPI)."""
 
-    base_url: str
-    session: aiohttp.ClientSession
-
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                async with self.session.get(f"{self.base_url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"runtime at {self.base_url} not ready after {timeout}s")
-            await asyncio.sleep(0.1)
-
-    async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
-        async with self.session.post(
-            f"{self.base_url}/v2/repository/models/{model_id}/load",
-            json={"parameters": params},
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as r:
-            body = await r.json(content_type=None)
-            if r.status != 200:
-                raise RuntimeError(body.get("error") if isinstance(body, dict) else f"HTTP {r.status}")
-            return int(body.get("size_bytes") or 0)
-
-    async def unload(self, model_id: str) -> None:
-        async with self.session.post(f"{self.base_url}/v2/repository/models/{model_id}/unload") as r:
-            if r.status not in (200, 404):
-                raise RuntimeError(f"unload of {model_id} failed: HTTP {r.status}")
-
-    async def stats(self) -> dict[str, Any]:
-        async with self.session.get(f"{self.base_url}/v2/meshserve/stats") as r:
-            return await r.json() if r.status == 200 else {}
+    async def wait_ready(self, timeout: float = ...) -> None: ...
+    async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int: ...
+    async def unload(self, model_id: str) -> None: ...
+    async def stats(self) -> dict[str, Any]: ...
 
 
 class Agent:
-    def __init__(self, settings: Settings, pod: Pod, runtime: RuntimeClient, state: st.State, fetcher: Fetcher | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        pod: Pod,
+        runtime: Runtime,
+        state: st.State,
+        fetcher: Fetcher | None = None,
+        process: RuntimeProcess | None = None,
+        load_timeout: float | None = None,
+        metrics: LoaderMetrics | None = None,
+    ):
         self.s, self.pod, self.rt, self.state = settings, pod, runtime, state
-        self.fetcher = fetcher or make_fetcher(settings, pod.id)
         self.key = st.orders_key(pod.id)
+        self.fetcher = fetcher or make_fetcher(settings, pod.id)
+        self.process = process
+        self.load_timeout = load_timeout or settings.load_timeout_seconds
+        self.metrics = metrics or LoaderMetrics()
+        self.loaded: dict[str, int] = {}  # model -> size reported, as this agent knows it
         self._seen_requests: dict[str, int] = {}
+        # A pod's loads are bounded (ModelMesh's maxLoadingConcurrency); unloads never wait.
+        self._load_slots = asyncio.Semaphore(max(1, settings.max_concurrent_loads))
+        self._runtime_up = asyncio.Event()
+        self._runtime_up.set()
+        self.draining = False
 
     async def register(self) -> None:
         r = self.state.r
@@ -89,14 +86,17 @@ class Agent:
         await r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
         await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
         held = list((await self.rt.stats()).keys())
+        self.loaded = {m: self.loaded.get(m, 0) for m in held}
         await r.xadd(st.EVENTS, {"op": "register", "pod": self.pod.id, "models": json.dumps(held)})
-        log.info("registered pod %s capacity=%d", self.pod.id, self.pod.capacity_bytes)
+        self.metrics.capacity.set(self.pod.capacity_bytes)
+        log.info("registered pod %s runtime=%s capacity=%d formats=%s", self.pod.id, self.pod.runtime, self.pod.capacity_bytes, ",".join(self.pod.formats))
 
     async def heartbeat_loop(self) -> None:
         while True:
             try:
                 await self.state.r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
-                await self._report_usage()
+                if self._runtime_up.is_set():
+                    await self._report_usage()
             except (aioredis.RedisError, aiohttp.ClientError, OSError) as e:
                 log.warning("heartbeat failed: %s", e)
             await asyncio.sleep(self.s.heartbeat_seconds)
@@ -113,11 +113,14 @@ class Agent:
                     used[model_id] = float(s["last_used"])
         if used:
             await self.state.r.zadd(st.LAST_USED, used, gt=True)
+        self.metrics.used.set(sum(self.loaded.values()))
+        self.metrics.cache_bytes.set(self.fetcher.cache.used_bytes())
 
     async def order_loop(self) -> None:
         r = self.state.r
         # First the orders this pod took but never acknowledged (a restart), then new ones.
         cursor = "0"
+        running: set[asyncio.Task[None]] = set()
         while True:
             try:
                 resp = await r.xreadgroup(GROUP, self.pod.id, {self.key: cursor}, count=16, block=1000)
@@ -129,26 +132,48 @@ class Agent:
             if cursor == "0" and not entries:
                 cursor = ">"
                 continue
-            await asyncio.gather(*(self._handle(eid, fields) for eid, fields in entries))
+            if cursor == "0":
+                # Pending orders are re-read from "0" until acknowledged: finish these first.
+                await asyncio.gather(*(self._handle(eid, fields) for eid, fields in entries))
+                continue
+            # New orders run concurrently (bounded by the load slots), so one slow load does
+            # not hold up an unload behind it.
+            for eid, fields in entries:
+                t = asyncio.create_task(self._handle(eid, fields))
+                running.add(t)
+                t.add_done_callback(running.discard)
 
     async def _handle(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
         op = fields.get(b"op", b"").decode()
         model_id = fields.get(b"model", b"").decode()
         event: dict[str, Any] = {"pod": self.pod.id, "model": model_id, "op": op, "ok": 0, "size": 0, "reason": ""}
+        t0 = time.monotonic()
         try:
+            await asyncio.wait_for(self._runtime_up.wait(), self.load_timeout)
             if op == "load":
                 spec = ModelSpec.from_json(fields[b"spec"])
-                event["size"] = await self._load(spec)
+                async with self._load_slots:
+                    event["size"], event["predicted"] = await self._load(spec)
             elif op == "unload":
                 await self.rt.unload(model_id)
+                self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)
             else:
                 raise ValueError(f"unknown order {op!r}")
             event["ok"] = 1
         except asyncio.TimeoutError:
-            event["reason"] = f"load timed out after {self.s.load_timeout_seconds:g}s"
+            event["reason"] = f"{op} timed out after {self.load_timeout:g}s (the runtime's modelLoadingTimeoutMillis)"
+            if op == "load":
+                # The runtime may still finish it: unload so memory placement doesn't know of isn't held.
+                asyncio.create_task(self._unload_quietly(model_id))
         except (StorageError, RuntimeError, ValueError, KeyError, aiohttp.ClientError) as e:
             event["reason"] = str(e) or type(e).__name__
+        except Exception as e:  # noqa: BLE001 - a failed load must never take the agent down
+            log.exception("%s of %s failed unexpectedly", op, model_id)
+            event["reason"] = f"{type(e).__name__}: {e}"
+        self.metrics.orders.labels(op if op in ("load", "unload") else "other", "ok" if event["ok"] else "failed").inc()
+        if op == "load":
+            self.metrics.load_seconds.observe(time.monotonic() - t0)
         if not event["ok"]:
             log.warning("%s of %s failed: %s", op, model_id, event["reason"])
         else:
@@ -160,11 +185,65 @@ class Agent:
             p.xdel(self.key, eid)
             await p.execute()
 
-    async def _load(self, spec: ModelSpec) -> int:
+    async def _unload_quietly(self, model_id: str) -> None:
+        try:
+            await self.rt.unload(model_id)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cleanup unload of %s failed: %s", model_id, e)
+
+    async def _load(self, spec: ModelSpec) -> tuple[int, int]:
+        """(reported size, predicted size). The reported size is the measured one when the
+        runtime measured it, else the prediction."""
         path = await self.fetcher.fetch(spec.storage)
-        predicted = predict_size(path, spec.format)
+        predicted = spec.size_hint or predict_size(path, spec.format)
         params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
-        return await asyncio.wait_for(self.rt.load(spec.id, params, self.s.load_timeout_seconds), self.s.load_timeout_seconds)
+        measured = await asyncio.wait_for(self.rt.load(spec.id, params, self.load_timeout), self.load_timeout)
+        self.metrics.observe_size(predicted, measured)
+        size = measured if measured > 0 else predicted
+        self.loaded[spec.id] = size
+        return size, predicted
+
+    async def watch_runtime(self) -> None:
+        """Restart the runtime process when it dies, and report the models it took with it."""
+        if self.process is None:
+            return
+        while True:
+            code = await self.process.exit_code()
+            if self.draining:
+                return
+            lost = sorted(self.loaded)
+            self._runtime_up.clear()
+            self.process.restarts += 1
+            self.metrics.runtime_restarts.inc()
+            reason = f"runtime process exited with code {code}"
+            log.error("%s; lost %d models (%s); restarting it", reason, len(lost), ", ".join(lost) or "none")
+            await self.state.r.xadd(
+                POD_EVENTS, {"op": "runtime_restart", "pod": self.pod.id, "models": json.dumps(lost), "reason": reason, "ts": str(time.time())}
+            )
+            self.loaded.clear()
+            self._seen_requests.clear()
+            # Back off a little when it keeps dying, so a broken runtime doesn't spin the CPU.
+            await asyncio.sleep(min(0.5 * self.process.restarts, 10.0))
+            await self.process.start()
+            try:
+                await self.rt.wait_ready()
+            except TimeoutError as e:
+                log.error("restarted runtime is not ready: %s", e)
+                continue
+            await self.register()  # placement drops the lost copies (the pod now holds none)
+            self._runtime_up.set()
+
+    async def drain(self, timeout: float) -> None:
+        """preStop: tell placement this pod is going so its models are placed elsewhere and routes
+        withdrawn, then wait (bounded) for placement to move them before we exit."""
+        self.draining = True
+        self.pod.draining = True
+        await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
+        await self.state.r.xadd(POD_EVENTS, {"op": "drain", "pod": self.pod.id, "models": json.dumps(sorted(self.loaded)), "ts": str(time.time())})
+        log.info("draining pod %s: %d models to move", self.pod.id, len(self.loaded))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.loaded:
+            await asyncio.sleep(0.2)
 
 
 def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
@@ -184,19 +263,26 @@ def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
 
 
 async def run(settings: Settings, index: int) -> None:
-    rest, grpc_port, _ = settings.pod_ports(index)
-    pod = Pod(
-        id=f"pod-{index}",
-        host=settings.host,
-        rest_port=rest,
-        grpc_port=grpc_port,
-        capacity_bytes=settings.pod_capacity_bytes,
-        formats=["sklearn", "string"],
-    )
-    state = st.State.from_url(settings.redis_url)
+    from meshserve_loader.pod import build_pod
+
     async with aiohttp.ClientSession() as session:
-        rt = RuntimeClient(f"http://{settings.host}:{rest}", session)
-        await rt.wait_ready()
-        agent = Agent(settings, pod, rt, state)
-        await agent.register()
-        await asyncio.gather(agent.heartbeat_loop(), agent.order_loop())
+        built = await build_pod(settings, index, session)
+        state = st.State.from_url(settings.redis_url)
+        agent = Agent(settings, built.pod, built.runtime, state, process=built.process, load_timeout=built.load_timeout, metrics=built.metrics)
+        runner = await built.metrics.serve(settings.host, settings.pod_ports(index)[2])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        try:
+            await built.runtime.wait_ready()
+            await agent.register()
+            tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.order_loop(), agent.watch_runtime())]
+            await stop.wait()
+            await agent.drain(settings.drain_timeout_seconds)
+            for t in tasks:
+                t.cancel()
+        finally:
+            if built.process is not None:
+                await built.process.stop()
+            await runner.cleanup()

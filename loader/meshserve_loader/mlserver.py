@@ -1,0 +1,143 @@
+"""MLServer (and other KServe v2 repository-API servers) as the pod's runtime.
+
+The loader lays out one folder per model in MLServer's models dir, holding a model-settings.json
+that names the model (its concrete id), the implementation for its format and the path of the
+pulled files, then calls `POST /v2/repository/models/{id}/load`. Unload removes the folder.
+MLServer reports no sizes, so the size is the resident-memory delta of its process tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+from meshserve_loader.memory import tree_rss_bytes
+
+# KServe modelFormat name -> MLServer runtime class (the packages mlserver-<name> provide them).
+IMPLEMENTATIONS = {
+    "sklearn": "mlserver_sklearn.SKLearnModel",
+    "xgboost": "mlserver_xgboost.XGBoostModel",
+    "lightgbm": "mlserver_lightgbm.LightGBMModel",
+    "mlflow": "mlserver_mlflow.MLflowRuntime",
+    "huggingface": "mlserver_huggingface.HuggingFaceRuntime",
+}
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def model_settings(model_id: str, fmt: str, path: Path) -> dict[str, Any]:
+    """The model-settings.json MLServer gets for a model. Pure apart from reading a
+    model-settings.json the model itself ships (custom runtimes bring their own implementation)."""
+    own: dict[str, Any] = {}
+    if path.is_dir() and (path / "model-settings.json").exists():
+        try:
+            own = json.loads((path / "model-settings.json").read_text())
+        except ValueError as e:
+            raise LayoutError(f"the model's model-settings.json is not valid JSON: {e}") from None
+    impl = own.get("implementation") or IMPLEMENTATIONS.get(fmt.lower())
+    if not impl:
+        raise LayoutError(
+            f"MLServer has no built-in implementation for format {fmt!r} (it has {', '.join(sorted(IMPLEMENTATIONS))}); "
+            "ship a model-settings.json with 'implementation' in the model's folder"
+        )
+    params = dict(own.get("parameters") or {})
+    params["uri"] = str(path.resolve())
+    return {**own, "name": model_id, "implementation": impl, "parameters": params}
+
+
+def lay_out(models_dir: Path, model_id: str, fmt: str, path: Path) -> Path:
+    """Write the model's folder (atomically: MLServer may scan the dir at any time)."""
+    settings = model_settings(model_id, fmt, path)
+    target = models_dir / model_id
+    tmp = models_dir / f".{model_id}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if path.is_dir():
+        # A custom runtime's code (model.py) must sit beside model-settings.json: MLServer puts
+        # that folder on sys.path. Links, not copies: the disk cache holds the bytes once.
+        for f in path.iterdir():
+            if f.name != "model-settings.json":
+                (tmp / f.name).symlink_to(f.resolve())
+    (tmp / "model-settings.json").write_text(json.dumps(settings, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+@dataclass
+class MLServerClient:
+    base_url: str
+    session: aiohttp.ClientSession
+    models_dir: Path
+    pid: Callable[[], int] = lambda: 0  # the runtime's process, for the RSS delta (0: unknown)
+    kind: str = "mlserver"
+
+    def __post_init__(self) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        # MLServer loads can't be measured apart when they overlap.
+        self._lock = asyncio.Lock()
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                async with self.session.get(f"{self.base_url}/v2/health/ready") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"MLServer at {self.base_url} not ready after {timeout:g}s")
+            await asyncio.sleep(0.2)
+
+    async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
+        path = Path(str(params["path"]))
+        try:
+            lay_out(self.models_dir, model_id, str(params.get("format", "")), path)
+        except LayoutError as e:
+            raise RuntimeError(str(e)) from None
+        async with self._lock:
+            pid = self.pid()
+            before = tree_rss_bytes(pid) if pid else 0
+            async with self.session.post(
+                f"{self.base_url}/v2/repository/models/{model_id}/load", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as r:
+                if r.status != 200:
+                    body = await r.text()
+                    shutil.rmtree(self.models_dir / model_id, ignore_errors=True)
+                    raise RuntimeError(f"MLServer could not load {model_id}: HTTP {r.status}: {_error_text(body)}")
+            measured = tree_rss_bytes(pid) - before if pid else 0
+        return max(measured, 0)
+
+    async def unload(self, model_id: str) -> None:
+        async with self.session.post(f"{self.base_url}/v2/repository/models/{model_id}/unload") as r:
+            if r.status not in (200, 404):
+                raise RuntimeError(f"MLServer could not unload {model_id}: HTTP {r.status}: {_error_text(await r.text())}")
+        shutil.rmtree(self.models_dir / model_id, ignore_errors=True)
+
+    async def held(self) -> list[str]:
+        async with self.session.post(f"{self.base_url}/v2/repository/index", json={}) as r:
+            if r.status != 200:
+                return []
+            return [m["name"] for m in await r.json() if m.get("state") == "READY"]
+
+    async def stats(self) -> dict[str, Any]:
+        # MLServer keeps no per-model recency we can read cheaply; the gateway's counters do.
+        return {m: {} for m in await self.held()}
+
+
+def _error_text(body: str) -> str:
+    try:
+        doc = json.loads(body)
+        return str(doc.get("error") or doc.get("detail") or body) if isinstance(doc, dict) else body
+    except ValueError:
+        return body[:500]

@@ -1,0 +1,98 @@
+"""What runtime pod N is: which runtime it runs (settings.pod_runtimes names "builtin" or a
+ServingRuntime in config_dir), the formats it advertises, its capacity, and the process the
+agent must run and watch (MLServer pods; the built-in runtime is started beside the agent)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from meshserve.model import Pod
+from meshserve.settings import Settings
+from meshserve.yamlfile import iter_yaml_files, load_documents
+from meshserve_loader.builtin.formats import builtin_formats
+from meshserve_loader.builtin_client import RuntimeClient
+from meshserve_loader.memory import cgroup_limit_bytes, pod_capacity
+from meshserve_loader.metrics import LoaderMetrics
+from meshserve_loader.process import RuntimeProcess, mlserver_env
+from meshserve_loader.runtimes import RuntimeSpec, builtin_runtime, serving_runtimes
+
+log = logging.getLogger("meshserve.loader")
+
+REPO = Path(__file__).resolve().parents[2]
+BUILTIN_NAME = "builtin"
+
+
+@dataclass
+class BuiltPod:
+    pod: Pod
+    spec: RuntimeSpec
+    runtime: object
+    process: RuntimeProcess | None
+    load_timeout: float
+    metrics: LoaderMetrics
+
+
+def runtime_name_of_pod(settings: Settings, index: int) -> str:
+    names = [n.strip() for n in settings.pod_runtimes.split(",") if n.strip()] or [BUILTIN_NAME]
+    return names[index % len(names)]
+
+
+def find_runtime(config_dir: Path, name: str) -> RuntimeSpec:
+    docs = [d for f in iter_yaml_files(config_dir) for d in load_documents(f)] if config_dir.exists() else []
+    for rt in serving_runtimes(docs):
+        if rt.name == name:
+            return rt
+    raise SystemExit(f"pod runtime {name!r}: no ServingRuntime of that name under {config_dir}; add one or fix MESHSERVE_POD_RUNTIMES")
+
+
+def advertised_formats(spec: RuntimeSpec) -> list[str]:
+    # Every declared format: placement filters by format only, and an InferenceService that
+    # names this runtime explicitly may use a format the runtime does not auto-select.
+    return spec.format_names()
+
+
+async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSession) -> BuiltPod:
+    name = runtime_name_of_pod(settings, index)
+    rest, grpc_port, _metrics_port = settings.pod_ports(index)
+    pod_id = f"pod-{index}"
+    url = f"http://{settings.host}:{rest}"
+    process: RuntimeProcess | None = None
+    if name == BUILTIN_NAME:
+        spec = builtin_runtime(builtin_formats())
+        runtime: object = RuntimeClient(url, session)
+    else:
+        spec = find_runtime(settings.config_dir, name)
+        if spec.server_type != "mlserver":
+            raise SystemExit(f"runtime {name!r}: serverType {spec.server_type!r} is not run by meshserve's loader yet (it runs builtin and mlserver)")
+        from meshserve_loader.mlserver import MLServerClient
+        from meshserve_loader.mlserver_venv import ensure_mlserver
+
+        log.info("runtime %s is MLServer: making sure its venv exists (a few minutes the first time)", name)
+        exe = ensure_mlserver(REPO)
+        models_dir = (settings.data_dir / "mlserver" / pod_id).resolve()
+        # A ServingRuntime's own per-model MLServer settings don't apply to a multi-model server.
+        extra = {k: v for k, v in spec.env if not k.startswith("MLSERVER_MODEL_")}
+        env = mlserver_env(settings.host, rest, grpc_port, rest + 3, models_dir, extra)
+        process = RuntimeProcess(name, [str(exe), "start", str(models_dir)], env, log_path=settings.data_dir / f"{pod_id}-mlserver.log")
+        models_dir.mkdir(parents=True, exist_ok=True)
+        await process.start()
+        proc = process
+        runtime = MLServerClient(url, session, models_dir, pid=lambda: proc.pid)
+    buffer = spec.mem_buffer_bytes or settings.mem_buffer_bytes
+    capacity = pod_capacity(settings.pod_capacity_bytes, cgroup_limit_bytes(), buffer)
+    pod = Pod(
+        id=pod_id,
+        host=settings.host,
+        rest_port=rest,
+        grpc_port=grpc_port,
+        capacity_bytes=capacity,
+        formats=advertised_formats(spec),
+        runtime=spec.name,
+        max_loading=max(1, settings.max_concurrent_loads),
+    )
+    timeout = spec.loading_timeout_ms / 1000 if spec.loading_timeout_ms else settings.load_timeout_seconds
+    return BuiltPod(pod, spec, runtime, process, timeout, LoaderMetrics())
