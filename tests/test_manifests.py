@@ -1,0 +1,285 @@
+"""Every manifest in istio/ (and the InferenceService/ServingRuntime examples) validates offline:
+core kinds with kubernetes-validate (strict: unknown fields fail), Istio kinds against Istio's
+CRD schemas and KServe kinds against KServe's, both from ../shared/schemas, made strict the
+same way. Plus the cross-references a schema can't see. Kind: unit (files only, no cluster)."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from meshserve.k8s import objects as ob
+
+REPO = Path(__file__).resolve().parent.parent
+ISTIO = REPO / "istio"
+SHARED = REPO.parent / "shared"
+SCHEMAS = SHARED / "schemas"
+K8S_VERSION = "1.30"  # the oldest Kubernetes we claim: autoscaling/v2, policy/v1
+needs_shared = pytest.mark.skipif(not SCHEMAS.exists(), reason="needs ../shared/schemas (Istio and KServe CRD schemas) beside the repository")
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+CORE_GROUPS = {"v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2", "rbac.authorization.k8s.io/v1"}
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in ISTIO.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def docs(paths: list[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for p in paths:
+        for i, d in enumerate(yaml.safe_load_all(p.read_text())):
+            if d is not None:
+                yield f"{p.relative_to(REPO.parent)}#{i} {d.get('kind')}/{(d.get('metadata') or {}).get('name')}", d
+
+
+ALL = list(docs(manifest_files()))
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for _, d in ALL if d.get("kind") == kind]
+
+
+# --- schemas ---------------------------------------------------------------------------------
+
+def strict(schema: Any) -> Any:
+    """A CRD schema that refuses unknown fields, as `kubectl apply --validate=strict` would:
+    objects with `properties` and no other allowance get additionalProperties: false."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+            out["properties"].setdefault("apiVersion", {"type": "string"})
+            out["properties"].setdefault("kind", {"type": "string"})
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@lru_cache(maxsize=None)
+def crd_schemas(*files: str) -> dict[tuple[str, str], Any]:
+    """(apiVersion, kind) -> strict openAPIV3Schema, from CRD manifests."""
+    out: dict[tuple[str, str], Any] = {}
+    for f in files:
+        for crd in yaml.load_all((SCHEMAS / f).read_text(), Loader=Loader):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for v in crd["spec"]["versions"]:
+                schema = v["schema"]["openAPIV3Schema"]
+                # metadata is checked by the API server, not the CRD schema.
+                schema = {**schema, "properties": {k: s for k, s in schema.get("properties", {}).items() if k != "metadata"}}
+                out[(f"{group}/{v['name']}", kind)] = strict(schema)
+    return out
+
+
+def istio_schemas() -> dict[tuple[str, str], Any]:
+    return crd_schemas("istio-crd-all.gen.yaml")
+
+
+def kserve_schemas() -> dict[tuple[str, str], Any]:
+    return crd_schemas("kserve-inferenceservices-crd.yaml", "kserve-servingruntimes-crd.yaml")
+
+
+_validators: dict[int, jsonschema.Draft7Validator] = {}
+
+
+def check_crd(d: dict[str, Any], schemas: dict[tuple[str, str], Any]) -> None:
+    key = (d["apiVersion"], d["kind"])
+    assert key in schemas, f"no CRD schema for {key}"
+    body = {k: v for k, v in d.items() if k != "metadata"}
+    # One validator per schema: checking the 2 MB InferenceService schema itself takes seconds.
+    schema = schemas[key]
+    v = _validators.get(id(schema))
+    if v is None:
+        v = _validators[id(schema)] = jsonschema.Draft7Validator(schema)
+    v.validate(body)
+
+
+# --- schema validation -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("where,doc", [(w, d) for w, d in ALL if d["apiVersion"] in CORE_GROUPS], ids=lambda x: x if isinstance(x, str) else "")
+def test_core_kinds_validate(where: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_core_validation_has_teeth() -> None:
+    dep = copy.deepcopy(by_kind("Deployment")[0])
+    dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+
+
+@needs_shared
+@pytest.mark.parametrize("where,doc", [(w, d) for w, d in ALL if "istio.io" in d["apiVersion"]], ids=lambda x: x if isinstance(x, str) else "")
+def test_istio_kinds_validate(where: str, doc: dict[str, Any]) -> None:
+    check_crd(doc, istio_schemas())
+
+
+@needs_shared
+def test_istio_validation_has_teeth() -> None:
+    pa = copy.deepcopy(by_kind("PeerAuthentication")[0])
+    pa["spec"]["mtls"]["mode"] = "STRICTLY"
+    with pytest.raises(jsonschema.ValidationError):
+        check_crd(pa, istio_schemas())
+    vs = copy.deepcopy(by_kind("VirtualService")[0])
+    vs["spec"]["http"][0]["rout"] = vs["spec"]["http"][0].pop("route")
+    with pytest.raises(jsonschema.ValidationError):
+        check_crd(vs, istio_schemas())
+
+
+def kserve_examples() -> list[tuple[str, dict[str, Any]]]:
+    paths = manifest_files() + sorted((REPO / "mesh-config").glob("*.yaml")) + sorted((SHARED / "fixtures").glob("*.yaml"))
+    return [(w, d) for w, d in docs(paths) if d.get("apiVersion", "").startswith("serving.kserve.io/")]
+
+
+@needs_shared
+@pytest.mark.parametrize("where,doc", kserve_examples(), ids=lambda x: x if isinstance(x, str) else "")
+def test_kserve_examples_validate(where: str, doc: dict[str, Any]) -> None:
+    check_crd(doc, kserve_schemas())
+
+
+@needs_shared
+def test_kserve_validation_has_teeth() -> None:
+    (_, isvc), *_ = [x for x in kserve_examples() if x[1]["kind"] == "InferenceService"]
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["model"]["storge"] = bad["spec"]["predictor"]["model"].pop("storage")
+    with pytest.raises(jsonschema.ValidationError):
+        check_crd(bad, kserve_schemas())
+
+
+@needs_shared
+def test_kserve_examples_include_ours() -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for _, d in kserve_examples()}
+    assert {("ServingRuntime", "meshserve-builtin"), ("InferenceService", "sklearn-mnist")} <= names
+
+
+def test_every_kind_is_covered() -> None:
+    """No manifest slips past validation because nothing knows its kind."""
+    known = CORE_GROUPS | {"networking.istio.io/v1beta1", "security.istio.io/v1beta1",
+                           "serving.kserve.io/v1beta1", "serving.kserve.io/v1alpha1", "monitoring.coreos.com/v1"}
+    assert {d["apiVersion"] for _, d in ALL} <= known
+
+
+def test_pod_monitors_have_the_required_shape() -> None:
+    # The Prometheus Operator CRDs are not in ../shared/schemas: check what they require.
+    for pm in by_kind("PodMonitor"):
+        assert pm["spec"]["selector"]["matchLabels"]
+        for ep in pm["spec"]["podMetricsEndpoints"]:
+            assert ("port" in ep) != ("targetPort" in ep) and ep["path"].startswith("/")
+
+
+# --- what schemas can't see --------------------------------------------------------------------
+
+def pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    return [(d["metadata"]["name"], d["spec"]["template"]) for d in by_kind("Deployment") + by_kind("StatefulSet")]
+
+
+def test_kustomization_lists_every_manifest_and_they_exist() -> None:
+    k = yaml.safe_load((ISTIO / "kustomization.yaml").read_text())
+    listed = set(k["resources"])
+    on_disk = {p.name for p in ISTIO.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert listed == on_disk
+    ex = yaml.safe_load((ISTIO / "examples" / "kustomization.yaml").read_text())
+    assert all((ISTIO / "examples" / r).exists() for r in ex["resources"])
+
+
+def test_dashboards_generator_lists_every_dashboard() -> None:
+    k = yaml.safe_load((ISTIO / "dashboards" / "kustomization.yaml").read_text())
+    files = {str((ISTIO / "dashboards" / f).resolve()) for g in k["configMapGenerator"] for f in g["files"]}
+    found = {str(Path(p).resolve()) for p in glob.glob(str(REPO / "grafana" / "dashboards" / "*.json"))}
+    assert files == found, "list every grafana/dashboards/*.json in istio/dashboards/kustomization.yaml"
+    for f in files:
+        json.loads(Path(f).read_text())
+
+
+def test_references_resolve() -> None:
+    """Service accounts, secrets, selectors and named ports all point at something that exists."""
+    accounts = {d["metadata"]["name"] for d in by_kind("ServiceAccount")}
+    secrets = {d["metadata"]["name"] for d in by_kind("Secret")} | {ob.STORAGE_SECRET}
+    templates = pod_templates()
+    for name, t in templates:
+        spec = t["spec"]
+        assert spec["serviceAccountName"] in accounts, name
+        ports = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for e in c.get("env", []):
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] in secrets, (name, ref)
+            for probe in ("readinessProbe", "livenessProbe"):
+                p = c.get(probe) or {}
+                port = (p.get("httpGet") or p.get("tcpSocket") or {}).get("port")
+                if isinstance(port, str):
+                    assert port in ports, (name, c["name"], port)
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+        example_claims = {d["metadata"]["name"] for _, d in docs(sorted((ISTIO / "examples").glob("*.yaml"))) if d["kind"] == "PersistentVolumeClaim"}
+        assert claims <= example_claims, name
+    for svc in by_kind("Service"):
+        sel = svc["spec"]["selector"]
+        matching = [t for _, t in templates if sel.items() <= t["metadata"]["labels"].items()]
+        assert matching, f"Service {svc['metadata']['name']} selects no pods"
+        for p in svc["spec"]["ports"]:
+            if isinstance(p.get("targetPort"), str):
+                assert any(p["targetPort"] in {cp["name"] for c in t["spec"]["containers"] for cp in c.get("ports", [])} for t in matching), p
+    for hpa in by_kind("HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert ref["name"] in {d["metadata"]["name"] for d in by_kind(ref["kind"])}
+
+
+def test_controller_sees_runtime_pods_and_may_do_what_it_does() -> None:
+    """The controller's pod selector matches the runtime template, and its Role grants exactly
+    the reads and status writes meshserve/k8s/controller.py makes, nothing more."""
+    sel = dict(kv.split("=") for kv in ob.RUNTIME_POD_SELECTOR.split(","))
+    runtime_templates = [t for _, t in pod_templates() if t["metadata"]["labels"].get("app.kubernetes.io/component") == "runtime"]
+    assert runtime_templates and all(sel.items() <= t["metadata"]["labels"].items() for t in runtime_templates)
+    (role,) = by_kind("Role")
+    grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    for res in ("inferenceservices", "servingruntimes"):
+        assert {("serving.kserve.io", res, v) for v in ("list", "watch")} <= grants
+    assert ("serving.kserve.io", "inferenceservices/status", "patch") in grants
+    assert {("", "pods", "list"), ("", "pods", "watch"), ("", "secrets", "watch")} <= grants
+    assert not any(v in ("create", "delete", "deletecollection", "*") for _, _, v in grants)
+    secret_rule = next(r for r in role["rules"] if "secrets" in r["resources"])
+    assert secret_rule["resourceNames"] == [ob.STORAGE_SECRET]
+    # Everyone else has no API token at all.
+    for name, t in pod_templates():
+        if name != "meshserve-controller":
+            assert t["spec"].get("automountServiceAccountToken") is False, name
+
+
+def test_gateway_ports_match_the_users_contract() -> None:
+    from meshserve.settings import GATEWAY_GRPC_PORT, GATEWAY_REST_PORT
+
+    (gw,) = by_kind("Gateway")
+    assert {s["port"]["number"] for s in gw["spec"]["servers"]} == {GATEWAY_REST_PORT, GATEWAY_GRPC_PORT}
+    svc = next(s for s in by_kind("Service") if s["metadata"]["name"] == "modelmesh-serving")
+    assert {p["port"] for p in svc["spec"]["ports"]} == {GATEWAY_REST_PORT, GATEWAY_GRPC_PORT}
+    deps = {d["metadata"]["name"]: d for d in by_kind("Deployment")}
+    assert deps["meshserve-gateway"]["spec"]["replicas"] >= 2
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_kustomize_builds() -> None:
+    for args in (["kubectl", "kustomize", str(ISTIO)], ["kubectl", "kustomize", str(ISTIO / "examples")],
+                 ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(ISTIO / "dashboards")]):
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+        assert rendered
+        for d in rendered:
+            assert d["metadata"].get("namespace") in ("modelmesh-serving", None)
+            if d["apiVersion"] in CORE_GROUPS:
+                kubernetes_validate.validate(d, K8S_VERSION, strict=True)
