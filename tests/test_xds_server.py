@@ -87,3 +87,33 @@ def test_delta_resume_sends_nothing_already_held() -> None:
     ads._on_delta_request(ss, discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=r.ROUTE_TYPE, resource_names_subscribe=list(held), initial_resource_versions=held))
     assert ads._delta_due(ss) == []
     assert ss.types[r.ROUTE_TYPE].acked_version == snap.version
+
+
+def test_patch_costs_the_change_and_delta_diffs_only_what_moved() -> None:
+    """A patch moves the type version (content-derived, equal to a full set of the same
+    content) and a stream that is up to date diffs only the touched names."""
+    from envoy.config.route.v3 import route_pb2
+
+    from meshserve_xds import cache as c
+
+    cache = SnapshotCache()
+    rcs = {f"r{i}": route_pb2.RouteConfiguration(name=f"r{i}") for i in range(100)}
+    asyncio.run(cache.set(GATEWAY_GROUP, r.Resources(by_type={r.ROUTE_TYPE: dict(rcs)})))
+    snap = cache.group(GATEWAY_GROUP).types[r.ROUTE_TYPE]
+    known = {n: snap.resource_version(n) for n in rcs}
+    seq = snap.seq
+    changed = route_pb2.RouteConfiguration(name="r7", request_headers_to_remove=["x"])
+    assert asyncio.run(cache.patch(GATEWAY_GROUP, r.ROUTE_TYPE, {"r7": changed}, removes=["r9"]))
+    diff = cache.delta(GATEWAY_GROUP, r.ROUTE_TYPE, known, True, set(), since_seq=seq)
+    assert [u[0] for u in diff.updated] == ["r7"] and diff.removed == ["r9"]
+    # Same content by a full set: same version, as another replica would compute it.
+    other = SnapshotCache()
+    full = {**rcs, "r7": changed}
+    del full["r9"]
+    asyncio.run(other.set(GATEWAY_GROUP, r.Resources(by_type={r.ROUTE_TYPE: full})))
+    assert other.group(GATEWAY_GROUP).types[r.ROUTE_TYPE].version == snap.version
+    # A stream further behind than the log reaches gets a full diff, still correct.
+    for i in range(c.LOG_KEEP + 5):
+        asyncio.run(cache.patch(GATEWAY_GROUP, r.ROUTE_TYPE, {"r1": route_pb2.RouteConfiguration(name="r1", request_headers_to_remove=[str(i)])}))
+    diff = cache.delta(GATEWAY_GROUP, r.ROUTE_TYPE, known, True, set(), since_seq=seq)
+    assert sorted(u[0] for u in diff.updated) == ["r1", "r7"] and diff.removed == ["r9"]

@@ -21,15 +21,36 @@ from google.protobuf import any_pb2
 from meshserve_xds.resources import Resources
 
 
+LOG_KEEP = 1024  # change-log entries kept per type; a stream further behind diffs in full
+
+
 @dataclass
 class TypeSnapshot:
     version: str
     resources: dict[str, any_pb2.Any]
     # name -> content digest; the digest's hex is the resource's version in delta xDS
     digests: dict[str, bytes]
+    # XOR of per-resource hashes: the type's version, updated in O(change) by a patch
+    acc: int = 0
+    seq: int = 0
+    # (seq, names changed or removed at that seq): lets a delta stream diff only what moved
+    log: list[tuple[int, list[str]]] = field(default_factory=list)
 
     def resource_version(self, name: str) -> str:
         return self.digests[name].hex()
+
+    def names_since(self, seq: int) -> set[str] | None:
+        """Names touched after `seq`, or None when the log no longer reaches back that far."""
+        if seq == self.seq:
+            return set()
+        if not self.log or self.log[0][0] > seq + 1:
+            return None
+        out: set[str] = set()
+        for s, names in reversed(self.log):
+            if s <= seq:
+                break
+            out.update(names)
+        return out
 
 
 @dataclass
@@ -46,20 +67,31 @@ class DeltaDiff:
 
     updated: list[tuple[str, str, any_pb2.Any]]  # name, version, resource
     removed: list[str]
+    seq: int = 0  # the snapshot's seq this diff brings the stream up to
 
 
 def pack(msg: object) -> tuple[any_pb2.Any, bytes]:
-    a = any_pb2.Any()
-    a.Pack(msg)  # type: ignore[arg-type]
+    if isinstance(msg, any_pb2.Any):  # already packed (e.g. assembled from bytes)
+        a = msg
+    else:
+        a = any_pb2.Any()
+        a.Pack(msg)  # type: ignore[arg-type]
     return a, hashlib.blake2b(a.value, digest_size=16).digest()
 
 
+def _h(name: str, digest: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode() + digest, digest_size=8).digest(), "big")
+
+
+def _version(acc: int) -> str:
+    return f"{acc:016x}"
+
+
 def type_version(digests: dict[str, bytes]) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(digests):
-        h.update(name.encode())
-        h.update(digests[name])
-    return h.hexdigest()
+    acc = 0
+    for name, d in digests.items():
+        acc ^= _h(name, d)
+    return _version(acc)
 
 
 class SnapshotCache:
@@ -74,43 +106,71 @@ class SnapshotCache:
 
     async def set(self, name: str, res: Resources) -> list[str]:
         """Install new resources for a group; returns the type URLs whose version moved."""
-        packed_by_type = {}
+        g = self.group(name)
+        moved = []
         for type_url, items in res.by_type.items():
             packed: dict[str, any_pb2.Any] = {}
             digests: dict[str, bytes] = {}
             for rname, msg in items.items():
                 packed[rname], digests[rname] = pack(msg)
-            packed_by_type[type_url] = (packed, digests)
-        return self._install(name, packed_by_type, replace=True)
+            old = g.types.get(type_url)
+            if old is not None and old.digests == digests:
+                continue
+            acc = 0
+            for rname, d in digests.items():
+                acc ^= _h(rname, d)
+            if old is None:
+                g.types[type_url] = TypeSnapshot(_version(acc), packed, digests, acc, 1, [])
+            else:
+                touched = [n for n, d in digests.items() if old.digests.get(n) != d] + [n for n in old.digests if n not in digests]
+                snap = TypeSnapshot(_version(acc), packed, digests, acc, old.seq + 1, old.log[-LOG_KEEP:])
+                snap.log.append((snap.seq, touched))
+                g.types[type_url] = snap
+            moved.append(type_url)
+        if moved:
+            self._moved(g)
+        return moved
 
     async def patch(self, name: str, type_url: str, upserts: dict[str, object], removes: Iterable[str] = ()) -> bool:
         """Change some resources of one type and keep the rest: the cost follows the change,
         not the table. Returns whether the type's version moved."""
         g = self.group(name)
-        old = g.types.get(type_url)
-        packed = dict(old.resources) if old else {}
-        digests = dict(old.digests) if old else {}
+        snap = g.types.get(type_url)
+        if snap is None:
+            snap = g.types[type_url] = TypeSnapshot(_version(0), {}, {}, 0, 0, [])
+        touched = []
         for rname, msg in upserts.items():
-            packed[rname], digests[rname] = pack(msg)
-        for rname in removes:
-            packed.pop(rname, None)
-            digests.pop(rname, None)
-        return bool(self._install(name, {type_url: (packed, digests)}, replace=False))
-
-    def _install(self, name: str, by_type: dict[str, tuple[dict[str, any_pb2.Any], dict[str, bytes]]], replace: bool) -> list[str]:
-        g = self.group(name)
-        moved = []
-        for type_url, (packed, digests) in by_type.items():
-            old = g.types.get(type_url)
-            if old is not None and old.digests == digests:
+            a, d = pack(msg)
+            old = snap.digests.get(rname)
+            if old == d:
                 continue
-            g.types[type_url] = TypeSnapshot(type_version(digests), packed, digests)
-            moved.append(type_url)
-        if moved:
-            g.generation += 1
-            old_ev, g.changed = g.changed, asyncio.Event()
-            old_ev.set()
-        return moved
+            if old is not None:
+                snap.acc ^= _h(rname, old)
+            snap.acc ^= _h(rname, d)
+            snap.resources[rname], snap.digests[rname] = a, d
+            touched.append(rname)
+        for rname in removes:
+            old = snap.digests.pop(rname, None)
+            if old is None:
+                continue
+            snap.resources.pop(rname, None)
+            snap.acc ^= _h(rname, old)
+            touched.append(rname)
+        if not touched:
+            return False
+        snap.seq += 1
+        snap.version = _version(snap.acc)
+        snap.log.append((snap.seq, touched))
+        if len(snap.log) > LOG_KEEP:
+            del snap.log[: len(snap.log) - LOG_KEEP]
+        self._moved(g)
+        return True
+
+    @staticmethod
+    def _moved(g: Group) -> None:
+        g.generation += 1
+        old_ev, g.changed = g.changed, asyncio.Event()
+        old_ev.set()
 
     def changed_names(self, group: str, type_url: str, since: dict[str, bytes]) -> set[str]:
         snap = self.group(group).types.get(type_url)
@@ -118,20 +178,34 @@ class SnapshotCache:
             return set()
         return {n for n, d in snap.digests.items() if since.get(n) != d}
 
-    def delta(self, group: str, type_url: str, known: dict[str, str], wildcard: bool, subscribed: set[str]) -> DeltaDiff:
+    def delta(
+        self, group: str, type_url: str, known: dict[str, str], wildcard: bool, subscribed: set[str],
+        since_seq: int | None = None, also: Iterable[str] = (),
+    ) -> DeltaDiff:
         """Resources a delta client lacks or holds an old version of, and names it holds that
-        are gone. `known` is name -> version the client has (or was last sent)."""
+        are gone. `known` is name -> version the client has (or was last sent). With
+        `since_seq` (the seq of the stream's last diff) only names touched since then, plus
+        `also` (new subscriptions), are looked at, so a change costs what it touched."""
         snap = self.group(group).types.get(type_url)
         if snap is None:
-            return DeltaDiff([], [])
-        if wildcard:
-            wanted: Iterable[str] = snap.digests.keys()
+            return DeltaDiff([], [], 0)
+        candidates = snap.names_since(since_seq) if since_seq is not None else None
+        if candidates is None:
+            candidates = set(snap.digests) if wildcard else set(subscribed)
+            candidates.update(known)
         else:
-            wanted = (n for n in subscribed if n in snap.digests)
+            candidates.update(also)
         updated = []
-        for n in wanted:
-            v = snap.digests[n].hex()
+        removed = []
+        for n in candidates:
+            if not (wildcard or n in subscribed):
+                continue
+            d = snap.digests.get(n)
+            if d is None:
+                if n in known:
+                    removed.append(n)
+                continue
+            v = d.hex()
             if known.get(n) != v:
                 updated.append((n, v, snap.resources[n]))
-        removed = [n for n in known if n not in snap.digests and (wildcard or n in subscribed)]
-        return DeltaDiff(sorted(updated, key=lambda u: u[0]), sorted(removed))
+        return DeltaDiff(sorted(updated, key=lambda u: u[0]), sorted(removed), snap.seq)

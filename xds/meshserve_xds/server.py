@@ -52,13 +52,14 @@ class TypeState:
     nacked_version: str = ""
     last_error: str = ""
     # delta only: a wildcard subscription, what the client holds (name -> version), and the
-    # names already answered (a new name is answered even when the snapshot did not move)
+    # names subscribed but not answered yet (answered even when the snapshot did not move)
     wildcard: bool = False
     known: dict[str, str] = field(default_factory=dict)
-    answered: set[str] = field(default_factory=set)
+    unanswered: set[str] = field(default_factory=set)
     answered_once: bool = False
     resumed: bool = False
     pending: bool = False  # a response awaits its ACK or NACK
+    synced_seq: int | None = None  # the type's change-log position this stream has diffed up to
 
 
 @dataclass
@@ -196,13 +197,14 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         unsubscribe.discard("*")
         ts.names |= subscribe
         ts.names -= unsubscribe
+        ts.unanswered -= unsubscribe
         for n in unsubscribe:
             ts.known.pop(n, None)
         if not first:
             # A fresh subscription to a name is a request for it, whatever was sent before.
             for n in subscribe:
                 ts.known.pop(n, None)
-            ts.answered -= subscribe
+            ts.unanswered |= subscribe
         return first or bool(subscribe)
 
     def _delta_due(self, ss: StreamState) -> list[discovery_pb2.DeltaDiscoveryResponse]:
@@ -214,10 +216,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             if ts is None or not ts.subscribed:
                 continue
             first_answer = not ts.answered_once
-            if not first_answer and (snap is None or snap.version == ts.sent_version) and not ts.names - ts.answered:
+            if not first_answer and (snap is None or snap.version == ts.sent_version) and not ts.unanswered:
                 continue
-            diff = self.cache.delta(ss.group, type_url, ts.known, ts.wildcard, ts.names)
-            ts.answered = set(ts.names)
+            diff = self.cache.delta(ss.group, type_url, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered)
+            ts.synced_seq = diff.seq
+            ts.unanswered = set()
             ts.answered_once = True
             if snap is not None:
                 ts.sent_version = snap.version
