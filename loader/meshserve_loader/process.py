@@ -4,6 +4,7 @@ the agent owns it): start, notice death, restart. The agent reports the models a
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -12,6 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("meshserve.loader.process")
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    # Its own group, so we stop it and its workers together; and the kernel stops it if the
+    # agent dies, even by SIGKILL, so a runtime is never orphaned.
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -34,7 +48,7 @@ class RuntimeProcess:
                 stderr=asyncio.subprocess.STDOUT if out is not None else None,
                 env={**os.environ, **self.env},
                 cwd=str(self.cwd) if self.cwd else None,
-                start_new_session=True,  # its own group: we stop it and its workers together
+                preexec_fn=_child_setup,
             )
         finally:
             if out is not None:

@@ -1,0 +1,109 @@
+"""MLServer 1.7.1 as a runtime, through the KServe v2 repository API.
+
+Kind: e2e. A real MLServer process from its own venv (created once under .venv-mlserver/ by
+`ensure_mlserver`, a few minutes the first time: it is never skipped), started and stopped by
+our RuntimeProcess; and a whole mesh (real Envoy, Valkey) whose pod runs MLServer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import pytest
+
+from meshserve import devmesh
+from meshserve_loader.example_models import write_sklearn
+from meshserve_loader.memory import tree_rss_bytes
+from meshserve_loader.mlserver import MLServerClient
+from meshserve_loader.mlserver_venv import ensure_mlserver
+from meshserve_loader.process import RuntimeProcess, mlserver_env
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def mlserver_exe() -> Path:
+    return ensure_mlserver(REPO)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_sklearn(tmp_path_factory.mktemp("models") / "mnist-svm.joblib")
+
+
+def _v2_request(fixtures: Path) -> dict:
+    return json.loads((fixtures / "mnist-request-v2-rest.json").read_text())
+
+
+async def _start(exe: Path, tmp: Path) -> tuple[RuntimeProcess, str, Path]:
+    rest, grpc_port, metrics = devmesh.free_port(), devmesh.free_port(), devmesh.free_port()
+    models = tmp / "mlserver-models"
+    models.mkdir()
+    proc = RuntimeProcess("mlserver", [str(exe), "start", str(models)], mlserver_env("127.0.0.1", rest, grpc_port, metrics, models, {}),
+                          log_path=tmp / "mlserver.log")
+    await proc.start()
+    return proc, f"http://127.0.0.1:{rest}", models
+
+
+async def test_load_infer_unload_and_failures(mlserver_exe: Path, model_file: Path, fixtures: Path, tmp_path: Path) -> None:
+    """The loader's MLServer client against a real MLServer: layout, load, v2 REST inference,
+    index, unload; a wrong format and a corrupt file fail with MLServer's reason."""
+    proc, url, models = await _start(mlserver_exe, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as s:
+            c = MLServerClient(url, s, models, pid=lambda: proc.pid)
+            await c.wait_ready(120)
+            size = await c.load("mnist__isvc-0123456789", {"path": str(model_file), "format": "sklearn"}, 60)
+            assert size > 0, "the RSS delta of MLServer's process tree"
+            assert json.loads((models / "mnist__isvc-0123456789" / "model-settings.json").read_text())["implementation"] == "mlserver_sklearn.SKLearnModel"
+            async with s.post(f"{url}/v2/models/mnist__isvc-0123456789/infer", json=_v2_request(fixtures)) as r:
+                body = await r.json()
+                assert r.status == 200, body
+                assert body["outputs"][0]["data"] == [8]
+            assert await c.held() == ["mnist__isvc-0123456789"]
+            await c.unload("mnist__isvc-0123456789")
+            assert await c.held() == [] and not (models / "mnist__isvc-0123456789").exists()
+
+            with pytest.raises(RuntimeError, match="no built-in implementation for format 'pytorch'"):
+                await c.load("torchy", {"path": str(model_file), "format": "pytorch"}, 60)
+            corrupt = tmp_path / "corrupt.joblib"
+            corrupt.write_bytes(b"not a joblib file")
+            with pytest.raises(RuntimeError, match="MLServer could not load corrupt: HTTP"):
+                await c.load("corrupt", {"path": str(corrupt), "format": "sklearn"}, 60)
+            assert proc.alive(), "a bad model does not take MLServer down"
+    finally:
+        await proc.stop()
+    assert tree_rss_bytes(proc.proc.pid) == 0 if proc.proc else True
+
+
+def _mlserver_config(tmp: Path) -> Path:
+    d = tmp / "mesh-config"
+    d.mkdir()
+    shutil.copy(REPO / "mesh-config" / "sklearn-mnist.yaml", d / "sklearn-mnist.yaml")
+    shutil.copy(REPO / "mesh-config" / "examples" / "runtimes" / "mlserver.yaml", d / "mlserver.yaml")
+    return d
+
+
+def test_v2_rest_through_the_gateway_to_mlserver(mlserver_exe: Path, fixtures: Path, tmp_path: Path) -> None:
+    """A mesh whose only pod runs MLServer: the users' v2 REST request through Envoy loads the
+    model on MLServer (cold path, via the activator) and is answered by it, then again by the
+    direct route."""
+    with devmesh.mesh(config_dir=_mlserver_config(tmp_path), pods=1, pod_runtimes="mlserver-1.x") as m:
+        for _ in range(2):
+            out = subprocess.run(
+                ["curl", "-sS", "-X", "POST", f"{m.rest}/v2/models/sklearn-mnist/infer", "-H", "Content-Type: application/json",
+                 "-d", f"@{fixtures / 'mnist-request-v2-rest.json'}", "-w", "\n%{http_code}", "--max-time", "150"],
+                capture_output=True, text=True, timeout=180,
+            )
+            body, _, code = out.stdout.rpartition("\n")
+            assert code == "200", f"{out.stdout}\n{m.log()[-4000:]}"
+            doc = json.loads(body)
+            assert doc["model_name"].startswith("sklearn-mnist__isvc-") and doc["outputs"][0]["data"] == [8]
+        assert "runtime=mlserver-1.x" in m.log()
