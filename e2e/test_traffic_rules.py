@@ -25,6 +25,7 @@ from meshserve.cli import cli
 pytestmark = pytest.mark.e2e
 
 MODELS = ("tr-a", "tr-b", "tr-shadow")
+BROKEN = "tr-broken"  # registered, but its file never exists: every load fails
 BODY = json.dumps({"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]}).encode()
 
 
@@ -49,7 +50,7 @@ spec:
 @pytest.fixture(scope="module")
 def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devmesh.Mesh]:
     cfg = tmp_path_factory.mktemp("traffic-config")
-    (cfg / "models.yaml").write_text("---\n".join(isvc(m, f"{m}.txt") for m in MODELS))
+    (cfg / "models.yaml").write_text("---\n".join(isvc(m, f"{m}.txt") for m in (*MODELS, BROKEN)))
     with devmesh.mesh(config_dir=cfg) as m:
         d = m.data_dir / "pvc" / "strings"
         d.mkdir(parents=True, exist_ok=True)
@@ -131,11 +132,14 @@ def wait_for(m: devmesh.Mesh, model: str, want: set[str], headers: dict[str, str
     raise AssertionError(f"{model}: wanted answers from {want}, saw {seen}")
 
 
-def wait_config(m: devmesh.Mesh, needle: str, timeout: float = 15) -> None:
-    """Until Envoy's live route configuration mentions `needle` (a rule that looks like the
-    previous one from the outside, e.g. stickiness, is only checkable once it is there)."""
-    devmesh.wait_until(lambda: needle in devmesh.http_get(m.admin + "/config_dump?resource=dynamic_route_configs")[1].decode(),
-                       timeout, f"{needle!r} in Envoy's routes")
+def wait_config(m: devmesh.Mesh, *needles: str, timeout: float = 15) -> None:
+    """Until Envoy's live route configuration mentions one of `needles` (a rule that looks like
+    the previous one from the outside, e.g. stickiness, is only checkable once it is there)."""
+    def live() -> bool:
+        dump = devmesh.http_get(m.admin + "/config_dump?resource=dynamic_route_configs")[1].decode()
+        return any(n in dump for n in needles)
+
+    devmesh.wait_until(live, timeout, f"{needles!r} in Envoy's routes")
 
 
 def runtime_requests(m: devmesh.Mesh, model_prefix: str) -> int:
@@ -238,3 +242,44 @@ def test_rollback_takes_effect_within_1s(tmesh: devmesh.Mesh, tmp_path: Path) ->
     assert all(who in ("tr-a", "tr-b") for _, _, who in log), [w for *_, w in log if w not in ("tr-a", "tr-b")][:5]
     assert last_b - t0 < 1.0
     assert sum(1 for s, _, who in log if s > t0 + 1.0) > 0  # requests kept flowing after it
+
+
+def _status(m: devmesh.Mesh, name: str) -> dict:
+    import asyncio
+
+    from meshserve import state as st
+    from meshserve.rules import store
+
+    async def go() -> dict:
+        s = st.State.from_url(m.redis_url)
+        try:
+            return (await store.read_all(s))[1].get(name, {})
+        finally:
+            await s.close()
+
+    return asyncio.run(go())
+
+
+def wait_status(m: devmesh.Mesh, name: str, pred, timeout: float = 20) -> dict:  # type: ignore[no-untyped-def]
+    return devmesh.wait_until(lambda: (lambda s: s if pred(s) else None)(_status(m, name)), timeout, f"rule {name} status")
+
+
+def test_progressive_canary_holds_advances_promotes_and_aborts(tmesh: devmesh.Mesh, tmp_path: Path) -> None:
+    apply(tmesh, tmp_path, RULE + "  canary:\n    model: tr-b\n    steps:\n    - {weight: 20, hold: 2s}\n    - {weight: 60}\n    - {weight: 100}\n")
+    st0 = _status(tmesh, "tr")
+    assert (st0["phase"], st0["step"]) == ("Progressing", 0)
+    st1 = wait_status(tmesh, "tr", lambda s: s.get("step") == 1)  # held 2 s, then advanced by itself
+    assert st1["phase"] == "Paused" and st1["since"] - st0["since"] >= 2.0
+    wait_config(tmesh, '"weight": 60000', '"weight": 30000')  # tr-b's 60% on one pod or two
+    counts, failures = fire(tmesh, "tr-a", 1000)
+    assert not failures and 52 <= counts["tr-b"] / 10 <= 68, (counts, failures[:2], tmesh.log()[-6000:])  # paused at 60% until promoted
+    env = {"MESHSERVE_REDIS_URL": tmesh.redis_url}
+    for want in ("canary at 100%", "Promoted"):
+        res = CliRunner().invoke(cli, ["promote", "tr"], env=env)
+        assert res.exit_code == 0 and want in res.output, res.output
+    wait_for(tmesh, "tr-a", {"tr-b"})
+    # A canary that cannot load is aborted: its share goes back to the stable model.
+    apply(tmesh, tmp_path, RULE + f"  canary:\n    model: {BROKEN}\n    steps:\n    - {{weight: 10}}\n    - {{weight: 100}}\n")
+    ab = wait_status(tmesh, "tr", lambda s: s.get("phase") == "Aborted", timeout=60)
+    assert "could not be loaded" in ab["reason"], ab
+    wait_for(tmesh, "tr-a", {"tr-a"})

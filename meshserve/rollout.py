@@ -31,7 +31,7 @@ from meshserve import state as st
 from meshserve.model import Copy, CopyState, ModelSpec, copies_to_json
 from meshserve.rules import plan as pl
 from meshserve.rules import store
-from meshserve.rules.schema import parse_duration
+from meshserve.rules.schema import parse_duration, referenced_models
 from meshserve.settings import Settings
 
 log = logging.getLogger("meshserve.rollout")
@@ -162,14 +162,18 @@ def step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: d
     return out
 
 
-def step_canary(spec: dict[str, Any], status: dict[str, Any], now: float, error_rate: tuple[float, int] | None) -> dict[str, Any] | None:
+def step_canary(spec: dict[str, Any], status: dict[str, Any], now: float, error_rate: tuple[float, int] | None,
+                load_failure: str = "") -> dict[str, Any] | None:
     """The next status of a progressive-canary rule, or None when unchanged.
-    `error_rate`: (percent of failed requests, requests) of the canary over the abort window."""
+    `error_rate`: (percent of failed requests, requests) of the canary over the abort window.
+    `load_failure`: why the canary cannot be loaded, if it cannot (its requests would all fail)."""
     phase = status.get("phase")
     if phase not in (pl.PROGRESSING, pl.PAUSED):
         return None
     c = spec["canary"]
     abort = c.get("abort")
+    if load_failure and pl.canary_weight(spec, status) > 0:
+        return {**status, "phase": pl.ABORTED, "since": now, "reason": f"canary could not be loaded: {load_failure}"}
     if abort and error_rate is not None and pl.canary_weight(spec, status) > 0:
         rate, n = error_rate
         if n >= abort.get("minRequests", DEFAULT_ABORT_MIN_REQUESTS) and rate > abort["errorRatePercent"]:
@@ -254,12 +258,44 @@ class Controller:
                     log.warning("rollout: %s: %s", type(e).__name__, e)
                 await asyncio.sleep(TICK_S)
 
+    async def view(self, names: set[str], transitions: dict[str, pl.Transition]) -> st.Snapshot:
+        """Just the part of the state the rules and moves touch: a few HMGETs, not the whole
+        registry, so ticking several times a second stays cheap at 100,000 models."""
+        names = set(names)
+        ids = {x for t in transitions.values() for x in (t.old, t.new)}
+        async with self.state.r.pipeline(transaction=True) as p:
+            p.get(st.REV).hgetall(st.PODS)
+            if names:
+                p.hmget(st.ALIASES, sorted(names))
+            rev, pods_raw, *rest = await p.execute()
+        from meshserve.model import Pod, copies_from_json
+
+        aliases = {n: v.decode() for n, v in zip(sorted(names), rest[0] if rest else []) if v}
+        ids |= set(aliases.values()) | (names - set(aliases))
+        id_list = sorted(ids)
+        async with self.state.r.pipeline(transaction=True) as p:
+            if id_list:
+                p.hmget(st.MODELS, id_list).hmget(st.PLACEMENTS, id_list)
+            got = await p.execute() if id_list else [[], []]
+        models = {i for i, raw in zip(id_list, got[0]) if raw}
+        return st.Snapshot(
+            rev=int(rev or 0),
+            models={i: None for i in models},  # type: ignore[misc]  (only membership is used here)
+            aliases=aliases,
+            pods={k.decode(): Pod.from_json(v) for k, v in pods_raw.items()},
+            placements={i: copies_from_json(raw) for i, raw in zip(id_list, got[1]) if raw},
+        )
+
     async def tick(self, http: aiohttp.ClientSession | None, now: float) -> None:
         rules, statuses, transitions = await store.read_all(self.state)
-        snap = await self.state.snapshot()
+        moving = {a: t for a, t in transitions.items() if t.phase in (pl.T_LOADING, pl.T_CANARY, pl.T_DRAINING, T_UNLOADING)}
+        if not rules and not moving:
+            return  # nothing to watch: one small read per tick
+        names = {n for spec in rules.values() for n in referenced_models(spec)} | set(transitions)
+        snap = await self.view(names, moving)
         plans = pl.build_plans(rules, statuses, transitions, snap.aliases, set(snap.models))
         in_use = {m for p in plans.values() for m in p.models()} | set(snap.aliases.values())
-        for t in transitions.values():
+        for t in moving.values():
             await self._transition(t, snap, now, in_use)
         canaries = {n: s for n, s in rules.items() if s.get("canary") and statuses.get(n, {}).get("phase") in (pl.PROGRESSING, pl.PAUSED)}
         if http is not None and any(s["canary"].get("abort") for s in canaries.values()):
@@ -270,7 +306,8 @@ class Controller:
             window = parse_duration(spec["canary"]["abort"]["window"]) if spec["canary"].get("abort", {}).get("window") else DEFAULT_ABORT_WINDOW_S
             since = float(status.get("since", now))
             rate = self.errors.rate(canary_id, min(window, max(0.0, now - since) + 1.0), now)
-            new = step_canary(spec, status, now, rate)
+            loaded, loading, failed = _counts(snap.placements.get(canary_id, {}), since)
+            new = step_canary(spec, status, now, rate, failed[-1] if failed and not loaded and not loading else "")
             if new is not None:
                 log.info("rule %s: %s step %s %s", name, new["phase"], new.get("step"), new.get("reason", ""))
                 await store.set_status(self.state, name, new)

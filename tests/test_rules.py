@@ -214,6 +214,12 @@ def test_canary_steps_hold_then_abort_on_errors() -> None:
     assert last["phase"] == pl.PROMOTED
 
 
+def test_canary_that_cannot_load_aborts() -> None:
+    sp = {"model": "a", "canary": {"model": "b", "steps": [{"weight": 5}, {"weight": 100}]}}
+    st = rollout.step_canary(sp, {"phase": pl.PAUSED, "step": 0, "since": 0.0}, 1.0, None, "no such file v9.txt")
+    assert st and st["phase"] == pl.ABORTED and "v9.txt" in st["reason"]
+
+
 def test_runtime_metrics_and_error_window() -> None:
     text = (
         "# TYPE meshserve_runtime_requests_total counter\n"
