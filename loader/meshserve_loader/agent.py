@@ -185,11 +185,19 @@ class Agent:
             p.xdel(self.key, eid)
             await p.execute()
 
-    async def _unload_quietly(self, model_id: str) -> None:
-        try:
-            await self.rt.unload(model_id)
-        except Exception as e:  # noqa: BLE001
-            log.warning("cleanup unload of %s failed: %s", model_id, e)
+    async def _unload_quietly(self, model_id: str, patience: float = 120.0) -> None:
+        """After a timed-out load: the runtime may still finish it. Watch for it (bounded) and
+        unload it then, so the pod never holds memory placement doesn't know about."""
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            try:
+                if model_id in await self.rt.stats():
+                    await self.rt.unload(model_id)
+                    log.info("unloaded %s, which finished loading after its timeout", model_id)
+                    return
+            except Exception as e:  # noqa: BLE001 - cleanup is best effort
+                log.debug("cleanup of %s: %s", model_id, e)
+            await asyncio.sleep(1.0)
 
     async def _load(self, spec: ModelSpec) -> tuple[int, int]:
         """(reported size, predicted size). The reported size is the measured one when the

@@ -1,0 +1,195 @@
+"""Kind: real servers. The loader agent against a real Valkey and a real built-in runtime process
+(run and watched by the agent's RuntimeProcess, on 127.0.0.1, always stopped): load failures of
+each kind are reported with their reason and crash nothing; a runtime that dies is restarted and
+its models reported lost; loads are bounded per pod; sizes are predicted and measured."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+
+from meshserve import devmesh
+from meshserve import state as st
+from meshserve.model import ModelSpec, Pod
+from meshserve.settings import Settings
+from meshserve_loader.agent import POD_EVENTS, Agent
+from meshserve_loader.builtin_client import RuntimeClient
+from meshserve_loader.example_models import write_sklearn
+from meshserve_loader.process import RuntimeProcess, builtin_argv
+
+SLOW_MODEL = '''
+import time
+class Slow:
+    def __init__(self, settings): pass
+    def load(self):
+        time.sleep(4)
+    def predict(self, inputs): return {}
+'''
+
+
+@pytest.fixture(scope="module")
+def valkey() -> Any:
+    with devmesh.valkey() as v:
+        yield v
+
+
+def _spec(model_id: str, path: str, fmt: str = "sklearn") -> ModelSpec:
+    return ModelSpec(id=model_id, alias=model_id.split("__")[0], format=fmt,
+                     storage={"parameters": {"type": "pvc", "name": "vol"}, "path": path})
+
+
+@pytest.fixture
+async def agent(valkey: Any, tmp_path: Path) -> AsyncIterator[Agent]:
+    base = devmesh.free_block(10)
+    s = Settings(data_dir=tmp_path, redis_url=valkey.url, runtime_base_port=base, load_timeout_seconds=2.0,
+                 max_concurrent_loads=1, heartbeat_seconds=0.2)
+    vol = tmp_path / "pvc" / "vol"
+    write_sklearn(vol / "mnist-svm.joblib")
+    (vol / "corrupt.joblib").write_bytes(b"this is not a joblib file")
+    (vol / "slow").mkdir()
+    (vol / "slow" / "model.py").write_text(SLOW_MODEL)
+    (vol / "slow" / "model-settings.json").write_text(json.dumps({"implementation": "model.Slow"}))
+    env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST")}
+    proc = RuntimeProcess("builtin", builtin_argv(0), env, log_path=tmp_path / "runtime.log")
+    await proc.start()
+    state = st.State.from_url(valkey.url)
+    await state.r.flushdb()
+    rest, grpc_port, _ = s.pod_ports(0)
+    async with aiohttp.ClientSession() as session:
+        rt = RuntimeClient(f"http://127.0.0.1:{rest}", session)
+        pod = Pod("pod-0", "127.0.0.1", rest, grpc_port, 1 << 30, ["sklearn"], max_loading=1)
+        a = Agent(s, pod, rt, state, process=proc, load_timeout=2.0)
+        await rt.wait_ready(60)
+        await a.register()
+        tasks = [asyncio.create_task(c) for c in (a.order_loop(), a.watch_runtime())]
+        try:
+            yield a
+        finally:
+            a.draining = True
+            for t in tasks:
+                t.cancel()
+            await proc.stop()
+            await state.close()
+
+
+async def _order(a: Agent, op: str, spec: ModelSpec) -> None:
+    await a.state.r.xadd(st.orders_key(a.pod.id), {"op": op, "model": spec.id, "spec": spec.to_json()})
+
+
+async def _results(a: Agent, n: int, timeout: float = 30) -> list[dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        evs = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await a.state.r.xrange(st.EVENTS)]
+        evs = [e for e in evs if e.get("op") in ("load", "unload")]
+        if len(evs) >= n:
+            return evs
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"fewer than {n} results within {timeout}s")
+
+
+async def test_failures_are_reported_and_crash_nothing(agent: Agent) -> None:
+    good = _spec("mnist__isvc-0000000001", "mnist-svm.joblib")
+    # First, alone: the built-in runtime loads one model at a time (to measure each), so a
+    # load queued behind the slow one would wait past its own timeout.
+    await _order(agent, "load", good)
+    await _results(agent, 1)
+    for spec in (
+        _spec("corrupt__isvc-0000000002", "corrupt.joblib"),
+        _spec("wrongfmt__isvc-0000000003", "mnist-svm.joblib", fmt="pytorch"),
+        _spec("missing__isvc-0000000004", "nope.joblib"),
+        _spec("slow__isvc-0000000005", "slow", fmt="custom"),
+    ):
+        await _order(agent, "load", spec)
+    evs = {e["model"]: e for e in await _results(agent, 5, timeout=60)}
+    assert evs["corrupt__isvc-0000000002"]["ok"] == "0" and "cannot read corrupt.joblib" in evs["corrupt__isvc-0000000002"]["reason"]
+    assert "cannot load format 'pytorch'" in evs["wrongfmt__isvc-0000000003"]["reason"]
+    assert "does not exist" in evs["missing__isvc-0000000004"]["reason"]
+    assert "timed out after 2s" in evs["slow__isvc-0000000005"]["reason"]
+    ok = evs[good.id]
+    assert ok["ok"] == "1" and int(ok["size"]) > 0 and int(ok["predicted"]) > 0
+    assert agent.process is not None and agent.process.alive()
+    # The timed-out model finished loading later: the agent unloads it rather than hold it unknown.
+    await asyncio.sleep(0)
+    deadline = time.monotonic() + 15
+    while "slow__isvc-0000000005" in await agent.rt.stats() and time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+    assert "slow__isvc-0000000005" not in await agent.rt.stats()
+    text = agent.metrics.render().decode()
+    assert 'meshserve_model_size_bytes_count{kind="predicted"} 1.0' in text
+    assert 'meshserve_model_size_bytes_count{kind="measured"} 1.0' in text
+
+
+async def test_runtime_death_is_restarted_and_losses_reported(agent: Agent) -> None:
+    spec = _spec("mnist__isvc-00000000aa", "mnist-svm.joblib")
+    await _order(agent, "load", spec)
+    assert (await _results(agent, 1))[0]["ok"] == "1"
+    assert agent.process is not None
+    old_pid = agent.process.pid
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    restarts: list[dict[str, str]] = []
+    while time.monotonic() < deadline and not restarts:
+        restarts = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await agent.state.r.xrange(POD_EVENTS)]
+        await asyncio.sleep(0.1)
+    assert restarts and json.loads(restarts[0]["models"]) == [spec.id] and "exited with code -9" in restarts[0]["reason"]
+    # Then it re-registers holding nothing, so placement drops the lost copy, and loads work again.
+    while time.monotonic() < deadline:
+        regs = [f for _, f in await agent.state.r.xrange(st.EVENTS) if f.get(b"op") == b"register"]
+        if len(regs) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert json.loads(regs[-1][b"models"]) == []
+    assert agent.process.pid not in (0, old_pid)
+    await _order(agent, "load", spec)
+    assert [e["ok"] for e in await _results(agent, 2)] == ["1", "1"]
+
+
+class _CountingRuntime:
+    """In-memory fake: counts overlapping loads."""
+
+    def __init__(self) -> None:
+        self.active = self.peak = 0
+
+    async def wait_ready(self, timeout: float = 0) -> None: ...
+
+    async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.2)
+        self.active -= 1
+        return 1000
+
+    async def unload(self, model_id: str) -> None: ...
+
+    async def stats(self) -> dict[str, Any]:
+        return {}
+
+
+async def test_loads_are_bounded_per_pod(valkey: Any, tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path, redis_url=valkey.url, max_concurrent_loads=2)
+    vol = tmp_path / "pvc" / "vol"
+    vol.mkdir(parents=True)
+    (vol / "m.txt").write_text("x")
+    state = st.State.from_url(valkey.url)
+    await state.r.flushdb()
+    rt = _CountingRuntime()
+    a = Agent(s, Pod("pod-9", "127.0.0.1", 1, 2, 1 << 30, ["string"]), rt, state)
+    await a.register()
+    loop = asyncio.create_task(a.order_loop())
+    try:
+        for i in range(6):
+            await _order(a, "load", _spec(f"m{i}__isvc-000000000{i}", "m.txt", "string"))
+        evs = await _results(a, 6)
+        assert all(e["ok"] == "1" for e in evs)
+        assert rt.peak == 2
+    finally:
+        loop.cancel()
+        await state.close()
