@@ -66,8 +66,13 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
         runtime: object = RuntimeClient(url, session)
     else:
         spec = find_runtime(settings.config_dir, name)
+        if spec.server_type == "modelruntime":
+            return await _spi_pod(settings, index, spec)
         if spec.server_type != "mlserver":
-            raise SystemExit(f"runtime {name!r}: serverType {spec.server_type!r} is not run by meshserve's loader yet (it runs builtin and mlserver)")
+            raise SystemExit(
+                f"runtime {name!r}: serverType {spec.server_type!r} is not run by meshserve's loader yet "
+                "(it runs builtin, mlserver, and modelruntime for ModelMesh SPI runtimes)"
+            )
         from meshserve_loader.mlserver import MLServerClient
         from meshserve_loader.mlserver_venv import ensure_mlserver
 
@@ -96,3 +101,24 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
     )
     timeout = spec.loading_timeout_ms / 1000 if spec.loading_timeout_ms else settings.load_timeout_seconds
     return BuiltPod(pod, spec, runtime, process, timeout, LoaderMetrics())
+
+
+async def _spi_pod(settings: Settings, index: int, spec: RuntimeSpec) -> BuiltPod:
+    """A runtime written for ModelMesh's SPI, running beside the agent (its own container) on
+    builtInAdapter.runtimeManagementPort. Its runtimeStatus sets capacity, load concurrency and
+    timeout, as in ModelMesh."""
+    from meshserve_loader.spi import SpiClient
+
+    if not spec.runtime_management_port:
+        raise SystemExit(f"runtime {spec.name!r}: a modelruntime needs builtInAdapter.runtimeManagementPort (its SPI gRPC port)")
+    client = SpiClient(f"{settings.host}:{spec.runtime_management_port}")
+    await client.wait_ready(120)
+    status = await client.status()
+    rest, grpc_port, _ = settings.pod_ports(index)
+    configured = settings.pod_capacity_bytes or status.capacity_bytes
+    capacity = pod_capacity(min(configured, status.capacity_bytes) if status.capacity_bytes else configured, cgroup_limit_bytes(),
+                            spec.mem_buffer_bytes or settings.mem_buffer_bytes)
+    pod = Pod(f"pod-{index}", settings.host, rest, grpc_port, capacity, advertised_formats(spec), spec.name,
+              max(1, min(settings.max_concurrent_loads, status.max_loading or settings.max_concurrent_loads)))
+    timeout = (status.loading_timeout_ms or spec.loading_timeout_ms) / 1000 or settings.load_timeout_seconds
+    return BuiltPod(pod, spec, client, None, timeout, LoaderMetrics())
