@@ -106,13 +106,25 @@ class SnapshotCache:
 
     async def set(self, name: str, res: Resources) -> list[str]:
         """Install new resources for a group; returns the type URLs whose version moved."""
+        return self._set(name, res, {})
+
+    async def set_many(self, by_group: dict[str, Resources]) -> dict[str, list[str]]:
+        """Install several groups at once. A message object shared between groups (the same
+        clusters and routes, with or without listeners) is serialized once, not per group."""
+        memo: dict[int, tuple[any_pb2.Any, bytes]] = {}
+        return {name: self._set(name, res, memo) for name, res in by_group.items()}
+
+    def _set(self, name: str, res: Resources, memo: dict[int, tuple[any_pb2.Any, bytes]]) -> list[str]:
         g = self.group(name)
         moved = []
         for type_url, items in res.by_type.items():
             packed: dict[str, any_pb2.Any] = {}
             digests: dict[str, bytes] = {}
             for rname, msg in items.items():
-                packed[rname], digests[rname] = pack(msg)
+                hit = memo.get(id(msg))
+                if hit is None:
+                    hit = memo[id(msg)] = pack(msg)
+                packed[rname], digests[rname] = hit
             old = g.types.get(type_url)
             if old is not None and old.digests == digests:
                 continue

@@ -144,8 +144,10 @@ class RedisSource:
         assert self.snap is not None
         rs = routing_state(self.snap, self.s)
         rs.traffic = self.traffic
-        await self.cache.set(GATEWAY_GROUP, r.build_all(rs, self.listeners))
-        await self.cache.set(ISTIO_GROUP, r.build_all(rs, None))
+        gateway = r.build_all(rs, self.listeners)
+        # Istio mode is the same resources without our listeners: build and serialize once.
+        istio = r.Resources(by_type={**gateway.by_type, r.LISTENER_TYPE: {}})
+        await self.cache.set_many({GATEWAY_GROUP: gateway, ISTIO_GROUP: istio})
 
     async def run(self) -> None:
         quiet = self.s.debounce_quiet_ms / 1000
