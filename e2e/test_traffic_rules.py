@@ -193,6 +193,20 @@ def test_header_match_sends_all_matching_and_only_those(tmesh: devmesh.Mesh, tmp
     other, f2 = fire(tmesh, "tr-a", 400, lambda i: {"x-user-group": "alpha"} if i % 2 else {})
     assert not f1 and not f2
     assert beta == Counter({"tr-b": 400}) and other == Counter({"tr-a": 400})
+    # gRPC by alias (mm-vmodel-id) follows the same rule.
+    import grpc
+
+    from meshserve_proto import grpc_predict_v2_pb2 as pb
+    from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+
+    req = pb.ModelInferRequest(model_name="tr-a")
+    req.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"hello")
+    with grpc.insecure_channel(tmesh.grpc) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        for group, want in (("beta", "tr-b"), ("alpha", "tr-a")):
+            for _ in range(20):
+                resp = stub.ModelInfer(req, metadata=(("mm-vmodel-id", "tr-a"), ("x-user-group", group)), timeout=30)
+                assert resp.model_name.split("__isvc-")[0] == want, (group, resp.model_name)
 
 
 def test_mirror_gets_its_share_and_clients_see_only_primary(tmesh: devmesh.Mesh, tmp_path: Path) -> None:

@@ -75,6 +75,8 @@ def test_valid_rule_parses(tmp_path: Path) -> None:
         ("      weight: 10", "      weight: 20", 13, "spec.routes.1.to", "sum to 110"),
         ("x-group:", "X Group:", 10, "spec.routes.0.match.headers.X Group", "not a valid HTTP header name"),
         ("x-group:", "X-Group:", 10, "spec.routes.0.match.headers.X-Group", "lower case"),
+        ("{exact: beta}", "{regex: '(?!x)b'}", 10, "spec.routes.0.match.headers.x-group.regex", "RE2"),
+        ("{exact: beta}", "{regex: '(b'}", 10, "spec.routes.0.match.headers.x-group.regex", "not a valid regular expression"),
         ("{exact: beta}", "{exact: beta, prefix: b}", 10, "spec.routes.0.match.headers.x-group", "exactly one of"),
         ("  model: a\n", "  model: a\n  mirorr: {model: b, percent: 5}\n", 7, "spec.mirorr", "unknown field 'mirorr'"),
         ("    - model: a\n      weight: 90", "    - model: a\n      wieght: 90", 15, "spec.routes.1.to.0.wieght", "unknown field"),

@@ -147,6 +147,7 @@ _VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 # RFC 9110 field-name token. Lower case only: Envoy lowercases header names, so a rule
 # written `X-User` would silently never match what the user thinks it matches.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
 _RESERVED_HEADERS = {"mm-model-id", "mm-vmodel-id", "host", "content-length"}
 
 
@@ -239,6 +240,10 @@ def parse_rule(doc: Document, known_models: Iterable[str]) -> Rule:
                     re.compile(m["regex"])
                 except re.error as e:
                     raise doc.error(hp + ("regex",), f"not a valid regular expression: {e}") from None
+                if _NOT_RE2.search(m["regex"]):
+                    # Envoy uses RE2, which has no lookaround or backreferences; Envoy would
+                    # reject the whole route table, so refuse it here with the reason.
+                    raise doc.error(hp + ("regex",), "lookaround and backreferences are not supported (Envoy uses RE2)")
         targets = route["to"]
         seen: set[str] = set()
         for j, t in enumerate(targets):
