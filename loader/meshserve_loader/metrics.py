@@ -24,8 +24,8 @@ class LoaderMetrics:
             "meshserve_loader_load_seconds", "Pull + load time", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r
         )
         self.runtime_restarts = Counter("meshserve_loader_runtime_restarts", "Runtime process restarts after it died", registry=r)
-        self.capacity = Gauge("meshserve_instance_capacity_bytes", "Memory placement may fill with models", registry=r)
-        self.used = Gauge("meshserve_instance_used_bytes", "Memory the loaded models take", registry=r)
+        self.capacity = Gauge("meshserve_loader_capacity_bytes", "Memory this pod offers placement for models", registry=r)
+        self.used = Gauge("meshserve_loader_used_bytes", "Memory the loaded models take, as reported", registry=r)
         self.cache_bytes = Gauge("meshserve_loader_disk_cache_bytes", "Bytes in the disk cache of pulled models", registry=r)
 
     def observe_size(self, predicted: int, measured: int) -> None:
