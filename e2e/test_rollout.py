@@ -101,11 +101,17 @@ def wait_phase(m: devmesh.Mesh, alias: str, phases: set[str], timeout: float = 6
 
 
 def test_version_move_under_load_has_zero_failed_requests(rmesh: devmesh.Mesh, tmp_path: Path) -> None:
+    # Two copies of v1 (minCopies; same predictor, same version), so the move must bring v2 to
+    # two copies before moving. Applied now, not at startup: the model files exist now.
+    f = tmp_path / "move.yaml"
+    f.write_text(isvc("tr-move", "v1.txt").replace("    serving.kserve.io/deploymentMode: ModelMesh\n",
+                                                  "    serving.kserve.io/deploymentMode: ModelMesh\n    meshserve.io/minCopies: \"2\"\n"))
+    apply_file(rmesh, f)
     c = Client(rmesh)
     assert c.infer("tr-move") == (200, "tr-move")
     _, snap = read(rmesh)
     v1 = snap.aliases["tr-move"]
-    f = tmp_path / "move.yaml"
+    devmesh.wait_until(lambda: sum(x.state == CopyState.LOADED for x in read(rmesh)[1].placements.get(v1, {}).values()) == 2, 30, "two copies of v1")
     f.write_text(isvc("tr-move", "v2.txt"))
     with Load(rmesh) as load:
         time.sleep(0.5)
@@ -115,6 +121,8 @@ def test_version_move_under_load_has_zero_failed_requests(rmesh: devmesh.Mesh, t
         time.sleep(1.0)
     assert t.phase == "Done", t
     assert snap.aliases["tr-move"] == t.new != v1
+    assert t.copies == 2 and t.extra["loadedAtMove"] == 2, t  # as many copies as v1 before traffic moved
+    assert snap.models[t.new].min_copies == 0  # the move's boost is gone again
     assert not load.failures, load.failures[:5]
     n = len(load.answers)
     print(f"\nversion move under load: {n} requests, 0 failed")

@@ -17,6 +17,7 @@ Version move (docs/design/traffic.md):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -38,7 +39,9 @@ log = logging.getLogger("meshserve.rollout")
 
 T_UNLOADING = "Unloading"
 TICK_S = 0.2
-DRAIN_S = 3.0  # > xDS debounce (200 ms) + Envoy apply, and the time a typical request takes
+# > xDS debounce (200 ms) + Envoy apply, the time a typical request takes, and placement's
+# spec refresh (2 s poll), so it has seen the old version's minCopies go before it unloads.
+DRAIN_S = 4.0
 ROUTE_WITHDRAW_S = 1.0  # between withdrawing the old model's routes and unloading it
 PARTIAL_COPIES_AFTER_S = 10.0  # placement gave fewer copies than asked and loads nothing more
 LOAD_REREQUEST_S = 2.0
@@ -71,6 +74,7 @@ def registration(
     changes: list[tuple[str, str]] = []
     notes: list[str] = []
     for s in specs:
+        model_op = len(ops)
         ops.append(["HSET", st.MODELS, s.id, s.to_json()])
         changes.append((st.KIND_MODEL, s.id))
         old = aliases.get(s.alias)
@@ -89,6 +93,8 @@ def registration(
             continue
         if t is not None and t.new == s.id:
             if t.phase in (pl.T_LOADING, pl.T_CANARY):
+                if "minCopies" in t.extra:  # keep the move's copy boost (see below)
+                    ops[model_op] = ["HSET", st.MODELS, s.id, dataclasses.replace(s, min_copies=t.copies).to_json()]
                 if t.percent != pct:  # only canaryTrafficPercent changed: same move, new split
                     t.percent = pct
                     ops.append(["HSET", st.TRANSITIONS, s.alias, json.dumps(t.to_dict())])
@@ -105,6 +111,11 @@ def registration(
             changes += [(st.KIND_ALIAS, s.alias), (st.KIND_TRANSITION, s.alias)]
             continue
         nt = pl.Transition(s.alias, old, s.id, max(1, loaded_copies.get(old, 0)), pct, pl.T_LOADING, now)
+        if nt.copies > s.min_copies:
+            # Placement loads minCopies eagerly: that is how the new version gets as many copies
+            # as the old one before traffic moves. The user's own value is restored after.
+            nt.extra["minCopies"] = s.min_copies
+            ops[model_op] = ["HSET", st.MODELS, s.id, dataclasses.replace(s, min_copies=nt.copies).to_json()]
         ops.append(["HSET", st.TRANSITIONS, s.alias, json.dumps(nt.to_dict())])
         changes.append((st.KIND_TRANSITION, s.alias))
         notes.append(f"{s.alias}: moving {old} -> {s.id} once {nt.copies} cop{'y' if nt.copies == 1 else 'ies'} loaded")
@@ -120,15 +131,32 @@ class Step:
     request_load: bool = False
     withdraw_old: bool = False
     unload_old: bool = False
+    restore_spec: bool = False  # give the new model back the user's own minCopies
 
 
 def step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: dict[str, Copy], now: float,
                     last_request: float, load_timeout_s: float, old_in_use: bool) -> Step:
+    out = _step_transition(t, new_copies, old_copies, now, last_request, load_timeout_s, old_in_use)
+    if out.transition is not None and out.transition.phase in (pl.T_DRAINING, pl.T_FAILED) and "minCopies" in t.extra:
+        out.restore_spec = True
+    return out
+
+
+def restore_spec_ops(raw_spec: bytes | str | None, t: pl.Transition) -> list[list[Any]]:
+    """The write that gives a version its user's minCopies back after the move's boost."""
+    if not raw_spec or "minCopies" not in t.extra:
+        return []
+    spec = ModelSpec.from_json(raw_spec)
+    return [["HSET", st.MODELS, spec.id, dataclasses.replace(spec, min_copies=int(t.extra["minCopies"])).to_json()]]
+
+
+def _step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: dict[str, Copy], now: float,
+                     last_request: float, load_timeout_s: float, old_in_use: bool) -> Step:
     out = Step()
     if t.phase == pl.T_LOADING:
         loaded, loading, failed = _counts(new_copies, t.since)
         if loaded >= t.copies or (loaded and not loading and now - t.extra.get("firstLoaded", now) > PARTIAL_COPIES_AFTER_S):
-            nt = pl.Transition(**{**t.__dict__, "extra": dict(t.extra)})
+            nt = pl.Transition(**{**t.__dict__, "extra": {**t.extra, "loadedAtMove": loaded}})
             if loaded < t.copies:
                 nt.reason = f"placement gave {loaded} of {t.copies} copies; moving with {loaded}"
             if t.percent is None or t.percent >= 100:
@@ -347,6 +375,14 @@ class Controller:
         if step.move_alias:
             ops.append(["HSET", st.ALIASES, t.alias, t.new])
             changes.append((st.KIND_ALIAS, t.alias))
+            # minCopies and pinning belong to the InferenceService, which is the new version now:
+            # the superseded one must not be kept (or reloaded) by placement for their sake.
+            raw_old = await self.state.r.hget(st.MODELS, t.old)
+            if raw_old:
+                old_spec = ModelSpec.from_json(raw_old)
+                if old_spec.min_copies or old_spec.pinned:
+                    ops.append(["HSET", st.MODELS, t.old, dataclasses.replace(old_spec, min_copies=0, pinned=False).to_json()])
+                    changes.append((st.KIND_MODEL, t.old))
         if step.withdraw_old:
             # Route first, model second (as Seldon does): copies marked unloading lose their routes.
             copies = {p: (Copy(CopyState.UNLOADING, c.size, now) if c.state == CopyState.LOADED else c) for p, c in old_c.items()}
@@ -357,6 +393,9 @@ class Controller:
             for p, c in old_c.items():
                 if c.state == CopyState.UNLOADING:
                     ops.append(["XADD", st.orders_key(p), "*", "op", "unload", "model", t.old])
+        if step.restore_spec:
+            ops += restore_spec_ops(await self.state.r.hget(st.MODELS, t.new), t)
+            changes.append((st.KIND_MODEL, t.new))
         if step.transition is not None:
             if step.transition.phase != t.phase:
                 log.info("version move %s: %s -> %s %s", t.alias, t.phase, step.transition.phase, step.transition.reason)

@@ -172,6 +172,12 @@ def test_registration_moves_alias_only_when_nothing_serves_the_old_version() -> 
     (t_op,) = [op for op in ops if op[1] == "ms:transitions"]
     t = pl.Transition.from_dict(json.loads(t_op[3]))
     assert (t.old, t.new, t.copies, t.phase) == ("a__isvc-1", "a__isvc-9", 2, pl.T_LOADING)
+    # The new version asks placement for as many copies as the old one has, eagerly (minCopies)...
+    (m_op,) = [op for op in ops if op[1] == "ms:models"]
+    assert ModelSpec.from_json(m_op[3]).min_copies == 2 and t.extra["minCopies"] == 0
+    # ... and gets the user's own value back once traffic moved.
+    (restore,) = rollout.restore_spec_ops(m_op[3], t)
+    assert ModelSpec.from_json(restore[3]).min_copies == 0
     # Re-applying only a new canaryTrafficPercent keeps the same move.
     ops, _, _ = rollout.registration([spec("a", "a__isvc-9")], {"a": 30}, ALIASES, {"a__isvc-1": 2}, {"a": t}, 2.0)
     assert pl.Transition.from_dict(json.loads([op for op in ops if op[1] == "ms:transitions"][0][3])).percent == 30
@@ -271,6 +277,9 @@ def test_cli_apply_get_promote_rollback_against_valkey(tmp_path: Path) -> None:
         # Re-applying the same file neither restarts the canary nor undoes the rollback.
         run.invoke(cli, ["apply", "-f", str(canary)], env=env)
         assert asyncio.run(_read(v.url))[1]["sklearn-mnist-canary"]["phase"] == pl.ROLLED_BACK
+        res = run.invoke(cli, ["delete", "rule", "sklearn-mnist-canary"], env=env)
+        assert res.exit_code == 0 and "deleted" in res.output, res.output
+        assert asyncio.run(_read(v.url))[0] == {}
         res = run.invoke(cli, ["rollback", "nope"], env=env)
         assert res.exit_code == 1 and "no traffic rule or version move named 'nope'" in res.output
 

@@ -173,6 +173,7 @@ def promote(name: str, redis_url: str) -> None:
 @redis_option
 def rollback(name: str, redis_url: str) -> None:
     """Send 100% of NAME's traffic back to its stable model at once."""
+    from meshserve import rollout
     from meshserve.rules import plan as pl
     from meshserve.rules import store
 
@@ -189,6 +190,8 @@ def rollback(name: str, redis_url: str) -> None:
             # The move finished: point the alias back at the previous version (it reloads if unloaded).
             ops.append(["HSET", st.ALIASES, t.alias, t.old])
             changes.append((st.KIND_ALIAS, t.alias))
+        if t.phase in (pl.T_LOADING, pl.T_CANARY):
+            ops += rollout.restore_spec_ops(await state.r.hget(st.MODELS, t.new), t)
         t.phase, t.since, t.reason = pl.T_ROLLED_BACK, now, "rolled back by the operator"
         await store.set_transition(state, t, ops, changes)
         return f"inferenceservice/{name}: rolled back, 100% to {t.old}"
@@ -196,4 +199,27 @@ def rollback(name: str, redis_url: str) -> None:
     click.echo(_run(_url(redis_url), go))
 
 
-COMMANDS = [apply, get, promote, rollback]
+@click.group()
+def delete() -> None:
+    """Remove mesh resources."""
+
+
+@delete.command("rule")
+@click.argument("name")
+@redis_option
+def delete_rule(name: str, redis_url: str) -> None:
+    """Remove traffic rule NAME: its model's traffic goes back to the model itself at once."""
+    from meshserve.rules import store
+
+    async def go(state: st.State) -> str:
+        docs = await store.rule_docs(state)
+        if name not in docs:
+            known = ", ".join(sorted(docs)) or "none"
+            raise LookupError(f"no traffic rule named {name!r} (known: {known})")
+        await store.delete_rule(state, name)
+        return f"trafficrule/{name} deleted; {docs[name]['spec']['model']} serves its own traffic again"
+
+    click.echo(_run(_url(redis_url), go))
+
+
+COMMANDS = [apply, get, promote, rollback, delete]
