@@ -31,6 +31,8 @@ from envoy.type.matcher.v3 import http_inputs_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
+from meshserve_xds.grpc_model_header import lua_filter
+
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -290,6 +292,9 @@ def build_listener(name: str, host: str, port: int, http2_only: bool) -> listene
     )
     if not http2_only:
         manager.local_reply_config.CopyFrom(_json_errors())
+    else:
+        # gRPC clients that send no mm-vmodel-id / mm-model-id: route by the message's model_name.
+        manager.http_filters.insert(0, lua_filter())
     return listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port)),

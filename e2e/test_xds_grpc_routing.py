@@ -1,0 +1,91 @@
+"""Issue 3, item 8: plain KServe v2 gRPC clients that send no routing header reach the pod
+holding the model, through the gateway's gRPC listener, with no Python on the path.
+
+Kind: e2e. A real Envoy configured by our in-process ADS server; two stand-in gRPC runtimes
+(grpcio servers answering ModelInfer with their own name and the mm-model-id they received)
+as a pod and the activator.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Iterator
+
+import grpc
+import pytest
+
+from meshserve.devmesh import free_port
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+from meshserve_xds import resources as r
+from meshserve_xds.bootstrap import gateway_bootstrap
+from meshserve_xds.harness import AdsThread, envoy, wait_for
+from meshserve_xds.server import GATEWAY_GROUP
+
+pytestmark = pytest.mark.e2e
+
+M0 = "m0__isvc-0000000000"
+
+
+class FakeRuntime(pbg.GRPCInferenceServiceServicer):
+    def __init__(self, name: str):
+        self.name = name
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802
+        md = dict(context.invocation_metadata())
+        return pb.ModelInferResponse(model_name=md.get(r.MODEL_ID_HEADER, ""), id=self.name, model_version=md.get(r.VMODEL_ID_HEADER, ""))
+
+
+def _serve(name: str) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pbg.add_GRPCInferenceServiceServicer_to_server(FakeRuntime(name), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    pod, pod_port = _serve("pod-0")
+    act, act_port = _serve("activator")
+    ads = AdsThread().start()
+    try:
+        grpc_port, admin = free_port(), free_port()
+        state = r.RoutingState(
+            pods={"pod-0": r.Endpoint("127.0.0.1", free_port(), pod_port)},
+            loaded={M0: ["pod-0"]},
+            aliases={"m0": M0},
+            activator=r.Endpoint("127.0.0.1", free_port(), act_port),
+        )
+        ads.set(GATEWAY_GROUP, r.build_all(state, r.ListenerConfig("127.0.0.1", free_port(), grpc_port)))
+        with envoy(gateway_bootstrap("gw-grpc", "127.0.0.1", ads.port, admin), admin):
+            target = f"127.0.0.1:{grpc_port}"
+            wait_for(lambda: _infer(target, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0", 20, "gRPC route up")
+            yield target
+    finally:
+        ads.stop()
+        pod.stop(0)
+        act.stop(0)
+
+
+def _infer(target: str, model: str, metadata: list[tuple[str, str]] | None = None) -> pb.ModelInferResponse:
+    with grpc.insecure_channel(target) as ch:
+        req = pb.ModelInferRequest(model_name=model, id="r1")
+        req.inputs.add(name="x", datatype="FP32", shape=[1, 1]).contents.fp32_contents.append(1.0)
+        return pbg.GRPCInferenceServiceStub(ch).ModelInfer(req, metadata=metadata or [], timeout=10)
+
+
+def test_no_header_routes_by_model_name_in_the_message(gateway: str) -> None:
+    for name in ("m0", M0):
+        resp = _infer(gateway, name)
+        assert resp.id == "pod-0" and resp.model_name == M0, resp
+
+
+def test_no_header_cold_model_goes_to_the_activator(gateway: str) -> None:
+    assert _infer(gateway, "not-loaded").id == "activator"
+
+
+def test_headers_still_win_over_the_message(gateway: str) -> None:
+    """A header names the model: the message's model_name is not looked at."""
+    assert _infer(gateway, "something-else", [("mm-vmodel-id", "m0")]).id == "pod-0"
+    assert _infer(gateway, "m0", [("mm-model-id", "cold__isvc-0000000000")]).id == "activator"
