@@ -193,3 +193,25 @@ async def test_loads_are_bounded_per_pod(valkey: Any, tmp_path: Path) -> None:
     finally:
         loop.cancel()
         await state.close()
+
+
+async def test_drain_marks_the_pod_and_waits_bounded(valkey: Any, tmp_path: Path) -> None:
+    """SIGTERM's path: the pod record says draining, a drain event lists its models, and the
+    agent waits for placement to move them, but no longer than the drain timeout."""
+    s = Settings(data_dir=tmp_path, redis_url=valkey.url)
+    state = st.State.from_url(valkey.url)
+    await state.r.flushdb()
+    a = Agent(s, Pod("pod-7", "127.0.0.1", 1, 2, 1 << 30, ["string"]), _CountingRuntime(), state)
+    await a.register()
+    a.loaded = {"m__isvc-0000000001": 1000}
+    t0 = time.monotonic()
+    await a.drain(0.5)
+    assert 0.4 < time.monotonic() - t0 < 3
+    assert Pod.from_json(await state.r.hget(st.PODS, "pod-7")).draining is True
+    ev = [f for _, f in await state.r.xrange(POD_EVENTS)][-1]
+    assert ev[b"op"] == b"drain" and json.loads(ev[b"models"]) == ["m__isvc-0000000001"]
+    a.loaded.clear()  # placement moved everything: drain returns at once
+    t0 = time.monotonic()
+    await a.drain(5)
+    assert time.monotonic() - t0 < 1
+    await state.close()
