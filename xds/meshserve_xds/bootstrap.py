@@ -9,7 +9,7 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from meshserve_xds import resources as r
-from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP
+from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
 
 XDS_CLUSTER = "meshserve_xds"
 
@@ -65,3 +65,13 @@ def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:
     c.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
     c.load_assignment.CopyFrom(r.build_load_assignment(XDS_CLUSTER, host, port))
     return c
+
+
+def proxyless_bootstrap(node_id: str, xds_host: str, xds_port: int) -> str:
+    """The file grpcio's xDS client reads (named by GRPC_XDS_BOOTSTRAP) to dial xds:///meshserve."""
+    import json
+
+    return json.dumps({
+        "xds_servers": [{"server_uri": f"{xds_host}:{xds_port}", "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
+        "node": {"id": node_id, "cluster": PROXYLESS_GROUP, "locality": {"region": "meshserve"}},
+    })

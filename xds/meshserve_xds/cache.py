@@ -97,6 +97,8 @@ def type_version(digests: dict[str, bytes]) -> str:
 class SnapshotCache:
     def __init__(self) -> None:
         self.groups: dict[str, Group] = {}
+        # Groups some client has asked for: optional ones are only built once wanted.
+        self.wanted: set[str] = set()
 
     def group(self, name: str) -> Group:
         g = self.groups.get(name)

@@ -73,7 +73,8 @@ class StreamState:
 
 GATEWAY_GROUP = "meshserve-gateway"  # our own Envoy: listeners, routes, clusters, endpoints
 ISTIO_GROUP = "meshserve-istio"  # a gateway whose listeners come from istiod: no listeners
-GROUPS = (GATEWAY_GROUP, ISTIO_GROUP)
+PROXYLESS_GROUP = "meshserve-proxyless"  # grpcio's own xDS client: an api_listener, no gateway
+GROUPS = (GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP)
 
 
 def group_of(node_cluster: str, node_id: str) -> str:
@@ -151,6 +152,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if not ss.group:
             ss.node_id = node.id  # type: ignore[attr-defined]
             ss.group = group_of(node.cluster, node.id)  # type: ignore[attr-defined]
+            self.cache.wanted.add(ss.group)
             log.info("gateway %s connected (group %s, %s)", ss.node_id, ss.group, "delta" if ss.delta else "sotw")
 
     def _nack(self, ss: StreamState, ts: "TypeState", type_url: str, message: str) -> None:

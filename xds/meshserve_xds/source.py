@@ -23,9 +23,10 @@ from meshserve import state as st
 from meshserve.model import CopyState, ModelSpec, Pod, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
+from meshserve_xds import proxyless
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
-from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP
+from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
 
 log = logging.getLogger("meshserve.xds")
 
@@ -96,6 +97,7 @@ class RedisSource:
         self.rev = 0
         self.snap: st.Snapshot | None = None
         self.traffic: dict = {}
+        self.published: set[str] = set()
 
     async def rebuild(self) -> None:
         """Full resync: read every routing hash at one revision."""
@@ -147,7 +149,12 @@ class RedisSource:
         gateway = r.build_all(rs, self.listeners)
         # Istio mode is the same resources without our listeners: build and serialize once.
         istio = r.Resources(by_type={**gateway.by_type, r.LISTENER_TYPE: {}})
-        await self.cache.set_many({GATEWAY_GROUP: gateway, ISTIO_GROUP: istio})
+        groups = {GATEWAY_GROUP: gateway, ISTIO_GROUP: istio}
+        # Proxyless clients get a route list (O(loaded models)): built only once one connected.
+        if PROXYLESS_GROUP in self.cache.wanted:
+            groups[PROXYLESS_GROUP] = proxyless.build_all(rs)
+        self.published = set(groups)
+        await self.cache.set_many(groups)
 
     async def run(self) -> None:
         quiet = self.s.debounce_quiet_ms / 1000
@@ -160,6 +167,8 @@ class RedisSource:
                 while True:
                     resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=10_000)
                     if not resp:
+                        if self.cache.wanted - self.published and self.snap is not None:
+                            await self._publish()  # a client of a group not built yet
                         continue
                     first = time.monotonic()
                     entries = list(resp[0][1])
