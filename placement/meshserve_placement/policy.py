@@ -43,6 +43,7 @@ class PodView:
     formats: list[str]
     healthy: bool = True
     max_loading: int = 2
+    draining: bool = False  # the pod is shutting down: nothing new goes there
 
 
 @dataclass
@@ -402,6 +403,10 @@ def _healthy(p: PodView, ctx: Context) -> str:
     return "" if p.healthy else "pod heartbeat expired"
 
 
+def _not_draining(p: PodView, ctx: Context) -> str:
+    return "pod is draining (shutting down)" if p.draining else ""
+
+
 def _format(p: PodView, ctx: Context) -> str:
     return "" if ctx.model.format in p.formats else f"runtime serves {', '.join(p.formats) or 'nothing'}, not {ctx.model.format}"
 
@@ -439,6 +444,7 @@ def _fits(p: PodView, ctx: Context) -> str:
 
 FILTERS: list[Filter] = [
     Filter("pod-healthy", "the pod's heartbeat is fresh", _healthy),
+    Filter("not-draining", "the pod is not shutting down", _not_draining),
     Filter("serves-format", "the pod's runtime serves the model's format", _format),
     Filter("not-holding", "the pod does not already hold or load this model", _not_holding),
     Filter("not-excluded", "no load of this model failed on the pod recently", _not_excluded),

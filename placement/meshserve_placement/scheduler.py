@@ -2,7 +2,17 @@
 
 Only the lease holder writes placements, and every write is fenced by the lease inside the
 same Lua commit, so a deposed leader can never double-book memory. The leader keeps a
-ClusterView in memory, rebuilt from Redis when it takes the lease.
+ClusterView in memory, rebuilt from Redis when it takes the lease: everything it decides is
+in Redis (placements, per-pod load queues, exclusions, decision traces), so a new leader
+continues exactly where the old one stopped.
+
+Loads: memory is reserved when a load is decided (the copy is LOADING from then on). The
+order goes to the pod at once when the pod has a free loading slot (Pod.max_loading), else
+into the pod's load queue (ms:loadq:<pod>), where a load with a request waiting goes first.
+
+Signals: recency from ms:lastused (loaders copy it from the runtimes' own counters; the
+activator adds cold hits), request rates and counts from the runtimes' counters
+(GET /v2/meshserve/stats on each pod, every rate_poll_seconds). No Python on the data path.
 """
 
 from __future__ import annotations
@@ -14,18 +24,21 @@ import time
 import uuid
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 
 from meshserve import state as st
-from meshserve.model import Copy, CopyState, ModelSpec, copies_to_json
+from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
-from meshserve_placement import policy
+from meshserve_placement import copies as copyplan
+from meshserve_placement import keys, policy
+from meshserve_placement.tuning import Tuning
 
 log = logging.getLogger("meshserve.placement")
 
 GROUP = "placement"
 CONSUMER = "leader"  # one name, so a new leader inherits the old one's unacknowledged entries
-MAX_LOAD_ATTEMPTS = 3
+QUEUED = "queued for a loading slot"
 
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -34,16 +47,30 @@ end
 return 0
 """
 
+Ops = list[list[Any]]
+Changes = list[tuple[str, str]]
+
 
 class Scheduler:
-    def __init__(self, settings: Settings, state: st.State):
+    def __init__(self, settings: Settings, state: st.State, tuning: Tuning | None = None):
         self.s, self.state = settings, state
+        self.t = tuning or Tuning.from_env()
         self.id = f"placement-{uuid.uuid4().hex[:8]}"
-        self.view = policy.ClusterView(pods={}, models={})
+        self.view = policy.ClusterView(pods={}, models={}, horizon_s=self.t.eviction_horizon_seconds)
         self.specs: dict[str, ModelSpec] = {}
+        self.pods: dict[str, Pod] = {}
         self.heartbeats: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
+        self.waiting: set[str] = set()  # models with a request held by an activator
+        self.queues: dict[str, dict[str, float]] = {}  # pod -> model -> priority (mirror of ms:loadq:<pod>)
+        self.rates: dict[str, float] = {}  # requests/s per model, from the runtimes' counters
+        self.last_added: dict[str, float] = {}
+        self._counts: dict[tuple[str, str], int] = {}  # (pod, model) -> last request count seen
+        self._lastused_seen = 0.0
+        self._recent: dict[str, float] = {}  # models used within the busy window -> last use
+        self._models_rev = -1
         self._renew = state.r.register_script(_RENEW_LUA)
+        self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
         self.last_decisions: dict[str, policy.Decision] = {}
 
@@ -55,6 +82,8 @@ class Scheduler:
                 if await self.state.r.set(st.LEASE, self.id, nx=True, px=lease_ms):
                     log.info("%s took the placement lease", self.id)
                     await self._lead(lease_ms)
+            except st.NotLeader:
+                log.warning("%s was deposed mid-write", self.id)
             except (aioredis.RedisError, OSError) as e:
                 log.warning("placement: redis error: %s", e)
             self.leading.clear()
@@ -64,23 +93,26 @@ class Scheduler:
         await self._ensure_groups()
         await self._reload()
         self.leading.set()
-        tasks = [
-            asyncio.create_task(self._consume(st.LOAD_REQUESTS, self._on_load_request)),
-            asyncio.create_task(self._consume(st.EVENTS, self._on_event)),
-            asyncio.create_task(self._expire_pods()),
-        ]
-        try:
-            while True:
-                await asyncio.sleep(self.s.lease_seconds / 3)
-                if not await self._renew(keys=[st.LEASE], args=[self.id, lease_ms]):
-                    log.warning("%s lost the placement lease", self.id)
-                    return
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.t.rate_poll_seconds))) as http:
+            tasks = [
+                asyncio.create_task(self._consume(st.LOAD_REQUESTS, self._on_load_request)),
+                asyncio.create_task(self._consume(st.EVENTS, self._on_event)),
+                asyncio.create_task(self._expire_pods()),
+                asyncio.create_task(self._maintain(http)),
+            ]
+            try:
+                while True:
+                    await asyncio.sleep(self.s.lease_seconds / 3)
+                    if not await self._renew(keys=[st.LEASE], args=[self.id, lease_ms]):
+                        log.warning("%s lost the placement lease", self.id)
+                        return
+                    for t in tasks:
+                        if t.done() and t.exception():
+                            raise t.exception()  # type: ignore[misc]
+            finally:
                 for t in tasks:
-                    if t.done() and t.exception():
-                        raise t.exception()  # type: ignore[misc]
-        finally:
-            for t in tasks:
-                t.cancel()
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _ensure_groups(self) -> None:
         for key in (st.LOAD_REQUESTS, st.EVENTS):
@@ -91,19 +123,41 @@ class Scheduler:
                     raise
 
     async def _reload(self) -> None:
+        """Everything the previous leader decided is in Redis: rebuild the view from it."""
         snap = await self.state.snapshot()
+        r = self.state.r
         self.specs = snap.models
-        self.view = policy.ClusterView(
-            pods={
-                p.id: policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading) for p in snap.pods.values()
-            },
-            models={m.id: _model_view(m) for m in snap.models.values()},
-            copies=snap.placements,
-        )
-        hb = await self.state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True)
+        self.pods = dict(snap.pods)
+        hb = await r.zrange(st.HEARTBEATS, 0, -1, withscores=True)
         self.heartbeats = {k.decode(): v for k, v in hb}
-        lu = await self.state.r.zrange(st.LAST_USED, 0, -1, withscores=True)
-        self.view.last_used = {k.decode(): v for k, v in lu}
+        lu = await r.zrange(st.LAST_USED, 0, -1, withscores=True)
+        now = time.time()
+        excluded = {}
+        for k, v in (await r.hgetall(keys.EXCLUDED)).items():
+            m, _, p = k.decode().rpartition("|")
+            if float(v) > now:
+                excluded[(m, p)] = float(v)
+        self.view = policy.ClusterView(
+            pods={p.id: _pod_view(p) for p in snap.pods.values()},
+            models={m.id: _model_view(m) for m in snap.models.values()},
+            copies={m: cs for m, cs in snap.placements.items() if cs},
+            excluded=excluded,
+            horizon_s=self.t.eviction_horizon_seconds,
+        )
+        for k, v in lu:
+            self.view.touch(k.decode(), v)
+        self._lastused_seen = max((v for _, v in lu), default=0.0)
+        self.queues = {}
+        for pod in self.pods:
+            q = await r.zrange(keys.loadq_key(pod), 0, -1, withscores=True)
+            if q:
+                self.queues[pod] = {k.decode(): v for k, v in q}
+        self.waiting = {m for q in self.queues.values() for m, prio in q.items() if prio < keys.BACKGROUND}
+        log.info("%s: state reloaded: %d models, %d pods, %d placements, %d queued loads", self.id,
+                 len(self.specs), len(self.pods), len(snap.placements), sum(len(q) for q in self.queues.values()))
+        async with self._lock:
+            for pod in list(self.pods):
+                await self._dispatch(pod)  # slots may have freed while nobody led
 
     async def _consume(self, key: str, handler: Any) -> None:
         cursor = "0"
@@ -115,85 +169,148 @@ class Scheduler:
                 continue
             for eid, fields in entries:
                 try:
-                    await handler({k.decode(): v.decode() for k, v in fields.items()})
+                    async with self._lock:
+                        await handler({k.decode(): v.decode() for k, v in fields.items()})
                 except st.NotLeader:
                     raise
                 except Exception:
                     log.exception("placement: handling %s %s failed", key, fields)
                 await self.state.r.xack(key, GROUP, eid)
 
-    async def _commit(self, ops: list[list[Any]], changes: list[tuple[str, str]]) -> int:
+    async def _commit(self, ops: Ops, changes: Changes) -> int:
         return await self.state.commit(ops, changes, fence=self.id)
+
+    def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
+        if copies:
+            self.view.copies[model] = copies
+            ops.append(["HSET", st.PLACEMENTS, model, copies_to_json(copies)])
+        else:
+            self.view.copies.pop(model, None)
+            ops.append(["HDEL", st.PLACEMENTS, model])
+        changes.append((st.KIND_PLACEMENT, model))
 
     # --- decisions -------------------------------------------------------------------
     async def _refresh_model(self, model_id: str) -> ModelSpec | None:
-        spec = self.specs.get(model_id)
+        spec = await self.state.model(model_id)  # always fresh: annotations (min/max/pinned) may change
         if spec is None:
-            spec = await self.state.model(model_id)
-            if spec is not None:
-                self.specs[model_id] = spec
-                self.view.models[model_id] = _model_view(spec)
+            return self.specs.get(model_id)
+        self.specs[model_id] = spec
+        old = self.view.models.get(model_id)
+        mv = _model_view(spec)
+        if old is not None and old.size != mv.size and self.view.live_copies(model_id):
+            mv.size = old.size  # keep the measured size once loaded
+        self.view.models[model_id] = mv
         return spec
 
     async def _refresh_pods(self) -> None:
-        # Pods register themselves; pick up any the leader has not seen yet.
+        """Pods register themselves and flag draining; pick up new pods and changed fields."""
         raw = await self.state.r.hgetall(st.PODS)
-        from meshserve.model import Pod
-
         for k, v in raw.items():
             pid = k.decode()
-            if pid not in self.view.pods:
-                p = Pod.from_json(v)
-                self.view.pods[pid] = policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading)
+            p = Pod.from_json(v)
+            self.pods[pid] = p
+            pv = self.view.pods.get(pid)
+            if pv is None:
+                self.view.pods[pid] = _pod_view(p)
                 self.heartbeats.setdefault(pid, time.time())
+            else:
+                pv.capacity, pv.formats, pv.max_loading, pv.draining = p.capacity_bytes, p.formats, p.max_loading, p.draining
+
+    def _mark_health(self, now: float) -> None:
+        for pid, pv in self.view.pods.items():
+            pv.healthy = now - self.heartbeats.get(pid, 0) <= self.s.heartbeat_seconds * self.s.heartbeat_misses
 
     async def _on_load_request(self, f: dict[str, str]) -> None:
         model_id = f["model"]
         copies = self.view.copies.get(model_id, {})
-        if any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in copies.values()):
-            return  # many requests for one cold model make one load
+        if any(c.state == CopyState.LOADED for c in copies.values()):
+            return
+        if any(c.state == CopyState.LOADING for c in copies.values()):
+            # Many requests for one cold model make one load; a waiting request moves it up the queue.
+            await self._prioritise(model_id)
+            return
         spec = await self._refresh_model(model_id)
         if spec is None:
             return
         await self._refresh_pods()
         self.attempts[model_id] = 0
-        await self._place(spec)
+        self.waiting.add(model_id)
+        await self._place(spec, waiting=True)
 
-    async def _place(
-        self, spec: ModelSpec, ops: list[list[Any]] | None = None, changes: list[tuple[str, str]] | None = None
-    ) -> None:
+    async def _prioritise(self, model_id: str) -> None:
+        self.waiting.add(model_id)
+        for pod, q in self.queues.items():
+            prio = q.get(model_id)
+            if prio is not None and prio >= keys.BACKGROUND:
+                q[model_id] = prio - keys.BACKGROUND
+                await self._commit([["ZADD", keys.loadq_key(pod), q[model_id], model_id]], [])
+                await self._dispatch(pod)
+
+    async def _place(self, spec: ModelSpec, waiting: bool, ops: Ops | None = None, changes: Changes | None = None, why: str = "") -> bool:
         """Decide one more copy of `spec`; commit it together with any `ops` the caller has pending."""
         ops = list(ops or [])
         changes = list(changes or [])
         now = time.time()
-        for pid, pv in self.view.pods.items():
-            pv.healthy = now - self.heartbeats.get(pid, 0) <= self.s.heartbeat_seconds * self.s.heartbeat_misses
+        self._mark_health(now)
         mv = self.view.models[spec.id]
         decision = policy.place(mv, self.view, now)
         self.last_decisions[spec.id] = decision
+        record = {**decision.to_dict(), "ts": now, "leader": self.id, "why": why or ("a request is waiting" if waiting else "")}
+        ops.append(["HSET", keys.DECISIONS, spec.id, json.dumps(record, separators=(",", ":"))])
         if decision.pod is None:
             log.warning("cannot place %s: %s", spec.id, decision.reason)
-            copies = dict(self.view.copies.get(spec.id, {}))
-            copies["-"] = Copy(CopyState.FAILED, 0, now, decision.reason)
-            self.view.copies[spec.id] = copies
-            ops.append(["HSET", st.PLACEMENTS, spec.id, copies_to_json(copies)])
-            await self._commit(ops, changes + [(st.KIND_PLACEMENT, spec.id)])
-            return
+            if waiting:
+                # Tell the waiting activators: a "-" pseudo-copy carries the reason to the 503.
+                copies = dict(self.view.copies.get(spec.id, {}))
+                copies["-"] = Copy(CopyState.FAILED, 0, now, decision.reason)
+                self._set_copies(spec.id, copies, ops, changes)
+                self.waiting.discard(spec.id)
+            await self._commit(ops, changes)
+            return False
+        pod = decision.pod
         for victim in decision.evict:
             vc = dict(self.view.copies[victim])
-            vc[decision.pod] = Copy(CopyState.UNLOADING, vc[decision.pod].size, now)
-            self.view.copies[victim] = vc
-            ops.append(["HSET", st.PLACEMENTS, victim, copies_to_json(vc)])
-            ops.append(["XADD", st.orders_key(decision.pod), "*", "op", "unload", "model", victim])
-            changes.append((st.KIND_PLACEMENT, victim))
+            vc[pod] = Copy(CopyState.UNLOADING, vc[pod].size, now, f"evicted to make room for {spec.id}")
+            self._set_copies(victim, vc, ops, changes)
+            # Unloads never wait for a slot: they free the memory the load was promised.
+            ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", victim])
         copies = {p: c for p, c in self.view.copies.get(spec.id, {}).items() if p != "-"}
-        copies[decision.pod] = Copy(CopyState.LOADING, mv.size, now)
-        self.view.copies[spec.id] = copies
-        ops.append(["HSET", st.PLACEMENTS, spec.id, copies_to_json(copies)])
-        ops.append(["XADD", st.orders_key(decision.pod), "*", "op", "load", "model", spec.id, "spec", spec.to_json()])
-        changes.append((st.KIND_PLACEMENT, spec.id))
+        prio = now + (0.0 if waiting else keys.BACKGROUND)
+        copies[pod] = Copy(CopyState.LOADING, mv.size, now, QUEUED)
+        self._set_copies(spec.id, copies, ops, changes)
+        self.queues.setdefault(pod, {})[spec.id] = prio
+        ops.append(["ZADD", keys.loadq_key(pod), prio, spec.id])
         await self._commit(ops, changes)
-        log.info("placing %s on %s%s", spec.id, decision.pod, f" evicting {decision.evict}" if decision.evict else "")
+        log.info("placing %s on %s%s%s", spec.id, pod, f" evicting {decision.evict}" if decision.evict else "", f" ({why})" if why else "")
+        await self._dispatch(pod)
+        return True
+
+    def _dispatched(self, pod: str) -> int:
+        q = self.queues.get(pod, {})
+        return sum(1 for m, c in self.view.pod_models(pod).items() if c.state == CopyState.LOADING and m not in q)
+
+    async def _dispatch(self, pod: str) -> None:
+        """Send queued loads to the pod while it has free loading slots, waiting requests first."""
+        q = self.queues.get(pod)
+        if not q:
+            return
+        pv = self.view.pods.get(pod)
+        slots = max(1, pv.max_loading if pv else 1) - self._dispatched(pod)
+        ops: Ops = []
+        changes: Changes = []
+        for model in sorted(q, key=lambda m: (q[m], m))[: max(0, slots)]:
+            del q[model]
+            ops.append(["ZREM", keys.loadq_key(pod), model])
+            cs = dict(self.view.copies.get(model, {}))
+            c = cs.get(pod)
+            spec = self.specs.get(model)
+            if c is None or c.state != CopyState.LOADING or spec is None:
+                continue  # withdrawn meanwhile
+            cs[pod] = Copy(CopyState.LOADING, c.size, c.since)
+            self._set_copies(model, cs, ops, changes)
+            ops.append(["XADD", st.orders_key(pod), "*", "op", "load", "model", model, "spec", spec.to_json()])
+        if ops:
+            await self._commit(ops, changes)
 
     async def _on_event(self, f: dict[str, str]) -> None:
         if f.get("op") == "register":
@@ -202,47 +319,63 @@ class Scheduler:
         model_id, pod, op, ok = f["model"], f["pod"], f["op"], f.get("ok") == "1"
         now = time.time()
         copies = dict(self.view.copies.get(model_id, {}))
+        cur = copies.get(pod)
+        ops: Ops = []
+        changes: Changes = []
         if op == "load":
-            if pod not in copies:
-                return  # the copy was withdrawn meanwhile (pod expired)
+            if cur is None or cur.state != CopyState.LOADING:
+                return  # withdrawn meanwhile, or an event this leader already applied (replay after failover)
             if ok:
-                size = int(f.get("size") or 0) or copies[pod].size
+                size = int(f.get("size") or 0) or cur.size
                 copies[pod] = Copy(CopyState.LOADED, size, now)
-                self.view.last_used.setdefault(model_id, now)
+                mv = self.view.models.get(model_id)
+                if mv is not None and size:
+                    mv.size = size  # measured: later decisions book the real size
+                if model_id not in self.view.last_used:
+                    self.view.touch(model_id, now)
+                self.waiting.discard(model_id)
             else:
-                copies[pod] = Copy(CopyState.FAILED, 0, now, f.get("reason", ""))
-                self.view.excluded[(model_id, pod)] = now + self.s.failed_pod_exclusion_seconds
+                reason = f.get("reason", "")
+                copies[pod] = Copy(CopyState.FAILED, 0, now, reason)
+                until = now + self.s.failed_pod_exclusion_seconds
+                self.view.excluded[(model_id, pod)] = until
+                ops.append(["HSET", keys.EXCLUDED, f"{model_id}|{pod}", until])
         elif op == "unload":
+            if cur is None:
+                return
             copies.pop(pod, None)
-        self.view.copies[model_id] = copies
-        ops = [["HSET", st.PLACEMENTS, model_id, copies_to_json(copies)] if copies else ["HDEL", st.PLACEMENTS, model_id]]
-        changes = [(st.KIND_PLACEMENT, model_id)]
+        self._set_copies(model_id, copies, ops, changes)
         if op == "load" and not ok:
             n = self.attempts.get(model_id, 0) + 1
             self.attempts[model_id] = n
             spec = self.specs.get(model_id)
-            if spec is not None and n < MAX_LOAD_ATTEMPTS:
+            others = any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in copies.values())
+            if spec is not None and n < self.t.max_load_attempts and not others:
                 # The failure and the retry land in one commit, so nobody sees "failed, nothing pending".
                 log.info("retrying load of %s elsewhere (attempt %d): %s", model_id, n + 1, f.get("reason"))
-                await self._place(spec, ops, changes)
+                await self._place(spec, model_id in self.waiting, ops, changes, why=f"retry after a failed load on {pod}")
+                await self._dispatch(pod)
                 return
+            self.waiting.discard(model_id)
         await self._commit(ops, changes)
+        await self._dispatch(pod)
 
     async def _reconcile_pod(self, pod: str, held: set[str]) -> None:
         """A (re)started pod says what its runtime really holds; copies it lost are dropped."""
         await self._refresh_pods()
-        ops: list[list[Any]] = []
-        changes: list[tuple[str, str]] = []
-        for m, copies in list(self.view.copies.items()):
-            c = copies.get(pod)
-            if c is not None and c.state in (CopyState.LOADED, CopyState.LOADING, CopyState.UNLOADING) and m not in held:
-                rest = {p: x for p, x in copies.items() if p != pod}
-                self.view.copies[m] = rest
-                ops.append(["HSET", st.PLACEMENTS, m, copies_to_json(rest)] if rest else ["HDEL", st.PLACEMENTS, m])
-                changes.append((st.KIND_PLACEMENT, m))
+        self.heartbeats[pod] = time.time()
+        ops: Ops = []
+        changes: Changes = []
+        for m, c in list(self.view.pod_models(pod).items()):
+            # LOADING copies stay: their orders are still in the pod's stream, and the agent
+            # re-reads the ones it had not finished, so re-sending would load twice.
+            if m not in held and c.state in (CopyState.LOADED, CopyState.UNLOADING):
+                rest = {p: x for p, x in self.view.copies[m].items() if p != pod}
+                self._set_copies(m, rest, ops, changes)
         if ops:
-            log.info("pod %s restarted without %d models; dropping those copies", pod, len(changes))
+            log.info("pod %s (re)registered: reconciled %d copies", pod, len(ops))
             await self._commit(ops, changes)
+        await self._dispatch(pod)
 
     async def _expire_pods(self) -> None:
         period = self.s.heartbeat_seconds
@@ -250,25 +383,145 @@ class Scheduler:
             await asyncio.sleep(period / 2)
             hb = await self.state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True)
             self.heartbeats = {k.decode(): v for k, v in hb}
-            await self._refresh_pods()
-            now = time.time()
-            dead = [p for p in self.view.pods if now - self.heartbeats.get(p, 0) > period * self.s.heartbeat_misses]
-            for pod in dead:
-                await self._withdraw_pod(pod)
+            async with self._lock:
+                await self._refresh_pods()
+                now = time.time()
+                dead = [p for p in self.view.pods if now - self.heartbeats.get(p, 0) > period * self.s.heartbeat_misses]
+                for pod in dead:
+                    await self._withdraw_pod(pod)
 
     async def _withdraw_pod(self, pod: str) -> None:
         log.warning("pod %s missed its heartbeats: withdrawing its placements", pod)
-        ops: list[list[Any]] = [["HDEL", st.PODS, pod], ["ZREM", st.HEARTBEATS, pod]]
-        changes: list[tuple[str, str]] = [(st.KIND_POD, pod)]
-        for m, copies in list(self.view.copies.items()):
-            if pod in copies:
-                rest = {p: c for p, c in copies.items() if p != pod}
-                self.view.copies[m] = rest
-                ops.append(["HSET", st.PLACEMENTS, m, copies_to_json(rest)] if rest else ["HDEL", st.PLACEMENTS, m])
-                changes.append((st.KIND_PLACEMENT, m))
+        ops: Ops = [["HDEL", st.PODS, pod], ["ZREM", st.HEARTBEATS, pod], ["DEL", keys.loadq_key(pod)]]
+        changes: Changes = [(st.KIND_POD, pod)]
+        for m in list(self.view.pod_models(pod)):
+            rest = {p: c for p, c in self.view.copies[m].items() if p != pod}
+            self._set_copies(m, rest, ops, changes)
         self.view.pods.pop(pod, None)
+        self.pods.pop(pod, None)
+        requeue = [m for m in self.queues.pop(pod, {}) if m in self.waiting]
+        await self._commit(ops, changes)
+        for m in requeue + [m for m in self.waiting if not self.view.copies.get(m)]:
+            spec = self.specs.get(m)
+            if spec is not None and not any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(m, {}).values()):
+                await self._place(spec, waiting=True, why=f"pod {pod} died before loading it")
+
+    # --- copies: scale, minimums, idle, draining, in-flight ----------------------------
+    async def _maintain(self, http: aiohttp.ClientSession) -> None:
+        last_poll = 0.0
+        while True:
+            await asyncio.sleep(self.t.maintain_seconds)
+            now = time.time()
+            if now - last_poll >= self.t.rate_poll_seconds:
+                await self._poll_rates(http, now - last_poll if last_poll else 0.0)
+                last_poll = now
+                await self._refresh_specs()
+            await self._poll_lastused(now)
+            async with self._lock:
+                await self._reconcile_copies(now)
+
+    async def _refresh_specs(self) -> None:
+        """Models registered (or re-annotated) since: minCopies and pinning apply without a request."""
+        rev = await self.state.rev()
+        if rev == self._models_rev:
+            return
+        self._models_rev = rev
+        raw = await self.state.r.hgetall(st.MODELS)
+        async with self._lock:
+            for k, v in raw.items():
+                spec = ModelSpec.from_json(v)
+                self.specs[spec.id] = spec
+                mv = _model_view(spec)
+                old = self.view.models.get(spec.id)
+                if old is not None and self.view.live_copies(spec.id):
+                    mv.size = old.size
+                self.view.models[spec.id] = mv
+
+    async def _poll_rates(self, http: aiohttp.ClientSession, interval: float) -> None:
+        """Request counts from every runtime: rates for scaling, counts for the eviction value."""
+
+        async def one(pod: Pod) -> tuple[str, dict[str, Any]]:
+            try:
+                async with http.get(f"http://{pod.host}:{pod.rest_port}/v2/meshserve/stats") as r:
+                    return pod.id, (await r.json() if r.status == 200 else {})
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                return pod.id, {}
+
+        results = await asyncio.gather(*(one(p) for p in list(self.pods.values())))
+        deltas: dict[str, int] = {}
+        seen: set[tuple[str, str]] = set()
+        for pod, stats in results:
+            for m, s in stats.items():
+                n = int(s.get("requests", 0))
+                key = (pod, m)
+                seen.add(key)
+                prev = self._counts.get(key)
+                self._counts[key] = n
+                d = n - prev if prev is not None and n >= prev else 0
+                if d:
+                    deltas[m] = deltas.get(m, 0) + d
+                    if s.get("last_used"):
+                        lu = float(s["last_used"])
+                        self.view.touch(m, lu, uses=d)
+                        self._recent[m] = max(lu, self._recent.get(m, 0.0))
+        for key in [k for k in self._counts if k not in seen]:
+            del self._counts[key]
+        if interval > 0:
+            # An EWMA over ~3 polls: fast enough to add a copy within seconds, steady enough not to flap.
+            alpha = 0.5
+            for m in set(self.rates) | set(deltas):
+                r = alpha * deltas.get(m, 0) / interval + (1 - alpha) * self.rates.get(m, 0.0)
+                if r < 0.01:
+                    self.rates.pop(m, None)
+                else:
+                    self.rates[m] = r
+
+    async def _poll_lastused(self, now: float) -> None:
+        """Recent uses (runtime counters copied by the loaders, cold hits from the activator)."""
+        since = self._lastused_seen - 2 * self.s.heartbeat_seconds
+        recent = await self.state.r.zrangebyscore(st.LAST_USED, since, "+inf", withscores=True)
+        for k, v in recent:
+            m = k.decode()
+            self.view.touch(m, v)
+            self._recent[m] = max(v, self._recent.get(m, 0.0))
+            self._lastused_seen = max(self._lastused_seen, v)
+        # In flight: used within the window. The runtimes serve a request in well under it and
+        # report each heartbeat, so a model with a request in progress is always in this set.
+        window = self.t.busy_window_seconds
+        self._recent = {m: t for m, t in self._recent.items() if now - t < window}
+        self.view.in_flight = set(self._recent)
+
+    async def _reconcile_copies(self, now: float) -> None:
+        self._mark_health(now)
+        draining = {p for p, pv in self.view.pods.items() if pv.draining}
+        for a in copyplan.plan(self.view, self.rates, now, self.t, self.last_added, draining):
+            spec = self.specs.get(a.model)
+            if a.op == "add" and spec is not None:
+                if await self._place(spec, waiting=a.model in self.waiting, why=a.why):
+                    self.last_added[a.model] = now
+            elif a.op == "remove":
+                await self._unload(a.model, a.pod, a.why)
+
+    async def _unload(self, model: str, pod: str, why: str) -> None:
+        cs = dict(self.view.copies.get(model, {}))
+        c = cs.get(pod)
+        if c is None or c.state != CopyState.LOADED:
+            return
+        log.info("unloading %s from %s: %s", model, pod, why)
+        ops: Ops = []
+        changes: Changes = []
+        cs[pod] = Copy(CopyState.UNLOADING, c.size, time.time(), why)
+        self._set_copies(model, cs, ops, changes)
+        ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", model])
         await self._commit(ops, changes)
 
 
 def _model_view(m: ModelSpec) -> policy.ModelView:
+    # Until a load measures it, a model books its size hint, or 64 MiB when it has none.
     return policy.ModelView(m.id, m.format, m.size_hint or 64 << 20, m.pinned, m.min_copies, m.max_copies)
+
+
+def _pod_view(p: Pod) -> policy.PodView:
+    return policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining)
+
+

@@ -1,0 +1,262 @@
+"""Issue 4: the placement leader's cache behaviour against a real Valkey.
+
+Kind: e2e/state. Real Valkey (devmesh.valkey()), the real Scheduler and Activator in this
+process, and fake loader agents that speak the real protocol (orders on ms:orders:<pod>,
+results on ms:events, counters on a real HTTP /v2/meshserve/stats), so each behaviour is
+checked in a few seconds without runtimes or Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import pytest
+from aiohttp import web
+
+from meshserve import devmesh
+from meshserve import state as st
+from meshserve.model import CopyState, ModelSpec, Pod
+from meshserve.settings import Settings
+from meshserve_placement import keys
+from meshserve_placement.activator import Activator, LoadFailed
+from meshserve_placement.scheduler import Scheduler
+from meshserve_placement.tuning import Tuning
+
+pytestmark = pytest.mark.e2e
+MB = 1 << 20
+
+
+@dataclass
+class FakePod:
+    """A loader agent and its runtime's counters, as far as placement can tell."""
+
+    pod: Pod
+    state: st.State
+    load_seconds: float = 0.05
+    fail: set[str] = field(default_factory=set)
+    orders: list[tuple[str, str]] = field(default_factory=list)
+    held: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {requests, last_used}
+
+    async def run(self) -> None:
+        r = self.state.r
+        await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
+        last = "0"
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            await r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
+            resp = await r.xread({st.orders_key(self.pod.id): last}, block=100, count=16)
+            for _, entries in resp or []:
+                for eid, f in entries:
+                    last = eid
+                    op, model = f[b"op"].decode(), f[b"model"].decode()
+                    self.orders.append((op, model))
+                    size = ModelSpec.from_json(f[b"spec"]).size_hint if b"spec" in f else 0
+                    t = asyncio.create_task(self._do(op, model, size))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+
+    async def _do(self, op: str, model: str, size: int) -> None:
+        ok, reason = 1, ""
+        if op == "load":
+            await asyncio.sleep(self.load_seconds)
+            if model in self.fail:
+                ok, reason = 0, "simulated: corrupt model file"
+            else:
+                self.held[model] = {"requests": 0, "last_used": 0.0, "size": size}
+        else:
+            self.held.pop(model, None)
+        await self.state.r.xadd(st.EVENTS, {"pod": self.pod.id, "model": model, "op": op, "ok": str(ok), "size": str(size if ok else 0), "reason": reason})
+
+    def use(self, model: str, n: int = 1) -> None:
+        s = self.held[model]
+        s["requests"] += n
+        s["last_used"] = time.time()
+
+
+@contextlib.asynccontextmanager
+async def cluster(url: str, pods: int = 2, capacity: int = 100 * MB, max_loading: int = 2, **tuning: float) -> AsyncIterator[tuple[Scheduler, list[FakePod], st.State]]:
+    state = st.State.from_url(url)
+    s = Settings(redis_url=url, heartbeat_seconds=0.5, lease_seconds=1.0, cold_start_timeout_seconds=5.0)
+    fakes: list[FakePod] = []
+    runners: list[web.AppRunner] = []
+    for i in range(pods):
+        fp = FakePod(Pod(f"pod-{i}", "127.0.0.1", devmesh.free_port(), 0, capacity, ["sklearn"], max_loading=max_loading), state)
+        app = web.Application()
+
+        async def stats(_: web.Request, fp: FakePod = fp) -> web.Response:
+            return web.json_response(fp.held)
+
+        app.router.add_get("/v2/meshserve/stats", stats)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", fp.pod.rest_port).start()
+        runners.append(runner)
+        fakes.append(fp)
+    tasks = [asyncio.create_task(fp.run()) for fp in fakes]
+    await asyncio.sleep(0.2)
+    sched = Scheduler(s, state, Tuning(**{"maintain_seconds": 0.2, "rate_poll_seconds": 0.3, **tuning}))
+    tasks.append(asyncio.create_task(sched.run()))
+    try:
+        await asyncio.wait_for(sched.leading.wait(), 5)
+        yield sched, fakes, state
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for runner in runners:
+            await runner.cleanup()
+        await state.close()
+
+
+def spec(name: str, size: int = 10 * MB, **kw: object) -> ModelSpec:
+    return ModelSpec(id=f"{name}__isvc-0000000000", alias=name, format="sklearn", storage={}, size_hint=size, **kw)  # type: ignore[arg-type]
+
+
+async def until(pred, timeout: float = 8.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not true within {timeout}s")
+
+
+def states(copies: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    return {p: c.state for p, c in copies.items()}
+
+
+@pytest.fixture
+def valkey() -> Iterator[devmesh.Valkey]:
+    with devmesh.valkey() as v:
+        yield v
+
+
+async def test_many_requests_one_load_and_waiting_request_first(valkey: devmesh.Valkey) -> None:
+    """One pod with one loading slot: background loads (minCopies) queue behind each other, a
+    load with a request waiting jumps the queue, and 20 concurrent requests make one load."""
+    async with cluster(valkey.url, pods=1, capacity=1000 * MB, max_loading=1) as (sched, (pod,), state):
+        pod.load_seconds = 0.4
+        bg = [spec(f"bg{i}", min_copies=1) for i in range(3)]
+        hot = spec("hot")
+        await state.register_models(bg + [hot])
+        await until(lambda: _true(len([o for o in pod.orders if o[0] == "load"]) >= 1), what="first background load")
+        act = Activator(sched.s, state)
+        watcher = asyncio.create_task(act.watch_changes())
+        try:
+            got = await asyncio.gather(*(act.ensure_loaded(hot.id) for _ in range(20)))
+        finally:
+            watcher.cancel()
+        assert {p.id for p in got} == {"pod-0"}
+        await until(lambda: _true(len([o for o in pod.orders if o[0] == "load"]) == 4), what="all loads")
+        loads = [m for op, m in pod.orders if op == "load"]
+        assert loads.count(hot.id) == 1, loads
+        assert loads.index(hot.id) == 1, f"the waiting load should go right after the one in progress: {loads}"
+
+
+async def _true(v: bool) -> bool:
+    return v
+
+
+async def test_failed_load_retried_elsewhere_with_exclusion(valkey: devmesh.Valkey) -> None:
+    async with cluster(valkey.url, pods=2) as (sched, pods, state):
+        m = spec("flaky")
+        await state.register_models([m])
+        # Make pod-0 the obvious first choice (more free space), so the retry must go elsewhere.
+        filler = spec("filler", 50 * MB)
+        await state.register_models([filler])
+        act = Activator(sched.s, state)
+        await state.r.xadd(st.LOAD_REQUESTS, {"model": filler.id})
+        await until(lambda: _loaded(state, filler.id), what="filler loaded")
+        where = next(iter((await state.copies(filler.id))))
+        bad, good = (pods[0], pods[1]) if where == "pod-1" else (pods[1], pods[0])
+        bad.fail, good.fail = {m.id}, set()
+        watcher = asyncio.create_task(act.watch_changes())
+        try:
+            got = await act.ensure_loaded(m.id)
+        finally:
+            watcher.cancel()
+        assert got.id == good.pod.id
+        copies = await state.copies(m.id)
+        assert copies[bad.pod.id].state == CopyState.FAILED and "corrupt" in copies[bad.pod.id].reason
+        assert await state.r.hget(keys.EXCLUDED, f"{m.id}|{bad.pod.id}")
+        decision = json.loads(await state.r.hget(keys.DECISIONS, m.id))
+        assert decision["pod"] == good.pod.id and "retry" in decision["why"]
+
+
+async def _loaded(state: st.State, model: str) -> bool:
+    return any(c.state == CopyState.LOADED for c in (await state.copies(model)).values())
+
+
+async def test_nothing_evictable_gives_a_clear_503(valkey: devmesh.Valkey) -> None:
+    """The only pod is full of a model with requests in flight: the cold request gets 503 with why."""
+    async with cluster(valkey.url, pods=1, capacity=100 * MB) as (sched, (pod,), state):
+        busy, cold = spec("busy", 80 * MB), spec("cold", 80 * MB)
+        await state.register_models([busy, cold])
+        await state.r.xadd(st.LOAD_REQUESTS, {"model": busy.id})
+        await until(lambda: _loaded(state, busy.id), what="busy loaded")
+        pod.use(busy.id)
+        await state.touch([busy.id])
+        act = Activator(sched.s, state)
+        watcher = asyncio.create_task(act.watch_changes())
+        await asyncio.sleep(0.5)  # the leader sees the use
+        try:
+            with pytest.raises(LoadFailed) as e:
+                await act.ensure_loaded(cold.id)
+        finally:
+            watcher.cancel()
+        assert e.value.status == 503
+        assert "even after evicting every idle model" in str(e.value)
+        assert await _loaded(state, busy.id)
+        # Once the model is idle (out of the busy window), the same request evicts it.
+        sched.t.busy_window_seconds = 0.1
+        await asyncio.sleep(0.5)
+        watcher = asyncio.create_task(act.watch_changes())
+        try:
+            act._requested.clear()
+            got = await act.ensure_loaded(cold.id)
+        finally:
+            watcher.cancel()
+        assert got.id == "pod-0"
+        assert ("unload", busy.id) in pod.orders
+
+
+async def test_copies_follow_request_rate_and_idle_models_unload(valkey: devmesh.Valkey) -> None:
+    async with cluster(valkey.url, pods=3, capacity=1000 * MB, scale_up_rps=20.0, scale_down_after_seconds=1.0,
+                       idle_unload_seconds=4.0, busy_window_seconds=0.5) as (sched, pods, state):
+        m = spec("popular", max_copies=2)
+        await state.register_models([m])
+        await state.r.xadd(st.LOAD_REQUESTS, {"model": m.id})
+        await until(lambda: _loaded(state, m.id), what="first copy")
+        first = next(p for p in pods if m.id in p.held)
+
+        async def hammer() -> None:
+            while True:
+                for p in pods:
+                    if m.id in p.held:
+                        p.use(m.id, 30)  # 30 requests per 50 ms on each copy: 600/s
+                await asyncio.sleep(0.05)
+
+        h = asyncio.create_task(hammer())
+        try:
+            await until(lambda: _count_loaded(state, m.id, 2), what="a second copy")
+            await asyncio.sleep(1.0)
+            assert len(await _live(state, m.id)) == 2, "maxCopies=2 is a ceiling"
+        finally:
+            h.cancel()
+        await until(lambda: _count_loaded(state, m.id, 1), timeout=10, what="back to one copy when quiet")
+        await until(lambda: _count_loaded(state, m.id, 0), timeout=10, what="idle unload to zero")
+        assert first.orders.count(("load", m.id)) == 1
+
+
+async def _live(state: st.State, model: str) -> list[str]:
+    return [p for p, c in (await state.copies(model)).items() if c.state == CopyState.LOADED]
+
+
+async def _count_loaded(state: st.State, model: str, n: int) -> bool:
+    return len(await _live(state, model)) == n and all(
+        c.state == CopyState.LOADED for c in (await state.copies(model)).values())

@@ -1,0 +1,44 @@
+"""Placement's own knobs, overridable like every setting by MESHSERVE_<NAME> environment
+variables. Kept beside the placement code (not in meshserve/settings.py) because nothing else
+reads them; defaults and the numbers behind them are in docs/design/placement.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Tuning:
+    # A model used (by the runtimes' counters or the activator) within this window counts as
+    # having requests in flight and is never evicted or unloaded. The runtimes report each
+    # heartbeat, so the window must cover a heartbeat plus a slow request.
+    busy_window_seconds: float = 5.0
+    # How often the leader reads the runtimes' request counters (GET /v2/meshserve/stats).
+    rate_poll_seconds: float = 2.0
+    # Another copy when a model's rate per copy exceeds this (ModelMesh: 2000 requests/min).
+    scale_up_rps: float = 33.0
+    # One copy fewer when the rate would still be under half the threshold with one copy
+    # less, and no copy was added for this long.
+    scale_down_after_seconds: float = 30.0
+    # Unload a model's last copy after this long unused (0: never; eviction still applies).
+    # Pinned models and models with minCopies are never unloaded this way.
+    idle_unload_seconds: float = 0.0
+    # How often the leader reconciles copies (scale, minimums, idle, draining pods).
+    maintain_seconds: float = 1.0
+    # Eviction value horizon (see policy.eviction_key); 0 gives plain global LRU.
+    eviction_horizon_seconds: float = 300.0
+    # Attempts at loading one model (each on a pod not tried yet) before giving up.
+    max_load_attempts: int = 3
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "Tuning":
+        t = cls()
+        for f in dataclasses.fields(cls):
+            env = os.environ.get(f"MESHSERVE_{f.name.upper()}")
+            if env is not None:
+                setattr(t, f.name, int(env) if f.type == "int" else float(env))
+        for k, v in overrides.items():
+            setattr(t, k, v)
+        return t
