@@ -50,7 +50,9 @@ spec:
 @pytest.fixture(scope="module")
 def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devmesh.Mesh]:
     cfg = tmp_path_factory.mktemp("traffic-config")
-    (cfg / "models.yaml").write_text("---\n".join(isvc(m, f"{m}.txt") for m in (*MODELS, BROKEN)))
+    # tr-sk is the sklearn example model: it answers our BYTES requests with 500, a canary that errs.
+    sk = isvc("tr-sk", "mnist-svm.joblib").replace("name: strings", "name: my-models-pvc").replace("name: string", "name: sklearn")
+    (cfg / "models.yaml").write_text("---\n".join([*(isvc(m, f"{m}.txt") for m in (*MODELS, BROKEN)), sk]))
     with devmesh.mesh(config_dir=cfg) as m:
         d = m.data_dir / "pvc" / "strings"
         d.mkdir(parents=True, exist_ok=True)
@@ -296,4 +298,20 @@ def test_progressive_canary_holds_advances_promotes_and_aborts(tmesh: devmesh.Me
     apply(tmesh, tmp_path, RULE + f"  canary:\n    model: {BROKEN}\n    steps:\n    - {{weight: 10}}\n    - {{weight: 100}}\n")
     ab = wait_status(tmesh, "tr", lambda s: s.get("phase") == "Aborted", timeout=60)
     assert "could not be loaded" in ab["reason"], ab
+    wait_for(tmesh, "tr-a", {"tr-a"})
+
+
+def test_canary_with_high_error_rate_is_aborted(tmesh: devmesh.Mesh, tmp_path: Path) -> None:
+    apply(tmesh, tmp_path, RULE + "  canary:\n    model: tr-sk\n    steps:\n    - {weight: 50}\n    - {weight: 100}\n"
+          "    abort: {errorRatePercent: 20, window: 30s, minRequests: 10}\n")
+    c = Client(tmesh)
+    codes: Counter = Counter()
+    deadline = time.monotonic() + 30
+    while _status(tmesh, "tr").get("phase") != "Aborted" and time.monotonic() < deadline:
+        for _ in range(20):
+            codes[c.infer("tr-a")[0]] += 1
+        time.sleep(0.2)
+    st = _status(tmesh, "tr")
+    assert st.get("phase") == "Aborted" and "error rate" in st["reason"], (st, codes)
+    print(f"\nabort: {st['reason']} (clients saw {dict(codes)})")
     wait_for(tmesh, "tr-a", {"tr-a"})

@@ -223,7 +223,11 @@ def advance(spec: dict[str, Any], status: dict[str, Any], now: float) -> dict[st
 
 
 def parse_runtime_metrics(text: str) -> dict[str, tuple[float, float]]:
-    """model -> (requests, failed requests) from a runtime's /metrics (5xx count as failed)."""
+    """model -> (requests, failed requests) from a runtime's /metrics.
+
+    Failed: any 4xx or 5xx except 404 (the model not on that pod: routing's business) and 429
+    (overload). A 4xx counts because a canary refusing requests its stable version accepts
+    (a changed input schema) is exactly the regression a canary is for."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, tuple[float, float]] = {}
@@ -235,7 +239,9 @@ def parse_runtime_metrics(text: str) -> dict[str, tuple[float, float]]:
                 continue
             m = s.labels.get("model", "")
             total, bad = out.get(m, (0.0, 0.0))
-            out[m] = (total + s.value, bad + (s.value if s.labels.get("code", "").startswith("5") else 0.0))
+            code = s.labels.get("code", "")
+            failed = code[:1] in ("4", "5") and code not in ("404", "429")
+            out[m] = (total + s.value, bad + (s.value if failed else 0.0))
     return out
 
 
