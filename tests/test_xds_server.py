@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
@@ -117,3 +118,36 @@ def test_patch_costs_the_change_and_delta_diffs_only_what_moved() -> None:
         asyncio.run(cache.patch(GATEWAY_GROUP, r.ROUTE_TYPE, {"r1": route_pb2.RouteConfiguration(name="r1", request_headers_to_remove=[str(i)])}))
     diff = cache.delta(GATEWAY_GROUP, r.ROUTE_TYPE, known, True, set(), since_seq=seq)
     assert sorted(u[0] for u in diff.updated) == ["r1", "r7"] and diff.removed == ["r9"]
+
+
+def test_sotw_routes_wait_for_clusters_and_removed_clusters_wait_for_routes() -> None:
+    """Adds go first, removals last: a pod's clusters leave only after the gateway ACKed routes
+    that no longer name them, and routes go only once no cluster response is in flight."""
+    ads = _server({"m": ["p1"]})
+    ss = StreamState()
+    for t, names in ((r.CLUSTER_TYPE, []), (r.ENDPOINT_TYPE, ["pod_p0_rest", "pod_p1_rest"]), (r.ROUTE_TYPE, [r.REST])):
+        ads._on_request(ss, discovery_pb2.DiscoveryRequest(node=NODE, type_url=t, resource_names=names))
+    first = {x.type_url: x for x in ads._due(ss)}
+    assert r.ROUTE_TYPE not in first  # clusters and endpoints are in flight
+    for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE):
+        ads._on_request(ss, discovery_pb2.DiscoveryRequest(type_url=t, version_info=first[t].version_info, response_nonce=first[t].nonce,
+                                                           resource_names=ss.types[t].names))
+    routes = ads._due(ss)
+    assert [x.type_url for x in routes] == [r.ROUTE_TYPE]
+    ads._on_request(ss, discovery_pb2.DiscoveryRequest(type_url=r.ROUTE_TYPE, version_info=routes[0].version_info, response_nonce=routes[0].nonce, resource_names=[r.REST]))
+
+    # Pod p1 goes away and m moves to p0.
+    st = _state({"m": ["p0"]})
+    del st.pods["p1"]
+    asyncio.run(ads.cache.set(GATEWAY_GROUP, r.build_all(st, r.ListenerConfig())))
+    cds = [x for x in ads._due(ss) if x.type_url == r.CLUSTER_TYPE][0]
+    assert cds.version_info.endswith("+keep")
+    assert "pod_p1_rest" in {cluster_pb2.Cluster.FromString(c.value).name for c in cds.resources}
+    ads._on_request(ss, discovery_pb2.DiscoveryRequest(type_url=r.CLUSTER_TYPE, version_info=cds.version_info, response_nonce=cds.nonce))
+    eds = ss.types[r.ENDPOINT_TYPE]
+    if eds.pending:
+        ads._on_request(ss, discovery_pb2.DiscoveryRequest(type_url=r.ENDPOINT_TYPE, version_info=eds.sent_version, response_nonce=eds.nonce, resource_names=eds.names))
+    route = [x for x in ads._due(ss) if x.type_url == r.ROUTE_TYPE][0]
+    ads._on_request(ss, discovery_pb2.DiscoveryRequest(type_url=r.ROUTE_TYPE, version_info=route.version_info, response_nonce=route.nonce, resource_names=[r.REST]))
+    final = [x for x in ads._due(ss) if x.type_url == r.CLUSTER_TYPE][0]
+    assert not final.version_info.endswith("+keep") and len(final.resources) == 4

@@ -24,6 +24,10 @@ from meshserve_xds.cache import SnapshotCache
 
 log = logging.getLogger("meshserve.xds")
 
+# Types whose resources name clusters: a cluster is only removed once these are ACKed.
+ROUTE_TYPES = {r.ROUTE_TYPE, r.SCOPED_ROUTE_TYPE, r.VHOST_TYPE}
+KEEP_SUFFIX = "+keep"  # version of a cluster list that still carries clusters being removed
+
 # Subscriptions to these types name their resources; the others are wildcard.
 NAMED_TYPES = {r.ENDPOINT_TYPE, r.ROUTE_TYPE, r.VHOST_TYPE}
 
@@ -60,6 +64,9 @@ class TypeState:
     resumed: bool = False
     pending: bool = False  # a response awaits its ACK or NACK
     synced_seq: int | None = None  # the type's change-log position this stream has diffed up to
+    # clusters only: what the stream holds (SotW) / removals held back (delta) until routes settle
+    held: dict[str, object] = field(default_factory=dict)
+    held_back: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -170,10 +177,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         """Apply one delta request; True when something may now be due."""
         self._hello(ss, req.node)
         ts = ss.types.setdefault(req.type_url, TypeState())
+        answered = False
         if req.response_nonce:
             if req.response_nonce != ts.nonce:
                 return False  # stale
             ts.pending = False
+            answered = True
             if req.HasField("error_detail"):
                 # The rejected versions stay recorded as sent, so they are not sent again;
                 # the next change to those resources gives them a new version.
@@ -207,7 +216,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             for n in subscribe:
                 ts.known.pop(n, None)
             ts.unanswered |= subscribe
-        return first or bool(subscribe)
+        return first or bool(subscribe) or answered
 
     def _delta_due(self, ss: StreamState) -> list[discovery_pb2.DeltaDiscoveryResponse]:
         g = self.cache.group(ss.group)
@@ -220,12 +229,22 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             first_answer = not ts.answered_once
             if not first_answer and (snap is None or snap.version == ts.sent_version) and not ts.unanswered:
                 continue
-            diff = self.cache.delta(ss.group, type_url, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered)
+            if type_url in ROUTE_TYPES and not self._clusters_settled(ss):
+                continue  # routes may name new clusters: wait until those are warm
+            diff = self.cache.delta(ss.group, type_url, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered | ts.held_back)
             ts.synced_seq = diff.seq
             ts.unanswered = set()
             ts.answered_once = True
             if snap is not None:
                 ts.sent_version = snap.version
+            if type_url == r.CLUSTER_TYPE and diff.removed and not self._routes_settled(ss):
+                # Removed clusters go last (see _due); they are looked at again on the route ACK.
+                ts.held_back = set(diff.removed)
+                diff.removed = []
+                if snap is not None:
+                    ts.sent_version = snap.version + KEEP_SUFFIX
+            elif type_url == r.CLUSTER_TYPE:
+                ts.held_back = set()
             # A fresh Envoy waits for a first answer before it finishes initializing, even an
             # empty one; a resumed one (it told us what it holds) needs nothing if nothing changed.
             if not diff.updated and not diff.removed and not (first_answer and not ts.resumed):
@@ -257,6 +276,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         ts = ss.types.setdefault(req.type_url, TypeState())
         if req.response_nonce and req.response_nonce != ts.nonce:
             return False  # stale: answers a response that a newer one replaced
+        answered = bool(req.response_nonce)
+        if answered:
+            ts.pending = False
         if req.HasField("error_detail"):
             self._nack(ss, ts, req.type_url, req.error_detail.message)
         elif req.response_nonce:
@@ -270,7 +292,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         ts.names = names
         if new_names:
             ts.sent_version = ""  # the set of wanted resources changed: answer it
-        return first or new_names
+        # An answer may release what waits on it: routes wait for clusters and endpoints,
+        # removed clusters wait for routes.
+        return first or new_names or answered
 
     def _due(self, ss: StreamState) -> list[discovery_pb2.DiscoveryResponse]:
         g = self.cache.group(ss.group)
@@ -282,18 +306,53 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 continue
             if snap.version == ts.sent_version or snap.version == ts.nacked_version:
                 continue
+            if type_url in ROUTE_TYPES and not self._clusters_settled(ss):
+                continue  # routes may name new clusters: wait until those are warm
+            version = snap.version
             if type_url in NAMED_TYPES:
                 items = [snap.resources[n] for n in sorted(ts.names) if n in snap.resources]
+            elif type_url == r.CLUSTER_TYPE:
+                # Removed clusters go last: keep sending them until the gateway has ACKed
+                # routes that no longer name them, or requests in between get a 503.
+                sent = dict(snap.resources)
+                gone = {n: a for n, a in ts.held.items() if n not in sent}
+                if gone and not self._routes_settled(ss):
+                    version = snap.version + KEEP_SUFFIX
+                    if version == ts.sent_version:
+                        continue
+                    sent.update(gone)
+                ts.held = sent
+                items = list(sent.values())
             else:
                 items = list(snap.resources.values())
             ts.nonce = uuid.uuid4().hex[:12]
-            ts.sent_version = snap.version
+            ts.sent_version = version
             ts.sent_at = time.monotonic()
-            resp = discovery_pb2.DiscoveryResponse(version_info=snap.version, resources=items, type_url=type_url, nonce=ts.nonce)
+            ts.pending = True
+            resp = discovery_pb2.DiscoveryResponse(version_info=version, resources=items, type_url=type_url, nonce=ts.nonce)
             M_PUSHES.labels(short_type(type_url)).inc()
             M_BYTES.labels(short_type(type_url)).inc(sum(len(a.value) for a in items))
             out.append(resp)
         return out
+
+    @staticmethod
+    def _clusters_settled(ss: StreamState) -> bool:
+        """No cluster or endpoint response is in flight to this gateway: the clusters a route
+        may name are warm (Envoy answers EDS once it applied it), or were rejected."""
+        for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE):
+            ts = ss.types.get(t)
+            if ts is not None and ts.subscribed and ts.pending:
+                return False
+        return True
+
+    def _routes_settled(self, ss: StreamState) -> bool:
+        """Has this gateway ACKed the current version of every route type it subscribes to?"""
+        g = self.cache.group(ss.group)
+        for t in ROUTE_TYPES:
+            ts, snap = ss.types.get(t), g.types.get(t)
+            if ts is not None and ts.subscribed and snap is not None and ts.acked_version != snap.version:
+                return False
+        return True
 
     def debug(self) -> list[dict[str, object]]:
         return [
