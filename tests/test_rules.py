@@ -280,6 +280,9 @@ def test_cli_apply_get_promote_rollback_against_valkey(tmp_path: Path) -> None:
         res = run.invoke(cli, ["delete", "rule", "sklearn-mnist-canary"], env=env)
         assert res.exit_code == 0 and "deleted" in res.output, res.output
         assert asyncio.run(_read(v.url))[0] == {}
+        # A corrupt record is skipped, never fatal for readers (the xDS server builds routes from these).
+        asyncio.run(_hset(v.url, st.RULES, "junk", "{not json"))
+        assert "junk" not in asyncio.run(_read(v.url))[0]
         res = run.invoke(cli, ["rollback", "nope"], env=env)
         assert res.exit_code == 1 and "no traffic rule or version move named 'nope'" in res.output
 
@@ -290,6 +293,16 @@ async def _hlen(url: str, key: str) -> int:
     s = st.State.from_url(url)
     try:
         return int(await s.r.hlen(key))
+    finally:
+        await s.close()
+
+
+async def _hset(url: str, key: str, field: str, value: str) -> None:
+    from meshserve import state as st
+
+    s = st.State.from_url(url)
+    try:
+        await s.r.hset(key, field, value)
     finally:
         await s.close()
 

@@ -4,11 +4,14 @@ through State.commit with a change kind, so the xDS server rebuilds on it."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 from meshserve import state as st
 from meshserve.rules import plan as pl
+
+log = logging.getLogger("meshserve.rules")
 
 
 def _j(v: Any) -> str:
@@ -26,10 +29,22 @@ async def read_all(state: st.State) -> tuple[dict[str, dict[str, Any]], dict[str
     async with state.r.pipeline(transaction=True) as p:
         p.hgetall(st.RULES).hgetall(st.RULE_STATUS).hgetall(st.TRANSITIONS)
         rules_raw, status_raw, trans_raw = await p.execute()
-    rules = {k.decode(): json.loads(v)["spec"] for k, v in rules_raw.items()}
-    statuses = {k.decode(): json.loads(v) for k, v in status_raw.items()}
-    transitions = {k.decode(): pl.Transition.from_dict(json.loads(v)) for k, v in trans_raw.items()}
+    # A record that cannot be read (written by hand, or by a newer version) is skipped with a
+    # warning: it must never stop the xDS server from building routes for everything else.
+    rules = _decode(rules_raw, lambda d: d["spec"], "rule")
+    statuses = _decode(status_raw, lambda d: d, "rule status")
+    transitions = _decode(trans_raw, pl.Transition.from_dict, "version move")
     return rules, statuses, transitions
+
+
+def _decode(raw: dict[bytes, bytes], convert: Any, what: str) -> dict[str, Any]:
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k.decode()] = convert(json.loads(v))
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable %s %r in Redis: %s", what, k, e)
+    return out
 
 
 async def plans(state: st.State, aliases: dict[str, str], models: set[str]) -> dict[str, pl.Plan]:
