@@ -121,6 +121,10 @@ def test_versions_are_per_type_and_acked(rig: Rig) -> None:
     st = rig.stream()
     assert st["protocol"] == ("delta" if rig.delta else "sotw")
     assert all(t["in_sync"] for t in st["types"].values()), st
+    # The same, as metrics: in sync, and the version the gateway holds.
+    assert REGISTRY.get_sample_value("meshserve_xds_gateway_in_sync", {"node": "gw-test", "type": "RouteConfiguration"}) == 1
+    acked = st["types"]["RouteConfiguration"]["acked"]
+    assert REGISTRY.get_sample_value("meshserve_xds_gateway_config_version", {"node": "gw-test", "type": "RouteConfiguration", "version": acked}) == 1
 
 
 def _bad_rest_routes() -> route_pb2.RouteConfiguration:

@@ -35,6 +35,8 @@ M_CONNECTED = Gauge("meshserve_xds_connected_gateways", "Gateways with an open A
 M_PUSHES = Counter("meshserve_xds_pushes", "Discovery responses sent", ["type"])
 M_BYTES = Counter("meshserve_xds_pushed_bytes", "Bytes of resources sent", ["type"])
 M_NACKS = Counter("meshserve_xds_nacks", "Responses a gateway rejected", ["type"])
+M_IN_SYNC = Gauge("meshserve_xds_gateway_in_sync", "1 when the gateway ACKed the latest version sent of this type", ["node", "type"])
+M_VERSION = Gauge("meshserve_xds_gateway_config_version", "The config version a gateway last ACKed, as a label (value 1)", ["node", "type", "version"])
 M_ACK_LATENCY = Histogram(
     "meshserve_xds_ack_seconds", "From sending a response to the gateway's ACK",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
@@ -67,6 +69,7 @@ class TypeState:
     # clusters only: what the stream holds (SotW) / removals held back (delta) until routes settle
     held: dict[str, object] = field(default_factory=dict)
     held_back: set[str] = field(default_factory=set)
+    metric_version: str = ""  # the version label currently exported for this gateway and type
 
 
 @dataclass
@@ -153,6 +156,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 t.cancel()
             self.streams.pop(sid, None)
             M_CONNECTED.dec()
+            for t, ts in ss.types.items():
+                try:
+                    M_IN_SYNC.remove(ss.node_id, short_type(t))
+                    if ts.metric_version:
+                        M_VERSION.remove(ss.node_id, short_type(t), ts.metric_version)
+                except KeyError:
+                    pass
             log.info("gateway %s disconnected", ss.node_id)
 
     def _hello(self, ss: StreamState, node: object) -> None:
@@ -191,6 +201,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if ts.acked_version != ts.sent_version:
                     M_ACK_LATENCY.observe(time.monotonic() - ts.sent_at)
                 ts.acked_version = ts.sent_version
+            self._record(ss, req.type_url, ts, ts.acked_version)
         first = not ts.subscribed
         ts.subscribed = True
         subscribe = set(req.resource_names_subscribe)
@@ -285,6 +296,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             if ts.acked_version != req.version_info:
                 M_ACK_LATENCY.observe(time.monotonic() - ts.sent_at)
             ts.acked_version = req.version_info
+        if answered:
+            self._record(ss, req.type_url, ts, ts.acked_version)
         names = set(req.resource_names)
         new_names = req.type_url in NAMED_TYPES and names != ts.names
         first = not ts.subscribed
@@ -344,6 +357,17 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             if ts is not None and ts.subscribed and ts.pending:
                 return False
         return True
+
+    @staticmethod
+    def _record(ss: StreamState, type_url: str, ts: "TypeState", acked: str) -> None:
+        """Per-gateway config state as metrics: in sync or not, and the version it holds."""
+        t = short_type(type_url)
+        if acked and acked != ts.metric_version:
+            if ts.metric_version:
+                M_VERSION.remove(ss.node_id, t, ts.metric_version)
+            M_VERSION.labels(ss.node_id, t, acked).set(1)
+            ts.metric_version = acked
+        M_IN_SYNC.labels(ss.node_id, t).set(1 if ts.acked_version == ts.sent_version else 0)
 
     def _routes_settled(self, ss: StreamState) -> bool:
         """Has this gateway ACKed the current version of every route type it subscribes to?"""
