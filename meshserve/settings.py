@@ -59,7 +59,10 @@ class Settings:
     allow_executable_formats: bool = True
     # Pod i runs runtime entry i (cycling): "builtin" or a ServingRuntime's name in config_dir.
     pod_runtimes: str = "builtin"
-    drain_timeout_seconds: float = 3.0  # on SIGTERM, wait this long for placement to move models
+    drain_timeout_seconds: float = 1.0  # on SIGTERM, wait this long for placement to move models (preStop)
+    # True: the loader agent runs the built-in runtime itself and restarts it if it dies (as
+    # `meshserve up` does). False: the runtime is its own process/container (Kubernetes).
+    loader_runs_runtime: bool = False
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":

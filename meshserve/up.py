@@ -94,13 +94,9 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     await sup.start("xds", [py, "-m", "meshserve_xds"])
     await sup.start("placement", [py, "-m", "meshserve_placement"])
     await sup.start("rollout", [py, "-m", "meshserve.rollout"])  # version moves, canaries (traffic.md)
-    from meshserve_loader.pod import BUILTIN_NAME, runtime_name_of_pod
-
     for i in range(s.pods):
-        # Other runtimes (MLServer) are started and watched by the pod's loader agent.
-        if runtime_name_of_pod(s, i) == BUILTIN_NAME:
-            await sup.start(f"runtime-{i}", [py, "-m", "meshserve_loader.builtin", "--index", str(i)])
-        await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)])
+        # Each pod's loader agent starts its runtime and restarts it if it dies.
+        await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)], env={"MESHSERVE_LOADER_RUNS_RUNTIME": "true"})
 
     from meshserve_xds.bootstrap import gateway_bootstrap
 

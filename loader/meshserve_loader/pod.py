@@ -17,7 +17,7 @@ from meshserve_loader.builtin.formats import builtin_formats
 from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.memory import cgroup_limit_bytes, pod_capacity
 from meshserve_loader.metrics import LoaderMetrics
-from meshserve_loader.process import RuntimeProcess, mlserver_env
+from meshserve_loader.process import RuntimeProcess, builtin_argv, mlserver_env
 from meshserve_loader.runtimes import RuntimeSpec, builtin_runtime, serving_runtimes
 
 log = logging.getLogger("meshserve.loader")
@@ -64,6 +64,10 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
     if name == BUILTIN_NAME:
         spec = builtin_runtime(builtin_formats())
         runtime: object = RuntimeClient(url, session)
+        if settings.loader_runs_runtime:
+            # Its output goes where ours does (`meshserve up` prefixes and shows it).
+            process = RuntimeProcess(f"runtime-{index}", builtin_argv(index), {"MESHSERVE_RUNTIME_BASE_PORT": str(settings.runtime_base_port)})
+            await process.start()
     else:
         spec = find_runtime(settings.config_dir, name)
         if spec.server_type == "modelruntime":
