@@ -72,7 +72,7 @@ class Load:
     def _run(self) -> None:
         c = Client(self.m)
         while not self.stop.is_set():
-            code, who = c.infer("tr-move")
+            code, who = c.infer("tr-move", full=True)
             if code == 200:
                 self.answers.append((time.monotonic(), who))
             else:
@@ -174,4 +174,19 @@ def test_canary_traffic_percent_splits_then_promote_moves_all(rmesh: devmesh.Mes
         assert res.exit_code == 0, res.output
         t, snap = wait_phase(rmesh, "tr-move", {"Done"})
     assert snap.aliases["tr-move"] == t.new
+    assert not load.failures, load.failures[:5]
+
+
+def test_rollback_of_a_finished_move_returns_to_the_previous_version(rmesh: devmesh.Mesh) -> None:
+    transitions, snap = read(rmesh)
+    t = transitions["tr-move"]
+    assert t.phase == "Done" and snap.aliases["tr-move"] == t.new
+    with Load(rmesh, threads=2) as load:
+        time.sleep(0.3)
+        res = CliRunner().invoke(cli, ["rollback", "tr-move"], env={"MESHSERVE_REDIS_URL": rmesh.redis_url})
+        assert res.exit_code == 0, res.output
+        # The previous version was unloaded: it loads again on demand, requests wait, none fail.
+        devmesh.wait_until(lambda: any(who == t.old for _, who in load.answers[-20:]), 30, "answers from the previous version")
+    transitions, snap = read(rmesh)
+    assert snap.aliases["tr-move"] == t.old and transitions["tr-move"].phase == "RolledBack"
     assert not load.failures, load.failures[:5]
