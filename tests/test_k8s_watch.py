@@ -70,12 +70,13 @@ async def state(store) -> AsyncIterator[st.State]:
 async def controller(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
     cfg = client.Configuration(host=api.url)
     ac = client.ApiClient(cfg)
-    c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.3, debounce_seconds=0.02, max_backoff_seconds=0.3)
+    # Pages of two objects: every list in these tests goes through `continue` tokens.
+    c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.3, debounce_seconds=0.02,
+                   max_backoff_seconds=0.3, page_size=2)
     task = asyncio.create_task(c.run())
     yield c
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 15)
+    c.stop()
+    await asyncio.wait_for(task, 15)
     ac.close()
 
 
@@ -117,6 +118,7 @@ async def test_converges_on_the_same_registry_as_files(api: FakeApiServer, state
     api.apply("inferenceservices", bad)
 
     from_files = {s.alias: s for s in read_models(REPO / "mesh-config")}
+
     await until(lambda: aliases(state), "sklearn-mnist registered")
     assert await aliases(state) == {"sklearn-mnist": from_files["sklearn-mnist"].id}
     assert await state.model(from_files["sklearn-mnist"].id) == from_files["sklearn-mnist"]
@@ -232,9 +234,8 @@ async def test_failing_lists_back_off_then_converge(api: FakeApiServer, state: s
         assert sum(w.errors for w in c.watchers.values()) >= 6
         assert "sklearn-mnist" in await aliases(s2)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 15)
+        c.stop()
+        await asyncio.wait_for(task, 15)
         ac.close()
         await s2.close()
 
@@ -257,3 +258,36 @@ async def test_deleted_runtime_pod_is_withdrawn_ahead_of_heartbeats(api: FakeApi
 
 async def _no_heartbeat(state: st.State, pod_id: str) -> bool:
     return await state.r.zscore(st.HEARTBEATS, pod_id) is None
+
+
+def test_list_pages_with_continue_tokens(api: FakeApiServer) -> None:
+    """A list larger than a page is read with `limit` and `continue`, all pages at the first
+    page's resourceVersion, and the watch resumes from that version."""
+    import threading
+
+    from meshserve.k8s.watch import Watcher
+
+    for i in range(5):
+        api.apply("inferenceservices", isvc(f"m{i}"))
+    snapshot_rv = api.rv
+    seen: list[str] = []
+    ac = client.ApiClient(client.Configuration(host=api.url))
+    w = Watcher("inferenceservices", client.CustomObjectsApi(ac).list_namespaced_custom_object,
+                lambda ev: seen.append(ev.obj["metadata"]["name"]), watch_timeout_seconds=2, page_size=2,
+                group="serving.kserve.io", version="v1beta1", namespace=NS, plural="inferenceservices")
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(api.watch_requests("inferenceservices")) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(seen) == [f"m{i}" for i in range(5)]
+        lists = api.list_requests("inferenceservices")
+        assert [r.query.get("limit") for r in lists] == ["2", "2", "2"]
+        assert [bool(r.query.get("continue")) for r in lists] == [False, True, True]
+        assert api.watch_requests("inferenceservices")[0].query["resourceVersion"] == str(snapshot_rv)
+    finally:
+        w.stop()
+        t.join(10)
+        ac.close()
+    assert not t.is_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 import click
@@ -37,15 +38,17 @@ def controller(namespace: str | None, redis_url: str, kubeconfig: str | None, co
 
     async def main() -> None:
         state = State.from_url(redis_url)
+        c = Controller(api, state, ns, resync_seconds=resync_seconds)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a pod stop is SIGTERM: finish and exit 0
+            loop.add_signal_handler(sig, c.stop)
         try:
-            await Controller(api, state, ns, resync_seconds=resync_seconds).run()
+            await c.run()
         finally:
             await state.close()
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    asyncio.run(main())
+    sys.exit(0)
 
 
 COMMANDS = [controller]

@@ -46,6 +46,7 @@ class Controller:
         resync_seconds: float = 10.0,
         debounce_seconds: float = 0.1,
         max_backoff_seconds: float = 30.0,
+        page_size: int = 500,
     ):
         self.state, self.namespace = state, namespace
         self.core, self.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
@@ -55,9 +56,14 @@ class Controller:
         self._gone_ips: set[str] = set()
         self._gone_lock = threading.Lock()
         self._synced: set[str] = set()
+        self._stopping = threading.Event()
         self.reconciles = 0
+        # Verdicts by object and resourceVersion, valid while runtimes and storage keys stay
+        # the same: a pass over 100,000 InferenceServices re-parses only what changed.
+        self._verdicts: dict[ob.Key, tuple[str, ob.Verdict]] = {}
+        self._verdict_ctx: object = None
         common = dict(on_event=self._on_event, on_synced=self._on_synced, watch_timeout_seconds=watch_timeout_seconds,
-                      max_backoff_seconds=max_backoff_seconds)
+                      max_backoff_seconds=max_backoff_seconds, page_size=page_size)
         kserve = dict(group=ob.KSERVE_GROUP, namespace=namespace)
         self.watchers = {
             ISVC: Watcher(ISVC, self.custom.list_namespaced_custom_object, **common, **kserve,
@@ -88,6 +94,13 @@ class Controller:
         if self._loop is not None and self._dirty is not None:
             self._loop.call_soon_threadsafe(self._dirty.set)
 
+    def stop(self) -> None:
+        """Ask `run()` to finish its pass and return (thread-safe; also a signal handler).
+        An explicit flag rather than relying on task cancellation alone, which a library
+        call in the loop may absorb."""
+        self._stopping.set()
+        self._poke()
+
     @property
     def synced(self) -> bool:
         return self._synced >= set(self.watchers)
@@ -100,13 +113,18 @@ class Controller:
         for t in threads:
             t.start()
         try:
-            while True:
+            while not self._stopping.is_set():
                 try:
-                    await asyncio.wait_for(self._dirty.wait(), self.resync)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                    # lands as the event fires, and this loop would then never stop.
+                    async with asyncio.timeout(self.resync):
+                        await self._dirty.wait()
                     await asyncio.sleep(self.debounce)  # let a burst of events land first
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass  # periodic resync: copies loaded since, status to refresh
                 self._dirty.clear()
+                if self._stopping.is_set():
+                    break
                 if not self.synced:
                     continue  # never act on a partial view: it would remove what is not listed yet
                 try:
@@ -118,17 +136,21 @@ class Controller:
         finally:
             for w in self.watchers.values():
                 w.stop()
-            # Bounded: a thread blocked in a list request is a daemon and dies with the process.
+            # Bounded, and polled rather than joined in an executor thread (those may all be
+            # busy with status writes): a thread still blocked in a request is a daemon.
             deadline = asyncio.get_running_loop().time() + 5
-            for t in threads:
-                await asyncio.to_thread(t.join, max(0.0, deadline - asyncio.get_running_loop().time()))
+            while any(t.is_alive() for t in threads) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
 
     async def reconcile(self) -> None:
         isvcs = [o for o in self.watchers[ISVC].snapshot() if ob.is_modelmesh(o)]
         runtimes = {r.name: r for r in map(ob.parse_runtime, self.watchers[RUNTIME].snapshot())}
         secrets = self.watchers[SECRET].snapshot()
         storage = ob.parse_storage_keys(secrets[0] if secrets else None)
-        verdicts = [(o, ob.judge(o, runtimes, storage)) for o in isvcs]
+        verdicts = [(o, self._judge(o, runtimes, storage)) for o in isvcs]
+        live = {ob.key_of(o) for o in isvcs}
+        for k in [k for k in self._verdicts if k not in live]:
+            del self._verdicts[k]
 
         registered = {a: s for a, s in (await store.alias_specs(self.state)).items() if s.namespace == self.namespace}
         desired: dict[str, ModelSpec] = {}
@@ -154,6 +176,19 @@ class Controller:
         await self._write_statuses(verdicts, desired)
         self.reconciles += 1
         M_RECONCILES.inc()
+
+    def _judge(self, obj: dict[str, Any], runtimes: dict[str, ob.Runtime], storage: dict[str, str]) -> ob.Verdict:
+        ctx = (frozenset(runtimes.values()), frozenset(storage.items()))
+        if ctx != self._verdict_ctx:
+            self._verdicts.clear()
+            self._verdict_ctx = ctx
+        k, rv = ob.key_of(obj), ob.resource_version(obj)
+        hit = self._verdicts.get(k)
+        if hit is not None and hit[0] == rv and rv:
+            return hit[1]
+        v = ob.judge(obj, runtimes, storage)
+        self._verdicts[k] = (rv, v)
+        return v
 
     async def _expedite_gone_pods(self) -> None:
         with self._gone_lock:

@@ -220,13 +220,23 @@ class _Handler(BaseHTTPRequestHandler):
                 fail = False
                 items = [copy.deepcopy(o) for (ons, _), o in sorted(self.api.objects[res].items()) if ons == ns and _matches(o, q)]
                 rv = self.api.rv
+                # Pages: `continue` is "<offset>:<snapshot rv>" (the real one is opaque too).
+                start = 0
+                if q.get("continue"):
+                    start_s, _, rv_s = q["continue"].partition(":")
+                    start, rv = int(start_s), int(rv_s)
+                limit = int(q.get("limit") or 0)
+                end = start + limit if limit else len(items)
+                cont = f"{end}:{rv}" if end < len(items) else ""
+                items = items[start:end]
         if fail:
             return self._status(500, "InternalError", "injected failure")
         api, kind = KINDS[res]
         for o in items:  # the real server leaves these out of list items
             o.pop("kind", None)
             o.pop("apiVersion", None)
-        self._json(200, {"kind": kind + "List", "apiVersion": api, "metadata": {"resourceVersion": str(rv)}, "items": items})
+        meta = {"resourceVersion": str(rv), **({"continue": cont} if cont else {})}
+        self._json(200, {"kind": kind + "List", "apiVersion": api, "metadata": meta, "items": items})
 
     def do_PATCH(self) -> None:  # noqa: N802
         r = self._route()

@@ -78,6 +78,7 @@ class Watcher:
         watch_timeout_seconds: int = 300,
         request_timeout_seconds: float = 330.0,
         max_backoff_seconds: float = 30.0,
+        page_size: int = 500,
         **list_kwargs: Any,
     ):
         self.resource = resource
@@ -87,6 +88,7 @@ class Watcher:
         self.on_synced = on_synced or (lambda _r: None)
         self.watch_timeout = watch_timeout_seconds
         self.request_timeout = request_timeout_seconds
+        self.page_size = page_size
         self.cache: dict[Key, dict[str, Any]] = {}
         self._lock = threading.Lock()  # the cache is written here and read by the controller
         self.rv: str | None = None  # None: a (re)list is due
@@ -142,22 +144,36 @@ class Watcher:
             self._watch_once()
 
     def _list(self) -> None:
-        resp = self.list_func(**self.list_kwargs, _preload_content=False, _request_timeout=self.request_timeout)
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
-        items = body.get("items") or []
-        kind = body.get("kind", "").removesuffix("List")
-        api_version = body.get("apiVersion")
-        for o in items:  # list items carry neither; the registry checks both
-            o.setdefault("kind", kind)
-            if api_version:
-                o.setdefault("apiVersion", api_version)
+        """A full list, in pages (`limit` + `continue`) so 100,000 InferenceServices never make
+        one giant response. The first page's resourceVersion is the snapshot the pages share."""
+        items: list[dict[str, Any]] = []
+        rv, cont = "", ""
+        while True:
+            kwargs: dict[str, Any] = {**self.list_kwargs, "limit": self.page_size}
+            if cont:
+                kwargs["_continue"] = cont
+            resp = self.list_func(**kwargs, _preload_content=False, _request_timeout=self.request_timeout)
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            page = body.get("items") or []
+            kind = body.get("kind", "").removesuffix("List")
+            api_version = body.get("apiVersion")
+            for o in page:  # list items carry neither; the registry checks both
+                o.setdefault("kind", kind)
+                if api_version:
+                    o.setdefault("apiVersion", api_version)
+            items += page
+            meta = body.get("metadata") or {}
+            rv = rv or str(meta.get("resourceVersion") or "")
+            cont = str(meta.get("continue") or "")
+            if not cont:
+                break
         with self._lock:
             events = diff_list(self.cache, items, self.resource)
             self.cache = {key_of(o): o for o in items}
-        self.rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        self.rv = rv
         self.lists += 1
         log.info("k8s list %s: %d objects at resourceVersion %s", self.resource, len(items), self.rv)
         for ev in events:
@@ -216,7 +232,10 @@ class Watcher:
 
 def _describe(e: BaseException | None) -> str:
     if isinstance(e, ApiException):
-        return f"HTTP {e.status} {e.reason}"
+        hint = {404: " (is the CRD installed? kubectl get crd inferenceservices.serving.kserve.io servingruntimes.serving.kserve.io)",
+                403: " (RBAC: apply istio/controller.yaml's Role and RoleBinding in this namespace)",
+                401: " (credentials rejected: check the ServiceAccount token or kubeconfig)"}.get(e.status or 0, "")
+        return f"HTTP {e.status} {e.reason}{hint}"
     if isinstance(e, urllib3.exceptions.HTTPError):
         return f"connection error ({type(e).__name__})"
     return f"{type(e).__name__}: {e}" if e else "error"
