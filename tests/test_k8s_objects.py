@@ -113,3 +113,20 @@ def test_relist_diff() -> None:
     cache = {("n", "a"): o("a", "1"), ("n", "b"): o("b", "2"), ("n", "c"): o("c", "3")}
     evs = diff_list(cache, [o("b", "2"), o("c", "9"), o("d", "10")], "x")
     assert [(e.type, e.obj["metadata"]["name"]) for e in evs] == [(DELETED, "a"), (MODIFIED, "c"), (ADDED, "d")]
+
+
+def test_pool_pressure_counts_booked_bytes_per_runtime() -> None:
+    from meshserve.k8s.pressure import pool_pressure
+    from meshserve.model import Pod
+
+    pods = {"a": Pod("a", "h", 1, 2, 100, runtime="builtin"), "b": Pod("b", "h", 1, 2, 100, runtime="builtin"),
+            "m": Pod("m", "h", 1, 2, 50, runtime="mlserver")}
+    placements = {
+        "x": {"a": Copy(CopyState.LOADED, 40), "m": Copy(CopyState.LOADING, 25)},
+        "y": {"b": Copy(CopyState.UNLOADING, 30), "gone": Copy(CopyState.LOADED, 99)},
+        "z": {"a": Copy(CopyState.FAILED, 10), "b": Copy(CopyState.LOADED, 40)},
+    }
+    p = pool_pressure(pods, placements)
+    assert (p["builtin"].pods, p["builtin"].used_bytes, p["builtin"].capacity_bytes) == (2, 80, 200)
+    assert p["builtin"].ratio == 0.4 and p["mlserver"].ratio == 0.5
+    assert pool_pressure({}, placements) == {}

@@ -256,6 +256,25 @@ async def test_deleted_runtime_pod_is_withdrawn_ahead_of_heartbeats(api: FakeApi
     await until(lambda: _no_heartbeat(state, pod.id), "heartbeat dropped")
 
 
+async def test_pool_pressure_is_exported_per_runtime(state: st.State, controller: Controller) -> None:
+    """The HPA's signal, read from the real Redis schema and exported as a Prometheus gauge."""
+    from prometheus_client import REGISTRY
+
+    from meshserve.model import Copy, CopyState, copies_to_json
+
+    pods = [Pod("p1", "10.0.0.1", 8080, 8081, 1000, ["sklearn"], runtime="builtin"),
+            Pod("p2", "10.0.0.2", 8080, 8081, 1000, ["sklearn"], runtime="builtin")]
+    ops = [["HSET", st.PODS, p.id, p.to_json()] for p in pods]
+    ops.append(["HSET", st.PLACEMENTS, "m1", copies_to_json({"p1": Copy(CopyState.LOADED, 600), "p2": Copy(CopyState.LOADING, 300)})])
+    await state.commit(ops, [(st.KIND_POD, "p1")])
+    pools = await controller.export_pressure()
+    assert pools["builtin"].ratio == 0.45
+    assert REGISTRY.get_sample_value("meshserve_runtime_cache_pressure", {"runtime": "builtin"}) == 0.45
+    await state.commit([["HDEL", st.PODS, "p1", "p2"]], [(st.KIND_POD, "p1")])
+    await controller.export_pressure()
+    assert REGISTRY.get_sample_value("meshserve_runtime_cache_pressure", {"runtime": "builtin"}) is None
+
+
 async def _no_heartbeat(state: st.State, pod_id: str) -> bool:
     return await state.r.zscore(st.HEARTBEATS, pod_id) is None
 

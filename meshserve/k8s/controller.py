@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from meshserve import state as st
 from meshserve.k8s import objects as ob
-from meshserve.k8s import store
+from meshserve.k8s import pressure, store
 from meshserve.k8s.watch import DELETED, Event, Watcher
 from meshserve.model import ModelSpec, Pod, copies_from_json
 
@@ -31,6 +32,12 @@ M_REGISTERED = Counter("meshserve_controller_models_registered", "InferenceServi
 M_REMOVED = Counter("meshserve_controller_aliases_removed", "Aliases removed after an InferenceService went away")
 M_STATUS = Counter("meshserve_controller_status_writes", "InferenceService status patches", ["result"])
 M_EXPEDITED = Counter("meshserve_controller_pods_expedited", "Runtime pods withdrawn on a Kubernetes event, ahead of heartbeats")
+
+# Per runtime pool, for the HPA (istio/autoscaling.yaml) through prometheus-adapter.
+M_PRESSURE = Gauge("meshserve_runtime_cache_pressure", "Booked bytes over capacity across a runtime pool's pods", ["runtime"])
+M_POOL_PODS = Gauge("meshserve_runtime_pods", "Registered pods of a runtime pool", ["runtime"])
+M_POOL_USED = Gauge("meshserve_runtime_used_bytes", "Bytes booked (loaded + loading) in a runtime pool", ["runtime"])
+M_POOL_CAPACITY = Gauge("meshserve_runtime_capacity_bytes", "Capacity of a runtime pool", ["runtime"])
 
 ISVC, RUNTIME, SECRET, POD = "inferenceservices", "servingruntimes", "storage-config", "pods"
 
@@ -47,6 +54,7 @@ class Controller:
         debounce_seconds: float = 0.1,
         max_backoff_seconds: float = 30.0,
         page_size: int = 500,
+        pressure_seconds: float = 15.0,
     ):
         self.state, self.namespace = state, namespace
         self.core, self.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
@@ -58,6 +66,9 @@ class Controller:
         self._synced: set[str] = set()
         self._stopping = threading.Event()
         self.reconciles = 0
+        self.pressure_seconds = pressure_seconds
+        self._pressure_at = float("-inf")
+        self._pools: set[str] = set()
         # Verdicts by object and resourceVersion, valid while runtimes and storage keys stay
         # the same: a pass over 100,000 InferenceServices re-parses only what changed.
         self._verdicts: dict[ob.Key, tuple[str, ob.Verdict]] = {}
@@ -174,8 +185,30 @@ class Controller:
 
         await self._expedite_gone_pods()
         await self._write_statuses(verdicts, desired)
+        now = time.monotonic()
+        if now - self._pressure_at >= self.pressure_seconds:
+            self._pressure_at = now
+            await self.export_pressure()
         self.reconciles += 1
         M_RECONCILES.inc()
+
+    async def export_pressure(self) -> dict[str, pressure.PoolPressure]:
+        async with self.state.r.pipeline(transaction=True) as p:
+            p.hgetall(st.PODS).hgetall(st.PLACEMENTS)
+            raw_pods, raw_placements = await p.execute()
+        pods = {k.decode(): Pod.from_json(v) for k, v in raw_pods.items()}
+        placements = {k.decode(): copies_from_json(v) for k, v in raw_placements.items()}
+        pools = pressure.pool_pressure(pods, placements)
+        for rt in self._pools - set(pools):  # a pool with no pods left: its series go
+            for g in (M_PRESSURE, M_POOL_PODS, M_POOL_USED, M_POOL_CAPACITY):
+                g.remove(rt)
+        for rt, pp in pools.items():
+            M_PRESSURE.labels(rt).set(pp.ratio)
+            M_POOL_PODS.labels(rt).set(pp.pods)
+            M_POOL_USED.labels(rt).set(pp.used_bytes)
+            M_POOL_CAPACITY.labels(rt).set(pp.capacity_bytes)
+        self._pools = set(pools)
+        return pools
 
     def _judge(self, obj: dict[str, Any], runtimes: dict[str, ob.Runtime], storage: dict[str, str]) -> ob.Verdict:
         ctx = (frozenset(runtimes.values()), frozenset(storage.items()))
