@@ -73,6 +73,8 @@ class RoutingState:
     # name -> traffic plan (meshserve/rules/plan.py Plan) for names governed by traffic rules or
     # an InferenceService canary; rendered by traffic.py over the plain alias routes.
     traffic: dict[str, Any] = field(default_factory=dict)
+    # every registered concrete id, loaded or not (the scoped layout gives each a scope)
+    registered: set[str] = field(default_factory=set)
 
 
 @dataclass

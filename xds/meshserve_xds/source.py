@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from meshserve import state as st
 from meshserve.model import CopyState, ModelSpec, Pod, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
-from meshserve_xds import proxyless
+from meshserve_xds import proxyless, scoped
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
 from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
@@ -47,6 +48,7 @@ def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
     return r.RoutingState(
         pods=pods,
         loaded=loaded,
+        registered=set(snap.models),
         aliases=dict(snap.aliases),
         activator=r.Endpoint(settings.host, settings.activator_rest_port, settings.activator_grpc_port),
         cold_timeout_s=settings.cold_start_timeout_seconds + 5,
@@ -91,8 +93,11 @@ class RedisSource:
     """Keeps routing state in memory, follows the change stream with targeted re-reads, and
     rebuilds from the hashes only at start and on a revision gap."""
 
-    def __init__(self, settings: Settings, state: st.State, cache: SnapshotCache):
+    def __init__(self, settings: Settings, state: st.State, cache: SnapshotCache, layout: str | None = None):
         self.s, self.state, self.cache = settings, state, cache
+        # "matcher" (default) or "scoped" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
+        self.layout = layout or os.environ.get("MESHSERVE_XDS_LAYOUT", "matcher")
+        self._index: scoped.Index | None = None
         self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         self.rev = 0
         self.snap: st.Snapshot | None = None
@@ -105,6 +110,7 @@ class RedisSource:
         snap = await self.state.snapshot()
         self.snap = snap
         self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
+        self._index = None  # a resync replaces everything
         await self._publish()
         self.rev = snap.rev
         M_REV.set(snap.rev)
@@ -146,6 +152,9 @@ class RedisSource:
         assert self.snap is not None
         rs = routing_state(self.snap, self.s)
         rs.traffic = self.traffic
+        if self.layout == "scoped":
+            await self._publish_scoped(rs)
+            return
         gateway = r.build_all(rs, self.listeners)
         # Istio mode is the same resources without our listeners: build and serialize once.
         istio = r.Resources(by_type={**gateway.by_type, r.LISTENER_TYPE: {}})
@@ -155,6 +164,33 @@ class RedisSource:
             groups[PROXYLESS_GROUP] = proxyless.build_all(rs)
         self.published = set(groups)
         await self.cache.set_many(groups)
+
+    async def _publish_scoped(self, rs: r.RoutingState) -> None:
+        """Scoped layout: patch only the scopes and route configurations that changed."""
+        if self._index is None:
+            await self.cache.set(GATEWAY_GROUP, scoped.build_all(rs, self.listeners))
+            self._index = scoped.index(rs)
+        else:
+            patch, self._index = scoped.diff(self._index, rs)
+            full = scoped.build_all(r.RoutingState(pods=rs.pods, loaded={}, aliases={}, activator=rs.activator), self.listeners)
+            # Clusters, endpoints and listeners follow pods, not models: small, replaced whole.
+            for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.LISTENER_TYPE):
+                held = self.cache.group(GATEWAY_GROUP).types.get(t)
+                gone = [n for n in (held.resources if held else {}) if n not in full.by_type[t]]
+                await self.cache.patch(GATEWAY_GROUP, t, full.by_type[t], gone)
+            for t in (r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
+                await self.cache.patch(GATEWAY_GROUP, t, patch.upserts.get(t, {}), patch.removes.get(t, []))
+        self.published = {GATEWAY_GROUP}
+        # Istio mode takes RDS `meshserve_rest` from a listener we don't own: that one is a
+        # single RouteConfiguration, built only while such a gateway is connected.
+        extra: dict[str, r.Resources] = {}
+        if ISTIO_GROUP in self.cache.wanted:
+            extra[ISTIO_GROUP] = r.build_all(rs, None)
+        if PROXYLESS_GROUP in self.cache.wanted:
+            extra[PROXYLESS_GROUP] = proxyless.build_all(rs)
+        if extra:
+            await self.cache.set_many(extra)
+            self.published |= set(extra)
 
     async def run(self) -> None:
         quiet = self.s.debounce_quiet_ms / 1000

@@ -1,0 +1,155 @@
+"""Issue 3: the scoped-RDS layout (MESHSERVE_XDS_LAYOUT=scoped) end to end on the production
+source: a placement change costs what it touched, REST and gRPC route by one key.
+
+Kind: e2e. Real Valkey, the production RedisSource in scoped mode with our ADS server
+in-process, a real Envoy over delta xDS; stand-in pods and activator (tiny HTTP servers for
+REST, grpcio servers for gRPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent import futures
+from typing import Any, Iterator
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from meshserve import devmesh
+from meshserve import state as st
+from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
+from meshserve.settings import Settings
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+from meshserve_xds import resources as r
+from meshserve_xds.bootstrap import gateway_bootstrap
+from meshserve_xds.harness import AdsThread, Upstream, envoy, http, wait_for
+from meshserve_xds.source import RedisSource
+
+pytestmark = pytest.mark.e2e
+
+M0, M1 = "m0__isvc-0000000000", "m1__isvc-1111111111"
+
+
+class FakeRuntime(pbg.GRPCInferenceServiceServicer):
+    def __init__(self, name: str):
+        self.name = name
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802
+        return pb.ModelInferResponse(model_name=dict(context.invocation_metadata()).get(r.MODEL_ID_HEADER, ""), id=self.name)
+
+
+def _grpc(name: str) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pbg.add_GRPCInferenceServiceServicer_to_server(FakeRuntime(name), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def _commit(url: str, ops: list[list[Any]], changes: list[tuple[str, str]]) -> None:
+    async def go() -> None:
+        s = st.State.from_url(url)
+        try:
+            await s.commit(ops, changes)
+        finally:
+            await s.close()
+
+    asyncio.run(go())
+
+
+def _pushed() -> float:
+    return sum(s.value for m in REGISTRY.collect() if m.name == "meshserve_xds_pushed_bytes" for s in m.samples if s.name.endswith("_total"))
+
+
+class Mesh:
+    def __init__(self, url: str, rest: int, grpc_port: int):
+        self.url, self.rest, self.grpc = url, f"http://127.0.0.1:{rest}", f"127.0.0.1:{grpc_port}"
+
+    def upstream(self, name: str) -> str:
+        code, body = http(f"{self.rest}/v2/models/{name}/infer", data=b"{}")
+        return body.get("upstream", f"HTTP {code}")
+
+    def infer(self, model: str, metadata: list[tuple[str, str]] | None = None) -> pb.ModelInferResponse:
+        with grpc.insecure_channel(self.grpc) as ch:
+            return pbg.GRPCInferenceServiceStub(ch).ModelInfer(pb.ModelInferRequest(model_name=model), metadata=metadata or [], timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    rest_ups = {n: Upstream(n) for n in ("pod-0", "pod-1", "activator")}
+    grpcs = {n: _grpc(n) for n in rest_ups}
+    for u in rest_ups.values():
+        u.__enter__()
+    try:
+        with devmesh.valkey() as v:
+            pods = [Pod(n, "127.0.0.1", rest_ups[n].port, grpcs[n][1], 1 << 30) for n in ("pod-0", "pod-1")]
+            _commit(
+                v.url,
+                [["HSET", st.PODS, p.id, p.to_json()] for p in pods]
+                + [["HSET", st.MODELS, m, ModelSpec(m, a, "sklearn", {}).to_json()] for m, a in ((M0, "m0"), (M1, "m1"))]
+                + [["HSET", st.ALIASES, "m0", M0], ["HSET", st.ALIASES, "m1", M1],
+                   ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]],
+                [(st.KIND_ALL, "")],
+            )
+            rest, grpc_port, admin = devmesh.free_port(), devmesh.free_port(), devmesh.free_port()
+            settings = Settings(redis_url=v.url, gateway_rest_port=rest, gateway_grpc_port=grpc_port, debounce_quiet_ms=5,
+                                activator_rest_port=rest_ups["activator"].port, activator_grpc_port=grpcs["activator"][1])
+            ads = AdsThread().start()
+            state = ads.call(_state(v.url))
+            try:
+                assert ads.cache is not None
+                src = RedisSource(settings, state, ads.cache, layout="scoped")
+                task = asyncio.run_coroutine_threadsafe(src.run(), ads.loop)
+                with envoy(gateway_bootstrap("gw-scoped", "127.0.0.1", ads.port, admin, delta=True), admin):
+                    m = Mesh(v.url, rest, grpc_port)
+                    wait_for(lambda: m.upstream("m0") == "pod-0", 20, "m0 routed")
+                    yield m
+                task.cancel()
+            finally:
+                ads.call(state.close())
+                ads.stop()
+    finally:
+        for u in rest_ups.values():
+            u.__exit__()
+        for s, _ in grpcs.values():
+            s.stop(0)
+
+
+async def _state(url: str) -> st.State:
+    return st.State.from_url(url)
+
+
+def test_rest_by_alias_and_id_cold_health_and_unknown(mesh: Mesh) -> None:
+    code, body = http(f"{mesh.rest}/v2/models/m0/infer", data=b"{}")
+    assert body["upstream"] == "pod-0" and body["path"] == f"/v2/models/{M0}/infer" and body["model"] == M0
+    assert mesh.upstream(M0) == "pod-0"
+    assert mesh.upstream("m1") == "activator"  # registered, not loaded: loads on demand
+    assert mesh.upstream(M1) == "activator"
+    assert http(f"{mesh.rest}/v2/health/live")[1]["upstream"] == "activator"
+    assert http(f"{mesh.rest}/v2/models/never-registered/infer", data=b"{}")[0] == 404
+
+
+def test_grpc_by_header_and_by_message(mesh: Mesh) -> None:
+    assert mesh.infer("x", [("mm-vmodel-id", "m0")]).id == "pod-0"
+    assert mesh.infer("x", [("mm-model-id", M0)]).id == "pod-0"
+    resp = mesh.infer("m0")  # no header: field 1 of the message
+    assert resp.id == "pod-0" and resp.model_name == M0
+    assert mesh.infer("m1").id == "activator"
+
+
+def test_a_change_costs_what_it_touched(mesh: Mesh) -> None:
+    before = _pushed()
+    _commit(mesh.url, [["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, M0)])
+    wait_for(lambda: mesh.upstream("m0") == "pod-1", 10, "m0 moved")
+    assert mesh.infer("m0").id == "pod-1"
+    moved = _pushed() - before
+    assert 0 < moved < 10_000, moved
+    before = _pushed()
+    _commit(mesh.url, [["HSET", st.PLACEMENTS, M1, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, M1)])
+    wait_for(lambda: mesh.upstream("m1") == "pod-0", 10, "m1 loaded")
+    loaded = _pushed() - before
+    assert 0 < loaded < 10_000, loaded
+    _commit(mesh.url, [["HDEL", st.PLACEMENTS, M1]], [(st.KIND_PLACEMENT, M1)])
+    wait_for(lambda: mesh.upstream("m1") == "activator", 10, "m1 unloaded")

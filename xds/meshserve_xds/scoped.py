@@ -1,0 +1,219 @@
+"""The scoped-RDS layout (docs/design/routing.md): a change costs what it touched. Pure.
+
+- Every request gets one routing key, the header `x-ms-model`, set by a small Lua filter from
+  `mm-model-id`, `mm-vmodel-id`, the REST path `/v2/models/<name>`, or field 1 of a gRPC
+  Model* request body; anything else gets "-". Envoy picks the scope again once the header is
+  set.
+- One ScopedRouteConfiguration per model name (alias or concrete id), keyed on that name. A
+  loaded model's scopes name its own small RouteConfiguration `model/<id>` (REST routes that
+  rewrite the name to the id, one gRPC route); every cold name, and "-", names the shared
+  `activator` RouteConfiguration.
+- Clusters and endpoints are the same as the matcher layout's: one per pod and protocol.
+
+Moving a model between pods changes one RouteConfiguration; loading or unloading it changes its
+scopes (one or two). With delta xDS that is a few hundred bytes whatever the number of models.
+Names nobody registered match no scope and get Envoy's 404.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import duration_pb2, wrappers_pb2
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from meshserve_xds import resources as r
+
+KEY_HEADER = "x-ms-model"
+NO_MODEL = "-"
+SCOPES = "meshserve_scopes"
+ACTIVATOR_RC = "activator"
+GRPC_PREFIX = "/inference.GRPCInferenceService/"
+
+LUA = f"""
+local GRPC = "{GRPC_PREFIX}"
+
+-- Field 1 of the first message in a gRPC request body (model_name / name), or nil.
+local function field1(b)
+  if #b < 7 or string.byte(b, 1) ~= 0 or string.byte(b, 6) ~= 10 then return nil end
+  local len, mult, i = 0, 1, 7
+  while true do
+    local c = string.byte(b, i)
+    if c == nil or mult > 2^28 then return nil end
+    len = len + (c % 128) * mult
+    i = i + 1
+    if c < 128 then break end
+    mult = mult * 128
+  end
+  if len == 0 or i + len - 1 > #b then return nil end
+  return string.sub(b, i, i + len - 1)
+end
+
+function envoy_on_request(h)
+  local hs = h:headers()
+  if hs:get("{KEY_HEADER}") ~= nil then hs:remove("{KEY_HEADER}") end
+  local name = hs:get("{r.MODEL_ID_HEADER}") or hs:get("{r.VMODEL_ID_HEADER}")
+  local path = hs:get(":path") or ""
+  if name == nil then name = string.match(path, "^/v2/models/([^/?]+)") end
+  if name == nil and string.sub(path, 1, #GRPC + 5) == GRPC .. "Model" then
+    local body = h:body()
+    if body ~= nil then
+      name = field1(body:getBytes(0, math.min(body:length(), 1035)))
+      if name ~= nil then h:headers():add("{r.VMODEL_ID_HEADER}", name) end
+    end
+    hs = h:headers()  -- the handle taken before body() is stale once it returns
+  end
+  -- Setting the key clears the route cache: Envoy picks the scope again with it.
+  hs:add("{KEY_HEADER}", name or "{NO_MODEL}")
+end
+"""
+
+
+def _lua() -> hcm.HttpFilter:
+    cfg = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=LUA), clear_route_cache=wrappers_pb2.BoolValue(value=True))
+    return hcm.HttpFilter(name="envoy.filters.http.lua", typed_config=r._any(cfg))
+
+
+def _scoped_routes() -> hcm.ScopedRoutes:
+    frag = hcm.ScopedRoutes.ScopeKeyBuilder.FragmentBuilder
+    return hcm.ScopedRoutes(
+        name=SCOPES,
+        scope_key_builder=hcm.ScopedRoutes.ScopeKeyBuilder(fragments=[frag(header_value_extractor=frag.HeaderValueExtractor(name=KEY_HEADER, index=0))]),
+        rds_config_source=r._ads(),
+        scoped_rds=hcm.ScopedRds(scoped_rds_config_source=r._ads()),
+    )
+
+
+def build_listener(name: str, host: str, port: int, http2_only: bool) -> listener_pb2.Listener:
+    """The matcher layout's listener with scoped routes and the key-setting Lua filter."""
+    lst = r.build_listener(name, host, port, http2_only)
+    manager = hcm.HttpConnectionManager()
+    lst.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    manager.ClearField("rds")
+    manager.scoped_routes.CopyFrom(_scoped_routes())
+    del manager.http_filters[:]
+    manager.http_filters.extend([_lua(), hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
+    lst.filter_chains[0].filters[0].typed_config.Pack(manager)
+    return lst
+
+
+def model_rc_name(model: str) -> str:
+    return f"model/{model}"
+
+
+def scope_name(name: str) -> str:
+    return f"scope/{name}"
+
+
+def scope(name: str, route_config: str) -> scoped_route_pb2.ScopedRouteConfiguration:
+    key = scoped_route_pb2.ScopedRouteConfiguration.Key
+    return scoped_route_pb2.ScopedRouteConfiguration(
+        name=scope_name(name), route_configuration_name=route_config, key=key(fragments=[key.Fragment(string_key=name)])
+    )
+
+
+def model_routes(state: r.RoutingState, model: str, names: list[str]) -> route_pb2.RouteConfiguration:
+    """A loaded model: gRPC to its pods' gRPC ports, REST rewritten from any of its names to its id."""
+    pods = sorted(state.loaded[model])
+    headers = r._set_model_header(model)
+    routes = [rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix=GRPC_PREFIX),
+                       route=r._route_action([r.pod_cluster(p, "grpc") for p in pods], 120), request_headers_to_add=headers)]
+    rest = [r.pod_cluster(p, "rest") for p in pods]
+    for name in names:
+        base = r.MODELS_PREFIX + name
+        routes.append(rc.Route(stat_prefix=model, match=rc.RouteMatch(path=base),
+                               route=r._with_rewrite(r._route_action(rest, 120), r.MODELS_PREFIX + model), request_headers_to_add=headers))
+        routes.append(rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix=base + "/"),
+                               route=r._with_rewrite(r._route_action(rest, 120), r.MODELS_PREFIX + model + "/"), request_headers_to_add=headers))
+    # A path naming the model in some other form (e.g. a query string) still reaches a copy.
+    routes.append(rc.Route(match=rc.RouteMatch(prefix="/"), route=_to_activator(state, r.ACTIVATOR_REST)))
+    return route_pb2.RouteConfiguration(name=model_rc_name(model), virtual_hosts=[rc.VirtualHost(name="model", domains=["*"], routes=routes)])
+
+
+def _to_activator(state: r.RoutingState, cluster: str) -> rc.RouteAction:
+    return rc.RouteAction(cluster=cluster, timeout=duration_pb2.Duration(seconds=int(state.cold_timeout_s)))
+
+
+def activator_routes(state: r.RoutingState) -> route_pb2.RouteConfiguration:
+    routes = [
+        rc.Route(match=rc.RouteMatch(prefix=GRPC_PREFIX), route=_to_activator(state, r.ACTIVATOR_GRPC)),
+        rc.Route(match=rc.RouteMatch(prefix="/"), route=_to_activator(state, r.ACTIVATOR_REST)),
+    ]
+    return route_pb2.RouteConfiguration(name=ACTIVATOR_RC, virtual_hosts=[rc.VirtualHost(name="activator", domains=["*"], routes=routes)])
+
+
+def scope_targets(state: r.RoutingState) -> dict[str, str]:
+    """name -> the RouteConfiguration its scope names: the model's own when loaded, else the
+    activator's. Every registered name gets one, so a cold model still loads on demand."""
+    targets = {NO_MODEL: ACTIVATOR_RC}
+    for name in state.registered:
+        targets[name] = ACTIVATOR_RC
+    for alias, model in state.aliases.items():
+        targets[alias] = model_rc_name(model) if model in state.loaded else ACTIVATOR_RC
+        targets.setdefault(model, ACTIVATOR_RC)
+    for model in state.loaded:
+        targets[model] = model_rc_name(model)
+    return targets
+
+
+def build_all(state: r.RoutingState, listeners: r.ListenerConfig) -> r.Resources:
+    clusters, endpoints = r.build_clusters(state)
+    res = r.Resources()
+    res.by_type[r.CLUSTER_TYPE] = clusters
+    res.by_type[r.ENDPOINT_TYPE] = endpoints
+    res.by_type[r.LISTENER_TYPE] = {
+        r.REST: build_listener(r.REST, listeners.host, listeners.rest_port, False),
+        r.GRPC: build_listener(r.GRPC, listeners.host, listeners.grpc_port, True),
+    }
+    res.by_type[r.SCOPED_ROUTE_TYPE] = {scope_name(n): scope(n, t) for n, t in scope_targets(state).items()}
+    routes: dict[str, object] = {ACTIVATOR_RC: activator_routes(state)}
+    for model, names in r._names_for(state).items():
+        routes[model_rc_name(model)] = model_routes(state, model, names)
+    res.by_type[r.ROUTE_TYPE] = routes
+    return res
+
+
+@dataclass
+class Index:
+    """What the last publish held, to diff the next one against: name -> RouteConfiguration
+    its scope names, and per loaded model what its RouteConfiguration was built from."""
+
+    targets: dict[str, str] = field(default_factory=dict)
+    models: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+
+
+@dataclass
+class Patch:
+    """type_url -> resources to add or replace, and names to remove."""
+
+    upserts: dict[str, dict[str, object]] = field(default_factory=dict)
+    removes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def index(state: r.RoutingState) -> Index:
+    names = r._names_for(state)
+    return Index(scope_targets(state), {m: (tuple(sorted(state.loaded[m])), tuple(names[m])) for m in names})
+
+
+def diff(old: Index, state: r.RoutingState) -> tuple[Patch, Index]:
+    """Only the scopes and RouteConfigurations that changed. Comparing the indexes is a dict
+    walk over the models; protobuf building, packing and sending follow the change."""
+    new = index(state)
+    p = Patch()
+    scopes = p.upserts.setdefault(r.SCOPED_ROUTE_TYPE, {})
+    for n, t in new.targets.items():
+        if old.targets.get(n) != t:
+            scopes[scope_name(n)] = scope(n, t)
+    p.removes[r.SCOPED_ROUTE_TYPE] = [scope_name(n) for n in old.targets if n not in new.targets]
+    routes = p.upserts.setdefault(r.ROUTE_TYPE, {ACTIVATOR_RC: activator_routes(state)})
+    for m, key in new.models.items():
+        if old.models.get(m) != key:
+            routes[model_rc_name(m)] = model_routes(state, m, list(key[1]))
+    p.removes[r.ROUTE_TYPE] = [model_rc_name(m) for m in old.models if m not in new.models]
+    return p, new
