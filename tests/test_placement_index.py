@@ -13,7 +13,7 @@ STATES = [CopyState.LOADING, CopyState.LOADED, CopyState.LOADED, CopyState.FAILE
 
 
 def _brute_used(cv: policy.ClusterView, pod: str) -> int:
-    return sum(cs[pod].size for cs in cv.copies.values() if pod in cs and cs[pod].state != CopyState.FAILED)
+    return sum(cs[pod].size for cs in cv.copies.values() if pod in cs and cs[pod].state in (CopyState.LOADED, CopyState.LOADING))
 
 
 def _brute_evictable(cv: policy.ClusterView, pod: str) -> list[str]:
@@ -44,6 +44,7 @@ def test_index_matches_brute_force_under_random_changes() -> None:
         if step % 100 == 0:
             for p in pods:
                 assert cv.used(p) == _brute_used(cv, p)
+                assert cv.unloading(p) == sum(cs[p].size for cs in cv.copies.values() if p in cs and cs[p].state == CopyState.UNLOADING)
                 assert cv.loading(p) == sum(1 for cs in cv.copies.values() if cs.get(p) and cs[p].state == CopyState.LOADING)
                 assert set(cv.pod_models(p)) == {x for x, cs in cv.copies.items() if p in cs}
                 assert policy.evictable(p, cv) == _brute_evictable(cv, p)

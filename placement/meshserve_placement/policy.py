@@ -56,9 +56,16 @@ class ModelView:
     max_copies: int = 0
 
 
+# Bytes a pod has promised: loaded copies and loads decided (queued or under way). An UNLOADING
+# copy's bytes are already promised to the load that evicted it; the leader dispatches that load
+# only once the unload is confirmed, so the pod's real memory never exceeds its capacity either.
+_BOOKED = (CopyState.LOADED, CopyState.LOADING)
+
+
 @dataclass
 class _PodIndex:
-    used: int = 0  # bytes of copies that are not FAILED (UNLOADING still holds memory)
+    used: int = 0  # booked bytes: LOADED + LOADING copies
+    unloading: int = 0  # bytes still held by copies being unloaded
     loading: int = 0
     models: dict[str, Copy] = field(default_factory=dict)
     heap: list[tuple[float, str]] = field(default_factory=list)  # (key, model), lazily invalidated
@@ -138,16 +145,20 @@ class ClusterView:
             return  # a rebuild will read the final state anyway
         for pod, c in old.items():
             p = self._pod_ix(pod)
-            if c.state != CopyState.FAILED:
+            if c.state in _BOOKED:
                 p.used -= c.size
+            elif c.state == CopyState.UNLOADING:
+                p.unloading -= c.size
             if c.state == CopyState.LOADING:
                 p.loading -= 1
             p.models.pop(model, None)
         loaded = False
         for pod, c in new.items():
             p = self._pod_ix(pod)
-            if c.state != CopyState.FAILED:
+            if c.state in _BOOKED:
                 p.used += c.size
+            elif c.state == CopyState.UNLOADING:
+                p.unloading += c.size
             if c.state == CopyState.LOADING:
                 p.loading += 1
             p.models[model] = c
@@ -208,6 +219,10 @@ class ClusterView:
     def used(self, pod: str) -> int:
         p = self._ix().get(pod)
         return p.used if p is not None else 0
+
+    def unloading(self, pod: str) -> int:
+        p = self._ix().get(pod)
+        return p.unloading if p is not None else 0
 
     def loading(self, pod: str) -> int:
         p = self._ix().get(pod)

@@ -296,16 +296,26 @@ class Scheduler:
             return
         pv = self.view.pods.get(pod)
         slots = max(1, pv.max_loading if pv else 1) - self._dispatched(pod)
+        # What the pod really holds now: loaded, being loaded, and not yet unloaded.
+        queued_bytes = sum(c.size for m, c in self.view.pod_models(pod).items() if m in q and c.state == CopyState.LOADING)
+        held = self.view.used(pod) - queued_bytes + self.view.unloading(pod)
+        capacity = pv.capacity if pv else 0
         ops: Ops = []
         changes: Changes = []
-        for model in sorted(q, key=lambda m: (q[m], m))[: max(0, slots)]:
-            del q[model]
-            ops.append(["ZREM", keys.loadq_key(pod), model])
+        for model in sorted(q, key=lambda m: (q[m], m)):
             cs = dict(self.view.copies.get(model, {}))
             c = cs.get(pod)
             spec = self.specs.get(model)
             if c is None or c.state != CopyState.LOADING or spec is None:
-                continue  # withdrawn meanwhile
+                del q[model]  # withdrawn meanwhile
+                ops.append(["ZREM", keys.loadq_key(pod), model])
+                continue
+            if slots <= 0 or held + c.size > capacity:
+                break  # in priority order: wait for a slot, or for the evictions' unloads to finish
+            slots -= 1
+            held += c.size
+            del q[model]
+            ops.append(["ZREM", keys.loadq_key(pod), model])
             cs[pod] = Copy(CopyState.LOADING, c.size, c.since)
             self._set_copies(model, cs, ops, changes)
             ops.append(["XADD", st.orders_key(pod), "*", "op", "load", "model", model, "spec", spec.to_json()])
