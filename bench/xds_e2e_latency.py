@@ -7,6 +7,7 @@ the production bootstrap, four stand-in pods. Each change moves one model to ano
 the new pod.
 
     .venv/bin/python -m bench.xds_e2e_latency --models 1000,20000 --changes 5
+    .venv/bin/python -m bench.xds_e2e_latency --models 20000,100000 --changes 20 --layout scoped
 
 Writes bench/results/xds_e2e_latency.json.
 """
@@ -50,7 +51,7 @@ async def seed(url: str, n: int, pods: list[Pod]) -> None:
         await s.close()
 
 
-def run(n: int, changes: int, delta: bool) -> dict[str, Any]:
+def run(n: int, changes: int, delta: bool, layout: str = "matcher") -> dict[str, Any]:
     ups = [Upstream(f"pod-{k}") for k in range(PODS)]
     act = Upstream("activator")
     for u in [*ups, act]:
@@ -66,12 +67,12 @@ def run(n: int, changes: int, delta: bool) -> dict[str, Any]:
             state = ads.call(_state(v.url))
             try:
                 assert ads.cache is not None
-                src = RedisSource(settings, state, ads.cache)
+                src = RedisSource(settings, state, ads.cache, layout=layout)
                 task = asyncio.run_coroutine_threadsafe(src.run(), ads.loop)
                 with envoy(gateway_bootstrap("bench-e2e", "127.0.0.1", ads.port, admin, delta=delta), admin) as gw:
                     cl = Client(rest)
                     if cl.wait_for(f"m{n - 1}", {}, f"pod-{(n - 1) % PODS}", 300) is None:
-                        return {"models": n, "delta": delta, "error": "initial config not applied in 300 s"}
+                        return {"models": n, "delta": delta, "layout": layout, "error": "initial config not applied in 300 s"}
                     writer = st.State.from_url(v.url)
                     loop = asyncio.new_event_loop()
                     lat = []
@@ -93,7 +94,7 @@ def run(n: int, changes: int, delta: bool) -> dict[str, Any]:
                     ok = sorted(x for x in lat if x is not None)
                     rss = round(gw.rss_bytes() / 2**20, 1)
                 task.cancel()
-                return {"models": n, "delta": delta, "changes_ms": lat, "p50_ms": statistics.median(ok) if ok else None,
+                return {"models": n, "delta": delta, "layout": layout, "changes_ms": lat, "p50_ms": statistics.median(ok) if ok else None,
                         "max_ms": ok[-1] if ok else None, "envoy_rss_mib": rss}
             finally:
                 ads.call(state.close())
@@ -112,13 +113,14 @@ def main() -> None:
     ap.add_argument("--models", default="1000,20000")
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--delta", action="store_true")
+    ap.add_argument("--layout", default="matcher", choices=["matcher", "scoped"])
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for n in (int(x) for x in args.models.split(",")):
-        res = run(n, args.changes, args.delta)
+        res = run(n, args.changes, args.delta or args.layout == "scoped", args.layout)
         res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(json.dumps(res), flush=True)
-        results[f"{n}/{'delta' if args.delta else 'sotw'}"] = res
+        results[f"{n}/{args.layout}/{'delta' if res['delta'] else 'sotw'}"] = res
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 

@@ -217,3 +217,39 @@ def diff(old: Index, state: r.RoutingState) -> tuple[Patch, Index]:
             routes[model_rc_name(m)] = model_routes(state, m, list(key[1]))
     p.removes[r.ROUTE_TYPE] = [model_rc_name(m) for m in old.models if m not in new.models]
     return p, new
+
+
+def diff_partial(old: Index, part: r.RoutingState, models: set[str], names: set[str]) -> Patch:
+    """Like `diff`, for a change known to touch only `models` (their RouteConfigurations) and
+    `names` (their scopes). `part` holds routing state for just those: the affected models'
+    placements, the aliases of those models and the changed aliases, the registered ids among
+    them. Cost follows the change. `old` is updated in place."""
+    p = Patch(upserts={r.SCOPED_ROUTE_TYPE: {}, r.ROUTE_TYPE: {}}, removes={r.SCOPED_ROUTE_TYPE: [], r.ROUTE_TYPE: []})
+    names_of: dict[str, list[str]] = {m: [m] for m in part.loaded}
+    for alias, model in sorted(part.aliases.items()):
+        if model in names_of:
+            names_of[model].append(alias)
+    for m in models:
+        key = (tuple(sorted(part.loaded[m])), tuple(names_of[m])) if m in part.loaded else None
+        if key is None:
+            if old.models.pop(m, None) is not None:
+                p.removes[r.ROUTE_TYPE].append(model_rc_name(m))
+        elif old.models.get(m) != key:
+            old.models[m] = key
+            p.upserts[r.ROUTE_TYPE][model_rc_name(m)] = model_routes(part, m, list(key[1]))
+    for n in names:
+        if n in part.aliases:
+            target: str | None = model_rc_name(part.aliases[n]) if part.aliases[n] in part.loaded else ACTIVATOR_RC
+        elif n in part.loaded:
+            target = model_rc_name(n)
+        elif n in part.registered or n in part.aliases.values():
+            target = ACTIVATOR_RC
+        else:
+            target = None
+        if target is None:
+            if old.targets.pop(n, None) is not None:
+                p.removes[r.SCOPED_ROUTE_TYPE].append(scope_name(n))
+        elif old.targets.get(n) != target:
+            old.targets[n] = target
+            p.upserts[r.SCOPED_ROUTE_TYPE][scope_name(n)] = scope(n, target)
+    return p

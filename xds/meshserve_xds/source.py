@@ -98,6 +98,8 @@ class RedisSource:
         # "matcher" (default) or "scoped" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
         self.layout = layout or os.environ.get("MESHSERVE_XDS_LAYOUT", "matcher")
         self._index: scoped.Index | None = None
+        self._alias_of: dict[str, str] = {}
+        self._aliases_by_model: dict[str, set[str]] = {}
         self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         self.rev = 0
         self.snap: st.Snapshot | None = None
@@ -142,7 +144,8 @@ class RedisSource:
         snap.rev = batch.rev
         if batch.ids.keys() & (_RULE_KINDS | {st.KIND_ALIAS, st.KIND_MODEL}):
             self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
-        await self._publish()
+        if not (self.layout == "scoped" and await self._publish_scoped_partial(batch.ids)):
+            await self._publish()
         self.rev = batch.rev
         M_REV.set(self.rev)
         M_INCREMENTAL.inc()
@@ -165,8 +168,52 @@ class RedisSource:
         self.published = set(groups)
         await self.cache.set_many(groups)
 
+    async def _publish_scoped_partial(self, ids: dict[str, set[str]]) -> bool:
+        """Scoped layout, placement/model/alias changes only: touch just what they name, without
+        walking every model. False when the change needs the full diff (pods, rules, a group
+        that builds whole)."""
+        if self._index is None or self.snap is None or ids.keys() - {st.KIND_PLACEMENT, st.KIND_MODEL, st.KIND_ALIAS}:
+            return False
+        if self.cache.wanted & {ISTIO_GROUP, PROXYLESS_GROUP}:
+            return False
+        snap = self.snap
+        models = set(ids.get(st.KIND_PLACEMENT, ())) | set(ids.get(st.KIND_MODEL, ()))
+        names = set(models) | set(ids.get(st.KIND_ALIAS, ()))
+        for a in ids.get(st.KIND_ALIAS, ()):
+            old, new = self._alias_of.get(a), snap.aliases.get(a)
+            if old is not None:
+                self._aliases_by_model.get(old, set()).discard(a)
+                models.add(old)
+            if new is not None:
+                self._aliases_by_model.setdefault(new, set()).add(a)
+                models.add(new)
+                self._alias_of[a] = new
+            else:
+                self._alias_of.pop(a, None)
+        aliases = {a: m for m in models for a in self._aliases_by_model.get(m, ())}
+        names |= models | set(aliases)
+        loaded = {}
+        for m in models:
+            holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
+            if holders:
+                loaded[m] = holders
+        part = r.RoutingState(
+            pods={}, loaded=loaded, aliases=aliases, registered={m for m in models if m in snap.models},
+            activator=r.Endpoint(self.s.host, self.s.activator_rest_port, self.s.activator_grpc_port),
+            cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
+        )
+        patch = scoped.diff_partial(self._index, part, models, names)
+        for t in (r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
+            await self.cache.patch(GATEWAY_GROUP, t, patch.upserts.get(t, {}), patch.removes.get(t, []))
+        return True
+
     async def _publish_scoped(self, rs: r.RoutingState) -> None:
         """Scoped layout: patch only the scopes and route configurations that changed."""
+        # The alias maps let a later change find a model's names without walking all aliases.
+        self._alias_of = dict(rs.aliases)
+        self._aliases_by_model = {}
+        for a, m in rs.aliases.items():
+            self._aliases_by_model.setdefault(m, set()).add(a)
         if self._index is None:
             await self.cache.set(GATEWAY_GROUP, scoped.build_all(rs, self.listeners))
             self._index = scoped.index(rs)
