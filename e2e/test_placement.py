@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
@@ -186,6 +188,25 @@ async def test_failed_load_retried_elsewhere_with_exclusion(valkey: devmesh.Valk
         assert await state.r.hget(keys.EXCLUDED, f"{m.id}|{bad.pod.id}")
         decision = json.loads(await state.r.hget(keys.DECISIONS, m.id))
         assert decision["pod"] == good.pod.id and "retry" in decision["why"]
+        # `meshserve explain` tells the same story, by alias, in text and JSON.
+        text = await _cli(valkey.url, "explain", "flaky")
+        assert f"loaded on {good.pod.id}" in text and "retry after a failed load" in text
+        assert f"{bad.pod.id}: not-excluded: rejected: a load failed here" in text
+        doc = json.loads(await _cli(valkey.url, "explain", "flaky", "--json"))
+        assert doc["model"] == m.id and bad.pod.id in doc["excluded_pods"]
+        assert doc["copies"][bad.pod.id]["reason"] == "simulated: corrupt model file"
+        await state.register_models([spec("never")])
+        assert "nobody has requested it yet" in await _cli(valkey.url, "explain", "never")
+        assert "no InferenceService or model is registered" in await _cli(valkey.url, "explain", "nosuch")
+
+
+async def _cli(url: str, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshserve.cli", *args, env={**os.environ, "MESHSERVE_REDIS_URL": url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out.decode()
 
 
 async def _loaded(state: st.State, model: str) -> bool:

@@ -1,0 +1,149 @@
+"""`meshserve explain MODEL`: why a model is where it is, or why it is not loaded.
+
+Reads only Redis: the model's copies (ms:placements), the placement leader's last decision for
+it with every filter's and scorer's verdict (ms:decisions), load queues, exclusions after
+failed loads, and recency. Works whichever placement instance leads, and after restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import click
+
+from meshserve import state as st
+from meshserve.model import CopyState
+from meshserve.settings import Settings
+
+# Placement's own keys (placement/meshserve_placement/keys.py), spelled out so the CLI does not
+# import the placement service.
+DECISIONS = st.PREFIX + "decisions"
+EXCLUDED = st.PREFIX + "excluded"
+LOADQ_PREFIX = st.PREFIX + "loadq:"
+BACKGROUND = 1e10
+
+
+def _url(redis_url: str) -> str:
+    s = Settings.from_env()
+    return redis_url or s.redis_url or f"redis://127.0.0.1:{s.redis_port}/0"
+
+
+async def gather(url: str, name: str) -> dict[str, Any]:
+    """Everything known about one model, as plain data."""
+    state = st.State.from_url(url)
+    try:
+        model_id = await state.resolve(name)
+        if model_id is None:
+            return {"name": name, "found": False, "summary": f"no InferenceService or model is registered as '{name}'"}
+        spec = await state.model(model_id)
+        copies = await state.copies(model_id)
+        r = state.r
+        last_used = await r.zscore(st.LAST_USED, model_id)
+        raw_decision = await r.hget(DECISIONS, model_id)
+        excluded = {}
+        now = time.time()
+        for k, v in (await r.hgetall(EXCLUDED)).items():
+            m, _, pod = k.decode().rpartition("|")
+            if m == model_id and float(v) > now:
+                excluded[pod] = round(float(v) - now)
+        queued = {}
+        for pod in copies:
+            score = await r.zscore(LOADQ_PREFIX + pod, model_id)
+            if score is not None:
+                ahead = await r.zcount(LOADQ_PREFIX + pod, "-inf", f"({score}")
+                queued[pod] = {"ahead": ahead, "request_waiting": score < BACKGROUND}
+        pods = await state.r.hgetall(st.PODS)
+        leader = await r.get(st.LEASE)
+    finally:
+        await state.close()
+    decision = json.loads(raw_decision) if raw_decision else None
+    doc: dict[str, Any] = {
+        "name": name,
+        "found": True,
+        "model": model_id,
+        "alias": spec.alias if spec else "",
+        "spec": {
+            "format": spec.format, "min_copies": spec.min_copies, "max_copies": spec.max_copies,
+            "pinned": spec.pinned, "size_hint": spec.size_hint,
+        } if spec else None,
+        "copies": {p: c.to_dict() for p, c in sorted(copies.items())},
+        "queued": queued,
+        "excluded_pods": excluded,
+        "last_used_seconds_ago": round(now - last_used, 1) if last_used else None,
+        "pods_registered": len(pods),
+        "leader": leader.decode() if leader else None,
+        "last_decision": decision,
+    }
+    doc["summary"] = summarize(doc)
+    return doc
+
+
+def summarize(doc: dict[str, Any]) -> str:
+    """One sentence: where the model is and why, or why it is not loaded."""
+    copies: dict[str, dict[str, Any]] = doc["copies"]
+    loaded = [p for p, c in copies.items() if c["state"] == CopyState.LOADED]
+    loading = [p for p, c in copies.items() if c["state"] == CopyState.LOADING]
+    failed = {p: c.get("reason", "") for p, c in copies.items() if c["state"] == CopyState.FAILED}
+    d = doc.get("last_decision") or {}
+    if loaded:
+        why = f" (placed there because: {d.get('why') or 'a request'})" if d.get("pod") in loaded else ""
+        return f"loaded on {', '.join(loaded)}{why}" + (f"; also loading on {', '.join(loading)}" if loading else "")
+    if loading:
+        q = doc["queued"]
+        parts = [f"{p} (queued, {q[p]['ahead']} ahead)" if p in q else f"{p} (loading)" for p in loading]
+        return "loading on " + ", ".join(parts)
+    if "-" in failed:
+        return f"not loaded: the last attempt could not be placed: {failed['-']}"
+    if failed:
+        return "not loaded: the last load failed: " + "; ".join(f"{p}: {r}" for p, r in failed.items())
+    if doc["pods_registered"] == 0:
+        return "not loaded: no runtime pods are registered"
+    if d:
+        return "not loaded: it was evicted or unloaded after its last placement (see last use and the decision below)"
+    return "not loaded: nobody has requested it yet (models load on first request unless minCopies or pinned)"
+
+
+def render(doc: dict[str, Any]) -> str:
+    if not doc["found"]:
+        return doc["summary"]
+    out = [f"{doc['model']} (alias {doc['alias']})", f"  {doc['summary']}"]
+    spec = doc.get("spec") or {}
+    out.append(f"  spec: format={spec.get('format')} minCopies={spec.get('min_copies')} maxCopies={spec.get('max_copies') or 'unlimited'} pinned={spec.get('pinned')}")
+    for pod, c in doc["copies"].items():
+        extra = f" - {c['reason']}" if c.get("reason") else ""
+        out.append(f"  copy on {pod}: {c['state']}, {c['size']} bytes{extra}")
+    if doc["last_used_seconds_ago"] is not None:
+        out.append(f"  last used {doc['last_used_seconds_ago']}s ago")
+    for pod, secs in doc["excluded_pods"].items():
+        out.append(f"  excluded from {pod} for {secs}s more (a load failed there)")
+    d = doc.get("last_decision")
+    if d:
+        ago = time.time() - d.get("ts", 0)
+        out.append(f"  last placement decision, {ago:.0f}s ago by {d.get('leader')}" + (f" ({d['why']})" if d.get("why") else "") + ":")
+        if d.get("considered"):
+            out.append(f"    {d['considered']}")
+        for s in d.get("trace", []):
+            out.append(f"    {s['pod']}: {s['step']}: {s['result']}")
+        if d.get("pod"):
+            out.append(f"    => {d['pod']}" + (f", evicting {', '.join(d['evict'])}" if d.get("evict") else ""))
+        else:
+            out.append(f"    => not placed: {d.get('reason')}")
+    return "\n".join(out)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--redis-url", envvar="MESHSERVE_REDIS_URL", default="", help="Redis/Valkey URL (default: the embedded one of `meshserve up`).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def explain(model: str, redis_url: str, as_json: bool) -> None:
+    """Why MODEL (an InferenceService name or concrete model id) is where it is, or is not loaded."""
+    doc = asyncio.run(gather(_url(redis_url), model))
+    click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
+    if not doc["found"]:
+        raise SystemExit(1)
+
+
+COMMANDS = [explain]
