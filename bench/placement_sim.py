@@ -74,13 +74,15 @@ def _result(name: str, w: Workload, hits: int, loads: int, evictions: int, t0: f
     return Result(name, hits / measured, loads / secs, evictions / secs, time.perf_counter() - t0, extra)
 
 
-def simulate_policy(w: Workload, pods: int, capacity: int) -> Result:
-    """Our policy: the live placement code, with one ClusterView across all pods."""
+def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = policy.DEFAULT_HORIZON_S) -> Result:
+    """Our policy: the live placement code, with one ClusterView across all pods.
+    horizon_s=0 makes its eviction order plain global LRU."""
     t0 = time.perf_counter()
     per_pod = capacity // pods
     view = policy.ClusterView(
         pods={f"pod-{i}": policy.PodView(f"pod-{i}", per_pod, ["m"]) for i in range(pods)},
         models={},
+        horizon_s=horizon_s,
     )
     names = [f"m{i}" for i in range(len(w.sizes))]
     hits = loads = evictions = rejected = decisions = 0
@@ -116,7 +118,8 @@ def simulate_policy(w: Workload, pods: int, capacity: int) -> Result:
         if measuring:
             loads += 1
             evictions += len(d.evict)
-    return _result("meshserve (size/frequency-aware global LRU)", w, hits, loads, evictions, t0,
+    name = "meshserve (size/frequency-aware global LRU)" if horizon_s else "meshserve policy with plain global LRU (horizon 0)"
+    return _result(name, w, hits, loads, evictions, t0,
                    rejected=rejected, decisions_per_s=round(decisions / place_s) if place_s else None)
 
 
@@ -233,7 +236,8 @@ def plot(curve: dict[float, list[Result]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fracs = sorted(curve)
     for idx, style in ((0, "o-"), (1, "s--"), (2, "^:"), (3, "k-")):
-        ax.plot([f * 100 for f in fracs], [curve[f][idx].hit_ratio for f in fracs], style, label=curve[fracs[0]][idx].name)
+        label = curve[fracs[0]][idx].name.split(" (Ray")[0] + (" (Ray Serve)" if "Ray" in curve[fracs[0]][idx].name else "")
+        ax.plot([f * 100 for f in fracs], [curve[f][idx].hit_ratio for f in fracs], style, label=label)
     ax.set_xlabel("total pod capacity, % of all model bytes")
     ax.set_ylabel("hit ratio (requests served without a load)")
     ax.set_title("Placement: Zipf s=1.0 over 100,000 models, lognormal sizes")
@@ -259,13 +263,15 @@ def main() -> None:
         curve[frac] = run_all(w, args.pods, frac)
     head = curve[0.10]
     ours, ray, _, belady = head
+    plain = simulate_policy(w, args.pods, int(w.total_bytes * 0.10), horizon_s=0.0)
+    print(f"  capacity 10.0%: {plain.name}: hit ratio {plain.hit_ratio:.4f}")
     doc = {
         "workload": {"models": models, "requests": requests, "warmup": w.warmup, "zipf_s": 1.0,
                      "sizes": "lognormal, median 64 MiB, sigma 1", "rate_per_s": w.rate, "pods": args.pods,
                      "total_model_bytes": w.total_bytes},
         "policy": {"horizon_s": policy.DEFAULT_HORIZON_S, "ref_size": policy.DEFAULT_REF_SIZE,
                    "full_scan_pods": policy.FULL_SCAN_PODS, "sample_pods": policy.SAMPLE_PODS, "victim_pods": policy.VICTIM_PODS},
-        "at_10_percent": [r.row() for r in head],
+        "at_10_percent": [r.row() for r in head] + [plain.row()],
         "ratio_to_belady": round(ours.hit_ratio / belady.hit_ratio, 4),
         "targets": {"ratio_to_belady_ge_0.95": ours.hit_ratio >= 0.95 * belady.hit_ratio, "no_worse_than_ray": ours.hit_ratio >= ray.hit_ratio},
         "curve": {f"{f:.3f}": [r.row() for r in rs] for f, rs in curve.items()},
