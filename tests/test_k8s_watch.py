@@ -185,6 +185,9 @@ async def test_gone_410_relists_and_sees_deletions_missed_while_away(api: FakeAp
         api.compact()
     await until(lambda: _lacks(state, "a"), "a removed after relist")
     assert w.relists_after_gone >= 1 and w.lists > lists_before
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("meshserve_k8s_watch_gone_total", {"resource": "inferenceservices"}) >= 1
     assert "b" in await aliases(state)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import urllib3
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -33,6 +34,11 @@ from meshserve.k8s.objects import Key, key_of, resource_version
 log = logging.getLogger("meshserve.k8s")
 
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
+
+M_LISTS = Counter("meshserve_k8s_lists", "Full lists of a watched resource (the first one, and relists)", ["resource"])
+M_GONE = Counter("meshserve_k8s_watch_gone", "Watches that got 410 Gone and had to relist", ["resource"])
+M_ERRORS = Counter("meshserve_k8s_watch_errors", "List/watch requests that failed and were retried with backoff", ["resource"])
+M_EVENTS = Counter("meshserve_k8s_watch_events", "Watch events applied", ["resource", "type"])
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class Watcher:
         if self._stop.is_set():
             raise Stopped()  # the error was our own stop() closing the socket
         self.errors += 1
+        M_ERRORS.labels(self.resource).inc()
         e = rs.outcome.exception() if rs.outcome else None
         log.warning("k8s watch %s: %s; retrying in %.1fs (from resourceVersion %s)",
                     self.resource, _describe(e), rs.next_action.sleep if rs.next_action else 0, self.rv or "<relist>")
@@ -175,6 +182,7 @@ class Watcher:
             self.cache = {key_of(o): o for o in items}
         self.rv = rv
         self.lists += 1
+        M_LISTS.labels(self.resource).inc()
         log.info("k8s list %s: %d objects at resourceVersion %s", self.resource, len(items), self.rv)
         for ev in events:
             self.on_event(ev)
@@ -202,6 +210,7 @@ class Watcher:
                 log.info("k8s watch %s: resourceVersion %s is gone (410); relisting", self.resource, self.rv)
                 self.rv = None
                 self.relists_after_gone += 1
+                M_GONE.labels(self.resource).inc()
                 return
             raise
         finally:
@@ -216,6 +225,7 @@ class Watcher:
             # Only a resourceVersion to resume from: no object changed.
             if rv:
                 self.rv = rv
+            M_EVENTS.labels(self.resource, "BOOKMARK").inc()
             return
         if typ not in (ADDED, MODIFIED, DELETED):
             return
@@ -227,6 +237,7 @@ class Watcher:
                 self.cache[k] = obj
         if rv:
             self.rv = rv
+        M_EVENTS.labels(self.resource, typ).inc()
         self.on_event(Event(self.resource, typ, obj))
 
 
