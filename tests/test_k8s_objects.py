@@ -35,7 +35,10 @@ def test_judge_reasons() -> None:
     assert ob.judge(MNIST, {}, {}).reason == ob.REASON_NO_RUNTIME
     named = json.loads(json.dumps(MNIST))
     named["spec"]["predictor"]["model"]["runtime"] = "triton"
-    assert "triton" in ob.judge(named, RUNTIMES, {}).message
+    v = ob.judge(named, RUNTIMES, {})
+    assert v.reason == ob.REASON_RUNTIME_UNKNOWN and "triton" in v.message
+    off = {"triton": ob.Runtime("triton", frozenset({"sklearn"}), frozenset(), disabled=True)}
+    assert ob.judge(named, off, {}).reason == ob.REASON_RUNTIME_DISABLED
     keyed = json.loads(json.dumps(MNIST))
     keyed["spec"]["predictor"]["model"]["storage"] = {"key": "localMinIO", "path": "m"}
     assert ob.judge(keyed, RUNTIMES, {}).reason == ob.REASON_STORAGE
@@ -81,6 +84,12 @@ def test_status_is_stable_and_says_why() -> None:
     bad = ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t3", s1)
     assert bad["conditions"][0]["lastTransitionTime"] == "t3"
     assert bad["conditions"][0]["reason"] == ob.REASON_NO_RUNTIME
+    assert bad["modelStatus"]["states"] == {"activeModelState": "FailedToLoad", "targetModelState": ""}
+    # A bad update while the earlier version serves: still Ready, on the earlier version.
+    kept = ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t4", s1, serving={"pod-0": Copy(CopyState.LOADED)})
+    assert kept["conditions"][0]["status"] == "True" and kept["conditions"][0]["reason"] == ob.REASON_NO_RUNTIME
+    assert kept["modelStatus"]["states"] == {"activeModelState": "Loaded", "targetModelState": "FailedToLoad"}
+    assert kept["modelStatus"]["transitionStatus"] == "BlockedByFailedLoad"
 
 
 @pytest.mark.skipif(not (SHARED / "schemas").exists(), reason="needs ../shared/schemas (the KServe CRD schemas)")
@@ -92,10 +101,20 @@ def test_status_matches_the_kserve_crd_schema() -> None:
     # The status subtree only, and the C YAML parser: the 2 MB CRD is slow to read and check otherwise.
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["schema"]["openAPIV3Schema"]["properties"]["status"]
     v = ob.judge(MNIST, RUNTIMES, {})
-    for s in (ob.isvc_status(v, "ns", {}, "t"),
-              ob.isvc_status(v, "ns", {"p": Copy(CopyState.FAILED, reason="x")}, "t"),
-              ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t")):
-        jsonschema.validate(s, schema)
+    keyed = json.loads(json.dumps(MNIST))
+    keyed["spec"]["predictor"]["model"]["storage"] = {"key": "nope", "path": "m"}
+    invalid = json.loads(json.dumps(MNIST))
+    invalid["spec"]["predictor"]["model"].pop("modelFormat")
+    named = json.loads(json.dumps(MNIST))
+    named["spec"]["predictor"]["model"]["runtime"] = "nope"
+    statuses = [ob.isvc_status(v, "ns", {}, "t"),
+                ob.isvc_status(v, "ns", {"p": Copy(CopyState.FAILED, reason="x")}, "t"),
+                ob.isvc_status(v, "ns", {"p": Copy(CopyState.LOADING)}, "t")]
+    for bad in (ob.judge(MNIST, {}, {}), ob.judge(keyed, RUNTIMES, {}), ob.judge(invalid, RUNTIMES, {}), ob.judge(named, RUNTIMES, {})):
+        statuses += [ob.isvc_status(bad, "ns", {}, "t"), ob.isvc_status(bad, "ns", {}, "t", serving={"p": Copy(CopyState.LOADED)})]
+    validator = jsonschema.Draft7Validator(schema)
+    for s in statuses:
+        validator.validate(s)
 
 
 def test_plan_registers_changes_and_removes_the_rest() -> None:

@@ -147,12 +147,16 @@ async def test_converges_on_the_same_registry_as_files(api: FakeApiServer, state
     api.apply("inferenceservices", moved)
     await until(lambda: _alias_is_not(state, "sklearn-mnist", old_id), "alias moved")
 
-    # A bad update keeps the last good version serving and says why.
+    # A bad update keeps the last good version serving (still Ready) and says why.
+    serving_id = (await aliases(state))["sklearn-mnist"]
     broken_update = copy.deepcopy(moved)
     broken_update["spec"]["predictor"]["model"]["runtime"] = "no-such-runtime"
     api.apply("inferenceservices", broken_update)
-    await until(lambda: ready(api, "sklearn-mnist")["status"] == "False", "bad update reported")
-    assert (await aliases(state))["sklearn-mnist"] != old_id
+    await until(lambda: ready(api, "sklearn-mnist").get("reason") == "RuntimeNotRecognized", "bad update reported")
+    assert ready(api, "sklearn-mnist")["status"] == "True"
+    ms = api.get("inferenceservices", "sklearn-mnist")["status"]["modelStatus"]
+    assert (ms["transitionStatus"], ms["states"]["targetModelState"]) == ("BlockedByFailedLoad", "FailedToLoad")
+    assert (await aliases(state))["sklearn-mnist"] == serving_id
 
     # DELETED: the alias goes.
     api.delete("inferenceservices", "my-model")

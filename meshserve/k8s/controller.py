@@ -238,13 +238,16 @@ class Controller:
             log.info("controller: runtime pods %s are going away; withdrawing them now", ", ".join(ids))
 
     async def _write_statuses(self, verdicts: list[tuple[dict[str, Any], ob.Verdict]], desired: dict[str, ModelSpec]) -> None:
-        ids = sorted({v.spec.id for _, v in verdicts if v.spec is not None})
+        """`desired` holds, for a bad update, the earlier spec that keeps serving."""
+        ids = sorted({v.spec.id for _, v in verdicts if v.spec is not None} | {s.id for s in desired.values()})
         raws = await self.state.r.hmget(st.PLACEMENTS, ids) if ids else []
         copies = dict(zip(ids, (copies_from_json(r) for r in raws)))
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         for obj, v in verdicts:
             ns, name = ob.key_of(obj)
-            status = ob.isvc_status(v, ns or self.namespace, copies.get(v.spec.id, {}) if v.spec else {}, now, obj.get("status"))
+            kept = desired.get(name) if not v.ready else None
+            status = ob.isvc_status(v, ns or self.namespace, copies.get(v.spec.id, {}) if v.spec else {}, now, obj.get("status"),
+                                    serving=copies.get(kept.id, {}) if kept is not None else None)
             patch = ob.status_patch(obj.get("status"), status)
             if not patch:
                 continue

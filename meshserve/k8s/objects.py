@@ -28,11 +28,14 @@ RUNTIME_POD_SELECTOR = "app.kubernetes.io/part-of=meshserve,app.kubernetes.io/co
 # The Service users address, as in ModelMesh: grpc://modelmesh-serving.<namespace>:8033.
 SERVICE_NAME = "modelmesh-serving"
 
-# ModelMesh's failure reasons, so existing dashboards and scripts keep working.
+# ModelMesh's failure reasons (the enum of KServe's lastFailureInfo.reason), so existing
+# dashboards and scripts keep working.
 REASON_INVALID_SPEC = "InvalidPredictorSpec"
 REASON_NO_RUNTIME = "NoSupportingRuntime"
+REASON_RUNTIME_UNKNOWN = "RuntimeNotRecognized"
+REASON_RUNTIME_DISABLED = "RuntimeDisabled"
 REASON_LOAD_FAILED = "ModelLoadFailed"
-REASON_STORAGE = "InvalidStorageKey"
+REASON_STORAGE = REASON_INVALID_SPEC  # a storage key missing from storage-config
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -147,8 +150,10 @@ def judge(
     live = {n: r for n, r in runtimes.items() if not r.disabled}
     if spec.runtime:
         r = live.get(spec.runtime)
+        if spec.runtime in runtimes and r is None:
+            return Verdict(spec, False, REASON_RUNTIME_DISABLED, f"ServingRuntime {spec.runtime!r} is disabled: enable it or name another in spec.predictor.model.runtime")
         if r is None:
-            return Verdict(spec, False, REASON_NO_RUNTIME, f"ServingRuntime {spec.runtime!r} not found (or disabled) in namespace {spec.namespace}: create it or fix spec.predictor.model.runtime")
+            return Verdict(spec, False, REASON_RUNTIME_UNKNOWN, f"ServingRuntime {spec.runtime!r} not found in namespace {spec.namespace}: create it or fix spec.predictor.model.runtime")
         if spec.format not in r.formats:
             return Verdict(spec, False, REASON_NO_RUNTIME, f"ServingRuntime {spec.runtime!r} does not list model format {spec.format!r} in supportedModelFormats")
     elif not any(spec.format in r.auto_formats for r in live.values()):
@@ -159,26 +164,47 @@ def judge(
     return Verdict(spec, True)
 
 
-def isvc_status(v: Verdict, namespace: str, copies: dict[str, Copy], now: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The InferenceService `status` in KServe's v1beta1 form (as ModelMesh writes it).
+def _state_of(copies: dict[str, Copy]) -> str:
+    if any(c.state == CopyState.LOADED for c in copies.values()):
+        return "Loaded"
+    if any(c.state == CopyState.LOADING for c in copies.values()):
+        return "Loading"
+    return "Standby"
 
-    A registered model is Ready even when no pod holds it yet: the first request loads it
-    (activeModelState Standby). `now` is used only when the Ready condition changes, so an
-    unchanged verdict yields an unchanged status and no write."""
-    loaded = sum(1 for c in copies.values() if c.state == CopyState.LOADED)
-    failed = [c for c in copies.values() if c.state == CopyState.FAILED]
+
+def isvc_status(
+    v: Verdict,
+    namespace: str,
+    copies: dict[str, Copy],
+    now: str,
+    previous: dict[str, Any] | None = None,
+    serving: dict[str, Copy] | None = None,
+) -> dict[str, Any]:
+    """The InferenceService `status` in KServe's v1beta1 form, with ModelMesh's meanings.
+
+    - A registered model is Ready even when no pod holds it yet: the first request loads it
+      (activeModelState Standby).
+    - A bad update while an earlier version still serves (`serving`: that version's copies)
+      stays Ready on the earlier version, with targetModelState FailedToLoad and
+      transitionStatus BlockedByFailedLoad (InvalidSpec for a spec that doesn't parse), and
+      the reason in lastFailureInfo.
+    - `now` is used only when the Ready condition changes, so an unchanged verdict yields an
+      unchanged status and no write."""
     url = f"grpc://{SERVICE_NAME}.{namespace}:8033"
     status: dict[str, Any] = {"url": url, "address": {"url": url}}
-    if v.spec is None:
-        transition, active, target = "InvalidSpec", "", ""
-    elif not v.ready:
-        transition, active, target = "BlockedByFailedLoad", "FailedToLoad", ""
+    if v.ready:
+        shown = copies
+        transition, active, target = "UpToDate", _state_of(copies), ""
     else:
-        active = "Loaded" if loaded else ("Loading" if any(c.state == CopyState.LOADING for c in copies.values()) else "Standby")
-        transition, target = "UpToDate", ""
+        shown = serving or {}
+        transition = "InvalidSpec" if v.spec is None else "BlockedByFailedLoad"
+        active = _state_of(shown) if serving is not None else "FailedToLoad"
+        target = "FailedToLoad" if serving is not None else ""
+    loaded = sum(1 for c in shown.values() if c.state == CopyState.LOADED)
+    failed = [c for c in copies.values() if c.state == CopyState.FAILED]
     model_status: dict[str, Any] = {
         "transitionStatus": transition,
-        "states": {"activeModelState": active or "Pending", "targetModelState": target},
+        "states": {"activeModelState": active, "targetModelState": target},
         "copies": {"totalCopies": loaded, "failedCopies": len(failed)},
     }
     reason, message = v.reason, v.message
@@ -190,7 +216,8 @@ def isvc_status(v: Verdict, namespace: str, copies: dict[str, Copy], now: str, p
             failure["modelRevisionName"] = v.spec.id
         model_status["lastFailureInfo"] = failure
     status["modelStatus"] = model_status
-    cond: dict[str, Any] = {"type": "Ready", "status": "True" if v.ready else "False"}
+    ready = v.ready or serving is not None
+    cond: dict[str, Any] = {"type": "Ready", "status": "True" if ready else "False"}
     if not v.ready:
         cond.update(reason=v.reason, message=v.message)
     old = next((c for c in (previous or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
