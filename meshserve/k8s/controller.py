@@ -126,8 +126,8 @@ class Controller:
         try:
             while not self._stopping.is_set():
                 try:
-                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
-                    # lands as the event fires, and this loop would then never stop.
+                    # asyncio.timeout rather than wait_for, whose 3.11 version can lose a cancel
+                    # that races the event; stop() is the way out that never depends on either.
                     async with asyncio.timeout(self.resync):
                         await self._dirty.wait()
                     await asyncio.sleep(self.debounce)  # let a burst of events land first
