@@ -60,7 +60,11 @@ def body(fixtures: Path) -> bytes:
 def test_kill_9_xds_server(mesh: devmesh.Mesh, body: bytes) -> None:
     """Case 1: kill -9 every xDS server: zero failed requests to loaded models; on restart the
     gateway resyncs without re-sending config it already has."""
+    import redis
+
     warm(mesh, body)
+    r = redis.Redis.from_url(mesh.redis_url)
+    placements_before = r.hgetall("ms:placements")
     before = route_version(mesh)
     with SteadyLoad(infer_url(mesh), body, rps=50, max_seconds=60) as load:
         time.sleep(2)
@@ -78,11 +82,16 @@ def test_kill_9_xds_server(mesh: devmesh.Mesh, body: bytes) -> None:
         float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
         if line.startswith("meshserve_xds_pushed_bytes_total") and "RouteConfiguration" in line
     )
+    placements_changed = r.hgetall("ms:placements") != placements_before
+    r.close()
     record("kill_xds", sent=load.sent, failed=load.failed, route_version_before=before, route_version_after=route_version(mesh),
-           route_bytes_pushed_after_restart=route_bytes)
+           route_bytes_pushed_after_restart=route_bytes, placements_changed_meanwhile=placements_changed)
     assert load.sent > 100
     assert load.failed == 0, load.failures
-    assert route_version(mesh) == before  # same content, same version: nothing flapped
+    if not placements_changed:
+        # Same state, same content, same version: the restart itself made nothing flap. (Under
+        # load, placement may legitimately add a copy meanwhile, which changes the routes.)
+        assert route_version(mesh) == before
 
 
 def test_restart_redis_with_aof(mesh: devmesh.Mesh, body: bytes) -> None:
