@@ -7,7 +7,7 @@ the production bootstrap, four stand-in pods. Each change moves one model to ano
 the new pod.
 
     .venv/bin/python -m bench.xds_e2e_latency --models 1000,20000 --changes 5
-    .venv/bin/python -m bench.xds_e2e_latency --models 20000,100000 --changes 20 --layout scoped
+    .venv/bin/python -m bench.xds_e2e_latency --models 20000 --registered 100000 --changes 100 --layout scoped
 
 Writes bench/results/xds_e2e_latency.json.
 """
@@ -25,7 +25,7 @@ from typing import Any
 from bench.xds_routing import Client
 from meshserve import devmesh
 from meshserve import state as st
-from meshserve.model import Copy, CopyState, Pod, copies_to_json
+from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_xds.harness import AdsThread, Upstream, envoy
@@ -39,19 +39,22 @@ def model_id(i: int) -> str:
     return f"m{i}__isvc-{i:010x}"
 
 
-async def seed(url: str, n: int, pods: list[Pod]) -> None:
+async def seed(url: str, n: int, pods: list[Pod], registered: int = 0) -> None:
+    """n loaded models; `registered` (if larger) models registered in all, the rest cold."""
     s = st.State.from_url(url)
     try:
         ops: list[list[Any]] = [["HSET", st.PODS, p.id, p.to_json()] for p in pods]
-        for i in range(n):
-            ops.append(["HSET", st.PLACEMENTS, model_id(i), copies_to_json({pods[i % PODS].id: Copy(CopyState.LOADED)})])
+        for i in range(max(n, registered)):
+            if i < n:
+                ops.append(["HSET", st.PLACEMENTS, model_id(i), copies_to_json({pods[i % PODS].id: Copy(CopyState.LOADED)})])
             ops.append(["HSET", st.ALIASES, f"m{i}", model_id(i)])
+            ops.append(["HSET", st.MODELS, model_id(i), ModelSpec(model_id(i), f"m{i}", "sklearn", {}).to_json()])
         await s.commit(ops, [(st.KIND_ALL, "")])
     finally:
         await s.close()
 
 
-def run(n: int, changes: int, delta: bool, layout: str = "matcher") -> dict[str, Any]:
+def run(n: int, changes: int, delta: bool, layout: str = "matcher", registered: int = 0, warmup: int = 3) -> dict[str, Any]:
     ups = [Upstream(f"pod-{k}") for k in range(PODS)]
     act = Upstream("activator")
     for u in [*ups, act]:
@@ -59,7 +62,7 @@ def run(n: int, changes: int, delta: bool, layout: str = "matcher") -> dict[str,
     try:
         with devmesh.valkey() as v:
             pods = [Pod(u.name, "127.0.0.1", u.port, u.port, 1 << 30) for u in ups]
-            asyncio.run(seed(v.url, n, pods))
+            asyncio.run(seed(v.url, n, pods, registered))
             rest, grpc_port, admin = devmesh.free_port(), devmesh.free_port(), devmesh.free_port()
             settings = Settings(redis_url=v.url, gateway_rest_port=rest, gateway_grpc_port=grpc_port,
                                 activator_rest_port=act.port, activator_grpc_port=act.port)
@@ -78,7 +81,7 @@ def run(n: int, changes: int, delta: bool, layout: str = "matcher") -> dict[str,
                     lat: list[float | None] = []
                     in_cache: list[float] = []
                     try:
-                        for k in range(changes):
+                        for k in range(warmup + changes):
                             i = (k * 7919 + 1) % n
                             new = pods[(i + 1 + k) % PODS].id
                             if new == pods[i % PODS].id:
@@ -94,10 +97,12 @@ def run(n: int, changes: int, delta: bool, layout: str = "matcher") -> dict[str,
                     finally:
                         loop.run_until_complete(writer.close())
                         loop.close()
+                    warm, lat = lat[:warmup], lat[warmup:]
+                    in_cache = in_cache[warmup:]
                     ok = sorted(x for x in lat if x is not None)
                     rss = round(gw.rss_bytes() / 2**20, 1)
                 task.cancel()
-                return {"models": n, "delta": delta, "layout": layout, "changes_ms": lat, "in_cache_ms": in_cache, "p50_ms": statistics.median(ok) if ok else None,
+                return {"models": n, "delta": delta, "layout": layout, "registered": max(n, registered), "warmup_changes_ms": warm, "changes_ms": lat, "in_cache_ms": in_cache, "p50_ms": statistics.median(ok) if ok else None,
                         "p99_ms": ok[min(len(ok) - 1, int(len(ok) * 0.99))] if ok else None,
                         "max_ms": ok[-1] if ok else None, "envoy_rss_mib": rss}
             finally:
@@ -118,13 +123,15 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--delta", action="store_true")
     ap.add_argument("--layout", default="matcher", choices=["matcher", "scoped"])
+    ap.add_argument("--registered", type=int, default=0, help="models registered in all (the rest cold)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed changes first: Envoy may still be applying the initial config")
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for n in (int(x) for x in args.models.split(",")):
-        res = run(n, args.changes, args.delta or args.layout == "scoped", args.layout)
+        res = run(n, args.changes, args.delta or args.layout == "scoped", args.layout, args.registered, args.warmup)
         res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(json.dumps(res), flush=True)
-        results[f"{n}/{args.layout}/{'delta' if res['delta'] else 'sotw'}"] = res
+        results[f"{n}/{max(n, args.registered)}/{args.layout}/{'delta' if res['delta'] else 'sotw'}"] = res
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 

@@ -131,6 +131,9 @@ def test_rest_by_alias_and_id_cold_health_and_unknown(mesh: Mesh) -> None:
     code, body = http(f"{mesh.rest}/v2/models/m0/infer", data=b"{}")
     assert body["upstream"] == "pod-0" and body["path"] == f"/v2/models/{M0}/infer" and body["model"] == M0
     assert mesh.upstream(M0) == "pod-0"
+    code, body = http(f"{mesh.rest}/v2/models/m0")  # metadata: the bare path is rewritten too
+    assert body["upstream"] == "pod-0" and body["path"] == f"/v2/models/{M0}"
+    assert http(f"{mesh.rest}/v2/models/m0x/infer", data=b"{}")[0] == 404  # a longer name is not m0
     assert mesh.upstream("m1") == "activator"  # registered, not loaded: loads on demand
     assert mesh.upstream(M1) == "activator"
     assert http(f"{mesh.rest}/v2/health/live")[1]["upstream"] == "activator"

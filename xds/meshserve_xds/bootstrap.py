@@ -7,6 +7,8 @@ from google.protobuf import json_format, duration_pb2
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.metrics.v3 import stats_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from meshserve_xds import resources as r
 from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
@@ -55,7 +57,18 @@ def _bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, grou
         admin=bootstrap_pb2.Admin(
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=admin_port))
         ),
+        stats_config=_stats_config(),
     )
+
+
+def _stats_config() -> stats_pb2.StatsConfig:
+    """Envoy keeps 12 stats per RDS subscription. The scoped layout has one RouteConfiguration
+    per loaded model, and at 10^5 models those stats are a large share of Envoy's memory
+    (docs/design/routing.md). Per-model request stats come from the routes' stat_prefix and are
+    kept; the listener-level RDS stats (meshserve_rest, meshserve_grpc) are kept too."""
+    return stats_pb2.StatsConfig(stats_matcher=stats_pb2.StatsMatcher(exclusion_list=string_pb2.ListStringMatcher(patterns=[
+        string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=r"^http\.meshserve_(rest|grpc)\.rds\.model.*")),
+    ])))
 
 
 def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:

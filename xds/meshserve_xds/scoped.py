@@ -58,9 +58,11 @@ end
 function envoy_on_request(h)
   local hs = h:headers()
   if hs:get("{KEY_HEADER}") ~= nil then hs:remove("{KEY_HEADER}") end
-  local name = hs:get("{r.MODEL_ID_HEADER}") or hs:get("{r.VMODEL_ID_HEADER}")
   local path = hs:get(":path") or ""
-  if name == nil then name = string.match(path, "^/v2/models/([^/?]+)") end
+  -- The REST path wins: a scope then pins segment 3 exactly, so one prefix route per name is
+  -- enough (no "/v2/models/m1" matching "/v2/models/m10").
+  local name = string.match(path, "^/v2/models/([^/?]+)")
+  if name == nil then name = hs:get("{r.MODEL_ID_HEADER}") or hs:get("{r.VMODEL_ID_HEADER}") end
   if name == nil and string.sub(path, 1, #GRPC + 5) == GRPC .. "Model" then
     local body = h:body()
     if body ~= nil then
@@ -126,12 +128,10 @@ def model_routes(state: r.RoutingState, model: str, names: list[str]) -> route_p
                        route=r._route_action([r.pod_cluster(p, "grpc") for p in pods], 120), request_headers_to_add=headers)]
     rest = [r.pod_cluster(p, "rest") for p in pods]
     for name in names:
-        base = r.MODELS_PREFIX + name
-        routes.append(rc.Route(stat_prefix=model, match=rc.RouteMatch(path=base),
+        # Inside this scope segment 3 of a /v2/models/ path is exactly `name` (the Lua takes
+        # the key from the path first), so a prefix match cannot catch a longer name.
+        routes.append(rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix=r.MODELS_PREFIX + name),
                                route=r._with_rewrite(r._route_action(rest, 120), r.MODELS_PREFIX + model), request_headers_to_add=headers))
-        routes.append(rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix=base + "/"),
-                               route=r._with_rewrite(r._route_action(rest, 120), r.MODELS_PREFIX + model + "/"), request_headers_to_add=headers))
-    # A path naming the model in some other form (e.g. a query string) still reaches a copy.
     routes.append(rc.Route(match=rc.RouteMatch(prefix="/"), route=_to_activator(state, r.ACTIVATOR_REST)))
     return route_pb2.RouteConfiguration(name=model_rc_name(model), virtual_hosts=[rc.VirtualHost(name="model", domains=["*"], routes=routes)])
 
