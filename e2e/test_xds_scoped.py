@@ -137,7 +137,8 @@ def test_rest_by_alias_and_id_cold_health_and_unknown(mesh: Mesh) -> None:
     assert mesh.upstream("m1") == "activator"  # registered, not loaded: loads on demand
     assert mesh.upstream(M1) == "activator"
     assert http(f"{mesh.rest}/v2/health/live")[1]["upstream"] == "activator"
-    assert http(f"{mesh.rest}/v2/models/never-registered/infer", data=b"{}")[0] == 404
+    code, body = http(f"{mesh.rest}/v2/models/never-registered/infer", data=b"{}")
+    assert code == 404 and "never-registered" in body["error"], body
 
 
 def test_grpc_by_header_and_by_message(mesh: Mesh) -> None:

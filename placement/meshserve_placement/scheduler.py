@@ -40,6 +40,19 @@ GROUP = "placement"
 CONSUMER = "leader"  # one name, so a new leader inherits the old one's unacknowledged entries
 QUEUED = "queued for a loading slot"
 
+# Writes that change nothing routing depends on (queue priorities, decision traces) skip
+# `State.commit`, so they neither bump ms:rev nor look like a gap to the xDS server; they are
+# fenced by the lease all the same.
+_FENCED_WRITE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER lease lost')
+end
+for _, op in ipairs(cjson.decode(ARGV[2])) do
+  redis.call(unpack(op))
+end
+return 1
+"""
+
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -70,6 +83,7 @@ class Scheduler:
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._models_rev = -1
         self._renew = state.r.register_script(_RENEW_LUA)
+        self._fenced_write = state.r.register_script(_FENCED_WRITE_LUA)
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
         self.last_decisions: dict[str, policy.Decision] = {}
@@ -178,7 +192,16 @@ class Scheduler:
                 await self.state.r.xack(key, GROUP, eid)
 
     async def _commit(self, ops: Ops, changes: Changes) -> int:
-        return await self.state.commit(ops, changes, fence=self.id)
+        if changes:
+            return await self.state.commit(ops, changes, fence=self.id)
+        if ops:
+            try:
+                await self._fenced_write(keys=[st.LEASE], args=[self.id, json.dumps([[str(x) for x in op] for op in ops])])
+            except aioredis.ResponseError as e:
+                if "NOTLEADER" in str(e):
+                    raise st.NotLeader(str(e)) from None
+                raise
+        return 0
 
     def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
         if copies:

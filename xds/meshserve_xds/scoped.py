@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from google.protobuf import duration_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 
-from envoy.config.core.v3 import base_pb2
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
@@ -101,6 +102,14 @@ def build_listener(name: str, host: str, port: int, http2_only: bool) -> listene
     manager.scoped_routes.CopyFrom(_scoped_routes())
     del manager.http_filters[:]
     manager.http_filters.extend([_lua(), hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
+    if manager.HasField("local_reply_config"):
+        # No scope: nobody registered that name. Say which, as the activator would.
+        body = struct_pb2.Struct()
+        body.update({"error": f"model %REQ({KEY_HEADER})% is not registered (%RESPONSE_CODE_DETAILS%)"})
+        manager.local_reply_config.mappers.append(hcm.ResponseMapper(
+            filter=accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"])),
+            body_format_override=substitution_format_string_pb2.SubstitutionFormatString(json_format=body, content_type="application/json"),
+        ))
     lst.filter_chains[0].filters[0].typed_config.Pack(manager)
     return lst
 

@@ -1,0 +1,157 @@
+"""Density (issue 10, item 2): 100,000 registered models, 20,000 tiny string models loaded
+across the local pods. Reports the RSS of every component and of Envoy, the time to reach all
+loaded, and the gateway latency for random loaded models.
+
+Loads go through the real pipeline: load requests on ms:loadreq (what the activator writes),
+the placement leader, the loaders' order streams, the runtimes, and the xDS server.
+
+    .venv/bin/python -m bench.density [--registered 100000] [--loaded 20000] [--timeout 900]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import pct, write
+from meshserve import devmesh
+from meshserve import state as st
+from meshserve.model import CopyState, ModelSpec
+
+BODY = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}).encode()
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mib(pid: int) -> float:
+    """RSS of a process and all its descendants (a loader runs its pod's runtime as a child)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _rss_kib(p)
+        todo.extend(children.get(p, []))
+    return round(total / 1024, 1)
+
+
+def spec(i: int) -> ModelSpec:
+    name = f"d{i:06d}"
+    return ModelSpec(id=f"{name}__isvc-0000000000", alias=name, format="string",
+                     storage={"parameters": {"type": "pvc", "name": "density"}, "path": "tiny.txt"}, size_hint=4096)
+
+
+async def register(url: str, n: int) -> float:
+    s = st.State.from_url(url)
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, n, 2000):
+            await s.register_models([spec(i) for i in range(start, min(n, start + 2000))])
+    finally:
+        await s.close()
+    return time.perf_counter() - t0
+
+
+async def request_loads(url: str, ids: list[str]) -> None:
+    s = st.State.from_url(url)
+    try:
+        for start in range(0, len(ids), 1000):
+            async with s.r.pipeline(transaction=False) as p:
+                for mid in ids[start:start + 1000]:
+                    p.xadd(st.LOAD_REQUESTS, {"model": mid, "ts": str(time.time())})
+                await p.execute()
+    finally:
+        await s.close()
+
+
+async def count_loaded(url: str) -> int:
+    s = st.State.from_url(url)
+    try:
+        raw = await s.r.hvals(st.PLACEMENTS)
+    finally:
+        await s.close()
+    return sum(1 for v in raw if b'"loaded"' in v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--registered", type=int, default=100_000)
+    ap.add_argument("--loaded", type=int, default=20_000)
+    ap.add_argument("--pods", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--samples", type=int, default=500)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config"
+        cfg.mkdir()
+        # Capacity: enough for every tiny model (each reserves its 4 KiB hint until measured).
+        with devmesh.mesh(config_dir=cfg, pods=args.pods, pod_capacity_bytes=8 << 30) as m:
+            d = m.data_dir / "pvc" / "density"
+            d.mkdir(parents=True)
+            (d / "tiny.txt").write_text("tiny")
+            base_rss = {k: rss_mib(p) for k, p in m.pids().items()}
+            reg_s = asyncio.run(register(m.redis_url, args.registered))
+            print(f"registered {args.registered} in {reg_s:.1f}s", flush=True)
+            ids = [spec(i).id for i in range(args.loaded)]
+            t0 = time.monotonic()
+            asyncio.run(request_loads(m.redis_url, ids))
+            loaded, progress = 0, []
+            while time.monotonic() - t0 < args.timeout:
+                loaded = asyncio.run(count_loaded(m.redis_url))
+                progress.append((round(time.monotonic() - t0, 1), loaded))
+                print(f"{progress[-1][0]:>7}s loaded {loaded}", flush=True)
+                if loaded >= args.loaded:
+                    break
+                time.sleep(5)
+            all_loaded_s = time.monotonic() - t0 if loaded >= args.loaded else None
+            time.sleep(3)
+            rss = {k: rss_mib(p) for k, p in m.pids().items()}
+            lat, errors = [], 0
+            for mid in random.sample(ids[: max(1, loaded)], min(args.samples, max(1, loaded))):
+                alias = mid.split("__")[0]
+                t1 = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(urllib.request.Request(f"{m.rest}/v2/models/{alias}/infer", data=BODY, method="POST"), timeout=30) as r:
+                        r.read()
+                    lat.append((time.perf_counter() - t1) * 1000)
+                except Exception:
+                    errors += 1
+            res = {
+                "registered": args.registered,
+                "loaded_target": args.loaded,
+                "loaded": loaded,
+                "pods": args.pods,
+                "register_seconds": round(reg_s, 1),
+                "all_loaded_seconds": round(all_loaded_s, 1) if all_loaded_s else None,
+                "progress": progress,
+                "rss_mib_idle": base_rss,
+                "rss_mib_loaded": rss,
+                "rss_mib_total": round(sum(rss.values()), 1),
+                "latency_ms_random_loaded": {"n": len(lat), "errors": errors, "p50": round(pct(lat, 50), 2), "p99": round(pct(lat, 99), 2)},
+            }
+            print(json.dumps(res, indent=2))
+            print(write("density", res))
+
+
+if __name__ == "__main__":
+    main()
