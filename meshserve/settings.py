@@ -63,6 +63,18 @@ class Settings:
     # True: the loader agent runs the built-in runtime itself and restarts it if it dies (as
     # `meshserve up` does). False: the runtime is its own process/container (Kubernetes).
     loader_runs_runtime: bool = False
+    # xDS over mutual TLS (issue 9; docs/security.md). PEM file paths. All three of cert, key
+    # and CA set: the ADS port speaks TLS only and requires a client certificate signed by the
+    # CA, and the gateway bootstrap dials it with TLS. All empty: plaintext.
+    xds_tls_cert: str = ""  # the xDS server's certificate (chain)
+    xds_tls_key: str = ""
+    xds_tls_ca: str = ""  # the CA both sides verify the other's certificate against
+    # What the gateway Envoy (and a proxyless client) presents; empty: xds_tls_cert/_key, which
+    # must then allow clientAuth use too.
+    xds_tls_client_cert: str = ""
+    xds_tls_client_key: str = ""
+    # The name the gateway sends as SNI and requires among the server certificate's SANs.
+    xds_tls_server_name: str = "meshserve-xds"
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
@@ -81,6 +93,21 @@ class Settings:
     def pod_ports(self, index: int) -> tuple[int, int, int]:
         base = self.runtime_base_port + 10 * index
         return base, base + 1, base + 2
+
+    @property
+    def xds_tls(self) -> bool:
+        """True when the ADS port speaks mTLS; a ValueError when it is half configured."""
+        parts = {"MESHSERVE_XDS_TLS_CERT": self.xds_tls_cert, "MESHSERVE_XDS_TLS_KEY": self.xds_tls_key, "MESHSERVE_XDS_TLS_CA": self.xds_tls_ca}
+        missing = [k for k, v in parts.items() if not v]
+        if len(missing) == len(parts):
+            if self.xds_tls_client_cert or self.xds_tls_client_key:
+                raise ValueError("MESHSERVE_XDS_TLS_CLIENT_CERT/_KEY are set but xDS TLS is off: set MESHSERVE_XDS_TLS_CERT, _KEY and _CA too")
+            return False
+        if missing:
+            raise ValueError(f"xDS TLS is half configured: {', '.join(missing)} not set (set all of MESHSERVE_XDS_TLS_CERT, _KEY and _CA, or none)")
+        if bool(self.xds_tls_client_cert) != bool(self.xds_tls_client_key):
+            raise ValueError("set both MESHSERVE_XDS_TLS_CLIENT_CERT and MESHSERVE_XDS_TLS_CLIENT_KEY, or neither")
+        return True
 
     @property
     def pvc_root(self) -> Path:

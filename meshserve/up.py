@@ -69,6 +69,9 @@ async def wait_redis(url: str, timeout: float) -> None:
 
 
 async def start_mesh(s: Settings, sup: Supervisor) -> None:
+    from meshserve_xds.bootstrap import XdsClientTls, gateway_bootstrap
+
+    tls = XdsClientTls.from_settings(s)  # a half-configured MESHSERVE_XDS_TLS_* fails here, before anything starts
     s.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_example_model(s.pvc_root)
     py = sys.executable
@@ -98,10 +101,8 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
         # Each pod's loader agent starts its runtime and restarts it if it dies.
         await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)], env={"MESHSERVE_LOADER_RUNS_RUNTIME": "true"})
 
-    from meshserve_xds.bootstrap import gateway_bootstrap
-
     boot = s.data_dir / "envoy-bootstrap.json"
-    boot.write_text(gateway_bootstrap("gateway-0", s.host, s.xds_port, s.envoy_admin_port))
+    boot.write_text(gateway_bootstrap("gateway-0", s.host, s.xds_port, s.envoy_admin_port, tls=tls))
     await sup.start(
         "envoy",
         [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -20,6 +21,26 @@ from meshserve_xds.source import RedisSource
 log = logging.getLogger("meshserve.xds")
 
 
+def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """mTLS for the ADS port when MESHSERVE_XDS_TLS_CERT, _KEY and _CA are set (None: plaintext).
+    A client must present a certificate that chains to the CA, or its handshake fails. The files
+    are read once, at start: a renewed certificate takes a restart (docs/security.md)."""
+    if not s.xds_tls:
+        return None
+    key, cert, ca = (Path(f).read_bytes() for f in (s.xds_tls_key, s.xds_tls_cert, s.xds_tls_ca))
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+def add_port(server: grpc.aio.Server, s: Settings) -> str:
+    """Bind the ADS port, TLS or plaintext per the settings; returns which, for the log."""
+    creds = server_credentials(s)
+    if creds is None:
+        server.add_insecure_port(f"{s.host}:{s.xds_port}")
+        return "plaintext"
+    server.add_secure_port(f"{s.host}:{s.xds_port}", creds)
+    return "mTLS"
+
+
 async def main() -> None:
     s = Settings.from_env()
     logs.setup("xds", s.log_json)
@@ -27,7 +48,10 @@ async def main() -> None:
     ads = AdsServer(cache)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20), ("grpc.keepalive_time_ms", 30_000)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-    server.add_insecure_port(f"{s.host}:{s.xds_port}")
+    try:
+        mode = add_port(server, s)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"meshserve xds: {e}") from None
     await server.start()
 
     app = web.Application()
@@ -44,7 +68,7 @@ async def main() -> None:
     await runner.setup()
     # Debug output binds to loopback only unless configured otherwise.
     await web.TCPSite(runner, "127.0.0.1", s.xds_debug_port).start()
-    log.info("xDS (ADS) on %s:%d, debug on 127.0.0.1:%d", s.host, s.xds_port, s.xds_debug_port)
+    log.info("xDS (ADS, %s) on %s:%d, debug on 127.0.0.1:%d", mode, s.host, s.xds_port, s.xds_debug_port)
     state = st.State.from_url(s.redis_url)
     try:
         await RedisSource(s, state, cache).run()

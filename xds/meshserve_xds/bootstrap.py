@@ -3,6 +3,9 @@ Every listener, route, cluster and endpoint comes over ADS."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from google.protobuf import json_format, duration_pb2
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
@@ -10,25 +13,55 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.metrics.v3 import stats_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from meshserve_xds import resources as r
 from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
+
+if TYPE_CHECKING:
+    from meshserve.settings import Settings
 
 XDS_CLUSTER = "meshserve_xds"
 
 
+@dataclass(frozen=True)
+class XdsClientTls:
+    """How an xDS client dials the server over mutual TLS: PEM file paths (the bootstrap names
+    the files, it never holds key material) and the name the server's certificate must carry."""
+
+    ca: str  # the CA the server's certificate must chain to
+    cert: str  # the client's own certificate (chain), signed by the CA the server trusts
+    key: str
+    server_name: str = "meshserve-xds"  # SNI, and a DNS SAN the server's certificate must have
+
+    @classmethod
+    def from_settings(cls, s: "Settings") -> "XdsClientTls | None":
+        """None when xDS runs in plaintext (no MESHSERVE_XDS_TLS_* set)."""
+        if not s.xds_tls:
+            return None
+        return cls(ca=s.xds_tls_ca, cert=s.xds_tls_client_cert or s.xds_tls_cert, key=s.xds_tls_client_key or s.xds_tls_key,
+                   server_name=s.xds_tls_server_name)
+
+
 def gateway_bootstrap(
-    node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str = GATEWAY_GROUP, delta: bool = False
+    node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str = GATEWAY_GROUP, delta: bool = True,
+    tls: XdsClientTls | None = None,
 ) -> str:
-    """`delta=True` speaks incremental xDS (DeltaAggregatedResources): a change sends only the
-    resources that changed, which is what keeps a change small at 100,000 models."""
-    return json_format.MessageToJson(_bootstrap(node_id, xds_host, xds_port, admin_port, group, delta))
+    """`delta=True` (the default) speaks incremental xDS (DeltaAggregatedResources): a change
+    sends only the resources that changed, which is what keeps a change small at 100,000 models.
+    The scoped layout needs it: in state-of-the-world a scope change re-sends every scope and a
+    route change every RouteConfiguration the gateway holds. `delta=False` is SotW. `tls` dials
+    the xDS server over mutual TLS (the server must be started with MESHSERVE_XDS_TLS_*)."""
+    return json_format.MessageToJson(_bootstrap(node_id, xds_host, xds_port, admin_port, group, delta, tls))
 
 
-def istio_bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, listen_port: int, delta: bool = False) -> str:
+def istio_bootstrap(
+    node_id: str, xds_host: str, xds_port: int, admin_port: int, listen_port: int, delta: bool = False, tls: XdsClientTls | None = None
+) -> str:
     """An Envoy as the Istio/ASM ingress gateway runs it: its listener is static (istiod's, in
     production) and only takes the route configuration `meshserve_rest` from our server, which
     then brings in our clusters and endpoints. The node's cluster selects the Istio group."""
-    b = _bootstrap(node_id, xds_host, xds_port, admin_port, ISTIO_GROUP, delta)
+    b = _bootstrap(node_id, xds_host, xds_port, admin_port, ISTIO_GROUP, delta, tls)
     b.dynamic_resources.ClearField("lds_config")
     listener = r.build_listener(r.REST, "127.0.0.1", listen_port, http2_only=False)
     listener.name = "istio_ingress_8008"
@@ -36,7 +69,9 @@ def istio_bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int,
     return json_format.MessageToJson(b)
 
 
-def _bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str, delta: bool) -> bootstrap_pb2.Bootstrap:
+def _bootstrap(
+    node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str, delta: bool, tls: XdsClientTls | None = None
+) -> bootstrap_pb2.Bootstrap:
     ads = config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3)
     api_type = config_source_pb2.ApiConfigSource.DELTA_GRPC if delta else config_source_pb2.ApiConfigSource.GRPC
     return bootstrap_pb2.Bootstrap(
@@ -52,7 +87,7 @@ def _bootstrap(node_id: str, xds_host: str, xds_port: int, admin_port: int, grou
             cds_config=ads,
         ),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[_xds_cluster(xds_host, xds_port)]
+            clusters=[_xds_cluster(xds_host, xds_port, tls)]
         ),
         admin=bootstrap_pb2.Admin(
             address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=admin_port))
@@ -71,20 +106,51 @@ def _stats_config() -> stats_pb2.StatsConfig:
     ])))
 
 
-def _xds_cluster(host: str, port: int) -> cluster_pb2.Cluster:
+def _xds_cluster(host: str, port: int, tls: XdsClientTls | None = None) -> cluster_pb2.Cluster:
     c = r.build_cluster(XDS_CLUSTER, http2=True)
     c.type = cluster_pb2.Cluster.STRICT_DNS if not host.replace(".", "").isdigit() else cluster_pb2.Cluster.STATIC
     c.ClearField("eds_cluster_config")
     c.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
     c.load_assignment.CopyFrom(r.build_load_assignment(XDS_CLUSTER, host, port))
+    if tls is not None:
+        c.transport_socket.CopyFrom(xds_transport_socket(tls))
     return c
 
 
-def proxyless_bootstrap(node_id: str, xds_host: str, xds_port: int) -> str:
-    """The file grpcio's xDS client reads (named by GRPC_XDS_BOOTSTRAP) to dial xds:///meshserve."""
+def xds_transport_socket(tls: XdsClientTls) -> base_pb2.TransportSocket:
+    """Envoy's side of xDS mTLS: present the client certificate, trust only the CA, send the
+    server name as SNI and require it among the server certificate's DNS SANs, speak h2 (gRPC)."""
+    ctx = tls_pb2.UpstreamTlsContext(
+        sni=tls.server_name,
+        common_tls_context=tls_pb2.CommonTlsContext(
+            tls_params=tls_common_pb2.TlsParameters(  # Envoy's upstream default is at most 1.2
+                tls_minimum_protocol_version=tls_common_pb2.TlsParameters.TLSv1_2,
+                tls_maximum_protocol_version=tls_common_pb2.TlsParameters.TLSv1_3),
+            tls_certificates=[tls_common_pb2.TlsCertificate(
+                certificate_chain=base_pb2.DataSource(filename=tls.cert), private_key=base_pb2.DataSource(filename=tls.key))],
+            validation_context=tls_common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(filename=tls.ca),
+                match_typed_subject_alt_names=[tls_common_pb2.SubjectAltNameMatcher(
+                    san_type=tls_common_pb2.SubjectAltNameMatcher.DNS, matcher=string_pb2.StringMatcher(exact=tls.server_name))],
+            ),
+            alpn_protocols=["h2"],
+        ),
+    )
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=r._any(ctx))
+
+
+def proxyless_bootstrap(node_id: str, xds_host: str, xds_port: int, tls: XdsClientTls | None = None) -> str:
+    """The file grpcio's xDS client reads (named by GRPC_XDS_BOOTSTRAP) to dial xds:///meshserve.
+
+    With `tls`, the client dials with gRPC's `tls` channel credentials (mTLS, gRFC A65). gRPC
+    checks the server's certificate against the host of `server_uri` (here `xds_host`), not
+    `tls.server_name`: the certificate must name that host (DNS or IP SAN)."""
     import json
 
+    creds: dict[str, object] = {"type": "insecure"}
+    if tls is not None:
+        creds = {"type": "tls", "config": {"ca_certificate_file": tls.ca, "certificate_file": tls.cert, "private_key_file": tls.key}}
     return json.dumps({
-        "xds_servers": [{"server_uri": f"{xds_host}:{xds_port}", "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
+        "xds_servers": [{"server_uri": f"{xds_host}:{xds_port}", "channel_creds": [creds], "server_features": ["xds_v3"]}],
         "node": {"id": node_id, "cluster": PROXYLESS_GROUP, "locality": {"region": "meshserve"}},
     })
