@@ -14,7 +14,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench.common import hey, string_model_mesh, write
+from bench.common import hey, install_hey, string_model_mesh, write
 
 
 def main() -> None:
@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--rates", default="200,500,1000")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
+    install_hey()
     with tempfile.TemporaryDirectory() as tmp, string_model_mesh(Path(tmp), ["tiny"]) as mesh:
         body = Path(tmp) / "body.json"
         body.write_text(json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}))

@@ -1,0 +1,56 @@
+"""`make bench`: every benchmark of issue 10, each bounded in time, one after another.
+
+Each runs as its own process (a crash or a time-out in one does not stop the rest) and writes
+its JSON to bench/results/; docs/benchmarks.md quotes them. Run one or a few by name:
+
+    .venv/bin/python -m bench.run                       # all, about 45 minutes on 2 cores
+    .venv/bin/python -m bench.run gateway coldstart     # just these
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from bench.common import REPO
+
+# name -> (module arguments, time limit in seconds). Sizes are the issues' targets.
+BENCHMARKS: dict[str, tuple[list[str], int]] = {
+    "gateway": (["bench.gateway", "--seconds", "8"], 600),
+    "density": (["bench.density", "--registered", "100000", "--loaded", "20000", "--timeout", "1200"], 1800),
+    "convergence": (["bench.xds_e2e_latency", "--models", "20000", "--registered", "100000", "--changes", "100",
+                     "--layout", "scoped", "--delta"], 1200),
+    "coldstart": (["bench.coldstart", "--models", "30"], 600),
+    "peer_mlserver": (["bench.peer_mlserver", "--seconds", "8"], 1200),
+    "placement_sim": (["bench.placement_sim"], 900),
+    "placement_throughput": (["bench.placement_throughput"], 600),
+    "xds_debounce": (["bench.xds_debounce"], 600),
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in names:
+        args, limit = BENCHMARKS[name]
+        print(f"== {name} (at most {limit // 60} min)", flush=True)
+        t0 = time.monotonic()
+        try:
+            code = subprocess.run([sys.executable, "-m", *args], cwd=REPO, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            code = "timed out"
+        print(f"== {name}: {'ok' if code == 0 else code} in {time.monotonic() - t0:.0f}s", flush=True)
+        if code != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
