@@ -18,12 +18,8 @@ from meshserve import state as st
 from meshserve.model import CopyState
 from meshserve.settings import Settings
 
-# Placement's own keys (placement/meshserve_placement/keys.py), spelled out so the CLI does not
-# import the placement service.
-DECISIONS = st.PREFIX + "decisions"
-EXCLUDED = st.PREFIX + "excluded"
-LOADQ_PREFIX = st.PREFIX + "loadq:"
-BACKGROUND = 1e10
+# Placement's own keys: keys.py imports nothing of the placement service but the shared schema.
+from meshserve_placement.keys import BACKGROUND, DECISIONS, EXCLUDED, LOADQ_PREFIX
 
 
 def _url(redis_url: str) -> str:
