@@ -31,12 +31,16 @@ class RuntimeClient:
             await asyncio.sleep(0.1)
 
     async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
+        # The runtime gets the timeout too: it gives up on the load then (freeing itself for the
+        # next one) instead of finishing it for nobody.
         async with self.session.post(
             f"{self.base_url}/v2/repository/models/{model_id}/load",
-            json={"parameters": params},
+            json={"parameters": {**params, "timeout_seconds": timeout}},
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as r:
             body = await r.json(content_type=None)
+            if r.status == 504:  # the runtime's own timeout: the same failure as ours
+                raise asyncio.TimeoutError(body.get("error") if isinstance(body, dict) else "load timed out")
             if r.status != 200:
                 raise RuntimeError(body.get("error") if isinstance(body, dict) else f"HTTP {r.status}")
             return int(body.get("size_bytes") or 0)

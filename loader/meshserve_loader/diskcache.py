@@ -4,10 +4,17 @@ Each entry is a directory `<root>/<key digest>/` that appears whole (it is fille
 name, then renamed), so a crash never leaves a half-pulled model that looks complete. A marker
 file inside says which path in the entry is the model and is touched on every use: its mtime is
 the LRU clock. Evicting a model from memory keeps its entry, so a reload skips the download.
+
+A temporary is flock'ed by the process filling it. The kernel drops that lock when the process
+dies, even by SIGKILL, so the half-pulled temporaries of a killed loader are told from live
+pulls and removed when the loader starts again and before each pull, instead of taking disk
+space for an hour (a loader OOM-killed while pulling an 8 GiB model, again and again, would
+otherwise fill the disk).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -15,7 +22,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("meshserve.loader.cache")
@@ -33,6 +40,7 @@ def tree_bytes(path: Path) -> int:
 class DiskCache:
     root: Path
     max_bytes: int
+    _held: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # our temporaries' lock fds
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -52,10 +60,27 @@ class DiskCache:
         return d / meta["path"] if meta.get("path") else d
 
     def staging(self) -> Path:
-        """A fresh temporary directory inside the cache (same filesystem, so rename is atomic)."""
+        """A fresh temporary directory inside the cache (same filesystem, so rename is atomic),
+        locked by this process until it is committed or removed."""
+        self.clean_staging()
         d = self.root / f".tmp-{uuid.uuid4().hex}"
         d.mkdir()
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            return d  # no lock: only the age rule will clean it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return d
+        self._held[d.name] = fd
         return d
+
+    def _release(self, name: str) -> None:
+        fd = self._held.pop(name, None)
+        if fd is not None:
+            os.close(fd)
 
     def commit(self, source: str, staged: Path, rel_path: str) -> Path:
         """Publish a filled staging dir as the entry for `source`; returns the model path."""
@@ -68,6 +93,8 @@ class DiskCache:
             shutil.rmtree(staged, ignore_errors=True)
             if self.lookup(source) is None:
                 raise
+        finally:
+            self._release(staged.name)
         self.evict(keep=d)
         return d / rel_path if rel_path else d
 
@@ -100,9 +127,45 @@ class DiskCache:
             log.info("disk cache: evicted %s (%d bytes), now %d of %d bytes", d.name, size, total, self.max_bytes)
         return removed
 
-    def clean_staging(self, older_than: float = 3600.0) -> None:
-        """Remove temporaries a crashed pull left behind."""
+    def clean_staging(self, older_than: float = 3600.0) -> list[Path]:
+        """Remove temporaries a crashed or failed pull left behind: those no live process holds
+        locked, and, where the lock can't be told (no flock), those older than `older_than`."""
+        for name in [n for n in self._held if not (self.root / n).exists()]:
+            self._release(name)  # our own pull failed and removed its temporary
         now = time.time()
+        removed = []
         for d in self.root.glob(".tmp-*"):
-            if now - d.stat().st_mtime > older_than:
+            if d.name in self._held:
+                continue
+            try:
+                age = now - d.stat().st_mtime
+                lock = _lock_state(d)
+                # (A second's grace covers a live pull between its mkdir and its flock.)
+                stale = (lock == "free" and age > 1.0) or (lock == "unknown" and age > older_than)
+            except FileNotFoundError:
+                continue
+            if stale:
                 shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+                log.info("disk cache: removed %s, left behind by a pull that did not finish", d.name)
+        return removed
+
+
+def _lock_state(d: Path) -> str:
+    """"locked" while a live process holds `d`'s lock, "free" when none does, "unknown" when the
+    filesystem can't tell."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return "unknown"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "locked"
+    except OSError:
+        return "unknown"
+    finally:
+        os.close(fd)  # closing drops the lock we may have just taken
+    return "free"

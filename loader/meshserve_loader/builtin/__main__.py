@@ -17,7 +17,7 @@ def main() -> None:
     s = Settings.from_env()
     logs.setup(f"runtime-{args.index}", s.log_json)
     rest, grpc_port, _ = s.pod_ports(args.index)
-    asyncio.run(serve(s.host, rest, grpc_port, s.allow_executable_formats))
+    asyncio.run(serve(s.host, rest, grpc_port, s.allow_executable_formats, s.load_timeout_seconds))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,35 @@ log = logging.getLogger("meshserve.runtime")
 
 MODEL_ID_HEADER = "mm-model-id"
 MAX_BODY_BYTES = MAX_REQUEST_BYTES
+
+
+class LoadTimeout(TimeoutError):
+    """A load did not finish within its timeout; the runtime gave up on it."""
+
+
+def _in_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
+    """Run `fn(*args)` in a thread of its own. A load may hang forever (a user's load() that
+    never returns): it must not hold one of the loop's few shared executor threads, which every
+    later load needs."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, v: Any) -> None:
+        if not fut.done():
+            fut.set_result(v) if ok else fut.set_exception(v)
+
+    def run() -> None:
+        try:
+            v, ok = fn(*args), True
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            v, ok = e, False
+        try:
+            loop.call_soon_threadsafe(settle, ok, v)
+        except RuntimeError:
+            pass  # the loop is gone (shutdown): nobody is waiting
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return fut
 
 
 def rss_bytes() -> int:
@@ -55,6 +85,10 @@ class Runtime:
     models: dict[str, Entry] = field(default_factory=dict)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     warm: "asyncio.Future[None] | None" = None  # background imports loads must wait for
+    # A load not done within this many seconds (the load's own `timeout_seconds` parameter, which
+    # the loader sends, wins) is abandoned: its slot is freed and its result, should it ever
+    # come, is dropped. 0: wait forever.
+    load_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
@@ -66,6 +100,11 @@ class Runtime:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
         self.m_models = Gauge("meshserve_runtime_models_loaded", "Models loaded in this runtime", registry=self.registry)
+        self.m_abandoned = Gauge(
+            "meshserve_runtime_abandoned_loads", "Loads given up after their timeout whose thread is still running",
+            registry=self.registry,
+        )
+        self.abandoned = 0
 
     def get(self, name: str) -> Entry:
         e = self.models.get(name)
@@ -76,22 +115,53 @@ class Runtime:
     async def load(self, name: str, fmt: str, path: str, params: dict[str, Any]) -> int:
         if name in self.models:
             return self.models[name].size
-        # One load at a time keeps the RSS delta attributable to the model being loaded.
-        async with self._load_lock:
-            if self.warm is not None:
-                try:
-                    await self.warm
-                except ImportError as e:  # a missing optional library fails only its own format
-                    log.warning("format library unavailable: %s", e)
-                self.warm = None
-            before = rss_bytes()
-            model = await asyncio.get_running_loop().run_in_executor(None, load_model, fmt, Path(path), params, self.allow_executable)
-            measured = rss_bytes() - before
-            size = measured if measured > 0 else int(params.get("predicted_size", 0))
-            self.models[name] = Entry(model, size, time.time())
-            self.m_models.set(len(self.models))
-            log.info("loaded model %s (%s) size=%d", name, fmt, size)
-            return size
+        timeout = float(params.get("timeout_seconds") or self.load_timeout or 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout > 0 else None
+        load: "asyncio.Future[Model] | None" = None
+        try:
+            # The deadline covers the wait for the lock too, and leaving by it releases the lock:
+            # a load that hangs holds up the loads behind it for its timeout at most.
+            async with asyncio.timeout_at(deadline):
+                # One load at a time keeps the RSS delta attributable to the model being loaded.
+                async with self._load_lock:
+                    if name in self.models:  # loaded by a request for it that came first
+                        return self.models[name].size
+                    if self.warm is not None:
+                        try:
+                            await asyncio.shield(self.warm)
+                        except ImportError as e:  # a missing optional library fails only its own format
+                            log.warning("format library unavailable: %s", e)
+                        self.warm = None
+                    before = rss_bytes()
+                    load = _in_thread(load_model, fmt, Path(path), params, self.allow_executable)
+                    model = await asyncio.shield(load)
+                    measured = rss_bytes() - before
+        except TimeoutError:
+            if load is None:
+                raise LoadTimeout(f"load of '{name}' did not start within {timeout:g}s: an earlier load still holds the runtime") from None
+            self._abandon(name, load)
+            raise LoadTimeout(f"load of '{name}' did not finish within {timeout:g}s; the runtime gave up on it") from None
+        size = measured if measured > 0 else int(params.get("predicted_size", 0))
+        self.models[name] = Entry(model, size, time.time())
+        self.m_models.set(len(self.models))
+        log.info("loaded model %s (%s) size=%d", name, fmt, size)
+        return size
+
+    def _abandon(self, name: str, load: "asyncio.Future[Model]") -> None:
+        """A timed-out load keeps running in its thread (Python cannot stop it). Its result is
+        dropped whenever it comes, so the runtime never holds a model nobody placed."""
+        self.abandoned += 1
+        self.m_abandoned.inc()
+        log.warning("load of %s timed out; abandoned (%d abandoned loads still running)", name, self.abandoned)
+
+        def done(f: "asyncio.Future[Model]") -> None:
+            self.abandoned -= 1
+            self.m_abandoned.dec()
+            how = f"failed: {f.exception()}" if f.exception() is not None else "finished"
+            log.warning("abandoned load of %s %s after its timeout; its result is dropped", name, how)
+
+        load.add_done_callback(done)
 
     def unload(self, name: str) -> bool:
         e = self.models.pop(name, None)
@@ -203,6 +273,8 @@ def build_rest_app(rt: Runtime) -> web.Application:
             return _err(400, f"load needs JSON {{'parameters': {{'path', 'format'}}}}: {e}")
         except ModelLoadError as e:
             return _err(400, str(e))
+        except LoadTimeout as e:
+            return _err(504, str(e))
         except Exception as e:
             log.exception("load failed for %s", name)
             return _err(500, f"load of '{name}' failed: {type(e).__name__}: {e}")
@@ -291,6 +363,8 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
             await self.rt.load(request.model_name, str(params.get("format", "")), str(params.get("path", "")), params)
         except ModelLoadError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except LoadTimeout as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
@@ -319,9 +393,9 @@ def _preimport_more() -> None:
     import onnxruntime  # noqa: F401
 
 
-async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True) -> None:
+async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True, load_timeout: float = 0.0) -> None:
     await asyncio.get_running_loop().run_in_executor(None, _preimport)
-    rt = Runtime(allow_executable=allow_executable)
+    rt = Runtime(allow_executable=allow_executable, load_timeout=load_timeout)
     rt.warm = asyncio.get_running_loop().run_in_executor(None, _preimport_more)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
