@@ -35,6 +35,11 @@ RULES = PREFIX + "rules"  # hash: rule name -> TrafficRule JSON (as applied)
 RULE_STATUS = PREFIX + "rulestatus"  # hash: rule name -> status JSON (phase, canary step, reason)
 TRANSITIONS = PREFIX + "transitions"  # hash: InferenceService name -> version move JSON
 ROLLOUT_LEASE = PREFIX + "rollout:leader"  # string: rollout controller's id, with a TTL
+# Pull/load progress (issue 8): string + TTL per in-flight load, key `ms:progress:<model>|<pod>`,
+# JSON {phase: pulling|loading|loaded|failed, done_bytes, total_bytes, started, updated, reason}.
+# Written by the loader (throttled, refreshed while alive, so a killed loader's entry expires);
+# no index: readers know which to read from the LOADING copies in PLACEMENTS.
+PROGRESS_PREFIX = PREFIX + "progress:"
 
 CHANGES_MAXLEN = 200_000
 
@@ -50,6 +55,10 @@ KIND_TRANSITION = "transition"
 
 def orders_key(pod_id: str) -> str:
     return ORDERS_PREFIX + pod_id
+
+
+def progress_key(model_id: str, pod_id: str) -> str:
+    return f"{PROGRESS_PREFIX}{model_id}|{pod_id}"
 
 
 # ARGV[1]: JSON list of redis commands; ARGV[2]: JSON list of [kind, id];
@@ -154,6 +163,14 @@ class State:
     async def pod(self, pod_id: str) -> Pod | None:
         raw = await self.r.hget(PODS, pod_id)
         return Pod.from_json(raw) if raw else None
+
+    async def progress(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The published progress of these (model, pod) loads; a pair with none (queued, not
+        started, or its loader gone) is left out."""
+        if not pairs:
+            return {}
+        raws = await self.r.mget([progress_key(m, p) for m, p in pairs])
+        return {pair: json.loads(raw) for pair, raw in zip(pairs, raws) if raw}
 
     async def touch(self, model_ids: Iterable[str], when: float | None = None) -> None:
         when = when or time.time()

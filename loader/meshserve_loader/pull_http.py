@@ -5,6 +5,7 @@ from __future__ import annotations
 import posixpath
 import re
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -24,7 +25,8 @@ def file_name_of(url: str) -> str:
 
 
 async def pull_http(
-    url: str, dest: Path, headers: dict[str, str], max_bytes: int, progress_min_bytes: int, sha256: str = "", timeout: float = 600.0
+    url: str, dest: Path, headers: dict[str, str], max_bytes: int, progress_min_bytes: int, sha256: str = "", timeout: float = 600.0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Download `url` into the empty dir `dest`; returns the file's name inside it."""
     name = file_name_of(url)
@@ -37,7 +39,7 @@ async def pull_http(
                 total = r.content_length or 0
                 if total > max_bytes:
                     raise StorageError(f"{shown}: model is {total} bytes, over the limit of {max_bytes} (MESHSERVE_MAX_MODEL_BYTES)")
-                sink = Sink(dest / name, shown, Budget(max_bytes), Progress(shown, total, progress_min_bytes))
+                sink = Sink(dest / name, shown, Budget(max_bytes), Progress(shown, total, progress_min_bytes, on_progress))
                 try:
                     async for chunk in r.content.iter_chunked(CHUNK):
                         sink.write(chunk)

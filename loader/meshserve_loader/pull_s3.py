@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import Path
+from typing import Callable
 
 from meshserve_loader.sink import Budget, Progress, Sink
 from meshserve_loader.storage import StorageError, safe_join
@@ -41,7 +42,10 @@ def _describe(store: Store, bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key} (store {store.key!r}{', ' + store.endpoint_url if store.endpoint_url else ''})"
 
 
-def pull_s3(store: Store, bucket: str, key: str, dest: Path, max_bytes: int, progress_min_bytes: int, sha256: str = "") -> str:
+def pull_s3(
+    store: Store, bucket: str, key: str, dest: Path, max_bytes: int, progress_min_bytes: int, sha256: str = "",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> str:
     """Download `key` (an object, else every object under `key/`) into the empty dir `dest`.
     Returns the model's path relative to `dest` ("" when it is the whole directory)."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -62,7 +66,7 @@ def pull_s3(store: Store, bucket: str, key: str, dest: Path, max_bytes: int, pro
         single = len(objects) == 1 and objects[0][0] == key
         if sha256 and not single:
             raise StorageError(f"{what}: a sha256 digest can only be checked for a single-file model, this is a prefix")
-        progress = Progress(what, total, progress_min_bytes)
+        progress = Progress(what, total, progress_min_bytes, on_progress)
         for obj_key, _ in objects:
             rel = posixpath.basename(obj_key) if single else obj_key[len(key) + 1 :] if key else obj_key
             target = safe_join(dest, rel)  # an object name with '..' must not write outside dest

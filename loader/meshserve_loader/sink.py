@@ -7,7 +7,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from meshserve_loader.storage import StorageError
 
@@ -40,16 +40,21 @@ class Budget:
 
 @dataclass
 class Progress:
-    """Logs every 10% of a pull whose size is known and at least `min_bytes`."""
+    """Logs every 10% of a pull whose size is known and at least `min_bytes`, and calls
+    `on_progress(done, total)` (when given) after every chunk, whatever the size: it must be
+    cheap and thread-safe (S3 pulls run in a worker thread); the agent's one only stores them."""
 
     what: str
     total: int
     min_bytes: int
+    on_progress: Callable[[int, int], None] | None = None
     done: int = 0
     _next: int = field(default=1, init=False)
 
     def add(self, n: int) -> None:
         self.done += n
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
         if self.total < self.min_bytes or self.total <= 0:
             return
         pct = self.done * 10 // self.total

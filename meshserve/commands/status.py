@@ -33,6 +33,9 @@ async def gather(url: str) -> dict[str, Any]:
         snap = await state.snapshot()
         hb = dict((k.decode(), v) for k, v in await state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True))
         lu = dict((k.decode(), v) for k, v in await state.r.zrange(st.LAST_USED, 0, -1, withscores=True))
+        # In-flight loads: the loading copies, with what their loaders publish (none yet: queued).
+        pairs = sorted((m, p) for m, cs in snap.placements.items() for p, c in cs.items() if c.state == CopyState.LOADING)
+        progress = await state.progress(pairs)
     finally:
         await state.close()
     now = time.time()
@@ -62,7 +65,8 @@ async def gather(url: str) -> dict[str, Any]:
         for p in sorted(snap.pods.values(), key=lambda p: p.id)
     ]
     failures.sort(key=lambda f: -f["since"])
-    return {"revision": snap.rev, "pods": pods, "models": models, "failures": failures[:20]}
+    loading = [{"model": m, "pod": p, "phase": "queued", "done_bytes": 0, "total_bytes": 0, **progress.get((m, p), {})} for m, p in pairs]
+    return {"revision": snap.rev, "pods": pods, "models": models, "loading": loading, "failures": failures[:20]}
 
 
 def _bar(used: int, cap: int, width: int = 20) -> str:
@@ -95,6 +99,14 @@ def status(redis_url: str, as_json: bool) -> None:
         t.add_row(p["id"], f"{p['host']}:{p['rest_port']}", _mb(p["capacity_bytes"]), _bar(p["used_bytes"], p["capacity_bytes"]), f"{p['heartbeat_age_s']}s ago")
     con.print(t)
     _models_table(con, data["models"])
+    if data["loading"]:
+        lt = Table(title="Loading now")
+        for col in ("model", "pod", "phase", "pulled", "for"):
+            lt.add_column(col)
+        for x in data["loading"]:
+            pulled = f"{_mb(x['done_bytes'])} of {_mb(x['total_bytes'])}" if x["total_bytes"] else (_mb(x["done_bytes"]) if x["done_bytes"] else "-")
+            lt.add_row(x["model"], x["pod"], x["phase"], pulled, f"{time.time() - x['started']:.0f}s" if x.get("started") else "-")
+        con.print(lt)
     if data["failures"]:
         f = Table(title="Recent failures")
         for col in ("model", "pod", "reason"):
