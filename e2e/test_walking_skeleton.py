@@ -17,6 +17,7 @@ import pytest
 from meshserve import devmesh
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+from meshserve_xds.harness import model_route_clusters
 
 pytestmark = pytest.mark.e2e
 MODEL_ID = re.compile(r"^sklearn-mnist__isvc-[0-9a-f]{10}$")
@@ -98,7 +99,8 @@ def test_loaded_model_bypasses_python(mesh: devmesh.Mesh, fixtures: Path) -> Non
 
     def routed() -> bool:
         _, dump = devmesh.http_get(f"{mesh.admin}/config_dump?resource=dynamic_route_configs")
-        return f"/v2/models/{model_id}/".encode() in dump and b"pod_pod-" in dump
+        clusters = model_route_clusters(json.loads(dump), model_id)  # either xDS layout
+        return bool(clusters) and all(c.startswith(("pod_pod-", "pods_pod-")) for c in clusters)
 
     devmesh.wait_until(routed, 10, "gateway route to the pod")
     _, act_before = devmesh.http_get(f"http://127.0.0.1:{mesh.ports['placement_metrics_port']}/metrics")

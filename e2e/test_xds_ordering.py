@@ -1,7 +1,8 @@
 """Issue 3, item 3: ordering and warming. Under continuous load, while models load, unload and
 move between pods that come and go, no request gets a 503 because of update order.
 
-Kind: e2e. A real Envoy configured by our in-process ADS server (SotW and delta); three
+Kind: e2e. A real Envoy configured by our in-process ADS server (matcher layout over SotW and
+delta, scoped layout over delta); three
 stand-in pods and a stand-in activator (tiny HTTP servers); a client thread sending requests
 back to back for the whole test (bounded: 20 state changes).
 """
@@ -17,6 +18,7 @@ import pytest
 
 from meshserve.devmesh import free_port
 from meshserve_xds import resources as r
+from meshserve_xds import scoped
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_xds.harness import AdsThread, Upstream, envoy, http as get, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
@@ -54,8 +56,8 @@ class Load(threading.Thread):
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
 
 
-@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-def test_no_503_while_models_move_and_pods_come_and_go(delta: bool) -> None:
+@pytest.mark.parametrize("layout,delta", [("matcher", False), ("matcher", True), ("scoped", True)], ids=["sotw", "delta", "scoped-delta"])
+def test_no_503_while_models_move_and_pods_come_and_go(layout: str, delta: bool) -> None:
     ups = [Upstream(f"pod-{i}") for i in range(3)]
     act = Upstream("activator")
     for u in [*ups, act]:
@@ -68,8 +70,8 @@ def test_no_503_while_models_move_and_pods_come_and_go(delta: bool) -> None:
 
         def publish(pods: list[str], loaded: dict[str, list[str]]) -> None:
             state = r.RoutingState(pods={p: eps[p] for p in pods}, loaded=loaded, aliases={"m0": M0, "m1": M1},
-                                   activator=r.Endpoint("127.0.0.1", act.port, act.port))
-            ads.set(GATEWAY_GROUP, r.build_all(state, listeners))
+                                   activator=r.Endpoint("127.0.0.1", act.port, act.port), registered={M0, M1})
+            ads.set(GATEWAY_GROUP, (scoped.build_all if layout == "scoped" else r.build_all)(state, listeners))
 
         publish(["pod-0"], {M0: ["pod-0"]})
         with envoy(gateway_bootstrap("gw-order", "127.0.0.1", ads.port, admin, delta=delta), admin):

@@ -185,3 +185,59 @@ def test_incremental_patches_equal_a_full_build(mesh: Mesh) -> None:
     finally:
         fresh.call(state.close())
         fresh.stop()
+
+
+def test_traffic_rule_follows_the_models_it_names(mesh: Mesh) -> None:
+    """A TrafficRule in the scoped layout: the name's scope points at the plan's own
+    RouteConfiguration; moving a model the plan splits to (a placement-only change, which
+    otherwise takes the O(change) partial path) rebuilds it; removing the rule restores the
+    plain route. Throughout, the patched snapshot equals a fresh full build."""
+    from meshserve.rules import store as rules_store
+
+    m3, m4 = "m3__isvc-3333333333", "m4__isvc-4444444444"
+    _commit(mesh.url,
+            [["HSET", st.MODELS, m, ModelSpec(m, a, "sklearn", {}).to_json()] for m, a in ((m3, "m3"), (m4, "m4"))]
+            + [["HSET", st.ALIASES, "m3", m3], ["HSET", st.ALIASES, "m4", m4],
+               ["HSET", st.PLACEMENTS, m3, copies_to_json({"pod-0": Copy(CopyState.LOADED)})],
+               ["HSET", st.PLACEMENTS, m4, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]],
+            [(st.KIND_MODEL, m3), (st.KIND_MODEL, m4), (st.KIND_ALIAS, "m3"), (st.KIND_ALIAS, "m4"),
+             (st.KIND_PLACEMENT, m3), (st.KIND_PLACEMENT, m4)])
+    wait_for(lambda: mesh.upstream("m3") == "pod-0" and mesh.upstream("m4") == "pod-1", 10, "m3, m4 routed")
+    rule = {"apiVersion": "meshserve.io/v1alpha1", "kind": "TrafficRule", "metadata": {"name": "m3-split"},
+            "spec": {"model": "m3", "routes": [{"to": [{"model": "m3", "weight": 50}, {"model": "m4", "weight": 50}]}]}}
+    ops, changes = rules_store.rule_ops([rule], {})
+    _commit(mesh.url, ops, changes)
+
+    def seen(n: int = 40) -> set[tuple[str, str]]:
+        out = set()
+        for _ in range(n):
+            code, body = http(f"{mesh.rest}/v2/models/m3/infer", data=b"{}")
+            assert code == 200, (code, body)
+            out.add((body["upstream"], body["model"]))
+        return out
+
+    wait_for(lambda: seen() == {("pod-0", m3), ("pod-1", m4)}, 10, "m3 split over m3 and m4")
+    assert mesh.infer("x", [("mm-vmodel-id", "m3")]).model_name in (m3, m4)  # gRPC by alias follows the plan
+    assert mesh.infer("x", [("mm-model-id", m4)]).id == "pod-1"  # a concrete id is pinned
+    assert mesh.upstream("m4") == "pod-1"  # other names keep their plain routes
+    # A placement-only change to a model the plan names: the plan's routes follow it.
+    _commit(mesh.url, [["HSET", st.PLACEMENTS, m4, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, m4)])
+    wait_for(lambda: seen() == {("pod-0", m3), ("pod-0", m4)}, 10, "m3's split follows m4 to pod-0")
+    _check_equals_fresh(mesh)
+    # The rule goes: m3 routes to its own model again.
+    _commit(mesh.url, [["HDEL", st.RULES, "m3-split"], ["HDEL", st.RULE_STATUS, "m3-split"]], [(st.KIND_RULE, "m3-split")])
+    wait_for(lambda: seen(20) == {("pod-0", m3)}, 10, "m3 back on its own model")
+    _check_equals_fresh(mesh)
+
+
+def _check_equals_fresh(mesh: Mesh) -> None:
+    fresh = AdsThread().start()
+    state = fresh.call(_state(mesh.url))
+    try:
+        assert fresh.cache is not None
+        src = RedisSource(mesh.settings, state, fresh.cache, layout="scoped")
+        fresh.call(src.rebuild())
+        wait_for(lambda: mesh.digests(mesh.ads) == mesh.digests(fresh), 5, "patched equals fresh")
+    finally:
+        fresh.call(state.close())
+        fresh.stop()

@@ -81,3 +81,17 @@ def test_real_envoy_accepts_the_resources(tmp_path: Path) -> None:
         envoy = Path(sys.executable).with_name("envoy")
         out = subprocess.run([str(envoy), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "OK" in out.stdout + out.stderr, out.stderr[-2000:]
+
+
+def test_scoped_listeners_key_then_wait_for_new_route_configs_then_route() -> None:
+    """The scoped layout's listeners: the Lua filter sets the scope key, the on_demand filter holds
+    a request whose scope names a RouteConfiguration not received yet (a model that just
+    loaded), then the router."""
+    from meshserve_xds import scoped
+
+    res = scoped.build_all(state(), r.ListenerConfig())
+    for lst in res.by_type[r.LISTENER_TYPE].values():
+        m = hcm.HttpConnectionManager()
+        lst.filter_chains[0].filters[0].typed_config.Unpack(m)
+        assert [f.name for f in m.http_filters] == ["envoy.filters.http.lua", "envoy.filters.http.on_demand", "envoy.filters.http.router"]
+        assert m.scoped_routes.scoped_rds.HasField("scoped_rds_config_source") and not m.HasField("rds")

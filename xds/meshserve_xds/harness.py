@@ -241,3 +241,29 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def now() -> float:
     return time.monotonic()
+
+
+def model_route_clusters(dump: Any, model_id: str) -> set[str]:
+    """The clusters an Envoy route config dump (`/config_dump?resource=dynamic_route_configs`,
+    parsed) sends REST requests for the concrete id `model_id` to, in either layout: the
+    matcher tree's `/v2/models/<id>` and `/v2/models/<id>/` entries, or the prefix route
+    `/v2/models/<id>` in the scoped layout's `model/<id>` RouteConfiguration. Empty when the
+    gateway has no route for it (a cold model goes to the activator by the fallback)."""
+    want = {r.MODELS_PREFIX + model_id, r.MODELS_PREFIX + model_id + "/"}
+    out: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            match, action = node.get("match"), node.get("route")
+            if isinstance(match, dict) and isinstance(action, dict) and (match.get("prefix") in want or match.get("path") in want):
+                if "cluster" in action:
+                    out.add(action["cluster"])
+                out.update(c["name"] for c in action.get("weighted_clusters", {}).get("clusters", []))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dump)
+    return out

@@ -6,6 +6,10 @@ Layout (docs/design/routing.md):
 - Clusters: one per runtime pod and protocol (`pod_<id>_rest`, `pod_<id>_grpc`), plus the
   activator's two. Their endpoints come by EDS. The cluster count follows pods, not models,
   which keeps Envoy far from the per-cluster overheads that hurt at ~16,000 clusters.
+  A model with several copies routes to one cluster per distinct set of pods holding it
+  (`pods_<a>+<b>_rest`), whose endpoints are those pods: Envoy retries only within the
+  cluster a route picked, so this is what lets a retry reach another copy when a pod dies.
+  Those add one cluster per copy set in use (sets are shared by models), not per model.
 - Routes: only *loaded* models get a route, found through a `VirtualHost.matcher` tree
   (a hash/trie lookup, not a linear scan). Everything else falls through to the activator,
   which loads on demand, so 100,000 registered models cost nothing until used.
@@ -18,7 +22,7 @@ from typing import Any
 
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2, struct_pb2
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -26,6 +30,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 from envoy.type.matcher.v3 import http_inputs_pb2
 from xds.core.v3 import extension_pb2
@@ -126,18 +131,50 @@ def build_cluster(name: str, http2: bool) -> cluster_pb2.Cluster:
     return c
 
 
-def build_load_assignment(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
-    ep = endpoint_components_pb2.LbEndpoint(
-        endpoint=endpoint_components_pb2.Endpoint(
-            address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+def build_load_assignment(name: str, host: str, port: int, *more: tuple[str, int]) -> endpoint_pb2.ClusterLoadAssignment:
+    eps = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=h, port_value=p))
+            )
         )
-    )
+        for h, p in ((host, port), *more)
+    ]
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[ep])]
+        cluster_name=name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=eps)]
     )
 
 
-def build_clusters(state: RoutingState) -> tuple[dict[str, object], dict[str, object]]:
+def build_copy_set_cluster(name: str, http2: bool) -> cluster_pb2.Cluster:
+    """A copy set's cluster. A host that refuses a connection or resets is ejected at once (for
+    a few seconds, at most half the hosts), so while placement notices a dead pod (two missed
+    heartbeats) requests stop trying it and none is left waiting on a retry when the routes
+    move and this cluster goes. Answers the runtime sends itself (5xx included) eject nothing."""
+    c = build_cluster(name, http2)
+    u32 = wrappers_pb2.UInt32Value
+    c.outlier_detection.CopyFrom(outlier_detection_pb2.OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=u32(value=1),
+        enforcing_consecutive_local_origin_failure=u32(value=100),
+        enforcing_local_origin_success_rate=u32(value=0),
+        enforcing_consecutive_5xx=u32(value=0),
+        enforcing_consecutive_gateway_failure=u32(value=0),
+        enforcing_success_rate=u32(value=0),
+        base_ejection_time=duration_pb2.Duration(seconds=5),
+        max_ejection_percent=u32(value=50),
+    ))
+    return c
+
+
+def copies_cluster(pods: list[str], proto: str) -> str:
+    """The cluster a model's route names: its pod's own for one copy, else its copy set's."""
+    pods = sorted(pods)
+    return pod_cluster(pods[0], proto) if len(pods) == 1 else f"pods_{'+'.join(pods)}_{proto}"
+
+
+def build_clusters(state: RoutingState, copy_sets: bool = True) -> tuple[dict[str, object], dict[str, object]]:
+    """Pod and activator clusters; with `copy_sets`, also one per set of pods that holds a
+    model with several copies (what the matcher layout's routes name)."""
     clusters: dict[str, object] = {}
     endpoints: dict[str, object] = {}
     targets = [(ACTIVATOR_REST, state.activator, False), (ACTIVATOR_GRPC, state.activator, True)]
@@ -146,6 +183,14 @@ def build_clusters(state: RoutingState) -> tuple[dict[str, object], dict[str, ob
     for name, ep, http2 in targets:
         clusters[name] = build_cluster(name, http2)
         endpoints[name] = build_load_assignment(name, ep.host, ep.grpc_port if http2 else ep.rest_port)
+    if copy_sets:
+        sets = {tuple(sorted(ps)) for ps in state.loaded.values() if len(ps) > 1 and all(p in state.pods for p in ps)}
+        for pods in sorted(sets):
+            for proto, http2 in (("rest", False), ("grpc", True)):
+                name = copies_cluster(list(pods), proto)
+                addrs = [(state.pods[p].host, state.pods[p].grpc_port if http2 else state.pods[p].rest_port) for p in pods]
+                clusters[name] = build_copy_set_cluster(name, http2)
+                endpoints[name] = build_load_assignment(name, *addrs[0], *addrs[1:])
     return clusters, endpoints
 
 
@@ -157,9 +202,17 @@ def _route_action(clusters: list[str], timeout_s: float) -> rc.RouteAction:
         action.weighted_clusters.CopyFrom(
             rc.WeightedCluster(clusters=[rc.WeightedCluster.ClusterWeight(name=c, weight=wrappers_pb2.UInt32Value(value=1)) for c in clusters])
         )
-    # A pod that refuses or resets is retried; with several copies the retry may land elsewhere.
+    # A pod that refuses or resets is retried. In a copy set's cluster the retry goes to a
+    # host not tried yet (another copy), so a pod that just died costs no request.
     action.retry_policy.CopyFrom(
-        rc.RetryPolicy(retry_on="connect-failure,refused-stream,reset", num_retries=wrappers_pb2.UInt32Value(value=2))
+        rc.RetryPolicy(
+            retry_on="connect-failure,refused-stream,reset",
+            num_retries=wrappers_pb2.UInt32Value(value=2),
+            retry_host_predicate=[rc.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts", typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
+            )],
+            host_selection_retry_max_attempts=5,
+        )
     )
     return action
 
@@ -208,7 +261,7 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     exact: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     prefix: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     for model, names in _names_for(state).items():
-        clusters = [pod_cluster(p, "rest") for p in sorted(state.loaded[model])]
+        clusters = [copies_cluster(state.loaded[model], "rest")]
         headers = _set_model_header(model)
         for name in names:
             base = MODELS_PREFIX + name
@@ -251,7 +304,7 @@ def build_grpc_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     by_id: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     by_alias: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     for model, names in _names_for(state).items():
-        clusters = [pod_cluster(p, "grpc") for p in sorted(state.loaded[model])]
+        clusters = [copies_cluster(state.loaded[model], "grpc")]
         route = rc.Route(
             stat_prefix=model, match=rc.RouteMatch(prefix="/"), route=_route_action(clusters, 120), request_headers_to_add=_set_model_header(model)
         )

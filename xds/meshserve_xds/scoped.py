@@ -3,11 +3,16 @@
 - Every request gets one routing key, the header `x-ms-model`, set by a small Lua filter from
   `mm-model-id`, `mm-vmodel-id`, the REST path `/v2/models/<name>`, or field 1 of a gRPC
   Model* request body; anything else gets "-". Envoy picks the scope again once the header is
-  set.
+  set. An `on_demand` filter after it holds a request whose scope names a RouteConfiguration
+  the gateway has not received yet (a model that just loaded), instead of a 404.
 - One ScopedRouteConfiguration per model name (alias or concrete id), keyed on that name. A
   loaded model's scopes name its own small RouteConfiguration `model/<id>` (REST routes that
   rewrite the name to the id, one gRPC route); every cold name, and "-", names the shared
   `activator` RouteConfiguration.
+- A name with a traffic plan (TrafficRule, canary, version move; docs/design/traffic.md) names
+  its own RouteConfiguration `traffic/<name>` instead, rendered by traffic.py: the plan's REST
+  branches, its gRPC branches, then the activator. It is rebuilt when the plan changes or when
+  a model the plan names (targets, mirror) moves.
 - Clusters and endpoints are the same as the matcher layout's: one per pod and protocol.
 
 Moving a model between pods changes one RouteConfiguration; loading or unloading it changes its
@@ -18,6 +23,7 @@ Names nobody registered match no scope and get Envoy's 404.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 
@@ -27,9 +33,12 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.on_demand.v3 import on_demand_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.type.matcher.v3 import string_pb2
 from meshserve_xds import resources as r
+from meshserve_xds import traffic as tr
 
 KEY_HEADER = "x-ms-model"
 NO_MODEL = "-"
@@ -83,6 +92,20 @@ def _lua() -> hcm.HttpFilter:
     return hcm.HttpFilter(name="envoy.filters.http.lua", typed_config=r._any(cfg))
 
 
+def _on_demand() -> hcm.HttpFilter:
+    """Holds a request whose scope names a RouteConfiguration Envoy has not received yet.
+
+    Envoy applies a scope update at once and fetches the RouteConfiguration it names afterwards
+    ("new RDS subscriptions created after listener warming up" are not waited for,
+    scoped_rds.cc). A model that just loaded, or a name that just got a traffic plan, has a
+    scope naming a RouteConfiguration new to the gateway: for one RDS round trip its requests
+    would match no route and get a 404. With this filter such a request finds no route, asks
+    for the scope's RouteConfiguration and continues once it arrived (the on-demand S/RDS
+    path, which waits while the scope's config is still Envoy's empty placeholder). A request
+    that has a route, or whose name has no scope, passes straight through."""
+    return hcm.HttpFilter(name="envoy.filters.http.on_demand", typed_config=r._any(on_demand_pb2.OnDemand()))
+
+
 def _scoped_routes() -> hcm.ScopedRoutes:
     frag = hcm.ScopedRoutes.ScopeKeyBuilder.FragmentBuilder
     return hcm.ScopedRoutes(
@@ -101,7 +124,7 @@ def build_listener(name: str, host: str, port: int, http2_only: bool) -> listene
     manager.ClearField("rds")
     manager.scoped_routes.CopyFrom(_scoped_routes())
     del manager.http_filters[:]
-    manager.http_filters.extend([_lua(), hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
+    manager.http_filters.extend([_lua(), _on_demand(), hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
     if manager.HasField("local_reply_config"):
         # No scope: nobody registered that name. Say which, as the activator would.
         body = struct_pb2.Struct()
@@ -157,9 +180,51 @@ def activator_routes(state: r.RoutingState) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=ACTIVATOR_RC, virtual_hosts=[rc.VirtualHost(name="activator", domains=["*"], routes=routes)])
 
 
+def traffic_rc_name(name: str) -> str:
+    return f"traffic/{name}"
+
+
+def traffic_routes(state: r.RoutingState, name: str, plan: Any) -> route_pb2.RouteConfiguration:
+    """A name governed by a traffic plan (rule, canary, version move): its own RouteConfiguration,
+    rendered by traffic.py like the matcher layout's entry for the name, so there is one renderer.
+
+    - REST: the plan's branches in order (header matches, then the default), each a prefix route
+      on `/v2/models/<name>` (the scope pins segment 3, as in `model_routes`); a single-target
+      branch rewrites the path to its model's id, a split sets `mm-model-id` per weighted cluster.
+    - gRPC: the same branches on the gRPC prefix. A concrete id that has a plan is still pinned
+      by `mm-model-id` (the Lua keys on it first): that header bypasses the plan, as it does in
+      the matcher layout.
+    - Anything else in this scope goes to the activator."""
+    routes: list[rc.Route] = []
+    if name not in state.aliases:
+        pinned = rc.RouteMatch(prefix=GRPC_PREFIX, headers=[rc.HeaderMatcher(
+            name=r.MODEL_ID_HEADER, string_match=string_pb2.StringMatcher(exact=name))])
+        routes.append(rc.Route(stat_prefix=name, match=pinned, route=r._route_action(tr._clusters(state, name, "grpc"), 120),
+                               request_headers_to_add=r._set_model_header(name)))
+    base = r.MODELS_PREFIX + name
+    routes += tr._routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=base), lambda m: r.MODELS_PREFIX + m)
+    routes += tr._routes(state, plan, "grpc", lambda: rc.RouteMatch(prefix=GRPC_PREFIX), None)
+    routes.append(rc.Route(match=rc.RouteMatch(prefix="/"), route=_to_activator(state, r.ACTIVATOR_REST)))
+    return route_pb2.RouteConfiguration(name=traffic_rc_name(name), virtual_hosts=[rc.VirtualHost(name="traffic", domains=["*"], routes=routes)])
+
+
+def plan_models(name: str, plan: Any) -> set[str]:
+    """Every model whose placement shapes `plan`'s RouteConfiguration: its targets, its mirror,
+    and the name itself when it is a concrete id (the pinned gRPC route)."""
+    return plan.models() | {name}
+
+
+def _traffic_key(state: r.RoutingState, name: str, plan: Any) -> tuple:
+    """What a plan's RouteConfiguration is built from: the plan itself, whether the name is an
+    alias, and the pods of every model it names. Equal keys, equal RouteConfigurations."""
+    placed = tuple((m, tuple(sorted(state.loaded.get(m, ())))) for m in sorted(plan_models(name, plan)))
+    return (tuple(plan.branches), plan.mirror, name in state.aliases, placed)
+
+
 def scope_targets(state: r.RoutingState) -> dict[str, str]:
     """name -> the RouteConfiguration its scope names: the model's own when loaded, else the
-    activator's. Every registered name gets one, so a cold model still loads on demand."""
+    activator's. Every registered name gets one, so a cold model still loads on demand. A name
+    with a traffic plan names the plan's own RouteConfiguration instead."""
     targets = {NO_MODEL: ACTIVATOR_RC}
     for name in state.registered:
         targets[name] = ACTIVATOR_RC
@@ -168,11 +233,15 @@ def scope_targets(state: r.RoutingState) -> dict[str, str]:
         targets.setdefault(model, ACTIVATOR_RC)
     for model in state.loaded:
         targets[model] = model_rc_name(model)
+    for name in state.traffic:
+        targets[name] = traffic_rc_name(name)
     return targets
 
 
 def build_all(state: r.RoutingState, listeners: r.ListenerConfig) -> r.Resources:
-    clusters, endpoints = r.build_clusters(state)
+    # Per pod only: the partial publish (source.py) patches routes, never clusters, so a model's
+    # copies stay a weighted split over pod clusters here (a retry stays on the pod it picked).
+    clusters, endpoints = r.build_clusters(state, copy_sets=False)
     res = r.Resources()
     res.by_type[r.CLUSTER_TYPE] = clusters
     res.by_type[r.ENDPOINT_TYPE] = endpoints
@@ -184,6 +253,8 @@ def build_all(state: r.RoutingState, listeners: r.ListenerConfig) -> r.Resources
     routes: dict[str, object] = {ACTIVATOR_RC: activator_routes(state)}
     for model, names in r._names_for(state).items():
         routes[model_rc_name(model)] = model_routes(state, model, names)
+    for name, plan in state.traffic.items():
+        routes[traffic_rc_name(name)] = traffic_routes(state, name, plan)
     res.by_type[r.ROUTE_TYPE] = routes
     return res
 
@@ -191,10 +262,15 @@ def build_all(state: r.RoutingState, listeners: r.ListenerConfig) -> r.Resources
 @dataclass
 class Index:
     """What the last publish held, to diff the next one against: name -> RouteConfiguration
-    its scope names, and per loaded model what its RouteConfiguration was built from."""
+    its scope names, per loaded model what its RouteConfiguration was built from, per name
+    with a traffic plan what the plan's RouteConfiguration was built from, and the reverse
+    map model -> plan names that name it (so a change can tell in O(change) that it touches
+    a plan)."""
 
     targets: dict[str, str] = field(default_factory=dict)
     models: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    traffic: dict[str, tuple] = field(default_factory=dict)
+    plans_of: dict[str, set[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,7 +283,20 @@ class Patch:
 
 def index(state: r.RoutingState) -> Index:
     names = r._names_for(state)
-    return Index(scope_targets(state), {m: (tuple(sorted(state.loaded[m])), tuple(names[m])) for m in names})
+    plans_of: dict[str, set[str]] = {}
+    for name, plan in state.traffic.items():
+        for m in plan_models(name, plan):
+            plans_of.setdefault(m, set()).add(name)
+    return Index(
+        scope_targets(state), {m: (tuple(sorted(state.loaded[m])), tuple(names[m])) for m in names},
+        {name: _traffic_key(state, name, plan) for name, plan in state.traffic.items()}, plans_of,
+    )
+
+
+def involves_traffic(idx: Index, models: set[str], names: set[str]) -> bool:
+    """Does a change to `models` (placements, registrations) or `names` (scopes) touch a name
+    with a traffic plan, or a model a plan sends traffic to or mirrors? O(change)."""
+    return any(m in idx.plans_of for m in models) or any(n in idx.traffic or n in idx.plans_of for n in names)
 
 
 def diff(old: Index, state: r.RoutingState) -> tuple[Patch, Index]:
@@ -225,6 +314,11 @@ def diff(old: Index, state: r.RoutingState) -> tuple[Patch, Index]:
         if old.models.get(m) != key:
             routes[model_rc_name(m)] = model_routes(state, m, list(key[1]))
     p.removes[r.ROUTE_TYPE] = [model_rc_name(m) for m in old.models if m not in new.models]
+    # A plan's RouteConfiguration is rebuilt when the plan changed or a model it names moved.
+    for name, key in new.traffic.items():
+        if old.traffic.get(name) != key:
+            routes[traffic_rc_name(name)] = traffic_routes(state, name, state.traffic[name])
+    p.removes[r.ROUTE_TYPE] += [traffic_rc_name(n) for n in old.traffic if n not in new.traffic]
     return p, new
 
 
@@ -232,7 +326,10 @@ def diff_partial(old: Index, part: r.RoutingState, models: set[str], names: set[
     """Like `diff`, for a change known to touch only `models` (their RouteConfigurations) and
     `names` (their scopes). `part` holds routing state for just those: the affected models'
     placements, the aliases of those models and the changed aliases, the registered ids among
-    them. Cost follows the change. `old` is updated in place."""
+    them. Cost follows the change. `old` is updated in place.
+
+    Traffic plans are not looked at: a change that `involves_traffic` takes the full `diff`
+    (the caller checks), so `old.traffic` and `old.plans_of` stay as they are."""
     p = Patch(upserts={r.SCOPED_ROUTE_TYPE: {}, r.ROUTE_TYPE: {}}, removes={r.SCOPED_ROUTE_TYPE: [], r.ROUTE_TYPE: []})
     names_of: dict[str, list[str]] = {m: [m] for m in part.loaded}
     for alias, model in sorted(part.aliases.items()):

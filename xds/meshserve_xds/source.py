@@ -67,6 +67,7 @@ class ChangeBatch:
 # Kinds whose objects are re-read one by one; rules are few and re-read whole.
 _TARGETED = {st.KIND_MODEL: st.MODELS, st.KIND_ALIAS: st.ALIASES, st.KIND_POD: st.PODS, st.KIND_PLACEMENT: st.PLACEMENTS}
 _RULE_KINDS = {st.KIND_RULE, st.KIND_TRANSITION}
+LAYOUTS = ("scoped", "matcher")
 
 
 def plan_batch(current_rev: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> ChangeBatch:
@@ -95,8 +96,10 @@ class RedisSource:
 
     def __init__(self, settings: Settings, state: st.State, cache: SnapshotCache, layout: str | None = None):
         self.s, self.state, self.cache = settings, state, cache
-        # "matcher" (default) or "scoped" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
-        self.layout = layout or os.environ.get("MESHSERVE_XDS_LAYOUT", "matcher")
+        # "scoped" (default) or "matcher" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
+        self.layout = layout or os.environ.get("MESHSERVE_XDS_LAYOUT") or "scoped"
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"MESHSERVE_XDS_LAYOUT={self.layout!r}: expected one of {', '.join(LAYOUTS)}")
         self._index: scoped.Index | None = None
         self._alias_of: dict[str, str] = {}
         self._aliases_by_model: dict[str, set[str]] = {}
@@ -142,9 +145,11 @@ class RedisSource:
         # What was just read may already include later commits; their entries come next and
         # re-reading them is harmless, so the revision is the batch's own.
         snap.rev = batch.rev
+        plans_moved = False
         if batch.ids.keys() & (_RULE_KINDS | {st.KIND_ALIAS, st.KIND_MODEL}):
-            self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
-        if not (self.layout == "scoped" and await self._publish_scoped_partial(batch.ids)):
+            before, self.traffic = self.traffic, await rules_store.plans(self.state, snap.aliases, set(snap.models))
+            plans_moved = self.traffic != before
+        if not (self.layout == "scoped" and not plans_moved and await self._publish_scoped_partial(batch.ids)):
             await self._publish()
         self.rev = batch.rev
         M_REV.set(self.rev)
@@ -171,7 +176,7 @@ class RedisSource:
     async def _publish_scoped_partial(self, ids: dict[str, set[str]]) -> bool:
         """Scoped layout, placement/model/alias changes only: touch just what they name, without
         walking every model. False when the change needs the full diff (pods, rules, a group
-        that builds whole)."""
+        that builds whole, or a name or model that a traffic plan involves)."""
         if self._index is None or self.snap is None or ids.keys() - {st.KIND_PLACEMENT, st.KIND_MODEL, st.KIND_ALIAS}:
             return False
         if self.cache.wanted & {ISTIO_GROUP, PROXYLESS_GROUP}:
@@ -192,6 +197,10 @@ class RedisSource:
                 self._alias_of.pop(a, None)
         aliases = {a: m for m in models for a in self._aliases_by_model.get(m, ())}
         names |= models | set(aliases)
+        if scoped.involves_traffic(self._index, models, names):
+            # A plan's RouteConfiguration depends on every model it names: take the full diff,
+            # which rebuilds it. The alias maps are rebuilt there too.
+            return False
         loaded = {}
         for m in models:
             holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
