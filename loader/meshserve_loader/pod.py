@@ -19,6 +19,7 @@ from meshserve_loader.memory import cgroup_limit_bytes, pod_capacity
 from meshserve_loader.metrics import LoaderMetrics
 from meshserve_loader.process import RuntimeProcess, builtin_argv, mlserver_env
 from meshserve_loader.runtimes import RuntimeSpec, builtin_runtime, serving_runtimes
+from meshserve_loader.triton import infer_server_type
 
 log = logging.getLogger("meshserve.loader")
 
@@ -45,7 +46,7 @@ def find_runtime(config_dir: Path, name: str) -> RuntimeSpec:
     docs = [d for f in iter_yaml_files(config_dir) for d in load_documents(f)] if config_dir.exists() else []
     for rt in serving_runtimes(docs):
         if rt.name == name:
-            return rt
+            return infer_server_type(rt, docs)  # KServe-style Triton runtimes name no serverType
     raise SystemExit(f"pod runtime {name!r}: no ServingRuntime of that name under {config_dir}; add one or fix MESHSERVE_POD_RUNTIMES")
 
 
@@ -68,14 +69,17 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
             # Its output goes where ours does (`meshserve up` prefixes and shows it).
             process = RuntimeProcess(f"runtime-{index}", builtin_argv(index), {"MESHSERVE_RUNTIME_BASE_PORT": str(settings.runtime_base_port)})
             await process.start()
+    elif (spec := find_runtime(settings.config_dir, name)).server_type == "triton":
+        from meshserve_loader.triton import start_triton
+
+        runtime, process = await start_triton(settings, index, spec, session)
     else:
-        spec = find_runtime(settings.config_dir, name)
         if spec.server_type == "modelruntime":
             return await _spi_pod(settings, index, spec)
         if spec.server_type != "mlserver":
             raise SystemExit(
                 f"runtime {name!r}: serverType {spec.server_type!r} is not run by meshserve's loader yet "
-                "(it runs builtin, mlserver, and modelruntime for ModelMesh SPI runtimes)"
+                "(it runs builtin, mlserver, triton, and modelruntime for ModelMesh SPI runtimes)"
             )
         from meshserve_loader.mlserver import MLServerClient
         from meshserve_loader.mlserver_venv import ensure_mlserver
