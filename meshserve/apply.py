@@ -33,6 +33,10 @@ def read_models(path: Path) -> list[ModelSpec]:
 async def apply_path(state: State, path: Path) -> list[ModelSpec]:
     """Models and traffic rules under `path`. A changed InferenceService becomes a version move
     (the alias moves once the new model is loaded): meshserve/rules/config.py."""
+    from meshserve import tracing
     from meshserve.rules.config import apply_paths
 
-    return (await apply_paths(state, [path])).specs
+    with tracing.tracer(__name__).start_as_current_span("control.apply", attributes={"meshserve.files": [str(path)], "meshserve.by": "up"}) as span:
+        res = await apply_paths(state, [path])
+        span.set_attributes(tracing.applied(res.specs, res.rules))
+        return res.specs

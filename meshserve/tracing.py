@@ -5,14 +5,29 @@ loader), so the W3C `traceparent` rides along as a stream field: `inject(fields)
 `extract(fields)` when reading. Export goes to OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT (or
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set, the standard OpenTelemetry variables; otherwise spans
 are made but not exported. Tests pass their own (in-memory) exporter.
+
+Spans exist only off the data path (loaded models are routed by Envoy straight to pods):
+
+    activator.request          the activator took a request for a model no pod holds (SERVER)
+      activator.hold           ... and holds it until a copy is loaded; its context rides on ms:loadreq
+        placement.decide       the leader's decision (child of the loadreq entry's context); the
+                               load order on ms:orders:<pod> carries this span's context
+          loader.pull          the pod's loader fetches the model's files (child of the order)
+          loader.load          ... and loads them into its runtime; the result on ms:events
+                               carries the order's context back to the leader
+      activator.forward        the held request goes to the pod that loaded it (CLIENT)
+    control.apply / control.promote / control.rollback     operator actions (CLI, `up`)
+
+Every span about a model has `meshserve.model`; spans about a pod have `meshserve.pod`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -20,6 +35,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+ATTR_MODEL = "meshserve.model"
+ATTR_POD = "meshserve.pod"
 # The model a log line is about, set where a request or order for a model is handled.
 current_model: contextvars.ContextVar[str] = contextvars.ContextVar("meshserve_model", default="")
 _provider: TracerProvider | None = None
@@ -55,10 +73,37 @@ def extract(fields: Mapping[Any, Any]) -> context.Context:
     """The trace context a Redis stream entry carried (bytes or str keys), or an empty one."""
     carrier = {}
     for k, v in fields.items():
-        key = k.decode() if isinstance(k, bytes) else str(k)
-        if key in (TRACEPARENT, "tracestate"):
+        key = (k.decode() if isinstance(k, bytes) else str(k)).lower()  # HTTP headers keep their case
+        if key in (TRACEPARENT, TRACESTATE):
             carrier[key] = v.decode() if isinstance(v, bytes) else str(v)
     return propagate.extract(carrier)
+
+
+def applied(specs: Sequence[Any], rules: Sequence[Any], limit: int = 50) -> dict[str, Any]:
+    """A control.apply span's attributes: counts, and the ids only up to `limit` (an `up` with
+    100,000 InferenceServices must not make a 100,000-item attribute)."""
+    return {
+        "meshserve.model_count": len(specs), "meshserve.models": [s.id for s in specs[:limit]],
+        "meshserve.rule_count": len(rules), "meshserve.rules": [r.name for r in rules[:limit]],
+    }
+
+
+@contextlib.contextmanager
+def handling(model: str, fields: Mapping[Any, Any] | None = None) -> Iterator[None]:
+    """While a model's request, order or event is handled: log lines carry the model, and, when
+    `fields` (a stream entry, headers) carry a trace context, the trace id; spans started inside
+    are children of that context. Restores both on exit."""
+    model_token = current_model.set(model) if model else None
+    ctx_token = None
+    if fields is not None and any((k.decode() if isinstance(k, bytes) else str(k)).lower() == TRACEPARENT for k in fields):
+        ctx_token = context.attach(extract(fields))
+    try:
+        yield
+    finally:
+        if ctx_token is not None:
+            context.detach(ctx_token)
+        if model_token is not None:
+            current_model.reset(model_token)
 
 
 class TraceLogFilter(logging.Filter):

@@ -6,6 +6,11 @@ acknowledged only after its result event is written: a loader that restarts pick
 the orders it had not finished. A failed load of any kind becomes an event with its reason;
 nothing a model does crashes the agent. When the agent runs the runtime process itself
 (MLServer pods) it restarts it if it dies and reports the models that went with it.
+
+Traces: an order carries the placement decision's trace context (a `traceparent` field); the
+agent handles it inside that context, so a load's `loader.pull` and `loader.load` spans are the
+decision's children, log lines carry the trace id and model, and the result event carries the
+context back to the leader.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from meshserve import state as st
-from meshserve.model import ModelSpec, Pod
+from meshserve import tracing
+from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.settings import Settings
 from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.metrics import LoaderMetrics
 from meshserve_loader.process import RuntimeProcess
+from meshserve_loader.progress import NO_PROGRESS, LoadProgress, ProgressPublisher
 from meshserve_loader.storage import StorageError, predict_size
 from meshserve_loader.storage_config import StorageConfigError, load_storage_config
 
@@ -68,6 +75,7 @@ class Agent:
         self.process = process
         self.load_timeout = load_timeout or settings.load_timeout_seconds
         self.metrics = metrics or LoaderMetrics()
+        self.progress = ProgressPublisher(state.r, pod.id)  # ms:progress:<model>|<pod>, for `meshserve load`
         self.loaded: dict[str, int] = {}  # model -> size reported, as this agent knows it
         self._seen_requests: dict[str, int] = {}
         # A pod's loads are bounded (ModelMesh's maxLoadingConcurrency); unloads never wait.
@@ -133,7 +141,9 @@ class Agent:
                 cursor = ">"
                 continue
             if cursor == "0":
-                # Pending orders are re-read from "0" until acknowledged: finish these first.
+                # Pending orders are re-read from "0" until acknowledged: finish these first,
+                # but for the loads placement withdrew meanwhile.
+                entries = [(eid, fields) for eid, fields in entries if not await self._drop_withdrawn(eid, fields)]
                 await asyncio.gather(*(self._handle(eid, fields) for eid, fields in entries))
                 continue
             # New orders run concurrently (bounded by the load slots), so one slow load does
@@ -144,6 +154,10 @@ class Agent:
                 t.add_done_callback(running.discard)
 
     async def _handle(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
+        with tracing.handling(fields.get(b"model", b"").decode(), fields):
+            await self._handle_order(eid, fields)
+
+    async def _handle_order(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
         op = fields.get(b"op", b"").decode()
         model_id = fields.get(b"model", b"").decode()
         event: dict[str, Any] = {"pod": self.pod.id, "model": model_id, "op": op, "ok": 0, "size": 0, "reason": ""}
@@ -152,10 +166,17 @@ class Agent:
             await asyncio.wait_for(self._runtime_up.wait(), self.load_timeout)
             if op == "load":
                 spec = ModelSpec.from_json(fields[b"spec"])
-                async with self._load_slots:
-                    event["size"], event["predicted"] = await self._load(spec)
+                async with self._load_slots, self.progress.track(spec.id) as progress:
+                    event["size"], event["predicted"] = await self._load(spec, progress)
             elif op == "unload":
-                await self.rt.unload(model_id)
+                if self.draining:
+                    # preStop: the copy is reported gone at once (placement drops it; its routes
+                    # went with the unload order), but the runtime keeps serving it until the
+                    # gateways stop sending here (see drain) and exits with the pod, so a
+                    # request already on its way still gets an answer.
+                    log.info("draining: %s stays loaded until requests to it stop", model_id)
+                else:
+                    await self.rt.unload(model_id)
                 self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)
             else:
@@ -179,11 +200,38 @@ class Agent:
         else:
             log.info("%s of %s done (size=%s)", op, model_id, event["size"])
         event["ts"] = time.time()
+        tracing.inject(event)
         async with self.state.r.pipeline(transaction=True) as p:
             p.xadd(st.EVENTS, {k: str(v) for k, v in event.items()}, maxlen=100_000, approximate=True)
             p.xack(self.key, GROUP, eid)
             p.xdel(self.key, eid)
             await p.execute()
+
+    async def _drop_withdrawn(self, eid: bytes, fields: dict[bytes, bytes]) -> bool:
+        """A load order re-read after a restart can outlive its placement: when the pod missed its
+        heartbeats while its loader was down (killed mid-download, say), placement withdrew the
+        pod's copies and placed them elsewhere, and it ignores the result of a load it no longer
+        expects. Carrying it out would pull the model again and hold memory placement does not
+        know of, so it is dropped (acknowledged, with a pod event saying why). A load whose copy
+        here is still LOADING (the loader came back in time) goes ahead."""
+        if fields.get(b"op") != b"load":
+            return False
+        model_id = fields.get(b"model", b"").decode()
+        try:
+            copy = (await self.state.copies(model_id)).get(self.pod.id)
+            if copy is not None and copy.state == CopyState.LOADING:
+                return False
+            reason = f"load order outlived its placement (now {copy.state if copy else 'none'} here): withdrawn while the loader was down"
+            log.warning("dropping load of %s: %s", model_id, reason)
+            async with self.state.r.pipeline(transaction=True) as p:
+                p.xadd(POD_EVENTS, {"op": "order_dropped", "pod": self.pod.id, "models": json.dumps([model_id]), "reason": reason, "ts": str(time.time())})
+                p.xack(self.key, GROUP, eid)
+                p.xdel(self.key, eid)
+                await p.execute()
+        except aioredis.RedisError as e:  # can't tell: carry it out, as before
+            log.warning("checking the placement of %s failed: %s", model_id, e)
+            return False
+        return True
 
     async def _unload_quietly(self, model_id: str, patience: float = 120.0) -> None:
         """After a timed-out load: the runtime may still finish it. Watch for it (bounded) and
@@ -199,13 +247,19 @@ class Agent:
                 log.debug("cleanup of %s: %s", model_id, e)
             await asyncio.sleep(1.0)
 
-    async def _load(self, spec: ModelSpec) -> tuple[int, int]:
+    async def _load(self, spec: ModelSpec, progress: LoadProgress = NO_PROGRESS) -> tuple[int, int]:
         """(reported size, predicted size). The reported size is the measured one when the
         runtime measured it, else the prediction."""
-        path = await self.fetcher.fetch(spec.storage)
+        tr = tracing.tracer(__name__)
+        attrs = {tracing.ATTR_MODEL: spec.id, tracing.ATTR_POD: self.pod.id, "meshserve.format": spec.format}
+        with tr.start_as_current_span("loader.pull", attributes=attrs):
+            path = await self.fetcher.fetch(spec.storage, progress.pulled)
+        progress.loading()
         predicted = spec.size_hint or predict_size(path, spec.format)
         params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
-        measured = await asyncio.wait_for(self.rt.load(spec.id, params, self.load_timeout), self.load_timeout)
+        with tr.start_as_current_span("loader.load", attributes={**attrs, "meshserve.predicted_bytes": predicted}) as span:
+            measured = await asyncio.wait_for(self.rt.load(spec.id, params, self.load_timeout), self.load_timeout)
+            span.set_attribute("meshserve.measured_bytes", measured)
         self.metrics.observe_size(predicted, measured)
         size = measured if measured > 0 else predicted
         self.loaded[spec.id] = size
@@ -243,7 +297,11 @@ class Agent:
 
     async def drain(self, timeout: float) -> None:
         """preStop: tell placement this pod is going so its models are placed elsewhere and routes
-        withdrawn, then wait (bounded) for placement to move them before we exit."""
+        withdrawn, then wait (bounded) for placement to move them, and for the requests still
+        coming here to stop, before we exit. The order: draining is marked; placement loads
+        each model elsewhere, then orders this copy's unload, which withdraws its routes (the
+        unload is deferred, see _handle_order); the gateways apply the new routes and the
+        requests in flight finish; then the pod exits."""
         self.draining = True
         self.pod.draining = True
         await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
@@ -252,6 +310,33 @@ class Agent:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.loaded:
             await asyncio.sleep(0.2)
+        await self._wait_quiet(deadline)
+
+    async def _wait_quiet(self, deadline: float, quiet: float | None = None) -> None:
+        """Until the runtime's request counters have not moved for `quiet` seconds (a heartbeat
+        period: it covers the xDS debounce, the push and the gateway's ACK) since the copies
+        were dropped, or `deadline`. A gateway that applied routes without this pod sends
+        nothing more, and the counters move when a request finishes, so quiet means both. A
+        runtime that holds nothing returns at once."""
+        quiet = self.s.heartbeat_seconds if quiet is None else quiet
+        last: dict[str, int] | None = None
+        since = time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                stats = await self.rt.stats()
+            except Exception as e:  # noqa: BLE001 - a runtime that is gone serves nothing
+                log.debug("drain: runtime stats: %s", e)
+                return
+            if not stats:
+                return
+            counts = {m: int(v.get("requests", 0)) for m, v in stats.items()}
+            if counts != last:
+                last, since = counts, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                log.info("drained pod %s: no request for %.1fs", self.pod.id, quiet)
+                return
+            await asyncio.sleep(0.1)
+        log.warning("drain of pod %s timed out: copies left %s", self.pod.id, sorted(self.loaded) or "none")
 
 
 def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:

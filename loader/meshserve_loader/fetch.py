@@ -16,8 +16,10 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
+
+from opentelemetry import trace
 
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.pull_http import pull_http
@@ -100,14 +102,19 @@ class Fetcher:
         self._locks: dict[str, asyncio.Lock] = {}
         self.cache.clean_staging()
 
-    async def fetch(self, storage: Mapping[str, Any]) -> Path:
+    async def fetch(self, storage: Mapping[str, Any], on_progress: Callable[[int, int], None] | None = None) -> Path:
+        """`on_progress(done, total)`: bytes pulled so far, after every chunk (from a worker
+        thread for S3); not called for local models and cache hits."""
         src = plan_source(storage, self.stores)
+        span = trace.get_current_span()  # the loader's `loader.pull`, when there is one
+        span.set_attribute("meshserve.source", src.kind)
         if src.kind == "local":
             return resolve_local(dict(src.storage), self.pvc_root)
         # One pull per source at a time: a second copy of the same model waits and hits the cache.
         lock = self._locks.setdefault(src.cache_id, asyncio.Lock())
         async with lock:
             hit = self.cache.lookup(src.cache_id)
+            span.set_attribute("meshserve.cache_hit", hit is not None)
             if hit is not None:
                 log.info("disk cache hit for %s", src.url or f"s3://{src.bucket}/{src.key}")
                 return hit
@@ -116,12 +123,12 @@ class Fetcher:
                 if src.kind == "s3":
                     assert src.store is not None
                     rel = await asyncio.get_running_loop().run_in_executor(
-                        None, pull_s3, src.store, src.bucket, src.key, staged, self.max_model_bytes, self.progress_min_bytes, src.sha256
+                        None, pull_s3, src.store, src.bucket, src.key, staged, self.max_model_bytes, self.progress_min_bytes, src.sha256, on_progress
                     )
                 else:
                     headers = dict(src.store.headers) if src.store else {}
                     rel = await pull_http(
-                        src.url, staged, headers, self.max_model_bytes, self.progress_min_bytes, src.sha256, self.http_timeout
+                        src.url, staged, headers, self.max_model_bytes, self.progress_min_bytes, src.sha256, self.http_timeout, on_progress
                     )
                 self.downloads += 1
                 return self.cache.commit(src.cache_id, staged, rel)

@@ -1,5 +1,8 @@
 """`meshserve apply`, `meshserve get rules`, `meshserve promote` and `meshserve rollback`:
-traffic rules and InferenceService version moves (docs/design/traffic.md)."""
+traffic rules and InferenceService version moves (docs/design/traffic.md).
+
+apply, promote and rollback are control actions: each is one `control.<action>` span (exported
+when OTEL_EXPORTER_OTLP_ENDPOINT is set, flushed before the command exits)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from opentelemetry import trace
 
 from meshserve import state as st
+from meshserve import tracing
 from meshserve.settings import Settings
 from meshserve.yamlfile import ConfigError
 
@@ -26,14 +31,20 @@ def _url(redis_url: str) -> str:
     return redis_url or s.redis_url or f"redis://127.0.0.1:{s.redis_port}/0"
 
 
-def _run(url: str, fn: Any) -> Any:
+def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = None) -> Any:
+    """Run `fn(state)`; a control action (`action` set) runs inside a `control.<action>` span."""
+
     async def go() -> Any:
         state = st.State.from_url(url)
         try:
-            return await fn(state)
+            if not action:
+                return await fn(state)
+            with tracing.tracer(__name__).start_as_current_span(f"control.{action}", attributes=attrs or {}):
+                return await fn(state)
         finally:
             await state.close()
 
+    provider = tracing.setup("meshserve-cli") if action else None
     try:
         return asyncio.run(go())
     except ConfigError as e:
@@ -47,6 +58,9 @@ def _run(url: str, fn: Any) -> Any:
             click.echo(f"cannot reach the mesh's Redis at {url}: {e}. Is `meshserve up` running? Or pass --redis-url.", err=True)
             sys.exit(2)
         raise
+    finally:
+        if provider is not None:
+            provider.force_flush(5000)  # a CLI exits at once: send its span now (bounded)
 
 
 @click.command()
@@ -57,7 +71,12 @@ def apply(paths: tuple[Path, ...], redis_url: str) -> None:
     """Validate and apply InferenceServices and TrafficRules. Nothing changes unless all of it is valid."""
     from meshserve.rules.config import apply_paths
 
-    res = _run(_url(redis_url), lambda s: apply_paths(s, paths))
+    async def go(state: st.State) -> Any:
+        res = await apply_paths(state, paths)
+        trace.get_current_span().set_attributes(tracing.applied(res.specs, res.rules))
+        return res
+
+    res = _run(_url(redis_url), go, "apply", {"meshserve.files": [str(p) for p in paths]})
     for spec in res.specs:
         click.echo(f"inferenceservice/{spec.alias} -> {spec.id}")
     for r in res.rules:
@@ -138,6 +157,15 @@ async def _find(state: st.State, name: str) -> tuple[str, Any, Any]:
     raise LookupError(f"no traffic rule or version move named {name!r} (known: {known}); see `meshserve get rules`")
 
 
+def _describe(kind: str, obj: Any) -> None:
+    """What a promote or rollback acts on, on its control span."""
+    span = trace.get_current_span()
+    if kind == "rule":
+        span.set_attributes({"meshserve.kind": "trafficrule", tracing.ATTR_MODEL: str(obj.get("model", ""))})
+    else:
+        span.set_attributes({"meshserve.kind": "inferenceservice", tracing.ATTR_MODEL: obj.new, "meshserve.old_model": obj.old})
+
+
 @click.command()
 @click.argument("name")
 @redis_option
@@ -149,6 +177,7 @@ def promote(name: str, redis_url: str) -> None:
 
     async def go(state: st.State) -> str:
         kind, obj, status = await _find(state, name)
+        _describe(kind, obj)
         now = time.time()
         if kind == "rule":
             if not obj.get("canary"):
@@ -165,7 +194,7 @@ def promote(name: str, redis_url: str) -> None:
         await store.set_transition(state, t)
         return f"inferenceservice/{name}: promoting {t.new} to 100%"
 
-    click.echo(_run(_url(redis_url), go))
+    click.echo(_run(_url(redis_url), go, "promote", {"meshserve.name": name}))
 
 
 @click.command()
@@ -179,6 +208,7 @@ def rollback(name: str, redis_url: str) -> None:
 
     async def go(state: st.State) -> str:
         kind, obj, status = await _find(state, name)
+        _describe(kind, obj)
         now = time.time()
         if kind == "rule":
             await store.set_status(state, name, {**status, "phase": pl.ROLLED_BACK, "since": now, "reason": "rolled back by the operator"})
@@ -196,7 +226,7 @@ def rollback(name: str, redis_url: str) -> None:
         await store.set_transition(state, t, ops, changes)
         return f"inferenceservice/{name}: rolled back, 100% to {t.old}"
 
-    click.echo(_run(_url(redis_url), go))
+    click.echo(_run(_url(redis_url), go, "rollback", {"meshserve.name": name}))
 
 
 @click.group()

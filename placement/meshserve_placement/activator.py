@@ -4,6 +4,14 @@ It resolves the name, asks the placement leader for a load (many waiting request
 request), holds the request until a copy is loaded, then forwards it to that pod. Once the
 route reaches the gateway, later requests skip this hop entirely. Unknown models get 404 and
 models that cannot be loaded get 503, both as KServe v2 error JSON.
+
+Traces (meshserve/tracing.py): a cold request is an `activator.request` span (continuing the
+caller's traceparent when it sent one) with two children, `activator.hold` (the wait for the
+load) and `activator.forward` (the first inference, on the pod that loaded it). The hold span's
+context rides on the ms:loadreq entry, so the leader's decision and the pod's pull and load join
+the same trace. Only the hold that writes the load request is their parent: other requests for
+the same model held by this activator meanwhile link to that hold span instead (one load, many
+waiters; a link keeps each request its own trace and still leads to the load).
 """
 
 from __future__ import annotations
@@ -17,9 +25,12 @@ from typing import Any
 import aiohttp
 import grpc
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from meshserve import state as st
+from meshserve import tracing
 from meshserve.model import CopyState, Pod
 from meshserve.settings import MAX_REQUEST_BYTES, Settings
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -48,6 +59,7 @@ class Activator:
         self.s, self.state = settings, state
         self._waiters: dict[str, asyncio.Event] = {}
         self._requested: dict[str, float] = {}
+        self._requested_by: dict[str, trace.SpanContext] = {}  # model -> the hold span that asked for its load
         self.cold_requests = 0
 
     async def watch_changes(self) -> None:
@@ -68,6 +80,15 @@ class Activator:
                         ev.set()
 
     async def ensure_loaded(self, model_id: str) -> Pod:
+        with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
+            "activator.hold", attributes={tracing.ATTR_MODEL: model_id}
+        ) as span:
+            pod = await self._wait_loaded(model_id, span)
+            span.set_attribute(tracing.ATTR_POD, pod.id)
+            return pod
+
+    async def _wait_loaded(self, model_id: str, span: trace.Span) -> Pod:
+        linked = False
         deadline = time.monotonic() + self.s.cold_start_timeout_seconds
         while True:
             ev = self._waiters.setdefault(model_id, asyncio.Event())
@@ -87,7 +108,14 @@ class Activator:
                     raise LoadFailed(503, f"model '{model_id}' could not be loaded: {failed[-1]}")
                 if time.time() - asked > 2.0:
                     self._requested[model_id] = time.time()
-                    await self.state.r.xadd(st.LOAD_REQUESTS, {"model": model_id, "ts": str(time.time())}, maxlen=100_000, approximate=True)
+                    self._requested_by[model_id] = span.get_span_context()
+                    span.set_attribute("meshserve.load_requested", True)
+                    fields = tracing.inject({"model": model_id, "ts": str(time.time())})
+                    await self.state.r.xadd(st.LOAD_REQUESTS, fields, maxlen=100_000, approximate=True)
+            by = self._requested_by.get(model_id)
+            if not linked and by is not None and by != span.get_span_context():
+                span.add_link(by, {"meshserve.link": "load requested by"})  # waits on a load another request asked for
+                linked = True
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
@@ -126,11 +154,23 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
 
     async def model_route(request: web.Request) -> web.Response:
         name = request.headers.get(MODEL_ID_HEADER) or request.match_info["name"]
+        with tracing.tracer(__name__).start_as_current_span(
+            "activator.request", context=tracing.extract(request.headers), kind=SpanKind.SERVER,
+            attributes={"meshserve.protocol": "rest", "meshserve.name": name},
+        ) as span:
+            resp = await cold(request, name, span)
+            span.set_attribute("http.response.status_code", resp.status)
+            if resp.status >= 500:
+                span.set_status(Status(StatusCode.ERROR, f"HTTP {resp.status}"))
+            return resp
+
+    async def cold(request: web.Request, name: str, span: trace.Span) -> web.Response:
         tail = request.match_info.get("tail", "")
         act.cold_requests += 1
         t0 = time.monotonic()
         try:
             model_id = await act.resolve(name)
+            span.set_attribute(tracing.ATTR_MODEL, model_id)
             pod = await act.ensure_loaded(model_id)
         except LoadFailed as e:
             M_COLD.labels("rest", str(e.status)).inc()
@@ -145,12 +185,19 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
-        try:
-            async with session.request(request.method, url, data=payload, headers=headers) as r:
-                body = await r.read()
-                return web.Response(status=r.status, body=body, content_type=r.content_type or "application/json")
-        except aiohttp.ClientError as e:
-            return _error(503, f"model '{model_id}' is loaded on {pod.id} but the pod did not answer: {e}")
+        with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
+            "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
+        ) as fspan:
+            headers = {k: v for k, v in headers.items() if k.lower() not in (tracing.TRACEPARENT, tracing.TRACESTATE)}
+            tracing.inject(headers)  # the pod continues this trace if it traces
+            try:
+                async with session.request(request.method, url, data=payload, headers=headers) as r:
+                    body = await r.read()
+                    fspan.set_attribute("http.response.status_code", r.status)
+                    return web.Response(status=r.status, body=body, content_type=r.content_type or "application/json")
+            except aiohttp.ClientError as e:
+                fspan.set_status(Status(StatusCode.ERROR, str(e)))
+                return _error(503, f"model '{model_id}' is loaded on {pod.id} but the pod did not answer: {e}")
 
     async def not_found(request: web.Request) -> web.Response:
         return _error(404, f"no such endpoint: {request.method} {request.path}; see the KServe v2 protocol (/v2/models/<name>/infer)")
@@ -205,26 +252,45 @@ class GrpcActivator(grpc.GenericRpcHandler):
                 name = getattr(msg, "model_name", "") or getattr(msg, "name", "")
             if not name:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no model named: set mm-vmodel-id or the request's model name")
-            self.act.cold_requests += 1
-            t0 = time.monotonic()
-            try:
-                model_id = await self.act.resolve(name)
-                pod = await self.act.ensure_loaded(model_id)
-                M_COLD.labels("grpc", "200").inc()
-                M_COLD_WAIT.observe(time.monotonic() - t0)
-            except LoadFailed as e:
-                M_COLD.labels("grpc", str(e.status)).inc()
-                code = grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, str(e))
-            await self.act.state.touch([model_id])
-            ch = self._channels.get(pod.id)
-            if ch is None:
-                ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
-            fwd_md = [(k, v) for k, v in md.items() if k not in (MODEL_ID_HEADER, VMODEL_ID_HEADER) and not k.startswith(":")]
-            fwd_md.append((MODEL_ID_HEADER, model_id))
+            with tracing.tracer(__name__).start_as_current_span(
+                "activator.request", context=tracing.extract(md), kind=SpanKind.SERVER,
+                attributes={"meshserve.protocol": "grpc", "meshserve.name": name, "rpc.method": method},
+                record_exception=False, set_status_on_exception=False,  # context.abort raises: statuses are set below
+            ) as span:
+                return await self._cold(method, request, context, md, name, span)
+
+        return forward
+
+    async def _cold(self, method: str, request: bytes, context: grpc.aio.ServicerContext, md: dict[str, Any], name: str, span: trace.Span) -> bytes:
+        self.act.cold_requests += 1
+        t0 = time.monotonic()
+        try:
+            model_id = await self.act.resolve(name)
+            span.set_attribute(tracing.ATTR_MODEL, model_id)
+            pod = await self.act.ensure_loaded(model_id)
+            M_COLD.labels("grpc", "200").inc()
+            M_COLD_WAIT.observe(time.monotonic() - t0)
+        except LoadFailed as e:
+            M_COLD.labels("grpc", str(e.status)).inc()
+            code = grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE
+            if e.status >= 500:
+                span.set_status(Status(StatusCode.ERROR, str(e)))
+            await context.abort(code, str(e))
+        await self.act.state.touch([model_id])
+        ch = self._channels.get(pod.id)
+        if ch is None:
+            ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
+        drop = (MODEL_ID_HEADER, VMODEL_ID_HEADER, tracing.TRACEPARENT, tracing.TRACESTATE)
+        fwd_md = [(k, v) for k, v in md.items() if k not in drop and not k.startswith(":")]
+        fwd_md.append((MODEL_ID_HEADER, model_id))
+        with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
+            "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
+        ) as fspan:
+            fwd_md += list(tracing.inject({}).items())
             try:
                 return await ch.unary_unary(method)(request, metadata=fwd_md)
             except grpc.aio.AioRpcError as e:
+                fspan.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
+                span.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
                 await context.abort(e.code(), e.details() or "")
-
-        return forward
+        raise AssertionError("unreachable")  # context.abort raises

@@ -13,6 +13,11 @@ into the pod's load queue (ms:loadq:<pod>), where a load with a request waiting 
 Signals: recency from ms:lastused (loaders copy it from the runtimes' own counters; the
 activator adds cold hits), request rates and counts from the runtimes' counters
 (GET /v2/meshserve/stats on each pod, every rate_poll_seconds). No Python on the data path.
+
+Traces: a decision is a `placement.decide` span, the child of the context the ms:loadreq entry
+(or, for a retry, the loader's ms:events entry) carried; the load order written for it carries
+the decision's context, so the pod's pull and load are its children. The context of a queued
+load is kept in memory until the order is sent (a new leader sends such orders untraced).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from opentelemetry import trace
 
 from meshserve import state as st
+from meshserve import tracing
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_placement import copies as copyplan
@@ -87,6 +94,8 @@ class Scheduler:
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
         self.last_decisions: dict[str, policy.Decision] = {}
+        self._traces: dict[tuple[str, str], dict[str, str]] = {}  # (pod, model) -> the decision's trace fields, until its order is sent
+        self._decided: dict[str, trace.SpanContext] = {}  # model -> its latest decision's span (joined loads link to it)
 
     # --- leadership -----------------------------------------------------------------
     async def run(self) -> None:
@@ -184,7 +193,9 @@ class Scheduler:
             for eid, fields in entries:
                 try:
                     async with self._lock:
-                        await handler({k.decode(): v.decode() for k, v in fields.items()})
+                        f = {k.decode(): v.decode() for k, v in fields.items()}
+                        with tracing.handling(f.get("model", ""), f):
+                            await handler(f)
                 except st.NotLeader:
                     raise
                 except Exception:
@@ -250,7 +261,13 @@ class Scheduler:
             return
         if any(c.state == CopyState.LOADING for c in copies.values()):
             # Many requests for one cold model make one load; a waiting request moves it up the queue.
-            await self._prioritise(model_id)
+            # Its trace gets a decision span of its own that links to the decision being carried out.
+            made = self._decided.get(model_id)
+            with tracing.tracer(__name__).start_as_current_span(
+                "placement.decide", attributes={tracing.ATTR_MODEL: model_id, "meshserve.outcome": "joined the load in progress"},
+                links=[trace.Link(made)] if made else None,
+            ):
+                await self._prioritise(model_id)
             return
         spec = await self._refresh_model(model_id)
         if spec is None:
@@ -271,12 +288,20 @@ class Scheduler:
 
     async def _place(self, spec: ModelSpec, waiting: bool, ops: Ops | None = None, changes: Changes | None = None, why: str = "") -> bool:
         """Decide one more copy of `spec`; commit it together with any `ops` the caller has pending."""
+        with tracing.tracer(__name__).start_as_current_span(
+            "placement.decide", attributes={tracing.ATTR_MODEL: spec.id, "meshserve.waiting": waiting, "meshserve.why": why}
+        ) as span:
+            self._decided[spec.id] = span.get_span_context()
+            return await self._decide(spec, waiting, ops, changes, why, span)
+
+    async def _decide(self, spec: ModelSpec, waiting: bool, ops: Ops | None, changes: Changes | None, why: str, span: trace.Span) -> bool:
         ops = list(ops or [])
         changes = list(changes or [])
         now = time.time()
         self._mark_health(now)
         mv = self.view.models[spec.id]
         decision = policy.place(mv, self.view, now)
+        span.set_attributes({"meshserve.outcome": "placed" if decision.pod else "unplaceable", "meshserve.reason": decision.reason or ""})
         self.last_decisions[spec.id] = decision
         record = {**decision.to_dict(), "ts": now, "leader": self.id, "why": why or ("a request is waiting" if waiting else "")}
         ops.append(["HSET", keys.DECISIONS, spec.id, json.dumps(record, separators=(",", ":"))])
@@ -291,17 +316,21 @@ class Scheduler:
             await self._commit(ops, changes)
             return False
         pod = decision.pod
+        span.set_attributes({tracing.ATTR_POD: pod, "meshserve.evict": list(decision.evict)})
+        carried = dict(tracing.inject({}))  # the orders below carry this decision's context
+        trace_fields = [x for kv in carried.items() for x in kv]
         for victim in decision.evict:
             vc = dict(self.view.copies[victim])
             vc[pod] = Copy(CopyState.UNLOADING, vc[pod].size, now, f"evicted to make room for {spec.id}")
             self._set_copies(victim, vc, ops, changes)
             # Unloads never wait for a slot: they free the memory the load was promised.
-            ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", victim])
+            ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", victim, *trace_fields])
         copies = {p: c for p, c in self.view.copies.get(spec.id, {}).items() if p != "-"}
         prio = now + (0.0 if waiting else keys.BACKGROUND)
         copies[pod] = Copy(CopyState.LOADING, mv.size, now, QUEUED)
         self._set_copies(spec.id, copies, ops, changes)
         self.queues.setdefault(pod, {})[spec.id] = prio
+        self._traces[(pod, spec.id)] = carried
         ops.append(["ZADD", keys.loadq_key(pod), prio, spec.id])
         await self._commit(ops, changes)
         log.info("placing %s on %s%s%s", spec.id, pod, f" evicting {decision.evict}" if decision.evict else "", f" ({why})" if why else "")
@@ -331,6 +360,7 @@ class Scheduler:
             spec = self.specs.get(model)
             if c is None or c.state != CopyState.LOADING or spec is None:
                 del q[model]  # withdrawn meanwhile
+                self._traces.pop((pod, model), None)
                 ops.append(["ZREM", keys.loadq_key(pod), model])
                 continue
             if slots <= 0 or held + c.size > capacity:
@@ -341,7 +371,8 @@ class Scheduler:
             ops.append(["ZREM", keys.loadq_key(pod), model])
             cs[pod] = Copy(CopyState.LOADING, c.size, c.since)
             self._set_copies(model, cs, ops, changes)
-            ops.append(["XADD", st.orders_key(pod), "*", "op", "load", "model", model, "spec", spec.to_json()])
+            carried = [x for kv in self._traces.pop((pod, model), {}).items() for x in kv]
+            ops.append(["XADD", st.orders_key(pod), "*", "op", "load", "model", model, "spec", spec.to_json(), *carried])
         if ops:
             await self._commit(ops, changes)
 
@@ -433,6 +464,7 @@ class Scheduler:
         self.view.pods.pop(pod, None)
         self.pods.pop(pod, None)
         requeue = [m for m in self.queues.pop(pod, {}) if m in self.waiting]
+        self._traces = {k: v for k, v in self._traces.items() if k[0] != pod}
         await self._commit(ops, changes)
         for m in requeue + [m for m in self.waiting if not self.view.copies.get(m)]:
             spec = self.specs.get(m)
