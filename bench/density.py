@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.common import pct, write
 from meshserve import devmesh
 from meshserve import state as st
-from meshserve.model import CopyState, ModelSpec
+from meshserve.model import ModelSpec
 
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}).encode()
 

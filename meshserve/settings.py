@@ -110,6 +110,16 @@ class Settings:
         return True
 
     @property
+    def embedded_redis_url(self) -> str:
+        """Where `meshserve up`'s embedded Valkey listens."""
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def cli_redis_url(self, explicit: str = "") -> str:
+        """The Redis a CLI command talks to: --redis-url, else MESHSERVE_REDIS_URL, else the
+        embedded Valkey of a local `meshserve up`."""
+        return explicit or self.redis_url or self.embedded_redis_url
+
+    @property
     def pvc_root(self) -> Path:
         """Where a PersistentVolumeClaim name maps to a local directory in embedded mode."""
         return self.data_dir / "pvc"
@@ -129,3 +139,16 @@ def _coerce(type_name: object, value: str) -> object:
     if t == "Path":
         return Path(value)
     return value
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to print: any password (redis://:secret@host) replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -83,7 +83,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
             [valkey_binary(), "--port", str(s.redis_port), "--bind", "127.0.0.1", "--dir", str(vdir),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"],
         )
-        s.redis_url = f"redis://127.0.0.1:{s.redis_port}/0"
+        s.redis_url = s.embedded_redis_url
     await wait_redis(s.redis_url, 20)
     sup.env.update(s.as_env())
     state = st.State.from_url(s.redis_url)

@@ -7,7 +7,6 @@ failed loads, and recency. Works whichever placement instance leads, and after r
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -16,15 +15,10 @@ import click
 
 from meshserve import state as st
 from meshserve.model import CopyState
-from meshserve.settings import Settings
+from meshserve.commands.status import _run, _url
 
 # Placement's own keys: keys.py imports nothing of the placement service but the shared schema.
 from meshserve_placement.keys import BACKGROUND, DECISIONS, EXCLUDED, LOADQ_PREFIX
-
-
-def _url(redis_url: str) -> str:
-    s = Settings.from_env()
-    return redis_url or s.redis_url or f"redis://127.0.0.1:{s.redis_port}/0"
 
 
 async def gather(url: str, name: str) -> dict[str, Any]:
@@ -136,7 +130,7 @@ def render(doc: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def explain(model: str, redis_url: str, as_json: bool) -> None:
     """Why MODEL (an InferenceService name or concrete model id) is where it is, or is not loaded."""
-    doc = asyncio.run(gather(_url(redis_url), model))
+    doc = _run(gather(_url(redis_url), model))
     click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
     if not doc["found"]:
         raise SystemExit(1)

@@ -18,17 +18,13 @@ from opentelemetry import trace
 
 from meshserve import state as st
 from meshserve import tracing
-from meshserve.settings import Settings
+from meshserve.commands.status import _url
+from meshserve.settings import redact_url
 from meshserve.yamlfile import ConfigError
 
 redis_option = click.option(
     "--redis-url", envvar="MESHSERVE_REDIS_URL", default="", help="Redis/Valkey URL (default: the embedded one of `meshserve up`)."
 )
-
-
-def _url(redis_url: str) -> str:
-    s = Settings.from_env()
-    return redis_url or s.redis_url or f"redis://127.0.0.1:{s.redis_port}/0"
 
 
 def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = None) -> Any:
@@ -55,7 +51,7 @@ def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = Non
         sys.exit(1)
     except Exception as e:
         if isinstance(e, (OSError, ConnectionError)) or type(e).__module__.startswith("redis"):
-            click.echo(f"cannot reach the mesh's Redis at {url}: {e}. Is `meshserve up` running? Or pass --redis-url.", err=True)
+            click.echo(f"cannot reach the mesh's Redis at {redact_url(url)}: {e}. Is `meshserve up` running? Or pass --redis-url.", err=True)
             sys.exit(2)
         raise
     finally:

@@ -22,8 +22,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 
 def _url(redis_url: str) -> str:
-    s = Settings.from_env()
-    return redis_url or s.redis_url or f"redis://127.0.0.1:{s.redis_port}/0"
+    return Settings.from_env().cli_redis_url(redis_url)
 
 
 async def gather(url: str) -> dict[str, Any]:
