@@ -64,12 +64,37 @@ def test_copy_sets_are_shared_and_follow_the_placements() -> None:
     assert set(r.build_all(s, r.ListenerConfig()).by_type[r.CLUSTER_TYPE]) == set(r.build_clusters(s, copy_sets=False)[0])
 
 
-def test_scoped_layout_keeps_pod_clusters_only() -> None:
+def test_scoped_layout_routes_copies_to_their_set() -> None:
     s = state({"a__isvc-0000000001": ["pod-0", "pod-1"]})
     res = scoped.build_all(s, r.ListenerConfig())
-    assert not [n for n in res.by_type[r.CLUSTER_TYPE] if n.startswith("pods_")]
+    assert {"pods_pod-0+pod-1_rest", "pods_pod-0+pod-1_grpc"} <= set(res.by_type[r.CLUSTER_TYPE])
     routes = res.by_type[r.ROUTE_TYPE][scoped.model_rc_name("a__isvc-0000000001")].virtual_hosts[0].routes
-    assert {c.name for c in routes[0].route.weighted_clusters.clusters} == {"pod_pod-0_grpc", "pod_pod-1_grpc"}
+    assert [rt.route.cluster for rt in routes[:2]] == ["pods_pod-0+pod-1_grpc", "pods_pod-0+pod-1_rest"]
+
+
+def test_scoped_partial_patches_add_and_drop_a_set_with_its_first_and_last_model() -> None:
+    """What the live publisher does per placement change: a set's clusters come with the first
+    model routed to it and go with the last, in the same patch as the routes."""
+    m1, m2 = "a__isvc-0000000001", "b__isvc-0000000002"
+    idx = scoped.index(state({m1: ["pod-0"], m2: ["pod-0"]}))
+
+    def change(loaded: dict[str, list[str]], models: set[str]) -> scoped.Patch:
+        part = r.RoutingState(pods={p: PODS[p] for ps in loaded.values() for p in ps}, loaded=loaded, aliases={}, activator=ACT,
+                              registered=set(models))
+        return scoped.diff_partial(idx, part, models, set(models))
+
+    p = change({m1: ["pod-0", "pod-1"]}, {m1})
+    assert set(p.upserts[r.CLUSTER_TYPE]) == set(p.upserts[r.ENDPOINT_TYPE]) == {"pods_pod-0+pod-1_rest", "pods_pod-0+pod-1_grpc"}
+    p = change({m2: ["pod-0", "pod-1"]}, {m2})
+    assert not p.upserts[r.CLUSTER_TYPE], "the set exists already"
+    p = change({m1: ["pod-1"]}, {m1})
+    assert not p.removes[r.CLUSTER_TYPE], "m2 still routes to the set"
+    p = change({m2: ["pod-1"]}, {m2})
+    assert set(p.removes[r.CLUSTER_TYPE]) == {"pods_pod-0+pod-1_rest", "pods_pod-0+pod-1_grpc"}
+    assert idx.sets == {}
+    # The index the patches kept equals a fresh one.
+    fresh = scoped.index(state({m1: ["pod-1"], m2: ["pod-1"]}))
+    assert {m: k[0] for m, k in idx.models.items()} == {m: k[0] for m, k in fresh.models.items()} and idx.sets == fresh.sets
 
 
 def test_real_envoy_accepts_copy_set_clusters_and_the_retry_policy(tmp_path: Path) -> None:

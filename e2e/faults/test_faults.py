@@ -104,13 +104,7 @@ def test_kill_9_xds_server(mesh: devmesh.Mesh, body: bytes) -> None:
         assert route_version(mesh) == before
 
 
-# The scoped layout's routes still split a model's copies over per-pod clusters: its publisher
-# (xds/meshserve_xds/source.py) patches routes but never clusters, so it cannot add a copy set's
-# cluster yet, and a retry stays on the dead pod until placement withdraws it.
-SCOPED_GAP = "scoped layout: copy-set clusters need source.py to publish them (docs/reliability.md, case 3)"
-
-
-@pytest.fixture(params=["matcher", pytest.param("scoped", marks=pytest.mark.xfail(reason=SCOPED_GAP, strict=False))])
+@pytest.fixture(params=["scoped", "matcher"])
 def two_copy_mesh(request: pytest.FixtureRequest, tmp_path: Path) -> "Iterator[devmesh.Mesh]":
     """Three pods, sklearn-mnist kept at two copies (minCopies 2; scale-up out of reach, so the
     copy count is the annotation's), the third pod free to take the copy that has to move."""
@@ -181,7 +175,9 @@ def test_kill_9_a_pod_holding_one_of_two_copies(two_copy_mesh: devmesh.Mesh, bod
     assert set(t) == {"placement_withdrawn", "gateway_withdrawn", "replaced_decided", "replaced_loaded"}, (t, m.log()[-3000:])
     assert load.sent > 300
     assert load.failed == 0, load.failures
-    assert len(after) == 2 and victim not in after, after
+    # Back to two copies: on the third pod, or on the killed one if `meshserve up` restarted it
+    # (it registers again, empty) before placement's next reconcile.
+    assert len(after) == 2, after
     period = s.heartbeat_seconds
     # Routes gone within two heartbeat periods of the kill. Placement declares a pod dead once
     # its last heartbeat is more than two periods old and looks every half period, so the bound

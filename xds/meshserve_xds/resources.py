@@ -184,14 +184,28 @@ def build_clusters(state: RoutingState, copy_sets: bool = True) -> tuple[dict[st
         clusters[name] = build_cluster(name, http2)
         endpoints[name] = build_load_assignment(name, ep.host, ep.grpc_port if http2 else ep.rest_port)
     if copy_sets:
-        sets = {tuple(sorted(ps)) for ps in state.loaded.values() if len(ps) > 1 and all(p in state.pods for p in ps)}
-        for pods in sorted(sets):
-            for proto, http2 in (("rest", False), ("grpc", True)):
-                name = copies_cluster(list(pods), proto)
-                addrs = [(state.pods[p].host, state.pods[p].grpc_port if http2 else state.pods[p].rest_port) for p in pods]
-                clusters[name] = build_copy_set_cluster(name, http2)
-                endpoints[name] = build_load_assignment(name, *addrs[0], *addrs[1:])
+        for pods in sorted(copy_sets_of(state.loaded.values(), state.pods)):
+            c, e = build_copy_set(pods, state.pods)
+            clusters.update(c)
+            endpoints.update(e)
     return clusters, endpoints
+
+
+def copy_sets_of(placements: Any, pods: dict[str, Endpoint]) -> set[tuple[str, ...]]:
+    """The distinct sets of two or more known pods that hold a model: one cluster pair each."""
+    return {tuple(sorted(ps)) for ps in placements if len(ps) > 1 and all(p in pods for p in ps)}
+
+
+def build_copy_set(pods: tuple[str, ...], endpoints: dict[str, Endpoint]) -> tuple[dict[str, object], dict[str, object]]:
+    """A copy set's REST and gRPC clusters and their endpoints (the set's pods)."""
+    clusters: dict[str, object] = {}
+    assignments: dict[str, object] = {}
+    for proto, http2 in (("rest", False), ("grpc", True)):
+        name = copies_cluster(list(pods), proto)
+        addrs = [(endpoints[p].host, endpoints[p].grpc_port if http2 else endpoints[p].rest_port) for p in pods]
+        clusters[name] = build_copy_set_cluster(name, http2)
+        assignments[name] = build_load_assignment(name, *addrs[0], *addrs[1:])
+    return clusters, assignments
 
 
 def _route_action(clusters: list[str], timeout_s: float) -> rc.RouteAction:

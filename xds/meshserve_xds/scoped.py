@@ -157,8 +157,8 @@ def model_routes(state: r.RoutingState, model: str, names: list[str]) -> route_p
     pods = sorted(state.loaded[model])
     headers = r._set_model_header(model)
     routes = [rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix=GRPC_PREFIX),
-                       route=r._route_action([r.pod_cluster(p, "grpc") for p in pods], 120), request_headers_to_add=headers)]
-    rest = [r.pod_cluster(p, "rest") for p in pods]
+                       route=r._route_action([r.copies_cluster(pods, "grpc")], 120), request_headers_to_add=headers)]
+    rest = [r.copies_cluster(pods, "rest")]
     for name in names:
         # Inside this scope segment 3 of a /v2/models/ path is exactly `name` (the Lua takes
         # the key from the path first), so a prefix match cannot catch a longer name.
@@ -239,9 +239,9 @@ def scope_targets(state: r.RoutingState) -> dict[str, str]:
 
 
 def build_all(state: r.RoutingState, listeners: r.ListenerConfig) -> r.Resources:
-    # Per pod only: the partial publish (source.py) patches routes, never clusters, so a model's
-    # copies stay a weighted split over pod clusters here (a retry stays on the pod it picked).
-    clusters, endpoints = r.build_clusters(state, copy_sets=False)
+    # Pod clusters plus one per copy set: a model with several copies routes to its set's
+    # cluster, so Envoy's retry of a refused or reset request reaches another copy.
+    clusters, endpoints = r.build_clusters(state, copy_sets=True)
     res = r.Resources()
     res.by_type[r.CLUSTER_TYPE] = clusters
     res.by_type[r.ENDPOINT_TYPE] = endpoints
@@ -271,6 +271,9 @@ class Index:
     models: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     traffic: dict[str, tuple] = field(default_factory=dict)
     plans_of: dict[str, set[str]] = field(default_factory=dict)
+    # copy set (pods holding a model with several copies) -> how many models route to it; its
+    # clusters exist while that is above zero
+    sets: dict[tuple[str, ...], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,9 +290,14 @@ def index(state: r.RoutingState) -> Index:
     for name, plan in state.traffic.items():
         for m in plan_models(name, plan):
             plans_of.setdefault(m, set()).add(name)
+    models = {m: (tuple(sorted(state.loaded[m])), tuple(names[m])) for m in names}
+    sets: dict[tuple[str, ...], int] = {}
+    for pods, _ in models.values():
+        if len(pods) > 1:
+            sets[pods] = sets.get(pods, 0) + 1
     return Index(
-        scope_targets(state), {m: (tuple(sorted(state.loaded[m])), tuple(names[m])) for m in names},
-        {name: _traffic_key(state, name, plan) for name, plan in state.traffic.items()}, plans_of,
+        scope_targets(state), models,
+        {name: _traffic_key(state, name, plan) for name, plan in state.traffic.items()}, plans_of, sets,
     )
 
 
@@ -329,20 +337,25 @@ def diff_partial(old: Index, part: r.RoutingState, models: set[str], names: set[
     them. Cost follows the change. `old` is updated in place.
 
     Traffic plans are not looked at: a change that `involves_traffic` takes the full `diff`
-    (the caller checks), so `old.traffic` and `old.plans_of` stay as they are."""
-    p = Patch(upserts={r.SCOPED_ROUTE_TYPE: {}, r.ROUTE_TYPE: {}}, removes={r.SCOPED_ROUTE_TYPE: [], r.ROUTE_TYPE: []})
+    (the caller checks), so `old.traffic` and `old.plans_of` stay as they are. A copy set that
+    a model starts routing to gets its clusters (`part.pods` has its pods' endpoints); one no
+    model routes to any more loses them."""
+    types = (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE)
+    p = Patch(upserts={t: {} for t in types}, removes={t: [] for t in types})
     names_of: dict[str, list[str]] = {m: [m] for m in part.loaded}
     for alias, model in sorted(part.aliases.items()):
         if model in names_of:
             names_of[model].append(alias)
     for m in models:
         key = (tuple(sorted(part.loaded[m])), tuple(names_of[m])) if m in part.loaded else None
+        before = old.models.get(m)
         if key is None:
             if old.models.pop(m, None) is not None:
                 p.removes[r.ROUTE_TYPE].append(model_rc_name(m))
-        elif old.models.get(m) != key:
+        elif before != key:
             old.models[m] = key
             p.upserts[r.ROUTE_TYPE][model_rc_name(m)] = model_routes(part, m, list(key[1]))
+        _move_set(old, p, part, before[0] if before else (), key[0] if key else ())
     for n in names:
         if n in part.aliases:
             target: str | None = model_rc_name(part.aliases[n]) if part.aliases[n] in part.loaded else ACTIVATOR_RC
@@ -359,3 +372,23 @@ def diff_partial(old: Index, part: r.RoutingState, models: set[str], names: set[
             old.targets[n] = target
             p.upserts[r.SCOPED_ROUTE_TYPE][scope_name(n)] = scope(n, target)
     return p
+
+
+def _move_set(idx: Index, p: Patch, part: r.RoutingState, was: tuple[str, ...], now: tuple[str, ...]) -> None:
+    """One model stopped routing to copy set `was` and now routes to `now`: keep the counts,
+    and add or remove the sets' clusters when a count leaves or reaches zero."""
+    if was == now:
+        return
+    if len(now) > 1:
+        idx.sets[now] = idx.sets.get(now, 0) + 1
+        if idx.sets[now] == 1:
+            clusters, endpoints = r.build_copy_set(now, part.pods)
+            p.upserts[r.CLUSTER_TYPE].update(clusters)
+            p.upserts[r.ENDPOINT_TYPE].update(endpoints)
+    if len(was) > 1 and was in idx.sets:
+        idx.sets[was] -= 1
+        if idx.sets[was] <= 0:
+            del idx.sets[was]
+            names = [r.copies_cluster(list(was), proto) for proto in ("rest", "grpc")]
+            p.removes[r.CLUSTER_TYPE] += names
+            p.removes[r.ENDPOINT_TYPE] += names

@@ -206,13 +206,16 @@ class RedisSource:
             holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
             if holders:
                 loaded[m] = holders
+        held = {p for ps in loaded.values() for p in ps}
         part = r.RoutingState(
-            pods={}, loaded=loaded, aliases=aliases, registered={m for m in models if m in snap.models},
+            pods={p: r.Endpoint(snap.pods[p].host, snap.pods[p].rest_port, snap.pods[p].grpc_port) for p in held},
+            loaded=loaded, aliases=aliases, registered={m for m in models if m in snap.models},
             activator=r.Endpoint(self.s.host, self.s.activator_rest_port, self.s.activator_grpc_port),
             cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
         )
         patch = scoped.diff_partial(self._index, part, models, names)
-        for t in (r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
+        # Clusters first: the server holds routes back until the clusters they name are answered.
+        for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
             await self.cache.patch(GATEWAY_GROUP, t, patch.upserts.get(t, {}), patch.removes.get(t, []))
         return True
 
@@ -229,7 +232,9 @@ class RedisSource:
         else:
             patch, self._index = scoped.diff(self._index, rs)
             full = scoped.build_all(r.RoutingState(pods=rs.pods, loaded={}, aliases={}, activator=rs.activator), self.listeners)
-            # Clusters, endpoints and listeners follow pods, not models: small, replaced whole.
+            full.by_type[r.CLUSTER_TYPE], full.by_type[r.ENDPOINT_TYPE] = r.build_clusters(rs, copy_sets=True)
+            # Clusters, endpoints and listeners follow pods and copy sets, not models: small,
+            # replaced whole (the cache sends only those whose bytes changed).
             for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.LISTENER_TYPE):
                 held = self.cache.group(GATEWAY_GROUP).types.get(t)
                 gone = [n for n in (held.resources if held else {}) if n not in full.by_type[t]]
