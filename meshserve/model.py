@@ -85,7 +85,14 @@ def copies_to_json(copies: dict[str, Copy]) -> str:
     return json.dumps({p: c.to_dict() for p, c in sorted(copies.items())}, separators=(",", ":"))
 
 
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     # Tolerate fields written by a newer version so a rolling upgrade never breaks reads.
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    if d.keys() <= names:
+        return d
     return {k: v for k, v in d.items() if k in names}

@@ -8,6 +8,7 @@ a revision jump larger than one knows it missed entries and resyncs from the has
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -135,14 +136,10 @@ class State:
         """All routing state. Read inside MULTI so the hashes and rev agree."""
         async with self.r.pipeline(transaction=True) as p:
             p.get(REV).hgetall(MODELS).hgetall(ALIASES).hgetall(PODS).hgetall(PLACEMENTS)
-            rev, models, aliases, pods, placements = await p.execute()
-        return Snapshot(
-            rev=int(rev or 0),
-            models={k.decode(): ModelSpec.from_json(v) for k, v in models.items()},
-            aliases={k.decode(): v.decode() for k, v in aliases.items()},
-            pods={k.decode(): Pod.from_json(v) for k, v in pods.items()},
-            placements={k.decode(): copies_from_json(v) for k, v in placements.items()},
-        )
+            raw = await p.execute()
+        # Parsing 100,000 models takes about a second: in a thread, so the caller's event loop
+        # (lease renewal, heartbeats, streams) keeps running meanwhile.
+        return await asyncio.to_thread(_parse_snapshot, *raw)
 
     async def model(self, model_id: str) -> ModelSpec | None:
         raw = await self.r.hget(MODELS, model_id)
@@ -187,6 +184,16 @@ class State:
             ops.append(["HSET", ALIASES, s.alias, s.id])
             changes += [(KIND_MODEL, s.id), (KIND_ALIAS, s.alias)]
         return await self.commit(ops, changes)
+
+
+def _parse_snapshot(rev: Any, models: dict, aliases: dict, pods: dict, placements: dict) -> Snapshot:
+    return Snapshot(
+        rev=int(rev or 0),
+        models={k.decode(): ModelSpec.from_json(v) for k, v in models.items()},
+        aliases={k.decode(): v.decode() for k, v in aliases.items()},
+        pods={k.decode(): Pod.from_json(v) for k, v in pods.items()},
+        placements={k.decode(): copies_from_json(v) for k, v in placements.items()},
+    )
 
 
 def _s(v: Any) -> Any:

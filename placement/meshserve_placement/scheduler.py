@@ -88,7 +88,7 @@ class Scheduler:
         self._counts: dict[tuple[str, str], int] = {}  # (pod, model) -> last request count seen
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
-        self._models_rev = -1
+        self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
         self._renew = state.r.register_script(_RENEW_LUA)
         self._fenced_write = state.r.register_script(_FENCED_WRITE_LUA)
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
@@ -113,29 +113,47 @@ class Scheduler:
             await asyncio.sleep(self.s.lease_seconds / 3)
 
     async def _lead(self, lease_ms: int) -> None:
-        await self._ensure_groups()
-        await self._reload()
-        self.leading.set()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.t.rate_poll_seconds))) as http:
-            tasks = [
-                asyncio.create_task(self._consume(st.LOAD_REQUESTS, self._on_load_request)),
-                asyncio.create_task(self._consume(st.EVENTS, self._on_event)),
-                asyncio.create_task(self._expire_pods()),
-                asyncio.create_task(self._maintain(http)),
-            ]
-            try:
-                while True:
-                    await asyncio.sleep(self.s.lease_seconds / 3)
-                    if not await self._renew(keys=[st.LEASE], args=[self.id, lease_ms]):
-                        log.warning("%s lost the placement lease", self.id)
-                        return
+        # The lease is kept by its own task from the start: taking over 100,000 models takes
+        # seconds of parsing, longer than the lease, and a leader that lost its lease while
+        # reloading would reload again forever.
+        lost = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(lease_ms, lost))
+        try:
+            await self._ensure_groups()
+            await self._reload()
+            if lost.is_set():
+                return
+            self.leading.set()
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.t.rate_poll_seconds))) as http:
+                tasks = [
+                    asyncio.create_task(self._consume(st.LOAD_REQUESTS, self._on_load_request)),
+                    asyncio.create_task(self._consume(st.EVENTS, self._on_event)),
+                    asyncio.create_task(self._expire_pods()),
+                    asyncio.create_task(self._maintain(http)),
+                ]
+                try:
+                    while not lost.is_set():
+                        await asyncio.wait([keeper, *tasks], timeout=self.s.lease_seconds / 3, return_when=asyncio.FIRST_COMPLETED)
+                        for t in tasks:
+                            if t.done() and t.exception():
+                                raise t.exception()  # type: ignore[misc]
+                        if keeper.done() and keeper.exception():
+                            raise keeper.exception()  # type: ignore[misc]
+                finally:
                     for t in tasks:
-                        if t.done() and t.exception():
-                            raise t.exception()  # type: ignore[misc]
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keep_lease(self, lease_ms: int, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self.s.lease_seconds / 3)
+            if not await self._renew(keys=[st.LEASE], args=[self.id, lease_ms]):
+                log.warning("%s lost the placement lease", self.id)
+                lost.set()
+                return
 
     async def _ensure_groups(self) -> None:
         for key in (st.LOAD_REQUESTS, st.EVENTS):
@@ -147,8 +165,13 @@ class Scheduler:
 
     async def _reload(self) -> None:
         """Everything the previous leader decided is in Redis: rebuild the view from it."""
-        snap = await self.state.snapshot()
         r = self.state.r
+        # Where to follow ms:changes from: taken before the snapshot, so a change made between
+        # the two is read again (harmless), never missed.
+        last = await r.xrevrange(st.CHANGES, count=1)
+        self._changes_id = last[0][0].decode() if last else "0-0"
+        self._changes_rev = int(last[0][1].get(b"rev", b"0")) if last else 0
+        snap = await self.state.snapshot()
         self.specs = snap.models
         self.pods = dict(snap.pods)
         hb = await r.zrange(st.HEARTBEATS, 0, -1, withscores=True)
@@ -160,15 +183,8 @@ class Scheduler:
             m, _, p = k.decode().rpartition("|")
             if float(v) > now:
                 excluded[(m, p)] = float(v)
-        self.view = policy.ClusterView(
-            pods={p.id: _pod_view(p) for p in snap.pods.values()},
-            models={m.id: _model_view(m) for m in snap.models.values()},
-            copies={m: cs for m, cs in snap.placements.items() if cs},
-            excluded=excluded,
-            horizon_s=self.t.eviction_horizon_seconds,
-        )
-        for k, v in lu:
-            self.view.touch(k.decode(), v)
+        # Building the view is pure and O(models): off the event loop, so the lease keeps.
+        self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
         self._lastused_seen = max((v for _, v in lu), default=0.0)
         self.queues = {}
         for pod in self.pods:
@@ -228,13 +244,16 @@ class Scheduler:
         spec = await self.state.model(model_id)  # always fresh: annotations (min/max/pinned) may change
         if spec is None:
             return self.specs.get(model_id)
-        self.specs[model_id] = spec
-        old = self.view.models.get(model_id)
-        mv = _model_view(spec)
-        if old is not None and old.size != mv.size and self.view.live_copies(model_id):
-            mv.size = old.size  # keep the measured size once loaded
-        self.view.models[model_id] = mv
+        self._apply_spec(spec)
         return spec
+
+    def _apply_spec(self, spec: ModelSpec) -> None:
+        self.specs[spec.id] = spec
+        old = self.view.models.get(spec.id)
+        mv = _model_view(spec)
+        if old is not None and self.view.live_copies(spec.id):
+            mv.size = old.size  # keep the measured size once loaded
+        self.view.models[spec.id] = mv
 
     async def _refresh_pods(self) -> None:
         """Pods register themselves and flag draining; pick up new pods and changed fields."""
@@ -486,21 +505,44 @@ class Scheduler:
                 await self._reconcile_copies(now)
 
     async def _refresh_specs(self) -> None:
-        """Models registered (or re-annotated) since: minCopies and pinning apply without a request."""
-        rev = await self.state.rev()
-        if rev == self._models_rev:
+        """Models registered (or re-annotated) since the last look, so minCopies and pinning
+        apply without a request. Follows ms:changes: the cost is the changes', not the
+        registry's (100,000 models re-read every poll would starve everything else)."""
+        ids, full = await self._changed_models()
+        if full:
+            raw = await self.state.r.hgetall(st.MODELS)
+            specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw.values()])
+        elif ids:
+            order = sorted(ids)
+            specs = [ModelSpec.from_json(v) for v in await self.state.r.hmget(st.MODELS, order) if v]
+        else:
             return
-        self._models_rev = rev
-        raw = await self.state.r.hgetall(st.MODELS)
         async with self._lock:
-            for k, v in raw.items():
-                spec = ModelSpec.from_json(v)
-                self.specs[spec.id] = spec
-                mv = _model_view(spec)
-                old = self.view.models.get(spec.id)
-                if old is not None and self.view.live_copies(spec.id):
-                    mv.size = old.size
-                self.view.models[spec.id] = mv
+            for spec in specs:
+                self._apply_spec(spec)
+
+    async def _changed_models(self, batch: int = 10_000, most: int = 20_000) -> tuple[set[str], bool]:
+        """Model ids named by ms:changes since the last call, or (∅, True) when that cannot be
+        told: a revision gap (entries trimmed away) or more changes than are worth targeting."""
+        ids: set[str] = set()
+        full = False
+        while True:
+            entries = await self.state.r.xrange(st.CHANGES, min="(" + self._changes_id, count=batch)
+            if not entries:
+                return (set(), True) if full else (ids, False)
+            for _, f in entries:
+                rev = int(f.get(b"rev", b"0"))
+                if rev > self._changes_rev + 1:
+                    full = True
+                self._changes_rev = max(self._changes_rev, rev)
+                kind = f.get(b"kind", b"").decode()
+                if kind == st.KIND_ALL:
+                    full = True
+                elif kind == st.KIND_MODEL and not full:
+                    ids.add(f.get(b"id", b"").decode())
+            self._changes_id = entries[-1][0].decode()
+            if len(ids) > most:
+                full, ids = True, set()
 
     async def _poll_rates(self, http: aiohttp.ClientSession, interval: float) -> None:
         """Request counts from every runtime: rates for scaling, counts for the eviction value."""
@@ -590,3 +632,14 @@ def _pod_view(p: Pod) -> policy.PodView:
     return policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining)
 
 
+def _build_view(snap: st.Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> policy.ClusterView:
+    view = policy.ClusterView(
+        pods={p.id: _pod_view(p) for p in snap.pods.values()},
+        models={m.id: _model_view(m) for m in snap.models.values()},
+        copies={m: cs for m, cs in snap.placements.items() if cs},
+        excluded=excluded,
+        horizon_s=horizon_s,
+    )
+    for k, v in lastused:
+        view.touch(k.decode(), v)
+    return view
