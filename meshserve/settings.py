@@ -25,14 +25,34 @@ class Settings:
     redis_port: int = 16379
     gateway_rest_port: int = GATEWAY_REST_PORT
     gateway_grpc_port: int = GATEWAY_GRPC_PORT
-    envoy_admin_port: int = 9901
+    envoy_admin_port: int = 9901  # the gateway Envoy's admin API: always on loopback
+    # A second gateway-Envoy listener serving only GET /stats/prometheus (never the rest of the
+    # admin API), for scraping in a cluster: "" (the default, `meshserve up`) adds none, and the
+    # stats are on the loopback admin port; the pod IP in a cluster (istio/gateway.yaml).
+    envoy_metrics_host: str = ""
+    envoy_metrics_port: int = 9902
     xds_port: int = 18000
     xds_debug_port: int = 18001
+    # Where xds's HTTP listener (/healthz, /metrics, /debug/config) binds. Loopback by default:
+    # /debug/config shows the whole routing state (model ids, pod addresses). In a cluster set it
+    # to the pod IP (istio/gateway.yaml) so kubelet's readiness probe and Prometheus reach
+    # /healthz and /metrics; /debug/config then still answers only connections made to loopback
+    # (e.g. `kubectl port-forward`), never ones to the pod IP (meshserve_xds/health.py).
+    xds_debug_host: str = "127.0.0.1"
     activator_rest_port: int = 18100
     activator_grpc_port: int = 18101
     placement_metrics_port: int = 18102
     # Runtime pod i gets ports runtime_base_port + 10*i (+0 REST, +1 gRPC, +2 loader metrics).
     runtime_base_port: int = 18200
+    # Cluster mode: one runtime pod per Kubernetes pod. pod_id is the pod's id in the mesh (its
+    # Redis order stream, heartbeat and clusters), e.g. the pod name from the downward API
+    # (metadata.name): a StatefulSet pod comes back under the same name to finish its orders.
+    # Set, every pod serves on the same fixed ports whatever the index: pod_port (REST), +1
+    # (gRPC), +2 (loader metrics), +3 (the runtime's own metrics, MLServer/Triton). Empty
+    # (`meshserve up`): pod i is `pod-<i>` on runtime_base_port + 10*i. Never handed down to
+    # child processes (as_env): one id can't name several pods.
+    pod_id: str = ""
+    pod_port: int = 8080
     pods: int = 2
     pod_capacity_bytes: int = 1 << 30
     data_dir: Path = field(default_factory=lambda: Path(".meshserve"))
@@ -90,8 +110,18 @@ class Settings:
         s.config_dir = Path(s.config_dir)
         return s
 
+    @property
+    def cluster_pod(self) -> bool:
+        """True when this process is one Kubernetes runtime pod (MESHSERVE_POD_ID set)."""
+        return bool(self.pod_id)
+
+    def pod_name(self, index: int) -> str:
+        """The runtime pod's id: MESHSERVE_POD_ID in cluster mode, else `pod-<index>`."""
+        return self.pod_id or f"pod-{index}"
+
     def pod_ports(self, index: int) -> tuple[int, int, int]:
-        base = self.runtime_base_port + 10 * index
+        """(REST, gRPC, loader metrics) of runtime pod `index`; fixed in cluster mode."""
+        base = self.pod_port if self.pod_id else self.runtime_base_port + 10 * index
         return base, base + 1, base + 2
 
     @property
@@ -125,7 +155,11 @@ class Settings:
         return self.data_dir / "pvc"
 
     def as_env(self) -> dict[str, str]:
-        return {f"MESHSERVE_{f.name.upper()}": str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """The settings for child processes (`meshserve up`). pod_id goes down empty: it names
+        one pod, and a MESHSERVE_POD_ID left in the shell must not give every local pod one id."""
+        env = {f"MESHSERVE_{f.name.upper()}": str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        env["MESHSERVE_POD_ID"] = ""
+        return env
 
 
 def _coerce(type_name: object, value: str) -> object:

@@ -163,7 +163,7 @@ def test_kserve_validation_has_teeth() -> None:
 @needs_shared
 def test_kserve_examples_include_ours() -> None:
     names = {(d["kind"], d["metadata"]["name"]) for _, d in kserve_examples()}
-    assert {("ServingRuntime", "meshserve-builtin"), ("InferenceService", "sklearn-mnist")} <= names
+    assert {("ServingRuntime", "meshserve-builtin"), ("ServingRuntime", "mlserver-1.x"), ("InferenceService", "sklearn-mnist")} <= names
 
 
 def test_every_kind_is_covered() -> None:
@@ -335,3 +335,147 @@ def test_dockerfile_copies_what_exists_and_images_match_manifests() -> None:
                 assert spec is not None, mod
                 if spec.submodule_search_locations:  # a package runs its __main__
                     assert importlib.util.find_spec(mod + ".__main__") is not None, mod
+
+
+# --- cluster mode: pod identity, health and metrics (issue 7) ------------------------------------
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    """name -> value, or the valueFrom dict."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def container(template: dict[str, Any], name: str) -> dict[str, Any]:
+    (c,) = [c for c in template["spec"].get("initContainers", []) + template["spec"]["containers"] if c["name"] == name]
+    return c
+
+
+def named_ports(template: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", []) if "name" in p}
+
+
+POD_NAME = {"fieldRef": {"fieldPath": "metadata.name"}}
+POD_IP = {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
+def test_runtime_pods_take_their_id_from_the_pod_name_and_serve_on_fixed_ports() -> None:
+    """Every container of a runtime pool that runs meshserve code is in cluster mode: its id is
+    the pod's name (downward API) and its ports the fixed MESHSERVE_POD_PORT ones, which match
+    the declared container ports. No index shim or per-pool offset is left."""
+    from meshserve.settings import Settings
+
+    pools = {n: t for n, t in pod_templates() if t["metadata"]["labels"].get("app.kubernetes.io/component") == "runtime"}
+    assert {"meshserve-runtime-builtin", "meshserve-runtime-mlserver"} <= set(pools)
+    for name, t in pools.items():
+        ports = named_ports(t)
+        for c in t["spec"]["containers"]:
+            env = env_of(c)
+            assert "MESHSERVE_INDEX_OFFSET" not in env and "runtime-entrypoint.sh" not in " ".join(c.get("command") or []), (name, c["name"])
+            if not c["image"].startswith("meshserve/"):
+                continue
+            assert env.get("MESHSERVE_POD_ID") == POD_NAME, (name, c["name"])
+            s = Settings(pod_id="x", pod_port=int(env["MESHSERVE_POD_PORT"]))
+            rest, grpc_port, metrics = s.pod_ports(0)
+            assert ports["rest"] == rest and ports["grpc"] == grpc_port and ports["metrics"] == metrics, (name, ports)
+
+
+def test_the_mlserver_pool_meets_its_loader() -> None:
+    """The MLServer pool: the loader's copy of the ServingRuntime (a ConfigMap) is the applied
+    one, the loader finds it where MESHSERVE_CONFIG_DIR points (as a ConfigMap volume lays files
+    out), and MLServer's ports and models dir are the ones the loader will use."""
+    import os
+    import tempfile
+
+    from meshserve.settings import Settings
+    from meshserve_loader.pod import find_runtime, mlserver_models_dir, runtime_name_of_pod
+
+    (t,) = [t for n, t in pod_templates() if n == "meshserve-runtime-mlserver"]
+    loader, mlserver = container(t, "loader"), container(t, "mlserver")
+    lenv, menv = env_of(loader), env_of(mlserver)
+    (cm,) = [d for d in by_kind("ConfigMap") if d["metadata"]["name"] == "meshserve-runtime-mlserver"]
+    (sr,) = [d for d in by_kind("ServingRuntime") if d["metadata"]["name"] == lenv["MESHSERVE_POD_RUNTIMES"]]
+    (text,) = cm["data"].values()
+    assert yaml.safe_load(text) == sr, "the ConfigMap's ServingRuntime differs from the applied one"
+    assert mlserver["image"] == sr["spec"]["containers"][0]["image"]
+    vols = {v["name"]: v for v in t["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in loader["volumeMounts"]}
+    assert vols[mounts[lenv["MESHSERVE_CONFIG_DIR"]]]["configMap"]["name"] == cm["metadata"]["name"]
+    with tempfile.TemporaryDirectory() as d:
+        # A ConfigMap volume: files are links into a timestamped dir through ..data.
+        real = Path(d) / "..2024_01_01_00_00_00.1"
+        real.mkdir()
+        for k, v in cm["data"].items():
+            (real / k).write_text(v)
+        os.symlink(real.name, Path(d) / "..data")
+        for k in cm["data"]:
+            os.symlink(f"..data/{k}", Path(d) / k)
+        s = Settings(pod_id="meshserve-runtime-mlserver-0", pod_port=int(lenv["MESHSERVE_POD_PORT"]), config_dir=Path(d),
+                     data_dir=Path(lenv["MESHSERVE_DATA_DIR"]), pod_runtimes=lenv["MESHSERVE_POD_RUNTIMES"])
+        spec = find_runtime(s.config_dir, runtime_name_of_pod(s, 0))
+    assert spec.server_type == "mlserver" and not s.loader_runs_runtime and "MESHSERVE_LOADER_RUNS_RUNTIME" not in lenv
+    rest, grpc_port, loader_metrics = s.pod_ports(0)
+    assert (int(menv["MLSERVER_HTTP_PORT"]), int(menv["MLSERVER_GRPC_PORT"])) == (rest, grpc_port)
+    assert int(menv["MLSERVER_METRICS_PORT"]) == rest + 3 != loader_metrics
+    assert Path(menv["MLSERVER_MODELS_DIR"]) == mlserver_models_dir(s, s.pod_id)
+    assert menv["MLSERVER_LOAD_MODELS_AT_STARTUP"] == "false"
+    # Both containers see the pulled models and the model folders at the same paths.
+    mm = {m["mountPath"]: m["name"] for m in mlserver["volumeMounts"]}
+    for path in (lenv["MESHSERVE_DATA_DIR"], "/data/pvc/my-models-pvc"):
+        assert mm[path] == mounts[path]
+
+
+def test_xds_readiness_is_its_health_endpoint_on_the_pod_ip() -> None:
+    (t,) = [t for n, t in pod_templates() if n == "meshserve-gateway"]
+    xds = container(t, "xds")
+    env = env_of(xds)
+    probe = xds["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    ports = {p["name"]: p["containerPort"] for p in xds["ports"]}
+    assert ports[probe["port"]] == int(env["MESHSERVE_XDS_DEBUG_PORT"])
+    assert env["MESHSERVE_XDS_DEBUG_HOST"] == POD_IP
+
+
+def test_the_gateway_bootstrap_command_adds_only_a_prometheus_listener_on_the_pod_ip(tmp_path: Path) -> None:
+    """Run the init container's command as the pod would (its env, the pod IP filled in)."""
+    import os
+    import sys
+
+    (t,) = [t for n, t in pod_templates() if n == "meshserve-gateway"]
+    init = container(t, "bootstrap")
+    env = {k: ("10.1.2.3" if v == POD_IP else "meshserve-gateway-abc" if v == POD_NAME else v) for k, v in env_of(init).items()}
+    cmd = [a.replace("$(POD_NAME)", env["POD_NAME"]).replace("/bootstrap/", f"{tmp_path}/") for a in init["command"]]
+    assert cmd[:2] == ["python", "-m"]
+    out = subprocess.run([sys.executable, *cmd[1:]], env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    boot = json.loads((tmp_path / "envoy.json").read_text())
+    assert boot["node"]["id"] == "meshserve-gateway-abc"
+    assert boot["admin"]["address"]["socketAddress"]["address"] == "127.0.0.1"
+    (listener,) = boot["staticResources"]["listeners"]
+    addr = listener["address"]["socketAddress"]
+    assert addr == {"address": "10.1.2.3", "portValue": named_ports(t)["envoy-metrics"]}
+    routes = listener["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]["virtualHosts"][0]["routes"]
+    forwarded = [r for r in routes if "route" in r]
+    assert [r["match"]["path"] for r in forwarded] == ["/stats/prometheus"]
+    assert all("directResponse" in r for r in routes if "route" not in r)
+
+
+def test_every_scraped_port_exists_and_is_permissive() -> None:
+    """Each PodMonitor port names a container port of some pod it selects (or is the Istio
+    sidecar's), and under STRICT mTLS every plain port Prometheus scrapes is PERMISSIVE for
+    those pods."""
+    istio_ports = {"http-envoy-prom": 15090}
+    pas = by_kind("PeerAuthentication")
+    for pm in by_kind("PodMonitor"):
+        sel = pm["spec"]["selector"]["matchLabels"]
+        selected = [t for _, t in pod_templates() if sel.items() <= t["metadata"]["labels"].items()]
+        assert selected, pm["metadata"]["name"]
+        for ep in pm["spec"]["podMetricsEndpoints"]:
+            if "targetPort" in ep or ep["port"] in istio_ports:
+                continue  # the sidecar's own, merged or mTLS-exempt by Istio
+            having = [t for t in selected if ep["port"] in named_ports(t)]
+            assert having, (pm["metadata"]["name"], ep["port"])
+            for tmpl in having:
+                number = str(named_ports(tmpl)[ep["port"]])
+                labels = tmpl["metadata"]["labels"]
+                assert any(pa["spec"].get("selector", {}).get("matchLabels", {}).items() <= labels.items()
+                           and (pa["spec"].get("portLevelMtls") or {}).get(number, {}).get("mode") == "PERMISSIVE" for pa in pas), \
+                    (pm["metadata"]["name"], ep["port"], number)

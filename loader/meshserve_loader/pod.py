@@ -1,6 +1,11 @@
 """What runtime pod N is: which runtime it runs (settings.pod_runtimes names "builtin" or a
 ServingRuntime in config_dir), the formats it advertises, its capacity, and the process the
-agent must run and watch (MLServer pods; the built-in runtime is started beside the agent)."""
+agent must run and watch (MLServer pods; the built-in runtime is started beside the agent).
+
+Its id and ports come from the settings: `pod-<N>` on ports offset by N under `meshserve up`,
+or in cluster mode MESHSERVE_POD_ID (the Kubernetes pod name) on the fixed MESHSERVE_POD_PORT
+ports (Settings.pod_name / pod_ports). In cluster mode (MESHSERVE_LOADER_RUNS_RUNTIME false)
+the model server, MLServer included, is its own container beside the loader."""
 
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ def advertised_formats(spec: RuntimeSpec) -> list[str]:
 async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSession) -> BuiltPod:
     name = runtime_name_of_pod(settings, index)
     rest, grpc_port, _metrics_port = settings.pod_ports(index)
-    pod_id = f"pod-{index}"
+    pod_id = settings.pod_name(index)
     url = f"http://{settings.host}:{rest}"
     process: RuntimeProcess | None = None
     if name == BUILTIN_NAME:
@@ -82,11 +87,19 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
                 "(it runs builtin, mlserver, triton, and modelruntime for ModelMesh SPI runtimes)"
             )
         from meshserve_loader.mlserver import MLServerClient
+
+        models_dir = mlserver_models_dir(settings, pod_id)
+        if not settings.loader_runs_runtime:
+            # MLServer is the container beside this one (istio/runtime-mlserver.yaml), started
+            # with these ports and MLSERVER_MODELS_DIR on the volume both mount. Its process is
+            # not ours to see, so a load's size is the prediction, not an RSS delta.
+            log.info("runtime %s is MLServer in its own container at %s, models dir %s", name, url, models_dir)
+            runtime = MLServerClient(url, session, models_dir)
+            return _built(settings, pod_id, rest, grpc_port, spec, runtime, None)
         from meshserve_loader.mlserver_venv import ensure_mlserver
 
         log.info("runtime %s is MLServer: making sure its venv exists (a few minutes the first time)", name)
         exe = ensure_mlserver(REPO)
-        models_dir = (settings.data_dir / "mlserver" / pod_id).resolve()
         # A ServingRuntime's own per-model MLServer settings don't apply to a multi-model server.
         extra = {k: v for k, v in spec.env if not k.startswith("MLSERVER_MODEL_")}
         env = mlserver_env(settings.host, rest, grpc_port, rest + 3, models_dir, extra)
@@ -95,6 +108,19 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
         await process.start()
         proc = process
         runtime = MLServerClient(url, session, models_dir, pid=lambda: proc.pid)
+    return _built(settings, pod_id, rest, grpc_port, spec, runtime, process)
+
+
+def mlserver_models_dir(settings: Settings, pod_id: str) -> Path:
+    """Where the loader lays out MLServer's model folders: MLServer's MLSERVER_MODELS_DIR. Local
+    pods share one data dir, so each has its own folder; a cluster pod's data dir is its own
+    volume, and the path is fixed (<data_dir>/mlserver) for the MLServer container to name."""
+    base = settings.data_dir / "mlserver"
+    return (base if settings.cluster_pod else base / pod_id).resolve()
+
+
+def _built(settings: Settings, pod_id: str, rest: int, grpc_port: int, spec: RuntimeSpec, runtime: object,
+           process: RuntimeProcess | None) -> BuiltPod:
     buffer = spec.mem_buffer_bytes or settings.mem_buffer_bytes
     capacity = pod_capacity(settings.pod_capacity_bytes, cgroup_limit_bytes(), buffer)
     pod = Pod(
@@ -126,7 +152,7 @@ async def _spi_pod(settings: Settings, index: int, spec: RuntimeSpec) -> BuiltPo
     configured = settings.pod_capacity_bytes or status.capacity_bytes
     capacity = pod_capacity(min(configured, status.capacity_bytes) if status.capacity_bytes else configured, cgroup_limit_bytes(),
                             spec.mem_buffer_bytes or settings.mem_buffer_bytes)
-    pod = Pod(f"pod-{index}", settings.host, rest, grpc_port, capacity, advertised_formats(spec), spec.name,
+    pod = Pod(settings.pod_name(index), settings.host, rest, grpc_port, capacity, advertised_formats(spec), spec.name,
               max(1, min(settings.max_concurrent_loads, status.max_loading or settings.max_concurrent_loads)))
     timeout = (status.loading_timeout_ms or spec.loading_timeout_ms) / 1000 or settings.load_timeout_seconds
     return BuiltPod(pod, spec, client, None, timeout, LoaderMetrics())

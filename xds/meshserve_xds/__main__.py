@@ -1,4 +1,5 @@
-"""`python -m meshserve_xds`: the xDS server with its debug and metrics endpoints."""
+"""`python -m meshserve_xds`: the xDS server with its health, metrics and debug endpoints
+(meshserve_xds/health.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import logging
 from pathlib import Path
 
 import grpc
-from aiohttp import web
-from prometheus_client import REGISTRY, generate_latest
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from meshserve import logs
 from meshserve import state as st
 from meshserve.settings import Settings
 from meshserve_xds.cache import SnapshotCache
+from meshserve_xds.health import Health, bind_hosts, make_app
+from meshserve_xds.health import serve as serve_http
 from meshserve_xds.server import AdsServer
 from meshserve_xds.source import RedisSource
 
@@ -54,25 +55,25 @@ async def main() -> None:
         raise SystemExit(f"meshserve xds: {e}") from None
     await server.start()
 
-    app = web.Application()
-
-    async def debug_config(_: web.Request) -> web.Response:
-        return web.json_response({"gateways": ads.debug(), "groups": {g: {t.rsplit('.', 1)[-1]: {"version": ts.version, "resources": len(ts.resources)} for t, ts in grp.types.items()} for g, grp in cache.groups.items()}})
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), content_type="text/plain")
-
-    app.router.add_get("/debug/config", debug_config)
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    # Debug output binds to loopback only unless configured otherwise.
-    await web.TCPSite(runner, "127.0.0.1", s.xds_debug_port).start()
-    log.info("xDS (ADS, %s) on %s:%d, debug on 127.0.0.1:%d", mode, s.host, s.xds_port, s.xds_debug_port)
     state = st.State.from_url(s.redis_url)
+    source = RedisSource(s, state, cache)
+    # /healthz is ready once the first snapshot is in the cache (RedisSource.published is set
+    # after its first publish); before, it says why not. See meshserve_xds/health.py.
+    health = Health(lambda: bool(source.published), state, s.redis_url, lambda: source.rev)
+
+    def debug_config() -> object:
+        return {"gateways": ads.debug(), "groups": {g: {t.rsplit('.', 1)[-1]: {"version": ts.version, "resources": len(ts.resources)} for t, ts in grp.types.items()} for g, grp in cache.groups.items()}}
+
     try:
-        await RedisSource(s, state, cache).run()
+        runner = await serve_http(make_app(health, debug_config), s.xds_debug_host, s.xds_debug_port)
+    except OSError as e:
+        raise SystemExit(f"meshserve xds: HTTP listener on {s.xds_debug_host}:{s.xds_debug_port}: {e}") from None
+    log.info("xDS (ADS, %s) on %s:%d; /healthz and /metrics on %s:%d, /debug/config on loopback only",
+             mode, s.host, s.xds_port, " and ".join(bind_hosts(s.xds_debug_host)), s.xds_debug_port)
+    try:
+        await source.run()
     finally:
+        await runner.cleanup()
         await server.stop(1)
 
 

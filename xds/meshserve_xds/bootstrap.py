@@ -1,12 +1,18 @@
 """The Envoy bootstrap for a meshserve gateway: an admin port and our xDS server, nothing else.
-Every listener, route, cluster and endpoint comes over ADS."""
+Every listener, route, cluster and endpoint comes over ADS. In a cluster it also gets a static
+metrics listener that serves only GET /stats/prometheus from the (loopback) admin API, so
+Prometheus can scrape the gateway Envoy without reaching the admin API itself.
+
+`python -m meshserve_xds.bootstrap OUT NODE_ID` writes the gateway bootstrap from the settings
+(MESHSERVE_HOST, _XDS_PORT, _ENVOY_ADMIN_PORT, _ENVOY_METRICS_HOST/_PORT, _XDS_TLS_*): the
+gateway pod's init container runs it (istio/gateway.yaml)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from google.protobuf import json_format, duration_pb2
+from google.protobuf import json_format, duration_pb2, wrappers_pb2
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -15,6 +21,11 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as route_rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from meshserve_xds import resources as r
 from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
 
@@ -22,6 +33,9 @@ if TYPE_CHECKING:
     from meshserve.settings import Settings
 
 XDS_CLUSTER = "meshserve_xds"
+METRICS_LISTENER = "meshserve_prometheus"
+ADMIN_CLUSTER = "meshserve_envoy_admin"
+PROMETHEUS_PATH = "/stats/prometheus"
 
 
 @dataclass(frozen=True)
@@ -45,14 +59,53 @@ class XdsClientTls:
 
 def gateway_bootstrap(
     node_id: str, xds_host: str, xds_port: int, admin_port: int, group: str = GATEWAY_GROUP, delta: bool = True,
-    tls: XdsClientTls | None = None,
+    tls: XdsClientTls | None = None, metrics: tuple[str, int] | None = None,
 ) -> str:
     """`delta=True` (the default) speaks incremental xDS (DeltaAggregatedResources): a change
     sends only the resources that changed, which is what keeps a change small at 100,000 models.
     The scoped layout needs it: in state-of-the-world a scope change re-sends every scope and a
     route change every RouteConfiguration the gateway holds. `delta=False` is SotW. `tls` dials
-    the xDS server over mutual TLS (the server must be started with MESHSERVE_XDS_TLS_*)."""
-    return json_format.MessageToJson(_bootstrap(node_id, xds_host, xds_port, admin_port, group, delta, tls))
+    the xDS server over mutual TLS (the server must be started with MESHSERVE_XDS_TLS_*).
+    `metrics` (host, port) adds the static listener serving only GET /stats/prometheus."""
+    b = _bootstrap(node_id, xds_host, xds_port, admin_port, group, delta, tls)
+    if metrics is not None:
+        add_metrics_listener(b, metrics[0], metrics[1], admin_port)
+    return json_format.MessageToJson(b)
+
+
+def add_metrics_listener(b: bootstrap_pb2.Bootstrap, host: str, port: int, admin_port: int) -> None:
+    """A static listener on host:port whose only route is GET /stats/prometheus (exact path, the
+    query string aside) to the admin API on loopback; anything else gets a 404 from the listener
+    itself and never reaches the admin API (config_dump, /clusters, POST /quitquitquit...). As
+    Istio's sidecar does on :15090. Its names can't clash with what ADS sends (meshserve_*)."""
+    admin = cluster_pb2.Cluster(
+        name=ADMIN_CLUSTER, type=cluster_pb2.Cluster.STATIC, connect_timeout=duration_pb2.Duration(seconds=1),
+        load_assignment=r.build_load_assignment(ADMIN_CLUSTER, "127.0.0.1", admin_port),
+    )
+    get = route_rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))
+    routes = route_pb2.RouteConfiguration(name=METRICS_LISTENER, virtual_hosts=[route_rc.VirtualHost(
+        name=METRICS_LISTENER, domains=["*"], routes=[
+            route_rc.Route(match=route_rc.RouteMatch(path=PROMETHEUS_PATH, headers=[get]),
+                           route=route_rc.RouteAction(cluster=ADMIN_CLUSTER, timeout=duration_pb2.Duration(seconds=10))),
+            route_rc.Route(match=route_rc.RouteMatch(prefix="/"), direct_response=route_rc.DirectResponseAction(
+                status=404, body=base_pb2.DataSource(inline_string=f"only GET {PROMETHEUS_PATH} is served here\n"))),
+        ])])
+    manager = hcm.HttpConnectionManager(
+        stat_prefix=METRICS_LISTENER, codec_type=hcm.HttpConnectionManager.AUTO, route_config=routes,
+        # Decoded %2F and dot segments are resolved before matching: no path reaches the admin API
+        # but the exact one.
+        normalize_path=wrappers_pb2.BoolValue(value=True), merge_slashes=True,
+        path_with_escaped_slashes_action=hcm.HttpConnectionManager.REJECT_REQUEST,
+        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))],
+    )
+    listener = listener_pb2.Listener(
+        name=METRICS_LISTENER,
+        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port)),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=r._any(manager))])],
+    )
+    b.static_resources.clusters.append(admin)
+    b.static_resources.listeners.append(listener)
 
 
 def istio_bootstrap(
@@ -154,3 +207,32 @@ def proxyless_bootstrap(node_id: str, xds_host: str, xds_port: int, tls: XdsClie
         "xds_servers": [{"server_uri": f"{xds_host}:{xds_port}", "channel_creds": [creds], "server_features": ["xds_v3"]}],
         "node": {"id": node_id, "cluster": PROXYLESS_GROUP, "locality": {"region": "meshserve"}},
     })
+
+
+def write_gateway_bootstrap(out: str, node_id: str, s: "Settings") -> str:
+    """The gateway bootstrap from the settings, written to `out`; returns it."""
+    tls = XdsClientTls.from_settings(s)
+    metrics = (s.envoy_metrics_host, s.envoy_metrics_port) if s.envoy_metrics_host else None
+    text = gateway_bootstrap(node_id, s.host, s.xds_port, s.envoy_admin_port, tls=tls, metrics=metrics)
+    with open(out, "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from meshserve.settings import Settings
+
+    ap = argparse.ArgumentParser(prog="meshserve_xds.bootstrap", description="Write the gateway Envoy's bootstrap from MESHSERVE_* settings.")
+    ap.add_argument("out", help="the file to write, e.g. /bootstrap/envoy.json")
+    ap.add_argument("node_id", help="the Envoy node id, e.g. the pod name")
+    args = ap.parse_args(argv)
+    try:
+        write_gateway_bootstrap(args.out, args.node_id, Settings.from_env())
+    except ValueError as e:  # a half-configured MESHSERVE_XDS_TLS_*
+        raise SystemExit(f"meshserve_xds.bootstrap: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
