@@ -356,9 +356,14 @@ class Scheduler:
         await self._dispatch(pod)
         return True
 
+    def _queued_loading(self, pod: str) -> list[Copy]:
+        """The pod's queued loads, as booked (a queued load is a LOADING copy not sent yet).
+        O(queue), never O(the pod's models): this runs on every event."""
+        held = self.view.pod_models(pod)
+        return [c for m in self.queues.get(pod, {}) if (c := held.get(m)) is not None and c.state == CopyState.LOADING]
+
     def _dispatched(self, pod: str) -> int:
-        q = self.queues.get(pod, {})
-        return sum(1 for m, c in self.view.pod_models(pod).items() if c.state == CopyState.LOADING and m not in q)
+        return self.view.loading(pod) - len(self._queued_loading(pod))
 
     async def _dispatch(self, pod: str) -> None:
         """Send queued loads to the pod while it has free loading slots, waiting requests first."""
@@ -368,7 +373,7 @@ class Scheduler:
         pv = self.view.pods.get(pod)
         slots = max(1, pv.max_loading if pv else 1) - self._dispatched(pod)
         # What the pod really holds now: loaded, being loaded, and not yet unloaded.
-        queued_bytes = sum(c.size for m, c in self.view.pod_models(pod).items() if m in q and c.state == CopyState.LOADING)
+        queued_bytes = sum(c.size for c in self._queued_loading(pod))
         held = self.view.used(pod) - queued_bytes + self.view.unloading(pod)
         capacity = pv.capacity if pv else 0
         ops: Ops = []
