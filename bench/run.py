@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "convergence": (["bench.xds_e2e_latency", "--models", "20000", "--registered", "100000", "--changes", "100",
                      "--layout", "scoped", "--delta"], 1200),
     "scale_latency": (["bench.scale_latency"], 1800),
+    "xds_build": (["bench.xds_build", "--sizes", "10000,100000", "--repeats", "5"], 900),
     "coldstart": (["bench.coldstart", "--models", "30"], 600),
     "peer_mlserver": (["bench.peer_mlserver", "--seconds", "8"], 1200),
     "placement_sim": (["bench.placement_sim"], 900),
