@@ -12,78 +12,19 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import redis
 
+from e2e.stores import ModelStore, knn_model
 from meshserve import devmesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parent.parent
 RATE = 1_500_000  # bytes a second the store sends
-
-
-class ThrottledStore:
-    """An HTTP model store that sends each file in 64 KiB pieces at RATE bytes a second."""
-
-    def __init__(self, files: dict[str, bytes]):
-        store = self
-        self.files = files
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                data = store.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                step = 64 << 10
-                try:
-                    for i in range(0, len(data), step):
-                        self.wfile.write(data[i : i + step])
-                        self.wfile.flush()
-                        time.sleep(step / RATE)
-                except OSError:
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", devmesh.free_port()), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> "ThrottledStore":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
-def _knn_model(path: Path) -> bytes:
-    """A valid sklearn model of ~4 MB: a brute-force k-NN keeps its whole training set."""
-    import joblib
-    import numpy as np
-    from sklearn.neighbors import KNeighborsClassifier
-
-    rng = np.random.default_rng(8)
-    x = rng.uniform(0, 16, size=(8000, 64))
-    joblib.dump(KNeighborsClassifier(n_neighbors=3, algorithm="brute").fit(x, rng.integers(0, 10, size=8000)), path)
-    return path.read_bytes()
 
 
 def _isvc(name: str, storage: str) -> str:
@@ -105,8 +46,8 @@ spec:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devmesh.Mesh, bytes]]:
     tmp = tmp_path_factory.mktemp("cli-load")
-    model = _knn_model(tmp / "knn.joblib")
-    with ThrottledStore({"knn-big.joblib": model, "knn-slow.joblib": model}) as store:
+    model = knn_model(tmp / "knn.joblib")
+    with ModelStore(rate=RATE, files={"knn-big.joblib": model, "knn-slow.joblib": model}) as store:
         config = tmp / "mesh-config"
         config.mkdir()
         for f in (REPO / "mesh-config").glob("*.yaml"):

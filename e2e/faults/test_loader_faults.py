@@ -25,7 +25,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +33,7 @@ import redis
 
 from e2e.faults.load import SteadyLoad
 from e2e.faults.test_faults import infer_url, record
+from e2e.stores import ModelStore, knn_model
 from meshserve import devmesh
 
 pytestmark = pytest.mark.e2e
@@ -134,89 +134,6 @@ def _runtime_stats(m: devmesh.Mesh, pod: str) -> dict[str, Any]:
 # --- case 5: a loader killed mid-download -------------------------------------------------
 
 
-class SlowStore:
-    """An HTTP model store on 127.0.0.1 that can hold a download half-way.
-
-    While `hold` is set, a GET sends the Content-Length header and the first half of the file,
-    then waits (bounded) until `hold` is cleared; after that it sends the rest. Later GETs, with
-    `hold` cleared, are served at full speed. Counts GETs and bytes sent."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        self.hold = threading.Event()
-        self.held = threading.Event()  # a download is waiting half-way
-        self.gets = 0
-        self.complete = 0  # GETs whose whole body was written
-        self.sent = 0
-        store = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                data = store.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404)
-                    return
-                store.gets += 1
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Content-Type", "application/octet-stream")
-                self.end_headers()
-                half = len(data) // 2
-                try:
-                    if store.hold.is_set():
-                        self._send(data[:half])
-                        store.held.set()
-                        deadline = time.monotonic() + 120
-                        while store.hold.is_set() and time.monotonic() < deadline:
-                            time.sleep(0.05)
-                        self._send(data[half:])
-                    else:
-                        self._send(data)
-                    store.complete += 1
-                except OSError:
-                    pass  # the loader went away mid-download: exactly the case
-
-            def _send(self, chunk: bytes) -> None:
-                for i in range(0, len(chunk), 64 << 10):
-                    self.wfile.write(chunk[i : i + (64 << 10)])
-                    self.wfile.flush()
-                    store.sent += len(chunk[i : i + (64 << 10)])
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", devmesh.free_port()), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> "SlowStore":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.hold.clear()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
-def _big_sklearn_model(path: Path) -> bytes:
-    """A valid sklearn model of a few MB: a brute-force k-NN keeps its whole training set."""
-    import joblib
-    import numpy as np
-    from sklearn.neighbors import KNeighborsClassifier
-
-    rng = np.random.default_rng(9)
-    x = rng.uniform(0, 16, size=(8000, 64))
-    y = rng.integers(0, 10, size=8000)
-    joblib.dump(KNeighborsClassifier(n_neighbors=3, algorithm="brute").fit(x, y), path)
-    return path.read_bytes()
-
-
 def _cache_files(data_dir: Path, name: str) -> dict[str, list[tuple[str, int, str]]]:
     """Every file called `name` under each pod's disk cache: (path relative to the cache, size,
     sha256), split into complete entries and staging leftovers."""
@@ -249,10 +166,10 @@ def test_loader_killed_mid_download(tmp_path: Path, body: bytes, variant: str) -
     sha256), no load of it failed (none read a partial file), the half-written temporary is
     removed when the loader restarts, the runtimes hold exactly what placement knows, and the
     steady load to sklearn-mnist on the other pod sees no failure."""
-    model_bytes = _big_sklearn_model(tmp_path / "knn.joblib")
+    model_bytes = knn_model(tmp_path / "knn.joblib")
     digest = hashlib.sha256(model_bytes).hexdigest()
     extra = {"heartbeat_misses": 15} if variant == "resumed" else {}
-    with SlowStore({"models/knn-big.joblib": model_bytes}) as store:
+    with ModelStore({"models/knn-big.joblib": model_bytes}) as store:
         storage = f"      storageUri: {store.url}/models/knn-big.joblib"
         config = _config_dir(tmp_path, {"knn-big.yaml": _isvc("knn-big", "sklearn", storage)})
         with devmesh.mesh(config_dir=config, scale_up_rps=100000, **extra) as m:
@@ -263,7 +180,7 @@ def test_loader_killed_mid_download(tmp_path: Path, body: bytes, variant: str) -
                 r.close()
 
 
-def _case5(m: devmesh.Mesh, r: redis.Redis, store: SlowStore, body: bytes, model_bytes: bytes, digest: str, variant: str) -> None:
+def _case5(m: devmesh.Mesh, r: redis.Redis, store: ModelStore, body: bytes, model_bytes: bytes, digest: str, variant: str) -> None:
     mnist = warm(m, body)
     (serving_pod,) = devmesh.wait_until(lambda: _holder(r, mnist), 15, "sklearn-mnist loaded")
     knn = _model_id(r, "knn-big")
