@@ -108,12 +108,7 @@ def envoy(config: dict[str, Any] | str, listen_ports: list[int], admin: int) -> 
                 assert proc.poll() is None, log.read_text()
                 yield
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+                devmesh.stop(proc)
 
 
 def grpc_infer(target: str, fixtures: Path) -> pb.ModelInferResponse:

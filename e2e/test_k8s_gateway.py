@@ -71,12 +71,7 @@ def xds_process(ports: dict[str, int]) -> Iterator[tuple[devmesh.Valkey, Path]]:
             try:
                 yield v, log
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+                devmesh.stop(proc)
 
 
 def test_xds_is_ready_once_it_has_a_snapshot_and_stays_ready(ports: dict[str, int], xds_process: tuple[devmesh.Valkey, Path]) -> None:

@@ -136,12 +136,7 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
             raise
         finally:
             for p in reversed(procs):
-                p.terminate()
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+                devmesh.stop(p, 20)
             r.close()
 
 

@@ -289,12 +289,7 @@ def tls_redis(pki: Pki) -> Iterator[TlsRedis]:
                 raise RuntimeError((Path(d) / "redis.log").read_text(errors="replace")[-2000:]) from None
             yield v
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            devmesh.stop(proc)
             log.close()
 
 

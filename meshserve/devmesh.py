@@ -23,6 +23,18 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 
 
+def stop(proc: "subprocess.Popen[bytes] | subprocess.Popen[str]", grace: float = 10) -> None:
+    """Stop a process started for a test or benchmark: SIGTERM, then SIGKILL after `grace`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from meshserve.devmesh import free_port, http_get, wait_until
+from meshserve.devmesh import free_port, http_get, stop, wait_until
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.sink import DigestError, SizeLimitError
@@ -38,12 +38,7 @@ def s3_endpoint() -> Iterator[str]:
         assert proc.poll() is None, "moto server exited at start"
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
