@@ -130,12 +130,22 @@ def build_listener(name: str, host: str, port: int, http2_only: bool) -> listene
     manager.scoped_routes.CopyFrom(_scoped_routes())
     del manager.http_filters[:]
     manager.http_filters.extend([_lua(), _on_demand(), hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
-    if manager.HasField("local_reply_config"):
-        # No scope: nobody registered that name. Say which, as the activator would.
-        body = struct_pb2.Struct()
-        body.update({"error": f"model %REQ({KEY_HEADER})% is not registered (%RESPONSE_CODE_DETAILS%)"})
+    # No scope: nobody registered that name. Say which, as the activator does in the other
+    # layout: KServe v2 error JSON on REST, NOT_FOUND on gRPC (Envoy's own mapping of a local
+    # 404 is UNIMPLEMENTED with no message, which reads as a missing method).
+    message = f"model '%REQ({KEY_HEADER})%' not found: no InferenceService or model is registered under this name"
+    no_route = accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"]))
+    if http2_only:
         manager.local_reply_config.mappers.append(hcm.ResponseMapper(
-            filter=accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"])),
+            filter=no_route,
+            body_format_override=substitution_format_string_pb2.SubstitutionFormatString(text_format_source=base_pb2.DataSource(inline_string=message)),
+            headers_to_add=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="grpc-status", value="5"))],
+        ))
+    else:
+        body = struct_pb2.Struct()
+        body.update({"error": message})
+        manager.local_reply_config.mappers.append(hcm.ResponseMapper(
+            filter=no_route,
             body_format_override=substitution_format_string_pb2.SubstitutionFormatString(json_format=body, content_type="application/json"),
         ))
     lst.filter_chains[0].filters[0].typed_config.Pack(manager)
