@@ -25,6 +25,8 @@ class Settings:
     redis_port: int = 16379
     gateway_rest_port: int = GATEWAY_REST_PORT
     gateway_grpc_port: int = GATEWAY_GRPC_PORT
+    # Envoy worker threads of `meshserve up`'s gateway (bench/gateway.py measures 1 against 2).
+    envoy_concurrency: int = 2
     envoy_admin_port: int = 9901  # the gateway Envoy's admin API: always on loopback
     # A second gateway-Envoy listener serving only GET /stats/prometheus (never the rest of the
     # admin API), for scraping in a cluster: "" (the default, `meshserve up`) adds none, and the

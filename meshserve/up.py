@@ -105,7 +105,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     boot.write_text(gateway_bootstrap("gateway-0", s.host, s.xds_port, s.envoy_admin_port, tls=tls))
     await sup.start(
         "envoy",
-        [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"],
+        [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", str(s.envoy_concurrency)],
     )
     await wait_http(f"http://127.0.0.1:{s.gateway_rest_port}/v2/health/ready", 60)
 
