@@ -5,7 +5,7 @@ standalone MLServer 1.7.1 (its own multi-model serving, the model loaded through
 API). Side B is a mesh whose only runtime pod runs MLServer 1.7.1 from the same venv, reached
 through the Envoy gateway. The two sides alternate at each rate, so machine noise hits both.
 
-    .venv/bin/python -m bench.peer_mlserver [--seconds 8] [--rates 50,100,200]
+    .venv/bin/python -m bench.peer_mlserver [--seconds 8] [--rates 40,100,200]
 
 Writes bench/results/peer_mlserver.json.
 """
@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import signal
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +52,26 @@ async def _standalone(exe: Path, tmp: Path) -> tuple[RuntimeProcess, str]:
     return proc, url
 
 
+def _stop(pid: int, grace: float = 20) -> None:
+    """SIGTERM its process group, then SIGKILL; reaped here because the runtime process was
+    started on another (finished) event loop."""
+    if not pid:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:  # already reaped by asyncio's child watcher
+                return
+            time.sleep(0.1)
+
+
 def _config(tmp: Path) -> Path:
     d = tmp / "mesh-config"
     d.mkdir()
@@ -66,7 +89,7 @@ def _post(url: str, body: bytes) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
-    ap.add_argument("--rates", default="50,100,200")
+    ap.add_argument("--rates", default="40,100,200")
     args = ap.parse_args()
     rates = [int(x) for x in args.rates.split(",")]
     install_hey()
@@ -90,7 +113,7 @@ def main() -> None:
                         rows.append(r)
                         print(json.dumps(r), flush=True)
         finally:
-            asyncio.run(proc.stop())
+            _stop(proc.pid)
     summary = []
     for rps in rates:
         a = next(r for r in rows if r["target_rps"] == rps and r["path"] == "mlserver")
