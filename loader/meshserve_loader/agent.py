@@ -195,6 +195,8 @@ class Agent:
         self.metrics.orders.labels(op if op in ("load", "unload") else "other", "ok" if event["ok"] else "failed").inc()
         if op == "load":
             self.metrics.load_seconds.observe(time.monotonic() - t0)
+        elif op == "unload" and event["ok"]:
+            self.metrics.unload_seconds.observe(time.monotonic() - t0)
         if not event["ok"]:
             log.warning("%s of %s failed: %s", op, model_id, event["reason"])
         else:

@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 from opentelemetry import trace
+from prometheus_client import Histogram
 
 from meshserve import state as st
 from meshserve import tracing
@@ -42,6 +43,11 @@ from meshserve_placement import keys, policy
 from meshserve_placement.tuning import Tuning
 
 log = logging.getLogger("meshserve.placement")
+
+M_QUEUE_WAIT = Histogram(
+    "meshserve_placement_queue_seconds", "Time a decided load waited in its pod's load queue before its order was sent",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 
 GROUP = "placement"
 CONSUMER = "leader"  # one name, so a new leader inherits the old one's unacknowledged entries
@@ -391,6 +397,7 @@ class Scheduler:
                 break  # in priority order: wait for a slot, or for the evictions' unloads to finish
             slots -= 1
             held += c.size
+            M_QUEUE_WAIT.observe(max(0.0, time.time() - c.since))
             del q[model]
             ops.append(["ZREM", keys.loadq_key(pod), model])
             cs[pod] = Copy(CopyState.LOADING, c.size, c.since)
