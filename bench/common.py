@@ -18,23 +18,6 @@ from meshserve import devmesh
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
-STRING_ISVC = """apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-  annotations:
-    serving.kserve.io/deploymentMode: ModelMesh
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: string
-      storage:
-        parameters: {{type: pvc, name: bench}}
-        path: {name}.txt
-"""
-
-
 def machine() -> dict[str, object]:
     return {
         "cpus": os.cpu_count(),
@@ -64,7 +47,7 @@ def string_model_mesh(tmp: Path, names: list[str], pods: int = 2, **extra: objec
     """A mesh whose config registers tiny string models (their files written before start)."""
     cfg = tmp / "config"
     cfg.mkdir(parents=True, exist_ok=True)
-    (cfg / "models.yaml").write_text("---\n".join(STRING_ISVC.format(name=n) for n in names))
+    (cfg / "models.yaml").write_text("---\n".join(devmesh.inference_service(n, "string", devmesh.pvc_storage("bench", f"{n}.txt")) for n in names))
     with devmesh.mesh(config_dir=cfg, pods=pods, **extra) as m:
         d = m.data_dir / "pvc" / "bench"
         d.mkdir(parents=True, exist_ok=True)

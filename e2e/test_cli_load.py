@@ -27,22 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 RATE = 1_500_000  # bytes a second the store sends
 
 
-def _isvc(name: str, storage: str) -> str:
-    return f"""apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-  annotations:
-    serving.kserve.io/deploymentMode: ModelMesh
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: sklearn
-{storage}
-"""
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devmesh.Mesh, bytes]]:
     tmp = tmp_path_factory.mktemp("cli-load")
@@ -52,9 +36,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devmesh.Mesh
         config.mkdir()
         for f in (REPO / "mesh-config").glob("*.yaml"):
             shutil.copy(f, config / f.name)
-        (config / "knn-big.yaml").write_text(_isvc("knn-big", f"      storageUri: {store.url}/knn-big.joblib"))
-        (config / "knn-slow.yaml").write_text(_isvc("knn-slow", f"      storageUri: {store.url}/knn-slow.joblib"))
-        (config / "broken.yaml").write_text(_isvc("broken-model", "      storage:\n        parameters: {type: pvc, name: my-models-pvc}\n        path: corrupt.joblib"))
+        (config / "knn-big.yaml").write_text(devmesh.inference_service("knn-big", "sklearn", devmesh.uri_storage(f"{store.url}/knn-big.joblib")))
+        (config / "knn-slow.yaml").write_text(devmesh.inference_service("knn-slow", "sklearn", devmesh.uri_storage(f"{store.url}/knn-slow.joblib")))
+        (config / "broken.yaml").write_text(devmesh.inference_service("broken-model", "sklearn", devmesh.pvc_storage("my-models-pvc", "corrupt.joblib")))
         with devmesh.mesh(config_dir=config) as m:
             (m.data_dir / "pvc" / "my-models-pvc" / "corrupt.joblib").write_bytes(b"this is not a joblib file")
             yield m, model

@@ -30,28 +30,14 @@ BODY = json.dumps({"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1
 
 
 def isvc(name: str, path: str) -> str:
-    return f"""apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-  annotations:
-    serving.kserve.io/deploymentMode: ModelMesh
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: string
-      storage:
-        parameters: {{type: pvc, name: strings}}
-        path: {path}
-"""
+    return devmesh.inference_service(name, "string", devmesh.pvc_storage("strings", path))
 
 
 @pytest.fixture(scope="module")
 def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devmesh.Mesh]:
     cfg = tmp_path_factory.mktemp("traffic-config")
     # tr-sk is the sklearn example model: it answers our BYTES requests with 500, a canary that errs.
-    sk = isvc("tr-sk", "mnist-svm.joblib").replace("name: strings", "name: my-models-pvc").replace("name: string", "name: sklearn")
+    sk = devmesh.inference_service("tr-sk", "sklearn", devmesh.pvc_storage("my-models-pvc", "mnist-svm.joblib"))
     (cfg / "models.yaml").write_text("---\n".join([*(isvc(m, f"{m}.txt") for m in (*MODELS, BROKEN)), sk]))
     with devmesh.mesh(config_dir=cfg) as m:
         d = m.data_dir / "pvc" / "strings"

@@ -23,6 +23,33 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 
 
+def inference_service(name: str, model_format: str, storage: str) -> str:
+    """An InferenceService in the users' form (KServe v1beta1, ModelMesh mode), for test and
+    benchmark mesh-configs; `storage` is the predictor model's storage lines, as made by
+    `pvc_storage` or `uri_storage`."""
+    return f"""apiVersion: serving.kserve.io/v1beta1
+kind: InferenceService
+metadata:
+  name: {name}
+  annotations:
+    serving.kserve.io/deploymentMode: ModelMesh
+spec:
+  predictor:
+    model:
+      modelFormat:
+        name: {model_format}
+{storage}
+"""
+
+
+def pvc_storage(pvc: str, path: str) -> str:
+    return f"      storage:\n        parameters: {{type: pvc, name: {pvc}}}\n        path: {path}"
+
+
+def uri_storage(uri: str) -> str:
+    return f"      storageUri: {uri}"
+
+
 def stop(proc: "subprocess.Popen[bytes] | subprocess.Popen[str]", grace: float = 10) -> None:
     """Stop a process started for a test or benchmark: SIGTERM, then SIGKILL after `grace`."""
     if proc.poll() is not None:

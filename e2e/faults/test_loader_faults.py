@@ -55,22 +55,6 @@ def _config_dir(tmp: Path, extra: dict[str, str]) -> Path:
     return d
 
 
-def _isvc(name: str, fmt: str, storage: str) -> str:
-    return f"""apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-  annotations:
-    serving.kserve.io/deploymentMode: ModelMesh
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: {fmt}
-{storage}
-"""
-
-
 def _post(url: str, doc: bytes, timeout: float = 120) -> tuple[int, dict[str, Any], float]:
     t0 = time.monotonic()
     try:
@@ -170,8 +154,8 @@ def test_loader_killed_mid_download(tmp_path: Path, body: bytes, variant: str) -
     digest = hashlib.sha256(model_bytes).hexdigest()
     extra = {"heartbeat_misses": 15} if variant == "resumed" else {}
     with ModelStore({"models/knn-big.joblib": model_bytes}) as store:
-        storage = f"      storageUri: {store.url}/models/knn-big.joblib"
-        config = _config_dir(tmp_path, {"knn-big.yaml": _isvc("knn-big", "sklearn", storage)})
+        storage = devmesh.uri_storage(f"{store.url}/models/knn-big.joblib")
+        config = _config_dir(tmp_path, {"knn-big.yaml": devmesh.inference_service("knn-big", "sklearn", storage)})
         with devmesh.mesh(config_dir=config, scale_up_rps=100000, **extra) as m:
             r = redis.Redis.from_url(m.redis_url)
             try:
@@ -316,10 +300,9 @@ def _write_hang_model(d: Path) -> Path:
 
 @pytest.fixture()
 def hang_mesh(tmp_path: Path) -> Iterator[tuple[devmesh.Mesh, Path]]:
-    pvc = "      storage:\n        parameters: {type: pvc, name: my-models-pvc}\n        path: %s"
     config = _config_dir(tmp_path, {
-        "hangs-once.yaml": _isvc("hangs-once", "custom", pvc % "hangs-once"),
-        "sklearn-mnist-c.yaml": _isvc("sklearn-mnist-c", "sklearn", pvc % "mnist-svm.joblib"),
+        "hangs-once.yaml": devmesh.inference_service("hangs-once", "custom", devmesh.pvc_storage("my-models-pvc", "hangs-once")),
+        "sklearn-mnist-c.yaml": devmesh.inference_service("sklearn-mnist-c", "sklearn", devmesh.pvc_storage("my-models-pvc", "mnist-svm.joblib")),
     })
     with devmesh.mesh(config_dir=config, scale_up_rps=100000, load_timeout_seconds=LOAD_TIMEOUT) as m:
         d = _write_hang_model(m.data_dir / "pvc" / "my-models-pvc" / "hangs-once")
