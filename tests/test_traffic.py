@@ -70,7 +70,8 @@ def test_split_sets_model_header_per_weighted_cluster() -> None:
     wc = routes[0].route.weighted_clusters.clusters
     got = {(c.name, c.request_headers_to_add[0].header.value): c.weight.value for c in wc}
     # 90% over two pods, 10% on one: integer weights keep the exact ratio.
-    assert got == {("pod_pod-0_rest", STABLE): 45000, ("pod_pod-1_rest", STABLE): 45000, ("pod_pod-0_rest", CANARY): 10000}
+    # The stable model's two copies are one copy-set cluster (a retry reaches the other copy).
+    assert got == {("pods_pod-0+pod-1_rest", STABLE): 90000, ("pod_pod-0_rest", CANARY): 10000}
     assert not routes[0].route.prefix_rewrite  # the path cannot be rewritten per cluster; mm-model-id picks the model
 
 
@@ -169,7 +170,8 @@ def test_scoped_plan_gets_its_own_route_configuration() -> None:
     assert rest[0].request_headers_to_add[0].header.value == CANARY
     wc = rest[1].route.weighted_clusters
     got = {(c.name, c.request_headers_to_add[0].header.value): c.weight.value for c in wc.clusters}
-    assert got == {("pod_pod-0_rest", STABLE): 45000, ("pod_pod-1_rest", STABLE): 45000, ("pod_pod-0_rest", CANARY): 10000}
+    # The stable model's two copies are one copy-set cluster (a retry reaches the other copy).
+    assert got == {("pods_pod-0+pod-1_rest", STABLE): 90000, ("pod_pod-0_rest", CANARY): 10000}
     assert not rest[1].route.prefix_rewrite and wc.use_hash_policy.value
     assert rest[1].route.hash_policy[0].header.header_name == "x-user-id"
     assert [m.cluster for m in rest[1].route.request_mirror_policies] == ["pod_pod-1_rest"]
@@ -181,7 +183,7 @@ def test_scoped_plan_on_a_concrete_id_keeps_mm_model_id_pinned() -> None:
     plan = Plan(name=STABLE, branches=[Branch(((STABLE, 50), (CANARY, 50)))])
     routes = _rc_routes(scoped.build_all(scoped_state({STABLE: plan}), r.ListenerConfig()), f"traffic/{STABLE}")
     assert routes[0].match.headers[0].name == r.MODEL_ID_HEADER and routes[0].match.headers[0].string_match.exact == STABLE
-    assert {c.name for c in routes[0].route.weighted_clusters.clusters} == {"pod_pod-0_grpc", "pod_pod-1_grpc"}
+    assert routes[0].route.cluster == "pods_pod-0+pod-1_grpc"  # its two copies' set
 
 
 def test_scoped_diff_follows_plans_and_the_models_they_name() -> None:

@@ -1,7 +1,8 @@
 """Traffic plans (meshserve/rules/plan.py) rendered as Envoy routes. Pure: data in, protobuf out.
 
 How each piece maps to Envoy (docs/design/traffic.md has the why):
-- A split is one `weighted_clusters` action with a ClusterWeight per (model, pod holding it).
+- A split is one `weighted_clusters` action with a ClusterWeight per target model: its pod's
+  cluster, or its copy set's when it has several copies (resources.copies_cluster).
   Envoy cannot rewrite the path per weighted cluster, so each ClusterWeight sets the
   `mm-model-id` header to its concrete model instead and the path keeps the name the client
   used. Runtimes pick the model from `mm-model-id` first (ModelMesh's convention, which the
@@ -11,8 +12,8 @@ How each piece maps to Envoy (docs/design/traffic.md has the why):
   loads it and answers. Its share is never silently given to another model.
 - Header branches (A/B) become a `RouteList` action in the name's matcher-tree entry: routes
   with header matchers in order, the default last. The tree lookup stays a hash lookup.
-- Mirrors are `request_mirror_policies` with a runtime_fraction, one per pod of the shadow
-  model (fraction split among them), each overriding `mm-model-id`; Envoy discards the
+- Mirrors are `request_mirror_policies` with a runtime_fraction, to the shadow model's cluster
+  (its pod's or its copy set's), each overriding `mm-model-id`; Envoy discards the
   shadow's answers.
 - Sticky assignment hashes a request header (`hash_policy`) and has `weighted_clusters`
   pick its cluster with that hash (`use_hash_policy`), so one header value always lands on
@@ -41,9 +42,12 @@ ROUTE_TIMEOUT_S = 120
 
 
 def _clusters(state: r.RoutingState, model: str, proto: str) -> list[str]:
+    """The one cluster a target's traffic goes to: its pod's, or its copy set's when it has
+    several copies (so a retry reaches another copy, as on the plain routes), or the
+    activator's when no pod holds it."""
     pods = state.loaded.get(model)
     if pods:
-        return [r.pod_cluster(p, proto) for p in sorted(pods)]
+        return [r.copies_cluster(pods, proto)]
     return [r.ACTIVATOR_REST if proto == "rest" else r.ACTIVATOR_GRPC]
 
 
