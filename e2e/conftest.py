@@ -28,23 +28,7 @@ def e2e_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("mesh-config")
     for f in (REPO / "mesh-config").glob("*.yaml"):
         shutil.copy(f, d / f.name)
-    (d / "broken.yaml").write_text(
-        """apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: broken-model
-  annotations:
-    serving.kserve.io/deploymentMode: ModelMesh
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: sklearn
-      storage:
-        parameters: {type: pvc, name: my-models-pvc}
-        path: corrupt.joblib
-"""
-    )
+    (d / "broken.yaml").write_text(devmesh.inference_service("broken-model", "sklearn", devmesh.pvc_storage("my-models-pvc", "corrupt.joblib")))
     # A second copy of the example under another name: a model to load during fault tests.
     (d / "sklearn-mnist-b.yaml").write_text((REPO / "mesh-config" / "sklearn-mnist.yaml").read_text().replace("name: sklearn-mnist", "name: sklearn-mnist-b"))
     return d

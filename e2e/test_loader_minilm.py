@@ -22,21 +22,7 @@ from meshserve_loader.examples.minilm_setup import ensure_weights, write_model_d
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
 
-ISVC = """apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: minilm
-  annotations:
-    serving.kserve.io/deploymentMode: ModelMesh
-spec:
-  predictor:
-    model:
-      modelFormat:
-        name: custom
-      storage:
-        parameters: {type: pvc, name: my-models-pvc}
-        path: minilm
-"""
+ISVC = devmesh.inference_service("minilm", "custom", devmesh.pvc_storage("my-models-pvc", "minilm"))
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,14 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
         [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", str(s.envoy_concurrency)],
     )
     await wait_http(f"http://127.0.0.1:{s.gateway_rest_port}/v2/health/ready", 60)
+    # "Up" means every pod can take a model: its runtime answers. A runtime that is slow to come
+    # (MLServer installing its venv the first time) is reported, not fatal.
+    for i in range(s.pods):
+        url = f"http://127.0.0.1:{s.pod_ports(i)[0]}/v2/health/ready"
+        try:
+            await wait_http(url, 180)
+        except TimeoutError:
+            print(f"meshserve: pod-{i}'s runtime is not ready yet ({url}); it takes models once it is", flush=True)
 
 
 def banner(s: Settings) -> str:
