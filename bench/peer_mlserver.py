@@ -30,7 +30,7 @@ from meshserve import devmesh
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.mlserver import MLServerClient
 from meshserve_loader.mlserver_venv import ensure_mlserver
-from meshserve_loader.process import RuntimeProcess, mlserver_env
+from meshserve_loader.process import RuntimeProcess, start_mlserver
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
 MODEL_ID = "sklearn-mnist__isvc-standalone"
@@ -38,13 +38,7 @@ JSON_CT = "Content-Type: application/json"
 
 
 async def _standalone(exe: Path, tmp: Path) -> tuple[RuntimeProcess, str]:
-    rest, grpc_port, metrics = devmesh.free_port(), devmesh.free_port(), devmesh.free_port()
-    models = tmp / "mlserver-models"
-    models.mkdir()
-    proc = RuntimeProcess("mlserver", [str(exe), "start", str(models)], mlserver_env("127.0.0.1", rest, grpc_port, metrics, models, {}),
-                          log_path=tmp / "mlserver.log")
-    await proc.start()
-    url = f"http://127.0.0.1:{rest}"
+    proc, url, models = await start_mlserver(exe, tmp)
     async with aiohttp.ClientSession() as s:
         c = MLServerClient(url, s, models, pid=lambda: proc.pid)
         await c.wait_ready(180)

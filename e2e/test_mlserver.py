@@ -7,12 +7,11 @@ our RuntimeProcess; and a whole mesh (real Envoy, Valkey) whose pod runs MLServe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterator
+
 
 import aiohttp
 import pytest
@@ -22,7 +21,7 @@ from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.memory import tree_rss_bytes
 from meshserve_loader.mlserver import MLServerClient
 from meshserve_loader.mlserver_venv import ensure_mlserver
-from meshserve_loader.process import RuntimeProcess, mlserver_env
+from meshserve_loader.process import start_mlserver
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -42,20 +41,10 @@ def _v2_request(fixtures: Path) -> dict:
     return json.loads((fixtures / "mnist-request-v2-rest.json").read_text())
 
 
-async def _start(exe: Path, tmp: Path) -> tuple[RuntimeProcess, str, Path]:
-    rest, grpc_port, metrics = devmesh.free_port(), devmesh.free_port(), devmesh.free_port()
-    models = tmp / "mlserver-models"
-    models.mkdir()
-    proc = RuntimeProcess("mlserver", [str(exe), "start", str(models)], mlserver_env("127.0.0.1", rest, grpc_port, metrics, models, {}),
-                          log_path=tmp / "mlserver.log")
-    await proc.start()
-    return proc, f"http://127.0.0.1:{rest}", models
-
-
 async def test_load_infer_unload_and_failures(mlserver_exe: Path, model_file: Path, fixtures: Path, tmp_path: Path) -> None:
     """The loader's MLServer client against a real MLServer: layout, load, v2 REST inference,
     index, unload; a wrong format and a corrupt file fail with MLServer's reason."""
-    proc, url, models = await _start(mlserver_exe, tmp_path)
+    proc, url, models = await start_mlserver(mlserver_exe, tmp_path)
     try:
         async with aiohttp.ClientSession() as s:
             c = MLServerClient(url, s, models, pid=lambda: proc.pid)

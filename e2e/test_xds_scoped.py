@@ -175,16 +175,7 @@ def test_incremental_patches_equal_a_full_build(mesh: Mesh) -> None:
     _commit(mesh.url, [["HSET", st.PLACEMENTS, m2, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, m2)])
     wait_for(lambda: mesh.upstream("m1") == "pod-1", 10, "m1 now names the new id")
     assert mesh.upstream(M1) == "activator"  # the old id is still registered, cold
-    fresh = AdsThread().start()
-    state = fresh.call(_state(mesh.url))
-    try:
-        assert fresh.cache is not None
-        src = RedisSource(mesh.settings, state, fresh.cache, layout="scoped")
-        fresh.call(src.rebuild())
-        wait_for(lambda: mesh.digests(mesh.ads) == mesh.digests(fresh), 5, "patched equals fresh")
-    finally:
-        fresh.call(state.close())
-        fresh.stop()
+    _check_equals_fresh(mesh)
 
 
 def test_traffic_rule_follows_the_models_it_names(mesh: Mesh) -> None:

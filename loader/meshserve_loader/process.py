@@ -99,3 +99,17 @@ def mlserver_env(host: str, rest: int, grpc_port: int, metrics_port: int, models
         "MLSERVER_MODELS_DIR": str(models_dir),
         "MLSERVER_LOAD_MODELS_AT_STARTUP": "false",
     }
+
+
+async def start_mlserver(exe: Path, work: Path, host: str = "127.0.0.1") -> tuple[RuntimeProcess, str, Path]:
+    """A standalone MLServer on free ports with its models dir under `work`, loading only on
+    request: (process, REST URL, models dir). For tests and the peer benchmark."""
+    from meshserve.devmesh import free_port
+
+    rest, grpc_port, metrics = free_port(), free_port(), free_port()
+    models = work / "mlserver-models"
+    models.mkdir()
+    proc = RuntimeProcess("mlserver", [str(exe), "start", str(models)], mlserver_env(host, rest, grpc_port, metrics, models, {}),
+                          log_path=work / "mlserver.log")
+    await proc.start()
+    return proc, f"http://{host}:{rest}", models
