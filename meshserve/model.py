@@ -48,8 +48,11 @@ class Pod:
     rest_port: int
     grpc_port: int
     capacity_bytes: int
-    formats: list[str] = field(default_factory=list)  # model formats its runtime serves
-    runtime: str = "builtin"
+    formats: list[str] = field(default_factory=list)  # model formats its runtime declares
+    runtime: str = "builtin"  # its ServingRuntime's name
+    # The formats its runtime auto-selects (KServe `autoSelect`); None, as pods registered by
+    # older versions say: all of `formats`.
+    auto_formats: list[str] | None = None
     max_loading: int = 2
     draining: bool = False  # preStop: placement should move its models and place nothing new
 

@@ -34,6 +34,12 @@ class Settings:
     envoy_metrics_host: str = ""
     envoy_metrics_port: int = 9902
     xds_port: int = 18000
+    # Per-model request stats on the gateway (Envoy `vhost.model.route.<model id>.*`, the
+    # request panels of the model dashboard). Off: they cost ~10 KiB of gateway memory per
+    # loaded model, ~200 MiB at 20,000 loaded (docs/design/routing.md). The runtimes' own
+    # per-model metrics (meshserve_runtime_requests, meshserve_runtime_inference_seconds)
+    # are always there.
+    xds_route_stats: bool = False
     xds_debug_port: int = 18001
     # Where xds's HTTP listener (/healthz, /metrics, /debug/config) binds. Loopback by default:
     # /debug/config shows the whole routing state (model ids, pod addresses). In a cluster set it

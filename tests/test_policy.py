@@ -46,7 +46,7 @@ def test_explains_every_rejection() -> None:
     d = policy.place(cv.models["new"], cv, now=1.0)
     text = "\n".join(d.explain())
     assert "pod-0: not-holding: rejected: already holds a copy (loaded)" in text
-    assert "pod-1: serves-format: rejected" in text
+    assert "pod-1: serves-model: rejected: its runtime (unnamed) declares xgboost, not sklearn" in text
     assert d.pod is None
 
 
@@ -60,3 +60,46 @@ def test_failed_pod_is_excluded_for_a_while() -> None:
 def test_every_step_has_a_name_and_description() -> None:
     for step in [*policy.FILTERS, *policy.SCORERS]:
         assert step.name and step.description
+
+
+def pools(builtin: int, mlserver: int) -> policy.ClusterView:
+    """Two runtime pools that both auto-select sklearn, as istio/ ships them; mlserver also
+    declares xgboost without autoSelect."""
+    pods = {f"b{i:02d}": policy.PodView(f"b{i:02d}", 1000 * MB, ["sklearn", "string"], runtime="meshserve-builtin") for i in range(builtin)}
+    pods.update({f"m{i}": policy.PodView(f"m{i}", 1000 * MB, ["sklearn", "xgboost"], runtime="mlserver-1.x", auto_formats=["sklearn"])
+                 for i in range(mlserver)})
+    models = {
+        "plain": policy.ModelView("plain", "sklearn", 10 * MB),
+        "on-mlserver": policy.ModelView("on-mlserver", "sklearn", 10 * MB, runtime="mlserver-1.x"),
+        "xgb": policy.ModelView("xgb", "xgboost", 10 * MB),
+        "xgb-named": policy.ModelView("xgb-named", "xgboost", 10 * MB, runtime="mlserver-1.x"),
+        "nowhere": policy.ModelView("nowhere", "sklearn", 10 * MB, runtime="triton-2.x"),
+    }
+    return policy.ClusterView(pods=pods, models=models)
+
+
+def test_a_model_goes_to_its_runtime_pool() -> None:
+    for builtin, mlserver in ((2, 2), (40, 2), (40, 30)):  # full scan, a small pool, both pools sampled
+        cv = pools(builtin, mlserver)
+        for t in range(20):
+            # No `runtime:`: KServe's rule, the first runtime by name that auto-selects sklearn.
+            assert policy.place(cv.models["plain"], cv, now=float(t)).pod.startswith("b")
+            assert policy.place(cv.models["on-mlserver"], cv, now=float(t)).pod.startswith("m")
+            assert policy.place(cv.models["xgb-named"], cv, now=float(t)).pod.startswith("m")
+
+
+def test_a_model_no_pool_serves_says_what_to_change() -> None:
+    cv = pools(2, 1)
+    d = policy.place(cv.models["xgb"], cv, now=1.0)
+    assert d.pod is None
+    assert "no registered pod's runtime auto-selects format xgboost: name a runtime in `runtime:`" in d.reason
+    d = policy.place(cv.models["nowhere"], cv, now=1.0)
+    assert d.pod is None and "the model's runtime is triton-2.x (named in its `runtime:`)" in d.reason
+
+
+def test_a_pool_scaled_to_zero_does_not_capture_its_formats() -> None:
+    cv = pools(0, 2)
+    # With no builtin pod registered, mlserver is the first that auto-selects sklearn.
+    assert policy.place(cv.models["plain"], cv, now=1.0).pod.startswith("m")
+    cv.pods["b00"] = policy.PodView("b00", 1000 * MB, ["sklearn"], runtime="meshserve-builtin")
+    assert policy.place(cv.models["plain"], cv, now=2.0).pod == "b00"

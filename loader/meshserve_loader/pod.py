@@ -56,9 +56,14 @@ def find_runtime(config_dir: Path, name: str) -> RuntimeSpec:
 
 
 def advertised_formats(spec: RuntimeSpec) -> list[str]:
-    # Every declared format: placement filters by format only, and an InferenceService that
-    # names this runtime explicitly may use a format the runtime does not auto-select.
+    # Every declared format: an InferenceService that names this runtime explicitly may use a
+    # format the runtime does not auto-select.
     return spec.format_names()
+
+
+def auto_formats(spec: RuntimeSpec) -> list[str]:
+    """The formats placement may pick this runtime for when a model names none (autoSelect)."""
+    return sorted({f.name for f in spec.formats if f.auto_select})
 
 
 async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSession) -> BuiltPod:
@@ -131,6 +136,7 @@ def _built(settings: Settings, pod_id: str, rest: int, grpc_port: int, spec: Run
         capacity_bytes=capacity,
         formats=advertised_formats(spec),
         runtime=spec.name,
+        auto_formats=auto_formats(spec),
         max_loading=max(1, settings.max_concurrent_loads),
     )
     timeout = spec.loading_timeout_ms / 1000 if spec.loading_timeout_ms else settings.load_timeout_seconds
@@ -153,6 +159,6 @@ async def _spi_pod(settings: Settings, index: int, spec: RuntimeSpec) -> BuiltPo
     capacity = pod_capacity(min(configured, status.capacity_bytes) if status.capacity_bytes else configured, cgroup_limit_bytes(),
                             spec.mem_buffer_bytes or settings.mem_buffer_bytes)
     pod = Pod(settings.pod_name(index), settings.host, rest, grpc_port, capacity, advertised_formats(spec), spec.name,
-              max(1, min(settings.max_concurrent_loads, status.max_loading or settings.max_concurrent_loads)))
+              auto_formats(spec), max(1, min(settings.max_concurrent_loads, status.max_loading or settings.max_concurrent_loads)))
     timeout = (status.loading_timeout_ms or spec.loading_timeout_ms) / 1000 or settings.load_timeout_seconds
     return BuiltPod(pod, spec, client, None, timeout, LoaderMetrics())

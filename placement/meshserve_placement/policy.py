@@ -40,10 +40,15 @@ DEFAULT_REF_SIZE = 64 << 20
 class PodView:
     id: str
     capacity: int
-    formats: list[str]
+    formats: list[str]  # every format its runtime declares (a model may name the runtime)
     healthy: bool = True
     max_loading: int = 2
     draining: bool = False  # the pod is shutting down: nothing new goes there
+    runtime: str = ""  # its ServingRuntime's name
+    auto_formats: list[str] | None = None  # formats it is picked for without `runtime:`; None: all of `formats`
+
+    def auto_selects(self, fmt: str) -> bool:
+        return fmt in (self.formats if self.auto_formats is None else self.auto_formats)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class ModelView:
     pinned: bool = False
     min_copies: int = 0
     max_copies: int = 0
+    runtime: str = ""  # the InferenceService's explicit `runtime:`, or ""
 
 
 # Bytes a pod has promised: loaded copies and loads decided (queued or under way). An UNLOADING
@@ -334,6 +340,45 @@ class ClusterView:
             heapq.heappush(heap, e)
         return out[:n]
 
+    def serving_runtime(self, model: ModelView) -> str | None:
+        """The runtime that serves `model`: the one it names, else KServe's rule over the
+        runtimes the registered pods run: the first by name that auto-selects its format
+        (loader/meshserve_loader/runtimes.py `select_runtime` is the same rule over
+        ServingRuntime resources). None when no pod's runtime auto-selects it."""
+        if model.runtime:
+            return model.runtime
+        auto = self._pools()[1]
+        return auto.get(model.format)
+
+    def pool(self, runtime: str) -> list[str]:
+        """Ids of the pods that run `runtime`, sorted."""
+        return self._pools()[0].get(runtime, [])
+
+    def pods_changed(self) -> None:
+        """Call after changing a pod's runtime or formats in place (adding or removing pods
+        is noticed without it)."""
+        self.__dict__.pop("_pool_cache", None)
+
+    def _pools(self) -> tuple[dict[str, list[str]], dict[str, str]]:
+        # Pods come and go rarely and a decision runs per load: cached, keyed on the dict and
+        # its size so an added or removed pod rebuilds it.
+        sig = (id(self.pods), len(self.pods))
+        c = self.__dict__.get("_pool_cache")
+        if c is None or c[0] != sig:
+            pools: dict[str, list[str]] = {}
+            auto: dict[str, str] = {}
+            for pid in sorted(self.pods):
+                p = self.pods[pid]
+                pools.setdefault(p.runtime, []).append(pid)
+            for rt in sorted(pools):
+                for pid in pools[rt]:
+                    p = self.pods[pid]
+                    for f in (p.formats if p.auto_formats is None else p.auto_formats):
+                        auto.setdefault(f, rt)
+            c = (sig, pools, auto)
+            self.__dict__["_pool_cache"] = c
+        return c[1], c[2]
+
 
 def evictable(pod: str, cluster: ClusterView) -> list[str]:
     """Models this pod could drop, cheapest first: loaded, not pinned, not busy, and not a copy
@@ -350,6 +395,7 @@ class Context:
     held: dict[str, Copy] = field(default_factory=dict)  # the model's own copies
     evictions: dict[str, list[str]] = field(default_factory=dict)  # pod -> models to evict
     eviction_rank: dict[str, float] = field(default_factory=dict)  # pod -> 0 (cheapest) .. 1
+    runtime: str | None = None  # the runtime that serves the model (ClusterView.serving_runtime)
 
 
 @dataclass(frozen=True)
@@ -422,8 +468,16 @@ def _not_draining(p: PodView, ctx: Context) -> str:
     return "pod is draining (shutting down)" if p.draining else ""
 
 
-def _format(p: PodView, ctx: Context) -> str:
-    return "" if ctx.model.format in p.formats else f"runtime serves {', '.join(p.formats) or 'nothing'}, not {ctx.model.format}"
+def _runtime(p: PodView, ctx: Context) -> str:
+    want = ctx.runtime
+    if want is None:
+        return f"no registered pod's runtime auto-selects format {ctx.model.format}: name a runtime in `runtime:` or add one that does"
+    if p.runtime != want:
+        how = "named in its `runtime:`" if ctx.model.runtime else f"the first by name that auto-selects {ctx.model.format}"
+        return f"runs {p.runtime or 'an unnamed runtime'}; the model's runtime is {want} ({how})"
+    if ctx.model.format not in p.formats:
+        return f"its runtime {p.runtime or '(unnamed)'} declares {', '.join(p.formats) or 'no formats'}, not {ctx.model.format}"
+    return ""
 
 
 def _not_holding(p: PodView, ctx: Context) -> str:
@@ -460,7 +514,7 @@ def _fits(p: PodView, ctx: Context) -> str:
 FILTERS: list[Filter] = [
     Filter("pod-healthy", "the pod's heartbeat is fresh", _healthy),
     Filter("not-draining", "the pod is not shutting down", _not_draining),
-    Filter("serves-format", "the pod's runtime serves the model's format", _format),
+    Filter("serves-model", "the pod runs the model's runtime (its `runtime:`, else the first by name that auto-selects its format), which declares the format", _runtime),
     Filter("not-holding", "the pod does not already hold or load this model", _not_holding),
     Filter("not-excluded", "no load of this model failed on the pod recently", _not_excluded),
     Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU), cover the model", _fits),
@@ -500,36 +554,32 @@ def candidate_pods(model: ModelView, cluster: ClusterView, now: float) -> tuple[
     evictions plus a random sample, so a decision stays O(1) in the number of pods."""
     if len(cluster.pods) <= FULL_SCAN_PODS:
         return sorted(cluster.pods.values(), key=lambda p: p.id), {}
+    runtime = cluster.serving_runtime(model)
+    pool = cluster.pool(runtime) if runtime is not None else []
+    if len(pool) <= FULL_SCAN_PODS:
+        # Few pods run this model's runtime (or none: every pod is checked, so the trace says
+        # why each was refused): look at all of them rather than sample a mostly foreign cluster.
+        ids = pool or sorted(cluster.pods)[:FULL_SCAN_PODS]
+        return [cluster.pods[i] for i in ids], {i: f"runs {runtime}" for i in pool}
+    pooled = len(pool) < len(cluster.pods)
     ids: dict[str, str] = {}  # pod -> why it is a candidate
     for m, pod in cluster.cheapest_victims(VICTIM_PODS):
-        if pod in cluster.pods:
+        if pod in cluster.pods and (not pooled or cluster.pods[pod].runtime == runtime):
             ids.setdefault(pod, f"holds {m}, a cheapest eviction")
     # Seeded by the model and time (not Python's salted hash), so a decision can be replayed exactly.
     x = zlib.crc32(f"{model.id}/{now}".encode())
-    n = len(cluster.pods)
+    n = len(pool)
     for _ in range(SAMPLE_PODS * 2):
         x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF  # 64-bit LCG step
-        ids.setdefault(_nth_key(cluster.pods, (x >> 33) % n), "random sample")
+        ids.setdefault(pool[(x >> 33) % n], "random sample")
         if len(ids) >= VICTIM_PODS + SAMPLE_PODS:
             break
     return [cluster.pods[i] for i in sorted(ids)], ids
 
 
-_KEYS_CACHE: dict[int, tuple[int, list[str]]] = {}
-
-
-def _nth_key(d: dict[str, PodView], i: int) -> str:
-    # Pods change rarely; cache the key list per dict (checked by length) instead of copying it per call.
-    c = _KEYS_CACHE.get(id(d))
-    if c is None or c[0] != len(d):
-        c = (len(d), list(d))
-        _KEYS_CACHE[id(d)] = c
-    return c[1][i]
-
-
 def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
     """Choose a pod for one more copy of `model`, with the evictions that make room."""
-    ctx = Context(model, cluster, now, cluster._ix(), cluster.copies.get(model.id) or {})
+    ctx = Context(model, cluster, now, cluster._ix(), cluster.copies.get(model.id) or {}, runtime=cluster.serving_runtime(model))
     trace: list[Step] = []
     candidates: list[PodView] = []
     pods, considered = candidate_pods(model, cluster, now)

@@ -273,7 +273,10 @@ class Scheduler:
                 self.view.pods[pid] = _pod_view(p)
                 self.heartbeats.setdefault(pid, time.time())
             else:
-                pv.capacity, pv.formats, pv.max_loading, pv.draining = p.capacity_bytes, p.formats, p.max_loading, p.draining
+                if (pv.runtime, pv.formats, pv.auto_formats) != (p.runtime, p.formats, p.auto_formats):
+                    pv.runtime, pv.formats, pv.auto_formats = p.runtime, p.formats, p.auto_formats
+                    self.view.pods_changed()
+                pv.capacity, pv.max_loading, pv.draining = p.capacity_bytes, p.max_loading, p.draining
 
     def _mark_health(self, now: float) -> None:
         for pid, pv in self.view.pods.items():
@@ -637,11 +640,11 @@ class Scheduler:
 
 def _model_view(m: ModelSpec) -> policy.ModelView:
     # Until a load measures it, a model books its size hint, or 64 MiB when it has none.
-    return policy.ModelView(m.id, m.format, m.size_hint or 64 << 20, m.pinned, m.min_copies, m.max_copies)
+    return policy.ModelView(m.id, m.format, m.size_hint or 64 << 20, m.pinned, m.min_copies, m.max_copies, m.runtime)
 
 
 def _pod_view(p: Pod) -> policy.PodView:
-    return policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining)
+    return policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
 
 
 def _build_view(snap: st.Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> policy.ClusterView:

@@ -152,8 +152,9 @@ def _bootstrap(
 def _stats_config() -> stats_pb2.StatsConfig:
     """Envoy keeps 12 stats per RDS subscription. The scoped layout has one RouteConfiguration
     per loaded model, and at 10^5 models those stats are a large share of Envoy's memory
-    (docs/design/routing.md). Per-model request stats come from the routes' stat_prefix and are
-    kept; the listener-level RDS stats (meshserve_rest, meshserve_grpc) are kept too."""
+    (docs/design/routing.md). Per-model request stats come from the routes' stat_prefix when
+    Settings.xds_route_stats turns them on; the listener-level RDS stats (meshserve_rest,
+    meshserve_grpc) are kept."""
     return stats_pb2.StatsConfig(stats_matcher=stats_pb2.StatsMatcher(exclusion_list=string_pb2.ListStringMatcher(patterns=[
         string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=r"^http\.meshserve_(rest|grpc)\.rds\.model.*")),
     ])))

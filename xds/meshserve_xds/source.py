@@ -52,6 +52,7 @@ def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
         aliases=dict(snap.aliases),
         activator=r.Endpoint(settings.host, settings.activator_rest_port, settings.activator_grpc_port),
         cold_timeout_s=settings.cold_start_timeout_seconds + 5,
+        route_stats=settings.xds_route_stats,
     )
 
 
@@ -212,6 +213,7 @@ class RedisSource:
             loaded=loaded, aliases=aliases, registered={m for m in models if m in snap.models},
             activator=r.Endpoint(self.s.host, self.s.activator_rest_port, self.s.activator_grpc_port),
             cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
+            route_stats=self.s.xds_route_stats,
         )
         patch = scoped.diff_partial(self._index, part, models, names)
         # Clusters first: the server holds routes back until the clusters they name are answered.

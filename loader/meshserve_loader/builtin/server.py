@@ -95,8 +95,10 @@ class Runtime:
         self.m_requests = Counter(
             "meshserve_runtime_requests", "Inference requests served by this runtime", ["model", "code"], registry=self.registry
         )
+        # Per model: with per-route stats off on the gateway (Settings.xds_route_stats) this is
+        # where the model dashboard's latency comes from.
         self.m_latency = Histogram(
-            "meshserve_runtime_inference_seconds", "Inference time inside the runtime", registry=self.registry,
+            "meshserve_runtime_inference_seconds", "Inference time inside the runtime", ["model"], registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
         self.m_models = Gauge("meshserve_runtime_models_loaded", "Models loaded in this runtime", registry=self.registry)
@@ -173,13 +175,17 @@ class Runtime:
                     self.m_requests.remove(name, code)
                 except KeyError:
                     pass
+            try:
+                self.m_latency.remove(name)
+            except KeyError:
+                pass
         return e is not None
 
     def infer(self, name: str, req: codec.InferRequest) -> dict[str, Any]:
         e = self.get(name)
         t0 = time.perf_counter()
         out = e.model.predict(req)
-        self.m_latency.observe(time.perf_counter() - t0)
+        self.m_latency.labels(name).observe(time.perf_counter() - t0)
         e.requests += 1
         e.last_used = time.time()
         return out
