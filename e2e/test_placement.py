@@ -281,3 +281,34 @@ async def _live(state: st.State, model: str) -> list[str]:
 async def _count_loaded(state: st.State, model: str, n: int) -> bool:
     return len(await _live(state, model)) == n and all(
         c.state == CopyState.LOADED for c in (await state.copies(model)).values())
+
+
+async def test_a_request_waits_for_its_runtime_pool_to_come_back_from_zero(valkey: devmesh.Valkey) -> None:
+    """Issue 7, scale from zero: the model names a declared ServingRuntime that has no pods.
+    Its request is held (no 503, not placed on the builtin pod that also serves sklearn) and is
+    served as soon as a pod of that runtime registers."""
+    async with cluster(valkey.url, pods=1, capacity=1000 * MB) as (sched, (builtin,), state):
+        await state.set_runtimes({"builtin": st.runtime_json(["sklearn"], ["sklearn"]),
+                                  "mlserver-1.x": st.runtime_json(["sklearn"], ["sklearn"])})
+        m = spec("on-mlserver", runtime="mlserver-1.x")
+        await state.register_models([m])
+        act = Activator(sched.s, state)
+        watcher = asyncio.create_task(act.watch_changes())
+        woken = FakePod(Pod("mlserver-0", "127.0.0.1", devmesh.free_port(), 0, 1000 * MB, ["sklearn"], runtime="mlserver-1.x"), state)
+        runner: asyncio.Task[None] | None = None
+        try:
+            request = asyncio.create_task(act.ensure_loaded(m.id))
+            await asyncio.sleep(1.5)
+            assert not request.done(), "the request should be held while the pool has no pods"
+            assert not builtin.orders
+            decision = json.loads(await state.r.hget(keys.DECISIONS, m.id))
+            assert "ServingRuntime mlserver-1.x has no pods yet" in decision["reason"]
+            runner = asyncio.create_task(woken.run())  # the controller scaled the pool to one
+            got = await asyncio.wait_for(request, 5)
+            assert got.id == "mlserver-0"
+            assert woken.orders == [("load", m.id)] and not builtin.orders
+        finally:
+            watcher.cancel()
+            if runner is not None:
+                runner.cancel()
+            await asyncio.gather(watcher, *([runner] if runner else []), return_exceptions=True)

@@ -41,6 +41,10 @@ ROLLOUT_LEASE = PREFIX + "rollout:leader"  # string: rollout controller's id, wi
 # Written by the loader (throttled, refreshed while alive, so a killed loader's entry expires);
 # no index: readers know which to read from the LOADING copies in PLACEMENTS.
 PROGRESS_PREFIX = PREFIX + "progress:"
+# ServingRuntimes (cluster mode), hash: name -> {"formats": [...], "auto_formats": [...]}.
+# Written whole by the controller, read by placement each pod refresh to resolve a model's
+# runtime (ms:pods alone would miss a pool scaled to zero). Not routing state: no revision.
+RUNTIMES = PREFIX + "runtimes"
 
 CHANGES_MAXLEN = 200_000
 
@@ -175,6 +179,14 @@ class State:
         if mapping:
             await self.r.zadd(LAST_USED, mapping, gt=True)
 
+    async def set_runtimes(self, runtimes: dict[str, str]) -> None:
+        """Replace ms:runtimes (name -> runtime_json) in one transaction."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(RUNTIMES)
+            if runtimes:
+                p.hset(RUNTIMES, mapping=runtimes)
+            await p.execute()
+
     async def register_models(self, specs: Sequence[ModelSpec]) -> int:
         """Register (or update) models and point each alias at its newest concrete id."""
         ops: list[list[Any]] = []
@@ -184,6 +196,22 @@ class State:
             ops.append(["HSET", ALIASES, s.alias, s.id])
             changes += [(KIND_MODEL, s.id), (KIND_ALIAS, s.alias)]
         return await self.commit(ops, changes)
+
+
+def runtime_json(formats: Sequence[str], auto_formats: Sequence[str]) -> str:
+    return json.dumps({"formats": list(formats), "auto_formats": list(auto_formats)}, separators=(",", ":"), sort_keys=True)
+
+
+def parse_runtimes(raw: dict[bytes, bytes]) -> dict[str, tuple[list[str], list[str]]]:
+    """ms:runtimes as name -> (formats, auto-selected formats); unreadable entries are skipped."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for k, v in raw.items():
+        try:
+            d = json.loads(v)
+            out[k.decode()] = ([str(f) for f in d.get("formats", [])], [str(f) for f in d.get("auto_formats", [])])
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return out
 
 
 def _parse_snapshot(rev: Any, models: dict, aliases: dict, pods: dict, placements: dict) -> Snapshot:

@@ -251,6 +251,13 @@ def test_controller_sees_runtime_pods_and_may_do_what_it_does() -> None:
         assert {("serving.kserve.io", res, v) for v in ("list", "watch")} <= grants
     assert ("serving.kserve.io", "inferenceservices/status", "patch") in grants
     assert {("", "pods", "list"), ("", "pods", "watch"), ("", "secrets", "watch")} <= grants
+    # Scale to zero: pools are watched, and only their scale subresource is written.
+    assert {("apps", "statefulsets", "list"), ("apps", "statefulsets", "watch"), ("apps", "statefulsets/scale", "patch")} <= grants
+    assert not any(g == "apps" and r == "statefulsets" and v in ("patch", "update") for g, r, v in grants)
+    # Every runtime pool's StatefulSet says which ServingRuntime it runs, so it can be scaled.
+    pools = [d for d in by_kind("StatefulSet") if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "runtime"]
+    assert pools and all(ob.parse_pool(d) is not None for d in pools)
+    assert {ob.parse_pool(d).runtime for d in pools} == {d["metadata"]["name"] for d in by_kind("ServingRuntime")}
     assert not any(v in ("create", "delete", "deletecollection", "*") for _, _, v in grants)
     secret_rule = next(r for r in role["rules"] if "secrets" in r["resources"])
     assert secret_rule["resourceNames"] == [ob.STORAGE_SECRET]

@@ -97,7 +97,7 @@ def test_a_model_no_pool_serves_says_what_to_change() -> None:
     assert d.pod is None and "the model's runtime is triton-2.x (named in its `runtime:`)" in d.reason
 
 
-def test_a_pool_scaled_to_zero_does_not_capture_its_formats() -> None:
+def test_without_declared_runtimes_the_registered_pools_decide() -> None:
     cv = pools(0, 2)
     # With no builtin pod registered, mlserver is the first that auto-selects sklearn.
     assert policy.place(cv.models["plain"], cv, now=1.0).pod.startswith("m")

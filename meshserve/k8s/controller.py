@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from meshserve import state as st
 from meshserve.k8s import objects as ob
-from meshserve.k8s import pressure, store
+from meshserve.k8s import pressure, scaling, store
 from meshserve.k8s.watch import DELETED, Event, Watcher
 from meshserve.model import ModelSpec, Pod, copies_from_json
 
@@ -39,7 +39,9 @@ M_POOL_PODS = Gauge("meshserve_runtime_pods", "Registered pods of a runtime pool
 M_POOL_USED = Gauge("meshserve_runtime_used_bytes", "Bytes booked (loaded + loading) in a runtime pool", ["runtime"])
 M_POOL_CAPACITY = Gauge("meshserve_runtime_capacity_bytes", "Capacity of a runtime pool", ["runtime"])
 
-ISVC, RUNTIME, SECRET, POD = "inferenceservices", "servingruntimes", "storage-config", "pods"
+M_SCALES = Counter("meshserve_controller_pool_scales", "Runtime pools scaled between zero and one pod", ["to", "result"])
+
+ISVC, RUNTIME, SECRET, POD, POOL = "inferenceservices", "servingruntimes", "storage-config", "pods", "statefulsets"
 
 
 class Controller:
@@ -55,9 +57,14 @@ class Controller:
         max_backoff_seconds: float = 30.0,
         page_size: int = 500,
         pressure_seconds: float = 15.0,
+        scale_to_zero: bool = True,
+        scale_grace_seconds: float = scaling.DEFAULT_GRACE_SECONDS,
     ):
         self.state, self.namespace = state, namespace
-        self.core, self.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        self.core, self.custom, self.apps = client.CoreV1Api(api), client.CustomObjectsApi(api), client.AppsV1Api(api)
+        self.scale_to_zero, self.scale_grace = scale_to_zero, scale_grace_seconds
+        self._unused_since: dict[str, float] = {}
+        self._published_runtimes: dict[str, str] | None = None
         self.resync, self.debounce = resync_seconds, debounce_seconds
         self._dirty: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +93,9 @@ class Controller:
                             field_selector=f"metadata.name={ob.STORAGE_SECRET}"),
             POD: Watcher(POD, self.core.list_namespaced_pod, **common, namespace=namespace,
                          label_selector=ob.RUNTIME_POD_SELECTOR),
+            # Runtime pools, for scale to zero.
+            POOL: Watcher(POOL, self.apps.list_namespaced_stateful_set, **common, namespace=namespace,
+                          label_selector=ob.RUNTIME_POOL_SELECTOR),
         }
 
     # --- events (watcher threads) ---------------------------------------------------------
@@ -183,6 +193,8 @@ class Controller:
             M_REMOVED.inc(len(p.remove_aliases))
             log.info("controller: removed aliases %s", ", ".join(p.remove_aliases))
 
+        await self._publish_runtimes(runtimes)
+        await self._scale_pools(runtimes, desired)
         await self._expedite_gone_pods()
         await self._write_statuses(verdicts, desired)
         now = time.monotonic()
@@ -209,6 +221,35 @@ class Controller:
             M_POOL_CAPACITY.labels(rt).set(pp.capacity_bytes)
         self._pools = set(pools)
         return pools
+
+    async def _publish_runtimes(self, runtimes: dict[str, ob.Runtime]) -> None:
+        """The ServingRuntimes placement resolves models against (state.RUNTIMES): so a model
+        whose runtime has no pods yet waits for that pool instead of landing on another that
+        also auto-selects its format."""
+        want = {r.name: st.runtime_json(sorted(r.formats), sorted(r.auto_formats)) for r in runtimes.values() if not r.disabled}
+        if want == self._published_runtimes:
+            return
+        await self.state.set_runtimes(want)
+        self._published_runtimes = want
+        log.info("controller: published ServingRuntimes %s", ", ".join(sorted(want)) or "(none)")
+
+    async def _scale_pools(self, runtimes: dict[str, ob.Runtime], desired: dict[str, ModelSpec]) -> None:
+        if not self.scale_to_zero:
+            return
+        in_use = {rt for rt in (ob.runtime_of(s, runtimes) for s in desired.values()) if rt}
+        pools = [p for p in map(ob.parse_pool, self.watchers[POOL].snapshot()) if p is not None]
+        todo, self._unused_since = scaling.plan(pools, in_use, self._unused_since, time.monotonic(), self.scale_grace)
+        for sc in todo:
+            try:
+                await asyncio.to_thread(
+                    self.apps.patch_namespaced_stateful_set_scale, sc.workload, self.namespace, {"spec": {"replicas": sc.replicas}},
+                    _content_type="application/merge-patch+json", _request_timeout=10,
+                )
+                M_SCALES.labels(str(sc.replicas), "ok").inc()
+                log.info("controller: scaled %s to %d: %s", sc.workload, sc.replicas, sc.why)
+            except Exception as e:  # noqa: BLE001 - the next pass retries
+                M_SCALES.labels(str(sc.replicas), "error").inc()
+                log.warning("controller: could not scale %s to %d (%s); retrying on the next pass", sc.workload, sc.replicas, e)
 
     def _judge(self, obj: dict[str, Any], runtimes: dict[str, ob.Runtime], storage: dict[str, str]) -> ob.Verdict:
         ctx = (frozenset(runtimes.values()), frozenset(storage.items()))

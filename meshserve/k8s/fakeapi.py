@@ -30,6 +30,7 @@ ROUTES = [
      "servingruntimes", "serving.kserve.io/v1alpha1", "ServingRuntime"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/]+)(/status)?)?$"), "secrets", "v1", "Secret"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/status)?)?$"), "pods", "v1", "Pod"),
+    (re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/statefulsets(?:/([^/]+)(/status|/scale)?)?$"), "statefulsets", "apps/v1", "StatefulSet"),
 ]
 KINDS = {res: (api, kind) for _, res, api, kind in ROUTES}
 
@@ -183,13 +184,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # quiet
         pass
 
-    def _route(self) -> tuple[str, str, str | None, bool, dict[str, str]] | None:
+    def _route(self) -> tuple[str, str, str | None, str, dict[str, str]] | None:
+        """(resource, namespace, name, subresource ("", "status" or "scale"), query)."""
         u = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(u.query).items()}
         for rx, res, _api, _kind in ROUTES:
             m = rx.match(u.path)
             if m:
-                return res, m.group(1), m.group(2), bool(m.group(3)), q
+                return res, m.group(1), m.group(2), (m.group(3) or "").lstrip("/"), q
         return None
 
     def _json(self, code: int, body: dict[str, Any]) -> None:
@@ -245,7 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
         if r is None or r[2] is None:
             return self._status(404, "NotFound", self.path)
         res, ns, name, sub, _q = r
-        self.api.requests.append(Request("PATCH", res, False, {"name": name or "", "status": str(sub)}))
+        self.api.requests.append(Request("PATCH", res, False, {"name": name or "", "status": str(sub == "status"), "sub": sub}))
         if "merge-patch" not in (self.headers.get("Content-Type") or ""):
             return self._status(415, "UnsupportedMediaType", self.headers.get("Content-Type") or "")
         with self.api.cond:
@@ -254,11 +256,21 @@ class _Handler(BaseHTTPRequestHandler):
                 found = False
             else:
                 found = True
-                # On the status subresource only status changes, as on a real server.
-                patch = {"status": body.get("status")} if sub else body
+                # On a subresource only its part changes, as on a real server: status, or the
+                # scale's spec.replicas.
+                if sub == "status":
+                    patch = {"status": body.get("status")}
+                elif sub == "scale":
+                    patch = {"spec": {"replicas": int((body.get("spec") or {}).get("replicas") or 0)}}
+                else:
+                    patch = body
                 merged = _merge(obj, patch)
                 self.api.objects[res][(ns, name or "")] = merged
                 out = copy.deepcopy(self.api._record(res, "MODIFIED", merged))
+                if sub == "scale":
+                    n = merged["spec"]["replicas"]
+                    out = {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": name, "namespace": ns},
+                           "spec": {"replicas": n}, "status": {"replicas": n}}
         if not found:
             return self._status(404, "NotFound", f"{res} {name} not found")
         self._json(200, out)

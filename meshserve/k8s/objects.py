@@ -25,6 +25,10 @@ RUNTIME_VERSION = "v1alpha1"
 RUNTIME_PLURAL = "servingruntimes"
 STORAGE_SECRET = "storage-config"
 RUNTIME_POD_SELECTOR = "app.kubernetes.io/part-of=meshserve,app.kubernetes.io/component=runtime"
+# A runtime pool's StatefulSet carries the runtime pods' labels too, plus the ServingRuntime it
+# runs (KServe's own label), which is how the controller finds the workload to scale.
+RUNTIME_POOL_SELECTOR = RUNTIME_POD_SELECTOR
+RUNTIME_LABEL = "serving.kserve.io/servingRuntime"
 # The Service users address, as in ModelMesh: grpc://modelmesh-serving.<namespace>:8033.
 SERVICE_NAME = "modelmesh-serving"
 
@@ -87,6 +91,39 @@ def parse_runtime(obj: dict[str, Any]) -> Runtime:
             if f.get("autoSelect", True):
                 auto.add(f["name"])
     return Runtime(key_of(obj)[1], frozenset(formats), frozenset(auto), bool(spec.get("disabled", False)))
+
+
+def runtime_of(spec: ModelSpec, runtimes: dict[str, Runtime]) -> str | None:
+    """The ServingRuntime that serves `spec`: the one it names, else the first by name of the
+    enabled runtimes that auto-select its format (KServe's rule; loader/meshserve_loader/
+    runtimes.py `select_runtime` is the same rule over parsed YAML). None when none does."""
+    if spec.runtime:
+        r = runtimes.get(spec.runtime)
+        return spec.runtime if r is not None and not r.disabled else None
+    for name in sorted(runtimes):
+        r = runtimes[name]
+        if not r.disabled and spec.format in r.auto_formats:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A runtime pool's workload: the StatefulSet whose pods run one ServingRuntime."""
+
+    workload: str
+    runtime: str
+    replicas: int
+
+
+def parse_pool(obj: dict[str, Any]) -> Pool | None:
+    """A StatefulSet labelled with the ServingRuntime it runs, else None."""
+    meta = obj.get("metadata") or {}
+    runtime = (meta.get("labels") or {}).get(RUNTIME_LABEL)
+    if not runtime or not meta.get("name"):
+        return None
+    replicas = (obj.get("spec") or {}).get("replicas")
+    return Pool(str(meta["name"]), str(runtime), 1 if replicas is None else int(replicas))  # unset means 1
 
 
 def parse_storage_keys(secret: dict[str, Any] | None) -> dict[str, str]:

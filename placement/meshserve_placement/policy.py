@@ -51,6 +51,16 @@ class PodView:
         return fmt in (self.formats if self.auto_formats is None else self.auto_formats)
 
 
+@dataclass(frozen=True)
+class RuntimeView:
+    """A ServingRuntime as the cluster declares it (cluster mode: the controller publishes
+    them), whether or not any pod runs it yet."""
+
+    name: str
+    formats: tuple[str, ...]
+    auto_formats: tuple[str, ...]
+
+
 @dataclass
 class ModelView:
     id: str
@@ -114,6 +124,9 @@ class ClusterView:
     uses: dict[str, int] = field(default_factory=dict)  # observed uses, for the eviction value
     horizon_s: float = DEFAULT_HORIZON_S
     ref_size: int = DEFAULT_REF_SIZE
+    # Declared ServingRuntimes by name. Empty (`meshserve up`): the runtimes the registered
+    # pods run are all there is.
+    runtimes: dict[str, RuntimeView] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "copies" and not isinstance(value, _CopyTable):
@@ -341,14 +354,23 @@ class ClusterView:
         return out[:n]
 
     def serving_runtime(self, model: ModelView) -> str | None:
-        """The runtime that serves `model`: the one it names, else KServe's rule over the
-        runtimes the registered pods run: the first by name that auto-selects its format
-        (loader/meshserve_loader/runtimes.py `select_runtime` is the same rule over
-        ServingRuntime resources). None when no pod's runtime auto-selects it."""
+        """The runtime that serves `model`: the one it names, else KServe's rule, the first by
+        name that auto-selects its format, over the declared runtimes when they are known
+        (`runtimes`), or else over the ones the registered pods run. The rule is the same as
+        loader/meshserve_loader/runtimes.py `select_runtime`. None when nothing auto-selects it."""
         if model.runtime:
             return model.runtime
-        auto = self._pools()[1]
-        return auto.get(model.format)
+        if self.runtimes:
+            for name in sorted(self.runtimes):
+                if model.format in self.runtimes[name].auto_formats:
+                    return name
+            return None
+        return self._pools()[1].get(model.format)
+
+    def waits_for_pool(self, runtime: str | None) -> bool:
+        """The model's runtime is declared but no pod runs it yet: a pool scaled to zero that
+        the controller is bringing back (meshserve/k8s/scaling.py)."""
+        return runtime is not None and runtime in self.runtimes and not self.pool(runtime)
 
     def pool(self, runtime: str) -> list[str]:
         """Ids of the pods that run `runtime`, sorted."""
@@ -436,6 +458,7 @@ class Decision:
     reason: str = ""
     candidates: dict[str, str] = field(default_factory=dict)  # on large clusters: pod -> why considered
     pods_total: int = 0
+    waits_for: str = ""  # not placed because this runtime's pool has no pods yet: worth waiting
 
     @property
     def considered(self) -> str:
@@ -471,7 +494,8 @@ def _not_draining(p: PodView, ctx: Context) -> str:
 def _runtime(p: PodView, ctx: Context) -> str:
     want = ctx.runtime
     if want is None:
-        return f"no registered pod's runtime auto-selects format {ctx.model.format}: name a runtime in `runtime:` or add one that does"
+        where = "no ServingRuntime" if ctx.cluster.runtimes else "no registered pod's runtime"
+        return f"{where} auto-selects format {ctx.model.format}: name a runtime in `runtime:` or add one that does"
     if p.runtime != want:
         how = "named in its `runtime:`" if ctx.model.runtime else f"the first by name that auto-selects {ctx.model.format}"
         return f"runs {p.runtime or 'an unnamed runtime'}; the model's runtime is {want} ({how})"
@@ -582,6 +606,10 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
     ctx = Context(model, cluster, now, cluster._ix(), cluster.copies.get(model.id) or {}, runtime=cluster.serving_runtime(model))
     trace: list[Step] = []
     candidates: list[PodView] = []
+    if cluster.waits_for_pool(ctx.runtime):
+        assert ctx.runtime is not None
+        reason = f"ServingRuntime {ctx.runtime} has no pods yet (a pool scaled to zero comes back once an InferenceService uses it)"
+        return Decision(model.id, None, [], [], reason, {}, len(cluster.pods), waits_for=ctx.runtime)
     pods, considered = candidate_pods(model, cluster, now)
     for p in pods:
         for f in FILTERS:

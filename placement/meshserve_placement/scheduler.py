@@ -88,6 +88,8 @@ class Scheduler:
         self.heartbeats: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
         self.waiting: set[str] = set()  # models with a request held by an activator
+        # model -> runtime: a request waits for a pool that has no pods yet (scale from zero)
+        self.pending: dict[str, str] = {}
         self.queues: dict[str, dict[str, float]] = {}  # pod -> model -> priority (mirror of ms:loadq:<pod>)
         self.rates: dict[str, float] = {}  # requests/s per model, from the runtimes' counters
         self.last_added: dict[str, float] = {}
@@ -262,8 +264,14 @@ class Scheduler:
         self.view.models[spec.id] = mv
 
     async def _refresh_pods(self) -> None:
-        """Pods register themselves and flag draining; pick up new pods and changed fields."""
-        raw = await self.state.r.hgetall(st.PODS)
+        """Pods register themselves and flag draining; pick up new pods and changed fields,
+        and the declared ServingRuntimes."""
+        async with self.state.r.pipeline(transaction=False) as p:
+            p.hgetall(st.PODS).hgetall(st.RUNTIMES)
+            raw, raw_runtimes = await p.execute()
+        runtimes = {n: policy.RuntimeView(n, tuple(f), tuple(a)) for n, (f, a) in st.parse_runtimes(raw_runtimes).items()}
+        if runtimes != self.view.runtimes:
+            self.view.runtimes = runtimes
         for k, v in raw.items():
             pid = k.decode()
             p = Pod.from_json(v)
@@ -333,6 +341,12 @@ class Scheduler:
         self.last_decisions[spec.id] = decision
         record = {**decision.to_dict(), "ts": now, "leader": self.id, "why": why or ("a request is waiting" if waiting else "")}
         ops.append(["HSET", keys.DECISIONS, spec.id, json.dumps(record, separators=(",", ":"))])
+        if decision.pod is None and decision.waits_for and waiting:
+            # The request stays held: placed again once a pod of that runtime registers.
+            log.info("%s waits for a pod of %s: %s", spec.id, decision.waits_for, decision.reason)
+            self.pending[spec.id] = decision.waits_for
+            await self._commit(ops, changes)
+            return False
         if decision.pod is None:
             log.warning("cannot place %s: %s", spec.id, decision.reason)
             if waiting:
@@ -487,6 +501,18 @@ class Scheduler:
                 dead = [p for p in self.view.pods if now - self.heartbeats.get(p, 0) > period * self.s.heartbeat_misses]
                 for pod in dead:
                     await self._withdraw_pod(pod)
+                await self._place_pending()
+
+    async def _place_pending(self) -> None:
+        """Requests held for a pool with no pods: place them once one of its pods is up."""
+        for model, runtime in list(self.pending.items()):
+            if not self.view.pool(runtime) and runtime in self.view.runtimes:
+                continue
+            del self.pending[model]
+            spec = self.specs.get(model)
+            placed = any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(model, {}).values())
+            if spec is not None and model in self.waiting and not placed:
+                await self._place(spec, waiting=True, why=f"ServingRuntime {runtime} has a pod now")
 
     async def _withdraw_pod(self, pod: str) -> None:
         log.warning("pod %s missed its heartbeats: withdrawing its placements", pod)
