@@ -56,7 +56,7 @@ MODEL = Dashboard(
     "meshserve-model",
     "meshserve / Model detail",
     [
-        # From the runtimes: the gateway's per-route stats are off by default (they cost ~10 KiB
+        # From the runtimes: the gateway's per-route stats are off by default (they cost ~4.5 KiB
         # of Envoy memory per loaded model; Settings.xds_route_stats).
         Panel("Request rate", [(f"sum(rate(meshserve_runtime_requests_total{{model=\"$model\"}}[{RATE}]))", "requests/s")], unit="reqps"),
         Panel(

@@ -35,8 +35,8 @@ class Settings:
     envoy_metrics_port: int = 9902
     xds_port: int = 18000
     # Per-model request stats on the gateway (Envoy `vhost.model.route.<model id>.*`, the
-    # request panels of the model dashboard). Off: they cost ~10 KiB of gateway memory per
-    # loaded model, ~200 MiB at 20,000 loaded (docs/design/routing.md). The runtimes' own
+    # request panels of the model dashboard). Off: they cost ~4.5 KiB of gateway memory per
+    # loaded model, ~90 MiB at 20,000 loaded (docs/design/routing.md). The runtimes' own
     # per-model metrics (meshserve_runtime_requests, meshserve_runtime_inference_seconds)
     # are always there.
     xds_route_stats: bool = False

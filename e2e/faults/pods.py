@@ -15,6 +15,7 @@ from typing import Any
 
 from e2e.faults.load import SteadyLoad
 from meshserve import devmesh
+from meshserve_xds.harness import model_route_clusters
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sklearn-mnist"
@@ -70,25 +71,12 @@ def pods_of_cluster(name: str) -> set[str]:
     return set(m.group(1).split("+")) if m else set()
 
 
-def _walk(node: Any, model_id: str, out: set[str]) -> None:
-    if isinstance(node, dict):
-        if "match" in node and "route" in node and f"/v2/models/{model_id}" in json.dumps(node["match"]):
-            action = node["route"]
-            names = [action["cluster"]] if "cluster" in action else [c["name"] for c in action.get("weighted_clusters", {}).get("clusters", [])]
-            for n in names:
-                out |= pods_of_cluster(n)
-        for v in node.values():
-            _walk(v, model_id, out)
-    elif isinstance(node, list):
-        for v in node:
-            _walk(v, model_id, out)
-
-
 def gateway_pods(m: devmesh.Mesh, model_id: str) -> set[str]:
     """The pods the gateway's REST routes send `model_id` to, from Envoy's config dump."""
     dump = json.loads(devmesh.http_get(f"{m.admin}/config_dump?resource=dynamic_route_configs", timeout=2)[1])
     out: set[str] = set()
-    _walk(dump, model_id, out)
+    for name in model_route_clusters(dump, model_id):  # either xDS layout
+        out |= pods_of_cluster(name)
     return out
 
 

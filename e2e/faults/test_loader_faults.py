@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +34,7 @@ from e2e.faults.load import SteadyLoad
 from e2e.faults.test_faults import infer_url, record
 from e2e.stores import ModelStore, knn_model
 from meshserve import devmesh
+from meshserve_xds.harness import model_route_clusters
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -70,13 +70,12 @@ def _post(url: str, doc: bytes, timeout: float = 120) -> tuple[int, dict[str, An
 
 def warm(m: devmesh.Mesh, body: bytes, model: str = "sklearn-mnist") -> str:
     """Load `model` with one request and wait until the gateway routes it straight to its pod
-    (the route's path is `/v2/models/<id>` or `/v2/models/<id>/...`, whichever layout xDS uses)."""
+    (whichever layout xDS uses)."""
     status, out, _ = _post(infer_url(m, model), body)
     assert status == 200, out
     model_id = out.get("modelName") or out.get("model_name")
-    pattern = re.compile(rf'"/v2/models/{re.escape(model_id)}[/"]'.encode())
-    devmesh.wait_until(lambda: pattern.search(devmesh.http_get(f"{m.admin}/config_dump?resource=dynamic_route_configs")[1]), 15,
-                       "route at the gateway")
+    devmesh.wait_until(lambda: model_route_clusters(json.loads(devmesh.http_get(f"{m.admin}/config_dump?resource=dynamic_route_configs")[1]), model_id),
+                       15, "route at the gateway")
     return model_id
 
 

@@ -6,8 +6,8 @@
   set. An `on_demand` filter after it holds a request whose scope names a RouteConfiguration
   the gateway has not received yet (a model that just loaded), instead of a 404.
 - One ScopedRouteConfiguration per model name (alias or concrete id), keyed on that name. A
-  loaded model's scopes name its own small RouteConfiguration `model/<id>` (REST routes that
-  rewrite the name to the id, one gRPC route); every cold name, and "-", names the shared
+  loaded model's scopes name its own small RouteConfiguration `model/<id>` (one REST route
+  that rewrites the name to the id, one gRPC route); every cold name, and "-", names the shared
   `activator` RouteConfiguration.
 - A name with a traffic plan (TrafficRule, canary, version move; docs/design/traffic.md) names
   its own RouteConfiguration `traffic/<name>` instead, rendered by traffic.py: the plan's REST
@@ -40,7 +40,7 @@ from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.on_demand.v3 import on_demand_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from meshserve_xds import fastpb
 from meshserve_xds import resources as r
 from meshserve_xds import traffic as tr
@@ -167,27 +167,36 @@ def scope(name: str, route_config: str) -> scoped_route_pb2.ScopedRouteConfigura
     )
 
 
+# The model-name segment of a REST path; the Lua keys the scope on the same segment.
+NAME_SEGMENT = r"^/v2/models/[^/?]+"
+
+
 def model_routes(state: r.RoutingState, model: str, names: list[str]) -> route_pb2.RouteConfiguration:
-    """A loaded model: gRPC to its pods' gRPC ports, REST rewritten from any of its names to its id.
+    """A loaded model: two routes, gRPC to its pods' gRPC ports and REST with the name segment
+    rewritten to its id, whatever name the request used.
+
+    Any name: a scope reaches this RouteConfiguration only through a name of this model (the
+    scope is keyed on it), so one REST route serves them all (`names` is not needed). It also
+    holds while an alias moves to another model: Envoy may apply the scope's new target before
+    this RouteConfiguration, and per-name routes would then miss the alias and answer 404
+    (e2e/test_rollout.py, a version move under load, fails none).
 
     Lean on purpose: one of these per loaded model is most of the gateway's memory at 10^5
-    names. The `mm-model-id` header and the retry policy sit on the virtual host, once, not on
-    every route; per-route stats (`stat_prefix`) only when `route_stats` asks for them. Measured
-    at 20,000 loaded of 100,000 registered: 1,034 MiB with both on every route, 737-781 MiB
-    without (docs/design/routing.md, "Memory")."""
+    names. The `mm-model-id` header and the retry policy sit on the virtual host, once, and
+    per-route stats (`stat_prefix`) are only there when `route_stats` asks for them. Measured
+    at 20,000 loaded of 100,000 registered: 1,034 MiB with four routes each carrying all three,
+    723-727 MiB like this (docs/design/routing.md, "Memory")."""
     pods = sorted(state.loaded[model])
     stat = model if state.route_stats else ""
     grpc = r._route_action([r.copies_cluster(pods, "grpc")], 120)
     retry = grpc.retry_policy
-    routes = [rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=GRPC_PREFIX), route=grpc)]
-    rest = [r.copies_cluster(pods, "rest")]
-    for name in names:
-        # Inside this scope segment 3 of a /v2/models/ path is exactly `name` (the Lua takes
-        # the key from the path first), so a prefix match cannot catch a longer name.
-        routes.append(rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=r.MODELS_PREFIX + name),
-                               route=r._with_rewrite(r._route_action(rest, 120), r.MODELS_PREFIX + model)))
-    # No catch-all: a request keyed on this model by header on some other path matches no
-    # route and gets the listener's "not found" (one route fewer per loaded model).
+    rest = r._route_action([r.copies_cluster(pods, "rest")], 120)
+    rest.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
+        pattern=regex_pb2.RegexMatcher(regex=NAME_SEGMENT), substitution=r.MODELS_PREFIX + model))
+    routes = [
+        rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=GRPC_PREFIX), route=grpc),
+        rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=r.MODELS_PREFIX), route=rest),
+    ]
     for rt in routes:
         rt.route.ClearField("retry_policy")
     vh = rc.VirtualHost(name="model", domains=["*"], routes=routes, retry_policy=retry, request_headers_to_add=r._set_model_header(model))
