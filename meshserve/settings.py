@@ -71,6 +71,9 @@ class Settings:
     lease_seconds: float = 2.0
     cold_start_timeout_seconds: float = 60.0
     load_timeout_seconds: float = 90.0
+    # A runtime that limits per-model concurrency (ModelMesh SPI `limitModelConcurrency`): how
+    # long a request may wait for a slot of its model before RESOURCE_EXHAUSTED.
+    request_queue_timeout_seconds: float = 30.0
     failed_pod_exclusion_seconds: float = 900.0  # ModelMesh's 15 minutes
     debounce_quiet_ms: int = 20
     debounce_max_ms: int = 200

@@ -152,13 +152,27 @@ async def _spi_pod(settings: Settings, index: int, spec: RuntimeSpec) -> BuiltPo
     if not spec.runtime_management_port:
         raise SystemExit(f"runtime {spec.name!r}: a modelruntime needs builtInAdapter.runtimeManagementPort (its SPI gRPC port)")
     client = SpiClient(f"{settings.host}:{spec.runtime_management_port}")
+    metrics = LoaderMetrics()
     await client.wait_ready(120)
     status = await client.status()
     rest, grpc_port, _ = settings.pod_ports(index)
+    if status.limit_model_concurrency:
+        # Envoy reaches this pod's gRPC through the limiting pass-through (limiter.py), which
+        # forwards to the runtime's data endpoint (grpcDataEndpoint, else its SPI port).
+        from meshserve_loader.limiter import ModelLimits
+
+        data = spec.grpc_data_port or spec.runtime_management_port
+        if data == grpc_port:
+            raise SystemExit(f"runtime {spec.name!r} limits per-model concurrency, so the pod's gRPC port {grpc_port} is the "
+                             f"loader's pass-through; serve inference on another port (grpcDataEndpoint)")
+        await client.limit_concurrency(ModelLimits(settings.request_queue_timeout_seconds, metrics.registry), settings.host, grpc_port,
+                                       f"{settings.host}:{data}")
+    elif spec.grpc_data_port:
+        grpc_port = spec.grpc_data_port  # Envoy goes straight to the runtime's data endpoint
     configured = settings.pod_capacity_bytes or status.capacity_bytes
     capacity = pod_capacity(min(configured, status.capacity_bytes) if status.capacity_bytes else configured, cgroup_limit_bytes(),
                             spec.mem_buffer_bytes or settings.mem_buffer_bytes)
     pod = Pod(settings.pod_name(index), settings.host, rest, grpc_port, capacity, advertised_formats(spec), spec.name,
               auto_formats(spec), max(1, min(settings.max_concurrent_loads, status.max_loading or settings.max_concurrent_loads)))
     timeout = (status.loading_timeout_ms or spec.loading_timeout_ms) / 1000 or settings.load_timeout_seconds
-    return BuiltPod(pod, spec, client, None, timeout, LoaderMetrics())
+    return BuiltPod(pod, spec, client, None, timeout, metrics)

@@ -39,6 +39,7 @@ class RuntimeSpec:
     mem_buffer_bytes: int = 0
     loading_timeout_ms: int = 0
     runtime_management_port: int = 0
+    grpc_data_port: int = 0  # `grpcDataEndpoint: port:N`: where the runtime serves inference
     env: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def declares(self, fmt: str, version: str = "") -> bool:
@@ -80,8 +81,19 @@ def parse_serving_runtime(d: Mapping[str, Any], where: str = "ServingRuntime") -
         mem_buffer_bytes=int(adapter.get("memBufferBytes") or 0),
         loading_timeout_ms=int(adapter.get("modelLoadingTimeoutMillis") or 0),
         runtime_management_port=int(adapter.get("runtimeManagementPort") or 0),
+        grpc_data_port=_endpoint_port(spec.get("grpcDataEndpoint"), f"{where} {name}: grpcDataEndpoint"),
         env=tuple(env),
     )
+
+
+def _endpoint_port(raw: Any, where: str) -> int:
+    """KServe's endpoint form `port:8085` (or `unix:...`, which a pod's neighbour can't reach)."""
+    if not raw:
+        return 0
+    kind, _, value = str(raw).partition(":")
+    if kind != "port" or not value.isdigit():
+        raise RuntimeSelectionError(f"{where}: expected `port:<number>`, got {raw!r}")
+    return int(value)
 
 
 def serving_runtimes(docs: Iterable[Document]) -> list[RuntimeSpec]:

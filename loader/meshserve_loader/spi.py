@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from meshserve_loader.builtin.formats import ModelLoadError, load_model
+from meshserve_loader.limiter import LimitingProxy, ModelLimits
 from meshserve_loader.storage import predict_size
 from meshserve_proto import model_runtime_pb2 as mr
 from meshserve_proto import model_runtime_pb2_grpc as mrg
@@ -30,6 +31,7 @@ class RuntimeStatus:
     loading_timeout_ms: int
     default_model_size: int
     version: str
+    limit_model_concurrency: bool = False  # each load answers the model's maxConcurrency
 
 
 class SpiClient:
@@ -40,14 +42,27 @@ class SpiClient:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = mrg.ModelRuntimeStub(self.channel)
         self.loaded: dict[str, int] = {}  # the SPI has no index: we track what we loaded
+        # Set (by `limit_concurrency`) when the runtime limits per-model concurrency: each
+        # load's maxConcurrency is enforced by the pass-through in front of its data endpoint.
+        self.limits: ModelLimits | None = None
+        self._proxy: LimitingProxy | None = None
+
+    async def limit_concurrency(self, limits: ModelLimits, host: str, port: int, data_target: str) -> None:
+        """Serve the pod's gRPC on host:port through a pass-through to `data_target` that holds
+        each model to the maxConcurrency its load answered."""
+        self.limits = limits
+        self._proxy = LimitingProxy(limits, data_target)
+        await self._proxy.start(host, port)
 
     async def close(self) -> None:
+        if self._proxy is not None:
+            await self._proxy.stop()
         await self.channel.close()
 
     async def status(self, timeout: float = 5.0) -> RuntimeStatus:
         r = await self.stub.runtimeStatus(mr.RuntimeStatusRequest(), timeout=timeout)
         return RuntimeStatus(r.status == mr.RuntimeStatusResponse.READY, r.capacity_in_bytes, r.max_loading_concurrency,
-                             r.model_loading_timeout_ms, r.default_model_size_in_bytes, r.runtime_version)
+                             r.model_loading_timeout_ms, r.default_model_size_in_bytes, r.runtime_version, r.limit_model_concurrency)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -85,6 +100,8 @@ class SpiClient:
                 raise asyncio.TimeoutError() from None
             raise RuntimeError(f"ModelRuntime could not load {model_id}: {e.code().name}: {e.details()}") from None
         self.loaded[model_id] = size
+        if self.limits is not None:
+            self.limits.set(model_id, int(r.max_concurrency))
         return size
 
     async def unload(self, model_id: str) -> None:
@@ -94,6 +111,8 @@ class SpiClient:
             if e.code() != grpc.StatusCode.NOT_FOUND:
                 raise RuntimeError(f"ModelRuntime could not unload {model_id}: {e.code().name}: {e.details()}") from None
         self.loaded.pop(model_id, None)
+        if self.limits is not None:
+            self.limits.drop(model_id)
 
     async def stats(self) -> dict[str, Any]:
         return {m: {"size": s} for m, s in self.loaded.items()}

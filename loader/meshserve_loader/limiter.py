@@ -1,0 +1,135 @@
+"""Per-model request concurrency, for runtimes that declare a limit (issue 5).
+
+A ModelMesh SPI runtime that answers `runtimeStatus` with `limitModelConcurrency` gives each
+model a `maxConcurrency` in its `loadModel` answer, and expects the mesh to hold a model's
+requests beyond it. ModelMesh does that in its own container, on the data path of every
+request. Here it is a gRPC pass-through in the loader, started only for such a runtime: the pod
+registers the proxy's port, so Envoy's requests for that pod come through it, wait for one of
+their model's slots (up to a queue timeout, then RESOURCE_EXHAUSTED) and go on, bytes
+untouched, to the runtime's data endpoint. Pods of every other runtime keep Envoy -> runtime
+with no Python on the path.
+
+The limit is per pod, as ModelMesh's is: each copy of a model takes that many requests at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, AsyncIterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+log = logging.getLogger("meshserve.loader.limiter")
+
+MODEL_ID_HEADER = "mm-model-id"
+VMODEL_ID_HEADER = "mm-vmodel-id"
+DEFAULT_QUEUE_TIMEOUT_S = 30.0
+
+
+class Overloaded(Exception):
+    """A request waited its whole queue timeout for a slot of its model."""
+
+
+class ModelLimits:
+    """model -> at most this many requests at once; models without a limit pass straight on."""
+
+    def __init__(self, queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S, registry: CollectorRegistry | None = None):
+        self.queue_timeout_s = queue_timeout_s
+        self.limits: dict[str, int] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        # The loader's labels stay bounded (metrics.py): totals, not per model.
+        r = registry if registry is not None else CollectorRegistry()
+        self.m_waiting = Gauge("meshserve_loader_requests_waiting", "Requests waiting for a slot of their model's concurrency limit", registry=r)
+        self.m_refused = Counter("meshserve_loader_requests_refused", "Requests refused after waiting the whole queue timeout for a slot", registry=r)
+
+    def set(self, model: str, limit: int) -> None:
+        """0 (or less) means no limit. Requests in flight keep the slot they hold."""
+        if limit > 0:
+            self.limits[model] = limit
+            self._slots[model] = asyncio.Semaphore(limit)
+        else:
+            self.drop(model)
+
+    def drop(self, model: str) -> None:
+        self.limits.pop(model, None)
+        self._slots.pop(model, None)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, model: str) -> AsyncIterator[None]:
+        sem = self._slots.get(model)
+        if sem is None:
+            yield
+            return
+        self.m_waiting.inc()
+        try:
+            await asyncio.wait_for(sem.acquire(), self.queue_timeout_s)
+        except TimeoutError:
+            self.m_refused.inc()
+            raise Overloaded(
+                f"model '{model}' is at its concurrency limit of {self.limits.get(model, '?')} requests and none finished "
+                f"within {self.queue_timeout_s:g}s; retry later, or add copies (meshserve.io/minCopies)"
+            ) from None
+        finally:
+            self.m_waiting.dec()
+        try:
+            yield
+        finally:
+            sem.release()
+
+
+def _model_of(metadata: Any) -> str:
+    md = {k: v for k, v in (metadata or ())}
+    return str(md.get(MODEL_ID_HEADER) or md.get(VMODEL_ID_HEADER) or "")
+
+
+class _Forward(grpc.GenericRpcHandler):
+    """Every unary method, as bytes, to the same method upstream; streams are not forwarded."""
+
+    def __init__(self, channel: grpc.aio.Channel, limits: ModelLimits):
+        self.channel, self.limits = channel, limits
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        model = _model_of(details.invocation_metadata)
+        upstream = self.channel.unary_unary(method)  # no (de)serializers: bytes through
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            md = [(k, v) for k, v in context.invocation_metadata() or () if not k.startswith(("grpc-", ":")) and k != "user-agent"]
+            try:
+                async with self.limits.slot(model):
+                    remaining = context.time_remaining()
+                    return await upstream(request, metadata=md, timeout=remaining if remaining is not None and remaining < 1e9 else None)
+            except Overloaded as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except grpc.aio.AioRpcError as e:
+                await context.abort(e.code(), e.details() or "")
+            raise AssertionError("unreachable")  # abort raises
+
+        return grpc.unary_unary_rpc_method_handler(call)
+
+
+class LimitingProxy:
+    """The pass-through: listens on (host, port), forwards to `upstream` ("host:port")."""
+
+    def __init__(self, limits: ModelLimits, upstream: str):
+        self.limits, self.upstream = limits, upstream
+        self._server: grpc.aio.Server | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._channel = grpc.aio.insecure_channel(self.upstream, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+        self._server.add_generic_rpc_handlers((_Forward(self._channel, self.limits),))
+        if not self._server.add_insecure_port(f"{host}:{port}"):
+            raise OSError(f"the concurrency-limiting proxy could not listen on {host}:{port}: is the port taken?")
+        await self._server.start()
+        log.info("per-model concurrency limits enforced on %s:%d -> %s", host, port, self.upstream)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self._channel is not None:
+            await self._channel.close()
