@@ -11,7 +11,6 @@ import asyncio
 from typing import Any, AsyncIterator
 
 import pytest
-from kubernetes import client
 
 from meshserve import state as st
 from meshserve.k8s import objects as ob
@@ -20,7 +19,7 @@ from meshserve.k8s.controller import Controller
 from meshserve.k8s.fakeapi import FakeApiServer
 from meshserve.model import ModelSpec
 from meshserve_placement import policy
-from tests.test_k8s_watch import BUILTIN_RUNTIME, NS, STORAGE, api, isvc, state, store, until  # noqa: F401 (fixtures)
+from tests.test_k8s_watch import BUILTIN_RUNTIME, STORAGE, api, isvc, running_controller, state, store, until  # noqa: F401 (fixtures)
 
 MB = 1 << 20
 MLSERVER_RUNTIME = {
@@ -87,14 +86,8 @@ def test_a_model_whose_pool_is_at_zero_waits_for_it_rather_than_land_elsewhere()
 # --- integration: the controller against the fake API server and a real Valkey -------------
 @pytest.fixture
 async def scaling_controller(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
-    ac = client.ApiClient(client.Configuration(host=api.url))
-    c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.2, debounce_seconds=0.02,
-                   max_backoff_seconds=0.3, scale_grace_seconds=1.0)
-    task = asyncio.create_task(c.run())
-    yield c
-    c.stop()
-    await asyncio.wait_for(task, 15)
-    ac.close()
+    async with running_controller(api, state, resync_seconds=0.2, scale_grace_seconds=1.0) as c:
+        yield c
 
 
 def replicas(api: FakeApiServer, name: str) -> int:

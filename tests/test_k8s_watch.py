@@ -5,6 +5,7 @@ processes and sockets on 127.0.0.1 only, every server stopped; each test bounded
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from pathlib import Path
@@ -66,18 +67,26 @@ async def state(store) -> AsyncIterator[st.State]:
     await s.close()
 
 
+@contextlib.asynccontextmanager
+async def running_controller(api: FakeApiServer, state: st.State, **kw: Any) -> AsyncIterator[Controller]:
+    """A Controller on the fake API server with test-sized timings (`kw` overrides), stopped after."""
+    ac = client.ApiClient(client.Configuration(host=api.url))
+    c = Controller(ac, state, NS, **{"watch_timeout_seconds": 3, "resync_seconds": 0.3, "debounce_seconds": 0.02,
+                                     "max_backoff_seconds": 0.3, **kw})
+    task = asyncio.create_task(c.run())
+    try:
+        yield c
+    finally:
+        c.stop()
+        await asyncio.wait_for(task, 15)
+        ac.close()
+
+
 @pytest.fixture
 async def controller(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
-    cfg = client.Configuration(host=api.url)
-    ac = client.ApiClient(cfg)
     # Pages of two objects: every list in these tests goes through `continue` tokens.
-    c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.3, debounce_seconds=0.02,
-                   max_backoff_seconds=0.3, page_size=2)
-    task = asyncio.create_task(c.run())
-    yield c
-    c.stop()
-    await asyncio.wait_for(task, 15)
-    ac.close()
+    async with running_controller(api, state, page_size=2) as c:
+        yield c
 
 
 async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:

@@ -92,6 +92,19 @@ async def runtime_port():
         await server.stop(0)
 
 
+async def limited_pod(tmp_path: Path, port: int, queue_timeout_s: float):  # type: ignore[no-untyped-def]
+    """The loader's own pod wiring for the ServingRuntime above: (settings, BuiltPod)."""
+    from meshserve_loader.pod import build_pod
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "limited.yaml").write_text(SR.replace("{port}", str(port)))
+    (tmp_path / "hello.txt").write_text("hello")
+    s = Settings(config_dir=tmp_path / "cfg", data_dir=tmp_path / "data", pod_runtimes="limited-spi", runtime_base_port=free_port(),
+                 request_queue_timeout_seconds=queue_timeout_s)
+    async with aiohttp.ClientSession() as session:
+        return s, await build_pod(s, 0, session)
+
+
 async def _infer_many(target: str, model: str, n: int) -> list[tuple[grpc.StatusCode, float]]:
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pbg.GRPCInferenceServiceStub(ch)
@@ -108,16 +121,8 @@ async def _infer_many(target: str, model: str, n: int) -> list[tuple[grpc.Status
 
 
 async def test_a_declared_limit_holds_requests_to_it_and_others_pass(tmp_path: Path, runtime_port) -> None:  # type: ignore[no-untyped-def]
-    from meshserve_loader.pod import build_pod
-
     servicer, port = runtime_port
-    (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "limited.yaml").write_text(SR.replace("{port}", str(port)))
-    (tmp_path / "hello.txt").write_text("hello")
-    s = Settings(config_dir=tmp_path / "cfg", data_dir=tmp_path / "data", pod_runtimes="limited-spi", runtime_base_port=free_port(),
-                 request_queue_timeout_seconds=5.0)
-    async with aiohttp.ClientSession() as session:
-        built = await build_pod(s, 0, session)
+    s, built = await limited_pod(tmp_path, port, queue_timeout_s=5.0)
     client = built.runtime
     try:
         assert built.pod.grpc_port == s.pod_ports(0)[1] != port  # Envoy is sent to the pass-through
@@ -144,16 +149,8 @@ async def test_a_declared_limit_holds_requests_to_it_and_others_pass(tmp_path: P
 
 
 async def test_a_request_that_waits_too_long_gets_resource_exhausted(tmp_path: Path, runtime_port) -> None:  # type: ignore[no-untyped-def]
-    from meshserve_loader.pod import build_pod
-
     servicer, port = runtime_port
-    (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "limited.yaml").write_text(SR.replace("{port}", str(port)))
-    (tmp_path / "hello.txt").write_text("hello")
-    s = Settings(config_dir=tmp_path / "cfg", data_dir=tmp_path / "data", pod_runtimes="limited-spi", runtime_base_port=free_port(),
-                 request_queue_timeout_seconds=0.45)
-    async with aiohttp.ClientSession() as session:
-        built = await build_pod(s, 0, session)
+    _, built = await limited_pod(tmp_path, port, queue_timeout_s=0.45)
     client = built.runtime
     try:
         await client.load("one-a", {"path": str(tmp_path / "hello.txt"), "format": "string"}, 10)

@@ -193,6 +193,7 @@ class Scheduler:
                 excluded[(m, p)] = float(v)
         # Building the view is pure and O(models): off the event loop, so the lease keeps.
         self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
+        await self._refresh_pods()  # the declared runtimes too, before any decision on the new view
         self._lastused_seen = max((v for _, v in lu), default=0.0)
         self.queues = {}
         for pod in self.pods:
