@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve import registry
-from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.model import Copy, CopyState, ModelSpec, auto_selected
 from meshserve.yamlfile import ConfigError, Document
 
 KSERVE_GROUP = "serving.kserve.io"
@@ -100,11 +100,7 @@ def runtime_of(spec: ModelSpec, runtimes: dict[str, Runtime]) -> str | None:
     if spec.runtime:
         r = runtimes.get(spec.runtime)
         return spec.runtime if r is not None and not r.disabled else None
-    for name in sorted(runtimes):
-        r = runtimes[name]
-        if not r.disabled and spec.format in r.auto_formats:
-            return name
-    return None
+    return auto_selected(spec.format, {n: r.auto_formats for n, r in runtimes.items() if not r.disabled})
 
 
 @dataclass(frozen=True)

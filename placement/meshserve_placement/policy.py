@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from meshserve.model import Copy, CopyState
+from meshserve.model import Copy, CopyState, auto_selected
 
 # At most this many pods are checked one by one; larger clusters use the candidate set below.
 FULL_SCAN_PODS = 16
@@ -361,10 +361,7 @@ class ClusterView:
         if model.runtime:
             return model.runtime
         if self.runtimes:
-            for name in sorted(self.runtimes):
-                if model.format in self.runtimes[name].auto_formats:
-                    return name
-            return None
+            return auto_selected(model.format, {n: r.auto_formats for n, r in self.runtimes.items()})
         return self._pools()[1].get(model.format)
 
     def waits_for_pool(self, runtime: str | None) -> bool:
