@@ -56,19 +56,24 @@ MODEL = Dashboard(
     "meshserve-model",
     "meshserve / Model detail",
     [
-        # From the runtimes: the gateway's per-route stats are off by default (they cost ~4.5 KiB
-        # of Envoy memory per loaded model; Settings.xds_route_stats).
-        Panel("Request rate", [(f"sum(rate(meshserve_runtime_requests_total{{model=\"$model\"}}[{RATE}]))", "requests/s")], unit="reqps"),
+        # From the built-in runtime's per-model metrics, else from the gateway's per-route stats
+        # where they are on (MESHSERVE_XDS_ROUTE_STATS: off by default, they cost ~4.5 KiB of
+        # Envoy memory per loaded model), which is how MLServer and Triton models show here.
+        Panel("Request rate", [(f"sum(rate(meshserve_runtime_requests_total{{model=\"$model\"}}[{RATE}])) "
+                                f"or sum(rate(envoy_vhost_route_upstream_rq_total{{envoy_route=\"$model\"}}[{RATE}]))", "requests/s")], unit="reqps"),
         Panel(
             "Errors",
-            [(f"sum(rate(meshserve_runtime_requests_total{{model=\"$model\",code!=\"200\"}}[{RATE}])) or vector(0)", "errors/s")],
+            [(f"sum(rate(meshserve_runtime_requests_total{{model=\"$model\",code!=\"200\"}}[{RATE}])) "
+              f"or sum(rate(envoy_vhost_route_upstream_rq_xx{{envoy_route=\"$model\",envoy_response_code_class=~\"4|5\"}}[{RATE}])) or vector(0)", "errors/s")],
             unit="reqps",
         ),
         Panel(
-            "Latency p50 / p99 (inside the runtime)",
+            "Latency p50 / p99",
             [
-                (f"histogram_quantile(0.5, sum by (le) (rate(meshserve_runtime_inference_seconds_bucket{{model=\"$model\"}}[{RATE}])))", "p50"),
-                (f"histogram_quantile(0.99, sum by (le) (rate(meshserve_runtime_inference_seconds_bucket{{model=\"$model\"}}[{RATE}])))", "p99"),
+                (f"histogram_quantile(0.5, sum by (le) (rate(meshserve_runtime_inference_seconds_bucket{{model=\"$model\"}}[{RATE}]))) "
+                 f"or histogram_quantile(0.5, sum by (le) (rate(envoy_vhost_route_upstream_rq_time_bucket{{envoy_route=\"$model\"}}[{RATE}]))) / 1000", "p50"),
+                (f"histogram_quantile(0.99, sum by (le) (rate(meshserve_runtime_inference_seconds_bucket{{model=\"$model\"}}[{RATE}]))) "
+                 f"or histogram_quantile(0.99, sum by (le) (rate(envoy_vhost_route_upstream_rq_time_bucket{{envoy_route=\"$model\"}}[{RATE}]))) / 1000", "p99"),
             ],
             unit="s",
         ),
