@@ -96,3 +96,39 @@ def test_v2_rest_through_the_gateway_to_mlserver(mlserver_exe: Path, fixtures: P
             doc = json.loads(body)
             assert doc["model_name"].startswith("sklearn-mnist__isvc-") and doc["outputs"][0]["data"] == [8]
         assert "runtime=mlserver-1.x" in m.log()
+
+
+def test_each_model_goes_to_its_runtime_pool(mlserver_exe: Path, fixtures: Path, tmp_path: Path) -> None:
+    """Issues 5 and 7: one built-in pod and one MLServer pod, both auto-selecting sklearn. The
+    seed's sklearn-mnist names no runtime, so KServe's rule (the first runtime by name that
+    auto-selects sklearn: meshserve-builtin) puts it on the built-in pod, and the seed's
+    proto-JSON curl works (MLServer would answer it 422). A copy of it that names
+    `runtime: mlserver-1.x` is served by MLServer, through the same gateway."""
+    cfg = _mlserver_config(tmp_path)
+    named = (cfg / "sklearn-mnist.yaml").read_text().replace("name: sklearn-mnist", "name: mnist-on-mlserver").replace(
+        "      modelFormat:", "      runtime: mlserver-1.x\n      modelFormat:")
+    (cfg / "mnist-on-mlserver.yaml").write_text(named)
+
+    def post(model: str, body: str, *headers: str) -> tuple[str, dict]:
+        out = subprocess.run(["curl", "-sS", "-X", "POST", f"{m.rest}/v2/models/{model}/infer", "-d", f"@{fixtures / body}", *headers,
+                              "-w", "\n%{http_code}", "--max-time", "150"], capture_output=True, text=True, timeout=180)
+        text, _, code = out.stdout.rpartition("\n")
+        return code, json.loads(text) if text.startswith("{") else {"raw": text}
+
+    import redis
+
+    with devmesh.mesh(config_dir=cfg, pods=2, pod_runtimes="builtin,mlserver-1.x") as m:
+        r = redis.Redis.from_url(m.redis_url)  # `meshserve up` says it is up once both pods are registered
+        code, doc = post("sklearn-mnist", "mnist-request-proto-json.json")
+        assert code == "200", f"{doc}\n{m.log()[-4000:]}"
+        assert doc["outputs"][0]["contents"]["int64Contents"] == ["8"] and "modelName" in doc  # the built-in runtime's answer
+        code, doc = post("mnist-on-mlserver", "mnist-request-v2-rest.json", "-H", "Content-Type: application/json")
+        assert code == "200", f"{doc}\n{m.log()[-4000:]}"
+        assert doc["model_name"].startswith("mnist-on-mlserver__isvc-") and doc["outputs"][0]["data"] == [8]  # MLServer's
+        try:
+            pods = {json.loads(v)["runtime"]: k.decode() for k, v in r.hgetall("ms:pods").items()}
+            where = {a.decode(): set(json.loads(r.hget("ms:placements", r.hget("ms:aliases", a)) or b"{}"))
+                     for a in (b"sklearn-mnist", b"mnist-on-mlserver")}
+        finally:
+            r.close()
+        assert where == {"sklearn-mnist": {pods["meshserve-builtin"]}, "mnist-on-mlserver": {pods["mlserver-1.x"]}}

@@ -108,14 +108,25 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
         [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", str(s.envoy_concurrency)],
     )
     await wait_http(f"http://127.0.0.1:{s.gateway_rest_port}/v2/health/ready", 60)
-    # "Up" means every pod can take a model: its runtime answers. A runtime that is slow to come
-    # (MLServer installing its venv the first time) is reported, not fatal.
-    for i in range(s.pods):
-        url = f"http://127.0.0.1:{s.pod_ports(i)[0]}/v2/health/ready"
-        try:
-            await wait_http(url, 180)
-        except TimeoutError:
-            print(f"meshserve: pod-{i}'s runtime is not ready yet ({url}); it takes models once it is", flush=True)
+    # "Up" means every pod can take a model: its runtime answers and its loader has registered
+    # it with placement (an MLServer answers before its loader registers the pod). A runtime that
+    # is slow to come (MLServer installing its venv the first time) is reported, not fatal.
+    state = st.State.from_url(s.redis_url)
+    try:
+        for i in range(s.pods):
+            url = f"http://127.0.0.1:{s.pod_ports(i)[0]}/v2/health/ready"
+            try:
+                await wait_http(url, 180)
+                deadline = time.monotonic() + 30
+                while not await state.r.hexists(st.PODS, s.pod_name(i)):
+                    if time.monotonic() > deadline:
+                        print(f"meshserve: pod-{i}'s runtime answers but its loader has not registered it yet; see loader-{i}'s log", flush=True)
+                        break
+                    await asyncio.sleep(0.1)
+            except TimeoutError:
+                print(f"meshserve: pod-{i}'s runtime is not ready yet ({url}); it takes models once it is", flush=True)
+    finally:
+        await state.close()
 
 
 def banner(s: Settings) -> str:
