@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from meshserve.yamlfile import load_documents
+from meshserve_placement import policy
 from meshserve_loader.runtimes import (
-    Format, RuntimeSelectionError, RuntimeSpec, builtin_runtime, parse_serving_runtime, pod_serves, select_runtime,
+    Format, RuntimeSelectionError, RuntimeSpec, builtin_runtime, parse_serving_runtime, select_runtime,
     serving_runtimes,
 )
 
@@ -54,9 +55,17 @@ def test_ties_are_broken_by_name_and_pod_filter() -> None:
     a = RuntimeSpec("b-rt", (Format("onnx", "", True),))
     b = RuntimeSpec("a-rt", (Format("onnx", "", True),))
     assert select_runtime("onnx", "", "", [a, b]).name == "a-rt"
-    assert pod_serves("peft-model-server", ["peft-model"], "peft-model", "peft-model-server")
-    assert not pod_serves("meshserve-builtin", ["sklearn"], "sklearn", "peft-model-server")
-    assert pod_serves("meshserve-builtin", ["sklearn"], "sklearn", "")
+    # The pod side of the rule is placement's `serves-model` filter.
+    pods = {"peft": policy.PodView("peft", 1 << 30, ["peft-model"], runtime="peft-model-server"),
+            "builtin": policy.PodView("builtin", 1 << 30, ["sklearn"], runtime="meshserve-builtin")}
+    cv = policy.ClusterView(pods=pods, models={})
+
+    def pod_for(fmt: str, explicit: str) -> str | None:
+        return policy.place(policy.ModelView("m", fmt, 1, runtime=explicit), cv, now=1.0).pod
+
+    assert pod_for("peft-model", "peft-model-server") == "peft"
+    assert pod_for("sklearn", "peft-model-server") is None
+    assert pod_for("sklearn", "") == "builtin"
 
 
 def test_bad_runtime_yaml() -> None:

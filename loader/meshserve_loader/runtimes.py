@@ -125,11 +125,3 @@ def select_runtime(fmt: str, version: str, explicit: str, runtimes: Iterable[Run
 def builtin_runtime(formats: Iterable[str]) -> RuntimeSpec:
     """Our built-in runtime as a ServingRuntime would declare it: every format, autoSelect."""
     return RuntimeSpec(BUILTIN, tuple(Format(f, "", True) for f in sorted(formats)), "builtin")
-
-
-def pod_serves(pod_runtime: str, pod_formats: Iterable[str], fmt: str, explicit: str) -> bool:
-    """What placement's format filter should ask of a pod: an explicit runtime must be the pod's
-    own; otherwise the pod must auto-select the format (its advertised formats are those)."""
-    if explicit:
-        return explicit == pod_runtime
-    return fmt in set(pod_formats)
