@@ -47,9 +47,6 @@ class PodView:
     runtime: str = ""  # its ServingRuntime's name
     auto_formats: list[str] | None = None  # formats it is picked for without `runtime:`; None: all of `formats`
 
-    def auto_selects(self, fmt: str) -> bool:
-        return fmt in (self.formats if self.auto_formats is None else self.auto_formats)
-
 
 @dataclass(frozen=True)
 class RuntimeView:
