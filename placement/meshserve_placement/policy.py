@@ -567,12 +567,16 @@ SCORERS: list[Scorer] = [
 ]
 
 
-def candidate_pods(model: ModelView, cluster: ClusterView, now: float) -> tuple[list[PodView], dict[str, str]]:
+_ASK: Any = object()
+
+
+def candidate_pods(model: ModelView, cluster: ClusterView, now: float, runtime: Any = _ASK) -> tuple[list[PodView], dict[str, str]]:
     """All pods on small clusters; on large ones the pods that hold the globally cheapest
     evictions plus a random sample, so a decision stays O(1) in the number of pods."""
     if len(cluster.pods) <= FULL_SCAN_PODS:
         return sorted(cluster.pods.values(), key=lambda p: p.id), {}
-    runtime = cluster.serving_runtime(model)
+    if runtime is _ASK:  # place() passes the one it already has
+        runtime = cluster.serving_runtime(model)
     pool = cluster.pool(runtime) if runtime is not None else []
     if len(pool) <= FULL_SCAN_PODS:
         # Few pods run this model's runtime (or none: every pod is checked, so the trace says
@@ -604,7 +608,7 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
         assert ctx.runtime is not None
         reason = f"ServingRuntime {ctx.runtime} has no pods yet (a pool scaled to zero comes back once an InferenceService uses it)"
         return Decision(model.id, None, [], [], reason, {}, len(cluster.pods), waits_for=ctx.runtime)
-    pods, considered = candidate_pods(model, cluster, now)
+    pods, considered = candidate_pods(model, cluster, now, ctx.runtime)
     for p in pods:
         for f in FILTERS:
             why = f.check(p, ctx)
