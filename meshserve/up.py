@@ -72,6 +72,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     from meshserve_xds.bootstrap import XdsClientTls, gateway_bootstrap
 
     tls = XdsClientTls.from_settings(s)  # a half-configured MESHSERVE_XDS_TLS_* fails here, before anything starts
+    started = time.time()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_example_model(s.pvc_root)
     py = sys.executable
@@ -108,23 +109,26 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
         [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", str(s.envoy_concurrency)],
     )
     await wait_http(f"http://127.0.0.1:{s.gateway_rest_port}/v2/health/ready", 60)
-    # "Up" means every pod can take a model: its runtime answers and its loader has registered
-    # it with placement (an MLServer answers before its loader registers the pod). A runtime that
-    # is slow to come (MLServer installing its venv the first time) is reported, not fatal.
+    # "Up" means every pod can take a model: its loader has registered it with placement, which
+    # a loader does once its runtime answers (the built-in runtime, MLServer, an SPI runtime).
+    # A runtime that is slow to come (MLServer installing its venv the first time) is
+    # reported, not fatal.
     state = st.State.from_url(s.redis_url)
+
+    async def registered(pod: str) -> bool:
+        # By this run's loader: a record left in Redis by the last run doesn't count.
+        beat = await state.r.zscore(st.HEARTBEATS, pod)
+        return beat is not None and beat >= started and bool(await state.r.hexists(st.PODS, pod))
+
     try:
+        deadline = time.monotonic() + 180
         for i in range(s.pods):
-            url = f"http://127.0.0.1:{s.pod_ports(i)[0]}/v2/health/ready"
-            try:
-                await wait_http(url, 180)
-                deadline = time.monotonic() + 30
-                while not await state.r.hexists(st.PODS, s.pod_name(i)):
-                    if time.monotonic() > deadline:
-                        print(f"meshserve: pod-{i}'s runtime answers but its loader has not registered it yet; see loader-{i}'s log", flush=True)
-                        break
-                    await asyncio.sleep(0.1)
-            except TimeoutError:
-                print(f"meshserve: pod-{i}'s runtime is not ready yet ({url}); it takes models once it is", flush=True)
+            while not await registered(s.pod_name(i)):
+                if time.monotonic() > deadline:
+                    print(f"meshserve: pod-{i} is not registered yet (its runtime is not ready); it takes models once it is; "
+                          f"see loader-{i}'s log", flush=True)
+                    break
+                await asyncio.sleep(0.1)
     finally:
         await state.close()
 

@@ -29,7 +29,8 @@ INFER_SECONDS = 0.3
 
 
 class LimitingRuntime(SpiServer, pbg.GRPCInferenceServiceServicer):
-    """Models whose id starts with `one-` may take one request at a time; the others any number."""
+    """Models whose id starts with `one-` may take one request at a time; the others any number.
+    (e2e/test_spi_limits_gateway.py runs it behind a whole mesh too.)"""
 
     def __init__(self) -> None:
         super().__init__(capacity_bytes=1 << 30, max_loading=2)
