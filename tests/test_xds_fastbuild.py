@@ -92,15 +92,14 @@ def test_an_empty_name_is_built_as_a_message() -> None:
 def test_model_routes_wire_gives_protobufs_bytes(model: str, aliases: list[str], pods: list[str], timeout: float) -> None:
     """Any pod set (a single pod or a copy set, in any order), any number of names."""
     s = r.RoutingState(pods=PODS, loaded={model: pods}, aliases={a: model for a in aliases}, activator=ACT, cold_timeout_s=timeout)
-    names_of = r._names_for(s)
-    table = scoped.model_routes_wire(s, names_of)
+    table = scoped.model_routes_wire(s, s.loaded)
     got = table.wire[scoped.model_rc_name(model)]
     assert isinstance(got, bytes)
-    assert got == scoped.model_routes(s, model, names_of[model]).SerializeToString()
-    assert table[scoped.model_rc_name(model)] == scoped.model_routes(s, model, names_of[model])
+    assert got == scoped.model_routes(s, model).SerializeToString()
+    assert table[scoped.model_rc_name(model)] == scoped.model_routes(s, model)
 
 
-def test_one_template_per_number_of_names_and_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_template_per_number_of_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     """Copy sets are many in a large pool (one per pair of pods in use): templates are not."""
     pods = {f"pod-{i}": r.Endpoint(f"10.0.0.{i}", 8008, 8033) for i in range(30)}
     sets = [list(c) for c in itertools.combinations(sorted(pods, reverse=True), 2)]  # 435 pairs, unsorted
@@ -109,10 +108,10 @@ def test_one_template_per_number_of_names_and_copies(monkeypatch: pytest.MonkeyP
     compiled = []
     real = fastpb.compile_checked
     monkeypatch.setattr(fastpb, "compile_checked", lambda *a, **k: compiled.append(a[1]) or real(*a, **k))
-    table = scoped.model_routes_wire(s, scoped.model_names(s))
+    table = scoped.model_routes_wire(s, s.loaded)
     assert len(r.copy_sets_of(s.loaded.values(), pods)) > 100 and len(compiled) == 2
-    for m, ns in scoped.model_names(s).items():
-        assert table.wire[scoped.model_rc_name(m)] == scoped.model_routes(s, m, ns).SerializeToString()
+    for m in s.loaded:
+        assert table.wire[scoped.model_rc_name(m)] == scoped.model_routes(s, m).SerializeToString()
 
 
 def test_templates_refuse_what_they_cannot_splice() -> None:

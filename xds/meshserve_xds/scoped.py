@@ -27,7 +27,7 @@ faster, which is what keeps a resync at 100,000 registered names under a second.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterable
 
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 
@@ -171,12 +171,13 @@ def scope(name: str, route_config: str) -> scoped_route_pb2.ScopedRouteConfigura
 NAME_SEGMENT = r"^/v2/models/[^/?]+"
 
 
-def model_routes(state: r.RoutingState, model: str, names: list[str]) -> route_pb2.RouteConfiguration:
+def model_routes(state: r.RoutingState, model: str) -> route_pb2.RouteConfiguration:
     """A loaded model: two routes, gRPC to its pods' gRPC ports and REST with the name segment
     rewritten to its id, whatever name the request used.
 
     Any name: a scope reaches this RouteConfiguration only through a name of this model (the
-    scope is keyed on it), so one REST route serves them all (`names` is not needed). It also
+    scope is keyed on it), so one REST route serves them all, and aliases coming and going
+    never change it: it depends on the id and the pods alone. It also
     holds while an alias moves to another model: Envoy may apply the scope's new target before
     this RouteConfiguration, and per-name routes would then miss the alias and answer 404
     (e2e/test_rollout.py, a version move under load, fails none).
@@ -256,17 +257,6 @@ def _traffic_key(state: r.RoutingState, name: str, plan: Any) -> tuple:
     return (tuple(plan.branches), plan.mirror, name in state.aliases, placed)
 
 
-def model_names(state: r.RoutingState) -> dict[str, list[str]]:
-    """Loaded model -> its names: the id, then its aliases in order, as `diff_partial` lists
-    them. So a model's RouteConfiguration is the same bytes whether a full build or a patch
-    made it, and whatever order the aliases were read in."""
-    names = r._names_for(state)
-    for ns in names.values():
-        if len(ns) > 2:
-            ns[1:] = sorted(ns[1:])
-    return names
-
-
 def scope_targets(state: r.RoutingState) -> dict[str, str]:
     """name -> the RouteConfiguration its scope names: the model's own when loaded, else the
     activator's. Every registered name gets one, so a cold model still loads on demand. A name
@@ -304,13 +294,13 @@ def build_all(state: r.RoutingState, listeners: r.ListenerConfig, wire: bool = T
     }
     if wire:
         res.by_type[r.SCOPED_ROUTE_TYPE] = scopes_wire(scope_targets(state))
-        table = model_routes_wire(state, model_names(state))
+        table = model_routes_wire(state, state.loaded)
         routes = table.wire
     else:
         res.by_type[r.SCOPED_ROUTE_TYPE] = {scope_name(n): scope(n, t) for n, t in scope_targets(state).items()}
         routes = {}
-        for model, names in model_names(state).items():
-            routes[model_rc_name(model)] = model_routes(state, model, names)
+        for model in state.loaded:
+            routes[model_rc_name(model)] = model_routes(state, model)
     routes = {ACTIVATOR_RC: activator_routes(state), **routes}
     for name, plan in state.traffic.items():
         routes[traffic_rc_name(name)] = traffic_routes(state, name, plan)
@@ -321,7 +311,7 @@ def build_all(state: r.RoutingState, listeners: r.ListenerConfig, wire: bool = T
 # Templates (fastpb), each checked against its builder when made: a scope is `scope(name,
 # route_config)` with both strings spliced in (and one with the shared activator's name fixed,
 # for most scopes); a loaded model's RouteConfiguration is `model_routes` for one number of
-# names and of copies, with the id, the names and the pods spliced in.
+# copies, with the id and the pods spliced in.
 _scope_templates: dict[str, fastpb.Template | None] = {}
 _MISSING: Any = object()
 
@@ -352,44 +342,44 @@ def scopes_wire(targets: dict[str, str]) -> fastpb.WireTable:
     return fastpb.WireTable(r.SCOPED_ROUTE_TYPE, scoped_route_pb2.ScopedRouteConfiguration, out)
 
 
-def _model_template(state: r.RoutingState, names: int, pods: int) -> fastpb.Template | None:
-    """`model_routes` with the id, `names` names and `pods` pods (sorted) open: the pods only
-    appear in cluster names, so one template serves every pod set of that size."""
-    def build(model: str, *rest: str) -> route_pb2.RouteConfiguration:
-        return model_routes(replace(state, loaded={model: list(rest[names:])}), model, list(rest[:names]))
+def _model_template(state: r.RoutingState, pods: int) -> fastpb.Template | None:
+    """`model_routes` with the id and `pods` pods (sorted) open: the pods only appear in cluster
+    names, so one template serves every pod set of that size."""
+    def build(model: str, *held: str) -> route_pb2.RouteConfiguration:
+        return model_routes(replace(state, loaded={model: list(held)}), model)
 
-    return fastpb.compile_checked(build, 1 + names + pods)
+    return fastpb.compile_checked(build, 1 + pods)
 
 
-def model_routes_wire(state: r.RoutingState, names_of: dict[str, list[str]]) -> fastpb.WireTable:
-    """`model_routes` for every loaded model (id -> its names), serialized: RouteConfiguration
-    name -> bytes, from one template per number of names and of copies."""
-    templates: dict[tuple[int, int], fastpb.Template | None] = {}
+def model_routes_wire(state: r.RoutingState, models: Iterable[str]) -> fastpb.WireTable:
+    """`model_routes` for each of `models` (loaded), serialized: RouteConfiguration name ->
+    bytes, from one template per number of copies."""
+    templates: dict[int, fastpb.Template | None] = {}
     out: dict[str, object] = {}
     loaded = state.loaded
-    for model, names in names_of.items():
+    for model in models:
         pods = loaded[model]
-        key = (len(names), len(pods))
-        tpl = templates.get(key, _MISSING)
+        n = len(pods)
+        tpl = templates.get(n, _MISSING)
         if tpl is _MISSING:
-            tpl = templates[key] = _model_template(state, *key)
+            tpl = templates[n] = _model_template(state, n)
         b = None
         if tpl is not None:
-            b = tpl.render(model.encode(), *[n.encode() for n in names], *[p.encode() for p in (sorted(pods) if key[1] > 1 else pods)])
-        out["model/" + model] = b if b is not None else model_routes(state, model, names)  # model_rc_name(), inlined
+            b = tpl.render(model.encode(), *[p.encode() for p in (sorted(pods) if n > 1 else pods)])
+        out["model/" + model] = b if b is not None else model_routes(state, model)  # model_rc_name(), inlined
     return fastpb.WireTable(r.ROUTE_TYPE, route_pb2.RouteConfiguration, out)
 
 
 @dataclass
 class Index:
     """What the last publish held, to diff the next one against: name -> RouteConfiguration
-    its scope names, per loaded model what its RouteConfiguration was built from, per name
+    its scope names, per loaded model the pods its RouteConfiguration was built from, per name
     with a traffic plan what the plan's RouteConfiguration was built from, and the reverse
     map model -> plan names that name it (so a change can tell in O(change) that it touches
     a plan)."""
 
     targets: dict[str, str] = field(default_factory=dict)
-    models: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # loaded model -> its pods, sorted
     traffic: dict[str, tuple] = field(default_factory=dict)
     plans_of: dict[str, set[str]] = field(default_factory=dict)
     # copy set (pods holding a model with several copies) -> how many models route to it; its
@@ -406,14 +396,13 @@ class Patch:
 
 
 def index(state: r.RoutingState) -> Index:
-    names = model_names(state)
     plans_of: dict[str, set[str]] = {}
     for name, plan in state.traffic.items():
         for m in plan_models(name, plan):
             plans_of.setdefault(m, set()).add(name)
-    models = {m: (tuple(sorted(state.loaded[m])), tuple(names[m])) for m in names}
+    models = {m: tuple(sorted(pods)) for m, pods in state.loaded.items()}
     sets: dict[tuple[str, ...], int] = {}
-    for pods, _ in models.values():
+    for pods in models.values():
         if len(pods) > 1:
             sets[pods] = sets.get(pods, 0) + 1
     return Index(
@@ -441,7 +430,7 @@ def diff(old: Index, state: r.RoutingState) -> tuple[Patch, Index]:
     routes = p.upserts.setdefault(r.ROUTE_TYPE, {ACTIVATOR_RC: activator_routes(state)})
     for m, key in new.models.items():
         if old.models.get(m) != key:
-            routes[model_rc_name(m)] = model_routes(state, m, list(key[1]))
+            routes[model_rc_name(m)] = model_routes(state, m)
     p.removes[r.ROUTE_TYPE] = [model_rc_name(m) for m in old.models if m not in new.models]
     # A plan's RouteConfiguration is rebuilt when the plan changed or a model it names moved.
     for name, key in new.traffic.items():
@@ -463,20 +452,16 @@ def diff_partial(old: Index, part: r.RoutingState, models: set[str], names: set[
     model routes to any more loses them."""
     types = (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE)
     p = Patch(upserts={t: {} for t in types}, removes={t: [] for t in types})
-    names_of: dict[str, list[str]] = {m: [m] for m in part.loaded}
-    for alias, model in sorted(part.aliases.items()):
-        if model in names_of:
-            names_of[model].append(alias)
     for m in models:
-        key = (tuple(sorted(part.loaded[m])), tuple(names_of[m])) if m in part.loaded else None
+        key = tuple(sorted(part.loaded[m])) if m in part.loaded else None
         before = old.models.get(m)
         if key is None:
             if old.models.pop(m, None) is not None:
                 p.removes[r.ROUTE_TYPE].append(model_rc_name(m))
         elif before != key:
             old.models[m] = key
-            p.upserts[r.ROUTE_TYPE][model_rc_name(m)] = model_routes(part, m, list(key[1]))
-        _move_set(old, p, part, before[0] if before else (), key[0] if key else ())
+            p.upserts[r.ROUTE_TYPE][model_rc_name(m)] = model_routes(part, m)
+        _move_set(old, p, part, before or (), key or ())
     for n in names:
         if n in part.aliases:
             target: str | None = model_rc_name(part.aliases[n]) if part.aliases[n] in part.loaded else ACTIVATOR_RC
