@@ -90,11 +90,14 @@ class _Forward(grpc.GenericRpcHandler):
 
     def __init__(self, channel: grpc.aio.Channel, limits: ModelLimits):
         self.channel, self.limits = channel, limits
+        self._upstream: dict[str, Any] = {}  # method -> its callable on the channel, made once
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
         model = _model_of(details.invocation_metadata)
-        upstream = self.channel.unary_unary(method)  # no (de)serializers: bytes through
+        upstream = self._upstream.get(method)
+        if upstream is None:
+            upstream = self._upstream[method] = self.channel.unary_unary(method)  # no (de)serializers: bytes through
 
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             md = [(k, v) for k, v in context.invocation_metadata() or () if not k.startswith(("grpc-", ":")) and k != "user-agent"]
