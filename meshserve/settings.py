@@ -68,6 +68,10 @@ class Settings:
     heartbeat_seconds: float = 1.0
     # A pod is presumed dead after this many missed heartbeats; its routes go within two periods.
     heartbeat_misses: int = 2
+    # A pod whose heartbeats stopped but whose runtime still answers placement's probe has a
+    # stalled loader (paused, starved, restarting): its copies and routes stay, nothing new is
+    # placed there, for up to this many seconds. 0: withdraw on missed heartbeats alone.
+    loader_stall_grace_seconds: float = 30.0
     lease_seconds: float = 2.0
     cold_start_timeout_seconds: float = 60.0
     load_timeout_seconds: float = 90.0

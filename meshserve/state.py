@@ -29,6 +29,9 @@ PLACEMENTS = PREFIX + "placements"  # hash: concrete id -> {pod: Copy} JSON
 LAST_USED = PREFIX + "lastused"  # zset: concrete id -> unix time of last use
 LOAD_REQUESTS = PREFIX + "loadreq"  # stream: activators ask the leader for a load
 EVENTS = PREFIX + "events"  # stream: loaders report results to the leader
+# Pods placement withdrew, hash: pod id -> JSON {last_heartbeat, withdrawn_at, reason}, for
+# `meshserve status`. Written by the placement leader only; the entry goes when the pod registers again.
+WITHDRAWN = PREFIX + "withdrawn"
 LEASE = PREFIX + "leader"  # string: placement leader's id, with a TTL
 ORDERS_PREFIX = PREFIX + "orders:"  # stream per pod: load/unload orders
 # Traffic rules (docs/design/traffic.md).

@@ -127,7 +127,7 @@ async def mesh(valkey: devmesh.Valkey, tmp_path: Path) -> AsyncIterator[Endpoint
                 await agent.register()
                 sched = Scheduler(s, state)
                 act = Activator(s, state)
-                tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.order_loop(), sched.run(), act.watch_changes())]
+                tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.usage_loop(), agent.order_loop(), sched.run(), act.watch_changes())]
                 await asyncio.wait_for(sched.leading.wait(), 10)
                 await state.register_models([ModelSpec(id=m, alias=m.split("__")[0], format="sklearn", storage=storage)
                                              for m in (MODEL, MODEL2, MODEL3)])

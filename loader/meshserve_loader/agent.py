@@ -93,20 +93,53 @@ class Agent:
                 raise
         await r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
         await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
-        held = list((await self.rt.stats()).keys())
-        self.loaded = {m: self.loaded.get(m, 0) for m in held}
-        await r.xadd(st.EVENTS, {"op": "register", "pod": self.pod.id, "models": json.dumps(held)})
+        stats = await asyncio.wait_for(self.rt.stats(), self.s.heartbeat_seconds * 5)
+        held = list(stats.keys())
+        self.loaded = {m: self.loaded.get(m) or int(stats[m].get("size") or 0) for m in held}
+        # The sizes let placement keep what this pod still holds when it had forgotten the pod
+        # (withdrawn while the loader was paused): it adopts a copy it still wants, unloads the rest.
+        sizes = {m: self.loaded[m] for m in held}
+        await r.xadd(st.EVENTS, {"op": "register", "pod": self.pod.id, "models": json.dumps(held), "sizes": json.dumps(sizes)})
         self.metrics.capacity.set(self.pod.capacity_bytes)
-        log.info("registered pod %s runtime=%s capacity=%d formats=%s", self.pod.id, self.pod.runtime, self.pod.capacity_bytes, ",".join(self.pod.formats))
+        log.info("registered pod %s runtime=%s capacity=%d formats=%s holding %d models", self.pod.id, self.pod.runtime, self.pod.capacity_bytes, ",".join(self.pod.formats), len(held))
 
     async def heartbeat_loop(self) -> None:
+        """The heartbeat is one Redis round trip and nothing else: it never waits on the runtime
+        (a long inference, a slow stats call) or on anything it reports. The same round trip
+        tells whether placement still knows this pod; when it has forgotten it (withdrawn after
+        missed heartbeats: the loader was paused or starved), the pod registers again at once,
+        in a task of its own, so the heartbeats go on meanwhile."""
+        registering: asyncio.Task[None] | None = None
         while True:
             try:
-                await self.state.r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
-                if self._runtime_up.is_set():
-                    await self._report_usage()
-            except (aioredis.RedisError, aiohttp.ClientError, OSError) as e:
+                async with self.state.r.pipeline(transaction=False) as p:
+                    p.zadd(st.HEARTBEATS, {self.pod.id: time.time()}).hexists(st.PODS, self.pod.id)
+                    _, known = await p.execute()
+                if not known and not self.draining and self._runtime_up.is_set() and (registering is None or registering.done()):
+                    log.warning("placement has forgotten pod %s (withdrawn while its heartbeats stopped): registering again", self.pod.id)
+                    self.metrics.reregistrations.inc()
+                    registering = asyncio.create_task(self._register_quietly())
+            except (aioredis.RedisError, OSError) as e:
                 log.warning("heartbeat failed: %s", e)
+            await asyncio.sleep(self.s.heartbeat_seconds)
+
+    async def _register_quietly(self) -> None:
+        try:
+            await self.register()
+        except Exception as e:  # noqa: BLE001 - the next heartbeat tries again
+            log.warning("registering again failed: %s", e)
+
+    async def usage_loop(self) -> None:
+        """Recency and sizes for placement, apart from the heartbeat: each round is bounded by a
+        heartbeat period, so a runtime that answers slowly delays only this report."""
+        while True:
+            if self._runtime_up.is_set():
+                try:
+                    await asyncio.wait_for(self._report_usage(), self.s.heartbeat_seconds)
+                except asyncio.TimeoutError:
+                    log.info("usage report skipped: the runtime did not answer within %.1fs", self.s.heartbeat_seconds)
+                except (aioredis.RedisError, aiohttp.ClientError, OSError, ValueError) as e:
+                    log.warning("usage report failed: %s", e)
             await asyncio.sleep(self.s.heartbeat_seconds)
 
     async def _report_usage(self) -> None:
@@ -372,7 +405,7 @@ async def run(settings: Settings, index: int) -> None:
         try:
             await built.runtime.wait_ready()
             await agent.register()
-            tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.order_loop(), agent.watch_runtime())]
+            tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.usage_loop(), agent.order_loop(), agent.watch_runtime())]
             await stop.wait()
             await agent.drain(settings.drain_timeout_seconds)
             for t in tasks:

@@ -27,6 +27,9 @@ class LoaderMetrics:
             "meshserve_loader_unload_seconds", "Unload time, order received to runtime confirmed",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )
+        self.reregistrations = Counter(
+            "meshserve_loader_reregistrations", "Times the pod registered again after placement had withdrawn it", registry=r
+        )
         self.runtime_restarts = Counter("meshserve_loader_runtime_restarts", "Runtime process restarts after it died", registry=r)
         self.capacity = Gauge("meshserve_loader_capacity_bytes", "Memory this pod offers placement for models", registry=r)
         self.used = Gauge("meshserve_loader_used_bytes", "Memory the loaded models take, as reported", registry=r)

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,15 @@ def _in_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
     return fut
 
 
+def worker_count() -> int:
+    """Inference threads: one per CPU the process may run on (the pod's CPU limit in a cluster,
+    as the kernel's affinity mask tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -89,9 +99,13 @@ class Runtime:
     # the loader sends, wins) is abandoned: its slot is freed and its result, should it ever
     # come, is dropped. 0: wait forever.
     load_timeout: float = 0.0
+    # Inference runs on these threads, never on the event loop: a long batch must not hold up
+    # health, stats, loads or other models' requests (the loader's heartbeat reads stats).
+    workers: int = field(default_factory=worker_count)
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="infer")
         self.m_requests = Counter(
             "meshserve_runtime_requests", "Inference requests served by this runtime", ["model", "code"], registry=self.registry
         )
@@ -182,13 +196,26 @@ class Runtime:
         return e is not None
 
     def infer(self, name: str, req: codec.InferRequest) -> dict[str, Any]:
+        """Synchronous: runs on an inference thread (see `run`)."""
         e = self.get(name)
         t0 = time.perf_counter()
         out = e.model.predict(req)
         self.m_latency.labels(name).observe(time.perf_counter() - t0)
+        return out
+
+    async def run(self, name: str, work: Any) -> Any:
+        """`work(entry)` on an inference thread: decoding, predicting and encoding all happen off
+        the loop, since each can take seconds for a large batch. The model is looked up first, on
+        the loop, so an unknown model is a 404 without a thread hop, and the counters the loader
+        and placement read are updated on the loop only, when the request is done."""
+        e = self.get(name)
+        out = await asyncio.get_running_loop().run_in_executor(self._pool, work, e)
         e.requests += 1
         e.last_used = time.time()
         return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def metadata(self, name: str) -> dict[str, Any]:
         e = self.get(name)
@@ -244,9 +271,13 @@ def build_rest_app(rt: Runtime) -> web.Application:
         name = model_name(request)
         code = "200"
         try:
-            req = codec.decode_json_request(await request.read())
-            out = rt.infer(name, req)
-            body = codec.encode_json_response(name, req, out)
+            raw = await request.read()
+
+            def work(_: Entry) -> bytes:
+                req = codec.decode_json_request(raw)
+                return codec.encode_json_response(name, req, rt.infer(name, req))
+
+            body = await rt.run(name, work)
             return web.Response(body=body, content_type="application/json")
         except LookupError as e:
             code = "404"
@@ -345,9 +376,10 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         name = self._name(context, request.model_name)
         code = "200"
         try:
-            req = codec.decode_grpc_request(request)
-            out = self.rt.infer(name, req)
-            return codec.encode_grpc_response(name, request.id, out)
+            def work(_: Entry) -> pb.ModelInferResponse:
+                return codec.encode_grpc_response(name, request.id, self.rt.infer(name, codec.decode_grpc_request(request)))
+
+            return await self.rt.run(name, work)
         except LookupError as e:
             code = "404"
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -418,3 +450,4 @@ async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: boo
     finally:
         await server.stop(1)
         await runner.cleanup()
+        rt.close()
