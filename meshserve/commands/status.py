@@ -35,6 +35,7 @@ async def gather(url: str) -> dict[str, Any]:
         # In-flight loads: the loading copies, with what their loaders publish (none yet: queued).
         pairs = sorted((m, p) for m, cs in snap.placements.items() for p, c in cs.items() if c.state == CopyState.LOADING)
         progress = await state.progress(pairs)
+        withdrawn = {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(st.WITHDRAWN)).items()}
     finally:
         await state.close()
     now = time.time()
@@ -59,13 +60,29 @@ async def gather(url: str) -> dict[str, Any]:
                 "last_used": lu.get(mid, 0.0),
             }
         )
+    s = Settings.from_env()
+    limit = s.heartbeat_seconds * s.heartbeat_misses
     pods = [
-        {**asdict(p), "used_bytes": used.get(p.id, 0), "heartbeat_age_s": round(now - hb.get(p.id, 0), 1)}
+        {
+            **asdict(p), "used_bytes": used.get(p.id, 0), "heartbeat_age_s": round(now - hb.get(p.id, 0), 1),
+            # Placement keeps a pod whose loader went silent while its runtime answers (stalled).
+            "condition": "draining" if p.draining else ("ok" if now - hb.get(p.id, 0) <= limit else "loader silent: serving, nothing new placed"),
+        }
         for p in sorted(snap.pods.values(), key=lambda p: p.id)
+    ]
+    missing = [
+        {"id": pid, "last_heartbeat": w.get("last_heartbeat", 0.0), "withdrawn_at": w.get("withdrawn_at", 0.0), "reason": w.get("reason", "")}
+        for pid, w in sorted(withdrawn.items()) if pid not in snap.pods
     ]
     failures.sort(key=lambda f: -f["since"])
     loading = [{"model": m, "pod": p, "phase": "queued", "done_bytes": 0, "total_bytes": 0, **progress.get((m, p), {})} for m, p in pairs]
-    return {"revision": snap.rev, "pods": pods, "models": models, "loading": loading, "failures": failures[:20]}
+    return {"revision": snap.rev, "pods": pods, "missing_pods": missing, "models": models, "loading": loading, "failures": failures[:20]}
+
+
+def _clock(ts: float) -> str:
+    if not ts:
+        return "never"
+    return f"{time.strftime('%H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
 
 
 def _bar(used: int, cap: int, width: int = 20) -> str:
@@ -92,11 +109,21 @@ def status(redis_url: str, as_json: bool) -> None:
 
     con = Console()
     t = Table(title=f"Runtime pods (state revision {data['revision']})")
-    for col in ("pod", "address", "capacity", "used", "heartbeat"):
+    for col in ("pod", "address", "capacity", "used", "heartbeat", "condition"):
         t.add_column(col)
     for p in data["pods"]:
-        t.add_row(p["id"], f"{p['host']}:{p['rest_port']}", _mb(p["capacity_bytes"]), _bar(p["used_bytes"], p["capacity_bytes"]), f"{p['heartbeat_age_s']}s ago")
+        t.add_row(
+            p["id"], f"{p['host']}:{p['rest_port']}", _mb(p["capacity_bytes"]), _bar(p["used_bytes"], p["capacity_bytes"]),
+            f"{p['heartbeat_age_s']}s ago", p["condition"],
+        )
     con.print(t)
+    if data["missing_pods"]:
+        mt = Table(title="Missing pods (withdrawn by placement; a pod registers again by itself when it can)")
+        for col in ("pod", "last heartbeat", "withdrawn", "reason"):
+            mt.add_column(col)
+        for x in data["missing_pods"]:
+            mt.add_row(x["id"], _clock(x["last_heartbeat"]), _clock(x["withdrawn_at"]), x["reason"])
+        con.print(mt)
     _models_table(con, data["models"])
     if data["loading"]:
         lt = Table(title="Loading now")

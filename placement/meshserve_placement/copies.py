@@ -41,8 +41,11 @@ def plan(
     tuning: Tuning,
     last_added: dict[str, float],
     draining: set[str] = frozenset(),  # type: ignore[assignment]
+    scale_down: bool = True,
 ) -> list[Action]:
-    """At most one action per model per round, so every change is decided on fresh state."""
+    """At most one action per model per round, so every change is decided on fresh state.
+    `scale_down` False: the rates are not measured yet (a leader that just took over), so no
+    copy is removed for being under-used."""
     out: list[Action] = []
     usable_pods = sum(1 for p in cluster.pods.values() if p.healthy and p.id not in draining)
     # Only models with copies, or with a floor, can need an action.
@@ -80,7 +83,8 @@ def plan(
         want = max(floor, 1, math.ceil(rate / tuning.scale_up_rps) if rate else 1)
         quiet_for = now - last_added.get(m, 0.0)
         if (
-            n > want
+            scale_down
+            and n > want
             and rate < tuning.scale_up_rps * (n - 1) / 2
             and quiet_for >= tuning.scale_down_after_seconds
         ):
@@ -93,3 +97,47 @@ def plan(
             for p in live:
                 out.append(Action("remove", m, p, f"unused for {idle:.0f}s (idle unload after {tuning.idle_unload_seconds:g}s)"))
     return out
+
+
+@dataclass(frozen=True)
+class Adoption:
+    keep: dict[str, int]  # model -> size: copies the pod still holds that placement takes back
+    drop: dict[str, str]  # model -> why: copies the pod holds that placement no longer wants
+
+
+def adopt(cluster: ClusterView, pod: str, held: dict[str, int], rates: dict[str, float], tuning: Tuning) -> Adoption:
+    """A pod that placement had withdrawn (its loader was paused past the heartbeat limit)
+    registers again holding models placement no longer has on it. Each is kept while placement
+    still wants it: the model is registered, the pod can take more work and has room, and the
+    model has fewer copies than its floor and its request rate call for (a model nobody re-placed
+    meanwhile always qualifies). The rest are unloaded. Most recently used first, so when room is
+    short the hot models stay."""
+    keep: dict[str, int] = {}
+    drop: dict[str, str] = {}
+    pv = cluster.pods.get(pod)
+    known = cluster.pod_models(pod)
+    free = (pv.capacity - cluster.used(pod)) if pv is not None else 0
+    for m in sorted(held, key=lambda m: (-cluster.last_used.get(m, 0.0), m)):
+        if m in known:
+            continue
+        mv = cluster.models.get(m)
+        if mv is None:
+            drop[m] = "no longer registered"
+            continue
+        if pv is None or pv.draining:
+            drop[m] = "the pod is draining"
+            continue
+        size = held[m] or mv.size
+        others = [c for c in cluster.copies.get(m, {}).values() if c.state in (CopyState.LOADED, CopyState.LOADING)]
+        rate = rates.get(m, 0.0)
+        want = max(floor_copies(cluster, m), 1, math.ceil(rate / tuning.scale_up_rps) if rate else 1)
+        if mv.max_copies:
+            want = min(want, mv.max_copies)
+        if len(others) >= want:
+            drop[m] = f"placed elsewhere meanwhile ({len(others)} copies, {want} wanted)"
+        elif size > free:
+            drop[m] = f"no room left on the pod for its {size} bytes"
+        else:
+            keep[m] = size
+            free -= size
+    return Adoption(keep, drop)

@@ -40,6 +40,7 @@ from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_placement import copies as copyplan
 from meshserve_placement import keys, policy
+from meshserve_placement.liveness import Liveness, judge
 from meshserve_placement.tuning import Tuning
 
 log = logging.getLogger("meshserve.placement")
@@ -94,6 +95,11 @@ class Scheduler:
         self.rates: dict[str, float] = {}  # requests/s per model, from the runtimes' counters
         self.last_added: dict[str, float] = {}
         self._counts: dict[tuple[str, str], int] = {}  # (pod, model) -> last request count seen
+        # Rate rounds since this leader took over: rates live in memory only, so a new leader
+        # makes no scale-down decision before it has measured them (it would see 0 requests/s
+        # everywhere and unload copies that are under load).
+        self._rate_rounds = 0
+        self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
@@ -128,6 +134,7 @@ class Scheduler:
         keeper = asyncio.create_task(self._keep_lease(lease_ms, lost))
         try:
             await self._ensure_groups()
+            self._rate_rounds, self.rates, self._counts, self.stalled = 0, {}, {}, {}
             await self._reload()
             if lost.is_set():
                 return
@@ -136,7 +143,7 @@ class Scheduler:
                 tasks = [
                     asyncio.create_task(self._consume(st.LOAD_REQUESTS, self._on_load_request)),
                     asyncio.create_task(self._consume(st.EVENTS, self._on_event)),
-                    asyncio.create_task(self._expire_pods()),
+                    asyncio.create_task(self._expire_pods(http)),
                     asyncio.create_task(self._maintain(http)),
                 ]
                 try:
@@ -427,7 +434,8 @@ class Scheduler:
 
     async def _on_event(self, f: dict[str, str]) -> None:
         if f.get("op") == "register":
-            await self._reconcile_pod(f["pod"], set(json.loads(f.get("models") or "[]")))
+            sizes = {m: int(n) for m, n in json.loads(f.get("sizes") or "{}").items()}
+            await self._reconcile_pod(f["pod"], {m: sizes.get(m, 0) for m in json.loads(f.get("models") or "[]")})
             return
         model_id, pod, op, ok = f["model"], f["pod"], f["op"], f.get("ok") == "1"
         now = time.time()
@@ -473,11 +481,14 @@ class Scheduler:
         await self._commit(ops, changes)
         await self._dispatch(pod)
 
-    async def _reconcile_pod(self, pod: str, held: set[str]) -> None:
-        """A (re)started pod says what its runtime really holds; copies it lost are dropped."""
+    async def _reconcile_pod(self, pod: str, held: dict[str, int]) -> None:
+        """A (re)started pod says what its runtime really holds. Copies it lost are dropped; what
+        it holds that placement does not have there (it had withdrawn the pod while the loader
+        was paused) is taken back where placement still wants it, and unloaded otherwise."""
         await self._refresh_pods()
         self.heartbeats[pod] = time.time()
-        ops: Ops = []
+        self.stalled.pop(pod, None)
+        ops: Ops = [["HDEL", st.WITHDRAWN, pod]]
         changes: Changes = []
         for m, c in list(self.view.pod_models(pod).items()):
             # LOADING copies stay: their orders are still in the pod's stream, and the agent
@@ -485,24 +496,73 @@ class Scheduler:
             if m not in held and c.state in (CopyState.LOADED, CopyState.UNLOADING):
                 rest = {p: x for p, x in self.view.copies[m].items() if p != pod}
                 self._set_copies(m, rest, ops, changes)
-        if ops:
-            log.info("pod %s (re)registered: reconciled %d copies", pod, len(ops))
-            await self._commit(ops, changes)
+        self._mark_health(time.time())
+        taken = copyplan.adopt(self.view, pod, held, self.rates, self.t)
+        now = time.time()
+        for m, size in taken.keep.items():
+            cs = {p: c for p, c in self.view.copies.get(m, {}).items() if p != "-"}
+            cs[pod] = Copy(CopyState.LOADED, size, now, "held by the pod when it registered again")
+            self._set_copies(m, cs, ops, changes)
+        for m, why in taken.drop.items():
+            # UNLOADING books the memory until the loader confirms, and carries no route.
+            cs = dict(self.view.copies.get(m, {}))
+            mv = self.view.models.get(m)
+            cs[pod] = Copy(CopyState.UNLOADING, held[m] or (mv.size if mv else 0), now, why)
+            self._set_copies(m, cs, ops, changes)
+            ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", m])
+        if taken.keep or taken.drop:
+            log.info("pod %s registered again holding %d models placement had dropped: kept %s, unloading %s",
+                     pod, len(taken.keep) + len(taken.drop), sorted(taken.keep), sorted(taken.drop))
+        await self._commit(ops, changes)
+        for m in taken.keep:
+            self.waiting.discard(m)
         await self._dispatch(pod)
 
-    async def _expire_pods(self) -> None:
+    async def _expire_pods(self, http: aiohttp.ClientSession) -> None:
         period = self.s.heartbeat_seconds
         while True:
             await asyncio.sleep(period / 2)
             hb = await self.state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True)
             self.heartbeats = {k.decode(): v for k, v in hb}
+            now = time.time()
+            stale = [p for p in self.view.pods if now - self.heartbeats.get(p, 0) > period * self.s.heartbeat_misses]
+            # Probed outside the lock: a probe waits up to half a period, decisions must not.
+            answers = dict(zip(stale, await asyncio.gather(*(self._probe(http, p) for p in stale)))) if stale else {}
             async with self._lock:
                 await self._refresh_pods()
                 now = time.time()
-                dead = [p for p in self.view.pods if now - self.heartbeats.get(p, 0) > period * self.s.heartbeat_misses]
-                for pod in dead:
-                    await self._withdraw_pod(pod)
+                for pod in list(self.view.pods):
+                    if pod not in answers:
+                        if self.stalled.pop(pod, None) is not None:
+                            log.info("pod %s: its loader is back", pod)
+                        continue
+                    v = judge(now, self.heartbeats.get(pod, 0), period, self.s.heartbeat_misses, answers[pod], self.s.loader_stall_grace_seconds)
+                    if v.liveness == Liveness.GONE:
+                        self.stalled.pop(pod, None)
+                        await self._withdraw_pod(pod, v.reason)
+                    elif v.liveness == Liveness.STALLED and pod not in self.stalled:
+                        log.warning("pod %s: %s", pod, v.reason)
+                        self.stalled[pod] = v.reason
                 await self._place_pending()
+
+    async def _probe(self, http: aiohttp.ClientSession, pod_id: str) -> str | None:
+        """None when the pod's runtime answers (its data plane is up), else why not. REST
+        readiness where the runtime serves REST, else a TCP connect to its gRPC port."""
+        pod = self.pods.get(pod_id)
+        if pod is None:
+            return "not registered"
+        timeout = max(0.2, self.s.heartbeat_seconds / 2)
+        try:
+            if pod.rest_port:
+                async with http.get(f"http://{pod.host}:{pod.rest_port}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                    return None if r.status == 200 else f"readiness answered HTTP {r.status}"
+            _, w = await asyncio.wait_for(asyncio.open_connection(pod.host, pod.grpc_port), timeout)
+            w.close()
+            return None
+        except asyncio.TimeoutError:
+            return f"no answer within {timeout:g}s"
+        except (aiohttp.ClientError, OSError) as e:
+            return str(e) or type(e).__name__
 
     async def _place_pending(self) -> None:
         """Requests held for a pool with no pods: place them once one of its pods is up."""
@@ -515,9 +575,13 @@ class Scheduler:
             if spec is not None and model in self.waiting and not placed:
                 await self._place(spec, waiting=True, why=f"ServingRuntime {runtime} has a pod now")
 
-    async def _withdraw_pod(self, pod: str) -> None:
-        log.warning("pod %s missed its heartbeats: withdrawing its placements", pod)
-        ops: Ops = [["HDEL", st.PODS, pod], ["ZREM", st.HEARTBEATS, pod], ["DEL", keys.loadq_key(pod)]]
+    async def _withdraw_pod(self, pod: str, reason: str) -> None:
+        log.warning("withdrawing pod %s and its placements: %s", pod, reason)
+        record = {"last_heartbeat": self.heartbeats.get(pod, 0.0), "withdrawn_at": time.time(), "reason": reason}
+        ops: Ops = [
+            ["HDEL", st.PODS, pod], ["ZREM", st.HEARTBEATS, pod], ["DEL", keys.loadq_key(pod)],
+            ["HSET", st.WITHDRAWN, pod, json.dumps(record, separators=(",", ":"))],
+        ]
         changes: Changes = [(st.KIND_POD, pod)]
         for m in list(self.view.pod_models(pod)):
             rest = {p: c for p, c in self.view.copies[m].items() if p != pod}
@@ -616,8 +680,10 @@ class Scheduler:
         for key in [k for k in self._counts if k not in seen]:
             del self._counts[key]
         if interval > 0:
-            # An EWMA over ~3 polls: fast enough to add a copy within seconds, steady enough not to flap.
-            alpha = 0.5
+            # An EWMA over ~3 polls: fast enough to add a copy within seconds, steady enough not to
+            # flap. A new leader's first round is taken as it is: it has nothing to smooth against.
+            self._rate_rounds += 1
+            alpha = 0.5 if self._rate_rounds > 1 else 1.0
             for m in set(self.rates) | set(deltas):
                 r = alpha * deltas.get(m, 0) / interval + (1 - alpha) * self.rates.get(m, 0.0)
                 if r < 0.01:
@@ -643,7 +709,7 @@ class Scheduler:
     async def _reconcile_copies(self, now: float) -> None:
         self._mark_health(now)
         draining = {p for p, pv in self.view.pods.items() if pv.draining}
-        for a in copyplan.plan(self.view, self.rates, now, self.t, self.last_added, draining):
+        for a in copyplan.plan(self.view, self.rates, now, self.t, self.last_added, draining, scale_down=self._rate_rounds > 0):
             spec = self.specs.get(a.model)
             if a.op == "add" and spec is not None:
                 if await self._place(spec, waiting=a.model in self.waiting, why=a.why):
