@@ -62,25 +62,45 @@ def stop(proc: "subprocess.Popen[bytes] | subprocess.Popen[str]", grace: float =
         proc.wait(10)
 
 
-def free_port() -> int:
+def _quiet_range() -> tuple[int, int]:
+    """Ports the kernel never hands out on its own. A port picked with bind(0) comes from the
+    ephemeral range, which outgoing connections (a Redis client, Envoy's upstreams) draw their
+    local ports from too: freed and bound again later by a test server, it was sometimes taken
+    meanwhile ("Address already in use" in CI). Outside that range only another test can take it."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return (10000, lo - 1) if lo - 10000 >= 2000 else (hi + 1, 65000)
+
+
+_handed_out: set[int] = set()  # never the same port twice in one process, even once freed again
+
+
+def _bindable(p: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port for a test server that can't bind port 0 itself (one named in a config file)."""
+    return free_block(1)
 
 
 def free_block(size: int = 100) -> int:
-    """A base port with `size` consecutive free ports after it."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - size)
-        ok = True
-        for p in range(base, base + size, 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+    """A base port with `size` consecutive free ports after it, outside the ephemeral range."""
+    lo, hi = _quiet_range()
+    for _ in range(500):
+        base = random.randrange(lo, hi - size)
+        block = range(base, base + size)
+        if any(p in _handed_out for p in block):
+            continue
+        if all(_bindable(p) for p in block):
+            _handed_out.update(block)
             return base
     raise RuntimeError("no free port block")
 

@@ -17,7 +17,7 @@ import aiohttp
 import grpc
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve.devmesh import free_block, free_port
 from meshserve.settings import Settings
 from meshserve_loader.spi import SpiServer
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -100,7 +100,7 @@ async def limited_pod(tmp_path: Path, port: int, queue_timeout_s: float):  # typ
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "limited.yaml").write_text(SR.replace("{port}", str(port)))
     (tmp_path / "hello.txt").write_text("hello")
-    s = Settings(config_dir=tmp_path / "cfg", data_dir=tmp_path / "data", pod_runtimes="limited-spi", runtime_base_port=free_port(),
+    s = Settings(config_dir=tmp_path / "cfg", data_dir=tmp_path / "data", pod_runtimes="limited-spi", runtime_base_port=free_block(10),
                  request_queue_timeout_seconds=queue_timeout_s)
     async with aiohttp.ClientSession() as session:
         return s, await build_pod(s, 0, session)

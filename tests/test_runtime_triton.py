@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve.devmesh import free_block, free_port
 from meshserve.settings import Settings
 from meshserve.yamlfile import load_documents
 from meshserve_loader import example_models as ex
@@ -347,7 +347,7 @@ def test_users_triton_servingruntime_is_run_as_triton(tmp_path: Path) -> None:
 def _settings(tmp_path: Path, cfg: Path, runs_runtime: bool) -> Settings:
     return Settings(
         config_dir=cfg, data_dir=tmp_path / "data", pod_runtimes="triton-2.x", loader_runs_runtime=runs_runtime,
-        runtime_base_port=free_port(), pod_capacity_bytes=1 << 30,
+        runtime_base_port=free_block(10), pod_capacity_bytes=1 << 30,
     )
 
 
