@@ -194,7 +194,9 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
                 async with session.request(request.method, url, data=payload, headers=headers) as r:
                     body = await r.read()
                     fspan.set_attribute("http.response.status_code", r.status)
-                    return web.Response(status=r.status, body=body, content_type=r.content_type or "application/json")
+                    # Binary tensor answers (Triton's extension) are split by this header.
+                    passed = {k: v for k, v in r.headers.items() if k.lower() == "inference-header-content-length"}
+                    return web.Response(status=r.status, body=body, content_type=r.content_type or "application/json", headers=passed)
             except aiohttp.ClientError as e:
                 fspan.set_status(Status(StatusCode.ERROR, str(e)))
                 return _error(503, f"model '{model_id}' is loaded on {pod.id} but the pod did not answer: {e}")

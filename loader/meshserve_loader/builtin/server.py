@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from meshserve.settings import MAX_REQUEST_BYTES
-from meshserve_loader.builtin import codec
+from meshserve_loader.builtin import binary, codec
 from meshserve_loader.builtin.formats import Model, ModelLoadError, load_model
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
@@ -272,13 +272,21 @@ def build_rest_app(rt: Runtime) -> web.Application:
         code = "200"
         try:
             raw = await request.read()
+            header_len = request.headers.get(binary.HEADER)
 
-            def work(_: Entry) -> bytes:
-                req = codec.decode_json_request(raw)
-                return codec.encode_json_response(name, req, rt.infer(name, req))
+            def work(_: Entry) -> tuple[bytes, int | None]:
+                if header_len is not None:  # Triton's binary tensor extension
+                    req, wants = binary.decode_request(raw, binary.parse_header_length(header_len, len(raw)))
+                else:
+                    req = codec.decode_json_request(raw)
+                    # Binary outputs can be asked for by a plain JSON request too.
+                    wants = binary.output_wants(json.loads(raw)) if b"binary_data" in raw else binary.OutputWants()
+                return binary.encode_response(name, req, rt.infer(name, req), wants)
 
-            body = await rt.run(name, work)
-            return web.Response(body=body, content_type="application/json")
+            body, json_len = await rt.run(name, work)
+            if json_len is None:
+                return web.Response(body=body, content_type="application/json")
+            return web.Response(body=body, content_type="application/octet-stream", headers={binary.HEADER: str(json_len)})
         except LookupError as e:
             code = "404"
             return _err(404, str(e))
@@ -377,7 +385,10 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         code = "200"
         try:
             def work(_: Entry) -> pb.ModelInferResponse:
-                return codec.encode_grpc_response(name, request.id, self.rt.infer(name, codec.decode_grpc_request(request)))
+                out = self.rt.infer(name, codec.decode_grpc_request(request))
+                if request.raw_input_contents:  # raw in, raw out (see binary.py)
+                    return binary.raw_grpc_response(name, request.id, out)
+                return codec.encode_grpc_response(name, request.id, out)
 
             return await self.rt.run(name, work)
         except LookupError as e:
