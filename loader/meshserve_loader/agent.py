@@ -384,9 +384,10 @@ def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
     return Fetcher(
         pvc_root=settings.pvc_root,
         stores=stores,
-        cache=DiskCache(settings.data_dir / "cache" / pod_id, settings.cache_max_bytes),
+        cache=DiskCache(settings.pod_cache_dir(pod_id), settings.cache_max_bytes),
         max_model_bytes=settings.max_model_bytes,
         progress_min_bytes=settings.pull_progress_bytes,
+        model_roots=settings.extra_model_roots,
     )
 
 
