@@ -42,12 +42,12 @@ def main() -> None:
             out = post(f"{mesh.rest}/v2/models/{n}/infer", BODY)
             cold = time.perf_counter() - t0
             assert out["outputs"][0]["data"] == [f"hello from {n}"], out
-            pod = mesh.pod_rest(len(total) % 2)
+            pod, control = mesh.pod_rest(len(total) % 2), mesh.pod_control(len(total) % 2)
             t0 = time.perf_counter()
-            post(f"{pod}/v2/repository/models/scratch-{n}/load", json.dumps({"parameters": {"path": str(scratch / f"{n}.txt"), "format": "string"}}).encode())
+            post(f"{control}/v2/repository/models/scratch-{n}/load", json.dumps({"parameters": {"path": str(scratch / f"{n}.txt"), "format": "string"}}).encode())
             post(f"{pod}/v2/models/scratch-{n}/infer", BODY)
             d = time.perf_counter() - t0
-            post(f"{pod}/v2/repository/models/scratch-{n}/unload", b"{}")
+            post(f"{control}/v2/repository/models/scratch-{n}/unload", b"{}")
             total.append(cold * 1000)
             direct.append(d * 1000)
             overhead.append((cold - d) * 1000)

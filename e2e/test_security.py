@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -58,3 +60,33 @@ def test_admin_and_debug_listen_on_loopback_only(mesh: devmesh.Mesh) -> None:
     for key in ("envoy_admin_port", "xds_debug_port", "placement_metrics_port"):
         lines = [ln for ln in listening.splitlines() if f":{mesh.ports[key]} " in ln]
         assert lines and all("127.0.0.1:" in ln for ln in lines), (key, lines)
+
+
+def test_a_load_error_tells_the_client_the_kind_not_the_store(tmp_path: Path) -> None:
+    """Issue 18 §4: a model whose S3 store can't be reached. The client's 503 names the model and
+    the kind of failure; the endpoint, bucket and key path are in `meshserve explain` only."""
+    closed = devmesh.free_port()  # nothing listens here: every pull is refused
+    entry = {"type": "s3", "access_key_id": "AKIAEXAMPLE", "secret_access_key": "not-a-secret", "endpoint_url": f"http://127.0.0.1:{closed}",
+             "region": "us-east-1", "bucket": "private-bucket"}
+    cfg_file = tmp_path / "storage-config.json"
+    cfg_file.write_text(json.dumps({"s3": json.dumps(entry)}))
+    cfg = tmp_path / "mesh-config"
+    cfg.mkdir()
+    (cfg / "s3-model.yaml").write_text(devmesh.inference_service(
+        "s3-model", "sklearn", "      storage:\n        key: s3\n        path: secret-prefix/weights.joblib"))
+    with devmesh.mesh(config_dir=cfg, pods=1, storage_config=cfg_file, cold_start_timeout_seconds=60) as m:
+        req = urllib.request.Request(f"{m.rest}/v2/models/s3-model/infer", data=b'{"inputs": []}', method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=120)
+            raise AssertionError("a model with an unreachable store answered")
+        except urllib.error.HTTPError as e:
+            code, body = e.code, e.read().decode()
+        assert code == 503, body
+        error = json.loads(body)["error"]
+        assert error.startswith("model 's3-model__isvc-") and "could not be loaded" in error, error
+        leaked = [s for s in ("private-bucket", "secret-prefix", "weights.joblib", "127.0.0.1", str(closed), "s3://", "store 's3'") if s in body]
+        assert leaked == [], body
+        explain = subprocess.run([sys.executable, "-m", "meshserve.cli", "explain", "s3-model", "--redis-url", m.redis_url],
+                                 capture_output=True, text=True, timeout=60)
+        # The operator's view keeps the details the client did not get.
+        assert "private-bucket" in explain.stdout and f"127.0.0.1:{closed}" in explain.stdout, explain.stdout + explain.stderr

@@ -209,6 +209,10 @@ class Mesh:
     def pod_rest(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports['runtime_base_port'] + 10 * i}"
 
+    def pod_control(self, i: int) -> str:
+        """Built-in runtime pod i's control listener (repository API; Settings.pod_control_port)."""
+        return f"http://127.0.0.1:{self.ports['runtime_base_port'] + 10 * i + 4}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 

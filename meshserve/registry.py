@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import PurePosixPath
 from typing import Any
 
 from meshserve.model import ModelSpec
@@ -53,6 +54,7 @@ def parse_inference_service(doc: Document) -> ModelSpec:
         storage["uri"] = model["storageUri"]
     if not storage.get("path") and not storage.get("uri"):
         raise doc.error(("spec", "predictor", "model", "storage"), "needs `path` (with a key or pvc) or storageUri")
+    check_storage_paths(doc, storage)
     ann = meta.get("annotations") or {}
 
     def ann_int(key: str, default: int) -> int:
@@ -76,6 +78,39 @@ def parse_inference_service(doc: Document) -> ModelSpec:
         max_copies=ann_int("maxCopies", 0),
         pinned=str(ann.get(MESHSERVE_ANNOTATION_PREFIX + "pinned", "false")).lower() == "true",
     )
+
+
+def _escapes(rel: str) -> bool:
+    return any(part == ".." for part in PurePosixPath(rel).parts)
+
+
+def check_storage_paths(doc: Document, storage: dict[str, Any]) -> None:
+    """Refuse storage that names files outside its store root. The loader refuses them too, but
+    only at load time, where the failure excludes the pod from the model for
+    failed_pod_exclusion_seconds; here the user hears of it at apply, with file:line."""
+    path, uri = storage.get("path"), storage.get("uri")
+    if path is not None:
+        where = ("spec", "predictor", "model", "storage", "path")
+        if not isinstance(path, str):
+            raise doc.error(where, "must be a string: a path relative to the store root")
+        if PurePosixPath(path).is_absolute() or _escapes(path):
+            raise doc.error(where, f"{path!r} escapes the store root: give a path relative to it, with no '..'")
+    if uri is not None:
+        where = ("spec", "predictor", "model", "storageUri")
+        if not isinstance(uri, str):
+            raise doc.error(where, "must be a string URI")
+        scheme, sep, rest = uri.partition("://")
+        if not sep:
+            return
+        if scheme == "file":
+            if not PurePosixPath(rest).is_absolute() or _escapes(rest):
+                raise doc.error(where, f"{uri!r}: a file:// path must be absolute, with no '..'")
+        elif scheme in ("pvc", "s3"):
+            root, _, rel = rest.partition("/")
+            if not root or root in (".", ".."):
+                raise doc.error(where, f"{uri!r}: needs a {'volume' if scheme == 'pvc' else 'bucket'} name first")
+            if _escapes(rel):
+                raise doc.error(where, f"{uri!r} escapes its {'volume' if scheme == 'pvc' else 'bucket'}: no '..' in the path")
 
 
 def is_inference_service(doc: Document) -> bool:

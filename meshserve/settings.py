@@ -50,7 +50,8 @@ class Settings:
     activator_rest_port: int = 18100
     activator_grpc_port: int = 18101
     placement_metrics_port: int = 18102
-    # Runtime pod i gets ports runtime_base_port + 10*i (+0 REST, +1 gRPC, +2 loader metrics).
+    # Runtime pod i gets ports runtime_base_port + 10*i (+0 REST, +1 gRPC, +2 loader metrics,
+    # +4 the built-in runtime's control port, on 127.0.0.1 only: see pod_control_port).
     runtime_base_port: int = 18200
     # Cluster mode: one runtime pod per Kubernetes pod. pod_id is the pod's id in the mesh (its
     # Redis order stream, heartbeat and clusters), e.g. the pod name from the downward API
@@ -92,6 +93,10 @@ class Settings:
     max_concurrent_loads: int = 2
     # False refuses formats whose files run code when loaded (pickle/joblib, user classes).
     allow_executable_formats: bool = True
+    # Local directories besides the PVC root and the pod's disk cache that models may be loaded
+    # from (`storageUri: file:///...`), os.pathsep-separated. The built-in runtime refuses a load
+    # of any path outside these, the PVC root and its pod's cache (docs/security.md).
+    model_roots: str = ""
     # Pod i runs runtime entry i (cycling): "builtin" or a ServingRuntime's name in config_dir.
     pod_runtimes: str = "builtin"
     drain_timeout_seconds: float = 1.0  # on SIGTERM, wait this long for placement to move models (preStop)
@@ -138,6 +143,26 @@ class Settings:
         """(REST, gRPC, loader metrics) of runtime pod `index`; fixed in cluster mode."""
         base = self.pod_port if self.pod_id else self.runtime_base_port + 10 * index
         return base, base + 1, base + 2
+
+    def pod_control_port(self, index: int) -> int:
+        """The built-in runtime's control port (repository API: load, unload, index), which it
+        binds on 127.0.0.1 only: the loader shares the pod's network namespace (in Kubernetes the
+        pod's, under `meshserve up` the machine's), other pods never reach it."""
+        return self.pod_ports(index)[0] + 4
+
+    def pod_cache_dir(self, pod_id: str) -> Path:
+        """The pod's disk cache of pulled models: the loader writes it, the runtime loads from it."""
+        return self.data_dir / "cache" / pod_id
+
+    def allowed_model_roots(self, pod_id: str) -> list[Path]:
+        """Where a model the built-in runtime loads may live: the pod's disk cache, the PVC root
+        and `model_roots`, each resolved (symlinks and `..`), as a load path is before the check."""
+        return [p.resolve() for p in (self.pod_cache_dir(pod_id), self.pvc_root, *self.extra_model_roots)]
+
+    @property
+    def extra_model_roots(self) -> list[Path]:
+        """`model_roots` as paths: where `file://` models may live besides the PVC root."""
+        return [Path(p.strip()) for p in self.model_roots.split(os.pathsep) if p.strip()]
 
     @property
     def xds_tls(self) -> bool:

@@ -57,14 +57,14 @@ async def agent(valkey: Any, tmp_path: Path) -> AsyncIterator[Agent]:
     (vol / "slow").mkdir()
     (vol / "slow" / "model.py").write_text(SLOW_MODEL)
     (vol / "slow" / "model-settings.json").write_text(json.dumps({"implementation": "model.Slow"}))
-    env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST")}
+    env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST", "MESHSERVE_DATA_DIR")}
     proc = RuntimeProcess("builtin", builtin_argv(0), env, log_path=tmp_path / "runtime.log")
     await proc.start()
     state = st.State.from_url(valkey.url)
     await state.r.flushdb()
     rest, grpc_port, _ = s.pod_ports(0)
     async with aiohttp.ClientSession() as session:
-        rt = RuntimeClient(f"http://127.0.0.1:{rest}", session)
+        rt = RuntimeClient(f"http://127.0.0.1:{s.pod_control_port(0)}", session)
         pod = Pod("pod-0", "127.0.0.1", rest, grpc_port, 1 << 30, ["sklearn"], max_loading=1)
         a = Agent(s, pod, rt, state, process=proc, load_timeout=2.0)
         await rt.wait_ready(60)

@@ -108,7 +108,7 @@ async def mesh(valkey: devmesh.Valkey, tmp_path: Path) -> AsyncIterator[Endpoint
     s = Settings(data_dir=tmp_path, redis_url=valkey.url, runtime_base_port=base, heartbeat_seconds=0.5,
                  lease_seconds=1.0, cold_start_timeout_seconds=30.0, load_timeout_seconds=30.0)
     write_sklearn(tmp_path / "pvc" / "vol" / "mnist-svm.joblib")
-    env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST")}
+    env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST", "MESHSERVE_DATA_DIR")}
     proc = RuntimeProcess("builtin", builtin_argv(0), env, log_path=tmp_path / "runtime.log")
     state = st.State.from_url(valkey.url)  # connects on first use
     rest, grpc_port, _ = s.pod_ports(0)
@@ -121,7 +121,7 @@ async def mesh(valkey: devmesh.Valkey, tmp_path: Path) -> AsyncIterator[Endpoint
         await state.r.flushdb()
         async with aiohttp.ClientSession() as session:
             try:
-                rt = RuntimeClient(f"http://127.0.0.1:{rest}", session)
+                rt = RuntimeClient(f"http://127.0.0.1:{s.pod_control_port(0)}", session)
                 agent = Agent(s, Pod("pod-0", "127.0.0.1", rest, grpc_port, 1 << 30, ["sklearn"], max_loading=2), rt, state, process=proc)
                 await rt.wait_ready(60)
                 await agent.register()

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import aiohttp
 import redis.asyncio as aioredis
 
+from meshserve import failures
 from meshserve import state as st
 from meshserve import tracing
 from meshserve.model import CopyState, ModelSpec, Pod
@@ -215,16 +216,22 @@ class Agent:
             else:
                 raise ValueError(f"unknown order {op!r}")
             event["ok"] = 1
+        # Each reason says its kind first (meshserve/failures.py): inference clients are told the
+        # kind only, since the detail names endpoints, buckets and paths.
         except asyncio.TimeoutError:
-            event["reason"] = f"{op} timed out after {self.load_timeout:g}s (the runtime's modelLoadingTimeoutMillis)"
+            event["reason"] = failures.tag(failures.TIMEOUT, f"{op} timed out after {self.load_timeout:g}s (the runtime's modelLoadingTimeoutMillis)")
             if op == "load":
                 # The runtime may still finish it: unload so memory placement doesn't know of isn't held.
                 asyncio.create_task(self._unload_quietly(model_id))
-        except (StorageError, RuntimeError, ValueError, KeyError, aiohttp.ClientError) as e:
-            event["reason"] = str(e) or type(e).__name__
+        except (StorageError, StorageConfigError) as e:
+            event["reason"] = failures.tag(failures.STORAGE, str(e) or type(e).__name__)
+        except aiohttp.ClientError as e:
+            event["reason"] = failures.tag(failures.RUNTIME, str(e) or type(e).__name__)
+        except (RuntimeError, ValueError, KeyError) as e:
+            event["reason"] = failures.tag(failures.LOAD, str(e) or type(e).__name__)
         except Exception as e:  # noqa: BLE001 - a failed load must never take the agent down
             log.exception("%s of %s failed unexpectedly", op, model_id)
-            event["reason"] = f"{type(e).__name__}: {e}"
+            event["reason"] = failures.tag(failures.INTERNAL, f"{type(e).__name__}: {e}")
         self.metrics.orders.labels(op if op in ("load", "unload") else "other", "ok" if event["ok"] else "failed").inc()
         if op == "load":
             self.metrics.load_seconds.observe(time.monotonic() - t0)
@@ -384,9 +391,10 @@ def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
     return Fetcher(
         pvc_root=settings.pvc_root,
         stores=stores,
-        cache=DiskCache(settings.data_dir / "cache" / pod_id, settings.cache_max_bytes),
+        cache=DiskCache(settings.pod_cache_dir(pod_id), settings.cache_max_bytes),
         max_model_bytes=settings.max_model_bytes,
         progress_min_bytes=settings.pull_progress_bytes,
+        model_roots=settings.extra_model_roots,
     )
 
 

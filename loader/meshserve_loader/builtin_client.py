@@ -1,5 +1,7 @@
 """The built-in runtime as the agent sees it: KServe v2 REST with the repository extension,
-plus our stats endpoint (per-model request counts and sizes the runtime measured)."""
+plus our stats endpoint (per-model request counts and sizes the runtime measured). `base_url` is
+the runtime's control listener (127.0.0.1, Settings.pod_control_port), the only one that serves
+the repository API."""
 
 from __future__ import annotations
 

@@ -96,6 +96,7 @@ class Fetcher:
     max_model_bytes: int = 8 << 30
     progress_min_bytes: int = 32 << 20
     http_timeout: float = 600.0
+    model_roots: list[Path] = field(default_factory=list)  # besides pvc_root, for file:// URIs
     downloads: int = 0  # pulls that went to the store (not served from the cache): for tests and stats
 
     def __post_init__(self) -> None:
@@ -109,7 +110,7 @@ class Fetcher:
         span = trace.get_current_span()  # the loader's `loader.pull`, when there is one
         span.set_attribute("meshserve.source", src.kind)
         if src.kind == "local":
-            return resolve_local(dict(src.storage), self.pvc_root)
+            return resolve_local(dict(src.storage), self.pvc_root, self.model_roots)
         # One pull per source at a time: a second copy of the same model waits and hits the cache.
         lock = self._locks.setdefault(src.cache_id, asyncio.Lock())
         async with lock:

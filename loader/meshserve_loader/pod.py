@@ -74,7 +74,9 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
     process: RuntimeProcess | None = None
     if name == BUILTIN_NAME:
         spec = builtin_runtime(builtin_formats())
-        runtime: object = RuntimeClient(url, session)
+        # The repository API is on the runtime's loopback control port, never the pod address:
+        # the loader shares the runtime's network namespace (the pod's in Kubernetes).
+        runtime: object = RuntimeClient(f"http://127.0.0.1:{settings.pod_control_port(index)}", session)
         if settings.loader_runs_runtime:
             # Its output goes where ours does (`meshserve up` prefixes and shows it).
             process = RuntimeProcess(f"runtime-{index}", builtin_argv(index), {"MESHSERVE_RUNTIME_BASE_PORT": str(settings.runtime_base_port)})

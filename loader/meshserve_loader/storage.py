@@ -37,8 +37,20 @@ def predict_size(path: Path, fmt: str) -> int:
     return int(disk * 1.25) + 64 * 1024
 
 
-def resolve_local(storage: dict[str, Any], pvc_root: Path) -> Path:
-    """A pvc (`parameters.type: pvc` + `name`) or local storage entry -> an existing local path."""
+def within(path: Path, roots: "list[Path] | tuple[Path, ...]") -> Path:
+    """`path` resolved (symlinks, `..`), if it lies in one of `roots`; else StorageError. The
+    built-in runtime refuses loads outside its roots anyway: saying so here names the cause."""
+    target = path.resolve()
+    for root in roots:
+        r = root.resolve()
+        if target == r or r in target.parents:
+            return target
+    raise StorageError(f"local path {str(path)!r} is outside the PVC root and MESHSERVE_MODEL_ROOTS")
+
+
+def resolve_local(storage: dict[str, Any], pvc_root: Path, model_roots: "list[Path] | tuple[Path, ...]" = ()) -> Path:
+    """A pvc (`parameters.type: pvc` + `name`) or local storage entry -> an existing local path.
+    A `file://` path must lie under `pvc_root` or one of `model_roots`."""
     params = storage.get("parameters") or {}
     rel = str(storage.get("path") or "")
     if params.get("type") == "pvc":
@@ -52,7 +64,10 @@ def resolve_local(storage: dict[str, Any], pvc_root: Path) -> Path:
             name, _, rel = uri[len("pvc://") :].partition("/")
             target = safe_join(pvc_root / name, rel)
         else:
-            target = Path(uri[len("file://") :])
+            raw = uri[len("file://") :]
+            if not os.path.isabs(raw) or ".." in Path(raw).parts:
+                raise StorageError(f"storageUri {uri!r}: a file:// path must be absolute, with no '..'")
+            target = within(Path(raw), [pvc_root, *model_roots])
     else:
         raise StorageError(f"storage {storage!r} is not a local or pvc store")
     if not target.exists():

@@ -29,6 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
+from meshserve import failures
 from meshserve import state as st
 from meshserve import tracing
 from meshserve.model import CopyState, Pod
@@ -102,10 +103,11 @@ class Activator:
             pending = any(c.state == CopyState.LOADING for c in copies.values())
             asked = self._requested.get(model_id, 0.0)
             # Only failures after our own request count; older ones are history.
-            failed = [c.reason for c in copies.values() if c.state == CopyState.FAILED and asked and c.since >= asked]
+            # (pod, reason); pod "-" is placement's own failure (no pod can hold it).
+            failed = [(p, c.reason) for p, c in copies.items() if c.state == CopyState.FAILED and asked and c.since >= asked]
             if not pending:
                 if failed:
-                    raise LoadFailed(503, f"model '{model_id}' could not be loaded: {failed[-1]}")
+                    raise LoadFailed(503, _load_failure(model_id, *failed[-1]))
                 if time.time() - asked > 2.0:
                     self._requested[model_id] = time.time()
                     self._requested_by[model_id] = span.get_span_context()
@@ -119,7 +121,7 @@ class Activator:
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
-                why = f"; last failure: {failed[-1]}" if failed else ""
+                why = f"; last failure: {failures.describe(failed[-1][1], failed[-1][0] == '-')}" if failed else ""
                 raise LoadFailed(503, f"model '{model_id}' was not loaded within {self.s.cold_start_timeout_seconds:g}s{why}")
             try:
                 await asyncio.wait_for(ev.wait(), timeout=min(remaining, 1.0))
@@ -131,6 +133,13 @@ class Activator:
         if model_id is None:
             raise LoadFailed(404, f"model '{name}' not found: no InferenceService or model is registered under this name")
         return model_id
+
+
+def _load_failure(model_id: str, pod: str, reason: str) -> str:
+    """The client's message for a failed load: model and kind only. The full reason (endpoints,
+    buckets, key paths) goes to this log and stays on the copy for `meshserve explain`."""
+    log.warning("load of %s failed on %s: %s", model_id, "placement" if pod == "-" else pod, reason)
+    return failures.client_message(model_id, reason, placement=pod == "-")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -199,7 +208,9 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
                     return web.Response(status=r.status, body=body, content_type=r.content_type or "application/json", headers=passed)
             except aiohttp.ClientError as e:
                 fspan.set_status(Status(StatusCode.ERROR, str(e)))
-                return _error(503, f"model '{model_id}' is loaded on {pod.id} but the pod did not answer: {e}")
+                # The error names the pod's address: the log gets it, the client does not.
+                log.warning("forwarding %s to %s failed: %s", model_id, pod.id, e)
+                return _error(503, f"model '{model_id}' is loaded but its runtime pod did not answer")
 
     async def not_found(request: web.Request) -> web.Response:
         return _error(404, f"no such endpoint: {request.method} {request.path}; see the KServe v2 protocol (/v2/models/<name>/infer)")

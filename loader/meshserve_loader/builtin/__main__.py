@@ -17,7 +17,9 @@ def main() -> None:
     s = Settings.from_env()
     logs.setup(f"runtime-{args.index}", s.log_json)
     rest, grpc_port, _ = s.pod_ports(args.index)
-    asyncio.run(serve(s.host, rest, grpc_port, s.allow_executable_formats, s.load_timeout_seconds))
+    # The roots are the ones the loader of this pod fetches into (same settings, same pod id).
+    asyncio.run(serve(s.host, rest, grpc_port, s.allow_executable_formats, s.load_timeout_seconds,
+                      control_port=s.pod_control_port(args.index), allowed_roots=s.allowed_model_roots(s.pod_name(args.index))))
 
 
 if __name__ == "__main__":

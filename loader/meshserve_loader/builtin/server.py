@@ -3,6 +3,13 @@
 The model to serve is the `mm-model-id` header when present (the gateway sets it from the
 alias), else the name in the path or message. Loads come through the repository extension,
 which is also how the loader drives MLServer and Triton.
+
+Two listeners, because the data port is reachable from every peer of the pod network: the data
+port (REST and gRPC, the pod's address) serves inference, health, stats and metrics only; the
+repository API (load, unload, index) is on a REST control port bound to 127.0.0.1, which only
+the loader beside the runtime reaches. A load must name a path under the runtime's allowed roots
+(its pod's disk cache, the PVC root, configured model roots), checked after resolving symlinks
+and `..` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -36,6 +43,24 @@ MAX_BODY_BYTES = MAX_REQUEST_BYTES
 
 class LoadTimeout(TimeoutError):
     """A load did not finish within its timeout; the runtime gave up on it."""
+
+
+class PathRefused(ModelLoadError):
+    """A load named a path outside the runtime's allowed roots."""
+
+
+def confine(path: str, roots: "list[Path] | tuple[Path, ...]") -> Path:
+    """`path` resolved (symlinks, `..`), if it lies in one of `roots` (resolved themselves);
+    else PathRefused. Without the check a load could read any file the runtime can (the
+    storage-config, service-account tokens) and serve it back through a `string` model."""
+    if not path:
+        raise PathRefused("a load needs a path")
+    target = Path(path).resolve()
+    for root in roots:
+        r = Path(root).resolve()
+        if target == r or r in target.parents:
+            return target
+    raise PathRefused(f"path {path!r} is outside this runtime's model roots; it loads only from its pod's disk cache and storage roots")
 
 
 def _in_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
@@ -102,6 +127,9 @@ class Runtime:
     # Inference runs on these threads, never on the event loop: a long batch must not hold up
     # health, stats, loads or other models' requests (the loader's heartbeat reads stats).
     workers: int = field(default_factory=worker_count)
+    # Where loads may come from (see `confine`). None: anywhere, for in-process use by tests
+    # and tools; `serve` always sets it.
+    allowed_roots: "tuple[Path, ...] | None" = None
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
@@ -129,6 +157,9 @@ class Runtime:
         return e
 
     async def load(self, name: str, fmt: str, path: str, params: dict[str, Any]) -> int:
+        if self.allowed_roots is not None:
+            # Before the already-loaded shortcut too: a refused path must be refused every time.
+            path = str(confine(path, self.allowed_roots))
         if name in self.models:
             return self.models[name].size
         timeout = float(params.get("timeout_seconds") or self.load_timeout or 0)
@@ -230,6 +261,69 @@ def _err(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+CONTROL_HOST = "127.0.0.1"
+REPOSITORY_ELSEWHERE = "the repository API (load, unload, index) is served only on the runtime's loopback control port, to the loader beside it"
+
+
+def _add_read_only(r: web.RouteTableDef, rt: Runtime) -> None:
+    """Stats on both listeners: placement polls them on the data port, the loader on its own."""
+
+    @r.get("/v2/meshserve/stats")
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(rt.stats())
+
+
+def build_control_app(rt: Runtime) -> web.Application:
+    """The loader's API: the repository extension plus health and stats. Bound to loopback only
+    (`serve`): whoever can load can read any allowed file back through a `string` model."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    r = web.RouteTableDef()
+
+    @r.get("/v2/health/live")
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    @r.get("/v2/health/ready")
+    async def ready(_: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    @r.post("/v2/repository/index")
+    async def index(_: web.Request) -> web.Response:
+        return web.json_response([{"name": n, "state": "READY"} for n in rt.models])
+
+    @r.post("/v2/repository/models/{name}/load")
+    async def load(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            body = json.loads(await request.read() or b"{}")
+            params = body.get("parameters") or {}
+            size = await rt.load(name, str(params.get("format", "")), str(params["path"]), params)
+        except (ValueError, KeyError, TypeError) as e:
+            return _err(400, f"load needs JSON {{'parameters': {{'path', 'format'}}}}: {e}")
+        except PathRefused as e:
+            log.warning("refused load of %s: %s", name, e)
+            return _err(403, str(e))
+        except ModelLoadError as e:
+            return _err(400, str(e))
+        except LoadTimeout as e:
+            return _err(504, str(e))
+        except Exception as e:
+            log.exception("load failed for %s", name)
+            return _err(500, f"load of '{name}' failed: {type(e).__name__}: {e}")
+        return web.json_response({"name": name, "size_bytes": size})
+
+    @r.post("/v2/repository/models/{name}/unload")
+    async def unload(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not rt.unload(name):
+            return _err(404, f"model '{name}' is not loaded")
+        return web.json_response({})
+
+    _add_read_only(r, rt)
+    app.add_routes(r)
+    return app
+
+
 def build_rest_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     r = web.RouteTableDef()
@@ -303,38 +397,12 @@ def build_rest_app(rt: Runtime) -> web.Application:
         finally:
             rt.m_requests.labels(name, code).inc()
 
-    @r.post("/v2/repository/index")
-    async def index(_: web.Request) -> web.Response:
-        return web.json_response([{"name": n, "state": "READY"} for n in rt.models])
+    @r.route("*", "/v2/repository{tail:.*}")
+    async def repository(_: web.Request) -> web.Response:
+        # Said plainly rather than a bare 404, so whoever drives this runtime finds the right port.
+        return _err(403, REPOSITORY_ELSEWHERE)
 
-    @r.post("/v2/repository/models/{name}/load")
-    async def load(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        try:
-            body = json.loads(await request.read() or b"{}")
-            params = body.get("parameters") or {}
-            size = await rt.load(name, str(params.get("format", "")), str(params["path"]), params)
-        except (ValueError, KeyError, TypeError) as e:
-            return _err(400, f"load needs JSON {{'parameters': {{'path', 'format'}}}}: {e}")
-        except ModelLoadError as e:
-            return _err(400, str(e))
-        except LoadTimeout as e:
-            return _err(504, str(e))
-        except Exception as e:
-            log.exception("load failed for %s", name)
-            return _err(500, f"load of '{name}' failed: {type(e).__name__}: {e}")
-        return web.json_response({"name": name, "size_bytes": size})
-
-    @r.post("/v2/repository/models/{name}/unload")
-    async def unload(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if not rt.unload(name):
-            return _err(404, f"model '{name}' is not loaded")
-        return web.json_response({})
-
-    @r.get("/v2/meshserve/stats")
-    async def stats(_: web.Request) -> web.Response:
-        return web.json_response(rt.stats())
+    _add_read_only(r, rt)
 
     @r.get("/metrics")
     async def metrics(_: web.Request) -> web.Response:
@@ -400,26 +468,16 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         finally:
             self.rt.m_requests.labels(name, code).inc()
 
+    # The gRPC port is the data port, reachable from the pod network: no repository API here (the
+    # loader uses the REST control port).
     async def RepositoryIndex(self, request, context):  # noqa: N802
-        resp = pb.RepositoryIndexResponse()
-        for n in self.rt.models:
-            resp.models.add(name=n, state="READY")
-        return resp
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, REPOSITORY_ELSEWHERE)
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
-        params = {k: v.string_param or v.int64_param for k, v in request.parameters.items()}
-        try:
-            await self.rt.load(request.model_name, str(params.get("format", "")), str(params.get("path", "")), params)
-        except ModelLoadError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except LoadTimeout as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        return pb.RepositoryModelLoadResponse()
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, REPOSITORY_ELSEWHERE)
 
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
-        if not self.rt.unload(request.model_name):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model '{request.model_name}' is not loaded")
-        return pb.RepositoryModelUnloadResponse()
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, REPOSITORY_ELSEWHERE)
 
 
 GRPC_MAX_MESSAGE = 64 << 20
@@ -442,9 +500,13 @@ def _preimport_more() -> None:
     import onnxruntime  # noqa: F401
 
 
-async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True, load_timeout: float = 0.0) -> None:
+async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True, load_timeout: float = 0.0,
+                control_port: int = 0, allowed_roots: "list[Path] | tuple[Path, ...]" = ()) -> None:
+    """Data listeners on `host` (the pod IP in a cluster), the control listener on 127.0.0.1
+    whatever `host` is. Loads only from `allowed_roots`: none given, none succeed."""
     await asyncio.get_running_loop().run_in_executor(None, _preimport)
-    rt = Runtime(allow_executable=allow_executable, load_timeout=load_timeout)
+    roots = tuple(Path(p).resolve() for p in allowed_roots)
+    rt = Runtime(allow_executable=allow_executable, load_timeout=load_timeout, allowed_roots=roots)
     rt.warm = asyncio.get_running_loop().run_in_executor(None, _preimport_more)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
@@ -455,10 +517,16 @@ async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: boo
     runner = web.AppRunner(build_rest_app(rt), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, rest_port, backlog=1024).start()
-    log.info("built-in runtime serving REST on %s:%d, gRPC on %s:%d", host, rest_port, host, grpc_port)
+    control = web.AppRunner(build_control_app(rt), access_log=None)
+    await control.setup()
+    await web.TCPSite(control, CONTROL_HOST, control_port).start()
+    bound = control.addresses[0][1] if control.addresses else control_port
+    log.info("built-in runtime serving REST on %s:%d, gRPC on %s:%d, control (repository API) on %s:%d; loads from %s",
+             host, rest_port, host, grpc_port, CONTROL_HOST, bound, ", ".join(map(str, roots)) or "nowhere")
     try:
         await asyncio.Event().wait()
     finally:
         await server.stop(1)
         await runner.cleanup()
+        await control.cleanup()
         rt.close()
