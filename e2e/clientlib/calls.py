@@ -1,0 +1,104 @@
+"""Run inside the clients venv: `python calls.py <rest base> <grpc addr> <model> triton|kserve`.
+The two packages can't share a process (both register protobuf package `inference` in the
+default descriptor pool), so each group runs in its own. Each call is
+made exactly as a user's code makes it, with the real client package, and its outcome printed
+as one JSON object (call -> result or error), so the test asserts on what the user would see.
+The input is the digits SVM's: 64 FP32 pixels of a handwritten 8."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+PIXELS = [0.0, 0.0, 1.0, 11.0, 14.0, 15.0, 3.0, 0.0, 0.0, 1.0, 13.0, 16.0, 12.0, 16.0, 8.0, 0.0, 0.0, 8.0, 16.0, 4.0, 6.0, 16.0,
+          5.0, 0.0, 0.0, 5.0, 15.0, 11.0, 13.0, 14.0, 0.0, 0.0, 0.0, 0.0, 2.0, 12.0, 16.0, 13.0, 0.0, 0.0, 0.0, 0.0, 0.0, 13.0,
+          16.0, 16.0, 6.0, 0.0, 0.0, 0.0, 0.0, 16.0, 16.0, 16.0, 7.0, 0.0, 0.0, 0.0, 0.0, 11.0, 13.0, 12.0, 1.0, 0.0]
+X = np.array([PIXELS], dtype=np.float32)
+
+
+def triton_http(rest: str, model: str, binary: bool) -> Any:
+    import tritonclient.http as th
+
+    c = th.InferenceServerClient(rest.split("://", 1)[1])
+    inp = th.InferInput("predict", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X, binary_data=binary)
+    # The default (outputs=None) asks for every output in binary; the JSON form names it.
+    outputs = None if binary else [th.InferRequestedOutput("predict", binary_data=False)]
+    return c.infer(model, [inp], outputs=outputs).as_numpy("predict").tolist()
+
+
+def triton_grpc(grpc_addr: str, model: str, header: bool) -> Any:
+    import tritonclient.grpc as tg
+
+    c = tg.InferenceServerClient(grpc_addr)
+    inp = tg.InferInput("predict", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    headers = {"mm-vmodel-id": model} if header else None
+    return c.infer(model, [inp], headers=headers).as_numpy("predict").tolist()
+
+
+def triton_metadata(rest: str, grpc_addr: str, model: str) -> Any:
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    h = th.InferenceServerClient(rest.split("://", 1)[1]).get_model_metadata(model)
+    g = tg.InferenceServerClient(grpc_addr).get_model_metadata(model, as_json=True)
+    return {"http_inputs": h["inputs"], "grpc_inputs": g["inputs"], "http_live": th.InferenceServerClient(rest.split("://", 1)[1]).is_server_live()}
+
+
+def kserve_rest(rest: str, model: str, binary: bool) -> Any:
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    async def go() -> Any:
+        c = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
+        inp = InferInput("predict", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X, binary_data=binary)
+        res = await c.infer(rest, InferRequest(model_name=model, infer_inputs=[inp]), model_name=model)
+        return res.outputs[0].as_numpy().tolist()
+
+    return asyncio.run(go())
+
+
+def kserve_grpc(grpc_addr: str, model: str) -> Any:
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    async def go() -> Any:
+        c = InferenceGRPCClient(grpc_addr)
+        inp = InferInput("predict", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X)
+        res = await c.infer(InferRequest(model_name=model, infer_inputs=[inp]), headers=[("mm-vmodel-id", model)])
+        return res.outputs[0].as_numpy().tolist()
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    rest, grpc_addr, model, group = sys.argv[1:5]
+    calls: dict[str, Callable[[], Any]] = {
+        "tritonclient.http binary": lambda: triton_http(rest, model, True),
+        "tritonclient.http json": lambda: triton_http(rest, model, False),
+        "tritonclient.grpc": lambda: triton_grpc(grpc_addr, model, False),
+        "tritonclient.grpc mm-vmodel-id": lambda: triton_grpc(grpc_addr, model, True),
+        "tritonclient metadata": lambda: triton_metadata(rest, grpc_addr, model),
+        "kserve rest binary": lambda: kserve_rest(rest, model, True),
+        "kserve rest json": lambda: kserve_rest(rest, model, False),
+        "kserve grpc": lambda: kserve_grpc(grpc_addr, model),
+    }
+    out: dict[str, Any] = {}
+    for name, call in calls.items():
+        if not name.startswith("triton" if group == "triton" else "kserve"):
+            continue
+        try:
+            out[name] = {"ok": call()}
+        except Exception as e:  # noqa: BLE001 - reported to the test, which says which call failed
+            out[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
