@@ -6,8 +6,6 @@ Kind: e2e. Real Prometheus (Debian's package), real mesh (session fixture), boun
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -15,21 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from e2e.tools import apt_binary
 from meshserve import dashboards, devmesh
 
 pytestmark = pytest.mark.e2e
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
-        # The test set-up installs it, as CI has no other way to get it.
-        subprocess.run(["apt-get", "install", "-y", "-qq", "prometheus"], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                       capture_output=True, timeout=600)
-        found = shutil.which("prometheus")
-    if not found:
-        pytest.skip("prometheus is not installed and cannot be (needs root and apt-get)")
-    return found
+    return apt_binary("prometheus", "prometheus")
 
 
 def test_committed_dashboards_are_current() -> None:

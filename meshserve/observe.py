@@ -39,9 +39,12 @@ class MeshStateCollector(Collector):
         self._bucket_counts = [0] * len(LOAD_BUCKETS)
         self._load_sum = 0.0
         self._load_n = 0
+        self.redis_up = 0  # the last refresh reached Redis: alerts page on 0 (istio/alerts.yaml)
 
     def collect(self) -> Iterable[Metric]:
-        return list(self._families)
+        up = GaugeMetricFamily("meshserve_redis_up", "1 when the last state read reached Redis, else 0")
+        up.add_metric([], self.redis_up)
+        return [*self._families, up]
 
     async def run(self) -> None:
         last_event = "$"
@@ -49,7 +52,9 @@ class MeshStateCollector(Collector):
             try:
                 last_event = await self._tail_events(last_event)
                 await self.refresh()
+                self.redis_up = 1
             except Exception as e:  # metrics must never take the service down
+                self.redis_up = 0
                 log.warning("state metrics refresh failed: %s", e)
             await asyncio.sleep(self.interval)
 
@@ -83,14 +88,17 @@ class MeshStateCollector(Collector):
         # cost more CPU than placement's decisions; the families need only their number.
         async with self.state.r.pipeline(transaction=True) as p:
             p.get(st.REV).hlen(st.MODELS).hgetall(st.PODS).hgetall(st.PLACEMENTS)
-            p.zrange(st.HEARTBEATS, 0, -1, withscores=True).zrange(st.LAST_USED, 0, -1, withscores=True)
-            rev, managed, pods, placements, hb, lu = await p.execute()
+            p.zrange(st.HEARTBEATS, 0, -1, withscores=True).zrange(st.LAST_USED, 0, -1, withscores=True).exists(st.LEASE)
+            rev, managed, pods, placements, hb, lu, leader = await p.execute()
         snap = st.Snapshot(
             rev=int(rev or 0), models={}, aliases={},
             pods={k.decode(): Pod.from_json(v) for k, v in pods.items()},
             placements={k.decode(): copies_from_json(v) for k, v in placements.items()},
         )
         self._families = build_families(snap, {k.decode(): v for k, v in hb}, {k.decode(): v for k, v in lu}, time.time(), self, managed)
+        lead = GaugeMetricFamily("meshserve_placement_leader", "1 when a placement instance holds the leader lease, else 0")
+        lead.add_metric([], 1 if leader else 0)
+        self._families.append(lead)
 
 
 def build_families(snap: st.Snapshot, hb: dict[str, float], lu: dict[str, float], now: float, tallies: MeshStateCollector,

@@ -166,10 +166,49 @@ def test_kserve_examples_include_ours() -> None:
     assert {("ServingRuntime", "meshserve-builtin"), ("ServingRuntime", "mlserver-1.x"), ("InferenceService", "sklearn-mnist")} <= names
 
 
+def gateway_api_schemas() -> dict[tuple[str, str], Any]:
+    return crd_schemas("gateway-api-standard-crds.yaml")
+
+
+GATEWAY_API = list(docs([ISTIO / "alternatives" / "gateway-api.yaml"]))
+
+
+@needs_shared
+@pytest.mark.parametrize("where,doc", GATEWAY_API, ids=[w for w, _ in GATEWAY_API])
+def test_gateway_api_kinds_validate(where: str, doc: dict[str, Any]) -> None:
+    check_crd(doc, gateway_api_schemas())
+
+
+@needs_shared
+def test_gateway_api_validation_has_teeth() -> None:
+    route = copy.deepcopy(next(d for _, d in GATEWAY_API if d["kind"] == "HTTPRoute"))
+    route["spec"]["rules"][0]["matches"][0]["path"]["type"] = "Glob"
+    with pytest.raises(jsonschema.ValidationError):
+        check_crd(route, gateway_api_schemas())
+
+
+def test_gateway_api_routes_reach_the_meshserve_gateway() -> None:
+    """The routes attach to the Gateway's listeners and send to the Service ports istio.yaml uses."""
+    gw = next(d for _, d in GATEWAY_API if d["kind"] == "Gateway")
+    listeners = {lst["name"]: lst["port"] for lst in gw["spec"]["listeners"]}
+    svc = next(d for d in by_kind("Service") if d["metadata"]["name"] == "meshserve-gateway")
+    ports = {p["port"] for p in svc["spec"]["ports"]}
+    for _, d in GATEWAY_API:
+        if d["kind"] not in ("HTTPRoute", "GRPCRoute"):
+            continue
+        for ref in d["spec"]["parentRefs"]:
+            assert ref["name"] == gw["metadata"]["name"] and ref["sectionName"] in listeners
+        for rule in d["spec"]["rules"]:
+            for b in rule["backendRefs"]:
+                assert b["name"] == "meshserve-gateway" and b["port"] in ports
+                assert b["port"] == listeners[d["spec"]["parentRefs"][0]["sectionName"]]
+
+
 def test_every_kind_is_covered() -> None:
     """No manifest slips past validation because nothing knows its kind."""
     known = CORE_GROUPS | {"networking.istio.io/v1beta1", "networking.istio.io/v1alpha3", "security.istio.io/v1beta1",
-                           "serving.kserve.io/v1beta1", "serving.kserve.io/v1alpha1", "monitoring.coreos.com/v1"}
+                           "serving.kserve.io/v1beta1", "serving.kserve.io/v1alpha1", "monitoring.coreos.com/v1",
+                           "gateway.networking.k8s.io/v1"}
     assert {d["apiVersion"] for _, d in ALL} <= known
 
 
@@ -270,8 +309,10 @@ def test_controller_sees_runtime_pods_and_may_do_what_it_does() -> None:
 def test_gateway_ports_match_the_users_contract() -> None:
     from meshserve.settings import GATEWAY_GRPC_PORT, GATEWAY_REST_PORT
 
-    (gw,) = by_kind("Gateway")
+    (gw,) = [g for g in by_kind("Gateway") if g["apiVersion"].startswith("networking.istio.io/")]
     assert {s["port"]["number"] for s in gw["spec"]["servers"]} == {GATEWAY_REST_PORT, GATEWAY_GRPC_PORT}
+    (gapi,) = [g for g in by_kind("Gateway") if g["apiVersion"].startswith("gateway.networking.k8s.io/")]
+    assert {lst["port"] for lst in gapi["spec"]["listeners"]} == {GATEWAY_REST_PORT, GATEWAY_GRPC_PORT}
     svc = next(s for s in by_kind("Service") if s["metadata"]["name"] == "modelmesh-serving")
     assert {p["port"] for p in svc["spec"]["ports"]} == {GATEWAY_REST_PORT, GATEWAY_GRPC_PORT}
     deps = {d["metadata"]["name"]: d for d in by_kind("Deployment")}
