@@ -153,9 +153,9 @@ def test_gzip_bomb_is_a_413_and_does_not_stall_the_runtime(mesh: devmesh.Mesh, f
         poller = ex.submit(poll)
         codes = [_infer(mesh, bomb, "Content-Encoding: gzip") for _ in range(3)]
         poller.result(timeout=60)
+    assert max(slowest) < 0.5, f"the runtime stalled {max(slowest):.2f}s"
     for code, text in codes:
         assert code == 413 and "decompresses to more than" in json.loads(text)["error"], text
-    assert max(slowest) < 0.5, f"the runtime stalled {max(slowest):.2f}s"
     good(mesh, fixtures)
 
 
