@@ -1,5 +1,5 @@
-"""Issue 9, bad input through the real gateway: each gets a clear error, nothing crashes, and the
-next good request works.
+"""Issues 9 and 18, bad and hostile input through the real gateway: each gets a clear error,
+nothing crashes or stalls, and the next good request works.
 
 Kind: e2e (session mesh: real Envoy, Valkey, runtimes).
 """
