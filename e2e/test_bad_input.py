@@ -1,13 +1,20 @@
-"""Issue 9, bad input through the real gateway: each gets a clear error, nothing crashes, and the
-next good request works.
+"""Issues 9 and 18, bad and hostile input through the real gateway: each gets a clear error,
+nothing crashes or stalls, and the next good request works.
 
 Kind: e2e (session mesh: real Envoy, Valkey, runtimes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
+import socket
 import subprocess
+import time
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -21,9 +28,9 @@ from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 pytestmark = pytest.mark.e2e
 
 
-def curl(*args: str) -> tuple[int, str]:
-    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=120)
-    body, _, code = out.stdout.rpartition("\n")
+def curl(*args: str, input_bytes: bytes | None = None) -> tuple[int, str]:
+    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", *args], input=input_bytes, capture_output=True, timeout=120)
+    body, _, code = out.stdout.decode(errors="replace").rpartition("\n")
     return int(code or 0), body
 
 
@@ -78,4 +85,164 @@ def test_grpc_unknown_model_and_bad_tensor(mesh: devmesh.Mesh, fixtures: Path) -
         with pytest.raises(grpc.RpcError) as e:
             stub.ModelInfer(req, metadata=[("mm-vmodel-id", "sklearn-mnist")], timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 64 values" in (e.value.details() or "")
+    good(mesh, fixtures)
+
+
+# Issue 18 §2 and §3: hostile input through the real gateway. Each was a 500, UNKNOWN, a reset or
+# a wrong answer; each must be a clear 4xx (gRPC INVALID_ARGUMENT / RESOURCE_EXHAUSTED), and the
+# next good request must still answer.
+
+
+def _infer(mesh: devmesh.Mesh, body: bytes, *headers: str, model: str = "sklearn-mnist") -> tuple[int, str]:
+    return curl("-X", "POST", f"{mesh.rest}/v2/models/{model}/infer", *(a for h in headers for a in ("-H", h)), "--data-binary", "@-", input_bytes=body)
+
+
+def _rest(shape: list[int], data: object) -> bytes:
+    return json.dumps({"inputs": [{"name": "predict", "shape": shape, "datatype": "FP32", "data": data}]}).encode()
+
+
+HOSTILE_JSON = [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": [NaN' + b", 0" * 63 + b"]}]}", "NaN is not a JSON number"),
+    (b'{"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": [-Infinity' + b", 0" * 63 + b"]}]}", "Infinity is not a JSON number"),
+    (b'{"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": [1e309' + b", 0" * 63 + b"]}]}", "must be finite"),
+    (_rest([4294967296, 4294967296], []), "18446744073709551616 elements"),
+    (_rest([10**12, 10**12], []), "1000000000000000000000000 elements"),
+    (_rest([0, 64], []), "0 sample"),
+]
+
+
+@pytest.mark.parametrize("body, message", HOSTILE_JSON, ids=["deep", "nan", "-inf", "1e309", "2^64", "10^24", "0-rows"])
+def test_hostile_json_is_a_400(mesh: devmesh.Mesh, fixtures: Path, body: bytes, message: str) -> None:
+    code, text = _infer(mesh, body)
+    assert code == 400 and message in json.loads(text)["error"], text
+    good(mesh, fixtures)
+
+
+def test_content_encoding(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    plain = (fixtures / "mnist-request-proto-json.json").read_bytes()
+    code, text = _infer(mesh, gzip.compress(plain), "Content-Encoding: gzip")
+    assert code == 200 and json.loads(text)["outputs"][0]["contents"]["int64Contents"] == ["8"], text
+    code, text = _infer(mesh, plain, "Content-Encoding: gzip")  # was a 500 with a traceback
+    assert code == 400 and "not valid gzip" in json.loads(text)["error"], text
+    good(mesh, fixtures)
+    code, text = _infer(mesh, plain, "Content-Encoding: br")
+    assert code == 415 and "not supported" in json.loads(text)["error"], text
+    good(mesh, fixtures)
+
+
+def test_gzip_bomb_is_a_413_and_does_not_stall_the_runtime(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    """1 GiB of zeros in ~1 MB of gzip. It used to be inflated on the runtime's event loop, which
+    answered nothing else (health included) for 3-4 s. The runtime's own ready endpoint is
+    polled, bounded in count, while the bomb is in flight."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join([*(z.compress(bytes(1 << 20)) for _ in range(1024)), z.flush()])
+    good(mesh, fixtures)
+    ready = f"{mesh.pod_rest(0)}/v2/models/sklearn-mnist/ready"
+    slowest: list[float] = []
+
+    def poll() -> None:
+        for _ in range(60):
+            t0 = time.monotonic()
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(ready, timeout=10).read()
+            slowest.append(time.monotonic() - t0)
+            time.sleep(0.02)
+
+    with ThreadPoolExecutor(1) as ex:
+        poller = ex.submit(poll)
+        codes = [_infer(mesh, bomb, "Content-Encoding: gzip") for _ in range(3)]
+        poller.result(timeout=60)
+    assert max(slowest) < 0.5, f"the runtime stalled {max(slowest):.2f}s"
+    for code, text in codes:
+        assert code == 413 and "decompresses to more than" in json.loads(text)["error"], text
+    good(mesh, fixtures)
+
+
+def test_body_over_the_limit_sent_whole_before_reading(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    """100 MB from a client that reads the answer only once it has sent everything (a raw
+    socket, as http.client does): it used to be reset mid-send and never saw the 413."""
+    body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["' + b"a" * (100 << 20) + b'"]}]}'
+    port = int(mesh.rest.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(f"POST /v2/models/sklearn-mnist/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        s.sendall(body)  # ConnectionResetError here was the bug
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert "limit" in json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    good(mesh, fixtures)
+
+
+def test_http_1_0_is_served(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    code, body = curl("--http1.0", "-X", "POST", f"{mesh.rest}/v2/models/sklearn-mnist/infer", "-d", f"@{fixtures / 'mnist-request-proto-json.json'}")
+    assert code == 200 and json.loads(body)["outputs"][0]["contents"]["int64Contents"] == ["8"], body
+    good(mesh, fixtures)
+
+
+def _grpc_good(stub: pbg.GRPCInferenceServiceStub, fixtures: Path) -> None:
+    row = json.loads((fixtures / "mnist-request-v2-rest.json").read_text())["inputs"][0]["data"]
+    req = pb.ModelInferRequest(model_name="sklearn-mnist")
+    req.inputs.add(name="predict", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend(row)
+    assert list(stub.ModelInfer(req, timeout=60).outputs[0].contents.int64_contents) == [8]
+
+
+def test_grpc_hostile_messages(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    nan_row = pb.ModelInferRequest(model_name="sklearn-mnist")
+    nan_row.inputs.add(name="predict", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend([float("nan")] + [0.0] * 63)
+    both = pb.ModelInferRequest(model_name="sklearn-mnist")
+    both.inputs.add(name="predict", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend([0.0] * 64)
+    both.raw_input_contents.append(bytes(4 * 64))
+    cases = [
+        (pb.ModelInferRequest(model_name="sklearn-mnist").SerializeToString(), "at least one input"),  # was NOT_FOUND
+        (nan_row.SerializeToString(), "Input X contains NaN"),  # was UNKNOWN
+        (nan_row.SerializeToString()[:-7], "not a valid ModelInferRequest"),  # truncated: was UNKNOWN
+        (both.SerializeToString(), "both contents and raw_input_contents"),  # raw data used to win
+    ]
+    with grpc.insecure_channel(mesh.grpc) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=pb.ModelInferResponse.FromString)
+        for message, want in cases:
+            for metadata in ([("mm-vmodel-id", "sklearn-mnist")], []):  # routed by header, or by the message
+                with pytest.raises(grpc.RpcError) as e:
+                    raw(message, metadata=metadata, timeout=60)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (want, e.value.code(), e.value.details())
+                details = e.value.details() or ""
+                assert want in details and "DecodeError" not in details and "<class" not in details, details
+                _grpc_good(stub, fixtures)
+    good(mesh, fixtures)
+
+
+def _message_of(size: int) -> pb.ModelInferRequest:
+    """A ModelInferRequest for sklearn-mnist serializing to exactly `size` bytes."""
+    pad = size
+    for _ in range(5):
+        req = pb.ModelInferRequest(model_name="sklearn-mnist")
+        req.inputs.add(name="x", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a" * pad)
+        if req.ByteSize() == size:
+            return req
+        pad -= req.ByteSize() - size
+    raise AssertionError(f"no message of {size} bytes")
+
+
+def test_grpc_limit_is_the_same_with_and_without_a_routing_header(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    """Without mm-vmodel-id the gateway buffers the message to read the model name; from 16 MiB
+    that failed with UNKNOWN 'Payload Too Large' while the same message with the header passed.
+    Now MAX_REQUEST_BYTES passes both ways (the model then refuses BYTES: INVALID_ARGUMENT) and
+    one byte more is RESOURCE_EXHAUSTED both ways."""
+    with grpc.insecure_channel(mesh.grpc, options=[("grpc.max_send_message_length", 2 * MAX_REQUEST_BYTES)]) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        for size, want in ((MAX_REQUEST_BYTES, grpc.StatusCode.INVALID_ARGUMENT), (MAX_REQUEST_BYTES + 1, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+            req = _message_of(size)
+            for metadata in ([("mm-vmodel-id", "sklearn-mnist")], []):
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.ModelInfer(req, metadata=metadata, timeout=60)
+                assert e.value.code() == want, (size, metadata, e.value.code(), e.value.details())
+                if want == grpc.StatusCode.INVALID_ARGUMENT:
+                    assert "not BYTES" in (e.value.details() or "")
+                _grpc_good(stub, fixtures)
     good(mesh, fixtures)

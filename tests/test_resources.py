@@ -95,3 +95,24 @@ def test_scoped_listeners_key_then_wait_for_new_route_configs_then_route() -> No
         lst.filter_chains[0].filters[0].typed_config.Unpack(m)
         assert [f.name for f in m.http_filters] == ["envoy.filters.http.lua", "envoy.filters.http.on_demand", "envoy.filters.http.router"]
         assert m.scoped_routes.scoped_rds.HasField("scoped_rds_config_source") and not m.HasField("rds")
+
+
+def test_listeners_hold_one_request_limit_and_serve_http_1_0() -> None:
+    """Kind: unit (pure). Issue 18 §3: the gRPC listener's stream window fits a MAX_REQUEST_BYTES
+    message (the Lua filter buffers it when there is no routing header; Envoy's 16 MiB default
+    refused bigger) and its 413 is RESOURCE_EXHAUSTED; the REST listener accepts HTTP/1.0."""
+    from meshserve.settings import MAX_REQUEST_BYTES
+    from meshserve_xds import scoped
+
+    for build in (r.build_listener, scoped.build_listener):
+        managers = {}
+        for http2_only in (True, False):
+            m = hcm.HttpConnectionManager()
+            build("l", "127.0.0.1", 1, http2_only).filter_chains[0].filters[0].typed_config.Unpack(m)
+            managers[http2_only] = m
+        grpc_m, rest_m = managers[True], managers[False]
+        assert grpc_m.http2_protocol_options.initial_stream_window_size.value == MAX_REQUEST_BYTES + 5
+        mapper = grpc_m.local_reply_config.mappers[0]
+        assert mapper.filter.status_code_filter.comparison.value.default_value == 413
+        assert [(h.header.key, h.header.value) for h in mapper.headers_to_add] == [("grpc-status", "8")]
+        assert rest_m.http_protocol_options.accept_http_10

@@ -63,6 +63,20 @@ def test_onnx_input_any_name_and_bad_shape(models: dict[str, Path]) -> None:
     assert m.metadata()["inputs"] == [{"name": "predict", "datatype": "FP32", "shape": [-1, 64]}]
 
 
+def test_sklearn_input_it_refuses_is_the_clients_error(models: dict[str, Path]) -> None:
+    """Issue 18: scikit-learn's ValueError on NaN, infinity or zero rows was a 500 (gRPC
+    UNKNOWN); it is the client's input, so a CodecError (400) with sklearn's first line."""
+    m = load_model("sklearn", models["sklearn"])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = _seed_row().copy()
+        x[0, 3] = bad
+        with pytest.raises(CodecError, match="rejected the input: Input X contains"):
+            m.predict(_req(x))
+    with pytest.raises(CodecError, match="0 sample"):
+        m.predict(_req(np.zeros((0, 64), dtype=np.float32)))
+    assert int(m.predict(_req(_seed_row()))["predict"][0]) == 8
+
+
 @pytest.mark.parametrize("fmt,suffix", [("sklearn", ".joblib"), ("xgboost", ".json"), ("lightgbm", ".txt"), ("onnx", ".onnx")])
 def test_corrupt_file_is_a_load_error(tmp_path: Path, fmt: str, suffix: str) -> None:
     f = tmp_path / f"corrupt{suffix}"

@@ -22,6 +22,7 @@ from typing import Any
 
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2, struct_pb2
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -36,6 +37,7 @@ from envoy.type.matcher.v3 import http_inputs_pb2
 from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
+from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_xds.grpc_model_header import lua_filter
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -354,6 +356,33 @@ def _json_errors() -> hcm.LocalReplyConfig:
     )
 
 
+# The gRPC frame prefix (compressed flag, length) before each message.
+GRPC_FRAME_PREFIX = 5
+GRPC_RESOURCE_EXHAUSTED = "8"
+
+
+def _grpc_limits() -> tuple[protocol_pb2.Http2ProtocolOptions, hcm.ResponseMapper]:
+    """One request size limit for gRPC whether or not the client sends a routing header.
+
+    Without one, the Lua filter buffers the message to read the model name, and Envoy caps a
+    buffered stream at its HTTP/2 stream window (16 MiB by default): anything bigger was UNKNOWN
+    "Payload Too Large" while the same message with mm-vmodel-id passed. The window is set so
+    that a message of MAX_REQUEST_BYTES fits, as the runtimes' max_receive_message_length
+    lets it; over it, Envoy's 413 is mapped to RESOURCE_EXHAUSTED, the code gRPC itself gives
+    a message over its limit."""
+    h2 = protocol_pb2.Http2ProtocolOptions(initial_stream_window_size=wrappers_pb2.UInt32Value(value=MAX_REQUEST_BYTES + GRPC_FRAME_PREFIX))
+    too_large = hcm.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(op=accesslog_pb2.ComparisonFilter.EQ, value=base_pb2.RuntimeUInt32(default_value=413, runtime_key="meshserve.grpc_too_large_status")),
+        )),
+        body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+            text_format_source=base_pb2.DataSource(inline_string=f"request message is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit"),
+        ),
+        headers_to_add=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="grpc-status", value=GRPC_RESOURCE_EXHAUSTED))],
+    )
+    return h2, too_large
+
+
 def build_listener(name: str, host: str, port: int, http2_only: bool) -> listener_pb2.Listener:
     manager = hcm.HttpConnectionManager(
         stat_prefix=name,
@@ -364,9 +393,16 @@ def build_listener(name: str, host: str, port: int, http2_only: bool) -> listene
     )
     if not http2_only:
         manager.local_reply_config.CopyFrom(_json_errors())
+        # HTTP/1.0 clients (ab, some load balancers' health checks, old SDKs) were refused with
+        # 426. Envoy serves them over HTTP/1.1 upstream and closes after each response; the
+        # default host is for those that send no Host header.
+        manager.http_protocol_options.CopyFrom(protocol_pb2.Http1ProtocolOptions(accept_http_10=True, default_host_for_http_10="meshserve"))
     else:
         # gRPC clients that send no mm-vmodel-id / mm-model-id: route by the message's model_name.
         manager.http_filters.insert(0, lua_filter())
+        h2, too_large = _grpc_limits()
+        manager.http2_protocol_options.CopyFrom(h2)
+        manager.local_reply_config.mappers.append(too_large)
     return listener_pb2.Listener(
         name=name,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port)),

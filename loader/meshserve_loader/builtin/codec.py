@@ -7,17 +7,28 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
 
+from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 
 
 class CodecError(ValueError):
     pass
+
+
+# Every element takes at least one byte on the wire (a raw BOOL or INT8, a one-digit JSON
+# number), so no request within the body limit carries more: a larger count is a client's
+# mistake, refused before numpy is asked for an absurd array.
+MAX_ELEMENTS = MAX_REQUEST_BYTES
+# numpy 1's limit on dimensions, more than any model takes; it also bounds how deeply `data`
+# may nest, which keeps flattening it from recursing without limit.
+MAX_DIMS = 32
 
 
 # datatype -> (numpy dtype, InferTensorContents field)
@@ -70,32 +81,65 @@ def _check_shape(name: str, shape: Any) -> list[int]:
     return shape
 
 
-def _to_array(name: str, datatype: str, shape: list[int], values: Any) -> np.ndarray:
+def element_count(name: str, shape: list[int]) -> int:
+    """The shape's element count, in Python ints: numpy's int64 product wraps around
+    ([2**32, 2**32] gives 0), which would let an absurd shape pass as an empty one."""
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"input '{name}': shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
+    n = math.prod(shape)
+    if n > MAX_ELEMENTS:
+        raise CodecError(
+            f"input '{name}': shape {shape} has {n} elements, more than a request within the "
+            f"{MAX_REQUEST_BYTES >> 20} MiB limit can carry ({MAX_ELEMENTS})"
+        )
+    return n
+
+
+def _to_array(name: str, datatype: str, shape: list[int], values: Any, finite: bool = False) -> np.ndarray:
+    """`finite`: float data must hold finite numbers. JSON has no NaN or Infinity, so in the
+    REST form a non-finite value is a non-standard token or a number out of the datatype's
+    range (1e309, or 1e39 as FP32), never what the client meant."""
     if datatype not in DATATYPES:
         raise CodecError(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
     dtype = DATATYPES[datatype][0]
-    n = int(np.prod(shape)) if shape else 1
+    n = element_count(name, shape)
     if dtype is object:
-        flat = np.array([_as_bytes(v) for v in _flatten(values)], dtype=object)
+        flat = np.array([_as_bytes(v) for v in _flatten(name, values)], dtype=object)
     else:
+        values = _flatten(name, values)
         try:
-            flat = np.asarray(_flatten(values), dtype=dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+                flat = np.asarray(values, dtype=dtype)
         except (TypeError, ValueError, OverflowError):
             raise CodecError(f"input '{name}': data does not match datatype {datatype}") from None
+        if finite and flat.dtype.kind == "f" and not np.isfinite(flat).all():
+            raise CodecError(f"input '{name}': {datatype} data must be finite numbers within the datatype's range (no NaN, Infinity or overflow)")
     if flat.size != n:
         raise CodecError(f"input '{name}': shape {shape} needs {n} values, got {flat.size}")
     return flat.reshape(shape)
 
 
-def _flatten(values: Any) -> list[Any]:
-    if isinstance(values, (list, tuple)):
-        if values and isinstance(values[0], (list, tuple)):
-            out: list[Any] = []
-            for v in values:
-                out.extend(_flatten(v))
-            return out
-        return list(values)
-    return [values]
+def _flatten(name: str, values: Any) -> list[Any]:
+    """Nested lists to one flat list, without recursion and no deeper than MAX_DIMS."""
+    if not isinstance(values, (list, tuple)):
+        return [values]
+    out: list[Any] = []
+    stack = [iter(values)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, (list, tuple)):
+                if len(stack) >= MAX_DIMS:
+                    raise CodecError(f"input '{name}': data is nested more than {MAX_DIMS} levels deep")
+                stack.append(iter(v))
+                break
+            out.append(v)
+        else:
+            stack.pop()
+    return out
+
+
+def _no_constants(token: str) -> Any:
+    raise CodecError(f"request body is not valid JSON: {token} is not a JSON number")
 
 
 def _as_bytes(v: Any) -> bytes:
@@ -109,7 +153,11 @@ def _as_bytes(v: Any) -> bytes:
 def decode_json_request(body: bytes) -> InferRequest:
     """Either JSON form. The proto3-JSON form is chosen when any input carries `contents`."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_no_constants)
+    except CodecError:
+        raise
+    except RecursionError:
+        raise CodecError("request body is nested too deeply to be an inference request") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CodecError(f"request body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -122,6 +170,8 @@ def decode_json_request(body: bytes) -> InferRequest:
             msg = json_format.ParseDict(doc, pb.ModelInferRequest(), ignore_unknown_fields=False)
         except json_format.ParseError as e:
             raise CodecError(f"invalid proto3-JSON inference request: {e}") from None
+        except RecursionError:
+            raise CodecError("request body is nested too deeply to be an inference request") from None
         req = decode_grpc_request(msg)
         req.form = "proto"
         return req
@@ -138,7 +188,7 @@ def decode_json_request(body: bytes) -> InferRequest:
         shape = _check_shape(name, inp.get("shape"))
         if "data" not in inp:
             raise CodecError(f"input '{name}': 'data' is required")
-        tensors.append(Tensor(name, datatype, shape, _to_array(name, datatype, shape, inp["data"])))
+        tensors.append(Tensor(name, datatype, shape, _to_array(name, datatype, shape, inp["data"], finite=True)))
     outs = doc.get("outputs")
     names = [o.get("name") for o in outs if isinstance(o, dict)] if isinstance(outs, list) else None
     rid = doc.get("id")
@@ -147,6 +197,8 @@ def decode_json_request(body: bytes) -> InferRequest:
 
 def decode_grpc_request(msg: pb.ModelInferRequest) -> InferRequest:
     tensors = []
+    if not msg.inputs:
+        raise CodecError("request needs at least one input tensor")
     raw = list(msg.raw_input_contents)
     if raw and len(raw) != len(msg.inputs):
         raise CodecError(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs")
@@ -157,6 +209,9 @@ def decode_grpc_request(msg: pb.ModelInferRequest) -> InferRequest:
         if inp.datatype not in DATATYPES:
             raise CodecError(f"input '{inp.name}': unknown datatype {inp.datatype!r}")
         dtype, field = DATATYPES[inp.datatype]
+        # The protocol forbids both; picking one would silently drop the client's other data.
+        if raw and inp.contents.ListFields():
+            raise CodecError(f"input '{inp.name}' has both contents and raw_input_contents; send each input's data in one of them")
         if raw:
             arr = _from_raw(inp.name, inp.datatype, shape, raw[i])
         else:
@@ -169,7 +224,7 @@ def decode_grpc_request(msg: pb.ModelInferRequest) -> InferRequest:
 
 def _from_raw(name: str, datatype: str, shape: list[int], buf: bytes) -> np.ndarray:
     dtype = DATATYPES[datatype][0]
-    n = int(np.prod(shape)) if shape else 1
+    n = element_count(name, shape)
     if dtype is object:
         items, off = [], 0
         while off < len(buf):

@@ -55,9 +55,9 @@ class SklearnModel:
         out: dict[str, np.ndarray] = {}
         for name in wanted:
             if name == "predict":
-                out[name] = np.asarray(self.est.predict(x))
+                out[name] = np.asarray(_client_values(self.est.predict, x))
             elif name == "predict_proba" and hasattr(self.est, "predict_proba"):
-                out[name] = np.asarray(self.est.predict_proba(x))
+                out[name] = np.asarray(_client_values(self.est.predict_proba, x))
             else:
                 raise CodecError(f"unknown output {name!r}; this model offers 'predict'")
         return out
@@ -122,6 +122,16 @@ def load_string(path: Path, params: dict[str, Any]) -> Model:
         raise ModelLoadError(f"cannot read {f.name}: {e}") from None
 
 
+def _client_values(predict: Callable[[np.ndarray], Any], x: np.ndarray) -> Any:
+    """scikit-learn and the boosters check their input and raise ValueError for what the client
+    sent (NaN or infinity where the estimator takes none, zero rows): a 400 naming the problem,
+    not a 500. Their other exceptions stay the model's own failure."""
+    try:
+        return predict(x)
+    except ValueError as e:
+        raise CodecError(f"the model rejected the input: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def _numeric_2d(req: InferRequest, what: str) -> np.ndarray:
     x = req.inputs[0].array
     if x.dtype == object:
@@ -146,7 +156,7 @@ class BoosterModel:
         for name in req.outputs or []:
             if name != "predict":
                 raise CodecError(f"unknown output {name!r}; this model offers 'predict'")
-        return {"predict": np.asarray(self._predict(x))}
+        return {"predict": np.asarray(_client_values(self._predict, x))}
 
     def metadata(self) -> dict[str, Any]:
         return {

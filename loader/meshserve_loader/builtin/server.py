@@ -20,13 +20,15 @@ import logging
 import os
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import hdrs, web
+from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from meshserve.settings import MAX_REQUEST_BYTES
@@ -61,6 +63,54 @@ def confine(path: str, roots: "list[Path] | tuple[Path, ...]") -> Path:
         if target == r or r in target.parents:
             return target
     raise PathRefused(f"path {path!r} is outside this runtime's model roots; it loads only from its pod's disk cache and storage roots")
+
+
+class ModelNotFound(LookupError):
+    """No such model here. Its own class, so that a model's IndexError or KeyError (also
+    LookupErrors) is never mistaken for it and answered 404."""
+
+
+class BodyTooLarge(ValueError):
+    """A request body that decompresses to more than MAX_BODY_BYTES."""
+
+
+class UnsupportedEncoding(ValueError):
+    """A Content-Encoding the runtime does not decode."""
+
+
+# zlib's wbits per HTTP content coding: gzip framing, and zlib framing for "deflate" (RFC 9110).
+_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_body(raw: bytes, encoding: str, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body with its Content-Encoding undone, never more than `limit` bytes.
+
+    Called on an inference thread: aiohttp's own decompression runs on the event loop and a
+    gzip bomb stalled the whole runtime (health included) for seconds. Decoding stops at
+    limit + 1 bytes of output, so a bomb costs at most that much memory and time."""
+    coding = encoding.strip().lower()
+    if coding in ("", "identity"):
+        return raw
+    wbits = _CODINGS.get(coding)
+    if wbits is None:
+        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or an uncompressed body")
+    out: list[bytes] = []
+    size, data = 0, raw
+    # gzip allows several members back to back (`cat a.gz b.gz`); each round decodes one.
+    while data:
+        d = zlib.decompressobj(wbits)
+        try:
+            chunk = d.decompress(data, limit - size + 1)
+        except zlib.error as e:
+            raise codec.CodecError(f"request body is not valid {coding} data ({e}); is Content-Encoding right?") from None
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body decompresses to more than the {limit >> 20} MiB limit")
+        out.append(chunk)
+        if not d.eof:
+            raise codec.CodecError(f"request body is truncated {coding} data")
+        data = d.unused_data
+    return b"".join(out)
 
 
 def _in_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
@@ -153,7 +203,7 @@ class Runtime:
     def get(self, name: str) -> Entry:
         e = self.models.get(name)
         if e is None:
-            raise LookupError(f"model '{name}' is not loaded on this runtime")
+            raise ModelNotFound(f"model '{name}' is not loaded on this runtime")
         return e
 
     async def load(self, name: str, fmt: str, path: str, params: dict[str, Any]) -> int:
@@ -215,7 +265,7 @@ class Runtime:
         self.m_models.set(len(self.models))
         if e is not None:
             # Per-model series go with the model, so label cardinality follows what is loaded.
-            for code in ("200", "400", "404", "500"):
+            for code in ("200", "400", "404", "413", "415", "500"):
                 try:
                     self.m_requests.remove(name, code)
                 except KeyError:
@@ -324,8 +374,32 @@ def build_control_app(rt: Runtime) -> web.Application:
     return app
 
 
+# A body over the limit is still read, and dropped, up to these bounds before its 413 goes out.
+# Many HTTP/1.1 clients read the answer only once they have sent the whole body; answering at
+# the limit made the gateway end the request and close, and they were reset mid-send (seen at
+# 100 MB) without ever reading the 413. Past the bounds the answer goes out anyway.
+DRAIN_SECONDS = 10.0
+DRAIN_MAX_BYTES = 4 * MAX_BODY_BYTES
+
+
+async def _drain(request: web.Request) -> None:
+    if (request.content_length or 0) > DRAIN_MAX_BYTES:
+        return
+    seen = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while seen <= DRAIN_MAX_BYTES:
+                chunk = await request.content.readany()
+                if not chunk:
+                    return
+                seen += len(chunk)
+    except TimeoutError:
+        pass
+
+
 def build_rest_app(rt: Runtime) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    # No automatic decompression: aiohttp would inflate on the event loop (decode_body).
+    app = web.Application(client_max_size=MAX_BODY_BYTES, handler_args={"auto_decompress": False})
     r = web.RouteTableDef()
 
     def model_name(request: web.Request) -> str:
@@ -348,7 +422,7 @@ def build_rest_app(rt: Runtime) -> web.Application:
     async def model_md(request: web.Request) -> web.Response:
         try:
             return web.json_response(rt.metadata(model_name(request)))
-        except LookupError as e:
+        except ModelNotFound as e:
             return _err(404, str(e))
 
     @r.get("/v2/models/{name}/ready")
@@ -366,22 +440,24 @@ def build_rest_app(rt: Runtime) -> web.Application:
         code = "200"
         try:
             raw = await request.read()
+            encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
             header_len = request.headers.get(binary.HEADER)
 
             def work(_: Entry) -> tuple[bytes, int | None]:
+                data = decode_body(raw, encoding)
                 if header_len is not None:  # Triton's binary tensor extension
-                    req, wants = binary.decode_request(raw, binary.parse_header_length(header_len, len(raw)))
+                    req, wants = binary.decode_request(data, binary.parse_header_length(header_len, len(data)))
                 else:
-                    req = codec.decode_json_request(raw)
+                    req = codec.decode_json_request(data)
                     # Binary outputs can be asked for by a plain JSON request too.
-                    wants = binary.output_wants(json.loads(raw)) if b"binary_data" in raw else binary.OutputWants()
+                    wants = binary.output_wants(json.loads(data)) if b"binary_data" in data else binary.OutputWants()
                 return binary.encode_response(name, req, rt.infer(name, req), wants)
 
             body, json_len = await rt.run(name, work)
             if json_len is None:
                 return web.Response(body=body, content_type="application/json")
             return web.Response(body=body, content_type="application/octet-stream", headers={binary.HEADER: str(json_len)})
-        except LookupError as e:
+        except ModelNotFound as e:
             code = "404"
             return _err(404, str(e))
         except codec.CodecError as e:
@@ -389,7 +465,14 @@ def build_rest_app(rt: Runtime) -> web.Application:
             return _err(400, str(e))
         except web.HTTPRequestEntityTooLarge:
             code = "413"
+            await _drain(request)
             return _err(413, f"request body is larger than the {MAX_BODY_BYTES >> 20} MiB limit")
+        except BodyTooLarge as e:
+            code = "413"
+            return _err(413, str(e))
+        except UnsupportedEncoding as e:
+            code = "415"
+            return _err(415, str(e))
         except Exception as e:  # a model's own bug must not take the runtime down
             code = "500"
             log.exception("inference failed for %s", name)
@@ -439,7 +522,7 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         name = self._name(context, request.name)
         try:
             md = self.rt.metadata(name)
-        except LookupError as e:
+        except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         resp = pb.ModelMetadataResponse(name=name, platform=md.get("platform", ""))
         for t in md.get("inputs", []):
@@ -448,23 +531,35 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
             resp.outputs.add(**t)
         return resp
 
-    async def ModelInfer(self, request, context):  # noqa: N802
-        name = self._name(context, request.model_name)
+    async def ModelInfer(self, request: bytes, context):  # noqa: N802
+        """`request` is the serialized message (add_servicer): parsed here, off the loop, so a
+        malformed one is INVALID_ARGUMENT with a plain message."""
+        name = self._name(context, "")
         code = "200"
         try:
-            def work(_: Entry) -> pb.ModelInferResponse:
-                out = self.rt.infer(name, codec.decode_grpc_request(request))
-                if request.raw_input_contents:  # raw in, raw out (see binary.py)
-                    return binary.raw_grpc_response(name, request.id, out)
-                return codec.encode_grpc_response(name, request.id, out)
+            msg: pb.ModelInferRequest | None = None
+            if not name:  # no routing header: the name is inside the message
+                msg = await asyncio.get_running_loop().run_in_executor(self.rt._pool, parse_infer_request, request)
+                name = msg.model_name
+
+            def work(_: Entry) -> bytes:
+                m = msg if msg is not None else parse_infer_request(request)
+                out = self.rt.infer(name, codec.decode_grpc_request(m))
+                if m.raw_input_contents:  # raw in, raw out (see binary.py)
+                    return binary.raw_grpc_response(name, m.id, out).SerializeToString()
+                return codec.encode_grpc_response(name, m.id, out).SerializeToString()
 
             return await self.rt.run(name, work)
-        except LookupError as e:
+        except ModelNotFound as e:
             code = "404"
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except codec.CodecError as e:
             code = "400"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # a model's own bug: INTERNAL with its message, never a traceback
+            code = "500"
+            log.exception("inference failed for %s", name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"model '{name}' failed: {type(e).__name__}: {e}")
         finally:
             self.rt.m_requests.labels(name, code).inc()
 
@@ -480,7 +575,36 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, REPOSITORY_ELSEWHERE)
 
 
-GRPC_MAX_MESSAGE = 64 << 20
+GRPC_MAX_MESSAGE = MAX_REQUEST_BYTES
+
+
+def parse_infer_request(data: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(data)
+    except DecodeError as e:
+        raise codec.CodecError(f"request is not a valid ModelInferRequest message ({e})") from None
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def add_servicer(server: grpc.aio.Server, servicer: GrpcServicer) -> None:
+    """The generated add_GRPCInferenceServiceServicer_to_server, except that ModelInfer takes
+    and returns bytes. grpc would parse the request before the handler and turn a malformed one
+    into UNKNOWN with a Python exception's name in its details; the handler parses it instead
+    (on an inference thread, as it serializes the response there)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for m in service.methods:
+        raw = m.name == "ModelInfer"
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=_identity if raw else getattr(pb, m.input_type.name).FromString,
+            response_serializer=_identity if raw else getattr(pb, m.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _preimport() -> None:
@@ -511,7 +635,7 @@ async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: boo
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
     )
-    pbg.add_GRPCInferenceServiceServicer_to_server(GrpcServicer(rt), server)
+    add_servicer(server, GrpcServicer(rt))
     server.add_insecure_port(f"{host}:{grpc_port}")
     await server.start()
     runner = web.AppRunner(build_rest_app(rt), access_log=None)
