@@ -293,3 +293,55 @@ def test_readme_commands_need_nothing_outside_the_repository() -> None:
     shared = SHARED / "fixtures" / "mnist-request-proto-json.json"
     if shared.exists():
         assert (REPO / files[0]).read_bytes() == shared.read_bytes()
+
+
+def test_cli_apply_registers_a_predictor_and_refuses_an_unhandled_kind(tmp_path: Path) -> None:
+    """Kind: integration (real Valkey, no mesh). The issue's case: `meshserve apply -f` on a
+    Predictor registered nothing and exited 0; now it registers it, and a kind meshserve does
+    not handle fails naming it, with nothing written."""
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from meshserve import devmesh
+    from meshserve import state as st
+    from meshserve.cli import cli
+
+    async def models(url: str) -> dict[str, str]:
+        s = st.State.from_url(url)
+        try:
+            return {k.decode(): v.decode() for k, v in (await s.r.hgetall(st.ALIASES)).items()}
+        finally:
+            await s.close()
+
+    p = _write(tmp_path, PREDICTOR, "predictor.yaml")
+    pvc = _write(tmp_path, LEGACY.replace("example-sklearn-isvc", "other") + "---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: c\n", "pvc.yaml")
+    cm = _write(tmp_path, SERVING_CONFIG, "config.yaml")
+    with devmesh.valkey() as v:
+        env = {"MESHSERVE_REDIS_URL": v.url}
+        res = CliRunner().invoke(cli, ["apply", "-f", str(pvc)], env=env)
+        assert res.exit_code == 1 and f"{pvc}:14: kind: meshserve does not handle kind PersistentVolumeClaim" in res.output, res.output
+        assert asyncio.run(models(v.url)) == {}, "nothing written"
+        res = CliRunner().invoke(cli, ["apply", "-f", str(p), "-f", str(cm)], env=env)
+        assert res.exit_code == 0, res.output
+        assert re.search(r"^predictor/p -> p__ksp-[0-9a-f]{10}$", res.output, re.M), res.output
+        assert "headlessService: ignored" in res.output
+        assert asyncio.run(models(v.url))["p"].startswith("p__ksp-")
+
+
+def test_scaling_and_server_types_from_model_serving_config() -> None:
+    """podsPerRuntime: the replicas a pool comes back to from zero; builtInServerTypes:
+    runtimes of other built-in server types are disabled, custom ones are kept."""
+    from meshserve.k8s import objects as ob
+    from meshserve.k8s import scaling
+
+    todo, _ = scaling.plan([ob.Pool("pool-a", "a", 0)], {"a"}, {}, 0.0, replicas=3)
+    assert [(s.workload, s.replicas) for s in todo] == [("pool-a", 3)]
+    runtimes = {r.name: r for r in map(ob.parse_runtime, [
+        {"metadata": {"name": "triton-2.x"}, "spec": {"builtInAdapter": {"serverType": "triton"}, "supportedModelFormats": [{"name": "onnx"}]}},
+        {"metadata": {"name": "mlserver-1.x"}, "spec": {"builtInAdapter": {"serverType": "mlserver"}, "supportedModelFormats": [{"name": "sklearn"}]}},
+        {"metadata": {"name": "custom"}, "spec": {"supportedModelFormats": [{"name": "custom"}]}},
+    ])}
+    allowed = ob.allow_server_types(runtimes, frozenset({"mlserver"}))
+    assert {n: r.disabled for n, r in allowed.items()} == {"triton-2.x": True, "mlserver-1.x": False, "custom": False}
+    assert ob.allow_server_types(runtimes, None) == runtimes
