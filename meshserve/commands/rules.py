@@ -93,7 +93,7 @@ def _weights(plan: Any) -> str:
         return "100% own model"
     parts = []
     for b in plan.branches:
-        split = " ".join(f"{m.split('__isvc-')[0] if '__isvc-' in m else m}={w}%" for m, w in b.targets)
+        split = " ".join(f"{m.split('__')[0]}={w}%" for m, w in b.targets)  # alias of __isvc- and __ksp- ids (aliases never hold '__')
         cond = ",".join(f"{h.name}:{h.kind}={h.value}" for h in b.headers)
         parts.append(f"[{cond}] {split}" if cond else split)
     if plan.mirror:
