@@ -11,7 +11,7 @@ from meshserve.yamlfile import ConfigError, iter_yaml_files, load_documents
 
 
 def read_models(path: Path) -> list[ModelSpec]:
-    """Every InferenceService under `path`. Raises ConfigError (file, line, field) on bad input;
+    """Every InferenceService and Predictor under `path`. Raises ConfigError (file, line, field) on bad input;
     nothing is written until every file has parsed."""
     specs: list[ModelSpec] = []
     seen: dict[str, str] = {}
@@ -19,10 +19,9 @@ def read_models(path: Path) -> list[ModelSpec]:
         if path.is_dir() and "examples" in f.relative_to(path).parts[:-1]:
             continue  # mesh-config/examples/ is documentation, applied only when named
         for doc in load_documents(f):
-            if not registry.is_inference_service(doc):
+            if not registry.is_model(doc):
                 continue
-            registry.check_api_version(doc)
-            spec = registry.parse_inference_service(doc)
+            spec = registry.parse_model(doc)
             if spec.alias in seen:
                 raise ConfigError(doc.file, doc.line_of(("metadata", "name")), "metadata.name", f"'{spec.alias}' is also defined in {seen[spec.alias]}")
             seen[spec.alias] = doc.file

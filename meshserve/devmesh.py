@@ -275,6 +275,23 @@ def mesh(config_dir: Path | None = None, pods: int = 2, timeout: float = 120, **
                 stop_mesh(m)
 
 
+@contextmanager
+def s3_server(timeout: float = 30) -> Iterator[str]:
+    """A real S3-compatible server (moto in server mode, a separate process) on 127.0.0.1;
+    yields its endpoint URL and always stops it. Any credentials are accepted."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is not None or http_get(url + "/moto-api/")[0] == 200, timeout, "moto server")
+        if proc.poll() is not None:
+            raise RuntimeError("moto server exited at start: is moto[server] installed (`make install`)?")
+        yield url
+    finally:
+        stop(proc)
+
+
 def stop_mesh(m: Mesh) -> None:
     if m.proc is not None and m.proc.poll() is None:
         m.proc.send_signal(signal.SIGINT)

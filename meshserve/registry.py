@@ -1,6 +1,17 @@
 """The model registry's input side: InferenceService resources (KServe v1beta1, ModelMesh mode)
-turned into ModelSpecs. Pure: the same code parses mesh-config/ files and objects from the
-Kubernetes API, so both modes share one schema and one code path after parsing.
+and ModelMesh's own Predictor resources (serving.kserve.io/v1alpha1) turned into ModelSpecs.
+Pure: the same code parses mesh-config/ files and objects from the Kubernetes API, so both
+modes share one schema and one code path after parsing.
+
+ModelMesh's rules, followed here (kserve/modelmesh-serving, pkg/predictor_source/
+inferenceservice_registry.go and apis/serving/v1alpha1/predictor_types.go):
+- an InferenceService's predictor is `spec.predictor.model` or the legacy
+  `spec.predictor.<framework>` (sklearn, xgboost, ...), whose framework is the model format;
+- with `storageUri`, the annotations `serving.kserve.io/secretKey` and
+  `serving.kserve.io/schemaPath` give the storage-config key and the schema file;
+  `storage.key` wins over the annotation;
+- a Predictor names its format in `spec.modelType`, its files in `spec.path` (or
+  `spec.storage.path`) and its store in `spec.storage.s3.secretKey` (or `spec.storage.key`).
 """
 
 from __future__ import annotations
@@ -10,51 +21,83 @@ import json
 from pathlib import PurePosixPath
 from typing import Any
 
+import jsonschema
+
 from meshserve.model import ModelSpec
 from meshserve.yamlfile import ConfigError, Document
 
 ISVC_API = "serving.kserve.io/v1beta1"
 ISVC_KIND = "InferenceService"
+PREDICTOR_API = "serving.kserve.io/v1alpha1"
+PREDICTOR_KIND = "Predictor"
+MODEL_KINDS = {ISVC_KIND: ISVC_API, PREDICTOR_KIND: PREDICTOR_API}
 MODELMESH_ANNOTATION = "serving.kserve.io/deploymentMode"
+SECRET_KEY_ANNOTATION = "serving.kserve.io/secretKey"
+SCHEMA_PATH_ANNOTATION = "serving.kserve.io/schemaPath"
 MESHSERVE_ANNOTATION_PREFIX = "meshserve.io/"
+# ModelMesh's source ids in concrete model names (controllers/predictor_controller.go):
+# `<name>__isvc-<hash>` for an InferenceService, `<name>__ksp-<hash>` for a Predictor.
+ISVC_SOURCE, PREDICTOR_SOURCE = "isvc", "ksp"
+# KServe v1beta1's framework fields of `spec.predictor` (the legacy form, before `model`):
+# the field's name is the model format. From the InferenceService CRD's predictor properties.
+LEGACY_FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "onnx", "tensorflow", "pytorch", "triton", "pmml", "paddle", "huggingface")
+
+# The Predictor fields meshserve reads, with ModelMesh's types (its CRD,
+# config/crd/bases/serving.kserve.io_predictors.yaml); tests check the two agree on the
+# examples. Fields of the CRD that meshserve does not use (gpu, serviceAccountName,
+# protocolVersion) are allowed and ignored, as ModelMesh ignores serviceAccountName.
+_STR = {"type": "string"}
+PREDICTOR_SPEC_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["modelType"],
+    "properties": {
+        "modelType": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}, "version": _STR}},
+        "runtime": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
+        "path": _STR,
+        "schemaPath": _STR,
+        "gpu": {"enum": ["required", "preferred"]},
+        "serviceAccountName": _STR,
+        "protocolVersion": _STR,
+        "storage": {
+            "type": "object",
+            "properties": {
+                "key": _STR,
+                "path": _STR,
+                "schemaPath": _STR,
+                "parameters": {"type": "object", "additionalProperties": _STR},
+                "s3": {"type": "object", "required": ["secretKey"], "properties": {"secretKey": {"type": "string", "minLength": 1}, "bucket": _STR}},
+                "persistentVolumeClaim": {"type": "object", "required": ["claimName"],
+                                          "properties": {"claimName": {"type": "string", "minLength": 1}, "readOnly": {"type": "boolean"}}},
+            },
+        },
+    },
+}
+_PREDICTOR_VALIDATOR = jsonschema.Draft202012Validator(PREDICTOR_SPEC_SCHEMA)
 
 
-def concrete_model_id(name: str, predictor: dict[str, Any]) -> str:
-    """ModelMesh's naming: the alias plus the first 10 hex of SHA-1 of the predictor spec JSON.
+def concrete_model_id(name: str, predictor: dict[str, Any], source: str = ISVC_SOURCE) -> str:
+    """ModelMesh's naming: the alias, the source (isvc or ksp) and the first 10 hex of SHA-1
+    of the predictor spec JSON.
 
     A spec change yields a new concrete model, which is how version moves work."""
     canonical = json.dumps(predictor, sort_keys=True, separators=(",", ":"))
-    return f"{name}__isvc-{hashlib.sha1(canonical.encode()).hexdigest()[:10]}"
+    return f"{name}__{source}-{hashlib.sha1(canonical.encode()).hexdigest()[:10]}"
 
 
-def parse_inference_service(doc: Document) -> ModelSpec:
+def _name(doc: Document, kind: str) -> tuple[dict[str, Any], str]:
+    """metadata and metadata.name, checked: the name is the alias users address."""
     d = doc.data
-    if not isinstance(d, dict):
-        raise doc.error((), "expected a mapping (an InferenceService resource)")
-    if d.get("kind") != ISVC_KIND:
-        raise doc.error(("kind",), f"expected {ISVC_KIND}, got {d.get('kind')!r}")
     meta = d.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
-        raise doc.error(("metadata", "name"), "required: the InferenceService name")
+        raise doc.error(("metadata", "name"), f"required: the {kind} name")
     name = meta["name"]
     if "__" in name or "/" in name:
         raise doc.error(("metadata", "name"), "must not contain '__' or '/'")
-    spec = d.get("spec")
-    predictor = spec.get("predictor") if isinstance(spec, dict) else None
-    if not isinstance(predictor, dict):
-        raise doc.error(("spec", "predictor"), "required")
-    model = predictor.get("model")
-    if not isinstance(model, dict):
-        raise doc.error(("spec", "predictor", "model"), "required")
-    fmt = model.get("modelFormat")
-    if not isinstance(fmt, dict) or not isinstance(fmt.get("name"), str):
-        raise doc.error(("spec", "predictor", "model", "modelFormat", "name"), "required, e.g. sklearn")
-    storage = dict(model.get("storage") or {})
-    if "storageUri" in model:
-        storage["uri"] = model["storageUri"]
-    if not storage.get("path") and not storage.get("uri"):
-        raise doc.error(("spec", "predictor", "model", "storage"), "needs `path` (with a key or pvc) or storageUri")
-    check_storage_paths(doc, storage)
+    return meta, name
+
+
+def _copies(doc: Document, meta: dict[str, Any]) -> dict[str, Any]:
+    """meshserve's own annotations (minCopies, maxCopies, pinned), the same on every kind."""
     ann = meta.get("annotations") or {}
 
     def ann_int(key: str, default: int) -> int:
@@ -66,17 +109,138 @@ def parse_inference_service(doc: Document) -> ModelSpec:
         except (TypeError, ValueError):
             raise doc.error(("metadata", "annotations", MESHSERVE_ANNOTATION_PREFIX + key), "must be an integer") from None
 
+    return {
+        "min_copies": ann_int("minCopies", 0),
+        "max_copies": ann_int("maxCopies", 0),
+        "pinned": str(ann.get(MESHSERVE_ANNOTATION_PREFIX + "pinned", "false")).lower() == "true",
+    }
+
+
+def _predictor_model(doc: Document, predictor: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...], str | None]:
+    """The model part of an InferenceService predictor: `model`, or the legacy
+    `<framework>` field (ModelMesh's GetPredictorFramework), whose name is the format.
+    Returns (the model mapping, its path in the document, the format the legacy field implies)."""
+    model = predictor.get("model")
+    if isinstance(model, dict):
+        return model, ("spec", "predictor", "model"), None
+    legacy = [f for f in LEGACY_FRAMEWORKS if isinstance(predictor.get(f), dict)]
+    if len(legacy) > 1:
+        raise doc.error(("spec", "predictor", legacy[1]), f"one framework per predictor: found {', '.join(legacy)}; keep one, or use spec.predictor.model")
+    if legacy:
+        return predictor[legacy[0]], ("spec", "predictor", legacy[0]), legacy[0]
+    raise doc.error(("spec", "predictor", "model"),
+                    f"required: spec.predictor.model (with modelFormat) or a framework field ({', '.join(LEGACY_FRAMEWORKS)})")
+
+
+def parse_inference_service(doc: Document) -> ModelSpec:
+    d = doc.data
+    if not isinstance(d, dict):
+        raise doc.error((), "expected a mapping (an InferenceService resource)")
+    if d.get("kind") != ISVC_KIND:
+        raise doc.error(("kind",), f"expected {ISVC_KIND}, got {d.get('kind')!r}")
+    meta, name = _name(doc, ISVC_KIND)
+    spec = d.get("spec")
+    predictor = spec.get("predictor") if isinstance(spec, dict) else None
+    if not isinstance(predictor, dict):
+        raise doc.error(("spec", "predictor"), "required")
+    model, at, framework = _predictor_model(doc, predictor)
+    if framework is not None:
+        fmt_name, fmt_version = framework, str(model.get("runtimeVersion") or "")
+    else:
+        fmt = model.get("modelFormat")
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("name"), str):
+            raise doc.error(at + ("modelFormat", "name"), "required, e.g. sklearn")
+        fmt_name, fmt_version = fmt["name"], str(fmt.get("version") or "")
+    raw_storage = model.get("storage") or {}
+    if not isinstance(raw_storage, dict):
+        raise doc.error(at + ("storage",), "must be a mapping (key, path, schemaPath, parameters)")
+    storage = dict(raw_storage)
+    ann = meta.get("annotations") or {}
+    # The annotations that complete a storageUri, as ModelMesh reads them. Only what the
+    # user wrote counts towards the concrete id, so the ids of existing models don't move.
+    from_annotations: dict[str, str] = {}
+    if "storageUri" in model:
+        if storage.get("path"):
+            raise doc.error(at + ("storage", "path"), "cannot be used together with storageUri: keep one")
+        storage["uri"] = model["storageUri"]
+        if ann.get(SCHEMA_PATH_ANNOTATION) and not storage.get("schemaPath"):
+            storage["schemaPath"] = from_annotations["schemaPath"] = str(ann[SCHEMA_PATH_ANNOTATION])
+    if ann.get(SECRET_KEY_ANNOTATION) and not storage.get("key"):
+        storage["key"] = from_annotations["key"] = str(ann[SECRET_KEY_ANNOTATION])
+    if not storage.get("path") and not storage.get("uri"):
+        raise doc.error(at + ("storage",), "needs `path` (with a key or pvc) or storageUri")
+    check_storage_paths(doc, storage, at + ("storage", "path"), at + ("storageUri",))
+    hashed: dict[str, Any] = predictor if not from_annotations else {**predictor, "annotations": from_annotations}
     return ModelSpec(
-        id=concrete_model_id(name, predictor),
+        id=concrete_model_id(name, hashed),
         alias=name,
         namespace=str(meta.get("namespace") or "default"),
-        format=fmt["name"],
-        format_version=str(fmt.get("version") or ""),
+        format=fmt_name,
+        format_version=fmt_version,
         runtime=str(model.get("runtime") or ""),
         storage=storage,
-        min_copies=ann_int("minCopies", 0),
-        max_copies=ann_int("maxCopies", 0),
-        pinned=str(ann.get(MESHSERVE_ANNOTATION_PREFIX + "pinned", "false")).lower() == "true",
+        **_copies(doc, meta),
+    )
+
+
+def _schema_error(doc: Document, err: jsonschema.ValidationError, root: tuple[str, ...]) -> ConfigError:
+    path = root + tuple(str(p) for p in err.absolute_path)
+    if err.validator == "required":
+        missing = next((f for f in err.validator_value if f not in (err.instance or {})), "")
+        return doc.error(path + (missing,), "required")
+    return doc.error(path, err.message)
+
+
+def parse_predictor(doc: Document) -> ModelSpec:
+    """ModelMesh's Predictor (serving.kserve.io/v1alpha1) as a ModelSpec. The storage forms, in
+    ModelMesh's order of precedence:
+    - `storage.s3: {secretKey, bucket}` + `path`: the storage-config key and an optional bucket;
+    - `storage.key` / `storage.path` / `storage.parameters` (the newer StorageSpec fields);
+    - `storage.persistentVolumeClaim: {claimName}` + `path`: files on a PVC (ModelMesh marks
+      this form deprecated and refuses it; meshserve serves it, as it does a pvc store);
+    - no storage: `path` in the storage-config's `default` store."""
+    d = doc.data
+    if not isinstance(d, dict) or d.get("kind") != PREDICTOR_KIND:
+        raise doc.error(("kind",), f"expected {PREDICTOR_KIND}")
+    meta, name = _name(doc, PREDICTOR_KIND)
+    spec = d.get("spec")
+    if not isinstance(spec, dict):
+        raise doc.error(("spec",), "required: a mapping with modelType, path and storage")
+    errors = sorted(_PREDICTOR_VALIDATOR.iter_errors(spec), key=lambda e: -len(list(e.absolute_path)))
+    if errors:
+        raise _schema_error(doc, errors[0], ("spec",))
+    st = spec.get("storage") or {}
+    path = str(st.get("path") or spec.get("path") or "")
+    if not path:
+        raise doc.error(("spec", "path"), "required: the model's path in its store (spec.path or spec.storage.path)")
+    storage: dict[str, Any] = {"path": path}
+    check_storage_paths(doc, storage, ("spec", "storage", "path") if st.get("path") else ("spec", "path"))
+    params = dict(st.get("parameters") or {})
+    pvc, s3 = st.get("persistentVolumeClaim"), st.get("s3")
+    if pvc and (s3 or st.get("key")):
+        raise doc.error(("spec", "storage", "persistentVolumeClaim"), "cannot be used together with s3 or key: keep one store")
+    if pvc:
+        storage["parameters"] = {**params, "type": "pvc", "name": pvc["claimName"]}
+    else:
+        key = str(st.get("key") or (s3 or {}).get("secretKey") or "")
+        if key:
+            storage["key"] = key
+        if s3 and s3.get("bucket"):
+            params["bucket"] = s3["bucket"]
+        if params:
+            storage["parameters"] = params
+    schema_path = st.get("schemaPath") or spec.get("schemaPath")
+    if schema_path:
+        storage["schemaPath"] = str(schema_path)
+    return ModelSpec(
+        id=concrete_model_id(name, spec, PREDICTOR_SOURCE),
+        alias=name,
+        namespace=str(meta.get("namespace") or "default"),
+        format=spec["modelType"]["name"],
+        format_version=str(spec["modelType"].get("version") or ""),
+        runtime=str((spec.get("runtime") or {}).get("name") or ""),
+        storage=storage,
+        **_copies(doc, meta),
     )
 
 
@@ -84,19 +248,20 @@ def _escapes(rel: str) -> bool:
     return any(part == ".." for part in PurePosixPath(rel).parts)
 
 
-def check_storage_paths(doc: Document, storage: dict[str, Any]) -> None:
+def check_storage_paths(doc: Document, storage: dict[str, Any], path_at: tuple[str, ...] = ("spec", "predictor", "model", "storage", "path"),
+                        uri_at: tuple[str, ...] = ("spec", "predictor", "model", "storageUri")) -> None:
     """Refuse storage that names files outside its store root. The loader refuses them too, but
     only at load time, where the failure excludes the pod from the model for
     failed_pod_exclusion_seconds; here the user hears of it at apply, with file:line."""
     path, uri = storage.get("path"), storage.get("uri")
     if path is not None:
-        where = ("spec", "predictor", "model", "storage", "path")
+        where = path_at
         if not isinstance(path, str):
             raise doc.error(where, "must be a string: a path relative to the store root")
         if PurePosixPath(path).is_absolute() or _escapes(path):
             raise doc.error(where, f"{path!r} escapes the store root: give a path relative to it, with no '..'")
     if uri is not None:
-        where = ("spec", "predictor", "model", "storageUri")
+        where = uri_at
         if not isinstance(uri, str):
             raise doc.error(where, "must be a string URI")
         scheme, sep, rest = uri.partition("://")
@@ -117,6 +282,20 @@ def is_inference_service(doc: Document) -> bool:
     return isinstance(doc.data, dict) and doc.data.get("kind") == ISVC_KIND
 
 
+def is_model(doc: Document) -> bool:
+    """An InferenceService or a Predictor: a document that defines one model."""
+    return isinstance(doc.data, dict) and doc.data.get("kind") in MODEL_KINDS
+
+
+def parse_model(doc: Document) -> ModelSpec:
+    """Either model kind, its apiVersion checked first."""
+    check_api_version(doc)
+    if doc.data.get("kind") == PREDICTOR_KIND:
+        return parse_predictor(doc)
+    return parse_inference_service(doc)
+
+
 def check_api_version(doc: Document) -> None:
-    if doc.data.get("apiVersion") != ISVC_API:
-        raise ConfigError(doc.file, doc.line_of(("apiVersion",)), "apiVersion", f"expected {ISVC_API}")
+    want = MODEL_KINDS.get(doc.data.get("kind"), ISVC_API)
+    if doc.data.get("apiVersion") != want:
+        raise ConfigError(doc.file, doc.line_of(("apiVersion",)), "apiVersion", f"expected {want} for a {doc.data.get('kind')}")

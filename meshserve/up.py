@@ -68,6 +68,30 @@ async def wait_redis(url: str, timeout: float) -> None:
         await state.close()
 
 
+def apply_serving_config(s: Settings, explicit: set[str]) -> list[str]:
+    """ModelMesh's model-serving-config ConfigMap in config_dir, if there is one, onto `s`.
+    A setting given explicitly (`explicit`: the Settings fields set by MESHSERVE_* or a CLI
+    flag) wins over the ConfigMap, as a flag wins over a file. Returns the lines to print:
+    what was taken and one warning per key meshserve does not act on."""
+    import os
+
+    from meshserve.rules.config import read_config
+
+    if not s.config_dir.exists():
+        return []
+    cfg = read_config([s.config_dir])  # a bad file fails here, before anything starts
+    if cfg.serving is None:
+        return []
+    out: list[str] = []
+    for name, value in sorted(cfg.serving.settings.items()):
+        if name in explicit or f"MESHSERVE_{name.upper()}" in os.environ:
+            out.append(f"model-serving-config: {name} stays {getattr(s, name)!r} (set explicitly; the ConfigMap says {value!r})")
+            continue
+        setattr(s, name, value)
+        out.append(f"model-serving-config: {name} = {value!r}")
+    return out + [f"warning: {w}" for w in cfg.serving.warnings]
+
+
 async def start_mesh(s: Settings, sup: Supervisor) -> None:
     from meshserve_xds.bootstrap import XdsClientTls, gateway_bootstrap
 
@@ -134,8 +158,8 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
 
 
 def banner(s: Settings) -> str:
-    fixture = Path("../shared/fixtures/mnist-request-proto-json.json")
-    body = f"@{fixture}" if fixture.exists() else "'{\"inputs\": [...]}'"
+    # The request file ships in the repository, so the banner's curl works from its root.
+    body = "@mesh-config/examples/requests/mnist-request-proto-json.json"
     return (
         "\nmeshserve is up.\n"
         f"  REST gateway  http://localhost:{s.gateway_rest_port}   gRPC gateway  localhost:{s.gateway_grpc_port}\n"
@@ -146,7 +170,13 @@ def banner(s: Settings) -> str:
     )
 
 
-async def run_up(s: Settings) -> int:
+async def run_up(s: Settings, explicit: set[str] | None = None) -> int:
+    try:
+        for line in apply_serving_config(s, explicit or set()):
+            print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+    except ValueError as e:  # ConfigError: file:line: field: reason
+        print(f"meshserve: failed to start: {e}", file=sys.stderr, flush=True)
+        return 1
     s.data_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(pid_file=s.data_dir / "pids.json")
     stop = asyncio.Event()

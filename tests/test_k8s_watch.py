@@ -326,3 +326,87 @@ def test_list_pages_with_continue_tokens(api: FakeApiServer) -> None:
         t.join(10)
         ac.close()
     assert not t.is_alive()
+
+
+EXAMPLES = REPO.parent / "shared" / "fixtures" / "modelmesh-examples"
+
+
+def predictor(name: str, fmt: str = "sklearn", path: str = "sklearn/mnist-svm.joblib", **spec: Any) -> dict[str, Any]:
+    """A Predictor in ModelMesh's example form (config/example-predictors/)."""
+    return {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "Predictor", "metadata": {"name": name},
+            "spec": {"modelType": {"name": fmt}, "path": path, "storage": {"s3": {"secretKey": "localMinIO"}}, **spec}}
+
+
+def pstatus(api: FakeApiServer, name: str) -> dict[str, Any]:
+    return (api.get("predictors", name) or {}).get("status") or {}
+
+
+async def test_predictors_register_and_get_modelmesh_status(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+    """Issue 14 item 4 in cluster mode: Predictors (serving.kserve.io/v1alpha1) register like
+    InferenceServices, and their status is written back in ModelMesh's PredictorStatus form;
+    a Predictor cannot take an InferenceService's name; a deleted Predictor's alias goes."""
+    from meshserve.rules.config import read_config
+
+    api.apply("servingruntimes", BUILTIN_RUNTIME)
+    api.apply("secrets", STORAGE)
+    api.apply("inferenceservices", MNIST)
+    if EXAMPLES.exists():  # ModelMesh's own example, as the user has it
+        example = yaml.safe_load((EXAMPLES / "predictors" / "example-mlserver-sklearn-mnist-predictor.yaml").read_text())
+    else:
+        example = predictor("example-sklearn-mnist-svm")
+    api.apply("predictors", example)
+    api.apply("predictors", predictor("sklearn-mnist"))  # the InferenceService's name
+    api.apply("predictors", predictor("named", runtime={"name": "no-such-runtime"}))
+
+    name = example["metadata"]["name"]
+    st_ok = await until(lambda: pstatus(api, name).get("available") and pstatus(api, name), "example Predictor available")
+    assert st_ok == {"available": True, "transitionStatus": "UpToDate", "activeModelState": "Standby", "targetModelState": "",
+                     "grpcEndpoint": "grpc://modelmesh-serving.modelmesh-serving:8033",
+                     "httpEndpoint": "http://modelmesh-serving.modelmesh-serving:8008", "totalCopies": 0, "failedCopies": 0}
+    registered = await aliases(state)
+    assert registered[name].startswith(f"{name}__ksp-")
+    if EXAMPLES.exists():  # the same ModelSpec as `meshserve apply -f` of the file
+        (from_file,) = read_config([EXAMPLES / "predictors" / "example-mlserver-sklearn-mnist-predictor.yaml"]).specs
+        got = await state.model(registered[name])
+        assert got is not None and (got.id, got.format, got.storage) == (from_file.id, from_file.format, from_file.storage)
+
+    clash = await until(lambda: pstatus(api, "sklearn-mnist").get("lastFailureInfo"), "name clash reported")
+    assert clash["reason"] == "InvalidPredictorSpec" and "same name from a different source" in clash["message"]
+    assert pstatus(api, "sklearn-mnist")["available"] is False
+    assert registered["sklearn-mnist"].startswith("sklearn-mnist__isvc-"), "the InferenceService keeps its name"
+    unknown = await until(lambda: pstatus(api, "named").get("lastFailureInfo"), "unknown runtime reported")
+    assert unknown["reason"] == "RuntimeNotRecognized" and "spec.runtime.name" in unknown["message"]
+    assert unknown["modelId"].startswith("named__ksp-") and unknown["time"]
+    assert (pstatus(api, "named")["available"], pstatus(api, "named")["activeModelState"]) == (False, "FailedToLoad")
+    assert "named" not in await aliases(state)
+
+    if (REPO.parent / "shared" / "schemas").exists():
+        import jsonschema
+
+        crd = yaml.safe_load((REPO.parent / "shared" / "schemas" / "modelmesh-predictors-crd.yaml").read_text())
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        for n in (name, "sklearn-mnist", "named"):
+            jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker()).validate(pstatus(api, n))
+
+    api.delete("predictors", name)
+    await until(lambda: _lacks(state, name), "deleted Predictor's alias removed")
+    assert "sklearn-mnist" in await aliases(state)
+
+
+async def test_no_predictor_crd_and_model_serving_config(api: FakeApiServer, state: st.State) -> None:
+    """Without ModelMesh's Predictor CRD (404) the controller still syncs and serves
+    InferenceServices; model-serving-config sets its scale-to-zero options and pool size."""
+    api.absent.add("predictors")
+    api.apply("servingruntimes", BUILTIN_RUNTIME)
+    api.apply("inferenceservices", MNIST)
+    api.apply("configmaps", {"metadata": {"name": "model-serving-config"}, "data": {"config.yaml": (
+        "podsPerRuntime: 3\nscaleToZero:\n  enabled: true\n  gracePeriodSeconds: 7\nbuiltInServerTypes: [mlserver]\nheadlessService: false\n")}})
+    api.apply("configmaps", {"metadata": {"name": "unrelated"}, "data": {"x": "y"}})
+    async with running_controller(api, state, scale_to_zero=False) as c:
+        await until(lambda: aliases(state), "sklearn-mnist registered without the Predictor CRD")
+        assert c.watchers["predictors"].absent
+        await until(lambda: c.pool_replicas == 3, "model-serving-config read")
+        assert (c.scale_to_zero, c.scale_grace, c.server_types) == (True, 7.0, frozenset({"mlserver"}))
+        # The ConfigMap goes: the flags are back.
+        api.delete("configmaps", "model-serving-config")
+        await until(lambda: c.pool_replicas == 1 and c.scale_to_zero is False, "defaults back")

@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from meshserve.devmesh import free_port, http_get, stop, wait_until
+from meshserve.devmesh import s3_server
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.sink import DigestError, SizeLimitError
@@ -27,18 +25,8 @@ KEY_ID, SECRET = "AKIAMESHSERVETEST", "meshserve-secret"
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: proc.poll() is not None or http_get(url + "/moto-api/")[0] == 200, 30, "moto server")
-        assert proc.poll() is None, "moto server exited at start"
+    with s3_server() as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")

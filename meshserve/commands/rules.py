@@ -61,10 +61,12 @@ def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = Non
 
 @click.command()
 @click.option("-f", "--filename", "paths", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="A YAML file or a directory of them (InferenceService and TrafficRule). Repeatable.")
+              help="A YAML file or a directory of them (InferenceService, Predictor, TrafficRule; ServingRuntime, "
+                   "the storage-config Secret and the model-serving-config ConfigMap are checked and noted). Repeatable.")
 @redis_option
 def apply(paths: tuple[Path, ...], redis_url: str) -> None:
-    """Validate and apply InferenceServices and TrafficRules. Nothing changes unless all of it is valid."""
+    """Validate and apply InferenceServices, Predictors and TrafficRules. Nothing changes unless all
+    of it is valid; a kind meshserve does not handle is an error naming it."""
     from meshserve.rules.config import apply_paths
 
     async def go(state: st.State) -> Any:
@@ -74,7 +76,7 @@ def apply(paths: tuple[Path, ...], redis_url: str) -> None:
 
     res = _run(_url(redis_url), go, "apply", {"meshserve.files": [str(p) for p in paths]})
     for spec in res.specs:
-        click.echo(f"inferenceservice/{spec.alias} -> {spec.id}")
+        click.echo(f"{res.kinds.get(spec.alias, 'InferenceService').lower()}/{spec.alias} -> {spec.id}")
     for r in res.rules:
         click.echo(f"trafficrule/{r.name} applied (model {r.model})")
     for n in res.notes:
@@ -91,7 +93,7 @@ def _weights(plan: Any) -> str:
         return "100% own model"
     parts = []
     for b in plan.branches:
-        split = " ".join(f"{m.split('__isvc-')[0] if '__isvc-' in m else m}={w}%" for m, w in b.targets)
+        split = " ".join(f"{m.split('__')[0]}={w}%" for m, w in b.targets)  # alias of __isvc- and __ksp- ids (aliases never hold '__')
         cond = ",".join(f"{h.name}:{h.kind}={h.value}" for h in b.headers)
         parts.append(f"[{cond}] {split}" if cond else split)
     if plan.mirror:

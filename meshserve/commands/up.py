@@ -20,7 +20,8 @@ def up(redis_url: str, pods: int | None, config_dir: Path | None) -> None:
     from meshserve.up import run_up
 
     s = Settings.from_env(redis_url=redis_url or None, pods=pods, config_dir=config_dir)
-    sys.exit(asyncio.run(run_up(s)))
+    explicit = {"pods"} if pods is not None else set()  # a flag wins over model-serving-config
+    sys.exit(asyncio.run(run_up(s, explicit)))
 
 
 COMMANDS = [up]

@@ -1,5 +1,9 @@
 """The cluster-mode controller: Kubernetes objects in, registry and InferenceService status out.
 
+Models come from InferenceServices (ModelMesh mode) and ModelMesh's Predictors, whose status is
+written back in each kind's own form. System-wide settings come from ModelMesh's
+model-serving-config ConfigMap (meshserve/servingconfig.py), read on every pass.
+
 Level-triggered: any event marks the world dirty, and one reconcile compares everything the
 watchers hold with Redis and writes only the difference. So a missed or repeated event, a
 relist after 410 or a controller restart all converge on the same registry. Every write is
@@ -19,6 +23,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
+from meshserve import servingconfig
 from meshserve import state as st
 from meshserve.k8s import objects as ob
 from meshserve.k8s import pressure, scaling, store
@@ -42,6 +47,7 @@ M_POOL_CAPACITY = Gauge("meshserve_runtime_capacity_bytes", "Capacity of a runti
 M_SCALES = Counter("meshserve_controller_pool_scales", "Runtime pools scaled between zero and one pod", ["to", "result"])
 
 ISVC, RUNTIME, SECRET, POD, POOL = "inferenceservices", "servingruntimes", "storage-config", "pods", "statefulsets"
+PREDICTOR, CONFIG = "predictors", "model-serving-config"
 
 
 class Controller:
@@ -63,6 +69,11 @@ class Controller:
         self.state, self.namespace = state, namespace
         self.core, self.custom, self.apps = client.CoreV1Api(api), client.CustomObjectsApi(api), client.AppsV1Api(api)
         self.scale_to_zero, self.scale_grace = scale_to_zero, scale_grace_seconds
+        # The flags' values; model-serving-config overrides them while it says otherwise.
+        self._flag_scale = (scale_to_zero, scale_grace_seconds)
+        self.pool_replicas = 1
+        self.server_types: frozenset[str] | None = None
+        self._config_seen: object = None
         self._unused_since: dict[str, float] = {}
         self._published_runtimes: dict[str, str] | None = None
         self.resync, self.debounce = resync_seconds, debounce_seconds
@@ -78,7 +89,7 @@ class Controller:
         self._pools: set[str] = set()
         # Verdicts by object and resourceVersion, valid while runtimes and storage keys stay
         # the same: a pass over 100,000 InferenceServices re-parses only what changed.
-        self._verdicts: dict[ob.Key, tuple[str, ob.Verdict]] = {}
+        self._verdicts: dict[tuple[str, str, str], tuple[str, ob.Verdict]] = {}  # (kind, ns, name)
         self._verdict_ctx: object = None
         common = dict(on_event=self._on_event, on_synced=self._on_synced, watch_timeout_seconds=watch_timeout_seconds,
                       max_backoff_seconds=max_backoff_seconds, page_size=page_size)
@@ -88,6 +99,11 @@ class Controller:
                           version=ob.ISVC_VERSION, plural=ob.ISVC_PLURAL),
             RUNTIME: Watcher(RUNTIME, self.custom.list_namespaced_custom_object, **common, **kserve,
                              version=ob.RUNTIME_VERSION, plural=ob.RUNTIME_PLURAL),
+            # ModelMesh's Predictor CRD may not be installed: then there are no Predictors.
+            PREDICTOR: Watcher(PREDICTOR, self.custom.list_namespaced_custom_object, **common, **kserve, optional=True,
+                               version=ob.PREDICTOR_VERSION, plural=ob.PREDICTOR_PLURAL),
+            CONFIG: Watcher(CONFIG, self.core.list_namespaced_config_map, **common, namespace=namespace,
+                            field_selector=f"metadata.name={ob.CONFIG_MAP}"),
             # The field selector is what lets RBAC grant this one Secret by name (resourceNames).
             SECRET: Watcher(SECRET, self.core.list_namespaced_secret, **common, namespace=namespace,
                             field_selector=f"metadata.name={ob.STORAGE_SECRET}"),
@@ -163,13 +179,49 @@ class Controller:
             while any(t.is_alive() for t in threads) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
 
+    def _apply_config(self) -> None:
+        """model-serving-config onto the controller's options, on every pass (a deleted
+        ConfigMap gives the flags back). Warnings are logged once per ConfigMap version."""
+        objs = self.watchers[CONFIG].snapshot()
+        version = ob.resource_version(objs[0]) if objs else None
+        if version == self._config_seen and version is not None:
+            return
+        self._config_seen = version
+        self.scale_to_zero, self.scale_grace = self._flag_scale
+        self.pool_replicas, self.server_types = 1, None
+        if not objs:
+            return
+        try:
+            cfg = servingconfig.from_object(objs[0])
+        except ValueError as e:  # ConfigError: the whole ConfigMap is ignored until fixed
+            log.warning("controller: %s; using the defaults until it is fixed", e)
+            return
+        if cfg.scale_to_zero is not None:
+            self.scale_to_zero = cfg.scale_to_zero
+        if cfg.scale_grace_seconds is not None:
+            self.scale_grace = cfg.scale_grace_seconds
+        self.pool_replicas = cfg.pool_replicas or 1
+        self.server_types = cfg.server_types
+        for w in cfg.warnings:
+            log.warning("controller: %s", w)
+        log.info("controller: model-serving-config: scale to zero %s (grace %gs), pools scale up to %d, built-in server types %s",
+                 self.scale_to_zero, self.scale_grace, self.pool_replicas, ", ".join(sorted(self.server_types)) if self.server_types else "all")
+
     async def reconcile(self) -> None:
+        self._apply_config()
         isvcs = [o for o in self.watchers[ISVC].snapshot() if ob.is_modelmesh(o)]
-        runtimes = {r.name: r for r in map(ob.parse_runtime, self.watchers[RUNTIME].snapshot())}
+        taken = {ob.key_of(o)[1] for o in isvcs}
+        predictors = self.watchers[PREDICTOR].snapshot()
+        for o in predictors:
+            o.setdefault("kind", "Predictor")  # watch events carry it; the registry checks it
+        runtimes = ob.allow_server_types({r.name: r for r in map(ob.parse_runtime, self.watchers[RUNTIME].snapshot())}, self.server_types)
         secrets = self.watchers[SECRET].snapshot()
         storage = ob.parse_storage_keys(secrets[0] if secrets else None)
         verdicts = [(o, self._judge(o, runtimes, storage)) for o in isvcs]
-        live = {ob.key_of(o) for o in isvcs}
+        # One alias, one source: an InferenceService keeps its name, a Predictor of the same name is refused.
+        verdicts += [(o, ob.name_taken(o) if ob.key_of(o)[1] in taken else self._judge(o, runtimes, storage)) for o in predictors]
+        models = isvcs + predictors
+        live = {(o.get("kind", ""), *ob.key_of(o)) for o in models}
         for k in [k for k in self._verdicts if k not in live]:
             del self._verdicts[k]
 
@@ -179,6 +231,8 @@ class Controller:
             name = ob.key_of(o)[1]
             if v.ready and v.spec is not None:
                 desired[name] = v.spec
+            elif v.conflict:
+                continue  # a Predictor refused for its InferenceService's name
             elif name in registered:
                 # A bad update keeps the last good version serving (ModelMesh does the same).
                 desired[name] = registered[name]
@@ -238,7 +292,7 @@ class Controller:
             return
         in_use = {rt for rt in (ob.runtime_of(s, runtimes) for s in desired.values()) if rt}
         pools = [p for p in map(ob.parse_pool, self.watchers[POOL].snapshot()) if p is not None]
-        todo, self._unused_since = scaling.plan(pools, in_use, self._unused_since, time.monotonic(), self.scale_grace)
+        todo, self._unused_since = scaling.plan(pools, in_use, self._unused_since, time.monotonic(), self.scale_grace, self.pool_replicas)
         for sc in todo:
             try:
                 await asyncio.to_thread(
@@ -256,7 +310,7 @@ class Controller:
         if ctx != self._verdict_ctx:
             self._verdicts.clear()
             self._verdict_ctx = ctx
-        k, rv = ob.key_of(obj), ob.resource_version(obj)
+        k, rv = (str(obj.get("kind", "")), *ob.key_of(obj)), ob.resource_version(obj)
         hit = self._verdicts.get(k)
         if hit is not None and hit[0] == rv and rv:
             return hit[1]
@@ -286,16 +340,21 @@ class Controller:
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         for obj, v in verdicts:
             ns, name = ob.key_of(obj)
-            kept = desired.get(name) if not v.ready else None
-            status = ob.isvc_status(v, ns or self.namespace, copies.get(v.spec.id, {}) if v.spec else {}, now, obj.get("status"),
-                                    serving=copies.get(kept.id, {}) if kept is not None else None)
-            patch = ob.status_patch(obj.get("status"), status)
+            # What keeps serving under this name after a bad update; never another object's model.
+            kept = desired.get(name) if not v.ready and not v.conflict else None
+            predictor = ob.is_predictor(obj)
+            # Each kind's own status form (ModelMesh's PredictorStatus, KServe's InferenceService status).
+            make = ob.predictor_status if predictor else ob.isvc_status
+            status = make(v, ns or self.namespace, copies.get(v.spec.id, {}) if v.spec else {}, now, obj.get("status"),
+                          serving=copies.get(kept.id, {}) if kept is not None else None)
+            patch = ob.status_patch(obj.get("status"), status, ob.PREDICTOR_STATUS_FIELDS if predictor else None)
             if not patch:
                 continue
+            version, plural = (ob.PREDICTOR_VERSION, ob.PREDICTOR_PLURAL) if predictor else (ob.ISVC_VERSION, ob.ISVC_PLURAL)
             try:
                 await asyncio.to_thread(
                     self.custom.patch_namespaced_custom_object_status,
-                    ob.KSERVE_GROUP, ob.ISVC_VERSION, ns or self.namespace, ob.ISVC_PLURAL, name, {"status": patch},
+                    ob.KSERVE_GROUP, version, ns or self.namespace, plural, name, {"status": patch},
                     _content_type="application/merge-patch+json", _request_timeout=10,
                 )
                 M_STATUS.labels("ok").inc()

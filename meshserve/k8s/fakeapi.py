@@ -28,7 +28,10 @@ ROUTES = [
      "inferenceservices", "serving.kserve.io/v1beta1", "InferenceService"),
     (re.compile(r"^/apis/serving\.kserve\.io/v1alpha1/namespaces/([^/]+)/servingruntimes(?:/([^/]+)(/status)?)?$"),
      "servingruntimes", "serving.kserve.io/v1alpha1", "ServingRuntime"),
+    (re.compile(r"^/apis/serving\.kserve\.io/v1alpha1/namespaces/([^/]+)/predictors(?:/([^/]+)(/status)?)?$"),
+     "predictors", "serving.kserve.io/v1alpha1", "Predictor"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/]+)(/status)?)?$"), "secrets", "v1", "Secret"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+)(/status)?)?$"), "configmaps", "v1", "ConfigMap"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/status)?)?$"), "pods", "v1", "Pod"),
     (re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/statefulsets(?:/([^/]+)(/status|/scale)?)?$"), "statefulsets", "apps/v1", "StatefulSet"),
 ]
@@ -87,6 +90,9 @@ class FakeApiServer:
         self.requests: list[Request] = []
         self.bookmark_interval = bookmark_interval
         self.fail_lists = 0  # the next N list requests answer 500
+        # Resources whose CRD is "not installed": every request answers 404, as the real
+        # server does for an unknown resource type (e.g. predictors without ModelMesh's CRD).
+        self.absent: set[str] = set()
         self.cond = threading.Condition()
         self._drop_gen = 0
         self._closing = False
@@ -210,6 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
         if r is None or r[2] is not None:
             return self._status(404, "NotFound", self.path)
         res, ns, _name, _sub, q = r
+        if res in self.api.absent:
+            return self._status(404, "NotFound", f"the server could not find the requested resource ({res})")
         watching = q.get("watch") in ("true", "1")
         self.api.requests.append(Request("GET", res, watching, q))
         if watching:

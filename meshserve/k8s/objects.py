@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,10 @@ ISVC_VERSION = "v1beta1"
 ISVC_PLURAL = "inferenceservices"
 RUNTIME_VERSION = "v1alpha1"
 RUNTIME_PLURAL = "servingruntimes"
+# ModelMesh's original CRD (apis/serving/v1alpha1/predictor_types.go in modelmesh-serving).
+PREDICTOR_VERSION = "v1alpha1"
+PREDICTOR_PLURAL = "predictors"
+CONFIG_MAP = "model-serving-config"
 STORAGE_SECRET = "storage-config"
 RUNTIME_POD_SELECTOR = "app.kubernetes.io/part-of=meshserve,app.kubernetes.io/component=runtime"
 # A runtime pool's StatefulSet carries the runtime pods' labels too, plus the ServingRuntime it
@@ -66,10 +71,20 @@ def document_of(obj: dict[str, Any]) -> Document:
 
 
 def parse_isvc(obj: dict[str, Any]) -> ModelSpec:
-    """Raises ConfigError for a spec the registry refuses."""
-    doc = document_of(obj)
-    registry.check_api_version(doc)
-    return registry.parse_inference_service(doc)
+    """An InferenceService or a Predictor (by its kind). Raises ConfigError for a spec the
+    registry refuses."""
+    return registry.parse_model(document_of(obj))
+
+
+def is_predictor(obj: dict[str, Any]) -> bool:
+    return obj.get("kind") == registry.PREDICTOR_KIND
+
+
+def _fields(obj: dict[str, Any]) -> tuple[str, str]:
+    """Where a user fixes the runtime and the storage key, in this object's kind."""
+    if is_predictor(obj):
+        return "spec.runtime.name", "spec.storage.s3.secretKey"
+    return "spec.predictor.model.runtime", "spec.predictor.model.storage.key (or the serving.kserve.io/secretKey annotation)"
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class Runtime:
     formats: frozenset[str]  # formats it can serve when named explicitly
     auto_formats: frozenset[str]  # formats it is picked for without `runtime:` (autoSelect)
     disabled: bool = False
+    server_type: str = ""  # builtInAdapter.serverType (triton, mlserver, ...), "" for others
 
 
 def parse_runtime(obj: dict[str, Any]) -> Runtime:
@@ -90,7 +106,18 @@ def parse_runtime(obj: dict[str, Any]) -> Runtime:
             # without the field is the users' common form (fixtures/servingruntime-triton.yaml).
             if f.get("autoSelect", True):
                 auto.add(f["name"])
-    return Runtime(key_of(obj)[1], frozenset(formats), frozenset(auto), bool(spec.get("disabled", False)))
+    adapter = spec.get("builtInAdapter")
+    server_type = str(adapter.get("serverType") or "") if isinstance(adapter, dict) else ""
+    return Runtime(key_of(obj)[1], frozenset(formats), frozenset(auto), bool(spec.get("disabled", False)), server_type)
+
+
+def allow_server_types(runtimes: dict[str, Runtime], allowed: frozenset[str] | None) -> dict[str, Runtime]:
+    """model-serving-config's builtInServerTypes: a runtime whose built-in adapter names a
+    server type not in the list is disabled, as ModelMesh disables it. None: all allowed."""
+    if allowed is None:
+        return runtimes
+    return {n: (r if not r.server_type or r.server_type in allowed else dataclasses.replace(r, disabled=True))
+            for n, r in runtimes.items()}
 
 
 def runtime_of(spec: ModelSpec, runtimes: dict[str, Runtime]) -> str | None:
@@ -168,6 +195,7 @@ class Verdict:
     ready: bool
     reason: str = ""
     message: str = ""
+    conflict: bool = False  # refused because another kind's object has its name
 
 
 def judge(
@@ -175,26 +203,38 @@ def judge(
     runtimes: dict[str, Runtime],
     storage_keys: dict[str, str],
 ) -> Verdict:
-    """Parse one InferenceService and check it against the runtimes and storage it names."""
+    """Parse one InferenceService or Predictor and check it against the runtimes and storage it names."""
     try:
         spec = parse_isvc(obj)
     except ConfigError as e:
         return Verdict(None, False, REASON_INVALID_SPEC, str(e))
+    runtime_field, key_field = _fields(obj)
     live = {n: r for n, r in runtimes.items() if not r.disabled}
     if spec.runtime:
         r = live.get(spec.runtime)
         if spec.runtime in runtimes and r is None:
-            return Verdict(spec, False, REASON_RUNTIME_DISABLED, f"ServingRuntime {spec.runtime!r} is disabled: enable it or name another in spec.predictor.model.runtime")
+            return Verdict(spec, False, REASON_RUNTIME_DISABLED, f"ServingRuntime {spec.runtime!r} is disabled: enable it or name another in {runtime_field}")
         if r is None:
-            return Verdict(spec, False, REASON_RUNTIME_UNKNOWN, f"ServingRuntime {spec.runtime!r} not found in namespace {spec.namespace}: create it or fix spec.predictor.model.runtime")
+            return Verdict(spec, False, REASON_RUNTIME_UNKNOWN, f"ServingRuntime {spec.runtime!r} not found in namespace {spec.namespace}: create it or fix {runtime_field}")
         if spec.format not in r.formats:
             return Verdict(spec, False, REASON_NO_RUNTIME, f"ServingRuntime {spec.runtime!r} does not list model format {spec.format!r} in supportedModelFormats")
     elif not any(spec.format in r.auto_formats for r in live.values()):
-        return Verdict(spec, False, REASON_NO_RUNTIME, f"no ServingRuntime with autoSelect supports model format {spec.format!r}: add one or name it in spec.predictor.model.runtime")
+        return Verdict(spec, False, REASON_NO_RUNTIME, f"no ServingRuntime with autoSelect supports model format {spec.format!r}: add one or name it in {runtime_field}")
     key = spec.storage.get("key")
     if key and key not in storage_keys:
-        return Verdict(spec, False, REASON_STORAGE, f"storage key {key!r} is not in Secret {STORAGE_SECRET!r}: add it there or fix spec.predictor.model.storage.key")
+        return Verdict(spec, False, REASON_STORAGE, f"storage key {key!r} is not in Secret {STORAGE_SECRET!r}: add it there or fix {key_field}")
     return Verdict(spec, True)
+
+
+def name_taken(obj: dict[str, Any]) -> Verdict:
+    """A Predictor whose name an InferenceService already uses: one alias cannot be both.
+    ModelMesh refuses the second source with this reason and message."""
+    try:
+        spec: ModelSpec | None = parse_isvc(obj)
+    except ConfigError:
+        spec = None
+    return Verdict(spec, False, REASON_INVALID_SPEC, "Predictor already exists with the same name from a different source "
+                   "(an InferenceService): rename one of them", conflict=True)
 
 
 def _state_of(copies: dict[str, Copy]) -> str:
@@ -260,6 +300,49 @@ def isvc_status(
     return status
 
 
+def predictor_status(
+    v: Verdict,
+    namespace: str,
+    copies: dict[str, Copy],
+    now: str,
+    previous: dict[str, Any] | None = None,
+    serving: dict[str, Copy] | None = None,
+) -> dict[str, Any]:
+    """A Predictor's `status` in ModelMesh's PredictorStatus form (predictor_types.go):
+    available, transitionStatus, activeModelState, targetModelState, lastFailureInfo,
+    httpEndpoint, grpcEndpoint, totalCopies, failedCopies. Same meanings as `isvc_status`
+    (which derives the InferenceService form from the same verdict): a registered model is
+    available in Standby; a bad update keeps the earlier version available with
+    BlockedByFailedLoad / InvalidSpec. `now` is written only when the failure changes."""
+    inner = isvc_status(v, namespace, copies, now, None, serving)
+    ms = inner["modelStatus"]
+    status: dict[str, Any] = {
+        "available": v.ready or serving is not None,
+        "transitionStatus": ms["transitionStatus"],
+        "activeModelState": ms["states"]["activeModelState"],
+        "targetModelState": ms["states"]["targetModelState"],
+        # ModelMesh's endpoints: the one Service every model is served behind.
+        "grpcEndpoint": f"grpc://{SERVICE_NAME}.{namespace}:8033",
+        "httpEndpoint": f"http://{SERVICE_NAME}.{namespace}:8008",
+        "totalCopies": ms["copies"]["totalCopies"],
+        "failedCopies": ms["copies"]["failedCopies"],
+    }
+    failure = ms.get("lastFailureInfo")
+    if failure:
+        info: dict[str, Any] = {"reason": failure["reason"], "message": failure["message"]}
+        if failure.get("modelRevisionName"):
+            info["modelId"] = failure["modelRevisionName"]
+        old = (previous or {}).get("lastFailureInfo") or {}
+        same = all(old.get(k) == info.get(k) for k in ("reason", "message", "modelId"))
+        info["time"] = old.get("time", now) if same else now
+        status["lastFailureInfo"] = info
+    return status
+
+
+PREDICTOR_STATUS_FIELDS = ("available", "transitionStatus", "activeModelState", "targetModelState", "lastFailureInfo",
+                           "httpEndpoint", "grpcEndpoint", "totalCopies", "failedCopies")
+
+
 def merge_patch(current: Any, desired: Any) -> Any:
     """The RFC 7386 merge patch that turns `current` into `desired` ({} when equal). Keys we
     no longer want are sent as null: a merge patch that merely omits them would keep them,
@@ -276,9 +359,9 @@ def merge_patch(current: Any, desired: Any) -> Any:
     return out
 
 
-def status_patch(current: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any]:
+def status_patch(current: dict[str, Any] | None, desired: dict[str, Any], owned: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The patch for the fields the controller owns (other writers' status fields are left)."""
-    cur = {k: v for k, v in (current or {}).items() if k in OWNED_STATUS_FIELDS}
+    cur = {k: v for k, v in (current or {}).items() if k in (owned or OWNED_STATUS_FIELDS)}
     return merge_patch(cur, desired)
 
 

@@ -27,16 +27,18 @@ class Scale:
 
 
 def plan(
-    pools: Iterable[Pool], in_use: set[str], unused_since: dict[str, float], now: float, grace_seconds: float = DEFAULT_GRACE_SECONDS
+    pools: Iterable[Pool], in_use: set[str], unused_since: dict[str, float], now: float, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    replicas: int = 1,
 ) -> tuple[list[Scale], dict[str, float]]:
     """What to scale now, and the new `unused_since` (runtime -> when it was first seen
-    unused; the caller keeps it between passes, so the grace period survives short flaps)."""
+    unused; the caller keeps it between passes, so the grace period survives short flaps).
+    `replicas`: what a pool comes back to from zero (model-serving-config podsPerRuntime)."""
     out: list[Scale] = []
     since: dict[str, float] = {}
     for p in sorted(pools, key=lambda p: p.workload):
         if p.runtime in in_use:
             if p.replicas == 0:
-                out.append(Scale(p.workload, p.runtime, 1, f"an InferenceService uses ServingRuntime {p.runtime}"))
+                out.append(Scale(p.workload, p.runtime, max(1, replicas), f"an InferenceService uses ServingRuntime {p.runtime}"))
             continue
         first = since[p.runtime] = min(unused_since.get(p.runtime, now), since.get(p.runtime, now))
         if p.replicas > 0 and now - first >= grace_seconds:

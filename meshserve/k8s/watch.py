@@ -85,9 +85,16 @@ class Watcher:
         request_timeout_seconds: float = 330.0,
         max_backoff_seconds: float = 30.0,
         page_size: int = 500,
+        optional: bool = False,
+        absent_recheck_seconds: float = 30.0,
         **list_kwargs: Any,
     ):
         self.resource = resource
+        # Optional: a 404 on list means the resource type is not installed (a CRD the cluster
+        # lacks, e.g. ModelMesh's Predictor). The watcher then counts as synced with nothing,
+        # so the controller is not held up, and lists again every absent_recheck_seconds.
+        self.optional, self.absent_recheck = optional, absent_recheck_seconds
+        self.absent = False
         self.list_func = list_func
         self.list_kwargs = list_kwargs
         self.on_event = on_event
@@ -159,7 +166,13 @@ class Watcher:
             kwargs: dict[str, Any] = {**self.list_kwargs, "limit": self.page_size}
             if cont:
                 kwargs["_continue"] = cont
-            resp = self.list_func(**kwargs, _preload_content=False, _request_timeout=self.request_timeout)
+            try:
+                resp = self.list_func(**kwargs, _preload_content=False, _request_timeout=self.request_timeout)
+            except ApiException as e:
+                if self.optional and e.status == 404:
+                    self._absent()
+                    return
+                raise
             try:
                 body = json.loads(resp.data)
             finally:
@@ -181,12 +194,26 @@ class Watcher:
             events = diff_list(self.cache, items, self.resource)
             self.cache = {key_of(o): o for o in items}
         self.rv = rv
+        self.absent = False
         self.lists += 1
         M_LISTS.labels(self.resource).inc()
         log.info("k8s list %s: %d objects at resourceVersion %s", self.resource, len(items), self.rv)
         for ev in events:
             self.on_event(ev)
         self.on_synced(self.resource)
+
+    def _absent(self) -> None:
+        if not self.absent:
+            log.info("k8s list %s: not installed in this cluster (HTTP 404); treating it as empty, checking again every %gs",
+                     self.resource, self.absent_recheck)
+        self.absent = True
+        with self._lock:
+            events = diff_list(self.cache, [], self.resource)
+            self.cache = {}
+        for ev in events:
+            self.on_event(ev)
+        self.on_synced(self.resource)
+        self._stop.wait(self.absent_recheck)  # rv stays None: the next cycle lists again
 
     def _watch_once(self) -> None:
         # return_type "object": events stay plain dicts, the same shape the list gives.

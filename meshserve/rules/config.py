@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from meshserve import registry
+from meshserve import registry, servingconfig
 from meshserve import state as st
 from meshserve.model import CopyState, ModelSpec
 from meshserve.rules import schema, store
@@ -29,7 +29,43 @@ class Config:
     percents: dict[str, int | None] = field(default_factory=dict)  # alias -> canaryTrafficPercent
     rule_docs: list[Document] = field(default_factory=list)
     rules: list[schema.Rule] = field(default_factory=list)
+    # Documents read by other components (ServingRuntime: the runtime pods; the storage-config
+    # Secret: the loaders), one `file:line: kind/name: ...` line each, for the CLI to show.
     skipped: list[str] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)  # alias -> InferenceService or Predictor
+    serving: servingconfig.ServingConfig | None = None  # a model-serving-config ConfigMap
+    warnings: list[str] = field(default_factory=list)  # its keys that meshserve does not act on
+
+
+# Kinds meshserve reads that define no model: who reads them. Any kind not here and not a
+# model or a TrafficRule is refused, naming the kind, so nothing a user applies is dropped
+# without a word (a Predictor once was).
+OTHER_READERS = {
+    "ServingRuntime": "read by the runtime pods from mesh-config/ when they start (MESHSERVE_POD_RUNTIMES)",
+    "ClusterServingRuntime": "read by the runtime pods from mesh-config/ when they start (MESHSERVE_POD_RUNTIMES)",
+}
+STORAGE_SECRET = "storage-config"
+
+
+def classify_other(doc: Document) -> str:
+    """For a document that is neither a model nor a TrafficRule: the note for `skipped`, or a
+    ConfigError naming the kind when meshserve does not handle it."""
+    d = doc.data if isinstance(doc.data, dict) else {}
+    kind, name = d.get("kind"), str((d.get("metadata") or {}).get("name") or "")
+    where = f"{doc.file}:{doc.line_of(())}"
+    if kind in OTHER_READERS:
+        return f"{where}: {kind}/{name}: {OTHER_READERS[kind]}"
+    if kind == "Secret" and name == STORAGE_SECRET:
+        return f"{where}: Secret/{name}: read by the loaders from MESHSERVE_STORAGE_CONFIG (point it at this file)"
+    handled = "InferenceService, Predictor, TrafficRule, ServingRuntime, the storage-config Secret and the model-serving-config ConfigMap"
+    if not kind:
+        raise doc.error(("kind",), f"required: every document needs a kind; meshserve reads {handled}")
+    what = f"{kind}/{name}" if name else str(kind)
+    if kind in ("Secret", "ConfigMap"):
+        raise doc.error(("metadata", "name"), f"{what}: meshserve reads no {kind} of that name (only {STORAGE_SECRET if kind == 'Secret' else servingconfig.CONFIGMAP_NAME}); "
+                        "remove it from the files given to meshserve, or apply it with kubectl")
+    raise doc.error(("kind",), f"meshserve does not handle kind {kind} ({d.get('apiVersion', 'no apiVersion')}); it reads {handled}: "
+                    "remove it from the files given to meshserve, or apply it with kubectl")
 
 
 def canary_percent(doc: Document) -> tuple[Document, int | None]:
@@ -68,17 +104,22 @@ def read_config(paths: Iterable[Path]) -> Config:
                 if schema.is_rule(doc):
                     cfg.rule_docs.append(doc)
                     continue
-                if not registry.is_inference_service(doc):
-                    # Other kinds (ServingRuntime, Secret, ...) are read by other components.
-                    kind = doc.data.get("kind") if isinstance(doc.data, dict) else None
-                    cfg.skipped.append(f"{doc.file}:{doc.line_of(())}: {kind or 'document'} skipped")
+                if servingconfig.is_serving_config(doc.data):
+                    if cfg.serving is not None:
+                        raise doc.error(("metadata", "name"), f"a second {servingconfig.CONFIGMAP_NAME}: keep one")
+                    cfg.serving = servingconfig.parse(doc)
+                    cfg.warnings += cfg.serving.warnings
+                    continue
+                if not registry.is_model(doc):
+                    cfg.skipped.append(classify_other(doc))
                     continue
                 registry.check_api_version(doc)
-                doc2, pct = canary_percent(doc)
-                spec = registry.parse_inference_service(doc2)
+                doc2, pct = canary_percent(doc) if registry.is_inference_service(doc) else (doc, None)
+                spec = registry.parse_model(doc2)
                 if spec.alias in seen:
                     raise doc.error(("metadata", "name"), f"'{spec.alias}' is also defined in {seen[spec.alias]}")
                 seen[spec.alias] = doc.file
+                cfg.kinds[spec.alias] = str(doc.data.get("kind"))
                 cfg.specs.append(spec)
                 cfg.percents[spec.alias] = pct
     return cfg
@@ -95,6 +136,8 @@ class Applied:
     specs: list[ModelSpec]
     rules: list[schema.Rule]
     notes: list[str]
+    kinds: dict[str, str] = field(default_factory=dict)  # alias -> InferenceService or Predictor
+    serving: servingconfig.ServingConfig | None = None
 
 
 async def apply_paths(state: st.State, paths: Iterable[Path]) -> Applied:
@@ -113,7 +156,7 @@ async def apply_paths(state: st.State, paths: Iterable[Path]) -> Applied:
     rops, rchanges = store.rule_ops(docs, statuses, now)
     if ops or rops:
         await state.commit(ops + rops, changes + rchanges)
-    return Applied(cfg.specs, cfg.rules, notes)
+    return Applied(cfg.specs, cfg.rules, notes + cfg.skipped + cfg.warnings, cfg.kinds, cfg.serving)
 
 
 def rule_summary(name: str, spec: dict[str, Any], status: dict[str, Any]) -> str:
