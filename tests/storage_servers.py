@@ -160,7 +160,7 @@ def azurite(workdir: Path) -> Iterator[str]:
     exe = azurite_bin()
     proc = subprocess.Popen(
         [str(exe), "--blobHost", "127.0.0.1", "--blobPort", "0", "--inMemoryPersistence", "--extentMemoryLimit", "256",
-         "--skipApiVersionCheck", "--disableTelemetry", "--location", str(workdir)],
+         "--skipApiVersionCheck", "--disableTelemetry"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
     )
     lines: "queue.Queue[str]" = queue.Queue()

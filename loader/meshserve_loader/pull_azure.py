@@ -75,13 +75,19 @@ def pull_azure(
                              read=lambda name: cc.download_blob(name, max_concurrency=1).chunks(),
                              name_of=lambda name: f"azure://{container}/{name}")
     except azexc.ResourceNotFoundError as e:
-        raise StorageError(f"{what}: {e.error_code or 'not found'}; check the container name and account") from None
-    except azexc.ClientAuthenticationError as e:
-        raise StorageError(f"{what}: {e.error_code or 'authentication failed'}; check connection_string or the service "
-                           f"principal (client_id, client_secret, tenant_id) in storage-config key {store.key!r}") from None
-    except azexc.HttpResponseError as e:
-        hint = "; a container without public access needs a connection_string or a service principal" if e.status_code in (401, 403) and not (
-            store.connection_string or store.client_id) else ""
-        raise StorageError(f"{what}: HTTP {e.status_code} {e.error_code or e.reason}{hint}") from None
+        raise StorageError(f"{what}: {_code(e) or 'not found'}; check the container name and account") from None
+    except (azexc.ClientAuthenticationError, azexc.HttpResponseError) as e:
+        if e.status_code in (401, 403) or isinstance(e, azexc.ClientAuthenticationError):
+            hint = (f"check connection_string or the service principal (client_id, client_secret, tenant_id) in storage-config key "
+                    f"{store.key!r}, and its access to the container" if store.connection_string or store.client_id
+                    else "a container without public access needs a connection_string or a service principal")
+            raise StorageError(f"{what}: HTTP {e.status_code} {_code(e) or 'authentication failed'}; {hint}") from None
+        raise StorageError(f"{what}: HTTP {e.status_code} {_code(e) or e.reason}") from None
     except azexc.AzureError as e:
-        raise StorageError(f"{what}: {type(e).__name__}: {e.message if hasattr(e, 'message') else e}") from None
+        raise StorageError(f"{what}: {type(e).__name__}: {getattr(e, 'message', None) or e}") from None
+
+
+def _code(e: Exception) -> str:
+    """The service's error code as it names it (AuthorizationFailure, ContainerNotFound...)."""
+    code = getattr(e, "error_code", None)
+    return str(getattr(code, "value", code) or "")
