@@ -36,13 +36,13 @@ CACHE = Path(os.environ.get("MESHSERVE_TEST_CACHE") or Path.home() / ".cache" / 
 
 
 @dataclass
-class TestCA:
+class ServerCA:
     ca_pem: str  # the CA certificate: what a storage-config's `certificate` holds
     cert: Path  # the server's certificate (for 127.0.0.1 and localhost) and key
     key: Path
 
 
-def make_ca(d: Path) -> TestCA:
+def make_ca(d: Path) -> ServerCA:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -77,14 +77,14 @@ def make_ca(d: Path) -> TestCA:
     d.mkdir(parents=True, exist_ok=True)
     (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return TestCA(ca.public_bytes(serialization.Encoding.PEM).decode(), d / "server.pem", d / "server.key")
+    return ServerCA(ca.public_bytes(serialization.Encoding.PEM).decode(), d / "server.pem", d / "server.key")
 
 
 # --- S3: moto ------------------------------------------------------------------------------------
 
 
 @contextmanager
-def moto_server(tls: TestCA | None = None) -> Iterator[str]:
+def moto_server(tls: ServerCA | None = None) -> Iterator[str]:
     """moto in server mode; with `tls`, HTTPS with that CA's server certificate. Yields the URL."""
     port = free_port()
     args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
