@@ -147,7 +147,7 @@ def azurite_bin() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not exe.exists():
             r = subprocess.run([npm, "install", "--prefix", str(d), "--no-save", "--no-audit", "--no-fund", f"azurite@{AZURITE_VERSION}"],
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=240)  # within pytest's 300 s
             if r.returncode != 0 or not exe.exists():
                 pytest.fail(f"npm install azurite into {d} failed ({r.returncode}): {r.stderr[-2000:]}")
     return exe

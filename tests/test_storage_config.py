@@ -163,6 +163,9 @@ def test_gcs_and_azure_entries_and_sources() -> None:
     assert (u.kind, u.bucket, u.key, u.store.key) == ("gcs", "other", "x/y.onnx", "default")  # type: ignore[union-attr]
     anon = plan_source({"uri": "gs://pub/m"}, {"default": stores["s3ca"]})  # default is s3: anonymous, as KServe
     assert anon.kind == "gcs" and anon.store is not None and not anon.store.private_key
+    bad_default = parse_secret({"default": json.dumps({"type": "gcs", "private_key": "x"})})
+    with pytest.raises(StorageError, match="give both private_key and client_email"):  # not silently anonymous
+        plan_source({"uri": "gs://b/m"}, bad_default)
     with pytest.raises(StorageError, match="is a azure store, not gcs"):
         plan_source({"uri": "gs://b/m", "key": "azure"}, stores)
 

@@ -114,9 +114,13 @@ async def test_agent_picks_up_a_changed_secret_without_restart(tmp_path: Path, c
         spec = ModelSpec(id="mnist__isvc-0000000001", alias="mnist", format="sklearn", storage={"key": "private", "path": "sklearn/mnist.joblib"})
         with pytest.raises(StorageError, match="set 'certificate'"):
             await a._load(spec)
+        # Through the order path: a failed load event carrying the reason, for placement's status.
+        await a.register()
         gspec = ModelSpec(id="g__isvc-0000000001", alias="g", format="sklearn", storage={"key": "gcsHalf", "path": "m.joblib"})
-        with pytest.raises(StorageError, match="both private_key and client_email"):
-            await a._load(gspec)
+        await a._handle(b"1-1", {b"op": b"load", b"model": gspec.id.encode(), b"spec": gspec.to_json().encode()})
+        events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await state.r.xrange(st.EVENTS)]
+        failed = [e for e in events if e.get("op") == "load" and e.get("model") == gspec.id]
+        assert failed and failed[0]["ok"] == "0" and "'gcsHalf' (gcs): give both private_key and client_email" in failed[0]["reason"]
         _mount(secret, {"gcsHalf": json.dumps({"type": "gcs", "client_email": "sa@p"}), "private": json.dumps(_entry(tls_s3, certificate=ca.ca_pem))})
         await a._load(spec)
         assert Path(rt.paths[0]).read_bytes() == b"private-endpoint" * 100

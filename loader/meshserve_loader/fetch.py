@@ -95,8 +95,8 @@ def plan_source(storage: Mapping[str, Any], stores: Mapping[str, AnyStore], conf
                 store = pick_store(stores, key, config_error)
                 if store.type != "gcs":
                     raise StorageError(f"{uri}: storage-config key {store.key!r} is a {store.type} store, not gcs")
-            elif isinstance(default, Store) and default.type == "gcs":
-                store = default
+            elif default is not None and default.type == "gcs":
+                store = pick_store(stores, None, config_error)  # a bad gcs default says why, not anonymous
             else:
                 store = Store(key="", type="gcs")  # KServe reads gs:// URIs with no key anonymously (a public bucket)
             return Source("gcs", store=store, bucket=u.netloc, key=_relative_key(u.path.lstrip("/")), sha256=sha)
