@@ -37,7 +37,7 @@ from meshserve_loader.metrics import LoaderMetrics
 from meshserve_loader.process import RuntimeProcess
 from meshserve_loader.progress import NO_PROGRESS, LoadProgress, ProgressPublisher
 from meshserve_loader.storage import StorageError, predict_size
-from meshserve_loader.storage_config import StorageConfigError, load_storage_config
+from meshserve_loader.storage_config import StorageConfigError, StorageConfigSource
 
 log = logging.getLogger("meshserve.loader")
 
@@ -382,19 +382,20 @@ class Agent:
 
 
 def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
-    try:
-        stores = load_storage_config(settings.storage_config)
-    except StorageConfigError as e:
-        # A bad storage-config must not stop local models from loading: say so loudly, go on.
-        log.error("storage-config unusable, only local/pvc and plain http models will load: %s", e)
-        stores = {}
+    # The storage-config is re-read at each pull when its file (or mounted Secret) changed, so a
+    # Secret edited in Kubernetes applies without a restart. A bad entry fails only the models
+    # naming it, and an unreadable storage-config only the models that need it: local/pvc and
+    # plain http models always load. Read once here so problems show in the log at start.
+    config = StorageConfigSource(settings.storage_config)
+    snap = config.current()
     return Fetcher(
         pvc_root=settings.pvc_root,
-        stores=stores,
+        stores=snap.stores,
         cache=DiskCache(settings.pod_cache_dir(pod_id), settings.cache_max_bytes),
         max_model_bytes=settings.max_model_bytes,
         progress_min_bytes=settings.pull_progress_bytes,
         model_roots=settings.extra_model_roots,
+        config=config,
     )
 
 

@@ -5,7 +5,9 @@ The storage forms understood, ModelMesh's and KServe's:
 - `parameters: {type: pvc, name}` + `path`, or `storageUri: pvc://name/path` / `file:///abs`
 - `key: <storage-config key>` + `path` (+ `parameters.bucket` to override the store's bucket);
   no key uses the storage-config's `default` entry
-- `storageUri: s3://bucket/path` (credentials from `key` or `default`) and `http(s)://...`
+- `storageUri: s3://bucket/path` (credentials from `key` or `default`), `gs://bucket/path` (a gcs
+  `key` or `default`, else anonymous) and `http(s)://...`
+- a `key` naming a gcs store (+ `parameters.bucket`) or an azure store (+ `parameters.container`)
 A `parameters.sha256` (hex, or `sha256:<hex>`) is checked for single-file models.
 """
 
@@ -22,20 +24,22 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 
 from meshserve_loader.diskcache import DiskCache
+from meshserve_loader.pull_azure import pull_azure
+from meshserve_loader.pull_gcs import pull_gcs
 from meshserve_loader.pull_http import pull_http
 from meshserve_loader.pull_s3 import pull_s3
 from meshserve_loader.storage import StorageError, resolve_local
-from meshserve_loader.storage_config import Store, StorageConfigError, pick_store
+from meshserve_loader.storage_config import AnyStore, Store, StorageConfigError, StorageConfigSource, pick_store
 
 log = logging.getLogger("meshserve.loader.fetch")
 
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "local", "s3" or "http"
+    kind: str  # "local", "s3", "gcs", "azure" or "http"
     storage: Mapping[str, Any] = field(default_factory=dict)  # local: the storage entry, resolved as before
     store: Store | None = None
-    bucket: str = ""
+    bucket: str = ""  # s3, gcs: the bucket; azure: the container
     key: str = ""
     url: str = ""
     sha256: str = ""
@@ -43,10 +47,20 @@ class Source:
     @property
     def cache_id(self) -> str:
         # The digest is part of the identity: a changed digest must not reuse an old download.
-        if self.kind == "s3":
+        if self.kind in ("s3", "gcs"):
             assert self.store is not None
-            return f"s3|{self.store.endpoint_url}|{self.bucket}|{self.key}|{self.sha256}"
+            return f"{self.kind}|{self.store.endpoint_url}|{self.bucket}|{self.key}|{self.sha256}"
+        if self.kind == "azure":
+            assert self.store is not None
+            account = self.store.endpoint_url or self.store.account_name or self.store.connection_string.partition("AccountName=")[2].partition(";")[0]
+            return f"azure|{account}|{self.bucket}|{self.key}|{self.sha256}"
         return f"http|{self.url}|{self.sha256}"
+
+    @property
+    def shown(self) -> str:
+        """Where from, for logs (no credential)."""
+        scheme = {"s3": "s3", "gcs": "gs", "azure": "azure"}.get(self.kind)
+        return f"{scheme}://{self.bucket}/{self.key}" if scheme else self.url
 
 
 def _relative_key(path: str) -> str:
@@ -56,8 +70,9 @@ def _relative_key(path: str) -> str:
     return str(p)
 
 
-def plan_source(storage: Mapping[str, Any], stores: Mapping[str, Store]) -> Source:
-    """Pure: where a model's files come from. Raises StorageError with what to fix."""
+def plan_source(storage: Mapping[str, Any], stores: Mapping[str, AnyStore], config_error: str = "") -> Source:
+    """Pure: where a model's files come from. Raises StorageError with what to fix.
+    `config_error`: why the storage-config as a whole could not be read, if it could not."""
     params = storage.get("parameters") or {}
     sha = str(params.get("sha256") or "")
     uri = str(storage.get("uri") or "")
@@ -69,17 +84,32 @@ def plan_source(storage: Mapping[str, Any], stores: Mapping[str, Store]) -> Sour
             return Source("http", url=uri, sha256=sha)
         if uri.startswith("s3://"):
             u = urlsplit(uri)
-            store = pick_store(stores, key or None)
+            store = pick_store(stores, key or None, config_error)
             if store.type != "s3":
                 raise StorageError(f"{uri}: storage-config key {store.key!r} is a {store.type} store, not s3")
             return Source("s3", store=store, bucket=u.netloc, key=_relative_key(u.path.lstrip("/")), sha256=sha)
+        if uri.startswith("gs://"):
+            u = urlsplit(uri)
+            default = stores.get("default")
+            if key:
+                store = pick_store(stores, key, config_error)
+                if store.type != "gcs":
+                    raise StorageError(f"{uri}: storage-config key {store.key!r} is a {store.type} store, not gcs")
+            elif default is not None and default.type == "gcs":
+                store = pick_store(stores, None, config_error)  # a bad gcs default says why, not anonymous
+            else:
+                store = Store(key="", type="gcs")  # KServe reads gs:// URIs with no key anonymously (a public bucket)
+            return Source("gcs", store=store, bucket=u.netloc, key=_relative_key(u.path.lstrip("/")), sha256=sha)
         if uri:
-            raise StorageError(f"storageUri {uri!r}: scheme not supported; use s3://, http(s)://, pvc:// or file://")
+            raise StorageError(f"storageUri {uri!r}: scheme not supported; use s3://, gs://, http(s)://, pvc:// or file://")
         path = str(storage.get("path") or "")
-        store = pick_store(stores, key or None)
-        if store.type == "s3":
+        store = pick_store(stores, key or None, config_error)
+        if store.type in ("s3", "gcs"):
             bucket = str(params.get("bucket") or store.bucket)
-            return Source("s3", store=store, bucket=bucket, key=_relative_key(path), sha256=sha)
+            return Source(store.type, store=store, bucket=bucket, key=_relative_key(path), sha256=sha)
+        if store.type == "azure":
+            container = str(params.get("container") or store.container)
+            return Source("azure", store=store, bucket=container, key=_relative_key(path), sha256=sha)
         if store.type == "http":
             url = store.url.rstrip("/") + "/" + _relative_key(path)
             return Source("http", store=store, url=url, sha256=sha)
@@ -90,14 +120,18 @@ def plan_source(storage: Mapping[str, Any], stores: Mapping[str, Store]) -> Sour
 
 @dataclass
 class Fetcher:
+    """`stores` is a fixed storage-config (tests); with `config` the storage-config is the one on
+    disk at each pull (the loader's: an edited Secret applies to the next pull)."""
+
     pvc_root: Path
-    stores: dict[str, Store]
+    stores: Mapping[str, AnyStore]
     cache: DiskCache
     max_model_bytes: int = 8 << 30
     progress_min_bytes: int = 32 << 20
     http_timeout: float = 600.0
     model_roots: list[Path] = field(default_factory=list)  # besides pvc_root, for file:// URIs
     downloads: int = 0  # pulls that went to the store (not served from the cache): for tests and stats
+    config: StorageConfigSource | None = None
 
     def __post_init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
@@ -106,7 +140,12 @@ class Fetcher:
     async def fetch(self, storage: Mapping[str, Any], on_progress: Callable[[int, int], None] | None = None) -> Path:
         """`on_progress(done, total)`: bytes pulled so far, after every chunk (from a worker
         thread for S3); not called for local models and cache hits."""
-        src = plan_source(storage, self.stores)
+        config_error = ""
+        if self.config is not None:
+            # A stat or two when nothing changed; a re-read when the Secret did.
+            snap = await asyncio.get_running_loop().run_in_executor(None, self.config.current)
+            self.stores, config_error = snap.stores, snap.error
+        src = plan_source(storage, self.stores, config_error)
         span = trace.get_current_span()  # the loader's `loader.pull`, when there is one
         span.set_attribute("meshserve.source", src.kind)
         if src.kind == "local":
@@ -117,14 +156,16 @@ class Fetcher:
             hit = self.cache.lookup(src.cache_id)
             span.set_attribute("meshserve.cache_hit", hit is not None)
             if hit is not None:
-                log.info("disk cache hit for %s", src.url or f"s3://{src.bucket}/{src.key}")
+                log.info("disk cache hit for %s", src.shown)
                 return hit
             staged = self.cache.staging()
             try:
-                if src.kind == "s3":
+                if src.kind in ("s3", "gcs", "azure"):
                     assert src.store is not None
+                    # The official clients are synchronous: a worker thread per pull.
+                    pull = {"s3": pull_s3, "gcs": pull_gcs, "azure": pull_azure}[src.kind]
                     rel = await asyncio.get_running_loop().run_in_executor(
-                        None, pull_s3, src.store, src.bucket, src.key, staged, self.max_model_bytes, self.progress_min_bytes, src.sha256, on_progress
+                        None, pull, src.store, src.bucket, src.key, staged, self.max_model_bytes, self.progress_min_bytes, src.sha256, on_progress
                     )
                 else:
                     headers = dict(src.store.headers) if src.store else {}

@@ -6,15 +6,39 @@ models are). boto3 is synchronous: callers run `pull_s3` in a thread.
 
 from __future__ import annotations
 
-import posixpath
+import hashlib
+import os
+import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
-from meshserve_loader.sink import Budget, Progress, Sink
-from meshserve_loader.storage import StorageError, safe_join
+from meshserve_loader.pull_objects import write_objects
+from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import Store
 
 CHUNK = 1 << 20
+
+
+_ca_lock = threading.Lock()
+
+
+def ca_bundle_file(pem: str) -> str:
+    """A file holding `pem`, for botocore's `verify=` (it takes a path, not the text). Named by
+    the PEM's digest, so each pull of the same entry reuses one file and a changed certificate
+    gets a new one; written whole and renamed into place, so a concurrent pull never reads half
+    of it. In the temp dir: the loader's root filesystem is read-only, /tmp is its emptyDir. A
+    CA certificate is public, so no secret lands on disk."""
+    digest = hashlib.sha256(pem.encode()).hexdigest()[:32]
+    d = Path(tempfile.gettempdir()) / "meshserve-ca"
+    path = d / f"{digest}.pem"
+    with _ca_lock:
+        if not path.exists():
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_text(pem if pem.endswith("\n") else pem + "\n")
+            os.replace(tmp, path)
+    return str(path)
 
 
 def s3_client(store: Store):  # type: ignore[no-untyped-def]
@@ -34,6 +58,9 @@ def s3_client(store: Store):  # type: ignore[no-untyped-def]
         aws_access_key_id=store.access_key_id or None,
         aws_secret_access_key=store.secret_access_key or None,
         region_name=store.region or "us-east-1",
+        # A private endpoint's CA (ModelMesh's `certificate`): trusted instead of the system CAs
+        # for this store only, as ModelMesh's CustomCABundle does.
+        verify=ca_bundle_file(store.certificate) if store.certificate else None,
         config=cfg,
     )
 
@@ -48,38 +75,19 @@ def pull_s3(
 ) -> str:
     """Download `key` (an object, else every object under `key/`) into the empty dir `dest`.
     Returns the model's path relative to `dest` ("" when it is the whole directory)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
     key = key.strip("/")
     if not bucket:
         raise StorageError(f"no bucket for {key!r}: set 'bucket' in storage-config key {store.key!r} or use an s3://bucket/path URI")
     what = _describe(store, bucket, key)
     client = s3_client(store)
-    budget = Budget(max_bytes)
     try:
-        objects = _objects(client, bucket, key)
-        if not objects:
-            raise StorageError(f"{what}: no such object or prefix")
-        total = sum(size for _, size in objects)
-        if total > max_bytes:
-            raise StorageError(f"{what}: model is {total} bytes, over the limit of {max_bytes} (MESHSERVE_MAX_MODEL_BYTES)")
-        single = len(objects) == 1 and objects[0][0] == key
-        if sha256 and not single:
-            raise StorageError(f"{what}: a sha256 digest can only be checked for a single-file model, this is a prefix")
-        progress = Progress(what, total, progress_min_bytes, on_progress)
-        for obj_key, _ in objects:
-            rel = posixpath.basename(obj_key) if single else obj_key[len(key) + 1 :] if key else obj_key
-            target = safe_join(dest, rel)  # an object name with '..' must not write outside dest
-            target.parent.mkdir(parents=True, exist_ok=True)
-            sink = Sink(target, f"s3://{bucket}/{obj_key}", budget, progress)
-            try:
-                body = client.get_object(Bucket=bucket, Key=obj_key)["Body"]
-                for chunk in body.iter_chunks(CHUNK):
-                    sink.write(chunk)
-            finally:
-                sink.close()
-            sink.verify(sha256 if single else "")
-        return posixpath.basename(key) if single else ""
+        return write_objects(
+            what, key, _objects(client, bucket, key), dest, max_bytes, progress_min_bytes, sha256, on_progress,
+            read=lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].iter_chunks(CHUNK),
+            name_of=lambda k: f"s3://{bucket}/{k}",
+        )
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         hint = {
@@ -89,6 +97,10 @@ def pull_s3(
             "NoSuchBucket": "check the bucket name",
         }.get(code, "")
         raise StorageError(f"{what}: {code or e}{'; ' + hint if hint else ''}") from None
+    except SSLError as e:
+        hint = (f"set 'certificate' in storage-config key {store.key!r} to the PEM CA bundle that signed the endpoint's certificate"
+                if not store.certificate else f"the 'certificate' in storage-config key {store.key!r} did not verify the endpoint: is it the CA that signed it?")
+        raise StorageError(f"{what}: TLS certificate verification failed ({e}); {hint}") from None
     except BotoCoreError as e:
         raise StorageError(f"{what}: {e}") from None
 
