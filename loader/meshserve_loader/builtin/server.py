@@ -195,9 +195,11 @@ class Runtime:
                 pass
         return e is not None
 
-    def infer(self, name: str, req: codec.InferRequest) -> dict[str, Any]:
-        """Synchronous: runs on an inference thread (see `run`)."""
-        e = self.get(name)
+    def infer(self, name: str, req: codec.InferRequest, entry: Entry | None = None) -> dict[str, Any]:
+        """Synchronous: runs on an inference thread (see `run`). `entry` is the model as `run`
+        found it: a request that started before an unload finishes on the model it started
+        with instead of looking it up again and getting a 404 (docs/design/placement.md)."""
+        e = entry or self.get(name)
         t0 = time.perf_counter()
         out = e.model.predict(req)
         self.m_latency.labels(name).observe(time.perf_counter() - t0)
@@ -273,9 +275,9 @@ def build_rest_app(rt: Runtime) -> web.Application:
         try:
             raw = await request.read()
 
-            def work(_: Entry) -> bytes:
+            def work(e: Entry) -> bytes:
                 req = codec.decode_json_request(raw)
-                return codec.encode_json_response(name, req, rt.infer(name, req))
+                return codec.encode_json_response(name, req, rt.infer(name, req, e))
 
             body = await rt.run(name, work)
             return web.Response(body=body, content_type="application/json")
@@ -376,8 +378,8 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         name = self._name(context, request.model_name)
         code = "200"
         try:
-            def work(_: Entry) -> pb.ModelInferResponse:
-                return codec.encode_grpc_response(name, request.id, self.rt.infer(name, codec.decode_grpc_request(request)))
+            def work(e: Entry) -> pb.ModelInferResponse:
+                return codec.encode_grpc_response(name, request.id, self.rt.infer(name, codec.decode_grpc_request(request), e))
 
             return await self.rt.run(name, work)
         except LookupError as e:
