@@ -145,6 +145,21 @@ def placement_counts(url: str, since: float) -> dict[str, int]:
         r.close()
 
 
+def loaded_now(url: str) -> dict[str, object]:
+    """Copies loaded at the end and the bytes they book (the sizes the runtime measured)."""
+    import redis
+
+    from meshserve import state as st
+    from meshserve.model import CopyState, copies_from_json
+
+    r = redis.Redis.from_url(url)
+    try:
+        sizes = [c.size for v in r.hvals(st.PLACEMENTS) for c in copies_from_json(v).values() if c.state == CopyState.LOADED]
+    finally:
+        r.close()
+    return {"copies": len(sizes), "mean_bytes": int(sum(sizes) / len(sizes)) if sizes else 0}
+
+
 def summary(res: Result) -> dict[str, object]:
     all_ms = [dt * 1000 for _, dt in res.latencies]
     ok_ms = [dt * 1000 for code, dt in res.latencies if code == 200]
@@ -175,7 +190,7 @@ def main() -> None:
             "registered": args.models, "zipf_over": args.zipf_over, "zipf_s": args.zipf_s, "pods": args.pods,
             "capacity_copies_per_pod": args.per_pod, "copy_bytes_booked": MODEL_BYTES, "rps": args.rps,
             "seconds": args.seconds, "distinct_models_requested": len(set(seq)),
-            **summary(res), "placement": placement_counts(mesh.redis_url, t0),
+            **summary(res), "placement": placement_counts(mesh.redis_url, t0), "loaded_at_end": loaded_now(mesh.redis_url),
             "wall_seconds": round(time.time() - t0, 1),
         }
     print(json.dumps(doc, indent=2))
