@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "placement_sim": (["bench.placement_sim"], 900),
     "placement_throughput": (["bench.placement_throughput"], 600),
     "xds_debounce": (["bench.xds_debounce"], 600),
+    "churn": (["bench.churn", "--seconds", "90"], 900),
 }
 
 

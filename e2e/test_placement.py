@@ -213,11 +213,13 @@ async def _loaded(state: st.State, model: str) -> bool:
     return any(c.state == CopyState.LOADED for c in (await state.copies(model)).values())
 
 
-async def test_nothing_evictable_gives_a_clear_503(valkey: devmesh.Valkey) -> None:
-    """The only pod is full of a model with requests in flight: the cold request gets 503 with why."""
+async def test_a_request_waits_for_room_and_only_a_model_that_never_fits_gets_503(valkey: devmesh.Valkey) -> None:
+    """Issue 19: the only pod is full of a model with requests in flight. A cold request waits
+    for it to go idle (no 503), and is served once it does; it fails only at the cold-start
+    timeout. A model bigger than the pod gets a 503 at once, saying why."""
     async with cluster(valkey.url, pods=1, capacity=100 * MB) as (sched, (pod,), state):
-        busy, cold = spec("busy", 80 * MB), spec("cold", 80 * MB)
-        await state.register_models([busy, cold])
+        busy, cold, huge = spec("busy", 80 * MB), spec("cold", 80 * MB), spec("huge", 120 * MB)
+        await state.register_models([busy, cold, huge])
         await state.r.xadd(st.LOAD_REQUESTS, {"model": busy.id})
         await until(lambda: _loaded(state, busy.id), what="busy loaded")
         pod.use(busy.id)
@@ -227,23 +229,38 @@ async def test_nothing_evictable_gives_a_clear_503(valkey: devmesh.Valkey) -> No
         await asyncio.sleep(0.5)  # the leader sees the use
         try:
             with pytest.raises(LoadFailed) as e:
-                await act.ensure_loaded(cold.id)
-        finally:
-            watcher.cancel()
-        assert e.value.status == 503
-        assert "even after evicting every idle model" in str(e.value)
-        assert await _loaded(state, busy.id)
-        # Once the model is idle (out of the busy window), the same request evicts it.
-        sched.t.busy_window_seconds = 0.1
-        await asyncio.sleep(0.5)
-        watcher = asyncio.create_task(act.watch_changes())
-        try:
-            act._requested.clear()
-            got = await act.ensure_loaded(cold.id)
+                await act.ensure_loaded(huge.id)
+            assert e.value.status == 503 and "more than the pod's whole capacity" in str(e.value)
+            # A request that would pass the cold-start timeout waiting gets its 503 then.
+            impatient = Activator(Settings(redis_url=valkey.url, cold_start_timeout_seconds=1.5), state)
+            t0 = time.monotonic()
+            keep_busy = asyncio.create_task(_keep_using(pod, state, busy.id, 2.0))
+            with pytest.raises(LoadFailed) as e:
+                await impatient.ensure_loaded(cold.id)
+            await keep_busy
+            assert e.value.status == 503 and "not loaded within 1.5s" in str(e.value)
+            assert time.monotonic() - t0 >= 1.4
+            waiting = asyncio.create_task(act.ensure_loaded(cold.id))
+            await asyncio.sleep(1.0)
+            assert not waiting.done(), "the request must wait for room, not fail"
+            assert "waiting for room" in json.loads(await state.r.hget(keys.DECISIONS, cold.id))["reason"]
+            assert "-" not in await state.copies(cold.id)
+            # The busy model goes idle (out of the busy window): the waiting request evicts it.
+            sched.t.busy_window_seconds = 0.1
+            got = await asyncio.wait_for(waiting, 5)
         finally:
             watcher.cancel()
         assert got.id == "pod-0"
         assert ("unload", busy.id) in pod.orders
+        assert "room freed up" in json.loads(await state.r.hget(keys.DECISIONS, cold.id))["why"]
+
+
+async def _keep_using(pod: FakePod, state: st.State, model: str, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pod.use(model)
+        await state.touch([model])
+        await asyncio.sleep(0.2)
 
 
 async def test_copies_follow_request_rate_and_idle_models_unload(valkey: devmesh.Valkey) -> None:

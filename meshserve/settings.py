@@ -80,6 +80,11 @@ class Settings:
     # long a request may wait for a slot of its model before RESOURCE_EXHAUSTED.
     request_queue_timeout_seconds: float = 30.0
     failed_pod_exclusion_seconds: float = 900.0  # ModelMesh's 15 minutes
+    # An unload order is carried out this long after it arrives: the copy left the routes in the
+    # same commit, and the gateways must apply that (xDS debounce up to 200 ms, build, push)
+    # before the runtime drops the model, or a request routed meanwhile gets a 404
+    # (docs/design/placement.md, "Unloads wait for the routes").
+    unload_grace_seconds: float = 0.5
     debounce_quiet_ms: int = 20
     debounce_max_ms: int = 200
     log_json: bool = False

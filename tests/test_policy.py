@@ -37,7 +37,52 @@ def test_never_evicts_pinned_or_busy_models() -> None:
     cv.in_flight = {"b"}
     d = policy.place(cv.models["new"], cv, now=1000.0)
     assert d.pod is None
-    assert "only" in d.reason and "pod-0" in d.reason and "pod-1" in d.reason
+    # The busy copy on pod-1 frees up once its requests finish: wait for it, no 503. Pinned
+    # pod-0 never will.
+    assert d.waits_for_room == ["pod-1"]
+    assert d.reason.startswith("waiting for room: pod-1:")
+    text = "\n".join(d.explain())
+    assert "pod-0: fits: rejected:" in text and "pinned or kept for minCopies" in text
+    cv.in_flight = set()
+    d = policy.place(cv.models["new"], cv, now=1001.0)
+    assert d.pod == "pod-1" and d.evict == ["b"]
+
+
+def test_waits_for_room_held_by_loads_and_busy_copies_instead_of_failing() -> None:
+    """Issue 19: under churn the room is booked by copies loading, queued or serving. The
+    request must wait for them (the leader retries), not get a 503; only a model that can
+    never fit (bigger than the pod, or the rest pinned) is refused."""
+    cv = cluster(
+        a={"pod-0": Copy(CopyState.LOADING, 40 * MB)},
+        b={"pod-0": Copy(CopyState.LOADED, 40 * MB)},
+        c={"pod-1": Copy(CopyState.UNLOADING, 40 * MB)},
+    )
+    cv.models["d"] = policy.ModelView("d", "sklearn", 40 * MB)
+    cv.copies["d"] = {"pod-1": Copy(CopyState.LOADING, 40 * MB)}
+    cv.models["e"] = policy.ModelView("e", "sklearn", 40 * MB)
+    cv.copies["e"] = {"pod-1": Copy(CopyState.LOADED, 40 * MB)}
+    cv.in_flight = {"b", "e"}
+    d = policy.place(cv.models["new"], cv, now=1.0)
+    assert d.pod is None and d.waits_for_room == ["pod-0", "pod-1"], d.explain()
+    # The load lands and its request finishes (out of the busy window): the same decision now evicts.
+    cv.copies["a"] = {"pod-0": Copy(CopyState.LOADED, 40 * MB)}
+    cv.touch("a", 0.5)
+    d = policy.place(cv.models["new"], cv, now=2.0)
+    assert d.pod == "pod-0" and d.evict == ["a"]
+    # Bigger than any pod: never fits, so no wait.
+    cv.models["huge"] = policy.ModelView("huge", "sklearn", 101 * MB)
+    d = policy.place(cv.models["huge"], cv, now=2.0)
+    assert d.pod is None and d.waits_for_room == [] and "whole capacity" in d.reason
+    # Everything pinned or kept for minCopies: never fits either.
+    for m in ("a", "b"):
+        cv.models[m].pinned = True
+    cv.models["e"].min_copies = 1
+    cv.models["d"].pinned = True
+    big = policy.ModelView("big", "sklearn", 30 * MB)
+    cv.models["big"] = big
+    d = policy.place(big, cv, now=3.0)
+    assert d.pod is None and d.waits_for_room == [], d.explain()
+    assert "pinned or kept for minCopies" in d.reason
 
 
 def test_explains_every_rejection() -> None:

@@ -210,6 +210,9 @@ class Agent:
                     # request already on its way still gets an answer.
                     log.info("draining: %s stays loaded until requests to it stop", model_id)
                 else:
+                    # The route withdrawal committed with this order is still on its way to the
+                    # gateways: requests they route here meanwhile are served, not 404ed.
+                    await asyncio.sleep(self.s.unload_grace_seconds)
                     await self.rt.unload(model_id)
                 self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)

@@ -46,6 +46,8 @@ M_COLD_WAIT = Histogram(
 
 MODEL_ID_HEADER = "mm-model-id"
 VMODEL_ID_HEADER = "mm-vmodel-id"
+# Forwarding to a copy that turns out gone (404 from the pod) sends the request back to wait.
+FORWARD_ATTEMPTS = 3
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 
 
@@ -180,20 +182,35 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         try:
             model_id = await act.resolve(name)
             span.set_attribute(tracing.ATTR_MODEL, model_id)
-            pod = await act.ensure_loaded(model_id)
         except LoadFailed as e:
             M_COLD.labels("rest", str(e.status)).inc()
             return _error(e.status, str(e))
-        M_COLD.labels("rest", "200").inc()
-        M_COLD_WAIT.observe(time.monotonic() - t0)
-        await act.state.touch([model_id])
         try:
             payload = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"request body is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit")
-        url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
+        # A registered model never answers 404: if the copy we forward to was unloaded between
+        # our look and the forward (evicted under churn), the request waits for a copy again.
+        for attempt in range(FORWARD_ATTEMPTS):
+            try:
+                pod = await act.ensure_loaded(model_id)
+            except LoadFailed as e:
+                M_COLD.labels("rest", str(e.status)).inc()
+                return _error(e.status, str(e))
+            if attempt == 0:
+                M_COLD.labels("rest", "200").inc()
+                M_COLD_WAIT.observe(time.monotonic() - t0)
+            await act.state.touch([model_id])
+            resp = await forward(request, pod, model_id, tail, payload, headers)
+            if resp.status != 404 or attempt == FORWARD_ATTEMPTS - 1:
+                return resp
+            log.info("%s was gone from %s when forwarded to; waiting for a copy again", model_id, pod.id)
+        raise AssertionError("unreachable")
+
+    async def forward(request: web.Request, pod: Pod, model_id: str, tail: str, payload: bytes, headers: dict[str, str]) -> web.Response:
+        url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
         with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
             "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
         ) as fspan:

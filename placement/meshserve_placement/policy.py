@@ -247,6 +247,20 @@ class ClusterView:
     def live_copies(self, model: str) -> int:
         return sum(1 for c in self.copies.get(model, {}).values() if c.state == CopyState.LOADED)
 
+    def kept_bytes(self, pod: str) -> int:
+        """Bytes on `pod` that will never free up by themselves: copies of pinned models and
+        copies that keep a model at its minCopies. Everything else booked (busy, loading,
+        unloading) becomes evictable in time. O(the pod's models): only asked when a model
+        does not fit now."""
+        n = 0
+        for m, c in self.pod_models(pod).items():
+            if c.state not in _BOOKED:
+                continue
+            mv = self.models.get(m)
+            if mv is not None and (mv.pinned or (mv.min_copies > 0 and self.live_copies(m) <= mv.min_copies)):
+                n += c.size
+        return n
+
     def can_evict(self, model: str) -> bool:
         """Loaded copies of this model may be dropped: not pinned, not busy, above its minimum."""
         if model in self.in_flight:
@@ -412,6 +426,7 @@ class Context:
     evictions: dict[str, list[str]] = field(default_factory=dict)  # pod -> models to evict
     eviction_rank: dict[str, float] = field(default_factory=dict)  # pod -> 0 (cheapest) .. 1
     runtime: str | None = None  # the runtime that serves the model (ClusterView.serving_runtime)
+    later: dict[str, str] = field(default_factory=dict)  # pod -> what must free up before the model fits there
 
 
 @dataclass(frozen=True)
@@ -453,6 +468,9 @@ class Decision:
     candidates: dict[str, str] = field(default_factory=dict)  # on large clusters: pod -> why considered
     pods_total: int = 0
     waits_for: str = ""  # not placed because this runtime's pool has no pods yet: worth waiting
+    # Not placed now, but it fits once copies that are busy, loading or unloading free up (on
+    # these pods): worth waiting for, up to the cold-start timeout, rather than a 503.
+    waits_for_room: list[str] = field(default_factory=list)
 
     @property
     def considered(self) -> str:
@@ -526,7 +544,14 @@ def _fits(p: PodView, ctx: Context) -> str:
     if free >= need:
         ctx.evictions[p.id] = chosen
         return ""
-    return f"needs {need} bytes; only {free} free even after evicting every idle model"
+    why = f"needs {need} bytes; only {free} free even after evicting every idle model"
+    kept = ctx.cluster.kept_bytes(p.id)
+    if p.capacity - kept >= need:
+        # The rest is held by copies that will free up by themselves (requests finish, loads
+        # land and become evictable, unloads complete): the request can wait for it.
+        ctx.later[p.id] = f"{need - free} more bytes must free up (copies busy, loading or unloading)"
+        return why + "; fits once busy, loading or unloading copies free up"
+    return why + f"; {kept} bytes are pinned or kept for minCopies"
 
 
 FILTERS: list[Filter] = [
@@ -535,7 +560,7 @@ FILTERS: list[Filter] = [
     Filter("serves-model", "the pod runs the model's runtime (its `runtime:`, else the first by name that auto-selects its format), which declares the format", _runtime),
     Filter("not-holding", "the pod does not already hold or load this model", _not_holding),
     Filter("not-excluded", "no load of this model failed on the pod recently", _not_excluded),
-    Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU), cover the model", _fits),
+    Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU), cover the model (when only busy, loading or unloading copies are in the way, the decision is to wait for them)", _fits),
 ]
 
 
@@ -620,9 +645,11 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
     if not candidates:
         if not cluster.pods:
             reason = "no runtime pods are registered"
+        elif ctx.later:
+            reason = "waiting for room: " + "; ".join(f"{pid}: {w}" for pid, w in sorted(ctx.later.items()))
         else:
             reason = "no pod can take it: " + "; ".join(f"{s.pod} {s.result}" for s in trace)
-        return Decision(model.id, None, [], trace, reason, considered, len(cluster.pods))
+        return Decision(model.id, None, [], trace, reason, considered, len(cluster.pods), waits_for_room=sorted(ctx.later))
     evicting = [p.id for p in candidates if ctx.evictions.get(p.id)]
     if len(evicting) > 1:
         keys = cluster.__dict__["_keys"]

@@ -91,6 +91,12 @@ class Scheduler:
         self.waiting: set[str] = set()  # models with a request held by an activator
         # model -> runtime: a request waits for a pool that has no pods yet (scale from zero)
         self.pending: dict[str, str] = {}
+        # model -> [since, last asked]: a waiting request's model that fits only once busy,
+        # loading or unloading copies free up (policy.Decision.waits_for_room). Retried, oldest
+        # first, whenever room may have freed; dropped once no activator asked for it within the
+        # cold-start timeout. In memory only: the activator asks again every 2 s while a
+        # request waits, so a new leader learns them again within that.
+        self.room: dict[str, list[float]] = {}
         self.queues: dict[str, dict[str, float]] = {}  # pod -> model -> priority (mirror of ms:loadq:<pod>)
         self.rates: dict[str, float] = {}  # requests/s per model, from the runtimes' counters
         self.last_added: dict[str, float] = {}
@@ -145,6 +151,7 @@ class Scheduler:
                     asyncio.create_task(self._consume(st.EVENTS, self._on_event)),
                     asyncio.create_task(self._expire_pods(http)),
                     asyncio.create_task(self._maintain(http)),
+                    asyncio.create_task(self._room_loop()),
                 ]
                 try:
                     while not lost.is_set():
@@ -313,10 +320,16 @@ class Scheduler:
             ):
                 await self._prioritise(model_id)
             return
+        if model_id in self.room:
+            self.room[model_id][1] = time.time()  # still wanted: keep it waiting
+            await self._retry_room()
+            return
         spec = await self._refresh_model(model_id)
         if spec is None:
             return
         await self._refresh_pods()
+        # Requests already waiting for room go first: a newcomer must not take the room they wait for.
+        await self._retry_room()
         self.attempts[model_id] = 0
         self.waiting.add(model_id)
         await self._place(spec, waiting=True)
@@ -355,6 +368,13 @@ class Scheduler:
             self.pending[spec.id] = decision.waits_for
             await self._commit(ops, changes)
             return False
+        if decision.pod is None and decision.waits_for_room and waiting:
+            # No 503: the room is booked by copies that free up by themselves. The request stays
+            # held and the model is retried as room frees (_retry_room), up to the cold-start timeout.
+            log.info("%s waits for room: %s", spec.id, decision.reason)
+            self.room.setdefault(spec.id, [now, now])[1] = now
+            await self._commit(ops, changes)
+            return False
         if decision.pod is None:
             log.warning("cannot place %s: %s", spec.id, decision.reason)
             if waiting:
@@ -386,6 +406,38 @@ class Scheduler:
         log.info("placing %s on %s%s%s", spec.id, pod, f" evicting {decision.evict}" if decision.evict else "", f" ({why})" if why else "")
         await self._dispatch(pod)
         return True
+
+    async def _retry_room(self) -> None:
+        """Place the models waiting for room that fit now, oldest first. Called (under the
+        lock) when room may have freed: a load landed, an unload finished, a load request came,
+        and every maintain period (requests finish and their copies leave the busy window)."""
+        if not self.room:
+            return
+        now = time.time()
+        self._mark_health(now)
+        for model, (since, asked) in sorted(self.room.items(), key=lambda kv: (kv[1][0], kv[0])):
+            spec, mv = self.specs.get(model), self.view.models.get(model)
+            placed = any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(model, {}).values())
+            if spec is None or mv is None or placed or model not in self.waiting:
+                del self.room[model]
+                continue
+            if now - asked > self.s.cold_start_timeout_seconds:
+                # Every request that waited for it has timed out at its activator by now.
+                log.warning("%s: no request waits for room any more after %.0fs; given up", model, now - since)
+                del self.room[model]
+                self.waiting.discard(model)
+                continue
+            # Pure and cheap: only a model that now fits goes through a decision that commits.
+            d = policy.place(mv, self.view, now)
+            if d.pod is not None or not d.waits_for_room:
+                del self.room[model]
+                await self._place(spec, waiting=True, why=f"room freed up after {now - since:.1f}s waiting")
+
+    async def _room_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.t.maintain_seconds)
+            async with self._lock:
+                await self._retry_room()
 
     def _queued_loading(self, pod: str) -> list[Copy]:
         """The pod's queued loads, as booked (a queued load is a LOADING copy not sent yet).
@@ -452,7 +504,14 @@ class Scheduler:
                 mv = self.view.models.get(model_id)
                 if mv is not None and size:
                     mv.size = size  # measured: later decisions book the real size
-                if model_id not in self.view.last_used:
+                if model_id in self.waiting:
+                    # Held requests are forwarded to it right now, before any runtime counter or
+                    # ms:lastused says so: busy from this moment, or the next decision could evict
+                    # it under the request the activator is about to forward.
+                    self.view.touch(model_id, now)
+                    self._recent[model_id] = now
+                    self.view.in_flight.add(model_id)
+                elif model_id not in self.view.last_used:
                     self.view.touch(model_id, now)
                 self.waiting.discard(model_id)
             else:
@@ -476,10 +535,12 @@ class Scheduler:
                 log.info("retrying load of %s elsewhere (attempt %d): %s", model_id, n + 1, f.get("reason"))
                 await self._place(spec, model_id in self.waiting, ops, changes, why=f"retry after a failed load on {pod}")
                 await self._dispatch(pod)
+                await self._retry_room()
                 return
             self.waiting.discard(model_id)
         await self._commit(ops, changes)
         await self._dispatch(pod)
+        await self._retry_room()  # a landed load, a finished unload or a failure: room may have freed
 
     async def _reconcile_pod(self, pod: str, held: dict[str, int]) -> None:
         """A (re)started pod says what its runtime really holds. Copies it lost are dropped; what

@@ -276,9 +276,11 @@ class Runtime:
                 pass
         return e is not None
 
-    def infer(self, name: str, req: codec.InferRequest) -> dict[str, Any]:
-        """Synchronous: runs on an inference thread (see `run`)."""
-        e = self.get(name)
+    def infer(self, name: str, req: codec.InferRequest, entry: Entry | None = None) -> dict[str, Any]:
+        """Synchronous: runs on an inference thread (see `run`). `entry` is the model as `run`
+        found it: a request that started before an unload finishes on the model it started
+        with instead of looking it up again and getting a 404 (docs/design/placement.md)."""
+        e = entry or self.get(name)
         t0 = time.perf_counter()
         out = e.model.predict(req)
         self.m_latency.labels(name).observe(time.perf_counter() - t0)
@@ -443,7 +445,7 @@ def build_rest_app(rt: Runtime) -> web.Application:
             encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
             header_len = request.headers.get(binary.HEADER)
 
-            def work(_: Entry) -> tuple[bytes, int | None]:
+            def work(e: Entry) -> tuple[bytes, int | None]:
                 data = decode_body(raw, encoding)
                 if header_len is not None:  # Triton's binary tensor extension
                     req, wants = binary.decode_request(data, binary.parse_header_length(header_len, len(data)))
@@ -451,7 +453,7 @@ def build_rest_app(rt: Runtime) -> web.Application:
                     req = codec.decode_json_request(data)
                     # Binary outputs can be asked for by a plain JSON request too.
                     wants = binary.output_wants(json.loads(data)) if b"binary_data" in data else binary.OutputWants()
-                return binary.encode_response(name, req, rt.infer(name, req), wants)
+                return binary.encode_response(name, req, rt.infer(name, req, e), wants)
 
             body, json_len = await rt.run(name, work)
             if json_len is None:
@@ -542,9 +544,9 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
                 msg = await asyncio.get_running_loop().run_in_executor(self.rt._pool, parse_infer_request, request)
                 name = msg.model_name
 
-            def work(_: Entry) -> bytes:
+            def work(e: Entry) -> bytes:
                 m = msg if msg is not None else parse_infer_request(request)
-                out = self.rt.infer(name, codec.decode_grpc_request(m))
+                out = self.rt.infer(name, codec.decode_grpc_request(m), e)
                 if m.raw_input_contents:  # raw in, raw out (see binary.py)
                     return binary.raw_grpc_response(name, m.id, out).SerializeToString()
                 return codec.encode_grpc_response(name, m.id, out).SerializeToString()

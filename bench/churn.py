@@ -1,0 +1,204 @@
+"""Churn (issue 19): many registered copies of the example model, pods with room for a few
+dozen, Zipf(1.0) requests at a fixed rate for a bounded time, all through the gateway. An LRU
+cache must answer every request with a 200, more slowly when it must load (and evict) first.
+
+    .venv/bin/python -m bench.churn [--models 1031] [--zipf-over 1000] [--per-pod 30] [--rps 40] [--seconds 90]
+
+Reports the answers by status (with a sample of each non-200 body), latency p50/p99 (all, and
+200s only), the cold loads and evictions placement ordered, to bench/results/churn.json.
+e2e/test_churn.py runs the same loop, small, in `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from bench.common import pct, write
+from meshserve import devmesh
+
+# A row of scikit-learn's digits set (the example model predicts 8 for it): the request body of
+# ../shared/fixtures/mnist-request-v2-rest.json, inlined so the benchmark needs no fixtures.
+DIGIT = [0.0, 0.0, 1.0, 11.0, 14.0, 15.0, 3.0, 0.0, 0.0, 1.0, 13.0, 16.0, 12.0, 16.0, 8.0, 0.0, 0.0, 8.0, 16.0, 4.0, 6.0, 16.0,
+         5.0, 0.0, 0.0, 5.0, 15.0, 11.0, 13.0, 14.0, 0.0, 0.0, 0.0, 0.0, 2.0, 12.0, 16.0, 13.0, 0.0, 0.0, 0.0, 0.0, 0.0, 13.0, 16.0,
+         16.0, 6.0, 0.0, 0.0, 0.0, 0.0, 16.0, 16.0, 16.0, 7.0, 0.0, 0.0, 0.0, 0.0, 11.0, 13.0, 12.0, 1.0, 0.0]
+BODY = json.dumps({"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": DIGIT}]}).encode()
+
+# What placement books per copy (each copy's size hint, set after registration): the pods'
+# capacity is "room for N" of these. A load then re-books the size the runtime measured, which
+# for the digits SVM was 160,025 bytes on average (378 copies, one run): the hint matches it, so
+# "room for 30" holds about 30.
+MODEL_BYTES = 160 << 10
+
+
+def config(d: Path, n: int) -> list[str]:
+    """A mesh-config with `n` InferenceServices, all the example model's file."""
+    names = [f"digits-{i:04d}" for i in range(n)]
+    d.mkdir(parents=True, exist_ok=True)
+    docs = [devmesh.inference_service(n, "sklearn", devmesh.pvc_storage("my-models-pvc", "mnist-svm.joblib")) for n in names]
+    (d / "churn.yaml").write_text("---\n".join(docs))
+    return names
+
+
+async def _size_hints(url: str, size: int) -> None:
+    # The registry has no size annotation: a model never loaded books 64 MiB until its first
+    # load measures it, more than these small pods hold. Re-register with a hint instead.
+    from meshserve import state as st
+    from meshserve.model import ModelSpec
+
+    state = st.State.from_url(url)
+    try:
+        specs = [ModelSpec.from_json(v) for v in (await state.r.hgetall(st.MODELS)).values()]
+        for spec in specs:
+            spec.size_hint = size
+        await state.register_models(specs)
+    finally:
+        await state.close()
+
+
+@contextmanager
+def churn_mesh(tmp: Path, models: int, per_pod: int, pods: int = 2, **extra: object) -> Iterator[tuple[devmesh.Mesh, list[str]]]:
+    names = config(tmp / "config", models)
+    with devmesh.mesh(config_dir=tmp / "config", pods=pods, pod_capacity_bytes=per_pod * MODEL_BYTES, **extra) as m:
+        asyncio.run(_size_hints(m.redis_url, MODEL_BYTES))
+        yield m, names
+
+
+@dataclass
+class Result:
+    statuses: Counter = field(default_factory=Counter)  # type: ignore[type-arg]
+    samples: dict[str, str] = field(default_factory=dict)  # status -> a body
+    latencies: list[tuple[int, float]] = field(default_factory=list)  # (status, seconds)
+
+    def bad(self) -> int:
+        return sum(n for code, n in self.statuses.items() if code != 200)
+
+
+def zipf_sequence(names: list[str], n: int, s: float = 1.0, seed: int = 19) -> list[str]:
+    """`n` names drawn Zipf(s) over `names` (rank 1 most popular), ranks shuffled by the seed."""
+    rng = random.Random(seed)
+    ranked = list(names)
+    rng.shuffle(ranked)
+    weights = [1.0 / (k ** s) for k in range(1, len(ranked) + 1)]
+    return rng.choices(ranked, weights=weights, k=n)
+
+
+def run(base: str, sequence: list[str], rps: float, threads: int = 256, timeout: float = 120.0) -> Result:
+    """Send `sequence` at `rps` (open loop: a slow answer does not slow the sender, up to
+    `threads` outstanding), one request per name, and collect every answer. Latency counts
+    from the time a request was due, so waiting for a free thread is part of it."""
+    res = Result()
+    lock = threading.Lock()
+
+    def one(name: str, t0: float) -> None:
+        try:
+            req = urllib.request.Request(f"{base}/v2/models/{name}/infer", data=BODY, method="POST")
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                code, body = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            code, body = e.code, e.read()
+        except Exception as e:  # noqa: BLE001 - a reset or time-out is an answer to count too
+            code, body = 0, f"{type(e).__name__}: {e}".encode()
+        dt = time.perf_counter() - t0
+        with lock:
+            res.statuses[code] += 1
+            res.latencies.append((code, dt))
+            if code != 200:
+                res.samples.setdefault(str(code), body[:300].decode(errors="replace"))
+
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.monotonic()
+        for i, name in enumerate(sequence):
+            due = start + i / rps
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, name, time.perf_counter() - max(0.0, time.monotonic() - due))
+    return res
+
+
+def placement_counts(url: str, since: float) -> dict[str, int]:
+    """Loads and unloads the loaders reported (ms:events) since `since`."""
+    import redis
+
+    from meshserve import state as st
+
+    r = redis.Redis.from_url(url)
+    try:
+        out: Counter = Counter()  # type: ignore[type-arg]
+        for _, f in r.xrange(st.EVENTS, min=f"{int(since * 1000)}-0"):
+            op = f.get(b"op", b"").decode()
+            if op in ("load", "unload"):
+                out[f"{op}s" + ("" if f.get(b"ok") == b"1" else "_failed")] += 1
+        return dict(out)
+    finally:
+        r.close()
+
+
+def loaded_now(url: str) -> dict[str, object]:
+    """Copies loaded at the end and the bytes they book (the sizes the runtime measured)."""
+    import redis
+
+    from meshserve import state as st
+    from meshserve.model import CopyState, copies_from_json
+
+    r = redis.Redis.from_url(url)
+    try:
+        sizes = [c.size for v in r.hvals(st.PLACEMENTS) for c in copies_from_json(v).values() if c.state == CopyState.LOADED]
+    finally:
+        r.close()
+    return {"copies": len(sizes), "mean_bytes": int(sum(sizes) / len(sizes)) if sizes else 0}
+
+
+def summary(res: Result) -> dict[str, object]:
+    all_ms = [dt * 1000 for _, dt in res.latencies]
+    ok_ms = [dt * 1000 for code, dt in res.latencies if code == 200]
+    return {
+        "requests": len(res.latencies),
+        "by_status": {str(k): v for k, v in sorted(res.statuses.items())},
+        "non_200_samples": res.samples,
+        "latency_ms": {"p50": round(pct(all_ms, 50), 1), "p99": round(pct(all_ms, 99), 1), "max": round(max(all_ms, default=0), 1)},
+        "latency_200_ms": {"p50": round(pct(ok_ms, 50), 1), "p99": round(pct(ok_ms, 99), 1)},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=1031, help="registered copies of the example model")
+    ap.add_argument("--zipf-over", type=int, default=1000, help="how many of them the requests are drawn from")
+    ap.add_argument("--pods", type=int, default=2)
+    ap.add_argument("--per-pod", type=int, default=30, help="each pod's capacity, in copies")
+    ap.add_argument("--rps", type=float, default=40.0)
+    ap.add_argument("--seconds", type=float, default=90.0)
+    ap.add_argument("--zipf-s", type=float, default=1.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ms-churn-") as tmp, churn_mesh(Path(tmp), args.models, args.per_pod, args.pods) as (mesh, names):
+        seq = zipf_sequence(names[: args.zipf_over], int(args.rps * args.seconds), args.zipf_s)
+        t0 = time.time()
+        res = run(mesh.rest, seq, args.rps)
+        doc = {
+            "registered": args.models, "zipf_over": args.zipf_over, "zipf_s": args.zipf_s, "pods": args.pods,
+            "capacity_copies_per_pod": args.per_pod, "copy_bytes_booked": MODEL_BYTES, "rps": args.rps,
+            "seconds": args.seconds, "distinct_models_requested": len(set(seq)),
+            **summary(res), "placement": placement_counts(mesh.redis_url, t0), "loaded_at_end": loaded_now(mesh.redis_url),
+            "wall_seconds": round(time.time() - t0, 1),
+        }
+    print(json.dumps(doc, indent=2))
+    print(write("churn", doc))
+
+
+if __name__ == "__main__":
+    main()
