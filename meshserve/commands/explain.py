@@ -15,6 +15,8 @@ import click
 
 from meshserve import state as st
 from meshserve.model import CopyState
+from meshserve.commands import exits
+from meshserve.commands.output import emit, is_data, output_option
 from meshserve.commands.status import _run, _url
 
 # Placement's own keys: keys.py imports nothing of the placement service but the shared schema.
@@ -127,13 +129,19 @@ def render(doc: dict[str, Any]) -> str:
 @click.command()
 @click.argument("model")
 @click.option("--redis-url", envvar="MESHSERVE_REDIS_URL", default="", help="Redis/Valkey URL (default: the embedded one of `meshserve up`).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def explain(model: str, redis_url: str, as_json: bool) -> None:
-    """Why MODEL (an InferenceService name or concrete model id) is where it is, or is not loaded."""
-    doc = _run(gather(_url(redis_url), model))
-    click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
+@output_option
+def explain(model: str, redis_url: str, output: str) -> None:
+    """Why MODEL (an InferenceService name or concrete model id) is where it is, or is not loaded.
+
+    Exit status: 0 found; 1 not registered, or Redis unreachable."""
+    url = _url(redis_url)
+    doc = _run(gather(url, model), url)
+    if is_data(output):
+        emit(doc, output)
+    else:  # wide: the same text, which already shows every filter's and scorer's verdict
+        click.echo(render(doc))
     if not doc["found"]:
-        raise SystemExit(1)
+        exits.done(False)
 
 
 COMMANDS = [explain]
