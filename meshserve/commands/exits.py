@@ -51,7 +51,7 @@ def is_unreachable(e: BaseException) -> bool:
 def unreachable(url: str, e: BaseException, code: int = FAILED) -> NoReturn:
     from meshserve.settings import redact_url
 
-    fail(f"cannot reach the mesh's Redis at {redact_url(url)}: {str(e).rstrip(".")}. Is `meshserve up` running? Or pass --redis-url.", code)
+    fail(f"cannot reach the mesh's Redis at {redact_url(url)}: {str(e).rstrip('.')}. Is `meshserve up` running? Or pass --redis-url.", code)
 
 
 def run(url: str, coro: Awaitable[T], code: int = FAILED) -> T:
