@@ -59,7 +59,8 @@ async def gather(url: str, name: str) -> dict[str, Any]:
         "alias": spec.alias if spec else "",
         "spec": {
             "format": spec.format, "min_copies": spec.min_copies, "max_copies": spec.max_copies,
-            "pinned": spec.pinned, "size_hint": spec.size_hint,
+            "pinned": spec.pinned, "size_hint": spec.size_hint, "runtime": spec.runtime,
+            "format_version": spec.format_version, "storage": spec.storage,
         } if spec else None,
         "copies": {p: c.to_dict() for p, c in sorted(copies.items())},
         "queued": queued,
@@ -113,17 +114,23 @@ def render(doc: dict[str, Any]) -> str:
         out.append(f"  excluded from {pod} for {secs}s more (a load failed there)")
     d = doc.get("last_decision")
     if d:
-        ago = time.time() - d.get("ts", 0)
-        out.append(f"  last placement decision, {ago:.0f}s ago by {d.get('leader')}" + (f" ({d['why']})" if d.get("why") else "") + ":")
-        if d.get("considered"):
-            out.append(f"    {d['considered']}")
-        for s in d.get("trace", []):
-            out.append(f"    {s['pod']}: {s['step']}: {s['result']}")
-        if d.get("pod"):
-            out.append(f"    => {d['pod']}" + (f", evicting {', '.join(d['evict'])}" if d.get("evict") else ""))
-        else:
-            out.append(f"    => not placed: {d.get('reason')}")
+        out += ["  " + line for line in decision_lines(d)]
     return "\n".join(out)
+
+
+def decision_lines(d: dict[str, Any]) -> list[str]:
+    """The placement leader's last decision for a model: each filter's and scorer's verdict (also `describe`'s)."""
+    ago = time.time() - d.get("ts", 0)
+    out = [f"last placement decision, {ago:.0f}s ago by {d.get('leader')}" + (f" ({d['why']})" if d.get("why") else "") + ":"]
+    if d.get("considered"):
+        out.append(f"  {d['considered']}")
+    for s in d.get("trace", []):
+        out.append(f"  {s['pod']}: {s['step']}: {s['result']}")
+    if d.get("pod"):
+        out.append(f"  => {d['pod']}" + (f", evicting {', '.join(d['evict'])}" if d.get("evict") else ""))
+    else:
+        out.append(f"  => not placed: {d.get('reason')}")
+    return out
 
 
 @click.command()

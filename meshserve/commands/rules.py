@@ -66,7 +66,10 @@ def _stdin(paths: tuple[Path, ...]) -> str | None:
     """Standard input's text when a path is `-` (read once, however often `-` is given)."""
     from meshserve.rules.config import STDIN
 
-    return click.get_text_stream("stdin").read() if STDIN in paths else None
+    if STDIN not in paths:
+        return None
+    with click.open_file("-") as f:  # click's own `-` handling: standard input, not closed
+        return f.read()
 
 
 @click.command()
