@@ -42,11 +42,16 @@ def test_help_documents_the_exit_codes() -> None:
     assert "Exit status: 0 ok; 1 failed" in res.output and "2 usage" in res.output
 
 
-@pytest.mark.parametrize("args", [["models", "-o", "xml"], ["models", "--json", "-o", "yaml"], ["describe", "deployment", "x"],
-                                  ["apply", "-f", "x.yaml", "--dry-run=always"], ["diff"]])
-def test_usage_errors_exit_2(args: list[str]) -> None:
+@pytest.mark.parametrize("args,says", [
+    (["models", "-o", "xml"], "'xml' is not one of 'json', 'yaml', 'wide'"),
+    (["models", "--json", "-o", "yaml"], "--json and -o yaml ask for different formats"),
+    (["describe", "deployment", "x"], "'deployment' is not one of 'model'"),
+    (["apply", "-f", "x.yaml", "--dry-run=always"], "'always' is not one of 'none', 'client', 'server'"),
+    (["diff"], "Missing option '-f'"),
+])
+def test_usage_errors_exit_2(args: list[str], says: str) -> None:
     res = CliRunner().invoke(cli, args, env={"MESHSERVE_REDIS_URL": _dead_url()})
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 2 and says in res.output, res.output
 
 
 @pytest.mark.parametrize("args", [["status"], ["models", "-o", "yaml"], ["explain", "m"], ["load", "m"], ["get", "rules"],
