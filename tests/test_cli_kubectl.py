@@ -232,3 +232,26 @@ def test_describe_model_pod_and_rule(url: str) -> None:
     assert res.exit_code == 0, res.output
     assert "Kind:           TrafficRule" in res.output and "Phase:          Active" in res.output
     assert "sklearn-mnist-v2=10%" in res.output and "Spec:" in res.output and "weight: 90" in res.output
+
+
+def test_preview_compares_with_the_version_a_move_is_going_to() -> None:
+    """Re-applying the file that started a version move is `unchanged`, though the alias still
+    points at the old version and the new one is stored with the move's copy boost."""
+    from meshserve.model import ModelSpec
+    from meshserve.rules import plan as pl
+    from meshserve.rules import preview
+
+    old = ModelSpec("m__isvc-old", "m", "sklearn", {"path": "a"})
+    new = ModelSpec("m__isvc-new", "m", "sklearn", {"path": "b"})
+    boosted = ModelSpec("m__isvc-new", "m", "sklearn", {"path": "b"}, min_copies=2)
+    snap = st.Snapshot(1, {old.id: old, new.id: boosted}, {"m": old.id}, {}, {})
+    t = pl.Transition("m", old.id, new.id, 2, None, pl.T_LOADING, 0.0)
+    t.extra["minCopies"] = 0
+    after = preview.new_objects([new], {"m": "InferenceService"}, [])
+    before = preview.stored(snap, {"m": t}, {}, preview.names(after))
+    assert preview.verdicts(before, after) == [("inferenceservice/m", "unchanged")]
+    assert preview.unified_diff(before, after) == ""
+    # Without the move, the same file changes the stored version: configured, and the diff says how.
+    before = preview.stored(snap, {}, {}, preview.names(after))
+    assert preview.verdicts(before, after) == [("inferenceservice/m", "configured")]
+    assert "-  path: a\n+  path: b\n" in preview.unified_diff(before, after)

@@ -173,7 +173,7 @@ async def apply_paths(state: st.State, paths: Iterable[Path], stdin: str | None 
     docs = [r.to_doc() for r in cfg.rules]
     rops, rchanges = store.rule_ops(docs, statuses, now)
     after = preview.new_objects(cfg.specs, cfg.kinds, cfg.rules)
-    before = await preview.stored(state, preview.names(after))  # read before the commit changes it
+    before = preview.stored(snap, transitions, await store.rule_docs(state), preview.names(after))
     if (ops or rops) and not dry_run:
         await state.commit(ops + rops, changes + rchanges)
     return Applied(cfg.specs, cfg.rules, notes + cfg.skipped + cfg.warnings, cfg.kinds, cfg.serving, before, after)

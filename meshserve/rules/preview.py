@@ -16,7 +16,7 @@ from typing import Any
 from meshserve import state as st
 from meshserve.model import ModelSpec
 from meshserve.rules import plan as pl
-from meshserve.rules import schema, store
+from meshserve.rules import schema
 
 CREATED, CONFIGURED, UNCHANGED = "created", "configured", "unchanged"
 
@@ -25,13 +25,10 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-async def stored(state: st.State, names: dict[str, str]) -> dict[str, Any]:
+def stored(snap: st.Snapshot, transitions: dict[str, pl.Transition], rule_docs: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     """The stored object for each label in `names` (label -> name), missing when nothing is stored.
 
     Labels are `<kind>/<name>` with kind `trafficrule` for rules and the model kinds otherwise."""
-    snap = await state.snapshot()
-    _, _, transitions = await store.read_all(state)
-    rule_docs = await store.rule_docs(state)
     out: dict[str, Any] = {}
     for label, name in names.items():
         if label.startswith("trafficrule/"):
