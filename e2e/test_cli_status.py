@@ -51,4 +51,5 @@ def test_status_without_a_mesh_says_what_to_do() -> None:
         [sys.executable, "-m", "meshserve.cli", "status", "--redis-url", f"redis://127.0.0.1:{devmesh.free_port()}/0"],
         capture_output=True, text=True, timeout=60,
     )
-    assert out.returncode == 2 and "Is `meshserve up` running" in out.stderr
+    # 1, a failure (issue 16): 2 is kept for usage errors, as kubectl's.
+    assert out.returncode == 1 and "Is `meshserve up` running" in out.stderr

@@ -10,9 +10,10 @@ import pkgutil
 import click
 
 import meshserve.commands
+from meshserve.commands.exits import HELP as EXIT_HELP
 
 
-@click.group()
+@click.group(epilog=EXIT_HELP)
 @click.version_option(package_name="meshserve")
 def cli() -> None:
     """meshserve: many models on a pool of runtime pods, routed by Envoy."""

@@ -29,6 +29,9 @@ PLACEMENTS = PREFIX + "placements"  # hash: concrete id -> {pod: Copy} JSON
 LAST_USED = PREFIX + "lastused"  # zset: concrete id -> unix time of last use
 LOAD_REQUESTS = PREFIX + "loadreq"  # stream: activators ask the leader for a load
 EVENTS = PREFIX + "events"  # stream: loaders report results to the leader
+# Stream: what befell a pod's models besides orders (order_dropped, runtime_restart, drain),
+# fields op, pod, models (JSON list), reason, ts. Written by the loader; read by `meshserve describe`.
+POD_EVENTS = PREFIX + "pod-events"
 # Pods placement withdrew, hash: pod id -> JSON {last_heartbeat, withdrawn_at, reason}, for
 # `meshserve status`. Written by the placement leader only; the entry goes when the pod registers again.
 WITHDRAWN = PREFIX + "withdrawn"

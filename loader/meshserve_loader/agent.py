@@ -44,7 +44,7 @@ log = logging.getLogger("meshserve.loader")
 GROUP = "loader"
 # Pod lifecycle news (drain, runtime restarts and the models they lost), for operators and any
 # component that wants it. Kept off ms:events, whose readers expect one model per event.
-POD_EVENTS = st.PREFIX + "pod-events"
+POD_EVENTS = st.POD_EVENTS  # the schema lives in meshserve/state.py, beside its reader `meshserve describe`
 
 __all__ = ["Agent", "RuntimeClient", "Runtime", "make_fetcher"]
 

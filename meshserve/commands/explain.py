@@ -15,6 +15,8 @@ import click
 
 from meshserve import state as st
 from meshserve.model import CopyState
+from meshserve.commands import exits
+from meshserve.commands.output import emit, is_data, output_option
 from meshserve.commands.status import _run, _url
 
 # Placement's own keys: keys.py imports nothing of the placement service but the shared schema.
@@ -57,7 +59,8 @@ async def gather(url: str, name: str) -> dict[str, Any]:
         "alias": spec.alias if spec else "",
         "spec": {
             "format": spec.format, "min_copies": spec.min_copies, "max_copies": spec.max_copies,
-            "pinned": spec.pinned, "size_hint": spec.size_hint,
+            "pinned": spec.pinned, "size_hint": spec.size_hint, "runtime": spec.runtime,
+            "format_version": spec.format_version, "storage": spec.storage,
         } if spec else None,
         "copies": {p: c.to_dict() for p, c in sorted(copies.items())},
         "queued": queued,
@@ -111,29 +114,41 @@ def render(doc: dict[str, Any]) -> str:
         out.append(f"  excluded from {pod} for {secs}s more (a load failed there)")
     d = doc.get("last_decision")
     if d:
-        ago = time.time() - d.get("ts", 0)
-        out.append(f"  last placement decision, {ago:.0f}s ago by {d.get('leader')}" + (f" ({d['why']})" if d.get("why") else "") + ":")
-        if d.get("considered"):
-            out.append(f"    {d['considered']}")
-        for s in d.get("trace", []):
-            out.append(f"    {s['pod']}: {s['step']}: {s['result']}")
-        if d.get("pod"):
-            out.append(f"    => {d['pod']}" + (f", evicting {', '.join(d['evict'])}" if d.get("evict") else ""))
-        else:
-            out.append(f"    => not placed: {d.get('reason')}")
+        out += ["  " + line for line in decision_lines(d)]
     return "\n".join(out)
+
+
+def decision_lines(d: dict[str, Any]) -> list[str]:
+    """The placement leader's last decision for a model: each filter's and scorer's verdict (also `describe`'s)."""
+    ago = time.time() - d.get("ts", 0)
+    out = [f"last placement decision, {ago:.0f}s ago by {d.get('leader')}" + (f" ({d['why']})" if d.get("why") else "") + ":"]
+    if d.get("considered"):
+        out.append(f"  {d['considered']}")
+    for s in d.get("trace", []):
+        out.append(f"  {s['pod']}: {s['step']}: {s['result']}")
+    if d.get("pod"):
+        out.append(f"  => {d['pod']}" + (f", evicting {', '.join(d['evict'])}" if d.get("evict") else ""))
+    else:
+        out.append(f"  => not placed: {d.get('reason')}")
+    return out
 
 
 @click.command()
 @click.argument("model")
 @click.option("--redis-url", envvar="MESHSERVE_REDIS_URL", default="", help="Redis/Valkey URL (default: the embedded one of `meshserve up`).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def explain(model: str, redis_url: str, as_json: bool) -> None:
-    """Why MODEL (an InferenceService name or concrete model id) is where it is, or is not loaded."""
-    doc = _run(gather(_url(redis_url), model))
-    click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
+@output_option
+def explain(model: str, redis_url: str, output: str) -> None:
+    """Why MODEL (an InferenceService name or concrete model id) is where it is, or is not loaded.
+
+    Exit status: 0 found; 1 not registered, or Redis unreachable."""
+    url = _url(redis_url)
+    doc = _run(gather(url, model), url)
+    if is_data(output):
+        emit(doc, output)
+    else:  # wide: the same text, which already shows every filter's and scorer's verdict
+        click.echo(render(doc))
     if not doc["found"]:
-        raise SystemExit(1)
+        exits.done(False)
 
 
 COMMANDS = [explain]

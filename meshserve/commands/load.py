@@ -12,15 +12,14 @@ it up its pod's load queue when a load is already under way). Then the command f
 
 Like the activator it asks again when nothing is pending after 2 s (the model was evicted
 between the ask and the look, say). Exit status: 0 every model loaded; 1 a load failed or the
-timeout passed (the reason is `meshserve explain`'s summary); 2 nothing was asked (a name is
-not registered, or Redis cannot be reached).
+timeout passed (the reason is `meshserve explain`'s summary), or nothing was asked (a name is
+not registered, or Redis cannot be reached). 2 is left to usage errors (exits.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import click
 
 from meshserve import state as st
+from meshserve.commands import exits
 from meshserve.commands.status import _mb, _run, _url, json_option, redis_option
 from meshserve.model import CopyState
 
@@ -146,12 +146,10 @@ async def load_models(
     return watches
 
 
-def _exit_code(watches: list[Watch], wait: bool) -> int:
+def _succeeded(watches: list[Watch], wait: bool) -> bool:
     if any(w.state == "not_found" for w in watches):
-        return 2
-    if not wait:
-        return 0
-    return 0 if all(w.state == "loaded" for w in watches) else 1
+        return False
+    return not wait or all(w.state == "loaded" for w in watches)
 
 
 @click.command()
@@ -163,11 +161,11 @@ def _exit_code(watches: list[Watch], wait: bool) -> int:
 def load(models: tuple[str, ...], wait: bool, timeout: float, redis_url: str, as_json: bool) -> None:
     """Load MODELS (InferenceService names or concrete ids) now, with a progress bar per model.
 
-    Exit status: 0 all loaded (or, with --no-wait, asked for); 1 a load failed or timed out;
-    2 a name is not registered (nothing is asked for) or Redis cannot be reached."""
+    Exit status: 0 all loaded (or, with --no-wait, asked for); 1 a load failed or timed out,
+    a name is not registered (nothing is asked for), or Redis cannot be reached."""
     url = _url(redis_url)
     if as_json or not wait:
-        watches = _run(load_models(url, list(models), wait, timeout))
+        watches = _run(load_models(url, list(models), wait, timeout), url)
     else:
         watches = _with_bars(url, list(models), timeout)
     for w in watches:
@@ -179,7 +177,7 @@ def load(models: tuple[str, ...], wait: bool, timeout: float, redis_url: str, as
         for w in watches:
             if w.state != "not_found":
                 click.echo(f"{w.name}: {'already loaded on ' + ', '.join(w.pods) if w.state == 'loaded' else 'load requested'}")
-    sys.exit(_exit_code(watches, wait))
+    exits.done(_succeeded(watches, wait))
 
 
 def _with_bars(url: str, names: list[str], timeout: float) -> list[Watch]:
@@ -231,7 +229,7 @@ def _with_bars(url: str, names: list[str], timeout: float) -> list[Watch]:
             bars.update(tasks[i], **kw)
 
     with bars:
-        return _run(load_models(url, names, True, timeout, show))  # type: ignore[no-any-return]
+        return _run(load_models(url, names, True, timeout, show), url)  # type: ignore[no-any-return]
 
 
 COMMANDS = [load]

@@ -7,8 +7,6 @@ when OTEL_EXPORTER_OTLP_ENDPOINT is set, flushed before the command exits)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,9 @@ from opentelemetry import trace
 
 from meshserve import state as st
 from meshserve import tracing
+from meshserve.commands import exits
+from meshserve.commands.output import WIDE, emit, is_data, output_option
 from meshserve.commands.status import _url
-from meshserve.settings import redact_url
 from meshserve.yamlfile import ConfigError
 
 redis_option = click.option(
@@ -27,8 +26,9 @@ redis_option = click.option(
 )
 
 
-def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = None) -> Any:
-    """Run `fn(state)`; a control action (`action` set) runs inside a `control.<action>` span."""
+def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = None, failed: int = exits.FAILED) -> Any:
+    """Run `fn(state)`; a control action (`action` set) runs inside a `control.<action>` span.
+    Bad input, an unknown name or Redis unreachable exit `failed` (1; `diff`'s own is 3)."""
 
     async def go() -> Any:
         state = st.State.from_url(url)
@@ -44,33 +44,57 @@ def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = Non
     try:
         return asyncio.run(go())
     except ConfigError as e:
-        click.echo(f"error: {e}\nnothing was changed.", err=True)
-        sys.exit(1)
+        exits.fail(f"error: {e}\nnothing was changed.", failed)
     except LookupError as e:
-        click.echo(f"error: {e.args[0]}", err=True)
-        sys.exit(1)
+        exits.fail(f"error: {e.args[0]}", failed)
     except Exception as e:
-        if isinstance(e, (OSError, ConnectionError)) or type(e).__module__.startswith("redis"):
-            click.echo(f"cannot reach the mesh's Redis at {redact_url(url)}: {e}. Is `meshserve up` running? Or pass --redis-url.", err=True)
-            sys.exit(2)
+        if exits.is_unreachable(e):
+            exits.unreachable(url, e, failed)
         raise
     finally:
         if provider is not None:
             provider.force_flush(5000)  # a CLI exits at once: send its span now (bounded)
 
 
+filename_option = click.option(
+    "-f", "--filename", "paths", multiple=True, required=True, type=click.Path(path_type=Path, allow_dash=True),
+    help="A YAML file, a directory of them, or - for standard input (InferenceService, Predictor, TrafficRule; "
+         "ServingRuntime, the storage-config Secret and the model-serving-config ConfigMap are checked and noted). Repeatable.")
+
+
+def _stdin(paths: tuple[Path, ...]) -> str | None:
+    """Standard input's text when a path is `-` (read once, however often `-` is given)."""
+    from meshserve.rules.config import STDIN
+
+    if STDIN not in paths:
+        return None
+    with click.open_file("-") as f:  # click's own `-` handling: standard input, not closed
+        return f.read()
+
+
 @click.command()
-@click.option("-f", "--filename", "paths", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="A YAML file or a directory of them (InferenceService, Predictor, TrafficRule; ServingRuntime, "
-                   "the storage-config Secret and the model-serving-config ConfigMap are checked and noted). Repeatable.")
+@filename_option
+@click.option("--dry-run", type=click.Choice(["none", "client", "server"]), is_flag=False, flag_value="client", default="none",
+              show_default=True, help="Validate and print what would be created, configured or left unchanged, writing nothing. "
+                                       "client and server are the same here (kubectl's values).")
 @redis_option
-def apply(paths: tuple[Path, ...], redis_url: str) -> None:
+def apply(paths: tuple[Path, ...], dry_run: str, redis_url: str) -> None:
     """Validate and apply InferenceServices, Predictors and TrafficRules. Nothing changes unless all
-    of it is valid; a kind meshserve does not handle is an error naming it."""
+    of it is valid; a kind meshserve does not handle is an error naming it.
+
+    Exit status: 0 applied (or, with --dry-run, valid); 1 invalid input or Redis unreachable."""
     from meshserve.rules.config import apply_paths
+    from meshserve.rules.preview import verdicts
+
+    stdin = _stdin(paths)
+    if dry_run != "none":
+        res = _run(_url(redis_url), lambda state: apply_paths(state, paths, stdin, dry_run=True))
+        for label, verdict in verdicts(res.before, res.after):
+            click.echo(f"{label} {verdict} (dry run)")
+        return
 
     async def go(state: st.State) -> Any:
-        res = await apply_paths(state, paths)
+        res = await apply_paths(state, paths, stdin)
         trace.get_current_span().set_attributes(tracing.applied(res.specs, res.rules))
         return res
 
@@ -81,6 +105,25 @@ def apply(paths: tuple[Path, ...], redis_url: str) -> None:
         click.echo(f"trafficrule/{r.name} applied (model {r.model})")
     for n in res.notes:
         click.echo(f"  {n}")
+
+
+@click.command()
+@filename_option
+@redis_option
+def diff(paths: tuple[Path, ...], redis_url: str) -> None:
+    """Show how the mesh would change if the files were applied: a unified diff of each stored
+    object against the file's, as YAML. Nothing is written.
+
+    Exit status, as `kubectl diff`: 0 no differences; 1 differences; 3 the files are invalid or
+    Redis is unreachable (2 stays a usage error)."""
+    from meshserve.rules.config import apply_paths
+    from meshserve.rules.preview import unified_diff
+
+    stdin = _stdin(paths)
+    res = _run(_url(redis_url), lambda state: apply_paths(state, paths, stdin, dry_run=True), failed=exits.DIFF_ERROR)
+    text = unified_diff(res.before, res.after)
+    click.echo(text, nl=False)
+    raise click.exceptions.Exit(exits.DIFF_FOUND if text else exits.OK)
 
 
 @click.group()
@@ -103,8 +146,8 @@ def _weights(plan: Any) -> str:
 
 @get.command("rules")
 @redis_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def get_rules(redis_url: str, as_json: bool) -> None:
+@output_option
+def get_rules(redis_url: str, output: str) -> None:
     """Traffic rules and InferenceService version moves, with their live state."""
     from meshserve.rules import plan as pl
     from meshserve.rules import store
@@ -122,14 +165,15 @@ def get_rules(redis_url: str, as_json: bool) -> None:
         kind = "canary" if spec.get("canary") else ("mirror" if spec.get("mirror") and not spec.get("routes") else "routes")
         step = f" step {int(status.get('step', 0)) + 1}/{len(spec['canary']['steps'])}" if spec.get("canary") else ""
         rows.append({"kind": "trafficrule", "name": name, "model": spec["model"], "type": kind,
-                     "phase": status.get("phase", "") + step, "traffic": _weights(plan), "reason": status.get("reason", "")})
+                     "phase": status.get("phase", "") + step, "traffic": _weights(plan), "reason": status.get("reason", ""),
+                     "since": status.get("since", 0.0)})
     for alias, t in sorted(transitions.items()):
         plan = pl.plan_for_transition(t)
         target = t.new if t.phase in (pl.T_DRAINING, "Unloading", pl.T_DONE) else t.old
         rows.append({"kind": "inferenceservice", "name": alias, "model": f"{t.old} -> {t.new}", "type": "version move",
-                     "phase": t.phase, "traffic": _weights(plan) if plan else f"{target}=100%", "reason": t.reason})
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
+                     "phase": t.phase, "traffic": _weights(plan) if plan else f"{target}=100%", "reason": t.reason, "since": t.since})
+    if is_data(output):
+        emit(rows, output)
         return
     if not rows:
         click.echo("no traffic rules and no version moves. Apply one: meshserve apply -f mesh-config/examples/<file>.yaml")
@@ -137,9 +181,12 @@ def get_rules(redis_url: str, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("KIND", "NAME", "MODEL", "TYPE", "PHASE", "TRAFFIC", "REASON")
+    wide = output == WIDE
+    table = Table("KIND", "NAME", "MODEL", "TYPE", "PHASE", "TRAFFIC", "REASON", *(("IN PHASE FOR",) if wide else ()))
+    now = time.time()
     for r in rows:
-        table.add_row(*(str(r[k]) for k in ("kind", "name", "model", "type", "phase", "traffic", "reason")))
+        extra = (f"{now - r['since']:.0f}s" if r["since"] else "-",) if wide else ()
+        table.add_row(*(str(r[k]) for k in ("kind", "name", "model", "type", "phase", "traffic", "reason")), *extra)
     Console().print(table)
 
 
@@ -250,4 +297,4 @@ def delete_rule(name: str, redis_url: str) -> None:
     click.echo(_run(_url(redis_url), go))
 
 
-COMMANDS = [apply, get, promote, rollback, delete]
+COMMANDS = [apply, diff, get, promote, rollback, delete]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import time
 from dataclasses import asdict
 from typing import Any
@@ -12,6 +10,8 @@ from typing import Any
 import click
 
 from meshserve import state as st
+from meshserve.commands import exits
+from meshserve.commands.output import WIDE, emit, is_data, output_option
 from meshserve.model import CopyState
 from meshserve.settings import Settings
 
@@ -55,6 +55,9 @@ async def gather(url: str) -> dict[str, Any]:
                 "alias": spec.alias,
                 "current": snap.aliases.get(spec.alias) == mid,
                 "format": spec.format,
+                "runtime": spec.runtime,
+                "min_copies": spec.min_copies,
+                "max_copies": spec.max_copies,
                 "copies": {p: c.state for p, c in sorted(copies.items())},
                 "size": max((c.size for c in copies.values()), default=0),
                 "last_used": lu.get(mid, 0.0),
@@ -97,24 +100,27 @@ def _mb(n: int) -> str:
 
 @click.command()
 @redis_option
-@json_option
-def status(redis_url: str, as_json: bool) -> None:
+@output_option
+def status(redis_url: str, output: str) -> None:
     """Pods with capacity bars, models with copies and state, and recent failures."""
-    data = _run(gather(_url(redis_url)))
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
+    url = _url(redis_url)
+    data = _run(gather(url), url)
+    if is_data(output):
+        emit(data, output)
         return
     from rich.console import Console
     from rich.table import Table
 
     con = Console()
     t = Table(title=f"Runtime pods (state revision {data['revision']})")
-    for col in ("pod", "address", "capacity", "used", "heartbeat", "condition"):
+    wide = output == WIDE
+    for col in ("pod", "address", "capacity", "used", "heartbeat", "condition") + (("runtime", "formats", "max loading") if wide else ()):
         t.add_column(col)
     for p in data["pods"]:
+        extra = (p["runtime"], ",".join(p["formats"]) or "-", str(p["max_loading"])) if wide else ()
         t.add_row(
             p["id"], f"{p['host']}:{p['rest_port']}", _mb(p["capacity_bytes"]), _bar(p["used_bytes"], p["capacity_bytes"]),
-            f"{p['heartbeat_age_s']}s ago", p["condition"],
+            f"{p['heartbeat_age_s']}s ago", p["condition"], *extra,
         )
     con.print(t)
     if data["missing_pods"]:
@@ -124,7 +130,7 @@ def status(redis_url: str, as_json: bool) -> None:
         for x in data["missing_pods"]:
             mt.add_row(x["id"], _clock(x["last_heartbeat"]), _clock(x["withdrawn_at"]), x["reason"])
         con.print(mt)
-    _models_table(con, data["models"])
+    _models_table(con, data["models"], wide)
     if data["loading"]:
         lt = Table(title="Loading now")
         for col in ("model", "pod", "phase", "pulled", "for"):
@@ -142,28 +148,31 @@ def status(redis_url: str, as_json: bool) -> None:
         con.print(f)
 
 
-def _models_table(con: Any, models: list[dict[str, Any]]) -> None:
+def _models_table(con: Any, models: list[dict[str, Any]], wide: bool = False) -> None:
     from rich.table import Table
 
     t = Table(title=f"Models ({len(models)})")
-    for col in ("alias", "model id", "format", "copies", "size", "last used"):
+    for col in ("alias", "model id", "format", "copies", "size", "last used") + (("runtime", "min copies", "max copies") if wide else ()):
         t.add_column(col)
     now = time.time()
     for m in models:
         copies = ", ".join(f"{p}:{s}" for p, s in m["copies"].items()) or "-"
         ago = f"{now - m['last_used']:.0f}s ago" if m["last_used"] else "never"
-        t.add_row(m["alias"] + ("" if m["current"] else " (old)"), m["id"], m["format"], copies, _mb(m["size"]) if m["size"] else "-", ago)
+        # An empty runtime means placement picks one by format (KServe autoSelect).
+        extra = (m["runtime"] or "(by format)", str(m["min_copies"]), str(m["max_copies"] or "unlimited")) if wide else ()
+        t.add_row(m["alias"] + ("" if m["current"] else " (old)"), m["id"], m["format"], copies, _mb(m["size"]) if m["size"] else "-", ago, *extra)
     con.print(t)
 
 
 @click.command()
 @redis_option
-@json_option
+@output_option
 @click.option("--state", "state_filter", type=click.Choice(["loaded", "loading", "failed", "unloaded"]), default=None, help="Only models in this state.")
 @click.option("--name", "name_filter", default="", help="Only models whose alias or id contains this text.")
-def models(redis_url: str, as_json: bool, state_filter: str | None, name_filter: str) -> None:
+def models(redis_url: str, output: str, state_filter: str | None, name_filter: str) -> None:
     """List models, filterable by state and name."""
-    data = _run(gather(_url(redis_url)))
+    url = _url(redis_url)
+    data = _run(gather(url), url)
     rows = []
     for m in data["models"]:
         states = set(m["copies"].values())
@@ -174,25 +183,17 @@ def models(redis_url: str, as_json: bool, state_filter: str | None, name_filter:
         if name_filter and name_filter not in m["alias"] and name_filter not in m["id"]:
             continue
         rows.append(m)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
+    if is_data(output):
+        emit(rows, output)
         return
     from rich.console import Console
 
-    _models_table(Console(), rows)
+    _models_table(Console(), rows, output == WIDE)
 
 
-def _run(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except (OSError, ConnectionError) as e:
-        click.echo(f"cannot reach the mesh's Redis: {e}. Is `meshserve up` running, or pass --redis-url.", err=True)
-        sys.exit(2)
-    except Exception as e:  # redis-py wraps connection failures in its own types
-        if type(e).__module__.startswith("redis"):
-            click.echo(f"cannot reach the mesh's Redis: {e}. Is `meshserve up` running, or pass --redis-url.", err=True)
-            sys.exit(2)
-        raise
+def _run(coro: Any, url: str) -> Any:
+    """Run a read of the mesh at `url`; Redis unreachable exits 1 (exits.py) saying what to do."""
+    return exits.run(url, coro)
 
 
 COMMANDS = [status, models]

@@ -21,6 +21,8 @@ from meshserve.rules import schema, store
 from meshserve.yamlfile import ConfigError, Document, iter_yaml_files, load_documents
 
 EXAMPLES_DIR = "examples"  # documentation: applied only when named explicitly
+STDIN = Path("-")  # `-f -`: YAML from standard input, as kubectl's
+STDIN_LABEL = "<stdin>"  # how errors name it: `<stdin>:12: spec.x: reason`
 
 
 @dataclass
@@ -91,37 +93,47 @@ def _files(path: Path) -> Iterable[Path]:
         yield f
 
 
-def read_config(paths: Iterable[Path]) -> Config:
+def _documents(path: Path, stdin: str | None) -> Iterable[Document]:
+    if path == STDIN:
+        if stdin is None:
+            raise ConfigError(STDIN_LABEL, 0, "", "standard input was not read (only the CLI reads `-f -`)")
+        yield from load_documents(STDIN_LABEL, stdin)
+        return
+    if not path.exists():
+        raise ConfigError(str(path), 0, "", "no such file or directory")
+    for f in _files(path):
+        yield from load_documents(f)
+
+
+def read_config(paths: Iterable[Path], stdin: str | None = None) -> Config:
     """Parse every InferenceService and TrafficRule under `paths` (rules not yet validated
-    against known models: see `validate_rules`). Raises ConfigError naming file, line, field."""
+    against known models: see `validate_rules`); a path `-` stands for `stdin`, the text the CLI
+    read from standard input. Raises ConfigError naming file, line, field."""
     cfg = Config()
     seen: dict[str, str] = {}
     for path in paths:
-        if not path.exists():
-            raise ConfigError(str(path), 0, "", "no such file or directory")
-        for f in _files(path):
-            for doc in load_documents(f):
-                if schema.is_rule(doc):
-                    cfg.rule_docs.append(doc)
-                    continue
-                if servingconfig.is_serving_config(doc.data):
-                    if cfg.serving is not None:
-                        raise doc.error(("metadata", "name"), f"a second {servingconfig.CONFIGMAP_NAME}: keep one")
-                    cfg.serving = servingconfig.parse(doc)
-                    cfg.warnings += cfg.serving.warnings
-                    continue
-                if not registry.is_model(doc):
-                    cfg.skipped.append(classify_other(doc))
-                    continue
-                registry.check_api_version(doc)
-                doc2, pct = canary_percent(doc) if registry.is_inference_service(doc) else (doc, None)
-                spec = registry.parse_model(doc2)
-                if spec.alias in seen:
-                    raise doc.error(("metadata", "name"), f"'{spec.alias}' is also defined in {seen[spec.alias]}")
-                seen[spec.alias] = doc.file
-                cfg.kinds[spec.alias] = str(doc.data.get("kind"))
-                cfg.specs.append(spec)
-                cfg.percents[spec.alias] = pct
+        for doc in _documents(path, stdin):
+            if schema.is_rule(doc):
+                cfg.rule_docs.append(doc)
+                continue
+            if servingconfig.is_serving_config(doc.data):
+                if cfg.serving is not None:
+                    raise doc.error(("metadata", "name"), f"a second {servingconfig.CONFIGMAP_NAME}: keep one")
+                cfg.serving = servingconfig.parse(doc)
+                cfg.warnings += cfg.serving.warnings
+                continue
+            if not registry.is_model(doc):
+                cfg.skipped.append(classify_other(doc))
+                continue
+            registry.check_api_version(doc)
+            doc2, pct = canary_percent(doc) if registry.is_inference_service(doc) else (doc, None)
+            spec = registry.parse_model(doc2)
+            if spec.alias in seen:
+                raise doc.error(("metadata", "name"), f"'{spec.alias}' is also defined in {seen[spec.alias]}")
+            seen[spec.alias] = doc.file
+            cfg.kinds[spec.alias] = str(doc.data.get("kind"))
+            cfg.specs.append(spec)
+            cfg.percents[spec.alias] = pct
     return cfg
 
 
@@ -138,13 +150,19 @@ class Applied:
     notes: list[str]
     kinds: dict[str, str] = field(default_factory=dict)  # alias -> InferenceService or Predictor
     serving: servingconfig.ServingConfig | None = None
+    # Label (`inferenceservice/<name>`, `trafficrule/<name>`) -> the object as stored before and
+    # as the files define it (preview.py), for `--dry-run` and `meshserve diff`.
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
 
 
-async def apply_paths(state: st.State, paths: Iterable[Path]) -> Applied:
-    """Validate everything, then write it in one commit (models, aliases or version moves, rules)."""
+async def apply_paths(state: st.State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False) -> Applied:
+    """Validate everything, then write it in one commit (models, aliases or version moves, rules).
+    With `dry_run` nothing is written: the result says what would change."""
     from meshserve import rollout
+    from meshserve.rules import preview
 
-    cfg = read_config(list(paths))
+    cfg = read_config(list(paths), stdin)
     snap = await state.snapshot()
     rules, statuses, transitions = await store.read_all(state)
     owners = {spec["model"]: name for name, spec in rules.items()}
@@ -154,9 +172,11 @@ async def apply_paths(state: st.State, paths: Iterable[Path]) -> Applied:
     ops, changes, notes = rollout.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
     docs = [r.to_doc() for r in cfg.rules]
     rops, rchanges = store.rule_ops(docs, statuses, now)
-    if ops or rops:
+    after = preview.new_objects(cfg.specs, cfg.kinds, cfg.rules)
+    before = preview.stored(snap, transitions, await store.rule_docs(state), preview.names(after))
+    if (ops or rops) and not dry_run:
         await state.commit(ops + rops, changes + rchanges)
-    return Applied(cfg.specs, cfg.rules, notes + cfg.skipped + cfg.warnings, cfg.kinds, cfg.serving)
+    return Applied(cfg.specs, cfg.rules, notes + cfg.skipped + cfg.warnings, cfg.kinds, cfg.serving, before, after)
 
 
 def rule_summary(name: str, spec: dict[str, Any], status: dict[str, Any]) -> str:
