@@ -39,7 +39,8 @@ from meshserve import tracing
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy, sizes
+from meshserve_placement import keys, policy
+from meshserve_placement.sizes import booked_size, reported_of
 from meshserve_placement.liveness import Liveness, judge
 from meshserve_placement.tuning import Tuning
 
@@ -457,7 +458,7 @@ class Scheduler:
                     self.reported[model_id] = size
                     if mv is not None:
                         spec = self.specs.get(model_id)
-                        mv.size = sizes.booked_size(spec.size_hint if spec else 0, size)
+                        mv.size = booked_size(spec.size_hint if spec else 0, size)
                 if model_id not in self.view.last_used:
                     self.view.touch(model_id, now)
                 self.waiting.discard(model_id)
@@ -739,7 +740,7 @@ class Scheduler:
 
 def _model_view(m: ModelSpec, reported: int = 0) -> policy.ModelView:
     # The size a load reported, else the stated size, else the unknown-size default (sizes.py).
-    return policy.ModelView(m.id, m.format, sizes.booked_size(m.size_hint, reported), m.pinned, m.min_copies, m.max_copies, m.runtime)
+    return policy.ModelView(m.id, m.format, booked_size(m.size_hint, reported), m.pinned, m.min_copies, m.max_copies, m.runtime)
 
 
 def _pod_view(p: Pod) -> policy.PodView:
@@ -750,7 +751,7 @@ def _build_view(snap: st.Snapshot, lastused: list[tuple[bytes, float]], excluded
     view = policy.ClusterView(
         pods={p.id: _pod_view(p) for p in snap.pods.values()},
         # A new leader knows a model's reported size from the copies it finds booked.
-        models={m.id: _model_view(m, sizes.reported_of(c.size for c in snap.placements.get(m.id, {}).values() if c.state == CopyState.LOADED)) for m in snap.models.values()},
+        models={m.id: _model_view(m, reported_of(c.size for c in snap.placements.get(m.id, {}).values() if c.state == CopyState.LOADED)) for m in snap.models.values()},
         copies={m: cs for m, cs in snap.placements.items() if cs},
         excluded=excluded,
         horizon_s=horizon_s,
