@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from meshserve.model import Copy, CopyState
-from meshserve_placement import policy
+from meshserve_placement import policy, sizes
 
 MIB = 1 << 20
 
@@ -85,6 +85,7 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
         horizon_s=horizon_s,
     )
     names = [f"m{i}" for i in range(len(w.sizes))]
+    reported: dict[str, int] = {}  # model -> the size its load reported (the leader's `reported`)
     hits = loads = evictions = rejected = decisions = 0
     place_s = 0.0
     copies = view.copies
@@ -100,7 +101,11 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
             continue
         mv = view.models.get(m)
         if mv is None:
-            mv = view.models[m] = policy.ModelView(m, "m", w.sizes[mi])
+            # Booked as the leader books it (sizes.booked_size): a model never loaded has no
+            # size yet (the trace's sizes are what a load reports); after its first load it
+            # keeps the reported one. A decision can thus undershoot a large model's first load,
+            # as the live service's can; the pod's next decision evicts the difference.
+            mv = view.models[m] = policy.ModelView(m, "m", sizes.booked_size(0, reported.get(m, 0)))
         t = time.perf_counter()
         d = policy.place(mv, view, now)
         place_s += time.perf_counter() - t
@@ -114,6 +119,9 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
                 copies[v] = rest
             else:
                 del copies[v]
+        # The load reports the model's size; the copy and later decisions book it (scheduler._on_event).
+        reported[m] = w.sizes[mi]
+        mv.size = sizes.booked_size(0, reported[m])
         copies[m] = {d.pod: Copy(CopyState.LOADED, mv.size, now)}
         if measuring:
             loads += 1

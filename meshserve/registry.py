@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -35,6 +36,9 @@ MODELMESH_ANNOTATION = "serving.kserve.io/deploymentMode"
 SECRET_KEY_ANNOTATION = "serving.kserve.io/secretKey"
 SCHEMA_PATH_ANNOTATION = "serving.kserve.io/schemaPath"
 MESHSERVE_ANNOTATION_PREFIX = "meshserve.io/"
+# The memory one copy of the model takes, a Kubernetes quantity ("512Mi", "1G"): placement books
+# it before the first load, and the loader never reports less (docs/design/placement.md).
+MEMORY_ANNOTATION = MESHSERVE_ANNOTATION_PREFIX + "memory"
 # ModelMesh's source ids in concrete model names (controllers/predictor_controller.go):
 # `<name>__isvc-<hash>` for an InferenceService, `<name>__ksp-<hash>` for a Predictor.
 ISVC_SOURCE, PREDICTOR_SOURCE = "isvc", "ksp"
@@ -97,7 +101,7 @@ def _name(doc: Document, kind: str) -> tuple[dict[str, Any], str]:
 
 
 def _copies(doc: Document, meta: dict[str, Any]) -> dict[str, Any]:
-    """meshserve's own annotations (minCopies, maxCopies, pinned), the same on every kind."""
+    """meshserve's own annotations (minCopies, maxCopies, pinned, memory), the same on every kind."""
     ann = meta.get("annotations") or {}
 
     def ann_int(key: str, default: int) -> int:
@@ -113,7 +117,33 @@ def _copies(doc: Document, meta: dict[str, Any]) -> dict[str, Any]:
         "min_copies": ann_int("minCopies", 0),
         "max_copies": ann_int("maxCopies", 0),
         "pinned": str(ann.get(MESHSERVE_ANNOTATION_PREFIX + "pinned", "false")).lower() == "true",
+        "size_hint": _memory(doc, ann),
     }
+
+
+def _memory(doc: Document, ann: dict[str, Any]) -> int:
+    """`meshserve.io/memory` in bytes (0: not stated). Kubernetes quantity syntax, parsed by the
+    official client's parser so "512Mi" means here what it means in a resources block.
+
+    An annotation, not the predictor's `resources.requests.memory`: in ModelMesh mode that block
+    sizes no container (every model shares its ServingRuntime's pods), and reading it as the
+    model's size would silently change what existing manifests reserve."""
+    raw = ann.get(MEMORY_ANNOTATION)
+    if raw is None:
+        return 0
+    from kubernetes.utils.quantity import parse_quantity  # only when a size is stated: a 1 s import
+
+    where = ("metadata", "annotations", MEMORY_ANNOTATION)
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise doc.error(where, f"must be a memory quantity such as 512Mi or 2G, got {raw!r}")
+    try:
+        value = parse_quantity(raw)
+    except ValueError:
+        raise doc.error(where, f"{raw!r} is not a memory quantity; write e.g. 512Mi, 2Gi or 300M") from None
+    if value <= 0:
+        raise doc.error(where, f"{raw!r}: must be more than 0 bytes")
+    # A fractional byte count ("1.5k" is exact, "0.1" is not) rounds up: a booking must cover it.
+    return math.ceil(value)
 
 
 def _predictor_model(doc: Document, predictor: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...], str | None]:

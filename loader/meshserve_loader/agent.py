@@ -293,8 +293,10 @@ class Agent:
             await asyncio.sleep(1.0)
 
     async def _load(self, spec: ModelSpec, progress: LoadProgress = NO_PROGRESS) -> tuple[int, int]:
-        """(reported size, predicted size). The reported size is the measured one when the
-        runtime measured it, else the prediction."""
+        """(reported size, predicted size). The prediction is the size the user stated, else the
+        files' disk size x 1.25; the reported size is what the runtime measured, never less than
+        the prediction (a runtime that measures nothing, or measures an RSS delta that happened
+        to shrink, must not make placement book less than the files will take)."""
         tr = tracing.tracer(__name__)
         attrs = {tracing.ATTR_MODEL: spec.id, tracing.ATTR_POD: self.pod.id, "meshserve.format": spec.format}
         with tr.start_as_current_span("loader.pull", attributes=attrs):
@@ -306,7 +308,7 @@ class Agent:
             measured = await asyncio.wait_for(self.rt.load(spec.id, params, self.load_timeout), self.load_timeout)
             span.set_attribute("meshserve.measured_bytes", measured)
         self.metrics.observe_size(predicted, measured)
-        size = measured if measured > 0 else predicted
+        size = max(measured, predicted)
         self.loaded[spec.id] = size
         return size, predicted
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,10 +31,10 @@ async def _builtin(models: dict[str, Path], tmp: Path) -> list[tuple[str, str, i
     async with aiohttp.ClientSession() as s:
         for fmt, path in models.items():
             # A fresh runtime per model: each delta is that model's alone, first load included.
-            proc = RuntimeProcess("builtin", builtin_argv(0), {"MESHSERVE_RUNTIME_BASE_PORT": str(base)}, log_path=tmp / "rt.log")
+            proc = RuntimeProcess("builtin", builtin_argv(0), _env(base, tmp), log_path=tmp / "rt.log")
             await proc.start()
             try:
-                rt = RuntimeClient(f"http://127.0.0.1:{base}", s)
+                rt = RuntimeClient(f"http://127.0.0.1:{base + 4}", s)  # the control port: loads go there
                 await rt.wait_ready(60)
                 fmt_name = fmt.split(" ")[0]
                 # Follow the weights link: the prediction is meant to see the model's bytes.
@@ -47,6 +48,47 @@ async def _builtin(models: dict[str, Path], tmp: Path) -> list[tuple[str, str, i
             finally:
                 await proc.stop()
     return rows
+
+
+def _env(base: int, tmp: Path) -> dict[str, str]:
+    # 127.0.0.1 only; the runtime loads from its allowed roots, so the temp dir is one.
+    return {"MESHSERVE_HOST": "127.0.0.1", "MESHSERVE_RUNTIME_BASE_PORT": str(base), "MESHSERVE_MODEL_ROOTS": str(tmp)}
+
+
+async def _repeat(src: Path, fmt: str, n: int, tmp: Path) -> list[int]:
+    """The sizes one built-in runtime reports for `n` identical copies of `src` loaded under `n`
+    ids, while two clients send inference to a first copy (as a pod serves while it loads)."""
+    base = free_block(10)
+    paths = []
+    for i in range(n + 1):
+        d = tmp / "repeat" / f"m{i}"
+        d.mkdir(parents=True)
+        paths.append(Path(shutil.copy(src, d / src.name)))
+    predicted = predict_size(paths[0], fmt)
+    proc = RuntimeProcess("builtin", builtin_argv(0), _env(base, tmp), log_path=tmp / "rt-repeat.log")
+    await proc.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            rt = RuntimeClient(f"http://127.0.0.1:{base + 4}", s)
+            await rt.wait_ready(60)
+            params = {"format": fmt, "predicted_size": predicted}
+            await rt.load("m0", {**params, "path": str(paths[0])}, 120)
+            body = {"inputs": [{"name": "predict", "shape": [16, 64], "datatype": "FP32", "data": [1.0] * 1024}]}
+            stop = asyncio.Event()
+
+            async def client() -> None:
+                while not stop.is_set():
+                    async with s.post(f"http://127.0.0.1:{base}/v2/models/m0/infer", json=body) as r:
+                        await r.read()
+
+            clients = [asyncio.create_task(client()) for _ in range(2)]
+            try:
+                return [await rt.load(f"m{i}", {**params, "path": str(paths[i])}, 120) for i in range(1, n + 1)]
+            finally:
+                stop.set()
+                await asyncio.gather(*clients, return_exceptions=True)
+    finally:
+        await proc.stop()
 
 
 async def _mlserver(path: Path, tmp: Path) -> list[tuple[str, str, int, int, int, int]]:
@@ -75,7 +117,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="meshserve_loader.measure")
     ap.add_argument("--mlserver", action="store_true", help="also measure on MLServer 1.7.1 (installs its venv once)")
     ap.add_argument("--minilm", action="store_true", help="also measure the MiniLM custom-runtime example (installs its weights once)")
+    ap.add_argument("--repeat", type=Path, metavar="FILE", help="instead: load N identical copies of this sklearn file and print the sizes' spread")
+    ap.add_argument("-n", type=int, default=20, help="copies for --repeat (20)")
     args = ap.parse_args()
+    if args.repeat:
+        with tempfile.TemporaryDirectory(prefix="ms-measure-") as t:
+            sizes = asyncio.run(_repeat(args.repeat, "sklearn", args.n, Path(t)))
+        predicted = predict_size(args.repeat, "sklearn")
+        print(f"{len(sizes)} loads of {args.repeat.name} ({args.repeat.stat().st_size:,} B, predicted {predicted:,} B): "
+              f"min {min(sizes):,} max {max(sizes):,} spread {(max(sizes) - min(sizes)) / min(sizes):.1%}; "
+              f"{sum(x < predicted for x in sizes)} below the prediction")
+        return
     with tempfile.TemporaryDirectory(prefix="ms-measure-") as t:
         tmp = Path(t)
         models = _models(tmp / "models")

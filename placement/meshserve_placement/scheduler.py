@@ -40,6 +40,7 @@ from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_placement import copies as copyplan
 from meshserve_placement import keys, policy
+from meshserve_placement.sizes import booked_size, reported_of
 from meshserve_placement.liveness import Liveness, judge
 from meshserve_placement.tuning import Tuning
 
@@ -88,6 +89,7 @@ class Scheduler:
         self.pods: dict[str, Pod] = {}
         self.heartbeats: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
+        self.reported: dict[str, int] = {}  # model -> the size its last load reported (sizes.py)
         self.waiting: set[str] = set()  # models with a request held by an activator
         # model -> runtime: a request waits for a pool that has no pods yet (scale from zero)
         self.pending: dict[str, str] = {}
@@ -273,7 +275,7 @@ class Scheduler:
     def _apply_spec(self, spec: ModelSpec) -> None:
         self.specs[spec.id] = spec
         old = self.view.models.get(spec.id)
-        mv = _model_view(spec)
+        mv = _model_view(spec, self.reported.get(spec.id, 0))
         if old is not None and self.view.live_copies(spec.id):
             mv.size = old.size  # keep the measured size once loaded
         self.view.models[spec.id] = mv
@@ -502,8 +504,13 @@ class Scheduler:
                 size = int(f.get("size") or 0) or cur.size
                 copies[pod] = Copy(CopyState.LOADED, size, now)
                 mv = self.view.models.get(model_id)
-                if mv is not None and size:
-                    mv.size = size  # measured: later decisions book the real size
+                if size:
+                    # Reported: later decisions book it, after this copy's eviction too (identical
+                    # files report the same size, so it stays true).
+                    self.reported[model_id] = size
+                    if mv is not None:
+                        spec = self.specs.get(model_id)
+                        mv.size = booked_size(spec.size_hint if spec else 0, size)
                 if model_id in self.waiting:
                     # Held requests are forwarded to it right now, before any runtime counter or
                     # ms:lastused says so: busy from this moment, or the next decision could evict
@@ -792,9 +799,9 @@ class Scheduler:
         await self._commit(ops, changes)
 
 
-def _model_view(m: ModelSpec) -> policy.ModelView:
-    # Until a load measures it, a model books its size hint, or 64 MiB when it has none.
-    return policy.ModelView(m.id, m.format, m.size_hint or 64 << 20, m.pinned, m.min_copies, m.max_copies, m.runtime)
+def _model_view(m: ModelSpec, reported: int = 0) -> policy.ModelView:
+    # The size a load reported, else the stated size, else the unknown-size default (sizes.py).
+    return policy.ModelView(m.id, m.format, booked_size(m.size_hint, reported), m.pinned, m.min_copies, m.max_copies, m.runtime)
 
 
 def _pod_view(p: Pod) -> policy.PodView:
@@ -804,7 +811,8 @@ def _pod_view(p: Pod) -> policy.PodView:
 def _build_view(snap: st.Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> policy.ClusterView:
     view = policy.ClusterView(
         pods={p.id: _pod_view(p) for p in snap.pods.values()},
-        models={m.id: _model_view(m) for m in snap.models.values()},
+        # A new leader knows a model's reported size from the copies it finds booked.
+        models={m.id: _model_view(m, reported_of(c.size for c in snap.placements.get(m.id, {}).values() if c.state == CopyState.LOADED)) for m in snap.models.values()},
         copies={m: cs for m, cs in snap.placements.items() if cs},
         excluded=excluded,
         horizon_s=horizon_s,

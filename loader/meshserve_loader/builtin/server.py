@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_loader.builtin import binary, codec
+from meshserve_loader.builtin.footprint import footprint
 from meshserve_loader.builtin.formats import Model, ModelLoadError, load_model
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
@@ -147,9 +148,16 @@ def worker_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def load_and_size(fmt: str, path: Path, params: dict[str, Any], allow_executable: bool) -> tuple[Model, int]:
+    """Load a model and size it: its objects' footprint, never less than the loader's prediction
+    (`predicted_size`, disk size x 1.25 or the size the user stated).
+
+    Not the RSS delta: with inference on other threads and allocator arenas growing or reusing
+    pages, identical files measured 0 to 16 MB (docs/design/loader.md). The footprint is the
+    same for identical files; the prediction covers what it cannot see (native formats' memory
+    behind a handle). Runs on the load's thread: the walk of a large model takes a while."""
+    model = load_model(fmt, path, params, allow_executable)
+    return model, max(footprint(model), int(params.get("predicted_size") or 0))
 
 
 @dataclass
@@ -215,12 +223,13 @@ class Runtime:
         timeout = float(params.get("timeout_seconds") or self.load_timeout or 0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout > 0 else None
-        load: "asyncio.Future[Model] | None" = None
+        load: "asyncio.Future[tuple[Model, int]] | None" = None
         try:
             # The deadline covers the wait for the lock too, and leaving by it releases the lock:
             # a load that hangs holds up the loads behind it for its timeout at most.
             async with asyncio.timeout_at(deadline):
-                # One load at a time keeps the RSS delta attributable to the model being loaded.
+                # One load at a time: a pod's loads are bounded anyway, and a load's imports and
+                # allocations never race another's.
                 async with self._load_lock:
                     if name in self.models:  # loaded by a request for it that came first
                         return self.models[name].size
@@ -230,29 +239,26 @@ class Runtime:
                         except ImportError as e:  # a missing optional library fails only its own format
                             log.warning("format library unavailable: %s", e)
                         self.warm = None
-                    before = rss_bytes()
-                    load = _in_thread(load_model, fmt, Path(path), params, self.allow_executable)
-                    model = await asyncio.shield(load)
-                    measured = rss_bytes() - before
+                    load = _in_thread(load_and_size, fmt, Path(path), params, self.allow_executable)
+                    model, size = await asyncio.shield(load)
         except TimeoutError:
             if load is None:
                 raise LoadTimeout(f"load of '{name}' did not start within {timeout:g}s: an earlier load still holds the runtime") from None
             self._abandon(name, load)
             raise LoadTimeout(f"load of '{name}' did not finish within {timeout:g}s; the runtime gave up on it") from None
-        size = measured if measured > 0 else int(params.get("predicted_size", 0))
         self.models[name] = Entry(model, size, time.time())
         self.m_models.set(len(self.models))
         log.info("loaded model %s (%s) size=%d", name, fmt, size)
         return size
 
-    def _abandon(self, name: str, load: "asyncio.Future[Model]") -> None:
+    def _abandon(self, name: str, load: "asyncio.Future[tuple[Model, int]]") -> None:
         """A timed-out load keeps running in its thread (Python cannot stop it). Its result is
         dropped whenever it comes, so the runtime never holds a model nobody placed."""
         self.abandoned += 1
         self.m_abandoned.inc()
         log.warning("load of %s timed out; abandoned (%d abandoned loads still running)", name, self.abandoned)
 
-        def done(f: "asyncio.Future[Model]") -> None:
+        def done(f: "asyncio.Future[tuple[Model, int]]") -> None:
             self.abandoned -= 1
             self.m_abandoned.dec()
             how = f"failed: {f.exception()}" if f.exception() is not None else "finished"
