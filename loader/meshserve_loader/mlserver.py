@@ -83,6 +83,7 @@ class MLServerClient:
     pid: Callable[[], int] = lambda: 0  # the runtime's process, for the RSS delta (0: unknown)
     kind: str = "mlserver"
     default_implementation: str = ""  # the runtime's MLSERVER_MODEL_IMPLEMENTATION
+    grpc_proxy: Any = None  # the renaming gRPC pass-through in front of it (pod.py), if any
 
     def __post_init__(self) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)

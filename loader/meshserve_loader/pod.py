@@ -121,13 +121,22 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
             argv = [str(image.python), *argv]
             extra = {**image.env, **{k: v for k, v in extra.items() if k != "PYTHONPATH"}}
             log.info("runtime %s: image %s is %s", name, spec.image, folder)
-        env = mlserver_env(settings.host, rest, grpc_port, rest + 3, models_dir, extra)
+        # MLServer knows a model only by the id it was loaded under, and a gRPC client names the
+        # alias in the message: the pod's gRPC port is a pass-through that renames (limiter.py),
+        # MLServer's own is beside it. REST needs none: the gateway rewrites the path.
+        mlserver_grpc = rest + 5
+        env = mlserver_env(settings.host, rest, mlserver_grpc, rest + 3, models_dir, extra)
         process = RuntimeProcess(name, argv, env, log_path=settings.data_dir / f"{pod_id}-mlserver.log")
         models_dir.mkdir(parents=True, exist_ok=True)
         await process.start()
+        from meshserve_loader.limiter import LimitingProxy, ModelLimits
+
+        proxy = LimitingProxy(ModelLimits(), f"{settings.host}:{mlserver_grpc}", rename=True)
+        await proxy.start(settings.host, grpc_port)
         proc = process
         runtime = MLServerClient(url, session, models_dir, pid=lambda: proc.pid,
                                  default_implementation=extra.get("MLSERVER_MODEL_IMPLEMENTATION", ""))
+        runtime.grpc_proxy = proxy  # held for the agent's life (a grpc.aio server nobody holds is collected)
     return _built(settings, pod_id, rest, grpc_port, spec, runtime, process)
 
 
