@@ -18,9 +18,12 @@ From that folder the runtime gets what the image would have given it:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +80,10 @@ def _slug(image: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", image).strip("_")[:80] or "image"
 
 
-def ensure_local_image(image: str, folder: Path, base_python: Path, root: Path, timeout: float = 900.0) -> LocalImage:
+def ensure_local_image(image: str, folder: Path, base_python: Path | None, root: Path, timeout: float = 900.0) -> LocalImage:
+    """The image's venv (made once per requirements text) and env. With `base_python` (an
+    MLServer image), the venv is layered on that interpreter's; without (a transformer, whose
+    kserve pins its own protobuf), it is a venv of its own with pip."""
     if not folder.is_dir():
         raise RuntimeImageError(f"runtime image {image}: {folder} (MESHSERVE_RUNTIME_IMAGES) is not a folder")
     venv = root / VENVS / _slug(image)
@@ -87,11 +93,14 @@ def ensure_local_image(image: str, folder: Path, base_python: Path, root: Path, 
     stamp = venv / ".meshserve-installed"
     if not (stamp.exists() and stamp.read_text().strip() == want and py.exists()):
         try:
-            if not py.exists():
-                subprocess.run([str(base_python), "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True, timeout=120)
-            base_site = _site_packages(base_python)
-            own_site = _site_packages(py)
-            Path(own_site, "meshserve-base.pth").write_text(base_site + "\n")  # MLServer and its deps, after our own
+            if base_python is None:
+                if not py.exists():
+                    subprocess.run([_python311(), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+            else:
+                if not py.exists():
+                    subprocess.run([str(base_python), "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True, timeout=120)
+                base_site = _site_packages(base_python)
+                Path(_site_packages(py), "meshserve-base.pth").write_text(base_site + "\n")  # MLServer and its deps, after our own
             if reqs.exists():
                     # The base venv's pip (seen through the .pth), installing into this venv, which
                 # sees the base's packages as installed: only what is missing or pinned
@@ -105,6 +114,39 @@ def ensure_local_image(image: str, folder: Path, base_python: Path, root: Path, 
     env = dockerfile_env(folder / "Dockerfile")
     env["PYTHONPATH"] = str(folder)
     return LocalImage(folder, py, env)
+
+
+def _python311() -> str:
+    return shutil.which("python3.11") or shutil.which("python3") or sys.executable
+
+
+def image_argv(folder: Path, python: Path, command: tuple[str, ...] = (), args: tuple[str, ...] = ()) -> list[str]:
+    """What the container runs: its `command` (else the Dockerfile's exec-form ENTRYPOINT), then
+    its `args` (else the Dockerfile's CMD, when the command came from there too), as Kubernetes
+    combines them. A leading `python`/`python3[.x]` is the image's venv's interpreter."""
+    df = _dockerfile_exec(folder / "Dockerfile")
+    if command:
+        argv = [*command, *args]
+    else:
+        argv = [*df.get("ENTRYPOINT", []), *(args or df.get("CMD", []))]
+    if not argv:
+        raise RuntimeImageError(f"{folder}: the container names no command and the Dockerfile has no exec-form ENTRYPOINT/CMD")
+    if re.fullmatch(r"python(3(\.\d+)?)?", Path(argv[0]).name):
+        argv[0] = str(python)
+    return argv
+
+
+def _dockerfile_exec(dockerfile: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    if dockerfile.exists():
+        for line in re.sub(r"\\\r?\n", " ", dockerfile.read_text()).splitlines():
+            m = re.match(r"\s*(ENTRYPOINT|CMD)\s+(\[.*\])\s*$", line, re.IGNORECASE)
+            if m:
+                try:
+                    out[m.group(1).upper()] = [str(x) for x in json.loads(m.group(2))]
+                except ValueError:
+                    pass
+    return out
 
 
 def _site_packages(python: Path) -> str:
