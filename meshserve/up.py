@@ -187,7 +187,8 @@ async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
     try:
         await state.r.delete(TRANSFORMERS)  # one removed from the config since the last run is gone
         images = parse_images(s.runtime_images)
-        gateway = f"{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.gateway_rest_port}"
+        local = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host  # an address to dial, not to bind
+        gateway = f"{local}:{s.gateway_rest_port}"
         for t in found:
             folder = images.get(t.image)
             if folder is None:
@@ -199,7 +200,7 @@ async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
             http, grpc_port = free_port(), free_port()
             argv = image_argv(folder, image.python, t.command, t.args) + transformer_args(t, gateway, http, grpc_port)
             await sup.start(f"transformer-{t.name}", argv, env=transformer_env(t, image.env, s.host))
-            await state.r.hset(TRANSFORMERS, t.name, record(s.host, http, grpc_port, t.predictor))
+            await state.r.hset(TRANSFORMERS, t.name, record(local, http, grpc_port, t.predictor))
             ports[t.name] = http
             print(f"transformer {t.name} -> {t.predictor} (port {http})", flush=True)
     finally:
