@@ -201,9 +201,13 @@ def parse_inference_service(doc: Document) -> ModelSpec:
         raise doc.error(at + ("storage",), "needs `path` (with a key or pvc) or storageUri")
     check_storage_paths(doc, storage, at + ("storage", "path"), at + ("storageUri",))
     hashed: dict[str, Any] = predictor if not from_annotations else {**predictor, "annotations": from_annotations}
+    from meshserve.transformer import has_transformer, predictor_name
+
     return ModelSpec(
         id=concrete_model_id(name, hashed),
-        alias=name,
+        # With a transformer, `name` reaches the transformer and the predictor goes by a derived
+        # name (meshserve/transformer.py); the id stays the InferenceService's.
+        alias=predictor_name(name) if has_transformer(d) else name,
         namespace=str(meta.get("namespace") or "default"),
         format=fmt_name,
         format_version=fmt_version,

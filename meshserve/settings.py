@@ -104,6 +104,9 @@ class Settings:
     model_roots: str = ""
     # Pod i runs runtime entry i (cycling): "builtin" or a ServingRuntime's name in config_dir.
     pod_runtimes: str = "builtin"
+    # A ServingRuntime's container image on one machine: "<image>=<its build folder>,..."
+    # (loader/meshserve_loader/runtime_image.py). `meshserve up` pulls no images.
+    runtime_images: str = ""
     drain_timeout_seconds: float = 1.0  # on SIGTERM, wait this long for placement to move models (preStop)
     # True: the loader agent runs the built-in runtime itself and restarts it if it dies (as
     # `meshserve up` does). False: the runtime is its own process/container (Kubernetes).

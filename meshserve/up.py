@@ -119,6 +119,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     for spec in specs:
         print(f"registered {spec.alias} -> {spec.id}")
 
+    transformers = await start_transformers(s, sup)  # before xDS: it reads them at its first build
     await sup.start("xds", [py, "-m", "meshserve_xds"])
     await sup.start("placement", [py, "-m", "meshserve_placement"])
     await sup.start("rollout", [py, "-m", "meshserve.rollout"])  # version moves, canaries (traffic.md)
@@ -133,6 +134,11 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
         [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn", "--concurrency", str(s.envoy_concurrency)],
     )
     await wait_http(f"http://127.0.0.1:{s.gateway_rest_port}/v2/health/ready", 60)
+    for name, port in transformers.items():
+        try:
+            await wait_http(f"http://127.0.0.1:{port}/v2/health/ready", 60)
+        except TimeoutError:
+            print(f"meshserve: transformer {name} is not ready yet; see transformer-{name}'s log", flush=True)
     # "Up" means every pod can take a model: its loader has registered it with placement, which
     # a loader does once its runtime answers (the built-in runtime, MLServer, an SPI runtime).
     # A runtime that is slow to come (MLServer installing its venv the first time) is
@@ -155,6 +161,51 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
                 await asyncio.sleep(0.1)
     finally:
         await state.close()
+
+
+async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
+    """Each InferenceService's transformer (spec.transformer) as a local process: its image is
+    a local folder (MESHSERVE_RUNTIME_IMAGES), run from a venv of its own with KServe's
+    transformer arguments pointing its predictor at the gateway; recorded in Redis for the
+    xDS server (meshserve/transformer.py). Returns name -> its REST port."""
+    from meshserve.devmesh import free_port
+    from meshserve.registry import ISVC_KIND
+    from meshserve.transformer import TRANSFORMERS, parse_transformer, record, transformer_args, transformer_env
+    from meshserve.yamlfile import iter_yaml_files, load_documents
+    from meshserve_loader.runtime_image import ensure_local_image, image_argv, parse_images
+
+    found = []
+    if s.config_dir.exists():
+        for f in iter_yaml_files(s.config_dir):
+            if s.config_dir.is_dir() and "examples" in f.relative_to(s.config_dir).parts[:-1]:
+                continue  # documentation, as apply skips it
+            for doc in load_documents(f):
+                if isinstance(doc.data, dict) and doc.data.get("kind") == ISVC_KIND and (t := parse_transformer(doc)):
+                    found.append(t)
+    state = st.State.from_url(s.redis_url)
+    ports: dict[str, int] = {}
+    try:
+        await state.r.delete(TRANSFORMERS)  # one removed from the config since the last run is gone
+        images = parse_images(s.runtime_images)
+        local = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host  # an address to dial, not to bind
+        gateway = f"{local}:{s.gateway_rest_port}"
+        for t in found:
+            folder = images.get(t.image)
+            if folder is None:
+                print(f"meshserve: transformer {t.name}: image {t.image} has no local folder; set MESHSERVE_RUNTIME_IMAGES="
+                      f"{t.image}=<its build folder>. {t.name} is not served until then", file=sys.stderr, flush=True)
+                continue
+            print(f"meshserve: transformer {t.name}: making sure its venv exists (a few minutes the first time)", flush=True)
+            image = await asyncio.to_thread(ensure_local_image, t.image, folder, None, Path(__file__).resolve().parents[1])
+            http, grpc_port = free_port(), free_port()
+            argv = image_argv(folder, image.python, t.command, t.args) + transformer_args(t, gateway, http, grpc_port)
+            await sup.start(f"transformer-{t.name}", argv, env=transformer_env(t, image.env, s.host))
+            await state.r.hset(TRANSFORMERS, t.name, record(local, http, grpc_port, t.predictor))
+            ports[t.name] = http
+            print(f"transformer {t.name} -> {t.predictor} (port {http})", flush=True)
+    finally:
+        await state.close()
+    return ports
 
 
 def banner(s: Settings) -> str:

@@ -80,6 +80,27 @@ class ModelLimits:
             sem.release()
 
 
+# The v2 methods whose request names the model in field 1 (model_name / name).
+NAMED_METHODS = frozenset(f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelMetadata", "ModelReady"))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def renamed(request: bytes, model_id: str) -> bytes:
+    """The request with field 1 (the model's name) set to `model_id`, without parsing it: a
+    singular field that occurs twice takes its last value (protobuf's merge rule), so one more
+    field 1 at the end wins over the client's alias. A tensor of any size is left untouched."""
+    raw = model_id.encode()
+    return request + b"\x0a" + _varint(len(raw)) + raw
+
+
 def _model_of(metadata: Any) -> str:
     md = {k: v for k, v in (metadata or ())}
     return str(md.get(MODEL_ID_HEADER) or md.get(VMODEL_ID_HEADER) or "")
@@ -88,13 +109,15 @@ def _model_of(metadata: Any) -> str:
 class _Forward(grpc.GenericRpcHandler):
     """Every unary method, as bytes, to the same method upstream; streams are not forwarded."""
 
-    def __init__(self, channel: grpc.aio.Channel, limits: ModelLimits):
-        self.channel, self.limits = channel, limits
+    def __init__(self, channel: grpc.aio.Channel, limits: ModelLimits, rename: bool = False):
+        self.channel, self.limits, self.rename = channel, limits, rename
         self._upstream: dict[str, Any] = {}  # method -> its callable on the channel, made once
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
         model = _model_of(details.invocation_metadata)
+        md_ = {k: v for k, v in (details.invocation_metadata or ())}
+        concrete = str(md_.get(MODEL_ID_HEADER) or "") if self.rename and method in NAMED_METHODS else ""
         upstream = self._upstream.get(method)
         if upstream is None:
             upstream = self._upstream[method] = self.channel.unary_unary(method)  # no (de)serializers: bytes through
@@ -104,7 +127,7 @@ class _Forward(grpc.GenericRpcHandler):
             try:
                 async with self.limits.slot(model):
                     remaining = context.time_remaining()
-                    return await upstream(request, metadata=md, timeout=remaining if remaining is not None and remaining < 1e9 else None)
+                    return await upstream(renamed(request, concrete) if concrete else request, metadata=md, timeout=remaining if remaining is not None and remaining < 1e9 else None)
             except Overloaded as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             except grpc.aio.AioRpcError as e:
@@ -115,21 +138,24 @@ class _Forward(grpc.GenericRpcHandler):
 
 
 class LimitingProxy:
-    """The pass-through: listens on (host, port), forwards to `upstream` ("host:port")."""
+    """The pass-through: listens on (host, port), forwards to `upstream` ("host:port").
+    With `rename`, a request for a model names the model's concrete id (the gateway's
+    mm-model-id header) instead of the alias the client used: for servers that know a model only
+    by the id the loader loaded it under (MLServer), as ModelMesh's proxy does."""
 
-    def __init__(self, limits: ModelLimits, upstream: str):
-        self.limits, self.upstream = limits, upstream
+    def __init__(self, limits: ModelLimits, upstream: str, rename: bool = False):
+        self.limits, self.upstream, self.rename = limits, upstream, rename
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
 
     async def start(self, host: str, port: int) -> None:
         self._channel = grpc.aio.insecure_channel(self.upstream, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
-        self._server.add_generic_rpc_handlers((_Forward(self._channel, self.limits),))
+        self._server.add_generic_rpc_handlers((_Forward(self._channel, self.limits, self.rename),))
         if not self._server.add_insecure_port(f"{host}:{port}"):
             raise OSError(f"the concurrency-limiting proxy could not listen on {host}:{port}: is the port taken?")
         await self._server.start()
-        log.info("per-model concurrency limits enforced on %s:%d -> %s", host, port, self.upstream)
+        log.info("gRPC pass-through%s on %s:%d -> %s", " (renaming to the model id)" if self.rename else "", host, port, self.upstream)
 
     async def stop(self) -> None:
         if self._server is not None:

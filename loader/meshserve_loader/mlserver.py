@@ -33,29 +33,32 @@ class LayoutError(ValueError):
     pass
 
 
-def model_settings(model_id: str, fmt: str, path: Path) -> dict[str, Any]:
+def model_settings(model_id: str, fmt: str, path: Path, default_implementation: str = "") -> dict[str, Any]:
     """The model-settings.json MLServer gets for a model. Pure apart from reading a
-    model-settings.json the model itself ships (custom runtimes bring their own implementation)."""
+    model-settings.json the model itself ships (custom runtimes bring their own implementation).
+    Which class serves it: the model's own model-settings.json, else the runtime's
+    MLSERVER_MODEL_IMPLEMENTATION (`default_implementation`: a custom runtime image sets it, and
+    MLServer would apply it to every model naming none), else MLServer's class for the format."""
     own: dict[str, Any] = {}
     if path.is_dir() and (path / "model-settings.json").exists():
         try:
             own = json.loads((path / "model-settings.json").read_text())
         except ValueError as e:
             raise LayoutError(f"the model's model-settings.json is not valid JSON: {e}") from None
-    impl = own.get("implementation") or IMPLEMENTATIONS.get(fmt.lower())
+    impl = own.get("implementation") or default_implementation or IMPLEMENTATIONS.get(fmt.lower())
     if not impl:
         raise LayoutError(
             f"MLServer has no built-in implementation for format {fmt!r} (it has {', '.join(sorted(IMPLEMENTATIONS))}); "
-            "ship a model-settings.json with 'implementation' in the model's folder"
+            "ship a model-settings.json with 'implementation' in the model's folder, or set MLSERVER_MODEL_IMPLEMENTATION in the runtime's env"
         )
     params = dict(own.get("parameters") or {})
     params["uri"] = str(path.resolve())
     return {**own, "name": model_id, "implementation": impl, "parameters": params}
 
 
-def lay_out(models_dir: Path, model_id: str, fmt: str, path: Path) -> Path:
+def lay_out(models_dir: Path, model_id: str, fmt: str, path: Path, default_implementation: str = "") -> Path:
     """Write the model's folder (atomically: MLServer may scan the dir at any time)."""
-    settings = model_settings(model_id, fmt, path)
+    settings = model_settings(model_id, fmt, path, default_implementation)
     target = models_dir / model_id
     tmp = models_dir / f".{model_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -79,6 +82,8 @@ class MLServerClient:
     models_dir: Path
     pid: Callable[[], int] = lambda: 0  # the runtime's process, for the RSS delta (0: unknown)
     kind: str = "mlserver"
+    default_implementation: str = ""  # the runtime's MLSERVER_MODEL_IMPLEMENTATION
+    grpc_proxy: Any = None  # the renaming gRPC pass-through in front of it (pod.py), if any
 
     def __post_init__(self) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +107,7 @@ class MLServerClient:
     async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
         path = Path(str(params["path"]))
         try:
-            lay_out(self.models_dir, model_id, str(params.get("format", "")), path)
+            lay_out(self.models_dir, model_id, str(params.get("format", "")), path, self.default_implementation)
         except LayoutError as e:
             raise RuntimeError(str(e)) from None
         async with self._lock:

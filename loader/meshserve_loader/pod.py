@@ -96,25 +96,47 @@ async def build_pod(settings: Settings, index: int, session: aiohttp.ClientSessi
         from meshserve_loader.mlserver import MLServerClient
 
         models_dir = mlserver_models_dir(settings, pod_id)
+        # A ServingRuntime's own per-model MLServer settings (MLSERVER_MODEL_NAME, _URI) don't
+        # apply to a multi-model server; its default class (a custom image's
+        # MLSERVER_MODEL_IMPLEMENTATION) does, for every model that names none.
+        extra = {k: v for k, v in spec.env if not k.startswith("MLSERVER_MODEL_") or k == "MLSERVER_MODEL_IMPLEMENTATION"}
         if not settings.loader_runs_runtime:
             # MLServer is the container beside this one (istio/runtime-mlserver.yaml), started
             # with these ports and MLSERVER_MODELS_DIR on the volume both mount. Its process is
             # not ours to see, so a load's size is the prediction, not an RSS delta.
             log.info("runtime %s is MLServer in its own container at %s, models dir %s", name, url, models_dir)
-            runtime = MLServerClient(url, session, models_dir)
+            runtime = MLServerClient(url, session, models_dir, default_implementation=extra.get("MLSERVER_MODEL_IMPLEMENTATION", ""))
             return _built(settings, pod_id, rest, grpc_port, spec, runtime, None)
         from meshserve_loader.mlserver_venv import ensure_mlserver
+        from meshserve_loader.runtime_image import ensure_local_image, parse_images
 
         log.info("runtime %s is MLServer: making sure its venv exists (a few minutes the first time)", name)
         exe = ensure_mlserver(REPO)
-        # A ServingRuntime's own per-model MLServer settings don't apply to a multi-model server.
-        extra = {k: v for k, v in spec.env if not k.startswith("MLSERVER_MODEL_")}
-        env = mlserver_env(settings.host, rest, grpc_port, rest + 3, models_dir, extra)
-        process = RuntimeProcess(name, [str(exe), "start", str(models_dir)], env, log_path=settings.data_dir / f"{pod_id}-mlserver.log")
+        argv = [str(exe), "start", str(models_dir)]
+        folder = parse_images(settings.runtime_images).get(spec.image) if spec.image else None
+        if folder is not None:
+            # The runtime's image is a local folder: its own venv over MLServer's, its code on
+            # the path, its Dockerfile's ENV under the ServingRuntime's env (runtime_image.py).
+            image = ensure_local_image(spec.image, folder, exe.parent / "python", REPO)
+            argv = [str(image.python), *argv]
+            extra = {**image.env, **{k: v for k, v in extra.items() if k != "PYTHONPATH"}}
+            log.info("runtime %s: image %s is %s", name, spec.image, folder)
+        # MLServer knows a model only by the id it was loaded under, and a gRPC client names the
+        # alias in the message: the pod's gRPC port is a pass-through that renames (limiter.py),
+        # MLServer's own is beside it. REST needs none: the gateway rewrites the path.
+        mlserver_grpc = rest + 5
+        env = mlserver_env(settings.host, rest, mlserver_grpc, rest + 3, models_dir, extra)
+        process = RuntimeProcess(name, argv, env, log_path=settings.data_dir / f"{pod_id}-mlserver.log")
         models_dir.mkdir(parents=True, exist_ok=True)
         await process.start()
+        from meshserve_loader.limiter import LimitingProxy, ModelLimits
+
+        proxy = LimitingProxy(ModelLimits(), f"{settings.host}:{mlserver_grpc}", rename=True)
+        await proxy.start(settings.host, grpc_port)
         proc = process
-        runtime = MLServerClient(url, session, models_dir, pid=lambda: proc.pid)
+        runtime = MLServerClient(url, session, models_dir, pid=lambda: proc.pid,
+                                 default_implementation=extra.get("MLSERVER_MODEL_IMPLEMENTATION", ""))
+        runtime.grpc_proxy = proxy  # held for the agent's life (a grpc.aio server nobody holds is collected)
     return _built(settings, pod_id, rest, grpc_port, spec, runtime, process)
 
 

@@ -41,6 +41,7 @@ class RuntimeSpec:
     runtime_management_port: int = 0
     grpc_data_port: int = 0  # `grpcDataEndpoint: port:N`: where the runtime serves inference
     env: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    image: str = field(default="", compare=False)  # the first container's image (runtime_image.py maps it locally)
 
     def declares(self, fmt: str, version: str = "") -> bool:
         return any(f.name == fmt and (not version or not f.version or f.version == version) for f in self.formats)
@@ -69,7 +70,8 @@ def parse_serving_runtime(d: Mapping[str, Any], where: str = "ServingRuntime") -
     if server_type not in SERVER_TYPES:
         raise RuntimeSelectionError(f"{where} {name}: builtInAdapter.serverType {server_type!r} is not one of {', '.join(SERVER_TYPES)}")
     env: list[tuple[str, str]] = []
-    for c in spec.get("containers") or []:
+    containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
+    for c in containers:
         for e in c.get("env") or []:
             if isinstance(e, dict) and "name" in e and "value" in e:
                 env.append((str(e["name"]), str(e["value"])))
@@ -83,6 +85,7 @@ def parse_serving_runtime(d: Mapping[str, Any], where: str = "ServingRuntime") -
         runtime_management_port=int(adapter.get("runtimeManagementPort") or 0),
         grpc_data_port=_endpoint_port(spec.get("grpcDataEndpoint"), f"{where} {name}: grpcDataEndpoint"),
         env=tuple(env),
+        image=str(containers[0].get("image") or "") if containers else "",
     )
 
 

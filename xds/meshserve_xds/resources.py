@@ -66,6 +66,15 @@ class Endpoint:
     grpc_port: int
 
 
+@dataclass(frozen=True)
+class Transformer:
+    """A KServe transformer process in front of a predictor (meshserve/transformer.py): its
+    name's REST requests go to `endpoint`, named `predictor` there (the name it serves)."""
+
+    endpoint: Endpoint
+    predictor: str
+
+
 @dataclass
 class RoutingState:
     """What the gateway needs to know, and nothing more."""
@@ -85,6 +94,9 @@ class RoutingState:
     # per-model route stats (Envoy `vhost.model.route.<id>.*`) in the scoped layout: off by
     # default, they cost ~4.5 KiB of gateway memory per loaded model (Settings.xds_route_stats)
     route_stats: bool = False
+    # InferenceService name -> its transformer; that name routes to the transformer, ahead of
+    # any model or plan of the same name
+    transformers: dict[str, Transformer] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +115,22 @@ class Resources:
 
 def pod_cluster(pod: str, proto: str) -> str:
     return f"pod_{pod}_{proto}"
+
+
+def transformer_cluster(name: str) -> str:
+    return f"transformer_{name}_rest"
+
+
+def transformer_action(state: "RoutingState", name: str) -> rc.RouteAction:
+    """To the transformer, with the name segment of the path rewritten to the name it serves.
+    Its timeout covers the predictor's cold start, which happens behind it."""
+    from envoy.type.matcher.v3 import regex_pb2
+
+    t = state.transformers[name]
+    action = rc.RouteAction(cluster=transformer_cluster(name), timeout=duration_pb2.Duration(seconds=int(max(120, state.cold_timeout_s + 30))))
+    action.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
+        pattern=regex_pb2.RegexMatcher(regex=r"^/v2/models/[^/?]+"), substitution=MODELS_PREFIX + t.predictor))
+    return action
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -185,6 +213,8 @@ def build_clusters(state: RoutingState, copy_sets: bool = True) -> tuple[dict[st
     targets = [(ACTIVATOR_REST, state.activator, False), (ACTIVATOR_GRPC, state.activator, True)]
     for pod, ep in state.pods.items():
         targets += [(pod_cluster(pod, "rest"), ep, False), (pod_cluster(pod, "grpc"), ep, True)]
+    for name, t in state.transformers.items():
+        targets.append((transformer_cluster(name), t.endpoint, False))
     for name, ep, http2 in targets:
         clusters[name] = build_cluster(name, http2)
         endpoints[name] = build_load_assignment(name, ep.host, ep.grpc_port if http2 else ep.rest_port)
@@ -306,6 +336,10 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
         from meshserve_xds.traffic import add_rest_routes  # lazy: traffic.py imports this module
 
         add_rest_routes(state, exact, prefix)
+    for name in state.transformers:
+        base = MODELS_PREFIX + name
+        exact[base] = _on_match_route(rc.Route(stat_prefix=name, match=rc.RouteMatch(path=base), route=transformer_action(state, name)))
+        prefix[base + "/"] = _on_match_route(rc.Route(stat_prefix=name, match=rc.RouteMatch(prefix=base + "/"), route=transformer_action(state, name)))
     fallback = _on_match_route(
         rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=ACTIVATOR_REST, timeout=duration_pb2.Duration(seconds=int(state.cold_timeout_s))))
     )

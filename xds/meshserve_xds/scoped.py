@@ -244,6 +244,18 @@ def traffic_routes(state: r.RoutingState, name: str, plan: Any) -> route_pb2.Rou
     return route_pb2.RouteConfiguration(name=traffic_rc_name(name), virtual_hosts=[rc.VirtualHost(name="traffic", domains=["*"], routes=routes)])
 
 
+def transformer_rc_name(name: str) -> str:
+    return f"transformer/{name}"
+
+
+def transformer_routes(state: r.RoutingState, name: str) -> route_pb2.RouteConfiguration:
+    """An InferenceService with a transformer: its name's REST requests go to the transformer
+    (resources.transformer_action). gRPC is not routed to it (a KServe transformer finds the
+    model by the message's name, which the gateway can't rewrite): no route, NOT_FOUND."""
+    routes = [rc.Route(stat_prefix=name, match=rc.RouteMatch(prefix=r.MODELS_PREFIX), route=r.transformer_action(state, name))]
+    return route_pb2.RouteConfiguration(name=transformer_rc_name(name), virtual_hosts=[rc.VirtualHost(name="transformer", domains=["*"], routes=routes)])
+
+
 def plan_models(name: str, plan: Any) -> set[str]:
     """Every model whose placement shapes `plan`'s RouteConfiguration: its targets, its mirror,
     and the name itself when it is a concrete id (the pinned gRPC route)."""
@@ -272,6 +284,8 @@ def scope_targets(state: r.RoutingState) -> dict[str, str]:
         targets[model] = "model/" + model
     for name in state.traffic:
         targets[name] = traffic_rc_name(name)
+    for name in state.transformers:
+        targets[name] = transformer_rc_name(name)
     return targets
 
 
@@ -304,6 +318,8 @@ def build_all(state: r.RoutingState, listeners: r.ListenerConfig, wire: bool = T
     routes = {ACTIVATOR_RC: activator_routes(state), **routes}
     for name, plan in state.traffic.items():
         routes[traffic_rc_name(name)] = traffic_routes(state, name, plan)
+    for name in state.transformers:
+        routes[transformer_rc_name(name)] = transformer_routes(state, name)
     res.by_type[r.ROUTE_TYPE] = fastpb.WireTable(r.ROUTE_TYPE, route_pb2.RouteConfiguration, routes) if wire else routes
     return res
 
@@ -385,6 +401,7 @@ class Index:
     # copy set (pods holding a model with several copies) -> how many models route to it; its
     # clusters exist while that is above zero
     sets: dict[tuple[str, ...], int] = field(default_factory=dict)
+    transformers: dict[str, r.Transformer] = field(default_factory=dict)
 
 
 @dataclass
@@ -407,7 +424,7 @@ def index(state: r.RoutingState) -> Index:
             sets[pods] = sets.get(pods, 0) + 1
     return Index(
         scope_targets(state), models,
-        {name: _traffic_key(state, name, plan) for name, plan in state.traffic.items()}, plans_of, sets,
+        {name: _traffic_key(state, name, plan) for name, plan in state.traffic.items()}, plans_of, sets, dict(state.transformers),
     )
 
 
@@ -437,6 +454,10 @@ def diff(old: Index, state: r.RoutingState) -> tuple[Patch, Index]:
         if old.traffic.get(name) != key:
             routes[traffic_rc_name(name)] = traffic_routes(state, name, state.traffic[name])
     p.removes[r.ROUTE_TYPE] += [traffic_rc_name(n) for n in old.traffic if n not in new.traffic]
+    for name, t in new.transformers.items():
+        if old.transformers.get(name) != t:
+            routes[transformer_rc_name(name)] = transformer_routes(state, name)
+    p.removes[r.ROUTE_TYPE] += [transformer_rc_name(n) for n in old.transformers if n not in new.transformers]
     return p, new
 
 
@@ -463,6 +484,8 @@ def diff_partial(old: Index, part: r.RoutingState, models: set[str], names: set[
             p.upserts[r.ROUTE_TYPE][model_rc_name(m)] = model_routes(part, m)
         _move_set(old, p, part, before or (), key or ())
     for n in names:
+        if n in old.transformers:
+            continue  # a transformer's name keeps its scope whatever models do
         if n in part.aliases:
             target: str | None = model_rc_name(part.aliases[n]) if part.aliases[n] in part.loaded else ACTIVATOR_RC
         elif n in part.loaded:

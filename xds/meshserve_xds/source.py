@@ -56,6 +56,23 @@ def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
     )
 
 
+async def read_transformers(state: st.State) -> dict[str, r.Transformer]:
+    """The transformers `meshserve up` runs (meshserve/transformer.py), read at each resync:
+    they are written before the xDS server starts and change only with a restart."""
+    import json
+
+    from meshserve.transformer import TRANSFORMERS
+
+    out: dict[str, r.Transformer] = {}
+    for name, raw in (await state.r.hgetall(TRANSFORMERS)).items():
+        try:
+            d = json.loads(raw)
+            out[name.decode()] = r.Transformer(r.Endpoint(d["host"], int(d["rest_port"]), int(d["grpc_port"])), str(d["predictor"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("xds: ignoring a malformed transformer record %r", name)
+    return out
+
+
 @dataclass
 class ChangeBatch:
     """What a batch of `ms:changes` entries asks for: targeted re-reads, or a full resync."""
@@ -108,6 +125,7 @@ class RedisSource:
         self.rev = 0
         self.snap: st.Snapshot | None = None
         self.traffic: dict = {}
+        self.transformers: dict[str, r.Transformer] = {}
         self.published: set[str] = set()
 
     async def rebuild(self) -> None:
@@ -116,6 +134,7 @@ class RedisSource:
         snap = await self.state.snapshot()
         self.snap = snap
         self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
+        self.transformers = await read_transformers(self.state)
         self._index = None  # a resync replaces everything
         await self._publish()
         self.rev = snap.rev
@@ -161,6 +180,7 @@ class RedisSource:
         assert self.snap is not None
         rs = routing_state(self.snap, self.s)
         rs.traffic = self.traffic
+        rs.transformers = self.transformers
         if self.layout == "scoped":
             await self._publish_scoped(rs)
             return

@@ -1,0 +1,1 @@
+../../../loader/meshserve_loader/examples/minilm.py
