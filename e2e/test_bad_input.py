@@ -16,6 +16,7 @@ import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -26,6 +27,7 @@ from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 
 pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
 
 
 def curl(*args: str, input_bytes: bytes | None = None) -> tuple[int, str]:
@@ -246,3 +248,65 @@ def test_grpc_limit_is_the_same_with_and_without_a_routing_header(mesh: devmesh.
                     assert "not BYTES" in (e.value.details() or "")
                 _grpc_good(stub, fixtures)
     good(mesh, fixtures)
+
+
+@pytest.fixture(scope="module")
+def cold_mesh(tmp_path_factory: pytest.TempPathFactory) -> "Iterator[devmesh.Mesh]":
+    """Models nobody has asked for yet, so each request below goes through the activator."""
+    d = tmp_path_factory.mktemp("cold-config")
+    spec = (REPO / "mesh-config" / "sklearn-mnist.yaml").read_text()
+    for i in range(4):
+        (d / f"cold-{i}.yaml").write_text(spec.replace("name: sklearn-mnist", f"name: cold-{i}"))
+    with devmesh.mesh(config_dir=d) as m:
+        yield m
+
+
+def _raw_post(mesh: devmesh.Mesh, model: str, body: bytes) -> bytes:
+    port = int(mesh.rest.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        s.sendall(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        s.sendall(body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def test_cold_models_get_the_same_answers_to_encoded_and_oversized_bodies(cold_mesh: devmesh.Mesh, fixtures: Path) -> None:
+    """The activator holds a cold model's request and forwards its body as it came: the runtime
+    decodes it, bounded, on an inference thread. Before: the activator inflated it itself, so a
+    plain body labelled gzip was a 500 and a gzip bomb stalled every held request; and a body
+    over the limit was answered mid-send, resetting a client that reads only after sending."""
+    m = cold_mesh
+    plain = (fixtures / "mnist-request-proto-json.json").read_bytes()
+    code, text = _infer(m, plain, "Content-Encoding: gzip", model="cold-0")
+    assert code == 400 and "not valid gzip" in json.loads(text)["error"], text
+    code, text = _infer(m, gzip.compress(plain), "Content-Encoding: gzip", model="cold-1")
+    assert code == 200 and json.loads(text)["outputs"][0]["contents"]["int64Contents"] == ["8"], text
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = b"".join([*(z.compress(bytes(1 << 20)) for _ in range(1024)), z.flush()])
+    health = f"http://127.0.0.1:{m.ports['activator_rest_port']}/v2/health/live"
+    slowest: list[float] = []
+
+    def poll() -> None:
+        for _ in range(40):
+            t0 = time.monotonic()
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(health, timeout=10).read()
+            slowest.append(time.monotonic() - t0)
+            time.sleep(0.02)
+
+    with ThreadPoolExecutor(1) as ex:
+        poller = ex.submit(poll)
+        code, text = _infer(m, bomb, "Content-Encoding: gzip", model="cold-2")
+        poller.result(timeout=60)
+    assert code == 413 and "decompresses to more than" in json.loads(text)["error"], text
+    assert max(slowest) < 0.5, f"the activator stalled {max(slowest):.2f}s"
+    big = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["' + b"a" * (100 << 20) + b'"]}]}'
+    reply = _raw_post(m, "cold-3", big)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    code, text = _infer(m, plain, model="cold-3")
+    assert code == 200 and json.loads(text)["outputs"][0]["contents"]["int64Contents"] == ["8"], text

@@ -28,9 +28,9 @@ def client_python() -> Path:
     return ensure_clients(REPO)
 
 
-def _calls(py: Path, mesh: devmesh.Mesh, model: str) -> dict[str, Any]:
+def _calls(py: Path, mesh: devmesh.Mesh, model: str, groups: tuple[str, ...] = ("triton", "kserve")) -> dict[str, Any]:
     got: dict[str, Any] = {}
-    for group in ("triton", "kserve"):
+    for group in groups:
         out = subprocess.run([str(py), str(REPO / "e2e" / "clientlib" / "calls.py"), mesh.rest, mesh.grpc, model, group],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -48,3 +48,29 @@ def test_tritonclient_and_kserve_sdk_through_the_gateway(mesh: devmesh.Mesh, cli
     md = got["tritonclient metadata"]["ok"]
     assert md["http_live"] is True
     assert md["http_inputs"] and md["grpc_inputs"], md
+
+
+def test_tritonclient_model_control_through_the_gateway(mesh: devmesh.Mesh, client_python: Path) -> None:
+    """The v2 repository extension at the gateway (issue 14 item 3), by InferenceService name:
+    the index lists every registered model with its state, an explicit load pins a copy (the
+    placement leader keeps it, as the `meshserve.io/pinned` annotation does) and answers once it
+    is loaded, an unload drops the pin, and an unknown name is a 404. Before: 404 for all."""
+    import redis
+
+    got = _calls(client_python, mesh, "sklearn-mnist-b", ("repository",))["repository"]
+    assert "ok" in got, got
+    res = got["ok"]
+    names = {m["name"]: m for m in res["index"]}
+    assert {"sklearn-mnist", "sklearn-mnist-b", "broken-model"} <= set(names), names
+    assert all(m["state"] in ("READY", "LOADING", "UNAVAILABLE") for m in names.values())
+    assert res["ready_after_load"] is True
+    assert "not found" in res["unknown"], res["unknown"]
+    r = redis.Redis.from_url(mesh.redis_url)
+    try:
+        model_id = r.hget("ms:aliases", "sklearn-mnist-b").decode()
+        # The unload's unpin reaches the leader through its request stream: wait for it.
+        devmesh.wait_until(lambda: not r.hexists("ms:pins", model_id), 10, "the pin dropped")
+        loaded = [p for p, c in json.loads(r.hget("ms:placements", model_id)).items() if c["state"] == "loaded"]
+    finally:
+        r.close()
+    assert loaded, "the model was loaded by the explicit load"

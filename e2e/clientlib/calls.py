@@ -1,4 +1,4 @@
-"""Run inside the clients venv: `python calls.py <rest base> <grpc addr> <model> triton|kserve`.
+"""Run inside the clients venv: `python calls.py <rest base> <grpc addr> <model> triton|kserve|repository`.
 The two packages can't share a process (both register protobuf package `inference` in the
 default descriptor pool), so each group runs in its own. Each call is
 made exactly as a user's code makes it, with the real client package, and its outcome printed
@@ -77,6 +77,24 @@ def kserve_grpc(grpc_addr: str, model: str) -> Any:
     return asyncio.run(go())
 
 
+def triton_repository(rest: str, model: str) -> Any:
+    """tritonclient's model-control calls: index, explicit load (pins a copy), ready, unload."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    c = th.InferenceServerClient(rest.split("://", 1)[1])
+    out: dict[str, Any] = {"index": c.get_model_repository_index()}
+    c.load_model(model)
+    out["ready_after_load"] = c.is_model_ready(model)
+    c.unload_model(model)
+    try:
+        c.load_model("no-such-model")
+        out["unknown"] = "loaded?"
+    except InferenceServerException as e:
+        out["unknown"] = str(e)
+    return out
+
+
 def main() -> None:
     rest, grpc_addr, model, group = sys.argv[1:5]
     calls: dict[str, Callable[[], Any]] = {
@@ -88,10 +106,11 @@ def main() -> None:
         "kserve rest binary": lambda: kserve_rest(rest, model, True),
         "kserve rest json": lambda: kserve_rest(rest, model, False),
         "kserve grpc": lambda: kserve_grpc(grpc_addr, model),
+        "repository": lambda: triton_repository(rest, model),
     }
     out: dict[str, Any] = {}
     for name, call in calls.items():
-        if not name.startswith("triton" if group == "triton" else "kserve"):
+        if not name.startswith({"triton": "triton", "kserve": "kserve"}.get(group, group)):
             continue
         try:
             out[name] = {"ok": call()}

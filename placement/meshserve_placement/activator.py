@@ -32,7 +32,8 @@ from prometheus_client import Counter, Histogram
 from meshserve import failures
 from meshserve import state as st
 from meshserve import tracing
-from meshserve.model import CopyState, Pod
+from meshserve.httpbody import drain
+from meshserve.model import CopyState, Pod, copies_from_json
 from meshserve.settings import MAX_REQUEST_BYTES, Settings
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 
@@ -130,6 +131,32 @@ class Activator:
             except asyncio.TimeoutError:
                 pass
 
+    async def ask(self, model_id: str, op: str) -> None:
+        """A request to the placement leader, the only writer of placements: `pin` or `unpin`."""
+        await self.state.r.xadd(st.LOAD_REQUESTS, {"model": model_id, "op": op, "ts": str(time.time())}, maxlen=100_000, approximate=True)
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        """Every registered name, in the v2 repository extension's form: READY with a loaded
+        copy, LOADING while one loads, UNAVAILABLE otherwise (with the last failure's kind)."""
+        async with self.state.r.pipeline(transaction=False) as p:
+            p.hgetall(st.ALIASES).hgetall(st.PLACEMENTS)
+            aliases, placements = await p.execute()
+        out = []
+        for alias, mid in sorted(aliases.items()):
+            copies = copies_from_json(placements[mid]) if mid in placements else {}
+            states = {c.state for c in copies.values()}
+            entry = {"name": alias.decode(), "version": ""}
+            if CopyState.LOADED in states:
+                entry["state"] = "READY"
+            elif CopyState.LOADING in states:
+                entry["state"] = "LOADING"
+            else:
+                entry["state"] = "UNAVAILABLE"
+                failed = [c.reason for c in copies.values() if c.state == CopyState.FAILED]
+                entry["reason"] = failures.describe(failed[-1], False) if failed else "not loaded"
+            out.append(entry)
+        return out
+
     async def resolve(self, name: str) -> str:
         model_id = await self.state.resolve(name)
         if model_id is None:
@@ -149,7 +176,10 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Application:
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    # The body is forwarded as it came, Content-Encoding and all: the runtime decodes it on an
+    # inference thread, bounded. aiohttp's own decompression here would inflate a gzip bomb on
+    # this event loop, stalling every held request, and a plain body labelled gzip was a 500.
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, handler_args={"auto_decompress": False})
 
     async def health_live(_: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -188,6 +218,7 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         try:
             payload = await request.read()
         except web.HTTPRequestEntityTooLarge:
+            await drain(request)
             return _error(413, f"request body is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
@@ -229,12 +260,38 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
                 log.warning("forwarding %s to %s failed: %s", model_id, pod.id, e)
                 return _error(503, f"model '{model_id}' is loaded but its runtime pod did not answer")
 
+    async def repository_index(_: web.Request) -> web.Response:
+        return web.json_response(await act.repository_index())
+
+    async def repository_load(request: web.Request) -> web.Response:
+        """Triton's explicit load, by InferenceService name: pins a copy, then answers once it
+        is loaded (the load is held like a cold request, for up to the cold-start timeout)."""
+        try:
+            model_id = await act.resolve(request.match_info["name"])
+            await act.ask(model_id, "pin")
+            await act.ensure_loaded(model_id)
+        except LoadFailed as e:
+            return _error(e.status, str(e))
+        return web.json_response({})
+
+    async def repository_unload(request: web.Request) -> web.Response:
+        """Drops the pin of an explicit load; the copies then go as the cache needs the room."""
+        try:
+            model_id = await act.resolve(request.match_info["name"])
+        except LoadFailed as e:
+            return _error(e.status, str(e))
+        await act.ask(model_id, "unpin")
+        return web.json_response({})
+
     async def not_found(request: web.Request) -> web.Response:
         return _error(404, f"no such endpoint: {request.method} {request.path}; see the KServe v2 protocol (/v2/models/<name>/infer)")
 
     app.router.add_get("/v2/health/live", health_live)
     app.router.add_get("/v2/health/ready", health_ready)
     app.router.add_get("/v2", server_md)
+    app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post("/v2/repository/models/{name}/load", repository_load)
+    app.router.add_post("/v2/repository/models/{name}/unload", repository_unload)
     app.router.add_route("*", r"/v2/models/{name:[^/]+}{tail:(/.*)?}", model_route)
     app.router.add_route("*", "/{path:.*}", not_found)
     return app

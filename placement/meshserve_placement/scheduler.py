@@ -108,6 +108,7 @@ class Scheduler:
         # everywhere and unload copies that are under load).
         self._rate_rounds = 0
         self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
+        self.pins: set[str] = set()  # models pinned through the repository API (keys.PINS)
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
@@ -209,6 +210,10 @@ class Scheduler:
                 excluded[(m, p)] = float(v)
         # Building the view is pure and O(models): off the event loop, so the lease keeps.
         self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
+        self.pins = {k.decode() for k in await r.hkeys(keys.PINS)}
+        for m in self.pins:
+            if m in self.view.models:
+                self.view.models[m].pinned = True
         await self._refresh_pods()  # the declared runtimes too, before any decision on the new view
         self._lastused_seen = max((v for _, v in lu), default=0.0)
         self.queues = {}
@@ -276,6 +281,7 @@ class Scheduler:
         self.specs[spec.id] = spec
         old = self.view.models.get(spec.id)
         mv = _model_view(spec, self.reported.get(spec.id, 0))
+        mv.pinned = mv.pinned or spec.id in self.pins
         if old is not None and self.view.live_copies(spec.id):
             mv.size = old.size  # keep the measured size once loaded
         self.view.models[spec.id] = mv
@@ -309,6 +315,10 @@ class Scheduler:
 
     async def _on_load_request(self, f: dict[str, str]) -> None:
         model_id = f["model"]
+        op = f.get("op", "load")
+        if op in ("pin", "unpin"):
+            if not await self._set_pin(model_id, op == "pin") or op == "unpin":
+                return
         copies = self.view.copies.get(model_id, {})
         if any(c.state == CopyState.LOADED for c in copies.values()):
             return
@@ -335,6 +345,26 @@ class Scheduler:
         self.attempts[model_id] = 0
         self.waiting.add(model_id)
         await self._place(spec, waiting=True)
+
+    async def _set_pin(self, model_id: str, pinned: bool) -> bool:
+        """The repository API's load (pin) and unload (unpin). A pinned model keeps at least one
+        copy and is never evicted, exactly as the `meshserve.io/pinned` annotation makes it;
+        dropping the pin leaves its copies to the cache's ordinary eviction. False for a model
+        that is not registered."""
+        spec = await self._refresh_model(model_id)
+        if spec is None:
+            return False
+        if pinned:
+            await self._commit([["HSET", keys.PINS, model_id, time.time()]], [])
+            self.pins.add(model_id)
+        else:
+            await self._commit([["HDEL", keys.PINS, model_id]], [])
+            self.pins.discard(model_id)
+        mv = self.view.models.get(model_id)
+        if mv is not None:
+            mv.pinned = spec.pinned or model_id in self.pins
+        log.info("%s %s through the repository API", model_id, "pinned" if pinned else "unpinned")
+        return True
 
     async def _prioritise(self, model_id: str) -> None:
         self.waiting.add(model_id)

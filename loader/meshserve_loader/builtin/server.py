@@ -31,6 +31,7 @@ from aiohttp import hdrs, web
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from meshserve.httpbody import drain
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_loader.builtin import binary, codec
 from meshserve_loader.builtin.footprint import footprint
@@ -382,29 +383,6 @@ def build_control_app(rt: Runtime) -> web.Application:
     return app
 
 
-# A body over the limit is still read, and dropped, up to these bounds before its 413 goes out.
-# Many HTTP/1.1 clients read the answer only once they have sent the whole body; answering at
-# the limit made the gateway end the request and close, and they were reset mid-send (seen at
-# 100 MB) without ever reading the 413. Past the bounds the answer goes out anyway.
-DRAIN_SECONDS = 10.0
-DRAIN_MAX_BYTES = 4 * MAX_BODY_BYTES
-
-
-async def _drain(request: web.Request) -> None:
-    if (request.content_length or 0) > DRAIN_MAX_BYTES:
-        return
-    seen = 0
-    try:
-        async with asyncio.timeout(DRAIN_SECONDS):
-            while seen <= DRAIN_MAX_BYTES:
-                chunk = await request.content.readany()
-                if not chunk:
-                    return
-                seen += len(chunk)
-    except TimeoutError:
-        pass
-
-
 def build_rest_app(rt: Runtime) -> web.Application:
     # No automatic decompression: aiohttp would inflate on the event loop (decode_body).
     app = web.Application(client_max_size=MAX_BODY_BYTES, handler_args={"auto_decompress": False})
@@ -473,7 +451,7 @@ def build_rest_app(rt: Runtime) -> web.Application:
             return _err(400, str(e))
         except web.HTTPRequestEntityTooLarge:
             code = "413"
-            await _drain(request)
+            await drain(request)
             return _err(413, f"request body is larger than the {MAX_BODY_BYTES >> 20} MiB limit")
         except BodyTooLarge as e:
             code = "413"
