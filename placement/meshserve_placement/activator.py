@@ -61,7 +61,12 @@ class LoadFailed(Exception):
 class Activator:
     def __init__(self, settings: Settings, state: st.State):
         self.s, self.state = settings, state
+        # model -> the event the next change of its placement sets. A change replaces it (set
+        # the old one, put a fresh one): a waiter takes the current one *before* it reads the
+        # state, so a change that lands during that read still wakes it. (Clearing one shared
+        # event per look let one waiter erase the wake-up another had not seen yet.)
         self._waiters: dict[str, asyncio.Event] = {}
+        self._holding: dict[str, int] = {}  # model -> requests held for it; its entries go at 0
         self._requested: dict[str, float] = {}
         self._requested_by: dict[str, trace.SpanContext] = {}  # model -> the hold span that asked for its load
         self.cold_requests = 0
@@ -79,24 +84,48 @@ class Activator:
             for _, entries in resp or []:
                 for eid, fields in entries:
                     last = eid
-                    ev = self._waiters.get(fields.get(b"id", b"").decode())
-                    if ev is not None:
-                        ev.set()
+                    self.wake(fields.get(b"id", b"").decode())
+
+    def wake(self, model_id: str) -> None:
+        """Every request held for `model_id` looks at its placement again."""
+        ev = self._waiters.get(model_id)
+        if ev is not None:
+            self._waiters[model_id] = asyncio.Event()
+            ev.set()
 
     async def ensure_loaded(self, model_id: str) -> Pod:
         with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
             "activator.hold", attributes={tracing.ATTR_MODEL: model_id}
         ) as span:
-            pod = await self._wait_loaded(model_id, span)
+            self._holding[model_id] = self._holding.get(model_id, 0) + 1
+            try:
+                pod = await self._wait_loaded(model_id, span)
+            finally:
+                self._release(model_id)
             span.set_attribute(tracing.ATTR_POD, pod.id)
             return pod
+
+    def _release(self, model_id: str) -> None:
+        """The per-model entries live while a request is held for the model, no longer: at a
+        million models, keeping them would be a leak."""
+        n = self._holding.get(model_id, 1) - 1
+        if n > 0:
+            self._holding[model_id] = n
+            return
+        for d in (self._holding, self._waiters, self._requested_by):
+            d.pop(model_id, None)
+        # The time of the last load request outlives the hold by its 2 s dedupe window only.
+        cutoff = time.time() - 2.0
+        if self._requested.get(model_id, 0.0) < cutoff:
+            self._requested.pop(model_id, None)
+        if len(self._requested) > 10_000:
+            self._requested = {m: t for m, t in self._requested.items() if t >= cutoff}
 
     async def _wait_loaded(self, model_id: str, span: trace.Span) -> Pod:
         linked = False
         deadline = time.monotonic() + self.s.cold_start_timeout_seconds
         while True:
             ev = self._waiters.setdefault(model_id, asyncio.Event())
-            ev.clear()
             copies = await self.state.copies(model_id)
             loaded = [p for p, c in copies.items() if c.state == CopyState.LOADED]
             if loaded:
