@@ -78,7 +78,7 @@ async def request_loads(url: str, ids: list[str]) -> None:
         for start in range(0, len(ids), 1000):
             async with s.r.pipeline(transaction=False) as p:
                 for mid in ids[start:start + 1000]:
-                    p.xadd(st.LOAD_REQUESTS, {"model": mid, "ts": str(time.time())})
+                    p.xadd(st.LOAD_REQUESTS, st.load_request(mid))
                 await p.execute()
     finally:
         await s.close()

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import aiohttp
 
 from meshserve import state as st
-from meshserve.model import Copy, CopyState, ModelSpec, copies_to_json
+from meshserve.lease import Lease
+from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.rules import plan as pl
 from meshserve.rules import store
 from meshserve.rules.schema import parse_duration, referenced_models
@@ -279,14 +280,11 @@ class Controller:
         self.errors = ErrorWindow()
 
     async def run(self) -> None:
-        lease_ms = 3000
+        lease = Lease(self.state.r, st.ROLLOUT_LEASE, self.id, 3.0)
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
-                    if await self.state.r.set(st.ROLLOUT_LEASE, self.id, nx=True, px=lease_ms) or (
-                        (await self.state.r.get(st.ROLLOUT_LEASE) or b"").decode() == self.id
-                    ):
-                        await self.state.r.pexpire(st.ROLLOUT_LEASE, lease_ms)
+                    if await lease.hold():
                         await self.tick(http, time.time())
                 except Exception as e:  # redis gone or a bad record: keep going, say why
                     log.warning("rollout: %s: %s", type(e).__name__, e)
@@ -368,7 +366,7 @@ class Controller:
         if now - self.last_request.get(model, 0.0) < LOAD_REREQUEST_S:
             return
         self.last_request[model] = now
-        await self.state.r.xadd(st.LOAD_REQUESTS, {"model": model, "ts": str(now)}, maxlen=100_000, approximate=True)
+        await self.state.r.xadd(st.LOAD_REQUESTS, st.load_request(model, now=now), maxlen=100_000, approximate=True)
 
     async def _transition(self, t: pl.Transition, snap: st.Snapshot, now: float, in_use: set[str]) -> None:
         new_c, old_c = snap.placements.get(t.new, {}), snap.placements.get(t.old, {})
@@ -389,16 +387,13 @@ class Controller:
                 if old_spec.min_copies or old_spec.pinned:
                     ops.append(["HSET", st.MODELS, t.old, dataclasses.replace(old_spec, min_copies=0, pinned=False).to_json()])
                     changes.append((st.KIND_MODEL, t.old))
+        # Placements and orders are the placement leader's to write: the controller asks it,
+        # through its request stream, in the same commit as the transition (nothing is lost if
+        # this process dies in between). Route first, model second (as Seldon does).
         if step.withdraw_old:
-            # Route first, model second (as Seldon does): copies marked unloading lose their routes.
-            copies = {p: (Copy(CopyState.UNLOADING, c.size, now) if c.state == CopyState.LOADED else c) for p, c in old_c.items()}
-            if copies:
-                ops.append(["HSET", st.PLACEMENTS, t.old, copies_to_json(copies)])
-                changes.append((st.KIND_PLACEMENT, t.old))
+            ops.append(st.load_request_command(t.old, "withdraw", now, why=f"superseded by {t.new}"))
         if step.unload_old:
-            for p, c in old_c.items():
-                if c.state == CopyState.UNLOADING:
-                    ops.append(["XADD", st.orders_key(p), "*", "op", "unload", "model", t.old])
+            ops.append(st.load_request_command(t.old, "retire", now, why=f"superseded by {t.new}"))
         if step.restore_spec:
             ops += restore_spec_ops(await self.state.r.hget(st.MODELS, t.new), t)
             changes.append((st.KIND_MODEL, t.new))

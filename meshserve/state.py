@@ -64,6 +64,25 @@ KIND_RULE = "rule"
 KIND_TRANSITION = "transition"
 
 
+# ms:loadreq entries, the placement leader's request stream: {model, op, ts, why?, trace
+# context}. op: load (the default; activators, `meshserve load`, rollout's preload), pin/unpin
+# (the gateway's v2 repository API), withdraw/retire (rollout: a superseded version's routes,
+# then its copies). Only the leader acts on them; it is the one writer of placements and orders.
+LOAD_OPS = ("load", "pin", "unpin", "withdraw", "retire")
+
+
+def load_request(model_id: str, op: str = "load", now: float | None = None, **extra: str) -> dict[str, str]:
+    if op not in LOAD_OPS:
+        raise ValueError(f"unknown leader request {op!r}")
+    return {"model": model_id, "op": op, "ts": str(time.time() if now is None else now), **extra}
+
+
+def load_request_command(model_id: str, op: str, now: float, **extra: str) -> list[Any]:
+    """The XADD of a leader request, for a commit that must write it atomically with other state."""
+    fields = load_request(model_id, op, now, **extra)
+    return ["XADD", LOAD_REQUESTS, "MAXLEN", "~", 100_000, "*", *(x for kv in fields.items() for x in kv)]
+
+
 def orders_key(pod_id: str) -> str:
     return ORDERS_PREFIX + pod_id
 

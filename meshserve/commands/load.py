@@ -60,7 +60,7 @@ class Watch:
 
 async def _ask(state: st.State, w: Watch) -> None:
     # The activator's fields exactly (placement/meshserve_placement/activator.py).
-    await state.r.xadd(st.LOAD_REQUESTS, {"model": w.model, "ts": str(time.time())}, maxlen=100_000, approximate=True)
+    await state.r.xadd(st.LOAD_REQUESTS, st.load_request(w.model), maxlen=100_000, approximate=True)
     w._asked = time.monotonic()
 
 

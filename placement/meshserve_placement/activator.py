@@ -144,7 +144,7 @@ class Activator:
                     self._requested[model_id] = time.time()
                     self._requested_by[model_id] = span.get_span_context()
                     span.set_attribute("meshserve.load_requested", True)
-                    fields = tracing.inject({"model": model_id, "ts": str(time.time())})
+                    fields = tracing.inject(st.load_request(model_id))
                     await self.state.r.xadd(st.LOAD_REQUESTS, fields, maxlen=100_000, approximate=True)
             by = self._requested_by.get(model_id)
             if not linked and by is not None and by != span.get_span_context():
@@ -162,7 +162,7 @@ class Activator:
 
     async def ask(self, model_id: str, op: str) -> None:
         """A request to the placement leader, the only writer of placements: `pin` or `unpin`."""
-        await self.state.r.xadd(st.LOAD_REQUESTS, {"model": model_id, "op": op, "ts": str(time.time())}, maxlen=100_000, approximate=True)
+        await self.state.r.xadd(st.LOAD_REQUESTS, st.load_request(model_id, op), maxlen=100_000, approximate=True)
 
     async def repository_index(self) -> list[dict[str, str]]:
         """Every registered name, in the v2 repository extension's form: READY with a loaded

@@ -319,6 +319,9 @@ class Scheduler:
         if op in ("pin", "unpin"):
             if not await self._set_pin(model_id, op == "pin") or op == "unpin":
                 return
+        if op in ("withdraw", "retire"):
+            await self._retire(model_id, orders=op == "retire", why=f.get("why", ""))
+            return
         copies = self.view.copies.get(model_id, {})
         if any(c.state == CopyState.LOADED for c in copies.values()):
             return
@@ -345,6 +348,26 @@ class Scheduler:
         self.attempts[model_id] = 0
         self.waiting.add(model_id)
         await self._place(spec, waiting=True)
+
+    async def _retire(self, model_id: str, orders: bool, why: str) -> None:
+        """A superseded version, on the rollout controller's request (it asks; only the leader
+        writes placements and orders). `withdraw`: its loaded copies become UNLOADING, which takes
+        their routes away while their memory stays booked. `retire`, a little later, once the
+        gateways stopped sending there: the unload orders."""
+        ops: Ops = []
+        changes: Changes = []
+        now = time.time()
+        cs = dict(self.view.copies.get(model_id, {}))
+        for pod, c in list(cs.items()):
+            if c.state == CopyState.LOADED:
+                cs[pod] = Copy(CopyState.UNLOADING, c.size, now, why or "superseded by a new version")
+            if orders and cs[pod].state == CopyState.UNLOADING:
+                ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", model_id])
+        if cs != self.view.copies.get(model_id, {}):
+            self._set_copies(model_id, cs, ops, changes)
+        if ops:
+            log.info("%s %s: %s", "retiring" if orders else "withdrawing", model_id, why or "superseded by a new version")
+            await self._commit(ops, changes)
 
     async def _set_pin(self, model_id: str, pinned: bool) -> bool:
         """The repository API's load (pin) and unload (unpin). A pinned model keeps at least one
