@@ -27,6 +27,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,9 @@ M_QUEUE_WAIT = Histogram(
 )
 
 GROUP = "placement"
+LAST_DECISIONS = 10_000  # kept in memory for the debug endpoint; ms:decisions has them all
+UNLOAD_RETRY_SECONDS = 30.0  # an unload that failed is ordered again after this long
+HANDLER_TRIES = 3  # a stream entry whose handler keeps failing is dropped (logged) after this many
 CONSUMER = "leader"  # one name, so a new leader inherits the old one's unacknowledged entries
 QUEUED = "queued for a loading slot"
 
@@ -109,6 +113,7 @@ class Scheduler:
         self._rate_rounds = 0
         self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
         self.pins: set[str] = set()  # models pinned through the repository API (keys.PINS)
+        self._failed_unloads: dict[tuple[str, str], float] = {}  # (model, pod) -> when last ordered
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
@@ -116,7 +121,7 @@ class Scheduler:
         self._fenced_write = state.r.register_script(_FENCED_WRITE_LUA)
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
-        self.last_decisions: dict[str, policy.Decision] = {}
+        self.last_decisions: OrderedDict[str, policy.Decision] = OrderedDict()  # the newest, for /debug
         self._traces: dict[tuple[str, str], dict[str, str]] = {}  # (pod, model) -> the decision's trace fields, until its order is sent
         self._decided: dict[str, trace.SpanContext] = {}  # model -> its latest decision's span (joined loads link to it)
 
@@ -188,7 +193,7 @@ class Scheduler:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    async def _reload(self) -> None:
+    async def _rebuild(self) -> None:
         """Everything the previous leader decided is in Redis: rebuild the view from it."""
         r = self.state.r
         # Where to follow ms:changes from: taken before the snapshot, so a change made between
@@ -210,6 +215,10 @@ class Scheduler:
                 excluded[(m, p)] = float(v)
         # Building the view is pure and O(models): off the event loop, so the lease keeps.
         self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
+        self._failed_unloads = {
+            (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
+            if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
+        }
         self.pins = {k.decode() for k in await r.hkeys(keys.PINS)}
         for m in self.pins:
             if m in self.view.models:
@@ -224,12 +233,16 @@ class Scheduler:
         self.waiting = {m for q in self.queues.values() for m, prio in q.items() if prio < keys.BACKGROUND}
         log.info("%s: state reloaded: %d models, %d pods, %d placements, %d queued loads", self.id,
                  len(self.specs), len(self.pods), len(snap.placements), sum(len(q) for q in self.queues.values()))
+
+    async def _reload(self) -> None:
+        await self._rebuild()
         async with self._lock:
             for pod in list(self.pods):
                 await self._dispatch(pod)  # slots may have freed while nobody led
 
     async def _consume(self, key: str, handler: Any) -> None:
         cursor = "0"
+        failures_seen: dict[bytes, int] = {}
         while True:
             resp = await self.state.r.xreadgroup(GROUP, CONSUMER, {key: cursor}, count=64, block=1000)
             entries = resp[0][1] if resp else []
@@ -245,7 +258,18 @@ class Scheduler:
                 except st.NotLeader:
                     raise
                 except Exception:
-                    log.exception("placement: handling %s %s failed", key, fields)
+                    # The view may now differ from Redis (a handler can fail between its view
+                    # change and its commit): rebuild it from Redis, and handle the entry again
+                    # from the pending list instead of acknowledging it as done.
+                    n = failures_seen[eid] = failures_seen.get(eid, 0) + 1
+                    log.exception("placement: handling %s %s failed (try %d of %d); reloading the view", key, fields, n, HANDLER_TRIES)
+                    async with self._lock:
+                        await self._rebuild()
+                    if n < HANDLER_TRIES:
+                        cursor = "0"
+                        break
+                    log.error("placement: dropping %s entry %s after %d failed tries", key, eid, n)
+                failures_seen.pop(eid, None)
                 await self.state.r.xack(key, GROUP, eid)
 
     async def _commit(self, ops: Ops, changes: Changes) -> int:
@@ -415,6 +439,9 @@ class Scheduler:
         decision = policy.place(mv, self.view, now)
         span.set_attributes({"meshserve.outcome": "placed" if decision.pod else "unplaceable", "meshserve.reason": decision.reason or ""})
         self.last_decisions[spec.id] = decision
+        self.last_decisions.move_to_end(spec.id)
+        if len(self.last_decisions) > LAST_DECISIONS:
+            self.last_decisions.popitem(last=False)  # ms:decisions keeps every model's, for explain
         record = {**decision.to_dict(), "ts": now, "leader": self.id, "why": why or ("a request is waiting" if waiting else "")}
         ops.append(["HSET", keys.DECISIONS, spec.id, json.dumps(record, separators=(",", ":"))])
         if decision.pod is None and decision.waits_for and waiting:
@@ -583,8 +610,19 @@ class Scheduler:
         elif op == "unload":
             if cur is None:
                 return
-            copies.pop(pod, None)
+            if not ok:
+                # The pod still holds it: the copy stays UNLOADING (its memory booked, so the load
+                # queued behind this eviction waits instead of pushing the pod over), and the
+                # unload is ordered again by the copy reconcile (UNLOAD_RETRY_SECONDS).
+                log.warning("unload of %s on %s failed: %s", model_id, pod, f.get("reason", ""))
+                copies[pod] = Copy(CopyState.UNLOADING, cur.size, now, f"unload failed: {f.get('reason', '')}"[:300])
+                self._failed_unloads[(model_id, pod)] = now
+            else:
+                copies.pop(pod, None)
+                self._failed_unloads.pop((model_id, pod), None)
         self._set_copies(model_id, copies, ops, changes)
+        if op == "load" and (ok or not any(c.state == CopyState.LOADING for c in copies.values())):
+            self._decided.pop(model_id, None)  # the decision's span context: nothing joins it any more
         if op == "load" and not ok:
             n = self.attempts.get(model_id, 0) + 1
             self.attempts[model_id] = n
@@ -598,6 +636,9 @@ class Scheduler:
                 await self._retry_room()
                 return
             self.waiting.discard(model_id)
+            self.attempts.pop(model_id, None)
+        elif op == "load":
+            self.attempts.pop(model_id, None)
         await self._commit(ops, changes)
         await self._dispatch(pod)
         await self._retry_room()  # a landed load, a finished unload or a failure: room may have freed
@@ -730,6 +771,7 @@ class Scheduler:
             await self._poll_lastused(now)
             async with self._lock:
                 await self._reconcile_copies(now)
+                await self._retry_unloads(now)
 
     async def _refresh_specs(self) -> None:
         """Models registered (or re-annotated) since the last look, so minCopies and pinning
@@ -837,6 +879,22 @@ class Scheduler:
                     self.last_added[a.model] = now
             elif a.op == "remove":
                 await self._unload(a.model, a.pod, a.why)
+
+    async def _retry_unloads(self, now: float) -> None:
+        """Unloads a pod reported failed are ordered again, each at most every UNLOAD_RETRY_SECONDS.
+        O(failed unloads), never O(models): this runs every maintain period."""
+        ops: Ops = []
+        changes: Changes = []
+        for (model, pod), since in list(self._failed_unloads.items()):
+            c = self.view.copies.get(model, {}).get(pod)
+            if c is None or c.state != CopyState.UNLOADING:
+                del self._failed_unloads[(model, pod)]
+            elif now - since >= UNLOAD_RETRY_SECONDS:
+                log.info("ordering the unload of %s on %s again: %s", model, pod, c.reason)
+                self._failed_unloads[(model, pod)] = now
+                ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", model])
+        if ops:
+            await self._commit(ops, changes)
 
     async def _unload(self, model: str, pod: str, why: str) -> None:
         cs = dict(self.view.copies.get(model, {}))
