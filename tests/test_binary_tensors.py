@@ -77,3 +77,29 @@ def test_raw_grpc_in_raw_out() -> None:
     assert not resp.outputs[0].HasField("contents")
     assert np.frombuffer(resp.raw_output_contents[0], "<i8").tolist() == [8]
     assert isinstance(resp, pb.ModelInferResponse)
+
+
+def test_bf16_raw_is_widened_bit_for_bit() -> None:
+    """Kind: unit. BF16 values are FP32's top halves: 1.5, -2.0 and 3.140625 exactly."""
+    want = np.array([1.5, -2.0, 3.140625], dtype="<f4")
+    raw = (want.view("<u4") >> 16).astype("<u2").tobytes()
+    body, n = _body([{"name": "x", "datatype": "BF16", "shape": [3], "parameters": {"binary_data_size": len(raw)}}], [raw])
+    req, _ = binary.decode_request(body, n)
+    assert req.inputs[0].array.tolist() == want.tolist()
+    rest = codec.decode_json_request(json.dumps({"inputs": [{"name": "x", "datatype": "BF16", "shape": [3], "data": [1.5, -2.0, 3.140625]}]}).encode())
+    assert rest.inputs[0].array.tolist() == want.tolist()
+    with pytest.raises(codec.CodecError, match="needs 6"):
+        binary.decode_request(*_body([{"name": "x", "datatype": "BF16", "shape": [3], "parameters": {"binary_data_size": 4}}], [raw[:4]]))
+
+
+def test_bytes_that_are_not_text_are_never_altered() -> None:
+    """Kind: unit. JSON cannot carry non-UTF-8 bytes: refused with how to get them, never
+    replaced with U+FFFD; the binary form and gRPC carry them whole."""
+    req = codec.decode_json_request(json.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1]}]}).encode())
+    blob = np.array([b"\xff\xfe ok", "caf\u00e9".encode()], dtype=object)
+    with pytest.raises(codec.CodecError, match="binary data"):
+        codec.encode_json_response("m", req, {"y": blob})
+    out, hl = binary.encode_response("m", req, {"y": blob}, binary.OutputWants(all_binary=True))
+    assert out[hl:] == (5).to_bytes(4, "little") + b"\xff\xfe ok" + (5).to_bytes(4, "little") + "caf\u00e9".encode()
+    text = json.loads(codec.encode_json_response("m", req, {"y": np.array(["caf\u00e9".encode()], dtype=object)}))
+    assert text["outputs"][0]["data"] == ["caf\u00e9"]

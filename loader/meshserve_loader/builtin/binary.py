@@ -142,7 +142,7 @@ def encode_response(model_name: str, req: codec.InferRequest, outputs: dict[str,
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = [x.decode(errors="replace") if isinstance(x, bytes) else x for x in a.reshape(-1).tolist()]
+            entry["data"] = [codec._as_text(name, x) if isinstance(x, bytes) else x for x in a.reshape(-1).tolist()]
         outs.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "outputs": outs}
     if req.id:

@@ -43,6 +43,9 @@ DATATYPES: dict[str, tuple[Any, str]] = {
     "UINT32": (np.uint32, "uint_contents"),
     "UINT64": (np.uint64, "uint64_contents"),
     "FP16": (np.float16, ""),
+    # bfloat16 has no numpy dtype: its values are widened to float32 (exact: BF16 is FP32's top
+    # half), raw ones bit for bit (_from_raw). Like FP16, only raw data in the protobuf form.
+    "BF16": (np.float32, ""),
     "FP32": (np.float32, "fp32_contents"),
     "FP64": (np.float64, "fp64_contents"),
     "BYTES": (object, "bytes_contents"),
@@ -234,6 +237,10 @@ def _from_raw(name: str, datatype: str, shape: list[int], buf: bytes) -> np.ndar
             items.append(buf[off + 4 : off + 4 + ln])
             off += 4 + ln
         arr = np.array(items, dtype=object)
+    elif datatype == "BF16":
+        if len(buf) != n * 2:
+            raise CodecError(f"input '{name}': raw content is {len(buf)} bytes, shape {shape} of BF16 needs {n * 2}")
+        arr = (np.frombuffer(buf, dtype="<u2").astype("<u4") << 16).view("<f4")
     else:
         width = np.dtype(dtype).itemsize
         if len(buf) != n * width:
@@ -265,6 +272,18 @@ def encode_grpc_response(model_name: str, req_id: str, outputs: dict[str, np.nda
     return resp
 
 
+def _as_text(output: str, b: bytes) -> str:
+    """A BYTES element as JSON text. JSON carries only text: bytes that are not UTF-8 would come
+    out altered (replacement characters), so they are refused, saying how to get them whole."""
+    try:
+        return b.decode()
+    except UnicodeDecodeError:
+        raise CodecError(
+            f"output '{output}' holds bytes that are not UTF-8 text, which JSON cannot carry unaltered: "
+            "ask for it as binary data (Triton's binary tensor extension: parameters.binary_data on the output) or use gRPC"
+        ) from None
+
+
 def encode_json_response(model_name: str, req: InferRequest, outputs: dict[str, np.ndarray]) -> bytes:
     if req.form == "proto":
         msg = encode_grpc_response(model_name, req.id, outputs)
@@ -273,7 +292,7 @@ def encode_json_response(model_name: str, req: InferRequest, outputs: dict[str, 
     for name, a in outputs.items():
         dt = datatype_of(a)
         flat = a.reshape(-1)
-        data = [x.decode(errors="replace") if isinstance(x, bytes) else x for x in flat.tolist()]
+        data = [_as_text(name, x) if isinstance(x, bytes) else x for x in flat.tolist()]
         outs.append({"name": name, "shape": _output_shape(a), "datatype": dt, "data": data})
     doc: dict[str, Any] = {"model_name": model_name, "outputs": outs}
     if req.id:
