@@ -230,7 +230,10 @@ async def test_a_request_waits_for_room_and_only_a_model_that_never_fits_gets_50
         try:
             with pytest.raises(LoadFailed) as e:
                 await act.ensure_loaded(huge.id)
-            assert e.value.status == 503 and "more than the pod's whole capacity" in str(e.value)
+            # The client hears the kind of failure; the reason itself is for `meshserve explain`.
+            assert e.value.status == 503 and "no runtime pod can hold it" in str(e.value)
+            why = json.loads(await state.r.hget(st.PLACEMENTS, huge.id))["-"]["reason"]
+            assert "more than the pod's whole capacity" in why, why
             # A request that would pass the cold-start timeout waiting gets its 503 then.
             impatient = Activator(Settings(redis_url=valkey.url, cold_start_timeout_seconds=1.5), state)
             t0 = time.monotonic()
