@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	# Every extra (all) and the test tools: `make up` runs every role on this machine.
+	$(BIN)/pip install -q -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,8 +21,12 @@ up: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# The generator runs in a throwaway environment of its own (uv): its version, pinned in
+# pyproject.toml [tool.meshserve], sets the grpcio/protobuf minimums its code accepts.
+PROTO_GENERATOR = $(shell $(PY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["tool"]["meshserve"]["proto-generator"])')
+
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto proto/meshserve_proto/grpc_predict_v2.proto
+	$(BIN)/uv run --no-project --isolated -q -p $(PY) --with '$(PROTO_GENERATOR)' python -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto proto/meshserve_proto/*.proto
 
 bench: install
 	$(BIN)/pip install -q -e '.[test,bench]'
