@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# Every extra (all) and the test tools: `make up` runs every role on this machine.
 	$(BIN)/pip install -q -e '.[all,test]'
+	# xds-protos ships a stale copy of opentelemetry-proto's files (grpc/grpc#42926): whichever
+	# installs last wins, and the old copy breaks the OTLP exporter. Put the real one back.
+	$(BIN)/pip install -q --no-deps --force-reinstall "opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 install: $(STAMP)
