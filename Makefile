@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test proto bench clean
+.PHONY: install up test proto locks bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,17 @@ PROTO_GENERATOR = $(shell $(PY) -c 'import tomllib; print(tomllib.load(open("pyp
 
 proto: install
 	$(BIN)/uv run --no-project --isolated -q -p $(PY) --with '$(PROTO_GENERATOR)' python -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto proto/meshserve_proto/*.proto
+
+# The images' lock files (docker/Dockerfile): each role's extra, every version pinned with hashes,
+# for the images' platform. --upgrade: resolve anew rather than keep the old file's pins.
+LOCK = $(BIN)/uv pip compile -q --upgrade pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
+	--generate-hashes --no-emit-package meshserve --custom-compile-command "make locks"
+
+locks: install
+	$(LOCK) --extra control -o docker/lock/control-plane.txt
+	$(LOCK) --extra loader -o docker/lock/loader.txt
+	$(LOCK) --extra runtime -o docker/lock/runtime.txt
+	$(LOCK) --extra all -o docker/lock/dev.txt
 
 bench: install
 	$(BIN)/pip install -q -e '.[test,bench]'
