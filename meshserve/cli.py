@@ -11,6 +11,8 @@ import click
 
 import meshserve.commands
 from meshserve.commands.exits import HELP as EXIT_HELP
+from meshserve.commands.exits import FAILED
+from meshserve.extras import MissingExtra
 
 
 @click.group(epilog=EXIT_HELP)
@@ -30,7 +32,12 @@ _register()
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except MissingExtra as e:
+        # A command reached a library of an extra this install lacks: say which, not a traceback.
+        click.echo(f"meshserve: {e}", err=True)
+        raise SystemExit(FAILED) from None
 
 
 if __name__ == "__main__":

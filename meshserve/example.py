@@ -14,9 +14,12 @@ def ensure_example_model(pvc_root: Path) -> Path:
     target = pvc_root / EXAMPLE_PVC / EXAMPLE_FILE
     if target.exists():
         return target
-    import joblib
-    from sklearn.datasets import load_digits
-    from sklearn.svm import SVC
+    from meshserve.extras import needs
+
+    with needs("runtime", "the example model (an sklearn SVC)"):
+        import joblib
+        from sklearn.datasets import load_digits
+        from sklearn.svm import SVC
 
     digits = load_digits()
     model = SVC(gamma=0.001).fit(digits.data, digits.target)

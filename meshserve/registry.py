@@ -131,7 +131,10 @@ def _memory(doc: Document, ann: dict[str, Any]) -> int:
     raw = ann.get(MEMORY_ANNOTATION)
     if raw is None:
         return 0
-    from kubernetes.utils.quantity import parse_quantity  # only when a size is stated: a 1 s import
+    from meshserve.extras import needs
+
+    with needs("control", f"the {MEMORY_ANNOTATION} annotation (a Kubernetes quantity)"):
+        from kubernetes.utils.quantity import parse_quantity  # only when a size is stated: a 1 s import
 
     where = ("metadata", "annotations", MEMORY_ANNOTATION)
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):

@@ -50,7 +50,13 @@ def setup(service: str, exporter: SpanExporter | None = None, *, simple: bool = 
         return _provider
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     if exporter is None and (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            # xds-protos ships a stale copy of opentelemetry-proto's files (grpc/grpc#42926);
+            # installed after it, that copy lacks what the exporter imports.
+            raise ImportError(f"the OTLP exporter cannot load ({e}): xds-protos overwrote opentelemetry-proto; run "
+                              "pip install --no-deps --force-reinstall opentelemetry-proto==<the installed version>") from e
 
         exporter = OTLPSpanExporter()
     if exporter is not None:

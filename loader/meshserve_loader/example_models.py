@@ -36,7 +36,10 @@ def write_sklearn(target: Path) -> Path:
 
 
 def write_xgboost(target: Path) -> Path:
-    import xgboost as xgb
+    from meshserve.extras import needs
+
+    with needs("runtime", "the example models"):
+        import xgboost as xgb
 
     x, y = _digits()
     booster = xgb.train({"objective": "multi:softmax", "num_class": 10, "max_depth": 4, "nthread": 1},
@@ -45,7 +48,10 @@ def write_xgboost(target: Path) -> Path:
 
 
 def write_lightgbm(target: Path) -> Path:
-    import lightgbm as lgb
+    from meshserve.extras import needs
+
+    with needs("runtime", "the example models"):
+        import lightgbm as lgb
 
     x, y = _digits()
     booster = lgb.train({"objective": "multiclass", "num_class": 10, "num_leaves": 15, "verbose": -1, "num_threads": 1},

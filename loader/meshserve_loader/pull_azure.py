@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from meshserve.extras import install_hint
 from meshserve_loader.pull_objects import write_objects
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import Store
@@ -24,8 +25,8 @@ CLIENT_KW = {"connection_timeout": 10, "read_timeout": 60, "retry_total": 3}
 def azure_client(store: Store):  # type: ignore[no-untyped-def]
     try:
         from azure.storage.blob import BlobServiceClient
-    except ImportError as e:  # a dependency of meshserve: only a hand-made install lacks it
-        raise StorageError(f"Azure store {store.key!r} needs azure-storage-blob: pip install azure-storage-blob ({e})") from None
+    except ImportError as e:  # the `loader` extra: a runtime-only install lacks it
+        raise StorageError(install_hint("loader", f"Azure store {store.key!r}", e.name)) from None
     if store.connection_string:
         try:
             return BlobServiceClient.from_connection_string(store.connection_string, **CLIENT_KW)
@@ -38,8 +39,7 @@ def azure_client(store: Store):  # type: ignore[no-untyped-def]
         try:
             from azure.identity import ClientSecretCredential
         except ImportError as e:
-            raise StorageError(f"Azure store {store.key!r} uses a service principal, which needs azure-identity: "
-                               f"pip install azure-identity ({e})") from None
+            raise StorageError(install_hint("loader", f"Azure store {store.key!r} (a service principal)", e.name)) from None
         credential = ClientSecretCredential(store.tenant_id, store.client_id, store.client_secret)
     return BlobServiceClient(url, credential=credential, **CLIENT_KW)
 
@@ -50,7 +50,10 @@ def pull_azure(
 ) -> str:
     """Download blob `key` (else every blob under `key/`) of `container` into the empty dir
     `dest`. Returns the model's path relative to `dest` ("" when it is the whole directory)."""
-    from azure.core import exceptions as azexc
+    try:
+        from azure.core import exceptions as azexc
+    except ImportError as e:  # the `loader` extra: a runtime-only install lacks it
+        raise StorageError(install_hint("loader", f"Azure store {store.key!r}", e.name)) from None
 
     key = key.strip("/")
     if not container:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
+from meshserve.extras import install_hint
 from meshserve_loader.pull_objects import write_objects
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import Store
@@ -26,8 +27,8 @@ def gcs_client(store: Store):  # type: ignore[no-untyped-def]
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
         from google.oauth2 import service_account
-    except ImportError as e:  # a dependency of meshserve: only a hand-made install lacks it
-        raise StorageError(f"GCS store {store.key!r} needs google-cloud-storage: pip install google-cloud-storage ({e})") from None
+    except ImportError as e:  # the `loader` extra: a runtime-only install lacks it
+        raise StorageError(install_hint("loader", f"GCS store {store.key!r}", e.name)) from None
     if store.private_key:
         info = {"type": "service_account", "private_key": store.private_key, "client_email": store.client_email,
                 "token_uri": store.token_uri or "https://oauth2.googleapis.com/token"}
@@ -50,9 +51,12 @@ def pull_gcs(
 ) -> str:
     """Download `key` (an object, else every object under `key/`) into the empty dir `dest`.
     Returns the model's path relative to `dest` ("" when it is the whole directory)."""
-    from google.api_core import exceptions as gexc
-    from google.auth import exceptions as aexc
-    from requests import RequestException
+    try:
+        from google.api_core import exceptions as gexc
+        from google.auth import exceptions as aexc
+        from requests import RequestException
+    except ImportError as e:  # the `loader` extra: a runtime-only install lacks it
+        raise StorageError(install_hint("loader", f"GCS store {store.key or 'anonymous'!r}", e.name)) from None
 
     key = key.strip("/")
     if not bucket:

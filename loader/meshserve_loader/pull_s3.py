@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from meshserve.extras import install_hint
 from meshserve_loader.pull_objects import write_objects
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import Store
@@ -42,8 +43,11 @@ def ca_bundle_file(pem: str) -> str:
 
 
 def s3_client(store: Store):  # type: ignore[no-untyped-def]
-    import boto3
-    from botocore.config import Config
+    try:
+        import boto3
+        from botocore.config import Config
+    except ModuleNotFoundError as e:  # the `loader` extra: a runtime-only install lacks it
+        raise StorageError(install_hint("loader", f"S3 store {store.key or 'default'!r}", e.name)) from None
 
     # Path-style addressing: MinIO and other self-hosted stores don't do virtual-host buckets.
     cfg = Config(
@@ -75,7 +79,10 @@ def pull_s3(
 ) -> str:
     """Download `key` (an object, else every object under `key/`) into the empty dir `dest`.
     Returns the model's path relative to `dest` ("" when it is the whole directory)."""
-    from botocore.exceptions import BotoCoreError, ClientError, SSLError
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, SSLError
+    except ModuleNotFoundError as e:  # the `loader` extra: a runtime-only install lacks it
+        raise StorageError(install_hint("loader", f"S3 store {store.key or 'default'!r}", e.name)) from None
 
     key = key.strip("/")
     if not bucket:

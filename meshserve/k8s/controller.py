@@ -19,9 +19,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
+
+from meshserve.extras import needs
+
+with needs("control", "cluster mode (meshserve controller)"):
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
 
 from meshserve import servingconfig
 from meshserve import state as st

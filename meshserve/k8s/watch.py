@@ -17,10 +17,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import urllib3
-from kubernetes import watch as k8s_watch
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter
+
+from meshserve.extras import needs
+
+with needs("control", "cluster mode's list/watch (meshserve controller)"):
+    import urllib3
+    from kubernetes import watch as k8s_watch
+    from kubernetes.client.exceptions import ApiException
 from tenacity import (
     RetryCallState,
     Retrying,

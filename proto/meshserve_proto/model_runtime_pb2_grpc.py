@@ -5,7 +5,7 @@ import warnings
 
 from meshserve_proto import model_runtime_pb2 as meshserve__proto_dot_model__runtime__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in meshserve_proto/model_runtime_pb2_grpc.py depends on'
+        + f' but the generated code in meshserve_proto/model_runtime_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ModelRuntimeStub:
+class ModelRuntimeStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -61,7 +61,7 @@ class ModelRuntimeStub:
                 _registered_method=True)
 
 
-class ModelRuntimeServicer:
+class ModelRuntimeServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def loadModel(self, request, context):
@@ -136,7 +136,7 @@ def add_ModelRuntimeServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelRuntime:
+class ModelRuntime(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

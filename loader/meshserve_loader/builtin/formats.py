@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from meshserve.extras import needs
 from meshserve_loader.builtin.codec import CodecError, InferRequest
 
 
@@ -103,7 +104,8 @@ def load_sklearn(path: Path, params: dict[str, Any]) -> Model:
     f = _model_file(path, (".joblib", ".pkl", ".pickle"))
     try:
         if f.suffix == ".joblib":
-            import joblib
+            with needs("runtime", "an sklearn model"):
+                import joblib
 
             est = joblib.load(f)
         else:
@@ -169,7 +171,8 @@ class BoosterModel:
 def load_xgboost(path: Path, params: dict[str, Any]) -> Model:
     # Only xgboost's own formats: a .pkl booster would be a pickle, refused here.
     f = _model_file(path, (".json", ".ubj", ".bst", ".model"))
-    import xgboost as xgb
+    with needs("runtime", "an xgboost model"):
+        import xgboost as xgb
 
     try:
         booster = xgb.Booster()
@@ -181,7 +184,8 @@ def load_xgboost(path: Path, params: dict[str, Any]) -> Model:
 
 def load_lightgbm(path: Path, params: dict[str, Any]) -> Model:
     f = _model_file(path, (".txt", ".bst", ".model", ".lgb"))
-    import lightgbm as lgb
+    with needs("runtime", "a lightgbm model"):
+        import lightgbm as lgb
 
     try:
         booster = lgb.Booster(model_file=str(f))
@@ -245,7 +249,8 @@ class OnnxModel:
 
 def load_onnx(path: Path, params: dict[str, Any]) -> Model:
     f = _model_file(path, (".onnx",))
-    import onnxruntime as ort
+    with needs("runtime", "an onnx model"):
+        import onnxruntime as ort
 
     opts = ort.SessionOptions()
     # Many models share a pod's cores: one thread each keeps one model from starving the rest.

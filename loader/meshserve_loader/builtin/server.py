@@ -596,18 +596,24 @@ def add_servicer(server: grpc.aio.Server, servicer: GrpcServicer) -> None:
 def _preimport() -> None:
     # Import the heavy libraries once at start, so a model's measured size is the model's own
     # memory, not the libraries its first load happened to import, and cold starts skip it.
-    import joblib  # noqa: F401
-    import sklearn.svm  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-    import sklearn.ensemble  # noqa: F401
+    from meshserve.extras import needs
+
+    with needs("runtime", "the built-in runtime"):
+        import joblib  # noqa: F401
+        import sklearn.svm  # noqa: F401
+        import sklearn.linear_model  # noqa: F401
+        import sklearn.ensemble  # noqa: F401
 
 
 def _preimport_more() -> None:
     # The other formats' libraries (~3 s of imports on a busy 2-core box) warm up after the
     # server answers, so the pod is up sooner; loads wait for them (Runtime.warm).
-    import xgboost  # noqa: F401
-    import lightgbm  # noqa: F401
-    import onnxruntime  # noqa: F401
+    from meshserve.extras import needs
+
+    with needs("runtime", "the built-in runtime"):
+        import xgboost  # noqa: F401
+        import lightgbm  # noqa: F401
+        import onnxruntime  # noqa: F401
 
 
 async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True, load_timeout: float = 0.0,

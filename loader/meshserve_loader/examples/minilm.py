@@ -46,7 +46,10 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.n
 
 def _gelu(x: np.ndarray) -> np.ndarray:
     # BERT's exact GELU (erf form).
-    from scipy.special import erf
+    from meshserve.extras import needs
+
+    with needs("runtime", "the MiniLM example"):
+        from scipy.special import erf
 
     return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
 
@@ -56,7 +59,10 @@ class MiniLMEmbedder:
         self.settings = settings
 
     def load(self) -> bool:
-        from tokenizers import Tokenizer
+        from meshserve.extras import needs
+
+        with needs("runtime", "the MiniLM example"):
+            from tokenizers import Tokenizer
 
         root = Path(self.settings["parameters"]["uri"])
         wdir = root / "weights" if (root / "weights").exists() else root
