@@ -290,6 +290,9 @@ def test_controller_sees_runtime_pods_and_may_do_what_it_does() -> None:
     for res in ("inferenceservices", "servingruntimes"):
         assert {("serving.kserve.io", res, v) for v in ("list", "watch")} <= grants
     assert ("serving.kserve.io", "inferenceservices/status", "patch") in grants
+    # TrafficRules: watched, and only their status written.
+    assert {("meshserve.io", "trafficrules", v) for v in ("list", "watch")} | {("meshserve.io", "trafficrules/status", "patch")} <= grants
+    assert not any(g == "meshserve.io" and r == "trafficrules" and v in ("patch", "update") for g, r, v in grants)
     assert {("", "pods", "list"), ("", "pods", "watch"), ("", "secrets", "watch")} <= grants
     # Scale to zero: pools are watched, and only their scale subresource is written.
     assert {("apps", "statefulsets", "list"), ("apps", "statefulsets", "watch"), ("apps", "statefulsets/scale", "patch")} <= grants
