@@ -1,4 +1,5 @@
-"""A small in-process Kubernetes API server for tests: list/watch, merge-patch of status.
+"""A small in-process Kubernetes API server for tests: list/watch, get, create, replace, delete,
+merge-patch of status.
 
 It speaks the parts of the protocol the watchers depend on: a list answers with the
 collection's resourceVersion; `?watch=true&resourceVersion=N` streams newline-delimited JSON
@@ -254,6 +255,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(409, "Conflict", f'Operation cannot be fulfilled on {res} "{name}": the object has been modified')
         body.pop("status", None)
         self._json(200, self.api.apply(res, body, ns))
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        r = self._route()
+        self._body()
+        if r is None or r[2] is None or r[3] or r[0] in self.api.absent:
+            return self._status(404, "NotFound", self.path)
+        res, ns, name = r[0], r[1], r[2]
+        self.api.requests.append(Request("DELETE", res, False, {"name": name}))
+        if self.api.get(res, name, ns) is None:
+            return self._status(404, "NotFound", f'{res} "{name}" not found')
+        self.api.delete(res, name, ns)
+        self._json(200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": res}})
 
     def do_GET(self) -> None:  # noqa: N802
         r = self._route()
