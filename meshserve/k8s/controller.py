@@ -385,10 +385,15 @@ class Controller:
         if self.watchers[TRAFFIC].absent:
             return  # the CRD is not installed: rules are managed with `meshserve apply` alone
         objs = self.watchers[TRAFFIC].snapshot()
-        async with self.state.r.pipeline(transaction=True) as p:
-            p.hkeys(st.ALIASES).hkeys(st.MODELS).hgetall(st.RULES)
-            raw_aliases, raw_models, raw_rules = await p.execute()
-        known = {k.decode() for k in raw_aliases} | {k.decode() for k in raw_models}
+        raw_rules = await self.state.r.hgetall(st.RULES)
+        if not objs and not raw_rules:
+            return  # the common case: no rules at all, and no need to read every model name
+        known: set[str] = set()
+        if objs:  # what rules may name: every alias and concrete id
+            async with self.state.r.pipeline(transaction=True) as p:
+                p.hkeys(st.ALIASES).hkeys(st.MODELS)
+                raw_aliases, raw_models = await p.execute()
+            known = {k.decode() for k in raw_aliases} | {k.decode() for k in raw_models}
         stored: dict[str, dict[str, Any]] = {}
         for k, v in raw_rules.items():
             try:
