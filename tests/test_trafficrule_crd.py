@@ -187,3 +187,25 @@ def test_cel_rules_compile_and_name_real_fields() -> None:
         node = crd._walk(OPENAPI, path)
         if field_path:
             assert field_path.split(".")[1] in node["properties"], (path, field_path)
+
+
+def test_kubectl_get_trafficrules_columns() -> None:
+    """The printer columns read fields the controller writes (meshserve/k8s/rules.py status_of)."""
+    from meshserve.k8s import rules as kr
+
+    (doc,) = load_documents("r.yaml", HEAD + "  canary: {model: b, steps: [{weight: 10}, {weight: 50}]}\n")
+    rule = schema.parse_rule(doc, KNOWN)
+    status = kr.status_of(kr.RuleVerdict({**doc.data, "metadata": {"name": "r", "generation": 3}}, rule),
+                          {"phase": "Paused", "step": 1, "reason": ""})
+    obj = {**doc.data, "status": status}
+    row = {}
+    for c in crd.PRINTER_COLUMNS:
+        cur: Any = obj
+        for part in c["jsonPath"].strip(".").split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        row[c["name"]] = cur
+    assert row == {"Model": "a", "Phase": "Paused", "Step": 2, "Canary": 50, "Message": "", "Age": None}
+    assert status["steps"] == 2 and status["observedGeneration"] == 3
+    for c in crd.PRINTER_COLUMNS:
+        if c["jsonPath"].startswith(".status."):
+            assert c["jsonPath"].split(".")[2] in crd.STATUS["properties"]
