@@ -230,7 +230,7 @@ async def test_kubectl_apply_then_curl_through_the_istio_gateway(mesh: devmesh.M
         task = asyncio.create_task(c.run())
         try:
             await until(lambda: status(api).get("conditions"), "status written")
-            assert status(api)["conditions"][0]["status"] == "True"
+            assert next(c for c in status(api)["conditions"] if c["type"] == "Ready")["status"] == "True"
             assert status(api)["url"] == f"grpc://modelmesh-serving.{ns}:8033"
 
             code, body = await asyncio.to_thread(

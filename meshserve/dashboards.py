@@ -7,12 +7,56 @@ files are current, and the Prometheus e2e test runs every query against a live m
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "grafana" / "dashboards"
 RATE = "$__rate_interval"
+
+# Every dashboard has `cluster` and `namespace` variables, and every metric selector in every
+# panel is scoped by them (`scoped` below), so one Grafana over several clusters or installs
+# shows one at a time. `namespace` is the target label the Prometheus Operator's PodMonitors add;
+# `cluster` is Prometheus's external label (Thanos, Mimir, a federating Prometheus) and is
+# absent on a single Prometheus, where "All" (.*) also matches series without it.
+SCOPE = {"cluster": "$cluster", "namespace": "$namespace"}
+SCOPE_MATCHERS = ",".join(f'{k}=~"{v}"' for k, v in SCOPE.items())
+SCOPE_METRIC = "meshserve_pods"  # placement's, present wherever a mesh runs: the variables' source
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+             "inf", "nan"}
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\{[^}]*\}|\[[^\]]*\]|[0-9][0-9.eE+-]*|[A-Za-z_:][A-Za-z0-9_:]*|\s+|.')
+
+
+def scoped(expr: str) -> str:
+    """`expr` with the scope matchers in every metric selector: `m` -> `m{cluster=~"$cluster",...}`,
+    `m{a="b"}` -> `m{cluster=~...,a="b"}`. Function and aggregation names, keywords, label lists
+    after by/without/on/ignoring, strings, ranges and numbers are left alone."""
+    toks = _TOKEN.findall(expr)
+    out: list[str] = []
+    label_list = False  # inside by (...) / without (...) / on (...) / ignoring (...)
+    for i, t in enumerate(toks):
+        if label_list:
+            out.append(t)
+            if t == ")":
+                label_list = False
+            continue
+        nxt = next((x for x in toks[i + 1:] if not x.isspace()), "")
+        if re.fullmatch(r"[A-Za-z_:][A-Za-z0-9_:]*", t) and not t.isdigit():
+            if t in ("by", "without", "on", "ignoring", "group_left", "group_right") and nxt == "(":
+                label_list = True
+                out.append(t)
+            elif t.lower() in _KEYWORDS or nxt in ("(", "by", "without"):
+                out.append(t)  # a keyword, or a function / aggregation (`sum by (le) (...)`)
+            elif toks[i + 1:i + 2] and toks[i + 1].startswith("{"):
+                body = toks[i + 1][1:-1].strip()
+                toks[i + 1] = "{" + SCOPE_MATCHERS + ("," + body if body else "") + "}"
+                out.append(t)
+            else:
+                out.append(t + "{" + SCOPE_MATCHERS + "}")
+        else:
+            out.append(t)
+    return "".join(out)
 
 
 @dataclass
@@ -81,7 +125,7 @@ MODEL = Dashboard(
         Panel("Its loads", [("meshserve_model_loads_total{model=\"$model\"}", "loads")]),
         Panel("Inference time inside the runtime (all models on its pods)", [(f"histogram_quantile(0.99, sum by (le) (rate(meshserve_runtime_inference_seconds_bucket[{RATE}])))", "p99")], unit="s"),
     ],
-    variables=[{"name": "model", "query": "label_values(meshserve_model_copies, model)"}],
+    variables=[{"name": "model", "query": f"label_values(meshserve_model_copies{{{SCOPE_MATCHERS}}}, model)"}],
 )
 
 CONTROL = Dashboard(
@@ -117,12 +161,22 @@ def to_grafana(d: Dashboard) -> dict:
                 "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
                 "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
                 "targets": [
-                    {"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend, "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+                    {"refId": chr(ord("A") + j), "expr": scoped(expr), "legendFormat": legend, "datasource": {"type": "prometheus", "uid": "${datasource}"}}
                     for j, (expr, legend) in enumerate(p.exprs)
                 ],
             }
         )
     templ = [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"}]
+    # cluster, then namespace within it: multi-select, with All (.*) also matching series that
+    # lack the label (a single Prometheus has no `cluster`; `meshserve up` has neither).
+    scope_vars = [
+        {"name": "cluster", "query": f"label_values({SCOPE_METRIC}, cluster)", "label": "Cluster"},
+        {"name": "namespace", "query": f'label_values({SCOPE_METRIC}{{cluster=~"$cluster"}}, namespace)', "label": "Namespace"},
+    ]
+    for v in scope_vars:
+        templ.append({"name": v["name"], "label": v["label"], "type": "query", "query": v["query"], "refresh": 2,
+                      "includeAll": True, "allValue": ".*", "multi": True, "current": {"text": "All", "value": "$__all"},
+                      "datasource": {"type": "prometheus", "uid": "${datasource}"}})
     for v in d.variables:
         templ.append(
             {"name": v["name"], "type": "query", "query": v["query"], "refresh": 2, "datasource": {"type": "prometheus", "uid": "${datasource}"}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -68,11 +70,15 @@ spec: {supportedModelFormats: [{name: a, autoSelect: false}, {name: b}], disable
     assert (p.ip, p.ready, p.gone) == ("1.2.3.4", False, True)
 
 
+def cond(status: dict, typ: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == typ)
+
+
 def test_status_is_stable_and_says_why() -> None:
     v = ob.judge(MNIST, RUNTIMES, {})
     s1 = ob.isvc_status(v, "ns", {}, "2026-01-01T00:00:00Z")
     assert s1["url"] == "grpc://modelmesh-serving.ns:8033"
-    assert s1["conditions"][0]["status"] == "True"
+    assert cond(s1, "Ready")["status"] == "True"
     # Same verdict later: same status, so no write (the transition time is kept).
     assert ob.status_patch(s1, ob.isvc_status(v, "ns", {}, "2026-02-02T00:00:00Z", s1)) == {}
     failed = ob.isvc_status(v, "ns", {"pod-0": Copy(CopyState.FAILED, reason="OOM")}, "t", s1)
@@ -82,12 +88,12 @@ def test_status_is_stable_and_says_why() -> None:
     # Recovery clears the failure: the patch nulls the key (merge patch keeps omitted keys).
     assert ob.status_patch(failed, s1)["modelStatus"]["lastFailureInfo"] is None
     bad = ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t3", s1)
-    assert bad["conditions"][0]["lastTransitionTime"] == "t3"
-    assert bad["conditions"][0]["reason"] == ob.REASON_NO_RUNTIME
+    assert cond(bad, "Ready")["lastTransitionTime"] == "t3"
+    assert cond(bad, "Ready")["reason"] == ob.REASON_NO_RUNTIME
     assert bad["modelStatus"]["states"] == {"activeModelState": "FailedToLoad", "targetModelState": ""}
     # A bad update while the earlier version serves: still Ready, on the earlier version.
     kept = ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t4", s1, serving={"pod-0": Copy(CopyState.LOADED)})
-    assert kept["conditions"][0]["status"] == "True" and kept["conditions"][0]["reason"] == ob.REASON_NO_RUNTIME
+    assert cond(kept, "Ready")["status"] == "True" and cond(kept, "Ready")["reason"] == ob.REASON_NO_RUNTIME
     assert kept["modelStatus"]["states"] == {"activeModelState": "Loaded", "targetModelState": "FailedToLoad"}
     assert kept["modelStatus"]["transitionStatus"] == "BlockedByFailedLoad"
 
@@ -115,6 +121,51 @@ def test_status_matches_the_kserve_crd_schema() -> None:
     validator = jsonschema.Draft7Validator(schema)
     for s in statuses:
         validator.validate(s)
+
+
+def test_status_has_modelmesh_components_and_conditions() -> None:
+    """As ModelMesh writes an InferenceService's status: the predictor component's URLs, and
+    PredictorReady beside Ready, both following the verdict."""
+    ok = ob.isvc_status(ob.judge(MNIST, RUNTIMES, {}), "ns", {"p": Copy(CopyState.LOADED)}, "t")
+    assert ok["components"] == {"predictor": {"url": "grpc://modelmesh-serving.ns:8033", "grpcUrl": "grpc://modelmesh-serving.ns:8033",
+                                              "restUrl": "http://modelmesh-serving.ns:8008"}}
+    assert [(c["type"], c["status"]) for c in ok["conditions"]] == [("PredictorReady", "True"), ("Ready", "True")]
+    assert ok["modelStatus"] == {"transitionStatus": "UpToDate", "states": {"activeModelState": "Loaded", "targetModelState": ""},
+                                 "copies": {"totalCopies": 1, "failedCopies": 0}}
+    bad = ob.isvc_status(ob.judge(MNIST, {}, {}), "ns", {}, "t2", ok)
+    for c in bad["conditions"]:
+        assert (c["status"], c["reason"], c["lastTransitionTime"]) == ("False", ob.REASON_NO_RUNTIME, "t2")
+    assert bad["modelStatus"]["lastFailureInfo"]["reason"] == ob.REASON_NO_RUNTIME and bad["modelStatus"]["lastFailureInfo"]["message"]
+    # An older status written before components existed gets them in the next patch.
+    old = {k: v for k, v in ok.items() if k != "components"}
+    assert ob.status_patch(old, ok) == {"components": ok["components"]}
+
+
+def _jsonpath(obj: Any, path: str) -> list[Any]:
+    """The subset of kubectl's JSONPath that CRD printer columns use: .a.b and [?(@.k==v)]."""
+    cur = [obj]
+    for part in re.findall(r"\.[A-Za-z]+|\[\?\(@\.[A-Za-z]+==[^)]*\)\]", path):
+        if part.startswith("."):
+            cur = [c.get(part[1:]) for c in cur if isinstance(c, dict) and part[1:] in c]
+            continue
+        k, want = re.match(r"\[\?\(@\.([A-Za-z]+)==(.*)\)\]", part).groups()
+        val = json.loads(want.replace("'", '"'))
+        cur = [x for c in cur if isinstance(c, list) for x in c if isinstance(x, dict) and x.get(k) == val]
+    return cur
+
+
+@pytest.mark.skipif(not (SHARED / "schemas").exists(), reason="needs ../shared/schemas (the KServe CRD schemas)")
+def test_kubectl_get_isvc_shows_modelmesh_columns() -> None:
+    """`kubectl get isvc` through KServe's printer columns: under ModelMesh it shows URL
+    grpc://modelmesh-serving.<ns>:8033, READY True, and empty traffic columns."""
+    crd = yaml.load((SHARED / "schemas" / "kserve-inferenceservices-crd.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    cols = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["additionalPrinterColumns"]
+    obj = {**MNIST, "status": ob.isvc_status(ob.judge(MNIST, RUNTIMES, {}), "modelmesh-serving", {}, "t")}
+    row = {c["name"]: ",".join(map(str, _jsonpath(obj, c["jsonPath"]))) for c in cols if c["name"] != "Age"}
+    assert row == {"URL": "grpc://modelmesh-serving.modelmesh-serving:8033", "Ready": "True", "Prev": "", "Latest": "",
+                   "PrevRolledoutRevision": "", "LatestReadyRevision": ""}
+    down = {**MNIST, "status": ob.isvc_status(ob.judge(MNIST, {}, {}), "modelmesh-serving", {}, "t")}
+    assert _jsonpath(down, ".status.conditions[?(@.type=='Ready')].status") == ["False"]
 
 
 def test_plan_registers_changes_and_removes_the_rest() -> None:

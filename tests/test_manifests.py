@@ -29,7 +29,7 @@ K8S_VERSION = "1.30"  # the oldest Kubernetes we claim: autoscaling/v2, policy/v
 needs_shared = pytest.mark.skipif(not SCHEMAS.exists(), reason="needs ../shared/schemas (Istio and KServe CRD schemas) beside the repository")
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-CORE_GROUPS = {"v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2", "rbac.authorization.k8s.io/v1"}
+CORE_GROUPS = {"v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2", "rbac.authorization.k8s.io/v1", "apiextensions.k8s.io/v1"}
 
 
 def manifest_files() -> list[Path]:
@@ -230,6 +230,7 @@ def test_kustomization_lists_every_manifest_and_they_exist() -> None:
     k = yaml.safe_load((ISTIO / "kustomization.yaml").read_text())
     listed = set(k["resources"])
     on_disk = {p.name for p in ISTIO.glob("*.yaml") if p.name != "kustomization.yaml"}
+    on_disk |= {f"crds/{p.name}" for p in (ISTIO / "crds").glob("*.yaml")}
     assert listed == on_disk
     ex = yaml.safe_load((ISTIO / "examples" / "kustomization.yaml").read_text())
     assert all((ISTIO / "examples" / r).exists() for r in ex["resources"])
@@ -289,6 +290,9 @@ def test_controller_sees_runtime_pods_and_may_do_what_it_does() -> None:
     for res in ("inferenceservices", "servingruntimes"):
         assert {("serving.kserve.io", res, v) for v in ("list", "watch")} <= grants
     assert ("serving.kserve.io", "inferenceservices/status", "patch") in grants
+    # TrafficRules: watched, and only their status written.
+    assert {("meshserve.io", "trafficrules", v) for v in ("list", "watch")} | {("meshserve.io", "trafficrules/status", "patch")} <= grants
+    assert not any(g == "meshserve.io" and r == "trafficrules" and v in ("patch", "update") for g, r, v in grants)
     assert {("", "pods", "list"), ("", "pods", "watch"), ("", "secrets", "watch")} <= grants
     # Scale to zero: pools are watched, and only their scale subresource is written.
     assert {("apps", "statefulsets", "list"), ("apps", "statefulsets", "watch"), ("apps", "statefulsets/scale", "patch")} <= grants

@@ -19,6 +19,7 @@ from meshserve import tracing
 from meshserve.commands import exits
 from meshserve.commands.output import WIDE, emit, is_data, output_option
 from meshserve.commands.status import _url
+from meshserve.k8s.cliapply import CLUSTER, Target, cluster_options
 from meshserve.yamlfile import ConfigError
 
 redis_option = click.option(
@@ -56,6 +57,40 @@ def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = Non
             provider.force_flush(5000)  # a CLI exits at once: send its span now (bounded)
 
 
+def _in_cluster(target: Target, fn: Any, action: str) -> Any:
+    """Run `fn(cluster)` against the Kubernetes API (cluster mode), exiting 1 with what to do
+    when the files are invalid or the API server can't be reached or refuses."""
+    from meshserve.k8s import cliapply
+
+    try:
+        api, ns = cliapply.connect(target)
+    except LookupError as e:
+        exits.fail(f"error: {e.args[0]}")
+    host = api.configuration.host
+    provider = tracing.setup("meshserve-cli")
+    try:
+        with tracing.tracer(__name__).start_as_current_span(f"control.{action}", attributes={"meshserve.mode": "cluster", "meshserve.namespace": ns}):
+            return fn(cliapply.Cluster(api, ns))
+    except ConfigError as e:
+        exits.fail(f"error: {e}\nnothing was changed.")
+    except LookupError as e:
+        exits.fail(f"error: {e.args[0]}")
+    except Exception as e:
+        msg = cliapply.explain_api_error(e, host)
+        if msg is None:
+            raise
+        exits.fail(f"error: {msg}")
+    finally:
+        api.close()
+        provider.force_flush(5000)
+
+
+def _cluster_apply(cluster: Any, paths: tuple[Path, ...], stdin: str | None, dry_run: bool) -> list[str]:
+    from meshserve.k8s import cliapply
+
+    return cliapply.apply(cluster, paths, stdin, dry_run)
+
+
 filename_option = click.option(
     "-f", "--filename", "paths", multiple=True, required=True, type=click.Path(path_type=Path, allow_dash=True),
     help="A YAML file, a directory of them, or - for standard input (InferenceService, Predictor, TrafficRule; "
@@ -78,15 +113,24 @@ def _stdin(paths: tuple[Path, ...]) -> str | None:
               show_default=True, help="Validate and print what would be created, configured or left unchanged, writing nothing. "
                                        "client and server are the same here (kubectl's values).")
 @redis_option
-def apply(paths: tuple[Path, ...], dry_run: str, redis_url: str) -> None:
+@cluster_options
+def apply(paths: tuple[Path, ...], dry_run: str, redis_url: str, target: Target) -> None:
     """Validate and apply InferenceServices, Predictors and TrafficRules. Nothing changes unless all
     of it is valid; a kind meshserve does not handle is an error naming it.
 
-    Exit status: 0 applied (or, with --dry-run, valid); 1 invalid input or Redis unreachable."""
+    In cluster mode (--mode cluster, MESHSERVE_MODE=cluster, or --kubeconfig/--context/-n) the
+    objects are created or replaced through the Kubernetes API instead of written to Redis, and
+    `meshserve controller` registers them.
+
+    Exit status: 0 applied (or, with --dry-run, valid); 1 invalid input, Redis or the Kubernetes API unreachable or refusing."""
     from meshserve.rules.config import apply_paths
     from meshserve.rules.preview import verdicts
 
     stdin = _stdin(paths)
+    if target.mode == CLUSTER:
+        for line in _in_cluster(target, lambda c: _cluster_apply(c, paths, stdin, dry_run != "none"), "apply"):
+            click.echo(line)
+        return
     if dry_run != "none":
         res = _run(_url(redis_url), lambda state: apply_paths(state, paths, stdin, dry_run=True))
         for label, verdict in verdicts(res.before, res.after):
@@ -282,9 +326,20 @@ def delete() -> None:
 @delete.command("rule")
 @click.argument("name")
 @redis_option
-def delete_rule(name: str, redis_url: str) -> None:
-    """Remove traffic rule NAME: its model's traffic goes back to the model itself at once."""
+@cluster_options
+def delete_rule(name: str, redis_url: str, target: Target) -> None:
+    """Remove traffic rule NAME: its model's traffic goes back to the model itself at once.
+    In cluster mode, deletes the TrafficRule object; the controller removes it from Redis."""
     from meshserve.rules import store
+
+    if target.mode == CLUSTER:
+        def go_cluster(c: Any) -> str:
+            if not c.delete("TrafficRule", name):
+                raise LookupError(f"no TrafficRule named {name!r} in namespace {c.ns}")
+            return f"trafficrule/{name} deleted"
+
+        click.echo(_in_cluster(target, go_cluster, "delete"))
+        return
 
     async def go(state: st.State) -> str:
         docs = await store.rule_docs(state)

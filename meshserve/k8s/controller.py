@@ -13,6 +13,7 @@ idempotent, so a second replica only repeats no-ops.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from meshserve import servingconfig
 from meshserve import state as st
 from meshserve.k8s import objects as ob
 from meshserve.k8s import pressure, scaling, store
+from meshserve.k8s import rules as kr
 from meshserve.k8s.watch import DELETED, Event, Watcher
 from meshserve.model import ModelSpec, Pod, copies_from_json
 
@@ -52,6 +54,8 @@ M_SCALES = Counter("meshserve_controller_pool_scales", "Runtime pools scaled bet
 
 ISVC, RUNTIME, SECRET, POD, POOL = "inferenceservices", "servingruntimes", "storage-config", "pods", "statefulsets"
 PREDICTOR, CONFIG = "predictors", "model-serving-config"
+TRAFFIC = "trafficrules"
+M_RULES = Counter("meshserve_controller_rules_written", "TrafficRules written to or removed from Redis", ["op"])
 
 
 class Controller:
@@ -106,6 +110,10 @@ class Controller:
             # ModelMesh's Predictor CRD may not be installed: then there are no Predictors.
             PREDICTOR: Watcher(PREDICTOR, self.custom.list_namespaced_custom_object, **common, **kserve, optional=True,
                                version=ob.PREDICTOR_VERSION, plural=ob.PREDICTOR_PLURAL),
+            # meshserve's own TrafficRule CRD (istio/crds/): while it is not installed the
+            # controller leaves the rules in Redis alone.
+            TRAFFIC: Watcher(TRAFFIC, self.custom.list_namespaced_custom_object, **common, optional=True, group=kr.GROUP,
+                             namespace=namespace, version=kr.VERSION, plural=kr.PLURAL),
             CONFIG: Watcher(CONFIG, self.core.list_namespaced_config_map, **common, namespace=namespace,
                             field_selector=f"metadata.name={ob.CONFIG_MAP}"),
             # The field selector is what lets RBAC grant this one Secret by name (resourceNames).
@@ -255,6 +263,7 @@ class Controller:
         await self._scale_pools(runtimes, desired)
         await self._expedite_gone_pods()
         await self._write_statuses(verdicts, desired)
+        await self._reconcile_rules()
         now = time.monotonic()
         if now - self._pressure_at >= self.pressure_seconds:
             self._pressure_at = now
@@ -371,6 +380,79 @@ class Controller:
             except Exception as e:  # noqa: BLE001 - the next resync retries
                 M_STATUS.labels("error").inc()
                 log.warning("controller: status of %s/%s not written: %s", ns, name, e)
+
+
+    async def _reconcile_rules(self) -> None:
+        """TrafficRules: validate as `meshserve apply` does, bring Redis's rules of this namespace
+        to what the cluster holds (a rule's canary status restarts only when its spec changed),
+        then mirror each rule's live status (phase, canary step) into its `.status`."""
+        if self.watchers[TRAFFIC].absent:
+            return  # the CRD is not installed: rules are managed with `meshserve apply` alone
+        objs = self.watchers[TRAFFIC].snapshot()
+        raw_rules = await self.state.r.hgetall(st.RULES)
+        if not objs and not raw_rules:
+            return  # the common case: no rules at all, and no need to read every model name
+        known: set[str] = set()
+        if objs:  # what rules may name: every alias and concrete id
+            async with self.state.r.pipeline(transaction=True) as p:
+                p.hkeys(st.ALIASES).hkeys(st.MODELS)
+                raw_aliases, raw_models = await p.execute()
+            known = {k.decode() for k in raw_aliases} | {k.decode() for k in raw_models}
+        stored: dict[str, dict[str, Any]] = {}
+        for k, v in raw_rules.items():
+            try:
+                stored[k.decode()] = json.loads(v)
+            except ValueError:
+                continue
+        foreign = {d["spec"]["model"]: n for n, d in stored.items() if not kr.owned(d, self.namespace) and isinstance(d.get("spec"), dict)}
+        verdicts = kr.judge(objs, known, foreign, {n for n, d in stored.items() if kr.owned(d, self.namespace)})
+        want = {v.name: kr.stored_doc(v.rule, self.namespace) for v in verdicts if v.rule is not None}
+        # A foreign rule of the same name is not ours to replace.
+        want = {n: d for n, d in want.items() if n not in stored or kr.owned(stored[n], self.namespace)}
+        changed = [d for n, d in sorted(want.items()) if stored.get(n) != d]
+        gone = sorted(n for n, d in stored.items() if kr.owned(d, self.namespace) and n not in want)
+        if changed or gone:
+            from meshserve.rules import store as rstore
+
+            old_status = {k.decode(): json.loads(v) for k, v in (await self.state.r.hgetall(st.RULE_STATUS)).items()}
+            ops, changes = rstore.rule_ops(changed, old_status)
+            for n in gone:
+                ops += [["HDEL", st.RULES, n], ["HDEL", st.RULE_STATUS, n]]
+                changes.append((st.KIND_RULE, n))
+            await self.state.commit(ops, changes)
+            M_RULES.labels("write").inc(len(changed))
+            M_RULES.labels("remove").inc(len(gone))
+            for d in changed:
+                log.info("controller: trafficrule %s written (model %s)", d["metadata"]["name"], d["spec"]["model"])
+            if gone:
+                log.info("controller: trafficrules removed: %s", ", ".join(gone))
+        for v in verdicts:
+            if v.rule is None:
+                log.debug("controller: trafficrule %s refused: %s", v.name, v.message)
+        names = [v.name for v in verdicts]
+        raws = await self.state.r.hmget(st.RULE_STATUS, names) if names else []
+        live = {n: json.loads(r) for n, r in zip(names, raws) if r}
+        for v in verdicts:
+            status = kr.status_of(v, live.get(v.name) if v.rule is not None and v.name in want else None)
+            if v.rule is not None and v.name not in want:
+                status = {**status, "phase": kr.INVALID, "message": f"a rule named {v.name!r} was applied by `meshserve apply` outside the cluster; delete it there first"}
+            cur = {k: val for k, val in (v.obj.get("status") or {}).items() if k in kr.STATUS_FIELDS}
+            patch = ob.merge_patch(cur, status)
+            if not patch:
+                continue
+            ns = ob.key_of(v.obj)[0] or self.namespace
+            try:
+                await asyncio.to_thread(
+                    self.custom.patch_namespaced_custom_object_status, kr.GROUP, kr.VERSION, ns, kr.PLURAL, v.name,
+                    {"status": patch}, _content_type="application/merge-patch+json", _request_timeout=10,
+                )
+                M_STATUS.labels("ok").inc()
+                others = {k: val for k, val in (v.obj.get("status") or {}).items() if k not in kr.STATUS_FIELDS}
+                v.obj["status"] = {**others, **status}
+            except Exception as e:  # noqa: BLE001 - the next resync retries
+                M_STATUS.labels("error").inc()
+                if not (isinstance(e, ApiException) and e.status == 404):
+                    log.warning("controller: status of trafficrule %s/%s not written: %s", ns, v.name, e)
 
 
 def api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:

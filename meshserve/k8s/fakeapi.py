@@ -1,4 +1,5 @@
-"""A small in-process Kubernetes API server for tests: list/watch, merge-patch of status.
+"""A small in-process Kubernetes API server for tests: list/watch, get, create, replace, delete,
+merge-patch of status.
 
 It speaks the parts of the protocol the watchers depend on: a list answers with the
 collection's resourceVersion; `?watch=true&resourceVersion=N` streams newline-delimited JSON
@@ -30,6 +31,8 @@ ROUTES = [
      "servingruntimes", "serving.kserve.io/v1alpha1", "ServingRuntime"),
     (re.compile(r"^/apis/serving\.kserve\.io/v1alpha1/namespaces/([^/]+)/predictors(?:/([^/]+)(/status)?)?$"),
      "predictors", "serving.kserve.io/v1alpha1", "Predictor"),
+    (re.compile(r"^/apis/meshserve\.io/v1alpha1/namespaces/([^/]+)/trafficrules(?:/([^/]+)(/status)?)?$"),
+     "trafficrules", "meshserve.io/v1alpha1", "TrafficRule"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/]+)(/status)?)?$"), "secrets", "v1", "Secret"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+)(/status)?)?$"), "configmaps", "v1", "ConfigMap"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/status)?)?$"), "pods", "v1", "Pod"),
@@ -147,10 +150,15 @@ class FakeApiServer:
             old = self.objects[resource].get(key)
             if old is not None:
                 meta["uid"] = old["metadata"]["uid"]
+                meta["creationTimestamp"] = old["metadata"].get("creationTimestamp")
+                gen = old["metadata"].get("generation", 1)
+                meta["generation"] = gen + 1 if old.get("spec") != obj.get("spec") else gen
                 if "status" in old and "status" not in obj:
                     obj["status"] = old["status"]
             else:
                 meta["uid"] = str(uuid.uuid4())
+                meta["generation"] = 1
+                meta["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.objects[resource][key] = obj
             return copy.deepcopy(self._record(resource, "MODIFIED" if old else "ADDED", obj))
 
@@ -180,7 +188,7 @@ class FakeApiServer:
         return [r for r in list(self.requests) if r.resource == resource and r.watch]
 
     def list_requests(self, resource: str) -> list[Request]:
-        return [r for r in list(self.requests) if r.resource == resource and not r.watch]
+        return [r for r in list(self.requests) if r.resource == resource and not r.watch and r.method == "GET" and "name" not in r.query]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -211,13 +219,68 @@ class _Handler(BaseHTTPRequestHandler):
     def _status(self, code: int, reason: str, message: str) -> None:
         self._json(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": message, "code": code})
 
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}")
+
+    def do_POST(self) -> None:  # noqa: N802
+        """Create (`kubectl create`, the client's create_namespaced_*): 409 when it exists."""
+        r = self._route()
+        body = self._body()
+        if r is None or r[2] is not None or r[0] in self.api.absent:
+            return self._status(404, "NotFound", self.path)
+        res, ns = r[0], r[1]
+        self.api.requests.append(Request("POST", res, False, {"name": str((body.get("metadata") or {}).get("name") or "")}))
+        meta = body.setdefault("metadata", {})
+        if meta.get("namespace", ns) != ns:
+            return self._status(400, "BadRequest", "the namespace of the object does not match the namespace on the request")
+        if self.api.get(res, str(meta.get("name") or ""), ns) is not None:
+            return self._status(409, "AlreadyExists", f'{res} "{meta.get("name")}" already exists')
+        body.pop("status", None)  # the status subresource: status is not set on create
+        self._json(201, self.api.apply(res, body, ns))
+
+    def do_PUT(self) -> None:  # noqa: N802
+        """Replace: 409 on a stale metadata.resourceVersion; status is kept (status subresource)."""
+        r = self._route()
+        body = self._body()
+        if r is None or r[2] is None or r[3] or r[0] in self.api.absent:
+            return self._status(404, "NotFound", self.path)
+        res, ns, name = r[0], r[1], r[2]
+        self.api.requests.append(Request("PUT", res, False, {"name": name}))
+        old = self.api.get(res, name, ns)
+        if old is None:
+            return self._status(404, "NotFound", f'{res} "{name}" not found')
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            return self._status(409, "Conflict", f'Operation cannot be fulfilled on {res} "{name}": the object has been modified')
+        body.pop("status", None)
+        self._json(200, self.api.apply(res, body, ns))
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        r = self._route()
+        self._body()
+        if r is None or r[2] is None or r[3] or r[0] in self.api.absent:
+            return self._status(404, "NotFound", self.path)
+        res, ns, name = r[0], r[1], r[2]
+        self.api.requests.append(Request("DELETE", res, False, {"name": name}))
+        if self.api.get(res, name, ns) is None:
+            return self._status(404, "NotFound", f'{res} "{name}" not found')
+        self.api.delete(res, name, ns)
+        self._json(200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": res}})
+
     def do_GET(self) -> None:  # noqa: N802
         r = self._route()
-        if r is None or r[2] is not None:
+        if r is None:
             return self._status(404, "NotFound", self.path)
         res, ns, _name, _sub, q = r
         if res in self.api.absent:
             return self._status(404, "NotFound", f"the server could not find the requested resource ({res})")
+        if _name is not None:
+            obj = self.api.get(res, _name, ns)
+            self.api.requests.append(Request("GET", res, False, {"name": _name}))
+            if obj is None:
+                return self._status(404, "NotFound", f'{res} "{_name}" not found')
+            return self._json(200, obj)
         watching = q.get("watch") in ("true", "1")
         self.api.requests.append(Request("GET", res, watching, q))
         if watching:

@@ -289,15 +289,23 @@ def isvc_status(
             failure["modelRevisionName"] = v.spec.id
         model_status["lastFailureInfo"] = failure
     status["modelStatus"] = model_status
+    # Where to call it, as ModelMesh writes it: the one Service every model is served behind.
+    status["components"] = {"predictor": {"url": url, "grpcUrl": url, "restUrl": f"http://{SERVICE_NAME}.{namespace}:8008"}}
     ready = v.ready or serving is not None
-    cond: dict[str, Any] = {"type": "Ready", "status": "True" if ready else "False"}
+    # PredictorReady, then Ready (knative keeps conditions sorted by type), both from the one
+    # verdict, as ModelMesh derives both from the Predictor's `available`.
+    status["conditions"] = [_condition(t, ready, v, previous, now) for t in ("PredictorReady", "Ready")]
+    return status
+
+
+def _condition(typ: str, ready: bool, v: Verdict, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    cond: dict[str, Any] = {"type": typ, "status": "True" if ready else "False"}
     if not v.ready:
         cond.update(reason=v.reason, message=v.message)
-    old = next((c for c in (previous or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    old = next((c for c in (previous or {}).get("conditions") or [] if c.get("type") == typ), None)
     same = old is not None and all(old.get(k) == cond.get(k) for k in ("status", "reason", "message"))
     cond["lastTransitionTime"] = old.get("lastTransitionTime", now) if same and old else now
-    status["conditions"] = [cond]
-    return status
+    return cond
 
 
 def predictor_status(
@@ -365,7 +373,7 @@ def status_patch(current: dict[str, Any] | None, desired: dict[str, Any], owned:
     return merge_patch(cur, desired)
 
 
-OWNED_STATUS_FIELDS = ("url", "address", "modelStatus", "conditions")
+OWNED_STATUS_FIELDS = ("url", "address", "components", "modelStatus", "conditions")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The TrafficRule resource: its JSON Schema (the one source of truth for its shape) and pure
 validation that names file, line and field.
 
-The schema checks shape (types, ranges, unknown fields). What a schema cannot say (weights
+The schema checks shape (types, ranges, unknown fields). The TrafficRule CRD's schema is
+generated from it (meshserve/rules/crd.py), so `kubectl apply` refuses what `meshserve apply` does.
+Lists and strings are bounded so the CRD's CEL rules stay within the API server's cost budget. What a schema cannot say (weights
 summing to 100, header syntax, models that exist, one rule per model) is checked right after,
 in `parse_rule`, against the same document so every error carries a line number.
 """
@@ -25,7 +27,7 @@ _TARGET = {
     "additionalProperties": False,
     "required": ["model"],
     "properties": {
-        "model": {"type": "string", "minLength": 1, "description": "InferenceService name or concrete model id"},
+        "model": {"type": "string", "minLength": 1, "maxLength": 253, "description": "InferenceService name or concrete model id"},
         "weight": {"type": "integer", "minimum": 0, "maximum": 100},
     },
 }
@@ -37,7 +39,7 @@ _HEADER_MATCH = {
     "properties": {
         "exact": {"type": "string"},
         "prefix": {"type": "string", "minLength": 1},
-        "regex": {"type": "string", "minLength": 1},
+        "regex": {"type": "string", "minLength": 1, "maxLength": 1024},
         "present": {"type": "boolean"},
     },
 }
@@ -69,11 +71,12 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 # The name clients call. Requests addressed to it follow this rule; its own
                 # current version is the *stable* target that a rollback restores.
-                "model": {"type": "string", "minLength": 1},
+                "model": {"type": "string", "minLength": 1, "maxLength": 253},
                 # Tried in order, first match wins; a route without `match` is the default.
                 "routes": {
                     "type": "array",
                     "minItems": 1,
+                    "maxItems": 32,
                     "items": {
                         "type": "object",
                         "additionalProperties": False,
@@ -87,12 +90,12 @@ SCHEMA: dict[str, Any] = {
                                     "headers": {"type": "object", "minProperties": 1, "additionalProperties": _HEADER_MATCH},
                                 },
                             },
-                            "to": {"type": "array", "minItems": 1, "items": _TARGET},
+                            "to": {"type": "array", "minItems": 1, "maxItems": 16, "items": _TARGET},
                             "sticky": {
                                 "type": "object",
                                 "additionalProperties": False,
                                 "required": ["header"],
-                                "properties": {"header": {"type": "string"}},
+                                "properties": {"header": {"type": "string", "maxLength": 256}},
                             },
                         },
                     },
@@ -102,7 +105,7 @@ SCHEMA: dict[str, Any] = {
                     "additionalProperties": False,
                     "required": ["model", "percent"],
                     "properties": {
-                        "model": {"type": "string", "minLength": 1},
+                        "model": {"type": "string", "minLength": 1, "maxLength": 253},
                         "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
                     },
                 },
@@ -111,10 +114,11 @@ SCHEMA: dict[str, Any] = {
                     "additionalProperties": False,
                     "required": ["model", "steps"],
                     "properties": {
-                        "model": {"type": "string", "minLength": 1},
+                        "model": {"type": "string", "minLength": 1, "maxLength": 253},
                         "steps": {
                             "type": "array",
                             "minItems": 1,
+                            "maxItems": 32,
                             "items": {
                                 "type": "object",
                                 "additionalProperties": False,
