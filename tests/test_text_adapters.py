@@ -160,3 +160,15 @@ def test_runtime_openai_embeddings(base: text.TextEncoder, weights: Path, tmp_pa
         rt.close()
 
     asyncio.run(go())
+
+
+def test_mlserver_adapter_settings_name_the_base(tmp_path: Path) -> None:
+    """Kind: unit. On MLServer pools the user's MLModel gets the base the loader fetched."""
+    from meshserve_loader.mlserver import base_settings, model_settings
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "model-settings.json").write_text(json.dumps({"implementation": "m.PeftModel", "parameters": {"extra": {"k": 1}}}))
+    base = base_settings({"base_path": str(tmp_path / "base"), "base_model": "minilm__isvc-1"})
+    s = model_settings("acme__isvc-2", "peft", tmp_path / "adapter", base=base)
+    assert s["parameters"]["extra"] == {"k": 1, "base_model_path": str((tmp_path / "base").resolve()), "base_model": "minilm__isvc-1"}
+    assert base_settings({"path": "x"}) is None
