@@ -236,6 +236,9 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
     app.router.add_get("/v2/health/ready", health_ready)
     app.router.add_get("/v2", server_md)
     app.router.add_route("*", r"/v2/models/{name:[^/]+}{tail:(/.*)?}", model_route)
+    from meshserve_placement import openai_routes
+
+    openai_routes.add_routes(app, act, session)  # /v1: OpenAI-compatible endpoints (issue 17)
     app.router.add_route("*", "/{path:.*}", not_found)
     return app
 
