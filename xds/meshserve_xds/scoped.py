@@ -123,7 +123,13 @@ def _json_to_metadata() -> hcm.HttpFilter:
         selectors=[j2m.JsonToMetadata.Selector(key="model")],
         on_present=j2m.JsonToMetadata.KeyValuePair(key="model", type=j2m.JsonToMetadata.STRING),
     )
-    cfg = j2m.JsonToMetadata(request_rules=j2m.JsonToMetadata.MatchRules(rules=[rule], allow_empty_content_type=True))
+    # Any content type: `curl -d` says application/x-www-form-urlencoded, and such a request
+    # would otherwise go the slow way (by the activator) every time. A body that isn't JSON sets
+    # nothing and goes to the activator, which answers it in OpenAI's error shape.
+    from envoy.type.matcher.v3 import regex_pb2
+
+    cfg = j2m.JsonToMetadata(request_rules=j2m.JsonToMetadata.MatchRules(
+        rules=[rule], allow_empty_content_type=True, allow_content_types_regex=regex_pb2.RegexMatcher(regex=".*")))
     pred = matcher_pb2.Matcher.MatcherList.Predicate
     not_v1 = pred(not_matcher=pred(single_predicate=pred.SinglePredicate(
         input=extension_pb2.TypedExtensionConfig(name="path", typed_config=r._any(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":path"))),
