@@ -2,8 +2,9 @@
 
 The gateway's own REST listener (scoped.build_listener: the json_to_metadata filter behind its
 /v1-only match_delegate, the key-setting Lua, on_demand, router), with one static route on the
-scope key answered by Envoy itself (direct_response): no upstream, no Python, so what differs
-between the variants is the filter chain alone. Same Envoy binary, same client: `wrk` (C, µs
+scope key to a stand-in pod that is another listener of the same Envoy answering by itself
+(direct_response): no Python anywhere, so what differs between the variants is the gateway's
+filter chain alone. Same Envoy binary, same client: `wrk` (C, µs
 latencies) on one keep-alive connection, closed loop, so each figure is one request's round trip
 through the chain. Variants interleaved and repeated; medians over repeats are reported.
 
@@ -37,6 +38,8 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import string_pb2
 from meshserve.devmesh import free_port, wait_until
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from meshserve_xds import resources as r
 from meshserve_xds import scoped
 from meshserve_xds.harness import envoy, http
 
@@ -49,7 +52,7 @@ def listener(port: int, with_filter: bool) -> dict:
     lst.filter_chains[0].filters[0].typed_config.Unpack(manager)
     manager.ClearField("scoped_routes")
     route = rc.Route(match=rc.RouteMatch(prefix="/", headers=[rc.HeaderMatcher(name=scoped.KEY_HEADER, string_match=string_pb2.StringMatcher(exact=MODEL))]),
-                     direct_response=rc.DirectResponseAction(status=200, body={"inline_string": '{"ok":true}'}))
+                     route=rc.RouteAction(cluster="pod"))
     manager.route_config.CopyFrom(route_pb2.RouteConfiguration(name="bench", virtual_hosts=[rc.VirtualHost(name="b", domains=["*"], routes=[route])]))
     if not with_filter:
         kept = [f for f in manager.http_filters if f.name != "meshserve.openai_model"]
@@ -82,6 +85,20 @@ def wrk(url: str, body: Path, headers: tuple[str, ...], seconds: int) -> dict[st
     return res
 
 
+def pod(port: int) -> tuple[dict, dict]:
+    """The stand-in pod: a listener of the same Envoy that reads the request and answers it
+    itself, and the cluster that reaches it. Both variants forward the whole body to it."""
+    answer = rc.Route(match=rc.RouteMatch(prefix="/"), direct_response=rc.DirectResponseAction(status=200, body={"inline_string": '{"ok":true}'}))
+    manager = hcm.HttpConnectionManager(
+        stat_prefix="pod", route_config=route_pb2.RouteConfiguration(name="pod", virtual_hosts=[rc.VirtualHost(name="p", domains=["*"], routes=[answer])]),
+        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
+    lst = {"name": "pod", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": json_format.MessageToDict(r._any(manager))}]}]}
+    cluster = {"name": "pod", "type": "STATIC", "connect_timeout": "1s",
+               "load_assignment": {"cluster_name": "pod", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+    return lst, cluster
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
@@ -90,9 +107,10 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("this benchmark needs `wrk`: apt-get install wrk")
-    p_with, p_without, admin = free_port(), free_port(), free_port()
+    p_with, p_without, p_pod, admin = free_port(), free_port(), free_port(), free_port()
+    pod_listener, pod_cluster = pod(p_pod)
     boot = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-            "static_resources": {"listeners": [listener(p_with, True), listener(p_without, False)]}}
+            "static_resources": {"listeners": [listener(p_with, True), listener(p_without, False), pod_listener], "clusters": [pod_cluster]}}
     results: dict[str, dict[str, list[float]]] = {}
     sizes: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp, envoy(json.dumps(boot), admin, concurrency=1):
