@@ -47,6 +47,8 @@ def test_loaded_model_routes_v1_to_its_pods() -> None:
     state = r.RoutingState(pods={"p0": r.Endpoint("127.0.0.1", 1, 2)}, loaded={"m__isvc-1": ["p0"]}, aliases={"m": "m__isvc-1"},
                            activator=r.Endpoint("127.0.0.1", 3, 4))
     rc = scoped.model_routes(state, "m__isvc-1")
-    v1 = [rt for rt in rc.virtual_hosts[0].routes if rt.match.prefix == "/v1/"]
-    assert len(v1) == 1 and v1[0].route.cluster == r.pod_cluster("p0", "rest") and not v1[0].route.prefix_rewrite
+    grpc, rest = rc.virtual_hosts[0].routes  # no extra route per model: REST takes /v1/ too
+    assert rest.match.prefix == "/" and rest.route.cluster == r.pod_cluster("p0", "rest")
+    # The rewrite touches only a v2 path's name segment; a /v1/ path goes as it came.
+    assert rest.route.regex_rewrite.pattern.regex == "^/v2/models/[^/?]+" and not rest.route.prefix_rewrite
     assert rc.virtual_hosts[0].request_headers_to_add[0].header.value == "m__isvc-1"

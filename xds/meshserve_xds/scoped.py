@@ -245,8 +245,8 @@ NAME_SEGMENT = r"^/v2/models/[^/?]+"
 
 
 def model_routes(state: r.RoutingState, model: str) -> route_pb2.RouteConfiguration:
-    """A loaded model: two routes, gRPC to its pods' gRPC ports and REST with the name segment
-    rewritten to its id, whatever name the request used.
+    """A loaded model: two routes, gRPC to its pods' gRPC ports and REST (v2, and /v1 OpenAI-style)
+    with a v2 path's name segment rewritten to its id, whatever name the request used.
 
     Any name: a scope reaches this RouteConfiguration only through a name of this model (the
     scope is keyed on it), so one REST route serves them all, and aliases coming and going
@@ -267,13 +267,13 @@ def model_routes(state: r.RoutingState, model: str) -> route_pb2.RouteConfigurat
     rest = r._route_action([r.copies_cluster(pods, "rest")], 120)
     rest.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
         pattern=regex_pb2.RegexMatcher(regex=NAME_SEGMENT), substitution=r.MODELS_PREFIX + model))
-    # OpenAI-style requests (/v1/embeddings, ...) go to the same pods as they are: the runtime
-    # finds the model by the mm-model-id header the virtual host sets.
-    openai = r._route_action([r.copies_cluster(pods, "rest")], 120)
+    # The REST route takes any path, not only /v2/models/: OpenAI-style requests (/v1/embeddings,
+    # keyed on the body's model) go to the same pods as they are (the rewrite touches only a v2
+    # path), and the runtime finds the model by the mm-model-id header the virtual host sets.
+    # One route rather than a third per loaded model: these are most of the gateway's memory.
     routes = [
         rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=GRPC_PREFIX), route=grpc),
-        rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=r.MODELS_PREFIX), route=rest),
-        rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=OPENAI_PREFIX), route=openai),
+        rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix="/"), route=rest),
     ]
     for rt in routes:
         rt.route.ClearField("retry_policy")
