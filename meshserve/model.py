@@ -32,6 +32,11 @@ class ModelSpec:
     max_copies: int = 0  # 0 = no limit
     pinned: bool = False
     size_hint: int = 0  # bytes, 0 = predict from the file
+    # The model this one adapts (issue 17): the name (alias) of another registered model, whose
+    # files the loader fetches too and whose weights the runtime shares between its adapters.
+    # From the `meshserve.io/base-model` annotation, or PEFT's adapter_config.json
+    # (`base_model_name_or_path`) in the model's own files. "" = an ordinary model.
+    base: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True)

@@ -39,6 +39,10 @@ MESHSERVE_ANNOTATION_PREFIX = "meshserve.io/"
 # The memory one copy of the model takes, a Kubernetes quantity ("512Mi", "1G"): placement books
 # it before the first load, and the loader never reports less (docs/design/placement.md).
 MEMORY_ANNOTATION = MESHSERVE_ANNOTATION_PREFIX + "memory"
+# The registered model (InferenceService name) this one is an adapter of (issue 17).
+BASE_ANNOTATION = MESHSERVE_ANNOTATION_PREFIX + "base-model"
+# PEFT's file in an adapter's folder, whose `base_model_name_or_path` names the base too.
+ADAPTER_CONFIG = "adapter_config.json"
 # ModelMesh's source ids in concrete model names (controllers/predictor_controller.go):
 # `<name>__isvc-<hash>` for an InferenceService, `<name>__ksp-<hash>` for a Predictor.
 ISVC_SOURCE, PREDICTOR_SOURCE = "isvc", "ksp"
@@ -118,7 +122,54 @@ def _copies(doc: Document, meta: dict[str, Any]) -> dict[str, Any]:
         "max_copies": ann_int("maxCopies", 0),
         "pinned": str(ann.get(MESHSERVE_ANNOTATION_PREFIX + "pinned", "false")).lower() == "true",
         "size_hint": _memory(doc, ann),
+        "base": _base(doc, meta, ann),
     }
+
+
+def _base(doc: Document, meta: dict[str, Any], ann: dict[str, Any]) -> str:
+    """`meshserve.io/base-model`: the name of the registered model this one adapts ("": none).
+    A plain model name, as users address it (not a path, not the model itself)."""
+    raw = ann.get(BASE_ANNOTATION)
+    if raw is None:
+        return ""
+    where = ("metadata", "annotations", BASE_ANNOTATION)
+    if not isinstance(raw, str) or not raw.strip():
+        raise doc.error(where, f"must be the name of the base model's InferenceService, got {raw!r}")
+    name = raw.strip()
+    if "__" in name or "/" in name:
+        raise doc.error(where, f"{name!r}: name the base's InferenceService (no '/' or '__'); a path or hub id is not a registered model")
+    if name == meta.get("name"):
+        raise doc.error(where, f"{name!r} is this model itself: a model cannot be its own base")
+    return name
+
+
+def base_from_adapter_config(text: str, file: str = ADAPTER_CONFIG) -> str:
+    """The base PEFT's adapter_config.json names (`base_model_name_or_path`), as a registered
+    model's name: the last path segment of a hub id or folder ("sentence-transformers/
+    all-MiniLM-L6-v2" -> "all-MiniLM-L6-v2"), which is how a user names its InferenceService.
+    ConfigError with file:line on a broken file; "" when the file names no base."""
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        line = getattr(e, "lineno", 0)
+        raise ConfigError(file, line, "", f"not valid JSON: {getattr(e, 'msg', e)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(file, 1, "", "expected a JSON object (PEFT's adapter config)")
+    raw = doc.get("base_model_name_or_path")
+    if raw is None or raw == "":
+        return ""
+    line = _json_line(text, "base_model_name_or_path")
+    if not isinstance(raw, str):
+        raise ConfigError(file, line, "base_model_name_or_path", f"must be a string, got {raw!r}")
+    name = raw.rstrip("/").rsplit("/", 1)[-1]
+    if not name or name in (".", "..") or "__" in name:
+        raise ConfigError(file, line, "base_model_name_or_path", f"{raw!r} names no model; give the base's InferenceService name")
+    return name
+
+
+def _json_line(text: str, key: str) -> int:
+    i = text.find(f'"{key}"')
+    return text.count("\n", 0, i) + 1 if i >= 0 else 0
 
 
 def _memory(doc: Document, ann: dict[str, Any]) -> int:
@@ -203,6 +254,9 @@ def parse_inference_service(doc: Document) -> ModelSpec:
     if not storage.get("path") and not storage.get("uri"):
         raise doc.error(at + ("storage",), "needs `path` (with a key or pvc) or storageUri")
     check_storage_paths(doc, storage, at + ("storage", "path"), at + ("storageUri",))
+    if ann.get(BASE_ANNOTATION):
+        # Another base is another model: the id moves with it (and stays put for models without one).
+        from_annotations["base"] = str(ann[BASE_ANNOTATION])
     hashed: dict[str, Any] = predictor if not from_annotations else {**predictor, "annotations": from_annotations}
     from meshserve.transformer import has_transformer, predictor_name
 

@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -29,6 +30,8 @@ from meshserve import failures
 from meshserve import state as st
 from meshserve import tracing
 from meshserve.model import CopyState, ModelSpec, Pod
+from meshserve.registry import ADAPTER_CONFIG, base_from_adapter_config
+from meshserve.yamlfile import ConfigError
 from meshserve.settings import Settings
 from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.diskcache import DiskCache
@@ -304,6 +307,7 @@ class Agent:
         progress.loading()
         predicted = spec.size_hint or predict_size(path, spec.format)
         params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
+        params.update(await self._base_params(spec, path))
         with tr.start_as_current_span("loader.load", attributes={**attrs, "meshserve.predicted_bytes": predicted}) as span:
             measured = await asyncio.wait_for(self.rt.load(spec.id, params, self.load_timeout), self.load_timeout)
             span.set_attribute("meshserve.measured_bytes", measured)
@@ -311,6 +315,35 @@ class Agent:
         size = max(measured, predicted)
         self.loaded[spec.id] = size
         return size, predicted
+
+    async def _base_params(self, spec: ModelSpec, path: Path) -> dict[str, Any]:
+        """An adapter's base (issue 17): the registered model its spec names (meshserve.io/
+        base-model), else the one its PEFT adapter_config.json names, fetched like any model, for
+        the runtime to load once and share (`base_path`). {} for a model without a base.
+
+        Placement does not know of bases yet (issue 17 item 2): the base is fetched here even
+        when it is not placed on this pod, and its memory is carried by the adapter that
+        brought it (builtin/server.py `load_with_base`)."""
+        name = spec.base
+        if not name:
+            cfg = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
+            if not cfg.is_file():
+                return {}
+            try:
+                name = base_from_adapter_config(cfg.read_text(), f"{spec.alias}/{ADAPTER_CONFIG}")
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+            if not name:
+                return {}
+        base_id = await self.state.resolve(name)
+        base = await self.state.model(base_id) if base_id else None
+        if base is None:
+            raise ValueError(f"{spec.alias}'s base model '{name}' is not registered: register it (an InferenceService named {name!r})")
+        if base.base:
+            raise ValueError(f"{spec.alias}'s base '{name}' is itself an adapter (of '{base.base}'): a base must be a full model")
+        base_path = await self.fetcher.fetch(base.storage)
+        return {"base_path": str(base_path), "base_format": base.format, "base_model": base.id,
+                "base_predicted_size": base.size_hint or predict_size(base_path, base.format)}
 
     async def watch_runtime(self) -> None:
         """Restart the runtime process when it dies, and report the models it took with it."""

@@ -33,7 +33,7 @@ class LayoutError(ValueError):
     pass
 
 
-def model_settings(model_id: str, fmt: str, path: Path, default_implementation: str = "") -> dict[str, Any]:
+def model_settings(model_id: str, fmt: str, path: Path, default_implementation: str = "", base: dict[str, str] | None = None) -> dict[str, Any]:
     """The model-settings.json MLServer gets for a model. Pure apart from reading a
     model-settings.json the model itself ships (custom runtimes bring their own implementation).
     Which class serves it: the model's own model-settings.json, else the runtime's
@@ -53,12 +53,16 @@ def model_settings(model_id: str, fmt: str, path: Path, default_implementation: 
         )
     params = dict(own.get("parameters") or {})
     params["uri"] = str(path.resolve())
+    if base:
+        # An adapter (issue 17): its base's files, fetched by the loader, for the user's MLModel
+        # to load (and share between its adapters): parameters.extra.base_model_path / base_model.
+        params["extra"] = {**(params.get("extra") or {}), **base}
     return {**own, "name": model_id, "implementation": impl, "parameters": params}
 
 
-def lay_out(models_dir: Path, model_id: str, fmt: str, path: Path, default_implementation: str = "") -> Path:
+def lay_out(models_dir: Path, model_id: str, fmt: str, path: Path, default_implementation: str = "", base: dict[str, str] | None = None) -> Path:
     """Write the model's folder (atomically: MLServer may scan the dir at any time)."""
-    settings = model_settings(model_id, fmt, path, default_implementation)
+    settings = model_settings(model_id, fmt, path, default_implementation, base)
     target = models_dir / model_id
     tmp = models_dir / f".{model_id}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,6 +77,13 @@ def lay_out(models_dir: Path, model_id: str, fmt: str, path: Path, default_imple
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def base_settings(params: dict[str, Any]) -> dict[str, str] | None:
+    """The base an adapter's load names (agent.py), as model-settings.json's extra fields."""
+    if not params.get("base_path"):
+        return None
+    return {"base_model_path": str(Path(str(params["base_path"])).resolve()), "base_model": str(params.get("base_model") or "")}
 
 
 @dataclass
@@ -107,7 +118,7 @@ class MLServerClient:
     async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
         path = Path(str(params["path"]))
         try:
-            lay_out(self.models_dir, model_id, str(params.get("format", "")), path, self.default_implementation)
+            lay_out(self.models_dir, model_id, str(params.get("format", "")), path, self.default_implementation, base_settings(params))
         except LayoutError as e:
             raise RuntimeError(str(e)) from None
         async with self._lock:

@@ -322,6 +322,9 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
     app.router.add_post("/v2/repository/models/{name}/load", repository_load)
     app.router.add_post("/v2/repository/models/{name}/unload", repository_unload)
     app.router.add_route("*", r"/v2/models/{name:[^/]+}{tail:(/.*)?}", model_route)
+    from meshserve_placement import openai_routes
+
+    openai_routes.add_routes(app, act, session)  # /v1: OpenAI-compatible endpoints (issue 17)
     app.router.add_route("*", "/{path:.*}", not_found)
     return app
 

@@ -50,6 +50,9 @@ NO_MODEL = "-"
 SCOPES = "meshserve_scopes"
 ACTIVATOR_RC = "activator"
 GRPC_PREFIX = "/inference.GRPCInferenceService/"
+# OpenAI-compatible endpoints (issue 17): the model is the JSON body's `model`.
+OPENAI_PREFIX = "/v1/"
+J2M_NAMESPACE = "envoy.filters.http.json_to_metadata"
 
 LUA = f"""
 local GRPC = "{GRPC_PREFIX}"
@@ -77,6 +80,12 @@ function envoy_on_request(h)
   -- The REST path wins: a scope then pins segment 3 exactly, so one prefix route per name is
   -- enough (no "/v2/models/m1" matching "/v2/models/m10").
   local name = string.match(path, "^/v2/models/([^/?]+)")
+  -- OpenAI-style requests name the model in the JSON body: json_to_metadata (before this
+  -- filter, on /v1/ paths only) lifted it into dynamic metadata.
+  if name == nil and string.sub(path, 1, 4) == "/v1/" then
+    local md = h:streamInfo():dynamicMetadata():get("{J2M_NAMESPACE}")
+    if md ~= nil and type(md["model"]) == "string" and md["model"] ~= "" then name = md["model"] end
+  end
   if name == nil then name = hs:get("{r.MODEL_ID_HEADER}") or hs:get("{r.VMODEL_ID_HEADER}") end
   if name == nil and string.sub(path, 1, #GRPC + 5) == GRPC .. "Model" then
     local body = h:body()
@@ -95,6 +104,68 @@ end
 def _lua() -> hcm.HttpFilter:
     cfg = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=LUA), clear_route_cache=wrappers_pb2.BoolValue(value=True))
     return hcm.HttpFilter(name="envoy.filters.http.lua", typed_config=r._any(cfg))
+
+
+def _json_to_metadata() -> hcm.HttpFilter:
+    """The body's `model` into dynamic metadata, for the Lua filter to key the scope on. Only on
+    /v1/ paths (a match_delegate skips it on every other request), so /v2 and gRPC bodies are
+    never buffered or parsed: the filter holds a request until its whole body is in, which a
+    large v2 tensor must not pay. Measured cost on /v1: docs/design/routing.md, "OpenAI"."""
+    from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+    from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2
+    from envoy.config.core.v3 import extension_pb2 as ext_core
+    from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2 as j2m
+    from envoy.type.matcher.v3 import http_inputs_pb2
+    from xds.core.v3 import extension_pb2
+    from xds.type.matcher.v3 import matcher_pb2, string_pb2 as xstring_pb2
+
+    rule = j2m.JsonToMetadata.Rule(
+        selectors=[j2m.JsonToMetadata.Selector(key="model")],
+        on_present=j2m.JsonToMetadata.KeyValuePair(key="model", type=j2m.JsonToMetadata.STRING),
+    )
+    # Any content type: `curl -d` says application/x-www-form-urlencoded, and such a request
+    # would otherwise go the slow way (by the activator) every time. A body that isn't JSON sets
+    # nothing and goes to the activator, which answers it in OpenAI's error shape.
+    from envoy.type.matcher.v3 import regex_pb2
+
+    cfg = j2m.JsonToMetadata(request_rules=j2m.JsonToMetadata.MatchRules(
+        rules=[rule], allow_empty_content_type=True, allow_content_types_regex=regex_pb2.RegexMatcher(regex=".*")))
+    pred = matcher_pb2.Matcher.MatcherList.Predicate
+    not_v1 = pred(not_matcher=pred(single_predicate=pred.SinglePredicate(
+        input=extension_pb2.TypedExtensionConfig(name="path", typed_config=r._any(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":path"))),
+        value_match=xstring_pb2.StringMatcher(prefix=OPENAI_PREFIX),
+    )))
+    skip = matcher_pb2.Matcher.OnMatch(action=extension_pb2.TypedExtensionConfig(name="skip", typed_config=r._any(skip_action_pb2.SkipFilter())))
+    wrapped = extension_matcher_pb2.ExtensionWithMatcher(
+        xds_matcher=matcher_pb2.Matcher(matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[
+            matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=not_v1, on_match=skip)])),
+        extension_config=ext_core.TypedExtensionConfig(name="envoy.filters.http.json_to_metadata", typed_config=r._any(cfg)),
+    )
+    return hcm.HttpFilter(name="meshserve.openai_model", typed_config=r._any(wrapped))
+
+
+def _openai_errors() -> list[hcm.ResponseMapper]:
+    """Envoy's own replies on /v1/ paths in OpenAI's error shape, which its clients parse: an
+    unregistered `model` (no scope) is 404 model_not_found; anything else (no upstream, a
+    timeout) keeps its status, with the reason as the message."""
+    def mapper(extra: accesslog_pb2.AccessLogFilter | None, message: str, type_: str, code: str | None, param: str | None) -> hcm.ResponseMapper:
+        on_v1 = accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(header=rc.HeaderMatcher(
+            name=":path", string_match=string_pb2.StringMatcher(prefix=OPENAI_PREFIX))))
+        flt = on_v1 if extra is None else accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[on_v1, extra]))
+        body = struct_pb2.Struct()
+        body.update({"error": {"message": message, "type": type_, "param": param, "code": code}})
+        return hcm.ResponseMapper(filter=flt, body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=body, content_type="application/json"))
+
+    no_route = accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"]))
+    server = accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=accesslog_pb2.ComparisonFilter(
+        op=accesslog_pb2.ComparisonFilter.GE, value=base_pb2.RuntimeUInt32(default_value=500, runtime_key="meshserve.openai_server_error"))))
+    return [
+        mapper(no_route, f"The model '%REQ({KEY_HEADER})%' does not exist: no InferenceService or model is registered under this name",
+               "invalid_request_error", "model_not_found", "model"),
+        mapper(server, "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)", "server_error", None, None),
+        mapper(None, "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)", "invalid_request_error", None, None),
+    ]
 
 
 def _on_demand() -> hcm.HttpFilter:
@@ -129,7 +200,8 @@ def build_listener(name: str, host: str, port: int, http2_only: bool) -> listene
     manager.ClearField("rds")
     manager.scoped_routes.CopyFrom(_scoped_routes())
     del manager.http_filters[:]
-    manager.http_filters.extend([_lua(), _on_demand(), hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
+    openai = [] if http2_only else [_json_to_metadata()]
+    manager.http_filters.extend([*openai, _lua(), _on_demand(), hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
     # No scope: nobody registered that name. Say which, as the activator does in the other
     # layout: KServe v2 error JSON on REST, NOT_FOUND on gRPC (Envoy's own mapping of a local
     # 404 is UNIMPLEMENTED with no message, which reads as a missing method).
@@ -142,6 +214,7 @@ def build_listener(name: str, host: str, port: int, http2_only: bool) -> listene
             headers_to_add=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="grpc-status", value="5"))],
         ))
     else:
+        manager.local_reply_config.mappers.extend(_openai_errors())  # first: the first mapper that matches wins
         body = struct_pb2.Struct()
         body.update({"error": message})
         manager.local_reply_config.mappers.append(hcm.ResponseMapper(
@@ -172,8 +245,8 @@ NAME_SEGMENT = r"^/v2/models/[^/?]+"
 
 
 def model_routes(state: r.RoutingState, model: str) -> route_pb2.RouteConfiguration:
-    """A loaded model: two routes, gRPC to its pods' gRPC ports and REST with the name segment
-    rewritten to its id, whatever name the request used.
+    """A loaded model: two routes, gRPC to its pods' gRPC ports and REST (v2, and /v1 OpenAI-style)
+    with a v2 path's name segment rewritten to its id, whatever name the request used.
 
     Any name: a scope reaches this RouteConfiguration only through a name of this model (the
     scope is keyed on it), so one REST route serves them all, and aliases coming and going
@@ -194,9 +267,13 @@ def model_routes(state: r.RoutingState, model: str) -> route_pb2.RouteConfigurat
     rest = r._route_action([r.copies_cluster(pods, "rest")], 120)
     rest.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
         pattern=regex_pb2.RegexMatcher(regex=NAME_SEGMENT), substitution=r.MODELS_PREFIX + model))
+    # The REST route takes any path, not only /v2/models/: OpenAI-style requests (/v1/embeddings,
+    # keyed on the body's model) go to the same pods as they are (the rewrite touches only a v2
+    # path), and the runtime finds the model by the mm-model-id header the virtual host sets.
+    # One route rather than a third per loaded model: these are most of the gateway's memory.
     routes = [
         rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=GRPC_PREFIX), route=grpc),
-        rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix=r.MODELS_PREFIX), route=rest),
+        rc.Route(stat_prefix=stat, match=rc.RouteMatch(prefix="/"), route=rest),
     ]
     for rt in routes:
         rt.route.ClearField("retry_policy")

@@ -36,10 +36,12 @@ _SHARED = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType
            types.CodeType, types.FrameType)
 
 
-def footprint(root: Any, max_objects: int = MAX_OBJECTS) -> int:
+def footprint(root: Any, max_objects: int = MAX_OBJECTS, skip: "tuple[Any, ...]" = ()) -> int:
     """Bytes of the objects reachable from `root`, each counted once; numpy data buffers once
-    per owner. Stops (returning what it has counted) after `max_objects` objects."""
-    seen: set[int] = set()
+    per owner. Stops (returning what it has counted) after `max_objects` objects. Objects in
+    `skip` (and what only they reach) are not counted: an adapter's base, say, which is
+    shared and sized on its own."""
+    seen: set[int] = {id(o) for o in skip}
     total = 0
     stack: list[Any] = [root]
     while stack and len(seen) < max_objects:

@@ -334,6 +334,37 @@ def load_user_class(path: Path, params: dict[str, Any]) -> Model:
     return UserModel(obj, impl)
 
 
+def _text_errors(fn: Callable[[], Model]) -> Model:
+    from meshserve_loader.builtin.text import TextModelError
+
+    try:
+        return fn()
+    except TextModelError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def load_text_encoder(path: Path, params: dict[str, Any]) -> Model:
+    """The `sentence-transformers` format (builtin/text.py): a shared base for adapters."""
+    from meshserve_loader.builtin.text import TextEncoder
+
+    return _text_errors(lambda: TextEncoder(path if path.is_dir() else path.parent))
+
+
+def load_peft_adapter(path: Path, params: dict[str, Any]) -> Model:
+    """The `peft` format: an adapter over its base's loaded model, which the runtime hands in as
+    `base_model_object` (server.Runtime loads or shares the base; an adapter never does)."""
+    from meshserve_loader.builtin.text import load_adapter
+
+    base = params.get(BASE_OBJECT)
+    if base is None:
+        raise ModelLoadError("a peft adapter is loaded over its base model: the load must name the base "
+                             "(`base_path`, which the loader resolves from the model's meshserve.io/base-model)")
+    return _text_errors(lambda: load_adapter(path if path.is_dir() else path.parent, base))
+
+
+# The load parameter through which the runtime hands an adapter its base's loaded model.
+BASE_OBJECT = "base_model_object"
+
 LOADERS: dict[str, Callable[[Path, dict[str, Any]], Model]] = {
     "sklearn": load_sklearn,
     "string": load_string,
@@ -341,6 +372,8 @@ LOADERS: dict[str, Callable[[Path, dict[str, Any]], Model]] = {
     "lightgbm": load_lightgbm,
     "onnx": load_onnx,
     "custom": load_user_class,
+    "sentence-transformers": load_text_encoder,
+    "peft": load_peft_adapter,
 }
 # Formats whose files run code when loaded (pickle; a user's Python class).
 EXECUTABLE_FORMATS = frozenset({"sklearn", "custom"})
@@ -353,7 +386,7 @@ def builtin_formats() -> list[str]:
 def load_model(fmt: str, path: Path, params: dict[str, Any] | None = None, allow_executable: bool = True) -> Model:
     fmt = fmt.lower()
     params = params or {}
-    if fmt not in LOADERS and (params.get("implementation") or _model_settings(path).get("implementation")):
+    if (fmt not in LOADERS or fmt == "peft") and (params.get("implementation") or _model_settings(path).get("implementation")):
         fmt = "custom"  # the users' own format name (e.g. peft-model), served by their class
     loader = LOADERS.get(fmt)
     if loader is None:

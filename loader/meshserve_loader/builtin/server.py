@@ -35,7 +35,7 @@ from meshserve.httpbody import drain
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_loader.builtin import binary, codec
 from meshserve_loader.builtin.footprint import footprint
-from meshserve_loader.builtin.formats import Model, ModelLoadError, load_model
+from meshserve_loader.builtin.formats import BASE_OBJECT, Model, ModelLoadError, load_model
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 
@@ -161,6 +161,43 @@ def load_and_size(fmt: str, path: Path, params: dict[str, Any], allow_executable
     return model, max(footprint(model), int(params.get("predicted_size") or 0))
 
 
+def load_with_base(fmt: str, path: Path, params: dict[str, Any], allow_executable: bool, base: "SharedBase | None",
+                   base_path: Path | None) -> "tuple[Model, int, SharedBase | None]":
+    """Load a model that may share a base (issue 17): an adapter over `base` (the resident one)
+    or over the base at `base_path`, loaded here first when none is resident. Returns the model,
+    its size and the base when this load brought it in.
+
+    An adapter's size is its own objects (the shared base is not walked), plus the base's when
+    this load brought the base: placement books sizes per model today, so the first adapter on
+    a pod carries its base's memory (adapter-aware placement is the next step, issue 17 item 2)."""
+    new: SharedBase | None = None
+    if base is None and base_path is not None:
+        bmodel, bsize = load_and_size(str(params.get("base_format") or "sentence-transformers"), base_path,
+                                      {"predicted_size": int(params.get("base_predicted_size") or 0)}, allow_executable)
+        base = new = SharedBase(bmodel, bsize, str(base_path))
+    if base is None:
+        model, size = load_and_size(fmt, path, params, allow_executable)
+        return model, size, None
+    model = load_model(fmt, path, {**params, BASE_OBJECT: base.model}, allow_executable)
+    size = max(footprint(model, skip=(base.model,)), int(params.get("predicted_size") or 0))
+    return model, size + (new.size if new else 0), new
+
+
+@dataclass
+class SharedBase:
+    """A base model loaded once per runtime and shared by its adapters (and by the base's own
+    registered model, when placement puts that here too). Kept while any of them is loaded."""
+
+    model: Model
+    size: int
+    key: str  # its resolved path
+    users: set[str] = field(default_factory=set)
+
+
+# The formats whose loaded model can be a shared base, and those that need one.
+BASE_FORMATS = frozenset({"sentence-transformers"})
+
+
 @dataclass
 class Entry:
     model: Model
@@ -189,6 +226,9 @@ class Runtime:
     # Where loads may come from (see `confine`). None: anywhere, for in-process use by tests
     # and tools; `serve` always sets it.
     allowed_roots: "tuple[Path, ...] | None" = None
+    # resolved path -> a base loaded once and shared (issue 17); model name -> the base it uses
+    bases: dict[str, SharedBase] = field(default_factory=dict)
+    base_of: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
@@ -219,12 +259,15 @@ class Runtime:
         if self.allowed_roots is not None:
             # Before the already-loaded shortcut too: a refused path must be refused every time.
             path = str(confine(path, self.allowed_roots))
+        base_path = params.get("base_path")
+        if base_path:
+            base_path = str(confine(str(base_path), self.allowed_roots)) if self.allowed_roots is not None else str(Path(str(base_path)).resolve())
         if name in self.models:
             return self.models[name].size
         timeout = float(params.get("timeout_seconds") or self.load_timeout or 0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout > 0 else None
-        load: "asyncio.Future[tuple[Model, int]] | None" = None
+        load: "asyncio.Future[tuple[Model, int, SharedBase | None]] | None" = None
         try:
             # The deadline covers the wait for the lock too, and leaving by it releases the lock:
             # a load that hangs holds up the loads behind it for its timeout at most.
@@ -240,17 +283,44 @@ class Runtime:
                         except ImportError as e:  # a missing optional library fails only its own format
                             log.warning("format library unavailable: %s", e)
                         self.warm = None
-                    load = _in_thread(load_and_size, fmt, Path(path), params, self.allow_executable)
-                    model, size = await asyncio.shield(load)
+                    base, key = self._base_for(fmt, path, params, base_path)
+                    if base is not None and fmt.lower() in BASE_FORMATS:  # the base itself, already resident
+                        model, size, new = base.model, base.size, None
+                    else:
+                        load = _in_thread(load_with_base, fmt, Path(path), params, self.allow_executable, base,
+                                          Path(base_path) if base_path and base is None else None)
+                        model, size, new = await asyncio.shield(load)
         except TimeoutError:
             if load is None:
                 raise LoadTimeout(f"load of '{name}' did not start within {timeout:g}s: an earlier load still holds the runtime") from None
             self._abandon(name, load)
             raise LoadTimeout(f"load of '{name}' did not finish within {timeout:g}s; the runtime gave up on it") from None
+        if new is not None:
+            base = self.bases.setdefault(new.key, new)
+            log.info("loaded base %s for %s, shared by its adapters (size=%d)", new.key, name, new.size)
+        elif key is not None and fmt.lower() in BASE_FORMATS:
+            base = self.bases.setdefault(key, SharedBase(model, size, key))
+        if base is not None:
+            base.users.add(name)
+            self.base_of[name] = base.key
         self.models[name] = Entry(model, size, time.time())
         self.m_models.set(len(self.models))
         log.info("loaded model %s (%s) size=%d", name, fmt, size)
         return size
+
+    def _base_for(self, fmt: str, path: str, params: dict[str, Any], base_path: str | None) -> "tuple[SharedBase | None, str | None]":
+        """The resident base this load shares, if any, and the key a base loaded now goes by.
+        A base model is keyed by its resolved path; an adapter names its base's path
+        (`base_path`) or, failing that, a resident model (`base_model`)."""
+        if fmt.lower() in BASE_FORMATS:
+            key = str(Path(path).resolve())
+            return self.bases.get(key), key
+        if base_path:
+            return self.bases.get(base_path), base_path
+        named = str(params.get("base_model") or "")
+        if named and named in self.base_of:
+            return self.bases.get(self.base_of[named]), None
+        return None, None
 
     def _abandon(self, name: str, load: "asyncio.Future[tuple[Model, int]]") -> None:
         """A timed-out load keeps running in its thread (Python cannot stop it). Its result is
@@ -270,6 +340,13 @@ class Runtime:
     def unload(self, name: str) -> bool:
         e = self.models.pop(name, None)
         self.m_models.set(len(self.models))
+        key = self.base_of.pop(name, None)
+        base = self.bases.get(key) if key else None
+        if base is not None:
+            base.users.discard(name)
+            if not base.users:  # nothing shares it any more: its memory goes with the last user
+                del self.bases[key]
+                log.info("unloaded base %s: no adapter uses it any more", key)
         if e is not None:
             # Per-model series go with the model, so label cardinality follows what is loaded.
             for code in ("200", "400", "404", "413", "415", "500"):
@@ -471,6 +548,9 @@ def build_rest_app(rt: Runtime) -> web.Application:
         # Said plainly rather than a bare 404, so whoever drives this runtime finds the right port.
         return _err(403, REPOSITORY_ELSEWHERE)
 
+    from meshserve_loader.builtin import openai_api
+
+    openai_api.add_routes(r, rt)  # /v1/embeddings and friends (issue 17)
     _add_read_only(r, rt)
 
     @r.get("/metrics")

@@ -1,0 +1,129 @@
+"""The activator's OpenAI-compatible endpoints (issue 17, item 4).
+
+The gateway sends a /v1/ request here when its body's `model` is cold (or names nothing it
+knows a scope for that is loaded), and GET /v1/models always:
+- POST /v1/embeddings, /v1/completions, /v1/chat/completions: resolve `model`, hold the request
+  while the model loads, as for v2 requests, then forward it to the pod that has it (with
+  `mm-model-id`). Once the route is at the gateway later requests skip this hop.
+- GET /v1/models, GET /v1/models/{model}: what the mesh serves, from the registry (every
+  registered name users address: InferenceService names), each with its base when it is an
+  adapter (`parent`).
+
+Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, which its clients
+raise as NotFoundError (404), BadRequestError (400) and so on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from meshserve import state as st
+from meshserve.model import ModelSpec
+from meshserve.settings import MAX_REQUEST_BYTES
+
+ENDPOINTS = ("embeddings", "completions", "chat/completions")
+
+
+def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status)
+
+
+def _model_not_found(name: str) -> web.Response:
+    return error(404, f"The model '{name}' does not exist: no InferenceService or model is registered under this name",
+                 param="model", code="model_not_found")
+
+
+def _listing(models: dict[bytes, bytes], aliases: dict[bytes, bytes]) -> list[dict[str, Any]]:
+    """One entry per name users address (aliases), sorted; `parent` is an adapter's base."""
+    out = []
+    for alias, mid in sorted(aliases.items()):
+        raw = models.get(mid)
+        if raw is None:
+            continue
+        spec = ModelSpec.from_json(raw)
+        out.append({"id": alias.decode(), "object": "model", "created": 0, "owned_by": spec.namespace,
+                    "parent": spec.base or None, "meshserve_id": spec.id})
+    return out
+
+
+def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -> None:
+    """Register the /v1 routes on the activator's REST app (`act`: activator.Activator)."""
+    from meshserve_placement.activator import FORWARD_ATTEMPTS, HOP_BY_HOP, M_COLD, M_COLD_WAIT, MODEL_ID_HEADER, LoadFailed, log
+
+    async def models(request: web.Request) -> web.Response:
+        async with act.state.r.pipeline(transaction=False) as p:
+            p.hgetall(st.MODELS).hgetall(st.ALIASES)
+            raw_models, raw_aliases = await p.execute()
+        data = await asyncio.to_thread(_listing, raw_models, raw_aliases)
+        one = request.match_info.get("model")
+        if one is None:
+            return web.json_response({"object": "list", "data": data})
+        for m in data:
+            if m["id"] == one:
+                return web.json_response(m)
+        return _model_not_found(one)
+
+    async def cold(request: web.Request) -> web.Response:
+        endpoint = request.match_info["endpoint"]
+        try:
+            payload = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"request body is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit")
+        try:
+            body = json.loads(payload or b"null")
+        except ValueError as e:
+            return error(400, f"We could not parse the JSON body of your request: {e}")
+        if not isinstance(body, dict):
+            return error(400, "The request body must be a JSON object")
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return error(400, "you must provide a model parameter (a string)", param="model",
+                         code="missing_required_parameter" if name is None else None)
+        act.cold_requests += 1
+        t0 = time.monotonic()
+        try:
+            model_id = await act.resolve(name)
+        except LoadFailed:
+            M_COLD.labels("openai", "404").inc()
+            return _model_not_found(name)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers[MODEL_ID_HEADER] = model_id
+        for attempt in range(FORWARD_ATTEMPTS):
+            try:
+                pod = await act.ensure_loaded(model_id)
+            except LoadFailed as e:
+                M_COLD.labels("openai", str(e.status)).inc()
+                return error(e.status, str(e), "server_error" if e.status >= 500 else "invalid_request_error",
+                             code="model_not_loaded" if e.status >= 500 else None)
+            if attempt == 0:
+                M_COLD.labels("openai", "200").inc()
+                M_COLD_WAIT.observe(time.monotonic() - t0)
+            await act.state.touch([model_id])
+            url = f"http://{pod.host}:{pod.rest_port}/v1/{endpoint}"
+            try:
+                async with session.post(url, data=payload, headers=headers) as r:
+                    out = await r.read()
+                    status, ctype = r.status, r.content_type
+            except aiohttp.ClientError as e:
+                log.warning("forwarding %s to %s failed: %s", model_id, pod.id, e)
+                return error(503, f"model '{name}' is loaded but its runtime pod did not answer", "server_error")
+            # A 404 from the pod: the copy went between our look and the forward; wait again.
+            if status != 404 or attempt == FORWARD_ATTEMPTS - 1:
+                return web.Response(status=status, body=out, content_type=ctype or "application/json")
+            log.info("%s was gone from %s when forwarded to; waiting for a copy again", model_id, pod.id)
+        raise AssertionError("unreachable")
+
+    async def other(request: web.Request) -> web.Response:
+        return error(404, f"Invalid URL ({request.method} {request.path}): this mesh serves POST /v1/embeddings, "
+                          "/v1/completions, /v1/chat/completions and GET /v1/models", code="unknown_url")
+
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", models)
+    app.router.add_post(r"/v1/{endpoint:embeddings|completions|chat/completions}", cold)
+    app.router.add_route("*", "/v1/{tail:.*}", other)

