@@ -246,8 +246,8 @@ def now() -> float:
 def model_route_clusters(dump: Any, model_id: str) -> set[str]:
     """The clusters an Envoy route config dump (`/config_dump?resource=dynamic_route_configs`,
     parsed) sends REST requests for the concrete id `model_id` to, in either layout: the
-    matcher tree's `/v2/models/<id>` and `/v2/models/<id>/` entries, or the `/v2/models/` route
-    of the scoped layout's `model/<id>` RouteConfiguration. Empty when the gateway has no route
+    matcher tree's `/v2/models/<id>` and `/v2/models/<id>/` entries, or the REST route of the
+    scoped layout's `model/<id>` RouteConfiguration. Empty when the gateway has no route
     for it (a cold model goes to the activator by the fallback)."""
     want = {r.MODELS_PREFIX + model_id, r.MODELS_PREFIX + model_id + "/"}
     out: set[str] = set()
@@ -257,7 +257,8 @@ def model_route_clusters(dump: Any, model_id: str) -> set[str]:
             if node.get("name") == "model/" + model_id and "virtual_hosts" in node:
                 own = True  # the scoped layout's RouteConfiguration of this model
             match, action = node.get("match"), node.get("route")
-            hit = own and isinstance(match, dict) and match.get("prefix") == r.MODELS_PREFIX
+            # Its REST route: prefix "/" (it takes /v1 OpenAI-style paths too), or /v2/models/.
+            hit = own and isinstance(match, dict) and match.get("prefix") in ("/", r.MODELS_PREFIX)
             if isinstance(match, dict) and isinstance(action, dict) and (hit or match.get("prefix") in want or match.get("path") in want):
                 if "cluster" in action:
                     out.add(action["cluster"])
