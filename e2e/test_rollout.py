@@ -189,4 +189,4 @@ def test_rollback_of_a_finished_move_returns_to_the_previous_version(rmesh: devm
         devmesh.wait_until(lambda: any(who == t.old for _, who in load.answers[-20:]), 30, "answers from the previous version")
     transitions, snap = read(rmesh)
     assert snap.aliases["tr-move"] == t.old and transitions["tr-move"].phase == "RolledBack"
-    assert not load.failures, load.failures[:5]
+    assert not load.failures, (load.failures[:5], rmesh.log()[-6000:])

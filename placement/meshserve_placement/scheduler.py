@@ -450,7 +450,7 @@ class Scheduler:
             self.pending[spec.id] = decision.waits_for
             await self._commit(ops, changes)
             return False
-        if decision.pod is None and decision.waits_for_room and waiting:
+        if decision.pod is None and self._room_frees(spec.id, decision) and waiting:
             # No 503: the room is booked by copies that free up by themselves. The request stays
             # held and the model is retried as room frees (_retry_room), up to the cold-start timeout.
             log.info("%s waits for room: %s", spec.id, decision.reason)
@@ -489,6 +489,13 @@ class Scheduler:
         await self._dispatch(pod)
         return True
 
+    def _room_frees(self, model: str, d: policy.Decision) -> bool:
+        """The decision found no room, but room will free by itself: copies that are busy,
+        loading or unloading (policy), or a copy of this very model still unloading (a version
+        retired a moment ago and asked for again by a rollback: once it is gone, the pod can
+        take the model again)."""
+        return d.waits_for_room or any(c.state == CopyState.UNLOADING for c in self.view.copies.get(model, {}).values())
+
     async def _retry_room(self) -> None:
         """Place the models waiting for room that fit now, oldest first. Called (under the
         lock) when room may have freed: a load landed, an unload finished, a load request came,
@@ -511,7 +518,7 @@ class Scheduler:
                 continue
             # Pure and cheap: only a model that now fits goes through a decision that commits.
             d = policy.place(mv, self.view, now)
-            if d.pod is not None or not d.waits_for_room:
+            if d.pod is not None or not self._room_frees(model, d):
                 del self.room[model]
                 await self._place(spec, waiting=True, why=f"room freed up after {now - since:.1f}s waiting")
 
