@@ -13,6 +13,7 @@ import meshserve.commands
 from meshserve.commands.exits import HELP as EXIT_HELP
 from meshserve.commands.exits import FAILED
 from meshserve.extras import MissingExtra
+from meshserve.settings import SettingsError
 
 
 @click.group(epilog=EXIT_HELP)
@@ -34,8 +35,9 @@ _register()
 def main() -> None:
     try:
         cli()
-    except MissingExtra as e:
-        # A command reached a library of an extra this install lacks: say which, not a traceback.
+    except (MissingExtra, SettingsError) as e:
+        # A library of an extra this install lacks, or a MESHSERVE_* value that can't be read:
+        # say which, not a traceback.
         click.echo(f"meshserve: {e}", err=True)
         raise SystemExit(FAILED) from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -31,7 +32,10 @@ class _PlainFormatter(logging.Formatter):
         return f"{line} [{' '.join(tags)}]" if tags else line
 
 
-def setup(component: str, json_lines: bool = False, level: int = logging.INFO) -> None:
+def setup(component: str, json_lines: bool = False, level: int | None = None) -> None:
+    """`level`: else MESHSERVE_LOG_LEVEL (Settings.log_level, checked when settings are read)."""
+    if level is None:
+        level = getattr(logging, os.environ.get("MESHSERVE_LOG_LEVEL", "info").upper(), logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())

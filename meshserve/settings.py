@@ -88,6 +88,7 @@ class Settings:
     debounce_quiet_ms: int = 20
     debounce_max_ms: int = 200
     log_json: bool = False
+    log_level: str = "info"  # debug, info, warning or error, for every component
     # Loader (issue 5). Storage: a storage-config file or mounted Secret dir ("" = none).
     storage_config: str = ""
     cache_max_bytes: int = 4 << 30  # the pod's disk cache of pulled models
@@ -128,14 +129,17 @@ class Settings:
     def from_env(cls, **overrides: object) -> "Settings":
         s = cls()
         for f in dataclasses.fields(cls):
-            env = os.environ.get(f"MESHSERVE_{f.name.upper()}")
+            var = f"MESHSERVE_{f.name.upper()}"
+            env = os.environ.get(var)
             if env is not None:
-                setattr(s, f.name, _coerce(f.type, env))
+                setattr(s, f.name, coerce_env(f.type, env, var))
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
         s.data_dir = Path(s.data_dir)
         s.config_dir = Path(s.config_dir)
+        if s.log_level.lower() not in LOG_LEVELS:
+            raise SettingsError(f"MESHSERVE_LOG_LEVEL={s.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
         return s
 
     @property
@@ -210,14 +214,28 @@ class Settings:
         return env
 
 
-def _coerce(type_name: object, value: str) -> object:
+class SettingsError(ValueError):
+    """A MESHSERVE_* variable whose value can't be read: the message names it and what it takes."""
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def coerce_env(type_name: object, value: str, var: str = "") -> object:
     t = str(type_name)
-    if t == "int":
-        return int(value)
-    if t == "float":
-        return float(value)
+    try:
+        if t == "int":
+            return int(value)
+        if t == "float":
+            return float(value)
+    except ValueError:
+        raise SettingsError(f"{var}={value!r}: expected a {'whole number' if t == 'int' else 'number'}") from None
     if t == "bool":
-        return value.lower() in ("1", "true", "yes", "on")
+        # Only true and false: a typo like `ture` must not quietly read as false.
+        v = value.strip().lower()
+        if v not in ("true", "false"):
+            raise SettingsError(f"{var}={value!r}: expected true or false")
+        return v == "true"
     if t == "Path":
         return Path(value)
     return value

@@ -8,6 +8,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from meshserve.settings import coerce_env
+
 
 @dataclass
 class Tuning:
@@ -36,9 +38,10 @@ class Tuning:
     def from_env(cls, **overrides: object) -> "Tuning":
         t = cls()
         for f in dataclasses.fields(cls):
-            env = os.environ.get(f"MESHSERVE_{f.name.upper()}")
+            var = f"MESHSERVE_{f.name.upper()}"
+            env = os.environ.get(var)
             if env is not None:
-                setattr(t, f.name, int(env) if f.type == "int" else float(env))
+                setattr(t, f.name, coerce_env(f.type, env, var))
         for k, v in overrides.items():
             setattr(t, k, v)
         return t
