@@ -189,7 +189,7 @@ def _seed_pod(url: str) -> None:
     async def go(s: st.State) -> None:
         pod = Pod("pod-0", "127.0.0.1", 8001, 9001, 1 << 30, formats=["sklearn"], runtime="builtin", max_loading=2)
         await s.r.hset(st.PODS, "pod-0", pod.to_json())
-        await s.r.zadd(st.HEARTBEATS, {"pod-0": time.time()})
+        await s.r.zadd(st.HEARTBEATS, {"pod-0": time.time() + 600})  # fresh throughout, however slow the machine
 
     _run(_with_state(url, go))
 
