@@ -2,6 +2,12 @@
 
 A storage path names either one object or a prefix (a model directory, as MLServer and Triton
 models are). boto3 is synchronous: callers run `pull_s3` in a thread.
+
+Each object comes down through boto3's transfer manager (s3transfer): an object larger than
+PART_BYTES is fetched as concurrent ranged GETs of PART_BYTES, CONCURRENCY at a time, written at
+their offsets, each range retried alone. One GET stream is limited by one connection's window
+and one server thread; several fill the link (docs/benchmarks.md, "S3 pull"). The defaults are
+s3transfer's own (those of `aws s3 cp`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from meshserve_loader.pull_objects import write_objects
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import Store
 
-CHUNK = 1 << 20
+# Parts of this size, this many in flight; objects up to PART_BYTES are one plain GET.
+PART_BYTES = 8 << 20
+CONCURRENCY = 10
 
 
 _ca_lock = threading.Lock()
@@ -53,6 +61,7 @@ def s3_client(store: Store):  # type: ignore[no-untyped-def]
     cfg = Config(
         s3={"addressing_style": "path"} if store.endpoint_url else {},
         retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=max(10, CONCURRENCY),  # one connection per range in flight
         connect_timeout=10,
         read_timeout=60,
     )
@@ -80,7 +89,9 @@ def pull_s3(
     """Download `key` (an object, else every object under `key/`) into the empty dir `dest`.
     Returns the model's path relative to `dest` ("" when it is the whole directory)."""
     try:
+        from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError, SSLError
+        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
     except ModuleNotFoundError as e:  # the `loader` extra: a runtime-only install lacks it
         raise StorageError(install_hint("loader", f"S3 store {store.key or 'default'!r}", e.name)) from None
 
@@ -89,11 +100,22 @@ def pull_s3(
         raise StorageError(f"no bucket for {key!r}: set 'bucket' in storage-config key {store.key!r} or use an s3://bucket/path URI")
     what = _describe(store, bucket, key)
     client = s3_client(store)
+    # Threads, never the CRT client: the byte counts below come from s3transfer's callbacks.
+    transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=CONCURRENCY,
+                              use_threads=True, preferred_transfer_client="classic")
+
+    def download(k: str, target: Path, count: Callable[[int], None]) -> None:
+        # A seekable file: s3transfer writes each range at its offset as it arrives. `count`
+        # raising (the size limit) fails the transfer; the manager cancels the other ranges
+        # and waits for its threads before this returns, so nothing writes into the staging
+        # dir after the caller removes it.
+        with target.open("wb") as fh:
+            client.download_fileobj(bucket, k, fh, Callback=count, Config=transfer)
+
     try:
         return write_objects(
             what, key, _objects(client, bucket, key), dest, max_bytes, progress_min_bytes, sha256, on_progress,
-            read=lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].iter_chunks(CHUNK),
-            name_of=lambda k: f"s3://{bucket}/{k}",
+            read=None, name_of=lambda k: f"s3://{bucket}/{k}", download=download,
         )
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
@@ -108,6 +130,11 @@ def pull_s3(
         hint = (f"set 'certificate' in storage-config key {store.key!r} to the PEM CA bundle that signed the endpoint's certificate"
                 if not store.certificate else f"the 'certificate' in storage-config key {store.key!r} did not verify the endpoint: is it the CA that signed it?")
         raise StorageError(f"{what}: TLS certificate verification failed ({e}); {hint}") from None
+    except S3DownloadFailedError as e:
+        # The object was replaced while its ranges were being fetched (its ETag changed).
+        raise StorageError(f"{what}: {e}; the object changed during the pull, load the model again") from None
+    except RetriesExceededError as e:
+        raise StorageError(f"{what}: the connection kept failing ({e.last_exception}); check the endpoint and the network") from None
     except BotoCoreError as e:
         raise StorageError(f"{what}: {e}") from None
 
