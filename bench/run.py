@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "placement_throughput": (["bench.placement_throughput"], 600),
     "xds_debounce": (["bench.xds_debounce"], 600),
     "churn": (["bench.churn", "--seconds", "90"], 900),
+    "pull": (["bench.pull", "--mib", "1024", "--repeats", "3"], 900),
 }
 
 

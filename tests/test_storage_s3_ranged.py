@@ -79,6 +79,7 @@ def _record_gets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         return c
 
     monkeypatch.setattr(pull_s3, "s3_client", client)
+    monkeypatch.setattr(pull_s3, "_clients", {})  # a client made before this test would not record
     return seen
 
 

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
-from meshserve_loader.sink import Budget, Progress, Sink, verify_file
+from meshserve_loader.sink import Budget, Progress, Sink, check_digest
 from meshserve_loader.storage import StorageError, safe_join
 
 
@@ -26,13 +26,14 @@ def write_objects(
     on_progress: Callable[[int, int], None] | None,
     read: Callable[[str], Iterable[bytes]] | None,
     name_of: Callable[[str], str],
-    download: Callable[[str, Path, Callable[[int], None]], None] | None = None,
+    download: Callable[[str, Path, Callable[[int], None]], str] | None = None,
 ) -> str:
     """Download `objects` ((name, size), as listed for `key`) into the empty dir `dest` with
     `read(name)` (an iterator of chunks), or else `download(name, target, count)`, which fills
-    the file `target` in any order and calls `count(n)` for every n bytes received (negative
-    when a retried range takes back what it had counted; from any thread, and it raises to stop
-    the download when the size limit is passed); `name_of(name)` says where from, for errors.
+    the file `target`, calls `count(n)` for every n bytes received (negative when a retried
+    range takes back what it had counted; from any thread, and it raises to stop the download
+    when the size limit is passed) and returns the file's sha256 (hex; "" when `sha256` is "":
+    it need not hash then); `name_of(name)` says where from, for errors.
     Returns the model's path relative to `dest` ("" when it is the whole directory)."""
     if not objects:
         raise StorageError(f"{what}: no such object or prefix")
@@ -49,9 +50,8 @@ def write_objects(
         target = safe_join(dest, rel)  # an object name with '..' must not write outside dest
         target.parent.mkdir(parents=True, exist_ok=True)
         if download is not None:
-            _download(download, obj_key, target, name_of(obj_key), budget, progress)
-            if single and sha256:
-                verify_file(target, name_of(obj_key), sha256)
+            got = _download(download, obj_key, target, name_of(obj_key), budget, progress)
+            check_digest(name_of(obj_key), got, sha256 if single else "")
             continue
         assert read is not None
         sink = Sink(target, name_of(obj_key), budget, progress)
@@ -64,8 +64,8 @@ def write_objects(
     return posixpath.basename(key) if single else ""
 
 
-def _download(download: Callable[[str, Path, Callable[[int], None]], None], obj_key: str, target: Path, what: str,
-              budget: Budget, progress: Progress) -> None:
+def _download(download: Callable[[str, Path, Callable[[int], None]], str], obj_key: str, target: Path, what: str,
+              budget: Budget, progress: Progress) -> str:
     """One object through `download`, charging the shared budget and progress as bytes arrive.
     The ranges arrive on several threads at once: one lock keeps the counts whole. The limit is
     checked on bytes received, not on the listed size alone, so an object that grew after it
@@ -77,4 +77,4 @@ def _download(download: Callable[[str, Path, Callable[[int], None]], None], obj_
             budget.charge(n, what)
             progress.add(n)
 
-    download(obj_key, target, count)
+    return download(obj_key, target, count)

@@ -80,20 +80,11 @@ class Sink:
 
     def verify(self, sha256: str) -> None:
         """Raise DigestError unless the bytes written hash to `sha256` (hex, optional "sha256:")."""
-        _check(self.what, self.sha.hexdigest(), sha256)
+        check_digest(self.what, self.sha.hexdigest(), sha256)
 
 
-def verify_file(path: Path, what: str, sha256: str) -> None:
-    """Raise DigestError unless the file hashes to `sha256`: for downloads written out of order
-    (concurrent ranges), which can only be hashed once they are whole."""
-    sha = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    _check(what, sha.hexdigest(), sha256)
-
-
-def _check(what: str, got: str, sha256: str) -> None:
+def check_digest(what: str, got: str, sha256: str) -> None:
+    """Raise DigestError unless `got` (hex) is `sha256` (hex, optional "sha256:"; "" checks nothing)."""
     want = sha256.lower().removeprefix("sha256:")
     if want and got != want:
         raise DigestError(f"{what}: sha256 is {got}, expected {want}; the file is corrupt or the digest is wrong")
