@@ -63,7 +63,9 @@ def s3_client(store: Store):  # type: ignore[no-untyped-def]
     cfg = Config(
         s3={"addressing_style": "path"} if store.endpoint_url else {},
         retries={"max_attempts": 3, "mode": "standard"},
-        max_pool_connections=max(10, CONCURRENCY),  # one connection per range in flight
+        # One connection per range in flight, for a few pulls at once through this one kept
+        # client (the loader runs MESHSERVE_MAX_CONCURRENT_LOADS, 2 by default); opened as used.
+        max_pool_connections=4 * CONCURRENCY,
         connect_timeout=10,
         read_timeout=60,
     )
