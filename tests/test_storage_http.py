@@ -1,11 +1,16 @@
 """Kind: real server. Pulls over HTTP from a real aiohttp server on 127.0.0.1 (in the test's own
-event loop, stopped at the end): atomic writes, digest, size limit, cache, errors."""
+event loop, stopped at the end): atomic writes, digest, size limit, cache, errors; and from
+e2e.stores.ModelStore (a threaded HTTP server on 127.0.0.1): resuming with Range after a cut,
+restarting when Range is ignored, a loader killed mid-pull."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +160,41 @@ async def test_gives_up_after_the_attempts_with_what_to_do(tmp_path: Path, monke
             await _pull(tmp_path, store)
         assert store.gets == 3
     assert not list((tmp_path / "cache").glob(".tmp-*")), "the partial file is not kept"
+
+
+HTTP_CHILD = """
+import asyncio, sys
+from pathlib import Path
+from meshserve_loader.diskcache import DiskCache
+from meshserve_loader.fetch import Fetcher
+tmp, url = Path(sys.argv[1]), sys.argv[2]
+asyncio.run(Fetcher(tmp / "pvc", {}, DiskCache(tmp / "cache", 1 << 30)).fetch({"uri": url}))
+"""
+
+
+def test_killed_mid_pull_leaves_only_staging_removed_on_restart(tmp_path: Path) -> None:
+    """A loader SIGKILLed while the store holds its download half-way: only the staging dir
+    with the partial file is left, nothing is published, and a restarted loader's cache
+    removes it (its flock died with the process)."""
+    with ModelStore({"m.onnx": MODEL}) as store:
+        store.hold.set()
+        proc = subprocess.Popen([sys.executable, "-c", HTTP_CHILD, str(tmp_path), f"{store.url}/m.onnx"])
+        try:
+            assert store.held.wait(60), "the download never got half-way"
+            staged = list((tmp_path / "cache").glob(".tmp-*/m.onnx"))
+            deadline = time.monotonic() + 10  # bounded: the half is on its way to disk
+            while (not staged or staged[0].stat().st_size < len(MODEL) // 2) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                staged = list((tmp_path / "cache").glob(".tmp-*/m.onnx"))
+            proc.kill()
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    left = list((tmp_path / "cache").iterdir())
+    assert [d.name[:5] for d in left] == [".tmp-"], left
+    assert (left[0] / "m.onnx").stat().st_size == len(MODEL) // 2
+    time.sleep(1.1)  # the cache's grace for a pull between its mkdir and its flock
+    DiskCache(tmp_path / "cache", 1 << 30).clean_staging()
+    assert not list((tmp_path / "cache").iterdir())
