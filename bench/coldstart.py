@@ -57,6 +57,9 @@ def main() -> None:
             "runtime_load_and_infer_ms": {"p50": round(pct(direct, 50), 2), "p99": round(pct(direct, 99), 2)},
             "overhead_ms": {"p50": round(pct(overhead, 50), 2), "p99": round(pct(overhead, 99), 2)},
             "target_p50_overhead_le_50ms": pct(overhead, 50) <= 50,
+            # Every sample, for the distribution plot (bench/plots.py).
+            "samples_ms": {"cold_request": [round(x, 2) for x in total], "runtime_load_and_infer": [round(x, 2) for x in direct],
+                           "overhead": [round(x, 2) for x in overhead]},
         }
         print(json.dumps(res, indent=2))
         print(write("coldstart", res))

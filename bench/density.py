@@ -115,10 +115,12 @@ def main() -> None:
             ids = [spec(i).id for i in range(args.loaded)]
             t0 = time.monotonic()
             asyncio.run(request_loads(m.redis_url, ids))
-            loaded, progress = 0, []
+            loaded, progress, rss_samples = 0, [], [{"loaded": 0, "rss_mib": base_rss}]
             while time.monotonic() - t0 < args.timeout:
                 loaded = asyncio.run(count_loaded(m.redis_url))
                 progress.append((round(time.monotonic() - t0, 1), loaded))
+                # Memory as models come in, for the plot of memory against models loaded.
+                rss_samples.append({"loaded": loaded, "rss_mib": {k: rss_mib(p) for k, p in m.pids().items()}})
                 print(f"{progress[-1][0]:>7}s loaded {loaded}", flush=True)
                 if loaded >= args.loaded:
                     break
@@ -147,6 +149,7 @@ def main() -> None:
                 "rss_mib_idle": base_rss,
                 "rss_mib_loaded": rss,
                 "rss_mib_total": round(sum(rss.values()), 1),
+                "rss_samples": rss_samples + [{"loaded": loaded, "rss_mib": rss}],
                 "latency_ms_random_loaded": {"n": len(lat), "errors": errors, "p50": round(pct(lat, 50), 2), "p99": round(pct(lat, 99), 2)},
             }
             print(json.dumps(res, indent=2))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import json
 import math
 import random
 import time
@@ -235,27 +236,6 @@ def run_all(w: Workload, pods: int, fraction: float, log: Callable[[str], None] 
     return out
 
 
-def plot(curve: dict[float, list[Result]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    fracs = sorted(curve)
-    for idx, style in ((0, "o-"), (1, "s--"), (2, "^:"), (3, "k-")):
-        label = curve[fracs[0]][idx].name.split(" (Ray")[0] + (" (Ray Serve)" if "Ray" in curve[fracs[0]][idx].name else "")
-        ax.plot([f * 100 for f in fracs], [curve[f][idx].hit_ratio for f in fracs], style, label=label)
-    ax.set_xlabel("total pod capacity, % of all model bytes")
-    ax.set_ylabel("hit ratio (requests served without a load)")
-    ax.set_title("Placement: Zipf s=1.0 over 100,000 models, lognormal sizes")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> None:
     from bench.common import RESULTS, write
 
@@ -286,9 +266,9 @@ def main() -> None:
     }
     name = "placement_sim_quick" if args.quick else "placement_sim"
     print(write(name, doc))
-    png = RESULTS / f"{name}.png"
-    plot(curve, png)
-    print(png)
+    from bench.plots import hit_ratio
+
+    print(hit_ratio(json.loads((RESULTS / f"{name}.json").read_text()), name))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`make bench`: every benchmark of issue 10, each bounded in time, one after another.
 
 Each runs as its own process (a crash or a time-out in one does not stop the rest) and writes
-its JSON to bench/results/; docs/benchmarks.md quotes them. Run one or a few by name:
+its JSON to bench/results/; docs/benchmarks.md quotes them. Then bench.plots draws the figures
+(bench/results/*.png) from that JSON. Run one or a few by name:
 
     .venv/bin/python -m bench.run                       # all, about 45 minutes on 2 cores
     .venv/bin/python -m bench.run gateway coldstart     # just these
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "placement_throughput": (["bench.placement_throughput"], 600),
     "xds_debounce": (["bench.xds_debounce"], 600),
     "churn": (["bench.churn", "--seconds", "90"], 900),
+    "pull": (["bench.pull", "--mib", "1024", "--repeats", "3"], 900),
 }
 
 
@@ -50,6 +52,10 @@ def main(argv: list[str]) -> int:
         print(f"== {name}: {'ok' if code == 0 else code} in {time.monotonic() - t0:.0f}s", flush=True)
         if code != 0:
             failed.append(name)
+    # The figures of docs/benchmarks.md, from whatever JSON is in bench/results now.
+    print("== plots", flush=True)
+    if subprocess.run([sys.executable, "-m", "bench.plots"], cwd=REPO, timeout=300).returncode != 0:
+        failed.append("plots")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -1,10 +1,16 @@
 """Kind: real server. Pulls over HTTP from a real aiohttp server on 127.0.0.1 (in the test's own
-event loop, stopped at the end): atomic writes, digest, size limit, cache, errors."""
+event loop, stopped at the end): atomic writes, digest, size limit, cache, errors; and from
+e2e.stores.ModelStore (a threaded HTTP server on 127.0.0.1): resuming with Range after a cut,
+restarting when Range is ignored, a loader killed mid-pull."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +95,106 @@ async def test_http_store_with_headers_and_errors(tmp_path: Path) -> None:
         assert not list((tmp_path / "cache").glob(".tmp-*")), "failed pulls leave no temporaries"
     finally:
         await runner.cleanup()
+
+
+# --- Resuming a dropped download: e2e.stores.ModelStore, a real threaded HTTP server on 127.0.0.1
+# that drops the connection half-way (`cut`) and honours or ignores Range (`ranges`).
+
+from e2e.stores import ModelStore  # noqa: E402
+from meshserve_loader import pull_http  # noqa: E402
+
+MODEL = os.urandom(4 << 20)
+
+
+async def _pull(tmp_path: Path, store: ModelStore, calls: list[tuple[int, int]] | None = None, **kw: str) -> Path:
+    f = _fetcher(tmp_path)
+    return await f.fetch({"uri": f"{store.url}/m.onnx", **kw}, on_progress=(lambda d, t: calls.append((d, t))) if calls is not None else None)
+
+
+async def test_cut_download_resumes_with_range(tmp_path: Path) -> None:
+    """Two drops: each retry asks for the rest only, and the file is the server's bytes."""
+    calls: list[tuple[int, int]] = []
+    with ModelStore({"m.onnx": MODEL}) as store:
+        store.cut = 2
+        p = await _pull(tmp_path, store, calls, parameters={"sha256": hashlib.sha256(MODEL).hexdigest()})
+        assert p.read_bytes() == MODEL
+        half, quarter = len(MODEL) // 2, len(MODEL) // 4
+        assert store.range_headers == [None, f"bytes={half}-", f"bytes={half + quarter}-"]
+        assert store.sent == len(MODEL), "nothing was sent twice"
+    assert calls[-1] == (len(MODEL), len(MODEL)) and all(d <= len(MODEL) for d, _ in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls), "progress only goes forward when resuming"
+
+
+async def test_server_ignoring_range_restarts_cleanly(tmp_path: Path) -> None:
+    """A plain server answers the resume with a 200 of the whole file: the download starts over
+    (no splice of the whole file onto the half already written)."""
+    calls: list[tuple[int, int]] = []
+    with ModelStore({"m.onnx": MODEL}, ranges=False) as store:
+        store.cut = 1
+        p = await _pull(tmp_path, store, calls, parameters={"sha256": hashlib.sha256(MODEL).hexdigest()})
+        assert p.read_bytes() == MODEL
+        assert store.range_headers == [None, f"bytes={len(MODEL) // 2}-"] and store.sent == len(MODEL) * 3 // 2
+    assert calls[-1] == (len(MODEL), len(MODEL)) and max(d for d, _ in calls) == len(MODEL)
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+async def test_file_replaced_between_attempts_is_not_spliced(tmp_path: Path) -> None:
+    """If-Range: the file changed after the cut, so the server sends the new one whole."""
+    new = os.urandom(3 << 20)
+    with ModelStore({"m.onnx": MODEL}) as store:
+        store.cut = 1
+
+        def swap(d: int, t: int) -> None:
+            store.files["m.onnx"] = new
+
+        p = await _fetcher(tmp_path).fetch({"uri": f"{store.url}/m.onnx"}, on_progress=swap)
+        assert p.read_bytes() == new
+        assert store.range_headers[1] == f"bytes={len(MODEL) // 2}-"
+
+
+async def test_gives_up_after_the_attempts_with_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pull_http, "ATTEMPTS", 3)
+    with ModelStore({"m.onnx": MODEL}) as store:
+        store.cut = 100
+        with pytest.raises(StorageError, match=r"gave up after 3 attempts .*got \d+ of 4194304 bytes.*load the model again"):
+            await _pull(tmp_path, store)
+        assert store.gets == 3
+    assert not list((tmp_path / "cache").glob(".tmp-*")), "the partial file is not kept"
+
+
+HTTP_CHILD = """
+import asyncio, sys
+from pathlib import Path
+from meshserve_loader.diskcache import DiskCache
+from meshserve_loader.fetch import Fetcher
+tmp, url = Path(sys.argv[1]), sys.argv[2]
+asyncio.run(Fetcher(tmp / "pvc", {}, DiskCache(tmp / "cache", 1 << 30)).fetch({"uri": url}))
+"""
+
+
+def test_killed_mid_pull_leaves_only_staging_removed_on_restart(tmp_path: Path) -> None:
+    """A loader SIGKILLed while the store holds its download half-way: only the staging dir
+    with the partial file is left, nothing is published, and a restarted loader's cache
+    removes it (its flock died with the process)."""
+    with ModelStore({"m.onnx": MODEL}) as store:
+        store.hold.set()
+        proc = subprocess.Popen([sys.executable, "-c", HTTP_CHILD, str(tmp_path), f"{store.url}/m.onnx"])
+        try:
+            assert store.held.wait(60), "the download never got half-way"
+            staged = list((tmp_path / "cache").glob(".tmp-*/m.onnx"))
+            deadline = time.monotonic() + 10  # bounded: the half is on its way to disk
+            while (not staged or staged[0].stat().st_size < len(MODEL) // 2) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                staged = list((tmp_path / "cache").glob(".tmp-*/m.onnx"))
+            proc.kill()
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    left = list((tmp_path / "cache").iterdir())
+    assert [d.name[:5] for d in left] == [".tmp-"], left
+    assert (left[0] / "m.onnx").stat().st_size == len(MODEL) // 2
+    time.sleep(1.1)  # the cache's grace for a pull between its mkdir and its flock
+    DiskCache(tmp_path / "cache", 1 << 30).clean_staging()
+    assert not list((tmp_path / "cache").iterdir())

@@ -138,8 +138,10 @@ class Fetcher:
         self.cache.clean_staging()
 
     async def fetch(self, storage: Mapping[str, Any], on_progress: Callable[[int, int], None] | None = None) -> Path:
-        """`on_progress(done, total)`: bytes pulled so far, after every chunk (from a worker
-        thread for S3); not called for local models and cache hits."""
+        """`on_progress(done, total)`: bytes pulled so far, after every chunk (from worker
+        threads for S3, GCS and Azure, one call at a time); `done` can go back when a retried
+        range or a restarted HTTP download takes back bytes. Not called for local models and
+        cache hits."""
         config_error = ""
         if self.config is not None:
             # A stat or two when nothing changed; a re-read when the Secret did.

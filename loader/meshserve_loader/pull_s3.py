@@ -2,11 +2,19 @@
 
 A storage path names either one object or a prefix (a model directory, as MLServer and Triton
 models are). boto3 is synchronous: callers run `pull_s3` in a thread.
+
+Each object comes down through boto3's transfer manager (s3transfer): an object larger than
+PART_BYTES is fetched as concurrent ranged GETs of PART_BYTES, CONCURRENCY at a time, each range
+retried alone. One GET stream is limited by one connection's window and one server thread;
+several fill the link (docs/benchmarks.md, "S3 pull"). The defaults are s3transfer's own (those
+of `aws s3 cp`). A model's sha256, when it has one, is computed as the ranges land (_Target).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import io
 import os
 import tempfile
 import threading
@@ -18,7 +26,9 @@ from meshserve_loader.pull_objects import write_objects
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import Store
 
-CHUNK = 1 << 20
+# Parts of this size, this many in flight; objects up to PART_BYTES are one plain GET.
+PART_BYTES = 8 << 20
+CONCURRENCY = 10
 
 
 _ca_lock = threading.Lock()
@@ -53,6 +63,9 @@ def s3_client(store: Store):  # type: ignore[no-untyped-def]
     cfg = Config(
         s3={"addressing_style": "path"} if store.endpoint_url else {},
         retries={"max_attempts": 3, "mode": "standard"},
+        # One connection per range in flight, for a few pulls at once through this one kept
+        # client (the loader runs MESHSERVE_MAX_CONCURRENT_LOADS, 2 by default); opened as used.
+        max_pool_connections=4 * CONCURRENCY,
         connect_timeout=10,
         read_timeout=60,
     )
@@ -69,6 +82,99 @@ def s3_client(store: Store):  # type: ignore[no-untyped-def]
     )
 
 
+class _Target:
+    """The file s3transfer downloads into: seekable, so each range is written at its offset as
+    it arrives (its one I/O thread calls seek, then write). When a digest is to be checked, the
+    hash follows the contiguous prefix as it grows: bytes written right at its end are hashed
+    from memory, and a range that arrived early is read back from the page cache once the gap
+    before it fills. So the sha256 is done when the download is, not in a second pass over the
+    file, and nothing is held in memory for it. (s3transfer's in-order mode for unseekable
+    targets holds a window of early ranges and measured ~20% slower here.)"""
+
+    def __init__(self, path: Path, hashed: bool):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read back to hash early ranges
+        self.pos = 0
+        self.sha = hashlib.sha256() if hashed else None
+        self.hashed_to = 0  # bytes [0, hashed_to) are in the hash
+        self.early: list[tuple[int, int]] = []  # heap of (offset, end) written past hashed_to
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        else:
+            raise io.UnsupportedOperation("seek from the end")
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        off = self.pos
+        while view:  # a regular file takes it all at once; a short write is carried on
+            n = os.pwrite(self.fd, view, off)
+            view, off = view[n:], off + n
+        if self.sha is not None:
+            self._hash(self.pos, data)
+        self.pos += len(data)
+        return len(data)
+
+    def _hash(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if offset <= self.hashed_to < end:
+            # (offset < hashed_to: a retried range rewriting bytes already hashed, same bytes)
+            self.sha.update(memoryview(data)[self.hashed_to - offset :])  # type: ignore[union-attr]
+            self.hashed_to = end
+        elif offset > self.hashed_to:
+            heapq.heappush(self.early, (offset, end))
+        while self.early and self.early[0][0] <= self.hashed_to:
+            _, e = heapq.heappop(self.early)
+            self._hash_from_disk(e)
+
+    def _hash_from_disk(self, end: int) -> None:
+        while self.hashed_to < end:
+            chunk = os.pread(self.fd, min(end - self.hashed_to, 8 << 20), self.hashed_to)
+            if not chunk:
+                raise StorageError("the downloaded file is shorter than what was written to it")
+            self.sha.update(chunk)  # type: ignore[union-attr]
+            self.hashed_to += len(chunk)
+
+    def digest(self) -> str:
+        """The file's sha256 (hex), "" when not hashing."""
+        if self.sha is None:
+            return ""
+        self._hash_from_disk(os.fstat(self.fd).st_size)  # nothing left when all went as expected
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_clients: dict[tuple[str, ...], object] = {}
+_clients_lock = threading.Lock()
+MAX_CLIENTS = 8
+
+
+def cached_client(store: Store):  # type: ignore[no-untyped-def]
+    """One client per endpoint and credentials, kept across pulls: making one costs ~0.1 s
+    (boto3 reads its service models), and a kept one keeps its pooled connections. boto3
+    clients are thread-safe. An edited storage-config entry (new keys, a new certificate) is
+    another key here, so it gets a new client; the oldest are dropped past MAX_CLIENTS."""
+    key = (store.endpoint_url, store.access_key_id, store.secret_access_key, store.region, store.certificate)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = s3_client(store)
+            while len(_clients) > MAX_CLIENTS:
+                del _clients[next(iter(_clients))]
+        return client
+
+
 def _describe(store: Store, bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key} (store {store.key!r}{', ' + store.endpoint_url if store.endpoint_url else ''})"
 
@@ -80,7 +186,9 @@ def pull_s3(
     """Download `key` (an object, else every object under `key/`) into the empty dir `dest`.
     Returns the model's path relative to `dest` ("" when it is the whole directory)."""
     try:
+        from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError, SSLError
+        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
     except ModuleNotFoundError as e:  # the `loader` extra: a runtime-only install lacks it
         raise StorageError(install_hint("loader", f"S3 store {store.key or 'default'!r}", e.name)) from None
 
@@ -88,12 +196,26 @@ def pull_s3(
     if not bucket:
         raise StorageError(f"no bucket for {key!r}: set 'bucket' in storage-config key {store.key!r} or use an s3://bucket/path URI")
     what = _describe(store, bucket, key)
-    client = s3_client(store)
+    client = cached_client(store)
+    # Threads, never the CRT client: the byte counts below come from s3transfer's callbacks.
+    transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES, max_concurrency=CONCURRENCY,
+                              use_threads=True, preferred_transfer_client="classic")
+
+    def download(k: str, target: Path, count: Callable[[int], None]) -> str:
+        # `count` raising (the size limit) fails the transfer; the manager cancels the other
+        # ranges and waits for its threads before this returns, so nothing writes into the
+        # staging dir after the caller removes it.
+        out = _Target(target, hashed=bool(sha256))
+        try:
+            client.download_fileobj(bucket, k, out, Callback=count, Config=transfer)
+            return out.digest()
+        finally:
+            out.close()
+
     try:
         return write_objects(
             what, key, _objects(client, bucket, key), dest, max_bytes, progress_min_bytes, sha256, on_progress,
-            read=lambda k: client.get_object(Bucket=bucket, Key=k)["Body"].iter_chunks(CHUNK),
-            name_of=lambda k: f"s3://{bucket}/{k}",
+            read=None, name_of=lambda k: f"s3://{bucket}/{k}", download=download,
         )
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
@@ -108,6 +230,11 @@ def pull_s3(
         hint = (f"set 'certificate' in storage-config key {store.key!r} to the PEM CA bundle that signed the endpoint's certificate"
                 if not store.certificate else f"the 'certificate' in storage-config key {store.key!r} did not verify the endpoint: is it the CA that signed it?")
         raise StorageError(f"{what}: TLS certificate verification failed ({e}); {hint}") from None
+    except S3DownloadFailedError as e:
+        # The object was replaced while its ranges were being fetched (its ETag changed).
+        raise StorageError(f"{what}: {e}; the object changed during the pull, load the model again") from None
+    except RetriesExceededError as e:
+        raise StorageError(f"{what}: the connection kept failing ({e.last_exception}); check the endpoint and the network") from None
     except BotoCoreError as e:
         raise StorageError(f"{what}: {e}") from None
 

@@ -80,7 +80,11 @@ class Sink:
 
     def verify(self, sha256: str) -> None:
         """Raise DigestError unless the bytes written hash to `sha256` (hex, optional "sha256:")."""
-        got = self.sha.hexdigest()
-        want = sha256.lower().removeprefix("sha256:")
-        if want and got != want:
-            raise DigestError(f"{self.what}: sha256 is {got}, expected {want}; the file is corrupt or the digest is wrong")
+        check_digest(self.what, self.sha.hexdigest(), sha256)
+
+
+def check_digest(what: str, got: str, sha256: str) -> None:
+    """Raise DigestError unless `got` (hex) is `sha256` (hex, optional "sha256:"; "" checks nothing)."""
+    want = sha256.lower().removeprefix("sha256:")
+    if want and got != want:
+        raise DigestError(f"{what}: sha256 is {got}, expected {want}; the file is corrupt or the digest is wrong")
