@@ -491,6 +491,17 @@ class Scheduler:
             sizes = {m: int(n) for m, n in json.loads(f.get("sizes") or "{}").items()}
             await self._reconcile_pod(f["pod"], {m: sizes.get(m, 0) for m in json.loads(f.get("models") or "[]")})
             return
+        if f.get("op") != "load":
+            await self._apply_event(f)
+            return
+        # A load's result: a span of the decision's trace (the event carries the order's
+        # context), so the cold path's hops can be told apart (bench/hops.py).
+        with tracing.tracer(__name__).start_as_current_span(
+            "placement.loaded", attributes={tracing.ATTR_MODEL: f.get("model", ""), tracing.ATTR_POD: f.get("pod", ""), "meshserve.ok": f.get("ok") == "1"}
+        ):
+            await self._apply_event(f)
+
+    async def _apply_event(self, f: dict[str, str]) -> None:
         model_id, pod, op, ok = f["model"], f["pod"], f["op"], f.get("ok") == "1"
         now = time.time()
         copies = dict(self.view.copies.get(model_id, {}))
