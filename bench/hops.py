@@ -1,10 +1,9 @@
 """Per-hop timing of the cold path from the components' own trace spans (issue 19 §4).
 
-Every process of the mesh exports its spans over OTLP/HTTP when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
-is set (meshserve/tracing.py). `Collector` is a tiny OTLP/HTTP receiver in the benchmark's own
-process: start it before the mesh (it sets the variables the mesh's processes inherit), then
-`hops()` splits each cold request's trace into the hops below. All processes run on one machine,
-so their clocks agree.
+Every process of the mesh writes its spans to a file when MESHSERVE_TRACE_FILE is set
+(meshserve/tracing.py). `Collector` sets it before the mesh starts (its processes inherit it)
+and reads the spans back; `hops()` splits each cold request's trace into the hops below. All
+processes run on one machine, so their clocks agree.
 
     activator.request -> activator.hold (resolve the name)
     hold -> placement.decide           (activator reads copies, asks; leader wakes, refreshes)
@@ -20,10 +19,12 @@ so their clocks agree.
 
 from __future__ import annotations
 
+import json
 import os
-import threading
+import shutil
+import tempfile
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from bench.common import pct
@@ -46,46 +47,29 @@ HOPS = [
 
 
 class Collector:
+    """Makes the mesh's processes (started after this) write their spans to files here
+    (meshserve/tracing.py JsonLinesExporter, exported every 200 ms), and reads them back."""
+
     def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
-        self.spans: list[dict[str, Any]] = []
-        lock = threading.Lock()
-        spans = self.spans
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-                got = []
-                for rs in req.resource_spans:
-                    for ss in rs.scope_spans:
-                        for s in ss.spans:
-                            attrs = {a.key: a.value.string_value for a in s.attributes}
-                            got.append({"trace": s.trace_id.hex(), "name": s.name, "start": s.start_time_unix_nano,
-                                        "end": s.end_time_unix_nano, "model": attrs.get("meshserve.model", ""), "name": attrs.get("meshserve.name", ""),
-                                        "outcome": attrs.get("meshserve.outcome", "")})
-                with lock:
-                    spans.extend(got)
-                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        port = self.server.server_address[1]
-        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"http://127.0.0.1:{port}/v1/traces"
+        self.dir = tempfile.mkdtemp(prefix="ms-hops-")
+        os.environ["MESHSERVE_TRACE_FILE"] = os.path.join(self.dir, "spans")
         os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
 
+    @property
+    def spans(self) -> list[dict[str, Any]]:
+        out = []
+        for p in Path(self.dir).glob("spans.*"):
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    s = json.loads(line)
+                    a = s.pop("attributes")
+                    s.update(model=a.get("meshserve.model", ""), name_attr=a.get("meshserve.name", ""))
+                    out.append(s)
+        return out
+
     def close(self) -> None:
-        self.server.shutdown()
-        os.environ.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+        os.environ.pop("MESHSERVE_TRACE_FILE", None)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def hops(spans: list[dict[str, Any]], models: set[str]) -> dict[str, dict[str, float]]:
@@ -97,7 +81,7 @@ def hops(spans: list[dict[str, Any]], models: set[str]) -> dict[str, dict[str, f
     out: dict[str, list[float]] = defaultdict(list)
     for t in by_trace.values():
         req = t.get("activator.request")
-        if req is None or req["name"] not in models:
+        if req is None or req["name_attr"] not in models:
             continue
         for name, (a, ea), (b, eb) in HOPS:
             if a in t and b in t:
