@@ -13,6 +13,7 @@ processes run on one machine, so their clocks agree.
     load -> placement.loaded           (result event reaches the leader)
     placement.loaded                   (leader commits the copy LOADED)
     loaded -> hold end                 (activator wakes, reads the copy and pod)
+    load -> hold end                   (the three above; or the activator's own read of the result)
     hold end -> activator.forward      (recency)
     activator.forward                  (the first inference on the pod)
 """
@@ -40,6 +41,7 @@ HOPS = [
     ("event", ("loader.load", "end"), ("placement.loaded", "start")),
     ("loaded", ("placement.loaded", "start"), ("placement.loaded", "end")),
     ("wake", ("placement.loaded", "end"), ("activator.hold", "end")),
+    ("result_to_hold_end", ("loader.load", "end"), ("activator.hold", "end")),  # event + loaded + wake, or the direct path
     ("touch", ("activator.hold", "end"), ("activator.forward", "start")),
     ("forward", ("activator.forward", "start"), ("activator.forward", "end")),
     ("respond", ("activator.forward", "end"), ("activator.request", "end")),
