@@ -69,10 +69,6 @@ class Activator:
         # commit with a `pod` change, and watch_changes drops the entry when it sees one.
         self._pods: dict[str, Pod] = {}
         self._background: set[asyncio.Task[None]] = set()
-        # model -> (pod, when): a loader reported the model loaded there (ms:events) for a
-        # request held here. Trusted for unload_grace_seconds: no unload can land sooner.
-        self._landed: dict[str, tuple[str, float]] = {}
-        self._landed_fresh = settings.unload_grace_seconds
 
     async def pod(self, pod_id: str) -> Pod | None:
         pod = self._pods.get(pod_id)
@@ -96,27 +92,17 @@ class Activator:
             log.warning("activator: recording the use of %s failed: %s", model_id, e)
 
     async def watch_changes(self) -> None:
-        """Wake waiters when their model's placement changes, or when a loader reports their
-        model loaded (ms:events): the held requests go to that pod at once, without waiting
-        for the leader to commit the copy (issue 19 §4: one commit and one read fewer on the
-        cold path). The runtime holds the model from that event on, and an unload of it
-        waits unload_grace_seconds after its order, so the forward finds it there."""
-        last, last_event = "$", "$"
+        """Wake waiters when their model's placement changes."""
+        last = "$"
         while True:
             try:
-                if last == "$":  # start from the streams' ends, read once: nothing between two reads is missed
-                    last, last_event = await self._stream_ends()
-                resp = await self.state.r.xread({st.CHANGES: last, st.EVENTS: last_event}, block=1000, count=1000)
+                resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=1000)
             except Exception as e:  # redis down: waiters time out with a reason
                 log.warning("activator: reading changes failed: %s", e)
                 self._pods.clear()  # pod changes may be missed meanwhile
                 await asyncio.sleep(0.5)
                 continue
-            for stream, entries in resp or []:
-                if (stream.decode() if isinstance(stream, bytes) else stream) == st.EVENTS:
-                    last_event = entries[-1][0]
-                    self._on_events(entries)
-                    continue
+            for _, entries in resp or []:
                 for eid, fields in entries:
                     last = eid
                     kind = fields.get(b"kind", b"").decode()
@@ -127,25 +113,6 @@ class Activator:
                     ev = self._waiters.get(fields.get(b"id", b"").decode())
                     if ev is not None:
                         ev.set()
-
-    async def _stream_ends(self) -> tuple[str, str]:
-        async with self.state.r.pipeline(transaction=False) as p:
-            p.xrevrange(st.CHANGES, count=1).xrevrange(st.EVENTS, count=1)
-            changes, events = await p.execute()
-        return (changes[0][0] if changes else "0-0"), (events[0][0] if events else "0-0")
-
-    def _on_events(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        now = time.monotonic()
-        for _, f in entries:
-            if f.get(b"op") != b"load" or f.get(b"ok") != b"1":
-                continue
-            model = f.get(b"model", b"").decode()
-            ev = self._waiters.get(model)
-            if ev is not None:
-                self._landed[model] = (f.get(b"pod", b"").decode(), now)
-                ev.set()
-        if len(self._landed) > 10_000:
-            self._landed = {m: v for m, v in self._landed.items() if now - v[1] < self._landed_fresh}
 
     async def ensure_loaded(self, model_id: str) -> Pod:
         with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
@@ -161,11 +128,6 @@ class Activator:
         while True:
             ev = self._waiters.setdefault(model_id, asyncio.Event())
             ev.clear()
-            landed = self._landed.get(model_id)
-            if landed is not None and time.monotonic() - landed[1] < self._landed_fresh:
-                pod = await self.pod(landed[0])
-                if pod is not None:
-                    return pod
             asked = self._requested.get(model_id, 0.0)
             if not asked or time.time() - asked > self.s.cold_start_timeout_seconds:
                 # Not asked for lately (the usual cold request): read the copies and ask for the
