@@ -7,7 +7,7 @@ same runtime loads and unloads scratch copies of the model back to back through 
 repository API (the loader's path, without placement). Loads run on a thread of their own and
 inference on the inference threads; what they share is the process's GIL and the cores.
 
-    .venv/bin/python -m bench.hotpath [--seconds 15] [--rps 20]     # -> bench/results/hotpath.json
+    .venv/bin/python -m bench.hotpath [--seconds 15] [--rps 20] [--load-rate 10]    # -> bench/results/hotpath.json
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ def probe(url: str, seconds: float, rps: float) -> list[float]:
     return ms
 
 
-def churn_loads(control: str, path: Path, stop: threading.Event, out: list[float]) -> None:
+def churn_loads(control: str, path: Path, stop: threading.Event, out: list[float], rate: float = 0.0) -> None:
     i = 0
+    nxt = time.monotonic()
     while not stop.is_set():
+        if rate:
+            nxt += 1.0 / rate
+            time.sleep(max(0.0, nxt - time.monotonic()))
         name = f"scratch-{i}"
         t0 = time.perf_counter()
         _post(f"{control}/v2/repository/models/{name}/load", json.dumps({"parameters": {"path": str(path), "format": "sklearn"}}).encode())
@@ -60,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rps", type=float, default=20.0)
+    ap.add_argument("--load-rate", type=float, default=0.0, help="loads per second (0: back to back); the issue's churn ran ~9 per pod")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ms-hot-") as tmp, churn.churn_mesh(Path(tmp), 2, 10, pods=1) as (mesh, names):
         _post(f"{mesh.rest}/v2/models/{names[0]}/infer", churn.BODY, 120)  # placement loads it
@@ -69,13 +74,13 @@ def main() -> None:
         probe(url, 2.0, args.rps)  # warm-up, not counted
         alone = probe(url, args.seconds, args.rps)
         stop, loads = threading.Event(), []
-        t = threading.Thread(target=churn_loads, args=(mesh.pod_control(0), path, stop, loads), daemon=True)
+        t = threading.Thread(target=churn_loads, args=(mesh.pod_control(0), path, stop, loads, args.load_rate), daemon=True)
         t.start()
         during = probe(url, args.seconds, args.rps)
         stop.set()
         t.join()
         again = probe(url, args.seconds, args.rps)
-    res = {"probe_rps": args.rps, "seconds": args.seconds, "alone_ms": stats(alone), "during_loads_ms": stats(during),
+    res = {"probe_rps": args.rps, "load_rate": args.load_rate or "back to back", "seconds": args.seconds, "alone_ms": stats(alone), "during_loads_ms": stats(during),
            "alone_after_ms": stats(again), "loads": len(loads), "load_ms": stats(loads),
            "loads_per_second": round(len(loads) / args.seconds, 1)}
     print(json.dumps(res, indent=2))
