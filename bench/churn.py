@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from bench import hops
 from bench.common import pct, write
 from meshserve import devmesh
 
@@ -239,10 +240,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=90.0)
     ap.add_argument("--zipf-s", type=float, default=1.0)
     ap.add_argument("--probe-seconds", type=float, default=15.0, help="hot-path probe alone, before the churn (0: no probe)")
+    ap.add_argument("--unload-overlap", type=float, default=0.0, help="placement's unload_overlap_fraction (0: loads wait for their unloads)")
+    ap.add_argument("--hops", action="store_true", help="time each hop of the cold requests from the trace spans (bench/hops.py)")
     args = ap.parse_args()
+    collector = hops.Collector() if args.hops else None
     probe_name = f"digits-{args.models - 1:04d}"  # outside the Zipf set when zipf_over < models
     pinned = (probe_name,) if args.probe_seconds and args.zipf_over < args.models else ()
-    with tempfile.TemporaryDirectory(prefix="ms-churn-") as tmp, churn_mesh(Path(tmp), args.models, args.per_pod, args.pods, pinned) as (mesh, names):
+    extra = {"unload_overlap_fraction": args.unload_overlap} if args.unload_overlap else {}
+    with tempfile.TemporaryDirectory(prefix="ms-churn-") as tmp, churn_mesh(Path(tmp), args.models, args.per_pod, args.pods, pinned, **extra) as (mesh, names):
         seq = zipf_sequence(names[: args.zipf_over], int(args.rps * args.seconds), args.zipf_s)
         hot: dict[str, object] = {}
         probe = Probe(mesh.rest, probe_name) if pinned else None
@@ -258,10 +263,16 @@ def main() -> None:
         doc = {
             "registered": args.models, "zipf_over": args.zipf_over, "zipf_s": args.zipf_s, "pods": args.pods,
             "capacity_copies_per_pod": args.per_pod, "copy_bytes_booked": MODEL_BYTES, "rps": args.rps,
-            "seconds": args.seconds, "distinct_models_requested": len(set(seq)),
+            "seconds": args.seconds, "distinct_models_requested": len(set(seq)), "unload_overlap_fraction": args.unload_overlap,
             **summary(res), "placement": placement_counts(mesh.redis_url, t0), "loaded_at_end": loaded_now(mesh.redis_url),
             "wall_seconds": round(time.time() - t0, 1), "hot_path_probe": hot,
         }
+        if collector is not None:
+            time.sleep(1.5)  # the processes export every 200 ms
+            spans = collector.spans
+            doc["cold_hops_ms"] = hops.hops(spans, set(names))
+            doc["slowest_cold_hops_ms"] = hops.hops(spans, set(names), slowest=0.05)
+            collector.close()
     print(json.dumps(doc, indent=2))
     print(write("churn", doc))
 

@@ -41,6 +41,7 @@ HOPS = [
     ("event", ("loader.load", "end"), ("placement.loaded", "start")),
     ("loaded", ("placement.loaded", "start"), ("placement.loaded", "end")),
     ("wake", ("placement.loaded", "end"), ("activator.hold", "end")),
+    ("hold", ("activator.hold", "start"), ("activator.hold", "end")),  # the whole wait for a copy
     ("result_to_hold_end", ("loader.load", "end"), ("activator.hold", "end")),  # event + loaded + wake, or the direct path
     ("touch", ("activator.hold", "end"), ("activator.forward", "start")),
     ("forward", ("activator.forward", "start"), ("activator.forward", "end")),
@@ -74,17 +75,20 @@ class Collector:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def hops(spans: list[dict[str, Any]], models: set[str]) -> dict[str, dict[str, float]]:
+def hops(spans: list[dict[str, Any]], models: set[str], slowest: float = 0.0) -> dict[str, dict[str, float]]:
     """p50/p99 in ms of each hop over the traces of cold requests for `models` (one span of each
-    name per trace: the first)."""
+    name per trace: the first). `slowest`: only that fraction of the requests, the slowest by
+    their activator.request span (where the tail's time goes)."""
     by_trace: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for s in sorted(spans, key=lambda s: s["start"]):
         by_trace[s["trace"]].setdefault(s["name"], s)
     out: dict[str, list[float]] = defaultdict(list)
-    for t in by_trace.values():
-        req = t.get("activator.request")
-        if req is None or req["name_attr"] not in models:
-            continue
+    traces = [t for t in by_trace.values() if "activator.request" in t and t["activator.request"]["name_attr"] in models]
+    if slowest:
+        traces.sort(key=lambda t: t["activator.request"]["end"] - t["activator.request"]["start"], reverse=True)
+        traces = traces[: max(1, int(len(traces) * slowest))]
+    for t in traces:
+        req = t["activator.request"]
         for name, (a, ea), (b, eb) in HOPS:
             if a in t and b in t:
                 out[name].append((t[b][eb] - t[a][ea]) / 1e6)

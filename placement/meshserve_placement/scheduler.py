@@ -474,6 +474,9 @@ class Scheduler:
         queued_bytes = sum(c.size for c in self._queued_loading(pod))
         held = self.view.used(pod) - queued_bytes + self.view.unloading(pod)
         capacity = pv.capacity if pv else 0
+        # Bytes still held by unloads in their grace may overlap the loads they make room for,
+        # up to the tuned fraction (0: none, the pod never holds more than its capacity).
+        capacity += int(capacity * self.t.unload_overlap_fraction)
         ops = list(ops or [])
         changes = list(changes or [])
         for model in sorted(q, key=lambda m: (q[m], m)):
