@@ -446,8 +446,12 @@ class Scheduler:
                 await self._place(spec, waiting=True, why=f"room freed up after {now - since:.1f}s waiting")
 
     async def _room_loop(self) -> None:
+        # Room also frees without an event: a just-landed copy passes the policy's landed
+        # grace (1 s) and becomes evictable. While requests wait, look a few times within that
+        # grace rather than once a maintain period (a retry is a pure decision until it fits).
         while True:
-            await asyncio.sleep(self.t.maintain_seconds)
+            quick = self.view.landed_grace_s / 4
+            await asyncio.sleep(min(self.t.maintain_seconds, quick) if self.room else self.t.maintain_seconds)
             async with self._lock:
                 await self._retry_room()
 
