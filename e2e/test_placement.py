@@ -40,6 +40,7 @@ class FakePod:
     pod: Pod
     state: st.State
     load_seconds: float = 0.05
+    unload_seconds: float = 0.0  # the loader's unload grace, as far as placement can tell
     fail: set[str] = field(default_factory=set)
     orders: list[tuple[str, str]] = field(default_factory=list)
     held: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {requests, last_used}
@@ -71,6 +72,7 @@ class FakePod:
             else:
                 self.held[model] = {"requests": 0, "last_used": 0.0, "size": size}
         else:
+            await asyncio.sleep(self.unload_seconds)
             self.held.pop(model, None)
         await self.state.r.xadd(st.EVENTS, {"pod": self.pod.id, "model": model, "op": op, "ok": str(ok), "size": str(size if ok else 0), "reason": reason})
 
@@ -268,6 +270,30 @@ async def test_a_request_waits_for_room_and_only_a_model_that_never_fits_gets_50
         assert got.id == "pod-0"
         assert ("unload", slow.id) in pod.orders
         assert "room freed up" in json.loads(await state.r.hget(keys.DECISIONS, late.id))["why"]
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.6])
+async def test_a_load_waits_for_its_evictions_unload_unless_overlap_is_allowed(valkey: devmesh.Valkey, overlap: float) -> None:
+    """Issue 19: under churn a miss's time was its victim's unload grace (0.5 s). By default
+    the load is sent once the unload is confirmed, so the pod never holds more than its
+    capacity; with unload_overlap_fraction it is sent at once, the pod holding up to
+    capacity x (1 + it) meanwhile."""
+    async with cluster(valkey.url, pods=1, capacity=100 * MB, unload_overlap_fraction=overlap, busy_window_seconds=0.3) as (sched, (pod,), state):
+        old, new = spec("old", 60 * MB), spec("new", 60 * MB)
+        await state.register_models([old, new])
+        await state.r.xadd(st.LOAD_REQUESTS, {"model": old.id})
+        await until(lambda: _loaded(state, old.id), what="old loaded")
+        await asyncio.sleep(1.0)  # idle: out of the busy window
+        pod.unload_seconds = 1.5
+        t0 = time.monotonic()
+        await state.r.xadd(st.LOAD_REQUESTS, {"model": new.id})
+        await until(lambda: _loaded(state, new.id), what="new loaded")
+        took = time.monotonic() - t0
+        assert ("unload", old.id) in pod.orders
+        if overlap:
+            assert took < 1.0, f"{took:.2f}s: the load waited for the unload"
+        else:
+            assert took >= 1.4, f"{took:.2f}s: the load went before the unload freed its room"
 
 
 async def _keep_using(pod: FakePod, state: st.State, model: str, seconds: float) -> None:
