@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from bench import hops
 from bench.common import pct, write
 from meshserve import devmesh
 
@@ -38,10 +39,12 @@ DIGIT = [0.0, 0.0, 1.0, 11.0, 14.0, 15.0, 3.0, 0.0, 0.0, 1.0, 13.0, 16.0, 12.0, 
 BODY = json.dumps({"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": DIGIT}]}).encode()
 
 # What placement books per copy (each copy's size hint, set after registration): the pods'
-# capacity is "room for N" of these. A load then re-books the size the runtime measured, which
-# for the digits SVM was 160,025 bytes on average (378 copies, one run): the hint matches it, so
-# "room for 30" holds about 30.
-MODEL_BYTES = 160 << 10
+# capacity is "room for N" of these. A load then books the larger of the hint and the size the
+# runtime reports, which for the digits SVM is 542,483 bytes every time (its file is 538,779
+# bytes; measured 2026-12-02). The hint is just above it, so "room for 30" holds 30. (It was
+# 160 KiB, from the RSS deltas the runtime reported before sizes were made deterministic: with
+# loads reporting 542,483 that was room for 9, not 30.)
+MODEL_BYTES = 530 << 10
 
 
 def config(d: Path, n: int) -> list[str]:
@@ -53,7 +56,7 @@ def config(d: Path, n: int) -> list[str]:
     return names
 
 
-async def _size_hints(url: str, size: int) -> None:
+async def _size_hints(url: str, size: int, pinned: tuple[str, ...] = ()) -> None:
     # The registry has no size annotation: a model never loaded books 64 MiB until its first
     # load measures it, more than these small pods hold. Re-register with a hint instead.
     from meshserve import state as st
@@ -64,16 +67,17 @@ async def _size_hints(url: str, size: int) -> None:
         specs = [ModelSpec.from_json(v) for v in (await state.r.hgetall(st.MODELS)).values()]
         for spec in specs:
             spec.size_hint = size
+            spec.pinned = spec.pinned or spec.alias in pinned or spec.id in pinned
         await state.register_models(specs)
     finally:
         await state.close()
 
 
 @contextmanager
-def churn_mesh(tmp: Path, models: int, per_pod: int, pods: int = 2, **extra: object) -> Iterator[tuple[devmesh.Mesh, list[str]]]:
+def churn_mesh(tmp: Path, models: int, per_pod: int, pods: int = 2, pinned: tuple[str, ...] = (), **extra: object) -> Iterator[tuple[devmesh.Mesh, list[str]]]:
     names = config(tmp / "config", models)
     with devmesh.mesh(config_dir=tmp / "config", pods=pods, pod_capacity_bytes=per_pod * MODEL_BYTES, **extra) as m:
-        asyncio.run(_size_hints(m.redis_url, MODEL_BYTES))
+        asyncio.run(_size_hints(m.redis_url, MODEL_BYTES, pinned))
         yield m, names
 
 
@@ -130,6 +134,57 @@ def run(base: str, sequence: list[str], rps: float, threads: int = 256, timeout:
     return res
 
 
+class Probe:
+    """The hot path under churn (issue 19: "the hot path must not queue behind loads"): one
+    pinned, loaded model requested at a steady rate, one request at a time, through the
+    gateway (Envoy routes it straight to its pod, no activator). Its latency while the pods
+    load and unload other models, against the same probe with no churn, says whether loads
+    (which run in their own thread in the runtime) hold up inference."""
+
+    def __init__(self, base: str, name: str, rps: float = 10.0):
+        self.url, self.period = f"{base}/v2/models/{name}/infer", 1.0 / rps
+        self.ms: list[float] = []
+        self.bad = 0
+        self._stop = threading.Event()
+        self._t: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                req = urllib.request.Request(self.url, data=BODY, method="POST")
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    r.read()
+                    ok = r.status == 200
+            except Exception:  # noqa: BLE001 - counted
+                ok = False
+            if ok:
+                self.ms.append((time.perf_counter() - t0) * 1000)
+            else:
+                self.bad += 1
+            nxt += self.period
+            self._stop.wait(max(0.0, nxt - time.monotonic()))
+
+    def run_for(self, seconds: float) -> dict[str, object]:
+        self.start()
+        time.sleep(seconds)
+        return self.stop()
+
+    def start(self) -> None:
+        self.ms, self.bad = [], 0
+        self._stop.clear()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def stop(self) -> dict[str, object]:
+        self._stop.set()
+        if self._t is not None:
+            self._t.join()
+        return {"requests": len(self.ms) + self.bad, "non_200": self.bad,
+                "p50_ms": round(pct(self.ms, 50), 2), "p99_ms": round(pct(self.ms, 99), 2), "max_ms": round(max(self.ms, default=0), 2)}
+
+
 def placement_counts(url: str, since: float) -> dict[str, int]:
     """Loads and unloads the loaders reported (ms:events) since `since`."""
     import redis
@@ -184,18 +239,40 @@ def main() -> None:
     ap.add_argument("--rps", type=float, default=40.0)
     ap.add_argument("--seconds", type=float, default=90.0)
     ap.add_argument("--zipf-s", type=float, default=1.0)
+    ap.add_argument("--probe-seconds", type=float, default=15.0, help="hot-path probe alone, before the churn (0: no probe)")
+    ap.add_argument("--unload-overlap", type=float, default=0.0, help="placement's unload_overlap_fraction (0: loads wait for their unloads)")
+    ap.add_argument("--hops", action="store_true", help="time each hop of the cold requests from the trace spans (bench/hops.py)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ms-churn-") as tmp, churn_mesh(Path(tmp), args.models, args.per_pod, args.pods) as (mesh, names):
+    collector = hops.Collector() if args.hops else None
+    probe_name = f"digits-{args.models - 1:04d}"  # outside the Zipf set when zipf_over < models
+    pinned = (probe_name,) if args.probe_seconds and args.zipf_over < args.models else ()
+    extra = {"unload_overlap_fraction": args.unload_overlap} if args.unload_overlap else {}
+    with tempfile.TemporaryDirectory(prefix="ms-churn-") as tmp, churn_mesh(Path(tmp), args.models, args.per_pod, args.pods, pinned, **extra) as (mesh, names):
         seq = zipf_sequence(names[: args.zipf_over], int(args.rps * args.seconds), args.zipf_s)
+        hot: dict[str, object] = {}
+        probe = Probe(mesh.rest, probe_name) if pinned else None
+        if probe is not None:
+            urllib.request.urlopen(urllib.request.Request(probe.url, data=BODY, method="POST"), timeout=120).read()  # load it
+            time.sleep(2.0)  # the route reaches the gateway
+            hot["alone"] = probe.run_for(args.probe_seconds)
+            probe.start()
         t0 = time.time()
         res = run(mesh.rest, seq, args.rps)
+        if probe is not None:
+            hot["under_churn"] = probe.stop()
         doc = {
             "registered": args.models, "zipf_over": args.zipf_over, "zipf_s": args.zipf_s, "pods": args.pods,
             "capacity_copies_per_pod": args.per_pod, "copy_bytes_booked": MODEL_BYTES, "rps": args.rps,
-            "seconds": args.seconds, "distinct_models_requested": len(set(seq)),
+            "seconds": args.seconds, "distinct_models_requested": len(set(seq)), "unload_overlap_fraction": args.unload_overlap,
             **summary(res), "placement": placement_counts(mesh.redis_url, t0), "loaded_at_end": loaded_now(mesh.redis_url),
-            "wall_seconds": round(time.time() - t0, 1),
+            "wall_seconds": round(time.time() - t0, 1), "hot_path_probe": hot,
         }
+        if collector is not None:
+            time.sleep(1.5)  # the processes export every 200 ms
+            spans = collector.spans
+            doc["cold_hops_ms"] = hops.hops(spans, set(names))
+            doc["slowest_cold_hops_ms"] = hops.hops(spans, set(names), slowest=0.05)
+            collector.close()
     print(json.dumps(doc, indent=2))
     print(write("churn", doc))
 

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench import hops
 from bench.common import pct, string_model_mesh, write
 
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}).encode()
@@ -31,8 +32,11 @@ def post(url: str, body: bytes) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=int, default=40)
+    ap.add_argument("--hops", action="store_true", help="also time each hop from the components' trace spans (bench/hops.py)")
+    ap.add_argument("--out", default="coldstart", help="result name under bench/results/")
     args = ap.parse_args()
     names = [f"cold{i}" for i in range(args.models)]
+    collector = hops.Collector() if args.hops else None
     with tempfile.TemporaryDirectory() as tmp, string_model_mesh(Path(tmp), names) as mesh:
         scratch = mesh.data_dir / "pvc" / "bench"
         total, direct, overhead = [], [], []
@@ -61,8 +65,12 @@ def main() -> None:
             "samples_ms": {"cold_request": [round(x, 2) for x in total], "runtime_load_and_infer": [round(x, 2) for x in direct],
                            "overhead": [round(x, 2) for x in overhead]},
         }
+        if collector is not None:
+            time.sleep(1.5)  # the processes export every 200 ms
+            res["hops_ms"] = hops.hops(collector.spans, set(names[1:]))
+            collector.close()
         print(json.dumps(res, indent=2))
-        print(write("coldstart", res))
+        print(write(args.out, res))
 
 
 if __name__ == "__main__":

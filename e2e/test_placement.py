@@ -40,6 +40,7 @@ class FakePod:
     pod: Pod
     state: st.State
     load_seconds: float = 0.05
+    unload_seconds: float = 0.0  # the loader's unload grace, as far as placement can tell
     fail: set[str] = field(default_factory=set)
     orders: list[tuple[str, str]] = field(default_factory=list)
     held: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> {requests, last_used}
@@ -71,6 +72,7 @@ class FakePod:
             else:
                 self.held[model] = {"requests": 0, "last_used": 0.0, "size": size}
         else:
+            await asyncio.sleep(self.unload_seconds)
             self.held.pop(model, None)
         await self.state.r.xadd(st.EVENTS, {"pod": self.pod.id, "model": model, "op": op, "ok": str(ok), "size": str(size if ok else 0), "reason": reason})
 
@@ -213,13 +215,19 @@ async def _loaded(state: st.State, model: str) -> bool:
     return any(c.state == CopyState.LOADED for c in (await state.copies(model)).values())
 
 
+async def _loading(state: st.State, model: str) -> bool:
+    return any(c.state == CopyState.LOADING for c in (await state.copies(model)).values())
+
+
 async def test_a_request_waits_for_room_and_only_a_model_that_never_fits_gets_503(valkey: devmesh.Valkey) -> None:
-    """Issue 19: the only pod is full of a model with requests in flight. A cold request waits
-    for it to go idle (no 503), and is served once it does; it fails only at the cold-start
-    timeout. A model bigger than the pod gets a 503 at once, saying why."""
+    """Issue 19: the only pod is full of a model with requests in flight: a cold request evicts
+    it as a last resort and is served (no wait, no 503). When the room is held by a load still
+    under way, the request waits for it (no 503) and is served once the load lands; it fails
+    only at the cold-start timeout. A model bigger than the pod gets a 503 at once."""
     async with cluster(valkey.url, pods=1, capacity=100 * MB) as (sched, (pod,), state):
         busy, cold, huge = spec("busy", 80 * MB), spec("cold", 80 * MB), spec("huge", 120 * MB)
-        await state.register_models([busy, cold, huge])
+        slow, late = spec("slow", 80 * MB), spec("late", 80 * MB)
+        await state.register_models([busy, cold, huge, slow, late])
         await state.r.xadd(st.LOAD_REQUESTS, {"model": busy.id})
         await until(lambda: _loaded(state, busy.id), what="busy loaded")
         pod.use(busy.id)
@@ -230,37 +238,67 @@ async def test_a_request_waits_for_room_and_only_a_model_that_never_fits_gets_50
         try:
             with pytest.raises(LoadFailed) as e:
                 await act.ensure_loaded(huge.id)
-            # The client hears the kind of failure; the reason itself is for `meshserve explain`.
             assert e.value.status == 503 and "no runtime pod can hold it" in str(e.value)
-            why = json.loads(await state.r.hget(st.PLACEMENTS, huge.id))["-"]["reason"]
-            assert "more than the pod's whole capacity" in why, why
-            # A request that would pass the cold-start timeout waiting gets its 503 then.
+            assert "more than the pod's whole capacity" in json.loads(await state.r.hget(keys.DECISIONS, huge.id))["reason"]
+            # Busy, but the only room there is: evicted as a last resort, the request served.
+            keep_busy = asyncio.create_task(_keep_using(pod, state, busy.id, 2.0))
+            got = await asyncio.wait_for(act.ensure_loaded(cold.id), 5)
+            await keep_busy
+            assert got.id == "pod-0" and ("unload", busy.id) in pod.orders
+            d = json.loads(await state.r.hget(keys.DECISIONS, cold.id))
+            assert d["evict"] == [busy.id] and d["evict_busy"] == [busy.id], d
+            # Now the room is held by a load under way (3 s): a request that would pass the
+            # cold-start timeout waiting gets its 503 then; a patient one waits and is served.
+            pod.load_seconds = 3.0
+            await state.r.xadd(st.LOAD_REQUESTS, {"model": slow.id})
+            await until(lambda: _loading(state, slow.id), what="slow loading")
             impatient = Activator(Settings(redis_url=valkey.url, cold_start_timeout_seconds=1.5), state)
             t0 = time.monotonic()
-            keep_busy = asyncio.create_task(_keep_using(pod, state, busy.id, 2.0))
             with pytest.raises(LoadFailed) as e:
-                await impatient.ensure_loaded(cold.id)
-            await keep_busy
+                await impatient.ensure_loaded(late.id)
             assert e.value.status == 503 and "not loaded within 1.5s" in str(e.value)
             assert time.monotonic() - t0 >= 1.4
-            waiting = asyncio.create_task(act.ensure_loaded(cold.id))
-            await asyncio.sleep(1.0)
+            pod.load_seconds = 0.05
+            waiting = asyncio.create_task(act.ensure_loaded(late.id))
+            await asyncio.sleep(0.3)
             assert not waiting.done(), "the request must wait for room, not fail"
-            assert "waiting for room" in json.loads(await state.r.hget(keys.DECISIONS, cold.id))["reason"]
-            assert "-" not in await state.copies(cold.id)
-            # The busy model goes idle (out of the busy window): the waiting request evicts it.
-            sched.t.busy_window_seconds = 0.1
-            got = await asyncio.wait_for(waiting, 5)
+            assert "waiting for room" in json.loads(await state.r.hget(keys.DECISIONS, late.id))["reason"]
+            assert "-" not in await state.copies(late.id)
+            got = await asyncio.wait_for(waiting, 8)
         finally:
             watcher.cancel()
         assert got.id == "pod-0"
-        assert ("unload", busy.id) in pod.orders
-        assert "room freed up" in json.loads(await state.r.hget(keys.DECISIONS, cold.id))["why"]
+        assert ("unload", slow.id) in pod.orders
+        assert "room freed up" in json.loads(await state.r.hget(keys.DECISIONS, late.id))["why"]
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.6])
+async def test_a_load_waits_for_its_evictions_unload_unless_overlap_is_allowed(valkey: devmesh.Valkey, overlap: float) -> None:
+    """Issue 19: under churn a miss's time was its victim's unload grace (0.5 s). By default
+    the load is sent once the unload is confirmed, so the pod never holds more than its
+    capacity; with unload_overlap_fraction it is sent at once, the pod holding up to
+    capacity x (1 + it) meanwhile."""
+    async with cluster(valkey.url, pods=1, capacity=100 * MB, unload_overlap_fraction=overlap, busy_window_seconds=0.3) as (sched, (pod,), state):
+        old, new = spec("old", 60 * MB), spec("new", 60 * MB)
+        await state.register_models([old, new])
+        await state.r.xadd(st.LOAD_REQUESTS, {"model": old.id})
+        await until(lambda: _loaded(state, old.id), what="old loaded")
+        await asyncio.sleep(1.0)  # idle: out of the busy window
+        pod.unload_seconds = 1.5
+        t0 = time.monotonic()
+        await state.r.xadd(st.LOAD_REQUESTS, {"model": new.id})
+        await until(lambda: _loaded(state, new.id), what="new loaded")
+        took = time.monotonic() - t0
+        assert ("unload", old.id) in pod.orders
+        if overlap:
+            assert took < 1.0, f"{took:.2f}s: the load waited for the unload"
+        else:
+            assert took >= 1.4, f"{took:.2f}s: the load went before the unload freed its room"
 
 
 async def _keep_using(pod: FakePod, state: st.State, model: str, seconds: float) -> None:
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and model in pod.held:  # until it is unloaded
         pod.use(model)
         await state.touch([model])
         await asyncio.sleep(0.2)

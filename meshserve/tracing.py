@@ -41,6 +41,31 @@ ATTR_POD = "meshserve.pod"
 # The model a log line is about, set where a request or order for a model is handled.
 current_model: contextvars.ContextVar[str] = contextvars.ContextVar("meshserve_model", default="")
 _provider: TracerProvider | None = None
+# Benchmarks (bench/hops.py): every process appends its spans as JSON lines to <this>.<pid>.
+TRACE_FILE_ENV = "MESHSERVE_TRACE_FILE"
+
+
+class JsonLinesExporter(SpanExporter):
+    """Spans as JSON lines in a local file: name, trace id, start/end (ns), attributes. For
+    timing the cold path's hops on one machine without a collector."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        import json
+
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        lines = [json.dumps({"trace": format(s.context.trace_id, "032x"), "name": s.name, "start": s.start_time, "end": s.end_time,
+                             "attributes": {k: v for k, v in (s.attributes or {}).items() if isinstance(v, (str, int, float, bool))}})
+                 for s in spans]
+        with open(self.path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
 
 
 def setup(service: str, exporter: SpanExporter | None = None, *, simple: bool = False) -> TracerProvider:
@@ -49,6 +74,8 @@ def setup(service: str, exporter: SpanExporter | None = None, *, simple: bool = 
     if _provider is not None and exporter is None:
         return _provider
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if exporter is None and os.environ.get(TRACE_FILE_ENV):
+        exporter = JsonLinesExporter(f"{os.environ[TRACE_FILE_ENV]}.{os.getpid()}")
     if exporter is None and (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -31,36 +31,96 @@ def test_evicts_least_recently_used_when_full() -> None:
     assert d.pod == "pod-0" and d.evict == ["a"]
 
 
-def test_never_evicts_pinned_or_busy_models() -> None:
+def test_never_evicts_pinned_and_evicts_busy_only_as_a_last_resort() -> None:
     cv = cluster(a={"pod-0": Copy(CopyState.LOADED, 90 * MB)}, b={"pod-1": Copy(CopyState.LOADED, 90 * MB)})
     cv.models["a"].pinned = True
     cv.in_flight = {"b"}
     d = policy.place(cv.models["new"], cv, now=1000.0)
-    assert d.pod is None
-    # The busy copy on pod-1 frees up once its requests finish: wait for it, no 503. Pinned
-    # pod-0 never will.
-    assert d.waits_for_room == ["pod-1"]
-    assert d.reason.startswith("waiting for room: pod-1:")
+    # Pinned pod-0 never frees up; busy b on pod-1 is the only room there is: evicted (issue 19).
+    assert d.pod == "pod-1" and d.evict == ["b"] and d.evict_busy == ["b"]
     text = "\n".join(d.explain())
     assert "pod-0: fits: rejected:" in text and "pinned or kept for minCopies" in text
+    assert "spares-busy=0.00" in text and "busy, evicted as a last resort: b" in text
     cv.in_flight = set()
     d = policy.place(cv.models["new"], cv, now=1001.0)
-    assert d.pod == "pod-1" and d.evict == ["b"]
+    assert d.pod == "pod-1" and d.evict == ["b"] and d.evict_busy == []
+
+
+def test_busy_copies_are_evicted_least_valuable_first_after_every_idle_one() -> None:
+    """Issue 19 §3: more distinct models used per busy window than fit must not starve new
+    models. When idle copies do not free enough, busy ones go, in eviction-key order
+    (recency + frequency), and only as many as needed."""
+    pods = {"pod-0": policy.PodView("pod-0", 100 * MB, ["sklearn"])}
+    models = {m: policy.ModelView(m, "sklearn", 20 * MB) for m in ("idle", "hot", "warm", "rare", "new")}
+    models["new"].size = 50 * MB
+    cv = policy.ClusterView(pods=pods, models=models)
+    cv.copies = {m: {"pod-0": Copy(CopyState.LOADED, 20 * MB)} for m in ("idle", "hot", "warm", "rare")}
+    cv.touch("idle", 100.0)
+    cv.touch("hot", 990.0, uses=500)  # used most: most valuable
+    cv.touch("warm", 995.0, uses=20)
+    cv.touch("rare", 999.0, uses=1)  # used last, but once: least valuable of the busy ones
+    cv.in_flight = {"hot", "warm", "rare"}
+    d = policy.place(models["new"], cv, now=1000.0)
+    # 20 MB free; idle frees 20; one more busy copy (the cheapest, rare) makes 60 >= 50.
+    assert d.pod == "pod-0" and d.evict == ["idle", "rare"] and d.evict_busy == ["rare"], d.explain()
+    models["new"].size = 70 * MB
+    d = policy.place(models["new"], cv, now=1000.0)
+    assert d.evict == ["idle", "rare", "warm"] and d.evict_busy == ["rare", "warm"], d.explain()
+    # Room from idle copies alone: no busy copy is touched.
+    models["new"].size = 40 * MB
+    d = policy.place(models["new"], cv, now=1000.0)
+    assert d.evict == ["idle"] and d.evict_busy == []
+
+
+def test_busy_eviction_spares_pinned_min_copies_and_just_landed_copies() -> None:
+    pods = {"pod-0": policy.PodView("pod-0", 100 * MB, ["sklearn"])}
+    models = {m: policy.ModelView(m, "sklearn", 25 * MB) for m in ("pinned", "floor", "landed", "other", "new")}
+    models["new"].size = 40 * MB
+    models["pinned"].pinned = True
+    models["floor"].min_copies = 1
+    cv = policy.ClusterView(pods=pods, models=models)
+    cv.copies = {m: {"pod-0": Copy(CopyState.LOADED, 25 * MB, since=10.0)} for m in ("pinned", "floor", "other")}
+    cv.copies["landed"] = {"pod-0": Copy(CopyState.LOADED, 25 * MB, since=999.5)}  # its held requests are being forwarded
+    for i, m in enumerate(("pinned", "floor", "landed", "other")):
+        cv.touch(m, 900.0 + i)
+    cv.in_flight = {"pinned", "floor", "landed", "other"}
+    d = policy.place(models["new"], cv, now=1000.0)
+    # Only `other` may go, and 25 MB is not 40: wait for the just-landed copy, never a 503.
+    assert d.pod is None and d.waits_for_room == ["pod-0"], d.explain()
+    # Once the landed copy is past the grace, it and `other` go; pinned and minCopies stay.
+    d = policy.place(models["new"], cv, now=1001.0)
+    assert d.pod == "pod-0" and sorted(d.evict) == ["landed", "other"], d.explain()
+    # With only pinned and minCopies copies left beside the room, it never fits: no waiting.
+    models["landed"].pinned = models["other"].pinned = True
+    d = policy.place(models["new"], cv, now=1001.0)
+    assert d.pod is None and d.waits_for_room == [] and "pinned or kept for minCopies" in d.reason
+
+
+def test_a_pod_with_idle_room_wins_over_one_that_must_evict_a_busy_copy() -> None:
+    cv = cluster(a={"pod-0": Copy(CopyState.LOADED, 90 * MB)}, b={"pod-1": Copy(CopyState.LOADED, 90 * MB)})
+    cv.touch("a", 10.0)  # busy, and cheaper by the key than idle b: still spared
+    cv.touch("b", 500.0, uses=100)
+    cv.in_flight = {"a"}
+    d = policy.place(cv.models["new"], cv, now=1000.0)
+    assert d.pod == "pod-1" and d.evict == ["b"] and d.evict_busy == [], d.explain()
+    assert any(s.name == "spares-busy" for s in policy.SCORERS)
 
 
 def test_waits_for_room_held_by_loads_and_busy_copies_instead_of_failing() -> None:
     """Issue 19: under churn the room is booked by copies loading, queued or serving. The
     request must wait for them (the leader retries), not get a 503; only a model that can
     never fit (bigger than the pod, or the rest pinned) is refused."""
+    # b and e are busy and have just landed (their held requests are being forwarded): not
+    # evicted even as a last resort until landed_grace_s has passed.
     cv = cluster(
         a={"pod-0": Copy(CopyState.LOADING, 40 * MB)},
-        b={"pod-0": Copy(CopyState.LOADED, 40 * MB)},
+        b={"pod-0": Copy(CopyState.LOADED, 40 * MB, since=0.5)},
         c={"pod-1": Copy(CopyState.UNLOADING, 40 * MB)},
     )
     cv.models["d"] = policy.ModelView("d", "sklearn", 40 * MB)
     cv.copies["d"] = {"pod-1": Copy(CopyState.LOADING, 40 * MB)}
     cv.models["e"] = policy.ModelView("e", "sklearn", 40 * MB)
-    cv.copies["e"] = {"pod-1": Copy(CopyState.LOADED, 40 * MB)}
+    cv.copies["e"] = {"pod-1": Copy(CopyState.LOADED, 40 * MB, since=0.5)}
     cv.in_flight = {"b", "e"}
     d = policy.place(cv.models["new"], cv, now=1.0)
     assert d.pod is None and d.waits_for_room == ["pod-0", "pod-1"], d.explain()

@@ -203,7 +203,7 @@ class Agent:
             await asyncio.wait_for(self._runtime_up.wait(), self.load_timeout)
             if op == "load":
                 spec = ModelSpec.from_json(fields[b"spec"])
-                async with self._load_slots, self.progress.track(spec.id) as progress:
+                async with self._load_slots, self.progress.track(spec.id, background=True) as progress:
                     event["size"], event["predicted"] = await self._load(spec, progress)
             elif op == "unload":
                 if self.draining:

@@ -71,16 +71,24 @@ class ProgressPublisher:
     def __init__(self, r: aioredis.Redis, pod_id: str, interval: float = 0.25, refresh: float = 2.0, ttl: float = 10.0, done_ttl: float = 15.0):
         self.r, self.pod_id = r, pod_id
         self.interval, self.refresh, self.ttl, self.done_ttl = interval, refresh, ttl, done_ttl
+        self._pending: set[asyncio.Task[None]] = set()  # last writes of `background` tracks
 
     @asynccontextmanager
-    async def track(self, model_id: str) -> AsyncIterator[LoadProgress]:
+    async def track(self, model_id: str, background: bool = False) -> AsyncIterator[LoadProgress]:
         """Publish the progress of the load in the block; the block's outcome marks it done:
-        `loaded` when it returns, `failed` with the exception's text when it raises."""
+        `loaded` when it returns, `failed` with the exception's text when it raises.
+
+        `background`: the block starts without waiting for the first write and ends without
+        waiting for the last (both still happen, in order): the load on a cold request's path
+        waits for no progress round trip (issue 19 §4)."""
         p = LoadProgress()
         key = st.progress_key(model_id, self.pod_id)
-        await self._write(key, p, self.ttl)
         stop = asyncio.Event()
-        task = asyncio.create_task(self._loop(key, p, stop))
+        if background:
+            task = asyncio.create_task(self._first_then_loop(key, p, stop))
+        else:
+            await self._write(key, p, self.ttl)
+            task = asyncio.create_task(self._loop(key, p, stop))
         try:
             yield p
             p.phase = LOADED
@@ -95,8 +103,20 @@ class ProgressPublisher:
             if p.phase:
                 # The loop finishes its write in flight first, so the final state is the last word.
                 stop.set()
-                await task
-                await self._write(key, p, self.done_ttl)
+                if background:
+                    t = asyncio.create_task(self._last(task, key, p))
+                    self._pending.add(t)
+                    t.add_done_callback(self._pending.discard)
+                else:
+                    await self._last(task, key, p)
+
+    async def _first_then_loop(self, key: str, p: LoadProgress, stop: asyncio.Event) -> None:
+        await self._write(key, p, self.ttl)
+        await self._loop(key, p, stop)
+
+    async def _last(self, task: "asyncio.Task[None]", key: str, p: LoadProgress) -> None:
+        await task
+        await self._write(key, p, self.done_ttl)
 
     async def _loop(self, key: str, p: LoadProgress, stop: asyncio.Event) -> None:
         last, written = p._mark(), time.monotonic()

@@ -127,7 +127,8 @@ def decision_lines(d: dict[str, Any]) -> list[str]:
     for s in d.get("trace", []):
         out.append(f"  {s['pod']}: {s['step']}: {s['result']}")
     if d.get("pod"):
-        out.append(f"  => {d['pod']}" + (f", evicting {', '.join(d['evict'])}" if d.get("evict") else ""))
+        busy = f" (busy, evicted as a last resort: {', '.join(d['evict_busy'])})" if d.get("evict_busy") else ""
+        out.append(f"  => {d['pod']}" + (f", evicting {', '.join(d['evict'])}{busy}" if d.get("evict") else ""))
     else:
         out.append(f"  => not placed: {d.get('reason')}")
     return out

@@ -70,6 +70,32 @@ class Activator:
         self._requested: dict[str, float] = {}
         self._requested_by: dict[str, trace.SpanContext] = {}  # model -> the hold span that asked for its load
         self.cold_requests = 0
+        # Pods by id, read once: a cold request forwards as soon as its copy is loaded, without
+        # another Redis round trip for the pod's address. Every write of a pod's record is a
+        # commit with a `pod` change, and watch_changes drops the entry when it sees one.
+        self._pods: dict[str, Pod] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def pod(self, pod_id: str) -> Pod | None:
+        pod = self._pods.get(pod_id)
+        if pod is None:
+            pod = await self.state.pod(pod_id)
+            if pod is not None:
+                self._pods[pod_id] = pod
+        return pod
+
+    def touch_soon(self, model_id: str) -> None:
+        """Record the cold hit's recency without holding up the forward (one round trip off
+        the cold path); placement marks a copy loaded for held requests busy by itself."""
+        t = asyncio.create_task(self._touch(model_id))
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    async def _touch(self, model_id: str) -> None:
+        try:
+            await self.state.touch([model_id])
+        except Exception as e:  # noqa: BLE001 - recency is advisory
+            log.warning("activator: recording the use of %s failed: %s", model_id, e)
 
     async def watch_changes(self) -> None:
         """Wake waiters when their model's placement changes."""
@@ -79,11 +105,17 @@ class Activator:
                 resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=1000)
             except Exception as e:  # redis down: waiters time out with a reason
                 log.warning("activator: reading changes failed: %s", e)
+                self._pods.clear()  # pod changes may be missed meanwhile
                 await asyncio.sleep(0.5)
                 continue
             for _, entries in resp or []:
                 for eid, fields in entries:
                     last = eid
+                    kind = fields.get(b"kind", b"").decode()
+                    if kind == st.KIND_POD:
+                        self._pods.pop(fields.get(b"id", b"").decode(), None)
+                    elif kind == st.KIND_ALL:
+                        self._pods.clear()
                     self.wake(fields.get(b"id", b"").decode())
 
     def wake(self, model_id: str) -> None:
@@ -126,10 +158,22 @@ class Activator:
         deadline = time.monotonic() + self.s.cold_start_timeout_seconds
         while True:
             ev = self._waiters.setdefault(model_id, asyncio.Event())
-            copies = await self.state.copies(model_id)
+            asked = self._requested.get(model_id, 0.0)
+            if not asked or time.time() - asked > self.s.cold_start_timeout_seconds:
+                # Not asked for lately (the usual cold request): read the copies and ask for the
+                # load in one round trip instead of two. Should a copy turn out to be loaded or
+                # loading already, the leader ignores the request, or moves that load up its
+                # queue. Failures before this ask are history either way.
+                fields = self._ask(model_id, span)
+                async with self.state.r.pipeline(transaction=False) as p:
+                    p.hget(st.PLACEMENTS, model_id).xadd(st.LOAD_REQUESTS, fields, maxlen=100_000, approximate=True)
+                    raw, _ = await p.execute()
+                copies = copies_from_json(raw)
+            else:
+                copies = await self.state.copies(model_id)
             loaded = [p for p, c in copies.items() if c.state == CopyState.LOADED]
             if loaded:
-                pod = await self.state.pod(random.choice(loaded))
+                pod = await self.pod(random.choice(loaded))
                 if pod is not None:
                     return pod
             pending = any(c.state == CopyState.LOADING for c in copies.values())
@@ -141,11 +185,7 @@ class Activator:
                 if failed:
                     raise LoadFailed(503, _load_failure(model_id, *failed[-1]))
                 if time.time() - asked > 2.0:
-                    self._requested[model_id] = time.time()
-                    self._requested_by[model_id] = span.get_span_context()
-                    span.set_attribute("meshserve.load_requested", True)
-                    fields = tracing.inject(st.load_request(model_id))
-                    await self.state.r.xadd(st.LOAD_REQUESTS, fields, maxlen=100_000, approximate=True)
+                    await self.state.r.xadd(st.LOAD_REQUESTS, self._ask(model_id, span), maxlen=100_000, approximate=True)
             by = self._requested_by.get(model_id)
             if not linked and by is not None and by != span.get_span_context():
                 span.add_link(by, {"meshserve.link": "load requested by"})  # waits on a load another request asked for
@@ -185,6 +225,14 @@ class Activator:
                 entry["reason"] = failures.describe(failed[-1], False) if failed else "not loaded"
             out.append(entry)
         return out
+
+    def _ask(self, model_id: str, span: trace.Span) -> dict[str, str]:
+        """Note that this activator asks for the model's load now; the ms:loadreq entry, which
+        carries the hold span's context."""
+        self._requested[model_id] = time.time()
+        self._requested_by[model_id] = span.get_span_context()
+        span.set_attribute("meshserve.load_requested", True)
+        return dict(tracing.inject(st.load_request(model_id)))
 
     async def resolve(self, name: str) -> str:
         model_id = await self.state.resolve(name)
@@ -262,7 +310,7 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
             if attempt == 0:
                 M_COLD.labels("rest", "200").inc()
                 M_COLD_WAIT.observe(time.monotonic() - t0)
-            await act.state.touch([model_id])
+            act.touch_soon(model_id)
             resp = await forward(request, pod, model_id, tail, payload, headers)
             if resp.status != 404 or attempt == FORWARD_ATTEMPTS - 1:
                 return resp
@@ -395,7 +443,7 @@ class GrpcActivator(grpc.GenericRpcHandler):
             if e.status >= 500:
                 span.set_status(Status(StatusCode.ERROR, str(e)))
             await context.abort(code, str(e))
-        await self.act.state.touch([model_id])
+        self.act.touch_soon(model_id)
         ch = self._channels.get(pod.id)
         if ch is None:
             ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")

@@ -34,6 +34,10 @@ VICTIM_PODS = 3  # pods holding the globally cheapest evictions added to the can
 # reaches ~86% of it). See docs/design/placement.md.
 DEFAULT_HORIZON_S = 300.0
 DEFAULT_REF_SIZE = 64 << 20
+# A busy copy that landed less than this ago is not evicted even as a last resort: the requests
+# held for it are being forwarded to it right now (the activator reacts to the load within
+# milliseconds; evicting it first would send them back to wait for another load).
+DEFAULT_LANDED_GRACE_S = 1.0
 
 
 @dataclass
@@ -124,6 +128,7 @@ class ClusterView:
     # Declared ServingRuntimes by name. Empty (`meshserve up`): the runtimes the registered
     # pods run are all there is.
     runtimes: dict[str, RuntimeView] = field(default_factory=dict)
+    landed_grace_s: float = DEFAULT_LANDED_GRACE_S
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "copies" and not isinstance(value, _CopyTable):
@@ -261,9 +266,10 @@ class ClusterView:
                 n += c.size
         return n
 
-    def can_evict(self, model: str) -> bool:
-        """Loaded copies of this model may be dropped: not pinned, not busy, above its minimum."""
-        if model in self.in_flight:
+    def can_evict(self, model: str, busy: bool = False) -> bool:
+        """Loaded copies of this model may be dropped: not pinned, above its minimum, and not
+        busy (unless `busy`: the last resort, see `busy_victims`)."""
+        if not busy and model in self.in_flight:
             return False
         mv = self.models.get(model)
         if mv is not None and (mv.pinned or (mv.min_copies > 0 and self.live_copies(model) <= mv.min_copies)):
@@ -338,6 +344,42 @@ class ClusterView:
                 freed += c.size
         for e in keep:
             heapq.heappush(heap, e)
+        return chosen, freed
+
+    def busy_victims(self, pod: str, need: int, now: float, skip: list[str] | tuple[str, ...] = ()) -> tuple[list[str], int]:
+        """The last resort when idle copies do not free `need` bytes: the pod's busy loaded
+        copies (requests in flight or used within the busy window), least valuable first by the
+        same eviction key (recency and frequency), never pinned ones, never one that keeps its
+        model at minCopies, never one that landed within `landed_grace_s` (its held requests
+        are being forwarded to it). Safe for the requests: the unload waits for the route
+        withdrawal (unload_grace_seconds), a request inside the runtime finishes on the model
+        it started with, and the activator sends one whose copy vanished back to wait.
+        Returns the models and the bytes they free. O(the pod's models): only asked when a
+        model does not fit after the idle evictions."""
+        p = self._ix().get(pod)
+        if p is None:
+            return [], 0
+        chosen: list[str] = []
+        freed = 0
+
+        def ok(_: float, m: str) -> bool:
+            c = p.models.get(m)
+            return c is not None and c.state == CopyState.LOADED
+
+        walk = self._walk(p.heap, ok)
+        try:
+            for _, m in walk:
+                if m in skip or m not in self.in_flight or not self.can_evict(m, busy=True):
+                    continue
+                c = p.models[m]
+                if now - c.since < self.landed_grace_s:
+                    continue
+                chosen.append(m)
+                freed += c.size
+                if freed >= need:
+                    break
+        finally:
+            walk.close()  # restores the heap
         return chosen, freed
 
     def cheapest_victims(self, n: int) -> list[tuple[str, str]]:
@@ -427,6 +469,7 @@ class Context:
     eviction_rank: dict[str, float] = field(default_factory=dict)  # pod -> 0 (cheapest) .. 1
     runtime: str | None = None  # the runtime that serves the model (ClusterView.serving_runtime)
     later: dict[str, str] = field(default_factory=dict)  # pod -> what must free up before the model fits there
+    busy: dict[str, list[str]] = field(default_factory=dict)  # pod -> busy copies among its evictions (last resort)
 
 
 @dataclass(frozen=True)
@@ -471,6 +514,9 @@ class Decision:
     # Not placed now, but it fits once copies that are busy, loading or unloading free up (on
     # these pods): worth waiting for, up to the cold-start timeout, rather than a 503.
     waits_for_room: list[str] = field(default_factory=list)
+    # The busy copies among `evict` (requests in flight or used within the busy window): evicted
+    # only because idle ones did not free enough room (the `fits` filter's last resort).
+    evict_busy: list[str] = field(default_factory=list)
 
     @property
     def considered(self) -> str:
@@ -481,7 +527,8 @@ class Decision:
     def explain(self) -> list[str]:
         lines = [self.considered] if self.candidates else []
         lines += [f"{s.pod}: {s.step}: {s.text()}" for s in self.trace]
-        lines.append(f"=> {self.pod}" + (f", evicting {', '.join(self.evict)}" if self.evict else "") if self.pod else f"=> not placed: {self.reason}")
+        busy = f" (busy, evicted as a last resort: {', '.join(self.evict_busy)})" if self.evict_busy else ""
+        lines.append(f"=> {self.pod}" + (f", evicting {', '.join(self.evict)}{busy}" if self.evict else "") if self.pod else f"=> not placed: {self.reason}")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -489,6 +536,7 @@ class Decision:
             "model": self.model,
             "pod": self.pod,
             "evict": self.evict,
+            "evict_busy": self.evict_busy,
             "reason": self.reason,
             "considered": self.considered,
             "trace": [{"pod": s.pod, "step": s.step, "result": s.text()} for s in self.trace],
@@ -544,13 +592,21 @@ def _fits(p: PodView, ctx: Context) -> str:
     if free >= need:
         ctx.evictions[p.id] = chosen
         return ""
-    why = f"needs {need} bytes; only {free} free even after evicting every idle model"
+    # Last resort: busy copies, least valuable first. A copy used within the busy window is
+    # not protected any more once idle ones cannot make room: under churn more distinct
+    # models are used per window than fit, and protecting them all starved new models.
+    busy, more = ctx.cluster.busy_victims(p.id, need - free, ctx.now, chosen)
+    if free + more >= need:
+        ctx.evictions[p.id] = chosen + busy
+        ctx.busy[p.id] = busy
+        return ""
+    why = f"needs {need} bytes; only {free + more} free even after evicting every idle and busy model"
     kept = ctx.cluster.kept_bytes(p.id)
     if p.capacity - kept >= need:
-        # The rest is held by copies that will free up by themselves (requests finish, loads
-        # land and become evictable, unloads complete): the request can wait for it.
-        ctx.later[p.id] = f"{need - free} more bytes must free up (copies busy, loading or unloading)"
-        return why + "; fits once busy, loading or unloading copies free up"
+        # The rest is held by copies that will free up by themselves (loads land and become
+        # evictable, unloads complete, a copy just landed for held requests is served): wait.
+        ctx.later[p.id] = f"{need - free - more} more bytes must free up (copies loading, unloading or just loaded)"
+        return why + "; fits once loading, unloading or just-loaded copies free up"
     return why + f"; {kept} bytes are pinned or kept for minCopies"
 
 
@@ -560,12 +616,18 @@ FILTERS: list[Filter] = [
     Filter("serves-model", "the pod runs the model's runtime (its `runtime:`, else the first by name that auto-selects its format), which declares the format", _runtime),
     Filter("not-holding", "the pod does not already hold or load this model", _not_holding),
     Filter("not-excluded", "no load of this model failed on the pod recently", _not_excluded),
-    Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU), cover the model (when only busy, loading or unloading copies are in the way, the decision is to wait for them)", _fits),
+    Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU) and, as a last resort, the cheapest busy ones (never pinned or minCopies), cover the model (when only loading, unloading or just-loaded copies are in the way, the decision is to wait for them)", _fits),
 ]
 
 
 def _free_space(p: PodView, ctx: Context) -> float:
     return max(0.0, (p.capacity - ctx.ix.get(p.id, _EMPTY).used) / p.capacity) if p.capacity else 0.0
+
+
+def _spares_busy(p: PodView, ctx: Context) -> float:
+    # Outweighs every other scorer together: a pod that can make room from idle copies always
+    # wins over one that must evict busy copies, so busy eviction is the cluster's last resort.
+    return 0.0 if ctx.busy.get(p.id) else 1.0
 
 
 def _cheap_eviction(p: PodView, ctx: Context) -> float:
@@ -585,6 +647,7 @@ def _least_loading(p: PodView, ctx: Context) -> float:
 
 
 SCORERS: list[Scorer] = [
+    Scorer("spares-busy", "prefer pods that make room without evicting a busy copy (busy eviction is the last resort)", 8.0, _spares_busy),
     Scorer("cheapest-eviction", "prefer pods that need no eviction, then those whose evictions are cheapest (global LRU)", 4.0, _cheap_eviction),
     Scorer("free-space", "prefer pods with more free bytes", 2.0, _free_space),
     Scorer("least-loading", "prefer pods with fewer loads in progress", 1.0, _least_loading),
@@ -669,4 +732,4 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
         if total > best_score:
             best, best_score = p, total
     assert best is not None
-    return Decision(model.id, best.id, ctx.evictions.get(best.id, []), trace, "", considered, len(cluster.pods))
+    return Decision(model.id, best.id, ctx.evictions.get(best.id, []), trace, "", considered, len(cluster.pods), evict_busy=ctx.busy.get(best.id, []))

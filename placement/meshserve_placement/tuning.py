@@ -33,6 +33,12 @@ class Tuning:
     eviction_horizon_seconds: float = 300.0
     # Attempts at loading one model (each on a pod not tried yet) before giving up.
     max_load_attempts: int = 3
+    # A load may be sent while the copies evicted for it are still in their unload grace
+    # (unload_grace_seconds, the gateways withdrawing their routes), as long as the pod then
+    # holds at most capacity x (1 + this). 0: a pod never holds more than its capacity, and a
+    # load that evicts waits for its unloads (at least the grace; under churn most of a miss's
+    # time, docs/benchmarks.md "Churn"). Booking is unchanged: decisions never book over capacity.
+    unload_overlap_fraction: float = 0.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Tuning":
