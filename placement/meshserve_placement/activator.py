@@ -268,7 +268,7 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         return web.json_response({"ready": True})
 
     async def server_md(_: web.Request) -> web.Response:
-        return web.json_response({"name": "meshserve", "version": "0.1.0", "extensions": ["model_repository"]})
+        return web.json_response({"name": "meshserve", "version": "0.1.0", "extensions": ["model_repository", "binary_tensor_data"]})
 
     async def model_route(request: web.Request) -> web.Response:
         name = request.headers.get(MODEL_ID_HEADER) or request.match_info["name"]

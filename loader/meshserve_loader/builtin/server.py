@@ -402,7 +402,16 @@ REPOSITORY_ELSEWHERE = "the repository API (load, unload, index) is served only 
 
 
 def _add_read_only(r: web.RouteTableDef, rt: Runtime) -> None:
-    """Stats on both listeners: placement polls them on the data port, the loader on its own."""
+    """Health and stats on both listeners: placement probes and polls them on the data port,
+    the loader on its own."""
+
+    @r.get("/v2/health/live")
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    @r.get("/v2/health/ready")
+    async def ready(_: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
 
     @r.get("/v2/meshserve/stats")
     async def stats(_: web.Request) -> web.Response:
@@ -414,14 +423,6 @@ def build_control_app(rt: Runtime) -> web.Application:
     (`serve`): whoever can load can read any allowed file back through a `string` model."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     r = web.RouteTableDef()
-
-    @r.get("/v2/health/live")
-    async def live(_: web.Request) -> web.Response:
-        return web.json_response({"live": True})
-
-    @r.get("/v2/health/ready")
-    async def ready(_: web.Request) -> web.Response:
-        return web.json_response({"ready": True})
 
     @r.post("/v2/repository/index")
     async def index(_: web.Request) -> web.Response:
@@ -468,17 +469,10 @@ def build_rest_app(rt: Runtime) -> web.Application:
     def model_name(request: web.Request) -> str:
         return request.headers.get(MODEL_ID_HEADER) or request.match_info["name"]
 
-    @r.get("/v2/health/live")
-    async def live(_: web.Request) -> web.Response:
-        return web.json_response({"live": True})
-
-    @r.get("/v2/health/ready")
-    async def ready(_: web.Request) -> web.Response:
-        return web.json_response({"ready": True})
-
     @r.get("/v2")
     async def server_md(_: web.Request) -> web.Response:
-        return web.json_response({"name": rt.name, "version": "0.1.0", "extensions": ["model_repository"]})
+        # The repository API is not on this port (the loopback control port has it).
+        return web.json_response({"name": rt.name, "version": "0.1.0", "extensions": ["binary_tensor_data"]})
 
     @r.get("/v2/models/{name}")
     @r.get("/v2/models/{name}/versions/{version}")
@@ -579,7 +573,7 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):  # noqa: N802
-        return pb.ServerMetadataResponse(name=self.rt.name, version="0.1.0", extensions=["model_repository"])
+        return pb.ServerMetadataResponse(name=self.rt.name, version="0.1.0", extensions=["binary_tensor_data"])
 
     async def ModelReady(self, request, context):  # noqa: N802
         return pb.ModelReadyResponse(ready=self._name(context, request.name) in self.rt.models)
