@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from meshserve import failures
-from meshserve.model import Copy, CopyState, Pod
+from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_placement.activator import Activator, LoadFailed
 
@@ -21,19 +21,50 @@ S3_REASON = failures.tag(failures.STORAGE, "s3://b/models/my-model (store 's3', 
 LEAKS = ("s3://", "127.0.0.1", "b/models", "models/my-model", "store 's3'", "endpoint", "http://")
 
 
+class _Pipeline:
+    """The activator's first look: the copies read and the load asked for in one round trip."""
+
+    def __init__(self, state: "_State"):
+        self.state = state
+
+    async def __aenter__(self) -> "_Pipeline":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def hget(self, *a: Any) -> "_Pipeline":
+        return self
+
+    def xadd(self, *a: Any, **kw: Any) -> "_Pipeline":
+        return self
+
+    async def execute(self) -> list[Any]:
+        return [copies_to_json(self.state.failed()), b"0-1"]
+
+
 class _Redis:
+    def __init__(self, state: "_State"):
+        self.state = state
+
     async def xadd(self, *a: Any, **kw: Any) -> bytes:
         return b"0-1"
+
+    def pipeline(self, transaction: bool = True) -> _Pipeline:
+        return _Pipeline(self.state)
 
 
 class _State:
     """Copies as placement leaves them: a failure stamped after the activator asked."""
 
     def __init__(self, pod: str, reason: str):
-        self.r, self.pod_id, self.reason = _Redis(), pod, reason
+        self.r, self.pod_id, self.reason = _Redis(self), pod, reason
+
+    def failed(self) -> dict[str, Copy]:
+        return {self.pod_id: Copy(CopyState.FAILED, 0, time.time(), self.reason)}
 
     async def copies(self, model_id: str) -> dict[str, Copy]:
-        return {self.pod_id: Copy(CopyState.FAILED, 0, time.time(), self.reason)}
+        return self.failed()
 
     async def pod(self, pod_id: str) -> Pod | None:
         return None

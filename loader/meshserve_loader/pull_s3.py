@@ -188,10 +188,14 @@ def pull_s3(
     try:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError, SSLError
-        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
+        import s3transfer.exceptions as s3x
     except ModuleNotFoundError as e:  # the `loader` extra: a runtime-only install lacks it
         raise StorageError(install_hint("loader", f"S3 store {store.key or 'default'!r}", e.name)) from None
 
+    RetriesExceededError = s3x.RetriesExceededError
+    # s3transfer checks that an object did not change mid-download (its ETag) only from 0.11 on;
+    # with an older one there is nothing to catch.
+    changed_mid_pull: tuple[type[Exception], ...] = tuple(c for c in (getattr(s3x, "S3DownloadFailedError", None),) if c)
     key = key.strip("/")
     if not bucket:
         raise StorageError(f"no bucket for {key!r}: set 'bucket' in storage-config key {store.key!r} or use an s3://bucket/path URI")
@@ -230,7 +234,7 @@ def pull_s3(
         hint = (f"set 'certificate' in storage-config key {store.key!r} to the PEM CA bundle that signed the endpoint's certificate"
                 if not store.certificate else f"the 'certificate' in storage-config key {store.key!r} did not verify the endpoint: is it the CA that signed it?")
         raise StorageError(f"{what}: TLS certificate verification failed ({e}); {hint}") from None
-    except S3DownloadFailedError as e:
+    except changed_mid_pull as e:
         # The object was replaced while its ranges were being fetched (its ETag changed).
         raise StorageError(f"{what}: {e}; the object changed during the pull, load the model again") from None
     except RetriesExceededError as e:
