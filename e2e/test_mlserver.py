@@ -19,9 +19,9 @@ import pytest
 from meshserve import devmesh
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.memory import tree_rss_bytes
-from meshserve_loader.mlserver import MLServerClient
-from meshserve_loader.mlserver_venv import ensure_mlserver
-from meshserve_loader.process import start_mlserver
+from meshserve_loader.servers.mlserver import MLServerClient
+from meshserve_loader.servers.mlserver_venv import ensure_mlserver
+from meshserve_loader.servers.mlserver import start_mlserver
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
 - Layout (pure, files in tmp): what the loader writes into Triton's model repository per
   modelFormat (file names, config.pbtxt content, native Triton folders, refusals).
-- Client (meshserve_loader.triton.TritonClient) over real HTTP on 127.0.0.1 against
+- Client (meshserve_loader.servers.triton.TritonClient) over real HTTP on 127.0.0.1 against
   tests/triton_standin.py, a separate process that mimics Triton's documented repository API
   (load/unload/index/health/stats, `{"error": ...}` bodies, unload finishing after its answer).
   It is a protocol stand-in, not Triton: it really loads the laid-out model.onnx with
@@ -31,14 +31,13 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from meshserve.devmesh import free_block, free_port
+from meshserve.ports import release, reserve_port
 from meshserve.settings import Settings
 from meshserve.yamlfile import load_documents
 from meshserve_loader import example_models as ex
-from meshserve_loader.runtimes import parse_serving_runtime, select_runtime, serving_runtimes
-from meshserve_loader.triton import (
-    LayoutError, TritonClient, default_config, infer_server_type, lay_out, strip_top_level_name,
-)
+from meshserve_loader.servers.triton import TritonAdapter, TritonClient
+from meshserve_loader.servers.triton_layout import LayoutError, default_config, lay_out, strip_top_level_name
+from meshserve_loader.serving_runtime import infer_server_type, parse_serving_runtime, select_runtime, serving_runtimes
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "triton_standin.py"
@@ -220,7 +219,7 @@ async def _stop(p: asyncio.subprocess.Process) -> None:
 
 @pytest.fixture
 async def triton(tmp_path: Path) -> AsyncIterator[tuple[TritonClient, asyncio.subprocess.Process]]:
-    port = free_port()
+    port = reserve_port()  # the stand-in, like Triton, is told its port and reports none
     repo = tmp_path / "repo"
     repo.mkdir()
     proc = await _start_standin(repo, port, "--ready-after", "0.5")
@@ -231,6 +230,7 @@ async def triton(tmp_path: Path) -> AsyncIterator[tuple[TritonClient, asyncio.su
             yield client, proc
     finally:
         await _stop(proc)
+        release(port)
 
 
 @pytest.fixture(scope="module")
@@ -298,11 +298,14 @@ async def test_model_missing_after_load_is_an_error(triton: tuple[TritonClient, 
 
 
 async def test_wait_ready_times_out_with_the_url(tmp_path: Path) -> None:
-    port = free_port()  # nothing listens there
-    async with aiohttp.ClientSession() as session:
-        c = TritonClient(f"http://127.0.0.1:{port}", session, tmp_path / "repo")
-        with pytest.raises(TimeoutError, match=f"Triton at http://127.0.0.1:{port} not ready after 0.5s"):
-            await c.wait_ready(0.5)
+    port = reserve_port()  # nothing listens there, and nothing else will meanwhile
+    try:
+        async with aiohttp.ClientSession() as session:
+            c = TritonClient(f"http://127.0.0.1:{port}", session, tmp_path / "repo")
+            with pytest.raises(TimeoutError, match=f"Triton at http://127.0.0.1:{port} not ready after 0.5s"):
+                await c.wait_ready(0.5)
+    finally:
+        release(port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,11 +347,10 @@ def test_users_triton_servingruntime_is_run_as_triton(tmp_path: Path) -> None:
     assert infer_server_type(parse_serving_runtime(spi), [Doc(spi)]).server_type == "modelruntime"
 
 
-def _settings(tmp_path: Path, cfg: Path, runs_runtime: bool) -> Settings:
-    return Settings(
-        config_dir=cfg, data_dir=tmp_path / "data", pod_runtimes="triton-2.x", loader_runs_runtime=runs_runtime,
-        runtime_base_port=free_block(10), pod_capacity_bytes=1 << 30,
-    )
+def _settings(tmp_path: Path, cfg: Path, runs_runtime: bool, **kw: Any) -> Settings:
+    # Ports: the default fixed ones where nothing binds; 0 (reserved ports) where Triton runs.
+    return Settings(config_dir=cfg, data_dir=tmp_path / "data", pod_runtimes="triton-2.x", loader_runs_runtime=runs_runtime,
+                    pod_capacity_bytes=1 << 30, **kw)
 
 
 async def test_local_pod_without_tritonserver_says_how_to_run_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -371,12 +373,13 @@ async def test_local_pod_without_tritonserver_says_how_to_run_it(tmp_path: Path,
 async def test_cluster_pod_talks_to_the_triton_container_beside_it(tmp_path: Path) -> None:
     from meshserve_loader.pod import build_pod
 
-    s = _settings(tmp_path, _fixture_triton(tmp_path), runs_runtime=False)
+    s = _settings(tmp_path, _fixture_triton(tmp_path), runs_runtime=False, pod_id="triton-pod-0")
     async with aiohttp.ClientSession() as session:
         built = await build_pod(s, 0, session)
-    assert isinstance(built.runtime, TritonClient) and built.process is None
-    assert built.runtime.base_url == f"http://127.0.0.1:{s.pod_ports(0)[0]}"
-    assert built.runtime.repo == (s.data_dir / "triton" / "pod-0").resolve() and built.runtime.pid() == 0
+    client = built.server.client
+    assert isinstance(built.server, TritonAdapter) and isinstance(client, TritonClient) and built.server.process is None
+    assert client.base_url == "http://127.0.0.1:8080" and (built.pod.rest_port, built.pod.grpc_port) == (8080, 8081)
+    assert client.repo == (s.data_dir / "triton" / "triton-pod-0").resolve() and client.pid() == 0
     assert built.pod.runtime == "triton-2.x" and built.pod.formats == ["pytorch", "tensorflow"]
 
 
@@ -397,21 +400,26 @@ async def test_local_pod_starts_tritonserver_with_our_flags(tmp_path: Path, monk
     )
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-    s = _settings(tmp_path, _fixture_triton(tmp_path), runs_runtime=True)
-    rest, grpc_port, _ = s.pod_ports(0)
+    s = _settings(tmp_path, _fixture_triton(tmp_path), runs_runtime=True, runtime_base_port=0)
     async with aiohttp.ClientSession() as session:
         built = await build_pod(s, 0, session)
         try:
-            assert built.process is not None and built.process.pid > 0
-            await built.runtime.wait_ready(30)
+            assert built.server.process is not None and built.server.process.pid > 0
+            await built.server.wait_ready(30)
             repo = (s.data_dir / "triton" / "pod-0").resolve()
-            assert argv_file.read_text().split("\n")[:-1] == [
+            # Triton can't report ports: it is given reserved ones, which the pod advertises.
+            rest, grpc_port = built.pod.rest_port, built.pod.grpc_port
+            argv = argv_file.read_text().split("\n")[:-1]
+            metrics = int(argv[-1].split("=", 1)[1])
+            assert argv == [
                 f"--model-repository={repo}", "--model-control-mode=explicit", "--strict-model-config=false",
                 "--strict-readiness=false", "--http-address=127.0.0.1", f"--http-port={rest}", "--grpc-address=127.0.0.1",
-                f"--grpc-port={grpc_port}", f"--metrics-port={rest + 3}",
+                f"--grpc-port={grpc_port}", f"--metrics-port={metrics}",
             ]
+            lo, _hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+            assert len({rest, grpc_port, metrics}) == 3 and all(0 < p < lo for p in (rest, grpc_port, metrics))
             # The pod's client measures the load in the process tree the agent started.
-            size = await built.runtime.load("m__isvc-1", {"path": str(onnx_model), "format": "onnx"}, 60)
-            assert size > 0 and await built.runtime.held() == ["m__isvc-1"]
+            size = await built.server.load("m__isvc-1", {"path": str(onnx_model), "format": "onnx"}, 60)
+            assert size > 0 and await built.server.client.held() == ["m__isvc-1"]
         finally:
-            await built.process.stop()
+            await built.server.stop()

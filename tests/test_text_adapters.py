@@ -164,7 +164,7 @@ def test_runtime_openai_embeddings(base: text.TextEncoder, weights: Path, tmp_pa
 
 def test_mlserver_adapter_settings_name_the_base(tmp_path: Path) -> None:
     """Kind: unit. On MLServer pools the user's MLModel gets the base the loader fetched."""
-    from meshserve_loader.mlserver import base_settings, model_settings
+    from meshserve_loader.servers.mlserver import base_settings, model_settings
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "model-settings.json").write_text(json.dumps({"implementation": "m.PeftModel", "parameters": {"extra": {"k": 1}}}))

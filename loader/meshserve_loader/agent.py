@@ -21,10 +21,11 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from meshserve import failures
 from meshserve import state as st
@@ -33,11 +34,11 @@ from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.registry import ADAPTER_CONFIG, base_from_adapter_config
 from meshserve.yamlfile import ConfigError
 from meshserve.settings import Settings
-from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.metrics import LoaderMetrics
 from meshserve_loader.process import RuntimeProcess
+from meshserve_loader.servers import Adapter
 from meshserve_loader.progress import NO_PROGRESS, LoadProgress, ProgressPublisher
 from meshserve_loader.storage import StorageError, predict_size
 from meshserve_loader.storage_config import StorageConfigError, StorageConfigSource
@@ -49,16 +50,11 @@ GROUP = "loader"
 # component that wants it. Kept off ms:events, whose readers expect one model per event.
 POD_EVENTS = st.POD_EVENTS  # the schema lives in meshserve/state.py, beside its reader `meshserve describe`
 
-__all__ = ["Agent", "RuntimeClient", "Runtime", "make_fetcher"]
+__all__ = ["Agent", "make_fetcher"]
 
-
-class Runtime(Protocol):
-    """What the agent needs of a pod's model server (built-in, MLServer, ModelRuntime SPI)."""
-
-    async def wait_ready(self, timeout: float = ...) -> None: ...
-    async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int: ...
-    async def unload(self, model_id: str) -> None: ...
-    async def stats(self) -> dict[str, Any]: ...
+# Reconnecting to Redis after a failed read: exponential backoff with jitter, so the loaders of a
+# cluster don't all come back at once when Redis does.
+RECONNECT_WAIT = wait_random_exponential(multiplier=0.1, max=10.0)
 
 
 class Agent:
@@ -66,17 +62,15 @@ class Agent:
         self,
         settings: Settings,
         pod: Pod,
-        runtime: Runtime,
+        server: Adapter,
         state: st.State,
         fetcher: Fetcher | None = None,
-        process: RuntimeProcess | None = None,
         load_timeout: float | None = None,
         metrics: LoaderMetrics | None = None,
     ):
-        self.s, self.pod, self.rt, self.state = settings, pod, runtime, state
+        self.s, self.pod, self.server, self.state = settings, pod, server, state
         self.key = st.orders_key(pod.id)
         self.fetcher = fetcher or make_fetcher(settings, pod.id)
-        self.process = process
         self.load_timeout = load_timeout or settings.load_timeout_seconds
         self.metrics = metrics or LoaderMetrics()
         self.progress = ProgressPublisher(state.r, pod.id)  # ms:progress:<model>|<pod>, for `meshserve load`
@@ -88,6 +82,11 @@ class Agent:
         self._runtime_up.set()
         self.draining = False
 
+    @property
+    def process(self) -> RuntimeProcess | None:
+        """The server's process when the loader runs it (restarted by watch_runtime)."""
+        return getattr(self.server, "process", None)
+
     async def register(self) -> None:
         r = self.state.r
         try:
@@ -97,7 +96,7 @@ class Agent:
                 raise
         await r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
         await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
-        stats = await asyncio.wait_for(self.rt.stats(), self.s.heartbeat_seconds * 5)
+        stats = await asyncio.wait_for(self.server.stats(), self.s.heartbeat_seconds * 5)
         held = list(stats.keys())
         self.loaded = {m: self.loaded.get(m) or int(stats[m].get("size") or 0) for m in held}
         # The sizes let placement keep what this pod still holds when it had forgotten the pod
@@ -148,7 +147,7 @@ class Agent:
 
     async def _report_usage(self) -> None:
         # Recency comes from the runtime's own counters: no Python hop on the data path.
-        stats = await self.rt.stats()
+        stats = await self.server.stats()
         used = {}
         for model_id, s in stats.items():
             n = int(s.get("requests", 0))
@@ -167,12 +166,10 @@ class Agent:
         cursor = "0"
         running: set[asyncio.Task[None]] = set()
         while True:
-            try:
-                resp = await r.xreadgroup(GROUP, self.pod.id, {self.key: cursor}, count=16, block=1000)
-            except aioredis.RedisError as e:
-                log.warning("reading orders failed: %s", e)
-                await asyncio.sleep(0.5)
-                continue
+            async for attempt in AsyncRetrying(wait=RECONNECT_WAIT, retry=retry_if_exception_type(aioredis.RedisError),
+                                               before_sleep=_log_retry("reading orders")):
+                with attempt:
+                    resp = await r.xreadgroup(GROUP, self.pod.id, {self.key: cursor}, count=16, block=1000)
             entries = resp[0][1] if resp else []
             if cursor == "0" and not entries:
                 cursor = ">"
@@ -216,7 +213,7 @@ class Agent:
                     # The route withdrawal committed with this order is still on its way to the
                     # gateways: requests they route here meanwhile are served, not 404ed.
                     await asyncio.sleep(self.s.unload_grace_seconds)
-                    await self.rt.unload(model_id)
+                    await self.server.unload(model_id)
                 self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)
             else:
@@ -287,8 +284,8 @@ class Agent:
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             try:
-                if model_id in await self.rt.stats():
-                    await self.rt.unload(model_id)
+                if model_id in await self.server.stats():
+                    await self.server.unload(model_id)
                     log.info("unloaded %s, which finished loading after its timeout", model_id)
                     return
             except Exception as e:  # noqa: BLE001 - cleanup is best effort
@@ -309,7 +306,7 @@ class Agent:
         params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
         params.update(await self._base_params(spec, path))
         with tr.start_as_current_span("loader.load", attributes={**attrs, "meshserve.predicted_bytes": predicted}) as span:
-            measured = await asyncio.wait_for(self.rt.load(spec.id, params, self.load_timeout), self.load_timeout)
+            measured = await asyncio.wait_for(self.server.load(spec.id, params, self.load_timeout), self.load_timeout)
             span.set_attribute("meshserve.measured_bytes", measured)
         self.metrics.observe_size(predicted, measured)
         size = max(measured, predicted)
@@ -364,14 +361,15 @@ class Agent:
             )
             self.loaded.clear()
             self._seen_requests.clear()
-            # Back off a little when it keeps dying, so a broken runtime doesn't spin the CPU.
-            await asyncio.sleep(min(0.5 * self.process.restarts, 10.0))
-            await self.process.start()
+            # Back off when it keeps dying, so a broken runtime doesn't spin the CPU.
+            await asyncio.sleep(RESTART_WAIT(_Attempts(self.process.restarts)))
             try:
-                await self.rt.wait_ready()
-            except TimeoutError as e:
+                endpoints = await self.server.restart()
+            except (TimeoutError, RuntimeError) as e:
                 log.error("restarted runtime is not ready: %s", e)
                 continue
+            # A server on port 0 came back on new ports: the pod registers with them.
+            self.pod.rest_port, self.pod.grpc_port = endpoints.rest, endpoints.grpc
             await self.register()  # placement drops the lost copies (the pod now holds none)
             self._runtime_up.set()
 
@@ -403,7 +401,7 @@ class Agent:
         since = time.monotonic()
         while time.monotonic() < deadline:
             try:
-                stats = await self.rt.stats()
+                stats = await self.server.stats()
             except Exception as e:  # noqa: BLE001 - a runtime that is gone serves nothing
                 log.debug("drain: runtime stats: %s", e)
                 return
@@ -417,6 +415,23 @@ class Agent:
                 return
             await asyncio.sleep(0.1)
         log.warning("drain of pod %s timed out: copies left %s", self.pod.id, sorted(self.loaded) or "none")
+
+
+RESTART_WAIT = wait_random_exponential(multiplier=0.5, max=10.0)
+
+
+class _Attempts:
+    """The retry state tenacity's wait strategies read (attempt_number), for a loop of our own."""
+
+    def __init__(self, n: int):
+        self.attempt_number = max(1, n)
+
+
+def _log_retry(what: str) -> Any:
+    def before_sleep(rs: Any) -> None:
+        log.warning("%s failed (attempt %d): %s; retrying in %.1fs", what, rs.attempt_number, rs.outcome.exception(),
+                    rs.next_action.sleep if rs.next_action else 0.0)
+    return before_sleep
 
 
 def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
@@ -443,14 +458,14 @@ async def run(settings: Settings, index: int) -> None:
     async with aiohttp.ClientSession() as session:
         built = await build_pod(settings, index, session)
         state = st.State.from_url(settings.redis_url)
-        agent = Agent(settings, built.pod, built.runtime, state, process=built.process, load_timeout=built.load_timeout, metrics=built.metrics)
+        agent = Agent(settings, built.pod, built.server, state, load_timeout=built.load_timeout, metrics=built.metrics)
         runner = await built.metrics.serve(settings.host, settings.pod_ports(index)[2])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         try:
-            await built.runtime.wait_ready()
+            await built.server.wait_ready()
             await agent.register()
             tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.usage_loop(), agent.order_loop(), agent.watch_runtime())]
             await stop.wait()
@@ -458,6 +473,5 @@ async def run(settings: Settings, index: int) -> None:
             for t in tasks:
                 t.cancel()
         finally:
-            if built.process is not None:
-                await built.process.stop()
+            await built.server.stop()
             await runner.cleanup()

@@ -691,9 +691,11 @@ def _preimport_more() -> None:
 
 
 async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True, load_timeout: float = 0.0,
-                control_port: int = 0, allowed_roots: "list[Path] | tuple[Path, ...]" = ()) -> None:
+                control_port: int = 0, allowed_roots: "list[Path] | tuple[Path, ...]" = (), ports_file: Path | None = None) -> None:
     """Data listeners on `host` (the pod IP in a cluster), the control listener on 127.0.0.1
-    whatever `host` is. Loads only from `allowed_roots`: none given, none succeed."""
+    whatever `host` is. Loads only from `allowed_roots`: none given, none succeed. A port of 0
+    is the kernel's pick; with `ports_file`, the ports bound are written there once all three
+    listen (servers/builtin.py reads it: the loader advertises those)."""
     await asyncio.get_running_loop().run_in_executor(None, _preimport)
     roots = tuple(Path(p).resolve() for p in allowed_roots)
     rt = Runtime(allow_executable=allow_executable, load_timeout=load_timeout, allowed_roots=roots)
@@ -702,7 +704,9 @@ async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: boo
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
     )
     add_servicer(server, GrpcServicer(rt))
-    server.add_insecure_port(f"{host}:{grpc_port}")
+    grpc_bound = server.add_insecure_port(f"{host}:{grpc_port}")
+    if not grpc_bound:
+        raise OSError(f"gRPC could not listen on {host}:{grpc_port}")
     await server.start()
     runner = web.AppRunner(build_rest_app(rt), access_log=None)
     await runner.setup()
@@ -710,9 +714,13 @@ async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: boo
     control = web.AppRunner(build_control_app(rt), access_log=None)
     await control.setup()
     await web.TCPSite(control, CONTROL_HOST, control_port).start()
-    bound = control.addresses[0][1] if control.addresses else control_port
+    bound = {"rest": runner.addresses[0][1], "grpc": grpc_bound, "control": control.addresses[0][1]}
+    if ports_file is not None:
+        tmp = ports_file.with_name(ports_file.name + ".tmp")
+        tmp.write_text(json.dumps(bound))
+        tmp.replace(ports_file)  # whole or absent: the loader polls for it
     log.info("built-in runtime serving REST on %s:%d, gRPC on %s:%d, control (repository API) on %s:%d; loads from %s",
-             host, rest_port, host, grpc_port, CONTROL_HOST, bound, ", ".join(map(str, roots)) or "nowhere")
+             host, bound["rest"], host, grpc_bound, CONTROL_HOST, bound["control"], ", ".join(map(str, roots)) or "nowhere")
     try:
         await asyncio.Event().wait()
     finally:
