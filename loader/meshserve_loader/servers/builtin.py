@@ -70,8 +70,9 @@ class RuntimeClient:
 
 
 def builtin_argv(index: int, ports_file: Path | None = None) -> list[str]:
-    return [sys.executable, "-m", "meshserve_loader.builtin", "--index", str(index),
-            *(["--ports-file", str(ports_file)] if ports_file is not None else [])]
+    # The index last: operators (and e2e/test_loader_restart.py) find pod N's runtime by it.
+    return [sys.executable, "-m", "meshserve_loader.builtin", *(["--ports-file", str(ports_file)] if ports_file is not None else []),
+            "--index", str(index)]
 
 
 async def read_ports(path: Path, process: RuntimeProcess, timeout: float = 120.0) -> dict[str, int]:
