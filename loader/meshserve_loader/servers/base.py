@@ -18,6 +18,7 @@ gets its fixed port. With MESHSERVE_RUNTIME_BASE_PORT=0 nothing is picked, freed
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,3 +109,22 @@ class Adapter:
 
     async def stats(self) -> dict[str, Any]:
         return dict(await self.client.stats())
+
+
+async def wait_http_ready(session: aiohttp.ClientSession, base_url: str, timeout: float, what: str, interval: float = 0.1) -> None:
+    """Until `GET /v2/health/ready` answers 200 (KServe v2: every HTTP server here speaks it);
+    TimeoutError naming the server, its URL and its last answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = "no answer"
+    while True:
+        try:
+            async with session.get(f"{base_url}/v2/health/ready") as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except aiohttp.ClientError as e:
+            last = str(e) or type(e).__name__
+        if loop.time() > deadline:
+            raise TimeoutError(f"{what} at {base_url} not ready after {timeout:g}s ({last})")
+        await asyncio.sleep(interval)

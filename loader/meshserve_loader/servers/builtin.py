@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from meshserve_loader.process import RuntimeProcess
-from meshserve_loader.servers.base import Adapter, Endpoints
+from meshserve_loader.servers.base import Adapter, Endpoints, wait_http_ready
 
 
 @dataclass
@@ -32,17 +32,7 @@ class RuntimeClient:
     kind: str = "builtin"
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                async with self.session.get(f"{self.base_url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"runtime at {self.base_url} not ready after {timeout}s")
-            await asyncio.sleep(0.1)
+        await wait_http_ready(self.session, self.base_url, timeout, "runtime", 0.1)
 
     async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
         # The runtime gets the timeout too: it gives up on the load then (freeing itself for the

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 from meshserve_loader.memory import tree_rss_bytes
 from meshserve_loader.process import RuntimeProcess
-from meshserve_loader.servers.base import Adapter, Endpoints
+from meshserve_loader.servers.base import Adapter, Endpoints, wait_http_ready
 
 log = logging.getLogger("meshserve.loader")
 REPO = Path(__file__).resolve().parents[3]
@@ -108,7 +108,6 @@ class MLServerClient:
     pid: Callable[[], int] = lambda: 0  # the runtime's process, for the RSS delta (0: unknown)
     kind: str = "mlserver"
     default_implementation: str = ""  # the runtime's MLSERVER_MODEL_IMPLEMENTATION
-    grpc_proxy: Any = None  # the renaming gRPC pass-through in front of it (pod.py), if any
 
     def __post_init__(self) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -116,18 +115,7 @@ class MLServerClient:
         self._lock = asyncio.Lock()
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                async with self.session.get(f"{self.base_url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if loop.time() > deadline:
-                raise TimeoutError(f"MLServer at {self.base_url} not ready after {timeout:g}s")
-            await asyncio.sleep(0.2)
+        await wait_http_ready(self.session, self.base_url, timeout, "MLServer", 0.2)
 
     async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
         path = Path(str(params["path"]))

@@ -32,7 +32,7 @@ import aiohttp
 
 from meshserve_loader.memory import tree_rss_bytes
 from meshserve_loader.process import RuntimeProcess
-from meshserve_loader.servers.base import Adapter, Endpoints
+from meshserve_loader.servers.base import Adapter, Endpoints, wait_http_ready
 from meshserve_loader.servers.mlserver import _error_text
 from meshserve_loader.servers.triton_layout import LayoutError, lay_out
 
@@ -63,20 +63,7 @@ class TritonClient:
         self._measure_lock = asyncio.Lock()
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last = "no answer"
-        while True:
-            try:
-                async with self.session.get(f"{self.base_url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return
-                    last = f"HTTP {r.status}"
-            except aiohttp.ClientError as e:
-                last = str(e) or type(e).__name__
-            if loop.time() > deadline:
-                raise TimeoutError(f"Triton at {self.base_url} not ready after {timeout:g}s ({last})")
-            await asyncio.sleep(0.2)
+        await wait_http_ready(self.session, self.base_url, timeout, "Triton", 0.2)
 
     async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
         path = Path(str(params["path"]))
