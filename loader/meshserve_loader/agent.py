@@ -320,7 +320,7 @@ class Agent:
 
         Placement does not know of bases yet (issue 17 item 2): the base is fetched here even
         when it is not placed on this pod, and its memory is carried by the adapter that
-        brought it (builtin/server.py `load_with_base`)."""
+        brought it (builtin/table.py `load_with_base`)."""
         name = spec.base
         if not name:
             cfg = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
