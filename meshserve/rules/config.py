@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from meshserve import registry, servingconfig
-from meshserve import state as st
+from meshserve.store.state import State
 from meshserve.model import CopyState, ModelSpec
 from meshserve.rules import schema, store
 from meshserve.yamlfile import ConfigError, Document, iter_yaml_files, load_documents
@@ -156,7 +156,7 @@ class Applied:
     after: dict[str, Any] = field(default_factory=dict)
 
 
-async def apply_paths(state: st.State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False) -> Applied:
+async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False) -> Applied:
     """Validate everything, then write it in one commit (models, aliases or version moves, rules).
     With `dry_run` nothing is written: the result says what would change."""
     from meshserve import rollout
