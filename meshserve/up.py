@@ -129,7 +129,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     transformers = await start_transformers(s, sup)  # before xDS: it reads them at its first build
     await sup.start("xds", [py, "-m", "meshserve_xds"])
     await sup.start("placement", [py, "-m", "meshserve_placement"])
-    await sup.start("rollout", [py, "-m", "meshserve.rollout"])  # version moves, canaries (traffic.md)
+    await sup.start("rollout", [py, "-m", "meshserve_rollout"])  # version moves, canaries (traffic.md)
     for i in range(s.pods):
         # Each pod's loader agent starts its runtime and restarts it if it dies.
         await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)], env={"MESHSERVE_LOADER_RUNS_RUNTIME": "true"})

@@ -263,9 +263,9 @@ def _describe(kind: str, obj: Any) -> None:
 @redis_option
 def promote(name: str, redis_url: str) -> None:
     """Advance a progressive canary one step, or finish an InferenceService canary (100% to the new version)."""
-    from meshserve import rollout
     from meshserve.rules import plan as pl
     from meshserve.rules import store
+    from meshserve_rollout.controller import advance
 
     async def go(state: State) -> str:
         kind, obj, status = await _find(state, name)
@@ -276,7 +276,7 @@ def promote(name: str, redis_url: str) -> None:
                 raise LookupError(f"rule {name!r} has no canary to promote; edit its weights and apply it")
             if status.get("phase") not in (pl.PROGRESSING, pl.PAUSED):
                 raise LookupError(f"rule {name!r} is {status.get('phase')}: only a progressing or paused canary can be promoted (re-apply the rule to restart it)")
-            new = rollout.advance(obj, status, now)
+            new = advance(obj, status, now)
             await store.set_status(state, name, new)
             return f"trafficrule/{name}: {new['phase']}, canary at {pl.canary_weight(obj, new)}%"
         t = obj
@@ -294,7 +294,7 @@ def promote(name: str, redis_url: str) -> None:
 @redis_option
 def rollback(name: str, redis_url: str) -> None:
     """Send 100% of NAME's traffic back to its stable model at once."""
-    from meshserve import rollout
+    from meshserve.rules import moves
     from meshserve.rules import plan as pl
     from meshserve.rules import store
 
@@ -313,7 +313,7 @@ def rollback(name: str, redis_url: str) -> None:
             ops.append(store_ops.set_alias(t.alias, t.old))
             changes.append((messages.KIND_ALIAS, t.alias))
         if t.phase in (pl.T_LOADING, pl.T_CANARY):
-            ops += rollout.restore_spec_ops(await state.r.hget(keys.MODELS, t.new), t)
+            ops += moves.restore_spec_ops(await state.r.hget(keys.MODELS, t.new), t)
         t.phase, t.since, t.reason = pl.T_ROLLED_BACK, now, "rolled back by the operator"
         await store.set_transition(state, t, ops, changes)
         return f"inferenceservice/{name}: rolled back, 100% to {t.old}"

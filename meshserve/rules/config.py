@@ -159,8 +159,7 @@ class Applied:
 async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False) -> Applied:
     """Validate everything, then write it in one commit (models, aliases or version moves, rules).
     With `dry_run` nothing is written: the result says what would change."""
-    from meshserve import rollout
-    from meshserve.rules import preview
+    from meshserve.rules import moves, preview
 
     cfg = read_config(list(paths), stdin)
     snap = await state.snapshot()
@@ -169,7 +168,7 @@ async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = N
     validate_rules(cfg, set(snap.aliases) | set(snap.models), owners)
     loaded = {m: sum(1 for c in cs.values() if c.state == CopyState.LOADED) for m, cs in snap.placements.items()}
     now = time.time()
-    ops, changes, notes = rollout.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
+    ops, changes, notes = moves.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
     docs = [r.to_doc() for r in cfg.rules]
     rops, rchanges = store.rule_ops(docs, statuses, now)
     after = preview.new_objects(cfg.specs, cfg.kinds, cfg.rules)

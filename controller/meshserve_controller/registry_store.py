@@ -1,4 +1,4 @@
-"""The controller's reads and writes of the registry, through meshserve.state's schema.
+"""The controller's reads and writes of the registry, through the store (meshserve/store).
 
 Registration is `State.register_models`, the same call embedded mode makes for mesh-config/.
 """

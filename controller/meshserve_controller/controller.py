@@ -34,9 +34,10 @@ from meshserve.store import ops as store_ops
 from meshserve.store import messages
 from meshserve.store.state import State, runtime_json
 from meshserve.k8s import objects as ob
-from meshserve.k8s import pressure, scaling, store
+from meshserve_controller import pressure, scaling
+from meshserve_controller import registry_store as store
 from meshserve.k8s import rules as kr
-from meshserve.k8s.watch import DELETED, Event, Watcher
+from meshserve_controller.watch import DELETED, Event, Watcher
 from meshserve.model import ModelSpec, Pod, copies_from_json
 
 log = logging.getLogger("meshserve.k8s")
