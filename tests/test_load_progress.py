@@ -29,7 +29,7 @@ def _counting(pub: ProgressPublisher) -> list[dict[str, Any]]:
     real = pub._write
 
     async def write(key: str, p: Any, ttl: float) -> None:
-        written.append(p.doc())
+        written.append(json.loads(p.message().encode()))
         await real(key, p, ttl)
 
     pub._write = write  # type: ignore[method-assign]

@@ -20,7 +20,8 @@ from meshserve import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings
-from meshserve_loader.agent import POD_EVENTS, Agent
+from meshserve.store.keys import POD_EVENTS
+from meshserve_loader.agent import Agent
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.servers.builtin import BuiltinAdapter
 from meshserve_loader.serving_runtime import builtin_runtime

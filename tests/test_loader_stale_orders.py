@@ -17,7 +17,8 @@ from meshserve import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
-from meshserve_loader.agent import GROUP, POD_EVENTS, Agent
+from meshserve.store.keys import ORDERS_GROUP as GROUP, POD_EVENTS
+from meshserve_loader.agent import Agent
 
 
 class _Runtime:

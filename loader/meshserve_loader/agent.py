@@ -16,11 +16,8 @@ context back to the leader.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,29 +25,23 @@ import redis.asyncio as aioredis
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from meshserve import failures
-from meshserve import state as st
 from meshserve import tracing
 from meshserve.model import CopyState, ModelSpec, Pod
-from meshserve.registry import ADAPTER_CONFIG, base_from_adapter_config
-from meshserve.yamlfile import ConfigError
 from meshserve.settings import Settings
-from meshserve_loader.diskcache import DiskCache
-from meshserve_loader.fetch import Fetcher
+from meshserve.store import State, ops
+from meshserve.store.messages import LoadOrder, LoadResult, PodEvent, PodRegistered, UnloadOrder, UnloadResult, decode_order
+from meshserve_loader.bases import base_params
+from meshserve_loader.fetch import Fetcher, make_fetcher
 from meshserve_loader.metrics import LoaderMetrics
 from meshserve_loader.process import RuntimeProcess
 from meshserve_loader.servers import Adapter
 from meshserve_loader.progress import NO_PROGRESS, LoadProgress, ProgressPublisher
 from meshserve_loader.storage import StorageError, predict_size
-from meshserve_loader.storage_config import StorageConfigError, StorageConfigSource
+from meshserve_loader.storage_config import StorageConfigError
 
 log = logging.getLogger("meshserve.loader")
 
-GROUP = "loader"
-# Pod lifecycle news (drain, runtime restarts and the models they lost), for operators and any
-# component that wants it. Kept off ms:events, whose readers expect one model per event.
-POD_EVENTS = st.POD_EVENTS  # the schema lives in meshserve/state.py, beside its reader `meshserve describe`
-
-__all__ = ["Agent", "make_fetcher"]
+__all__ = ["Agent"]
 
 # Reconnecting to Redis after a failed read: exponential backoff with jitter, so the loaders of a
 # cluster don't all come back at once when Redis does.
@@ -63,13 +54,12 @@ class Agent:
         settings: Settings,
         pod: Pod,
         server: Adapter,
-        state: st.State,
+        state: State,
         fetcher: Fetcher | None = None,
         load_timeout: float | None = None,
         metrics: LoaderMetrics | None = None,
     ):
         self.s, self.pod, self.server, self.state = settings, pod, server, state
-        self.key = st.orders_key(pod.id)
         self.fetcher = fetcher or make_fetcher(settings, pod.id)
         self.load_timeout = load_timeout or settings.load_timeout_seconds
         self.metrics = metrics or LoaderMetrics()
@@ -88,21 +78,13 @@ class Agent:
         return getattr(self.server, "process", None)
 
     async def register(self) -> None:
-        r = self.state.r
-        try:
-            await r.xgroup_create(self.key, GROUP, id="0", mkstream=True)
-        except aioredis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        await r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
-        await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
+        await ops.register_pod(self.state, self.pod)
         stats = await asyncio.wait_for(self.server.stats(), self.s.heartbeat_seconds * 5)
         held = list(stats.keys())
         self.loaded = {m: self.loaded.get(m) or int(stats[m].get("size") or 0) for m in held}
         # The sizes let placement keep what this pod still holds when it had forgotten the pod
         # (withdrawn while the loader was paused): it adopts a copy it still wants, unloads the rest.
-        sizes = {m: self.loaded[m] for m in held}
-        await r.xadd(st.EVENTS, {"op": "register", "pod": self.pod.id, "models": json.dumps(held), "sizes": json.dumps(sizes)})
+        await ops.announce_registered(self.state.r, PodRegistered(self.pod.id, {m: self.loaded[m] for m in held}))
         self.metrics.capacity.set(self.pod.capacity_bytes)
         log.info("registered pod %s runtime=%s capacity=%d formats=%s holding %d models", self.pod.id, self.pod.runtime, self.pod.capacity_bytes, ",".join(self.pod.formats), len(held))
 
@@ -115,9 +97,7 @@ class Agent:
         registering: asyncio.Task[None] | None = None
         while True:
             try:
-                async with self.state.r.pipeline(transaction=False) as p:
-                    p.zadd(st.HEARTBEATS, {self.pod.id: time.time()}).hexists(st.PODS, self.pod.id)
-                    _, known = await p.execute()
+                known = await ops.heartbeat(self.state.r, self.pod.id)
                 if not known and not self.draining and self._runtime_up.is_set() and (registering is None or registering.done()):
                     log.warning("placement has forgotten pod %s (withdrawn while its heartbeats stopped): registering again", self.pod.id)
                     self.metrics.reregistrations.inc()
@@ -155,13 +135,11 @@ class Agent:
                 self._seen_requests[model_id] = n
                 if s.get("last_used"):
                     used[model_id] = float(s["last_used"])
-        if used:
-            await self.state.r.zadd(st.LAST_USED, used, gt=True)
+        await ops.mark_used(self.state.r, used)
         self.metrics.used.set(sum(self.loaded.values()))
         self.metrics.cache_bytes.set(self.fetcher.cache.used_bytes())
 
     async def order_loop(self) -> None:
-        r = self.state.r
         # First the orders this pod took but never acknowledged (a restart), then new ones.
         cursor = "0"
         running: set[asyncio.Task[None]] = set()
@@ -169,8 +147,7 @@ class Agent:
             async for attempt in AsyncRetrying(wait=RECONNECT_WAIT, retry=retry_if_exception_type(aioredis.RedisError),
                                                before_sleep=_log_retry("reading orders")):
                 with attempt:
-                    resp = await r.xreadgroup(GROUP, self.pod.id, {self.key: cursor}, count=16, block=1000)
-            entries = resp[0][1] if resp else []
+                    entries = await ops.read_orders(self.state.r, self.pod.id, cursor)
             if cursor == "0" and not entries:
                 cursor = ">"
                 continue
@@ -194,15 +171,21 @@ class Agent:
     async def _handle_order(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
         op = fields.get(b"op", b"").decode()
         model_id = fields.get(b"model", b"").decode()
-        event: dict[str, Any] = {"pod": self.pod.id, "model": model_id, "op": op, "ok": 0, "size": 0, "reason": ""}
+        if op not in (LoadOrder.op, UnloadOrder.op):
+            reason = f"unknown order {op!r}: no loader carries it out"
+            log.warning("dropping order %s of %s: %s", eid, model_id, reason)
+            self.metrics.orders.labels("other", "failed").inc()
+            await ops.drop_order(self.state.r, self.pod.id, eid, PodEvent("order_dropped", self.pod.id, (model_id,), reason))
+            return
+        ok, size, predicted, reason = False, 0, None, ""
         t0 = time.monotonic()
         try:
+            order = decode_order(fields)  # a load whose spec is unreadable fails as a load
             await asyncio.wait_for(self._runtime_up.wait(), self.load_timeout)
-            if op == "load":
-                spec = ModelSpec.from_json(fields[b"spec"])
-                async with self._load_slots, self.progress.track(spec.id, background=True) as progress:
-                    event["size"], event["predicted"] = await self._load(spec, progress)
-            elif op == "unload":
+            if isinstance(order, LoadOrder):
+                async with self._load_slots, self.progress.track(order.spec.id, background=True) as progress:
+                    size, predicted = await self._load(order.spec, progress)
+            else:
                 if self.draining:
                     # preStop: the copy is reported gone at once (placement drops it; its routes
                     # went with the unload order), but the runtime keeps serving it until the
@@ -216,41 +199,36 @@ class Agent:
                     await self.server.unload(model_id)
                 self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)
-            else:
-                raise ValueError(f"unknown order {op!r}")
-            event["ok"] = 1
+            ok = True
         # Each reason says its kind first (meshserve/failures.py): inference clients are told the
         # kind only, since the detail names endpoints, buckets and paths.
         except asyncio.TimeoutError:
-            event["reason"] = failures.tag(failures.TIMEOUT, f"{op} timed out after {self.load_timeout:g}s (the runtime's modelLoadingTimeoutMillis)")
-            if op == "load":
+            reason = failures.tag(failures.TIMEOUT, f"{op} timed out after {self.load_timeout:g}s (the runtime's modelLoadingTimeoutMillis)")
+            if op == LoadOrder.op:
                 # The runtime may still finish it: unload so memory placement doesn't know of isn't held.
                 asyncio.create_task(self._unload_quietly(model_id))
         except (StorageError, StorageConfigError) as e:
-            event["reason"] = failures.tag(failures.STORAGE, str(e) or type(e).__name__)
+            reason = failures.tag(failures.STORAGE, str(e) or type(e).__name__)
         except aiohttp.ClientError as e:
-            event["reason"] = failures.tag(failures.RUNTIME, str(e) or type(e).__name__)
+            reason = failures.tag(failures.RUNTIME, str(e) or type(e).__name__)
         except (RuntimeError, ValueError, KeyError) as e:
-            event["reason"] = failures.tag(failures.LOAD, str(e) or type(e).__name__)
+            reason = failures.tag(failures.LOAD, str(e) or type(e).__name__)
         except Exception as e:  # noqa: BLE001 - a failed load must never take the agent down
             log.exception("%s of %s failed unexpectedly", op, model_id)
-            event["reason"] = failures.tag(failures.INTERNAL, f"{type(e).__name__}: {e}")
-        self.metrics.orders.labels(op if op in ("load", "unload") else "other", "ok" if event["ok"] else "failed").inc()
-        if op == "load":
+            reason = failures.tag(failures.INTERNAL, f"{type(e).__name__}: {e}")
+        self.metrics.orders.labels(op, "ok" if ok else "failed").inc()
+        if op == LoadOrder.op:
             self.metrics.load_seconds.observe(time.monotonic() - t0)
-        elif op == "unload" and event["ok"]:
+        elif ok:
             self.metrics.unload_seconds.observe(time.monotonic() - t0)
-        if not event["ok"]:
-            log.warning("%s of %s failed: %s", op, model_id, event["reason"])
+        if not ok:
+            log.warning("%s of %s failed: %s", op, model_id, reason)
         else:
-            log.info("%s of %s done (size=%s)", op, model_id, event["size"])
-        event["ts"] = time.time()
-        tracing.inject(event)
-        async with self.state.r.pipeline(transaction=True) as p:
-            p.xadd(st.EVENTS, {k: str(v) for k, v in event.items()}, maxlen=100_000, approximate=True)
-            p.xack(self.key, GROUP, eid)
-            p.xdel(self.key, eid)
-            await p.execute()
+            log.info("%s of %s done (size=%s)", op, model_id, size)
+        trace = tracing.inject({})  # the result carries the order's context back to the leader
+        result = (LoadResult(self.pod.id, model_id, ok, size, reason, trace=trace, predicted=predicted) if op == LoadOrder.op
+                  else UnloadResult(self.pod.id, model_id, ok, size, reason, trace=trace))
+        await ops.report_result(self.state.r, self.pod.id, eid, result)
 
     async def _drop_withdrawn(self, eid: bytes, fields: dict[bytes, bytes]) -> bool:
         """A load order re-read after a restart can outlive its placement: when the pod missed its
@@ -259,7 +237,7 @@ class Agent:
         expects. Carrying it out would pull the model again and hold memory placement does not
         know of, so it is dropped (acknowledged, with a pod event saying why). A load whose copy
         here is still LOADING (the loader came back in time) goes ahead."""
-        if fields.get(b"op") != b"load":
+        if fields.get(b"op", b"").decode() != LoadOrder.op:
             return False
         model_id = fields.get(b"model", b"").decode()
         try:
@@ -268,11 +246,7 @@ class Agent:
                 return False
             reason = f"load order outlived its placement (now {copy.state if copy else 'none'} here): withdrawn while the loader was down"
             log.warning("dropping load of %s: %s", model_id, reason)
-            async with self.state.r.pipeline(transaction=True) as p:
-                p.xadd(POD_EVENTS, {"op": "order_dropped", "pod": self.pod.id, "models": json.dumps([model_id]), "reason": reason, "ts": str(time.time())})
-                p.xack(self.key, GROUP, eid)
-                p.xdel(self.key, eid)
-                await p.execute()
+            await ops.drop_order(self.state.r, self.pod.id, eid, PodEvent("order_dropped", self.pod.id, (model_id,), reason))
         except aioredis.RedisError as e:  # can't tell: carry it out, as before
             log.warning("checking the placement of %s failed: %s", model_id, e)
             return False
@@ -304,7 +278,7 @@ class Agent:
         progress.loading()
         predicted = spec.size_hint or predict_size(path, spec.format)
         params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
-        params.update(await self._base_params(spec, path))
+        params.update(await base_params(self.state, self.fetcher, spec, path))
         with tr.start_as_current_span("loader.load", attributes={**attrs, "meshserve.predicted_bytes": predicted}) as span:
             measured = await asyncio.wait_for(self.server.load(spec.id, params, self.load_timeout), self.load_timeout)
             span.set_attribute("meshserve.measured_bytes", measured)
@@ -312,35 +286,6 @@ class Agent:
         size = max(measured, predicted)
         self.loaded[spec.id] = size
         return size, predicted
-
-    async def _base_params(self, spec: ModelSpec, path: Path) -> dict[str, Any]:
-        """An adapter's base (issue 17): the registered model its spec names (meshserve.io/
-        base-model), else the one its PEFT adapter_config.json names, fetched like any model, for
-        the runtime to load once and share (`base_path`). {} for a model without a base.
-
-        Placement does not know of bases yet (issue 17 item 2): the base is fetched here even
-        when it is not placed on this pod, and its memory is carried by the adapter that
-        brought it (builtin/table.py `load_with_base`)."""
-        name = spec.base
-        if not name:
-            cfg = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
-            if not cfg.is_file():
-                return {}
-            try:
-                name = base_from_adapter_config(cfg.read_text(), f"{spec.alias}/{ADAPTER_CONFIG}")
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
-            if not name:
-                return {}
-        base_id = await self.state.resolve(name)
-        base = await self.state.model(base_id) if base_id else None
-        if base is None:
-            raise ValueError(f"{spec.alias}'s base model '{name}' is not registered: register it (an InferenceService named {name!r})")
-        if base.base:
-            raise ValueError(f"{spec.alias}'s base '{name}' is itself an adapter (of '{base.base}'): a base must be a full model")
-        base_path = await self.fetcher.fetch(base.storage)
-        return {"base_path": str(base_path), "base_format": base.format, "base_model": base.id,
-                "base_predicted_size": base.size_hint or predict_size(base_path, base.format)}
 
     async def watch_runtime(self) -> None:
         """Restart the runtime process when it dies, and report the models it took with it."""
@@ -356,9 +301,7 @@ class Agent:
             self.metrics.runtime_restarts.inc()
             reason = f"runtime process exited with code {code}"
             log.error("%s; lost %d models (%s); restarting it", reason, len(lost), ", ".join(lost) or "none")
-            await self.state.r.xadd(
-                POD_EVENTS, {"op": "runtime_restart", "pod": self.pod.id, "models": json.dumps(lost), "reason": reason, "ts": str(time.time())}
-            )
+            await ops.report_pod_event(self.state.r, PodEvent("runtime_restart", self.pod.id, tuple(lost), reason))
             self.loaded.clear()
             self._seen_requests.clear()
             # Back off when it keeps dying, so a broken runtime doesn't spin the CPU.
@@ -382,8 +325,8 @@ class Agent:
         requests in flight finish; then the pod exits."""
         self.draining = True
         self.pod.draining = True
-        await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
-        await self.state.r.xadd(POD_EVENTS, {"op": "drain", "pod": self.pod.id, "models": json.dumps(sorted(self.loaded)), "ts": str(time.time())})
+        await ops.publish_pod(self.state, self.pod)
+        await ops.report_pod_event(self.state.r, PodEvent("drain", self.pod.id, tuple(sorted(self.loaded))))
         log.info("draining pod %s: %d models to move", self.pod.id, len(self.loaded))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.loaded:
@@ -432,46 +375,3 @@ def _log_retry(what: str) -> Any:
         log.warning("%s failed (attempt %d): %s; retrying in %.1fs", what, rs.attempt_number, rs.outcome.exception(),
                     rs.next_action.sleep if rs.next_action else 0.0)
     return before_sleep
-
-
-def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
-    # The storage-config is re-read at each pull when its file (or mounted Secret) changed, so a
-    # Secret edited in Kubernetes applies without a restart. A bad entry fails only the models
-    # naming it, and an unreadable storage-config only the models that need it: local/pvc and
-    # plain http models always load. Read once here so problems show in the log at start.
-    config = StorageConfigSource(settings.storage_config)
-    snap = config.current()
-    return Fetcher(
-        pvc_root=settings.pvc_root,
-        stores=snap.stores,
-        cache=DiskCache(settings.pod_cache_dir(pod_id), settings.cache_max_bytes),
-        max_model_bytes=settings.max_model_bytes,
-        progress_min_bytes=settings.pull_progress_bytes,
-        model_roots=settings.extra_model_roots,
-        config=config,
-    )
-
-
-async def run(settings: Settings, index: int) -> None:
-    from meshserve_loader.pod import build_pod
-
-    async with aiohttp.ClientSession() as session:
-        built = await build_pod(settings, index, session)
-        state = st.State.from_url(settings.redis_url)
-        agent = Agent(settings, built.pod, built.server, state, load_timeout=built.load_timeout, metrics=built.metrics)
-        runner = await built.metrics.serve(settings.host, settings.pod_ports(index)[2])
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        try:
-            await built.server.wait_ready()
-            await agent.register()
-            tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.usage_loop(), agent.order_loop(), agent.watch_runtime())]
-            await stop.wait()
-            await agent.drain(settings.drain_timeout_seconds)
-            for t in tasks:
-                t.cancel()
-        finally:
-            await built.server.stop()
-            await runner.cleanup()
