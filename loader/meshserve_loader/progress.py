@@ -1,7 +1,7 @@
 """Publishing the progress of each pull and load to Redis, for `meshserve load` and `status`.
 
-One string key per load, `ms:progress:<model>|<pod>` (meshserve/state.py), holding JSON
-{phase, done_bytes, total_bytes, started, updated, reason}, with a TTL:
+One string key per load, `ms:progress:<model>|<pod>` (meshserve/store/keys.py), holding a
+messages.Progress (JSON: phase, done_bytes, total_bytes, started, updated, reason), with a TTL:
 
 - throttled: a small task per load writes at most every `interval` (4 times a second), and
   only when something moved, so a fast pull costs a handful of writes however many chunks it has;

@@ -4,6 +4,7 @@ agent's loops, the metrics listener, and a drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 import aiohttp
@@ -11,6 +12,8 @@ import aiohttp
 from meshserve.settings import Settings
 from meshserve.store import State
 from meshserve_loader.agent import Agent
+
+log = logging.getLogger("meshserve.loader")
 
 
 async def run(settings: Settings, index: int) -> None:
@@ -21,6 +24,8 @@ async def run(settings: Settings, index: int) -> None:
         state = State.from_url(settings.redis_url)
         agent = Agent(settings, built.pod, built.server, state, load_timeout=built.load_timeout, metrics=built.metrics)
         runner = await built.metrics.serve(settings.host, settings.pod_ports(index)[2])
+        log.info("pod %s: REST %d, gRPC %d, loader metrics %d", built.pod.id, built.pod.rest_port, built.pod.grpc_port,
+                 runner.addresses[0][1] if runner.addresses else 0)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
