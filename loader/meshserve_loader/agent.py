@@ -165,12 +165,11 @@ class Agent:
                 t.add_done_callback(running.discard)
 
     async def _handle(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
-        with tracing.handling(fields.get(b"model", b"").decode(), fields):
+        with tracing.handling(_peek(fields)[1], fields):
             await self._handle_order(eid, fields)
 
     async def _handle_order(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
-        op = fields.get(b"op", b"").decode()
-        model_id = fields.get(b"model", b"").decode()
+        op, model_id = _peek(fields)
         if op not in (LoadOrder.op, UnloadOrder.op):
             reason = f"unknown order {op!r}: no loader carries it out"
             log.warning("dropping order %s of %s: %s", eid, model_id, reason)
@@ -237,9 +236,9 @@ class Agent:
         expects. Carrying it out would pull the model again and hold memory placement does not
         know of, so it is dropped (acknowledged, with a pod event saying why). A load whose copy
         here is still LOADING (the loader came back in time) goes ahead."""
-        if fields.get(b"op", b"").decode() != LoadOrder.op:
+        op, model_id = _peek(fields)
+        if op != LoadOrder.op:
             return False
-        model_id = fields.get(b"model", b"").decode()
         try:
             copy = (await self.state.copies(model_id)).get(self.pod.id)
             if copy is not None and copy.state == CopyState.LOADING:
@@ -358,6 +357,12 @@ class Agent:
                 return
             await asyncio.sleep(0.1)
         log.warning("drain of pod %s timed out: copies left %s", self.pod.id, sorted(self.loaded) or "none")
+
+
+def _peek(fields: dict[bytes, bytes]) -> tuple[str, str]:
+    """(op, model) of an orders entry before it is decoded (messages.decode_order), so that one
+    that can't be decoded is still reported against its model, and the trace names it."""
+    return fields.get(b"op", b"").decode(), fields.get(b"model", b"").decode()
 
 
 RESTART_WAIT = wait_random_exponential(multiplier=0.5, max=10.0)
