@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from meshserve_loader.process import RuntimeProcess
 from meshserve_loader.servers.base import Adapter, Endpoints, wait_http_ready
@@ -78,6 +80,9 @@ async def read_ports(path: Path, process: RuntimeProcess, timeout: float = 120.0
     return {k: int(v) for k, v in json.loads(path.read_text()).items()}
 
 
+log = logging.getLogger("meshserve.loader")
+
+
 class BuiltinAdapter(Adapter):
     kind = "builtin"
 
@@ -104,10 +109,17 @@ class BuiltinAdapter(Adapter):
         return endpoints
 
     async def _launch(self) -> Endpoints:
+        """Start it and read its ports. A runtime that exits before it listens is started again
+        (backoff with jitter, for up to a minute): on fixed ports the one before it (killed with
+        a loader that died) may still hold them for the second it takes to stop."""
         assert self.process is not None
-        self._ports_file.unlink(missing_ok=True)
-        await self.process.start()
-        got = await read_ports(self._ports_file, self.process)
+        async for attempt in AsyncRetrying(wait=wait_random_exponential(multiplier=0.2, max=2.0), stop=stop_after_delay(60),
+                                           retry=retry_if_exception_type(RuntimeError), reraise=True,
+                                           before_sleep=lambda rs: log.warning("%s; starting it again", rs.outcome.exception())):
+            with attempt:
+                self._ports_file.unlink(missing_ok=True)
+                await self.process.start()
+                got = await read_ports(self._ports_file, self.process)
         self.client = RuntimeClient(f"http://127.0.0.1:{got['control']}", self.session)
         self.endpoints = Endpoints(got["rest"], got["grpc"])
         return self.endpoints

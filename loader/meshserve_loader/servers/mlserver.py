@@ -210,14 +210,13 @@ class MLServerAdapter(Adapter):
         # apply to a multi-model server; its default class (a custom image's
         # MLSERVER_MODEL_IMPLEMENTATION) does, for every model that names none.
         extra = {k: v for k, v in spec.env if not k.startswith("MLSERVER_MODEL_") or k == "MLSERVER_MODEL_IMPLEMENTATION"}
-        default_impl = extra.get("MLSERVER_MODEL_IMPLEMENTATION", "")
         if not s.loader_runs_runtime:
             # MLServer is the container beside this one (istio/runtime-mlserver.yaml), started
             # with these ports and MLSERVER_MODELS_DIR on the volume both mount. Its process is
             # not ours to see, so a load's size is the prediction, not an RSS delta.
             url = f"http://{s.host}:{rest}"
             log.info("runtime %s is MLServer in its own container at %s, models dir %s", spec.name, url, models_dir)
-            self.client = MLServerClient(url, self.session, models_dir, default_implementation=default_impl)
+            self.client = MLServerClient(url, self.session, models_dir, default_implementation=extra.get("MLSERVER_MODEL_IMPLEMENTATION", ""))
             self.endpoints = Endpoints(rest, grpc_port)
             return self.endpoints
         from meshserve_loader.limiter import LimitingProxy, ModelLimits
@@ -238,6 +237,8 @@ class MLServerAdapter(Adapter):
         # MLServer knows a model only by the id it was loaded under, and a gRPC client names the
         # alias in the message: the pod's gRPC port is a pass-through that renames (limiter.py),
         # MLServer's own is beside it. REST needs none: the gateway rewrites the path.
+        # The class for models that name none: the ServingRuntime's env over its image's ENV.
+        default_impl = extra.get("MLSERVER_MODEL_IMPLEMENTATION", "")
         rest, mlserver_grpc, metrics_port = self.server_ports(3, (0, 5, 3))
         env = mlserver_env(s.host, rest, mlserver_grpc, metrics_port, models_dir, extra)
         self.process = RuntimeProcess(spec.name, argv, env, log_path=s.data_dir / f"{self.pod_id}-mlserver.log")
