@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_not_exception_type, wait_exponential_jitter
 
 from meshserve import state as st
 from meshserve.model import CopyState, ModelSpec, Pod, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
-from meshserve_xds import proxyless, scoped
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
-from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
+from meshserve_xds.layout import EXTRA_GROUPS, Layout, extra_layout, gateway_layout
 
 log = logging.getLogger("meshserve.xds")
 
@@ -85,7 +85,10 @@ class ChangeBatch:
 # Kinds whose objects are re-read one by one; rules are few and re-read whole.
 _TARGETED = {st.KIND_MODEL: st.MODELS, st.KIND_ALIAS: st.ALIASES, st.KIND_POD: st.PODS, st.KIND_PLACEMENT: st.PLACEMENTS}
 _RULE_KINDS = {st.KIND_RULE, st.KIND_TRANSITION}
-LAYOUTS = ("scoped", "matcher")
+# Reconnecting to Redis: 0.1 s doubling to 10 s, with up to 1 s of jitter so that replicas
+# that lost it together do not come back in step.
+RETRY_WAIT = wait_exponential_jitter(initial=0.1, max=10, jitter=1)
+HEALTHY_S = 10.0
 
 
 def plan_batch(current_rev: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> ChangeBatch:
@@ -114,19 +117,20 @@ class RedisSource:
 
     def __init__(self, settings: Settings, state: st.State, cache: SnapshotCache, layout: str | None = None):
         self.s, self.state, self.cache = settings, state, cache
+        self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         # "scoped" (default) or "matcher" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
-        self.layout = layout or os.environ.get("MESHSERVE_XDS_LAYOUT") or "scoped"
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"MESHSERVE_XDS_LAYOUT={self.layout!r}: expected one of {', '.join(LAYOUTS)}")
-        self._index: scoped.Index | None = None
+        self.layout: Layout = gateway_layout(layout or os.environ.get("MESHSERVE_XDS_LAYOUT") or "scoped", self.listeners)
+        # Groups built only while a client of theirs is connected (Istio, proxyless).
+        self.extras: dict[str, Layout] = {}
+        self._full = True  # the next publish builds every group whole (start, resync)
         self._alias_of: dict[str, str] = {}
         self._aliases_by_model: dict[str, set[str]] = {}
-        self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         self.rev = 0
         self.snap: st.Snapshot | None = None
         self.traffic: dict = {}
         self.transformers: dict[str, r.Transformer] = {}
         self.published: set[str] = set()
+        self.sleep = asyncio.sleep  # the backoff's; a test may count the waits instead
 
     async def rebuild(self) -> None:
         """Full resync: read every routing hash at one revision."""
@@ -135,8 +139,8 @@ class RedisSource:
         self.snap = snap
         self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
         self.transformers = await read_transformers(self.state)
-        self._index = None  # a resync replaces everything
-        await self._publish()
+        self._full = True  # a resync replaces everything
+        self._publish()
         self.rev = snap.rev
         M_REV.set(snap.rev)
         M_RESYNCS.inc()
@@ -169,38 +173,52 @@ class RedisSource:
         if batch.ids.keys() & (_RULE_KINDS | {st.KIND_ALIAS, st.KIND_MODEL}):
             before, self.traffic = self.traffic, await rules_store.plans(self.state, snap.aliases, set(snap.models))
             plans_moved = self.traffic != before
-        if not (self.layout == "scoped" and not plans_moved and await self._publish_scoped_partial(batch.ids)):
-            await self._publish()
+        if plans_moved or not self._publish_partial(batch.ids):
+            self._publish()
         self.rev = batch.rev
         M_REV.set(self.rev)
         M_INCREMENTAL.inc()
         M_BUILD.observe(time.perf_counter() - t0)
 
-    async def _publish(self) -> None:
+    def _routing_state(self) -> r.RoutingState:
         assert self.snap is not None
         rs = routing_state(self.snap, self.s)
         rs.traffic = self.traffic
         rs.transformers = self.transformers
-        if self.layout == "scoped":
-            await self._publish_scoped(rs)
-            return
-        gateway = r.build_all(rs, self.listeners)
-        # Istio mode is the same resources without our listeners: build and serialize once.
-        istio = r.Resources(by_type={**gateway.by_type, r.LISTENER_TYPE: {}})
-        groups = {GATEWAY_GROUP: gateway, ISTIO_GROUP: istio}
-        # Proxyless clients get a route list (O(loaded models)): built only once one connected.
-        if PROXYLESS_GROUP in self.cache.wanted:
-            groups[PROXYLESS_GROUP] = proxyless.build_all(rs)
-        self.published = set(groups)
-        await self.cache.set_many(groups)
+        return rs
 
-    async def _publish_scoped_partial(self, ids: dict[str, set[str]]) -> bool:
-        """Scoped layout, placement/model/alias changes only: touch just what they name, without
-        walking every model. False when the change needs the full diff (pods, rules, a group
-        that builds whole, or a name or model that a traffic plan involves)."""
-        if self._index is None or self.snap is None or ids.keys() - {st.KIND_PLACEMENT, st.KIND_MODEL, st.KIND_ALIAS}:
+    def _publish(self) -> None:
+        """Every wanted group from the whole routing state: built whole after a resync or for a
+        group just wanted, else as each layout's change (the scoped layout patches)."""
+        rs = self._routing_state()
+        # The alias maps let a later change find a model's names without walking all aliases.
+        self._alias_of = dict(rs.aliases)
+        self._aliases_by_model = {}
+        for a, m in rs.aliases.items():
+            self._aliases_by_model.setdefault(m, set()).add(a)
+        updates: dict[str, r.Resources | r.Patch] = {}
+        # The gateway first: the Istio group may share its build.
+        updates[r.GATEWAY_GROUP] = self.layout.build_full(rs) if self._full else self.layout.apply_change(rs)
+        for group in EXTRA_GROUPS:
+            if group not in self.cache.wanted:
+                continue
+            layout = self.extras.get(group)
+            if layout is None or self._full:
+                layout = self.extras[group] = extra_layout(group, self.layout)
+                updates[group] = layout.build_full(rs)
+            else:
+                updates[group] = layout.apply_change(rs)
+        self._full = False
+        self.cache.apply_many(updates)
+        self.published = set(updates)
+
+    def _publish_partial(self, ids: dict[str, set[str]]) -> bool:
+        """Placement/model/alias changes only: touch just what they name, without walking
+        every model. False when the change needs the whole state (pods, rules, a group just
+        wanted, or a layout that cannot patch this change)."""
+        if self._full or self.snap is None or ids.keys() - {st.KIND_PLACEMENT, st.KIND_MODEL, st.KIND_ALIAS}:
             return False
-        if self.cache.wanted & {ISTIO_GROUP, PROXYLESS_GROUP}:
+        if self.cache.wanted - self.published:
             return False
         snap = self.snap
         models = set(ids.get(st.KIND_PLACEMENT, ())) | set(ids.get(st.KIND_MODEL, ()))
@@ -218,10 +236,6 @@ class RedisSource:
                 self._alias_of.pop(a, None)
         aliases = {a: m for m in models for a in self._aliases_by_model.get(m, ())}
         names |= models | set(aliases)
-        if scoped.involves_traffic(self._index, models, names):
-            # A plan's RouteConfiguration depends on every model it names: take the full diff,
-            # which rebuilds it. The alias maps are rebuilt there too.
-            return False
         loaded = {}
         for m in models:
             holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
@@ -235,78 +249,77 @@ class RedisSource:
             cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
             route_stats=self.s.xds_route_stats,
         )
-        patch = scoped.diff_partial(self._index, part, models, names)
-        # Clusters first: the server holds routes back until the clusters they name are answered.
-        for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
-            await self.cache.patch(GATEWAY_GROUP, t, patch.upserts.get(t, {}), patch.removes.get(t, []))
+        layouts = {r.GATEWAY_GROUP: self.layout, **{g: self.extras[g] for g in self.published if g in self.extras}}
+        for group, layout in layouts.items():
+            # Each group's patch goes to the cache at once: a layout that answers None changed
+            # nothing, and the whole-state publish that follows diffs from what each holds.
+            patch = layout.apply_partial(part, models, names)
+            if patch is None:
+                return False  # the whole state then; the alias maps are rebuilt there too
+            self.cache.apply(group, patch)
         return True
 
-    async def _publish_scoped(self, rs: r.RoutingState) -> None:
-        """Scoped layout: patch only the scopes and route configurations that changed."""
-        # The alias maps let a later change find a model's names without walking all aliases.
-        self._alias_of = dict(rs.aliases)
-        self._aliases_by_model = {}
-        for a, m in rs.aliases.items():
-            self._aliases_by_model.setdefault(m, set()).add(a)
-        if self._index is None:
-            await self.cache.set(GATEWAY_GROUP, scoped.build_all(rs, self.listeners))
-            self._index = scoped.index(rs)
-        else:
-            patch, self._index = scoped.diff(self._index, rs)
-            full = scoped.build_all(r.RoutingState(pods=rs.pods, loaded={}, aliases={}, activator=rs.activator), self.listeners)
-            full.by_type[r.CLUSTER_TYPE], full.by_type[r.ENDPOINT_TYPE] = r.build_clusters(rs, copy_sets=True)
-            # Clusters, endpoints and listeners follow pods and copy sets, not models: small,
-            # replaced whole (the cache sends only those whose bytes changed).
-            for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.LISTENER_TYPE):
-                held = self.cache.group(GATEWAY_GROUP).types.get(t)
-                gone = [n for n in (held.resources if held else {}) if n not in full.by_type[t]]
-                await self.cache.patch(GATEWAY_GROUP, t, full.by_type[t], gone)
-            for t in (r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
-                await self.cache.patch(GATEWAY_GROUP, t, patch.upserts.get(t, {}), patch.removes.get(t, []))
-        self.published = {GATEWAY_GROUP}
-        # Istio mode takes RDS `meshserve_rest` from a listener we don't own: that one is a
-        # single RouteConfiguration, built only while such a gateway is connected.
-        extra: dict[str, r.Resources] = {}
-        if ISTIO_GROUP in self.cache.wanted:
-            extra[ISTIO_GROUP] = r.build_all(rs, None)
-        if PROXYLESS_GROUP in self.cache.wanted:
-            extra[PROXYLESS_GROUP] = proxyless.build_all(rs)
-        if extra:
-            await self.cache.set_many(extra)
-            self.published |= set(extra)
-
     async def run(self) -> None:
+        """Sync, then follow the change stream, forever. While Redis is away the last snapshot
+        keeps being served and reconnects back off exponentially with jitter (RETRY_WAIT); a
+        loss after a good stretch (HEALTHY_S) starts the backoff afresh."""
+        while True:
+            try:
+                async for attempt in AsyncRetrying(
+                    wait=RETRY_WAIT, sleep=self.sleep, before_sleep=self._log_retry,
+                    retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(_Lost),
+                ):
+                    with attempt:
+                        await self._sync_and_follow()
+            except _Lost as e:
+                log.warning("xds: state source error (%s); serving last snapshot, reconnecting", e.__cause__)
+
+    @staticmethod
+    def _log_retry(rs: RetryCallState) -> None:
+        wait = rs.next_action.sleep if rs.next_action else 0.0
+        log.warning("xds: state source error (%s); serving last snapshot, retrying in %.1f s",
+                    rs.outcome.exception() if rs.outcome else None, wait)
+
+    async def _sync_and_follow(self) -> None:
+        last = await self.state.last_change_id()
+        await self.rebuild()
+        log.info("xds: built snapshot at revision %d", self.rev)
+        synced = time.monotonic()
+        try:
+            await self._follow(last)
+        except Exception as e:
+            if time.monotonic() - synced >= HEALTHY_S:
+                raise _Lost() from e
+            raise
+
+    async def _follow(self, last: bytes | str) -> None:
         quiet = self.s.debounce_quiet_ms / 1000
         max_delay = self.s.debounce_max_ms / 1000
         while True:
-            try:
-                last = await self.state.last_change_id()
-                await self.rebuild()
-                log.info("xds: built snapshot at revision %d", self.rev)
-                while True:
-                    resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=10_000)
-                    if not resp:
-                        if self.cache.wanted - self.published and self.snap is not None:
-                            await self._publish()  # a client of a group not built yet
-                        continue
-                    first = time.monotonic()
-                    entries = list(resp[0][1])
-                    last = entries[-1][0]
-                    # Debounce: keep reading while changes keep coming, up to the max delay. The
-                    # quiet window is timed here, not by XREAD's BLOCK: Redis checks blocked
-                    # clients' timeouts at its `hz` tick (100 ms by default), which turned a
-                    # 20 ms window into ~95 ms (bench/xds_e2e_latency.py).
-                    while time.monotonic() - first < max_delay:
-                        await asyncio.sleep(min(quiet, max(0.0, max_delay - (time.monotonic() - first))))
-                        more = await self.state.r.xread({st.CHANGES: last}, count=10_000)
-                        if not more:
-                            break
-                        entries += more[0][1]
-                        last = entries[-1][0]
-                    await self.apply(entries)
-            except Exception as e:  # Redis gone: keep serving the last snapshot, retry
-                log.warning("xds: state source error (%s); serving last snapshot, retrying", e)
-                await asyncio.sleep(1.0)
+            resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=10_000)
+            if not resp:
+                if self.cache.wanted - self.published and self.snap is not None:
+                    self._publish()  # a client of a group not built yet
+                continue
+            first = time.monotonic()
+            entries = list(resp[0][1])
+            last = entries[-1][0]
+            # Debounce: keep reading while changes keep coming, up to the max delay. The
+            # quiet window is timed here, not by XREAD's BLOCK: Redis checks blocked
+            # clients' timeouts at its `hz` tick (100 ms by default), which turned a
+            # 20 ms window into ~95 ms (bench/xds_e2e_latency.py).
+            while time.monotonic() - first < max_delay:
+                await asyncio.sleep(min(quiet, max(0.0, max_delay - (time.monotonic() - first))))
+                more = await self.state.r.xread({st.CHANGES: last}, count=10_000)
+                if not more:
+                    break
+                entries += more[0][1]
+                last = entries[-1][0]
+            await self.apply(entries)
+
+
+class _Lost(Exception):
+    """The state source failed after following well for HEALTHY_S: reconnect with a fresh backoff."""
 
 
 def _apply_values(snap: st.Snapshot, kind: str, ids: list[str], vals: list[bytes | None]) -> None:
