@@ -16,6 +16,7 @@ from meshserve import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
+from meshserve_xds import clusters
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_xds.harness import AdsThread, Upstream, envoy, http, model_route_clusters, wait_for
@@ -114,12 +115,12 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
                 # Every route configuration the gateway holds, by name (one per listener in the
                 # matcher layout; the activator's and one per loaded model in the scoped one).
                 versions0 = gw0.route_versions()
-                assert model_route_clusters(gw0.config_dump("dynamic_route_configs"), M0) == {r.pod_cluster("pod-b", "rest")}
+                assert model_route_clusters(gw0.config_dump("dynamic_route_configs"), M0) == {clusters.pod_cluster("pod-b", "rest")}
             # The gateway fails over to the other replica: same versions, nothing new to apply.
             boot1 = gateway_bootstrap("gw-0", "127.0.0.1", replicas[1].ads.port, admins[1])
             with envoy(boot1, admins[1]) as gw1:
                 wait_for(lambda: gw1.route_versions() == versions0, 20, "same route versions from the other replica")
-                assert model_route_clusters(gw1.config_dump("dynamic_route_configs"), M0) == {r.pod_cluster("pod-b", "rest")}
+                assert model_route_clusters(gw1.config_dump("dynamic_route_configs"), M0) == {clusters.pod_cluster("pod-b", "rest")}
                 wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-b", 10, "m0 on pod-b via replica 1")
         finally:
             for rep in replicas:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_not_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_not_exception_type, wait_exponential, wait_random
 
 from meshserve import state as st
 from meshserve.model import CopyState, ModelSpec, Pod, copies_from_json
@@ -87,7 +87,7 @@ _TARGETED = {st.KIND_MODEL: st.MODELS, st.KIND_ALIAS: st.ALIASES, st.KIND_POD: s
 _RULE_KINDS = {st.KIND_RULE, st.KIND_TRANSITION}
 # Reconnecting to Redis: 0.1 s doubling to 10 s, with up to 1 s of jitter so that replicas
 # that lost it together do not come back in step.
-RETRY_WAIT = wait_exponential_jitter(initial=0.1, max=10, jitter=1)
+RETRY_WAIT = wait_exponential(multiplier=0.1, max=10) + wait_random(0, 1)
 HEALTHY_S = 10.0
 
 
