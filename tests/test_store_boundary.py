@@ -21,8 +21,6 @@ ALLOWED = {
     "placement/meshserve_placement/activator.py",
     # converted by the loader change
     "loader/meshserve_loader/agent.py",
-    # converted by the xds change
-    "xds/meshserve_xds/source.py",
     # the deprecated meshserve.state import path, gone once the three above have converted
     "meshserve/state.py",
 }

@@ -4,12 +4,13 @@ resync on any revision gap or unknown kind; how it picks its layout and reconnec
 
 from __future__ import annotations
 
-from meshserve import state as st
+from meshserve.store import messages as st
+from meshserve.store.messages import Change
 from meshserve_xds.source import plan_batch
 
 
-def entry(rev: int, kind: str, id_: str) -> tuple[bytes, dict[bytes, bytes]]:
-    return (f"{rev}-0".encode(), {b"rev": str(rev).encode(), b"kind": kind.encode(), b"id": id_.encode()})
+def entry(rev: int, kind: str, id_: str) -> tuple[bytes, Change]:
+    return (f"{rev}-0".encode(), Change(rev, kind, id_))
 
 
 def test_targeted_ids_by_kind() -> None:

@@ -13,6 +13,7 @@ change, so a storm of loads becomes a handful of pushes while a lone change land
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -21,7 +22,10 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge, Histogram
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_not_exception_type, wait_exponential, wait_random
 
-from meshserve import state as st
+from meshserve.store import keys as k
+from meshserve.store import ops
+from meshserve.store.messages import KIND_ALIAS, KIND_MODEL, KIND_PLACEMENT, KIND_POD, KIND_RULE, KIND_TRANSITION, Change
+from meshserve.store.state import Snapshot, State
 from meshserve.model import CopyState, ModelSpec, Pod, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
@@ -38,7 +42,7 @@ M_RESYNCS = Counter("meshserve_xds_resyncs", "Full rebuilds from Redis")
 M_INCREMENTAL = Counter("meshserve_xds_incremental_updates", "Change batches applied by targeted re-reads")
 
 
-def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
+def routing_state(snap: Snapshot, settings: Settings) -> r.RoutingState:
     pods = {p.id: r.Endpoint(p.host, p.rest_port, p.grpc_port) for p in snap.pods.values()}
     loaded: dict[str, list[str]] = {}
     for model, copies in snap.placements.items():
@@ -56,15 +60,12 @@ def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
     )
 
 
-async def read_transformers(state: st.State) -> dict[str, r.Transformer]:
-    """The transformers `meshserve up` runs (meshserve/transformer.py), read at each resync:
-    they are written before the xDS server starts and change only with a restart."""
-    import json
-
-    from meshserve.transformer import TRANSFORMERS
-
+async def read_transformers(state: State) -> dict[str, r.Transformer]:
+    """The transformers `meshserve up` runs (their records: meshserve/transformer.py `record`),
+    read at each resync: they are written before the xDS server starts and change only with a
+    restart."""
     out: dict[str, r.Transformer] = {}
-    for name, raw in (await state.r.hgetall(TRANSFORMERS)).items():
+    for name, raw in (await ops.transformers(state.r)).items():
         try:
             d = json.loads(raw)
             out[name.decode()] = r.Transformer(r.Endpoint(d["host"], int(d["rest_port"]), int(d["grpc_port"])), str(d["predictor"]))
@@ -83,31 +84,29 @@ class ChangeBatch:
 
 
 # Kinds whose objects are re-read one by one; rules are few and re-read whole.
-_TARGETED = {st.KIND_MODEL: st.MODELS, st.KIND_ALIAS: st.ALIASES, st.KIND_POD: st.PODS, st.KIND_PLACEMENT: st.PLACEMENTS}
-_RULE_KINDS = {st.KIND_RULE, st.KIND_TRANSITION}
+_TARGETED = {KIND_MODEL: k.MODELS, KIND_ALIAS: k.ALIASES, KIND_POD: k.PODS, KIND_PLACEMENT: k.PLACEMENTS}
+_RULE_KINDS = {KIND_RULE, KIND_TRANSITION}
 # Reconnecting to Redis: 0.1 s doubling to 10 s, with up to 1 s of jitter so that replicas
 # that lost it together do not come back in step.
 RETRY_WAIT = wait_exponential(multiplier=0.1, max=10) + wait_random(0, 1)
 HEALTHY_S = 10.0
 
 
-def plan_batch(current_rev: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> ChangeBatch:
+def plan_batch(current_rev: int, entries: list[tuple[bytes, Change]]) -> ChangeBatch:
     """Pure. Entries at or below `current_rev` are already in the snapshot. A revision that
     skips one (a trimmed stream, a commit with no entry, a reader that fell behind) or a kind
     we don't know means something may be missing: resync from the hashes."""
     rev = current_rev
     ids: dict[str, set[str]] = {}
-    for _, fields in entries:
-        e_rev = int(fields.get(b"rev", b"0"))
-        if e_rev <= current_rev:
+    for _, c in entries:
+        if c.rev <= current_rev:
             continue
-        if e_rev > rev + 1:
-            return ChangeBatch(True, e_rev)
-        rev = e_rev
-        kind = fields.get(b"kind", b"").decode()
-        if kind not in _TARGETED and kind not in _RULE_KINDS:
+        if c.rev > rev + 1:
+            return ChangeBatch(True, c.rev)
+        rev = c.rev
+        if c.kind not in _TARGETED and c.kind not in _RULE_KINDS:
             return ChangeBatch(True, rev)
-        ids.setdefault(kind, set()).add(fields.get(b"id", b"").decode())
+        ids.setdefault(c.kind, set()).add(c.id)
     return ChangeBatch(False, rev, ids)
 
 
@@ -115,7 +114,7 @@ class RedisSource:
     """Keeps routing state in memory, follows the change stream with targeted re-reads, and
     rebuilds from the hashes only at start and on a revision gap."""
 
-    def __init__(self, settings: Settings, state: st.State, cache: SnapshotCache, layout: str | None = None):
+    def __init__(self, settings: Settings, state: State, cache: SnapshotCache, layout: str | None = None):
         self.s, self.state, self.cache = settings, state, cache
         self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         # "scoped" (default) or "matcher" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
@@ -126,7 +125,7 @@ class RedisSource:
         self._alias_of: dict[str, str] = {}
         self._aliases_by_model: dict[str, set[str]] = {}
         self.rev = 0
-        self.snap: st.Snapshot | None = None
+        self.snap: Snapshot | None = None
         self.traffic: dict = {}
         self.transformers: dict[str, r.Transformer] = {}
         self.published: set[str] = set()
@@ -146,7 +145,7 @@ class RedisSource:
         M_RESYNCS.inc()
         M_BUILD.observe(time.perf_counter() - t0)
 
-    async def apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    async def apply(self, entries: list[tuple[bytes, Change]]) -> None:
         """Follow a batch of change entries: re-read only what they name."""
         batch = plan_batch(self.rev, entries)
         if batch.resync or self.snap is None:
@@ -170,7 +169,7 @@ class RedisSource:
         # re-reading them is harmless, so the revision is the batch's own.
         snap.rev = batch.rev
         plans_moved = False
-        if batch.ids.keys() & (_RULE_KINDS | {st.KIND_ALIAS, st.KIND_MODEL}):
+        if batch.ids.keys() & (_RULE_KINDS | {KIND_ALIAS, KIND_MODEL}):
             before, self.traffic = self.traffic, await rules_store.plans(self.state, snap.aliases, set(snap.models))
             plans_moved = self.traffic != before
         if plans_moved or not self._publish_partial(batch.ids):
@@ -216,14 +215,14 @@ class RedisSource:
         """Placement/model/alias changes only: touch just what they name, without walking
         every model. False when the change needs the whole state (pods, rules, a group just
         wanted, or a layout that cannot patch this change)."""
-        if self._full or self.snap is None or ids.keys() - {st.KIND_PLACEMENT, st.KIND_MODEL, st.KIND_ALIAS}:
+        if self._full or self.snap is None or ids.keys() - {KIND_PLACEMENT, KIND_MODEL, KIND_ALIAS}:
             return False
         if self.cache.wanted - self.published:
             return False
         snap = self.snap
-        models = set(ids.get(st.KIND_PLACEMENT, ())) | set(ids.get(st.KIND_MODEL, ()))
-        names = set(models) | set(ids.get(st.KIND_ALIAS, ()))
-        for a in ids.get(st.KIND_ALIAS, ()):
+        models = set(ids.get(KIND_PLACEMENT, ())) | set(ids.get(KIND_MODEL, ()))
+        names = set(models) | set(ids.get(KIND_ALIAS, ()))
+        for a in ids.get(KIND_ALIAS, ()):
             old, new = self._alias_of.get(a), snap.aliases.get(a)
             if old is not None:
                 self._aliases_by_model.get(old, set()).discard(a)
@@ -296,13 +295,12 @@ class RedisSource:
         quiet = self.s.debounce_quiet_ms / 1000
         max_delay = self.s.debounce_max_ms / 1000
         while True:
-            resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=10_000)
-            if not resp:
+            entries = await ops.read_changes(self.state.r, last, count=10_000, block=1000)
+            if not entries:
                 if self.cache.wanted - self.published and self.snap is not None:
                     self._publish()  # a client of a group not built yet
                 continue
             first = time.monotonic()
-            entries = list(resp[0][1])
             last = entries[-1][0]
             # Debounce: keep reading while changes keep coming, up to the max delay. The
             # quiet window is timed here, not by XREAD's BLOCK: Redis checks blocked
@@ -310,10 +308,10 @@ class RedisSource:
             # 20 ms window into ~95 ms (bench/xds_e2e_latency.py).
             while time.monotonic() - first < max_delay:
                 await asyncio.sleep(min(quiet, max(0.0, max_delay - (time.monotonic() - first))))
-                more = await self.state.r.xread({st.CHANGES: last}, count=10_000)
+                more = await ops.read_changes(self.state.r, last, count=10_000)
                 if not more:
                     break
-                entries += more[0][1]
+                entries += more
                 last = entries[-1][0]
             await self.apply(entries)
 
@@ -322,25 +320,25 @@ class _Lost(Exception):
     """The state source failed after following well for HEALTHY_S: reconnect with a fresh backoff."""
 
 
-def _apply_values(snap: st.Snapshot, kind: str, ids: list[str], vals: list[bytes | None]) -> None:
+def _apply_values(snap: Snapshot, kind: str, ids: list[str], vals: list[bytes | None]) -> None:
     """Write re-read hash values into the in-memory snapshot; a missing value is a delete."""
     for i, v in zip(ids, vals):
-        if kind == st.KIND_MODEL:
+        if kind == KIND_MODEL:
             if v is None:
                 snap.models.pop(i, None)
             else:
                 snap.models[i] = ModelSpec.from_json(v)
-        elif kind == st.KIND_ALIAS:
+        elif kind == KIND_ALIAS:
             if v is None:
                 snap.aliases.pop(i, None)
             else:
                 snap.aliases[i] = v.decode()
-        elif kind == st.KIND_POD:
+        elif kind == KIND_POD:
             if v is None:
                 snap.pods.pop(i, None)
             else:
                 snap.pods[i] = Pod.from_json(v)
-        elif kind == st.KIND_PLACEMENT:
+        elif kind == KIND_PLACEMENT:
             copies = copies_from_json(v)
             if copies:
                 snap.placements[i] = copies
