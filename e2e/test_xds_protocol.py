@@ -182,7 +182,7 @@ def test_reconnect_gets_current_state_and_no_more(rig: Rig) -> None:
     from meshserve_xds.cache import SnapshotCache
 
     fresh = SnapshotCache()
-    rig.ads.call(fresh.set(GATEWAY_GROUP, matcher.build_all(rig.state({M0: ["pod-0"], M1: ["pod-0"]}), rig.listeners)))
+    fresh.set(GATEWAY_GROUP, matcher.build_all(rig.state({M0: ["pod-0"], M1: ["pod-0"]}), rig.listeners))  # not serving yet: no loop needed
     rig.ads.restart_server(fresh)
     wait_for(lambda: rig.gw.stat("control_plane.connected_state") == 1, 30, "gateway reconnected")
     wait_for(lambda: rig.upstream_of("m1") == "pod-0", 10, "current state served after reconnect")

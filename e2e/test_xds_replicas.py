@@ -20,6 +20,7 @@ from meshserve_xds import clusters
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_xds.harness import AdsThread, Upstream, envoy, http, model_route_clusters, wait_for
+from meshserve_xds.layout import gateway_layout
 from meshserve_xds.server import GATEWAY_GROUP
 from meshserve_xds.source import RedisSource
 
@@ -92,7 +93,7 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
             admins = [devmesh.free_port(), devmesh.free_port()]
             # Both replicas build for the same listener ports so their output can be compared byte for byte.
             for rep in replicas:
-                rep.source.listeners = r.ListenerConfig("127.0.0.1", rest_ports[0], rest_ports[1])
+                rep.source.layout = gateway_layout("scoped", r.ListenerConfig("127.0.0.1", rest_ports[0], rest_ports[1]))
             wait_for(lambda: all(rep.snapshot() for rep in replicas), 10, "both replicas built")
             replicas[0].ads.call(replicas[0].source.rebuild())
             replicas[1].ads.call(replicas[1].source.rebuild())
