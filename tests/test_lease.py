@@ -1,4 +1,4 @@
-"""Kind: integration (a real Valkey, from meshserve.devmesh). The one Lease helper
+"""Kind: integration (a real Valkey, from devmesh). The one Lease helper
 (meshserve/store/lease.py) every leader-elected process holds: one holder at a time, a lapsed
 holder never extends it back, its keeper says when it is lost, and a write fenced by it fails
 whole once it is lost (the rollout controller's writes, issue 15)."""
@@ -10,7 +10,10 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from meshserve import devmesh
+try:
+    from meshserve_testing import devmesh
+except ImportError:  # before the testing package exists (the ports change)
+    from meshserve import devmesh  # type: ignore[no-redef]
 from meshserve.store import keys
 from meshserve.store import ops as store_ops
 from meshserve.store.lease import Lease

@@ -1,4 +1,4 @@
-"""Kind: integration (a real Valkey, from meshserve.devmesh). The store's operations do what the
+"""Kind: integration (a real Valkey, from devmesh). The store's operations do what the
 components rely on: a request reads back as the message written; an order's result and its
 acknowledgement land together; a heartbeat says whether placement still knows the pod; commits
 are followed on ms:changes; and the readers of ms:events (`describe`, the metrics) see the
@@ -10,9 +10,13 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from meshserve import devmesh, events
+from meshserve import events
 from meshserve.model import ModelSpec, Pod
 from meshserve.observe import MeshStateCollector
+try:
+    from meshserve_testing import devmesh
+except ImportError:  # before the testing package exists (the ports change)
+    from meshserve import devmesh  # type: ignore[no-redef]
 from meshserve.store import keys, messages as m
 from meshserve.store import ops as store_ops
 from meshserve.store.state import State
