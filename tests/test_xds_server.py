@@ -1,5 +1,6 @@
 """Kind: unit. The ADS server's per-stream bookkeeping and the cache's diffing, with in-memory
-requests and no network: stale nonces, ACK vs NACK, content versions, delta diffs."""
+requests and no network: stale nonces, ACK vs NACK, content versions, delta diffs; and what the
+layouts hand the cache."""
 
 from __future__ import annotations
 
@@ -155,3 +156,45 @@ def test_sotw_routes_wait_for_clusters_and_removed_clusters_wait_for_routes() ->
     ss.on_request(discovery_pb2.DiscoveryRequest(type_url=r.ROUTE_TYPE, version_info=route.version_info, response_nonce=route.nonce, resource_names=[r.REST]))
     final = [x for x in ss.due() if x.type_url == r.CLUSTER_TYPE][0]
     assert not final.version_info.endswith("+keep") and len(final.resources) == 4
+
+
+def test_scoped_layout_changes_reach_the_cache_as_patches() -> None:
+    """The scoped layout, after its full build, hands the cache patches: a pod that goes takes
+    its clusters and endpoints with it, a moved model changes its RouteConfiguration and
+    nothing else, and listeners (built once) never move."""
+    from meshserve_xds.scoped import ScopedLayout
+
+    cache = SnapshotCache()
+    layout = ScopedLayout(r.ListenerConfig(), GATEWAY_GROUP)
+    cache.set(GATEWAY_GROUP, layout.build_full(_state({"m": ["p0"]})))
+    before = {t: s.version for t, s in cache.group(GATEWAY_GROUP).types.items()}
+    st = _state({"m": ["p0"]})
+    del st.pods["p1"]
+    moved = cache.apply_many({GATEWAY_GROUP: layout.apply_change(st)})[GATEWAY_GROUP]
+    assert moved == [r.CLUSTER_TYPE, r.ENDPOINT_TYPE]
+    assert not [n for n in cache.group(GATEWAY_GROUP).types[r.CLUSTER_TYPE].resources if "p1" in n]
+    st.loaded = {"m": ["p0"]}
+    st.pods["p1"] = r.Endpoint("127.0.0.1", 3, 4)
+    cache.apply_many({GATEWAY_GROUP: layout.apply_change(st)})
+    st2 = _state({"m": ["p1"]})
+    moved = cache.apply_many({GATEWAY_GROUP: layout.apply_change(st2)})[GATEWAY_GROUP]
+    assert moved == [r.ROUTE_TYPE]
+    after = {t: s.version for t, s in cache.group(GATEWAY_GROUP).types.items()}
+    assert after[r.LISTENER_TYPE] == before[r.LISTENER_TYPE] and after[r.CLUSTER_TYPE] == before[r.CLUSTER_TYPE]
+
+
+def test_an_istio_gateway_gets_the_matcher_gateways_routes_without_listeners() -> None:
+    """With the matcher layout, the Istio group's routes and clusters are the gateway's own
+    build (made and serialized once), without our listeners: istiod owns the listener."""
+    from meshserve_xds.layout import extra_layout, gateway_layout
+    from meshserve_xds.server import ISTIO_GROUP
+
+    gw = gateway_layout("matcher", r.ListenerConfig())
+    istio = extra_layout(ISTIO_GROUP, gw)
+    st = _state({"m": ["p0"]})
+    g, i = gw.build_full(st), istio.build_full(st)
+    assert set(g.by_type[r.LISTENER_TYPE]) == {r.REST, r.GRPC} and i.by_type[r.LISTENER_TYPE] == {}
+    assert i.by_type[r.ROUTE_TYPE] is g.by_type[r.ROUTE_TYPE] and i.by_type[r.CLUSTER_TYPE] is g.by_type[r.CLUSTER_TYPE]
+    # With the scoped gateway layout the Istio group builds its own matcher routes.
+    alone = extra_layout(ISTIO_GROUP, gateway_layout("scoped", r.ListenerConfig())).build_full(st)
+    assert set(alone.by_type[r.ROUTE_TYPE]) == {r.REST, r.GRPC} and alone.by_type[r.LISTENER_TYPE] == {}
