@@ -1,4 +1,5 @@
-"""Feeds the snapshot cache from Redis: reads routing state, builds resources, debounces bursts.
+"""Feeds the snapshot cache from Redis: reads routing state, has each group's layout (layout.py)
+turn it into resources or patches, hands those to the cache, debounces bursts.
 
 At start it reads every routing hash once. After that it follows `ms:changes`: each entry names
 the kind and id of what changed, so a batch re-reads only those objects (one pipelined HMGET
@@ -8,6 +9,9 @@ and only then does it read everything again.
 Changes arrive on the `ms:changes` stream. Bursts are batched: a push waits for a quiet
 window (default 20 ms) but never longer than a maximum delay (default 200 ms) after the first
 change, so a storm of loads becomes a handful of pushes while a lone change lands fast.
+
+While Redis is away the last snapshot keeps being served; reconnects back off exponentially
+with jitter (tenacity).
 """
 
 from __future__ import annotations
@@ -116,9 +120,9 @@ class RedisSource:
 
     def __init__(self, settings: Settings, state: State, cache: SnapshotCache, layout: str | None = None):
         self.s, self.state, self.cache = settings, state, cache
-        self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
+        listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         # "scoped" (default) or "matcher" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
-        self.layout: Layout = gateway_layout(layout or os.environ.get("MESHSERVE_XDS_LAYOUT") or "scoped", self.listeners)
+        self.layout: Layout = gateway_layout(layout or os.environ.get("MESHSERVE_XDS_LAYOUT") or "scoped", listeners)
         # Groups built only while a client of theirs is connected (Istio, proxyless).
         self.extras: dict[str, Layout] = {}
         self._full = True  # the next publish builds every group whole (start, resync)
