@@ -19,8 +19,6 @@ ALLOWED = {
     "placement/meshserve_placement/keys.py",
     "placement/meshserve_placement/scheduler.py",
     "placement/meshserve_placement/activator.py",
-    # converted by the xds change
-    "xds/meshserve_xds/source.py",
     # the deprecated meshserve.state import path, gone once the three above have converted
     "meshserve/state.py",
 }

@@ -1,4 +1,5 @@
 """The cluster-mode controller: Kubernetes objects in, registry and InferenceService status out.
+(Over 400 lines: one reconcile pass over every resource kind it watches reads best in one place.)
 
 Models come from InferenceServices (ModelMesh mode) and ModelMesh's Predictors, whose status is
 written back in each kind's own form. System-wide settings come from ModelMesh's
@@ -21,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client import Counter, Gauge
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from meshserve.extras import needs
 
@@ -62,6 +64,11 @@ TRAFFIC = "trafficrules"
 M_RULES = Counter("meshserve_controller_rules_written", "TrafficRules written to or removed from Redis", ["op"])
 
 
+def _log_reconcile_retry(rs: RetryCallState) -> None:
+    e = rs.outcome.exception() if rs.outcome else None
+    log.warning("controller: reconcile failed (%s); retrying in %.1fs", e, rs.next_action.sleep if rs.next_action else 0)
+
+
 class Controller:
     def __init__(
         self,
@@ -89,6 +96,7 @@ class Controller:
         self._unused_since: dict[str, float] = {}
         self._published_runtimes: dict[str, str] | None = None
         self.resync, self.debounce = resync_seconds, debounce_seconds
+        self.max_backoff = max_backoff_seconds
         self._dirty: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone_ips: set[str] = set()
@@ -181,11 +189,9 @@ class Controller:
                 if not self.synced:
                     continue  # never act on a partial view: it would remove what is not listed yet
                 try:
-                    await self.reconcile()
-                except Exception as e:  # Redis down, API hiccup: the next pass retries
-                    log.warning("controller: reconcile failed (%s); retrying", e)
-                    await asyncio.sleep(1.0)
-                    self._dirty.set()
+                    await self._reconcile_retrying()
+                except Exception as e:  # only when stopping mid-retry
+                    log.warning("controller: reconcile failed (%s) while stopping", e)
         finally:
             for w in self.watchers.values():
                 w.stop()
@@ -194,6 +200,27 @@ class Controller:
             deadline = asyncio.get_running_loop().time() + 5
             while any(t.is_alive() for t in threads) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
+
+    async def _reconcile_retrying(self) -> None:
+        """Reconcile until it succeeds (Redis down, an API hiccup), backing off exponentially
+        with jitter, so controller replicas coming back together do not retry in step. Each try
+        reads everything afresh (reconciling is level-triggered), so events meanwhile are not lost."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential(multiplier=0.5, max=self.max_backoff) + wait_random(0, min(1.0, self.max_backoff)),
+            stop=lambda _: self._stopping.is_set(),
+            sleep=self._pause,
+            before_sleep=_log_reconcile_retry,
+            reraise=True,
+        ):
+            with attempt:
+                await self.reconcile()
+
+    async def _pause(self, seconds: float) -> None:
+        """A backoff that ends at once when stop() is called."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not self._stopping.is_set() and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.sleep(min(left, 0.1))
 
     def _apply_config(self) -> None:
         """model-serving-config onto the controller's options, on every pass (a deleted

@@ -78,15 +78,17 @@ def rule_ops(docs: list[dict[str, Any]], old_status: dict[str, dict[str, Any]], 
     return ops, changes
 
 
-async def set_status(state: State, name: str, status: dict[str, Any]) -> int:
-    return await state.commit([store_ops.set_rule_status(name, status)], [(messages.KIND_RULE, name)])
+async def set_status(state: State, name: str, status: dict[str, Any], fence: str = "", lease: str = keys.LEASE) -> int:
+    """`fence`/`lease`: the rollout controller writes only while it holds its lease (State.commit)."""
+    return await state.commit([store_ops.set_rule_status(name, status)], [(messages.KIND_RULE, name)], fence, lease)
 
 
 async def set_transition(state: State, t: pl.Transition, extra_ops: list[list[Any]] | None = None,
-                         extra_changes: list[tuple[str, str]] | None = None) -> int:
+                         extra_changes: list[tuple[str, str]] | None = None, fence: str = "", lease: str = keys.LEASE) -> int:
     return await state.commit(
         [store_ops.set_transition(t.alias, t.to_dict()), *(extra_ops or [])],
         [(messages.KIND_TRANSITION, t.alias), *(extra_changes or [])],
+        fence, lease,
     )
 
 

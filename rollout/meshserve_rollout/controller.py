@@ -30,7 +30,7 @@ import aiohttp
 from meshserve.store import keys
 from meshserve.store import ops as store_ops
 from meshserve.store import messages
-from meshserve.store.state import Snapshot, State
+from meshserve.store.state import NotLeader, Snapshot, State
 from meshserve.store.lease import Lease
 from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.rules import plan as pl
@@ -208,6 +208,8 @@ class Controller:
     def __init__(self, settings: Settings, state: State):
         self.s, self.state = settings, state
         self.id = f"rollout-{uuid.uuid4().hex[:8]}"
+        # Every write is fenced by the lease: one that outlived its holder's lease fails whole.
+        self._fence = {"fence": self.id, "lease": keys.ROLLOUT_LEASE}
         self.last_request: dict[str, float] = {}
         self.errors = ErrorWindow()
 
@@ -218,6 +220,8 @@ class Controller:
                 try:
                     if await lease.hold():
                         await self.tick(http, time.time())
+                except NotLeader:
+                    log.info("%s lost the rollout lease mid-tick; its write was refused", self.id)
                 except Exception as e:  # redis gone or a bad record: keep going, say why
                     log.warning("rollout: %s: %s", type(e).__name__, e)
                 await asyncio.sleep(TICK_S)
@@ -274,7 +278,7 @@ class Controller:
             new = step_canary(spec, status, now, rate, failed[-1] if failed and not loaded and not loading else "")
             if new is not None:
                 log.info("rule %s: %s step %s %s", name, new["phase"], new.get("step"), new.get("reason", ""))
-                await store.set_status(self.state, name, new)
+                await store.set_status(self.state, name, new, **self._fence)
         # Preload what plans send traffic to, so a canary's first requests do not pay a cold start.
         for m in sorted({m for p in plans.values() for m in p.models()}):
             copies = snap.placements.get(m, {})
@@ -332,4 +336,4 @@ class Controller:
         if step.transition is not None:
             if step.transition.phase != t.phase:
                 log.info("version move %s: %s -> %s %s", t.alias, t.phase, step.transition.phase, step.transition.reason)
-            await store.set_transition(self.state, step.transition, ops, changes)
+            await store.set_transition(self.state, step.transition, ops, changes, **self._fence)
