@@ -23,9 +23,8 @@ COMPOSITION_ROOT = ("meshserve.cli", "meshserve.commands", "meshserve.up")
 KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"meshserve.devmesh", "meshserve.up"}),  # broken by the ports change (devmesh to meshserve_testing)
     # function-level imports both ways (a route table and its handler's error type): the
-    # placement and loader changes break these
+    # placement change breaks this one
     frozenset({"meshserve_placement.activator", "meshserve_placement.openai_routes"}),
-    frozenset({"meshserve_loader.builtin.openai_api", "meshserve_loader.builtin.server"}),
 }
 
 
