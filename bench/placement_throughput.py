@@ -43,7 +43,7 @@ def build(models: int, pods: int, fraction: float = 0.10, seed: int = 3) -> tupl
             unloaded.append(m)
             continue
         free -= sizes[i]
-        view.copies[m] = {f"pod-{pod_i}": Copy(CopyState.LOADED, sizes[i], 0.0)}
+        view.set_copies(m, {f"pod-{pod_i}": Copy(CopyState.LOADED, sizes[i], 0.0)})
         view.touch(m, t)
         t += 0.001
     view.used("pod-0")
@@ -75,12 +75,8 @@ def run(models: int, pods: int, decisions: int) -> dict[str, Any]:
             rejected += 1
             continue
         for v in d.evict:
-            rest = {p: c for p, c in view.copies[v].items() if p != d.pod}
-            if rest:
-                view.copies[v] = rest
-            else:
-                del view.copies[v]
-        view.copies[m] = {d.pod: Copy(CopyState.LOADED, view.models[m].size, now)}
+            view.set_copies(v, {p: c for p, c in view.copies[v].items() if p != d.pod})
+        view.set_copies(m, {d.pod: Copy(CopyState.LOADED, view.models[m].size, now)})
         evictions += len(d.evict)
     total, total_cpu = time.perf_counter() - t1, time.process_time() - c1
     return {

@@ -1,0 +1,168 @@
+"""The leader's view, rebuilt from Redis when it takes the lease, and kept current from the
+registries: model specs (following ms:changes), pods and declared ServingRuntimes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from opentelemetry import trace
+from prometheus_client import Histogram
+
+from meshserve import state as st
+from meshserve import tracing
+from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
+from meshserve_placement import copies as copyplan
+from meshserve_placement import keys, policy
+from meshserve_placement.sizes import booked_size, reported_of
+from meshserve_placement.liveness import Liveness, judge
+from meshserve_placement.types import Changes, Ops
+
+log = logging.getLogger("meshserve.placement")
+
+
+class Reload:
+    async def _rebuild(self) -> None:
+        """Everything the previous leader decided is in Redis: rebuild the view from it."""
+        r = self.state.r
+        # Where to follow ms:changes from: taken before the snapshot, so a change made between
+        # the two is read again (harmless), never missed.
+        last = await r.xrevrange(st.CHANGES, count=1)
+        self._changes_id = last[0][0].decode() if last else "0-0"
+        self._changes_rev = int(last[0][1].get(b"rev", b"0")) if last else 0
+        snap = await self.state.snapshot()
+        self.specs = snap.models
+        self.pods = dict(snap.pods)
+        hb = await r.zrange(st.HEARTBEATS, 0, -1, withscores=True)
+        self.heartbeats = {k.decode(): v for k, v in hb}
+        lu = await r.zrange(st.LAST_USED, 0, -1, withscores=True)
+        now = time.time()
+        excluded = {}
+        for k, v in (await r.hgetall(keys.EXCLUDED)).items():
+            m, _, p = k.decode().rpartition("|")
+            if float(v) > now:
+                excluded[(m, p)] = float(v)
+        # Building the view is pure and O(models): off the event loop, so the lease keeps.
+        self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
+        self._failed_unloads = {
+            (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
+            if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
+        }
+        self.pins = {k.decode() for k in await r.hkeys(keys.PINS)}
+        for m in self.pins:
+            if m in self.view.models:
+                self.view.models[m].pinned = True
+        await self._refresh_pods()  # the declared runtimes too, before any decision on the new view
+        self._lastused_seen = max((v for _, v in lu), default=0.0)
+        self.queues = {}
+        for pod in self.pods:
+            q = await r.zrange(keys.loadq_key(pod), 0, -1, withscores=True)
+            if q:
+                self.queues[pod] = {k.decode(): v for k, v in q}
+        self.waiting = {m for q in self.queues.values() for m, prio in q.items() if prio < keys.BACKGROUND}
+        log.info("%s: state reloaded: %d models, %d pods, %d placements, %d queued loads", self.id,
+                 len(self.specs), len(self.pods), len(snap.placements), sum(len(q) for q in self.queues.values()))
+
+    async def _reload(self) -> None:
+        await self._rebuild()
+        async with self._lock:
+            for pod in list(self.pods):
+                await self._dispatch(pod)  # slots may have freed while nobody led
+
+    def _apply_spec(self, spec: ModelSpec) -> None:
+        self.specs[spec.id] = spec
+        old = self.view.models.get(spec.id)
+        mv = _model_view(spec, self.reported.get(spec.id, 0))
+        mv.pinned = mv.pinned or spec.id in self.pins
+        if old is not None and self.view.live_copies(spec.id):
+            mv.size = old.size  # keep the measured size once loaded
+        self.view.models[spec.id] = mv
+
+    async def _refresh_model_and_pods(self, model_id: str) -> ModelSpec | None:
+        """The model's spec, always fresh (annotations: min/max/pinned may change), and the pods
+        (`_refresh_pods`), in one Redis round trip: a cold request's decision waits for both
+        (issue 19 §4: one round trip fewer on the cold path)."""
+        async with self.state.r.pipeline(transaction=False) as p:
+            p.hget(st.MODELS, model_id).hgetall(st.PODS).hgetall(st.RUNTIMES)
+            raw_spec, raw, raw_runtimes = await p.execute()
+        self._apply_pods(raw, raw_runtimes)
+        if not raw_spec:
+            return self.specs.get(model_id)
+        spec = ModelSpec.from_json(raw_spec)
+        self._apply_spec(spec)
+        return spec
+
+    async def _refresh_pods(self) -> None:
+        """Pods register themselves and flag draining; pick up new pods and changed fields,
+        and the declared ServingRuntimes."""
+        async with self.state.r.pipeline(transaction=False) as p:
+            p.hgetall(st.PODS).hgetall(st.RUNTIMES)
+            raw, raw_runtimes = await p.execute()
+        self._apply_pods(raw, raw_runtimes)
+
+    def _apply_pods(self, raw: dict[bytes, bytes], raw_runtimes: dict[bytes, bytes]) -> None:
+        runtimes = {n: policy.RuntimeView(n, tuple(f), tuple(a)) for n, (f, a) in st.parse_runtimes(raw_runtimes).items()}
+        if runtimes != self.view.runtimes:
+            self.view.runtimes = runtimes
+        for k, v in raw.items():
+            pid = k.decode()
+            p = Pod.from_json(v)
+            self.pods[pid] = p
+            pv = self.view.pods.get(pid)
+            if pv is None:
+                self.view.pods[pid] = _pod_view(p)
+                self.heartbeats.setdefault(pid, time.time())
+            else:
+                if (pv.runtime, pv.formats, pv.auto_formats) != (p.runtime, p.formats, p.auto_formats):
+                    pv.runtime, pv.formats, pv.auto_formats = p.runtime, p.formats, p.auto_formats
+                    self.view.pods_changed()
+                pv.capacity, pv.max_loading, pv.draining = p.capacity_bytes, p.max_loading, p.draining
+
+    def _mark_health(self, now: float) -> None:
+        for pid, pv in self.view.pods.items():
+            pv.healthy = now - self.heartbeats.get(pid, 0) <= self.s.heartbeat_seconds * self.s.heartbeat_misses
+
+    async def _refresh_specs(self) -> None:
+        """Models registered (or re-annotated) since the last look, so minCopies and pinning
+        apply without a request. Follows ms:changes: the cost is the changes', not the
+        registry's (100,000 models re-read every poll would starve everything else)."""
+        ids, full = await self._changed_models()
+        if full:
+            raw = await self.state.r.hgetall(st.MODELS)
+            specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw.values()])
+        elif ids:
+            order = sorted(ids)
+            specs = [ModelSpec.from_json(v) for v in await self.state.r.hmget(st.MODELS, order) if v]
+        else:
+            return
+        async with self._lock:
+            for spec in specs:
+                self._apply_spec(spec)
+
+    async def _changed_models(self, batch: int = 10_000, most: int = 20_000) -> tuple[set[str], bool]:
+        """Model ids named by ms:changes since the last call, or (∅, True) when that cannot be
+        told: a revision gap (entries trimmed away) or more changes than are worth targeting."""
+        ids: set[str] = set()
+        full = False
+        while True:
+            entries = await self.state.r.xrange(st.CHANGES, min="(" + self._changes_id, count=batch)
+            if not entries:
+                return (set(), True) if full else (ids, False)
+            for _, f in entries:
+                rev = int(f.get(b"rev", b"0"))
+                if rev > self._changes_rev + 1:
+                    full = True
+                self._changes_rev = max(self._changes_rev, rev)
+                kind = f.get(b"kind", b"").decode()
+                if kind == st.KIND_ALL:
+                    full = True
+                elif kind == st.KIND_MODEL and not full:
+                    ids.add(f.get(b"id", b"").decode())
+            self._changes_id = entries[-1][0].decode()
+            if len(ids) > most:
+                full, ids = True, set()
