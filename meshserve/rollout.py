@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import aiohttp
 
 from meshserve import state as st
-from meshserve.lease import Lease
+from meshserve.store.lease import Lease
 from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.rules import plan as pl
 from meshserve.rules import store
