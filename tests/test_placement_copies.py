@@ -31,7 +31,7 @@ def test_hot_model_gets_another_copy_up_to_max() -> None:
     cv.set_copies("a", loaded("p0"))
     acts = cp.plan(cv, {"a": 25.0}, now=100.0, tuning=T, last_added={})
     assert [(a.op, a.model) for a in acts] == [("add", "a")] and "exceeds" in acts[0].why
-    cv.models["a"].max_copies = 1
+    cv.set_model(replace(cv.models["a"], max_copies=1))
     assert cp.plan(cv, {"a": 25.0}, now=100.0, tuning=T, last_added={}) == []
 
 
@@ -41,13 +41,13 @@ def test_quiet_model_loses_copies_but_not_below_min_and_not_too_soon() -> None:
     assert cp.plan(cv, {"a": 1.0}, now=100.0, tuning=T, last_added={"a": 90.0}) == []  # just scaled up
     acts = cp.plan(cv, {"a": 1.0}, now=200.0, tuning=T, last_added={"a": 90.0})
     assert [(a.op, a.model) for a in acts] == [("remove", "a")]
-    cv.models["a"].min_copies = 3
+    cv.set_model(replace(cv.models["a"], min_copies=3))
     assert cp.plan(cv, {"a": 1.0}, now=200.0, tuning=T, last_added={}) == []
 
 
 def test_min_copies_and_pinned_load_eagerly() -> None:
     cv = view()
-    cv.models["a"].min_copies = 2
+    cv.set_model(replace(cv.models["a"], min_copies=2))
     cv.set_model(replace(cv.models["b"], pinned=True))
     acts = cp.plan(cv, {}, now=1.0, tuning=T, last_added={})
     assert sorted((a.op, a.model) for a in acts) == [("add", "a"), ("add", "b")]

@@ -28,7 +28,7 @@ def test_index_matches_brute_force_under_random_changes() -> None:
     pods = {f"p{i}": policy.PodView(f"p{i}", 1000 * MB, ["x"]) for i in range(4)}
     models = {f"m{i}": policy.ModelView(f"m{i}", "x", rng.randint(1, 50) * MB) for i in range(40)}
     models["m0"] = replace(models["m0"], pinned=True)
-    models["m1"].min_copies = 1
+    models["m1"] = replace(models["m1"], min_copies=1)
     cv = policy.ClusterView(pods=pods, models=models)
     cv.in_flight = {"m2"}
     for step in range(3000):

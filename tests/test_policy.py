@@ -28,7 +28,7 @@ def test_evicts_least_recently_used_when_full() -> None:
         b={"pod-1": Copy(CopyState.LOADED, 60 * MB)},
     )
     cv.last_used = {"a": 10.0, "b": 500.0}
-    cv.models["new"].size = 50 * MB
+    cv.set_model(replace(cv.models["new"], size=50 * MB))
     d = policy.place(cv.models["new"], cv, now=1000.0)
     assert d.pod == "pod-0" and d.evict == ["a"]
 
@@ -54,7 +54,7 @@ def test_busy_copies_are_evicted_least_valuable_first_after_every_idle_one() -> 
     (recency + frequency), and only as many as needed."""
     pods = {"pod-0": policy.PodView("pod-0", 100 * MB, ["sklearn"])}
     models = {m: policy.ModelView(m, "sklearn", 20 * MB) for m in ("idle", "hot", "warm", "rare", "new")}
-    models["new"].size = 50 * MB
+    models["new"] = replace(models["new"], size=50 * MB)
     cv = policy.ClusterView(pods=pods, models=models)
     cv.copies = {m: {"pod-0": Copy(CopyState.LOADED, 20 * MB)} for m in ("idle", "hot", "warm", "rare")}
     cv.touch("idle", 100.0)
@@ -65,11 +65,11 @@ def test_busy_copies_are_evicted_least_valuable_first_after_every_idle_one() -> 
     d = policy.place(models["new"], cv, now=1000.0)
     # 20 MB free; idle frees 20; one more busy copy (the cheapest, rare) makes 60 >= 50.
     assert d.pod == "pod-0" and d.evict == ["idle", "rare"] and d.evict_busy == ["rare"], d.explain()
-    models["new"].size = 70 * MB
+    models["new"] = replace(models["new"], size=70 * MB)
     d = policy.place(models["new"], cv, now=1000.0)
     assert d.evict == ["idle", "rare", "warm"] and d.evict_busy == ["rare", "warm"], d.explain()
     # Room from idle copies alone: no busy copy is touched.
-    models["new"].size = 40 * MB
+    models["new"] = replace(models["new"], size=40 * MB)
     d = policy.place(models["new"], cv, now=1000.0)
     assert d.evict == ["idle"] and d.evict_busy == []
 
@@ -77,9 +77,9 @@ def test_busy_copies_are_evicted_least_valuable_first_after_every_idle_one() -> 
 def test_busy_eviction_spares_pinned_min_copies_and_just_landed_copies() -> None:
     pods = {"pod-0": policy.PodView("pod-0", 100 * MB, ["sklearn"])}
     models = {m: policy.ModelView(m, "sklearn", 25 * MB) for m in ("pinned", "floor", "landed", "other", "new")}
-    models["new"].size = 40 * MB
+    models["new"] = replace(models["new"], size=40 * MB)
     models["pinned"] = replace(models["pinned"], pinned=True)
-    models["floor"].min_copies = 1
+    models["floor"] = replace(models["floor"], min_copies=1)
     cv = policy.ClusterView(pods=pods, models=models)
     cv.copies = {m: {"pod-0": Copy(CopyState.LOADED, 25 * MB, since=10.0)} for m in ("pinned", "floor", "other")}
     cv.set_copies("landed", {"pod-0": Copy(CopyState.LOADED, 25 * MB, since=999.5)})  # its held requests are being forwarded
@@ -93,8 +93,8 @@ def test_busy_eviction_spares_pinned_min_copies_and_just_landed_copies() -> None
     d = policy.place(models["new"], cv, now=1001.0)
     assert d.pod == "pod-0" and sorted(d.evict) == ["landed", "other"], d.explain()
     # With only pinned and minCopies copies left beside the room, it never fits: no waiting.
-    models["landed"] = replace(models["landed"], pinned=True)
-    models["other"] = replace(models["other"], pinned=True)
+    for m in ("landed", "other"):
+        cv.set_model(replace(cv.models[m], pinned=True))
     d = policy.place(models["new"], cv, now=1001.0)
     assert d.pod is None and d.waits_for_room == [] and "pinned or kept for minCopies" in d.reason
 
@@ -139,7 +139,7 @@ def test_waits_for_room_held_by_loads_and_busy_copies_instead_of_failing() -> No
     # Everything pinned or kept for minCopies: never fits either.
     for m in ("a", "b"):
         cv.set_model(replace(cv.models[m], pinned=True))
-    cv.models["e"].min_copies = 1
+    cv.set_model(replace(cv.models["e"], min_copies=1))
     cv.set_model(replace(cv.models["d"], pinned=True))
     big = policy.ModelView("big", "sklearn", 30 * MB)
     cv.set_model(big)
@@ -160,7 +160,7 @@ def test_explains_every_rejection() -> None:
 
 def test_failed_pod_is_excluded_for_a_while() -> None:
     cv = cluster()
-    cv.excluded[("new", "pod-0")] = 2000.0
+    cv.exclude("new", "pod-0", 2000.0)
     assert policy.place(cv.models["new"], cv, now=1000.0).pod == "pod-1"
     assert policy.place(cv.models["new"], cv, now=2001.0).pod is not None
 

@@ -19,8 +19,8 @@ from meshserve.commands import exits
 from meshserve.commands.output import emit, is_data, output_option
 from meshserve.commands.status import _run, _url
 
-# Placement's own keys: keys.py imports nothing of the placement service but the shared schema.
-from meshserve_placement.keys import BACKGROUND, DECISIONS, EXCLUDED, LOADQ_PREFIX
+# The keys placement writes (decision traces, exclusions, load queues): the store defines them.
+from meshserve.store.keys import BACKGROUND, DECISIONS, EXCLUDED, LOADQ_PREFIX
 
 
 async def gather(url: str, name: str) -> dict[str, Any]:

@@ -5,26 +5,23 @@ models held while they wait for room to free up."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from typing import Any
 
-import aiohttp
-import redis.asyncio as aioredis
 from opentelemetry import trace
-from prometheus_client import Histogram
 
-from meshserve import state as st
 from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
-from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy
-from meshserve_placement.sizes import booked_size, reported_of
-from meshserve_placement.liveness import Liveness, judge
+from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import UnloadOrder
+from meshserve_placement import policy
 from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
+
+LAST_DECISIONS = 10_000  # kept in memory for the debug endpoint; ms:decisions has them all
+QUEUED = "queued for a loading slot"
 
 
 class Decisions:
@@ -49,7 +46,7 @@ class Decisions:
         if len(self.last_decisions) > LAST_DECISIONS:
             self.last_decisions.popitem(last=False)  # ms:decisions keeps every model's, for explain
         record = {**decision.to_dict(), "ts": now, "leader": self.id, "why": why or ("a request is waiting" if waiting else "")}
-        ops.append(["HSET", keys.DECISIONS, spec.id, json.dumps(record, separators=(",", ":"))])
+        ops.append(cmd.set_decision(spec.id, record))
         if decision.pod is None and decision.waits_for and waiting:
             # The request stays held: placed again once a pod of that runtime registers.
             log.info("%s waits for a pod of %s: %s", spec.id, decision.waits_for, decision.reason)
@@ -76,20 +73,19 @@ class Decisions:
         pod = decision.pod
         span.set_attributes({tracing.ATTR_POD: pod, "meshserve.evict": list(decision.evict)})
         carried = dict(tracing.inject({}))  # the orders below carry this decision's context
-        trace_fields = [x for kv in carried.items() for x in kv]
         for victim in decision.evict:
             vc = dict(self.view.copies[victim])
             vc[pod] = Copy(CopyState.UNLOADING, vc[pod].size, now, f"evicted to make room for {spec.id}")
             self._set_copies(victim, vc, ops, changes)
             # Unloads never wait for a slot: they free the memory the load was promised.
-            ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", victim, *trace_fields])
+            ops.append(cmd.order(pod, UnloadOrder(victim, carried)))
         copies = {p: c for p, c in self.view.copies.get(spec.id, {}).items() if p != "-"}
-        prio = now + (0.0 if waiting else keys.BACKGROUND)
+        prio = now + (0.0 if waiting else k.BACKGROUND)
         copies[pod] = Copy(CopyState.LOADING, mv.size, now, QUEUED)
         self._set_copies(spec.id, copies, ops, changes)
         self.queues.setdefault(pod, {})[spec.id] = prio
         self._traces[(pod, spec.id)] = carried
-        ops.append(["ZADD", keys.loadq_key(pod), prio, spec.id])
+        ops.append(cmd.enqueue(pod, spec.id, prio))
         log.info("placing %s on %s%s%s", spec.id, pod, f" evicting {decision.evict}" if decision.evict else "", f" ({why})" if why else "")
         # The decision and, when the pod has a free slot and the room, its load order go in one
         # commit: one round trip fewer between a cold request and its load (issue 19 §4).
@@ -136,5 +132,5 @@ class Decisions:
         while True:
             quick = self.view.landed_grace_s / 4
             await asyncio.sleep(min(self.t.maintain_seconds, quick) if self.room else self.t.maintain_seconds)
-            async with self._lock:
+            async with self._deciding():
                 await self._retry_room()

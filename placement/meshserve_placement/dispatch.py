@@ -1,78 +1,93 @@
-"""Sending queued loads to a pod while it has free loading slots and the room."""
+"""Sending queued loads to a pod while it has free loading slots and the room.
+
+`plan` is the pure decision (which queued loads go now, which queue entries are stale);
+`Dispatch._dispatch` commits it: the orders, the queue entries removed, the copies no longer
+marked queued, and only then the leader's in-memory queue follows.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Mapping
 
-import aiohttp
-import redis.asyncio as aioredis
-from opentelemetry import trace
 from prometheus_client import Histogram
 
-from meshserve import state as st
-from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
-from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy
-from meshserve_placement.sizes import booked_size, reported_of
-from meshserve_placement.liveness import Liveness, judge
+from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.store import ops as cmd
+from meshserve.store.messages import LoadOrder
 from meshserve_placement.types import Changes, Ops
+from meshserve_placement.view import ClusterView
 
-log = logging.getLogger("meshserve.placement")
+M_QUEUE_WAIT = Histogram(
+    "meshserve_placement_queue_seconds", "Time a decided load waited in its pod's load queue before its order was sent",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+@dataclass
+class Plan:
+    send: list[str] = field(default_factory=list)  # models whose load orders go now, in order
+    drop: list[str] = field(default_factory=list)  # queue entries whose copy was withdrawn meanwhile
+
+
+def queued_loading(view: ClusterView, pod: str, queue: Mapping[str, float]) -> list[Copy]:
+    """The pod's queued loads, as booked (a queued load is a LOADING copy not sent yet).
+    O(queue), never O(the pod's models): this runs on every event."""
+    held = view.pod_models(pod)
+    return [c for m in queue if (c := held.get(m)) is not None and c.state == CopyState.LOADING]
+
+
+def plan(view: ClusterView, pod: str, queue: Mapping[str, float], specs: Mapping[str, ModelSpec], overlap_fraction: float) -> Plan:
+    """Which queued loads the pod takes now: waiting requests first (lowest priority value),
+    while it has a free loading slot and the bytes it really holds leave room."""
+    out = Plan()
+    if not queue:
+        return out
+    pv = view.pods.get(pod)
+    queued = queued_loading(view, pod, queue)
+    slots = max(1, pv.max_loading if pv else 1) - (view.loading(pod) - len(queued))
+    # What the pod really holds now: loaded, being loaded, and not yet unloaded.
+    held = view.used(pod) - sum(c.size for c in queued) + view.unloading(pod)
+    capacity = pv.capacity if pv else 0
+    # Bytes still held by unloads in their grace may overlap the loads they make room for,
+    # up to the tuned fraction (0: none, the pod never holds more than its capacity).
+    capacity += int(capacity * overlap_fraction)
+    for model in sorted(queue, key=lambda m: (queue[m], m)):
+        c = view.copies.get(model, {}).get(pod)
+        if c is None or c.state != CopyState.LOADING or model not in specs:
+            out.drop.append(model)
+            continue
+        if slots <= 0 or held + c.size > capacity:
+            break  # in priority order: wait for a slot, or for the evictions' unloads to finish
+        slots -= 1
+        held += c.size
+        out.send.append(model)
+    return out
 
 
 class Dispatch:
-    def _queued_loading(self, pod: str) -> list[Copy]:
-        """The pod's queued loads, as booked (a queued load is a LOADING copy not sent yet).
-        O(queue), never O(the pod's models): this runs on every event."""
-        held = self.view.pod_models(pod)
-        return [c for m in self.queues.get(pod, {}) if (c := held.get(m)) is not None and c.state == CopyState.LOADING]
-
-    def _dispatched(self, pod: str) -> int:
-        return self.view.loading(pod) - len(self._queued_loading(pod))
-
     async def _dispatch(self, pod: str, ops: Ops | None = None, changes: Changes | None = None) -> None:
         """Send queued loads to the pod while it has free loading slots, waiting requests first.
         `ops` and `changes` (a decision not committed yet) are committed with the orders."""
-        q = self.queues.get(pod)
-        if not q:
-            if ops:
-                await self._commit(ops, changes or [])
-            return
-        pv = self.view.pods.get(pod)
-        slots = max(1, pv.max_loading if pv else 1) - self._dispatched(pod)
-        # What the pod really holds now: loaded, being loaded, and not yet unloaded.
-        queued_bytes = sum(c.size for c in self._queued_loading(pod))
-        held = self.view.used(pod) - queued_bytes + self.view.unloading(pod)
-        capacity = pv.capacity if pv else 0
-        # Bytes still held by unloads in their grace may overlap the loads they make room for,
-        # up to the tuned fraction (0: none, the pod never holds more than its capacity).
-        capacity += int(capacity * self.t.unload_overlap_fraction)
+        q = self.queues.get(pod, {})
+        p = plan(self.view, pod, q, self.specs, self.t.unload_overlap_fraction)
         ops = list(ops or [])
         changes = list(changes or [])
-        for model in sorted(q, key=lambda m: (q[m], m)):
-            cs = dict(self.view.copies.get(model, {}))
-            c = cs.get(pod)
-            spec = self.specs.get(model)
-            if c is None or c.state != CopyState.LOADING or spec is None:
-                del q[model]  # withdrawn meanwhile
-                self._traces.pop((pod, model), None)
-                ops.append(["ZREM", keys.loadq_key(pod), model])
-                continue
-            if slots <= 0 or held + c.size > capacity:
-                break  # in priority order: wait for a slot, or for the evictions' unloads to finish
-            slots -= 1
-            held += c.size
-            M_QUEUE_WAIT.observe(max(0.0, time.time() - c.since))
-            del q[model]
-            ops.append(["ZREM", keys.loadq_key(pod), model])
-            cs[pod] = Copy(CopyState.LOADING, c.size, c.since)
-            self._set_copies(model, cs, ops, changes)
-            carried = [x for kv in self._traces.pop((pod, model), {}).items() for x in kv]
-            ops.append(["XADD", st.orders_key(pod), "*", "op", "load", "model", model, "spec", spec.to_json(), *carried])
+        now = time.time()
+        for model in p.drop:
+            ops.append(cmd.dequeue(pod, model))
+        for model in p.send:
+            c = self.view.copies[model][pod]
+            ops.append(cmd.dequeue(pod, model))
+            self._set_copies(model, {**self.view.copies[model], pod: Copy(CopyState.LOADING, c.size, c.since)}, ops, changes)
+            ops.append(cmd.order(pod, LoadOrder(self.specs[model], self._traces.get((pod, model), {}))))
         if ops:
             await self._commit(ops, changes)
+        for model in p.drop + p.send:
+            q.pop(model, None)
+            self._traces.pop((pod, model), None)
+        for model in p.send:
+            M_QUEUE_WAIT.observe(max(0.0, now - self.view.copies[model][pod].since))
+        if not q:
+            self.queues.pop(pod, None)  # no empty queue per pod kept for every pod that ever had one

@@ -1,26 +1,21 @@
-"""The loaders' events on ms:events: load and unload results, and pod registrations. The
-state changes are the pure reducers' (reducers.py); this module commits them."""
+"""The loaders' events on ms:events: load and unload results, and pod registrations. What a
+result does to the copies is the pure reducers' (reducers.py); this module commits it, retries
+a failed load elsewhere in the same commit, and updates the leader's bookkeeping once the
+commit is in."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-from typing import Any
+from dataclasses import replace
 
-import aiohttp
-import redis.asyncio as aioredis
-from opentelemetry import trace
-from prometheus_client import Histogram
-
-from meshserve import state as st
 from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
+from meshserve.model import Copy, CopyState
+from meshserve.store import ops as cmd
+from meshserve.store.messages import LoadResult, PodRegistered, UnloadOrder, UnloadResult, decode_event
 from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy
-from meshserve_placement.sizes import booked_size, reported_of
-from meshserve_placement.liveness import Liveness, judge
+from meshserve_placement import reducers
+from meshserve_placement.sizes import booked_size
 from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
@@ -28,92 +23,82 @@ log = logging.getLogger("meshserve.placement")
 
 class Events:
     async def _on_event(self, f: dict[str, str]) -> None:
-        if f.get("op") == "register":
-            sizes = {m: int(n) for m, n in json.loads(f.get("sizes") or "{}").items()}
-            await self._reconcile_pod(f["pod"], {m: sizes.get(m, 0) for m in json.loads(f.get("models") or "[]")})
-            return
-        if f.get("op") != "load":
-            await self._apply_event(f)
-            return
-        # A load's result: a span of the decision's trace (the event carries the order's
-        # context), so the cold path's hops can be told apart (bench/hops.py).
-        with tracing.tracer(__name__).start_as_current_span(
-            "placement.loaded", attributes={tracing.ATTR_MODEL: f.get("model", ""), tracing.ATTR_POD: f.get("pod", ""), "meshserve.ok": f.get("ok") == "1"}
-        ):
-            await self._apply_event(f)
+        ev = decode_event(f)
+        if isinstance(ev, PodRegistered):
+            await self._reconcile_pod(ev.pod, dict(ev.sizes))
+        elif isinstance(ev, UnloadResult):
+            await self._unload_result(ev)
+        elif isinstance(ev, LoadResult):
+            # A load's result: a span of the decision's trace (the event carries the order's
+            # context), so the cold path's hops can be told apart (bench/hops.py).
+            with tracing.tracer(__name__).start_as_current_span(
+                "placement.loaded", attributes={tracing.ATTR_MODEL: ev.model, tracing.ATTR_POD: ev.pod, "meshserve.ok": ev.ok}
+            ):
+                await self._load_result(ev)
 
-    async def _apply_event(self, f: dict[str, str]) -> None:
-        model_id, pod, op, ok = f["model"], f["pod"], f["op"], f.get("ok") == "1"
-        now = time.time()
-        copies = dict(self.view.copies.get(model_id, {}))
-        cur = copies.get(pod)
+    async def _load_result(self, ev: LoadResult) -> None:
+        model_id, pod, now = ev.model, ev.pod, time.time()
+        n = self.attempts.get(model_id, 0) + (0 if ev.ok else 1)
+        out = reducers.load_result(self.view.copies.get(model_id, {}), ev, now, n, self.t.max_load_attempts, self.s.failed_pod_exclusion_seconds)
+        if out is None:
+            return  # withdrawn meanwhile, or an event this leader already applied (replay after failover)
         ops: Ops = []
         changes: Changes = []
-        if op == "load":
-            if cur is None or cur.state != CopyState.LOADING:
-                return  # withdrawn meanwhile, or an event this leader already applied (replay after failover)
-            if ok:
-                size = int(f.get("size") or 0) or cur.size
-                copies[pod] = Copy(CopyState.LOADED, size, now)
-                mv = self.view.models.get(model_id)
-                if size:
-                    # Reported: later decisions book it, after this copy's eviction too (identical
-                    # files report the same size, so it stays true).
-                    self.reported[model_id] = size
-                    if mv is not None:
-                        spec = self.specs.get(model_id)
-                        mv.size = booked_size(spec.size_hint if spec else 0, size)
-                if model_id in self.waiting:
-                    # Held requests are forwarded to it right now, before any runtime counter or
-                    # ms:lastused says so: busy from this moment, or the next decision could evict
-                    # it under the request the activator is about to forward.
-                    self.view.touch(model_id, now)
-                    self._recent[model_id] = now
-                    self.view.in_flight.add(model_id)
-                elif model_id not in self.view.last_used:
-                    self.view.touch(model_id, now)
-                self.waiting.discard(model_id)
-            else:
-                reason = f.get("reason", "")
-                copies[pod] = Copy(CopyState.FAILED, 0, now, reason)
-                until = now + self.s.failed_pod_exclusion_seconds
-                self.view.excluded[(model_id, pod)] = until
-                ops.append(["HSET", keys.EXCLUDED, f"{model_id}|{pod}", until])
-        elif op == "unload":
-            if cur is None:
-                return
-            if not ok:
-                # The pod still holds it: the copy stays UNLOADING (its memory booked, so the load
-                # queued behind this eviction waits instead of pushing the pod over), and the
-                # unload is ordered again by the copy reconcile (UNLOAD_RETRY_SECONDS).
-                log.warning("unload of %s on %s failed: %s", model_id, pod, f.get("reason", ""))
-                copies[pod] = Copy(CopyState.UNLOADING, cur.size, now, f"unload failed: {f.get('reason', '')}"[:300])
-                self._failed_unloads[(model_id, pod)] = now
-            else:
-                copies.pop(pod, None)
-                self._failed_unloads.pop((model_id, pod), None)
-        self._set_copies(model_id, copies, ops, changes)
-        if op == "load" and (ok or not any(c.state == CopyState.LOADING for c in copies.values())):
-            self._decided.pop(model_id, None)  # the decision's span context: nothing joins it any more
-        if op == "load" and not ok:
-            n = self.attempts.get(model_id, 0) + 1
-            self.attempts[model_id] = n
+        self._set_copies(model_id, out.copies, ops, changes)
+        mv = self.view.models.get(model_id)
+        if out.size and mv is not None:
+            # Reported: later decisions book it, after this copy's eviction too (identical files
+            # report the same size, so it stays true). A new ModelView, so its eviction key moves.
             spec = self.specs.get(model_id)
-            others = any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in copies.values())
-            if spec is not None and n < self.t.max_load_attempts and not others:
-                # The failure and the retry land in one commit, so nobody sees "failed, nothing pending".
-                log.info("retrying load of %s elsewhere (attempt %d): %s", model_id, n + 1, f.get("reason"))
-                await self._place(spec, model_id in self.waiting, ops, changes, why=f"retry after a failed load on {pod}")
-                await self._dispatch(pod)
-                await self._retry_room()
-                return
+            self.view.set_model(replace(mv, size=booked_size(spec.size_hint if spec else 0, out.size)))
+        if out.exclude_until:
+            self.view.exclude(model_id, pod, out.exclude_until)
+            ops.append(cmd.exclude(model_id, pod, out.exclude_until))
+        spec = self.specs.get(model_id)
+        if out.retry and spec is not None:
+            # The failure and the retry land in one commit, so nobody sees "failed, nothing pending".
+            log.info("retrying load of %s elsewhere (attempt %d): %s", model_id, n + 1, ev.reason)
+            await self._place(spec, model_id in self.waiting, ops, changes, why=f"retry after a failed load on {pod}")
+            self.attempts[model_id] = n
+        else:
+            await self._commit(ops, changes)
+            self.attempts.pop(model_id, None)
+            if not ev.ok:
+                self.waiting.discard(model_id)
+        if ev.ok:
+            if out.size:
+                self.reported[model_id] = out.size
+            if model_id in self.waiting:
+                # Held requests are forwarded to it right now, before any runtime counter or
+                # ms:lastused says so: busy from this moment, or the next decision could evict
+                # it under the request the activator is about to forward.
+                self.view.touch(model_id, now)
+                self._recent[model_id] = now
+                self.view.in_flight.add(model_id)
+            elif model_id not in self.view.last_used:
+                self.view.touch(model_id, now)
             self.waiting.discard(model_id)
-            self.attempts.pop(model_id, None)
-        elif op == "load":
-            self.attempts.pop(model_id, None)
-        await self._commit(ops, changes)
+        if ev.ok or not any(c.state == CopyState.LOADING for c in self.view.copies.get(model_id, {}).values()):
+            self._decided.pop(model_id, None)  # the decision's span context: nothing joins it any more
         await self._dispatch(pod)
-        await self._retry_room()  # a landed load, a finished unload or a failure: room may have freed
+        await self._retry_room()  # a landed load or a failure: room may have freed
+
+    async def _unload_result(self, ev: UnloadResult) -> None:
+        now = time.time()
+        out = reducers.unload_result(self.view.copies.get(ev.model, {}), ev, now)
+        if out is None:
+            return
+        ops: Ops = []
+        changes: Changes = []
+        self._set_copies(ev.model, out, ops, changes)
+        await self._commit(ops, changes)
+        if ev.ok:
+            self._failed_unloads.pop((ev.model, ev.pod), None)
+        else:
+            log.warning("unload of %s on %s failed: %s", ev.model, ev.pod, ev.reason)
+            self._failed_unloads[(ev.model, ev.pod)] = now
+        await self._dispatch(ev.pod)
+        await self._retry_room()  # a finished unload: room may have freed
 
     async def _reconcile_pod(self, pod: str, held: dict[str, int]) -> None:
         """A (re)started pod says what its runtime really holds. Copies it lost are dropped; what
@@ -122,28 +107,23 @@ class Events:
         await self._refresh_pods()
         self.heartbeats[pod] = time.time()
         self.stalled.pop(pod, None)
-        ops: Ops = [["HDEL", st.WITHDRAWN, pod]]
+        ops: Ops = [cmd.forget_withdrawn(pod)]
         changes: Changes = []
-        for m, c in list(self.view.pod_models(pod).items()):
-            # LOADING copies stay: their orders are still in the pod's stream, and the agent
-            # re-reads the ones it had not finished, so re-sending would load twice.
-            if m not in held and c.state in (CopyState.LOADED, CopyState.UNLOADING):
-                rest = {p: x for p, x in self.view.copies[m].items() if p != pod}
-                self._set_copies(m, rest, ops, changes)
+        for m in reducers.lost_on_restart(self.view.pod_models(pod), held):
+            self._set_copies(m, reducers.without_pod(self.view.copies[m], pod), ops, changes)
         self._mark_health(time.time())
         taken = copyplan.adopt(self.view, pod, held, self.rates, self.t)
         now = time.time()
         for m, size in taken.keep.items():
-            cs = {p: c for p, c in self.view.copies.get(m, {}).items() if p != "-"}
+            cs = reducers.without_pod(self.view.copies.get(m, {}), "-")
             cs[pod] = Copy(CopyState.LOADED, size, now, "held by the pod when it registered again")
             self._set_copies(m, cs, ops, changes)
         for m, why in taken.drop.items():
             # UNLOADING books the memory until the loader confirms, and carries no route.
-            cs = dict(self.view.copies.get(m, {}))
             mv = self.view.models.get(m)
-            cs[pod] = Copy(CopyState.UNLOADING, held[m] or (mv.size if mv else 0), now, why)
+            cs = {**self.view.copies.get(m, {}), pod: Copy(CopyState.UNLOADING, held[m] or (mv.size if mv else 0), now, why)}
             self._set_copies(m, cs, ops, changes)
-            ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", m])
+            ops.append(cmd.order(pod, UnloadOrder(m)))
         if taken.keep or taken.drop:
             log.info("pod %s registered again holding %d models placement had dropped: kept %s, unloading %s",
                      pod, len(taken.keep) + len(taken.drop), sorted(taken.keep), sorted(taken.drop))

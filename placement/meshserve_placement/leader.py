@@ -37,10 +37,12 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from meshserve import state as st
 from meshserve import tracing
-from meshserve.lease import Lease
-from meshserve.model import Copy, ModelSpec, Pod, copies_to_json
+from meshserve.model import Copy, ModelSpec, Pod
+from meshserve.store import Lease, NotLeader, State
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import KIND_PLACEMENT
 from meshserve.settings import Settings
 from meshserve_placement import policy
 from meshserve_placement.decisions import Decisions
@@ -56,9 +58,8 @@ from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
 
-GROUP = "placement"
+GROUP, CONSUMER = k.LEADER_GROUP, k.LEADER_CONSUMER
 HANDLER_TRIES = 3  # a stream entry whose handler keeps failing is dropped (logged) after this many
-CONSUMER = "leader"  # one name, so a new leader inherits the old one's unacknowledged entries
 
 # Writes that change nothing routing depends on (queue priorities, decision traces) skip
 # `State.commit`, so they neither bump ms:rev nor look like a gap to the xDS server; they are
@@ -75,7 +76,7 @@ return 1
 
 
 class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, Rates):
-    def __init__(self, settings: Settings, state: st.State, tuning: Tuning | None = None):
+    def __init__(self, settings: Settings, state: State, tuning: Tuning | None = None):
         self.s, self.state = settings, state
         self.t = tuning or Tuning.from_env()
         self.id = f"placement-{uuid.uuid4().hex[:8]}"
@@ -103,12 +104,12 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # everywhere and unload copies that are under load).
         self._rate_rounds = 0
         self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
-        self.pins: set[str] = set()  # models pinned through the repository API (keys.PINS)
+        self.pins: set[str] = set()  # models pinned through the repository API (store keys.PINS)
         self._failed_unloads: dict[tuple[str, str], float] = {}  # (model, pod) -> when last ordered
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
-        self.lease = Lease(state.r, st.LEASE, self.id, settings.lease_seconds)
+        self.lease = Lease(state.r, k.LEASE, self.id, settings.lease_seconds)
         self._fenced_write = state.r.register_script(_FENCED_WRITE_LUA)
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
@@ -133,10 +134,10 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
 
     async def _try_lead(self) -> None:
         try:
-            if await self.state.r.set(st.LEASE, self.id, nx=True, px=self.lease.ms):
+            if await self.lease.hold():
                 log.info("%s took the placement lease", self.id)
                 await self._lead()
-        except st.NotLeader:
+        except NotLeader:
             log.warning("%s was deposed mid-write", self.id)
         finally:
             self.leading.clear()
@@ -145,46 +146,38 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # The lease is kept by its own task from the start: taking over 100,000 models takes
         # seconds of parsing, longer than the lease, and a leader that lost its lease while
         # reloading would reload again forever.
-        lost = asyncio.Event()
-        keeper = asyncio.create_task(self.lease.keep(lost))
-        try:
-            await self._ensure_groups()
-            self._rate_rounds, self.rates, self._counts, self.stalled = 0, {}, {}, {}
-            await self._reload()
-            if lost.is_set():
-                return
-            self.leading.set()
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.t.rate_poll_seconds))) as http:
-                tasks = [
-                    asyncio.create_task(self._consume(st.LOAD_REQUESTS, self._on_load_request)),
-                    asyncio.create_task(self._consume(st.EVENTS, self._on_event)),
-                    asyncio.create_task(self._expire_pods(http)),
-                    asyncio.create_task(self._maintain(http)),
-                    asyncio.create_task(self._room_loop()),
-                ]
-                try:
-                    while not lost.is_set():
-                        await asyncio.wait([keeper, *tasks], timeout=self.s.lease_seconds / 3, return_when=asyncio.FIRST_COMPLETED)
-                        for t in tasks:
-                            if t.done() and t.exception():
-                                raise t.exception()  # type: ignore[misc]
-                        if keeper.done() and keeper.exception():
-                            raise keeper.exception()  # type: ignore[misc]
-                finally:
+        async with self.lease.kept() as lost:
+            await self._lead_kept(lost)
+
+    async def _lead_kept(self, lost: asyncio.Event) -> None:
+        await self._ensure_groups()
+        self._rate_rounds, self.rates, self._counts, self.stalled = 0, {}, {}, {}
+        await self._reload()
+        if lost.is_set():
+            return
+        self.leading.set()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.t.rate_poll_seconds))) as http:
+            tasks = [
+                asyncio.create_task(self._consume(k.LOAD_REQUESTS, self._on_load_request)),
+                asyncio.create_task(self._consume(k.EVENTS, self._on_event)),
+                asyncio.create_task(self._expire_pods(http)),
+                asyncio.create_task(self._maintain(http)),
+                asyncio.create_task(self._room_loop()),
+            ]
+            try:
+                while not lost.is_set():
+                    await asyncio.wait(tasks, timeout=self.s.lease_seconds / 3, return_when=asyncio.FIRST_COMPLETED)
                     for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+                        if t.done() and t.exception():
+                            raise t.exception()  # type: ignore[misc]
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _ensure_groups(self) -> None:
-        for key in (st.LOAD_REQUESTS, st.EVENTS):
-            try:
-                await self.state.r.xgroup_create(key, GROUP, id="0", mkstream=True)
-            except aioredis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+        for key in (k.LOAD_REQUESTS, k.EVENTS):
+            await cmd.ensure_group(self.state.r, key, GROUP)
 
     @contextlib.asynccontextmanager
     async def _deciding(self) -> AsyncIterator[None]:
@@ -204,8 +197,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         cursor = "0"
         failures_seen: dict[bytes, int] = {}
         while True:
-            resp = await self.state.r.xreadgroup(GROUP, CONSUMER, {key: cursor}, count=64, block=1000)
-            entries = resp[0][1] if resp else []
+            entries = await cmd.read_group(self.state.r, key, GROUP, CONSUMER, cursor, count=64, block=1000)
             if cursor == "0" and not entries:
                 cursor = ">"
                 continue
@@ -215,7 +207,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
                         f = {k.decode(): v.decode() for k, v in fields.items()}
                         with tracing.handling(f.get("model", ""), f):
                             await handler(f)
-                except st.NotLeader:
+                except NotLeader:
                     raise
                 except Exception:
                     # The view's uncommitted writes were taken back; the leader's queues and
@@ -231,7 +223,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
                         break
                     log.error("placement: dropping %s entry %s after %d failed tries", key, eid, n)
                 failures_seen.pop(eid, None)
-                await self.state.r.xack(key, GROUP, eid)
+                await cmd.ack(self.state.r, key, GROUP, eid)
 
     async def _commit(self, ops: Ops, changes: Changes) -> int:
         """Commit fenced by the lease; the view's journaled writes are kept only once it is in."""
@@ -248,15 +240,15 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
             return await self.state.commit(ops, changes, fence=self.id)
         if ops:
             try:
-                await self._fenced_write(keys=[st.LEASE], args=[self.id, json.dumps([[str(x) for x in op] for op in ops])])
+                await self._fenced_write(keys=[k.LEASE], args=[self.id, json.dumps([[str(x) for x in op] for op in ops])])
             except aioredis.ResponseError as e:
                 if "NOTLEADER" in str(e):
-                    raise st.NotLeader(str(e)) from None
+                    raise NotLeader(str(e)) from None
                 raise
         return 0
 
     def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
         """Book a model's new copies in the view (journaled) and in the commit being built."""
         self.view.set_copies(model, copies)
-        ops.append(["HSET", st.PLACEMENTS, model, copies_to_json(copies)] if copies else ["HDEL", st.PLACEMENTS, model])
-        changes.append((st.KIND_PLACEMENT, model))
+        ops.append(cmd.set_copies(model, copies))
+        changes.append((KIND_PLACEMENT, model))

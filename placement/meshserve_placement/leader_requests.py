@@ -1,27 +1,20 @@
-"""Requests to the leader on ms:loadreq: a load (the activator, `meshserve load`), a pin or unpin
-(the repository API), a withdraw or retire (the rollout controller). Only the leader writes
-placements and orders; everyone else asks here."""
+"""Requests to the leader on ms:loadreq (messages.LoadRequest): a load (the activator,
+`meshserve load`), a pin or unpin (the repository API), a withdraw or retire (the rollout
+controller). Only the leader writes placements and orders; everyone else asks here."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-from typing import Any
+from dataclasses import replace
 
-import aiohttp
-import redis.asyncio as aioredis
 from opentelemetry import trace
-from prometheus_client import Histogram
 
-from meshserve import state as st
 from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
-from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy
-from meshserve_placement.sizes import booked_size, reported_of
-from meshserve_placement.liveness import Liveness, judge
+from meshserve.model import Copy, CopyState
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import LoadRequest, UnloadOrder
 from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
@@ -29,13 +22,13 @@ log = logging.getLogger("meshserve.placement")
 
 class Requests:
     async def _on_load_request(self, f: dict[str, str]) -> None:
-        model_id = f["model"]
-        op = f.get("op", "load")
+        req = LoadRequest.decode(f)
+        model_id, op = req.model, req.op
         if op in ("pin", "unpin"):
             if not await self._set_pin(model_id, op == "pin") or op == "unpin":
                 return
         if op in ("withdraw", "retire"):
-            await self._retire(model_id, orders=op == "retire", why=f.get("why", ""))
+            await self._retire(model_id, orders=op == "retire", why=req.why)
             return
         copies = self.view.copies.get(model_id, {})
         if any(c.state == CopyState.LOADED for c in copies.values()):
@@ -76,7 +69,7 @@ class Requests:
             if c.state == CopyState.LOADED:
                 cs[pod] = Copy(CopyState.UNLOADING, c.size, now, why or "superseded by a new version")
             if orders and cs[pod].state == CopyState.UNLOADING:
-                ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", model_id])
+                ops.append(cmd.order(pod, UnloadOrder(model_id)))
         if cs != self.view.copies.get(model_id, {}):
             self._set_copies(model_id, cs, ops, changes)
         if ops:
@@ -88,18 +81,18 @@ class Requests:
         copy and is never evicted, exactly as the `meshserve.io/pinned` annotation makes it;
         dropping the pin leaves its copies to the cache's ordinary eviction. False for a model
         that is not registered."""
-        spec = await self._refresh_model(model_id)
+        spec = await self._refresh_model_and_pods(model_id)
         if spec is None:
             return False
         if pinned:
-            await self._commit([["HSET", keys.PINS, model_id, time.time()]], [])
+            await self._commit([cmd.pin(model_id, time.time())], [])
             self.pins.add(model_id)
         else:
-            await self._commit([["HDEL", keys.PINS, model_id]], [])
+            await self._commit([cmd.unpin(model_id)], [])
             self.pins.discard(model_id)
         mv = self.view.models.get(model_id)
         if mv is not None:
-            mv.pinned = spec.pinned or model_id in self.pins
+            self.view.set_model(replace(mv, pinned=spec.pinned or model_id in self.pins))
         log.info("%s %s through the repository API", model_id, "pinned" if pinned else "unpinned")
         return True
 
@@ -107,7 +100,7 @@ class Requests:
         self.waiting.add(model_id)
         for pod, q in self.queues.items():
             prio = q.get(model_id)
-            if prio is not None and prio >= keys.BACKGROUND:
-                q[model_id] = prio - keys.BACKGROUND
-                await self._commit([["ZADD", keys.loadq_key(pod), q[model_id], model_id]], [])
+            if prio is not None and prio >= k.BACKGROUND:
+                await self._commit([cmd.enqueue(pod, model_id, prio - k.BACKGROUND)], [])
+                q[model_id] = prio - k.BACKGROUND
                 await self._dispatch(pod)

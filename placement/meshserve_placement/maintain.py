@@ -1,29 +1,24 @@
-"""The copy reconcile, every maintain period: scale, minimums, idle copies, draining pods,
-and failed unloads ordered again; recent uses from ms:lastused."""
+"""The copy reconcile, every maintain period: scale, minimums, idle copies, draining pods
+(copies.py decides), failed unloads ordered again, and recent uses from ms:lastused."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
-from opentelemetry import trace
-from prometheus_client import Histogram
 
-from meshserve import state as st
-from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
+from meshserve.model import Copy, CopyState
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import UnloadOrder
 from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy
-from meshserve_placement.sizes import booked_size, reported_of
-from meshserve_placement.liveness import Liveness, judge
 from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
+
+UNLOAD_RETRY_SECONDS = 30.0  # an unload that failed is ordered again after this long
 
 
 class Maintain:
@@ -37,7 +32,7 @@ class Maintain:
                 last_poll = now
                 await self._refresh_specs()
             await self._poll_lastused(now)
-            async with self._lock:
+            async with self._deciding():
                 await self._reconcile_copies(now)
                 await self._retry_unloads(now)
 
@@ -56,17 +51,19 @@ class Maintain:
         """Unloads a pod reported failed are ordered again, each at most every UNLOAD_RETRY_SECONDS.
         O(failed unloads), never O(models): this runs every maintain period."""
         ops: Ops = []
-        changes: Changes = []
+        again: list[tuple[str, str]] = []
         for (model, pod), since in list(self._failed_unloads.items()):
             c = self.view.copies.get(model, {}).get(pod)
             if c is None or c.state != CopyState.UNLOADING:
                 del self._failed_unloads[(model, pod)]
             elif now - since >= UNLOAD_RETRY_SECONDS:
                 log.info("ordering the unload of %s on %s again: %s", model, pod, c.reason)
-                self._failed_unloads[(model, pod)] = now
-                ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", model])
+                again.append((model, pod))
+                ops.append(cmd.order(pod, UnloadOrder(model)))
         if ops:
-            await self._commit(ops, changes)
+            await self._commit(ops, [])
+        for key in again:
+            self._failed_unloads[key] = now
 
     async def _unload(self, model: str, pod: str, why: str) -> None:
         cs = dict(self.view.copies.get(model, {}))
@@ -78,15 +75,15 @@ class Maintain:
         changes: Changes = []
         cs[pod] = Copy(CopyState.UNLOADING, c.size, time.time(), why)
         self._set_copies(model, cs, ops, changes)
-        ops.append(["XADD", st.orders_key(pod), "*", "op", "unload", "model", model])
+        ops.append(cmd.order(pod, UnloadOrder(model)))
         await self._commit(ops, changes)
 
     async def _poll_lastused(self, now: float) -> None:
         """Recent uses (runtime counters copied by the loaders, cold hits from the activator)."""
         since = self._lastused_seen - 2 * self.s.heartbeat_seconds
-        recent = await self.state.r.zrangebyscore(st.LAST_USED, since, "+inf", withscores=True)
-        for k, v in recent:
-            m = k.decode()
+        recent = await self.state.r.zrangebyscore(k.LAST_USED, since, "+inf", withscores=True)
+        for key, v in recent:
+            m = key.decode()
             self.view.touch(m, v)
             self._recent[m] = max(v, self._recent.get(m, 0.0))
             self._lastused_seen = max(self._lastused_seen, v)

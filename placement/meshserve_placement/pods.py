@@ -4,22 +4,16 @@ requests held for a pool without pods placed once one registers."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
-from opentelemetry import trace
-from prometheus_client import Histogram
 
-from meshserve import state as st
-from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
-from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy
-from meshserve_placement.sizes import booked_size, reported_of
+from meshserve.model import CopyState
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import KIND_POD
+from meshserve_placement import reducers
 from meshserve_placement.liveness import Liveness, judge
 from meshserve_placement.types import Changes, Ops
 
@@ -31,13 +25,13 @@ class Pods:
         period = self.s.heartbeat_seconds
         while True:
             await asyncio.sleep(period / 2)
-            hb = await self.state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True)
-            self.heartbeats = {k.decode(): v for k, v in hb}
+            hb = await self.state.r.zrange(k.HEARTBEATS, 0, -1, withscores=True)
+            self.heartbeats = {p.decode(): v for p, v in hb}
             now = time.time()
             stale = [p for p in self.view.pods if now - self.heartbeats.get(p, 0) > period * self.s.heartbeat_misses]
             # Probed outside the lock: a probe waits up to half a period, decisions must not.
             answers = dict(zip(stale, await asyncio.gather(*(self._probe(http, p) for p in stale)))) if stale else {}
-            async with self._lock:
+            async with self._deciding():
                 await self._refresh_pods()
                 now = time.time()
                 for pod in list(self.view.pods):
@@ -87,19 +81,17 @@ class Pods:
     async def _withdraw_pod(self, pod: str, reason: str) -> None:
         log.warning("withdrawing pod %s and its placements: %s", pod, reason)
         record = {"last_heartbeat": self.heartbeats.get(pod, 0.0), "withdrawn_at": time.time(), "reason": reason}
-        ops: Ops = [
-            ["HDEL", st.PODS, pod], ["ZREM", st.HEARTBEATS, pod], ["DEL", keys.loadq_key(pod)],
-            ["HSET", st.WITHDRAWN, pod, json.dumps(record, separators=(",", ":"))],
-        ]
-        changes: Changes = [(st.KIND_POD, pod)]
+        ops: Ops = cmd.withdraw_pod(pod, record)
+        changes: Changes = [(KIND_POD, pod)]
         for m in list(self.view.pod_models(pod)):
-            rest = {p: c for p, c in self.view.copies[m].items() if p != pod}
-            self._set_copies(m, rest, ops, changes)
+            self._set_copies(m, reducers.without_pod(self.view.copies[m], pod), ops, changes)
+        await self._commit(ops, changes)
         self.view.pods.pop(pod, None)
         self.pods.pop(pod, None)
+        self.heartbeats.pop(pod, None)
         requeue = [m for m in self.queues.pop(pod, {}) if m in self.waiting]
-        self._traces = {k: v for k, v in self._traces.items() if k[0] != pod}
-        await self._commit(ops, changes)
+        self._traces = {key: v for key, v in self._traces.items() if key[0] != pod}
+        self._failed_unloads = {key: v for key, v in self._failed_unloads.items() if key[1] != pod}
         for m in requeue + [m for m in self.waiting if not self.view.copies.get(m)]:
             spec = self.specs.get(m)
             if spec is not None and not any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(m, {}).values()):

@@ -1,28 +1,50 @@
-"""Request rates per model from the runtimes' counters, smoothed with an EWMA."""
+"""Request rates per model from the runtimes' counters, smoothed with an EWMA. `count` and
+`ewma` are pure; `Rates._poll_rates` does the polling and keeps the results."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import time
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
-import redis.asyncio as aioredis
-from opentelemetry import trace
-from prometheus_client import Histogram
 
-from meshserve import state as st
-from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
-from meshserve_placement import copies as copyplan
-from meshserve_placement import keys, policy
-from meshserve_placement.sizes import booked_size, reported_of
-from meshserve_placement.liveness import Liveness, judge
-from meshserve_placement.types import Changes, Ops
+from meshserve.model import Pod
 
-log = logging.getLogger("meshserve.placement")
+FLOOR = 0.01  # requests/s below which a model's rate is dropped (and the dict stays small)
+
+
+def count(prev: Mapping[tuple[str, str], int], stats: list[tuple[str, dict[str, Any]]]) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[str, tuple[float, int]]]:
+    """From each pod's counters: the counts to remember (pairs no longer reported are gone),
+    requests per model since the last poll, and model -> (last use, uses) for the eviction value.
+    A counter that went down (a runtime restarted) counts as no requests."""
+    counts: dict[tuple[str, str], int] = {}
+    deltas: dict[str, int] = {}
+    used: dict[str, tuple[float, int]] = {}
+    for pod, per_model in stats:
+        for m, s in per_model.items():
+            n = int(s.get("requests", 0))
+            before = prev.get((pod, m))
+            counts[(pod, m)] = n
+            d = n - before if before is not None and n >= before else 0
+            if d:
+                deltas[m] = deltas.get(m, 0) + d
+                if s.get("last_used"):
+                    lu = float(s["last_used"])
+                    last, uses = used.get(m, (0.0, 0))
+                    used[m] = (max(last, lu), uses + d)
+    return counts, deltas, used
+
+
+def ewma(rates: Mapping[str, float], deltas: Mapping[str, int], interval: float, first: bool) -> dict[str, float]:
+    """An EWMA over ~3 polls: fast enough to add a copy within seconds, steady enough not to
+    flap. A new leader's first round is taken as it is: it has nothing to smooth against."""
+    alpha = 1.0 if first else 0.5
+    out: dict[str, float] = {}
+    for m in set(rates) | set(deltas):
+        r = alpha * deltas.get(m, 0) / interval + (1 - alpha) * rates.get(m, 0.0)
+        if r >= FLOOR:
+            out[m] = r
+    return out
 
 
 class Rates:
@@ -37,32 +59,10 @@ class Rates:
                 return pod.id, {}
 
         results = await asyncio.gather(*(one(p) for p in list(self.pods.values())))
-        deltas: dict[str, int] = {}
-        seen: set[tuple[str, str]] = set()
-        for pod, stats in results:
-            for m, s in stats.items():
-                n = int(s.get("requests", 0))
-                key = (pod, m)
-                seen.add(key)
-                prev = self._counts.get(key)
-                self._counts[key] = n
-                d = n - prev if prev is not None and n >= prev else 0
-                if d:
-                    deltas[m] = deltas.get(m, 0) + d
-                    if s.get("last_used"):
-                        lu = float(s["last_used"])
-                        self.view.touch(m, lu, uses=d)
-                        self._recent[m] = max(lu, self._recent.get(m, 0.0))
-        for key in [k for k in self._counts if k not in seen]:
-            del self._counts[key]
+        self._counts, deltas, used = count(self._counts, results)
+        for m, (lu, uses) in used.items():
+            self.view.touch(m, lu, uses=uses)
+            self._recent[m] = max(lu, self._recent.get(m, 0.0))
         if interval > 0:
-            # An EWMA over ~3 polls: fast enough to add a copy within seconds, steady enough not to
-            # flap. A new leader's first round is taken as it is: it has nothing to smooth against.
             self._rate_rounds += 1
-            alpha = 0.5 if self._rate_rounds > 1 else 1.0
-            for m in set(self.rates) | set(deltas):
-                r = alpha * deltas.get(m, 0) / interval + (1 - alpha) * self.rates.get(m, 0.0)
-                if r < 0.01:
-                    self.rates.pop(m, None)
-                else:
-                    self.rates[m] = r
+            self.rates = ewma(self.rates, deltas, interval, first=self._rate_rounds == 1)
