@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import redis.asyncio as aioredis
 from opentelemetry import trace
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from meshserve import tracing
 from meshserve.model import Copy, ModelSpec, Pod
@@ -125,7 +125,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
             # again every third of a lease, so a standby takes over within one.
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type((aioredis.RedisError, OSError)),
-                wait=wait_exponential_jitter(initial=self.s.lease_seconds / 3, max=max(5.0, self.s.lease_seconds), jitter=self.s.lease_seconds / 3),
+                wait=wait_exponential(multiplier=self.s.lease_seconds / 3, max=max(5.0, self.s.lease_seconds)) + wait_random(0, self.s.lease_seconds / 3),
                 before_sleep=lambda rs: log.warning("placement: redis error: %s", rs.outcome.exception() if rs.outcome else ""),
             ):
                 with attempt:
