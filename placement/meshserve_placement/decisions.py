@@ -50,15 +50,15 @@ class Decisions:
         if decision.pod is None and decision.waits_for and waiting:
             # The request stays held: placed again once a pod of that runtime registers.
             log.info("%s waits for a pod of %s: %s", spec.id, decision.waits_for, decision.reason)
-            self.pending[spec.id] = decision.waits_for
             await self._commit(ops, changes)
+            self.pending[spec.id] = decision.waits_for
             return False
         if decision.pod is None and self._room_frees(spec.id, decision) and waiting:
             # No 503: the room is booked by copies that free up by themselves. The request stays
             # held and the model is retried as room frees (_retry_room), up to the cold-start timeout.
             log.info("%s waits for room: %s", spec.id, decision.reason)
-            self.room.setdefault(spec.id, [now, now])[1] = now
             await self._commit(ops, changes)
+            self.room.setdefault(spec.id, [now, now])[1] = now
             return False
         if decision.pod is None:
             log.warning("cannot place %s: %s", spec.id, decision.reason)
@@ -67,8 +67,9 @@ class Decisions:
                 copies = dict(self.view.copies.get(spec.id, {}))
                 copies["-"] = Copy(CopyState.FAILED, 0, now, decision.reason)
                 self._set_copies(spec.id, copies, ops, changes)
-                self.waiting.discard(spec.id)
             await self._commit(ops, changes)
+            if waiting:
+                self.waiting.discard(spec.id)
             return False
         pod = decision.pod
         span.set_attributes({tracing.ATTR_POD: pod, "meshserve.evict": list(decision.evict)})
@@ -83,13 +84,11 @@ class Decisions:
         prio = now + (0.0 if waiting else k.BACKGROUND)
         copies[pod] = Copy(CopyState.LOADING, mv.size, now, QUEUED)
         self._set_copies(spec.id, copies, ops, changes)
-        self.queues.setdefault(pod, {})[spec.id] = prio
-        self._traces[(pod, spec.id)] = carried
         ops.append(cmd.enqueue(pod, spec.id, prio))
         log.info("placing %s on %s%s%s", spec.id, pod, f" evicting {decision.evict}" if decision.evict else "", f" ({why})" if why else "")
         # The decision and, when the pod has a free slot and the room, its load order go in one
         # commit: one round trip fewer between a cold request and its load (issue 19 §4).
-        await self._dispatch(pod, ops, changes)
+        await self._dispatch(pod, ops, changes, queued=(spec.id, prio, carried))
         return True
 
     def _room_frees(self, model: str, d: policy.Decision) -> bool:

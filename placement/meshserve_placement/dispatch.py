@@ -67,10 +67,16 @@ def plan(view: ClusterView, pod: str, queue: Mapping[str, float], specs: Mapping
 
 
 class Dispatch:
-    async def _dispatch(self, pod: str, ops: Ops | None = None, changes: Changes | None = None) -> None:
+    async def _dispatch(self, pod: str, ops: Ops | None = None, changes: Changes | None = None,
+                        queued: tuple[str, float, dict[str, str]] | None = None) -> None:
         """Send queued loads to the pod while it has free loading slots, waiting requests first.
-        `ops` and `changes` (a decision not committed yet) are committed with the orders."""
-        q = self.queues.get(pod, {})
+        `ops` and `changes` (a decision not committed yet) are committed with the orders;
+        `queued` is that decision's load (model, priority, trace context), queued with them.
+        The in-memory queue follows only once the commit is in."""
+        q = dict(self.queues.get(pod, {}))
+        traces = {m: self._traces.get((pod, m), {}) for m in q}
+        if queued is not None:
+            q[queued[0]], traces[queued[0]] = queued[1], queued[2]
         p = plan(self.view, pod, q, self.specs, self.t.unload_overlap_fraction)
         ops = list(ops or [])
         changes = list(changes or [])
@@ -81,13 +87,17 @@ class Dispatch:
             c = self.view.copies[model][pod]
             ops.append(cmd.dequeue(pod, model))
             self._set_copies(model, {**self.view.copies[model], pod: Copy(CopyState.LOADING, c.size, c.since)}, ops, changes)
-            ops.append(cmd.order(pod, LoadOrder(self.specs[model], self._traces.get((pod, model), {}))))
+            ops.append(cmd.order(pod, LoadOrder(self.specs[model], traces[model])))
         if ops:
             await self._commit(ops, changes)
         for model in p.drop + p.send:
             q.pop(model, None)
             self._traces.pop((pod, model), None)
+        if queued is not None and queued[0] in q:
+            self._traces[(pod, queued[0])] = queued[2]
         for model in p.send:
             M_QUEUE_WAIT.observe(max(0.0, now - self.view.copies[model][pod].since))
-        if not q:
-            self.queues.pop(pod, None)  # no empty queue per pod kept for every pod that ever had one
+        if q:
+            self.queues[pod] = q
+        else:
+            self.queues.pop(pod, None)  # no empty queue kept for every pod that ever had one
