@@ -204,7 +204,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
             for eid, fields in entries:
                 try:
                     async with self._deciding():
-                        f = {k.decode(): v.decode() for k, v in fields.items()}
+                        f = {name.decode(): v.decode() for name, v in fields.items()}
                         with tracing.handling(f.get("model", ""), f):
                             await handler(f)
                 except NotLeader:
