@@ -104,6 +104,9 @@ class ClusterView:
         # Declared ServingRuntimes by name. Empty (`meshserve up`): the runtimes the registered
         # pods run are all there is.
         self.runtimes = dict(runtimes or {})
+        # Read-only views for callers, made once: they follow the dicts they wrap.
+        self._ro_copies, self._ro_models = MappingProxyType(self._copies), MappingProxyType(self._models)
+        self._ro_excluded, self._ro_last_used = MappingProxyType(self._excluded), MappingProxyType(self._last_used)
         self._journal: list[tuple[str, Any, Any]] | None = None
         self._pool_cache: tuple[Any, dict[str, list[str]], dict[str, str]] | None = None
         self._build_index()
@@ -111,29 +114,31 @@ class ClusterView:
     # --- reads ---------------------------------------------------------------------------
     @property
     def copies(self) -> Mapping[str, dict[str, Copy]]:
-        return MappingProxyType(self._copies)
+        return self._ro_copies
 
     @copies.setter
     def copies(self, copies: dict[str, dict[str, Copy]]) -> None:
         """A whole new set of copies (tests, the simulator): the index is rebuilt."""
         self._copies = {m: dict(cs) for m, cs in copies.items() if cs}
+        self._ro_copies = MappingProxyType(self._copies)
         self._build_index()
 
     @property
     def models(self) -> Mapping[str, ModelView]:
-        return MappingProxyType(self._models)
+        return self._ro_models
 
     @property
     def excluded(self) -> Mapping[tuple[str, str], float]:
-        return MappingProxyType(self._excluded)
+        return self._ro_excluded
 
     @property
     def last_used(self) -> Mapping[str, float]:
-        return MappingProxyType(self._last_used)
+        return self._ro_last_used
 
     @last_used.setter
     def last_used(self, last_used: dict[str, float]) -> None:
         self._last_used = dict(last_used)
+        self._ro_last_used = MappingProxyType(self._last_used)
         self._build_index()
 
     def index(self) -> dict[str, _PodIndex]:
@@ -249,10 +254,10 @@ class ClusterView:
 
     def eviction_key(self, model: str) -> float:
         """Lower is evicted first: last use, shifted by how often and how small the model is."""
-        last = self.last_used.get(model, 0.0)
+        last = self._last_used.get(model, 0.0)
         if not self.horizon_s:
             return last
-        mv = self.models.get(model)
+        mv = self._models.get(model)
         size = mv.size if mv is not None and mv.size > 0 else self.ref_size
         return last + self.horizon_s * math.log(max(1, self.uses.get(model, 1)) * self.ref_size / size)
 
@@ -278,7 +283,7 @@ class ClusterView:
             return
         self._last_used[model] = when
         self.uses[model] = self.uses.get(model, 0) + uses
-        cs = self.copies.get(model)
+        cs = self._copies.get(model)
         if cs:
             loaded = [p for p, c in cs.items() if c.state == CopyState.LOADED]
             if loaded:
@@ -302,7 +307,7 @@ class ClusterView:
         return p.loading if p is not None else 0
 
     def live_copies(self, model: str) -> int:
-        return sum(1 for c in self.copies.get(model, {}).values() if c.state == CopyState.LOADED)
+        return sum(1 for c in self._copies.get(model, {}).values() if c.state == CopyState.LOADED)
 
     def kept_bytes(self, pod: str) -> int:
         """Bytes on `pod` that will never free up by themselves: copies of pinned models and
@@ -313,7 +318,7 @@ class ClusterView:
         for m, c in self.pod_models(pod).items():
             if c.state not in _BOOKED:
                 continue
-            mv = self.models.get(m)
+            mv = self._models.get(m)
             if mv is not None and (mv.pinned or (mv.min_copies > 0 and self.live_copies(m) <= mv.min_copies)):
                 n += c.size
         return n
@@ -323,7 +328,7 @@ class ClusterView:
         busy (unless `busy`: the last resort, see `busy_victims`)."""
         if not busy and model in self.in_flight:
             return False
-        mv = self.models.get(model)
+        mv = self._models.get(model)
         if mv is not None and (mv.pinned or (mv.min_copies > 0 and self.live_copies(model) <= mv.min_copies)):
             return False
         return True
@@ -443,7 +448,7 @@ class ClusterView:
         while heap and len(out) < n:
             e = heapq.heappop(heap)
             k, m = e
-            cs = self.copies.get(m)
+            cs = self._copies.get(m)
             if keys.get(m) != k or m in seen or not cs:
                 continue  # stale: used again since, or no longer loaded anywhere
             loaded = [pod for pod, c in cs.items() if c.state == CopyState.LOADED]
