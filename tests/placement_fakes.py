@@ -128,13 +128,42 @@ class FakeRedis:
     async def xrange(self, key: str, min: str = "-", max: str = "+", count: int | None = None) -> list[Any]:
         entries = self.data.get(_b(key), [])
         if min.startswith("("):
-            after = tuple(int(x) for x in min[1:].split("-"))
-            entries = [e for e in entries if tuple(int(x) for x in e[0].decode().split("-")) > after]
+            after = _id(min[1:].encode())
+            entries = [e for e in entries if _id(e[0]) > after]
         return entries[:count] if count else list(entries)
 
     async def xrevrange(self, key: str, count: int | None = None) -> list[Any]:
         entries = list(reversed(self.data.get(_b(key), [])))
         return entries[:count] if count else entries
+
+    # consumer groups: one consumer is all the leader uses
+    async def xgroup_create(self, key: str, group: str, id: str = "0", mkstream: bool = False) -> None:
+        groups = self.data.setdefault(b"groups:" + _b(key), {})
+        if group in groups:
+            raise redis.exceptions.ResponseError("BUSYGROUP Consumer Group name already exists")
+        groups[group] = {"last": (0, 0), "pending": {}}
+        self.data.setdefault(_b(key), [])
+
+    async def xreadgroup(self, group: str, consumer: str, streams: dict[str, str], count: int = 1, block: int | None = None) -> list[Any]:
+        (key, cursor), = streams.items()
+        g = self.data[b"groups:" + _b(key)][group]
+        if cursor == ">":
+            new = [e for e in self.data.get(_b(key), []) if _id(e[0]) > g["last"]][:count]
+            for eid, fields in new:
+                g["pending"][eid] = fields
+                g["last"] = _id(eid)
+            entries = new
+        else:
+            entries = sorted(g["pending"].items(), key=lambda e: _id(e[0]))[:count]
+        if not entries and block:
+            import asyncio
+
+            await asyncio.sleep(min(block / 1000, 0.02))
+        return [[_b(key), entries]] if entries else []
+
+    async def xack(self, key: str, group: str, *ids: bytes) -> int:
+        pending = self.data[b"groups:" + _b(key)][group]["pending"]
+        return sum(1 for i in ids if pending.pop(i, None) is not None)
 
     def pipeline(self, transaction: bool = True) -> "_Pipe":
         return _Pipe(self)
@@ -144,6 +173,11 @@ class FakeRedis:
 
     async def aclose(self) -> None:
         pass
+
+
+def _id(eid: bytes) -> tuple[int, int]:
+    a, b = eid.decode().split("-")
+    return int(a), int(b)
 
 
 class _Pipe:
