@@ -169,14 +169,15 @@ def _pod_view(p: Pod) -> policy.PodView:
 
 
 def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> policy.ClusterView:
-    view = policy.ClusterView(
+    return policy.ClusterView(
         pods={p.id: _pod_view(p) for p in snap.pods.values()},
         # A new leader knows a model's reported size from the copies it finds booked.
         models={m.id: _model_view(m, reported_of(c.size for c in snap.placements.get(m.id, {}).values() if c.state == CopyState.LOADED)) for m in snap.models.values()},
         copies={m: cs for m, cs in snap.placements.items() if cs},
         excluded=excluded,
+        # Each recorded use counts once, as a touch would: given to the constructor, the index
+        # is built once with its final keys instead of re-pushed per use.
+        last_used={key.decode(): v for key, v in lastused},
+        uses={key.decode(): 1 for key, _ in lastused},
         horizon_s=horizon_s,
     )
-    for key, v in lastused:
-        view.touch(key.decode(), v)
-    return view
