@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from meshserve.model import Copy, ModelSpec, Pod, copies_to_json
 from meshserve.store import keys as k
 from meshserve.store.messages import (
-    KIND_POD, Change, LoadRequest, Order, PodEvent, PodRegistered, _Result,
+    KIND_POD, Change, Event, LoadRequest, Order, PodEvent, PodRegistered, _Result, decode_event,
 )
 from meshserve.store.state import State
 
@@ -206,6 +206,13 @@ async def heartbeat(r: aioredis.Redis, pod_id: str, now: float | None = None) ->
     return bool(known)
 
 
+async def forget_heartbeats(r: aioredis.Redis, pod_ids: list[str]) -> None:
+    """Pods going away (the controller saw them deleted): without a heartbeat the placement
+    leader withdraws them on its next check, through its own fenced commit."""
+    if pod_ids:
+        await r.zrem(k.HEARTBEATS, *pod_ids)
+
+
 async def mark_used(r: aioredis.Redis, used: Mapping[str, float]) -> None:
     """Request recency: only ever moves forward."""
     if used:
@@ -219,6 +226,12 @@ async def set_progress(r: aioredis.Redis, model_id: str, pod_id: str, doc: str, 
 async def recent(r: aioredis.Redis, stream: str, count: int) -> list[Entry]:
     """The newest `count` entries of a stream, newest first."""
     return await r.xrevrange(stream, count=count)
+
+
+async def read_events(r: aioredis.Redis, after: bytes | str, count: int) -> list[tuple[bytes, Event | None]]:
+    """ms:events entries after id `after` ("$": only new ones); None for an entry nobody reads."""
+    resp = await r.xread({k.EVENTS: after}, count=count)
+    return [(eid, decode_event(f)) for eid, f in (resp[0][1] if resp else [])]
 
 
 async def read_changes(r: aioredis.Redis, after: bytes | str, count: int, block: int | None = None) -> list[tuple[bytes, Change]]:
