@@ -41,8 +41,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from importlib.metadata import version
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from bench import churn
 from bench.common import REPO, hey, install_hey, pct, write
@@ -180,14 +181,6 @@ def side_by_side(sides: list[Side], repeats: int, pause: float, point: str, meas
     return {n: {"median": median_of(r), "runs": r} for n, r in runs.items()}
 
 
-def memory(side: Side, names: list[str], settle: float) -> dict[str, Any]:
-    time.sleep(settle)
-    idle = side.rss()
-    answers = [side.infer(n)[0] for n in names]
-    time.sleep(settle)
-    return {"idle_mib": idle, "loaded_mib": side.rss(), "requested": len(names), "non_200": sum(c != 200 for c in answers)}
-
-
 def model_file(mesh: devmesh.Mesh) -> Path:
     return devmesh.wait_until(lambda: next((mesh.data_dir / "pvc").rglob("mnist-svm.joblib"), None), 120, "the example model file")
 
@@ -195,67 +188,86 @@ def model_file(mesh: devmesh.Mesh) -> Path:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     py = ray_python()
     doc: dict[str, Any] = {"config": {k: v for k, v in vars(a).items()}, "load_average_before": os.getloadavg()}
-    zipf_n, cold_n = a.zipf_models, a.cold_models
-    registered = zipf_n + a.repeats * cold_n + 1
-    with tempfile.TemporaryDirectory(prefix="ms-peer-ray-") as tmp, churn.churn_mesh(Path(tmp), registered, a.per_pod) as (mesh, names):
-        ms = Side("meshserve", mesh.rest, "", lambda: rss_mib(mesh.proc.pid))  # type: ignore[union-attr]
+    doc.update(hot_and_churn(a, py))
+    doc.update(cold_and_memory(a, py, doc["max_ongoing_requests"]))
+    doc["load_average_after"] = os.getloadavg()
+    doc["table"] = table(doc)
+    return doc
+
+
+@contextmanager
+def both(a: argparse.Namespace, py: Path, registered: int, room: int, max_ongoing: int | None) -> Iterator[tuple[Side, RayServe, list[str], Path, devmesh.Mesh]]:
+    """A fresh mesh and a fresh Ray Serve, each with room for `room` models per runtime process."""
+    with tempfile.TemporaryDirectory(prefix="ms-peer-ray-") as tmp, churn.churn_mesh(Path(tmp), registered, room) as (mesh, names):
         body = Path(tmp) / "body.json"
         body.write_bytes(churn.BODY)
         model = Path(tmp) / "mnist-svm.joblib"
         model.write_bytes(model_file(mesh).read_bytes())
         ray = RayServe(py, model, Path(tmp) / "ray.log")
         try:
-            doc["ray_version"], hot = ray.info["ray"], names[-1]
-            zipf_names, cold_names = names[:zipf_n], names[zipf_n:-1]
-            sweep = []
-            for mo in a.max_ongoing:
-                ray.deploy(a.per_pod, mo)
-                ray.side.infer(hot)
-                r = saturation(ray.side, hot, body, a.seconds, a.connections)
-                sweep.append({"max_ongoing_requests": mo, **r})
-                print(f"ray max_ongoing_requests={mo}: {json.dumps(r)}", flush=True)
-                time.sleep(a.pause)
-            best = max(sweep, key=lambda r: r["achieved_rps"])["max_ongoing_requests"]
-            doc["max_ongoing_sweep"], doc["max_ongoing_requests"] = sweep, best
-            ray.deploy(a.per_pod, best)
-            sides = [ms, ray.side]
-            for s in sides:
-                assert s.infer(hot)[0] == 200, f"{s.name} does not answer the hot model"
-            time.sleep(2.0)  # meshserve: the hot model's route reaches the gateway
-            points: dict[str, Any] = {}
-            points["saturation"] = side_by_side(sides, a.repeats, a.pause, "saturation", lambda s, _: saturation(s, hot, body, a.seconds, a.connections))
-            for rps in a.rates:
-                points[f"fixed_{rps}"] = side_by_side(sides, a.repeats, a.pause, f"fixed {rps}", lambda s, _, rps=rps: fixed(s, hot, body, a.seconds, rps))
-            points["zipf"] = side_by_side(sides, a.repeats, a.pause, "zipf", lambda s, rep: zipf(s, zipf_names, a.zipf_rps, a.zipf_seconds, 19 + rep))
-            points["cold"] = side_by_side(sides, a.repeats, a.pause, "cold", lambda s, rep: cold(s, cold_names[rep * cold_n:(rep + 1) * cold_n]))
-            doc["points"] = points
+            if max_ongoing:
+                ray.deploy(room, max_ongoing)
+            yield Side("meshserve", mesh.rest, "", lambda: rss_mib(mesh.proc.pid)), ray, names, body, mesh  # type: ignore[union-attr]
         finally:
             ray.stop()
-    # Memory: each system started afresh and alone, room for more than the models requested.
-    room = a.memory_models // 2 + 10
-    mem: dict[str, Any] = {"room_per_runtime": room}
-    with tempfile.TemporaryDirectory(prefix="ms-peer-ray-") as tmp:
-        with churn.churn_mesh(Path(tmp), a.memory_models, room) as (mesh, names):
-            model = Path(tmp) / "mnist-svm.joblib"
-            model.write_bytes(model_file(mesh).read_bytes())
-            mem["meshserve"] = memory(Side("meshserve", mesh.rest, "", lambda: rss_mib(mesh.proc.pid)), names, a.settle)  # type: ignore[union-attr]
-            mem["meshserve"]["loaded_copies"] = churn.loaded_now(mesh.redis_url)["copies"]
-        time.sleep(a.pause)
-        ray = RayServe(py, model, Path(tmp) / "ray.log")
-        try:
-            ray.deploy(room, doc["max_ongoing_requests"])
-            mem["ray"] = memory(ray.side, names, a.settle)
-        finally:
-            ray.stop()
-    doc["memory"] = mem
-    doc["load_average_after"] = os.getloadavg()
-    doc["table"] = table(doc)
-    return doc
+
+
+def hot_and_churn(a: argparse.Namespace, py: Path) -> dict[str, Any]:
+    """Points 1-3, and cold starts with the caches full (each load evicts), room `per_pod`."""
+    zipf_n, cold_n = a.zipf_models, a.cold_models
+    out: dict[str, Any] = {}
+    with both(a, py, zipf_n + a.repeats * cold_n + 1, a.per_pod, None) as (ms, ray, names, body, _):
+        out["ray_version"], hot = ray.info["ray"], names[-1]
+        zipf_names, cold_names = names[:zipf_n], names[zipf_n:-1]
+        sweep = []
+        for mo in a.max_ongoing:
+            ray.deploy(a.per_pod, mo)
+            ray.side.infer(hot)
+            r = saturation(ray.side, hot, body, a.seconds, a.connections)
+            sweep.append({"max_ongoing_requests": mo, **r})
+            print(f"ray max_ongoing_requests={mo}: {json.dumps(r)}", flush=True)
+            time.sleep(a.pause)
+        best = max(sweep, key=lambda r: r["achieved_rps"])["max_ongoing_requests"]
+        out["max_ongoing_sweep"], out["max_ongoing_requests"] = sweep, best
+        ray.deploy(a.per_pod, best)
+        sides = [ms, ray.side]
+        for s in sides:
+            assert s.infer(hot)[0] == 200, f"{s.name} does not answer the hot model"
+        time.sleep(2.0)  # meshserve: the hot model's route reaches the gateway
+        p: dict[str, Any] = {}
+        p["saturation"] = side_by_side(sides, a.repeats, a.pause, "saturation", lambda s, _: saturation(s, hot, body, a.seconds, a.connections))
+        for rps in a.rates:
+            p[f"fixed_{rps}"] = side_by_side(sides, a.repeats, a.pause, f"fixed {rps}", lambda s, _, rps=rps: fixed(s, hot, body, a.seconds, rps))
+        p["zipf"] = side_by_side(sides, a.repeats, a.pause, "zipf", lambda s, rep: zipf(s, zipf_names, a.zipf_rps, a.zipf_seconds, 19 + rep))
+        p["cold_evicting"] = side_by_side(sides, a.repeats, a.pause, "cold (caches full)", lambda s, rep: cold(s, cold_names[rep * cold_n:(rep + 1) * cold_n]))
+        out["points"] = p
+    return out
+
+
+def cold_and_memory(a: argparse.Namespace, py: Path, max_ongoing: int) -> dict[str, Any]:
+    """Fresh systems with room for more than `memory_models`: RSS idle, cold starts (3 × 30 new
+    models, alternating, nothing to evict), the rest of the `memory_models` loaded, RSS again."""
+    room = max(a.memory_models, a.repeats * a.cold_models) // 2 + 10
+    with both(a, py, max(a.memory_models, a.repeats * a.cold_models), room, max_ongoing) as (ms, ray, names, _, mesh):
+        sides = [ms, ray.side]
+        time.sleep(a.settle)
+        mem: dict[str, Any] = {"room_per_runtime": room, **{s.name: {"idle_mib": s.rss()} for s in sides}}
+        cold_names = names[: a.repeats * a.cold_models]
+        c = side_by_side(sides, a.repeats, a.pause, "cold", lambda s, rep: cold(s, cold_names[rep * a.cold_models:(rep + 1) * a.cold_models]))
+        rest = names[len(cold_names): a.memory_models]
+        for s in sides:
+            answers = [s.infer(n)[0] for n in rest]
+            mem[s.name]["non_200"] = sum(x != 200 for x in answers)
+        time.sleep(a.settle)
+        for s in sides:
+            mem[s.name].update(loaded_mib=s.rss(), requested=max(a.memory_models, len(cold_names)))
+        mem["meshserve"]["loaded_copies"] = churn.loaded_now(mesh.redis_url)["copies"]
+    return {"cold": c, "memory": mem}
 
 
 def table(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The docs' rows: the figure, each side's medians, and meshserve ÷ Ray of the key number."""
-    p, rows = doc["points"], []
+    p, rows = {**doc["points"], "cold": doc["cold"]}, []
 
     def med(point: str, side: str) -> dict[str, float]:
         return p[point][side]["median"]
@@ -265,7 +277,7 @@ def table(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for k in (k for k in p if k.startswith("fixed_")):
         m, r = med(k, "meshserve"), med(k, "ray")
         rows.append({"figure": f"hot model, {k[6:]} rps", "meshserve": m, "ray": r, "ratio": "p99", "value": round(m["p99_ms"] / r["p99_ms"], 2)})
-    for k, key in (("zipf", "p99_ms"), ("cold", "p50_ms")):
+    for k, key in (("zipf", "p99_ms"), ("cold", "p50_ms"), ("cold_evicting", "p50_ms")):
         m, r = med(k, "meshserve"), med(k, "ray")
         rows.append({"figure": k, "meshserve": m, "ray": r, "ratio": key[:3], "value": round(m[key] / r[key], 2)})
     mm, mr = doc["memory"]["meshserve"], doc["memory"]["ray"]

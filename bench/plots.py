@@ -145,7 +145,7 @@ def hit_ratio(doc: dict[str, Any], name: str = "placement_sim") -> Path:
 def peer_rayserve(doc: dict[str, Any]) -> Path:
     """meshserve against Ray Serve: the five figures of bench/peer_rayserve.py, medians of its runs."""
     plt = _plt()
-    p, mem = doc["points"], doc["memory"]
+    p, mem = {**doc["points"], "cold": doc["cold"]}, doc["memory"]
     sides = (("meshserve", "tab:blue"), ("ray", "tab:orange"))
     fig, axes = plt.subplots(1, 5, figsize=(17, 4))
 
@@ -170,7 +170,9 @@ def peer_rayserve(doc: dict[str, Any]) -> Path:
     axes[1].set_ylabel("p99, ms (log)")
     axes[1].set_title("one hot model, fixed rate", fontsize=9)
     bars(axes[2], [("p50", "zipf", "p50_ms"), ("p99", "zipf", "p99_ms")], "ms", f"Zipf over {doc['config']['zipf_models']:,} models, {doc['config']['zipf_rps']:.0f} rps")
-    bars(axes[3], [("p50", "cold", "p50_ms"), ("p99", "cold", "p99_ms")], "ms", f"cold start, {doc['config']['cold_models']} new models")
+    bars(axes[3], [("p50", "cold", "p50_ms"), ("p99", "cold", "p99_ms"), ("p50, full", "cold_evicting", "p50_ms"),
+                   ("p99, full", "cold_evicting", "p99_ms")], "ms (log)", f"cold start, {doc['config']['cold_models']} new models:\nroom free / caches full")
+    axes[3].set_yscale("log")
     bars(axes[4], [("idle", "", "idle_mib"), (f"{doc['config']['memory_models']} loaded", "", "loaded_mib")], "RSS, MiB", "memory, all processes")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"meshserve against Ray Serve {doc.get('ray_version', '')}: same model, 2 runtime processes each, "
