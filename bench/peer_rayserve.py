@@ -297,7 +297,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--per-pod", type=int, default=30, help="models resident per runtime process, both systems")
     ap.add_argument("--cold-models", type=int, default=30)
     ap.add_argument("--memory-models", type=int, default=200)
-    ap.add_argument("--max-ongoing", default="5,16,64", help="Ray max_ongoing_requests candidates")
+    ap.add_argument("--max-ongoing", default="5,16,32,64", help="Ray max_ongoing_requests candidates")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pause", type=float, default=5.0, help="between points")
     ap.add_argument("--settle", type=float, default=10.0, help="before each memory reading")
