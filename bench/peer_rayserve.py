@@ -314,10 +314,11 @@ def main(argv: list[str]) -> int:
         return subprocess.run(cmd, cwd=REPO, env={**os.environ, IN_NETNS: "1"}).returncode
     doc = run(a)
     print(json.dumps(doc["table"], indent=2))
-    print(write("peer_rayserve", doc))
+    path = write("peer_rayserve", doc)
+    print(path)
     from bench import plots
 
-    print(plots.peer_rayserve(doc))
+    print(plots.peer_rayserve(json.loads(path.read_text())))  # as written: with the machine and date
     return 0
 
 
