@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from meshserve.devmesh import free_port
+from meshserve_xds import matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import istio_bootstrap
 from meshserve_xds.harness import AdsThread, Upstream, envoy, http, wait_for
@@ -33,7 +34,7 @@ def test_static_listener_takes_our_routes_and_no_listeners(delta: bool) -> None:
                 aliases={"m0": M0},
                 activator=r.Endpoint("127.0.0.1", act.port, act.port),
             )
-            ads.set(ISTIO_GROUP, r.build_all(state, None))
+            ads.set(ISTIO_GROUP, matcher.build_all(state, None))
             listen, admin = free_port(), free_port()
             with envoy(istio_bootstrap("istio-ingressgateway-0", "127.0.0.1", ads.port, admin, listen, delta=delta), admin) as gw:
                 base = f"http://127.0.0.1:{listen}"

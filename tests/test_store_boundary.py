@@ -17,8 +17,6 @@ PRODUCT = [REPO / "meshserve", *sorted(p for p in REPO.glob("*/meshserve_*") if 
 ALLOWED = {
     # converted by the loader change
     "loader/meshserve_loader/agent.py",
-    # converted by the xds change
-    "xds/meshserve_xds/source.py",
     # the deprecated meshserve.state import path, gone once the three above have converted
     "meshserve/state.py",
 }
