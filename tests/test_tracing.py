@@ -44,7 +44,8 @@ from meshserve_loader.agent import Agent
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.process import RuntimeProcess
 from meshserve_loader.servers.builtin import RuntimeClient, builtin_argv, read_ports
-from meshserve_placement.activator import Activator, GrpcActivator, build_rest_app
+from meshserve_placement.activator import Activator, build_rest_app
+from meshserve_placement.activator_grpc import GrpcActivator
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_placement.scheduler import Scheduler
 
