@@ -22,8 +22,8 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
-from meshserve_xds.harness import envoy
+from meshserve_testing import devmesh
+from meshserve_testing.xds_harness import envoy
 from meshserve_xds.resources import REST
 from meshserve_xds.server import GATEWAY_GROUP
 

@@ -15,10 +15,10 @@ from collections import Counter
 
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http as get, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http as get, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -59,7 +59,8 @@ def test_a_dead_copy_costs_no_request_and_copy_sets_move_cleanly(delta: bool) ->
     try:
         dead = r.Endpoint("127.0.0.1", free_port(), free_port())  # a pod that was killed: nothing listens
         eps = {"pod-0": dead, **{p: r.Endpoint("127.0.0.1", u.port, u.port) for p, u in ups.items()}}
-        rest, grpc_port, admin = free_port(), free_port(), free_port()
+        rest, grpc_port = free_port(), free_port()
+        admin = 0  # Envoy binds any free admin port; the harness reads it back
 
         def publish(pods: list[str], loaded: dict[str, list[str]]) -> None:
             state = r.RoutingState(pods={p: eps[p] for p in pods}, loaded=loaded, aliases={"m0": M0, "m1": M1},

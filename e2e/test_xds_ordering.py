@@ -16,11 +16,11 @@ from collections import Counter
 
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http as get, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http as get, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,8 @@ def test_no_503_while_models_move_and_pods_come_and_go(layout: str, delta: bool)
     ads = AdsThread().start()
     try:
         eps = {u.name: r.Endpoint("127.0.0.1", u.port, u.port) for u in ups}
-        rest, grpc_port, admin = free_port(), free_port(), free_port()
+        rest, grpc_port = free_port(), free_port()
+        admin = 0  # Envoy binds any free admin port; the harness reads it back
         listeners = r.ListenerConfig("127.0.0.1", rest, grpc_port)
 
         def publish(pods: list[str], loaded: dict[str, list[str]]) -> None:

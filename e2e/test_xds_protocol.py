@@ -18,10 +18,10 @@ from prometheus_client import REGISTRY
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Envoy, Upstream, envoy, http, wait_for
+from meshserve_testing.xds_harness import AdsThread, Envoy, Upstream, envoy, http, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +82,8 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     with Upstream("pod-0") as pod, Upstream("activator") as act:
         ads = AdsThread().start()
         try:
-            rest_port, grpc_port, admin = free_port(), free_port(), free_port()
+            rest_port, grpc_port = free_port(), free_port()
+            admin = 0  # Envoy binds any free admin port; the harness reads it back
             rg = Rig(ads, None, pod, act, rest_port, grpc_port, delta)  # type: ignore[arg-type]
             rg.publish({M0: ["pod-0"]})
             boot = gateway_bootstrap("gw-test", "127.0.0.1", ads.port, admin, delta=delta)

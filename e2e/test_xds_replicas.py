@@ -12,13 +12,13 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http, model_route_clusters, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http, model_route_clusters, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 from meshserve_xds.source import RedisSource
 
@@ -88,7 +88,7 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
                     activator_rest_port=act.port, activator_grpc_port=act.port,
                 )
                 replicas.append(Replica(s))
-            admins = [devmesh.free_port(), devmesh.free_port()]
+            admins = [0, 0]  # Envoy binds any free admin port; the harness reads it back
             # Both replicas build for the same listener ports so their output can be compared byte for byte.
             for rep in replicas:
                 rep.source.listeners = r.ListenerConfig("127.0.0.1", rest_ports[0], rest_ports[1])

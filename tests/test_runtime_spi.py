@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_loader.spi import SpiClient, SpiServer, serve_spi
 from meshserve_proto import model_runtime_pb2 as mr
 

@@ -17,7 +17,7 @@ import aiohttp
 import grpc
 import pytest
 
-from meshserve.devmesh import free_block, free_port
+from meshserve_testing.devmesh import free_block
 from meshserve.settings import Settings
 from meshserve_loader.spi import SpiServer
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -84,8 +84,7 @@ async def runtime_port():
     server = grpc.aio.server()
     mrg.add_ModelRuntimeServicer_to_server(servicer, server)
     pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         yield servicer, port

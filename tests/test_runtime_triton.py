@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from meshserve.devmesh import free_block, free_port
+from meshserve_testing.devmesh import free_block, free_port
 from meshserve.settings import Settings
 from meshserve.yamlfile import load_documents
 from meshserve_loader import example_models as ex
@@ -201,11 +201,18 @@ def test_relayout_replaces_the_folder(tmp_path: Path) -> None:
 # (b) and (c): the client against the protocol stand-in
 
 
-async def _start_standin(repo: Path, port: int, *extra: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, str(STANDIN), "--repo", str(repo), "--port", str(port), *extra,
-        stdout=asyncio.subprocess.DEVNULL, stderr=None,
+async def _start_standin(repo: Path, *extra: str) -> tuple[asyncio.subprocess.Process, int]:
+    """The stand-in on a port of its own choosing (port 0), read back from its first line."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(STANDIN), "--repo", str(repo), "--port", "0", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=None,
     )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+    if not line.startswith("port "):
+        await _stop(proc)
+        raise RuntimeError(f"the Triton stand-in did not start: {line!r}")
+    return proc, int(line.split()[1])
 
 
 async def _stop(p: asyncio.subprocess.Process) -> None:
@@ -220,10 +227,9 @@ async def _stop(p: asyncio.subprocess.Process) -> None:
 
 @pytest.fixture
 async def triton(tmp_path: Path) -> AsyncIterator[tuple[TritonClient, asyncio.subprocess.Process]]:
-    port = free_port()
     repo = tmp_path / "repo"
     repo.mkdir()
-    proc = await _start_standin(repo, port, "--ready-after", "0.5")
+    proc, port = await _start_standin(repo, "--ready-after", "0.5")
     try:
         async with aiohttp.ClientSession() as session:
             client = TritonClient(f"http://127.0.0.1:{port}", session, repo, pid=lambda: proc.pid if proc.returncode is None else 0)

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.settings import Settings
 from meshserve_loader.storage import predict_size
 
