@@ -50,7 +50,6 @@ def gateway() -> Iterator[str]:
     act, act_port = _serve("activator")
     ads = AdsThread().start()
     try:
-        grpc_port = free_port()
         admin = 0  # Envoy binds any free admin port; the harness reads it back
         state = r.RoutingState(
             pods={"pod-0": r.Endpoint("127.0.0.1", free_port(), pod_port)},
@@ -58,9 +57,9 @@ def gateway() -> Iterator[str]:
             aliases={"m0": M0},
             activator=r.Endpoint("127.0.0.1", free_port(), act_port),
         )
-        ads.set(GATEWAY_GROUP, r.build_all(state, r.ListenerConfig("127.0.0.1", free_port(), grpc_port)))
-        with envoy(gateway_bootstrap("gw-grpc", "127.0.0.1", ads.port, admin), admin):
-            target = f"127.0.0.1:{grpc_port}"
+        ads.set(GATEWAY_GROUP, r.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
+        with envoy(gateway_bootstrap("gw-grpc", "127.0.0.1", ads.port, admin), admin) as gw:
+            target = f"127.0.0.1:{gw.listener_port(r.GRPC)}"
             wait_for(lambda: _infer(target, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0", 20, "gRPC route up")
             yield target
     finally:

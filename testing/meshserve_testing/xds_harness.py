@@ -137,6 +137,18 @@ class Envoy:
     def route_versions(self) -> dict[str, str]:
         return {c["route_config"]["name"]: c["version_info"] for c in self.config_dump("dynamic_route_configs")}
 
+    def listener_port(self, name: str, timeout: float = 30) -> int:
+        """The port listener `name` got, read back from the admin API: give listeners port 0
+        in their xDS config (r.ListenerConfig("127.0.0.1", 0, 0)) and Envoy binds free ones."""
+
+        def bound() -> int | None:
+            for st in json.loads(self.get("/listeners?format=json")).get("listener_statuses", []):
+                if st.get("name") == name:
+                    return st.get("local_address", {}).get("socket_address", {}).get("port_value") or None
+            return None
+
+        return wait_for(bound, timeout, f"listener {name} bound")
+
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
