@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve_testing.devmesh import free_port
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import istio_bootstrap
 from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http, wait_for
@@ -34,10 +33,9 @@ def test_static_listener_takes_our_routes_and_no_listeners(delta: bool) -> None:
                 activator=r.Endpoint("127.0.0.1", act.port, act.port),
             )
             ads.set(ISTIO_GROUP, r.build_all(state, None))
-            listen = free_port()
-            admin = 0  # Envoy binds any free admin port; the harness reads it back
-            with envoy(istio_bootstrap("istio-ingressgateway-0", "127.0.0.1", ads.port, admin, listen, delta=delta), admin) as gw:
-                base = f"http://127.0.0.1:{listen}"
+            admin = 0  # Envoy binds free admin and listener ports; the harness reads them back
+            with envoy(istio_bootstrap("istio-ingressgateway-0", "127.0.0.1", ads.port, admin, 0, delta=delta), admin) as gw:
+                base = f"http://127.0.0.1:{gw.listener_port('istio_ingress_8008')}"
                 wait_for(lambda: http(f"{base}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-0", 20, "m0 via the static listener")
                 code, body = http(f"{base}/v2/models/cold/infer", data=b"{}")
                 assert body.get("upstream") == "activator"
