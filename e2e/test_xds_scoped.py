@@ -99,9 +99,8 @@ def mesh() -> Iterator[Mesh]:
                    ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]],
                 [(st.KIND_ALL, "")],
             )
-            rest, grpc_port = devmesh.free_port(), devmesh.free_port()
-            admin = 0  # Envoy binds any free admin port; the harness reads it back
-            settings = Settings(redis_url=v.url, gateway_rest_port=rest, gateway_grpc_port=grpc_port, debounce_quiet_ms=5,
+            admin = 0  # Envoy binds free admin and listener ports (gateway ports 0); the harness reads them back
+            settings = Settings(redis_url=v.url, gateway_rest_port=0, gateway_grpc_port=0, debounce_quiet_ms=5,
                                 activator_rest_port=rest_ups["activator"].port, activator_grpc_port=grpcs["activator"][1])
             ads = AdsThread().start()
             state = ads.call(_state(v.url))
@@ -109,8 +108,8 @@ def mesh() -> Iterator[Mesh]:
                 assert ads.cache is not None
                 src = RedisSource(settings, state, ads.cache, layout="scoped")
                 task = asyncio.run_coroutine_threadsafe(src.run(), ads.loop)
-                with envoy(gateway_bootstrap("gw-scoped", "127.0.0.1", ads.port, admin, delta=True), admin):
-                    m = Mesh(v.url, rest, grpc_port, ads, settings)
+                with envoy(gateway_bootstrap("gw-scoped", "127.0.0.1", ads.port, admin, delta=True), admin) as gw:
+                    m = Mesh(v.url, gw.listener_port(r.REST), gw.listener_port(r.GRPC), ads, settings)
                     wait_for(lambda: m.upstream("m0") == "pod-0", 20, "m0 routed")
                     yield m
                 task.cancel()
