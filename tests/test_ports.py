@@ -74,11 +74,15 @@ def _port(url: str) -> int:
 def test_two_of_each_test_server_at_once_get_distinct_ports(tmp_path: Path) -> None:
     """Two of every harness, all running at the same time: every one answers on its own port."""
     got: dict[str, int] = {}
+    sockets: set[str] = set()
     with ExitStack() as stack:
         for i in range(2):
-            v = stack.enter_context(devmesh.valkey())
+            v = stack.enter_context(devmesh.valkey(tcp=True))
             assert redis.Redis.from_url(v.url).ping()
             got[f"valkey-{i}"] = v.port
+            u = stack.enter_context(devmesh.valkey())  # the default: a unix socket, no TCP port at all
+            assert u.port == 0 and u.url.startswith("unix://") and redis.Redis.from_url(u.url).ping()
+            sockets.add(u.socket)
             got[f"s3-{i}"] = _port(stack.enter_context(devmesh.s3_server()))
             got[f"moto-{i}"] = _port(stack.enter_context(moto_server()))
             got[f"gcs-{i}"] = _port(stack.enter_context(gcs_emulator()))
@@ -94,6 +98,7 @@ def test_two_of_each_test_server_at_once_get_distinct_ports(tmp_path: Path) -> N
             got[f"ads-{i}"] = ads.port
             boot = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}}
             got[f"envoy-admin-{i}"] = stack.enter_context(envoy(json.dumps(boot))).admin_port
+        assert len(sockets) == 2
         assert all(got.values()), got
         assert len(set(got.values())) == len(got), f"two servers on one port: {got}"
         for name, port in got.items():

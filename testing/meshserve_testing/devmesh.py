@@ -130,14 +130,17 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 @dataclass
 class Valkey:
-    port: int
+    port: int  # 0: no TCP port, the unix socket only
     dir: Path
     proc: subprocess.Popen[bytes]
     password: str = ""
+    socket: str = ""
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.socket:
+            return f"unix://{auth}{self.socket}?db=0"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -145,34 +148,41 @@ class Valkey:
         self.proc.wait(10)
 
     def restart(self) -> None:
-        self.proc = _spawn_valkey(self.port, self.dir, self.password)
+        self.proc = _spawn_valkey(self.port, self.dir, self.password, self.socket)
 
 
-def _spawn_valkey(port: int, d: Path, password: str = "") -> subprocess.Popen[bytes]:
+def _spawn_valkey(port: int, d: Path, password: str = "", sock: str = "") -> subprocess.Popen[bytes]:
     from meshserve.up import valkey_binary
 
     argv = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--appendonly", "yes",
             "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
+    if sock:
+        argv += ["--unixsocket", sock, "--unixsocketperm", "700"]
     if password:
         argv += ["--requirepass", password]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import redis
 
-    r = redis.Redis(port=port, password=password or None)
-    wait_until(lambda: r.ping(), 20, f"valkey on {port}")
+    r = redis.Redis(unix_socket_path=sock, password=password or None) if sock else redis.Redis(port=port, password=password or None)
+    wait_until(lambda: proc.poll() is not None or r.ping(), 20, f"valkey on {sock or port}")
     r.close()
+    if proc.poll() is not None:
+        raise RuntimeError(f"valkey on {sock or port} exited at start ({proc.returncode})")
     return proc
 
 
 @contextmanager
-def valkey(dir: Path | None = None, password: str = "") -> Iterator[Valkey]:
+def valkey(dir: Path | None = None, password: str = "", tcp: bool = False) -> Iterator[Valkey]:
+    """A Valkey for a test, always stopped. By default it listens on a unix socket only: Valkey
+    can't bind an ephemeral TCP port and report it (`--port 0` turns TCP off), and every client
+    of a test Valkey is redis-py (in the test or in our processes), which takes a unix:// URL.
+    `tcp`: on a reserved TCP port instead (meshserve.ports), for a test that needs host:port."""
     with tempfile.TemporaryDirectory(prefix="ms-valkey-") as tmp:
         d = Path(dir or tmp)
-        # Valkey can't bind port 0 and report it (`--port 0` turns TCP off), and its clients
-        # include our own subprocesses given a redis:// URL: a reserved port (meshserve.ports).
-        port = ports.reserve_port()
+        sock = "" if tcp else str(Path(tmp) / "valkey.sock")  # in the short temp dir: a socket path is at most 107 bytes
+        port = ports.reserve_port() if tcp else 0
         try:
-            v = Valkey(port, d, _spawn_valkey(port, d, password), password)
+            v = Valkey(port, d, _spawn_valkey(port, d, password, sock), password, sock)
             try:
                 yield v
             finally:
@@ -183,7 +193,8 @@ def valkey(dir: Path | None = None, password: str = "") -> Iterator[Valkey]:
                     except subprocess.TimeoutExpired:
                         v.proc.kill()
         finally:
-            ports.release(port)
+            if port:
+                ports.release(port)
 
 
 @dataclass
