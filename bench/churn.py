@@ -100,16 +100,18 @@ def zipf_sequence(names: list[str], n: int, s: float = 1.0, seed: int = 19) -> l
     return rng.choices(ranked, weights=weights, k=n)
 
 
-def run(base: str, sequence: list[str], rps: float, threads: int = 256, timeout: float = 120.0) -> Result:
+def run(base: str, sequence: list[str], rps: float, threads: int = 256, timeout: float = 120.0, name_header: str = "") -> Result:
     """Send `sequence` at `rps` (open loop: a slow answer does not slow the sender, up to
     `threads` outstanding), one request per name, and collect every answer. Latency counts
-    from the time a request was due, so waiting for a free thread is part of it."""
+    from the time a request was due, so waiting for a free thread is part of it. `name_header`:
+    also send the name in this header (Ray Serve's multiplexing reads the model id there)."""
     res = Result()
     lock = threading.Lock()
 
     def one(name: str, t0: float) -> None:
         try:
-            req = urllib.request.Request(f"{base}/v2/models/{name}/infer", data=BODY, method="POST")
+            req = urllib.request.Request(f"{base}/v2/models/{name}/infer", data=BODY, method="POST",
+                                         headers={name_header: name} if name_header else {})
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 code, body = r.status, r.read()
         except urllib.error.HTTPError as e:

@@ -68,9 +68,10 @@ def install_hey() -> None:
 
 
 def hey(url: str, body: Path, rps: int, seconds: int, workers: int = 20, headers: tuple[str, ...] = ()) -> dict[str, float]:
-    """Rate-limited load with `hey` (Go, not Python's loop); exact percentiles from its CSV."""
-    per_worker = max(1, rps // workers)
-    cmd = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", str(per_worker), "-m", "POST", "-D", str(body), "-o", "csv", url]
+    """Rate-limited load with `hey` (Go, not Python's loop); exact percentiles from its CSV.
+    `rps` 0: no limit, each worker sends its next request when the last is answered (saturation)."""
+    limit = ["-q", str(max(1, rps // workers))] if rps > 0 else []
+    cmd = ["hey", "-z", f"{seconds}s", "-c", str(workers), *limit, "-m", "POST", "-D", str(body), "-o", "csv", url]
     for h in headers:
         cmd[1:1] = ["-H", h]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)

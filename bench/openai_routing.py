@@ -1,6 +1,6 @@
 """What routing /v1 requests by the JSON body's `model` costs at the gateway (issue 17, item 4).
 
-The gateway's own REST listener (scoped.build_listener: the json_to_metadata filter behind its
+The gateway's own REST listener (listeners.build_scoped_listener: the json_to_metadata filter behind its
 /v1-only match_delegate, the key-setting Lua, on_demand, router), with one static route on the
 scope key to a stand-in pod that is another listener of the same Envoy answering by itself
 (direct_response): no Python anywhere, so what differs between the variants is the gateway's
@@ -39,6 +39,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.type.matcher.v3 import string_pb2
 from meshserve_testing.devmesh import free_port, wait_until
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from meshserve_xds import listeners, pb
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
 from meshserve_testing.xds_harness import envoy, http
@@ -47,11 +48,11 @@ MODEL = "m"
 
 
 def listener(port: int, with_filter: bool) -> dict:
-    lst = scoped.build_listener("meshserve_rest", "127.0.0.1", port, False)
+    lst = listeners.build_scoped_listener("meshserve_rest", "127.0.0.1", port, False)
     manager = hcm.HttpConnectionManager()
     lst.filter_chains[0].filters[0].typed_config.Unpack(manager)
     manager.ClearField("scoped_routes")
-    route = rc.Route(match=rc.RouteMatch(prefix="/", headers=[rc.HeaderMatcher(name=scoped.KEY_HEADER, string_match=string_pb2.StringMatcher(exact=MODEL))]),
+    route = rc.Route(match=rc.RouteMatch(prefix="/", headers=[rc.HeaderMatcher(name=r.KEY_HEADER, string_match=string_pb2.StringMatcher(exact=MODEL))]),
                      route=rc.RouteAction(cluster="pod"))
     manager.route_config.CopyFrom(route_pb2.RouteConfiguration(name="bench", virtual_hosts=[rc.VirtualHost(name="b", domains=["*"], routes=[route])]))
     if not with_filter:
@@ -91,9 +92,9 @@ def pod(port: int) -> tuple[dict, dict]:
     answer = rc.Route(match=rc.RouteMatch(prefix="/"), direct_response=rc.DirectResponseAction(status=200, body={"inline_string": '{"ok":true}'}))
     manager = hcm.HttpConnectionManager(
         stat_prefix="pod", route_config=route_pb2.RouteConfiguration(name="pod", virtual_hosts=[rc.VirtualHost(name="p", domains=["*"], routes=[answer])]),
-        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))])
+        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pb.pack_any(router_pb2.Router()))])
     lst = {"name": "pod", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": json_format.MessageToDict(r._any(manager))}]}]}
+           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": json_format.MessageToDict(pb.pack_any(manager))}]}]}
     cluster = {"name": "pod", "type": "STATIC", "connect_timeout": "1s",
                "load_assignment": {"cluster_name": "pod", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
     return lst, cluster

@@ -142,11 +142,54 @@ def hit_ratio(doc: dict[str, Any], name: str = "placement_sim") -> Path:
     return _save(fig, name)
 
 
+def peer_rayserve(doc: dict[str, Any]) -> Path:
+    """meshserve against Ray Serve: the five figures of bench/peer_rayserve.py, medians of its runs."""
+    plt = _plt()
+    p, mem = {**doc["points"], "cold": doc["cold"]}, doc["memory"]
+    sides = (("meshserve", "tab:blue"), ("ray", "tab:orange"))
+    fig, axes = plt.subplots(1, 5, figsize=(17, 4))
+
+    def bars(ax: Any, groups: list[tuple[str, str, str]], ylabel: str, title: str) -> None:
+        """groups: (label, point, key); one bar per side per group."""
+        for i, (name, color) in enumerate(sides):
+            vals = [p[pt][name]["median"][key] if pt in p else mem[name][key] for _, pt, key in groups]
+            xs = [j + (i - 0.5) * 0.38 for j in range(len(groups))]
+            ax.bar(xs, vals, 0.38, color=color, label="Ray Serve" if name == "ray" else name)
+            for x, v in zip(xs, vals):
+                ax.text(x, v, f"{v:,.0f}" if v >= 10 else f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+
+    bars(axes[0], [("req/s", "saturation", "achieved_rps")], "requests/s", "one hot model, saturation")
+    rates = [k for k in p if k.startswith("fixed_")]
+    for name, color in sides:
+        xs, meds = [int(k[6:]) for k in rates], [p[k][name]["median"] for k in rates]
+        axes[1].plot(xs, [m["p99_ms"] for m in meds], "o-", color=color)
+        for x, m in zip(xs, meds):  # what it held: `hey` waits for answers, so a slow side sends less
+            axes[1].annotate(f"{m['achieved_rps']:.0f}/s", (x, m["p99_ms"]), fontsize=7, textcoords="offset points", xytext=(0, 5), ha="center")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("target rps")
+    axes[1].set_ylabel("p99, ms (log)")
+    axes[1].set_title("one hot model, fixed rate (labels: rps held)", fontsize=9)
+    bars(axes[2], [("p50", "zipf", "p50_ms"), ("p99", "zipf", "p99_ms")], "ms (log)", f"Zipf over {doc['config']['zipf_models']:,} models, {doc['config']['zipf_rps']:.0f} rps")
+    axes[2].set_yscale("log")
+    bars(axes[3], [("p50", "cold", "p50_ms"), ("p99", "cold", "p99_ms"), ("p50, full", "cold_evicting", "p50_ms"),
+                   ("p99, full", "cold_evicting", "p99_ms")], "ms (log)", f"cold start, {doc['config']['cold_models']} new models:\nroom free / caches full")
+    axes[3].set_yscale("log")
+    bars(axes[4], [("idle", "", "idle_mib"), (f"{doc['config']['memory_models']} loaded", "", "loaded_mib")], "RSS, MiB", "memory, all processes")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"meshserve against Ray Serve {doc.get('ray_version', '')}: same model, 2 runtime processes each, "
+                 f"medians of {doc['config']['repeats']}, side by side ({_machine(doc)}, shared)", fontsize=10)
+    return _save(fig, "peer_rayserve")
+
+
 FIGURES: dict[str, Callable[[dict[str, Any]], Path | None]] = {
     "gateway": gateway_latency,
     "coldstart": coldstart,
     "density": density_memory,
     "placement_sim": hit_ratio,
+    "peer_rayserve": peer_rayserve,
 }
 
 

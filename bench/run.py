@@ -4,7 +4,7 @@ Each runs as its own process (a crash or a time-out in one does not stop the res
 its JSON to bench/results/; docs/benchmarks.md quotes them. Then bench.plots draws the figures
 (bench/results/*.png) from that JSON. Run one or a few by name:
 
-    .venv/bin/python -m bench.run                       # all, about 45 minutes on 2 cores
+    .venv/bin/python -m bench.run                       # all, about 70 minutes on 2 cores
     .venv/bin/python -m bench.run gateway coldstart     # just these
 """
 
@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "xds_debounce": (["bench.xds_debounce"], 600),
     "churn": (["bench.churn", "--seconds", "90"], 900),
     "pull": (["bench.pull", "--mib", "1024", "--repeats", "3"], 900),
+    # Installs Ray Serve in .venv-ray the first time (a few minutes); needs root for `unshare -n`.
+    "peer_rayserve": (["bench.peer_rayserve"], 3000),
 }
 
 

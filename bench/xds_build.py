@@ -72,7 +72,7 @@ def worker(path: str, registered: int, loaded: int) -> dict[str, Any]:
     w0, c0 = time.perf_counter(), time.process_time()
     res = scoped.build_all(state, listeners, wire=(path == "new"))
     w1 = time.perf_counter()
-    asyncio.run(cache.set(GATEWAY_GROUP, res))
+    cache.set(GATEWAY_GROUP, res)
     w2, c2 = time.perf_counter(), time.process_time()
     gc.collect()
     w3 = time.perf_counter()

@@ -38,6 +38,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import regex_pb2
 from xds.type.matcher.v3 import matcher_pb2
+from meshserve_xds import routes as rt
+from meshserve_xds import listeners, matcher, pb
+from meshserve_xds import clusters as cl
 from meshserve_xds import resources as r
 
 SCOPED_ROUTE_TYPE = r.SCOPED_ROUTE_TYPE
@@ -61,22 +64,22 @@ def _listener(port: int, manager: hcm.HttpConnectionManager, extra_filters: list
     manager.codec_type = hcm.HttpConnectionManager.AUTO
     for f in extra_filters:
         manager.http_filters.append(f)
-    manager.http_filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router())))
+    manager.http_filters.append(hcm.HttpFilter(name="envoy.filters.http.router", typed_config=pb.pack_any(router_pb2.Router())))
     return listener_pb2.Listener(
         name=r.REST,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=port)),
-        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=r._any(manager))])],
+        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=pb.pack_any(manager))])],
     )
 
 
 def _rest_clusters(state: r.RoutingState) -> tuple[dict[str, object], dict[str, object]]:
-    clusters, endpoints = r.build_clusters(state)
+    clusters, endpoints = cl.build_clusters(state)
     keep = {n for n in clusters if n.endswith("_rest")}
     return {n: c for n, c in clusters.items() if n in keep}, {n: e for n, e in endpoints.items() if n in keep}
 
 
 def _names(state: r.RoutingState) -> dict[str, list[str]]:
-    return r._names_for(state)
+    return r.names_for(state)
 
 
 # -- matcher: today's layout ---------------------------------------------------------------
@@ -86,13 +89,13 @@ def matcher_build(state: r.RoutingState, port: int) -> r.Resources:
     res = r.Resources()
     res.by_type[r.CLUSTER_TYPE] = clusters
     res.by_type[r.ENDPOINT_TYPE] = endpoints
-    res.by_type[r.LISTENER_TYPE] = {r.REST: r.build_listener(r.REST, "127.0.0.1", port, False)}
-    res.by_type[r.ROUTE_TYPE] = {r.REST: r.build_rest_routes(state)}
+    res.by_type[r.LISTENER_TYPE] = {r.REST: listeners.build_listener(r.REST, "127.0.0.1", port, False)}
+    res.by_type[r.ROUTE_TYPE] = {r.REST: matcher.build_rest_routes(state)}
     return res
 
 
 def matcher_changed(state: r.RoutingState, port: int, model: str) -> dict[str, dict[str, object]]:
-    return {r.ROUTE_TYPE: {r.REST: r.build_rest_routes(state)}}
+    return {r.ROUTE_TYPE: {r.REST: matcher.build_rest_routes(state)}}
 
 
 # -- srds: scoped RDS keyed on the model name ---------------------------------------------
@@ -109,19 +112,19 @@ def _srds_manager() -> hcm.HttpConnectionManager:
         scoped_routes=hcm.ScopedRoutes(
             name="meshserve_rest_scopes",
             scope_key_builder=key,
-            rds_config_source=r._ads(),
-            scoped_rds=hcm.ScopedRds(scoped_rds_config_source=r._ads()),
+            rds_config_source=pb.ads_source(),
+            scoped_rds=hcm.ScopedRds(scoped_rds_config_source=pb.ads_source()),
         )
     )
 
 
 def srds_route(state: r.RoutingState, model: str) -> route_pb2.RouteConfiguration:
-    clusters = [r.pod_cluster(p, "rest") for p in sorted(state.loaded[model])]
-    action = r._route_action(clusters, 120)
+    clusters = [cl.pod_cluster(p, "rest") for p in sorted(state.loaded[model])]
+    action = rt.route_action(clusters, 120)
     # The scope already pinned segment 3 to one of this model's names: rewrite it to the id.
     action.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
         pattern=regex_pb2.RegexMatcher(regex="^/v2/models/[^/]+"), substitution=r.MODELS_PREFIX + model))
-    route = rc.Route(match=rc.RouteMatch(prefix=r.MODELS_PREFIX), route=action, request_headers_to_add=r._set_model_header(model))
+    route = rc.Route(match=rc.RouteMatch(prefix=r.MODELS_PREFIX), route=action, request_headers_to_add=rt.set_model_header(model))
     return route_pb2.RouteConfiguration(name=f"rest:{model}", virtual_hosts=[rc.VirtualHost(name="m", domains=["*"], routes=[route])])
 
 
@@ -161,7 +164,7 @@ def _podset(state: r.RoutingState, model: str) -> str:
 
 
 def shared_route(state: r.RoutingState, pods: str) -> route_pb2.RouteConfiguration:
-    action = r._route_action([r.pod_cluster(p, "rest") for p in pods.split("+")], 120)
+    action = rt.route_action([cl.pod_cluster(p, "rest") for p in pods.split("+")], 120)
     route = rc.Route(match=rc.RouteMatch(prefix=r.MODELS_PREFIX), route=action)
     return route_pb2.RouteConfiguration(name=f"rest:pods:{pods}", virtual_hosts=[rc.VirtualHost(name="m", domains=["*"], routes=[route])])
 
@@ -217,13 +220,13 @@ def cluster_routes(state: r.RoutingState) -> route_pb2.RouteConfiguration:
             a1 = rc.RouteAction()
             a1.CopyFrom(action)
             a1.prefix_rewrite = r.MODELS_PREFIX + model
-            exact[base] = r._on_match_route(rc.Route(match=rc.RouteMatch(path=base), route=a1))
+            exact[base] = rt.on_match_route(rc.Route(match=rc.RouteMatch(path=base), route=a1))
             a2 = rc.RouteAction()
             a2.CopyFrom(action)
             a2.prefix_rewrite = r.MODELS_PREFIX + model + "/"
-            prefix[base + "/"] = r._on_match_route(rc.Route(match=rc.RouteMatch(prefix=base + "/"), route=a2))
-    fallback = r._on_match_route(rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=r.ACTIVATOR_REST)))
-    m = r._tree(":path", "exact_match_map", exact, matcher_pb2.Matcher.OnMatch(matcher=r._tree(":path", "prefix_match_map", prefix, fallback)))
+            prefix[base + "/"] = rt.on_match_route(rc.Route(match=rc.RouteMatch(prefix=base + "/"), route=a2))
+    fallback = rt.on_match_route(rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=r.ACTIVATOR_REST)))
+    m = rt.header_tree(":path", "exact_match_map", exact, matcher_pb2.Matcher.OnMatch(matcher=rt.header_tree(":path", "prefix_match_map", prefix, fallback)))
     return route_pb2.RouteConfiguration(name=r.REST, virtual_hosts=[rc.VirtualHost(name="models", domains=["*"], matcher=m)])
 
 
@@ -240,14 +243,14 @@ def cluster_cla(state: r.RoutingState, model: str) -> endpoint_pb2.ClusterLoadAs
 
 def cluster_build(state: r.RoutingState, port: int) -> r.Resources:
     res = r.Resources()
-    clusters = {r.ACTIVATOR_REST: r.build_cluster(r.ACTIVATOR_REST, False)}
-    endpoints: dict[str, object] = {r.ACTIVATOR_REST: r.build_load_assignment(r.ACTIVATOR_REST, state.activator.host, state.activator.rest_port)}
+    clusters = {r.ACTIVATOR_REST: cl.build_cluster(r.ACTIVATOR_REST, False)}
+    endpoints: dict[str, object] = {r.ACTIVATOR_REST: cl.build_load_assignment(r.ACTIVATOR_REST, state.activator.host, state.activator.rest_port)}
     for model in state.loaded:
-        clusters[model_cluster(model)] = r.build_cluster(model_cluster(model), False)
+        clusters[model_cluster(model)] = cl.build_cluster(model_cluster(model), False)
         endpoints[model_cluster(model)] = cluster_cla(state, model)
     res.by_type[r.CLUSTER_TYPE] = clusters  # type: ignore[assignment]
     res.by_type[r.ENDPOINT_TYPE] = endpoints
-    res.by_type[r.LISTENER_TYPE] = {r.REST: r.build_listener(r.REST, "127.0.0.1", port, False)}
+    res.by_type[r.LISTENER_TYPE] = {r.REST: listeners.build_listener(r.REST, "127.0.0.1", port, False)}
     res.by_type[r.ROUTE_TYPE] = {r.REST: cluster_routes(state)}
     return res
 
@@ -285,7 +288,7 @@ def subset_cla(state: r.RoutingState) -> endpoint_pb2.ClusterLoadAssignment:
 
 
 def subset_build(state: r.RoutingState, port: int) -> r.Resources:
-    c = r.build_cluster(RUNTIME, False)
+    c = cl.build_cluster(RUNTIME, False)
     default = struct_pb2.Struct()
     default.update({"model": "__activator"})
     c.lb_subset_config.CopyFrom(cluster_pb2.Cluster.LbSubsetConfig(
@@ -298,7 +301,7 @@ def subset_build(state: r.RoutingState, port: int) -> r.Resources:
         metadata_namespace="envoy.lb", key="model",
         regex_value_rewrite=regex_pb2.RegexMatchAndSubstitute(pattern=regex_pb2.RegexMatcher(regex="^/v2/models/([^/]+).*$"), substitution="\\1"),
     ))
-    h2m_filter = hcm.HttpFilter(name="envoy.filters.http.header_to_metadata", typed_config=r._any(h2m.Config(request_rules=[rule])))
+    h2m_filter = hcm.HttpFilter(name="envoy.filters.http.header_to_metadata", typed_config=pb.pack_any(h2m.Config(request_rules=[rule])))
     route = rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=RUNTIME, timeout=duration_pb2.Duration(seconds=120)))
     manager = hcm.HttpConnectionManager(route_config=route_pb2.RouteConfiguration(name=r.REST, virtual_hosts=[rc.VirtualHost(name="all", domains=["*"], routes=[route])]))
     res = r.Resources()
@@ -316,10 +319,10 @@ def subset_changed(state: r.RoutingState, port: int, model: str) -> dict[str, di
 # -- vhds: virtual hosts on demand, keyed by a header ---------------------------------------
 
 def vhds_vhost(state: r.RoutingState, model: str, name: str) -> rc.VirtualHost:
-    clusters = [r.pod_cluster(p, "rest") for p in sorted(state.loaded[model])]
-    action = r._route_action(clusters, 120)
+    clusters = [cl.pod_cluster(p, "rest") for p in sorted(state.loaded[model])]
+    action = rt.route_action(clusters, 120)
     action.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(pattern=regex_pb2.RegexMatcher(regex="^/v2/models/[^/]+"), substitution=r.MODELS_PREFIX + model))
-    route = rc.Route(match=rc.RouteMatch(prefix="/"), route=action, request_headers_to_add=r._set_model_header(model))
+    route = rc.Route(match=rc.RouteMatch(prefix="/"), route=action, request_headers_to_add=rt.set_model_header(model))
     # VHDS names a virtual host `<route config>/<domain>`.
     return rc.VirtualHost(name=f"{r.REST}/{name}", domains=[name], routes=[route])
 
@@ -328,12 +331,12 @@ def vhds_build(state: r.RoutingState, port: int) -> r.Resources:
     clusters, endpoints = _rest_clusters(state)
     rcfg = route_pb2.RouteConfiguration(
         name=r.REST, vhost_header=MODEL_HEADER, virtual_hosts=[],
-        vhds=route_pb2.Vhds(config_source=r._ads()),
+        vhds=route_pb2.Vhds(config_source=pb.ads_source()),
     )
     # No "*" virtual host: it would answer every name and VHDS would never be asked, so a
     # cold model needs a VHDS answer pointing at the activator (one per registered name).
-    od = hcm.HttpFilter(name="envoy.filters.http.on_demand", typed_config=r._any(on_demand_pb2.OnDemand()))
-    manager = hcm.HttpConnectionManager(rds=hcm.Rds(config_source=r._ads(), route_config_name=r.REST))
+    od = hcm.HttpFilter(name="envoy.filters.http.on_demand", typed_config=pb.pack_any(on_demand_pb2.OnDemand()))
+    manager = hcm.HttpConnectionManager(rds=hcm.Rds(config_source=pb.ads_source(), route_config_name=r.REST))
     res = r.Resources()
     res.by_type[r.CLUSTER_TYPE] = clusters
     res.by_type[r.ENDPOINT_TYPE] = endpoints

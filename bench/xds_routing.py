@@ -104,7 +104,7 @@ def run_one(layout: Layout, n: int, timeout: float, changes_n: int = 5, per_reso
             t0 = time.perf_counter()
             res = layout.build(state, port)
             assert ads.cache is not None
-            await ads.cache.set(GATEWAY_GROUP, res)
+            ads.cache.set(GATEWAY_GROUP, res)
             dt = time.perf_counter() - t0
             g = ads.cache.group(GATEWAY_GROUP)
             return dt, sum(len(a.value) for ts in g.types.values() for a in ts.resources.values())
@@ -161,7 +161,7 @@ def run_one(layout: Layout, n: int, timeout: float, changes_n: int = 5, per_reso
                     t0 = time.perf_counter()
                     assert ads.cache is not None
                     for type_url, items in layout.changed(state, port, model).items():
-                        await ads.cache.patch(GATEWAY_GROUP, type_url, items)
+                        ads.cache.patch(GATEWAY_GROUP, type_url, items)
                     return time.perf_counter() - t0
 
                 t0 = time.monotonic()

@@ -200,7 +200,7 @@ async def test_kubectl_apply_then_curl_through_the_istio_gateway(mesh: devmesh.M
 
     from kubernetes import client
 
-    from meshserve.k8s.controller import Controller
+    from meshserve_controller.controller import Controller
     from meshserve_testing.fakeapi import FakeApiServer
     from meshserve.state import State
 

@@ -131,7 +131,7 @@ def wait_config(m: devmesh.Mesh, *needles: str, timeout: float = 15) -> None:
 
 
 def runtime_requests(m: devmesh.Mesh, model_prefix: str) -> int:
-    from meshserve.rollout import parse_runtime_metrics
+    from meshserve_rollout.controller import parse_runtime_metrics
 
     total = 0
     for i in range(2):

@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 
 from meshserve_testing.devmesh import free_port
+from meshserve_xds import clusters, matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http as get, wait_for
@@ -64,7 +65,7 @@ def test_a_dead_copy_costs_no_request_and_copy_sets_move_cleanly(delta: bool) ->
         def publish(pods: list[str], loaded: dict[str, list[str]]) -> None:
             state = r.RoutingState(pods={p: eps[p] for p in pods}, loaded=loaded, aliases={"m0": M0, "m1": M1},
                                    activator=r.Endpoint("127.0.0.1", act.port, act.port), registered={M0, M1})
-            ads.set(GATEWAY_GROUP, r.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
+            ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
 
         publish(["pod-0", "pod-1", "pod-2"], {M0: ["pod-0", "pod-1"], M1: ["pod-2"]})
         with envoy(gateway_bootstrap("gw-copies", "127.0.0.1", ads.port, admin, delta=delta), admin, concurrency=2) as gw:
@@ -90,7 +91,7 @@ def test_a_dead_copy_costs_no_request_and_copy_sets_move_cleanly(delta: bool) ->
             for pods, loaded in steps:
                 publish(pods, loaded)
                 want = set(loaded[M0])
-                wait_for(lambda: {c["name"] for c in _route_clusters(gw)} == {r.copies_cluster(loaded[M0], "rest")}, 10, f"{loaded}")
+                wait_for(lambda: {c["name"] for c in _route_clusters(gw)} == {clusters.copies_cluster(loaded[M0], "rest")}, 10, f"{loaded}")
                 seen, bad = _send(rest, 40)
                 seen1, bad1 = _send(rest, 20, "m1")
                 assert not bad and not bad1, (loaded, bad[:3], bad1[:3])

@@ -17,6 +17,7 @@ import pytest
 from meshserve_testing.devmesh import free_port
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+from meshserve_xds import matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_testing.xds_harness import AdsThread, envoy, wait_for
@@ -57,7 +58,7 @@ def gateway() -> Iterator[str]:
             aliases={"m0": M0},
             activator=r.Endpoint("127.0.0.1", free_port(), act_port),
         )
-        ads.set(GATEWAY_GROUP, r.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
+        ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
         with envoy(gateway_bootstrap("gw-grpc", "127.0.0.1", ads.port, admin), admin) as gw:
             target = f"127.0.0.1:{gw.listener_port(r.GRPC)}"
             wait_for(lambda: _infer(target, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0", 20, "gRPC route up")

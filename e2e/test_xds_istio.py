@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from meshserve_xds import matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import istio_bootstrap
 from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http, wait_for
@@ -32,7 +33,7 @@ def test_static_listener_takes_our_routes_and_no_listeners(delta: bool) -> None:
                 aliases={"m0": M0},
                 activator=r.Endpoint("127.0.0.1", act.port, act.port),
             )
-            ads.set(ISTIO_GROUP, r.build_all(state, None))
+            ads.set(ISTIO_GROUP, matcher.build_all(state, None))
             admin = 0  # Envoy binds free admin and listener ports; the harness reads them back
             with envoy(istio_bootstrap("istio-ingressgateway-0", "127.0.0.1", ads.port, admin, 0, delta=delta), admin) as gw:
                 base = f"http://127.0.0.1:{gw.listener_port('istio_ingress_8008')}"

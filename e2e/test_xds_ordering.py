@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from meshserve_xds import resources as r
-from meshserve_xds import scoped
+from meshserve_xds import matcher, scoped
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http as get, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
@@ -70,7 +70,7 @@ def test_no_503_while_models_move_and_pods_come_and_go(layout: str, delta: bool)
         def publish(pods: list[str], loaded: dict[str, list[str]]) -> None:
             state = r.RoutingState(pods={p: eps[p] for p in pods}, loaded=loaded, aliases={"m0": M0, "m1": M1},
                                    activator=r.Endpoint("127.0.0.1", act.port, act.port), registered={M0, M1})
-            ads.set(GATEWAY_GROUP, (scoped.build_all if layout == "scoped" else r.build_all)(state, listeners))
+            ads.set(GATEWAY_GROUP, (scoped.build_all if layout == "scoped" else matcher.build_all)(state, listeners))
 
         publish(["pod-0"], {M0: ["pod-0"]})
         with envoy(gateway_bootstrap("gw-order", "127.0.0.1", ads.port, admin, delta=delta), admin) as gw:

@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2
+from meshserve_xds import matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_testing.xds_harness import AdsThread, Envoy, Upstream, envoy, http, wait_for
@@ -52,7 +53,7 @@ class Rig:
         )
 
     def publish(self, loaded: dict[str, list[str]]) -> r.Resources:
-        res = r.build_all(self.state(loaded), self.listeners)
+        res = matcher.build_all(self.state(loaded), self.listeners)
         self.ads.set(GATEWAY_GROUP, res)
         return res
 
@@ -183,7 +184,7 @@ def test_reconnect_gets_current_state_and_no_more(rig: Rig) -> None:
     from meshserve_xds.cache import SnapshotCache
 
     fresh = SnapshotCache()
-    rig.ads.call(fresh.set(GATEWAY_GROUP, r.build_all(rig.state({M0: ["pod-0"], M1: ["pod-0"]}), rig.listeners)))
+    fresh.set(GATEWAY_GROUP, matcher.build_all(rig.state({M0: ["pod-0"], M1: ["pod-0"]}), rig.listeners))  # not serving yet: no loop needed
     rig.ads.restart_server(fresh)
     wait_for(lambda: rig.gw.stat("control_plane.connected_state") == 1, 30, "gateway reconnected")
     wait_for(lambda: rig.upstream_of("m1") == "pod-0", 10, "current state served after reconnect")

@@ -16,9 +16,11 @@ from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
+from meshserve_xds import clusters
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
 from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http, model_route_clusters, wait_for
+from meshserve_xds.layout import gateway_layout
 from meshserve_xds.server import GATEWAY_GROUP
 from meshserve_xds.source import RedisSource
 
@@ -91,7 +93,7 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
             admins = [0, 0]  # Envoy binds any free admin port; the harness reads it back
             # Both replicas build for the same listener ports so their output can be compared byte for byte.
             for rep in replicas:
-                rep.source.listeners = r.ListenerConfig("127.0.0.1", rest_ports[0], rest_ports[1])
+                rep.source.layout = gateway_layout("scoped", r.ListenerConfig("127.0.0.1", rest_ports[0], rest_ports[1]))
             wait_for(lambda: all(rep.snapshot() for rep in replicas), 10, "both replicas built")
             replicas[0].ads.call(replicas[0].source.rebuild())
             replicas[1].ads.call(replicas[1].source.rebuild())
@@ -114,13 +116,13 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
                 # Every route configuration the gateway holds, by name (one per listener in the
                 # matcher layout; the activator's and one per loaded model in the scoped one).
                 versions0 = gw0.route_versions()
-                assert model_route_clusters(gw0.config_dump("dynamic_route_configs"), M0) == {r.pod_cluster("pod-b", "rest")}
+                assert model_route_clusters(gw0.config_dump("dynamic_route_configs"), M0) == {clusters.pod_cluster("pod-b", "rest")}
             # The gateway fails over to the other replica: same versions, nothing new to apply.
             boot1 = gateway_bootstrap("gw-0", "127.0.0.1", replicas[1].ads.port, admins[1])
             with envoy(boot1, admins[1]) as gw1:
                 rest = f"http://127.0.0.1:{gw1.listener_port(r.REST)}"
                 wait_for(lambda: gw1.route_versions() == versions0, 20, "same route versions from the other replica")
-                assert model_route_clusters(gw1.config_dump("dynamic_route_configs"), M0) == {r.pod_cluster("pod-b", "rest")}
+                assert model_route_clusters(gw1.config_dump("dynamic_route_configs"), M0) == {clusters.pod_cluster("pod-b", "rest")}
                 wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-b", 10, "m0 on pod-b via replica 1")
         finally:
             for rep in replicas:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from meshserve import registry
 from meshserve.model import ModelSpec
-from meshserve.state import State
+from meshserve.store.state import State
 from meshserve.yamlfile import ConfigError, iter_yaml_files, load_documents
 
 

@@ -11,10 +11,12 @@ entries of each are read, newest first, so a busy mesh never makes `describe` sl
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store import ops as store_ops
+from meshserve.store.messages import Event, LoadResult, PodEvent, PodRegistered, decode_event
+from meshserve.store.state import State
 
 SCAN = 5000  # entries read from the end of each stream
 REASONS = {  # (op, ok) -> kubectl-style reason; a failed order is a Warning
@@ -24,60 +26,40 @@ REASONS = {  # (op, ok) -> kubectl-style reason; a failed order is a Warning
 POD_REASONS = {"order_dropped": "OrderDropped", "runtime_restart": "RuntimeRestarted", "drain": "Draining"}
 
 
-def _s(fields: dict[bytes, bytes], key: str) -> str:
-    return fields.get(key.encode(), b"").decode()
-
-
-def _ts(eid: bytes, fields: dict[bytes, bytes]) -> float:
+def _id_ts(eid: bytes) -> float:
     # Writers put their clock in `ts`; the entry id's milliseconds are Redis's, a fallback.
-    try:
-        return float(_s(fields, "ts"))
-    except ValueError:
-        return int(eid.split(b"-")[0]) / 1000
+    return int(eid.split(b"-")[0]) / 1000
 
 
-def _models(fields: dict[bytes, bytes]) -> list[str]:
-    try:
-        v = json.loads(_s(fields, "models") or "[]")
-    except ValueError:
-        return []
-    return [str(m) for m in v] if isinstance(v, list) else [str(m) for m in v or {}]
-
-
-def order_event(eid: bytes, fields: dict[bytes, bytes]) -> dict[str, Any] | None:
+def order_event(eid: bytes, ev: Event | None) -> dict[str, Any] | None:
     """An ms:events entry as an event row, or None for one that is not about a model (or not readable)."""
-    op, pod = _s(fields, "op"), _s(fields, "pod")
-    if op == "register":
-        return {"type": "Normal", "reason": "Registered", "ts": _ts(eid, fields), "from": pod, "model": "",
-                "message": f"loader started, holding {len(_models(fields))} model(s)"}
-    ok = _s(fields, "ok") == "1"
-    reason = REASONS.get((op, ok))
-    if reason is None:
+    if ev is None:
         return None
-    size = _s(fields, "size")
-    msg = _s(fields, "reason") if not ok else (f"{op}ed, {size} bytes" if op == "load" and size not in ("", "0") else f"{op}ed")
-    return {"type": "Normal" if ok else "Warning", "reason": reason, "ts": _ts(eid, fields), "from": pod,
-            "model": _s(fields, "model"), "message": msg}
+    if isinstance(ev, PodRegistered):
+        return {"type": "Normal", "reason": "Registered", "ts": _id_ts(eid), "from": ev.pod, "model": "",
+                "message": f"loader started, holding {len(ev.models)} model(s)"}
+    reason = REASONS[(ev.op, ev.ok)]
+    msg = ev.reason if not ev.ok else (f"{ev.op}ed, {ev.size} bytes" if isinstance(ev, LoadResult) and ev.size else f"{ev.op}ed")
+    return {"type": "Normal" if ev.ok else "Warning", "reason": reason, "ts": ev.ts or _id_ts(eid), "from": ev.pod,
+            "model": ev.model, "message": msg}
 
 
-def pod_event(eid: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
-    op = _s(fields, "op")
-    models = _models(fields)
-    msg = ", ".join(x for x in (_s(fields, "reason"), f"models: {', '.join(models)}" if models else "") if x) or op
-    return {"type": "Normal" if op == "drain" else "Warning", "reason": POD_REASONS.get(op, op), "ts": _ts(eid, fields),
-            "from": _s(fields, "pod"), "models": models, "message": msg}
+def pod_event(eid: bytes, ev: PodEvent) -> dict[str, Any]:
+    msg = ", ".join(x for x in (ev.reason, f"models: {', '.join(ev.models)}" if ev.models else "") if x) or ev.op
+    return {"type": "Normal" if ev.op == "drain" else "Warning", "reason": POD_REASONS.get(ev.op, ev.op),
+            "ts": ev.ts or _id_ts(eid), "from": ev.pod, "models": list(ev.models), "message": msg}
 
 
-async def recent(state: st.State, model: str = "", pod: str = "", limit: int = 20) -> list[dict[str, Any]]:
+async def recent(state: State, model: str = "", pod: str = "", limit: int = 20) -> list[dict[str, Any]]:
     """The newest `limit` events for `model` (its loads and unloads, and pod events naming it) or
     for `pod` (its loader's results and its pod events), oldest first as kubectl lists them."""
     out: list[dict[str, Any]] = []
-    for eid, fields in await state.r.xrevrange(st.EVENTS, count=SCAN):
-        e = order_event(eid, fields)
+    for eid, fields in await store_ops.recent(state.r, keys.EVENTS, SCAN):
+        e = order_event(eid, decode_event(fields))
         if e is not None and ((model and e["model"] == model) or (pod and e["from"] == pod)):
             out.append(e)
-    for eid, fields in await state.r.xrevrange(st.POD_EVENTS, count=SCAN):
-        e = pod_event(eid, fields)
+    for eid, fields in await store_ops.recent(state.r, keys.POD_EVENTS, SCAN):
+        e = pod_event(eid, PodEvent.decode(fields))
         if (model and model in e["models"]) or (pod and e["from"] == pod):
             out.append(e)
     out.sort(key=lambda e: e["ts"])

@@ -20,7 +20,10 @@ from typing import Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store import ops as store_ops
+from meshserve.store.messages import LoadResult, UnloadResult
+from meshserve.store.state import Snapshot, State
 from meshserve.model import CopyState, Pod, copies_from_json
 
 log = logging.getLogger("meshserve.observe")
@@ -29,7 +32,7 @@ LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class MeshStateCollector(Collector):
-    def __init__(self, state: st.State, interval: float = 2.0):
+    def __init__(self, state: State, interval: float = 2.0):
         self.state, self.interval = state, interval
         self._families: list[Metric] = []
         self.loads: TallyCounter[str] = TallyCounter()  # result -> count
@@ -59,21 +62,14 @@ class MeshStateCollector(Collector):
             await asyncio.sleep(self.interval)
 
     async def _tail_events(self, last: str) -> str:
-        resp = await self.state.r.xread({st.EVENTS: last}, count=10_000)
-        for _, entries in resp or []:
-            for eid, f in entries:
-                last = eid
-                op = f.get(b"op", b"").decode()
-                ok = f.get(b"ok") == b"1"
-                if op == "load":
-                    self.loads["ok" if ok else "failed"] += 1
-                    if ok:
-                        self.model_loads[f.get(b"model", b"").decode()] += 1
-                    dur = f.get(b"duration")
-                    if dur:
-                        self._observe_load(float(dur))
-                elif op == "unload" and ok:
-                    self.unloads += 1
+        for eid, ev in await store_ops.read_events(self.state.r, last, 10_000):
+            last = eid
+            if isinstance(ev, LoadResult):
+                self.loads["ok" if ev.ok else "failed"] += 1
+                if ev.ok:
+                    self.model_loads[ev.model] += 1
+            elif isinstance(ev, UnloadResult) and ev.ok:
+                self.unloads += 1
         return last if isinstance(last, str) else last.decode()
 
     def _observe_load(self, seconds: float) -> None:
@@ -87,10 +83,10 @@ class MeshStateCollector(Collector):
         # Everything but the registry itself: parsing 100,000 model specs every interval would
         # cost more CPU than placement's decisions; the families need only their number.
         async with self.state.r.pipeline(transaction=True) as p:
-            p.get(st.REV).hlen(st.MODELS).hgetall(st.PODS).hgetall(st.PLACEMENTS)
-            p.zrange(st.HEARTBEATS, 0, -1, withscores=True).zrange(st.LAST_USED, 0, -1, withscores=True).exists(st.LEASE)
+            p.get(keys.REV).hlen(keys.MODELS).hgetall(keys.PODS).hgetall(keys.PLACEMENTS)
+            p.zrange(keys.HEARTBEATS, 0, -1, withscores=True).zrange(keys.LAST_USED, 0, -1, withscores=True).exists(keys.LEASE)
             rev, managed, pods, placements, hb, lu, leader = await p.execute()
-        snap = st.Snapshot(
+        snap = Snapshot(
             rev=int(rev or 0), models={}, aliases={},
             pods={k.decode(): Pod.from_json(v) for k, v in pods.items()},
             placements={k.decode(): copies_from_json(v) for k, v in placements.items()},
@@ -101,7 +97,7 @@ class MeshStateCollector(Collector):
         self._families.append(lead)
 
 
-def build_families(snap: st.Snapshot, hb: dict[str, float], lu: dict[str, float], now: float, tallies: MeshStateCollector,
+def build_families(snap: Snapshot, hb: dict[str, float], lu: dict[str, float], now: float, tallies: MeshStateCollector,
                    managed_models: int | None = None) -> list[Metric]:
     """Pure: state in, metric families out. `managed_models` stands in for len(snap.models)."""
     cap = GaugeMetricFamily("meshserve_pod_capacity_bytes", "Model memory a runtime pod offers", labels=["pod"])

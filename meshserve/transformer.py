@@ -25,7 +25,7 @@ from typing import Any
 
 from meshserve.yamlfile import Document
 
-TRANSFORMERS = "ms:transformers"
+from meshserve.store.keys import TRANSFORMERS  # noqa: E402,F401 - read by the xDS source until it converts
 PREDICTOR_SUFFIX = "-predictor"
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import aiohttp
 
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store import ops as store_ops
+from meshserve.store.state import State
 from meshserve.apply import apply_path
 from meshserve.example import ensure_example_model
 from meshserve.settings import Settings
@@ -59,7 +61,7 @@ async def wait_http(url: str, timeout: float, ok: tuple[int, ...] = (200,)) -> N
 
 async def wait_redis(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
         while True:
             try:
@@ -116,7 +118,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
         s.redis_url = s.embedded_redis_url
     await wait_redis(s.redis_url, 20)
     sup.env.update(s.as_env())
-    state = st.State.from_url(s.redis_url)
+    state = State.from_url(s.redis_url)
     try:
         specs = await apply_path(state, s.config_dir)
     finally:
@@ -127,7 +129,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     transformers = await start_transformers(s, sup)  # before xDS: it reads them at its first build
     await sup.start("xds", [py, "-m", "meshserve_xds"])
     await sup.start("placement", [py, "-m", "meshserve_placement"])
-    await sup.start("rollout", [py, "-m", "meshserve.rollout"])  # version moves, canaries (traffic.md)
+    await sup.start("rollout", [py, "-m", "meshserve_rollout"])  # version moves, canaries (traffic.md)
     for i in range(s.pods):
         # Each pod's loader agent starts its runtime and restarts it if it dies.
         await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)], env={"MESHSERVE_LOADER_RUNS_RUNTIME": "true"})
@@ -148,12 +150,12 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     # a loader does once its runtime answers (the built-in runtime, MLServer, an SPI runtime).
     # A runtime that is slow to come (MLServer installing its venv the first time) is
     # reported, not fatal.
-    state = st.State.from_url(s.redis_url)
+    state = State.from_url(s.redis_url)
 
     async def registered(pod: str) -> bool:
         # By this run's loader: a record left in Redis by the last run doesn't count.
-        beat = await state.r.zscore(st.HEARTBEATS, pod)
-        return beat is not None and beat >= started and bool(await state.r.hexists(st.PODS, pod))
+        beat = await state.r.zscore(keys.HEARTBEATS, pod)
+        return beat is not None and beat >= started and bool(await state.r.hexists(keys.PODS, pod))
 
     try:
         deadline = time.monotonic() + 180
@@ -175,7 +177,7 @@ async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
     xDS server (meshserve/transformer.py). Returns name -> its REST port."""
     from meshserve.ports import reserve_port
     from meshserve.registry import ISVC_KIND
-    from meshserve.transformer import TRANSFORMERS, parse_transformer, record, transformer_args, transformer_env
+    from meshserve.transformer import parse_transformer, record, transformer_args, transformer_env
     from meshserve.yamlfile import iter_yaml_files, load_documents
     from meshserve_loader.runtime_image import ensure_local_image, image_argv, parse_images
 
@@ -187,10 +189,10 @@ async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
             for doc in load_documents(f):
                 if isinstance(doc.data, dict) and doc.data.get("kind") == ISVC_KIND and (t := parse_transformer(doc)):
                     found.append(t)
-    state = st.State.from_url(s.redis_url)
+    state = State.from_url(s.redis_url)
     ports: dict[str, int] = {}
     try:
-        await state.r.delete(TRANSFORMERS)  # one removed from the config since the last run is gone
+        await store_ops.clear_transformers(state.r)  # one removed from the config since the last run is gone
         images = parse_images(s.runtime_images)
         local = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host  # an address to dial, not to bind
         gateway = f"{local}:{s.gateway_rest_port}"
@@ -206,7 +208,7 @@ async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
             http, grpc_port = reserve_port(), reserve_port()
             argv = image_argv(folder, image.python, t.command, t.args) + transformer_args(t, gateway, http, grpc_port)
             await sup.start(f"transformer-{t.name}", argv, env=transformer_env(t, image.env, s.host))
-            await state.r.hset(TRANSFORMERS, t.name, record(local, http, grpc_port, t.predictor))
+            await store_ops.set_transformer(state.r, t.name, record(local, http, grpc_port, t.predictor))
             ports[t.name] = http
             print(f"transformer {t.name} -> {t.predictor} (port {http})", flush=True)
     finally:

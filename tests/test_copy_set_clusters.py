@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from envoy.config.route.v3 import route_components_pb2 as rc
+from meshserve_xds import matcher, scoped_routes
+from meshserve_xds.clusters import build_clusters
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
 from tests.test_resources import _static_bootstrap
@@ -33,7 +35,7 @@ def _route(cfg: object, key: str) -> rc.Route:
 
 def test_two_copies_route_to_one_cluster_with_both_pods() -> None:
     s = state({"a__isvc-0000000001": ["pod-2", "pod-0"], "b__isvc-0000000002": ["pod-1"]})
-    res = r.build_all(s, r.ListenerConfig())
+    res = matcher.build_all(s, r.ListenerConfig())
     a = _route(res.by_type[r.ROUTE_TYPE][r.REST], "/v2/models/a")
     assert a.route.cluster == "pods_pod-0+pod-2_rest" and not a.route.HasField("weighted_clusters")
     assert _route(res.by_type[r.ROUTE_TYPE][r.REST], "/v2/models/b").route.cluster == "pod_pod-1_rest"
@@ -48,7 +50,7 @@ def test_two_copies_route_to_one_cluster_with_both_pods() -> None:
 
 def test_retries_go_to_a_host_not_tried_yet() -> None:
     s = state({"a__isvc-0000000001": ["pod-0", "pod-1"]})
-    policy = _route(r.build_rest_routes(s), "/v2/models/a").route.retry_policy
+    policy = _route(matcher.build_rest_routes(s), "/v2/models/a").route.retry_policy
     assert policy.retry_on == "connect-failure,refused-stream,reset" and policy.num_retries.value == 2
     assert [p.name for p in policy.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]
     assert policy.host_selection_retry_max_attempts >= 2
@@ -56,19 +58,19 @@ def test_retries_go_to_a_host_not_tried_yet() -> None:
 
 def test_copy_sets_are_shared_and_follow_the_placements() -> None:
     s = state({f"m{i}__isvc-00000000{i:02d}": ["pod-0", "pod-1"] for i in range(50)} | {"x__isvc-0000000099": ["pod-1", "pod-2"]})
-    clusters = r.build_all(s, r.ListenerConfig()).by_type[r.CLUSTER_TYPE]
+    clusters = matcher.build_all(s, r.ListenerConfig()).by_type[r.CLUSTER_TYPE]
     # 2 activator + 2 per pod + 2 per copy set in use
     assert len(clusters) == 2 + 2 * 3 + 2 * 2
     # A copy on a pod that is gone (not in pods) names no cluster of a set.
     s = state({"a__isvc-0000000001": ["pod-0"]})
-    assert set(r.build_all(s, r.ListenerConfig()).by_type[r.CLUSTER_TYPE]) == set(r.build_clusters(s, copy_sets=False)[0])
+    assert set(matcher.build_all(s, r.ListenerConfig()).by_type[r.CLUSTER_TYPE]) == set(build_clusters(s, copy_sets=False)[0])
 
 
 def test_scoped_layout_routes_copies_to_their_set() -> None:
     s = state({"a__isvc-0000000001": ["pod-0", "pod-1"]})
     res = scoped.build_all(s, r.ListenerConfig())
     assert {"pods_pod-0+pod-1_rest", "pods_pod-0+pod-1_grpc"} <= set(res.by_type[r.CLUSTER_TYPE])
-    routes = res.by_type[r.ROUTE_TYPE][scoped.model_rc_name("a__isvc-0000000001")].virtual_hosts[0].routes
+    routes = res.by_type[r.ROUTE_TYPE][scoped_routes.model_rc_name("a__isvc-0000000001")].virtual_hosts[0].routes
     assert [rt.route.cluster for rt in routes[:2]] == ["pods_pod-0+pod-1_grpc", "pods_pod-0+pod-1_rest"]
 
 
@@ -78,7 +80,7 @@ def test_scoped_partial_patches_add_and_drop_a_set_with_its_first_and_last_model
     m1, m2 = "a__isvc-0000000001", "b__isvc-0000000002"
     idx = scoped.index(state({m1: ["pod-0"], m2: ["pod-0"]}))
 
-    def change(loaded: dict[str, list[str]], models: set[str]) -> scoped.Patch:
+    def change(loaded: dict[str, list[str]], models: set[str]) -> r.Patch:
         part = r.RoutingState(pods={p: PODS[p] for ps in loaded.values() for p in ps}, loaded=loaded, aliases={}, activator=ACT,
                               registered=set(models))
         return scoped.diff_partial(idx, part, models, set(models))
@@ -100,7 +102,7 @@ def test_scoped_partial_patches_add_and_drop_a_set_with_its_first_and_last_model
 def test_real_envoy_accepts_copy_set_clusters_and_the_retry_policy(tmp_path: Path) -> None:
     s = state({"a__isvc-0000000001": ["pod-0", "pod-1"], "b__isvc-0000000002": ["pod-2"]})
     f = tmp_path / "b.json"
-    f.write_text(json.dumps(_static_bootstrap(r.build_all(s, r.ListenerConfig(rest_port=1, grpc_port=2)))))
+    f.write_text(json.dumps(_static_bootstrap(matcher.build_all(s, r.ListenerConfig(rest_port=1, grpc_port=2)))))
     envoy = Path(sys.executable).with_name("envoy")
     out = subprocess.run([str(envoy), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "OK" in out.stdout + out.stderr, out.stderr[-2000:]

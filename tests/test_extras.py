@@ -49,7 +49,7 @@ def test_cli_prints_the_hint_not_a_traceback() -> None:
         "from meshserve import cli\n"
         "@cli.cli.command('needs-k8s')\n"
         "def needs_k8s():\n"
-        "    import meshserve.k8s.controller\n"
+        "    import meshserve_controller.controller\n"
         "sys.argv = ['meshserve', 'needs-k8s']\n"
         "cli.main()\n"
     )

@@ -19,7 +19,7 @@ from kubernetes import client
 from meshserve import state as st
 from meshserve.cli import cli
 from meshserve_testing.devmesh import valkey
-from meshserve.k8s.controller import Controller
+from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import yaml
 
 from meshserve.apply import read_models
 from meshserve.k8s import objects as ob
-from meshserve.k8s.watch import ADDED, DELETED, MODIFIED, diff_list
+from meshserve_controller.watch import ADDED, DELETED, MODIFIED, diff_list
 from meshserve.model import Copy, CopyState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,7 +186,7 @@ def test_relist_diff() -> None:
 
 
 def test_pool_pressure_counts_booked_bytes_per_runtime() -> None:
-    from meshserve.k8s.pressure import pool_pressure
+    from meshserve_controller.pressure import pool_pressure
     from meshserve.model import Pod
 
     pods = {"a": Pod("a", "h", 1, 2, 100, runtime="builtin"), "b": Pod("b", "h", 1, 2, 100, runtime="builtin"),

@@ -14,11 +14,12 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 from kubernetes import client
 
-from meshserve import rollout
+from meshserve.rules import moves
+from meshserve_rollout import controller as rollout
 from meshserve import state as st
 from meshserve_testing.devmesh import valkey
 from meshserve.k8s import rules as kr
-from meshserve.k8s.controller import Controller
+from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
 from meshserve.rules import store as rstore
 

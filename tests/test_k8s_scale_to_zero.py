@@ -1,7 +1,7 @@
 """Scale to zero (issue 7): a runtime pool that no InferenceService uses goes to zero pods and
 comes back to one when one does; a request for a model whose pool is at zero waits for it.
 
-Kinds: unit (pure: meshserve.k8s.scaling, the placement policy) and integration (the controller
+Kinds: unit (pure: meshserve_controller.scaling, the placement policy) and integration (the controller
 with the real `kubernetes` client over HTTP against meshserve_testing.fakeapi and a real Valkey;
 127.0.0.1 only, every server stopped, each test bounded to seconds)."""
 
@@ -14,8 +14,8 @@ import pytest
 
 from meshserve import state as st
 from meshserve.k8s import objects as ob
-from meshserve.k8s import scaling
-from meshserve.k8s.controller import Controller
+from meshserve_controller import scaling
+from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
 from meshserve.model import ModelSpec
 from meshserve_placement import policy

@@ -18,7 +18,7 @@ from kubernetes import client
 from meshserve import state as st
 from meshserve.apply import read_models
 from meshserve_testing.devmesh import valkey
-from meshserve.k8s.controller import Controller
+from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
 from meshserve.model import Pod
 
@@ -300,7 +300,7 @@ def test_list_pages_with_continue_tokens(api: FakeApiServer) -> None:
     page's resourceVersion, and the watch resumes from that version."""
     import threading
 
-    from meshserve.k8s.watch import Watcher
+    from meshserve_controller.watch import Watcher
 
     for i in range(5):
         api.apply("inferenceservices", isvc(f"m{i}"))

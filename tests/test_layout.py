@@ -17,6 +17,7 @@ def test_python_m_from_root_imports_project_and_envoy() -> None:
     code = (
         "import envoy.config.route.v3.route_pb2, xds.type.matcher.v3.matcher_pb2, udpa, validate\n"
         "import meshserve, meshserve_xds.resources, meshserve_placement.policy, meshserve_loader.agent, meshserve_proto\n"
+        "import meshserve_rollout.controller, meshserve_controller.watch\n"
         "print('ok')"
     )
     (Path(tempfile.gettempdir()) / "ms_layout_probe.py").write_text(code)
@@ -28,7 +29,7 @@ def test_python_m_from_root_imports_project_and_envoy() -> None:
 
 
 def test_component_folders_are_not_packages() -> None:
-    for folder in ("xds", "placement", "loader", "proto"):
+    for folder in ("xds", "placement", "loader", "rollout", "controller", "proto"):
         assert not (REPO / folder / "__init__.py").exists(), f"{folder}/__init__.py would shadow or confuse imports"
 
 

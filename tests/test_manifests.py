@@ -281,7 +281,7 @@ def test_references_resolve() -> None:
 
 def test_controller_sees_runtime_pods_and_may_do_what_it_does() -> None:
     """The controller's pod selector matches the runtime template, and its Role grants exactly
-    the reads and status writes meshserve/k8s/controller.py makes, nothing more."""
+    the reads and status writes controller/meshserve_controller/controller.py makes, nothing more."""
     sel = dict(kv.split("=") for kv in ob.RUNTIME_POD_SELECTOR.split(","))
     runtime_templates = [t for _, t in pod_templates() if t["metadata"]["labels"].get("app.kubernetes.io/component") == "runtime"]
     assert runtime_templates and all(sel.items() <= t["metadata"]["labels"].items() for t in runtime_templates)

@@ -333,7 +333,7 @@ def test_scaling_and_server_types_from_model_serving_config() -> None:
     """podsPerRuntime: the replicas a pool comes back to from zero; builtInServerTypes:
     runtimes of other built-in server types are disabled, custom ones are kept."""
     from meshserve.k8s import objects as ob
-    from meshserve.k8s import scaling
+    from meshserve_controller import scaling
 
     todo, _ = scaling.plan([ob.Pool("pool-a", "a", 0)], {"a"}, {}, 0.0, replicas=3)
     assert [(s.workload, s.replicas) for s in todo] == [("pool-a", 3)]

@@ -8,12 +8,13 @@ from __future__ import annotations
 from envoy.extensions.common.matching.v3 import extension_matcher_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2 as j2m
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from meshserve_xds import clusters, listeners, lua, scoped_routes
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
 
 
 def _manager(http2: bool) -> hcm.HttpConnectionManager:
-    lst = scoped.build_listener(r.GRPC if http2 else r.REST, "127.0.0.1", 1, http2)
+    lst = listeners.build_scoped_listener(r.GRPC if http2 else r.REST, "127.0.0.1", 1, http2)
     m = hcm.HttpConnectionManager()
     lst.filter_chains[0].filters[0].typed_config.Unpack(m)
     return m
@@ -29,7 +30,7 @@ def test_rest_listener_reads_the_model_from_v1_bodies_only() -> None:
     cfg = j2m.JsonToMetadata()
     wrapped.extension_config.typed_config.Unpack(cfg)
     assert cfg.request_rules.rules[0].selectors[0].key == "model"
-    assert "dynamicMetadata():get(\"envoy.filters.http.json_to_metadata\")" in scoped.LUA
+    assert "dynamicMetadata():get(\"envoy.filters.http.json_to_metadata\")" in lua.SCOPE_KEY_LUA
     # gRPC never buffers a body for it.
     assert "meshserve.openai_model" not in [f.name for f in _manager(True).http_filters]
 
@@ -46,9 +47,9 @@ def test_v1_local_replies_are_openai_errors_first() -> None:
 def test_loaded_model_routes_v1_to_its_pods() -> None:
     state = r.RoutingState(pods={"p0": r.Endpoint("127.0.0.1", 1, 2)}, loaded={"m__isvc-1": ["p0"]}, aliases={"m": "m__isvc-1"},
                            activator=r.Endpoint("127.0.0.1", 3, 4))
-    rc = scoped.model_routes(state, "m__isvc-1")
+    rc = scoped_routes.model_routes(state, "m__isvc-1")
     grpc, rest = rc.virtual_hosts[0].routes  # no extra route per model: REST takes /v1/ too
-    assert rest.match.prefix == "/" and rest.route.cluster == r.pod_cluster("p0", "rest")
+    assert rest.match.prefix == "/" and rest.route.cluster == clusters.pod_cluster("p0", "rest")
     # The rewrite touches only a v2 path's name segment; a /v1/ path goes as it came.
     assert rest.route.regex_rewrite.pattern.regex == "^/v2/models/[^/?]+" and not rest.route.prefix_rewrite
     assert rc.virtual_hosts[0].request_headers_to_add[0].header.value == "m__isvc-1"

@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from meshserve_xds import listeners, matcher
 from meshserve_xds import resources as r
 
 ACT = r.Endpoint("127.0.0.1", 1, 2)
@@ -25,18 +26,18 @@ def state(n_models: int = 1, pods: int = 2) -> r.RoutingState:
 
 
 def test_clusters_follow_pods_not_models() -> None:
-    res = r.build_all(state(n_models=500), r.ListenerConfig())
+    res = matcher.build_all(state(n_models=500), r.ListenerConfig())
     assert len(res.by_type[r.CLUSTER_TYPE]) == 2 + 2 * 2
 
 
 def test_istio_mode_serves_no_listeners() -> None:
-    res = r.build_all(state(), None)
+    res = matcher.build_all(state(), None)
     assert res.by_type[r.LISTENER_TYPE] == {}
     assert set(res.by_type[r.ROUTE_TYPE]) == {r.REST, r.GRPC}
 
 
 def test_rest_routes_rewrite_alias_to_concrete_model() -> None:
-    rc = r.build_rest_routes(state())
+    rc = matcher.build_rest_routes(state())
     tree = rc.virtual_hosts[0].matcher
     exact = tree.matcher_tree.exact_match_map.map
     assert set(exact) == {"/v2/models/m0", "/v2/models/m0__isvc-0000000000"}
@@ -49,7 +50,7 @@ def test_rest_routes_rewrite_alias_to_concrete_model() -> None:
 
 
 def test_empty_mesh_routes_everything_to_the_activator() -> None:
-    rc = r.build_rest_routes(state(n_models=0))
+    rc = matcher.build_rest_routes(state(n_models=0))
     assert not rc.virtual_hosts[0].matcher.HasField("matcher_tree")
 
 
@@ -77,7 +78,7 @@ def _static_bootstrap(res: r.Resources) -> dict:
 def test_real_envoy_accepts_the_resources(tmp_path: Path) -> None:
     for n in (0, 3):
         f = tmp_path / f"b{n}.json"
-        f.write_text(json.dumps(_static_bootstrap(r.build_all(state(n_models=n), r.ListenerConfig(rest_port=1, grpc_port=2)))))
+        f.write_text(json.dumps(_static_bootstrap(matcher.build_all(state(n_models=n), r.ListenerConfig(rest_port=1, grpc_port=2)))))
         envoy = Path(sys.executable).with_name("envoy")
         out = subprocess.run([str(envoy), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "OK" in out.stdout + out.stderr, out.stderr[-2000:]
@@ -105,7 +106,7 @@ def test_listeners_hold_one_request_limit_and_serve_http_1_0() -> None:
     from meshserve.settings import MAX_REQUEST_BYTES
     from meshserve_xds import scoped
 
-    for build in (r.build_listener, scoped.build_listener):
+    for build in (listeners.build_listener, listeners.build_scoped_listener):
         managers = {}
         for http2_only in (True, False):
             m = hcm.HttpConnectionManager()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from meshserve import rollout
+from meshserve.rules import moves
+from meshserve_rollout import controller as rollout
 from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.rules import plan as pl
 from meshserve.rules import schema
@@ -165,9 +166,9 @@ def spec(alias: str, sid: str) -> ModelSpec:
 
 
 def test_registration_moves_alias_only_when_nothing_serves_the_old_version() -> None:
-    ops, _, _ = rollout.registration([spec("a", "a__isvc-9")], {}, ALIASES, {}, {}, 1.0)
+    ops, _, _ = moves.registration([spec("a", "a__isvc-9")], {}, ALIASES, {}, {}, 1.0)
     assert ["HSET", "ms:aliases", "a", "a__isvc-9"] in ops
-    ops, _, notes = rollout.registration([spec("a", "a__isvc-9")], {}, ALIASES, {"a__isvc-1": 2}, {}, 1.0)
+    ops, _, notes = moves.registration([spec("a", "a__isvc-9")], {}, ALIASES, {"a__isvc-1": 2}, {}, 1.0)
     assert not any(op[:2] == ["HSET", "ms:aliases"] for op in ops)
     (t_op,) = [op for op in ops if op[1] == "ms:transitions"]
     t = pl.Transition.from_dict(json.loads(t_op[3]))
@@ -176,10 +177,10 @@ def test_registration_moves_alias_only_when_nothing_serves_the_old_version() -> 
     (m_op,) = [op for op in ops if op[1] == "ms:models"]
     assert ModelSpec.from_json(m_op[3]).min_copies == 2 and t.extra["minCopies"] == 0
     # ... and gets the user's own value back once traffic moved.
-    (restore,) = rollout.restore_spec_ops(m_op[3], t)
+    (restore,) = moves.restore_spec_ops(m_op[3], t)
     assert ModelSpec.from_json(restore[3]).min_copies == 0
     # Re-applying only a new canaryTrafficPercent keeps the same move.
-    ops, _, _ = rollout.registration([spec("a", "a__isvc-9")], {"a": 30}, ALIASES, {"a__isvc-1": 2}, {"a": t}, 2.0)
+    ops, _, _ = moves.registration([spec("a", "a__isvc-9")], {"a": 30}, ALIASES, {"a__isvc-1": 2}, {"a": t}, 2.0)
     assert pl.Transition.from_dict(json.loads([op for op in ops if op[1] == "ms:transitions"][0][3])).percent == 30
 
 

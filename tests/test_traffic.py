@@ -15,6 +15,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 
 from meshserve.rules.plan import Branch, HeaderMatch, Plan
+from meshserve_xds import matcher, scoped_routes
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
 
@@ -65,7 +66,7 @@ def _unpack(on_match) -> list[rc.Route]:
 
 def test_split_sets_model_header_per_weighted_cluster() -> None:
     plan = Plan(name="m", branches=[Branch(((STABLE, 90), (CANARY, 10)))])
-    routes = _unpack(_entry(r.build_rest_routes(state({"m": plan})), "/v2/models/m/"))
+    routes = _unpack(_entry(matcher.build_rest_routes(state({"m": plan})), "/v2/models/m/"))
     assert len(routes) == 1
     wc = routes[0].route.weighted_clusters.clusters
     got = {(c.name, c.request_headers_to_add[0].header.value): c.weight.value for c in wc}
@@ -76,7 +77,7 @@ def test_split_sets_model_header_per_weighted_cluster() -> None:
 
 
 def test_header_branch_then_default_in_order() -> None:
-    routes = _unpack(_entry(r.build_rest_routes(state({"m": full_plan()})), "/v2/models/m/"))
+    routes = _unpack(_entry(matcher.build_rest_routes(state({"m": full_plan()})), "/v2/models/m/"))
     assert [len(x.match.headers) for x in routes] == [1, 0]
     assert routes[0].match.headers[0].string_match.exact == "beta"
     assert routes[0].route.prefix_rewrite == f"/v2/models/{CANARY}/"  # single target keeps the rewrite
@@ -90,13 +91,13 @@ def test_header_branch_then_default_in_order() -> None:
 
 def test_unloaded_target_goes_to_activator_with_its_id() -> None:
     plan = Plan(name="m", branches=[Branch(((STABLE, 50), (CANARY, 50)))])
-    routes = _unpack(_entry(r.build_rest_routes(state({"m": plan}, loaded={STABLE: ["pod-0"]})), "/v2/models/m/"))
+    routes = _unpack(_entry(matcher.build_rest_routes(state({"m": plan}, loaded={STABLE: ["pod-0"]})), "/v2/models/m/"))
     got = {c.name: c.request_headers_to_add[0].header.value for c in routes[0].route.weighted_clusters.clusters}
     assert got == {"pod_pod-0_rest": STABLE, r.ACTIVATOR_REST: CANARY}
 
 
 def test_grpc_alias_entry_follows_the_plan() -> None:
-    cfg = r.build_grpc_routes(state({"m": full_plan()}))
+    cfg = matcher.build_grpc_routes(state({"m": full_plan()}))
     by_alias = cfg.virtual_hosts[0].matcher.on_no_match.matcher.matcher_tree.exact_match_map.map
     routes = _unpack(by_alias["m"])
     assert routes[1].route.weighted_clusters.clusters[0].name.endswith("_grpc")
@@ -104,7 +105,7 @@ def test_grpc_alias_entry_follows_the_plan() -> None:
 
 def test_no_plans_means_unchanged_routes() -> None:
     s = state({})
-    assert r.build_rest_routes(s) == r.build_rest_routes(state({}))
+    assert matcher.build_rest_routes(s) == matcher.build_rest_routes(state({}))
     assert not s.traffic
 
 
@@ -138,7 +139,7 @@ def test_real_envoy_accepts_every_rule_shape(tmp_path: Path) -> None:
     }
     for i, loaded in enumerate((None, {STABLE: ["pod-0"]})):
         f = tmp_path / f"b{i}.json"
-        f.write_text(json.dumps(_static_bootstrap(r.build_all(state(plans, loaded), r.ListenerConfig(rest_port=1, grpc_port=2)))))
+        f.write_text(json.dumps(_static_bootstrap(matcher.build_all(state(plans, loaded), r.ListenerConfig(rest_port=1, grpc_port=2)))))
         envoy = Path(sys.executable).with_name("envoy")
         out = subprocess.run([str(envoy), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "OK" in out.stdout + out.stderr, out.stderr[-2000:]
@@ -164,7 +165,7 @@ def test_scoped_plan_gets_its_own_route_configuration() -> None:
     assert targets[STABLE] == f"model/{STABLE}" and targets["m2"] == f"model/{CANARY}"  # ids and other names untouched
     routes = _rc_routes(res, "traffic/m")
     rest = [x for x in routes if x.match.prefix == "/v2/models/m"]
-    grpc = [x for x in routes if x.match.prefix == scoped.GRPC_PREFIX]
+    grpc = [x for x in routes if x.match.prefix == r.GRPC_PREFIX]
     assert [len(x.match.headers) for x in rest] == [1, 0] and [len(x.match.headers) for x in grpc] == [1, 0]
     assert rest[0].route.prefix_rewrite == f"/v2/models/{CANARY}"  # single target: rewritten to its id
     assert rest[0].request_headers_to_add[0].header.value == CANARY
@@ -197,7 +198,7 @@ def test_scoped_diff_follows_plans_and_the_models_they_name() -> None:
     assert not scoped.involves_traffic(idx, set(), {"m2"})
     # Nothing changed: nothing but the (unchanged) activator is re-sent.
     p, idx = scoped.diff(idx, s)
-    assert set(p.upserts[r.ROUTE_TYPE]) == {scoped.ACTIVATOR_RC} and not p.upserts[r.SCOPED_ROUTE_TYPE]
+    assert set(p.upserts[r.ROUTE_TYPE]) == {scoped_routes.ACTIVATOR_RC} and not p.upserts[r.SCOPED_ROUTE_TYPE]
     # The mirror's model moves: the plan's RouteConfiguration is rebuilt with it.
     s.loaded[SHADOW] = ["pod-0"]
     p, idx = scoped.diff(idx, s)

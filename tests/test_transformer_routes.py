@@ -11,6 +11,7 @@ from meshserve import registry
 from meshserve.transformer import parse_transformer, transformer_args
 from meshserve.yamlfile import ConfigError, load_documents
 from meshserve_loader.runtime_image import image_argv
+from meshserve_xds import matcher, scoped_routes
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
 
@@ -65,7 +66,7 @@ def _state(loaded: bool) -> r.RoutingState:
 def test_scoped_layout_sends_the_name_to_the_transformer_with_the_served_name() -> None:
     res = scoped.build_all(_state(False), r.ListenerConfig(), wire=False)
     assert res.by_type[r.SCOPED_ROUTE_TYPE]["scope/digits"].route_configuration_name == "transformer/digits"
-    assert res.by_type[r.SCOPED_ROUTE_TYPE]["scope/digits-predictor"].route_configuration_name == scoped.ACTIVATOR_RC  # loads on first use
+    assert res.by_type[r.SCOPED_ROUTE_TYPE]["scope/digits-predictor"].route_configuration_name == scoped_routes.ACTIVATOR_RC  # loads on first use
     route = res.by_type[r.ROUTE_TYPE]["transformer/digits"].virtual_hosts[0].routes[0].route
     assert route.cluster == "transformer_digits_rest" and route.regex_rewrite.substitution == "/v2/models/digits-predictor"
     assert res.by_type[r.ENDPOINT_TYPE]["transformer_digits_rest"].endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 7000
@@ -88,7 +89,7 @@ def test_scoped_diffs_keep_the_transformers_scope() -> None:
 def test_matcher_layout_routes_the_name_to_the_transformer() -> None:
     from envoy.config.route.v3 import route_components_pb2
 
-    rc = r.build_rest_routes(_state(True))
+    rc = matcher.build_rest_routes(_state(True))
     exact = rc.virtual_hosts[0].matcher.matcher_tree.exact_match_map.map
     route = route_components_pb2.Route()
     exact["/v2/models/digits"].action.typed_config.Unpack(route)

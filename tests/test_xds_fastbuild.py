@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from google.protobuf import any_pb2, wrappers_pb2
 from meshserve.rules.plan import Branch, Plan
-from meshserve_xds import fastpb, scoped
+from meshserve_xds import clusters, fastpb, scoped, scoped_routes
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache, pack
 
@@ -55,30 +55,30 @@ def test_varint_matches_protobuf() -> None:
 @FEW
 @given(name=names, target=names)
 def test_scope_template_gives_protobufs_bytes(name: str, target: str) -> None:
-    tpl = fastpb.compile_checked(scoped.scope, 2)
+    tpl = fastpb.compile_checked(scoped_routes.scope, 2)
     assert tpl is not None
-    assert tpl.render(name.encode(), target.encode()) == scoped.scope(name, target).SerializeToString()
+    assert tpl.render(name.encode(), target.encode()) == scoped_routes.scope(name, target).SerializeToString()
 
 
 @FEW
-@given(name=names, target=st.sampled_from([scoped.ACTIVATOR_RC, "model/x", "traffic/é"]))
+@given(name=names, target=st.sampled_from([scoped_routes.ACTIVATOR_RC, "model/x", "traffic/é"]))
 def test_scopes_wire_gives_protobufs_bytes(name: str, target: str) -> None:
-    targets = {scoped.NO_MODEL: scoped.ACTIVATOR_RC, name: target}
-    table = scoped.scopes_wire(targets)
-    assert list(table) == [scoped.scope_name(n) for n in targets]
+    targets = {r.NO_MODEL: scoped_routes.ACTIVATOR_RC, name: target}
+    table = scoped_routes.scopes_wire(targets)
+    assert list(table) == [scoped_routes.scope_name(n) for n in targets]
     for n, t in targets.items():
-        assert _bytes(table.wire[scoped.scope_name(n)]) == scoped.scope(n, t).SerializeToString()
-        assert table[scoped.scope_name(n)] == scoped.scope(n, t)
+        assert _bytes(table.wire[scoped_routes.scope_name(n)]) == scoped_routes.scope(n, t).SerializeToString()
+        assert table[scoped_routes.scope_name(n)] == scoped_routes.scope(n, t)
 
 
 def test_an_empty_name_is_built_as_a_message() -> None:
     """proto3 leaves an empty string out of the wire format, so no template renders it."""
-    tpl = fastpb.compile_checked(scoped.scope, 2)
+    tpl = fastpb.compile_checked(scoped_routes.scope, 2)
     assert tpl is not None and tpl.render(b"", b"activator") is None
-    table = scoped.scopes_wire({"": scoped.ACTIVATOR_RC, "a": ""})
+    table = scoped_routes.scopes_wire({"": scoped_routes.ACTIVATOR_RC, "a": ""})
     assert isinstance(table.wire["scope/"], scoped_route_pb2.ScopedRouteConfiguration)
     assert isinstance(table.wire["scope/a"], scoped_route_pb2.ScopedRouteConfiguration)
-    assert table.wire["scope/"].SerializeToString() == scoped.scope("", scoped.ACTIVATOR_RC).SerializeToString()
+    assert table.wire["scope/"].SerializeToString() == scoped_routes.scope("", scoped_routes.ACTIVATOR_RC).SerializeToString()
 
 
 @FEW
@@ -92,11 +92,11 @@ def test_an_empty_name_is_built_as_a_message() -> None:
 def test_model_routes_wire_gives_protobufs_bytes(model: str, aliases: list[str], pods: list[str], timeout: float) -> None:
     """Any pod set (a single pod or a copy set, in any order), any number of names."""
     s = r.RoutingState(pods=PODS, loaded={model: pods}, aliases={a: model for a in aliases}, activator=ACT, cold_timeout_s=timeout)
-    table = scoped.model_routes_wire(s, s.loaded)
-    got = table.wire[scoped.model_rc_name(model)]
+    table = scoped_routes.model_routes_wire(s, s.loaded)
+    got = table.wire[scoped_routes.model_rc_name(model)]
     assert isinstance(got, bytes)
-    assert got == scoped.model_routes(s, model).SerializeToString()
-    assert table[scoped.model_rc_name(model)] == scoped.model_routes(s, model)
+    assert got == scoped_routes.model_routes(s, model).SerializeToString()
+    assert table[scoped_routes.model_rc_name(model)] == scoped_routes.model_routes(s, model)
 
 
 def test_one_template_per_number_of_copies(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,10 +108,10 @@ def test_one_template_per_number_of_copies(monkeypatch: pytest.MonkeyPatch) -> N
     compiled = []
     real = fastpb.compile_checked
     monkeypatch.setattr(fastpb, "compile_checked", lambda *a, **k: compiled.append(a[1]) or real(*a, **k))
-    table = scoped.model_routes_wire(s, s.loaded)
-    assert len(r.copy_sets_of(s.loaded.values(), pods)) > 100 and len(compiled) == 2
+    table = scoped_routes.model_routes_wire(s, s.loaded)
+    assert len(clusters.copy_sets_of(s.loaded.values(), pods)) > 100 and len(compiled) == 2
     for m in s.loaded:
-        assert table.wire[scoped.model_rc_name(m)] == scoped.model_routes(s, m).SerializeToString()
+        assert table.wire[scoped_routes.model_rc_name(m)] == scoped_routes.model_routes(s, m).SerializeToString()
 
 
 def test_templates_refuse_what_they_cannot_splice() -> None:
@@ -141,7 +141,7 @@ def test_without_templates_the_build_is_the_same(monkeypatch: pytest.MonkeyPatch
     s = _state()
     want = _digests(scoped.build_all(s, r.ListenerConfig(), wire=False))
     monkeypatch.setattr(fastpb, "compile_checked", lambda *a, **k: None)
-    monkeypatch.setattr(scoped, "_scope_templates", {})
+    monkeypatch.setattr(scoped_routes, "_scope_templates", {})
     assert _digests(scoped.build_all(s, r.ListenerConfig())) == want
 
 
@@ -182,7 +182,7 @@ def test_the_cache_packs_serialized_resources_as_it_packs_messages() -> None:
     caches = []
     for wire in (True, False, True):
         c = SnapshotCache()
-        asyncio.run(c.set("g", scoped.build_all(s, r.ListenerConfig(), wire=wire)))
+        c.set("g", scoped.build_all(s, r.ListenerConfig(), wire=wire))
         caches.append(c.group("g").types)
     for t, snap in caches[1].items():
         for other in (caches[0], caches[2]):
@@ -193,15 +193,15 @@ def test_the_cache_packs_serialized_resources_as_it_packs_messages() -> None:
 
 
 def test_pack_takes_bytes_and_patch_takes_a_wire_table() -> None:
-    msg = scoped.scope("m", "activator")
+    msg = scoped_routes.scope("m", "activator")
     a, d = pack(msg.SerializeToString(), r.SCOPED_ROUTE_TYPE)
     assert isinstance(a, any_pb2.Any) and (a, d) == pack(msg)
     c = SnapshotCache()
-    asyncio.run(c.patch("g", r.SCOPED_ROUTE_TYPE, scoped.scopes_wire({"m": "activator", "n": "model/n"})))
-    asyncio.run(c.patch("g", r.SCOPED_ROUTE_TYPE, {"scope/k": scoped.scope("k", "activator")}))
+    c.patch("g", r.SCOPED_ROUTE_TYPE, scoped_routes.scopes_wire({"m": "activator", "n": "model/n"}))
+    c.patch("g", r.SCOPED_ROUTE_TYPE, {"scope/k": scoped_routes.scope("k", "activator")})
     other = SnapshotCache()
-    asyncio.run(other.set("g", r.Resources(by_type={r.SCOPED_ROUTE_TYPE: {f"scope/{n}": scoped.scope(n, t) for n, t in
-                                                                         (("m", "activator"), ("n", "model/n"), ("k", "activator"))}})))
+    other.set("g", r.Resources(by_type={r.SCOPED_ROUTE_TYPE: {f"scope/{n}": scoped_routes.scope(n, t) for n, t in
+                                                              (("m", "activator"), ("n", "model/n"), ("k", "activator"))}}))
     assert c.group("g").types[r.SCOPED_ROUTE_TYPE].digests == other.group("g").types[r.SCOPED_ROUTE_TYPE].digests
     assert c.group("g").types[r.SCOPED_ROUTE_TYPE].version == other.group("g").types[r.SCOPED_ROUTE_TYPE].version
 
@@ -211,7 +211,7 @@ def test_a_patched_snapshot_equals_a_fresh_fast_build() -> None:
     must meet, or every patch after a full build would look like a change."""
     s = _state()
     c = SnapshotCache()
-    asyncio.run(c.set("g", scoped.build_all(s, r.ListenerConfig())))
+    c.set("g", scoped.build_all(s, r.ListenerConfig()))
     idx = scoped.index(s)
     m, cold = "m12__isvc-000000000c", "m15__isvc-000000000f"  # neither named by a plan
     assert s.loaded[m] == ["pod-0", "pod-1"] and cold not in s.loaded
@@ -223,22 +223,22 @@ def test_a_patched_snapshot_equals_a_fresh_fast_build() -> None:
     patch = scoped.diff_partial(idx, part, {m, cold}, {m, cold, *aliases})
     assert patch.upserts[r.SCOPED_ROUTE_TYPE] and patch.upserts[r.ROUTE_TYPE] and patch.upserts[r.CLUSTER_TYPE]
     for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
-        asyncio.run(c.patch("g", t, patch.upserts.get(t, {}), patch.removes.get(t, [])))
+        c.patch("g", t, patch.upserts.get(t, {}), patch.removes.get(t, []))
     fresh = SnapshotCache()
-    asyncio.run(fresh.set("g", scoped.build_all(s, r.ListenerConfig())))
+    fresh.set("g", scoped.build_all(s, r.ListenerConfig()))
     for t in (r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE, r.CLUSTER_TYPE):
         assert c.group("g").types[t].digests == fresh.group("g").types[t].digests, t
         assert c.group("g").types[t].version == fresh.group("g").types[t].version, t
 
 
 def test_wire_table_reads_as_a_mapping_of_messages() -> None:
-    table = scoped.scopes_wire({"a": "activator", "b": "model/b"})
+    table = scoped_routes.scopes_wire({"a": "activator", "b": "model/b"})
     assert len(table) == 2 and "scope/a" in table and "scope/x" not in table and list(table) == ["scope/a", "scope/b"]
-    assert table == {"scope/a": scoped.scope("a", "activator"), "scope/b": scoped.scope("b", "model/b")}
-    assert {"scope/a": scoped.scope("a", "activator"), "scope/b": scoped.scope("b", "model/b")} == table
-    assert table != {"scope/a": scoped.scope("a", "activator")}
+    assert table == {"scope/a": scoped_routes.scope("a", "activator"), "scope/b": scoped_routes.scope("b", "model/b")}
+    assert {"scope/a": scoped_routes.scope("a", "activator"), "scope/b": scoped_routes.scope("b", "model/b")} == table
+    assert table != {"scope/a": scoped_routes.scope("a", "activator")}
     assert table["scope/b"].route_configuration_name == "model/b"
     assert dict(table.items())["scope/a"].key.fragments[0].string_key == "a"
-    table["scope/c"] = scoped.scope("c", "activator")
+    table["scope/c"] = scoped_routes.scope("c", "activator")
     del table["scope/a"]
-    assert list(table) == ["scope/b", "scope/c"] and table["scope/c"] == scoped.scope("c", "activator")
+    assert list(table) == ["scope/b", "scope/c"] and table["scope/c"] == scoped_routes.scope("c", "activator")

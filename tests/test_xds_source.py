@@ -1,14 +1,16 @@
-"""Kind: unit (pure). How the xDS source reads a batch of `ms:changes` entries: targeted
-re-reads by kind and id, and a full resync on any revision gap or unknown kind."""
+"""Kind: unit (pure, and the reconnect loop against an in-memory stand-in for Redis). How the
+xDS source reads a batch of `ms:changes` entries: targeted re-reads by kind and id, and a full
+resync on any revision gap or unknown kind; how it picks its layout and reconnects."""
 
 from __future__ import annotations
 
-from meshserve import state as st
+from meshserve.store import messages as st
+from meshserve.store.messages import Change
 from meshserve_xds.source import plan_batch
 
 
-def entry(rev: int, kind: str, id_: str) -> tuple[bytes, dict[bytes, bytes]]:
-    return (f"{rev}-0".encode(), {b"rev": str(rev).encode(), b"kind": kind.encode(), b"id": id_.encode()})
+def entry(rev: int, kind: str, id_: str) -> tuple[bytes, Change]:
+    return (f"{rev}-0".encode(), Change(rev, kind, id_))
 
 
 def test_targeted_ids_by_kind() -> None:
@@ -35,3 +37,54 @@ def test_unknown_or_all_kind_resyncs() -> None:
 def test_rule_changes_are_followed_without_resync() -> None:
     b = plan_batch(1, [entry(2, st.KIND_RULE, "canary")])
     assert not b.resync and b.ids == {st.KIND_RULE: {"canary"}}
+
+
+class _RedisGone:
+    """Stands in for st.State while Redis is unreachable (in-memory fake: every call fails)."""
+
+    async def last_change_id(self) -> bytes:
+        raise ConnectionError("Connection refused")
+
+
+def test_reconnects_back_off_exponentially_with_jitter() -> None:
+    """While Redis is away the source retries with growing, jittered waits (was a fixed 1 s),
+    capped, and keeps serving the last snapshot meanwhile."""
+    import asyncio
+
+    from meshserve.settings import Settings
+    from meshserve_xds.cache import SnapshotCache
+    from meshserve_xds.source import RedisSource
+
+    waits: list[float] = []
+
+    async def sleep(s: float) -> None:
+        waits.append(s)
+        if len(waits) >= 12:
+            raise asyncio.CancelledError
+
+    src = RedisSource(Settings(), _RedisGone(), SnapshotCache())  # type: ignore[arg-type]
+    src.sleep = sleep
+    try:
+        asyncio.run(src.run())
+    except asyncio.CancelledError:
+        pass
+    assert len(waits) == 12
+    assert waits[0] < 1.2 and waits[-1] > 5 and max(waits) <= 11  # 0.1 s doubling to 10 s, plus up to 1 s
+    assert len(set(waits)) == len(waits)  # jittered: replicas that lost Redis together do not retry in step
+
+
+def test_the_source_holds_one_layout_object_per_group() -> None:
+    """MESHSERVE_XDS_LAYOUT picks the gateway's layout from the table; a bad name says which
+    values exist."""
+    import pytest
+
+    from meshserve.settings import Settings
+    from meshserve_xds.cache import SnapshotCache
+    from meshserve_xds.matcher import MatcherLayout
+    from meshserve_xds.scoped import ScopedLayout
+    from meshserve_xds.source import RedisSource
+
+    assert isinstance(RedisSource(Settings(), None, SnapshotCache()).layout, ScopedLayout)  # type: ignore[arg-type]
+    assert isinstance(RedisSource(Settings(), None, SnapshotCache(), layout="matcher").layout, MatcherLayout)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scoped, matcher"):
+        RedisSource(Settings(), None, SnapshotCache(), layout="trie")  # type: ignore[arg-type]

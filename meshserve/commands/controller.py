@@ -31,9 +31,9 @@ def controller(namespace: str | None, redis_url: str, kubeconfig: str | None, co
     from prometheus_client import start_http_server
 
     from meshserve import logs
-    from meshserve.k8s.controller import Controller, api_client, current_namespace
+    from meshserve_controller.controller import Controller, api_client, current_namespace
     from meshserve.settings import Settings
-    from meshserve.state import State
+    from meshserve.store.state import State
 
     s = Settings.from_env()
     logs.setup("controller", s.log_json)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshserve import events
-from meshserve import state as st
+from meshserve.store.state import State
 from meshserve.commands import explain
 from meshserve.commands import status as status_cmd
 from meshserve.rules import plan as pl
@@ -29,7 +29,7 @@ async def model(url: str, name: str) -> dict[str, Any] | None:
     doc = await explain.gather(url, name)
     if not doc["found"]:
         return None
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
         doc["events"] = await events.recent(state, model=doc["model"])
         _, _, transitions = await store.read_all(state)
@@ -47,7 +47,7 @@ async def pod(url: str, name: str) -> dict[str, Any] | None:
     missing = next((p for p in data["missing_pods"] if p["id"] == name), None)
     if row is None and missing is None:
         return None
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
         snap = await state.snapshot()
         evs = await events.recent(state, pod=name)
@@ -63,7 +63,7 @@ async def pod(url: str, name: str) -> dict[str, Any] | None:
 
 async def rule(url: str, name: str) -> dict[str, Any] | None:
     """A TrafficRule, or an InferenceService's version move (what `get rules` lists), by name."""
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
         rules, statuses, transitions = await store.read_all(state)
         snap = await state.snapshot()

@@ -13,19 +13,17 @@ from typing import Any
 
 import click
 
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store.state import State
 from meshserve.model import CopyState
 from meshserve.commands import exits
 from meshserve.commands.output import emit, is_data, output_option
 from meshserve.commands.status import _run, _url
 
-# Placement's own keys: keys.py imports nothing of the placement service but the shared schema.
-from meshserve_placement.keys import BACKGROUND, DECISIONS, EXCLUDED, LOADQ_PREFIX
-
 
 async def gather(url: str, name: str) -> dict[str, Any]:
     """Everything known about one model, as plain data."""
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
         model_id = await state.resolve(name)
         if model_id is None:
@@ -33,22 +31,22 @@ async def gather(url: str, name: str) -> dict[str, Any]:
         spec = await state.model(model_id)
         copies = await state.copies(model_id)
         r = state.r
-        last_used = await r.zscore(st.LAST_USED, model_id)
-        raw_decision = await r.hget(DECISIONS, model_id)
+        last_used = await r.zscore(keys.LAST_USED, model_id)
+        raw_decision = await r.hget(keys.DECISIONS, model_id)
         excluded = {}
         now = time.time()
-        for k, v in (await r.hgetall(EXCLUDED)).items():
+        for k, v in (await r.hgetall(keys.EXCLUDED)).items():
             m, _, pod = k.decode().rpartition("|")
             if m == model_id and float(v) > now:
                 excluded[pod] = round(float(v) - now)
         queued = {}
         for pod in copies:
-            score = await r.zscore(LOADQ_PREFIX + pod, model_id)
+            score = await r.zscore(keys.loadq_key(pod), model_id)
             if score is not None:
-                ahead = await r.zcount(LOADQ_PREFIX + pod, "-inf", f"({score}")
-                queued[pod] = {"ahead": ahead, "request_waiting": score < BACKGROUND}
-        pods = await state.r.hgetall(st.PODS)
-        leader = await r.get(st.LEASE)
+                ahead = await r.zcount(keys.loadq_key(pod), "-inf", f"({score}")
+                queued[pod] = {"ahead": ahead, "request_waiting": score < keys.BACKGROUND}
+        pods = await state.r.hgetall(keys.PODS)
+        leader = await r.get(keys.LEASE)
     finally:
         await state.close()
     decision = json.loads(raw_decision) if raw_decision else None

@@ -26,7 +26,9 @@ from typing import Any, Callable
 
 import click
 
-from meshserve import state as st
+from meshserve.store import ops as store_ops
+from meshserve.store.messages import LoadRequest
+from meshserve.store.state import State
 from meshserve.commands import exits
 from meshserve.commands.status import _mb, _run, _url, json_option, redis_option
 from meshserve.model import CopyState
@@ -58,13 +60,13 @@ class Watch:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
 
-async def _ask(state: st.State, w: Watch) -> None:
+async def _ask(state: State, w: Watch) -> None:
     # The activator's fields exactly (placement/meshserve_placement/activator.py).
-    await state.r.xadd(st.LOAD_REQUESTS, st.load_request(w.model), maxlen=100_000, approximate=True)
+    await store_ops.request_load(state.r, LoadRequest(w.model))
     w._asked = time.monotonic()
 
 
-async def _poll(state: st.State, w: Watch) -> None:
+async def _poll(state: State, w: Watch) -> None:
     copies = await state.copies(w.model)
     loaded = sorted(p for p, c in copies.items() if c.state == CopyState.LOADED)
     if loaded:
@@ -100,7 +102,7 @@ async def _poll(state: st.State, w: Watch) -> None:
 async def load_models(
     url: str, names: list[str], wait: bool, timeout: float, on_update: Callable[[list[Watch]], None] = lambda ws: None
 ) -> list[Watch]:
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
         watches = [Watch(n) for n in names]
         for w in watches:

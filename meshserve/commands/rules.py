@@ -14,7 +14,10 @@ from typing import Any
 import click
 from opentelemetry import trace
 
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store import ops as store_ops
+from meshserve.store import messages
+from meshserve.store.state import State
 from meshserve import tracing
 from meshserve.commands import exits
 from meshserve.commands.output import WIDE, emit, is_data, output_option
@@ -32,7 +35,7 @@ def _run(url: str, fn: Any, action: str = "", attrs: dict[str, Any] | None = Non
     Bad input, an unknown name or Redis unreachable exit `failed` (1; `diff`'s own is 3)."""
 
     async def go() -> Any:
-        state = st.State.from_url(url)
+        state = State.from_url(url)
         try:
             if not action:
                 return await fn(state)
@@ -137,7 +140,7 @@ def apply(paths: tuple[Path, ...], dry_run: str, redis_url: str, target: Target)
             click.echo(f"{label} {verdict} (dry run)")
         return
 
-    async def go(state: st.State) -> Any:
+    async def go(state: State) -> Any:
         res = await apply_paths(state, paths, stdin)
         trace.get_current_span().set_attributes(tracing.applied(res.specs, res.rules))
         return res
@@ -196,7 +199,7 @@ def get_rules(redis_url: str, output: str) -> None:
     from meshserve.rules import plan as pl
     from meshserve.rules import store
 
-    async def read(state: st.State) -> Any:
+    async def read(state: State) -> Any:
         rules, statuses, transitions = await store.read_all(state)
         snap = await state.snapshot()
         return rules, statuses, transitions, snap
@@ -234,7 +237,7 @@ def get_rules(redis_url: str, output: str) -> None:
     Console().print(table)
 
 
-async def _find(state: st.State, name: str) -> tuple[str, Any, Any]:
+async def _find(state: State, name: str) -> tuple[str, Any, Any]:
     from meshserve.rules import store
 
     rules, statuses, transitions = await store.read_all(state)
@@ -260,11 +263,11 @@ def _describe(kind: str, obj: Any) -> None:
 @redis_option
 def promote(name: str, redis_url: str) -> None:
     """Advance a progressive canary one step, or finish an InferenceService canary (100% to the new version)."""
-    from meshserve import rollout
     from meshserve.rules import plan as pl
     from meshserve.rules import store
+    from meshserve_rollout.controller import advance
 
-    async def go(state: st.State) -> str:
+    async def go(state: State) -> str:
         kind, obj, status = await _find(state, name)
         _describe(kind, obj)
         now = time.time()
@@ -273,7 +276,7 @@ def promote(name: str, redis_url: str) -> None:
                 raise LookupError(f"rule {name!r} has no canary to promote; edit its weights and apply it")
             if status.get("phase") not in (pl.PROGRESSING, pl.PAUSED):
                 raise LookupError(f"rule {name!r} is {status.get('phase')}: only a progressing or paused canary can be promoted (re-apply the rule to restart it)")
-            new = rollout.advance(obj, status, now)
+            new = advance(obj, status, now)
             await store.set_status(state, name, new)
             return f"trafficrule/{name}: {new['phase']}, canary at {pl.canary_weight(obj, new)}%"
         t = obj
@@ -291,11 +294,11 @@ def promote(name: str, redis_url: str) -> None:
 @redis_option
 def rollback(name: str, redis_url: str) -> None:
     """Send 100% of NAME's traffic back to its stable model at once."""
-    from meshserve import rollout
+    from meshserve.rules import moves
     from meshserve.rules import plan as pl
     from meshserve.rules import store
 
-    async def go(state: st.State) -> str:
+    async def go(state: State) -> str:
         kind, obj, status = await _find(state, name)
         _describe(kind, obj)
         now = time.time()
@@ -307,10 +310,10 @@ def rollback(name: str, redis_url: str) -> None:
         changes: list[tuple[str, str]] = []
         if t.phase in (pl.T_DRAINING, "Unloading", pl.T_DONE):
             # The move finished: point the alias back at the previous version (it reloads if unloaded).
-            ops.append(["HSET", st.ALIASES, t.alias, t.old])
-            changes.append((st.KIND_ALIAS, t.alias))
+            ops.append(store_ops.set_alias(t.alias, t.old))
+            changes.append((messages.KIND_ALIAS, t.alias))
         if t.phase in (pl.T_LOADING, pl.T_CANARY):
-            ops += rollout.restore_spec_ops(await state.r.hget(st.MODELS, t.new), t)
+            ops += moves.restore_spec_ops(await state.r.hget(keys.MODELS, t.new), t)
         t.phase, t.since, t.reason = pl.T_ROLLED_BACK, now, "rolled back by the operator"
         await store.set_transition(state, t, ops, changes)
         return f"inferenceservice/{name}: rolled back, 100% to {t.old}"
@@ -341,7 +344,7 @@ def delete_rule(name: str, redis_url: str, target: Target) -> None:
         click.echo(_in_cluster(target, go_cluster, "delete"))
         return
 
-    async def go(state: st.State) -> str:
+    async def go(state: State) -> str:
         docs = await store.rule_docs(state)
         if name not in docs:
             known = ", ".join(sorted(docs)) or "none"

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store.state import State
 from meshserve.commands import exits
 from meshserve.commands.output import WIDE, emit, is_data, output_option
 from meshserve.model import CopyState
@@ -27,15 +28,15 @@ def _url(redis_url: str) -> str:
 
 async def gather(url: str) -> dict[str, Any]:
     """One consistent read of everything `status` shows."""
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
         snap = await state.snapshot()
-        hb = dict((k.decode(), v) for k, v in await state.r.zrange(st.HEARTBEATS, 0, -1, withscores=True))
-        lu = dict((k.decode(), v) for k, v in await state.r.zrange(st.LAST_USED, 0, -1, withscores=True))
+        hb = dict((k.decode(), v) for k, v in await state.r.zrange(keys.HEARTBEATS, 0, -1, withscores=True))
+        lu = dict((k.decode(), v) for k, v in await state.r.zrange(keys.LAST_USED, 0, -1, withscores=True))
         # In-flight loads: the loading copies, with what their loaders publish (none yet: queued).
         pairs = sorted((m, p) for m, cs in snap.placements.items() for p, c in cs.items() if c.state == CopyState.LOADING)
         progress = await state.progress(pairs)
-        withdrawn = {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(st.WITHDRAWN)).items()}
+        withdrawn = {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(keys.WITHDRAWN)).items()}
     finally:
         await state.close()
     now = time.time()

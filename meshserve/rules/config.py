@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from meshserve import registry, servingconfig
-from meshserve import state as st
+from meshserve.store.state import State
 from meshserve.model import CopyState, ModelSpec
 from meshserve.rules import schema, store
 from meshserve.yamlfile import ConfigError, Document, iter_yaml_files, load_documents
@@ -156,11 +156,10 @@ class Applied:
     after: dict[str, Any] = field(default_factory=dict)
 
 
-async def apply_paths(state: st.State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False) -> Applied:
+async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False) -> Applied:
     """Validate everything, then write it in one commit (models, aliases or version moves, rules).
     With `dry_run` nothing is written: the result says what would change."""
-    from meshserve import rollout
-    from meshserve.rules import preview
+    from meshserve.rules import moves, preview
 
     cfg = read_config(list(paths), stdin)
     snap = await state.snapshot()
@@ -169,7 +168,7 @@ async def apply_paths(state: st.State, paths: Iterable[Path], stdin: str | None 
     validate_rules(cfg, set(snap.aliases) | set(snap.models), owners)
     loaded = {m: sum(1 for c in cs.values() if c.state == CopyState.LOADED) for m, cs in snap.placements.items()}
     now = time.time()
-    ops, changes, notes = rollout.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
+    ops, changes, notes = moves.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
     docs = [r.to_doc() for r in cfg.rules]
     rops, rchanges = store.rule_ops(docs, statuses, now)
     after = preview.new_objects(cfg.specs, cfg.kinds, cfg.rules)

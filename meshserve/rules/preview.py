@@ -13,7 +13,7 @@ import difflib
 import json
 from typing import Any
 
-from meshserve import state as st
+from meshserve.store.state import Snapshot
 from meshserve.model import ModelSpec
 from meshserve.rules import plan as pl
 from meshserve.rules import schema
@@ -25,7 +25,7 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def stored(snap: st.Snapshot, transitions: dict[str, pl.Transition], rule_docs: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+def stored(snap: Snapshot, transitions: dict[str, pl.Transition], rule_docs: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     """The stored object for each label in `names` (label -> name), missing when nothing is stored.
 
     Labels are `<kind>/<name>` with kind `trafficrule` for rules and the model kinds otherwise."""

@@ -8,7 +8,10 @@ import logging
 import time
 from typing import Any
 
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store import ops as store_ops
+from meshserve.store import messages
+from meshserve.store.state import State
 from meshserve.rules import plan as pl
 
 log = logging.getLogger("meshserve.rules")
@@ -24,10 +27,10 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha1(_j(spec).encode()).hexdigest()[:10]
 
 
-async def read_all(state: st.State) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, pl.Transition]]:
+async def read_all(state: State) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, pl.Transition]]:
     """(rule name -> spec, rule name -> status, alias -> transition), read in one MULTI."""
     async with state.r.pipeline(transaction=True) as p:
-        p.hgetall(st.RULES).hgetall(st.RULE_STATUS).hgetall(st.TRANSITIONS)
+        p.hgetall(keys.RULES).hgetall(keys.RULE_STATUS).hgetall(keys.TRANSITIONS)
         rules_raw, status_raw, trans_raw = await p.execute()
     # A record that cannot be read (written by hand, or by a newer version) is skipped with a
     # warning: it must never stop the xDS server from building routes for everything else.
@@ -47,7 +50,7 @@ def _decode(raw: dict[bytes, bytes], convert: Any, what: str) -> dict[str, Any]:
     return out
 
 
-async def plans(state: st.State, aliases: dict[str, str], models: set[str]) -> dict[str, pl.Plan]:
+async def plans(state: State, aliases: dict[str, str], models: set[str]) -> dict[str, pl.Plan]:
     rules, statuses, transitions = await read_all(state)
     return pl.build_plans(rules, statuses, transitions, aliases, models)
 
@@ -68,28 +71,30 @@ def rule_ops(docs: list[dict[str, Any]], old_status: dict[str, dict[str, Any]], 
     changes: list[tuple[str, str]] = []
     for d in docs:
         name = d["metadata"]["name"]
-        ops.append(["HSET", st.RULES, name, _j(d)])
+        ops.append(store_ops.set_rule(name, d))
         if old_status.get(name, {}).get("specHash") != spec_hash(d["spec"]):
-            ops.append(["HSET", st.RULE_STATUS, name, _j(initial_status(d["spec"], now))])
-        changes.append((st.KIND_RULE, name))
+            ops.append(store_ops.set_rule_status(name, initial_status(d["spec"], now)))
+        changes.append((messages.KIND_RULE, name))
     return ops, changes
 
 
-async def set_status(state: st.State, name: str, status: dict[str, Any]) -> int:
-    return await state.commit([["HSET", st.RULE_STATUS, name, _j(status)]], [(st.KIND_RULE, name)])
+async def set_status(state: State, name: str, status: dict[str, Any], fence: str = "", lease: str = keys.LEASE) -> int:
+    """`fence`/`lease`: the rollout controller writes only while it holds its lease (State.commit)."""
+    return await state.commit([store_ops.set_rule_status(name, status)], [(messages.KIND_RULE, name)], fence, lease)
 
 
-async def set_transition(state: st.State, t: pl.Transition, extra_ops: list[list[Any]] | None = None,
-                         extra_changes: list[tuple[str, str]] | None = None) -> int:
+async def set_transition(state: State, t: pl.Transition, extra_ops: list[list[Any]] | None = None,
+                         extra_changes: list[tuple[str, str]] | None = None, fence: str = "", lease: str = keys.LEASE) -> int:
     return await state.commit(
-        [["HSET", st.TRANSITIONS, t.alias, _j(t.to_dict())], *(extra_ops or [])],
-        [(st.KIND_TRANSITION, t.alias), *(extra_changes or [])],
+        [store_ops.set_transition(t.alias, t.to_dict()), *(extra_ops or [])],
+        [(messages.KIND_TRANSITION, t.alias), *(extra_changes or [])],
+        fence, lease,
     )
 
 
-async def delete_rule(state: st.State, name: str) -> int:
-    return await state.commit([["HDEL", st.RULES, name], ["HDEL", st.RULE_STATUS, name]], [(st.KIND_RULE, name)])
+async def delete_rule(state: State, name: str) -> int:
+    return await state.commit(store_ops.del_rule(name), [(messages.KIND_RULE, name)])
 
 
-async def rule_docs(state: st.State) -> dict[str, dict[str, Any]]:
-    return {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(st.RULES)).items()}
+async def rule_docs(state: State) -> dict[str, dict[str, Any]]:
+    return {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(keys.RULES)).items()}

@@ -11,7 +11,7 @@ import grpc
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from meshserve import logs
-from meshserve import state as st
+from meshserve.store import State
 from meshserve.settings import Settings
 from meshserve_xds.cache import SnapshotCache
 from meshserve_xds.health import Health, bind_hosts, make_app
@@ -55,7 +55,7 @@ async def main() -> None:
         raise SystemExit(f"meshserve xds: {e}") from None
     await server.start()
 
-    state = st.State.from_url(s.redis_url)
+    state = State.from_url(s.redis_url)
     source = RedisSource(s, state, cache)
     # /healthz is ready once the first snapshot is in the cache (RedisSource.published is set
     # after its first publish); before, it says why not. See meshserve_xds/health.py.

@@ -24,10 +24,10 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as route_rc
 from envoy.config.route.v3 import route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from meshserve_xds import clusters, listeners, pb
 from meshserve_xds import resources as r
-from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
+from meshserve_xds.resources import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
 
 if TYPE_CHECKING:
     from meshserve.settings import Settings
@@ -80,7 +80,7 @@ def add_metrics_listener(b: bootstrap_pb2.Bootstrap, host: str, port: int, admin
     Istio's sidecar does on :15090. Its names can't clash with what ADS sends (meshserve_*)."""
     admin = cluster_pb2.Cluster(
         name=ADMIN_CLUSTER, type=cluster_pb2.Cluster.STATIC, connect_timeout=duration_pb2.Duration(seconds=1),
-        load_assignment=r.build_load_assignment(ADMIN_CLUSTER, "127.0.0.1", admin_port),
+        load_assignment=clusters.build_load_assignment(ADMIN_CLUSTER, "127.0.0.1", admin_port),
     )
     get = route_rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(exact="GET"))
     routes = route_pb2.RouteConfiguration(name=METRICS_LISTENER, virtual_hosts=[route_rc.VirtualHost(
@@ -96,13 +96,13 @@ def add_metrics_listener(b: bootstrap_pb2.Bootstrap, host: str, port: int, admin
         # but the exact one.
         normalize_path=wrappers_pb2.BoolValue(value=True), merge_slashes=True,
         path_with_escaped_slashes_action=hcm.HttpConnectionManager.REJECT_REQUEST,
-        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))],
+        http_filters=[listeners.router()],
     )
     listener = listener_pb2.Listener(
         name=METRICS_LISTENER,
         address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port)),
         filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=r._any(manager))])],
+            name="envoy.filters.network.http_connection_manager", typed_config=pb.pack_any(manager))])],
     )
     b.static_resources.clusters.append(admin)
     b.static_resources.listeners.append(listener)
@@ -116,7 +116,7 @@ def istio_bootstrap(
     then brings in our clusters and endpoints. The node's cluster selects the Istio group."""
     b = _bootstrap(node_id, xds_host, xds_port, admin_port, ISTIO_GROUP, delta, tls)
     b.dynamic_resources.ClearField("lds_config")
-    listener = r.build_listener(r.REST, "127.0.0.1", listen_port, http2_only=False)
+    listener = listeners.build_listener(r.REST, "127.0.0.1", listen_port, http2_only=False)
     listener.name = "istio_ingress_8008"
     b.static_resources.listeners.append(listener)
     return json_format.MessageToJson(b)
@@ -161,11 +161,11 @@ def _stats_config() -> stats_pb2.StatsConfig:
 
 
 def _xds_cluster(host: str, port: int, tls: XdsClientTls | None = None) -> cluster_pb2.Cluster:
-    c = r.build_cluster(XDS_CLUSTER, http2=True)
+    c = clusters.build_cluster(XDS_CLUSTER, http2=True)
     c.type = cluster_pb2.Cluster.STRICT_DNS if not host.replace(".", "").isdigit() else cluster_pb2.Cluster.STATIC
     c.ClearField("eds_cluster_config")
     c.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=1))
-    c.load_assignment.CopyFrom(r.build_load_assignment(XDS_CLUSTER, host, port))
+    c.load_assignment.CopyFrom(clusters.build_load_assignment(XDS_CLUSTER, host, port))
     if tls is not None:
         c.transport_socket.CopyFrom(xds_transport_socket(tls))
     return c
@@ -190,7 +190,7 @@ def xds_transport_socket(tls: XdsClientTls) -> base_pb2.TransportSocket:
             alpn_protocols=["h2"],
         ),
     )
-    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=r._any(ctx))
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pb.pack_any(ctx))
 
 
 def proxyless_bootstrap(node_id: str, xds_host: str, xds_port: int, tls: XdsClientTls | None = None) -> str:

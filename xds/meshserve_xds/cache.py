@@ -25,7 +25,7 @@ from google.protobuf import any_pb2
 
 from envoy.service.discovery.v3 import discovery_pb2
 from meshserve_xds.fastpb import WireTable
-from meshserve_xds.resources import Resources
+from meshserve_xds.resources import PUSH_ORDER, Patch, Resources
 
 
 LOG_KEEP = 1024  # change-log entries kept per type; a stream further behind diffs in full
@@ -66,15 +66,6 @@ class Group:
     generation: int = 0
     # Replaced on every change: a waiter takes the current event, then waits on it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass
-class DeltaDiff:
-    """What one delta stream must send for one type to catch up with the snapshot."""
-
-    updated: list[tuple[str, str, any_pb2.Any]]  # name, version, resource
-    removed: list[str]
-    seq: int = 0  # the snapshot's seq this diff brings the stream up to
 
 
 def pack(msg: object, type_url: str = "") -> tuple[any_pb2.Any, bytes]:
@@ -125,11 +116,11 @@ class SnapshotCache:
             g = self.groups[name] = Group()
         return g
 
-    async def set(self, name: str, res: Resources) -> list[str]:
+    def set(self, name: str, res: Resources) -> list[str]:
         """Install new resources for a group; returns the type URLs whose version moved."""
         return self._set(name, res, {})
 
-    async def set_many(self, by_group: dict[str, Resources]) -> dict[str, list[str]]:
+    def set_many(self, by_group: dict[str, Resources]) -> dict[str, list[str]]:
         """Install several groups at once. A message object shared between groups (the same
         clusters and routes, with or without listeners) is serialized once, not per group."""
         memo: dict[int, tuple[any_pb2.Any, bytes]] = {}
@@ -187,7 +178,7 @@ class SnapshotCache:
             self._moved(g)
         return moved
 
-    async def patch(self, name: str, type_url: str, upserts: Mapping[str, object], removes: Iterable[str] = ()) -> bool:
+    def patch(self, name: str, type_url: str, upserts: Mapping[str, object], removes: Iterable[str] = ()) -> bool:
         """Change some resources of one type and keep the rest: the cost follows the change,
         not the table. Returns whether the type's version moved."""
         g = self.group(name)
@@ -222,46 +213,36 @@ class SnapshotCache:
         self._moved(g)
         return True
 
+    def apply(self, name: str, patch: Patch) -> list[str]:
+        """A layout's patch, type by type in push order; returns the type URLs that moved. A
+        type in `patch.replaces` loses whatever the group holds of it that the table lacks."""
+        moved = []
+        g = self.group(name)
+        types = patch.replaces.keys() | patch.upserts.keys() | patch.removes.keys()
+        for t in sorted(types, key=lambda t: PUSH_ORDER.index(t) if t in PUSH_ORDER else len(PUSH_ORDER)):
+            hit = False
+            if t in patch.replaces:
+                table = patch.replaces[t]
+                held = g.types.get(t)
+                hit = self.patch(name, t, table, [n for n in (held.resources if held else {}) if n not in table])
+            if patch.upserts.get(t) or patch.removes.get(t):
+                hit = self.patch(name, t, patch.upserts.get(t, {}), patch.removes.get(t, ())) or hit
+            if hit:
+                moved.append(t)
+        return moved
+
+    def apply_many(self, updates: dict[str, Resources | Patch]) -> dict[str, list[str]]:
+        """Several groups' updates: the whole ones installed together (`set_many`, so what
+        they share is serialized once), then the patches."""
+        whole = {g: u for g, u in updates.items() if isinstance(u, Resources)}
+        moved = self.set_many(whole) if whole else {}
+        for g, u in updates.items():
+            if isinstance(u, Patch):
+                moved[g] = self.apply(g, u)
+        return moved
+
     @staticmethod
     def _moved(g: Group) -> None:
         g.generation += 1
         old_ev, g.changed = g.changed, asyncio.Event()
         old_ev.set()
-
-    def changed_names(self, group: str, type_url: str, since: dict[str, bytes]) -> set[str]:
-        snap = self.group(group).types.get(type_url)
-        if snap is None:
-            return set()
-        return {n for n, d in snap.digests.items() if since.get(n) != d}
-
-    def delta(
-        self, group: str, type_url: str, known: dict[str, str], wildcard: bool, subscribed: set[str],
-        since_seq: int | None = None, also: Iterable[str] = (),
-    ) -> DeltaDiff:
-        """Resources a delta client lacks or holds an old version of, and names it holds that
-        are gone. `known` is name -> version the client has (or was last sent). With
-        `since_seq` (the seq of the stream's last diff) only names touched since then, plus
-        `also` (new subscriptions), are looked at, so a change costs what it touched."""
-        snap = self.group(group).types.get(type_url)
-        if snap is None:
-            return DeltaDiff([], [], 0)
-        candidates = snap.names_since(since_seq) if since_seq is not None else None
-        if candidates is None:
-            candidates = set(snap.digests) if wildcard else set(subscribed)
-            candidates.update(known)
-        else:
-            candidates.update(also)
-        updated = []
-        removed = []
-        for n in candidates:
-            if not (wildcard or n in subscribed):
-                continue
-            d = snap.digests.get(n)
-            if d is None:
-                if n in known:
-                    removed.append(n)
-                continue
-            v = d.hex()
-            if known.get(n) != v:
-                updated.append((n, v, snap.resources[n]))
-        return DeltaDiff(sorted(updated, key=lambda u: u[0]), sorted(removed), snap.seq)

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
 from redis import exceptions as redis_exc
 
-from meshserve import state as st
+from meshserve.store import State
 from meshserve.settings import redact_url
 
 log = logging.getLogger("meshserve.xds")
@@ -57,7 +57,7 @@ def bind_hosts(debug_host: str) -> list[str]:
 class Health:
     """Readiness of the xDS server. `built` says whether the first snapshot exists."""
 
-    def __init__(self, built: Callable[[], bool], state: st.State | None, redis_url: str = "", revision: Callable[[], int] = lambda: 0):
+    def __init__(self, built: Callable[[], bool], state: State | None, redis_url: str = "", revision: Callable[[], int] = lambda: 0):
         self.built, self.state, self.redis_url, self.revision = built, state, redis_url, revision
 
     async def check(self) -> tuple[bool, str]:

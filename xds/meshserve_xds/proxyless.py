@@ -17,10 +17,15 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import string_pb2
-from meshserve_xds import resources as r
+from meshserve_xds.clusters import build_cluster, pod_cluster
+from meshserve_xds.listeners import router
+from meshserve_xds.pb import ads_source, pack_any
+from meshserve_xds.resources import (
+    ACTIVATOR_GRPC, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, MODEL_ID_HEADER, ROUTE_TYPE, VMODEL_ID_HEADER, Endpoint, Patch,
+    Resources, RoutingState, names_for,
+)
 
 TARGET = "meshserve"  # clients dial xds:///meshserve
 ROUTES = "meshserve_proxyless"
@@ -39,26 +44,26 @@ def _header_route(header: str, value: str, clusters: list[str]) -> rc.Route:
     )
 
 
-def build_routes(state: r.RoutingState) -> route_pb2.RouteConfiguration:
+def build_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     routes = []
-    for model, names in sorted(r._names_for(state).items()):
-        clusters = [r.pod_cluster(p, "grpc") for p in sorted(state.loaded[model])]
-        routes.append(_header_route(r.MODEL_ID_HEADER, model, clusters))
+    for model, names in sorted(names_for(state).items()):
+        clusters = [pod_cluster(p, "grpc") for p in sorted(state.loaded[model])]
+        routes.append(_header_route(MODEL_ID_HEADER, model, clusters))
         for name in names:
-            routes.append(_header_route(r.VMODEL_ID_HEADER, name, clusters))
-    routes.append(rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=r.ACTIVATOR_GRPC)))
+            routes.append(_header_route(VMODEL_ID_HEADER, name, clusters))
+    routes.append(rc.Route(match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=ACTIVATOR_GRPC)))
     return route_pb2.RouteConfiguration(name=ROUTES, virtual_hosts=[rc.VirtualHost(name=TARGET, domains=["*"], routes=routes)])
 
 
 def build_listener() -> listener_pb2.Listener:
     manager = hcm.HttpConnectionManager(
-        rds=hcm.Rds(config_source=r._ads(), route_config_name=ROUTES),
-        http_filters=[hcm.HttpFilter(name="envoy.filters.http.router", typed_config=r._any(router_pb2.Router()))],
+        rds=hcm.Rds(config_source=ads_source(), route_config_name=ROUTES),
+        http_filters=[router()],
     )
-    return listener_pb2.Listener(name=TARGET, api_listener=api_listener_pb2.ApiListener(api_listener=r._any(manager)))
+    return listener_pb2.Listener(name=TARGET, api_listener=api_listener_pb2.ApiListener(api_listener=pack_any(manager)))
 
 
-def _load_assignment(name: str, ep: r.Endpoint) -> endpoint_pb2.ClusterLoadAssignment:
+def _load_assignment(name: str, ep: Endpoint) -> endpoint_pb2.ClusterLoadAssignment:
     # gRPC ignores a locality without a weight.
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
         locality=base_pb2.Locality(region="meshserve"),
@@ -68,11 +73,28 @@ def _load_assignment(name: str, ep: r.Endpoint) -> endpoint_pb2.ClusterLoadAssig
     )])
 
 
-def build_all(state: r.RoutingState) -> r.Resources:
-    targets = [(r.ACTIVATOR_GRPC, state.activator)] + [(r.pod_cluster(p, "grpc"), ep) for p, ep in state.pods.items()]
-    res = r.Resources()
-    res.by_type[r.CLUSTER_TYPE] = {n: r.build_cluster(n, http2=True) for n, _ in targets}
-    res.by_type[r.ENDPOINT_TYPE] = {n: _load_assignment(n, ep) for n, ep in targets}
-    res.by_type[r.LISTENER_TYPE] = {TARGET: build_listener()}
-    res.by_type[r.ROUTE_TYPE] = {ROUTES: build_routes(state)}
+def build_all(state: RoutingState) -> Resources:
+    targets = [(ACTIVATOR_GRPC, state.activator)] + [(pod_cluster(p, "grpc"), ep) for p, ep in state.pods.items()]
+    res = Resources()
+    res.by_type[CLUSTER_TYPE] = {n: build_cluster(n, http2=True) for n, _ in targets}
+    res.by_type[ENDPOINT_TYPE] = {n: _load_assignment(n, ep) for n, ep in targets}
+    res.by_type[LISTENER_TYPE] = {TARGET: build_listener()}
+    res.by_type[ROUTE_TYPE] = {ROUTES: build_routes(state)}
     return res
+
+
+class ProxylessLayout:
+    """The proxyless group: a route list that grows with loaded models, built whole on every
+    change (the cache keeps what did not move), and only once a client of it connected."""
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def build_full(self, state: RoutingState) -> Resources:
+        return build_all(state)
+
+    def apply_change(self, state: RoutingState) -> Resources | Patch:
+        return build_all(state)
+
+    def apply_partial(self, part: RoutingState, models: set[str], names: set[str]) -> Patch | None:
+        return None

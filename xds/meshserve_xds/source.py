@@ -1,4 +1,5 @@
-"""Feeds the snapshot cache from Redis: reads routing state, builds resources, debounces bursts.
+"""Feeds the snapshot cache from Redis: reads routing state, has each group's layout (layout.py)
+turn it into resources or patches, hands those to the cache, debounces bursts.
 
 At start it reads every routing hash once. After that it follows `ms:changes`: each entry names
 the kind and id of what changed, so a batch re-reads only those objects (one pipelined HMGET
@@ -8,26 +9,33 @@ and only then does it read everything again.
 Changes arrive on the `ms:changes` stream. Bursts are batched: a push waits for a quiet
 window (default 20 ms) but never longer than a maximum delay (default 200 ms) after the first
 change, so a storm of loads becomes a handful of pushes while a lone change lands fast.
+
+While Redis is away the last snapshot keeps being served; reconnects back off exponentially
+with jitter (tenacity).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_not_exception_type, wait_exponential, wait_random
 
-from meshserve import state as st
+from meshserve.store import keys as k
+from meshserve.store import ops
+from meshserve.store.messages import KIND_ALIAS, KIND_MODEL, KIND_PLACEMENT, KIND_POD, KIND_RULE, KIND_TRANSITION, Change
+from meshserve.store.state import Snapshot, State
 from meshserve.model import CopyState, ModelSpec, Pod, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
-from meshserve_xds import proxyless, scoped
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
-from meshserve_xds.server import GATEWAY_GROUP, ISTIO_GROUP, PROXYLESS_GROUP
+from meshserve_xds.layout import EXTRA_GROUPS, Layout, extra_layout, gateway_layout
 
 log = logging.getLogger("meshserve.xds")
 
@@ -38,7 +46,7 @@ M_RESYNCS = Counter("meshserve_xds_resyncs", "Full rebuilds from Redis")
 M_INCREMENTAL = Counter("meshserve_xds_incremental_updates", "Change batches applied by targeted re-reads")
 
 
-def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
+def routing_state(snap: Snapshot, settings: Settings) -> r.RoutingState:
     pods = {p.id: r.Endpoint(p.host, p.rest_port, p.grpc_port) for p in snap.pods.values()}
     loaded: dict[str, list[str]] = {}
     for model, copies in snap.placements.items():
@@ -56,15 +64,12 @@ def routing_state(snap: st.Snapshot, settings: Settings) -> r.RoutingState:
     )
 
 
-async def read_transformers(state: st.State) -> dict[str, r.Transformer]:
-    """The transformers `meshserve up` runs (meshserve/transformer.py), read at each resync:
-    they are written before the xDS server starts and change only with a restart."""
-    import json
-
-    from meshserve.transformer import TRANSFORMERS
-
+async def read_transformers(state: State) -> dict[str, r.Transformer]:
+    """The transformers `meshserve up` runs (their records: meshserve/transformer.py `record`),
+    read at each resync: they are written before the xDS server starts and change only with a
+    restart."""
     out: dict[str, r.Transformer] = {}
-    for name, raw in (await state.r.hgetall(TRANSFORMERS)).items():
+    for name, raw in (await ops.transformers(state.r)).items():
         try:
             d = json.loads(raw)
             out[name.decode()] = r.Transformer(r.Endpoint(d["host"], int(d["rest_port"]), int(d["grpc_port"])), str(d["predictor"]))
@@ -83,28 +88,29 @@ class ChangeBatch:
 
 
 # Kinds whose objects are re-read one by one; rules are few and re-read whole.
-_TARGETED = {st.KIND_MODEL: st.MODELS, st.KIND_ALIAS: st.ALIASES, st.KIND_POD: st.PODS, st.KIND_PLACEMENT: st.PLACEMENTS}
-_RULE_KINDS = {st.KIND_RULE, st.KIND_TRANSITION}
-LAYOUTS = ("scoped", "matcher")
+_TARGETED = {KIND_MODEL: k.MODELS, KIND_ALIAS: k.ALIASES, KIND_POD: k.PODS, KIND_PLACEMENT: k.PLACEMENTS}
+_RULE_KINDS = {KIND_RULE, KIND_TRANSITION}
+# Reconnecting to Redis: 0.1 s doubling to 10 s, with up to 1 s of jitter so that replicas
+# that lost it together do not come back in step.
+RETRY_WAIT = wait_exponential(multiplier=0.1, max=10) + wait_random(0, 1)
+HEALTHY_S = 10.0
 
 
-def plan_batch(current_rev: int, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> ChangeBatch:
+def plan_batch(current_rev: int, entries: list[tuple[bytes, Change]]) -> ChangeBatch:
     """Pure. Entries at or below `current_rev` are already in the snapshot. A revision that
     skips one (a trimmed stream, a commit with no entry, a reader that fell behind) or a kind
     we don't know means something may be missing: resync from the hashes."""
     rev = current_rev
     ids: dict[str, set[str]] = {}
-    for _, fields in entries:
-        e_rev = int(fields.get(b"rev", b"0"))
-        if e_rev <= current_rev:
+    for _, c in entries:
+        if c.rev <= current_rev:
             continue
-        if e_rev > rev + 1:
-            return ChangeBatch(True, e_rev)
-        rev = e_rev
-        kind = fields.get(b"kind", b"").decode()
-        if kind not in _TARGETED and kind not in _RULE_KINDS:
+        if c.rev > rev + 1:
+            return ChangeBatch(True, c.rev)
+        rev = c.rev
+        if c.kind not in _TARGETED and c.kind not in _RULE_KINDS:
             return ChangeBatch(True, rev)
-        ids.setdefault(kind, set()).add(fields.get(b"id", b"").decode())
+        ids.setdefault(c.kind, set()).add(c.id)
     return ChangeBatch(False, rev, ids)
 
 
@@ -112,21 +118,22 @@ class RedisSource:
     """Keeps routing state in memory, follows the change stream with targeted re-reads, and
     rebuilds from the hashes only at start and on a revision gap."""
 
-    def __init__(self, settings: Settings, state: st.State, cache: SnapshotCache, layout: str | None = None):
+    def __init__(self, settings: Settings, state: State, cache: SnapshotCache, layout: str | None = None):
         self.s, self.state, self.cache = settings, state, cache
+        listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         # "scoped" (default) or "matcher" (docs/design/routing.md); MESHSERVE_XDS_LAYOUT picks it.
-        self.layout = layout or os.environ.get("MESHSERVE_XDS_LAYOUT") or "scoped"
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"MESHSERVE_XDS_LAYOUT={self.layout!r}: expected one of {', '.join(LAYOUTS)}")
-        self._index: scoped.Index | None = None
+        self.layout: Layout = gateway_layout(layout or os.environ.get("MESHSERVE_XDS_LAYOUT") or "scoped", listeners)
+        # Groups built only while a client of theirs is connected (Istio, proxyless).
+        self.extras: dict[str, Layout] = {}
+        self._full = True  # the next publish builds every group whole (start, resync)
         self._alias_of: dict[str, str] = {}
         self._aliases_by_model: dict[str, set[str]] = {}
-        self.listeners = r.ListenerConfig(settings.host, settings.gateway_rest_port, settings.gateway_grpc_port)
         self.rev = 0
-        self.snap: st.Snapshot | None = None
+        self.snap: Snapshot | None = None
         self.traffic: dict = {}
         self.transformers: dict[str, r.Transformer] = {}
         self.published: set[str] = set()
+        self.sleep = asyncio.sleep  # the backoff's; a test may count the waits instead
 
     async def rebuild(self) -> None:
         """Full resync: read every routing hash at one revision."""
@@ -135,14 +142,14 @@ class RedisSource:
         self.snap = snap
         self.traffic = await rules_store.plans(self.state, snap.aliases, set(snap.models))
         self.transformers = await read_transformers(self.state)
-        self._index = None  # a resync replaces everything
-        await self._publish()
+        self._full = True  # a resync replaces everything
+        self._publish()
         self.rev = snap.rev
         M_REV.set(snap.rev)
         M_RESYNCS.inc()
         M_BUILD.observe(time.perf_counter() - t0)
 
-    async def apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    async def apply(self, entries: list[tuple[bytes, Change]]) -> None:
         """Follow a batch of change entries: re-read only what they name."""
         batch = plan_batch(self.rev, entries)
         if batch.resync or self.snap is None:
@@ -166,46 +173,60 @@ class RedisSource:
         # re-reading them is harmless, so the revision is the batch's own.
         snap.rev = batch.rev
         plans_moved = False
-        if batch.ids.keys() & (_RULE_KINDS | {st.KIND_ALIAS, st.KIND_MODEL}):
+        if batch.ids.keys() & (_RULE_KINDS | {KIND_ALIAS, KIND_MODEL}):
             before, self.traffic = self.traffic, await rules_store.plans(self.state, snap.aliases, set(snap.models))
             plans_moved = self.traffic != before
-        if not (self.layout == "scoped" and not plans_moved and await self._publish_scoped_partial(batch.ids)):
-            await self._publish()
+        if plans_moved or not self._publish_partial(batch.ids):
+            self._publish()
         self.rev = batch.rev
         M_REV.set(self.rev)
         M_INCREMENTAL.inc()
         M_BUILD.observe(time.perf_counter() - t0)
 
-    async def _publish(self) -> None:
+    def _routing_state(self) -> r.RoutingState:
         assert self.snap is not None
         rs = routing_state(self.snap, self.s)
         rs.traffic = self.traffic
         rs.transformers = self.transformers
-        if self.layout == "scoped":
-            await self._publish_scoped(rs)
-            return
-        gateway = r.build_all(rs, self.listeners)
-        # Istio mode is the same resources without our listeners: build and serialize once.
-        istio = r.Resources(by_type={**gateway.by_type, r.LISTENER_TYPE: {}})
-        groups = {GATEWAY_GROUP: gateway, ISTIO_GROUP: istio}
-        # Proxyless clients get a route list (O(loaded models)): built only once one connected.
-        if PROXYLESS_GROUP in self.cache.wanted:
-            groups[PROXYLESS_GROUP] = proxyless.build_all(rs)
-        self.published = set(groups)
-        await self.cache.set_many(groups)
+        return rs
 
-    async def _publish_scoped_partial(self, ids: dict[str, set[str]]) -> bool:
-        """Scoped layout, placement/model/alias changes only: touch just what they name, without
-        walking every model. False when the change needs the full diff (pods, rules, a group
-        that builds whole, or a name or model that a traffic plan involves)."""
-        if self._index is None or self.snap is None or ids.keys() - {st.KIND_PLACEMENT, st.KIND_MODEL, st.KIND_ALIAS}:
+    def _publish(self) -> None:
+        """Every wanted group from the whole routing state: built whole after a resync or for a
+        group just wanted, else as each layout's change (the scoped layout patches)."""
+        rs = self._routing_state()
+        # The alias maps let a later change find a model's names without walking all aliases.
+        self._alias_of = dict(rs.aliases)
+        self._aliases_by_model = {}
+        for a, m in rs.aliases.items():
+            self._aliases_by_model.setdefault(m, set()).add(a)
+        updates: dict[str, r.Resources | r.Patch] = {}
+        # The gateway first: the Istio group may share its build.
+        updates[r.GATEWAY_GROUP] = self.layout.build_full(rs) if self._full else self.layout.apply_change(rs)
+        for group in EXTRA_GROUPS:
+            if group not in self.cache.wanted:
+                continue
+            layout = self.extras.get(group)
+            if layout is None or self._full:
+                layout = self.extras[group] = extra_layout(group, self.layout)
+                updates[group] = layout.build_full(rs)
+            else:
+                updates[group] = layout.apply_change(rs)
+        self._full = False
+        self.cache.apply_many(updates)
+        self.published = set(updates)
+
+    def _publish_partial(self, ids: dict[str, set[str]]) -> bool:
+        """Placement/model/alias changes only: touch just what they name, without walking
+        every model. False when the change needs the whole state (pods, rules, a group just
+        wanted, or a layout that cannot patch this change)."""
+        if self._full or self.snap is None or ids.keys() - {KIND_PLACEMENT, KIND_MODEL, KIND_ALIAS}:
             return False
-        if self.cache.wanted & {ISTIO_GROUP, PROXYLESS_GROUP}:
+        if self.cache.wanted - self.published:
             return False
         snap = self.snap
-        models = set(ids.get(st.KIND_PLACEMENT, ())) | set(ids.get(st.KIND_MODEL, ()))
-        names = set(models) | set(ids.get(st.KIND_ALIAS, ()))
-        for a in ids.get(st.KIND_ALIAS, ()):
+        models = set(ids.get(KIND_PLACEMENT, ())) | set(ids.get(KIND_MODEL, ()))
+        names = set(models) | set(ids.get(KIND_ALIAS, ()))
+        for a in ids.get(KIND_ALIAS, ()):
             old, new = self._alias_of.get(a), snap.aliases.get(a)
             if old is not None:
                 self._aliases_by_model.get(old, set()).discard(a)
@@ -218,10 +239,6 @@ class RedisSource:
                 self._alias_of.pop(a, None)
         aliases = {a: m for m in models for a in self._aliases_by_model.get(m, ())}
         names |= models | set(aliases)
-        if scoped.involves_traffic(self._index, models, names):
-            # A plan's RouteConfiguration depends on every model it names: take the full diff,
-            # which rebuilds it. The alias maps are rebuilt there too.
-            return False
         loaded = {}
         for m in models:
             holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
@@ -235,99 +252,97 @@ class RedisSource:
             cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
             route_stats=self.s.xds_route_stats,
         )
-        patch = scoped.diff_partial(self._index, part, models, names)
-        # Clusters first: the server holds routes back until the clusters they name are answered.
-        for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
-            await self.cache.patch(GATEWAY_GROUP, t, patch.upserts.get(t, {}), patch.removes.get(t, []))
+        layouts = {r.GATEWAY_GROUP: self.layout, **{g: self.extras[g] for g in self.published if g in self.extras}}
+        for group, layout in layouts.items():
+            # Each group's patch goes to the cache at once: a layout that answers None changed
+            # nothing, and the whole-state publish that follows diffs from what each holds.
+            patch = layout.apply_partial(part, models, names)
+            if patch is None:
+                return False  # the whole state then; the alias maps are rebuilt there too
+            self.cache.apply(group, patch)
         return True
 
-    async def _publish_scoped(self, rs: r.RoutingState) -> None:
-        """Scoped layout: patch only the scopes and route configurations that changed."""
-        # The alias maps let a later change find a model's names without walking all aliases.
-        self._alias_of = dict(rs.aliases)
-        self._aliases_by_model = {}
-        for a, m in rs.aliases.items():
-            self._aliases_by_model.setdefault(m, set()).add(a)
-        if self._index is None:
-            await self.cache.set(GATEWAY_GROUP, scoped.build_all(rs, self.listeners))
-            self._index = scoped.index(rs)
-        else:
-            patch, self._index = scoped.diff(self._index, rs)
-            full = scoped.build_all(r.RoutingState(pods=rs.pods, loaded={}, aliases={}, activator=rs.activator), self.listeners)
-            full.by_type[r.CLUSTER_TYPE], full.by_type[r.ENDPOINT_TYPE] = r.build_clusters(rs, copy_sets=True)
-            # Clusters, endpoints and listeners follow pods and copy sets, not models: small,
-            # replaced whole (the cache sends only those whose bytes changed).
-            for t in (r.CLUSTER_TYPE, r.ENDPOINT_TYPE, r.LISTENER_TYPE):
-                held = self.cache.group(GATEWAY_GROUP).types.get(t)
-                gone = [n for n in (held.resources if held else {}) if n not in full.by_type[t]]
-                await self.cache.patch(GATEWAY_GROUP, t, full.by_type[t], gone)
-            for t in (r.SCOPED_ROUTE_TYPE, r.ROUTE_TYPE):
-                await self.cache.patch(GATEWAY_GROUP, t, patch.upserts.get(t, {}), patch.removes.get(t, []))
-        self.published = {GATEWAY_GROUP}
-        # Istio mode takes RDS `meshserve_rest` from a listener we don't own: that one is a
-        # single RouteConfiguration, built only while such a gateway is connected.
-        extra: dict[str, r.Resources] = {}
-        if ISTIO_GROUP in self.cache.wanted:
-            extra[ISTIO_GROUP] = r.build_all(rs, None)
-        if PROXYLESS_GROUP in self.cache.wanted:
-            extra[PROXYLESS_GROUP] = proxyless.build_all(rs)
-        if extra:
-            await self.cache.set_many(extra)
-            self.published |= set(extra)
-
     async def run(self) -> None:
+        """Sync, then follow the change stream, forever. While Redis is away the last snapshot
+        keeps being served and reconnects back off exponentially with jitter (RETRY_WAIT); a
+        loss after a good stretch (HEALTHY_S) starts the backoff afresh."""
+        while True:
+            try:
+                async for attempt in AsyncRetrying(
+                    wait=RETRY_WAIT, sleep=self.sleep, before_sleep=self._log_retry,
+                    retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(_Lost),
+                ):
+                    with attempt:
+                        await self._sync_and_follow()
+            except _Lost as e:
+                log.warning("xds: state source error (%s); serving last snapshot, reconnecting", e.__cause__)
+
+    @staticmethod
+    def _log_retry(rs: RetryCallState) -> None:
+        wait = rs.next_action.sleep if rs.next_action else 0.0
+        log.warning("xds: state source error (%s); serving last snapshot, retrying in %.1f s",
+                    rs.outcome.exception() if rs.outcome else None, wait)
+
+    async def _sync_and_follow(self) -> None:
+        last = await self.state.last_change_id()
+        await self.rebuild()
+        log.info("xds: built snapshot at revision %d", self.rev)
+        synced = time.monotonic()
+        try:
+            await self._follow(last)
+        except Exception as e:
+            if time.monotonic() - synced >= HEALTHY_S:
+                raise _Lost() from e
+            raise
+
+    async def _follow(self, last: bytes | str) -> None:
         quiet = self.s.debounce_quiet_ms / 1000
         max_delay = self.s.debounce_max_ms / 1000
         while True:
-            try:
-                last = await self.state.last_change_id()
-                await self.rebuild()
-                log.info("xds: built snapshot at revision %d", self.rev)
-                while True:
-                    resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=10_000)
-                    if not resp:
-                        if self.cache.wanted - self.published and self.snap is not None:
-                            await self._publish()  # a client of a group not built yet
-                        continue
-                    first = time.monotonic()
-                    entries = list(resp[0][1])
-                    last = entries[-1][0]
-                    # Debounce: keep reading while changes keep coming, up to the max delay. The
-                    # quiet window is timed here, not by XREAD's BLOCK: Redis checks blocked
-                    # clients' timeouts at its `hz` tick (100 ms by default), which turned a
-                    # 20 ms window into ~95 ms (bench/xds_e2e_latency.py).
-                    while time.monotonic() - first < max_delay:
-                        await asyncio.sleep(min(quiet, max(0.0, max_delay - (time.monotonic() - first))))
-                        more = await self.state.r.xread({st.CHANGES: last}, count=10_000)
-                        if not more:
-                            break
-                        entries += more[0][1]
-                        last = entries[-1][0]
-                    await self.apply(entries)
-            except Exception as e:  # Redis gone: keep serving the last snapshot, retry
-                log.warning("xds: state source error (%s); serving last snapshot, retrying", e)
-                await asyncio.sleep(1.0)
+            entries = await ops.read_changes(self.state.r, last, count=10_000, block=1000)
+            if not entries:
+                if self.cache.wanted - self.published and self.snap is not None:
+                    self._publish()  # a client of a group not built yet
+                continue
+            first = time.monotonic()
+            last = entries[-1][0]
+            # Debounce: keep reading while changes keep coming, up to the max delay. The
+            # quiet window is timed here, not by XREAD's BLOCK: Redis checks blocked
+            # clients' timeouts at its `hz` tick (100 ms by default), which turned a
+            # 20 ms window into ~95 ms (bench/xds_e2e_latency.py).
+            while time.monotonic() - first < max_delay:
+                await asyncio.sleep(min(quiet, max(0.0, max_delay - (time.monotonic() - first))))
+                more = await ops.read_changes(self.state.r, last, count=10_000)
+                if not more:
+                    break
+                entries += more
+                last = entries[-1][0]
+            await self.apply(entries)
 
 
-def _apply_values(snap: st.Snapshot, kind: str, ids: list[str], vals: list[bytes | None]) -> None:
+class _Lost(Exception):
+    """The state source failed after following well for HEALTHY_S: reconnect with a fresh backoff."""
+
+
+def _apply_values(snap: Snapshot, kind: str, ids: list[str], vals: list[bytes | None]) -> None:
     """Write re-read hash values into the in-memory snapshot; a missing value is a delete."""
     for i, v in zip(ids, vals):
-        if kind == st.KIND_MODEL:
+        if kind == KIND_MODEL:
             if v is None:
                 snap.models.pop(i, None)
             else:
                 snap.models[i] = ModelSpec.from_json(v)
-        elif kind == st.KIND_ALIAS:
+        elif kind == KIND_ALIAS:
             if v is None:
                 snap.aliases.pop(i, None)
             else:
                 snap.aliases[i] = v.decode()
-        elif kind == st.KIND_POD:
+        elif kind == KIND_POD:
             if v is None:
                 snap.pods.pop(i, None)
             else:
                 snap.pods[i] = Pod.from_json(v)
-        elif kind == st.KIND_PLACEMENT:
+        elif kind == KIND_PLACEMENT:
             copies = copies_from_json(v)
             if copies:
                 snap.placements[i] = copies

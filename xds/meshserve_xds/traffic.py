@@ -2,7 +2,7 @@
 
 How each piece maps to Envoy (docs/design/traffic.md has the why):
 - A split is one `weighted_clusters` action with a ClusterWeight per target model: its pod's
-  cluster, or its copy set's when it has several copies (resources.copies_cluster).
+  cluster, or its copy set's when it has several copies (clusters.copies_cluster).
   Envoy cannot rewrite the path per weighted cluster, so each ClusterWeight sets the
   `mm-model-id` header to its concrete model instead and the path keeps the name the client
   used. Runtimes pick the model from `mm-model-id` first (ModelMesh's convention, which the
@@ -31,24 +31,19 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
-from xds.core.v3 import extension_pb2
-from xds.type.matcher.v3 import matcher_pb2
-
-from meshserve_xds import resources as r
+from meshserve_xds.clusters import target_cluster
+from meshserve_xds.resources import MODELS_PREFIX, ROUTE_TIMEOUT_S, RoutingState
+from meshserve_xds.routes import on_match_routes, route_action, set_model_header
 
 # Weights are percents; each is spread over the model's pods, so scale up to keep integers exact.
 WEIGHT_SCALE = 1000
-ROUTE_TIMEOUT_S = 120
 
 
-def _clusters(state: r.RoutingState, model: str, proto: str) -> list[str]:
+def target_clusters(state: RoutingState, model: str, proto: str) -> list[str]:
     """The one cluster a target's traffic goes to: its pod's, or its copy set's when it has
     several copies (so a retry reaches another copy, as on the plain routes), or the
     activator's when no pod holds it."""
-    pods = state.loaded.get(model)
-    if pods:
-        return [r.copies_cluster(pods, proto)]
-    return [r.ACTIVATOR_REST if proto == "rest" else r.ACTIVATOR_GRPC]
+    return [target_cluster(state, model, proto)]
 
 
 def _header_matcher(h: Any) -> rc.HeaderMatcher:
@@ -62,11 +57,11 @@ def _header_matcher(h: Any) -> rc.HeaderMatcher:
     return m
 
 
-def _mirrors(state: r.RoutingState, mirror: tuple[str, float] | None, proto: str) -> list[rc.RouteAction.RequestMirrorPolicy]:
+def _mirrors(state: RoutingState, mirror: tuple[str, float] | None, proto: str) -> list[rc.RouteAction.RequestMirrorPolicy]:
     if not mirror:
         return []
     model, percent = mirror
-    clusters = _clusters(state, model, proto)
+    clusters = target_clusters(state, model, proto)
     per = int(round(percent * 10_000 / 100 / len(clusters)))  # in 1/10,000ths, split among pods
     out = []
     for c in clusters:
@@ -77,36 +72,36 @@ def _mirrors(state: r.RoutingState, mirror: tuple[str, float] | None, proto: str
                     default_value=percent_pb2.FractionalPercent(numerator=per, denominator=percent_pb2.FractionalPercent.TEN_THOUSAND)
                 ),
                 request_headers_mutations=[
-                    mutation_rules_pb2.HeaderMutation(append=r._set_model_header(model)[0])
+                    mutation_rules_pb2.HeaderMutation(append=set_model_header(model)[0])
                 ],
             )
         )
     return out
 
 
-def _action(state: r.RoutingState, branch: Any, mirror: tuple[str, float] | None, proto: str,
+def _action(state: RoutingState, branch: Any, mirror: tuple[str, float] | None, proto: str,
             rewrite: Callable[[str], str] | None) -> tuple[rc.RouteAction, list[base_pb2.HeaderValueOption]]:
     """The action for one branch, plus route-level headers to add."""
     targets = [(m, w) for m, w in branch.targets if w > 0]
     route_headers: list[base_pb2.HeaderValueOption] = []
     if len(targets) == 1:
         model = targets[0][0]
-        action = r._route_action(_clusters(state, model, proto), ROUTE_TIMEOUT_S)
+        action = route_action(target_clusters(state, model, proto), ROUTE_TIMEOUT_S)
         if rewrite is not None:
             action.prefix_rewrite = rewrite(model)
-        route_headers = r._set_model_header(model)
+        route_headers = set_model_header(model)
     else:
-        action = r._route_action(["-"], ROUTE_TIMEOUT_S)  # the plain routes' retry policy: one source
+        action = route_action(["-"], ROUTE_TIMEOUT_S)  # the plain routes' retry policy: one source
         action.ClearField("cluster")
         weights = []
         for model, w in targets:
-            clusters = _clusters(state, model, proto)
+            clusters = target_clusters(state, model, proto)
             for c in clusters:
                 weights.append(
                     rc.WeightedCluster.ClusterWeight(
                         name=c,
                         weight=wrappers_pb2.UInt32Value(value=max(1, w * WEIGHT_SCALE // len(clusters))),
-                        request_headers_to_add=r._set_model_header(model),
+                        request_headers_to_add=set_model_header(model),
                     )
                 )
         wc = rc.WeightedCluster(clusters=weights)
@@ -119,7 +114,7 @@ def _action(state: r.RoutingState, branch: Any, mirror: tuple[str, float] | None
     return action, route_headers
 
 
-def _routes(state: r.RoutingState, plan: Any, proto: str, match: Callable[[], rc.RouteMatch],
+def plan_routes(state: RoutingState, plan: Any, proto: str, match: Callable[[], rc.RouteMatch],
             rewrite: Callable[[str], str] | None) -> list[rc.Route]:
     out = []
     for b in plan.branches:
@@ -130,26 +125,18 @@ def _routes(state: r.RoutingState, plan: Any, proto: str, match: Callable[[], rc
     return out
 
 
-def _on_match(routes: list[rc.Route]) -> matcher_pb2.Matcher.OnMatch:
-    if len(routes) == 1 and not routes[0].match.headers:
-        return r._on_match_route(routes[0])
-    return matcher_pb2.Matcher.OnMatch(
-        action=extension_pb2.TypedExtensionConfig(name="routes", typed_config=r._any(rc.RouteList(routes=routes)))
-    )
-
-
-def add_rest_routes(state: r.RoutingState, exact: dict[str, Any], prefix: dict[str, Any]) -> None:
+def add_rest_routes(state: RoutingState, exact: dict[str, Any], prefix: dict[str, Any]) -> None:
     """Replace (or add) the matcher-tree entries of every name that has a plan."""
     for name, plan in state.traffic.items():
-        base = r.MODELS_PREFIX + name
-        exact[base] = _on_match(
-            _routes(state, plan, "rest", lambda: rc.RouteMatch(path=base), lambda m: r.MODELS_PREFIX + m)
+        base = MODELS_PREFIX + name
+        exact[base] = on_match_routes(
+            plan_routes(state, plan, "rest", lambda: rc.RouteMatch(path=base), lambda m: MODELS_PREFIX + m)
         )
-        prefix[base + "/"] = _on_match(
-            _routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=base + "/"), lambda m: r.MODELS_PREFIX + m + "/")
+        prefix[base + "/"] = on_match_routes(
+            plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=base + "/"), lambda m: MODELS_PREFIX + m + "/")
         )
 
 
-def add_grpc_routes(state: r.RoutingState, by_alias: dict[str, Any]) -> None:
+def add_grpc_routes(state: RoutingState, by_alias: dict[str, Any]) -> None:
     for name, plan in state.traffic.items():
-        by_alias[name] = _on_match(_routes(state, plan, "grpc", lambda: rc.RouteMatch(prefix="/"), None))
+        by_alias[name] = on_match_routes(plan_routes(state, plan, "grpc", lambda: rc.RouteMatch(prefix="/"), None))

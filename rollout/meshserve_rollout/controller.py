@@ -1,6 +1,6 @@
 """The rollout controller: InferenceService version moves and progressive canaries.
 
-Runs as its own process (`python -m meshserve.rollout`, started by `meshserve up`); one
+Runs as its own process (`python -m meshserve_rollout`, started by `meshserve up`); one
 instance leads at a time through a Redis lease. Every decision is a pure function of
 (transition or rule status, placements, time, error rates), so tests drive it without Redis.
 
@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import aiohttp
 
-from meshserve import state as st
-from meshserve.lease import Lease
+from meshserve.store import keys
+from meshserve.store import ops as store_ops
+from meshserve.store import messages
+from meshserve.store.state import NotLeader, Snapshot, State
+from meshserve.store.lease import Lease
 from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.rules import plan as pl
 from meshserve.rules import store
+from meshserve.rules.moves import restore_spec_ops
 from meshserve.rules.schema import parse_duration, referenced_models
 from meshserve.settings import Settings
 
@@ -60,69 +63,6 @@ def _counts(copies: dict[str, Copy], since: float) -> tuple[int, int, list[str]]
 # --- pure decisions -------------------------------------------------------------------------
 
 
-def registration(
-    specs: Sequence[ModelSpec],
-    percents: dict[str, int | None],
-    aliases: dict[str, str],
-    loaded_copies: dict[str, int],
-    transitions: dict[str, pl.Transition],
-    now: float,
-) -> tuple[list[list[Any]], list[tuple[str, str]], list[str]]:
-    """Redis writes that register `specs`. An alias whose current model is serving does not
-    move: a transition is recorded and the controller moves it once the new model is ready.
-    Returns (ops, changes, human notes)."""
-    ops: list[list[Any]] = []
-    changes: list[tuple[str, str]] = []
-    notes: list[str] = []
-    for s in specs:
-        model_op = len(ops)
-        ops.append(["HSET", st.MODELS, s.id, s.to_json()])
-        changes.append((st.KIND_MODEL, s.id))
-        old = aliases.get(s.alias)
-        pct = percents.get(s.alias)
-        t = transitions.get(s.alias)
-        if old is None:  # a new InferenceService
-            ops.append(["HSET", st.ALIASES, s.alias, s.id])
-            changes.append((st.KIND_ALIAS, s.alias))
-            continue
-        if old == s.id:
-            if t is not None and t.new != s.id and t.phase in (pl.T_LOADING, pl.T_CANARY):
-                # The spec went back to the serving version while a move was under way: cancel it.
-                ops.append(["HDEL", st.TRANSITIONS, s.alias])
-                changes.append((st.KIND_TRANSITION, s.alias))
-                notes.append(f"{s.alias}: move to {t.new} cancelled, the spec is back to {old}")
-            continue
-        if t is not None and t.new == s.id:
-            if t.phase in (pl.T_LOADING, pl.T_CANARY):
-                if "minCopies" in t.extra:  # keep the move's copy boost (see below)
-                    ops[model_op] = ["HSET", st.MODELS, s.id, dataclasses.replace(s, min_copies=t.copies).to_json()]
-                if t.percent != pct:  # only canaryTrafficPercent changed: same move, new split
-                    t.percent = pct
-                    ops.append(["HSET", st.TRANSITIONS, s.alias, json.dumps(t.to_dict())])
-                    changes.append((st.KIND_TRANSITION, s.alias))
-                    notes.append(f"{s.alias}: canaryTrafficPercent now {pct if pct is not None else 100}")
-                continue
-            if t.phase == pl.T_ROLLED_BACK and t.percent == pct:
-                notes.append(f"{s.alias}: stays rolled back to {old}; change the spec or canaryTrafficPercent to move again")
-                continue
-            # TRANSITION_FAILED (or a rolled-back move with a new percent): try again.
-        if not loaded_copies.get(old) and pct is None:
-            # Nothing serves the old version: nothing to protect, move at once.
-            ops += [["HSET", st.ALIASES, s.alias, s.id], ["HDEL", st.TRANSITIONS, s.alias]]
-            changes += [(st.KIND_ALIAS, s.alias), (st.KIND_TRANSITION, s.alias)]
-            continue
-        nt = pl.Transition(s.alias, old, s.id, max(1, loaded_copies.get(old, 0)), pct, pl.T_LOADING, now)
-        if nt.copies > s.min_copies:
-            # Placement loads minCopies eagerly: that is how the new version gets as many copies
-            # as the old one before traffic moves. The user's own value is restored after.
-            nt.extra["minCopies"] = s.min_copies
-            ops[model_op] = ["HSET", st.MODELS, s.id, dataclasses.replace(s, min_copies=nt.copies).to_json()]
-        ops.append(["HSET", st.TRANSITIONS, s.alias, json.dumps(nt.to_dict())])
-        changes.append((st.KIND_TRANSITION, s.alias))
-        notes.append(f"{s.alias}: moving {old} -> {s.id} once {nt.copies} cop{'y' if nt.copies == 1 else 'ies'} loaded")
-    return ops, changes, notes
-
-
 @dataclass
 class Step:
     """What the controller should do for one transition now."""
@@ -141,14 +81,6 @@ def step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: d
     if out.transition is not None and out.transition.phase in (pl.T_DRAINING, pl.T_FAILED) and "minCopies" in t.extra:
         out.restore_spec = True
     return out
-
-
-def restore_spec_ops(raw_spec: bytes | str | None, t: pl.Transition) -> list[list[Any]]:
-    """The write that gives a version its user's minCopies back after the move's boost."""
-    if not raw_spec or "minCopies" not in t.extra:
-        return []
-    spec = ModelSpec.from_json(raw_spec)
-    return [["HSET", st.MODELS, spec.id, dataclasses.replace(spec, min_copies=int(t.extra["minCopies"])).to_json()]]
 
 
 def _step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: dict[str, Copy], now: float,
@@ -273,32 +205,36 @@ class ErrorWindow:
 
 
 class Controller:
-    def __init__(self, settings: Settings, state: st.State):
+    def __init__(self, settings: Settings, state: State):
         self.s, self.state = settings, state
         self.id = f"rollout-{uuid.uuid4().hex[:8]}"
+        # Every write is fenced by the lease: one that outlived its holder's lease fails whole.
+        self._fence = {"fence": self.id, "lease": keys.ROLLOUT_LEASE}
         self.last_request: dict[str, float] = {}
         self.errors = ErrorWindow()
 
     async def run(self) -> None:
-        lease = Lease(self.state.r, st.ROLLOUT_LEASE, self.id, 3.0)
+        lease = Lease(self.state.r, keys.ROLLOUT_LEASE, self.id, 3.0)
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
                     if await lease.hold():
                         await self.tick(http, time.time())
+                except NotLeader:
+                    log.info("%s lost the rollout lease mid-tick; its write was refused", self.id)
                 except Exception as e:  # redis gone or a bad record: keep going, say why
                     log.warning("rollout: %s: %s", type(e).__name__, e)
                 await asyncio.sleep(TICK_S)
 
-    async def view(self, names: set[str], transitions: dict[str, pl.Transition]) -> st.Snapshot:
+    async def view(self, names: set[str], transitions: dict[str, pl.Transition]) -> Snapshot:
         """Just the part of the state the rules and moves touch: a few HMGETs, not the whole
         registry, so ticking several times a second stays cheap at 100,000 models."""
         names = set(names)
         ids = {x for t in transitions.values() for x in (t.old, t.new)}
         async with self.state.r.pipeline(transaction=True) as p:
-            p.get(st.REV).hgetall(st.PODS)
+            p.get(keys.REV).hgetall(keys.PODS)
             if names:
-                p.hmget(st.ALIASES, sorted(names))
+                p.hmget(keys.ALIASES, sorted(names))
             rev, pods_raw, *rest = await p.execute()
         from meshserve.model import Pod, copies_from_json
 
@@ -307,10 +243,10 @@ class Controller:
         id_list = sorted(ids)
         async with self.state.r.pipeline(transaction=True) as p:
             if id_list:
-                p.hmget(st.MODELS, id_list).hmget(st.PLACEMENTS, id_list)
+                p.hmget(keys.MODELS, id_list).hmget(keys.PLACEMENTS, id_list)
             got = await p.execute() if id_list else [[], []]
         models = {i for i, raw in zip(id_list, got[0]) if raw}
-        return st.Snapshot(
+        return Snapshot(
             rev=int(rev or 0),
             models={i: None for i in models},  # type: ignore[misc]  (only membership is used here)
             aliases=aliases,
@@ -342,14 +278,14 @@ class Controller:
             new = step_canary(spec, status, now, rate, failed[-1] if failed and not loaded and not loading else "")
             if new is not None:
                 log.info("rule %s: %s step %s %s", name, new["phase"], new.get("step"), new.get("reason", ""))
-                await store.set_status(self.state, name, new)
+                await store.set_status(self.state, name, new, **self._fence)
         # Preload what plans send traffic to, so a canary's first requests do not pay a cold start.
         for m in sorted({m for p in plans.values() for m in p.models()}):
             copies = snap.placements.get(m, {})
             if not any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in copies.values()):
                 await self._request_load(m, now)
 
-    async def _scrape(self, http: aiohttp.ClientSession, snap: st.Snapshot, now: float) -> None:
+    async def _scrape(self, http: aiohttp.ClientSession, snap: Snapshot, now: float) -> None:
         totals: dict[str, tuple[float, float]] = {}
         for pod in snap.pods.values():
             try:
@@ -366,9 +302,9 @@ class Controller:
         if now - self.last_request.get(model, 0.0) < LOAD_REREQUEST_S:
             return
         self.last_request[model] = now
-        await self.state.r.xadd(st.LOAD_REQUESTS, st.load_request(model, now=now), maxlen=100_000, approximate=True)
+        await store_ops.request_load(self.state.r, messages.LoadRequest(model, ts=now))
 
-    async def _transition(self, t: pl.Transition, snap: st.Snapshot, now: float, in_use: set[str]) -> None:
+    async def _transition(self, t: pl.Transition, snap: Snapshot, now: float, in_use: set[str]) -> None:
         new_c, old_c = snap.placements.get(t.new, {}), snap.placements.get(t.old, {})
         step = step_transition(t, new_c, old_c, now, self.last_request.get(t.new, 0.0), self.s.load_timeout_seconds, t.old in in_use)
         if step.request_load:
@@ -377,43 +313,27 @@ class Controller:
         ops: list[list[Any]] = []
         changes: list[tuple[str, str]] = []
         if step.move_alias:
-            ops.append(["HSET", st.ALIASES, t.alias, t.new])
-            changes.append((st.KIND_ALIAS, t.alias))
+            ops.append(store_ops.set_alias(t.alias, t.new))
+            changes.append((messages.KIND_ALIAS, t.alias))
             # minCopies and pinning belong to the InferenceService, which is the new version now:
             # the superseded one must not be kept (or reloaded) by placement for their sake.
-            raw_old = await self.state.r.hget(st.MODELS, t.old)
+            raw_old = await self.state.r.hget(keys.MODELS, t.old)
             if raw_old:
                 old_spec = ModelSpec.from_json(raw_old)
                 if old_spec.min_copies or old_spec.pinned:
-                    ops.append(["HSET", st.MODELS, t.old, dataclasses.replace(old_spec, min_copies=0, pinned=False).to_json()])
-                    changes.append((st.KIND_MODEL, t.old))
+                    ops.append(store_ops.set_model(dataclasses.replace(old_spec, min_copies=0, pinned=False)))
+                    changes.append((messages.KIND_MODEL, t.old))
         # Placements and orders are the placement leader's to write: the controller asks it,
         # through its request stream, in the same commit as the transition (nothing is lost if
         # this process dies in between). Route first, model second (as Seldon does).
         if step.withdraw_old:
-            ops.append(st.load_request_command(t.old, "withdraw", now, why=f"superseded by {t.new}"))
+            ops.append(store_ops.request(messages.LoadRequest(t.old, "withdraw", now, f"superseded by {t.new}")))
         if step.unload_old:
-            ops.append(st.load_request_command(t.old, "retire", now, why=f"superseded by {t.new}"))
+            ops.append(store_ops.request(messages.LoadRequest(t.old, "retire", now, f"superseded by {t.new}")))
         if step.restore_spec:
-            ops += restore_spec_ops(await self.state.r.hget(st.MODELS, t.new), t)
-            changes.append((st.KIND_MODEL, t.new))
+            ops += restore_spec_ops(await self.state.r.hget(keys.MODELS, t.new), t)
+            changes.append((messages.KIND_MODEL, t.new))
         if step.transition is not None:
             if step.transition.phase != t.phase:
                 log.info("version move %s: %s -> %s %s", t.alias, t.phase, step.transition.phase, step.transition.reason)
-            await store.set_transition(self.state, step.transition, ops, changes)
-
-
-async def main() -> None:
-    from meshserve import logs
-
-    s = Settings.from_env()
-    logs.setup("rollout", s.log_json)
-    state = st.State.from_url(s.redis_url)
-    try:
-        await Controller(s, state).run()
-    finally:
-        await state.close()
-
-
-if __name__ == "__main__":
-    asyncio.run(main())
+            await store.set_transition(self.state, step.transition, ops, changes, **self._fence)

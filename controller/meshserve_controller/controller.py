@@ -1,4 +1,5 @@
 """The cluster-mode controller: Kubernetes objects in, registry and InferenceService status out.
+(Over 400 lines: one reconcile pass over every resource kind it watches reads best in one place.)
 
 Models come from InferenceServices (ModelMesh mode) and ModelMesh's Predictors, whose status is
 written back in each kind's own form. System-wide settings come from ModelMesh's
@@ -21,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client import Counter, Gauge
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from meshserve.extras import needs
 
@@ -29,11 +31,15 @@ with needs("control", "cluster mode (meshserve controller)"):
     from kubernetes.client.exceptions import ApiException
 
 from meshserve import servingconfig
-from meshserve import state as st
+from meshserve.store import keys
+from meshserve.store import ops as store_ops
+from meshserve.store import messages
+from meshserve.store.state import State, runtime_json
 from meshserve.k8s import objects as ob
-from meshserve.k8s import pressure, scaling, store
+from meshserve_controller import pressure, scaling
+from meshserve_controller import registry_store as store
 from meshserve.k8s import rules as kr
-from meshserve.k8s.watch import DELETED, Event, Watcher
+from meshserve_controller.watch import DELETED, Event, Watcher
 from meshserve.model import ModelSpec, Pod, copies_from_json
 
 log = logging.getLogger("meshserve.k8s")
@@ -58,11 +64,16 @@ TRAFFIC = "trafficrules"
 M_RULES = Counter("meshserve_controller_rules_written", "TrafficRules written to or removed from Redis", ["op"])
 
 
+def _log_reconcile_retry(rs: RetryCallState) -> None:
+    e = rs.outcome.exception() if rs.outcome else None
+    log.warning("controller: reconcile failed (%s); retrying in %.1fs", e, rs.next_action.sleep if rs.next_action else 0)
+
+
 class Controller:
     def __init__(
         self,
         api: client.ApiClient,
-        state: st.State,
+        state: State,
         namespace: str,
         *,
         watch_timeout_seconds: int = 300,
@@ -85,6 +96,7 @@ class Controller:
         self._unused_since: dict[str, float] = {}
         self._published_runtimes: dict[str, str] | None = None
         self.resync, self.debounce = resync_seconds, debounce_seconds
+        self.max_backoff = max_backoff_seconds
         self._dirty: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone_ips: set[str] = set()
@@ -177,11 +189,9 @@ class Controller:
                 if not self.synced:
                     continue  # never act on a partial view: it would remove what is not listed yet
                 try:
-                    await self.reconcile()
-                except Exception as e:  # Redis down, API hiccup: the next pass retries
-                    log.warning("controller: reconcile failed (%s); retrying", e)
-                    await asyncio.sleep(1.0)
-                    self._dirty.set()
+                    await self._reconcile_retrying()
+                except Exception as e:  # only when stopping mid-retry
+                    log.warning("controller: reconcile failed (%s) while stopping", e)
         finally:
             for w in self.watchers.values():
                 w.stop()
@@ -190,6 +200,27 @@ class Controller:
             deadline = asyncio.get_running_loop().time() + 5
             while any(t.is_alive() for t in threads) and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
+
+    async def _reconcile_retrying(self) -> None:
+        """Reconcile until it succeeds (Redis down, an API hiccup), backing off exponentially
+        with jitter, so controller replicas coming back together do not retry in step. Each try
+        reads everything afresh (reconciling is level-triggered), so events meanwhile are not lost."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_exponential(multiplier=0.5, max=self.max_backoff) + wait_random(0, min(1.0, self.max_backoff)),
+            stop=lambda _: self._stopping.is_set(),
+            sleep=self._pause,
+            before_sleep=_log_reconcile_retry,
+            reraise=True,
+        ):
+            with attempt:
+                await self.reconcile()
+
+    async def _pause(self, seconds: float) -> None:
+        """A backoff that ends at once when stop() is called."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not self._stopping.is_set() and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.sleep(min(left, 0.1))
 
     def _apply_config(self) -> None:
         """model-serving-config onto the controller's options, on every pass (a deleted
@@ -273,7 +304,7 @@ class Controller:
 
     async def export_pressure(self) -> dict[str, pressure.PoolPressure]:
         async with self.state.r.pipeline(transaction=True) as p:
-            p.hgetall(st.PODS).hgetall(st.PLACEMENTS)
+            p.hgetall(keys.PODS).hgetall(keys.PLACEMENTS)
             raw_pods, raw_placements = await p.execute()
         pods = {k.decode(): Pod.from_json(v) for k, v in raw_pods.items()}
         placements = {k.decode(): copies_from_json(v) for k, v in raw_placements.items()}
@@ -293,7 +324,7 @@ class Controller:
         """The ServingRuntimes placement resolves models against (state.RUNTIMES): so a model
         whose runtime has no pods yet waits for that pool instead of landing on another that
         also auto-selects its format."""
-        want = {r.name: st.runtime_json(sorted(r.formats), sorted(r.auto_formats)) for r in runtimes.values() if not r.disabled}
+        want = {r.name: runtime_json(sorted(r.formats), sorted(r.auto_formats)) for r in runtimes.values() if not r.disabled}
         if want == self._published_runtimes:
             return
         await self.state.set_runtimes(want)
@@ -336,19 +367,19 @@ class Controller:
             ips, self._gone_ips = self._gone_ips, set()
         if not ips:
             return
-        pods = [Pod.from_json(v) for v in (await self.state.r.hgetall(st.PODS)).values()]
+        pods = [Pod.from_json(v) for v in (await self.state.r.hgetall(keys.PODS)).values()]
         ids = [p.id for p in pods if p.host in ips]
         if ids:
             # Dropping the heartbeat makes the placement leader withdraw the pod on its next
             # check (fenced, through its own commit) instead of after missed heartbeats.
-            await self.state.r.zrem(st.HEARTBEATS, *ids)
+            await store_ops.forget_heartbeats(self.state.r, ids)
             M_EXPEDITED.inc(len(ids))
             log.info("controller: runtime pods %s are going away; withdrawing them now", ", ".join(ids))
 
     async def _write_statuses(self, verdicts: list[tuple[dict[str, Any], ob.Verdict]], desired: dict[str, ModelSpec]) -> None:
         """`desired` holds, for a bad update, the earlier spec that keeps serving."""
         ids = sorted({v.spec.id for _, v in verdicts if v.spec is not None} | {s.id for s in desired.values()})
-        raws = await self.state.r.hmget(st.PLACEMENTS, ids) if ids else []
+        raws = await self.state.r.hmget(keys.PLACEMENTS, ids) if ids else []
         copies = dict(zip(ids, (copies_from_json(r) for r in raws)))
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         for obj, v in verdicts:
@@ -389,13 +420,13 @@ class Controller:
         if self.watchers[TRAFFIC].absent:
             return  # the CRD is not installed: rules are managed with `meshserve apply` alone
         objs = self.watchers[TRAFFIC].snapshot()
-        raw_rules = await self.state.r.hgetall(st.RULES)
+        raw_rules = await self.state.r.hgetall(keys.RULES)
         if not objs and not raw_rules:
             return  # the common case: no rules at all, and no need to read every model name
         known: set[str] = set()
         if objs:  # what rules may name: every alias and concrete id
             async with self.state.r.pipeline(transaction=True) as p:
-                p.hkeys(st.ALIASES).hkeys(st.MODELS)
+                p.hkeys(keys.ALIASES).hkeys(keys.MODELS)
                 raw_aliases, raw_models = await p.execute()
             known = {k.decode() for k in raw_aliases} | {k.decode() for k in raw_models}
         stored: dict[str, dict[str, Any]] = {}
@@ -414,11 +445,11 @@ class Controller:
         if changed or gone:
             from meshserve.rules import store as rstore
 
-            old_status = {k.decode(): json.loads(v) for k, v in (await self.state.r.hgetall(st.RULE_STATUS)).items()}
+            old_status = {k.decode(): json.loads(v) for k, v in (await self.state.r.hgetall(keys.RULE_STATUS)).items()}
             ops, changes = rstore.rule_ops(changed, old_status)
             for n in gone:
-                ops += [["HDEL", st.RULES, n], ["HDEL", st.RULE_STATUS, n]]
-                changes.append((st.KIND_RULE, n))
+                ops += store_ops.del_rule(n)
+                changes.append((messages.KIND_RULE, n))
             await self.state.commit(ops, changes)
             M_RULES.labels("write").inc(len(changed))
             M_RULES.labels("remove").inc(len(gone))
@@ -430,7 +461,7 @@ class Controller:
             if v.rule is None:
                 log.debug("controller: trafficrule %s refused: %s", v.name, v.message)
         names = [v.name for v in verdicts]
-        raws = await self.state.r.hmget(st.RULE_STATUS, names) if names else []
+        raws = await self.state.r.hmget(keys.RULE_STATUS, names) if names else []
         live = {n: json.loads(r) for n, r in zip(names, raws) if r}
         for v in verdicts:
             status = kr.status_of(v, live.get(v.name) if v.rule is not None and v.name in want else None)

@@ -1,0 +1,189 @@
+"""The one atomic way to change routing state, and reads of it (keys: meshserve/store/keys.py).
+
+Documented in docs/design/state.md. Every change that affects routing goes through `commit`,
+a Lua script that applies the writes, bumps `ms:rev` and appends one entry per changed object
+to the `ms:changes` stream, all atomically. A reader (the xDS server, an activator) that sees
+a revision jump larger than one knows it missed entries and resyncs from the hashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import redis.asyncio as aioredis
+
+from meshserve.model import Copy, ModelSpec, Pod, copies_from_json
+from meshserve.store.keys import (
+    ALIASES, CHANGES, CHANGES_MAXLEN, LAST_USED, LEASE, MODELS, PLACEMENTS, PODS, REV, RUNTIMES, progress_key,
+)
+from meshserve.store.messages import KIND_ALIAS, KIND_MODEL
+
+# ARGV[1]: JSON list of redis commands; ARGV[2]: JSON list of [kind, id];
+# ARGV[3]: fencing token (the lease holder's id) or "" when no lease is required.
+_COMMIT_LUA = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[3] then
+  return redis.error_reply('NOTLEADER lease lost')
+end
+for _, op in ipairs(cjson.decode(ARGV[1])) do
+  redis.call(unpack(op))
+end
+local rev = redis.call('INCR', KEYS[1])
+for _, ch in ipairs(cjson.decode(ARGV[2])) do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'rev', rev, 'kind', ch[1], 'id', ch[2])
+end
+return rev
+"""
+
+
+class NotLeader(RuntimeError):
+    pass
+
+
+@dataclass
+class Snapshot:
+    """Everything routing depends on, read at one revision."""
+
+    rev: int
+    models: dict[str, ModelSpec]
+    aliases: dict[str, str]
+    pods: dict[str, Pod]
+    placements: dict[str, dict[str, Copy]]
+
+
+class State:
+    """Thin async access to the schema. All policy lives elsewhere."""
+
+    def __init__(self, r: aioredis.Redis):
+        self.r = r
+        self._commit = r.register_script(_COMMIT_LUA)
+
+    @classmethod
+    def from_url(cls, url: str) -> "State":
+        return cls(aioredis.from_url(url, decode_responses=False, health_check_interval=10))
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    async def commit(
+        self,
+        ops: Sequence[Sequence[Any]],
+        changes: Iterable[tuple[str, str]],
+        fence: str = "",
+        lease: str = LEASE,
+    ) -> int:
+        """Apply `ops` (command lists built by meshserve/store/ops.py) and record `changes`, all
+        or nothing; with `fence`, only while `lease` (the placement leader's unless told) is held by it."""
+        try:
+            rev = await self._commit(
+                keys=[REV, CHANGES, lease],
+                args=[json.dumps([list(map(_s, op)) for op in ops]), json.dumps(list(changes)), fence, CHANGES_MAXLEN],
+            )
+        except aioredis.ResponseError as e:
+            if "NOTLEADER" in str(e):
+                raise NotLeader(str(e)) from None
+            raise
+        return int(rev)
+
+    async def rev(self) -> int:
+        return int(await self.r.get(REV) or 0)
+
+    async def last_change_id(self) -> bytes:
+        last = await self.r.xrevrange(CHANGES, count=1)
+        return last[0][0] if last else b"0-0"
+
+    async def snapshot(self) -> Snapshot:
+        """All routing state. Read inside MULTI so the hashes and rev agree."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.get(REV).hgetall(MODELS).hgetall(ALIASES).hgetall(PODS).hgetall(PLACEMENTS)
+            raw = await p.execute()
+        # Parsing 100,000 models takes about a second: in a thread, so the caller's event loop
+        # (lease renewal, heartbeats, streams) keeps running meanwhile.
+        return await asyncio.to_thread(_parse_snapshot, *raw)
+
+    async def model(self, model_id: str) -> ModelSpec | None:
+        raw = await self.r.hget(MODELS, model_id)
+        return ModelSpec.from_json(raw) if raw else None
+
+    async def resolve(self, name: str) -> str | None:
+        """Alias or concrete id -> concrete id, or None when nothing is registered under it."""
+        async with self.r.pipeline(transaction=False) as p:
+            p.hget(ALIASES, name).hexists(MODELS, name)
+            alias, exists = await p.execute()
+        if alias:
+            return alias.decode()
+        return name if exists else None
+
+    async def copies(self, model_id: str) -> dict[str, Copy]:
+        return copies_from_json(await self.r.hget(PLACEMENTS, model_id))
+
+    async def pod(self, pod_id: str) -> Pod | None:
+        raw = await self.r.hget(PODS, pod_id)
+        return Pod.from_json(raw) if raw else None
+
+    async def progress(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The published progress of these (model, pod) loads; a pair with none (queued, not
+        started, or its loader gone) is left out."""
+        if not pairs:
+            return {}
+        raws = await self.r.mget([progress_key(m, p) for m, p in pairs])
+        return {pair: json.loads(raw) for pair, raw in zip(pairs, raws) if raw}
+
+    async def touch(self, model_ids: Iterable[str], when: float | None = None) -> None:
+        when = when or time.time()
+        mapping = {m: when for m in model_ids}
+        if mapping:
+            await self.r.zadd(LAST_USED, mapping, gt=True)
+
+    async def set_runtimes(self, runtimes: dict[str, str]) -> None:
+        """Replace ms:runtimes (name -> runtime_json) in one transaction."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(RUNTIMES)
+            if runtimes:
+                p.hset(RUNTIMES, mapping=runtimes)
+            await p.execute()
+
+    async def register_models(self, specs: Sequence[ModelSpec]) -> int:
+        """Register (or update) models and point each alias at its newest concrete id."""
+        ops: list[list[Any]] = []
+        changes: list[tuple[str, str]] = []
+        for s in specs:
+            ops.append(["HSET", MODELS, s.id, s.to_json()])
+            ops.append(["HSET", ALIASES, s.alias, s.id])
+            changes += [(KIND_MODEL, s.id), (KIND_ALIAS, s.alias)]
+        return await self.commit(ops, changes)
+
+
+def runtime_json(formats: Sequence[str], auto_formats: Sequence[str]) -> str:
+    return json.dumps({"formats": list(formats), "auto_formats": list(auto_formats)}, separators=(",", ":"), sort_keys=True)
+
+
+def parse_runtimes(raw: dict[bytes, bytes]) -> dict[str, tuple[list[str], list[str]]]:
+    """ms:runtimes as name -> (formats, auto-selected formats); unreadable entries are skipped."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for k, v in raw.items():
+        try:
+            d = json.loads(v)
+            out[k.decode()] = ([str(f) for f in d.get("formats", [])], [str(f) for f in d.get("auto_formats", [])])
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return out
+
+
+def _parse_snapshot(rev: Any, models: dict, aliases: dict, pods: dict, placements: dict) -> Snapshot:
+    return Snapshot(
+        rev=int(rev or 0),
+        models={k.decode(): ModelSpec.from_json(v) for k, v in models.items()},
+        aliases={k.decode(): v.decode() for k, v in aliases.items()},
+        pods={k.decode(): Pod.from_json(v) for k, v in pods.items()},
+        placements={k.decode(): copies_from_json(v) for k, v in placements.items()},
+    )
+
+
+def _s(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    return v if isinstance(v, (str, int, float)) else str(v)

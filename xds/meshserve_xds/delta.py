@@ -1,0 +1,167 @@
+"""Incremental (delta) ADS streams: each response carries only the resources the gateway lacks
+or holds an old version of, and the names that are gone. A resource's version is its content
+digest; the snapshot's change log lets a stream look only at what moved since its last diff."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from google.protobuf import any_pb2
+
+from envoy.service.discovery.v3 import discovery_pb2
+from meshserve_xds.cache import TypeSnapshot
+from meshserve_xds.resources import CLUSTER_TYPE, PUSH_ORDER
+from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, count_push
+
+
+@dataclass
+class DeltaDiff:
+    """What one delta stream must send for one type to catch up with the snapshot."""
+
+    updated: list[tuple[str, str, any_pb2.Any]]  # name, version, resource
+    removed: list[str]
+    seq: int = 0  # the snapshot's seq this diff brings the stream up to
+
+
+def diff(
+    snap: TypeSnapshot | None, known: dict[str, str], wildcard: bool, subscribed: set[str],
+    since_seq: int | None = None, also: Iterable[str] = (),
+) -> DeltaDiff:
+    """Resources a delta client lacks or holds an old version of, and names it holds that
+    are gone. `known` is name -> version the client has (or was last sent). With
+    `since_seq` (the seq of the stream's last diff) only names touched since then, plus
+    `also` (new subscriptions), are looked at, so a change costs what it touched."""
+    if snap is None:
+        return DeltaDiff([], [], 0)
+    candidates = snap.names_since(since_seq) if since_seq is not None else None
+    if candidates is None:
+        candidates = set(snap.digests) if wildcard else set(subscribed)
+        candidates.update(known)
+    else:
+        candidates.update(also)
+    updated = []
+    removed = []
+    for n in candidates:
+        if not (wildcard or n in subscribed):
+            continue
+        d = snap.digests.get(n)
+        if d is None:
+            if n in known:
+                removed.append(n)
+            continue
+        v = d.hex()
+        if known.get(n) != v:
+            updated.append((n, v, snap.resources[n]))
+    return DeltaDiff(sorted(updated, key=lambda u: u[0]), sorted(removed), snap.seq)
+
+
+@dataclass
+class DeltaType(TypeStatus):
+    wildcard: bool = False
+    known: dict[str, str] = field(default_factory=dict)  # what the client holds: name -> version
+    unanswered: set[str] = field(default_factory=set)  # subscribed, answered even if nothing moved
+    answered_once: bool = False
+    resumed: bool = False  # the client said what it holds on its first request
+    synced_seq: int | None = None  # the type's change-log position this stream has diffed up to
+    held_back: set[str] = field(default_factory=set)  # clusters only: removals waiting for routes
+
+
+class DeltaStream(Stream[DeltaType]):
+    protocol = "delta"
+
+    def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> bool:
+        """Apply one delta request; True when something may now be due."""
+        self.hello(req.node)
+        ts = self.types.setdefault(req.type_url, DeltaType())
+        answered = False
+        if req.response_nonce:
+            if req.response_nonce != ts.nonce:
+                return False  # stale
+            ts.pending = False
+            answered = True
+            if req.HasField("error_detail"):
+                # The rejected versions stay recorded as sent, so they are not sent again;
+                # the next change to those resources gives them a new version.
+                self.nack(ts, req.type_url, req.error_detail.message)
+            else:
+                ts.observe_ack(ts.sent_version)
+            self.record(req.type_url, ts)
+        first = not ts.subscribed
+        ts.subscribed = True
+        subscribe = set(req.resource_names_subscribe)
+        unsubscribe = set(req.resource_names_unsubscribe)
+        if first:
+            # An empty first subscription is a wildcard one (LDS, CDS); "*" says so explicitly.
+            ts.wildcard = not subscribe or "*" in subscribe
+            ts.known = dict(req.initial_resource_versions)
+            ts.resumed = bool(ts.known)
+        if "*" in subscribe:
+            ts.wildcard = True
+        if "*" in unsubscribe:
+            ts.wildcard = False
+        subscribe.discard("*")
+        unsubscribe.discard("*")
+        ts.names |= subscribe
+        ts.names -= unsubscribe
+        ts.unanswered -= unsubscribe
+        for n in unsubscribe:
+            ts.known.pop(n, None)
+        if not first:
+            # A fresh subscription to a name is a request for it, whatever was sent before.
+            for n in subscribe:
+                ts.known.pop(n, None)
+            ts.unanswered |= subscribe
+        return first or bool(subscribe) or answered
+
+    def due(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+        g = self.cache.group(self.group)
+        out = []
+        for type_url in PUSH_ORDER:
+            ts = self.types.get(type_url)
+            snap = g.types.get(type_url)
+            if ts is None or not ts.subscribed:
+                continue
+            first_answer = not ts.answered_once
+            if not first_answer and (snap is None or snap.version == ts.sent_version) and not ts.unanswered:
+                continue
+            if type_url in ROUTE_TYPES and not self.clusters_settled():
+                continue  # routes may name new clusters: wait until those are warm
+            d = diff(snap, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered | ts.held_back)
+            ts.synced_seq = d.seq
+            ts.unanswered = set()
+            ts.answered_once = True
+            if snap is not None:
+                ts.sent_version = snap.version
+            if type_url == CLUSTER_TYPE and d.removed and not self.routes_settled():
+                # Removed clusters go last (see sotw.py); looked at again on the route ACK.
+                ts.held_back = set(d.removed)
+                d.removed = []
+                if snap is not None:
+                    ts.sent_version = snap.version + KEEP_SUFFIX
+            elif type_url == CLUSTER_TYPE:
+                ts.held_back = set()
+            # A fresh Envoy waits for a first answer before it finishes initializing, even an
+            # empty one; a resumed one (it told us what it holds) needs nothing if nothing changed.
+            if not d.updated and not d.removed and not (first_answer and not ts.resumed):
+                if not ts.pending:
+                    ts.acked_version = ts.sent_version  # it already holds all of this version
+                continue
+            for n, v, _ in d.updated:
+                ts.known[n] = v
+            for n in d.removed:
+                ts.known.pop(n, None)
+            ts.nonce = uuid.uuid4().hex[:12]
+            ts.sent_at = time.monotonic()
+            ts.pending = True
+            out.append(discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=ts.sent_version,
+                type_url=type_url,
+                nonce=ts.nonce,
+                resources=[discovery_pb2.Resource(name=n, version=v, resource=a) for n, v, a in d.updated],
+                removed_resources=d.removed,
+            ))
+            count_push(type_url, sum(len(a.value) for _, _, a in d.updated))
+        return out
