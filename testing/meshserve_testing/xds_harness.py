@@ -70,8 +70,9 @@ class AdsThread:
         return self.call(wrap())
 
     def set(self, group: str, res: r.Resources) -> list[str]:
-        assert self.cache is not None
-        return self.call(self.cache.set(group, res))
+        cache = self.cache
+        assert cache is not None
+        return self.run(lambda: cache.set(group, res))  # on the server's loop: the cache is not thread-safe
 
     def stop_server(self) -> None:
         """Stop serving gRPC (streams drop) but keep the loop, to restart on the same port."""
