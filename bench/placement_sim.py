@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -88,7 +88,7 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
     reported: dict[str, int] = {}  # model -> the size its load reported (the leader's `reported`)
     hits = loads = evictions = rejected = decisions = 0
     place_s = 0.0
-    copies = view.copies
+    copies = view.copies  # read-only: writes go through view.set_copies
     for i, mi in enumerate(w.trace):
         now = i / w.rate
         m = names[mi]
@@ -105,7 +105,8 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
             # size yet (the trace's sizes are what a load reports); after its first load it
             # keeps the reported one. A decision can thus undershoot a large model's first load,
             # as the live service's can; the pod's next decision evicts the difference.
-            mv = view.models[m] = policy.ModelView(m, "m", sizes.booked_size(0, reported.get(m, 0)))
+            mv = policy.ModelView(m, "m", sizes.booked_size(0, reported.get(m, 0)))
+            view.set_model(mv)
         t = time.perf_counter()
         d = policy.place(mv, view, now)
         place_s += time.perf_counter() - t
@@ -114,15 +115,12 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
             rejected += measuring
             continue
         for v in d.evict:
-            rest = {p: c for p, c in copies[v].items() if p != d.pod}
-            if rest:
-                copies[v] = rest
-            else:
-                del copies[v]
-        # The load reports the model's size; the copy and later decisions book it (scheduler._on_event).
+            view.set_copies(v, {p: c for p, c in copies[v].items() if p != d.pod})
+        # The load reports the model's size; the copy and later decisions book it (reducers.load_result).
         reported[m] = w.sizes[mi]
-        mv.size = sizes.booked_size(0, reported[m])
-        copies[m] = {d.pod: Copy(CopyState.LOADED, mv.size, now)}
+        mv = replace(mv, size=sizes.booked_size(0, reported[m]))
+        view.set_model(mv)
+        view.set_copies(m, {d.pod: Copy(CopyState.LOADED, mv.size, now)})
         if measuring:
             loads += 1
             evictions += len(d.evict)

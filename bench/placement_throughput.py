@@ -27,13 +27,12 @@ def build(models: int, pods: int, fraction: float = 0.10, seed: int = 3) -> tupl
     rng = np.random.default_rng(seed)
     sizes = rng.lognormal(math.log(64 * MIB), 1.0, models).astype(np.int64).tolist()
     per_pod = int(sum(sizes) * fraction / pods)
-    view = policy.ClusterView(
-        pods={f"pod-{i}": policy.PodView(f"pod-{i}", per_pod, ["sklearn"]) for i in range(pods)},
-        models={f"m{i}": policy.ModelView(f"m{i}", "sklearn", sizes[i]) for i in range(models)},
-    )
-    # Fill the pods one after another with the first models, each used at a different time;
-    # the rest start cold. A pod is done when under 16 MiB is free, so nearly every load must evict.
+    # Fill the pods one after another with the first models, each used once at a different
+    # time; the rest start cold. A pod is done when under 16 MiB is free, so nearly every load
+    # must evict. The view is built once from it all, as the leader builds its own (reload.py).
     unloaded: list[str] = []
+    copies: dict[str, dict[str, Copy]] = {}
+    last_used: dict[str, float] = {}
     pod_i, free, t = 0, per_pod, 0.0
     for i in range(models):
         m = f"m{i}"
@@ -43,17 +42,20 @@ def build(models: int, pods: int, fraction: float = 0.10, seed: int = 3) -> tupl
             unloaded.append(m)
             continue
         free -= sizes[i]
-        view.copies[m] = {f"pod-{pod_i}": Copy(CopyState.LOADED, sizes[i], 0.0)}
-        view.touch(m, t)
+        copies[m] = {f"pod-{pod_i}": Copy(CopyState.LOADED, sizes[i], 0.0)}
+        last_used[m] = t
         t += 0.001
-    view.used("pod-0")
+    view = policy.ClusterView(
+        pods={f"pod-{i}": policy.PodView(f"pod-{i}", per_pod, ["sklearn"]) for i in range(pods)},
+        models={f"m{i}": policy.ModelView(f"m{i}", "sklearn", sizes[i]) for i in range(models)},
+        copies=copies, last_used=last_used, uses={m: 1 for m in last_used},
+    )
     return view, unloaded
 
 
 def run(models: int, pods: int, decisions: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     view, cold = build(models, pods)
-    view.used("pod-0")  # builds the index once, as the leader does when it takes the lease
     setup = time.perf_counter() - t0
     loaded = sum(1 for cs in view.copies.values() if cs)
     rng = random.Random(5)
@@ -75,12 +77,8 @@ def run(models: int, pods: int, decisions: int) -> dict[str, Any]:
             rejected += 1
             continue
         for v in d.evict:
-            rest = {p: c for p, c in view.copies[v].items() if p != d.pod}
-            if rest:
-                view.copies[v] = rest
-            else:
-                del view.copies[v]
-        view.copies[m] = {d.pod: Copy(CopyState.LOADED, view.models[m].size, now)}
+            view.set_copies(v, {p: c for p, c in view.copies[v].items() if p != d.pod})
+        view.set_copies(m, {d.pod: Copy(CopyState.LOADED, view.models[m].size, now)})
         evictions += len(d.evict)
     total, total_cpu = time.perf_counter() - t1, time.process_time() - c1
     return {

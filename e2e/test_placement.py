@@ -24,7 +24,7 @@ from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.settings import Settings
-from meshserve_placement import keys
+from meshserve.store import keys
 from meshserve_placement.activator import Activator, LoadFailed
 from meshserve_placement.scheduler import Scheduler
 from meshserve_placement.tuning import Tuning

@@ -52,13 +52,13 @@ def test_a_small_pod_takes_a_model_once_its_size_is_known() -> None:
     pods = {"p": policy.PodView("p", 4 * MiB, ["sklearn"])}
     view = policy.ClusterView(pods=pods, models={})
     unsized = scheduler._model_view(_spec("a"))
-    view.models[unsized.id] = unsized
+    view.set_model(unsized)
     assert policy.place(unsized, view, 0.0).pod is None
     stated = scheduler._model_view(_spec("b", 600_000))
-    view.models[stated.id] = stated
+    view.set_model(stated)
     assert policy.place(stated, view, 0.0).pod == "p"
     known = scheduler._model_view(_spec("a"), reported=496_557)
-    view.models[known.id] = known
+    view.set_model(known)
     assert policy.place(known, view, 0.0).pod == "p"
 
 

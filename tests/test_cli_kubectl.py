@@ -195,7 +195,7 @@ def _seed_pod(url: str) -> None:
 
 
 def test_describe_model_pod_and_rule(url: str) -> None:
-    from meshserve_placement.keys import DECISIONS
+    from meshserve.store.keys import DECISIONS
 
     _flush(url)
     assert _invoke(url, "apply", "-f", str(MNIST), "-f", str(EXAMPLES / "models.yaml"), "-f", str(EXAMPLES / "split.yaml")).exit_code == 0

@@ -16,7 +16,7 @@ from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod, copies_from_json
 from meshserve.settings import Settings
-from meshserve_placement import scheduler as sched_mod
+from meshserve_placement import maintain as maintain_mod
 from meshserve_placement.scheduler import Scheduler
 from meshserve_placement.tuning import Tuning
 
@@ -56,7 +56,7 @@ class Loader:
 
 @pytest.fixture
 async def leader(valkey: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[st.State, Loader]]:
-    monkeypatch.setattr(sched_mod, "UNLOAD_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(maintain_mod, "UNLOAD_RETRY_SECONDS", 1.0)
     state = st.State.from_url(valkey.url)
     await state.r.flushdb()
     s = Settings(redis_url=valkey.url, heartbeat_seconds=0.5, lease_seconds=1.0)

@@ -3,6 +3,8 @@ brute-force recomputation from `copies`, and large clusters decide over a bounde
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import random
 
 from meshserve.model import Copy, CopyState
@@ -25,8 +27,8 @@ def test_index_matches_brute_force_under_random_changes() -> None:
     rng = random.Random(42)
     pods = {f"p{i}": policy.PodView(f"p{i}", 1000 * MB, ["x"]) for i in range(4)}
     models = {f"m{i}": policy.ModelView(f"m{i}", "x", rng.randint(1, 50) * MB) for i in range(40)}
-    models["m0"].pinned = True
-    models["m1"].min_copies = 1
+    models["m0"] = replace(models["m0"], pinned=True)
+    models["m1"] = replace(models["m1"], min_copies=1)
     cv = policy.ClusterView(pods=pods, models=models)
     cv.in_flight = {"m2"}
     for step in range(3000):
@@ -36,9 +38,9 @@ def test_index_matches_brute_force_under_random_changes() -> None:
             chosen = rng.sample(list(pods), rng.randint(0, 2))
             cs = {p: Copy(rng.choice(STATES), models[m].size) for p in chosen}
             if cs:
-                cv.copies[m] = cs
+                cv.set_copies(m, cs)
             else:
-                cv.copies.pop(m, None)
+                cv.set_copies(m, {})
         else:
             cv.touch(m, step + rng.random())
         if step % 100 == 0:
@@ -69,7 +71,7 @@ def test_eviction_prefers_large_and_rarely_used_models() -> None:
     models = {m: policy.ModelView(m, "x", s * MB) for m, s in (("big", 40), ("small", 10), ("often", 40), ("new", 40))}
     cv = policy.ClusterView(pods=pods, models=models)
     for m in ("big", "small", "often"):
-        cv.copies[m] = {"p": Copy(CopyState.LOADED, models[m].size)}
+        cv.set_copies(m, {"p": Copy(CopyState.LOADED, models[m].size)})
         cv.touch(m, 100.0)
     cv.touch("often", 100.0, uses=20)
     assert policy.evictable("p", cv)[0] == "big"
@@ -82,7 +84,7 @@ def test_horizon_zero_is_plain_global_lru() -> None:
     models = {m: policy.ModelView(m, "x", s * MB) for m, s in (("a", 10), ("b", 40))}
     cv = policy.ClusterView(pods=pods, models=models, horizon_s=0.0)
     for m, t in (("a", 1.0), ("b", 2.0)):
-        cv.copies[m] = {"p": Copy(CopyState.LOADED, models[m].size)}
+        cv.set_copies(m, {"p": Copy(CopyState.LOADED, models[m].size)})
         cv.touch(m, t)
     assert policy.evictable("p", cv) == ["a", "b"]
 
@@ -92,7 +94,7 @@ def test_large_cluster_considers_a_bounded_explained_candidate_set() -> None:
     models = {f"m{i}": policy.ModelView(f"m{i}", "x", 60 * MB) for i in range(201)}
     cv = policy.ClusterView(pods=pods, models=models)
     for i in range(200):
-        cv.copies[f"m{i}"] = {f"pod-{i}": Copy(CopyState.LOADED, 60 * MB)}
+        cv.set_copies(f"m{i}", {f"pod-{i}": Copy(CopyState.LOADED, 60 * MB)})
         cv.touch(f"m{i}", 1000.0 + i)
     cv.touch("m17", 1.0)  # not newer: ignored
     d = policy.place(models["m200"], cv, now=5000.0)

@@ -46,7 +46,7 @@ def _view() -> policy.ClusterView:
 
 def test_a_returning_pod_keeps_what_nobody_replaced_and_unloads_the_rest() -> None:
     cv = _view()
-    cv.copies["b"] = {"p1": Copy(CopyState.LOADED, 10 * MB)}  # re-placed on p1 while p0 was gone
+    cv.set_copies("b", {"p1": Copy(CopyState.LOADED, 10 * MB)})  # re-placed on p1 while p0 was gone
     got = cp.adopt(cv, "p0", {"a": 12 * MB, "b": 10 * MB, "gone": 5 * MB}, rates={}, tuning=T)
     assert got.keep == {"a": 12 * MB}
     assert set(got.drop) == {"b", "gone"}
@@ -55,14 +55,14 @@ def test_a_returning_pod_keeps_what_nobody_replaced_and_unloads_the_rest() -> No
 
 def test_a_hot_model_keeps_its_second_copy() -> None:
     cv = _view()
-    cv.copies["b"] = {"p1": Copy(CopyState.LOADED, 10 * MB)}
+    cv.set_copies("b", {"p1": Copy(CopyState.LOADED, 10 * MB)})
     got = cp.adopt(cv, "p0", {"b": 10 * MB}, rates={"b": 25.0}, tuning=T)  # 25/s wants 3 copies
     assert got.keep == {"b": 10 * MB}
 
 
 def test_adoption_stops_at_the_pods_capacity_keeping_the_most_recent() -> None:
     cv = _view()
-    cv.copies["c"] = {"p0": Copy(CopyState.LOADED, 70 * MB)}
+    cv.set_copies("c", {"p0": Copy(CopyState.LOADED, 70 * MB)})
     cv.touch("a", 10.0)
     cv.touch("d", 20.0)
     got = cp.adopt(cv, "p0", {"a": 20 * MB, "d": 20 * MB}, rates={}, tuning=T)
@@ -73,7 +73,7 @@ def test_adoption_stops_at_the_pods_capacity_keeping_the_most_recent() -> None:
 def test_a_new_leader_removes_no_copy_before_it_has_measured_rates() -> None:
     """Issue 18 §5: after a failover the new leader saw 0 requests/s and unloaded a busy copy."""
     cv = _view()
-    cv.copies["a"] = {"p0": Copy(CopyState.LOADED, 10 * MB), "p1": Copy(CopyState.LOADED, 10 * MB)}
+    cv.set_copies("a", {"p0": Copy(CopyState.LOADED, 10 * MB), "p1": Copy(CopyState.LOADED, 10 * MB)})
     assert cp.plan(cv, {}, now=1000.0, tuning=T, last_added={}, scale_down=False) == []
     removed = cp.plan(cv, {}, now=1000.0, tuning=T, last_added={}, scale_down=True)
     assert [a.op for a in removed] == ["remove"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from meshserve.model import Copy, CopyState
 from meshserve_placement import policy
 
@@ -26,14 +28,14 @@ def test_evicts_least_recently_used_when_full() -> None:
         b={"pod-1": Copy(CopyState.LOADED, 60 * MB)},
     )
     cv.last_used = {"a": 10.0, "b": 500.0}
-    cv.models["new"].size = 50 * MB
+    cv.set_model(replace(cv.models["new"], size=50 * MB))
     d = policy.place(cv.models["new"], cv, now=1000.0)
     assert d.pod == "pod-0" and d.evict == ["a"]
 
 
 def test_never_evicts_pinned_and_evicts_busy_only_as_a_last_resort() -> None:
     cv = cluster(a={"pod-0": Copy(CopyState.LOADED, 90 * MB)}, b={"pod-1": Copy(CopyState.LOADED, 90 * MB)})
-    cv.models["a"].pinned = True
+    cv.set_model(replace(cv.models["a"], pinned=True))
     cv.in_flight = {"b"}
     d = policy.place(cv.models["new"], cv, now=1000.0)
     # Pinned pod-0 never frees up; busy b on pod-1 is the only room there is: evicted (issue 19).
@@ -52,7 +54,7 @@ def test_busy_copies_are_evicted_least_valuable_first_after_every_idle_one() -> 
     (recency + frequency), and only as many as needed."""
     pods = {"pod-0": policy.PodView("pod-0", 100 * MB, ["sklearn"])}
     models = {m: policy.ModelView(m, "sklearn", 20 * MB) for m in ("idle", "hot", "warm", "rare", "new")}
-    models["new"].size = 50 * MB
+    models["new"] = replace(models["new"], size=50 * MB)
     cv = policy.ClusterView(pods=pods, models=models)
     cv.copies = {m: {"pod-0": Copy(CopyState.LOADED, 20 * MB)} for m in ("idle", "hot", "warm", "rare")}
     cv.touch("idle", 100.0)
@@ -63,11 +65,11 @@ def test_busy_copies_are_evicted_least_valuable_first_after_every_idle_one() -> 
     d = policy.place(models["new"], cv, now=1000.0)
     # 20 MB free; idle frees 20; one more busy copy (the cheapest, rare) makes 60 >= 50.
     assert d.pod == "pod-0" and d.evict == ["idle", "rare"] and d.evict_busy == ["rare"], d.explain()
-    models["new"].size = 70 * MB
+    models["new"] = replace(models["new"], size=70 * MB)
     d = policy.place(models["new"], cv, now=1000.0)
     assert d.evict == ["idle", "rare", "warm"] and d.evict_busy == ["rare", "warm"], d.explain()
     # Room from idle copies alone: no busy copy is touched.
-    models["new"].size = 40 * MB
+    models["new"] = replace(models["new"], size=40 * MB)
     d = policy.place(models["new"], cv, now=1000.0)
     assert d.evict == ["idle"] and d.evict_busy == []
 
@@ -75,12 +77,12 @@ def test_busy_copies_are_evicted_least_valuable_first_after_every_idle_one() -> 
 def test_busy_eviction_spares_pinned_min_copies_and_just_landed_copies() -> None:
     pods = {"pod-0": policy.PodView("pod-0", 100 * MB, ["sklearn"])}
     models = {m: policy.ModelView(m, "sklearn", 25 * MB) for m in ("pinned", "floor", "landed", "other", "new")}
-    models["new"].size = 40 * MB
-    models["pinned"].pinned = True
-    models["floor"].min_copies = 1
+    models["new"] = replace(models["new"], size=40 * MB)
+    models["pinned"] = replace(models["pinned"], pinned=True)
+    models["floor"] = replace(models["floor"], min_copies=1)
     cv = policy.ClusterView(pods=pods, models=models)
     cv.copies = {m: {"pod-0": Copy(CopyState.LOADED, 25 * MB, since=10.0)} for m in ("pinned", "floor", "other")}
-    cv.copies["landed"] = {"pod-0": Copy(CopyState.LOADED, 25 * MB, since=999.5)}  # its held requests are being forwarded
+    cv.set_copies("landed", {"pod-0": Copy(CopyState.LOADED, 25 * MB, since=999.5)})  # its held requests are being forwarded
     for i, m in enumerate(("pinned", "floor", "landed", "other")):
         cv.touch(m, 900.0 + i)
     cv.in_flight = {"pinned", "floor", "landed", "other"}
@@ -91,7 +93,8 @@ def test_busy_eviction_spares_pinned_min_copies_and_just_landed_copies() -> None
     d = policy.place(models["new"], cv, now=1001.0)
     assert d.pod == "pod-0" and sorted(d.evict) == ["landed", "other"], d.explain()
     # With only pinned and minCopies copies left beside the room, it never fits: no waiting.
-    models["landed"].pinned = models["other"].pinned = True
+    for m in ("landed", "other"):
+        cv.set_model(replace(cv.models[m], pinned=True))
     d = policy.place(models["new"], cv, now=1001.0)
     assert d.pod is None and d.waits_for_room == [] and "pinned or kept for minCopies" in d.reason
 
@@ -117,29 +120,29 @@ def test_waits_for_room_held_by_loads_and_busy_copies_instead_of_failing() -> No
         b={"pod-0": Copy(CopyState.LOADED, 40 * MB, since=0.5)},
         c={"pod-1": Copy(CopyState.UNLOADING, 40 * MB)},
     )
-    cv.models["d"] = policy.ModelView("d", "sklearn", 40 * MB)
-    cv.copies["d"] = {"pod-1": Copy(CopyState.LOADING, 40 * MB)}
-    cv.models["e"] = policy.ModelView("e", "sklearn", 40 * MB)
-    cv.copies["e"] = {"pod-1": Copy(CopyState.LOADED, 40 * MB, since=0.5)}
+    cv.set_model(policy.ModelView("d", "sklearn", 40 * MB))
+    cv.set_copies("d", {"pod-1": Copy(CopyState.LOADING, 40 * MB)})
+    cv.set_model(policy.ModelView("e", "sklearn", 40 * MB))
+    cv.set_copies("e", {"pod-1": Copy(CopyState.LOADED, 40 * MB, since=0.5)})
     cv.in_flight = {"b", "e"}
     d = policy.place(cv.models["new"], cv, now=1.0)
     assert d.pod is None and d.waits_for_room == ["pod-0", "pod-1"], d.explain()
     # The load lands and its request finishes (out of the busy window): the same decision now evicts.
-    cv.copies["a"] = {"pod-0": Copy(CopyState.LOADED, 40 * MB)}
+    cv.set_copies("a", {"pod-0": Copy(CopyState.LOADED, 40 * MB)})
     cv.touch("a", 0.5)
     d = policy.place(cv.models["new"], cv, now=2.0)
     assert d.pod == "pod-0" and d.evict == ["a"]
     # Bigger than any pod: never fits, so no wait.
-    cv.models["huge"] = policy.ModelView("huge", "sklearn", 101 * MB)
+    cv.set_model(policy.ModelView("huge", "sklearn", 101 * MB))
     d = policy.place(cv.models["huge"], cv, now=2.0)
     assert d.pod is None and d.waits_for_room == [] and "whole capacity" in d.reason
     # Everything pinned or kept for minCopies: never fits either.
     for m in ("a", "b"):
-        cv.models[m].pinned = True
-    cv.models["e"].min_copies = 1
-    cv.models["d"].pinned = True
+        cv.set_model(replace(cv.models[m], pinned=True))
+    cv.set_model(replace(cv.models["e"], min_copies=1))
+    cv.set_model(replace(cv.models["d"], pinned=True))
     big = policy.ModelView("big", "sklearn", 30 * MB)
-    cv.models["big"] = big
+    cv.set_model(big)
     d = policy.place(big, cv, now=3.0)
     assert d.pod is None and d.waits_for_room == [], d.explain()
     assert "pinned or kept for minCopies" in d.reason
@@ -157,7 +160,7 @@ def test_explains_every_rejection() -> None:
 
 def test_failed_pod_is_excluded_for_a_while() -> None:
     cv = cluster()
-    cv.excluded[("new", "pod-0")] = 2000.0
+    cv.exclude("new", "pod-0", 2000.0)
     assert policy.place(cv.models["new"], cv, now=1000.0).pod == "pod-1"
     assert policy.place(cv.models["new"], cv, now=2001.0).pod is not None
 

@@ -45,7 +45,8 @@ from meshserve_loader.agent import Agent
 from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.process import RuntimeProcess, builtin_argv
-from meshserve_placement.activator import Activator, GrpcActivator, build_rest_app
+from meshserve_placement.activator import Activator, build_rest_app
+from meshserve_placement.activator_grpc import GrpcActivator
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_placement.scheduler import Scheduler
 

@@ -11,10 +11,11 @@ from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
 
 from meshserve import logs
-from meshserve import state as st
+from meshserve.store import State
 from meshserve.observe import MeshStateCollector
 from meshserve.settings import Settings
-from meshserve_placement.activator import Activator, GrpcActivator, build_rest_app
+from meshserve_placement.activator import Activator, build_rest_app
+from meshserve_placement.activator_grpc import GrpcActivator
 from meshserve_placement.scheduler import Scheduler
 
 log = logging.getLogger("meshserve.placement")
@@ -23,7 +24,7 @@ log = logging.getLogger("meshserve.placement")
 async def main() -> None:
     s = Settings.from_env()
     logs.setup("placement", s.log_json)
-    state = st.State.from_url(s.redis_url)
+    state = State.from_url(s.redis_url)
     scheduler = Scheduler(s, state)
     act = Activator(s, state)
     # Mesh-wide cache metrics (capacity, used, cache age, loads) come from this process.

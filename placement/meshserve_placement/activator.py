@@ -20,22 +20,24 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any
+from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
-import grpc
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from meshserve import failures
-from meshserve import state as st
 from meshserve import tracing
 from meshserve.httpbody import drain
 from meshserve.model import CopyState, Pod, copies_from_json
 from meshserve.settings import MAX_REQUEST_BYTES, Settings
-from meshserve_proto import grpc_predict_v2_pb2 as pb
+from meshserve.store import State
+from meshserve.store import keys as k
+from meshserve.store import ops
+from meshserve.store.messages import KIND_ALL, KIND_POD, LoadRequest
 
 log = logging.getLogger("meshserve.activator")
 
@@ -49,6 +51,7 @@ MODEL_ID_HEADER = "mm-model-id"
 VMODEL_ID_HEADER = "mm-vmodel-id"
 # Forwarding to a copy that turns out gone (404 from the pod) sends the request back to wait.
 FORWARD_ATTEMPTS = 3
+R = TypeVar("R")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 
 
@@ -59,7 +62,7 @@ class LoadFailed(Exception):
 
 
 class Activator:
-    def __init__(self, settings: Settings, state: st.State):
+    def __init__(self, settings: Settings, state: State):
         self.s, self.state = settings, state
         # model -> the event the next change of its placement sets. A change replaces it (set
         # the old one, put a fresh one): a waiter takes the current one *before* it reads the
@@ -99,24 +102,28 @@ class Activator:
 
     async def watch_changes(self) -> None:
         """Wake waiters when their model's placement changes."""
-        last = "$"
+        last: bytes | str = "$"
         while True:
-            try:
-                resp = await self.state.r.xread({st.CHANGES: last}, block=1000, count=1000)
-            except Exception as e:  # redis down: waiters time out with a reason
-                log.warning("activator: reading changes failed: %s", e)
-                self._pods.clear()  # pod changes may be missed meanwhile
-                await asyncio.sleep(0.5)
-                continue
-            for _, entries in resp or []:
-                for eid, fields in entries:
-                    last = eid
-                    kind = fields.get(b"kind", b"").decode()
-                    if kind == st.KIND_POD:
-                        self._pods.pop(fields.get(b"id", b"").decode(), None)
-                    elif kind == st.KIND_ALL:
-                        self._pods.clear()
-                    self.wake(fields.get(b"id", b"").decode())
+            # Redis down: waiters time out with a reason meanwhile; the read is tried again with
+            # exponential backoff and jitter, so a fleet of activators does not hammer it.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(Exception),
+                wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2),
+                before_sleep=self._changes_unread,
+            ):
+                with attempt:
+                    entries = await ops.read_changes(self.state.r, last, count=1000, block=1000)
+            for eid, ch in entries:
+                last = eid
+                if ch.kind == KIND_POD:
+                    self._pods.pop(ch.id, None)
+                elif ch.kind == KIND_ALL:
+                    self._pods.clear()
+                self.wake(ch.id)
+
+    def _changes_unread(self, rs: RetryCallState) -> None:
+        log.warning("activator: reading changes failed: %s", rs.outcome.exception() if rs.outcome else "")
+        self._pods.clear()  # pod changes may be missed meanwhile
 
     def wake(self, model_id: str) -> None:
         """Every request held for `model_id` looks at its placement again."""
@@ -164,9 +171,10 @@ class Activator:
                 # load in one round trip instead of two. Should a copy turn out to be loaded or
                 # loading already, the leader ignores the request, or moves that load up its
                 # queue. Failures before this ask are history either way.
-                fields = self._ask(model_id, span)
+                req = self._ask(model_id, span)
                 async with self.state.r.pipeline(transaction=False) as p:
-                    p.hget(st.PLACEMENTS, model_id).xadd(st.LOAD_REQUESTS, fields, maxlen=100_000, approximate=True)
+                    p.hget(k.PLACEMENTS, model_id)
+                    ops.queue_request(p, req)
                     raw, _ = await p.execute()
                 copies = copies_from_json(raw)
             else:
@@ -185,7 +193,7 @@ class Activator:
                 if failed:
                     raise LoadFailed(503, _load_failure(model_id, *failed[-1]))
                 if time.time() - asked > 2.0:
-                    await self.state.r.xadd(st.LOAD_REQUESTS, self._ask(model_id, span), maxlen=100_000, approximate=True)
+                    await ops.request_load(self.state.r, self._ask(model_id, span))
             by = self._requested_by.get(model_id)
             if not linked and by is not None and by != span.get_span_context():
                 span.add_link(by, {"meshserve.link": "load requested by"})  # waits on a load another request asked for
@@ -202,13 +210,13 @@ class Activator:
 
     async def ask(self, model_id: str, op: str) -> None:
         """A request to the placement leader, the only writer of placements: `pin` or `unpin`."""
-        await self.state.r.xadd(st.LOAD_REQUESTS, st.load_request(model_id, op), maxlen=100_000, approximate=True)
+        await ops.request_load(self.state.r, LoadRequest(model_id, op))
 
     async def repository_index(self) -> list[dict[str, str]]:
         """Every registered name, in the v2 repository extension's form: READY with a loaded
         copy, LOADING while one loads, UNAVAILABLE otherwise (with the last failure's kind)."""
         async with self.state.r.pipeline(transaction=False) as p:
-            p.hgetall(st.ALIASES).hgetall(st.PLACEMENTS)
+            p.hgetall(k.ALIASES).hgetall(k.PLACEMENTS)
             aliases, placements = await p.execute()
         out = []
         for alias, mid in sorted(aliases.items()):
@@ -226,13 +234,34 @@ class Activator:
             out.append(entry)
         return out
 
-    def _ask(self, model_id: str, span: trace.Span) -> dict[str, str]:
+    def _ask(self, model_id: str, span: trace.Span) -> LoadRequest:
         """Note that this activator asks for the model's load now; the ms:loadreq entry, which
         carries the hold span's context."""
         self._requested[model_id] = time.time()
         self._requested_by[model_id] = span.get_span_context()
         span.set_attribute("meshserve.load_requested", True)
-        return dict(tracing.inject(st.load_request(model_id)))
+        return LoadRequest(model_id, trace=dict(tracing.inject({})))
+
+    async def serve_cold(self, model_id: str, protocol: str, t0: float, send: Callable[[Pod], Awaitable[tuple[int, R]]]) -> R:
+        """Hold the request until a copy is loaded, then `send` it to that pod. A 404 from the
+        pod means the copy went between our look and the forward (evicted under churn): a
+        registered model never answers 404, so the request waits for a copy again, up to
+        FORWARD_ATTEMPTS. Raises LoadFailed when no copy comes (counted per protocol)."""
+        for attempt in range(FORWARD_ATTEMPTS):
+            try:
+                pod = await self.ensure_loaded(model_id)
+            except LoadFailed as e:
+                M_COLD.labels(protocol, str(e.status)).inc()
+                raise
+            if attempt == 0:
+                M_COLD.labels(protocol, "200").inc()
+                M_COLD_WAIT.observe(time.monotonic() - t0)
+            self.touch_soon(model_id)
+            status, out = await send(pod)
+            if status != 404 or attempt == FORWARD_ATTEMPTS - 1:
+                return out
+            log.info("%s was gone from %s when forwarded to; waiting for a copy again", model_id, pod.id)
+        raise AssertionError("unreachable")
 
     async def resolve(self, name: str) -> str:
         model_id = await self.state.resolve(name)
@@ -262,7 +291,7 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         return web.json_response({"live": True})
 
     async def health_ready(_: web.Request) -> web.Response:
-        pods = await act.state.r.hlen(st.PODS)
+        pods = await act.state.r.hlen(k.PODS)
         if pods == 0:
             return _error(503, "no runtime pods are registered yet")
         return web.json_response({"ready": True})
@@ -297,25 +326,17 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         except web.HTTPRequestEntityTooLarge:
             await drain(request)
             return _error(413, f"request body is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {h: v for h, v in request.headers.items() if h.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
-        # A registered model never answers 404: if the copy we forward to was unloaded between
-        # our look and the forward (evicted under churn), the request waits for a copy again.
-        for attempt in range(FORWARD_ATTEMPTS):
-            try:
-                pod = await act.ensure_loaded(model_id)
-            except LoadFailed as e:
-                M_COLD.labels("rest", str(e.status)).inc()
-                return _error(e.status, str(e))
-            if attempt == 0:
-                M_COLD.labels("rest", "200").inc()
-                M_COLD_WAIT.observe(time.monotonic() - t0)
-            act.touch_soon(model_id)
+
+        async def send(pod: Pod) -> tuple[int, web.Response]:
             resp = await forward(request, pod, model_id, tail, payload, headers)
-            if resp.status != 404 or attempt == FORWARD_ATTEMPTS - 1:
-                return resp
-            log.info("%s was gone from %s when forwarded to; waiting for a copy again", model_id, pod.id)
-        raise AssertionError("unreachable")
+            return resp.status, resp
+
+        try:
+            return await act.serve_cold(model_id, "rest", t0, send)
+        except LoadFailed as e:
+            return _error(e.status, str(e))
 
     async def forward(request: web.Request, pod: Pod, model_id: str, tail: str, payload: bytes, headers: dict[str, str]) -> web.Response:
         url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
@@ -375,89 +396,3 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
     openai_routes.add_routes(app, act, session)  # /v1: OpenAI-compatible endpoints (issue 17)
     app.router.add_route("*", "/{path:.*}", not_found)
     return app
-
-
-class GrpcActivator(grpc.GenericRpcHandler):
-    """Forwards any GRPCInferenceService call for a cold model once it is loaded."""
-
-    SERVICE = "/inference.GRPCInferenceService/"
-    # Where each request message carries the model name (field 1 in every one of these).
-    NAMED = {"ModelInfer": pb.ModelInferRequest, "ModelMetadata": pb.ModelMetadataRequest, "ModelReady": pb.ModelReadyRequest}
-
-    def __init__(self, act: Activator):
-        self.act = act
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = details.method
-        if not method.startswith(self.SERVICE):
-            return None
-        name = method[len(self.SERVICE) :]
-        if name == "ServerLive":
-            return grpc.unary_unary_rpc_method_handler(self._live)
-        if name == "ServerReady":
-            return grpc.unary_unary_rpc_method_handler(self._ready)
-        if name in self.NAMED:
-            return grpc.unary_unary_rpc_method_handler(self._forwarder(method, self.NAMED[name]))
-        return None
-
-    async def _live(self, request: bytes, context: Any) -> bytes:
-        return pb.ServerLiveResponse(live=True).SerializeToString()
-
-    async def _ready(self, request: bytes, context: Any) -> bytes:
-        return pb.ServerReadyResponse(ready=await self.act.state.r.hlen(st.PODS) > 0).SerializeToString()
-
-    def _forwarder(self, method: str, msg_type: Any) -> Any:
-        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            md = dict(context.invocation_metadata() or ())
-            name = md.get(MODEL_ID_HEADER) or md.get(VMODEL_ID_HEADER)
-            if not name:
-                try:
-                    msg = msg_type.FromString(request)
-                except Exception:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
-                name = getattr(msg, "model_name", "") or getattr(msg, "name", "")
-            if not name:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no model named: set mm-vmodel-id or the request's model name")
-            with tracing.tracer(__name__).start_as_current_span(
-                "activator.request", context=tracing.extract(md), kind=SpanKind.SERVER,
-                attributes={"meshserve.protocol": "grpc", "meshserve.name": name, "rpc.method": method},
-                record_exception=False, set_status_on_exception=False,  # context.abort raises: statuses are set below
-            ) as span:
-                return await self._cold(method, request, context, md, name, span)
-
-        return forward
-
-    async def _cold(self, method: str, request: bytes, context: grpc.aio.ServicerContext, md: dict[str, Any], name: str, span: trace.Span) -> bytes:
-        self.act.cold_requests += 1
-        t0 = time.monotonic()
-        try:
-            model_id = await self.act.resolve(name)
-            span.set_attribute(tracing.ATTR_MODEL, model_id)
-            pod = await self.act.ensure_loaded(model_id)
-            M_COLD.labels("grpc", "200").inc()
-            M_COLD_WAIT.observe(time.monotonic() - t0)
-        except LoadFailed as e:
-            M_COLD.labels("grpc", str(e.status)).inc()
-            code = grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE
-            if e.status >= 500:
-                span.set_status(Status(StatusCode.ERROR, str(e)))
-            await context.abort(code, str(e))
-        self.act.touch_soon(model_id)
-        ch = self._channels.get(pod.id)
-        if ch is None:
-            ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
-        drop = (MODEL_ID_HEADER, VMODEL_ID_HEADER, tracing.TRACEPARENT, tracing.TRACESTATE)
-        fwd_md = [(k, v) for k, v in md.items() if k not in drop and not k.startswith(":")]
-        fwd_md.append((MODEL_ID_HEADER, model_id))
-        with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
-            "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
-        ) as fspan:
-            fwd_md += list(tracing.inject({}).items())
-            try:
-                return await ch.unary_unary(method)(request, metadata=fwd_md)
-            except grpc.aio.AioRpcError as e:
-                fspan.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
-                span.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
-                await context.abort(e.code(), e.details() or "")
-        raise AssertionError("unreachable")  # context.abort raises

@@ -23,8 +23,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from meshserve import state as st
-from meshserve.model import ModelSpec
+from meshserve.model import ModelSpec, Pod
+from meshserve.store import keys as k
 from meshserve.settings import MAX_REQUEST_BYTES
 
 ENDPOINTS = ("embeddings", "completions", "chat/completions")
@@ -54,11 +54,11 @@ def _listing(models: dict[bytes, bytes], aliases: dict[bytes, bytes]) -> list[di
 
 def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -> None:
     """Register the /v1 routes on the activator's REST app (`act`: activator.Activator)."""
-    from meshserve_placement.activator import FORWARD_ATTEMPTS, HOP_BY_HOP, M_COLD, M_COLD_WAIT, MODEL_ID_HEADER, LoadFailed, log
+    from meshserve_placement.activator import HOP_BY_HOP, M_COLD, MODEL_ID_HEADER, LoadFailed, log
 
     async def models(request: web.Request) -> web.Response:
         async with act.state.r.pipeline(transaction=False) as p:
-            p.hgetall(st.MODELS).hgetall(st.ALIASES)
+            p.hgetall(k.MODELS).hgetall(k.ALIASES)
             raw_models, raw_aliases = await p.execute()
         data = await asyncio.to_thread(_listing, raw_models, raw_aliases)
         one = request.match_info.get("model")
@@ -92,32 +92,24 @@ def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -
         except LoadFailed:
             M_COLD.labels("openai", "404").inc()
             return _model_not_found(name)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {h: v for h, v in request.headers.items() if h.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
-        for attempt in range(FORWARD_ATTEMPTS):
-            try:
-                pod = await act.ensure_loaded(model_id)
-            except LoadFailed as e:
-                M_COLD.labels("openai", str(e.status)).inc()
-                return error(e.status, str(e), "server_error" if e.status >= 500 else "invalid_request_error",
-                             code="model_not_loaded" if e.status >= 500 else None)
-            if attempt == 0:
-                M_COLD.labels("openai", "200").inc()
-                M_COLD_WAIT.observe(time.monotonic() - t0)
-            await act.state.touch([model_id])
+
+        async def send(pod: Pod) -> tuple[int, web.Response]:
             url = f"http://{pod.host}:{pod.rest_port}/v1/{endpoint}"
             try:
                 async with session.post(url, data=payload, headers=headers) as r:
                     out = await r.read()
-                    status, ctype = r.status, r.content_type
+                    return r.status, web.Response(status=r.status, body=out, content_type=r.content_type or "application/json")
             except aiohttp.ClientError as e:
                 log.warning("forwarding %s to %s failed: %s", model_id, pod.id, e)
-                return error(503, f"model '{name}' is loaded but its runtime pod did not answer", "server_error")
-            # A 404 from the pod: the copy went between our look and the forward; wait again.
-            if status != 404 or attempt == FORWARD_ATTEMPTS - 1:
-                return web.Response(status=status, body=out, content_type=ctype or "application/json")
-            log.info("%s was gone from %s when forwarded to; waiting for a copy again", model_id, pod.id)
-        raise AssertionError("unreachable")
+                return 503, error(503, f"model '{name}' is loaded but its runtime pod did not answer", "server_error")
+
+        try:
+            return await act.serve_cold(model_id, "openai", t0, send)
+        except LoadFailed as e:
+            return error(e.status, str(e), "server_error" if e.status >= 500 else "invalid_request_error",
+                         code="model_not_loaded" if e.status >= 500 else None)
 
     async def other(request: web.Request) -> web.Response:
         return error(404, f"Invalid URL ({request.method} {request.path}): this mesh serves POST /v1/embeddings, "

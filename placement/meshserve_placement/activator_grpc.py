@@ -1,0 +1,102 @@
+"""The activator's gRPC side: any GRPCInferenceService call for a cold model is held until a
+copy is loaded, then forwarded to that pod."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from meshserve import tracing
+from meshserve.store import keys as k
+from meshserve_placement.activator import M_COLD, M_COLD_WAIT, MODEL_ID_HEADER, VMODEL_ID_HEADER, Activator, LoadFailed
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+
+
+class GrpcActivator(grpc.GenericRpcHandler):
+    """Forwards any GRPCInferenceService call for a cold model once it is loaded."""
+
+    SERVICE = "/inference.GRPCInferenceService/"
+    # Where each request message carries the model name (field 1 in every one of these).
+    NAMED = {"ModelInfer": pb.ModelInferRequest, "ModelMetadata": pb.ModelMetadataRequest, "ModelReady": pb.ModelReadyRequest}
+
+    def __init__(self, act: Activator):
+        self.act = act
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        if not method.startswith(self.SERVICE):
+            return None
+        name = method[len(self.SERVICE) :]
+        if name == "ServerLive":
+            return grpc.unary_unary_rpc_method_handler(self._live)
+        if name == "ServerReady":
+            return grpc.unary_unary_rpc_method_handler(self._ready)
+        if name in self.NAMED:
+            return grpc.unary_unary_rpc_method_handler(self._forwarder(method, self.NAMED[name]))
+        return None
+
+    async def _live(self, request: bytes, context: Any) -> bytes:
+        return pb.ServerLiveResponse(live=True).SerializeToString()
+
+    async def _ready(self, request: bytes, context: Any) -> bytes:
+        return pb.ServerReadyResponse(ready=await self.act.state.r.hlen(k.PODS) > 0).SerializeToString()
+
+    def _forwarder(self, method: str, msg_type: Any) -> Any:
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            md = dict(context.invocation_metadata() or ())
+            name = md.get(MODEL_ID_HEADER) or md.get(VMODEL_ID_HEADER)
+            if not name:
+                try:
+                    msg = msg_type.FromString(request)
+                except Exception:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
+                name = getattr(msg, "model_name", "") or getattr(msg, "name", "")
+            if not name:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no model named: set mm-vmodel-id or the request's model name")
+            with tracing.tracer(__name__).start_as_current_span(
+                "activator.request", context=tracing.extract(md), kind=SpanKind.SERVER,
+                attributes={"meshserve.protocol": "grpc", "meshserve.name": name, "rpc.method": method},
+                record_exception=False, set_status_on_exception=False,  # context.abort raises: statuses are set below
+            ) as span:
+                return await self._cold(method, request, context, md, name, span)
+
+        return forward
+
+    async def _cold(self, method: str, request: bytes, context: grpc.aio.ServicerContext, md: dict[str, Any], name: str, span: trace.Span) -> bytes:
+        self.act.cold_requests += 1
+        t0 = time.monotonic()
+        try:
+            model_id = await self.act.resolve(name)
+            span.set_attribute(tracing.ATTR_MODEL, model_id)
+            pod = await self.act.ensure_loaded(model_id)
+            M_COLD.labels("grpc", "200").inc()
+            M_COLD_WAIT.observe(time.monotonic() - t0)
+        except LoadFailed as e:
+            M_COLD.labels("grpc", str(e.status)).inc()
+            code = grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE
+            if e.status >= 500:
+                span.set_status(Status(StatusCode.ERROR, str(e)))
+            await context.abort(code, str(e))
+        self.act.touch_soon(model_id)
+        ch = self._channels.get(pod.id)
+        if ch is None:
+            ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
+        drop = (MODEL_ID_HEADER, VMODEL_ID_HEADER, tracing.TRACEPARENT, tracing.TRACESTATE)
+        fwd_md = [(h, v) for h, v in md.items() if h not in drop and not h.startswith(":")]
+        fwd_md.append((MODEL_ID_HEADER, model_id))
+        with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
+            "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
+        ) as fspan:
+            fwd_md += list(tracing.inject({}).items())
+            try:
+                return await ch.unary_unary(method)(request, metadata=fwd_md)
+            except grpc.aio.AioRpcError as e:
+                fspan.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
+                span.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
+                await context.abort(e.code(), e.details() or "")
+        raise AssertionError("unreachable")  # context.abort raises

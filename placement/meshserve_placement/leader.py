@@ -1,0 +1,254 @@
+"""The placement leader's shell: the lease, the stream consumers, the commit, and the loops.
+
+Only the lease holder writes placements and orders, and every write is fenced by the lease
+inside the same Lua commit, so a deposed leader can never double-book memory. The leader keeps
+a ClusterView in memory, rebuilt from Redis when it takes the lease (reload.py): everything it
+decides is in Redis (placements, per-pod load queues, exclusions, decision traces), so a new
+leader continues exactly where the old one stopped.
+
+The view changes only with its commit: every handler runs inside `_deciding()`, which journals
+the view's writes, and `_commit` keeps them once Redis took the commit and takes them back
+(ClusterView.rollback) when it did not. A handler that fails anyway is handled again from the
+stream's pending list after a reload, never acknowledged as done.
+
+Who does what (docs/design/placement.md): requests to the leader (leader_requests.py), a
+decision and its booking (decisions.py over policy.py), sending queued loads (dispatch.py),
+load and unload results and pod registrations (events.py over reducers.py), pod liveness
+(pods.py), the copy reconcile (maintain.py), rates (rates.py), the view (reload.py).
+
+Traces: a decision is a `placement.decide` span, the child of the context the ms:loadreq entry
+(or, for a retry, the loader's ms:events entry) carried; the load order written for it carries
+the decision's context, so the pod's pull and load are its children. The context of a queued
+load is kept in memory until the order is sent (a new leader sends such orders untraced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from typing import Any, AsyncIterator
+
+import aiohttp
+import redis.asyncio as aioredis
+from opentelemetry import trace
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
+
+from meshserve import tracing
+from meshserve.model import Copy, ModelSpec, Pod
+from meshserve.store import Lease, NotLeader, State
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import KIND_PLACEMENT
+from meshserve.settings import Settings
+from meshserve_placement import policy
+from meshserve_placement.decisions import Decisions
+from meshserve_placement.dispatch import Dispatch
+from meshserve_placement.events import Events
+from meshserve_placement.leader_requests import Requests
+from meshserve_placement.maintain import Maintain
+from meshserve_placement.pods import Pods
+from meshserve_placement.rates import Rates
+from meshserve_placement.reload import Reload
+from meshserve_placement.tuning import Tuning
+from meshserve_placement.types import Changes, Ops
+
+log = logging.getLogger("meshserve.placement")
+
+GROUP, CONSUMER = k.LEADER_GROUP, k.LEADER_CONSUMER
+HANDLER_TRIES = 3  # a stream entry whose handler keeps failing is dropped (logged) after this many
+
+# Writes that change nothing routing depends on (queue priorities, decision traces) skip
+# `State.commit`, so they neither bump ms:rev nor look like a gap to the xDS server; they are
+# fenced by the lease all the same.
+_FENCED_WRITE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER lease lost')
+end
+for _, op in ipairs(cjson.decode(ARGV[2])) do
+  redis.call(unpack(op))
+end
+return 1
+"""
+
+
+class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, Rates):
+    def __init__(self, settings: Settings, state: State, tuning: Tuning | None = None):
+        self.s, self.state = settings, state
+        self.t = tuning or Tuning.from_env()
+        self.id = f"placement-{uuid.uuid4().hex[:8]}"
+        self.view = policy.ClusterView(pods={}, models={}, horizon_s=self.t.eviction_horizon_seconds)
+        self.specs: dict[str, ModelSpec] = {}
+        self.pods: dict[str, Pod] = {}
+        self.heartbeats: dict[str, float] = {}
+        self.attempts: dict[str, int] = {}
+        self.reported: dict[str, int] = {}  # model -> the size its last load reported (sizes.py)
+        self.waiting: set[str] = set()  # models with a request held by an activator
+        # model -> runtime: a request waits for a pool that has no pods yet (scale from zero)
+        self.pending: dict[str, str] = {}
+        # model -> [since, last asked]: a waiting request's model that fits only once busy,
+        # loading or unloading copies free up (policy.Decision.waits_for_room). Retried, oldest
+        # first, whenever room may have freed; dropped once no activator asked for it within the
+        # cold-start timeout. In memory only: the activator asks again every 2 s while a
+        # request waits, so a new leader learns them again within that.
+        self.room: dict[str, list[float]] = {}
+        self.queues: dict[str, dict[str, float]] = {}  # pod -> model -> priority (mirror of ms:loadq:<pod>)
+        self.rates: dict[str, float] = {}  # requests/s per model, from the runtimes' counters
+        self.last_added: dict[str, float] = {}
+        self._counts: dict[tuple[str, str], int] = {}  # (pod, model) -> last request count seen
+        # Rate rounds since this leader took over: rates live in memory only, so a new leader
+        # makes no scale-down decision before it has measured them (it would see 0 requests/s
+        # everywhere and unload copies that are under load).
+        self._rate_rounds = 0
+        self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
+        self.pins: set[str] = set()  # models pinned through the repository API (store keys.PINS)
+        self._failed_unloads: dict[tuple[str, str], float] = {}  # (model, pod) -> when last ordered
+        self._lastused_seen = 0.0
+        self._recent: dict[str, float] = {}  # models used within the busy window -> last use
+        self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
+        self.lease = Lease(state.r, k.LEASE, self.id, settings.lease_seconds)
+        self._fenced_write = state.r.register_script(_FENCED_WRITE_LUA)
+        self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
+        self.leading = asyncio.Event()
+        self.last_decisions: OrderedDict[str, policy.Decision] = OrderedDict()  # the newest, for /debug
+        self._traces: dict[tuple[str, str], dict[str, str]] = {}  # (pod, model) -> the decision's trace fields, until its order is sent
+        self._decided: dict[str, trace.SpanContext] = {}  # model -> its latest decision's span (joined loads link to it)
+
+    # --- leadership -----------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            # A Redis that is down is asked again with exponential backoff and jitter (standbys
+            # must not hammer one that is coming back); a lease held by another is looked at
+            # again every third of a lease, so a standby takes over within one.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type((aioredis.RedisError, OSError)),
+                wait=wait_exponential(multiplier=self.s.lease_seconds / 3, max=max(5.0, self.s.lease_seconds)) + wait_random(0, self.s.lease_seconds / 3),
+                before_sleep=lambda rs: log.warning("placement: redis error: %s", rs.outcome.exception() if rs.outcome else ""),
+            ):
+                with attempt:
+                    await self._try_lead()
+            await asyncio.sleep(self.s.lease_seconds / 3)
+
+    async def _try_lead(self) -> None:
+        try:
+            if await self.lease.hold():
+                log.info("%s took the placement lease", self.id)
+                await self._lead()
+        except NotLeader:
+            log.warning("%s was deposed mid-write", self.id)
+        finally:
+            self.leading.clear()
+
+    async def _lead(self) -> None:
+        # The lease is kept by its own task from the start: taking over 100,000 models takes
+        # seconds of parsing, longer than the lease, and a leader that lost its lease while
+        # reloading would reload again forever.
+        async with self.lease.kept() as lost:
+            await self._lead_kept(lost)
+
+    async def _lead_kept(self, lost: asyncio.Event) -> None:
+        await self._ensure_groups()
+        self._rate_rounds, self.rates, self._counts, self.stalled = 0, {}, {}, {}
+        await self._reload()
+        if lost.is_set():
+            return
+        self.leading.set()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.t.rate_poll_seconds))) as http:
+            tasks = [
+                asyncio.create_task(self._consume(k.LOAD_REQUESTS, self._on_load_request)),
+                asyncio.create_task(self._consume(k.EVENTS, self._on_event)),
+                asyncio.create_task(self._expire_pods(http)),
+                asyncio.create_task(self._maintain(http)),
+                asyncio.create_task(self._room_loop()),
+            ]
+            try:
+                while not lost.is_set():
+                    await asyncio.wait(tasks, timeout=self.s.lease_seconds / 3, return_when=asyncio.FIRST_COMPLETED)
+                    for t in tasks:
+                        if t.done() and t.exception():
+                            raise t.exception()  # type: ignore[misc]
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _ensure_groups(self) -> None:
+        for key in (k.LOAD_REQUESTS, k.EVENTS):
+            await cmd.ensure_group(self.state.r, key, GROUP)
+
+    @contextlib.asynccontextmanager
+    async def _deciding(self) -> AsyncIterator[None]:
+        """One decision at a time, and its view writes journaled until committed (`_commit`)."""
+        async with self._lock:
+            view = self.view
+            view.begin()
+            try:
+                yield
+            except BaseException:
+                view.rollback()
+                raise
+            finally:
+                view.end()
+
+    async def _consume(self, key: str, handler: Any) -> None:
+        cursor = "0"
+        failures_seen: dict[bytes, int] = {}
+        while True:
+            entries = await cmd.read_group(self.state.r, key, GROUP, CONSUMER, cursor, count=64, block=1000)
+            if cursor == "0" and not entries:
+                cursor = ">"
+                continue
+            for eid, fields in entries:
+                try:
+                    async with self._deciding():
+                        f = {name.decode(): v.decode() for name, v in fields.items()}
+                        with tracing.handling(f.get("model", ""), f):
+                            await handler(f)
+                except NotLeader:
+                    raise
+                except Exception:
+                    # The view's uncommitted writes were taken back; the leader's queues and
+                    # waiting sets may still hold the handler's half-made changes: reload them
+                    # from Redis, and handle the entry again from the pending list instead of
+                    # acknowledging it as done.
+                    n = failures_seen[eid] = failures_seen.get(eid, 0) + 1
+                    log.exception("placement: handling %s %s failed (try %d of %d); reloading the view", key, fields, n, HANDLER_TRIES)
+                    async with self._lock:
+                        await self._rebuild()
+                    if n < HANDLER_TRIES:
+                        cursor = "0"
+                        break
+                    log.error("placement: dropping %s entry %s after %d failed tries", key, eid, n)
+                failures_seen.pop(eid, None)
+                await cmd.ack(self.state.r, key, GROUP, eid)
+
+    async def _commit(self, ops: Ops, changes: Changes) -> int:
+        """Commit fenced by the lease; the view's journaled writes are kept only once it is in."""
+        try:
+            rev = await self._write(ops, changes)
+        except BaseException:
+            self.view.rollback()
+            raise
+        self.view.committed()
+        return rev
+
+    async def _write(self, ops: Ops, changes: Changes) -> int:
+        if changes:
+            return await self.state.commit(ops, changes, fence=self.id)
+        if ops:
+            try:
+                await self._fenced_write(keys=[k.LEASE], args=[self.id, json.dumps([[str(x) for x in op] for op in ops])])
+            except aioredis.ResponseError as e:
+                if "NOTLEADER" in str(e):
+                    raise NotLeader(str(e)) from None
+                raise
+        return 0
+
+    def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
+        """Book a model's new copies in the view (journaled) and in the commit being built."""
+        self.view.set_copies(model, copies)
+        ops.append(cmd.set_copies(model, copies))
+        changes.append((KIND_PLACEMENT, model))

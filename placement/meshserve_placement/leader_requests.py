@@ -1,0 +1,106 @@
+"""Requests to the leader on ms:loadreq (messages.LoadRequest): a load (the activator,
+`meshserve load`), a pin or unpin (the repository API), a withdraw or retire (the rollout
+controller). Only the leader writes placements and orders; everyone else asks here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from opentelemetry import trace
+
+from meshserve import tracing
+from meshserve.model import Copy, CopyState
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import LoadRequest, UnloadOrder
+from meshserve_placement.types import Changes, Ops
+
+log = logging.getLogger("meshserve.placement")
+
+
+class Requests:
+    async def _on_load_request(self, f: dict[str, str]) -> None:
+        req = LoadRequest.decode(f)
+        model_id, op = req.model, req.op
+        if op in ("pin", "unpin"):
+            if not await self._set_pin(model_id, op == "pin") or op == "unpin":
+                return
+        if op in ("withdraw", "retire"):
+            await self._retire(model_id, orders=op == "retire", why=req.why)
+            return
+        copies = self.view.copies.get(model_id, {})
+        if any(c.state == CopyState.LOADED for c in copies.values()):
+            return
+        if any(c.state == CopyState.LOADING for c in copies.values()):
+            # Many requests for one cold model make one load; a waiting request moves it up the queue.
+            # Its trace gets a decision span of its own that links to the decision being carried out.
+            made = self._decided.get(model_id)
+            with tracing.tracer(__name__).start_as_current_span(
+                "placement.decide", attributes={tracing.ATTR_MODEL: model_id, "meshserve.outcome": "joined the load in progress"},
+                links=[trace.Link(made)] if made else None,
+            ):
+                await self._prioritise(model_id)
+            return
+        if model_id in self.room:
+            self.room[model_id][1] = time.time()  # still wanted: keep it waiting
+            await self._retry_room()
+            return
+        spec = await self._refresh_model_and_pods(model_id)
+        if spec is None:
+            return
+        # Requests already waiting for room go first: a newcomer must not take the room they wait for.
+        await self._retry_room()
+        self.attempts[model_id] = 0
+        self.waiting.add(model_id)
+        await self._place(spec, waiting=True)
+
+    async def _retire(self, model_id: str, orders: bool, why: str) -> None:
+        """A superseded version, on the rollout controller's request (it asks; only the leader
+        writes placements and orders). `withdraw`: its loaded copies become UNLOADING, which takes
+        their routes away while their memory stays booked. `retire`, a little later, once the
+        gateways stopped sending there: the unload orders."""
+        ops: Ops = []
+        changes: Changes = []
+        now = time.time()
+        cs = dict(self.view.copies.get(model_id, {}))
+        for pod, c in list(cs.items()):
+            if c.state == CopyState.LOADED:
+                cs[pod] = Copy(CopyState.UNLOADING, c.size, now, why or "superseded by a new version")
+            if orders and cs[pod].state == CopyState.UNLOADING:
+                ops.append(cmd.order(pod, UnloadOrder(model_id)))
+        if cs != self.view.copies.get(model_id, {}):
+            self._set_copies(model_id, cs, ops, changes)
+        if ops:
+            log.info("%s %s: %s", "retiring" if orders else "withdrawing", model_id, why or "superseded by a new version")
+            await self._commit(ops, changes)
+
+    async def _set_pin(self, model_id: str, pinned: bool) -> bool:
+        """The repository API's load (pin) and unload (unpin). A pinned model keeps at least one
+        copy and is never evicted, exactly as the `meshserve.io/pinned` annotation makes it;
+        dropping the pin leaves its copies to the cache's ordinary eviction. False for a model
+        that is not registered."""
+        spec = await self._refresh_model_and_pods(model_id)
+        if spec is None:
+            return False
+        if pinned:
+            await self._commit([cmd.pin(model_id, time.time())], [])
+            self.pins.add(model_id)
+        else:
+            await self._commit([cmd.unpin(model_id)], [])
+            self.pins.discard(model_id)
+        mv = self.view.models.get(model_id)
+        if mv is not None:
+            self.view.set_model(replace(mv, pinned=spec.pinned or model_id in self.pins))
+        log.info("%s %s through the repository API", model_id, "pinned" if pinned else "unpinned")
+        return True
+
+    async def _prioritise(self, model_id: str) -> None:
+        self.waiting.add(model_id)
+        for pod, q in self.queues.items():
+            prio = q.get(model_id)
+            if prio is not None and prio >= k.BACKGROUND:
+                await self._commit([cmd.enqueue(pod, model_id, prio - k.BACKGROUND)], [])
+                q[model_id] = prio - k.BACKGROUND
+                await self._dispatch(pod)

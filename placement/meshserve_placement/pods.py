@@ -1,0 +1,98 @@
+"""Pod liveness: stale heartbeats are probed, gone pods withdrawn with their copies, and
+requests held for a pool without pods placed once one registers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from meshserve.model import CopyState
+from meshserve.store import keys as k
+from meshserve.store import ops as cmd
+from meshserve.store.messages import KIND_POD
+from meshserve_placement import reducers
+from meshserve_placement.liveness import Liveness, judge
+from meshserve_placement.types import Changes, Ops
+
+log = logging.getLogger("meshserve.placement")
+
+
+class Pods:
+    async def _expire_pods(self, http: aiohttp.ClientSession) -> None:
+        period = self.s.heartbeat_seconds
+        while True:
+            await asyncio.sleep(period / 2)
+            hb = await self.state.r.zrange(k.HEARTBEATS, 0, -1, withscores=True)
+            self.heartbeats = {p.decode(): v for p, v in hb}
+            now = time.time()
+            stale = [p for p in self.view.pods if now - self.heartbeats.get(p, 0) > period * self.s.heartbeat_misses]
+            # Probed outside the lock: a probe waits up to half a period, decisions must not.
+            answers = dict(zip(stale, await asyncio.gather(*(self._probe(http, p) for p in stale)))) if stale else {}
+            async with self._deciding():
+                await self._refresh_pods()
+                now = time.time()
+                for pod in list(self.view.pods):
+                    if pod not in answers:
+                        if self.stalled.pop(pod, None) is not None:
+                            log.info("pod %s: its loader is back", pod)
+                        continue
+                    v = judge(now, self.heartbeats.get(pod, 0), period, self.s.heartbeat_misses, answers[pod], self.s.loader_stall_grace_seconds)
+                    if v.liveness == Liveness.GONE:
+                        self.stalled.pop(pod, None)
+                        await self._withdraw_pod(pod, v.reason)
+                    elif v.liveness == Liveness.STALLED and pod not in self.stalled:
+                        log.warning("pod %s: %s", pod, v.reason)
+                        self.stalled[pod] = v.reason
+                await self._place_pending()
+
+    async def _probe(self, http: aiohttp.ClientSession, pod_id: str) -> str | None:
+        """None when the pod's runtime answers (its data plane is up), else why not. REST
+        readiness where the runtime serves REST, else a TCP connect to its gRPC port."""
+        pod = self.pods.get(pod_id)
+        if pod is None:
+            return "not registered"
+        timeout = max(0.2, self.s.heartbeat_seconds / 2)
+        try:
+            if pod.rest_port:
+                async with http.get(f"http://{pod.host}:{pod.rest_port}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                    return None if r.status == 200 else f"readiness answered HTTP {r.status}"
+            _, w = await asyncio.wait_for(asyncio.open_connection(pod.host, pod.grpc_port), timeout)
+            w.close()
+            return None
+        except asyncio.TimeoutError:
+            return f"no answer within {timeout:g}s"
+        except (aiohttp.ClientError, OSError) as e:
+            return str(e) or type(e).__name__
+
+    async def _place_pending(self) -> None:
+        """Requests held for a pool with no pods: place them once one of its pods is up."""
+        for model, runtime in list(self.pending.items()):
+            if not self.view.pool(runtime) and runtime in self.view.runtimes:
+                continue
+            del self.pending[model]
+            spec = self.specs.get(model)
+            placed = any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(model, {}).values())
+            if spec is not None and model in self.waiting and not placed:
+                await self._place(spec, waiting=True, why=f"ServingRuntime {runtime} has a pod now")
+
+    async def _withdraw_pod(self, pod: str, reason: str) -> None:
+        log.warning("withdrawing pod %s and its placements: %s", pod, reason)
+        record = {"last_heartbeat": self.heartbeats.get(pod, 0.0), "withdrawn_at": time.time(), "reason": reason}
+        ops: Ops = cmd.withdraw_pod(pod, record)
+        changes: Changes = [(KIND_POD, pod)]
+        for m in list(self.view.pod_models(pod)):
+            self._set_copies(m, reducers.without_pod(self.view.copies[m], pod), ops, changes)
+        await self._commit(ops, changes)
+        self.view.pods.pop(pod, None)
+        self.pods.pop(pod, None)
+        self.heartbeats.pop(pod, None)
+        requeue = [m for m in self.queues.pop(pod, {}) if m in self.waiting]
+        self._traces = {key: v for key, v in self._traces.items() if key[0] != pod}
+        self._failed_unloads = {key: v for key, v in self._failed_unloads.items() if key[1] != pod}
+        for m in requeue + [m for m in self.waiting if not self.view.copies.get(m)]:
+            spec = self.specs.get(m)
+            if spec is not None and not any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(m, {}).values()):
+                await self._place(spec, waiting=True, why=f"pod {pod} died before loading it")

@@ -1,0 +1,183 @@
+"""The leader's view, rebuilt from Redis when it takes the lease, and kept current from the
+registries: model specs (following ms:changes), pods and declared ServingRuntimes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+from meshserve.model import CopyState, ModelSpec, Pod
+from meshserve.store import Snapshot
+from meshserve.store import keys as k
+from meshserve.store import ops
+from meshserve.store.messages import KIND_ALL, KIND_MODEL
+from meshserve.store.state import parse_runtimes
+from meshserve_placement import policy
+from meshserve_placement.sizes import booked_size, reported_of
+
+log = logging.getLogger("meshserve.placement")
+
+
+class Reload:
+    async def _rebuild(self) -> None:
+        """Everything the previous leader decided is in Redis: rebuild the view from it."""
+        r = self.state.r
+        # Where to follow ms:changes from: taken before the snapshot, so a change made between
+        # the two is read again (harmless), never missed.
+        last_id, self._changes_rev = await ops.last_change(r)
+        self._changes_id = last_id.decode()
+        snap = await self.state.snapshot()
+        self.specs = snap.models
+        self.pods = dict(snap.pods)
+        hb = await r.zrange(k.HEARTBEATS, 0, -1, withscores=True)
+        self.heartbeats = {p.decode(): v for p, v in hb}
+        lu = await r.zrange(k.LAST_USED, 0, -1, withscores=True)
+        now = time.time()
+        excluded = {}
+        for field, v in (await r.hgetall(k.EXCLUDED)).items():
+            m, _, p = field.decode().rpartition("|")
+            if float(v) > now:
+                excluded[(m, p)] = float(v)
+        # Building the view is pure and O(models): off the event loop, so the lease keeps.
+        self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
+        self._failed_unloads = {
+            (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
+            if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
+        }
+        self.pins = {m.decode() for m in await r.hkeys(k.PINS)}
+        for m in self.pins:
+            if m in self.view.models:
+                self.view.set_model(replace(self.view.models[m], pinned=True))
+        await self._refresh_pods()  # the declared runtimes too, before any decision on the new view
+        self._lastused_seen = max((v for _, v in lu), default=0.0)
+        self.queues = {}
+        for pod in self.pods:
+            q = await r.zrange(k.loadq_key(pod), 0, -1, withscores=True)
+            if q:
+                self.queues[pod] = {m.decode(): v for m, v in q}
+        self.waiting = {m for q in self.queues.values() for m, prio in q.items() if prio < k.BACKGROUND}
+        log.info("%s: state reloaded: %d models, %d pods, %d placements, %d queued loads", self.id,
+                 len(self.specs), len(self.pods), len(snap.placements), sum(len(q) for q in self.queues.values()))
+
+    async def _reload(self) -> None:
+        await self._rebuild()
+        async with self._deciding():
+            for pod in list(self.pods):
+                await self._dispatch(pod)  # slots may have freed while nobody led
+
+    def _apply_spec(self, spec: ModelSpec) -> None:
+        self.specs[spec.id] = spec
+        old = self.view.models.get(spec.id)
+        mv = _model_view(spec, self.reported.get(spec.id, 0))
+        mv = replace(mv, pinned=mv.pinned or spec.id in self.pins)
+        if old is not None and self.view.live_copies(spec.id):
+            mv = replace(mv, size=old.size)  # keep the measured size once loaded
+        self.view.set_model(mv)
+
+    async def _refresh_model_and_pods(self, model_id: str) -> ModelSpec | None:
+        """The model's spec, always fresh (annotations: min/max/pinned may change), and the pods
+        (`_refresh_pods`), in one Redis round trip: a cold request's decision waits for both
+        (issue 19 §4: one round trip fewer on the cold path)."""
+        async with self.state.r.pipeline(transaction=False) as p:
+            p.hget(k.MODELS, model_id).hgetall(k.PODS).hgetall(k.RUNTIMES)
+            raw_spec, raw, raw_runtimes = await p.execute()
+        self._apply_pods(raw, raw_runtimes)
+        if not raw_spec:
+            return self.specs.get(model_id)
+        spec = ModelSpec.from_json(raw_spec)
+        self._apply_spec(spec)
+        return spec
+
+    async def _refresh_pods(self) -> None:
+        """Pods register themselves and flag draining; pick up new pods and changed fields,
+        and the declared ServingRuntimes."""
+        async with self.state.r.pipeline(transaction=False) as p:
+            p.hgetall(k.PODS).hgetall(k.RUNTIMES)
+            raw, raw_runtimes = await p.execute()
+        self._apply_pods(raw, raw_runtimes)
+
+    def _apply_pods(self, raw: dict[bytes, bytes], raw_runtimes: dict[bytes, bytes]) -> None:
+        runtimes = {n: policy.RuntimeView(n, tuple(f), tuple(a)) for n, (f, a) in parse_runtimes(raw_runtimes).items()}
+        if runtimes != self.view.runtimes:
+            self.view.runtimes = runtimes
+        for key, v in raw.items():
+            pid = key.decode()
+            p = Pod.from_json(v)
+            self.pods[pid] = p
+            pv = self.view.pods.get(pid)
+            if pv is None:
+                self.view.pods[pid] = _pod_view(p)
+                self.heartbeats.setdefault(pid, time.time())
+            else:
+                if (pv.runtime, pv.formats, pv.auto_formats) != (p.runtime, p.formats, p.auto_formats):
+                    pv.runtime, pv.formats, pv.auto_formats = p.runtime, p.formats, p.auto_formats
+                    self.view.pods_changed()
+                pv.capacity, pv.max_loading, pv.draining = p.capacity_bytes, p.max_loading, p.draining
+
+    def _mark_health(self, now: float) -> None:
+        for pid, pv in self.view.pods.items():
+            pv.healthy = now - self.heartbeats.get(pid, 0) <= self.s.heartbeat_seconds * self.s.heartbeat_misses
+
+    async def _refresh_specs(self) -> None:
+        """Models registered (or re-annotated) since the last look, so minCopies and pinning
+        apply without a request. Follows ms:changes: the cost is the changes', not the
+        registry's (100,000 models re-read every poll would starve everything else)."""
+        ids, full = await self._changed_models()
+        if full:
+            raw = await self.state.r.hgetall(k.MODELS)
+            specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw.values()])
+        elif ids:
+            order = sorted(ids)
+            specs = [ModelSpec.from_json(v) for v in await self.state.r.hmget(k.MODELS, order) if v]
+        else:
+            return
+        async with self._deciding():
+            for spec in specs:
+                self._apply_spec(spec)
+
+    async def _changed_models(self, batch: int = 10_000, most: int = 20_000) -> tuple[set[str], bool]:
+        """Model ids named by ms:changes since the last call, or (∅, True) when that cannot be
+        told: a revision gap (entries trimmed away) or more changes than are worth targeting."""
+        ids: set[str] = set()
+        full = False
+        while True:
+            entries = await ops.changes_since(self.state.r, self._changes_id, batch)
+            if not entries:
+                return (set(), True) if full else (ids, False)
+            for _, ch in entries:
+                if ch.rev > self._changes_rev + 1:
+                    full = True
+                self._changes_rev = max(self._changes_rev, ch.rev)
+                if ch.kind == KIND_ALL:
+                    full = True
+                elif ch.kind == KIND_MODEL and not full:
+                    ids.add(ch.id)
+            self._changes_id = entries[-1][0].decode()
+            if len(ids) > most:
+                full, ids = True, set()
+
+
+def _model_view(m: ModelSpec, reported: int = 0) -> policy.ModelView:
+    # The size a load reported, else the stated size, else the unknown-size default (sizes.py).
+    return policy.ModelView(m.id, m.format, booked_size(m.size_hint, reported), m.pinned, m.min_copies, m.max_copies, m.runtime)
+
+
+def _pod_view(p: Pod) -> policy.PodView:
+    return policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
+
+
+def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> policy.ClusterView:
+    return policy.ClusterView(
+        pods={p.id: _pod_view(p) for p in snap.pods.values()},
+        # A new leader knows a model's reported size from the copies it finds booked.
+        models={m.id: _model_view(m, reported_of(c.size for c in snap.placements.get(m.id, {}).values() if c.state == CopyState.LOADED)) for m in snap.models.values()},
+        copies={m: cs for m, cs in snap.placements.items() if cs},
+        excluded=excluded,
+        # Each recorded use counts once, as a touch would: given to the constructor, the index
+        # is built once with its final keys instead of re-pushed per use.
+        last_used={key.decode(): v for key, v in lastused},
+        uses={key.decode(): 1 for key, _ in lastused},
+        horizon_s=horizon_s,
+    )

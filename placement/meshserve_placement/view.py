@@ -1,0 +1,514 @@
+# Over 400 lines: the index and the eviction walks over it are one data structure (they share its heaps).
+"""The cluster as the placement policy sees it: pods, models, copies, and the index that makes
+a decision O(candidates x log models) instead of O(models): per-pod booked bytes, loads and
+models, and per-pod and global eviction heaps, kept current by the view's own write methods.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
+
+from meshserve.model import Copy, CopyState, auto_selected
+
+
+# Eviction value: a copy is kept in order of `last_used + horizon * ln(uses * ref / size)`,
+# lowest evicted first. With horizon 0 it is exact global LRU. With the default, a model that is
+# used twice as often, or is half as big, counts as used `horizon * ln 2` seconds later: the
+# size/frequency-aware LRU that bench/placement_sim.py found within 95% of Belady (plain LRU
+# reaches ~86% of it). See docs/design/placement.md.
+DEFAULT_HORIZON_S = 300.0
+DEFAULT_REF_SIZE = 64 << 20
+# A busy copy that landed less than this ago is not evicted even as a last resort: the requests
+# held for it are being forwarded to it right now (the activator reacts to the load within
+# milliseconds; evicting it first would send them back to wait for another load).
+DEFAULT_LANDED_GRACE_S = 1.0
+
+
+@dataclass
+class PodView:
+    id: str
+    capacity: int
+    formats: list[str]  # every format its runtime declares (a model may name the runtime)
+    healthy: bool = True
+    max_loading: int = 2
+    draining: bool = False  # the pod is shutting down: nothing new goes there
+    runtime: str = ""  # its ServingRuntime's name
+    auto_formats: list[str] | None = None  # formats it is picked for without `runtime:`; None: all of `formats`
+
+
+@dataclass(frozen=True)
+class RuntimeView:
+    """A ServingRuntime as the cluster declares it (cluster mode: the controller publishes
+    them), whether or not any pod runs it yet."""
+
+    name: str
+    formats: tuple[str, ...]
+    auto_formats: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    id: str
+    format: str
+    size: int
+    pinned: bool = False
+    min_copies: int = 0
+    max_copies: int = 0
+    runtime: str = ""  # the InferenceService's explicit `runtime:`, or ""
+
+
+# Bytes a pod has promised: loaded copies and loads decided (queued or under way). An UNLOADING
+# copy's bytes are already promised to the load that evicted it; the leader dispatches that load
+# only once the unload is confirmed, so the pod's real memory never exceeds its capacity either.
+_BOOKED = (CopyState.LOADED, CopyState.LOADING)
+
+
+@dataclass
+class _PodIndex:
+    used: int = 0  # booked bytes: LOADED + LOADING copies
+    unloading: int = 0  # bytes still held by copies being unloaded
+    loading: int = 0
+    models: dict[str, Copy] = field(default_factory=dict)
+    heap: list[tuple[float, str]] = field(default_factory=list)  # (key, model), lazily invalidated
+
+
+class ClusterView:
+    """What the policy sees: `copies[model][pod]` mirrors Redis; sizes are reserved bytes.
+
+    A plain index: every write goes through a method (`set_copies`, `set_model`, `exclude`,
+    `touch`), which keeps the per-pod bytes and the eviction heaps current; `copies` and
+    `models` are read-only mappings. Writes made after `begin()` are journaled, so the leader
+    can take them back (`rollback`) when the commit that carries them fails: its view never
+    differs from Redis.
+    """
+
+    def __init__(
+        self, pods: dict[str, PodView], models: dict[str, ModelView], copies: dict[str, dict[str, Copy]] | None = None,
+        last_used: dict[str, float] | None = None, in_flight: set[str] | None = None,
+        excluded: dict[tuple[str, str], float] | None = None, uses: dict[str, int] | None = None,
+        horizon_s: float = DEFAULT_HORIZON_S, ref_size: int = DEFAULT_REF_SIZE,
+        runtimes: dict[str, RuntimeView] | None = None, landed_grace_s: float = DEFAULT_LANDED_GRACE_S,
+    ):
+        self.pods = pods  # pods are added and removed by the leader directly: no index depends on them
+        self._models = dict(models)
+        self._copies = {m: dict(cs) for m, cs in (copies or {}).items() if cs}
+        self._last_used = dict(last_used or {})
+        self.in_flight = set(in_flight or ())  # models with requests being served now
+        self._excluded = dict(excluded or {})  # (model, pod) -> until
+        self.uses = dict(uses or {})  # observed uses, for the eviction value
+        self.horizon_s, self.ref_size, self.landed_grace_s = horizon_s, ref_size, landed_grace_s
+        # Declared ServingRuntimes by name. Empty (`meshserve up`): the runtimes the registered
+        # pods run are all there is.
+        self.runtimes = dict(runtimes or {})
+        # Read-only views for callers, made once: they follow the dicts they wrap.
+        self._ro_copies, self._ro_models = MappingProxyType(self._copies), MappingProxyType(self._models)
+        self._ro_excluded, self._ro_last_used = MappingProxyType(self._excluded), MappingProxyType(self._last_used)
+        self._journal: list[tuple[str, Any, Any]] | None = None
+        self._pool_cache: tuple[Any, dict[str, list[str]], dict[str, str]] | None = None
+        self._build_index()
+
+    # --- reads ---------------------------------------------------------------------------
+    @property
+    def copies(self) -> Mapping[str, dict[str, Copy]]:
+        return self._ro_copies
+
+    @copies.setter
+    def copies(self, copies: dict[str, dict[str, Copy]]) -> None:
+        """A whole new set of copies (tests, the simulator): the index is rebuilt."""
+        self._copies = {m: dict(cs) for m, cs in copies.items() if cs}
+        self._ro_copies = MappingProxyType(self._copies)
+        self._build_index()
+
+    @property
+    def models(self) -> Mapping[str, ModelView]:
+        return self._ro_models
+
+    @property
+    def excluded(self) -> Mapping[tuple[str, str], float]:
+        return self._ro_excluded
+
+    @property
+    def last_used(self) -> Mapping[str, float]:
+        return self._ro_last_used
+
+    @last_used.setter
+    def last_used(self, last_used: dict[str, float]) -> None:
+        self._last_used = dict(last_used)
+        self._ro_last_used = MappingProxyType(self._last_used)
+        self._build_index()
+
+    def index(self) -> dict[str, _PodIndex]:
+        """The per-pod index (bytes, loads, models, eviction heap); read-only for callers."""
+        return self._ix
+
+    def key_of(self, model: str) -> float:
+        """The eviction key the heaps hold for a loaded model (see eviction_key)."""
+        return self._keys[model]
+
+    # --- writes --------------------------------------------------------------------------
+    def set_copies(self, model: str, copies: dict[str, Copy]) -> None:
+        """Replace a model's copies ({} drops them). The dict is the view's from now on."""
+        old = self._copies.get(model, {})
+        self._log("copies", model, old if model in self._copies else None)
+        self._reindex(model, old, copies)
+        if copies:
+            self._copies[model] = copies
+        else:
+            self._copies.pop(model, None)
+
+    def set_model(self, mv: ModelView) -> None:
+        """Add or replace a model. A changed size moves its eviction key (the heaps are re-pushed)."""
+        old = self._models.get(mv.id)
+        self._log("model", mv.id, old)
+        self._models[mv.id] = mv
+        if old is not None and old.size != mv.size:
+            loaded = [p for p, c in self._copies.get(mv.id, {}).items() if c.state == CopyState.LOADED]
+            if loaded:
+                self._push(mv.id, loaded, push_global=True)
+
+    def exclude(self, model: str, pod: str, until: float) -> None:
+        self._log("excluded", (model, pod), self._excluded.get((model, pod)))
+        self._excluded[(model, pod)] = until
+
+    # --- journal: writes are taken back when their commit fails --------------------------
+    def begin(self) -> None:
+        """Journal the writes from here on (see rollback)."""
+        self._journal = []
+
+    def committed(self) -> None:
+        """The journaled writes are in Redis now: keep them (and keep journaling)."""
+        if self._journal is not None:
+            self._journal = []
+
+    def end(self) -> None:
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Take back every write since `begin` or the last `committed`, newest first."""
+        journal, self._journal = self._journal or [], None
+        for kind, k, old in reversed(journal):
+            if kind == "copies":
+                self.set_copies(k, old or {})
+            elif kind == "model":
+                if old is None:
+                    self._models.pop(k, None)
+                else:
+                    self.set_model(old)
+            elif old is None:
+                self._excluded.pop(k, None)
+            else:
+                self._excluded[k] = old
+        self._journal = [] if journal is not None else None
+
+    def _log(self, kind: str, key: Any, old: Any) -> None:
+        if self._journal is not None:
+            self._journal.append((kind, key, old))
+
+    # --- index --------------------------------------------------------------------------
+    def _build_index(self) -> None:
+        self._ix: dict[str, _PodIndex] = {}
+        self._keys: dict[str, float] = {}
+        self._global: list[tuple[float, str]] = []
+        for m, cs in self._copies.items():
+            self._reindex(m, {}, cs)
+
+    def _pod_ix(self, pod: str) -> _PodIndex:
+        p = self._ix.get(pod)
+        if p is None:
+            p = self._ix[pod] = _PodIndex()
+        return p
+
+    def _reindex(self, model: str, old: dict[str, Copy], new: dict[str, Copy]) -> None:
+        for pod, c in old.items():
+            p = self._pod_ix(pod)
+            if c.state in _BOOKED:
+                p.used -= c.size
+            elif c.state == CopyState.UNLOADING:
+                p.unloading -= c.size
+            if c.state == CopyState.LOADING:
+                p.loading -= 1
+            p.models.pop(model, None)
+        loaded = False
+        for pod, c in new.items():
+            p = self._pod_ix(pod)
+            if c.state in _BOOKED:
+                p.used += c.size
+            elif c.state == CopyState.UNLOADING:
+                p.unloading += c.size
+            if c.state == CopyState.LOADING:
+                p.loading += 1
+            p.models[model] = c
+            loaded = loaded or c.state == CopyState.LOADED
+        if loaded:
+            was = any(c.state == CopyState.LOADED for c in old.values())
+            newly = [
+                pod for pod, c in new.items()
+                if c.state == CopyState.LOADED and (pod not in old or old[pod].state != CopyState.LOADED)
+            ]
+            if newly:
+                self._push(model, newly, push_global=not was)
+
+    def eviction_key(self, model: str) -> float:
+        """Lower is evicted first: last use, shifted by how often and how small the model is."""
+        last = self._last_used.get(model, 0.0)
+        if not self.horizon_s:
+            return last
+        mv = self._models.get(model)
+        size = mv.size if mv is not None and mv.size > 0 else self.ref_size
+        return last + self.horizon_s * math.log(max(1, self.uses.get(model, 1)) * self.ref_size / size)
+
+    def _push(self, model: str, pods: list[str], push_global: bool) -> None:
+        key = self.eviction_key(model)
+        keys = self._keys
+        changed = keys.get(model) != key
+        keys[model] = key
+        for pod in pods:
+            p = self._pod_ix(pod)
+            heapq.heappush(p.heap, (key, model))
+            if len(p.heap) > 64 + 4 * len(p.models):
+                self._compact(p.heap, p.models)  # every use pushes an entry; drop the stale ones now and then
+        if push_global or changed:
+            g = self._global
+            heapq.heappush(g, (key, model))
+            if len(g) > 1024 + 4 * len(keys):
+                self._compact(g)
+
+    def touch(self, model: str, when: float, uses: int = 1) -> None:
+        """A model was used at `when` (`uses` times since the last report)."""
+        if when < self._last_used.get(model, -math.inf):
+            return
+        self._last_used[model] = when
+        self.uses[model] = self.uses.get(model, 0) + uses
+        cs = self._copies.get(model)
+        if cs:
+            loaded = [p for p, c in cs.items() if c.state == CopyState.LOADED]
+            if loaded:
+                self._push(model, loaded, push_global=True)
+
+    def pod_models(self, pod: str) -> dict[str, Copy]:
+        """The pod's copies (read-only view of the index)."""
+        p = self._ix.get(pod)
+        return p.models if p is not None else {}
+
+    def used(self, pod: str) -> int:
+        p = self._ix.get(pod)
+        return p.used if p is not None else 0
+
+    def unloading(self, pod: str) -> int:
+        p = self._ix.get(pod)
+        return p.unloading if p is not None else 0
+
+    def loading(self, pod: str) -> int:
+        p = self._ix.get(pod)
+        return p.loading if p is not None else 0
+
+    def live_copies(self, model: str) -> int:
+        return sum(1 for c in self._copies.get(model, {}).values() if c.state == CopyState.LOADED)
+
+    def kept_bytes(self, pod: str) -> int:
+        """Bytes on `pod` that will never free up by themselves: copies of pinned models and
+        copies that keep a model at its minCopies. Everything else booked (busy, loading,
+        unloading) becomes evictable in time. O(the pod's models): only asked when a model
+        does not fit now."""
+        n = 0
+        for m, c in self.pod_models(pod).items():
+            if c.state not in _BOOKED:
+                continue
+            mv = self._models.get(m)
+            if mv is not None and (mv.pinned or (mv.min_copies > 0 and self.live_copies(m) <= mv.min_copies)):
+                n += c.size
+        return n
+
+    def can_evict(self, model: str, busy: bool = False) -> bool:
+        """Loaded copies of this model may be dropped: not pinned, above its minimum, and not
+        busy (unless `busy`: the last resort, see `busy_victims`)."""
+        if not busy and model in self.in_flight:
+            return False
+        mv = self._models.get(model)
+        if mv is not None and (mv.pinned or (mv.min_copies > 0 and self.live_copies(model) <= mv.min_copies)):
+            return False
+        return True
+
+    def _walk(self, heap: list[tuple[float, str]], valid: Callable[[float, str], bool]) -> Iterator[tuple[float, str]]:
+        """Entries of a lazy heap in key order, dropping stale ones; the heap is restored after."""
+        keep: list[tuple[float, str]] = []
+        keys = self._keys
+        seen: set[str] = set()
+        try:
+            while heap:
+                e = heapq.heappop(heap)
+                k, m = e
+                if keys.get(m) != k or m in seen or not valid(k, m):
+                    continue  # stale: the model was used again, evicted, or is a duplicate
+                seen.add(m)
+                keep.append(e)
+                yield e
+        finally:
+            for e in keep:
+                heapq.heappush(heap, e)
+
+    def _compact(self, heap: list[tuple[float, str]], held: dict[str, Copy] | None = None) -> None:
+        """Drop stale entries: superseded keys, and (for a pod's heap) models no longer held."""
+        keys = self._keys
+        live = {(k, m) for k, m in heap if keys.get(m) == k and (held is None or m in held)}
+        heap[:] = list(live)
+        heapq.heapify(heap)
+
+    def evictable(self, pod: str) -> Iterator[str]:
+        """Models this pod could drop, cheapest first (see eviction_key)."""
+        p = self._ix.get(pod)
+        if p is None:
+            return iter(())
+
+        def ok(_: float, m: str) -> bool:
+            c = p.models.get(m)
+            return c is not None and c.state == CopyState.LOADED
+
+        return (m for _, m in self._walk(p.heap, ok) if self.can_evict(m))
+
+    def victims(self, pod: str, need: int) -> tuple[list[str], int]:
+        """The cheapest evictable models on `pod` whose bytes add up to `need`, and the bytes
+        they free (less than `need` when even evicting all of them would not do). A plain loop
+        over the lazy heap rather than `evictable()`: this is the hot path of every decision."""
+        p = self._ix.get(pod)
+        if p is None:
+            return [], 0
+        heap, keys, models = p.heap, self._keys, p.models
+        while heap:  # drop stale entries at the top for good
+            k, m = heap[0]
+            c = models.get(m)
+            if keys.get(m) == k and c is not None and c.state == CopyState.LOADED:
+                if c.size >= need and self.can_evict(m):
+                    return [m], c.size  # the common case: the cheapest copy alone makes room
+                break
+            heapq.heappop(heap)
+        keep: list[tuple[float, str]] = []
+        chosen: list[str] = []
+        freed = 0
+        while heap and freed < need:
+            e = heapq.heappop(heap)
+            k, m = e
+            c = models.get(m)
+            if keys.get(m) != k or c is None or c.state != CopyState.LOADED or m in chosen:
+                continue  # stale entry: used again since, evicted, or a duplicate
+            keep.append(e)
+            if self.can_evict(m):
+                chosen.append(m)
+                freed += c.size
+        for e in keep:
+            heapq.heappush(heap, e)
+        return chosen, freed
+
+    def busy_victims(self, pod: str, need: int, now: float, skip: list[str] | tuple[str, ...] = ()) -> tuple[list[str], int]:
+        """The last resort when idle copies do not free `need` bytes: the pod's busy loaded
+        copies (requests in flight or used within the busy window), least valuable first by the
+        same eviction key (recency and frequency), never pinned ones, never one that keeps its
+        model at minCopies, never one that landed within `landed_grace_s` (its held requests
+        are being forwarded to it). Safe for the requests: the unload waits for the route
+        withdrawal (unload_grace_seconds), a request inside the runtime finishes on the model
+        it started with, and the activator sends one whose copy vanished back to wait.
+        Returns the models and the bytes they free. O(the pod's models): only asked when a
+        model does not fit after the idle evictions."""
+        p = self._ix.get(pod)
+        if p is None:
+            return [], 0
+        chosen: list[str] = []
+        freed = 0
+
+        def ok(_: float, m: str) -> bool:
+            c = p.models.get(m)
+            return c is not None and c.state == CopyState.LOADED
+
+        walk = self._walk(p.heap, ok)
+        try:
+            for _, m in walk:
+                if m in skip or m not in self.in_flight or not self.can_evict(m, busy=True):
+                    continue
+                c = p.models[m]
+                if now - c.since < self.landed_grace_s:
+                    continue
+                chosen.append(m)
+                freed += c.size
+                if freed >= need:
+                    break
+        finally:
+            walk.close()  # restores the heap
+        return chosen, freed
+
+    def cheapest_victims(self, n: int) -> list[tuple[str, str]]:
+        """Up to `n` (model, pod) copies that the global LRU would evict first."""
+        heap, keys = self._global, self._keys
+        keep: list[tuple[float, str]] = []
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        while heap and len(out) < n:
+            e = heapq.heappop(heap)
+            k, m = e
+            cs = self._copies.get(m)
+            if keys.get(m) != k or m in seen or not cs:
+                continue  # stale: used again since, or no longer loaded anywhere
+            loaded = [pod for pod, c in cs.items() if c.state == CopyState.LOADED]
+            if not loaded:
+                continue  # re-pushed by _reindex when a copy loads again
+            seen.add(m)
+            keep.append(e)
+            if self.can_evict(m):
+                out += [(m, pod) for pod in loaded]
+        for e in keep:
+            heapq.heappush(heap, e)
+        return out[:n]
+
+    def serving_runtime(self, model: ModelView) -> str | None:
+        """The runtime that serves `model`: the one it names, else KServe's rule, the first by
+        name that auto-selects its format, over the declared runtimes when they are known
+        (`runtimes`), or else over the ones the registered pods run. The rule is the same as
+        loader/meshserve_loader/runtimes.py `select_runtime`. None when nothing auto-selects it."""
+        if model.runtime:
+            return model.runtime
+        if self.runtimes:
+            return auto_selected(model.format, {n: r.auto_formats for n, r in self.runtimes.items()})
+        return self._pools()[1].get(model.format)
+
+    def waits_for_pool(self, runtime: str | None) -> bool:
+        """The model's runtime is declared but no pod runs it yet: a pool scaled to zero that
+        the controller is bringing back (meshserve/k8s/scaling.py)."""
+        return runtime is not None and runtime in self.runtimes and not self.pool(runtime)
+
+    def pool(self, runtime: str) -> list[str]:
+        """Ids of the pods that run `runtime`, sorted."""
+        return self._pools()[0].get(runtime, [])
+
+    def pods_changed(self) -> None:
+        """Call after changing a pod's runtime or formats in place (adding or removing pods
+        is noticed without it)."""
+        self._pool_cache = None
+
+    def _pools(self) -> tuple[dict[str, list[str]], dict[str, str]]:
+        # Pods come and go rarely and a decision runs per load: cached, keyed on the dict and
+        # its size so an added or removed pod rebuilds it.
+        sig = (id(self.pods), len(self.pods))
+        c = self._pool_cache
+        if c is None or c[0] != sig:
+            pools: dict[str, list[str]] = {}
+            auto: dict[str, str] = {}
+            for pid in sorted(self.pods):
+                p = self.pods[pid]
+                pools.setdefault(p.runtime, []).append(pid)
+            for rt in sorted(pools):
+                for pid in pools[rt]:
+                    p = self.pods[pid]
+                    for f in (p.formats if p.auto_formats is None else p.auto_formats):
+                        auto.setdefault(f, rt)
+            c = (sig, pools, auto)
+            self._pool_cache = c
+        return c[1], c[2]
+
+
+def evictable(pod: str, cluster: ClusterView) -> list[str]:
+    """Models this pod could drop, cheapest first: loaded, not pinned, not busy, and not a copy
+    that would take the model under its minimum."""
+    return list(cluster.evictable(pod))

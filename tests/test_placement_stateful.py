@@ -1,0 +1,239 @@
+"""Kind: stateful property test (hypothesis RuleBasedStateMachine) of the placement leader's
+handlers, driven directly (no stream loops, no timers).
+
+`test_leader_keeps_its_invariants` is pure: its store is an in-memory fake of the Redis
+commands and Lua scripts the leader uses (tests/placement_fakes.py). The Valkey variant runs
+the same machine against a real Valkey, fewer examples.
+
+Random loads, failed loads, unloads that succeed or fail, scale-downs, pod deaths,
+re-registrations (with what the runtime still holds, or nothing after a restart), leader
+failovers, and commits that fail. After every step:
+- no pod's booked bytes (LOADED + LOADING) exceed its capacity, in the view and in the store;
+- no pod really holds more than its capacity (what its runtime holds plus the loads ordered);
+- no model is double-booked on a pod: never two load orders outstanding for one (model, pod),
+  never a load order for a model the pod holds already;
+- the leader's view (copies, exclusions, sizes, per-pod index, load queues) equals a fresh
+  reload from the store;
+and a commit that fails leaves the view exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as hs
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from meshserve import devmesh
+from meshserve.model import CopyState, ModelSpec, Pod
+from meshserve.settings import Settings
+from meshserve.store import State
+from meshserve.store import keys as k
+from meshserve.store import ops
+from meshserve.store.messages import KIND_POD, LoadRequest, LoadResult, PodRegistered, UnloadResult
+from meshserve_placement.leader import Scheduler
+from meshserve_placement.tuning import Tuning
+from tests.placement_fakes import FakeRedis
+
+MB = 1 << 20
+PODS = {"p0": 100 * MB, "p1": 100 * MB, "p2": 60 * MB}
+MODELS = {f"m{i}": (20 + 10 * (i % 4)) * MB for i in range(8)}  # 20..50 MB
+MODEL = hs.sampled_from(sorted(MODELS))
+POD = hs.sampled_from(sorted(PODS))
+
+
+def _pod(pid: str) -> Pod:
+    return Pod(pid, "127.0.0.1", 1, 2, PODS[pid], ["sklearn"], max_loading=1 + (pid == "p1"))
+
+
+class LeaderMachine(RuleBasedStateMachine):
+    redis_url = ""  # set for the Valkey variant; "" is the in-memory fake
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.r: Any = aioredis.from_url(self.redis_url) if self.redis_url else FakeRedis()
+        self.state = State(self.r)
+        self.holds: dict[str, dict[str, int]] = {p: {} for p in PODS}  # what each runtime really holds
+        self.inbox: list[tuple[str, str, str]] = []  # (pod, op, model): orders not carried out yet
+        self.cursor = {p: "0-0" for p in PODS}
+        self.dead: set[str] = set()
+        self.run(self._setup())
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        self.run(self.r.aclose())
+        self.loop.close()
+
+    async def _setup(self) -> None:
+        await self.r.flushdb()
+        await self.r.zadd(k.HEARTBEATS, {p: time.time() + 3600 for p in PODS})
+        await self.state.commit([ops.set_pod(_pod(p)) for p in PODS], [(KIND_POD, p) for p in PODS])
+        await self.state.register_models([ModelSpec(id=m, alias=m, format="sklearn", size_hint=n, storage={"path": "x"}) for m, n in MODELS.items()])
+        await self._new_leader()
+
+    async def _new_leader(self) -> None:
+        s = Settings(redis_url="redis://unused", heartbeat_seconds=1.0, lease_seconds=5.0)
+        self.leader = Scheduler(s, self.state, Tuning(busy_window_seconds=0.0))
+        await self.r.set(k.LEASE, self.leader.id)  # the old leader, if any, is deposed: its commits fail
+        await self.leader._reload()
+
+    async def _handle(self, coro_fn: Any) -> None:
+        async with self.leader._deciding():
+            await coro_fn()
+        await self._read_orders()
+
+    async def _read_orders(self) -> None:
+        for p in PODS:
+            for eid, f in await self.r.xrange(k.orders_key(p), min="(" + self.cursor[p]):
+                self.cursor[p] = eid.decode()
+                if p not in self.dead:
+                    self.inbox.append((p, f[b"op"].decode(), f[b"model"].decode()))
+
+    # --- rules ------------------------------------------------------------------------------
+    @rule(model=MODEL)
+    def request_load(self, model: str) -> None:
+        self.run(self._handle(lambda: self.leader._on_load_request(LoadRequest(model).encode())))
+
+    @precondition(lambda self: any(op == "load" for _, op, _ in self.inbox))
+    @rule(data=hs.data(), ok=hs.booleans())
+    def load_result(self, data: Any, ok: bool) -> None:
+        pod, op, model = data.draw(hs.sampled_from([o for o in self.inbox if o[1] == "load"]))
+        self.inbox.remove((pod, op, model))
+        if ok:
+            self.holds[pod][model] = MODELS[model]
+        ev = LoadResult(pod, model, ok, MODELS[model] if ok else 0, "" if ok else "the runtime refused it")
+        self.run(self._handle(lambda: self.leader._on_event(ev.encode())))
+
+    @precondition(lambda self: any(op == "unload" for _, op, _ in self.inbox))
+    @rule(data=hs.data(), ok=hs.booleans())
+    def unload_result(self, data: Any, ok: bool) -> None:
+        pod, op, model = data.draw(hs.sampled_from([o for o in self.inbox if o[1] == "unload"]))
+        self.inbox.remove((pod, op, model))
+        if ok:
+            self.holds[pod].pop(model, None)
+        ev = UnloadResult(pod, model, ok, 0, "" if ok else "the runtime refused the unload")
+        self.run(self._handle(lambda: self.leader._on_event(ev.encode())))
+
+    @rule(data=hs.data())
+    def scale_down(self, data: Any) -> None:
+        loaded = [(m, p) for m, cs in self.leader.view.copies.items() for p, c in cs.items() if c.state == CopyState.LOADED]
+        if loaded:
+            m, p = data.draw(hs.sampled_from(sorted(loaded)))
+            self.run(self._handle(lambda: self.leader._unload(m, p, "test: scale down")))
+
+    @precondition(lambda self: len(self.dead) < len(PODS) - 1)
+    @rule(pod=POD)
+    def pod_dies(self, pod: str) -> None:
+        if pod in self.dead:
+            return
+        self.dead.add(pod)
+        self.inbox = [o for o in self.inbox if o[0] != pod]  # its loader is gone with its orders
+        self.run(self._handle(lambda: self.leader._withdraw_pod(pod, "test: heartbeat expired")))
+
+    @precondition(lambda self: bool(self.dead))
+    @rule(data=hs.data(), restarted=hs.booleans())
+    def pod_registers_again(self, data: Any, restarted: bool) -> None:
+        pod = data.draw(hs.sampled_from(sorted(self.dead)))
+        self.dead.discard(pod)
+        if restarted:
+            self.holds[pod] = {}  # a new runtime holds nothing; a paused loader's runtime kept its models
+
+        async def back() -> None:
+            await self.r.zadd(k.HEARTBEATS, {pod: time.time() + 3600})
+            await self.state.commit([ops.set_pod(_pod(pod))], [(KIND_POD, pod)])
+            await self._handle(lambda: self.leader._on_event(PodRegistered(pod, dict(self.holds[pod])).encode()))
+
+        self.run(back())
+
+    @rule()
+    def leader_fails_over(self) -> None:
+        self.run(self._new_leader())
+        self.run(self._read_orders())
+
+    @precondition(lambda self: isinstance(self.r, FakeRedis))  # failures are injected into the fake
+    @rule(model=MODEL)
+    def commit_fails(self, model: str) -> None:
+        """A load request whose commit does not reach the store leaves the view as it was."""
+        before = _view_state(self.leader)
+        self.r.fail_next = True
+        try:
+            self.run(self._handle(lambda: self.leader._on_load_request(LoadRequest(model).encode())))
+        except Exception:
+            assert _view_state(self.leader) == before
+            self.run(self.leader._rebuild())  # what the consume loop does before handling it again
+        finally:
+            self.r.fail_next = False
+
+    # --- invariants ---------------------------------------------------------------------------
+    @invariant()
+    def booked_bytes_fit(self) -> None:
+        view = self.leader.view
+        for p in view.pods:
+            assert view.used(p) <= PODS[p], (p, view.used(p))
+        stored = self.run(self.state.snapshot()).placements
+        for p in PODS:
+            booked = sum(c.size for cs in stored.values() for q, c in cs.items() if q == p and c.state in (CopyState.LOADED, CopyState.LOADING))
+            assert booked <= PODS[p], (p, booked)
+
+    @invariant()
+    def real_memory_fits(self) -> None:
+        for p in PODS:
+            ordered = sum(MODELS[m] for q, op, m in self.inbox if q == p and op == "load")
+            assert sum(self.holds[p].values()) + ordered <= PODS[p], (p, self.holds[p], self.inbox)
+
+    @invariant()
+    def never_double_booked(self) -> None:
+        loads = [(p, m) for p, op, m in self.inbox if op == "load"]
+        assert len(loads) == len(set(loads)), loads
+        for p, m in loads:
+            assert m not in self.holds[p], (p, m, self.holds[p])
+
+    @invariant()
+    def view_equals_a_fresh_reload(self) -> None:
+        fresh = Scheduler(self.leader.s, self.state, self.leader.t)
+        self.run(fresh._rebuild())
+        assert _view_state(self.leader) == _view_state(fresh)
+
+
+def _view_state(s: Scheduler) -> dict[str, Any]:
+    v = s.view
+    pods = sorted(set(v.pods) | set(v.index()))
+    return {
+        "copies": {m: dict(cs) for m, cs in v.copies.items()},
+        "excluded": dict(v.excluded),
+        "sizes": {m: mv.size for m, mv in v.models.items()},
+        "pods": sorted(v.pods),
+        "index": {p: (v.used(p), v.unloading(p), v.loading(p), dict(v.pod_models(p))) for p in pods if v.pod_models(p)},
+        "queues": {p: dict(q) for p, q in s.queues.items() if q},
+    }
+
+
+def test_leader_keeps_its_invariants() -> None:
+    run_state_machine_as_test(
+        LeaderMachine,
+        settings=settings(max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)),
+    )
+
+
+@pytest.fixture(scope="module")
+def valkey() -> Any:
+    with devmesh.valkey() as v:
+        yield v
+
+
+def test_leader_keeps_its_invariants_on_valkey(valkey: Any) -> None:
+    class OnValkey(LeaderMachine):
+        redis_url = valkey.url
+
+    run_state_machine_as_test(
+        OnValkey,
+        settings=settings(max_examples=10, stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)),
+    )
