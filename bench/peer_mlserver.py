@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import REPO, hey, install_hey, write
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.servers.mlserver import MLServerClient
 from meshserve_loader.servers.mlserver_venv import ensure_mlserver

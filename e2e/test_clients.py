@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from e2e.clientlib.venv import ensure_clients
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]

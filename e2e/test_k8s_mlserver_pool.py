@@ -24,7 +24,7 @@ import pytest
 import redis
 import yaml
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod
 from meshserve_loader.example_models import write_sklearn

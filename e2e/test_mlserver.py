@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.memory import tree_rss_bytes
 from meshserve_loader.servers.mlserver import MLServerClient, start_mlserver

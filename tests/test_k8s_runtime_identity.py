@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import redis
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Pod
 from meshserve.settings import Settings

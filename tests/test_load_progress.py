@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve_loader.progress import ProgressPublisher
 from meshserve_loader.sink import Budget, Progress, Sink

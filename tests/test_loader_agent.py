@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings

@@ -36,7 +36,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from meshserve import devmesh, tracing
+from meshserve import tracing
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings
@@ -133,8 +134,8 @@ async def mesh(valkey: devmesh.Valkey, tmp_path: Path) -> AsyncIterator[Endpoint
                                              for m in (MODEL, MODEL2, MODEL3)])
                 runner = web.AppRunner(build_rest_app(act, session), access_log=None)
                 await runner.setup()
-                port = devmesh.free_port()
-                await web.TCPSite(runner, "127.0.0.1", port).start()
+                await web.TCPSite(runner, "127.0.0.1", 0).start()
+                port = runner.addresses[0][1]
                 gsrv = grpc.aio.server()
                 gsrv.add_generic_rpc_handlers((GrpcActivator(act),))
                 gport = gsrv.add_insecure_port("127.0.0.1:0")
