@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.storage import predict_size
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "modelmesh-examples" / "bucket" / "sklearn" / "mnist-svm.joblib"
