@@ -59,12 +59,13 @@ def config(d: Path, n: int) -> list[str]:
 async def _size_hints(url: str, size: int, pinned: tuple[str, ...] = ()) -> None:
     # The registry has no size annotation: a model never loaded books 64 MiB until its first
     # load measures it, more than these small pods hold. Re-register with a hint instead.
-    from meshserve import state as st
+    from meshserve.store import keys
+    from meshserve.store import State
     from meshserve.model import ModelSpec
 
-    state = st.State.from_url(url)
+    state = State.from_url(url)
     try:
-        specs = [ModelSpec.from_json(v) for v in (await state.r.hgetall(st.MODELS)).values()]
+        specs = [ModelSpec.from_json(v) for v in (await state.r.hgetall(keys.MODELS)).values()]
         for spec in specs:
             spec.size_hint = size
             spec.pinned = spec.pinned or spec.alias in pinned or spec.id in pinned
@@ -191,12 +192,12 @@ def placement_counts(url: str, since: float) -> dict[str, int]:
     """Loads and unloads the loaders reported (ms:events) since `since`."""
     import redis
 
-    from meshserve import state as st
+    from meshserve.store import keys
 
     r = redis.Redis.from_url(url)
     try:
         out: Counter = Counter()  # type: ignore[type-arg]
-        for _, f in r.xrange(st.EVENTS, min=f"{int(since * 1000)}-0"):
+        for _, f in r.xrange(keys.EVENTS, min=f"{int(since * 1000)}-0"):
             op = f.get(b"op", b"").decode()
             if op in ("load", "unload"):
                 out[f"{op}s" + ("" if f.get(b"ok") == b"1" else "_failed")] += 1
@@ -209,12 +210,12 @@ def loaded_now(url: str) -> dict[str, object]:
     """Copies loaded at the end and the bytes they book (the sizes the runtime measured)."""
     import redis
 
-    from meshserve import state as st
+    from meshserve.store import keys
     from meshserve.model import CopyState, copies_from_json
 
     r = redis.Redis.from_url(url)
     try:
-        sizes = [c.size for v in r.hvals(st.PLACEMENTS) for c in copies_from_json(v).values() if c.state == CopyState.LOADED]
+        sizes = [c.size for v in r.hvals(keys.PLACEMENTS) for c in copies_from_json(v).values() if c.state == CopyState.LOADED]
     finally:
         r.close()
     return {"copies": len(sizes), "mean_bytes": int(sum(sizes) / len(sizes)) if sizes else 0}

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from bench.common import pct, write
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys, ops
+from meshserve.store.messages import LoadRequest
 from meshserve.model import ModelSpec
 
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}).encode()
@@ -62,7 +63,7 @@ def spec(i: int) -> ModelSpec:
 
 
 async def register(url: str, n: int) -> float:
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     t0 = time.perf_counter()
     try:
         for start in range(0, n, 2000):
@@ -73,21 +74,21 @@ async def register(url: str, n: int) -> float:
 
 
 async def request_loads(url: str, ids: list[str]) -> None:
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
         for start in range(0, len(ids), 1000):
             async with s.r.pipeline(transaction=False) as p:
                 for mid in ids[start:start + 1000]:
-                    p.xadd(st.LOAD_REQUESTS, st.load_request(mid))
+                    ops.queue_request(p, LoadRequest(mid))
                 await p.execute()
     finally:
         await s.close()
 
 
 async def count_loaded(url: str) -> int:
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
-        raw = await s.r.hvals(st.PLACEMENTS)
+        raw = await s.r.hvals(keys.PLACEMENTS)
     finally:
         await s.close()
     return sum(1 for v in raw if b'"loaded"' in v)

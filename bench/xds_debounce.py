@@ -24,7 +24,8 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.messages import KIND_PLACEMENT, KIND_POD
 from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_testing.xds_harness import AdsThread
@@ -37,8 +38,8 @@ def builds() -> float:
     return (REGISTRY.get_sample_value("meshserve_xds_build_seconds_count") or 0.0)
 
 
-async def commit(s: st.State, model: str, pod: str) -> int:
-    return await s.commit([["HSET", st.PLACEMENTS, model, copies_to_json({pod: Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, model)])
+async def commit(s: State, model: str, pod: str) -> int:
+    return await s.commit([["HSET", keys.PLACEMENTS, model, copies_to_json({pod: Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, model)])
 
 
 def run(url: str, models: list[str], quiet: int, max_ms: int) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def run(url: str, models: list[str], quiet: int, max_ms: int) -> dict[str, Any]:
         assert ads.cache is not None
         src = RedisSource(Settings(redis_url=url, debounce_quiet_ms=quiet, debounce_max_ms=max_ms), state, ads.cache)
         task = asyncio.run_coroutine_threadsafe(src.run(), ads.loop)
-        writer = st.State.from_url(url)
+        writer = State.from_url(url)
         loop = asyncio.new_event_loop()
         try:
             rev = loop.run_until_complete(writer.rev())
@@ -81,8 +82,8 @@ def run(url: str, models: list[str], quiet: int, max_ms: int) -> dict[str, Any]:
         ads.stop()
 
 
-async def _state(url: str) -> st.State:
-    return st.State.from_url(url)
+async def _state(url: str) -> State:
+    return State.from_url(url)
 
 
 def main() -> None:
@@ -95,12 +96,12 @@ def main() -> None:
         pods = [Pod(f"p{i}", "127.0.0.1", 9000 + i, 9100 + i, 1 << 30) for i in range(2)]
 
         async def seed() -> None:
-            s = st.State.from_url(v.url)
+            s = State.from_url(v.url)
             await s.commit(
-                [["HSET", st.PODS, p.id, p.to_json()] for p in pods]
-                + [["HSET", st.PLACEMENTS, m, copies_to_json({f"p{i % 2}": Copy(CopyState.LOADED)})] for i, m in enumerate(models)]
-                + [["HSET", st.ALIASES, m.split("__")[0], m] for m in models],
-                [(st.KIND_POD, p.id) for p in pods],
+                [["HSET", keys.PODS, p.id, p.to_json()] for p in pods]
+                + [["HSET", keys.PLACEMENTS, m, copies_to_json({f"p{i % 2}": Copy(CopyState.LOADED)})] for i, m in enumerate(models)]
+                + [["HSET", keys.ALIASES, m.split("__")[0], m] for m in models],
+                [(KIND_POD, p.id) for p in pods],
             )
             await s.close()
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from bench.xds_routing import Client
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.messages import KIND_ALL, KIND_PLACEMENT
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_xds.bootstrap import gateway_bootstrap
@@ -41,15 +42,15 @@ def model_id(i: int) -> str:
 
 async def seed(url: str, n: int, pods: list[Pod], registered: int = 0) -> None:
     """n loaded models; `registered` (if larger) models registered in all, the rest cold."""
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
-        ops: list[list[Any]] = [["HSET", st.PODS, p.id, p.to_json()] for p in pods]
+        ops: list[list[Any]] = [["HSET", keys.PODS, p.id, p.to_json()] for p in pods]
         for i in range(max(n, registered)):
             if i < n:
-                ops.append(["HSET", st.PLACEMENTS, model_id(i), copies_to_json({pods[i % PODS].id: Copy(CopyState.LOADED)})])
-            ops.append(["HSET", st.ALIASES, f"m{i}", model_id(i)])
-            ops.append(["HSET", st.MODELS, model_id(i), ModelSpec(model_id(i), f"m{i}", "sklearn", {}).to_json()])
-        await s.commit(ops, [(st.KIND_ALL, "")])
+                ops.append(["HSET", keys.PLACEMENTS, model_id(i), copies_to_json({pods[i % PODS].id: Copy(CopyState.LOADED)})])
+            ops.append(["HSET", keys.ALIASES, f"m{i}", model_id(i)])
+            ops.append(["HSET", keys.MODELS, model_id(i), ModelSpec(model_id(i), f"m{i}", "sklearn", {}).to_json()])
+        await s.commit(ops, [(KIND_ALL, "")])
     finally:
         await s.close()
 
@@ -77,7 +78,7 @@ def run(n: int, changes: int, delta: bool, layout: str = "matcher", registered: 
                     cl = Client(rest)
                     if cl.wait_for(f"m{n - 1}", {}, f"pod-{(n - 1) % PODS}", 300) is None:
                         return {"models": n, "delta": delta, "layout": layout, "error": "initial config not applied in 300 s"}
-                    writer = st.State.from_url(v.url)
+                    writer = State.from_url(v.url)
                     loop = asyncio.new_event_loop()
                     lat: list[float | None] = []
                     in_cache: list[float] = []
@@ -88,8 +89,8 @@ def run(n: int, changes: int, delta: bool, layout: str = "matcher", registered: 
                             if new == pods[i % PODS].id:
                                 new = pods[(i + 2) % PODS].id
                             rev = loop.run_until_complete(writer.commit(
-                                [["HSET", st.PLACEMENTS, model_id(i), copies_to_json({new: Copy(CopyState.LOADED)})]],
-                                [(st.KIND_PLACEMENT, model_id(i))]))
+                                [["HSET", keys.PLACEMENTS, model_id(i), copies_to_json({new: Copy(CopyState.LOADED)})]],
+                                [(KIND_PLACEMENT, model_id(i))]))
                             t0 = time.monotonic()
                             devmesh.wait_until(lambda: src.rev >= rev, 120, "source applied", interval=0.0005)
                             in_cache.append(round((time.monotonic() - t0) * 1e3, 1))
@@ -114,8 +115,8 @@ def run(n: int, changes: int, delta: bool, layout: str = "matcher", registered: 
             u.__exit__()
 
 
-async def _state(url: str) -> st.State:
-    return st.State.from_url(url)
+async def _state(url: str) -> State:
+    return State.from_url(url)
 
 
 def main() -> None:

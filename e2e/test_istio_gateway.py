@@ -202,7 +202,7 @@ async def test_kubectl_apply_then_curl_through_the_istio_gateway(mesh: devmesh.M
 
     from meshserve_controller.controller import Controller
     from meshserve_testing.fakeapi import FakeApiServer
-    from meshserve.state import State
+    from meshserve.store import State
 
     ns = "team-a"
     isvc = yaml.safe_load((REPO / "mesh-config" / "sklearn-mnist.yaml").read_text())

@@ -25,7 +25,7 @@ import redis
 import yaml
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import keys
 from meshserve.model import ModelSpec, Pod
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.servers.mlserver_venv import ensure_mlserver
@@ -101,7 +101,7 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
                                           stdout=open(logs["mlserver"], "wb"), stderr=subprocess.STDOUT, start_new_session=True))
             procs.append(subprocess.Popen([sys.executable if a == "python" else a for a in containers["loader"]["command"]], env=ld_env,
                                           stdout=open(logs["loader"], "wb"), stderr=subprocess.STDOUT))
-            raw = devmesh.wait_until(lambda: r.hget(st.PODS, POD), 180, "the pool's pod registered (MLServer up, loader found its runtime)")
+            raw = devmesh.wait_until(lambda: r.hget(keys.PODS, POD), 180, "the pool's pod registered (MLServer up, loader found its runtime)")
             pod = Pod.from_json(raw)
             assert (pod.id, pod.rest_port, pod.grpc_port, pod.runtime, pod.formats) == (POD, base, base + 1, "mlserver-1.x", ["sklearn"])
             status, body = devmesh.http_get(f"http://127.0.0.1:{base + 2}/metrics")  # the loader's, on the third port
@@ -109,7 +109,7 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
 
             spec = ModelSpec(id="sklearn-mnist__isvc-0000000001", alias="sklearn-mnist", format="sklearn",
                              storage={"parameters": {"type": "pvc", "name": "my-models-pvc"}, "path": "mnist-svm.joblib"})
-            r.xadd(st.orders_key(POD), {"op": "load", "model": spec.id, "spec": spec.to_json()})
+            r.xadd(keys.orders_key(POD), {"op": "load", "model": spec.id, "spec": spec.to_json()})
             ev = _event(r, spec.id, "load")
             assert ev["ok"] == "1", ev
             assert int(ev["size"]) > 0  # the predicted size: MLServer's process is another container's
@@ -127,7 +127,7 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
                                    capture_output=True, text=True, timeout=60)
             assert proto.stdout == "422", proto.stdout
 
-            r.xadd(st.orders_key(POD), {"op": "unload", "model": spec.id})
+            r.xadd(keys.orders_key(POD), {"op": "unload", "model": spec.id})
             assert _event(r, spec.id, "unload")["ok"] == "1"
             assert not folder.exists()
         except BaseException:
@@ -143,7 +143,7 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
 def _event(r: redis.Redis, model: str, op: str, timeout: float = 120) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for _, f in r.xrange(st.EVENTS):
+        for _, f in r.xrange(keys.EVENTS):
             e = {k.decode(): v.decode() for k, v in f.items()}
             if e.get("model") == model and e.get("op") == op and e.get("pod") == POD:
                 return e

@@ -21,10 +21,11 @@ import pytest
 from aiohttp import web
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.messages import KIND_POD
+from meshserve.store.state import runtime_json
 from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.settings import Settings
-from meshserve.store import keys
 from meshserve_placement.activator import Activator, LoadFailed
 from meshserve_placement.scheduler import Scheduler
 from meshserve_placement.tuning import Tuning
@@ -38,7 +39,7 @@ class FakePod:
     """A loader agent and its runtime's counters, as far as placement can tell."""
 
     pod: Pod
-    state: st.State
+    state: State
     load_seconds: float = 0.05
     unload_seconds: float = 0.0  # the loader's unload grace, as far as placement can tell
     fail: set[str] = field(default_factory=set)
@@ -47,12 +48,12 @@ class FakePod:
 
     async def run(self) -> None:
         r = self.state.r
-        await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
+        await self.state.commit([["HSET", keys.PODS, self.pod.id, self.pod.to_json()]], [(KIND_POD, self.pod.id)])
         last = "0"
         tasks: set[asyncio.Task[None]] = set()
         while True:
-            await r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
-            resp = await r.xread({st.orders_key(self.pod.id): last}, block=100, count=16)
+            await r.zadd(keys.HEARTBEATS, {self.pod.id: time.time()})
+            resp = await r.xread({keys.orders_key(self.pod.id): last}, block=100, count=16)
             for _, entries in resp or []:
                 for eid, f in entries:
                     last = eid
@@ -74,7 +75,7 @@ class FakePod:
         else:
             await asyncio.sleep(self.unload_seconds)
             self.held.pop(model, None)
-        await self.state.r.xadd(st.EVENTS, {"pod": self.pod.id, "model": model, "op": op, "ok": str(ok), "size": str(size if ok else 0), "reason": reason})
+        await self.state.r.xadd(keys.EVENTS, {"pod": self.pod.id, "model": model, "op": op, "ok": str(ok), "size": str(size if ok else 0), "reason": reason})
 
     def use(self, model: str, n: int = 1) -> None:
         s = self.held[model]
@@ -83,8 +84,8 @@ class FakePod:
 
 
 @contextlib.asynccontextmanager
-async def cluster(url: str, pods: int = 2, capacity: int = 100 * MB, max_loading: int = 2, **tuning: float) -> AsyncIterator[tuple[Scheduler, list[FakePod], st.State]]:
-    state = st.State.from_url(url)
+async def cluster(url: str, pods: int = 2, capacity: int = 100 * MB, max_loading: int = 2, **tuning: float) -> AsyncIterator[tuple[Scheduler, list[FakePod], State]]:
+    state = State.from_url(url)
     s = Settings(redis_url=url, heartbeat_seconds=0.5, lease_seconds=1.0, cold_start_timeout_seconds=5.0)
     fakes: list[FakePod] = []
     runners: list[web.AppRunner] = []
@@ -174,7 +175,7 @@ async def test_failed_load_retried_elsewhere_with_exclusion(valkey: devmesh.Valk
         filler = spec("filler", 50 * MB)
         await state.register_models([filler])
         act = Activator(sched.s, state)
-        await state.r.xadd(st.LOAD_REQUESTS, {"model": filler.id})
+        await state.r.xadd(keys.LOAD_REQUESTS, {"model": filler.id})
         await until(lambda: _loaded(state, filler.id), what="filler loaded")
         where = next(iter((await state.copies(filler.id))))
         bad, good = (pods[0], pods[1]) if where == "pod-1" else (pods[1], pods[0])
@@ -211,11 +212,11 @@ async def _cli(url: str, *args: str) -> str:
     return out.decode()
 
 
-async def _loaded(state: st.State, model: str) -> bool:
+async def _loaded(state: State, model: str) -> bool:
     return any(c.state == CopyState.LOADED for c in (await state.copies(model)).values())
 
 
-async def _loading(state: st.State, model: str) -> bool:
+async def _loading(state: State, model: str) -> bool:
     return any(c.state == CopyState.LOADING for c in (await state.copies(model)).values())
 
 
@@ -228,7 +229,7 @@ async def test_a_request_waits_for_room_and_only_a_model_that_never_fits_gets_50
         busy, cold, huge = spec("busy", 80 * MB), spec("cold", 80 * MB), spec("huge", 120 * MB)
         slow, late = spec("slow", 80 * MB), spec("late", 80 * MB)
         await state.register_models([busy, cold, huge, slow, late])
-        await state.r.xadd(st.LOAD_REQUESTS, {"model": busy.id})
+        await state.r.xadd(keys.LOAD_REQUESTS, {"model": busy.id})
         await until(lambda: _loaded(state, busy.id), what="busy loaded")
         pod.use(busy.id)
         await state.touch([busy.id])
@@ -250,7 +251,7 @@ async def test_a_request_waits_for_room_and_only_a_model_that_never_fits_gets_50
             # Now the room is held by a load under way (3 s): a request that would pass the
             # cold-start timeout waiting gets its 503 then; a patient one waits and is served.
             pod.load_seconds = 3.0
-            await state.r.xadd(st.LOAD_REQUESTS, {"model": slow.id})
+            await state.r.xadd(keys.LOAD_REQUESTS, {"model": slow.id})
             await until(lambda: _loading(state, slow.id), what="slow loading")
             impatient = Activator(Settings(redis_url=valkey.url, cold_start_timeout_seconds=1.5), state)
             t0 = time.monotonic()
@@ -281,12 +282,12 @@ async def test_a_load_waits_for_its_evictions_unload_unless_overlap_is_allowed(v
     async with cluster(valkey.url, pods=1, capacity=100 * MB, unload_overlap_fraction=overlap, busy_window_seconds=0.3) as (sched, (pod,), state):
         old, new = spec("old", 60 * MB), spec("new", 60 * MB)
         await state.register_models([old, new])
-        await state.r.xadd(st.LOAD_REQUESTS, {"model": old.id})
+        await state.r.xadd(keys.LOAD_REQUESTS, {"model": old.id})
         await until(lambda: _loaded(state, old.id), what="old loaded")
         await asyncio.sleep(1.0)  # idle: out of the busy window
         pod.unload_seconds = 1.5
         t0 = time.monotonic()
-        await state.r.xadd(st.LOAD_REQUESTS, {"model": new.id})
+        await state.r.xadd(keys.LOAD_REQUESTS, {"model": new.id})
         await until(lambda: _loaded(state, new.id), what="new loaded")
         took = time.monotonic() - t0
         assert ("unload", old.id) in pod.orders
@@ -296,7 +297,7 @@ async def test_a_load_waits_for_its_evictions_unload_unless_overlap_is_allowed(v
             assert took >= 1.4, f"{took:.2f}s: the load went before the unload freed its room"
 
 
-async def _keep_using(pod: FakePod, state: st.State, model: str, seconds: float) -> None:
+async def _keep_using(pod: FakePod, state: State, model: str, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end and model in pod.held:  # until it is unloaded
         pod.use(model)
@@ -309,7 +310,7 @@ async def test_copies_follow_request_rate_and_idle_models_unload(valkey: devmesh
                        idle_unload_seconds=4.0, busy_window_seconds=0.5) as (sched, pods, state):
         m = spec("popular", max_copies=2)
         await state.register_models([m])
-        await state.r.xadd(st.LOAD_REQUESTS, {"model": m.id})
+        await state.r.xadd(keys.LOAD_REQUESTS, {"model": m.id})
         await until(lambda: _loaded(state, m.id), what="first copy")
         first = next(p for p in pods if m.id in p.held)
 
@@ -332,11 +333,11 @@ async def test_copies_follow_request_rate_and_idle_models_unload(valkey: devmesh
         assert first.orders.count(("load", m.id)) == 1
 
 
-async def _live(state: st.State, model: str) -> list[str]:
+async def _live(state: State, model: str) -> list[str]:
     return [p for p, c in (await state.copies(model)).items() if c.state == CopyState.LOADED]
 
 
-async def _count_loaded(state: st.State, model: str, n: int) -> bool:
+async def _count_loaded(state: State, model: str, n: int) -> bool:
     return len(await _live(state, model)) == n and all(
         c.state == CopyState.LOADED for c in (await state.copies(model)).values())
 
@@ -346,8 +347,8 @@ async def test_a_request_waits_for_its_runtime_pool_to_come_back_from_zero(valke
     Its request is held (no 503, not placed on the builtin pod that also serves sklearn) and is
     served as soon as a pod of that runtime registers."""
     async with cluster(valkey.url, pods=1, capacity=1000 * MB) as (sched, (builtin,), state):
-        await state.set_runtimes({"builtin": st.runtime_json(["sklearn"], ["sklearn"]),
-                                  "mlserver-1.x": st.runtime_json(["sklearn"], ["sklearn"])})
+        await state.set_runtimes({"builtin": runtime_json(["sklearn"], ["sklearn"]),
+                                  "mlserver-1.x": runtime_json(["sklearn"], ["sklearn"])})
         m = spec("on-mlserver", runtime="mlserver-1.x")
         await state.register_models([m])
         act = Activator(sched.s, state)

@@ -22,7 +22,7 @@ import pytest
 from test_placement import FakePod, spec  # the same fakes as the single-leader tests
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
 from meshserve.model import CopyState, Pod, copies_from_json
 from meshserve_placement.scheduler import QUEUED
 
@@ -51,7 +51,7 @@ def start_placement(url: str, log: Path) -> subprocess.Popen[bytes]:
 
 async def test_leader_killed_mid_churn_other_takes_over_cleanly() -> None:
     with devmesh.valkey() as v, tempfile.TemporaryDirectory(prefix="ms-ha-") as tmp:
-        state = st.State.from_url(v.url)
+        state = State.from_url(v.url)
         pods = [FakePod(Pod(f"pod-{i}", "127.0.0.1", devmesh.free_port(), 0, 100 * MB, ["sklearn"], max_loading=2), state, load_seconds=0.15) for i in range(2)]
         fakes = [asyncio.create_task(p.run()) for p in pods]
         procs: list[subprocess.Popen[bytes]] = []
@@ -63,7 +63,7 @@ async def test_leader_killed_mid_churn_other_takes_over_cleanly() -> None:
             while True:
                 booked: Counter[str] = Counter()
                 held: Counter[str] = Counter()
-                for m, raw in (await state.r.hgetall(st.PLACEMENTS)).items():
+                for m, raw in (await state.r.hgetall(keys.PLACEMENTS)).items():
                     for p, c in copies_from_json(raw).items():
                         if c.state in (CopyState.LOADED, CopyState.LOADING):
                             booked[p] += c.size
@@ -77,14 +77,14 @@ async def test_leader_killed_mid_churn_other_takes_over_cleanly() -> None:
         try:
             log = Path(tmp) / "placement.log"
             procs.append(start_placement(v.url, log))
-            await _until(lambda: state.r.get(st.LEASE), 15, "a first leader")
+            await _until(lambda: state.r.get(keys.LEASE), 15, "a first leader")
             procs.append(start_placement(v.url, log))
             await asyncio.sleep(1.0)
-            first = (await state.r.get(st.LEASE)).decode()
+            first = (await state.r.get(keys.LEASE)).decode()
             models = [spec(f"m{i:02d}", 20 * MB) for i in range(24)]  # 480 MB of models on 200 MB of pods
             await state.register_models(models)
             for m in models[:12]:
-                await state.r.xadd(st.LOAD_REQUESTS, {"model": m.id})
+                await state.r.xadd(keys.LOAD_REQUESTS, {"model": m.id})
                 await asyncio.sleep(0.05)
             # Find and kill -9 the leader while its loads are in flight.
             leader_proc = await _leader_proc(procs, first)
@@ -94,28 +94,28 @@ async def test_leader_killed_mid_churn_other_takes_over_cleanly() -> None:
             takeover = time.monotonic() - killed
             assert takeover <= 3 * LEASE, f"takeover took {takeover:.2f}s"
             for m in models[12:]:
-                await state.r.xadd(st.LOAD_REQUESTS, {"model": m.id})
+                await state.r.xadd(keys.LOAD_REQUESTS, {"model": m.id})
                 await asyncio.sleep(0.05)
 
             resent = time.monotonic()
 
             async def settled() -> bool:
                 nonlocal resent
-                placements = await state.r.hgetall(st.PLACEMENTS)
+                placements = await state.r.hgetall(keys.PLACEMENTS)
                 if time.monotonic() - resent > 1.0:
                     # A client whose request got a 503 (every pod busy loading) tries again.
                     resent = time.monotonic()
                     asked = {m for p in pods for op, m in p.orders if op == "load"}
                     for m in models:
                         if m.id not in asked and not any(c.state == CopyState.LOADING for c in copies_from_json(placements.get(m.id.encode())).values()):
-                            await state.r.xadd(st.LOAD_REQUESTS, {"model": m.id})
+                            await state.r.xadd(keys.LOAD_REQUESTS, {"model": m.id})
                 busy = any(c.state in (CopyState.LOADING, CopyState.UNLOADING) for raw in placements.values() for c in copies_from_json(raw).values())
                 return not busy and _all_requested_loaded(pods, models)
 
             try:
                 await _until(settled, 20, "all loads done")
             except AssertionError as e:
-                placements = {k.decode(): v.decode() for k, v in (await state.r.hgetall(st.PLACEMENTS)).items()}
+                placements = {k.decode(): v.decode() for k, v in (await state.r.hgetall(keys.PLACEMENTS)).items()}
                 orders = [p.orders for p in pods]
                 raise AssertionError(f"{e}\nplacements={placements}\norders={orders}\n{log.read_text()[-4000:]}") from None
             loads = Counter(m for p in pods for op, m in p.orders if op == "load")
@@ -148,8 +148,8 @@ def _all_requested_loaded(pods: list[FakePod], models: list) -> bool:  # type: i
     return loaded >= {m.id for m in models}
 
 
-async def _leader_other_than(state: st.State, old: str) -> bool:
-    cur = await state.r.get(st.LEASE)
+async def _leader_other_than(state: State, old: str) -> bool:
+    cur = await state.r.get(keys.LEASE)
     return cur is not None and cur.decode() != old
 
 

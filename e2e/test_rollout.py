@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State
 from meshserve.cli import cli
 from meshserve.model import CopyState
 from meshserve.rules import store
@@ -47,7 +47,7 @@ def apply_file(m: devmesh.Mesh, f: Path) -> str:
 
 
 async def _read(url: str):  # type: ignore[no-untyped-def]
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
         _, _, transitions = await store.read_all(s)
         snap = await s.snapshot()

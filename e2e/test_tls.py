@@ -296,18 +296,20 @@ def tls_redis(pki: Pki) -> Iterator[TlsRedis]:
 def test_state_round_trip_over_redis_tls_and_plaintext_is_refused(tls_redis: TlsRedis) -> None:
     import redis
 
-    from meshserve import state as st
+    from meshserve.store import keys
+    from meshserve.store import State
+    from meshserve.store.messages import KIND_ALIAS, KIND_MODEL
     from meshserve.model import ModelSpec
 
     async def round_trip() -> tuple[int, dict]:
-        s = st.State.from_url(tls_redis.url())
+        s = State.from_url(tls_redis.url())
         try:
             spec = ModelSpec(id="tls-model__isvc-0123456789", alias="tls-model", format="sklearn", storage={"type": "pvc", "name": "x", "path": "m.joblib"})
-            rev = await s.commit([["HSET", st.MODELS, spec.id, spec.to_json()], ["HSET", st.ALIASES, spec.alias, spec.id]],
-                                 [(st.KIND_MODEL, spec.id), (st.KIND_ALIAS, spec.alias)])
+            rev = await s.commit([["HSET", keys.MODELS, spec.id, spec.to_json()], ["HSET", keys.ALIASES, spec.alias, spec.id]],
+                                 [(KIND_MODEL, spec.id), (KIND_ALIAS, spec.alias)])
             snap = await s.snapshot()
             conn = s.r.connection_pool.connection_class.__name__
-            await s.commit([["HDEL", st.MODELS, spec.id], ["HDEL", st.ALIASES, spec.alias]], [(st.KIND_MODEL, spec.id), (st.KIND_ALIAS, spec.alias)])
+            await s.commit([["HDEL", keys.MODELS, spec.id], ["HDEL", keys.ALIASES, spec.alias]], [(KIND_MODEL, spec.id), (KIND_ALIAS, spec.alias)])
             return rev, {"aliases": snap.aliases, "rev": snap.rev, "conn": conn}
         finally:
             await s.close()

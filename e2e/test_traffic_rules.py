@@ -249,11 +249,11 @@ def test_rollback_takes_effect_within_1s(tmesh: devmesh.Mesh, tmp_path: Path) ->
 def _status(m: devmesh.Mesh, name: str) -> dict:
     import asyncio
 
-    from meshserve import state as st
+    from meshserve.store import State
     from meshserve.rules import store
 
     async def go() -> dict:
-        s = st.State.from_url(m.redis_url)
+        s = State.from_url(m.redis_url)
         try:
             return (await store.read_all(s))[1].get(name, {})
         finally:

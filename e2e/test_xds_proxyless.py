@@ -92,7 +92,9 @@ def test_proxyless_group_is_built_from_redis_once_a_client_asks(tmp_path: Path) 
     import asyncio
 
     from meshserve_testing import devmesh
-    from meshserve import state as st
+    from meshserve.store import keys
+    from meshserve.store import State
+    from meshserve.store.messages import KIND_ALIAS, KIND_PLACEMENT, KIND_POD
     from meshserve.model import Copy, CopyState, Pod, copies_to_json
     from meshserve.settings import Settings
     from meshserve_xds.source import RedisSource
@@ -100,12 +102,12 @@ def test_proxyless_group_is_built_from_redis_once_a_client_asks(tmp_path: Path) 
     servers = {n: _serve(n) for n in ("pod-0", "activator")}
     with devmesh.valkey() as v:
         async def seed() -> None:
-            s = st.State.from_url(v.url)
+            s = State.from_url(v.url)
             pod = Pod("pod-0", "127.0.0.1", 1, servers["pod-0"][1], 1 << 30)
             await s.commit(
-                [["HSET", st.PODS, pod.id, pod.to_json()], ["HSET", st.ALIASES, "m0", M0],
-                 ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]],
-                [(st.KIND_POD, pod.id), (st.KIND_ALIAS, "m0"), (st.KIND_PLACEMENT, M0)],
+                [["HSET", keys.PODS, pod.id, pod.to_json()], ["HSET", keys.ALIASES, "m0", M0],
+                 ["HSET", keys.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]],
+                [(KIND_POD, pod.id), (KIND_ALIAS, "m0"), (KIND_PLACEMENT, M0)],
             )
             await s.close()
 
@@ -135,6 +137,6 @@ def test_proxyless_group_is_built_from_redis_once_a_client_asks(tmp_path: Path) 
 
 
 async def _state(url: str):  # type: ignore[no-untyped-def]
-    from meshserve import state as st
+    from meshserve.store import State
 
-    return st.State.from_url(url)
+    return State.from_url(url)

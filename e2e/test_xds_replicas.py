@@ -13,7 +13,8 @@ from typing import Iterator
 import pytest
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.messages import KIND_ALIAS, KIND_PLACEMENT, KIND_POD
 from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_xds import clusters
@@ -48,8 +49,8 @@ class Replica:
         self.ads.stop()
 
 
-async def _make_state(url: str) -> st.State:
-    return st.State.from_url(url)
+async def _make_state(url: str) -> State:
+    return State.from_url(url)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def store() -> Iterator[devmesh.Valkey]:
 
 def _commit(url: str, ops: list[list[object]], changes: list[tuple[str, str]]) -> None:
     async def go() -> None:
-        s = st.State.from_url(url)
+        s = State.from_url(url)
         try:
             await s.commit(ops, changes)
         finally:
@@ -77,9 +78,9 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
         }
         _commit(
             store.url,
-            [["HSET", st.PODS, p.id, p.to_json()] for p in pods.values()]
-            + [["HSET", st.ALIASES, "m0", M0], ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-a": Copy(CopyState.LOADED)})]],
-            [(st.KIND_POD, "pod-a"), (st.KIND_POD, "pod-b"), (st.KIND_ALIAS, "m0"), (st.KIND_PLACEMENT, M0)],
+            [["HSET", keys.PODS, p.id, p.to_json()] for p in pods.values()]
+            + [["HSET", keys.ALIASES, "m0", M0], ["HSET", keys.PLACEMENTS, M0, copies_to_json({"pod-a": Copy(CopyState.LOADED)})]],
+            [(KIND_POD, "pod-a"), (KIND_POD, "pod-b"), (KIND_ALIAS, "m0"), (KIND_PLACEMENT, M0)],
         )
         rest_ports = [0, 0]  # Envoy binds free listener ports; read back from its admin API
         replicas = []
@@ -108,8 +109,8 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
                 # Move the model: both replicas follow the change stream to the same config.
                 _commit(
                     store.url,
-                    [["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-b": Copy(CopyState.LOADED)})]],
-                    [(st.KIND_PLACEMENT, M0)],
+                    [["HSET", keys.PLACEMENTS, M0, copies_to_json({"pod-b": Copy(CopyState.LOADED)})]],
+                    [(KIND_PLACEMENT, M0)],
                 )
                 wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-b", 10, "m0 moved to pod-b")
                 wait_for(lambda: replicas[0].snapshot() == replicas[1].snapshot(), 5, "replicas agree after the change")
@@ -141,9 +142,9 @@ def test_incremental_follow_matches_full_rebuild_and_gap_resyncs(store: devmesh.
     models = [f"inc{i}__isvc-{i:010x}" for i in range(50)]
     _commit(
         store.url,
-        [["HSET", st.PODS, p.id, p.to_json()] for p in pods.values()]
-        + [["HSET", st.PLACEMENTS, m, copies_to_json({f"p{i % 3}": Copy(CopyState.LOADED)})] for i, m in enumerate(models)],
-        [(st.KIND_POD, p) for p in pods] + [(st.KIND_PLACEMENT, m) for m in models],
+        [["HSET", keys.PODS, p.id, p.to_json()] for p in pods.values()]
+        + [["HSET", keys.PLACEMENTS, m, copies_to_json({f"p{i % 3}": Copy(CopyState.LOADED)})] for i, m in enumerate(models)],
+        [(KIND_POD, p) for p in pods] + [(KIND_PLACEMENT, m) for m in models],
     )
     rep = Replica(Settings(redis_url=store.url, debounce_quiet_ms=5, debounce_max_ms=50))
     try:
@@ -151,9 +152,9 @@ def test_incremental_follow_matches_full_rebuild_and_gap_resyncs(store: devmesh.
         resyncs, incr = metric("meshserve_xds_resyncs_total"), metric("meshserve_xds_incremental_updates_total")
         # Move ten models, unload five, in separate commits.
         for i in range(10):
-            _commit(store.url, [["HSET", st.PLACEMENTS, models[i], copies_to_json({f"p{(i + 1) % 3}": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, models[i])])
+            _commit(store.url, [["HSET", keys.PLACEMENTS, models[i], copies_to_json({f"p{(i + 1) % 3}": Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, models[i])])
         for i in range(10, 15):
-            _commit(store.url, [["HDEL", st.PLACEMENTS, models[i]]], [(st.KIND_PLACEMENT, models[i])])
+            _commit(store.url, [["HDEL", keys.PLACEMENTS, models[i]]], [(KIND_PLACEMENT, models[i])])
         rev = asyncio.run(_rev(store.url))
         wait_for(lambda: rep.source.rev == rev, 10, "replica caught up")
         assert metric("meshserve_xds_resyncs_total") == resyncs
@@ -169,8 +170,8 @@ def test_incremental_follow_matches_full_rebuild_and_gap_resyncs(store: devmesh.
 
         # A gap: the revision moves on with no entry (as after a trimmed stream).
         resyncs = metric("meshserve_xds_resyncs_total")
-        _commit(store.url, [["HSET", st.PLACEMENTS, models[20], copies_to_json({"p2": Copy(CopyState.LOADED)})]], [])
-        _commit(store.url, [["HSET", st.PLACEMENTS, models[21], copies_to_json({"p2": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, models[21])])
+        _commit(store.url, [["HSET", keys.PLACEMENTS, models[20], copies_to_json({"p2": Copy(CopyState.LOADED)})]], [])
+        _commit(store.url, [["HSET", keys.PLACEMENTS, models[21], copies_to_json({"p2": Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, models[21])])
         rev = asyncio.run(_rev(store.url))
         wait_for(lambda: rep.source.rev == rev, 10, "replica resynced")
         assert metric("meshserve_xds_resyncs_total") == resyncs + 1
@@ -180,7 +181,7 @@ def test_incremental_follow_matches_full_rebuild_and_gap_resyncs(store: devmesh.
 
 
 async def _rev(url: str) -> int:
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
         return await s.rev()
     finally:

@@ -17,7 +17,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.messages import KIND_ALIAS, KIND_ALL, KIND_MODEL, KIND_PLACEMENT, KIND_RULE
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -50,7 +51,7 @@ def _grpc(name: str) -> tuple[grpc.Server, int]:
 
 def _commit(url: str, ops: list[list[Any]], changes: list[tuple[str, str]]) -> None:
     async def go() -> None:
-        s = st.State.from_url(url)
+        s = State.from_url(url)
         try:
             await s.commit(ops, changes)
         finally:
@@ -93,11 +94,11 @@ def mesh() -> Iterator[Mesh]:
             pods = [Pod(n, "127.0.0.1", rest_ups[n].port, grpcs[n][1], 1 << 30) for n in ("pod-0", "pod-1")]
             _commit(
                 v.url,
-                [["HSET", st.PODS, p.id, p.to_json()] for p in pods]
-                + [["HSET", st.MODELS, m, ModelSpec(m, a, "sklearn", {}).to_json()] for m, a in ((M0, "m0"), (M1, "m1"))]
-                + [["HSET", st.ALIASES, "m0", M0], ["HSET", st.ALIASES, "m1", M1],
-                   ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]],
-                [(st.KIND_ALL, "")],
+                [["HSET", keys.PODS, p.id, p.to_json()] for p in pods]
+                + [["HSET", keys.MODELS, m, ModelSpec(m, a, "sklearn", {}).to_json()] for m, a in ((M0, "m0"), (M1, "m1"))]
+                + [["HSET", keys.ALIASES, "m0", M0], ["HSET", keys.ALIASES, "m1", M1],
+                   ["HSET", keys.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]],
+                [(KIND_ALL, "")],
             )
             admin = 0  # Envoy binds free admin and listener ports (gateway ports 0); the harness reads them back
             settings = Settings(redis_url=v.url, gateway_rest_port=0, gateway_grpc_port=0, debounce_quiet_ms=5,
@@ -123,8 +124,8 @@ def mesh() -> Iterator[Mesh]:
             s.stop(0)
 
 
-async def _state(url: str) -> st.State:
-    return st.State.from_url(url)
+async def _state(url: str) -> State:
+    return State.from_url(url)
 
 
 def test_rest_by_alias_and_id_cold_health_and_unknown(mesh: Mesh) -> None:
@@ -151,17 +152,17 @@ def test_grpc_by_header_and_by_message(mesh: Mesh) -> None:
 
 def test_a_change_costs_what_it_touched(mesh: Mesh) -> None:
     before = _pushed()
-    _commit(mesh.url, [["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, M0)])
+    _commit(mesh.url, [["HSET", keys.PLACEMENTS, M0, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, M0)])
     wait_for(lambda: mesh.upstream("m0") == "pod-1", 10, "m0 moved")
     assert mesh.infer("m0").id == "pod-1"
     moved = _pushed() - before
     assert 0 < moved < 10_000, moved
     before = _pushed()
-    _commit(mesh.url, [["HSET", st.PLACEMENTS, M1, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, M1)])
+    _commit(mesh.url, [["HSET", keys.PLACEMENTS, M1, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, M1)])
     wait_for(lambda: mesh.upstream("m1") == "pod-0", 10, "m1 loaded")
     loaded = _pushed() - before
     assert 0 < loaded < 10_000, loaded
-    _commit(mesh.url, [["HDEL", st.PLACEMENTS, M1]], [(st.KIND_PLACEMENT, M1)])
+    _commit(mesh.url, [["HDEL", keys.PLACEMENTS, M1]], [(KIND_PLACEMENT, M1)])
     wait_for(lambda: mesh.upstream("m1") == "activator", 10, "m1 unloaded")
 
 
@@ -169,10 +170,10 @@ def test_incremental_patches_equal_a_full_build(mesh: Mesh) -> None:
     """Placement moves, an alias re-pointed to a new registered id, a new model: the patched
     snapshot equals what a fresh replica builds from the hashes."""
     m2 = "m1__isvc-2222222222"
-    _commit(mesh.url, [["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED), "pod-1": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, M0)])
-    _commit(mesh.url, [["HSET", st.MODELS, m2, ModelSpec(m2, "m1", "sklearn", {}).to_json()], ["HSET", st.ALIASES, "m1", m2]],
-            [(st.KIND_MODEL, m2), (st.KIND_ALIAS, "m1")])
-    _commit(mesh.url, [["HSET", st.PLACEMENTS, m2, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, m2)])
+    _commit(mesh.url, [["HSET", keys.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED), "pod-1": Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, M0)])
+    _commit(mesh.url, [["HSET", keys.MODELS, m2, ModelSpec(m2, "m1", "sklearn", {}).to_json()], ["HSET", keys.ALIASES, "m1", m2]],
+            [(KIND_MODEL, m2), (KIND_ALIAS, "m1")])
+    _commit(mesh.url, [["HSET", keys.PLACEMENTS, m2, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, m2)])
     wait_for(lambda: mesh.upstream("m1") == "pod-1", 10, "m1 now names the new id")
     assert mesh.upstream(M1) == "activator"  # the old id is still registered, cold
     _check_equals_fresh(mesh)
@@ -187,12 +188,12 @@ def test_traffic_rule_follows_the_models_it_names(mesh: Mesh) -> None:
 
     m3, m4 = "m3__isvc-3333333333", "m4__isvc-4444444444"
     _commit(mesh.url,
-            [["HSET", st.MODELS, m, ModelSpec(m, a, "sklearn", {}).to_json()] for m, a in ((m3, "m3"), (m4, "m4"))]
-            + [["HSET", st.ALIASES, "m3", m3], ["HSET", st.ALIASES, "m4", m4],
-               ["HSET", st.PLACEMENTS, m3, copies_to_json({"pod-0": Copy(CopyState.LOADED)})],
-               ["HSET", st.PLACEMENTS, m4, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]],
-            [(st.KIND_MODEL, m3), (st.KIND_MODEL, m4), (st.KIND_ALIAS, "m3"), (st.KIND_ALIAS, "m4"),
-             (st.KIND_PLACEMENT, m3), (st.KIND_PLACEMENT, m4)])
+            [["HSET", keys.MODELS, m, ModelSpec(m, a, "sklearn", {}).to_json()] for m, a in ((m3, "m3"), (m4, "m4"))]
+            + [["HSET", keys.ALIASES, "m3", m3], ["HSET", keys.ALIASES, "m4", m4],
+               ["HSET", keys.PLACEMENTS, m3, copies_to_json({"pod-0": Copy(CopyState.LOADED)})],
+               ["HSET", keys.PLACEMENTS, m4, copies_to_json({"pod-1": Copy(CopyState.LOADED)})]],
+            [(KIND_MODEL, m3), (KIND_MODEL, m4), (KIND_ALIAS, "m3"), (KIND_ALIAS, "m4"),
+             (KIND_PLACEMENT, m3), (KIND_PLACEMENT, m4)])
     wait_for(lambda: mesh.upstream("m3") == "pod-0" and mesh.upstream("m4") == "pod-1", 10, "m3, m4 routed")
     rule = {"apiVersion": "meshserve.io/v1alpha1", "kind": "TrafficRule", "metadata": {"name": "m3-split"},
             "spec": {"model": "m3", "routes": [{"to": [{"model": "m3", "weight": 50}, {"model": "m4", "weight": 50}]}]}}
@@ -212,11 +213,11 @@ def test_traffic_rule_follows_the_models_it_names(mesh: Mesh) -> None:
     assert mesh.infer("x", [("mm-model-id", m4)]).id == "pod-1"  # a concrete id is pinned
     assert mesh.upstream("m4") == "pod-1"  # other names keep their plain routes
     # A placement-only change to a model the plan names: the plan's routes follow it.
-    _commit(mesh.url, [["HSET", st.PLACEMENTS, m4, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]], [(st.KIND_PLACEMENT, m4)])
+    _commit(mesh.url, [["HSET", keys.PLACEMENTS, m4, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]], [(KIND_PLACEMENT, m4)])
     wait_for(lambda: seen() == {("pod-0", m3), ("pod-0", m4)}, 10, "m3's split follows m4 to pod-0")
     _check_equals_fresh(mesh)
     # The rule goes: m3 routes to its own model again.
-    _commit(mesh.url, [["HDEL", st.RULES, "m3-split"], ["HDEL", st.RULE_STATUS, "m3-split"]], [(st.KIND_RULE, "m3-split")])
+    _commit(mesh.url, [["HDEL", keys.RULES, "m3-split"], ["HDEL", keys.RULE_STATUS, "m3-split"]], [(KIND_RULE, "m3-split")])
     wait_for(lambda: seen(20) == {("pod-0", m3)}, 10, "m3 back on its own model")
     _check_equals_fresh(mesh)
 

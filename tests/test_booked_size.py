@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bench import placement_sim as sim
 from meshserve.model import Copy, CopyState, ModelSpec, Pod
-from meshserve.state import Snapshot
+from meshserve.store import Snapshot
 from meshserve_placement import policy, scheduler
 from meshserve_placement.sizes import UNKNOWN_MODEL_BYTES, booked_size, reported_of
 

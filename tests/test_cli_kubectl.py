@@ -20,7 +20,7 @@ import yaml
 from click.testing import CliRunner
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import Snapshot, State, keys
 from meshserve.cli import cli
 from meshserve.model import Copy, Pod, copies_to_json
 
@@ -97,7 +97,7 @@ def _run(coro: Any) -> Any:
 
 
 async def _with_state(url: str, fn: Any) -> Any:
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
         return await fn(s)
     finally:
@@ -114,8 +114,8 @@ def _flush(url: str) -> None:
 
 
 def _aliases(url: str) -> dict[str, str]:
-    async def read(s: st.State) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in (await s.r.hgetall(st.ALIASES)).items()}
+    async def read(s: State) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in (await s.r.hgetall(keys.ALIASES)).items()}
 
     return _run(_with_state(url, read))  # type: ignore[no-any-return]
 
@@ -186,10 +186,10 @@ def _steady(doc: object) -> object:
 
 
 def _seed_pod(url: str) -> None:
-    async def go(s: st.State) -> None:
+    async def go(s: State) -> None:
         pod = Pod("pod-0", "127.0.0.1", 8001, 9001, 1 << 30, formats=["sklearn"], runtime="builtin", max_loading=2)
-        await s.r.hset(st.PODS, "pod-0", pod.to_json())
-        await s.r.zadd(st.HEARTBEATS, {"pod-0": time.time() + 600})  # fresh throughout, however slow the machine
+        await s.r.hset(keys.PODS, "pod-0", pod.to_json())
+        await s.r.zadd(keys.HEARTBEATS, {"pod-0": time.time() + 600})  # fresh throughout, however slow the machine
 
     _run(_with_state(url, go))
 
@@ -204,16 +204,16 @@ def test_describe_model_pod_and_rule(url: str) -> None:
     mid = _aliases(url)["sklearn-mnist"]
     other = _aliases(url)["sklearn-mnist-v2"]
 
-    async def seed(s: st.State) -> None:
-        await s.r.hset(st.PLACEMENTS, mid, copies_to_json({"pod-0": Copy("loaded", 3 << 20, now - 30), "pod-1": Copy("failed", 0, now - 60, "storage: no such file")}))
+    async def seed(s: State) -> None:
+        await s.r.hset(keys.PLACEMENTS, mid, copies_to_json({"pod-0": Copy("loaded", 3 << 20, now - 30), "pod-1": Copy("failed", 0, now - 60, "storage: no such file")}))
         decision = {"pod": "pod-0", "evict": [], "reason": "", "considered": "1 pod considered", "ts": now - 31,
                     "trace": [{"pod": "pod-0", "step": "capacity", "result": "fits"}], "leader": "placement-a", "why": "a request is waiting"}
         await s.r.hset(DECISIONS, mid, json.dumps(decision))
         # As the loader writes them (loader/meshserve_loader/agent.py).
-        await s.r.xadd(st.EVENTS, {"pod": "pod-1", "model": mid, "op": "load", "ok": "0", "size": "0", "reason": "storage: no such file", "ts": str(now - 60)})
-        await s.r.xadd(st.EVENTS, {"pod": "pod-0", "model": mid, "op": "load", "ok": "1", "size": str(3 << 20), "reason": "", "ts": str(now - 30)})
-        await s.r.xadd(st.EVENTS, {"pod": "pod-0", "model": other, "op": "load", "ok": "1", "size": "5", "reason": "", "ts": str(now - 20)})
-        await s.r.xadd(st.POD_EVENTS, {"op": "runtime_restart", "pod": "pod-0", "models": json.dumps([mid]), "reason": "runtime exited 137", "ts": str(now - 10)})
+        await s.r.xadd(keys.EVENTS, {"pod": "pod-1", "model": mid, "op": "load", "ok": "0", "size": "0", "reason": "storage: no such file", "ts": str(now - 60)})
+        await s.r.xadd(keys.EVENTS, {"pod": "pod-0", "model": mid, "op": "load", "ok": "1", "size": str(3 << 20), "reason": "", "ts": str(now - 30)})
+        await s.r.xadd(keys.EVENTS, {"pod": "pod-0", "model": other, "op": "load", "ok": "1", "size": "5", "reason": "", "ts": str(now - 20)})
+        await s.r.xadd(keys.POD_EVENTS, {"op": "runtime_restart", "pod": "pod-0", "models": json.dumps([mid]), "reason": "runtime exited 137", "ts": str(now - 10)})
 
     _run(_with_state(url, seed))
     res = _invoke(url, "describe", "isvc", "sklearn-mnist")
@@ -253,7 +253,7 @@ def test_preview_compares_with_the_version_a_move_is_going_to() -> None:
     old = ModelSpec("m__isvc-old", "m", "sklearn", {"path": "a"})
     new = ModelSpec("m__isvc-new", "m", "sklearn", {"path": "b"})
     boosted = ModelSpec("m__isvc-new", "m", "sklearn", {"path": "b"}, min_copies=2)
-    snap = st.Snapshot(1, {old.id: old, new.id: boosted}, {"m": old.id}, {}, {})
+    snap = Snapshot(1, {old.id: old, new.id: boosted}, {"m": old.id}, {}, {})
     t = pl.Transition("m", old.id, new.id, 2, None, pl.T_LOADING, 0.0)
     t.extra["minCopies"] = 0
     after = preview.new_objects([new], {"m": "InferenceService"}, [])

@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 from kubernetes import client
 
-from meshserve import state as st
+from meshserve.store import State, keys
 from meshserve.cli import cli
 from meshserve_testing.devmesh import valkey
 from meshserve_controller.controller import Controller
@@ -37,8 +37,8 @@ def store():
 
 
 @pytest.fixture
-async def state(store) -> AsyncIterator[st.State]:
-    s = st.State.from_url(store.url)
+async def state(store) -> AsyncIterator[State]:
+    s = State.from_url(store.url)
     await s.r.flushdb()
     yield s
     await s.close()
@@ -69,7 +69,7 @@ def meshserve(*args: str, env: dict[str, str] | None = None) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def running(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
+async def running(api: FakeApiServer, state: State) -> AsyncIterator[Controller]:
     ac = client.ApiClient(client.Configuration(host=api.url))
     c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.2, debounce_seconds=0.02, max_backoff_seconds=0.3)
     task = asyncio.create_task(c.run())
@@ -94,23 +94,23 @@ async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> An
     raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
 
 
-async def test_embedded_apply_into_a_cluster_mesh_is_undone_by_the_controller(api: FakeApiServer, state: st.State, store: Any) -> None:
+async def test_embedded_apply_into_a_cluster_mesh_is_undone_by_the_controller(api: FakeApiServer, state: State, store: Any) -> None:
     """The bug: `meshserve apply` without cluster mode writes Redis; the controller, which owns
     the registry in cluster mode, removes the alias on its next pass."""
     # In a thread: the command runs its own event loop (asyncio.run).
     r = await asyncio.to_thread(CliRunner().invoke, cli, ["apply", "-f", str(MNIST), "--redis-url", store.url], env={"MESHSERVE_MODE": None})
     assert r.exit_code == 0, r.output
-    assert await state.r.hget(st.ALIASES, "sklearn-mnist")
+    assert await state.r.hget(keys.ALIASES, "sklearn-mnist")
     async with running(api, state) as c:
         await until(lambda: c.reconciles >= 2, "two passes")
         await until(lambda: _no_alias(state), "alias removed")
 
 
-async def _no_alias(state: st.State) -> bool:
-    return not await state.r.hget(st.ALIASES, "sklearn-mnist")
+async def _no_alias(state: State) -> bool:
+    return not await state.r.hget(keys.ALIASES, "sklearn-mnist")
 
 
-async def test_cluster_mode_apply_goes_through_the_api_and_the_controller_keeps_it(api: FakeApiServer, state: st.State, tmp_path: Path) -> None:
+async def test_cluster_mode_apply_goes_through_the_api_and_the_controller_keeps_it(api: FakeApiServer, state: State, tmp_path: Path) -> None:
     kc = kubeconfig(tmp_path, api)
     r = await asyncio.to_thread(meshserve, "apply", "-f", str(MNIST), "--kubeconfig", str(kc), "-n", NS)
     assert r.exit_code == 0, r.output
@@ -121,17 +121,17 @@ async def test_cluster_mode_apply_goes_through_the_api_and_the_controller_keeps_
     # Again: unchanged, nothing written.
     assert (await asyncio.to_thread(meshserve, "apply", "-f", str(MNIST), "--kubeconfig", str(kc), "-n", NS)).output.strip() == "inferenceservice/sklearn-mnist unchanged"
     async with running(api, state) as c:
-        alias = await until(lambda: state.r.hget(st.ALIASES, "sklearn-mnist"), "alias registered")
+        alias = await until(lambda: state.r.hget(keys.ALIASES, "sklearn-mnist"), "alias registered")
         n = c.reconciles
         await until(lambda: c.reconciles >= n + 3, "three more passes")
-        assert await state.r.hget(st.ALIASES, "sklearn-mnist") == alias, "the controller removed what cluster-mode apply created"
+        assert await state.r.hget(keys.ALIASES, "sklearn-mnist") == alias, "the controller removed what cluster-mode apply created"
         # The rule examples, models and rule in one apply: the rule is checked against the
         # files' models and the cluster's, sent as a TrafficRule, and registered by the controller.
         r = await asyncio.to_thread(meshserve, "apply", "-f", str(EXAMPLES / "models.yaml"), "-f", str(EXAMPLES / "split.yaml"),
                       env={"MESHSERVE_MODE": "cluster", "KUBECONFIG": str(kc)})
         assert r.exit_code == 0, r.output
         assert "trafficrule/sklearn-mnist-split created" in r.output.splitlines()
-        await until(lambda: state.r.hget(st.RULES, "sklearn-mnist-split"), "rule registered")
+        await until(lambda: state.r.hget(keys.RULES, "sklearn-mnist-split"), "rule registered")
         await until(lambda: ((api.get("trafficrules", "sklearn-mnist-split") or {}).get("status") or {}).get("phase") == "Active", "rule Active")
         # A changed spec replaces the object (kept resourceVersion, status untouched).
         changed = tmp_path / "mnist.yaml"
@@ -147,8 +147,8 @@ async def test_cluster_mode_apply_goes_through_the_api_and_the_controller_keeps_
         await until(lambda: _rule_gone(state, "sklearn-mnist-split"), "rule removed from Redis")
 
 
-async def _rule_gone(state: st.State, name: str) -> bool:
-    return not await state.r.hget(st.RULES, name)
+async def _rule_gone(state: State, name: str) -> bool:
+    return not await state.r.hget(keys.RULES, name)
 
 
 def test_cluster_mode_refuses_bad_input_before_sending_anything(api: FakeApiServer, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from kubernetes import client
 
 from meshserve.rules import moves
 from meshserve_rollout import controller as rollout
-from meshserve import state as st
+from meshserve.store import State, keys
 from meshserve_testing.devmesh import valkey
 from meshserve.k8s import rules as kr
 from meshserve_controller.controller import Controller
@@ -48,15 +48,15 @@ def store():
 
 
 @pytest.fixture
-async def state(store) -> AsyncIterator[st.State]:
-    s = st.State.from_url(store.url)
+async def state(store) -> AsyncIterator[State]:
+    s = State.from_url(store.url)
     await s.r.flushdb()
     yield s
     await s.close()
 
 
 @contextlib.asynccontextmanager
-async def running(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
+async def running(api: FakeApiServer, state: State) -> AsyncIterator[Controller]:
     ac = client.ApiClient(client.Configuration(host=api.url))
     c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.3, debounce_seconds=0.02, max_backoff_seconds=0.3)
     task = asyncio.create_task(c.run())
@@ -85,11 +85,11 @@ def status(api: FakeApiServer, name: str) -> dict[str, Any]:
     return (api.get("trafficrules", name) or {}).get("status") or {}
 
 
-async def stored(state: st.State) -> dict[str, Any]:
-    return {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(st.RULES)).items()}
+async def stored(state: State) -> dict[str, Any]:
+    return {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(keys.RULES)).items()}
 
 
-async def test_trafficrules_are_registered_and_get_status(state: st.State) -> None:
+async def test_trafficrules_are_registered_and_get_status(state: State) -> None:
     with FakeApiServer(bookmark_interval=0.1) as api:
         api.apply("servingruntimes", RUNTIME)
         api.apply("inferenceservices", isvc("a", "a.joblib"))
@@ -105,7 +105,7 @@ async def test_trafficrules_are_registered_and_get_status(state: st.State) -> No
             api.apply("trafficrules", trafficrule("canary", {**CANARY, "model": "b", "canary": {**CANARY["canary"], "model": "a"}}))
             s = await until(lambda: status(api, "canary").get("phase") == "Paused" and status(api, "canary"), "canary Paused")
             assert (s["step"], s["steps"], s["canaryWeight"]) == (1, 3, 10)
-            live = json.loads(await state.r.hget(st.RULE_STATUS, "canary"))
+            live = json.loads(await state.r.hget(keys.RULE_STATUS, "canary"))
             await rstore.set_status(state, "canary", rollout.advance((await stored(state))["canary"]["spec"], live, time.time()))
             s = await until(lambda: status(api, "canary").get("step") == 2 and status(api, "canary"), "canary step 2")
             assert s["canaryWeight"] == 50
@@ -131,12 +131,12 @@ async def test_trafficrules_are_registered_and_get_status(state: st.State) -> No
             assert "local" in rules and "canary" in rules
 
 
-async def _without(state: st.State, name: str) -> dict[str, Any] | None:
+async def _without(state: State, name: str) -> dict[str, Any] | None:
     rules = await stored(state)
     return rules if name not in rules else None
 
 
-async def test_without_the_crd_rules_in_redis_are_left_alone(state: st.State) -> None:
+async def test_without_the_crd_rules_in_redis_are_left_alone(state: State) -> None:
     with FakeApiServer(bookmark_interval=0.1) as api:
         api.absent.add("trafficrules")
         api.apply("servingruntimes", RUNTIME)

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import keys
 from meshserve.model import Pod
 from meshserve.settings import Settings
 from meshserve_loader.__main__ import pod_index
@@ -183,11 +183,11 @@ def test_a_builtin_pool_pod_runs_as_the_manifest_starts_it(valkey: Any, tmp_path
             argv = [sys.executable if a == "python" else a for a in cmds[c]]
             procs.append(subprocess.Popen(argv, env=env, stdout=open(logs[c], "wb"), stderr=subprocess.STDOUT))
         devmesh.wait_until(lambda: devmesh.http_get(f"http://127.0.0.1:{port}/v2/health/ready", 1)[0] == 200, 60, "runtime ready on the pod port")
-        raw = devmesh.wait_until(lambda: r.hget(st.PODS, name), 60, "pod registered under its name")
+        raw = devmesh.wait_until(lambda: r.hget(keys.PODS, name), 60, "pod registered under its name")
         pod = Pod.from_json(raw)
         assert (pod.id, pod.host, pod.rest_port, pod.grpc_port, pod.runtime) == (name, "127.0.0.1", port, port + 1, "meshserve-builtin")
-        assert r.hkeys(st.PODS) == [name.encode()]  # no pod-0
-        assert r.zscore(st.HEARTBEATS, name) is not None
+        assert r.hkeys(keys.PODS) == [name.encode()]  # no pod-0
+        assert r.zscore(keys.HEARTBEATS, name) is not None
         status, body = devmesh.http_get(f"http://127.0.0.1:{port + 2}/metrics")
         assert status == 200 and b"meshserve_loader_capacity_bytes" in body
     except Exception:

@@ -12,7 +12,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.state import parse_runtimes
 from meshserve.k8s import objects as ob
 from meshserve_controller import scaling
 from meshserve_controller.controller import Controller
@@ -85,7 +86,7 @@ def test_a_model_whose_pool_is_at_zero_waits_for_it_rather_than_land_elsewhere()
 
 # --- integration: the controller against the fake API server and a real Valkey -------------
 @pytest.fixture
-async def scaling_controller(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
+async def scaling_controller(api: FakeApiServer, state: State) -> AsyncIterator[Controller]:
     async with running_controller(api, state, resync_seconds=0.2, scale_grace_seconds=1.0) as c:
         yield c
 
@@ -95,7 +96,7 @@ def replicas(api: FakeApiServer, name: str) -> int:
 
 
 async def test_controller_scales_a_pool_from_zero_when_an_inferenceservice_names_it_and_back(
-    api: FakeApiServer, state: st.State, scaling_controller: Controller
+    api: FakeApiServer, state: State, scaling_controller: Controller
 ) -> None:
     for rt in (BUILTIN_RUNTIME, MLSERVER_RUNTIME):
         api.apply("servingruntimes", rt)
@@ -105,8 +106,8 @@ async def test_controller_scales_a_pool_from_zero_when_an_inferenceservice_names
     api.apply("inferenceservices", isvc("sklearn-mnist"))  # auto-selects meshserve-builtin
 
     # Placement learns the declared runtimes, with what each auto-selects.
-    raw = await until(lambda: state.r.hgetall(st.RUNTIMES), "ms:runtimes published")
-    assert st.parse_runtimes(raw)["mlserver-1.x"] == (["sklearn", "xgboost"], ["sklearn"])
+    raw = await until(lambda: state.r.hgetall(keys.RUNTIMES), "ms:runtimes published")
+    assert parse_runtimes(raw)["mlserver-1.x"] == (["sklearn", "xgboost"], ["sklearn"])
     await asyncio.sleep(1.5)  # longer than the grace: an unused pool at zero stays there
     assert replicas(api, "meshserve-runtime-mlserver") == 0
     assert replicas(api, "meshserve-runtime-builtin") == 2

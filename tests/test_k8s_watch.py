@@ -15,7 +15,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.messages import KIND_POD
 from meshserve.apply import read_models
 from meshserve_testing.devmesh import valkey
 from meshserve_controller.controller import Controller
@@ -60,15 +61,15 @@ def api():
 
 
 @pytest.fixture
-async def state(store) -> AsyncIterator[st.State]:
-    s = st.State.from_url(store.url)
+async def state(store) -> AsyncIterator[State]:
+    s = State.from_url(store.url)
     await s.r.flushdb()
     yield s
     await s.close()
 
 
 @contextlib.asynccontextmanager
-async def running_controller(api: FakeApiServer, state: st.State, **kw: Any) -> AsyncIterator[Controller]:
+async def running_controller(api: FakeApiServer, state: State, **kw: Any) -> AsyncIterator[Controller]:
     """A Controller on the fake API server with test-sized timings (`kw` overrides), stopped after."""
     ac = client.ApiClient(client.Configuration(host=api.url))
     c = Controller(ac, state, NS, **{"watch_timeout_seconds": 3, "resync_seconds": 0.3, "debounce_seconds": 0.02,
@@ -83,7 +84,7 @@ async def running_controller(api: FakeApiServer, state: st.State, **kw: Any) -> 
 
 
 @pytest.fixture
-async def controller(api: FakeApiServer, state: st.State) -> AsyncIterator[Controller]:
+async def controller(api: FakeApiServer, state: State) -> AsyncIterator[Controller]:
     # Pages of two objects: every list in these tests goes through `continue` tokens.
     async with running_controller(api, state, page_size=2) as c:
         yield c
@@ -102,8 +103,8 @@ async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> An
     raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
 
 
-async def aliases(state: st.State) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in (await state.r.hgetall(st.ALIASES)).items()}
+async def aliases(state: State) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (await state.r.hgetall(keys.ALIASES)).items()}
 
 
 def ready(api: FakeApiServer, name: str) -> dict[str, Any] | None:
@@ -112,7 +113,7 @@ def ready(api: FakeApiServer, name: str) -> dict[str, Any] | None:
     return next((c for c in conds if c.get("type") == "Ready"), None)
 
 
-async def test_converges_on_the_same_registry_as_files(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+async def test_converges_on_the_same_registry_as_files(api: FakeApiServer, state: State, controller: Controller) -> None:
     """The cluster path registers the same ModelSpec the mesh-config/ file path does, writes
     status, follows ADDED/MODIFIED/DELETED, and ignores non-ModelMesh InferenceServices."""
     api.apply("servingruntimes", BUILTIN_RUNTIME)
@@ -172,15 +173,15 @@ async def test_converges_on_the_same_registry_as_files(api: FakeApiServer, state
     await until(lambda: _lacks(state, "my-model"), "my-model alias removed")
 
 
-async def _alias_is_not(state: st.State, alias: str, old: str) -> bool:
+async def _alias_is_not(state: State, alias: str, old: str) -> bool:
     return (await aliases(state)).get(alias) not in (None, old)
 
 
-async def _lacks(state: st.State, alias: str) -> bool:
+async def _lacks(state: State, alias: str) -> bool:
     return alias not in await aliases(state)
 
 
-async def test_gone_410_relists_and_sees_deletions_missed_while_away(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+async def test_gone_410_relists_and_sees_deletions_missed_while_away(api: FakeApiServer, state: State, controller: Controller) -> None:
     """Watch connections are cut; while away an InferenceService is deleted and history is
     compacted, so the resumed watch gets 410 Gone: the watcher relists and the diff against its
     cache reports the deletion."""
@@ -204,11 +205,11 @@ async def test_gone_410_relists_and_sees_deletions_missed_while_away(api: FakeAp
     assert "b" in await aliases(state)
 
 
-async def _has(state: st.State, names: set[str]) -> bool:
+async def _has(state: State, names: set[str]) -> bool:
     return names <= set(await aliases(state))
 
 
-async def test_dropped_connections_resume_from_bookmark_without_relisting(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+async def test_dropped_connections_resume_from_bookmark_without_relisting(api: FakeApiServer, state: State, controller: Controller) -> None:
     """Bookmarks move the watcher's resourceVersion although no InferenceService changed; a cut
     connection resumes from that version (no relist), with backoff, and misses nothing."""
     api.apply("servingruntimes", BUILTIN_RUNTIME)
@@ -233,10 +234,10 @@ async def test_dropped_connections_resume_from_bookmark_without_relisting(api: F
     assert w.lists == lists
 
 
-async def test_failing_lists_back_off_then_converge(api: FakeApiServer, state: st.State, store) -> None:
+async def test_failing_lists_back_off_then_converge(api: FakeApiServer, state: State, store) -> None:
     """The API server answers 500 to the first lists: the watchers retry with backoff and the
     controller acts only once every resource has listed (no removal based on a partial view)."""
-    s2 = st.State.from_url(store.url)
+    s2 = State.from_url(store.url)
     await s2.r.flushdb()
     await s2.register_models(read_models(REPO / "mesh-config"))  # registered earlier, still in the cluster
     api.apply("servingruntimes", BUILTIN_RUNTIME)
@@ -256,23 +257,23 @@ async def test_failing_lists_back_off_then_converge(api: FakeApiServer, state: s
         await s2.close()
 
 
-async def test_deleted_runtime_pod_is_withdrawn_ahead_of_heartbeats(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+async def test_deleted_runtime_pod_is_withdrawn_ahead_of_heartbeats(api: FakeApiServer, state: State, controller: Controller) -> None:
     """A runtime pod that Kubernetes deletes loses its heartbeat at once, so the placement
     leader withdraws it on its next check instead of after missed heartbeats."""
     labels = {"app.kubernetes.io/part-of": "meshserve", "app.kubernetes.io/component": "runtime"}
     pod = Pod("runtime-abc", "10.1.2.3", 8080, 8081, 1 << 30, ["sklearn"])
-    await state.commit([["HSET", st.PODS, pod.id, pod.to_json()]], [(st.KIND_POD, pod.id)])
-    await state.r.zadd(st.HEARTBEATS, {pod.id: time.time() + 3600})
+    await state.commit([["HSET", keys.PODS, pod.id, pod.to_json()]], [(KIND_POD, pod.id)])
+    await state.r.zadd(keys.HEARTBEATS, {pod.id: time.time() + 3600})
     api.apply("pods", {"metadata": {"name": "runtime-abc", "labels": labels},
                        "status": {"podIP": "10.1.2.3", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
     api.apply("pods", {"metadata": {"name": "unrelated"}, "status": {"podIP": "10.9.9.9"}})
     await asyncio.sleep(0.5)
-    assert await state.r.zscore(st.HEARTBEATS, pod.id) is not None
+    assert await state.r.zscore(keys.HEARTBEATS, pod.id) is not None
     api.delete("pods", "runtime-abc")
     await until(lambda: _no_heartbeat(state, pod.id), "heartbeat dropped")
 
 
-async def test_pool_pressure_is_exported_per_runtime(state: st.State, controller: Controller) -> None:
+async def test_pool_pressure_is_exported_per_runtime(state: State, controller: Controller) -> None:
     """The HPA's signal, read from the real Redis schema and exported as a Prometheus gauge."""
     from prometheus_client import REGISTRY
 
@@ -280,19 +281,19 @@ async def test_pool_pressure_is_exported_per_runtime(state: st.State, controller
 
     pods = [Pod("p1", "10.0.0.1", 8080, 8081, 1000, ["sklearn"], runtime="builtin"),
             Pod("p2", "10.0.0.2", 8080, 8081, 1000, ["sklearn"], runtime="builtin")]
-    ops = [["HSET", st.PODS, p.id, p.to_json()] for p in pods]
-    ops.append(["HSET", st.PLACEMENTS, "m1", copies_to_json({"p1": Copy(CopyState.LOADED, 600), "p2": Copy(CopyState.LOADING, 300)})])
-    await state.commit(ops, [(st.KIND_POD, "p1")])
+    ops = [["HSET", keys.PODS, p.id, p.to_json()] for p in pods]
+    ops.append(["HSET", keys.PLACEMENTS, "m1", copies_to_json({"p1": Copy(CopyState.LOADED, 600), "p2": Copy(CopyState.LOADING, 300)})])
+    await state.commit(ops, [(KIND_POD, "p1")])
     pools = await controller.export_pressure()
     assert pools["builtin"].ratio == 0.45
     assert REGISTRY.get_sample_value("meshserve_runtime_cache_pressure", {"runtime": "builtin"}) == 0.45
-    await state.commit([["HDEL", st.PODS, "p1", "p2"]], [(st.KIND_POD, "p1")])
+    await state.commit([["HDEL", keys.PODS, "p1", "p2"]], [(KIND_POD, "p1")])
     await controller.export_pressure()
     assert REGISTRY.get_sample_value("meshserve_runtime_cache_pressure", {"runtime": "builtin"}) is None
 
 
-async def _no_heartbeat(state: st.State, pod_id: str) -> bool:
-    return await state.r.zscore(st.HEARTBEATS, pod_id) is None
+async def _no_heartbeat(state: State, pod_id: str) -> bool:
+    return await state.r.zscore(keys.HEARTBEATS, pod_id) is None
 
 
 def test_list_pages_with_continue_tokens(api: FakeApiServer) -> None:
@@ -341,7 +342,7 @@ def pstatus(api: FakeApiServer, name: str) -> dict[str, Any]:
     return (api.get("predictors", name) or {}).get("status") or {}
 
 
-async def test_predictors_register_and_get_modelmesh_status(api: FakeApiServer, state: st.State, controller: Controller) -> None:
+async def test_predictors_register_and_get_modelmesh_status(api: FakeApiServer, state: State, controller: Controller) -> None:
     """Issue 14 item 4 in cluster mode: Predictors (serving.kserve.io/v1alpha1) register like
     InferenceServices, and their status is written back in ModelMesh's PredictorStatus form;
     a Predictor cannot take an InferenceService's name; a deleted Predictor's alias goes."""
@@ -393,7 +394,7 @@ async def test_predictors_register_and_get_modelmesh_status(api: FakeApiServer, 
     assert "sklearn-mnist" in await aliases(state)
 
 
-async def test_no_predictor_crd_and_model_serving_config(api: FakeApiServer, state: st.State) -> None:
+async def test_no_predictor_crd_and_model_serving_config(api: FakeApiServer, state: State) -> None:
     """Without ModelMesh's Predictor CRD (404) the controller still syncs and serves
     InferenceServices; model-serving-config sets its scale-to-zero options and pool size."""
     api.absent.add("predictors")

@@ -13,7 +13,8 @@ from typing import Any, AsyncIterator
 import pytest
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys, ops
+from meshserve.store.messages import KIND_POD, LoadRequest
 from meshserve.model import ModelSpec, Pod, copies_from_json
 from meshserve.settings import Settings
 from meshserve_placement import maintain as maintain_mod
@@ -32,14 +33,14 @@ def valkey() -> Any:
 class Loader:
     """Carries out load orders at once; fails the first `fail_unloads` unloads."""
 
-    def __init__(self, state: st.State, pod: str, fail_unloads: int):
+    def __init__(self, state: State, pod: str, fail_unloads: int):
         self.state, self.pod, self.fail = state, pod, fail_unloads
         self.orders: list[tuple[str, str, float]] = []
 
     async def run(self) -> None:
         last = "0"
         while True:
-            resp = await self.state.r.xread({st.orders_key(self.pod): last}, block=200)
+            resp = await self.state.r.xread({keys.orders_key(self.pod): last}, block=200)
             for _, entries in resp or []:
                 for eid, f in entries:
                     last = eid
@@ -51,18 +52,18 @@ class Loader:
                         ok = 0
                     ev = {"pod": self.pod, "model": model, "op": op, "ok": str(ok), "size": str(60 * MB) if op == "load" else "0",
                           "reason": "" if ok else "the runtime refused the unload"}
-                    await self.state.r.xadd(st.EVENTS, ev)
+                    await self.state.r.xadd(keys.EVENTS, ev)
 
 
 @pytest.fixture
-async def leader(valkey: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[st.State, Loader]]:
+async def leader(valkey: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[State, Loader]]:
     monkeypatch.setattr(maintain_mod, "UNLOAD_RETRY_SECONDS", 1.0)
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     await state.r.flushdb()
     s = Settings(redis_url=valkey.url, heartbeat_seconds=0.5, lease_seconds=1.0)
     pod = Pod("pod-0", "127.0.0.1", 1, 2, 100 * MB, ["sklearn"], max_loading=1)
-    await state.r.zadd(st.HEARTBEATS, {pod.id: time.time() + 3600})  # alive throughout
-    await state.commit([["HSET", st.PODS, pod.id, pod.to_json()]], [(st.KIND_POD, pod.id)])
+    await state.r.zadd(keys.HEARTBEATS, {pod.id: time.time() + 3600})  # alive throughout
+    await state.commit([["HSET", keys.PODS, pod.id, pod.to_json()]], [(KIND_POD, pod.id)])
     await state.register_models([ModelSpec(id=m, alias=m, format="sklearn", size_hint=60 * MB, storage={"path": "x"}) for m in ("a", "b")])
     loader = Loader(state, pod.id, fail_unloads=1)
     sched = Scheduler(s, state, Tuning(busy_window_seconds=0.01, maintain_seconds=0.2, rate_poll_seconds=60))
@@ -77,17 +78,17 @@ async def leader(valkey: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         await state.close()
 
 
-async def _copies(state: st.State, model: str) -> dict[str, str]:
-    raw = await state.r.hget(st.PLACEMENTS, model)
+async def _copies(state: State, model: str) -> dict[str, str]:
+    raw = await state.r.hget(keys.PLACEMENTS, model)
     return {p: c.state for p, c in copies_from_json(raw).items()} if raw else {}
 
 
-async def test_a_failed_unload_keeps_the_memory_booked_and_is_ordered_again(leader: tuple[st.State, Loader]) -> None:
+async def test_a_failed_unload_keeps_the_memory_booked_and_is_ordered_again(leader: tuple[State, Loader]) -> None:
     state, loader = leader
-    await state.r.xadd(st.LOAD_REQUESTS, st.load_request("a"))
+    await ops.request_load(state.r, LoadRequest("a"))
     await _until(lambda: _loaded(state, "a"), 10)
     await asyncio.sleep(0.3)  # a's busy window passes
-    await state.r.xadd(st.LOAD_REQUESTS, st.load_request("b"))  # 60 + 60 MB on 100 MB: a is evicted
+    await ops.request_load(state.r, LoadRequest("b"))  # 60 + 60 MB on 100 MB: a is evicted
     await _until(lambda: _has(loader, "unload", "a"), 10)
     await asyncio.sleep(0.5)
     assert (await _copies(state, "a")).get("pod-0") == "unloading", await _copies(state, "a")
@@ -98,7 +99,7 @@ async def test_a_failed_unload_keeps_the_memory_booked_and_is_ordered_again(lead
     assert await _copies(state, "a") == {}
 
 
-async def _loaded(state: st.State, model: str) -> bool:
+async def _loaded(state: State, model: str) -> bool:
     return (await _copies(state, model)).get("pod-0") == "loaded"
 
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
 from meshserve_loader.progress import ProgressPublisher
 from meshserve_loader.sink import Budget, Progress, Sink
 
@@ -37,11 +37,11 @@ def _counting(pub: ProgressPublisher) -> list[dict[str, Any]]:
 
 
 async def test_throttled_then_marked_loaded(valkey: Any) -> None:
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     try:
         pub = ProgressPublisher(state.r, "pod-0", interval=0.1, refresh=10.0, ttl=5.0, done_ttl=7.0)
         written = _counting(pub)
-        key = st.progress_key("m__isvc-01", "pod-0")
+        key = keys.progress_key("m__isvc-01", "pod-0")
         seen = []
         async with pub.track("m__isvc-01") as p:
             total = 1000 * 1024
@@ -69,13 +69,13 @@ async def test_throttled_then_marked_loaded(valkey: Any) -> None:
 
 
 async def test_failure_carries_the_reason(valkey: Any) -> None:
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     try:
         pub = ProgressPublisher(state.r, "pod-0", interval=0.05)
         with pytest.raises(ValueError):
             async with pub.track("bad__isvc-02"):
                 raise ValueError("corrupt.joblib: not a joblib file")
-        doc = json.loads(await state.r.get(st.progress_key("bad__isvc-02", "pod-0")))
+        doc = json.loads(await state.r.get(keys.progress_key("bad__isvc-02", "pod-0")))
         assert doc["phase"] == "failed" and doc["reason"] == "corrupt.joblib: not a joblib file"
     finally:
         await state.close()
@@ -84,10 +84,10 @@ async def test_failure_carries_the_reason(valkey: Any) -> None:
 async def test_entry_of_a_vanished_loader_expires(valkey: Any) -> None:
     """A loader killed mid-pull writes nothing more: its entry goes by itself, within the TTL.
     (Cancelling the load is the in-process stand-in: nothing is written after it.)"""
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     try:
         pub = ProgressPublisher(state.r, "pod-3", interval=0.05, refresh=0.2, ttl=0.6)
-        key = st.progress_key("gone__isvc-03", "pod-3")
+        key = keys.progress_key("gone__isvc-03", "pod-3")
 
         async def stalled_pull() -> None:
             async with pub.track("gone__isvc-03") as p:

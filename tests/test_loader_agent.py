@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
 from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings
 from meshserve.store.keys import POD_EVENTS
@@ -58,7 +58,7 @@ async def agent(valkey: Any, tmp_path: Path) -> AsyncIterator[Agent]:
     (vol / "slow").mkdir()
     (vol / "slow" / "model.py").write_text(SLOW_MODEL)
     (vol / "slow" / "model-settings.json").write_text(json.dumps({"implementation": "model.Slow"}))
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     await state.r.flushdb()
     async with aiohttp.ClientSession() as session:
         server = BuiltinAdapter(s, 0, builtin_runtime(["sklearn", "custom"]), session)
@@ -79,13 +79,13 @@ async def agent(valkey: Any, tmp_path: Path) -> AsyncIterator[Agent]:
 
 
 async def _order(a: Agent, op: str, spec: ModelSpec) -> None:
-    await a.state.r.xadd(st.orders_key(a.pod.id), {"op": op, "model": spec.id, "spec": spec.to_json()})
+    await a.state.r.xadd(keys.orders_key(a.pod.id), {"op": op, "model": spec.id, "spec": spec.to_json()})
 
 
 async def _results(a: Agent, n: int, timeout: float = 30) -> list[dict[str, str]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        evs = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await a.state.r.xrange(st.EVENTS)]
+        evs = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await a.state.r.xrange(keys.EVENTS)]
         evs = [e for e in evs if e.get("op") in ("load", "unload")]
         if len(evs) >= n:
             return evs
@@ -140,7 +140,7 @@ async def test_runtime_death_is_restarted_and_losses_reported(agent: Agent) -> N
     assert restarts and json.loads(restarts[0]["models"]) == [spec.id] and "exited with code -9" in restarts[0]["reason"]
     # Then it re-registers holding nothing, so placement drops the lost copy, and loads work again.
     while time.monotonic() < deadline:
-        regs = [f for _, f in await agent.state.r.xrange(st.EVENTS) if f.get(b"op") == b"register"]
+        regs = [f for _, f in await agent.state.r.xrange(keys.EVENTS) if f.get(b"op") == b"register"]
         if len(regs) >= 2:
             break
         await asyncio.sleep(0.1)
@@ -148,7 +148,7 @@ async def test_runtime_death_is_restarted_and_losses_reported(agent: Agent) -> N
     assert agent.process.pid not in (0, old_pid)
     # The restarted runtime bound new ports (port 0): the pod registered again with those, and
     # they are the ones that answer.
-    pod = Pod.from_json(await agent.state.r.hget(st.PODS, agent.pod.id))
+    pod = Pod.from_json(await agent.state.r.hget(keys.PODS, agent.pod.id))
     assert (pod.rest_port, pod.grpc_port) == (agent.server.endpoints.rest, agent.server.endpoints.grpc)
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{pod.rest_port}/v2/health/ready") as r:
         assert r.status == 200
@@ -182,7 +182,7 @@ async def test_loads_are_bounded_per_pod(valkey: Any, tmp_path: Path) -> None:
     vol = tmp_path / "pvc" / "vol"
     vol.mkdir(parents=True)
     (vol / "m.txt").write_text("x")
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     await state.r.flushdb()
     rt = _CountingRuntime()
     a = Agent(s, Pod("pod-9", "127.0.0.1", 1, 2, 1 << 30, ["string"]), rt, state)
@@ -203,7 +203,7 @@ async def test_drain_marks_the_pod_and_waits_bounded(valkey: Any, tmp_path: Path
     """SIGTERM's path: the pod record says draining, a drain event lists its models, and the
     agent waits for placement to move them, but no longer than the drain timeout."""
     s = Settings(data_dir=tmp_path, redis_url=valkey.url)
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     await state.r.flushdb()
     a = Agent(s, Pod("pod-7", "127.0.0.1", 1, 2, 1 << 30, ["string"]), _CountingRuntime(), state)
     await a.register()
@@ -211,7 +211,7 @@ async def test_drain_marks_the_pod_and_waits_bounded(valkey: Any, tmp_path: Path
     t0 = time.monotonic()
     await a.drain(0.5)
     assert 0.4 < time.monotonic() - t0 < 3
-    assert Pod.from_json(await state.r.hget(st.PODS, "pod-7")).draining is True
+    assert Pod.from_json(await state.r.hget(keys.PODS, "pod-7")).draining is True
     ev = [f for _, f in await state.r.xrange(POD_EVENTS)][-1]
     assert ev[b"op"] == b"drain" and json.loads(ev[b"models"]) == ["m__isvc-0000000001"]
     a.loaded.clear()  # placement moved everything: drain returns at once

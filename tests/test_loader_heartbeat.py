@@ -13,7 +13,8 @@ from typing import Any, AsyncIterator
 import pytest
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
+from meshserve.store.messages import KIND_POD
 from meshserve.model import Pod
 from meshserve.settings import Settings
 from meshserve_loader.agent import Agent
@@ -50,9 +51,9 @@ def valkey() -> Any:
 
 
 @pytest.fixture
-async def stuck(valkey: Any, tmp_path: Path) -> AsyncIterator[tuple[Agent, StuckRuntime, st.State]]:
+async def stuck(valkey: Any, tmp_path: Path) -> AsyncIterator[tuple[Agent, StuckRuntime, State]]:
     s = Settings(data_dir=tmp_path, redis_url=valkey.url, heartbeat_seconds=PERIOD)
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     await state.r.flushdb()
     rt = StuckRuntime()
     a = Agent(s, Pod("pod-0", "127.0.0.1", 1, 2, 1 << 30, ["sklearn"]), rt, state)
@@ -70,29 +71,29 @@ async def stuck(valkey: Any, tmp_path: Path) -> AsyncIterator[tuple[Agent, Stuck
         await state.close()
 
 
-async def test_heartbeats_go_on_while_the_runtime_does_not_answer(stuck: tuple[Agent, StuckRuntime, st.State]) -> None:
+async def test_heartbeats_go_on_while_the_runtime_does_not_answer(stuck: tuple[Agent, StuckRuntime, State]) -> None:
     _, rt, state = stuck
     assert not rt.release.is_set()
-    first = await state.r.zscore(st.HEARTBEATS, "pod-0")
+    first = await state.r.zscore(keys.HEARTBEATS, "pod-0")
     await asyncio.sleep(PERIOD * 8)
-    last = await state.r.zscore(st.HEARTBEATS, "pod-0")
+    last = await state.r.zscore(keys.HEARTBEATS, "pod-0")
     assert last - first >= PERIOD * 5, (first, last)
     assert time.time() - last < PERIOD * 2
 
 
-async def test_a_forgotten_pod_registers_again_within_a_period(stuck: tuple[Agent, StuckRuntime, st.State]) -> None:
+async def test_a_forgotten_pod_registers_again_within_a_period(stuck: tuple[Agent, StuckRuntime, State]) -> None:
     agent, rt, state = stuck
     rt.release.set()
-    events_before = await state.r.xlen(st.EVENTS)
+    events_before = await state.r.xlen(keys.EVENTS)
     # What placement's withdrawal does to the pod's registration.
-    await state.commit([["HDEL", st.PODS, "pod-0"]], [(st.KIND_POD, "pod-0")])
+    await state.commit([["HDEL", keys.PODS, "pod-0"]], [(KIND_POD, "pod-0")])
     t0 = time.monotonic()
-    while not await state.r.hexists(st.PODS, "pod-0"):
+    while not await state.r.hexists(keys.PODS, "pod-0"):
         assert time.monotonic() - t0 < PERIOD * 5, "the pod never registered again"
         await asyncio.sleep(0.01)
     assert time.monotonic() - t0 <= PERIOD * 2
     await asyncio.sleep(0.1)
-    events = await state.r.xrange(st.EVENTS)
+    events = await state.r.xrange(keys.EVENTS)
     reg = [f for _, f in events[events_before:] if f[b"op"] == b"register"]
     assert reg, events
     assert json.loads(reg[-1][b"models"]) == ["m__isvc-1"]

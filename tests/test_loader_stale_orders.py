@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve.store.keys import ORDERS_GROUP as GROUP, POD_EVENTS
@@ -47,15 +47,15 @@ async def test_restarted_loader_drops_withdrawn_orders_and_resumes_the_rest(tmp_
     (tmp_path / "pvc" / "vol" / "m.txt").write_text("x")
     with devmesh.valkey() as v:
         s = Settings(data_dir=tmp_path, redis_url=v.url)
-        state = st.State.from_url(v.url)
+        state = State.from_url(v.url)
         try:
             r = state.r
             pod = Pod("pod-0", "127.0.0.1", 1, 2, 1 << 30, ["string"])
-            key = st.orders_key(pod.id)
+            key = keys.orders_key(pod.id)
             await r.xgroup_create(key, GROUP, id="0", mkstream=True)
             kept, moved, gone = _spec("kept__isvc-01"), _spec("moved__isvc-02"), _spec("gone__isvc-03")
             # Placement's view: `kept` still loading here; `moved` re-placed on pod-1; `gone` withdrawn entirely.
-            await r.hset(st.PLACEMENTS, mapping={
+            await r.hset(keys.PLACEMENTS, mapping={
                 kept.id: copies_to_json({"pod-0": Copy(CopyState.LOADING, 1)}),
                 moved.id: copies_to_json({"pod-1": Copy(CopyState.LOADED, 1)}),
             })
@@ -75,7 +75,7 @@ async def test_restarted_loader_drops_withdrawn_orders_and_resumes_the_rest(tmp_
             finally:
                 loop.cancel()
             assert rt.loaded == [kept.id]
-            events = [{k.decode(): x.decode() for k, x in f.items()} for _, f in await r.xrange(st.EVENTS)]
+            events = [{k.decode(): x.decode() for k, x in f.items()} for _, f in await r.xrange(keys.EVENTS)]
             loads = [e for e in events if e.get("op") == "load"]
             assert [(e["model"], e["ok"]) for e in loads] == [(kept.id, "1")]
             dropped = [{k.decode(): x.decode() for k, x in f.items()} for _, f in await r.xrange(POD_EVENTS)]

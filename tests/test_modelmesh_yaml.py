@@ -304,13 +304,14 @@ def test_cli_apply_registers_a_predictor_and_refuses_an_unhandled_kind(tmp_path:
     from click.testing import CliRunner
 
     from meshserve_testing import devmesh
-    from meshserve import state as st
+    from meshserve.store import keys
+    from meshserve.store import State
     from meshserve.cli import cli
 
     async def models(url: str) -> dict[str, str]:
-        s = st.State.from_url(url)
+        s = State.from_url(url)
         try:
-            return {k.decode(): v.decode() for k, v in (await s.r.hgetall(st.ALIASES)).items()}
+            return {k.decode(): v.decode() for k, v in (await s.r.hgetall(keys.ALIASES)).items()}
         finally:
             await s.close()
 

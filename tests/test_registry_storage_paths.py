@@ -61,7 +61,8 @@ def test_paths_inside_their_store_still_apply(tmp_path: Path, storage: str) -> N
 
 def test_cli_apply_refuses_an_escaping_path_and_writes_nothing(tmp_path: Path) -> None:
     """Kind: integration (real Valkey, no mesh)."""
-    from meshserve import state as st
+    from meshserve.store import keys
+    from meshserve.store import State
     from meshserve.cli import cli
 
     f = _isvc(tmp_path, devmesh.pvc_storage("my-models-pvc", "../../storage-config"), name="escape")
@@ -71,9 +72,9 @@ def test_cli_apply_refuses_an_escaping_path_and_writes_nothing(tmp_path: Path) -
         assert f"{f}:14: spec.predictor.model.storage.path: '../../storage-config' escapes the store root" in res.output
 
         async def models() -> int:
-            s = st.State.from_url(v.url)
+            s = State.from_url(v.url)
             try:
-                return int(await s.r.hlen(st.MODELS))
+                return int(await s.r.hlen(keys.MODELS))
             finally:
                 await s.close()
 

@@ -249,7 +249,7 @@ def test_runtime_metrics_and_error_window() -> None:
 def test_cli_apply_get_promote_rollback_against_valkey(tmp_path: Path) -> None:
     """Kind: integration (real Valkey, no mesh)."""
     from meshserve_testing import devmesh
-    from meshserve import state as st
+    from meshserve.store import keys
     from meshserve.cli import cli
     from meshserve.rules import store
 
@@ -262,7 +262,7 @@ def test_cli_apply_get_promote_rollback_against_valkey(tmp_path: Path) -> None:
         bad.write_text((EXAMPLES / "split.yaml").read_text().replace("weight: 10", "weight: 15"))
         res = run.invoke(cli, ["apply", "-f", str(REPO / "mesh-config"), "-f", str(EXAMPLES / "models.yaml"), "-f", str(bad)], env=env)
         assert res.exit_code == 1 and "bad.yaml:10: spec.routes.0.to: weights sum to 105" in res.output, res.output
-        assert asyncio.run(_hlen(v.url, st.MODELS)) == 0  # refused before anything changed
+        assert asyncio.run(_hlen(v.url, keys.MODELS)) == 0  # refused before anything changed
         res = run.invoke(cli, ["apply", "-f", str(REPO / "mesh-config"), "-f", str(EXAMPLES / "models.yaml"), "-f", str(canary)], env=env)
         assert res.exit_code == 0, res.output
         assert "trafficrule/sklearn-mnist-canary applied" in res.output
@@ -282,16 +282,16 @@ def test_cli_apply_get_promote_rollback_against_valkey(tmp_path: Path) -> None:
         assert res.exit_code == 0 and "deleted" in res.output, res.output
         assert asyncio.run(_read(v.url))[0] == {}
         # A corrupt record is skipped, never fatal for readers (the xDS server builds routes from these).
-        asyncio.run(_hset(v.url, st.RULES, "junk", "{not json"))
+        asyncio.run(_hset(v.url, keys.RULES, "junk", "{not json"))
         assert "junk" not in asyncio.run(_read(v.url))[0]
         res = run.invoke(cli, ["rollback", "nope"], env=env)
         assert res.exit_code == 1 and "no traffic rule or version move named 'nope'" in res.output
 
 
 async def _hlen(url: str, key: str) -> int:
-    from meshserve import state as st
+    from meshserve.store import State
 
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
         return int(await s.r.hlen(key))
     finally:
@@ -299,9 +299,9 @@ async def _hlen(url: str, key: str) -> int:
 
 
 async def _hset(url: str, key: str, field: str, value: str) -> None:
-    from meshserve import state as st
+    from meshserve.store import State
 
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
         await s.r.hset(key, field, value)
     finally:
@@ -309,10 +309,10 @@ async def _hset(url: str, key: str, field: str, value: str) -> None:
 
 
 async def _read(url: str):  # type: ignore[no-untyped-def]
-    from meshserve import state as st
+    from meshserve.store import State
     from meshserve.rules import store
 
-    s = st.State.from_url(url)
+    s = State.from_url(url)
     try:
         return await store.read_all(s)
     finally:

@@ -124,7 +124,7 @@ async def test_agent_loads_from_s3_with_storage_config_setting(tmp_path: Path, s
     """The agent's wiring: MESHSERVE_STORAGE_CONFIG -> storage-config -> S3 pull -> the runtime
     gets a local path to the pulled file (real Valkey, real moto; the runtime is an in-memory fake)."""
     from meshserve_testing import devmesh
-    from meshserve import state as st
+    from meshserve.store import State
     from meshserve.model import ModelSpec, Pod
     from meshserve.settings import Settings
     from meshserve_loader.agent import Agent
@@ -146,7 +146,7 @@ async def test_agent_loads_from_s3_with_storage_config_setting(tmp_path: Path, s
 
     with devmesh.valkey() as v:
         s = Settings(data_dir=tmp_path, redis_url=v.url, storage_config=str(_config(tmp_path, s3_endpoint)))
-        state = st.State.from_url(v.url)
+        state = State.from_url(v.url)
         rt = Recorder()
         a = Agent(s, Pod("pod-0", "127.0.0.1", 1, 2, 1 << 30, ["sklearn"]), rt, state)
         spec = ModelSpec(id="mnist__isvc-0000000001", alias="mnist", format="sklearn", storage={"key": "localMinIO", "path": "sklearn/mnist-svm.joblib"})

@@ -84,7 +84,8 @@ async def test_agent_picks_up_a_changed_secret_without_restart(tmp_path: Path, c
     can't use and an s3 entry without the certificate; loads fail with those reasons, and after
     the Secret is fixed (symlink swap, as Kubernetes does) the next load pulls, same agent."""
     from meshserve_testing import devmesh
-    from meshserve import state as st
+    from meshserve.store import keys
+    from meshserve.store import State
     from meshserve.model import ModelSpec, Pod
     from meshserve.settings import Settings
     from meshserve_loader.agent import Agent
@@ -108,7 +109,7 @@ async def test_agent_picks_up_a_changed_secret_without_restart(tmp_path: Path, c
     _mount(secret, {"gcsHalf": json.dumps({"type": "gcs", "client_email": "sa@p"}), "private": json.dumps(_entry(tls_s3))})
     with devmesh.valkey() as v:
         s = Settings(data_dir=tmp_path, redis_url=v.url, storage_config=str(secret))
-        state = st.State.from_url(v.url)
+        state = State.from_url(v.url)
         rt = Recorder()
         a = Agent(s, Pod("pod-0", "127.0.0.1", 1, 2, 1 << 30, ["sklearn"]), rt, state)
         spec = ModelSpec(id="mnist__isvc-0000000001", alias="mnist", format="sklearn", storage={"key": "private", "path": "sklearn/mnist.joblib"})
@@ -118,7 +119,7 @@ async def test_agent_picks_up_a_changed_secret_without_restart(tmp_path: Path, c
         await a.register()
         gspec = ModelSpec(id="g__isvc-0000000001", alias="g", format="sklearn", storage={"key": "gcsHalf", "path": "m.joblib"})
         await a._handle(b"1-1", {b"op": b"load", b"model": gspec.id.encode(), b"spec": gspec.to_json().encode()})
-        events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await state.r.xrange(st.EVENTS)]
+        events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in await state.r.xrange(keys.EVENTS)]
         failed = [e for e in events if e.get("op") == "load" and e.get("model") == gspec.id]
         assert failed and failed[0]["ok"] == "0" and "'gcsHalf' (gcs): give both private_key and client_email" in failed[0]["reason"]
         _mount(secret, {"gcsHalf": json.dumps({"type": "gcs", "client_email": "sa@p"}), "private": json.dumps(_entry(tls_s3, certificate=ca.ca_pem))})

@@ -38,7 +38,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from meshserve import tracing
 from meshserve_testing import devmesh
-from meshserve import state as st
+from meshserve.store import State, keys
 from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings
 from meshserve_loader.agent import Agent
@@ -111,7 +111,7 @@ async def mesh(valkey: devmesh.Valkey, tmp_path: Path) -> AsyncIterator[Endpoint
     write_sklearn(tmp_path / "pvc" / "vol" / "mnist-svm.joblib")
     env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST", "MESHSERVE_DATA_DIR")}
     proc = RuntimeProcess("builtin", builtin_argv(0, tmp_path / "ports.json"), env, log_path=tmp_path / "runtime.log")
-    state = st.State.from_url(valkey.url)  # connects on first use
+    state = State.from_url(valkey.url)  # connects on first use
     tasks: list[asyncio.Task[Any]] = []
     runner: web.AppRunner | None = None
     gsrv: grpc.aio.Server | None = None
@@ -236,10 +236,10 @@ async def test_cold_request_is_one_trace_across_activator_leader_and_loader(
 
     # The context crossed Redis as stream fields: the load request carried the hold's, the
     # loader's result event the decision's.
-    state = st.State.from_url(valkey.url)
+    state = State.from_url(valkey.url)
     try:
-        reqs = [f for _, f in await state.r.xrange(st.LOAD_REQUESTS)]
-        events = [f for _, f in await state.r.xrange(st.EVENTS) if f.get(b"op") == b"load"]
+        reqs = [f for _, f in await state.r.xrange(keys.LOAD_REQUESTS)]
+        events = [f for _, f in await state.r.xrange(keys.EVENTS) if f.get(b"op") == b"load"]
     finally:
         await state.close()
     assert [carried(f) for f in reqs] == [(tid, hold.context.span_id)]
@@ -306,7 +306,7 @@ def test_control_actions_make_control_spans(exporter: InMemorySpanExporter, valk
     from meshserve.cli import cli
 
     async def flush_and_apply_up() -> None:
-        state = st.State.from_url(valkey.url)
+        state = State.from_url(valkey.url)
         try:
             await state.r.flushdb()
             await apply_path(state, REPO / "mesh-config")  # what `meshserve up` does at start
