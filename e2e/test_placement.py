@@ -27,7 +27,7 @@ from meshserve.store.state import runtime_json
 from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.settings import Settings
 from meshserve_placement.activator import Activator, LoadFailed
-from meshserve_placement.scheduler import Scheduler
+from meshserve_placement.leader import Scheduler
 from meshserve_placement.tuning import Tuning
 
 pytestmark = pytest.mark.e2e

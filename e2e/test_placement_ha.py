@@ -24,7 +24,7 @@ from test_placement import FakePod, spec  # the same fakes as the single-leader 
 from meshserve_testing import devmesh
 from meshserve.store import State, keys
 from meshserve.model import CopyState, Pod, copies_from_json
-from meshserve_placement.scheduler import QUEUED
+from meshserve_placement.decisions import QUEUED
 
 pytestmark = pytest.mark.e2e
 MB = 1 << 20

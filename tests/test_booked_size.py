@@ -9,7 +9,7 @@ from __future__ import annotations
 from bench import placement_sim as sim
 from meshserve.model import Copy, CopyState, ModelSpec, Pod
 from meshserve.store import Snapshot
-from meshserve_placement import policy, scheduler
+from meshserve_placement import policy, reload
 from meshserve_placement.sizes import UNKNOWN_MODEL_BYTES, booked_size, reported_of
 
 MiB = 1 << 20
@@ -32,16 +32,16 @@ def test_booked_size_prefers_reported_then_stated_then_unknown() -> None:
 
 def test_the_leader_books_through_it() -> None:
     # Before, a model with no hint booked 64 MiB whatever its loads had reported.
-    assert scheduler._model_view(_spec("a")).size == booked_size(0)
-    assert scheduler._model_view(_spec("a"), reported=496_557).size == 496_557
-    assert scheduler._model_view(_spec("b", 3 * MiB)).size == 3 * MiB
+    assert reload._model_view(_spec("a")).size == booked_size(0)
+    assert reload._model_view(_spec("a"), reported=496_557).size == 496_557
+    assert reload._model_view(_spec("b", 3 * MiB)).size == 3 * MiB
     # A leader that takes over remembers reported sizes from the LOADED copies it finds, not the
     # placeholder a LOADING copy was booked at.
     a, b = _spec("a"), _spec("b")
     snap = Snapshot(rev=1, models={a.id: a, b.id: b}, aliases={},
                     pods={"p": Pod("p", "127.0.0.1", 1, 2, 8 * MiB, ["sklearn"])},
                     placements={a.id: {"p": Copy(CopyState.LOADED, 496_557)}, b.id: {"p": Copy(CopyState.LOADING, UNKNOWN_MODEL_BYTES)}})
-    view = scheduler._build_view(snap, [], {}, 60.0)
+    view = reload._build_view(snap, [], {}, 60.0)
     assert view.models[a.id].size == 496_557
     assert view.models[b.id].size == UNKNOWN_MODEL_BYTES
 
@@ -51,13 +51,13 @@ def test_a_small_pod_takes_a_model_once_its_size_is_known() -> None:
     pod's whole capacity'. Stated or reported, its real size fits."""
     pods = {"p": policy.PodView("p", 4 * MiB, ["sklearn"])}
     view = policy.ClusterView(pods=pods, models={})
-    unsized = scheduler._model_view(_spec("a"))
+    unsized = reload._model_view(_spec("a"))
     view.set_model(unsized)
     assert policy.place(unsized, view, 0.0).pod is None
-    stated = scheduler._model_view(_spec("b", 600_000))
+    stated = reload._model_view(_spec("b", 600_000))
     view.set_model(stated)
     assert policy.place(stated, view, 0.0).pod == "p"
-    known = scheduler._model_view(_spec("a"), reported=496_557)
+    known = reload._model_view(_spec("a"), reported=496_557)
     view.set_model(known)
     assert policy.place(known, view, 0.0).pod == "p"
 
@@ -80,4 +80,4 @@ def test_the_simulator_books_what_the_leader_books() -> None:
         sim.simulate_policy(sim.Workload([300 * MiB, 2 * MiB], [0, 1], 1.0, 0), pods=1, capacity=1 << 30)
     finally:
         sim.policy.place = orig  # type: ignore[assignment]
-    assert booked == [scheduler._model_view(_spec("x")).size] * 2
+    assert booked == [reload._model_view(_spec("x")).size] * 2

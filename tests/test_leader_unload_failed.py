@@ -18,7 +18,7 @@ from meshserve.store.messages import KIND_POD, LoadRequest
 from meshserve.model import ModelSpec, Pod, copies_from_json
 from meshserve.settings import Settings
 from meshserve_placement import maintain as maintain_mod
-from meshserve_placement.scheduler import Scheduler
+from meshserve_placement.leader import Scheduler
 from meshserve_placement.tuning import Tuning
 
 MB = 1 << 20

@@ -48,7 +48,7 @@ from meshserve_loader.servers.builtin import RuntimeClient, builtin_argv, read_p
 from meshserve_placement.activator import Activator, build_rest_app
 from meshserve_placement.activator_grpc import GrpcActivator
 from meshserve_proto import grpc_predict_v2_pb2 as pb
-from meshserve_placement.scheduler import Scheduler
+from meshserve_placement.leader import Scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO.parent / "shared" / "fixtures"

@@ -16,7 +16,7 @@ from meshserve.observe import MeshStateCollector
 from meshserve.settings import Settings
 from meshserve_placement.activator import Activator, build_rest_app
 from meshserve_placement.activator_grpc import GrpcActivator
-from meshserve_placement.scheduler import Scheduler
+from meshserve_placement.leader import Scheduler
 
 log = logging.getLogger("meshserve.placement")
 

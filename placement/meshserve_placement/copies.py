@@ -1,5 +1,5 @@
 """How many copies each model should have: pure decisions over the ClusterView and the
-request rates, applied by the leader (scheduler.py) every `maintain_seconds`.
+request rates, applied by the leader (leader.py) every `maintain_seconds`.
 
 - A model gets another copy when its rate per copy crosses `scale_up_rps`, up to maxCopies
   (or the number of pods), and loses one when it has been quiet for a while.
@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from meshserve.model import CopyState
-from meshserve_placement.policy import ClusterView
+from meshserve_placement.view import ClusterView
 from meshserve_placement.tuning import Tuning
 
 

@@ -1,4 +1,4 @@
-"""Deciding one more copy of a model (policy.place) and booking it: the decision trace, the
+"""Deciding one more copy of a model (decide.place) and booking it: the decision trace, the
 evictions' unload orders, the LOADING copy and its place in the pod's load queue; and the
 models held while they wait for room to free up."""
 
@@ -15,7 +15,7 @@ from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import UnloadOrder
-from meshserve_placement import policy
+from meshserve_placement.decide import Decision, place
 from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
@@ -39,7 +39,7 @@ class Decisions:
         now = time.time()
         self._mark_health(now)
         mv = self.view.models[spec.id]
-        decision = policy.place(mv, self.view, now)
+        decision = place(mv, self.view, now)
         span.set_attributes({"meshserve.outcome": "placed" if decision.pod else "unplaceable", "meshserve.reason": decision.reason or ""})
         self.last_decisions[spec.id] = decision
         self.last_decisions.move_to_end(spec.id)
@@ -91,7 +91,7 @@ class Decisions:
         await self._dispatch(pod, ops, changes, queued=(spec.id, prio, carried))
         return True
 
-    def _room_frees(self, model: str, d: policy.Decision) -> bool:
+    def _room_frees(self, model: str, d: Decision) -> bool:
         """The decision found no room, but room will free by itself: copies that are busy,
         loading or unloading (policy), or a copy of this very model still unloading (a version
         retired a moment ago and asked for again by a rollback: once it is gone, the pod can
@@ -119,7 +119,7 @@ class Decisions:
                 self.waiting.discard(model)
                 continue
             # Pure and cheap: only a model that now fits goes through a decision that commits.
-            d = policy.place(mv, self.view, now)
+            d = place(mv, self.view, now)
             if d.pod is not None or not self._room_frees(model, d):
                 del self.room[model]
                 await self._place(spec, waiting=True, why=f"room freed up after {now - since:.1f}s waiting")

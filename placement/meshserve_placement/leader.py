@@ -12,7 +12,7 @@ the view's writes, and `_commit` keeps them once Redis took the commit and takes
 stream's pending list after a reload, never acknowledged as done.
 
 Who does what (docs/design/placement.md): requests to the leader (leader_requests.py), a
-decision and its booking (decisions.py over policy.py), sending queued loads (dispatch.py),
+decision and its booking (decisions.py over decide.py), sending queued loads (dispatch.py),
 load and unload results and pod registrations (events.py over reducers.py), pod liveness
 (pods.py), the copy reconcile (maintain.py), rates (rates.py), the view (reload.py).
 
@@ -44,7 +44,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import KIND_PLACEMENT
 from meshserve.settings import Settings
-from meshserve_placement import policy
+from meshserve_placement.decide import Decision
 from meshserve_placement.decisions import Decisions
 from meshserve_placement.dispatch import Dispatch
 from meshserve_placement.events import Events
@@ -55,6 +55,7 @@ from meshserve_placement.rates import Rates
 from meshserve_placement.reload import Reload
 from meshserve_placement.tuning import Tuning
 from meshserve_placement.types import Changes, Ops
+from meshserve_placement.view import ClusterView
 
 log = logging.getLogger("meshserve.placement")
 
@@ -80,7 +81,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self.s, self.state = settings, state
         self.t = tuning or Tuning.from_env()
         self.id = f"placement-{uuid.uuid4().hex[:8]}"
-        self.view = policy.ClusterView(pods={}, models={}, horizon_s=self.t.eviction_horizon_seconds)
+        self.view = ClusterView(pods={}, models={}, horizon_s=self.t.eviction_horizon_seconds)
         self.specs: dict[str, ModelSpec] = {}
         self.pods: dict[str, Pod] = {}
         self.heartbeats: dict[str, float] = {}
@@ -90,7 +91,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # model -> runtime: a request waits for a pool that has no pods yet (scale from zero)
         self.pending: dict[str, str] = {}
         # model -> [since, last asked]: a waiting request's model that fits only once busy,
-        # loading or unloading copies free up (policy.Decision.waits_for_room). Retried, oldest
+        # loading or unloading copies free up (Decision.waits_for_room). Retried, oldest
         # first, whenever room may have freed; dropped once no activator asked for it within the
         # cold-start timeout. In memory only: the activator asks again every 2 s while a
         # request waits, so a new leader learns them again within that.
@@ -113,7 +114,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self._fenced_write = state.r.register_script(_FENCED_WRITE_LUA)
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
-        self.last_decisions: OrderedDict[str, policy.Decision] = OrderedDict()  # the newest, for /debug
+        self.last_decisions: OrderedDict[str, Decision] = OrderedDict()  # the newest, for /debug
         self._traces: dict[tuple[str, str], dict[str, str]] = {}  # (pod, model) -> the decision's trace fields, until its order is sent
         self._decided: dict[str, trace.SpanContext] = {}  # model -> its latest decision's span (joined loads link to it)
 

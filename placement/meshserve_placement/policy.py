@@ -3,8 +3,11 @@
 A decision runs a chain of filters (which pods may take the model) and then scorers (which of
 those is best), as Seldon's scheduler does. Every step has a name and a one-line description,
 and every decision returns the trace of what each step said, so `meshserve explain` and the
-"could not place" 503 can say exactly why. The parts live in their own modules; this one names
-them for callers that want the whole policy:
+"could not place" 503 can say exactly why. The parts live in their own modules; this one is the
+policy's public facade, kept on purpose (not a compatibility shim): the simulator
+(bench/placement_sim.py), the throughput bench and the policy tests program against "the policy"
+as one thing and must not care how it is split. Modules inside this package import the parts
+directly.
 
 - view.py: `ClusterView`, the cluster and its index (bytes per pod, eviction heaps); eviction order.
 - filters.py: which pods may take a model, and why not.

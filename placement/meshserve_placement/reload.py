@@ -14,7 +14,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_MODEL
 from meshserve.store.state import parse_runtimes
-from meshserve_placement import policy
+from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeView
 from meshserve_placement.sizes import booked_size, reported_of
 
 log = logging.getLogger("meshserve.placement")
@@ -99,7 +99,7 @@ class Reload:
         self._apply_pods(raw, raw_runtimes)
 
     def _apply_pods(self, raw: dict[bytes, bytes], raw_runtimes: dict[bytes, bytes]) -> None:
-        runtimes = {n: policy.RuntimeView(n, tuple(f), tuple(a)) for n, (f, a) in parse_runtimes(raw_runtimes).items()}
+        runtimes = {n: RuntimeView(n, tuple(f), tuple(a)) for n, (f, a) in parse_runtimes(raw_runtimes).items()}
         if runtimes != self.view.runtimes:
             self.view.runtimes = runtimes
         for key, v in raw.items():
@@ -159,17 +159,17 @@ class Reload:
                 full, ids = True, set()
 
 
-def _model_view(m: ModelSpec, reported: int = 0) -> policy.ModelView:
+def _model_view(m: ModelSpec, reported: int = 0) -> ModelView:
     # The size a load reported, else the stated size, else the unknown-size default (sizes.py).
-    return policy.ModelView(m.id, m.format, booked_size(m.size_hint, reported), m.pinned, m.min_copies, m.max_copies, m.runtime)
+    return ModelView(m.id, m.format, booked_size(m.size_hint, reported), m.pinned, m.min_copies, m.max_copies, m.runtime)
 
 
-def _pod_view(p: Pod) -> policy.PodView:
-    return policy.PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
+def _pod_view(p: Pod) -> PodView:
+    return PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
 
 
-def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> policy.ClusterView:
-    return policy.ClusterView(
+def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> ClusterView:
+    return ClusterView(
         pods={p.id: _pod_view(p) for p in snap.pods.values()},
         # A new leader knows a model's reported size from the copies it finds booked.
         models={m.id: _model_view(m, reported_of(c.size for c in snap.placements.get(m.id, {}).values() if c.state == CopyState.LOADED)) for m in snap.models.values()},

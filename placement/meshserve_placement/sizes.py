@@ -1,5 +1,5 @@
 """The bytes placement books for a copy of a model. Pure, and the one place that decides it: the
-leader (scheduler.py) and the simulator (bench/placement_sim.py) both call `booked_size`, so the
+leader (reload.py) and the simulator (bench/placement_sim.py) both call `booked_size`, so the
 simulator books what the live service books.
 
 What it is made of:

@@ -29,7 +29,7 @@ class Tuning:
     idle_unload_seconds: float = 0.0
     # How often the leader reconciles copies (scale, minimums, idle, draining pods).
     maintain_seconds: float = 1.0
-    # Eviction value horizon (see policy.eviction_key); 0 gives plain global LRU.
+    # Eviction value horizon (see view.ClusterView.eviction_key); 0 gives plain global LRU.
     eviction_horizon_seconds: float = 300.0
     # Attempts at loading one model (each on a pod not tried yet) before giving up.
     max_load_attempts: int = 3
