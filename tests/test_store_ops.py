@@ -1,7 +1,8 @@
 """Kind: integration (a real Valkey, from devmesh). The store's operations do what the
 components rely on: a request reads back as the message written; an order's result and its
 acknowledgement land together; a heartbeat says whether placement still knows the pod; commits
-are followed on ms:changes; and the readers of ms:events (`describe`, the metrics) see the
+are followed on ms:changes; a fenced write lands whole without a revision, and not at all once the
+lease is lost; and the readers of ms:events (`describe`, the metrics) see the
 loaders' results."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from meshserve.observe import MeshStateCollector
 from meshserve_testing import devmesh
 from meshserve.store import keys, messages as m
 from meshserve.store import ops as store_ops
-from meshserve.store.state import State
+from meshserve.store.state import NotLeader, State
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,19 @@ async def test_commits_are_followed_on_the_change_stream(state: State) -> None:
     assert [c for _, c in got] == [m.Change(rev, m.KIND_MODEL, "a__isvc-1"), m.Change(rev, m.KIND_ALIAS, "a")]
     assert (await store_ops.last_change(state.r))[1] == rev
     assert [c for _, c in await store_ops.changes_since(state.r, got[0][0], 10)] == [got[1][1]]
+
+
+async def test_a_fenced_write_lands_whole_without_a_revision_and_fails_whole_once_the_lease_is_lost(state: State) -> None:
+    await state.r.set(keys.LEASE, "leader-a", px=5000)
+    start = await store_ops.last_change(state.r)
+    await state.fenced_write([store_ops.enqueue("pod-0", "a", 1764654534.123456), store_ops.set_decision("a", {"pod": "pod-0"})], fence="leader-a")
+    assert await state.r.zscore(keys.loadq_key("pod-0"), "a") == 1764654534.123456  # a timestamp keeps its microseconds
+    assert await state.r.hget(keys.DECISIONS, "a") == b'{"pod":"pod-0"}'
+    assert await store_ops.last_change(state.r) == start and await state.rev() == 0  # not a routing change
+    await state.r.set(keys.LEASE, "leader-b", px=5000)  # a new leader took over
+    with pytest.raises(NotLeader):
+        await state.fenced_write([store_ops.enqueue("pod-0", "b", 2.0), store_ops.set_decision("b", {})], fence="leader-a")
+    assert await state.r.zscore(keys.loadq_key("pod-0"), "b") is None and not await state.r.hexists(keys.DECISIONS, "b")
 
 
 async def test_describe_and_the_metrics_read_the_loaders_results(state: State) -> None:

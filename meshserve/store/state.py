@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Awaitable, Iterable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -38,6 +38,17 @@ end
 return rev
 """
 
+# ARGV[1]: fencing token; ARGV[2]: JSON list of redis commands (all strings).
+_FENCED_WRITE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER lease lost')
+end
+for _, op in ipairs(cjson.decode(ARGV[2])) do
+  redis.call(unpack(op))
+end
+return 1
+"""
+
 
 class NotLeader(RuntimeError):
     pass
@@ -60,6 +71,7 @@ class State:
     def __init__(self, r: aioredis.Redis):
         self.r = r
         self._commit = r.register_script(_COMMIT_LUA)
+        self._fenced_write = r.register_script(_FENCED_WRITE_LUA)
 
     @classmethod
     def from_url(cls, url: str) -> "State":
@@ -77,16 +89,18 @@ class State:
     ) -> int:
         """Apply `ops` (command lists built by meshserve/store/ops.py) and record `changes`, all
         or nothing; with `fence`, only while `lease` (the placement leader's unless told) is held by it."""
-        try:
-            rev = await self._commit(
-                keys=[REV, CHANGES, lease],
-                args=[json.dumps([list(map(_s, op)) for op in ops]), json.dumps(list(changes)), fence, CHANGES_MAXLEN],
-            )
-        except aioredis.ResponseError as e:
-            if "NOTLEADER" in str(e):
-                raise NotLeader(str(e)) from None
-            raise
+        rev = await _fenced(self._commit(
+            keys=[REV, CHANGES, lease],
+            args=[json.dumps([list(map(_s, op)) for op in ops]), json.dumps(list(changes)), fence, CHANGES_MAXLEN],
+        ))
         return int(rev)
+
+    async def fenced_write(self, ops: Sequence[Sequence[Any]], fence: str, lease: str = LEASE) -> None:
+        """Apply `ops` all or nothing while `lease` is held by `fence`, without a revision: for
+        writes nothing routing depends on (the leader's queue priorities, decision traces), so
+        they neither bump ms:rev nor look like a missed change to the xDS server."""
+        if ops:
+            await _fenced(self._fenced_write(keys=[lease], args=[fence, json.dumps([[str(x) for x in op] for op in ops])]))
 
     async def rev(self) -> int:
         return int(await self.r.get(REV) or 0)
@@ -155,6 +169,15 @@ class State:
             ops.append(["HSET", ALIASES, s.alias, s.id])
             changes += [(KIND_MODEL, s.id), (KIND_ALIAS, s.alias)]
         return await self.commit(ops, changes)
+
+
+async def _fenced(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except aioredis.ResponseError as e:
+        if "NOTLEADER" in str(e):
+            raise NotLeader(str(e)) from None
+        raise
 
 
 def runtime_json(formats: Sequence[str], auto_formats: Sequence[str]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections import OrderedDict
@@ -61,19 +60,6 @@ log = logging.getLogger("meshserve.placement")
 
 GROUP, CONSUMER = k.LEADER_GROUP, k.LEADER_CONSUMER
 HANDLER_TRIES = 3  # a stream entry whose handler keeps failing is dropped (logged) after this many
-
-# Writes that change nothing routing depends on (queue priorities, decision traces) skip
-# `State.commit`, so they neither bump ms:rev nor look like a gap to the xDS server; they are
-# fenced by the lease all the same.
-_FENCED_WRITE_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('NOTLEADER lease lost')
-end
-for _, op in ipairs(cjson.decode(ARGV[2])) do
-  redis.call(unpack(op))
-end
-return 1
-"""
 
 
 class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, Rates):
@@ -111,7 +97,6 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
         self.lease = Lease(state.r, k.LEASE, self.id, settings.lease_seconds)
-        self._fenced_write = state.r.register_script(_FENCED_WRITE_LUA)
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
         self.last_decisions: OrderedDict[str, Decision] = OrderedDict()  # the newest, for /debug
@@ -239,13 +224,8 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
     async def _write(self, ops: Ops, changes: Changes) -> int:
         if changes:
             return await self.state.commit(ops, changes, fence=self.id)
-        if ops:
-            try:
-                await self._fenced_write(keys=[k.LEASE], args=[self.id, json.dumps([[str(x) for x in op] for op in ops])])
-            except aioredis.ResponseError as e:
-                if "NOTLEADER" in str(e):
-                    raise NotLeader(str(e)) from None
-                raise
+        # Queue priorities and decision traces: fenced, but not a routing change (no ms:rev bump).
+        await self.state.fenced_write(ops, fence=self.id)
         return 0
 
     def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
