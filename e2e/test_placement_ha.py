@@ -133,13 +133,7 @@ async def test_leader_killed_mid_churn_other_takes_over_cleanly() -> None:
                 t.cancel()
             await asyncio.gather(watcher, *fakes, return_exceptions=True)
             for pr in procs:
-                if pr.poll() is None:
-                    pr.terminate()
-                    try:
-                        pr.wait(10)
-                    except subprocess.TimeoutExpired:
-                        pr.kill()
-                        pr.wait(5)
+                devmesh.stop(pr)
             await state.close()
 
 

@@ -10,24 +10,11 @@ import pytest
 from meshserve import registry
 from meshserve.model import ModelSpec
 from meshserve.yamlfile import ConfigError, load_documents
+from meshserve_testing import devmesh
 
 
 def _isvc(name: str, annotations: str = "") -> str:
-    return f"""apiVersion: serving.kserve.io/v1beta1
-kind: InferenceService
-metadata:
-  name: {name}
-  annotations:
-    serving.kserve.io/deploymentMode: ModelMesh
-{annotations}spec:
-  predictor:
-    model:
-      modelFormat:
-        name: peft
-      storage:
-        parameters: {{type: pvc, name: models}}
-        path: adapters/{name}
-"""
+    return devmesh.inference_service(name, "peft", devmesh.pvc_storage("models", f"adapters/{name}"), annotations)
 
 
 def _parse(text: str) -> ModelSpec:

@@ -1,4 +1,4 @@
-"""Kind: integration (a real Valkey, from devmesh). The one Lease helper
+"""Kind: integration (a real Valkey, from devmesh; fixtures in conftest.py). The one Lease helper
 (meshserve/store/lease.py) every leader-elected process holds: one holder at a time, a lapsed
 holder never extends it back, its keeper says when it is lost, and a write fenced by it fails
 whole once it is lost (the rollout controller's writes, issue 15)."""
@@ -6,31 +6,13 @@ whole once it is lost (the rollout controller's writes, issue 15)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
 
 import pytest
 
-from meshserve_testing import devmesh
 from meshserve.store import keys
 from meshserve.store import ops as store_ops
 from meshserve.store.lease import Lease
 from meshserve.store.state import NotLeader, State
-
-
-@pytest.fixture(scope="module")
-def valkey() -> Any:
-    with devmesh.valkey() as v:
-        yield v
-
-
-@pytest.fixture
-async def state(valkey: Any) -> AsyncIterator[State]:
-    s = State.from_url(valkey.url)
-    await s.r.flushall()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_one_holder_at_a_time_and_a_lapsed_one_never_takes_it_back(state: State) -> None:

@@ -1,4 +1,4 @@
-"""Kind: integration (a real Valkey, from devmesh). The store's operations do what the
+"""Kind: integration (a real Valkey, from devmesh; fixtures in conftest.py). The store's operations do what the
 components rely on: a request reads back as the message written; an order's result and its
 acknowledgement land together; a heartbeat says whether placement still knows the pod; commits
 are followed on ms:changes; a fenced write lands whole without a revision, and not at all once the
@@ -7,33 +7,15 @@ loaders' results."""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
 
 import pytest
 
 from meshserve import events
 from meshserve.model import ModelSpec, Pod
 from meshserve.observe import MeshStateCollector
-from meshserve_testing import devmesh
 from meshserve.store import keys, messages as m
 from meshserve.store import ops as store_ops
 from meshserve.store.state import NotLeader, State
-
-
-@pytest.fixture(scope="module")
-def valkey() -> Any:
-    with devmesh.valkey() as v:
-        yield v
-
-
-@pytest.fixture
-async def state(valkey: Any) -> AsyncIterator[State]:
-    s = State.from_url(valkey.url)
-    await s.r.flushall()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def pod(pod_id: str = "pod-0") -> Pod:

@@ -26,17 +26,17 @@ from meshserve import ports
 REPO = Path(__file__).resolve().parents[2]
 
 
-def inference_service(name: str, model_format: str, storage: str) -> str:
+def inference_service(name: str, model_format: str, storage: str, annotations: str = "") -> str:
     """An InferenceService in the users' form (KServe v1beta1, ModelMesh mode), for test and
     benchmark mesh-configs; `storage` is the predictor model's storage lines, as made by
-    `pvc_storage` or `uri_storage`."""
+    `pvc_storage` or `uri_storage`; `annotations`, more annotation lines (indented four)."""
     return f"""apiVersion: serving.kserve.io/v1beta1
 kind: InferenceService
 metadata:
   name: {name}
   annotations:
     serving.kserve.io/deploymentMode: ModelMesh
-spec:
+{annotations}spec:
   predictor:
     model:
       modelFormat:

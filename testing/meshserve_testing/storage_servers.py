@@ -5,7 +5,6 @@ skip with a message only when npm itself is missing)."""
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Iterator
 
 import pytest
 
+from meshserve_testing import pki
 from meshserve_testing.devmesh import announced, free_port, http_get, moto_url, stop, wait_until
 
 # Azurite's well-known development account (documented by Microsoft, the same in every Azurite).
@@ -40,41 +40,18 @@ class ServerCA:
 
 
 def make_ca(d: Path) -> ServerCA:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     import ipaddress
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshserve test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    root = pki.ca("meshserve test CA")
+    cert, key = pki.leaf(root, "127.0.0.1", [ExtendedKeyUsageOID.SERVER_AUTH],
+                         [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
     d.mkdir(parents=True, exist_ok=True)
-    (d / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return ServerCA(ca.public_bytes(serialization.Encoding.PEM).decode(), d / "server.pem", d / "server.key")
+    pki.write(d / "server.pem", cert, key, d / "server.key")
+    return ServerCA(root[0].public_bytes(serialization.Encoding.PEM).decode(), d / "server.pem", d / "server.key")
 
 
 # --- S3: moto ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import grpc
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from meshserve_testing.devmesh import wait_until
+from meshserve_testing.devmesh import stop, wait_until
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
 from meshserve_xds.server import AdsServer
@@ -191,13 +191,7 @@ def envoy(bootstrap_json: str, admin_port: int = 0, concurrency: int = 1, log_le
                     raise RuntimeError(f"envoy exited early:\n{e.log()[-3000:]}")
                 yield e
             finally:
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait(10)
+                stop(proc)
 
 
 class Upstream:
