@@ -12,7 +12,7 @@ in a fresh process, so load on the shared machine hits both alike.
     .venv/bin/python -m bench.xds_versus --baseline /tmp/main-tree convergence --rounds 2
 
 Writes bench/results/xds_versus.json. The baseline runs with its own `meshserve` and
-`meshserve_xds` first on PYTHONPATH, in this venv.
+components first on PYTHONPATH, in this venv (`tree_env`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,15 @@ from typing import Any
 from bench.common import REPO, write
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """This venv, with `tree`'s own kernel and every component folder of it first on the path
+    (the processes a mesh starts inherit it, so they run that tree's code too)."""
+    folders = sorted({str(p.parent) for p in tree.glob("*/meshserve_*") if p.is_dir()})
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([*folders, str(tree)]))
+
+
 def run_in(tree: Path, args: list[str], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "xds"), str(tree)]))
-    out = subprocess.run([sys.executable, "-m", *args], cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run([sys.executable, "-m", *args], cwd=tree, env=tree_env(tree), capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise SystemExit(f"{tree}: {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
