@@ -94,8 +94,8 @@ async def test_a_failed_unload_keeps_the_memory_booked_and_is_ordered_again(lead
     assert (await _copies(state, "a")).get("pod-0") == "unloading", await _copies(state, "a")
     assert not _has_now(loader, "load", "b"), f"b's load went out while a is still held: {loader.orders}"
     await _until(lambda: _loaded(state, "b"), 10)
-    ops = [(op, m) for op, m, _ in loader.orders]
-    assert ops == [("load", "a"), ("unload", "a"), ("unload", "a"), ("load", "b")], ops
+    orders = [(op, m) for op, m, _ in loader.orders]
+    assert orders == [("load", "a"), ("unload", "a"), ("unload", "a"), ("load", "b")], orders
     assert await _copies(state, "a") == {}
 
 
