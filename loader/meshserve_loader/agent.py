@@ -33,6 +33,8 @@ from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.registry import ADAPTER_CONFIG, base_from_adapter_config
 from meshserve.yamlfile import ConfigError
 from meshserve.settings import Settings
+from meshserve.store.keys import REV, XDS_SYNCED
+from meshserve.store.messages import gateways_caught_up
 from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
@@ -45,6 +47,7 @@ from meshserve_loader.storage_config import StorageConfigError, StorageConfigSou
 log = logging.getLogger("meshserve.loader")
 
 GROUP = "loader"
+GATEWAY_POLL_S = 0.01  # an unload's look at the gateways' revisions: one HGETALL
 # Pod lifecycle news (drain, runtime restarts and the models they lost), for operators and any
 # component that wants it. Kept off ms:events, whose readers expect one model per event.
 POD_EVENTS = st.POD_EVENTS  # the schema lives in meshserve/state.py, beside its reader `meshserve describe`
@@ -194,6 +197,31 @@ class Agent:
         with tracing.handling(fields.get(b"model", b"").decode(), fields):
             await self._handle_order(eid, fields)
 
+    async def _routes_withdrawn(self) -> None:
+        """Until every gateway applied the routes as of now (the xDS servers publish the
+        revision each one ACKed, keys.XDS_SYNCED), at most `unload_grace_seconds`. The order
+        arrived after its commit, so the revision read here includes the route's withdrawal.
+        With no gateway known (an xDS server that does not report), the whole grace."""
+        deadline = time.monotonic() + self.s.unload_grace_seconds
+        rev: int | None = None
+        while True:
+            try:
+                async with self.state.r.pipeline(transaction=False) as p:
+                    if rev is None:
+                        p.get(REV)
+                    p.hgetall(XDS_SYNCED)
+                    got = await p.execute()
+                if rev is None:
+                    rev = int(got[0] or 0)
+                if self.s.unload_waits_for_gateways and gateways_caught_up(got[-1], rev, time.time()):
+                    return
+            except (aioredis.RedisError, OSError) as e:
+                log.debug("unload: gateways' revisions: %s", e)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(GATEWAY_POLL_S, left))
+
     async def _handle_order(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
         op = fields.get(b"op", b"").decode()
         model_id = fields.get(b"model", b"").decode()
@@ -215,7 +243,7 @@ class Agent:
                 else:
                     # The route withdrawal committed with this order is still on its way to the
                     # gateways: requests they route here meanwhile are served, not 404ed.
-                    await asyncio.sleep(self.s.unload_grace_seconds)
+                    await self._routes_withdrawn()
                     await self.rt.unload(model_id)
                 self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)
