@@ -71,7 +71,8 @@ class AdsThread:
 
     def set(self, group: str, res: r.Resources) -> list[str]:
         assert self.cache is not None
-        return self.call(self.cache.set(group, res))
+        cache = self.cache
+        return self.run(lambda: cache.set(group, res))  # the cache is sync since 1a2319e: on its loop
 
     def stop_server(self) -> None:
         """Stop serving gRPC (streams drop) but keep the loop, to restart on the same port."""
