@@ -33,8 +33,7 @@ from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.registry import ADAPTER_CONFIG, base_from_adapter_config
 from meshserve.yamlfile import ConfigError
 from meshserve.settings import Settings
-from meshserve.store.keys import REV, XDS_SYNCED
-from meshserve.store.messages import gateways_caught_up
+from meshserve.store import ops
 from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
@@ -206,14 +205,8 @@ class Agent:
         rev: int | None = None
         while True:
             try:
-                async with self.state.r.pipeline(transaction=False) as p:
-                    if rev is None:
-                        p.get(REV)
-                    p.hgetall(XDS_SYNCED)
-                    got = await p.execute()
-                if rev is None:
-                    rev = int(got[0] or 0)
-                if self.s.unload_waits_for_gateways and gateways_caught_up(got[-1], rev, time.time()):
+                rev, there = await ops.gateways_at(self.state.r, rev)
+                if there and self.s.unload_waits_for_gateways:
                     return
             except (aioredis.RedisError, OSError) as e:
                 log.debug("unload: gateways' revisions: %s", e)

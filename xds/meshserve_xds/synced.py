@@ -18,7 +18,7 @@ import time
 from typing import Callable, Mapping
 
 from meshserve.store import State
-from meshserve.store import keys as k
+from meshserve.store import ops
 from meshserve.store.messages import GatewaySync
 from meshserve_xds.stream import KEEP_SUFFIX, Stream
 
@@ -70,17 +70,12 @@ class SyncReporter:
                 now = time.time()
                 want = synced_revs(self.streams, self.rev(), self.written)
                 refresh = now - refreshed >= REFRESH_S
-                put = {f: GatewaySync(r, now).encode() for f, r in want.items() if refresh or self.written.get(f) != r}
+                put = {f: GatewaySync(r, now) for f, r in want.items() if refresh or self.written.get(f) != r}
                 gone = [f for f in self.written if f not in want]
                 if not put and not gone:
                     continue
                 try:
-                    async with self.state.r.pipeline(transaction=False) as p:
-                        if put:
-                            p.hset(k.XDS_SYNCED, mapping=put)
-                        if gone:
-                            p.hdel(k.XDS_SYNCED, *gone)
-                        await p.execute()
+                    await ops.report_synced(self.state.r, put, gone)
                 except Exception as e:  # noqa: BLE001 - loaders fall back to their fixed grace
                     log.warning("xds: could not publish the gateways' revisions: %s", e)
                     continue
@@ -90,6 +85,6 @@ class SyncReporter:
         finally:
             if self.written:
                 try:
-                    await self.state.r.hdel(k.XDS_SYNCED, *self.written)
+                    await ops.report_synced(self.state.r, {}, list(self.written))
                 except Exception:  # noqa: BLE001 - the entries go stale by themselves
                     pass
