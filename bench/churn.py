@@ -29,7 +29,7 @@ from typing import Iterator
 
 from bench import hops
 from bench.common import pct, write
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 # A row of scikit-learn's digits set (the example model predicts 8 for it): the request body of
 # ../shared/fixtures/mnist-request-v2-rest.json, inlined so the benchmark needs no fixtures.

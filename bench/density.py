@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import pct, write
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec
 

@@ -37,12 +37,12 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import string_pb2
-from meshserve.devmesh import free_port, wait_until
+from meshserve_testing.devmesh import free_port, wait_until
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from meshserve_xds import listeners, pb
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
-from meshserve_xds.harness import envoy, http
+from meshserve_testing.xds_harness import envoy, http
 
 MODEL = "m"
 
@@ -108,7 +108,8 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("this benchmark needs `wrk`: apt-get install wrk")
-    p_with, p_without, p_pod, admin = free_port(), free_port(), free_port(), free_port()
+    p_with, p_without, p_pod = free_port(), free_port(), free_port()
+    admin = 0  # Envoy binds any free admin port; the harness reads it back
     pod_listener, pod_cluster = pod(p_pod)
     boot = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
             "static_resources": {"listeners": [listener(p_with, True), listener(p_without, False), pod_listener], "clusters": [pod_cluster]}}

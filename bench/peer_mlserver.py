@@ -26,11 +26,12 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import REPO, hey, install_hey, write
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.example_models import write_sklearn
-from meshserve_loader.mlserver import MLServerClient
-from meshserve_loader.mlserver_venv import ensure_mlserver
-from meshserve_loader.process import RuntimeProcess, start_mlserver
+from meshserve_loader.servers.mlserver import MLServerClient
+from meshserve_loader.servers.mlserver_venv import ensure_mlserver
+from meshserve_loader.process import RuntimeProcess
+from meshserve_loader.servers.mlserver import start_mlserver
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
 MODEL_ID = "sklearn-mnist__isvc-standalone"

@@ -48,8 +48,8 @@ from typing import Any, Callable, Iterator
 from bench import churn
 from bench.common import REPO, hey, install_hey, pct, write
 from bench.density import rss_mib
-from e2e.sidevenv import ensure
-from meshserve import devmesh
+from meshserve_testing import devmesh
+from meshserve_testing.sidevenv import ensure
 
 RAY_HEADER = "serve_multiplexed_model_id"
 IN_NETNS = "MESHSERVE_PEER_NETNS"

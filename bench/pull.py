@@ -34,7 +34,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 
 from bench.common import write
-from meshserve.devmesh import free_port, http_get, stop, wait_until
+from meshserve_testing.devmesh import free_port, http_get, stop, wait_until
 from meshserve_loader import pull_s3
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench.common import hey, install_hey, write
 from bench.density import BODY, count_loaded, register, request_loads, spec
-from meshserve import devmesh
-from meshserve_xds.harness import model_route_clusters
+from meshserve_testing import devmesh
+from meshserve_testing.xds_harness import model_route_clusters
 
 
 def _mesh(stack: ExitStack, tmp: Path, registered: int, loaded: int, timeout: float) -> devmesh.Mesh:

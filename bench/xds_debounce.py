@@ -23,11 +23,11 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
-from meshserve_xds.harness import AdsThread
+from meshserve_testing.xds_harness import AdsThread
 from meshserve_xds.source import RedisSource
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xds_debounce.json"

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.xds_routing import Client
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy
 from meshserve_xds.source import RedisSource
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xds_e2e_latency.json"
@@ -63,7 +63,8 @@ def run(n: int, changes: int, delta: bool, layout: str = "matcher", registered: 
         with devmesh.valkey() as v:
             pods = [Pod(u.name, "127.0.0.1", u.port, u.port, 1 << 30) for u in ups]
             asyncio.run(seed(v.url, n, pods, registered))
-            rest, grpc_port, admin = devmesh.free_port(), devmesh.free_port(), devmesh.free_port()
+            rest, grpc_port = devmesh.free_port(), devmesh.free_port()
+            admin = 0  # Envoy binds any free admin port; the harness reads it back
             settings = Settings(redis_url=v.url, gateway_rest_port=rest, gateway_grpc_port=grpc_port,
                                 activator_rest_port=act.port, activator_grpc_port=act.port)
             ads = AdsThread().start()

@@ -29,10 +29,10 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from bench.xds_layouts import LAYOUTS, Layout
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy
 from meshserve_xds.server import GATEWAY_GROUP
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xds_routing.json"
@@ -97,7 +97,8 @@ def run_one(layout: Layout, n: int, timeout: float, changes_n: int = 5, per_reso
     try:
         pods = {u.name: r.Endpoint("127.0.0.1", u.port, u.port) for u in ups}
         state = routing_state(n, pods, r.Endpoint("127.0.0.1", act.port, act.port))
-        port, admin = free_port(), free_port()
+        port = free_port()
+        admin = 0  # Envoy binds any free admin port; the harness reads it back
 
         async def build() -> tuple[float, int]:
             t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

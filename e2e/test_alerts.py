@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.tools import apt_binary
+from meshserve_testing.tools import apt_binary
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "istio" / "alerts.yaml"

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, TypeVar
 import grpc
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import pytest
 import redis
 
-from e2e.stores import ModelStore, knn_model
-from meshserve import devmesh
+from meshserve_testing.model_store import ModelStore, knn_model
+from meshserve_testing import devmesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 pytestmark = pytest.mark.e2e
 

@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 
 from e2e.clientlib.venv import ensure_clients
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
-pytestmark = pytest.mark.e2e
+# The first run installs the clients into their own venv (a few minutes, more on a busy machine):
+# the install, in the module fixture, counts against each test's timeout.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[1]
 
 

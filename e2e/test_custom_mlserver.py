@@ -27,9 +27,9 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.examples.minilm_setup import ensure_weights
-from meshserve_loader.mlserver_venv import ensure_mlserver
+from meshserve_loader.servers.mlserver_venv import ensure_mlserver
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e.tools import apt_binary
-from meshserve import dashboards, devmesh
+from meshserve_testing.tools import apt_binary
+from meshserve import dashboards
+from meshserve_testing import devmesh
 
 pytestmark = pytest.mark.e2e
 

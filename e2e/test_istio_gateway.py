@@ -28,7 +28,7 @@ import grpc
 import pytest
 import yaml
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.up import envoy_binary
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
@@ -201,7 +201,7 @@ async def test_kubectl_apply_then_curl_through_the_istio_gateway(mesh: devmesh.M
     from kubernetes import client
 
     from meshserve_controller.controller import Controller
-    from meshserve.k8s.fakeapi import FakeApiServer
+    from meshserve_testing.fakeapi import FakeApiServer
     from meshserve.state import State
 
     ns = "team-a"

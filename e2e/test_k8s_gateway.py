@@ -22,8 +22,8 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
-from meshserve_xds.harness import envoy
+from meshserve_testing import devmesh
+from meshserve_testing.xds_harness import envoy
 from meshserve_xds.resources import REST
 from meshserve_xds.server import GATEWAY_GROUP
 
@@ -63,7 +63,7 @@ def pod_env(ports: dict[str, int], redis_url: str) -> dict[str, str]:
 @pytest.fixture
 def xds_process(ports: dict[str, int]) -> Iterator[tuple[devmesh.Valkey, Path]]:
     """Valkey started and killed at once (so its URL refuses connections), then xds against it."""
-    with devmesh.valkey() as v, tempfile.TemporaryDirectory(prefix="ms-xds-") as tmp:
+    with devmesh.valkey(tcp=True) as v, tempfile.TemporaryDirectory(prefix="ms-xds-") as tmp:  # the reason names host:port
         v.kill()
         log = Path(tmp) / "xds.log"
         with open(log, "wb") as lf:

@@ -24,11 +24,11 @@ import pytest
 import redis
 import yaml
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod
 from meshserve_loader.example_models import write_sklearn
-from meshserve_loader.mlserver_venv import ensure_mlserver
+from meshserve_loader.servers.mlserver_venv import ensure_mlserver
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 pytestmark = pytest.mark.e2e
 

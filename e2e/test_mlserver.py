@@ -16,12 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.example_models import write_sklearn
 from meshserve_loader.memory import tree_rss_bytes
-from meshserve_loader.mlserver import MLServerClient
-from meshserve_loader.mlserver_venv import ensure_mlserver
-from meshserve_loader.process import start_mlserver
+from meshserve_loader.servers.mlserver import MLServerClient, start_mlserver
+from meshserve_loader.servers.mlserver_venv import ensure_mlserver
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +77,41 @@ def _mlserver_config(tmp: Path) -> Path:
     shutil.copy(REPO / "mesh-config" / "sklearn-mnist.yaml", d / "sklearn-mnist.yaml")
     shutil.copy(REPO / "mesh-config" / "examples" / "runtimes" / "mlserver.yaml", d / "mlserver.yaml")
     return d
+
+
+async def test_a_pod_on_base_port_zero_runs_mlserver_on_reserved_ports(mlserver_exe: Path, model_file: Path, fixtures: Path,
+                                                                        tmp_path: Path) -> None:
+    """MESHSERVE_RUNTIME_BASE_PORT=0 (what tests run pods with): MLServer can't report the ports
+    it binds, so the loader's own wiring (build_pod) starts it on reserved ports, outside the
+    kernel's ephemeral range, and its renaming gRPC pass-through on a port the kernel picked. The
+    pod advertises those, and a v2 request answers on each."""
+    import grpc
+
+    from meshserve.settings import Settings
+    from meshserve_loader.pod import build_pod
+    from meshserve_proto import grpc_predict_v2_pb2 as pb
+    from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+
+    s = Settings(config_dir=_mlserver_config(tmp_path), data_dir=tmp_path / "data", pod_runtimes="mlserver-1.x", host="127.0.0.1",
+                 loader_runs_runtime=True, runtime_base_port=0)
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    async with aiohttp.ClientSession() as session:
+        built = await build_pod(s, 0, session)
+        try:
+            await built.server.wait_ready(120)
+            rest, grpc_port = built.pod.rest_port, built.pod.grpc_port
+            assert 0 < rest < lo and grpc_port not in (0, rest)
+            await built.server.load("mnist__isvc-0000000042", {"path": str(model_file), "format": "sklearn"}, 60)
+            async with session.post(f"http://127.0.0.1:{rest}/v2/models/mnist__isvc-0000000042/infer", json=_v2_request(fixtures)) as r:
+                assert r.status == 200 and (await r.json())["outputs"][0]["data"] == [8]
+            req = pb.ModelInferRequest(model_name="mnist")  # the alias, renamed by the pass-through
+            inp = req.inputs.add(name="predict", datatype="FP32", shape=[1, 64])
+            inp.contents.fp32_contents.extend(_v2_request(fixtures)["inputs"][0]["data"])
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+                out = await pbg.GRPCInferenceServiceStub(ch).ModelInfer(req, metadata=[("mm-model-id", "mnist__isvc-0000000042")], timeout=60)
+            assert out.model_name == "mnist__isvc-0000000042"
+        finally:
+            await built.server.stop()
 
 
 def test_v2_rest_through_the_gateway_to_mlserver(mlserver_exe: Path, fixtures: Path, tmp_path: Path) -> None:

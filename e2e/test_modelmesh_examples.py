@@ -19,7 +19,7 @@ import grpc
 import pytest
 import yaml
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.builtin import text
 from meshserve_loader.examples.minilm_setup import ensure_weights
 

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Iterator
 import pytest
 from aiohttp import web
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.settings import Settings

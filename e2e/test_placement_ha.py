@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from test_placement import FakePod, spec  # the same fakes as the single-leader tests
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import CopyState, Pod, copies_from_json
 from meshserve_placement.scheduler import QUEUED

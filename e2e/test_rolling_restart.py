@@ -24,7 +24,7 @@ import redis
 
 from e2e.faults import pods
 from e2e.faults.test_faults import infer_url, record
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 pytestmark = pytest.mark.e2e
 PODS = 3

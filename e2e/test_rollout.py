@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.cli import cli
 from meshserve.model import CopyState

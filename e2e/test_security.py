@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 pytestmark = pytest.mark.e2e
 SECRET = "s3cr3t-Pa55word-7f1c"

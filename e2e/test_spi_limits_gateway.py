@@ -18,7 +18,7 @@ from typing import Iterator
 import grpc
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 from meshserve_proto import model_runtime_pb2_grpc as mrg
@@ -33,16 +33,15 @@ def spi_runtime() -> Iterator[tuple[LimitingRuntime, int]]:
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict[str, object] = {}
-    port = devmesh.free_port()
 
     async def serve() -> None:
         servicer = LimitingRuntime()
         server = grpc.aio.server()
         mrg.add_ModelRuntimeServicer_to_server(servicer, server)
         pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        box.update(servicer=servicer, server=server)
+        box.update(servicer=servicer, server=server, port=port)
         ready.set()
 
     t = threading.Thread(target=loop.run_forever, daemon=True)
@@ -50,7 +49,7 @@ def spi_runtime() -> Iterator[tuple[LimitingRuntime, int]]:
     asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
     ready.wait(10)
     try:
-        yield box["servicer"], port  # type: ignore[misc]
+        yield box["servicer"], box["port"]  # type: ignore[misc]
     finally:
         asyncio.run_coroutine_threadsafe(box["server"].stop(0), loop).result(10)  # type: ignore[attr-defined]
         loop.call_soon_threadsafe(loop.stop)

@@ -37,7 +37,7 @@ import pytest
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import XdsClientTls, proxyless_bootstrap
 from meshserve_xds.server import GATEWAY_GROUP

@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.cli import cli
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_loader.runtime_image import ensure_local_image
 
 pytestmark = pytest.mark.e2e

@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
-from meshserve_xds.harness import model_route_clusters
+from meshserve_testing.xds_harness import model_route_clusters
 
 pytestmark = pytest.mark.e2e
 MODEL_ID = re.compile(r"^sklearn-mnist__isvc-[0-9a-f]{10}$")

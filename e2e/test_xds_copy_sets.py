@@ -15,11 +15,11 @@ from collections import Counter
 
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_xds import clusters, matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http as get, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http as get, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -60,15 +60,16 @@ def test_a_dead_copy_costs_no_request_and_copy_sets_move_cleanly(delta: bool) ->
     try:
         dead = r.Endpoint("127.0.0.1", free_port(), free_port())  # a pod that was killed: nothing listens
         eps = {"pod-0": dead, **{p: r.Endpoint("127.0.0.1", u.port, u.port) for p, u in ups.items()}}
-        rest, grpc_port, admin = free_port(), free_port(), free_port()
+        admin = 0  # Envoy binds any free admin port; the harness reads it back
 
         def publish(pods: list[str], loaded: dict[str, list[str]]) -> None:
             state = r.RoutingState(pods={p: eps[p] for p in pods}, loaded=loaded, aliases={"m0": M0, "m1": M1},
                                    activator=r.Endpoint("127.0.0.1", act.port, act.port), registered={M0, M1})
-            ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", rest, grpc_port)))
+            ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
 
         publish(["pod-0", "pod-1", "pod-2"], {M0: ["pod-0", "pod-1"], M1: ["pod-2"]})
         with envoy(gateway_bootstrap("gw-copies", "127.0.0.1", ads.port, admin, delta=delta), admin, concurrency=2) as gw:
+            rest = gw.listener_port(r.REST)
             wait_for(lambda: get(f"http://127.0.0.1:{rest}/v2/models/m1/infer")[1].get("upstream") == "pod-2", 20, "routes in")
             # pod-0 holds a copy but is dead: every request still gets an answer, from pod-1
             # (the retry goes to the host not tried yet), and pod-0 is ejected at its first refusal.

@@ -14,13 +14,13 @@ from typing import Iterator
 import grpc
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 from meshserve_xds import matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, envoy, wait_for
+from meshserve_testing.xds_harness import AdsThread, envoy, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -51,16 +51,16 @@ def gateway() -> Iterator[str]:
     act, act_port = _serve("activator")
     ads = AdsThread().start()
     try:
-        grpc_port, admin = free_port(), free_port()
+        admin = 0  # Envoy binds any free admin port; the harness reads it back
         state = r.RoutingState(
             pods={"pod-0": r.Endpoint("127.0.0.1", free_port(), pod_port)},
             loaded={M0: ["pod-0"]},
             aliases={"m0": M0},
             activator=r.Endpoint("127.0.0.1", free_port(), act_port),
         )
-        ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", free_port(), grpc_port)))
-        with envoy(gateway_bootstrap("gw-grpc", "127.0.0.1", ads.port, admin), admin):
-            target = f"127.0.0.1:{grpc_port}"
+        ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
+        with envoy(gateway_bootstrap("gw-grpc", "127.0.0.1", ads.port, admin), admin) as gw:
+            target = f"127.0.0.1:{gw.listener_port(r.GRPC)}"
             wait_for(lambda: _infer(target, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0", 20, "gRPC route up")
             yield target
     finally:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.devmesh import free_port
 from meshserve_xds import matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import istio_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http, wait_for
 from meshserve_xds.server import ISTIO_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -35,9 +34,9 @@ def test_static_listener_takes_our_routes_and_no_listeners(delta: bool) -> None:
                 activator=r.Endpoint("127.0.0.1", act.port, act.port),
             )
             ads.set(ISTIO_GROUP, matcher.build_all(state, None))
-            listen, admin = free_port(), free_port()
-            with envoy(istio_bootstrap("istio-ingressgateway-0", "127.0.0.1", ads.port, admin, listen, delta=delta), admin) as gw:
-                base = f"http://127.0.0.1:{listen}"
+            admin = 0  # Envoy binds free admin and listener ports; the harness reads them back
+            with envoy(istio_bootstrap("istio-ingressgateway-0", "127.0.0.1", ads.port, admin, 0, delta=delta), admin) as gw:
+                base = f"http://127.0.0.1:{gw.listener_port('istio_ingress_8008')}"
                 wait_for(lambda: http(f"{base}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-0", 20, "m0 via the static listener")
                 code, body = http(f"{base}/v2/models/cold/infer", data=b"{}")
                 assert body.get("upstream") == "activator"

@@ -16,11 +16,10 @@ from collections import Counter
 
 import pytest
 
-from meshserve.devmesh import free_port
 from meshserve_xds import resources as r
 from meshserve_xds import matcher, scoped
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http as get, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http as get, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -65,8 +64,8 @@ def test_no_503_while_models_move_and_pods_come_and_go(layout: str, delta: bool)
     ads = AdsThread().start()
     try:
         eps = {u.name: r.Endpoint("127.0.0.1", u.port, u.port) for u in ups}
-        rest, grpc_port, admin = free_port(), free_port(), free_port()
-        listeners = r.ListenerConfig("127.0.0.1", rest, grpc_port)
+        admin = 0  # Envoy binds any free admin port; the harness reads it back
+        listeners = r.ListenerConfig("127.0.0.1", 0, 0)  # and free listener ports, read back from its admin API
 
         def publish(pods: list[str], loaded: dict[str, list[str]]) -> None:
             state = r.RoutingState(pods={p: eps[p] for p in pods}, loaded=loaded, aliases={"m0": M0, "m1": M1},
@@ -74,7 +73,8 @@ def test_no_503_while_models_move_and_pods_come_and_go(layout: str, delta: bool)
             ads.set(GATEWAY_GROUP, (scoped.build_all if layout == "scoped" else matcher.build_all)(state, listeners))
 
         publish(["pod-0"], {M0: ["pod-0"]})
-        with envoy(gateway_bootstrap("gw-order", "127.0.0.1", ads.port, admin, delta=delta), admin):
+        with envoy(gateway_bootstrap("gw-order", "127.0.0.1", ads.port, admin, delta=delta), admin) as gw:
+            rest = gw.listener_port(r.REST)
             wait_for(lambda: get(f"http://127.0.0.1:{rest}/v2/models/m0/infer")[1].get("upstream") == "pod-0", 20, "m0 routed")
             load = Load(rest, ["m0", "m1", M0])
             load.start()

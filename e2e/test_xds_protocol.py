@@ -18,11 +18,10 @@ from prometheus_client import REGISTRY
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2
-from meshserve.devmesh import free_port
 from meshserve_xds import matcher
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Envoy, Upstream, envoy, http, wait_for
+from meshserve_testing.xds_harness import AdsThread, Envoy, Upstream, envoy, http, wait_for
 from meshserve_xds.server import GATEWAY_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -32,14 +31,17 @@ M1 = "m1__isvc-1111111111"
 
 
 class Rig:
-    def __init__(self, ads: AdsThread, gw: Envoy, pod: Upstream, act: Upstream, rest_port: int, grpc_port: int, delta: bool):
+    def __init__(self, ads: AdsThread, gw: Envoy, pod: Upstream, act: Upstream, delta: bool):
         self.ads, self.gw, self.pod, self.act = ads, gw, pod, act
-        self.listeners = r.ListenerConfig("127.0.0.1", rest_port, grpc_port)
+        self.listeners = r.ListenerConfig("127.0.0.1", 0, 0)  # Envoy binds free ports; read back below
         self.delta = delta
+        self._rest = ""
 
     @property
     def rest(self) -> str:
-        return f"http://127.0.0.1:{self.listeners.rest_port}"
+        if not self._rest:
+            self._rest = f"http://127.0.0.1:{self.gw.listener_port(r.REST)}"
+        return self._rest
 
     def state(self, loaded: dict[str, list[str]]) -> r.RoutingState:
         ep = r.Endpoint("127.0.0.1", self.pod.port, self.pod.port)
@@ -83,8 +85,8 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     with Upstream("pod-0") as pod, Upstream("activator") as act:
         ads = AdsThread().start()
         try:
-            rest_port, grpc_port, admin = free_port(), free_port(), free_port()
-            rg = Rig(ads, None, pod, act, rest_port, grpc_port, delta)  # type: ignore[arg-type]
+            admin = 0  # Envoy binds any free admin port; the harness reads it back
+            rg = Rig(ads, None, pod, act, delta)  # type: ignore[arg-type]
             rg.publish({M0: ["pod-0"]})
             boot = gateway_bootstrap("gw-test", "127.0.0.1", ads.port, admin, delta=delta)
             with envoy(boot, admin) as gw:

@@ -24,7 +24,7 @@ from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 from meshserve_xds import proxyless
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import proxyless_bootstrap
-from meshserve_xds.harness import AdsThread
+from meshserve_testing.xds_harness import AdsThread
 from meshserve_xds.server import PROXYLESS_GROUP
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +91,7 @@ def test_proxyless_group_is_built_from_redis_once_a_client_asks(tmp_path: Path) 
     (they are a list, O(loaded models)), then serves it like any group."""
     import asyncio
 
-    from meshserve import devmesh
+    from meshserve_testing import devmesh
     from meshserve import state as st
     from meshserve.model import Copy, CopyState, Pod, copies_to_json
     from meshserve.settings import Settings

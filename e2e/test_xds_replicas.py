@@ -12,14 +12,14 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve_xds import clusters
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http, model_route_clusters, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http, model_route_clusters, wait_for
 from meshserve_xds.layout import gateway_layout
 from meshserve_xds.server import GATEWAY_GROUP
 from meshserve_xds.source import RedisSource
@@ -81,16 +81,16 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
             + [["HSET", st.ALIASES, "m0", M0], ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-a": Copy(CopyState.LOADED)})]],
             [(st.KIND_POD, "pod-a"), (st.KIND_POD, "pod-b"), (st.KIND_ALIAS, "m0"), (st.KIND_PLACEMENT, M0)],
         )
-        rest_ports = [devmesh.free_port(), devmesh.free_port()]
+        rest_ports = [0, 0]  # Envoy binds free listener ports; read back from its admin API
         replicas = []
         try:
             for port in rest_ports:
                 s = Settings(
-                    redis_url=store.url, gateway_rest_port=port, gateway_grpc_port=devmesh.free_port(),
+                    redis_url=store.url, gateway_rest_port=port, gateway_grpc_port=0,
                     activator_rest_port=act.port, activator_grpc_port=act.port,
                 )
                 replicas.append(Replica(s))
-            admins = [devmesh.free_port(), devmesh.free_port()]
+            admins = [0, 0]  # Envoy binds any free admin port; the harness reads it back
             # Both replicas build for the same listener ports so their output can be compared byte for byte.
             for rep in replicas:
                 rep.source.layout = gateway_layout("scoped", r.ListenerConfig("127.0.0.1", rest_ports[0], rest_ports[1]))
@@ -100,10 +100,10 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
             a, b = replicas[0].snapshot(), replicas[1].snapshot()
             assert a == b, "replicas differ"
 
-            # Two Envoys, each on its own replica, with different listener ports.
+            # Two Envoys, each on its own replica, each on listener ports of its own.
             boot0 = gateway_bootstrap("gw-0", "127.0.0.1", replicas[0].ads.port, admins[0])
             with envoy(boot0, admins[0]) as gw0:
-                rest = f"http://127.0.0.1:{rest_ports[0]}"
+                rest = f"http://127.0.0.1:{gw0.listener_port(r.REST)}"
                 wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-a", 20, "m0 on pod-a")
                 # Move the model: both replicas follow the change stream to the same config.
                 _commit(
@@ -120,6 +120,7 @@ def test_two_replicas_serve_identical_config(store: devmesh.Valkey) -> None:
             # The gateway fails over to the other replica: same versions, nothing new to apply.
             boot1 = gateway_bootstrap("gw-0", "127.0.0.1", replicas[1].ads.port, admins[1])
             with envoy(boot1, admins[1]) as gw1:
+                rest = f"http://127.0.0.1:{gw1.listener_port(r.REST)}"
                 wait_for(lambda: gw1.route_versions() == versions0, 20, "same route versions from the other replica")
                 assert model_route_clusters(gw1.config_dump("dynamic_route_configs"), M0) == {clusters.pod_cluster("pod-b", "rest")}
                 wait_for(lambda: http(f"{rest}/v2/models/m0/infer", data=b"{}")[1].get("upstream") == "pod-b", 10, "m0 on pod-b via replica 1")

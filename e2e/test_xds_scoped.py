@@ -16,7 +16,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
@@ -24,7 +24,7 @@ from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 from meshserve_xds import resources as r
 from meshserve_xds.bootstrap import gateway_bootstrap
-from meshserve_xds.harness import AdsThread, Upstream, envoy, http, wait_for
+from meshserve_testing.xds_harness import AdsThread, Upstream, envoy, http, wait_for
 from meshserve_xds.source import RedisSource
 
 pytestmark = pytest.mark.e2e
@@ -99,8 +99,8 @@ def mesh() -> Iterator[Mesh]:
                    ["HSET", st.PLACEMENTS, M0, copies_to_json({"pod-0": Copy(CopyState.LOADED)})]],
                 [(st.KIND_ALL, "")],
             )
-            rest, grpc_port, admin = devmesh.free_port(), devmesh.free_port(), devmesh.free_port()
-            settings = Settings(redis_url=v.url, gateway_rest_port=rest, gateway_grpc_port=grpc_port, debounce_quiet_ms=5,
+            admin = 0  # Envoy binds free admin and listener ports (gateway ports 0); the harness reads them back
+            settings = Settings(redis_url=v.url, gateway_rest_port=0, gateway_grpc_port=0, debounce_quiet_ms=5,
                                 activator_rest_port=rest_ups["activator"].port, activator_grpc_port=grpcs["activator"][1])
             ads = AdsThread().start()
             state = ads.call(_state(v.url))
@@ -108,8 +108,8 @@ def mesh() -> Iterator[Mesh]:
                 assert ads.cache is not None
                 src = RedisSource(settings, state, ads.cache, layout="scoped")
                 task = asyncio.run_coroutine_threadsafe(src.run(), ads.loop)
-                with envoy(gateway_bootstrap("gw-scoped", "127.0.0.1", ads.port, admin, delta=True), admin):
-                    m = Mesh(v.url, rest, grpc_port, ads, settings)
+                with envoy(gateway_bootstrap("gw-scoped", "127.0.0.1", ads.port, admin, delta=True), admin) as gw:
+                    m = Mesh(v.url, gw.listener_port(r.REST), gw.listener_port(r.GRPC), ads, settings)
                     wait_for(lambda: m.upstream("m0") == "pod-0", 20, "m0 routed")
                     yield m
                 task.cancel()

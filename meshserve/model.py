@@ -72,7 +72,7 @@ class Pod:
 def auto_selected(fmt: str, auto_formats: dict[str, Any]) -> str | None:
     """KServe's rule for a model that names no runtime: of the runtimes (name -> the formats it
     auto-selects), the first by name that auto-selects `fmt`. The controller, placement and the
-    loader (with versions, runtimes.py `select_runtime`) all pick this way."""
+    loader (with versions, serving_runtime.py `select_runtime`) all pick this way."""
     for name in sorted(auto_formats):
         if fmt in auto_formats[name]:
             return name

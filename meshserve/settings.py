@@ -51,7 +51,9 @@ class Settings:
     activator_grpc_port: int = 18101
     placement_metrics_port: int = 18102
     # Runtime pod i gets ports runtime_base_port + 10*i (+0 REST, +1 gRPC, +2 loader metrics,
-    # +4 the built-in runtime's control port, on 127.0.0.1 only: see pod_control_port).
+    # +4 the built-in runtime's control port, on 127.0.0.1 only: see pod_control_port). 0: every
+    # listener the loader starts binds port 0 (or a reserved port, for MLServer and Triton) and
+    # the loader advertises the ports they got (loader/meshserve_loader/servers/__init__.py).
     runtime_base_port: int = 18200
     # Cluster mode: one runtime pod per Kubernetes pod. pod_id is the pod's id in the mesh (its
     # Redis order stream, heartbeat and clusters), e.g. the pod name from the downward API
@@ -156,7 +158,10 @@ class Settings:
         return self.pod_id or f"pod-{index}"
 
     def pod_ports(self, index: int) -> tuple[int, int, int]:
-        """(REST, gRPC, loader metrics) of runtime pod `index`; fixed in cluster mode."""
+        """(REST, gRPC, loader metrics) of runtime pod `index`; fixed in cluster mode; all 0 when
+        runtime_base_port is 0 (bind port 0, advertise what was bound)."""
+        if self.ephemeral_pod_ports:
+            return 0, 0, 0
         base = self.pod_port if self.pod_id else self.runtime_base_port + 10 * index
         return base, base + 1, base + 2
 
@@ -164,7 +169,11 @@ class Settings:
         """The built-in runtime's control port (repository API: load, unload, index), which it
         binds on 127.0.0.1 only: the loader shares the pod's network namespace (in Kubernetes the
         pod's, under `meshserve up` the machine's), other pods never reach it."""
-        return self.pod_ports(index)[0] + 4
+        return 0 if self.ephemeral_pod_ports else self.pod_ports(index)[0] + 4
+
+    @property
+    def ephemeral_pod_ports(self) -> bool:
+        return not self.pod_id and self.runtime_base_port == 0
 
     def pod_cache_dir(self, pod_id: str) -> Path:
         """The pod's disk cache of pulled models: the loader writes it, the runtime loads from it."""

@@ -175,7 +175,7 @@ async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
     a local folder (MESHSERVE_RUNTIME_IMAGES), run from a venv of its own with KServe's
     transformer arguments pointing its predictor at the gateway; recorded in Redis for the
     xDS server (meshserve/transformer.py). Returns name -> its REST port."""
-    from meshserve.devmesh import free_port
+    from meshserve.ports import reserve_port
     from meshserve.registry import ISVC_KIND
     from meshserve.transformer import parse_transformer, record, transformer_args, transformer_env
     from meshserve.yamlfile import iter_yaml_files, load_documents
@@ -204,7 +204,8 @@ async def start_transformers(s: Settings, sup: Supervisor) -> dict[str, int]:
                 continue
             print(f"meshserve: transformer {t.name}: making sure its venv exists (a few minutes the first time)", flush=True)
             image = await asyncio.to_thread(ensure_local_image, t.image, folder, None, Path(__file__).resolve().parents[1])
-            http, grpc_port = free_port(), free_port()
+            # KServe's server is told its ports and can't report ones it bound: reserved ports.
+            http, grpc_port = reserve_port(), reserve_port()
             argv = image_argv(folder, image.python, t.command, t.args) + transformer_args(t, gateway, http, grpc_port)
             await sup.start(f"transformer-{t.name}", argv, env=transformer_env(t, image.env, s.host))
             await store_ops.set_transformer(state.r, t.name, record(local, http, grpc_port, t.predictor))

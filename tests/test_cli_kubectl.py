@@ -2,7 +2,7 @@
 `apply --dry-run`, `diff`, and one exit-code convention (0 ok, 1 failed, 2 usage).
 
 Kind: unit (click's CliRunner, no Redis) for the pure cases; integration (a real Valkey via
-meshserve.devmesh.valkey(), no mesh) for commands that read or write state, seeded by hand
+meshserve_testing.devmesh.valkey(), no mesh) for commands that read or write state, seeded by hand
 the way placement and the loaders write it.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.cli import cli
 from meshserve.model import Copy, Pod, copies_to_json

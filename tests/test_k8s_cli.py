@@ -12,8 +12,8 @@ from pathlib import Path
 import redis
 import yaml
 
-from meshserve.devmesh import REPO, valkey, wait_until
-from meshserve.k8s.fakeapi import FakeApiServer
+from meshserve_testing.devmesh import REPO, valkey, wait_until
+from meshserve_testing.fakeapi import FakeApiServer
 
 
 def test_controller_command_registers_and_stops_cleanly(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """`meshserve apply` in cluster mode goes through the Kubernetes API, so the controller keeps
-what it applied. Kind: fake list/watch API server (meshserve.k8s.fakeapi) with the real
+what it applied. Kind: fake list/watch API server (meshserve_testing.fakeapi) with the real
 `kubernetes` client over HTTP, and a real Valkey (local processes on 127.0.0.1 only, all
 stopped; each test bounded to seconds)."""
 
@@ -18,9 +18,9 @@ from kubernetes import client
 
 from meshserve import state as st
 from meshserve.cli import cli
-from meshserve.devmesh import valkey
+from meshserve_testing.devmesh import valkey
 from meshserve_controller.controller import Controller
-from meshserve.k8s.fakeapi import FakeApiServer
+from meshserve_testing.fakeapi import FakeApiServer
 
 REPO = Path(__file__).resolve().parent.parent
 NS = "modelmesh-serving"

@@ -1,6 +1,6 @@
 """TrafficRules in cluster mode: the controller watches them, writes them into Redis through the
 rules store and writes their `.status` back. Kind: fake list/watch API server
-(meshserve.k8s.fakeapi) with the real `kubernetes` client over HTTP, and a real Valkey (local
+(meshserve_testing.fakeapi) with the real `kubernetes` client over HTTP, and a real Valkey (local
 processes on 127.0.0.1 only, all stopped; each test bounded to seconds)."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from kubernetes import client
 from meshserve.rules import moves
 from meshserve_rollout import controller as rollout
 from meshserve import state as st
-from meshserve.devmesh import valkey
+from meshserve_testing.devmesh import valkey
 from meshserve.k8s import rules as kr
 from meshserve_controller.controller import Controller
-from meshserve.k8s.fakeapi import FakeApiServer
+from meshserve_testing.fakeapi import FakeApiServer
 from meshserve.rules import store as rstore
 
 NS = "modelmesh-serving"

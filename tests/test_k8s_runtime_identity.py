@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import redis
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Pod
 from meshserve.settings import Settings
@@ -91,14 +91,14 @@ def test_the_image_entrypoint_names_the_pod_after_its_hostname(tmp_path: Path) -
 # --- what the loader builds --------------------------------------------------------------------
 
 async def test_a_cluster_builtin_pod_registers_as_its_name_on_the_fixed_ports(tmp_path: Path) -> None:
-    from meshserve_loader.builtin_client import RuntimeClient
+    from meshserve_loader.servers.builtin import RuntimeClient
     from meshserve_loader.pod import build_pod
 
     s = Settings(pod_id="meshserve-runtime-builtin-1", pod_port=8080, data_dir=tmp_path, pod_capacity_bytes=1 << 30)
     async with aiohttp.ClientSession() as session:
         built = await build_pod(s, 0, session)
     assert built.pod.id == "meshserve-runtime-builtin-1" and (built.pod.rest_port, built.pod.grpc_port) == (8080, 8081)
-    assert isinstance(built.runtime, RuntimeClient) and built.process is None  # its own container
+    assert isinstance(built.server.client, RuntimeClient) and built.server.process is None  # its own container
 
 
 def _mlserver_config(d: Path) -> Path:
@@ -111,17 +111,17 @@ def _mlserver_config(d: Path) -> Path:
 async def test_a_cluster_mlserver_pod_talks_to_the_mlserver_container_beside_it(tmp_path: Path) -> None:
     """No venv, no process: MLServer is the container beside the loader (istio/runtime-mlserver.yaml),
     on the pod's ports, with its models dir at <data_dir>/mlserver."""
-    from meshserve_loader.mlserver import MLServerClient
+    from meshserve_loader.servers.mlserver import MLServerClient
     from meshserve_loader.pod import build_pod, mlserver_models_dir
 
     s = Settings(pod_id="meshserve-runtime-mlserver-0", pod_port=8080, data_dir=tmp_path / "data", config_dir=_mlserver_config(tmp_path),
                  pod_runtimes="mlserver-1.x", pod_capacity_bytes=1 << 30)
     async with aiohttp.ClientSession() as session:
         built = await build_pod(s, 0, session)
-    assert isinstance(built.runtime, MLServerClient) and built.process is None and built.runtime.pid() == 0
-    assert built.runtime.base_url == "http://127.0.0.1:8080"
-    assert built.runtime.models_dir == (tmp_path / "data" / "mlserver").resolve() == mlserver_models_dir(s, s.pod_id)
-    assert built.runtime.models_dir.is_dir()
+    assert isinstance(built.server.client, MLServerClient) and built.server.process is None and built.server.client.pid() == 0
+    assert built.server.client.base_url == "http://127.0.0.1:8080"
+    assert built.server.client.models_dir == (tmp_path / "data" / "mlserver").resolve() == mlserver_models_dir(s, s.pod_id)
+    assert built.server.client.models_dir.is_dir()
     p = built.pod
     assert (p.id, p.rest_port, p.grpc_port, p.runtime, p.formats) == ("meshserve-runtime-mlserver-0", 8080, 8081, "mlserver-1.x", ["sklearn"])
     assert built.load_timeout == 90.0  # the ServingRuntime's modelLoadingTimeoutMillis

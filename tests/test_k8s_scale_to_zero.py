@@ -2,7 +2,7 @@
 comes back to one when one does; a request for a model whose pool is at zero waits for it.
 
 Kinds: unit (pure: meshserve_controller.scaling, the placement policy) and integration (the controller
-with the real `kubernetes` client over HTTP against meshserve.k8s.fakeapi and a real Valkey;
+with the real `kubernetes` client over HTTP against meshserve_testing.fakeapi and a real Valkey;
 127.0.0.1 only, every server stopped, each test bounded to seconds)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from meshserve import state as st
 from meshserve.k8s import objects as ob
 from meshserve_controller import scaling
 from meshserve_controller.controller import Controller
-from meshserve.k8s.fakeapi import FakeApiServer
+from meshserve_testing.fakeapi import FakeApiServer
 from meshserve.model import ModelSpec
 from meshserve_placement import policy
 from tests.test_k8s_watch import BUILTIN_RUNTIME, STORAGE, api, isvc, running_controller, state, store, until  # noqa: F401 (fixtures)

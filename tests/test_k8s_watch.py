@@ -1,5 +1,5 @@
 """Watchers and controller with the real `kubernetes` client over HTTP against a fake API server
-(meshserve.k8s.fakeapi) speaking list/watch, and a real Valkey. Kind: integration (local
+(meshserve_testing.fakeapi) speaking list/watch, and a real Valkey. Kind: integration (local
 processes and sockets on 127.0.0.1 only, every server stopped; each test bounded to seconds)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from kubernetes import client
 
 from meshserve import state as st
 from meshserve.apply import read_models
-from meshserve.devmesh import valkey
+from meshserve_testing.devmesh import valkey
 from meshserve_controller.controller import Controller
-from meshserve.k8s.fakeapi import FakeApiServer
+from meshserve_testing.fakeapi import FakeApiServer
 from meshserve.model import Pod
 
 REPO = Path(__file__).resolve().parent.parent

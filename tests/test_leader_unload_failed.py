@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod, copies_from_json
 from meshserve.settings import Settings

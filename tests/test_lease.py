@@ -10,10 +10,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-try:
-    from meshserve_testing import devmesh
-except ImportError:  # before the testing package exists (the ports change)
-    from meshserve import devmesh  # type: ignore[no-redef]
+from meshserve_testing import devmesh
 from meshserve.store import keys
 from meshserve.store import ops as store_ops
 from meshserve.store.lease import Lease

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve_loader.progress import ProgressPublisher
 from meshserve_loader.sink import Budget, Progress, Sink
@@ -29,7 +29,7 @@ def _counting(pub: ProgressPublisher) -> list[dict[str, Any]]:
     real = pub._write
 
     async def write(key: str, p: Any, ttl: float) -> None:
-        written.append(p.doc())
+        written.append(json.loads(p.message().encode()))
         await real(key, p, ttl)
 
     pub._write = write  # type: ignore[method-assign]

@@ -16,14 +16,15 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings
-from meshserve_loader.agent import POD_EVENTS, Agent
-from meshserve_loader.builtin_client import RuntimeClient
+from meshserve.store.keys import POD_EVENTS
+from meshserve_loader.agent import Agent
 from meshserve_loader.example_models import write_sklearn
-from meshserve_loader.process import RuntimeProcess, builtin_argv
+from meshserve_loader.servers.builtin import BuiltinAdapter
+from meshserve_loader.serving_runtime import builtin_runtime
 
 SLOW_MODEL = '''
 import time
@@ -48,26 +49,23 @@ def _spec(model_id: str, path: str, fmt: str = "sklearn") -> ModelSpec:
 
 @pytest.fixture
 async def agent(valkey: Any, tmp_path: Path) -> AsyncIterator[Agent]:
-    base = devmesh.free_block(10)
-    s = Settings(data_dir=tmp_path, redis_url=valkey.url, runtime_base_port=base, load_timeout_seconds=2.0,
-                 max_concurrent_loads=1, heartbeat_seconds=0.2)
+    # As `meshserve up` runs it (the loader starts the runtime), on ports the runtime binds itself.
+    s = Settings(data_dir=tmp_path, redis_url=valkey.url, host="127.0.0.1", runtime_base_port=0, loader_runs_runtime=True,
+                 load_timeout_seconds=2.0, max_concurrent_loads=1, heartbeat_seconds=0.2)
     vol = tmp_path / "pvc" / "vol"
     write_sklearn(vol / "mnist-svm.joblib")
     (vol / "corrupt.joblib").write_bytes(b"this is not a joblib file")
     (vol / "slow").mkdir()
     (vol / "slow" / "model.py").write_text(SLOW_MODEL)
     (vol / "slow" / "model-settings.json").write_text(json.dumps({"implementation": "model.Slow"}))
-    env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST", "MESHSERVE_DATA_DIR")}
-    proc = RuntimeProcess("builtin", builtin_argv(0), env, log_path=tmp_path / "runtime.log")
-    await proc.start()
     state = st.State.from_url(valkey.url)
     await state.r.flushdb()
-    rest, grpc_port, _ = s.pod_ports(0)
     async with aiohttp.ClientSession() as session:
-        rt = RuntimeClient(f"http://127.0.0.1:{s.pod_control_port(0)}", session)
-        pod = Pod("pod-0", "127.0.0.1", rest, grpc_port, 1 << 30, ["sklearn"], max_loading=1)
-        a = Agent(s, pod, rt, state, process=proc, load_timeout=2.0)
-        await rt.wait_ready(60)
+        server = BuiltinAdapter(s, 0, builtin_runtime(["sklearn", "custom"]), session)
+        ends = await server.start()
+        pod = Pod("pod-0", "127.0.0.1", ends.rest, ends.grpc, 1 << 30, ["sklearn"], max_loading=1)
+        a = Agent(s, pod, server, state, load_timeout=2.0)
+        await server.wait_ready(60)
         await a.register()
         tasks = [asyncio.create_task(c) for c in (a.order_loop(), a.watch_runtime())]
         try:
@@ -76,7 +74,7 @@ async def agent(valkey: Any, tmp_path: Path) -> AsyncIterator[Agent]:
             a.draining = True
             for t in tasks:
                 t.cancel()
-            await proc.stop()
+            await server.stop()
             await state.close()
 
 
@@ -119,9 +117,9 @@ async def test_failures_are_reported_and_crash_nothing(agent: Agent) -> None:
     # The timed-out model finished loading later: the agent unloads it rather than hold it unknown.
     await asyncio.sleep(0)
     deadline = time.monotonic() + 15
-    while "slow__isvc-0000000005" in await agent.rt.stats() and time.monotonic() < deadline:
+    while "slow__isvc-0000000005" in await agent.server.stats() and time.monotonic() < deadline:
         await asyncio.sleep(0.3)
-    assert "slow__isvc-0000000005" not in await agent.rt.stats()
+    assert "slow__isvc-0000000005" not in await agent.server.stats()
     text = agent.metrics.render().decode()
     assert 'meshserve_model_size_bytes_count{kind="predicted"} 1.0' in text
     assert 'meshserve_model_size_bytes_count{kind="measured"} 1.0' in text
@@ -149,7 +147,7 @@ async def test_an_unload_waits_for_the_gateways_and_no_longer(agent: Agent) -> N
         await _order(agent, "unload", spec)
         if catch_up_after is not None:
             await asyncio.sleep(catch_up_after)
-            assert spec.id in await agent.rt.stats()  # gw-b still routes by revision 9: kept
+            assert spec.id in await agent.server.stats()  # gw-b still routes by revision 9: kept
             await r.hset(XDS_SYNCED, "gw-b/2", GatewaySync(10, time.time()).encode())
         evs = await _results(agent, 2)
         assert evs[-1]["op"] == "unload" and evs[-1]["ok"] == "1"
@@ -157,7 +155,7 @@ async def test_an_unload_waits_for_the_gateways_and_no_longer(agent: Agent) -> N
 
     took = unload_took(0.5)
     assert await took < 1.5  # unloaded once gw-b caught up, not after the 3 s grace
-    assert spec.id not in await agent.rt.stats()
+    assert spec.id not in await agent.server.stats()
     await r.delete(XDS_SYNCED)  # an xDS server that does not report: the whole grace
     agent.s.unload_grace_seconds = 1.0
     assert await unload_took(None) >= 1.0
@@ -184,6 +182,12 @@ async def test_runtime_death_is_restarted_and_losses_reported(agent: Agent) -> N
         await asyncio.sleep(0.1)
     assert json.loads(regs[-1][b"models"]) == []
     assert agent.process.pid not in (0, old_pid)
+    # The restarted runtime bound new ports (port 0): the pod registered again with those, and
+    # they are the ones that answer.
+    pod = Pod.from_json(await agent.state.r.hget(st.PODS, agent.pod.id))
+    assert (pod.rest_port, pod.grpc_port) == (agent.server.endpoints.rest, agent.server.endpoints.grpc)
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{pod.rest_port}/v2/health/ready") as r:
+        assert r.status == 200
     await _order(agent, "load", spec)
     assert [e["ok"] for e in await _results(agent, 2)] == ["1", "1"]
 

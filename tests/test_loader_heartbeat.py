@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Pod
 from meshserve.settings import Settings

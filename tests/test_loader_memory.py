@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshserve_loader.memory import cgroup_limit_bytes, pod_capacity, tree_rss_bytes
-from meshserve_loader.mlserver import LayoutError, lay_out, model_settings
+from meshserve_loader.servers.mlserver import LayoutError, lay_out, model_settings
 from meshserve_loader.storage import predict_size
 
 GiB = 1 << 30

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
-from meshserve_loader.agent import GROUP, POD_EVENTS, Agent
+from meshserve.store.keys import ORDERS_GROUP as GROUP, POD_EVENTS
+from meshserve_loader.agent import Agent
 
 
 class _Runtime:

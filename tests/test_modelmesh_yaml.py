@@ -303,7 +303,7 @@ def test_cli_apply_registers_a_predictor_and_refuses_an_unhandled_kind(tmp_path:
 
     from click.testing import CliRunner
 
-    from meshserve import devmesh
+    from meshserve_testing import devmesh
     from meshserve import state as st
     from meshserve.cli import cli
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as hs
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.model import CopyState, ModelSpec, Pod
 from meshserve.settings import Settings
 from meshserve.store import State

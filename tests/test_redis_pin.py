@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e.sidevenv import ensure
-from meshserve import devmesh
+from meshserve_testing.sidevenv import ensure
+from meshserve_testing import devmesh
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "data" / "redis_cancel_repro.py"

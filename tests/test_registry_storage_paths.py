@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.apply import read_models
 from meshserve.yamlfile import ConfigError
 

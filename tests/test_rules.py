@@ -248,7 +248,7 @@ def test_runtime_metrics_and_error_window() -> None:
 
 def test_cli_apply_get_promote_rollback_against_valkey(tmp_path: Path) -> None:
     """Kind: integration (real Valkey, no mesh)."""
-    from meshserve import devmesh
+    from meshserve_testing import devmesh
     from meshserve import state as st
     from meshserve.cli import cli
     from meshserve.rules import store

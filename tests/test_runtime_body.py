@@ -10,7 +10,7 @@ import zlib
 import pytest
 
 from meshserve_loader.builtin import codec
-from meshserve_loader.builtin.server import BodyTooLarge, UnsupportedEncoding, decode_body
+from meshserve_loader.builtin.http_api import BodyTooLarge, UnsupportedEncoding, decode_body
 
 
 def test_codings_round_trip() -> None:

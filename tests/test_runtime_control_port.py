@@ -26,7 +26,7 @@ from typing import Iterator
 import grpc
 import pytest
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.settings import Settings
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
@@ -62,33 +62,35 @@ def _load_body(path: Path) -> bytes:
     return json.dumps({"parameters": {"path": str(path), "format": "string"}}).encode()
 
 
-def _start(argv_prefix: list[str], env: dict[str, str], log: Path) -> "subprocess.Popen[bytes]":
+def _start(argv_prefix: list[str], env: dict[str, str], log: Path, *args: str) -> "subprocess.Popen[bytes]":
     full = {k: v for k, v in os.environ.items() if not k.startswith("MESHSERVE_")}
     full.update(env)
     with open(log, "wb") as f:
-        return subprocess.Popen([*argv_prefix, sys.executable, "-m", "meshserve_loader.builtin", "--index", "0"],
+        return subprocess.Popen([*argv_prefix, sys.executable, "-m", "meshserve_loader.builtin", "--index", "0", *args],
                                 env=full, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[tuple[Settings, Path, Path]]:
+def runtime(tmp_path: Path) -> Iterator[tuple[dict[str, int], Path, Path]]:
+    """As the loader starts it locally with MESHSERVE_RUNTIME_BASE_PORT=0: every listener on a
+    port the kernel picked, written to the ports file once all listen."""
     data, model, secret = _pod_files(tmp_path)
-    s = Settings(data_dir=data, runtime_base_port=devmesh.free_block(10))
-    proc = _start([], {"MESHSERVE_HOST": "127.0.0.1", "MESHSERVE_RUNTIME_BASE_PORT": str(s.runtime_base_port),
-                       "MESHSERVE_DATA_DIR": str(data)}, tmp_path / "runtime.log")
+    ports_file = tmp_path / "ports.json"
+    proc = _start([], {"MESHSERVE_HOST": "127.0.0.1", "MESHSERVE_RUNTIME_BASE_PORT": "0", "MESHSERVE_DATA_DIR": str(data)},
+                  tmp_path / "runtime.log", "--ports-file", str(ports_file))
     try:
-        rest = s.pod_ports(0)[0]
-        devmesh.wait_until(lambda: devmesh.http_get(f"http://127.0.0.1:{rest}/v2/health/ready", 1)[0] == 200 or proc.poll() is not None,
-                           60, "runtime ready")
+        devmesh.wait_until(lambda: ports_file.exists() or proc.poll() is not None, 60, "runtime listening")
         assert proc.poll() is None, (tmp_path / "runtime.log").read_text()[-3000:]
-        yield s, model, secret
+        ports = json.loads(ports_file.read_text())
+        assert devmesh.http_get(f"http://127.0.0.1:{ports['rest']}/v2/health/ready", 10)[0] == 200
+        yield ports, model, secret
     finally:
         devmesh.stop(proc)
 
 
-def test_data_port_refuses_the_repository_api_and_the_control_port_confines_paths(runtime: tuple[Settings, Path, Path]) -> None:
-    s, model, secret = runtime
-    rest, grpc_port, _ = s.pod_ports(0)
+def test_data_port_refuses_the_repository_api_and_the_control_port_confines_paths(runtime: tuple[dict[str, int], Path, Path]) -> None:
+    ports, model, secret = runtime
+    rest, grpc_port = ports["rest"], ports["grpc"]
     data = f"http://127.0.0.1:{rest}"
 
     # The issue's attack, on the data port: refused, nothing loaded, nothing to read back.
@@ -110,7 +112,7 @@ def test_data_port_refuses_the_repository_api_and_the_control_port_confines_path
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # The control port: the same load is refused for its path; one from the PVC root is served.
-    control = f"http://127.0.0.1:{s.pod_control_port(0)}"
+    control = f"http://127.0.0.1:{ports['control']}"
     code, body = _post(f"{control}/v2/repository/models/leak/load", _load_body(secret))
     assert code == 403 and "outside this runtime's model roots" in json.loads(body)["error"]
     assert _post(f"{control}/v2/repository/models/leak/load", _load_body(model.parent / ".." / ".." / ".." / ".." / secret.name))[0] == 403

@@ -12,7 +12,8 @@ import grpc
 import numpy as np
 
 from meshserve_loader.builtin.codec import InferRequest
-from meshserve_loader.builtin.server import Entry, GrpcServicer, Runtime, add_servicer
+from meshserve_loader.builtin.grpc_api import GrpcServicer, add_servicer
+from meshserve_loader.builtin.table import Entry, Runtime
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshserve_loader.limiter import renamed
-from meshserve_loader.mlserver import LayoutError, model_settings
+from meshserve_loader.servers.mlserver import LayoutError, model_settings
 from meshserve_loader.runtime_image import RuntimeImageError, dockerfile_env, parse_images
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from meshserve_loader import example_models as ex
-from meshserve_loader.builtin.server import LoadTimeout, Runtime
+from meshserve_loader.builtin.table import LoadTimeout, Runtime
 
 HANGS = '''
 import time

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshserve.settings import Settings
-from meshserve_loader.builtin.server import PathRefused, Runtime, confine
+from meshserve_loader.builtin.table import PathRefused, Runtime, confine
 from meshserve_loader.storage import StorageError, resolve_local
 
 

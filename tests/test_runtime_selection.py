@@ -9,7 +9,7 @@ import pytest
 
 from meshserve.yamlfile import load_documents
 from meshserve_placement import policy
-from meshserve_loader.runtimes import (
+from meshserve_loader.serving_runtime import (
     Format, RuntimeSelectionError, RuntimeSpec, builtin_runtime, parse_serving_runtime, select_runtime,
     serving_runtimes,
 )

@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.devmesh import free_port
-from meshserve_loader.spi import SpiClient, SpiServer, serve_spi
+from meshserve_loader.servers.spi import SpiClient, SpiServer, serve_spi
 from meshserve_proto import model_runtime_pb2 as mr
 
 
 async def test_spi_round_trip(tmp_path: Path) -> None:
     (tmp_path / "hello.txt").write_text("hello")
-    port = free_port()
     servicer = SpiServer(capacity_bytes=123 << 20, max_loading=3, loading_timeout_ms=45_000)
-    server = await serve_spi(servicer, "127.0.0.1", port)
+    server, port = await serve_spi(servicer, "127.0.0.1")
     c = SpiClient(f"127.0.0.1:{port}")
     try:
         await c.wait_ready(10)

@@ -17,9 +17,8 @@ import aiohttp
 import grpc
 import pytest
 
-from meshserve.devmesh import free_block, free_port
 from meshserve.settings import Settings
-from meshserve_loader.spi import SpiServer
+from meshserve_loader.servers.spi import SpiServer
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 from meshserve_proto import model_runtime_pb2 as mr
@@ -84,8 +83,7 @@ async def runtime_port():
     server = grpc.aio.server()
     mrg.add_ModelRuntimeServicer_to_server(servicer, server)
     pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    port = server.add_insecure_port("127.0.0.1:0")  # the port the kernel picked, as the YAML then names it
     await server.start()
     try:
         yield servicer, port
@@ -100,7 +98,7 @@ async def limited_pod(tmp_path: Path, port: int, queue_timeout_s: float):  # typ
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "limited.yaml").write_text(SR.replace("{port}", str(port)))
     (tmp_path / "hello.txt").write_text("hello")
-    s = Settings(config_dir=tmp_path / "cfg", data_dir=tmp_path / "data", pod_runtimes="limited-spi", runtime_base_port=free_block(10),
+    s = Settings(config_dir=tmp_path / "cfg", data_dir=tmp_path / "data", pod_runtimes="limited-spi", runtime_base_port=0,
                  request_queue_timeout_seconds=queue_timeout_s)
     async with aiohttp.ClientSession() as session:
         return s, await build_pod(s, 0, session)
@@ -124,9 +122,9 @@ async def _infer_many(target: str, model: str, n: int) -> list[tuple[grpc.Status
 async def test_a_declared_limit_holds_requests_to_it_and_others_pass(tmp_path: Path, runtime_port) -> None:  # type: ignore[no-untyped-def]
     servicer, port = runtime_port
     s, built = await limited_pod(tmp_path, port, queue_timeout_s=5.0)
-    client = built.runtime
+    client = built.server.client
     try:
-        assert built.pod.grpc_port == s.pod_ports(0)[1] != port  # Envoy is sent to the pass-through
+        assert built.pod.grpc_port not in (0, port)  # Envoy is sent to the pass-through, on the port it bound
         for m in ("one-a", "free-b"):
             await client.load(m, {"path": str(tmp_path / "hello.txt"), "format": "string"}, 10)
         assert client.limits.limits == {"one-a": 1}  # what each load answered
@@ -146,13 +144,13 @@ async def test_a_declared_limit_holds_requests_to_it_and_others_pass(tmp_path: P
         await client.unload("one-a")
         assert client.limits.limits == {}
     finally:
-        await client.close()
+        await built.server.stop()
 
 
 async def test_a_request_that_waits_too_long_gets_resource_exhausted(tmp_path: Path, runtime_port) -> None:  # type: ignore[no-untyped-def]
     servicer, port = runtime_port
     _, built = await limited_pod(tmp_path, port, queue_timeout_s=0.45)
-    client = built.runtime
+    client = built.server.client
     try:
         await client.load("one-a", {"path": str(tmp_path / "hello.txt"), "format": "string"}, 10)
         servicer.gate = asyncio.Event()  # the first request holds the only slot until released
@@ -174,7 +172,7 @@ async def test_a_request_that_waits_too_long_gets_resource_exhausted(tmp_path: P
         assert "model 'one-a' is at its concurrency limit of 1" in refused.value.details()
         assert servicer.most == {"one-a": 1}
     finally:
-        await client.close()
+        await built.server.stop()
 
 
 def test_status_field_numbers_are_the_spis() -> None:

@@ -24,8 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from meshserve import devmesh
-from meshserve.settings import Settings
+from meshserve_testing import devmesh
 from meshserve_loader.storage import predict_size
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "modelmesh-examples" / "bucket" / "sklearn" / "mnist-svm.joblib"
@@ -43,7 +42,7 @@ def _post(url: str, body: dict[str, object], timeout: float = 60.0) -> tuple[int
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[tuple[Settings, list[Path]]]:
+def runtime(tmp_path: Path) -> Iterator[tuple[dict[str, int], list[Path]]]:
     if not FIXTURE.exists():
         pytest.skip(f"the digits SVM fixture is not at {FIXTURE}")
     data = tmp_path / "data"
@@ -54,28 +53,26 @@ def runtime(tmp_path: Path) -> Iterator[tuple[Settings, list[Path]]]:
         f.parent.mkdir(parents=True)
         shutil.copyfile(FIXTURE, f)
         files.append(f)
-    s = Settings(data_dir=data, runtime_base_port=devmesh.free_block(10))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHSERVE_")}
-    env.update({"MESHSERVE_HOST": "127.0.0.1", "MESHSERVE_RUNTIME_BASE_PORT": str(s.runtime_base_port), "MESHSERVE_DATA_DIR": str(data)})
-    log = tmp_path / "runtime.log"
+    # On ports it binds itself (0) and writes to the ports file, as the loader starts it.
+    env.update({"MESHSERVE_HOST": "127.0.0.1", "MESHSERVE_RUNTIME_BASE_PORT": "0", "MESHSERVE_DATA_DIR": str(data)})
+    log, ports_file = tmp_path / "runtime.log", tmp_path / "ports.json"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "meshserve_loader.builtin", "--index", "0"],
+        proc = subprocess.Popen([sys.executable, "-m", "meshserve_loader.builtin", "--ports-file", str(ports_file), "--index", "0"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        rest = s.pod_ports(0)[0]
-        devmesh.wait_until(lambda: devmesh.http_get(f"http://127.0.0.1:{rest}/v2/health/ready", 1)[0] == 200 or proc.poll() is not None,
-                           60, "runtime ready")
+        devmesh.wait_until(lambda: ports_file.exists() or proc.poll() is not None, 60, "runtime listening")
         assert proc.poll() is None, log.read_text()[-3000:]
-        yield s, files
+        yield json.loads(ports_file.read_text()), files
     finally:
         devmesh.stop(proc)
 
 
 @pytest.mark.timeout(180)
-def test_identical_files_report_the_same_size_never_below_the_prediction(runtime: tuple[Settings, list[Path]]) -> None:
-    s, files = runtime
-    control = f"http://127.0.0.1:{s.pod_control_port(0)}"
-    data = f"http://127.0.0.1:{s.pod_ports(0)[0]}"
+def test_identical_files_report_the_same_size_never_below_the_prediction(runtime: tuple[dict[str, int], list[Path]]) -> None:
+    ports, files = runtime
+    control = f"http://127.0.0.1:{ports['control']}"
+    data = f"http://127.0.0.1:{ports['rest']}"
     predicted = predict_size(files[0], "sklearn")
     assert predicted == int(344_817 * 1.25) + 64 * 1024
 

@@ -18,7 +18,7 @@ from meshserve_loader.fetch import Fetcher
 from meshserve_loader.sink import DigestError
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import parse_secret
-from tests.storage_servers import AZURITE_ACCOUNT, azurite, azurite_connection_string
+from meshserve_testing.storage_servers import AZURITE_ACCOUNT, azurite, azurite_connection_string
 
 blob = pytest.importorskip("azure.storage.blob", reason="azure-storage-blob is a dependency of meshserve: run `make install`")
 

@@ -16,13 +16,13 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.sink import DigestError
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import parse_secret
-from tests.storage_servers import gcs_emulator
+from meshserve_testing.storage_servers import gcs_emulator
 
 storage = pytest.importorskip("google.cloud.storage", reason="google-cloud-storage is a dependency of meshserve: run `make install`")
 
@@ -101,7 +101,7 @@ class TokenEndpoint:
                 self.end_headers()
                 self.wfile.write(out)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
 

@@ -1,6 +1,6 @@
 """Kind: real server. Pulls over HTTP from a real aiohttp server on 127.0.0.1 (in the test's own
 event loop, stopped at the end): atomic writes, digest, size limit, cache, errors; and from
-e2e.stores.ModelStore (a threaded HTTP server on 127.0.0.1): resuming with Range after a cut,
+meshserve_testing.model_store.ModelStore (a threaded HTTP server on 127.0.0.1): resuming with Range after a cut,
 restarting when Range is ignored, a loader killed mid-pull."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from meshserve.devmesh import free_port
+from meshserve_testing.devmesh import free_port
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.sink import DigestError
@@ -46,9 +46,8 @@ async def _serve(hits: list[str]) -> tuple[web.AppRunner, str]:
     app.router.add_get("/cut/m.onnx", cut)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 def _fetcher(tmp_path: Path, stores: dict | None = None, **kw: int) -> Fetcher:
@@ -97,10 +96,10 @@ async def test_http_store_with_headers_and_errors(tmp_path: Path) -> None:
         await runner.cleanup()
 
 
-# --- Resuming a dropped download: e2e.stores.ModelStore, a real threaded HTTP server on 127.0.0.1
+# --- Resuming a dropped download: meshserve_testing.model_store.ModelStore, a real threaded HTTP server on 127.0.0.1
 # that drops the connection half-way (`cut`) and honours or ignores Range (`ranges`).
 
-from e2e.stores import ModelStore  # noqa: E402
+from meshserve_testing.model_store import ModelStore  # noqa: E402
 from meshserve_loader import pull_http  # noqa: E402
 
 MODEL = os.urandom(4 << 20)

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from meshserve.devmesh import s3_server
+from meshserve_testing.devmesh import s3_server
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.sink import DigestError, SizeLimitError
@@ -123,7 +123,7 @@ def test_disk_cache_limit_evicts_lru(tmp_path: Path, s3_endpoint: str, bucket: s
 async def test_agent_loads_from_s3_with_storage_config_setting(tmp_path: Path, s3_endpoint: str, bucket: str) -> None:
     """The agent's wiring: MESHSERVE_STORAGE_CONFIG -> storage-config -> S3 pull -> the runtime
     gets a local path to the pulled file (real Valkey, real moto; the runtime is an in-memory fake)."""
-    from meshserve import devmesh
+    from meshserve_testing import devmesh
     from meshserve import state as st
     from meshserve.model import ModelSpec, Pod
     from meshserve.settings import Settings

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from meshserve.devmesh import s3_server
+from meshserve_testing.devmesh import s3_server
 from meshserve_loader import pull_s3
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher

@@ -18,7 +18,7 @@ from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.fetch import Fetcher
 from meshserve_loader.storage import StorageError
 from meshserve_loader.storage_config import StorageConfigSource, parse_secret
-from tests.storage_servers import ServerCA, make_ca, moto_server
+from meshserve_testing.storage_servers import ServerCA, make_ca, moto_server
 
 boto3 = pytest.importorskip("boto3", reason="boto3 is a dependency of meshserve: run `make install`")
 
@@ -83,7 +83,7 @@ async def test_agent_picks_up_a_changed_secret_without_restart(tmp_path: Path, c
     """The issue's case end to end in the loader: the mounted Secret first has a gcs entry it
     can't use and an s3 entry without the certificate; loads fail with those reasons, and after
     the Secret is fixed (symlink swap, as Kubernetes does) the next load pulls, same agent."""
-    from meshserve import devmesh
+    from meshserve_testing import devmesh
     from meshserve import state as st
     from meshserve.model import ModelSpec, Pod
     from meshserve.settings import Settings

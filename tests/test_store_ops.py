@@ -13,10 +13,7 @@ import pytest
 from meshserve import events
 from meshserve.model import ModelSpec, Pod
 from meshserve.observe import MeshStateCollector
-try:
-    from meshserve_testing import devmesh
-except ImportError:  # before the testing package exists (the ports change)
-    from meshserve import devmesh  # type: ignore[no-redef]
+from meshserve_testing import devmesh
 from meshserve.store import keys, messages as m
 from meshserve.store import ops as store_ops
 from meshserve.store.state import State

@@ -15,7 +15,7 @@ import pytest
 from meshserve_loader.builtin import text
 from meshserve_loader.builtin.codec import InferRequest, Tensor
 from meshserve_loader.builtin.formats import ModelLoadError, load_model
-from meshserve_loader.builtin.server import Runtime
+from meshserve_loader.builtin.table import Runtime
 from meshserve_loader.examples.minilm_setup import ensure_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_runtime_loads_the_base_once_for_its_adapters(base: text.TextEncoder, we
 def test_runtime_openai_embeddings(base: text.TextEncoder, weights: Path, tmp_path: Path) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from meshserve_loader.builtin.server import build_rest_app
+    from meshserve_loader.builtin.http_api import build_rest_app
 
     lora, head = _adapters(base, tmp_path)
 
@@ -164,7 +164,7 @@ def test_runtime_openai_embeddings(base: text.TextEncoder, weights: Path, tmp_pa
 
 def test_mlserver_adapter_settings_name_the_base(tmp_path: Path) -> None:
     """Kind: unit. On MLServer pools the user's MLModel gets the base the loader fetched."""
-    from meshserve_loader.mlserver import base_settings, model_settings
+    from meshserve_loader.servers.mlserver import base_settings, model_settings
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "model-settings.json").write_text(json.dumps({"implementation": "m.PeftModel", "parameters": {"extra": {"k": 1}}}))

@@ -36,14 +36,15 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from meshserve import devmesh, tracing
+from meshserve import tracing
+from meshserve_testing import devmesh
 from meshserve import state as st
 from meshserve.model import ModelSpec, Pod
 from meshserve.settings import Settings
 from meshserve_loader.agent import Agent
-from meshserve_loader.builtin_client import RuntimeClient
 from meshserve_loader.example_models import write_sklearn
-from meshserve_loader.process import RuntimeProcess, builtin_argv
+from meshserve_loader.process import RuntimeProcess
+from meshserve_loader.servers.builtin import RuntimeClient, builtin_argv, read_ports
 from meshserve_placement.activator import Activator, build_rest_app
 from meshserve_placement.activator_grpc import GrpcActivator
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -105,25 +106,24 @@ class Endpoints:
 @pytest.fixture
 async def mesh(valkey: devmesh.Valkey, tmp_path: Path) -> AsyncIterator[Endpoints]:
     """The cold path, for real: runtime process + agent, leader, activator (REST and gRPC)."""
-    base = devmesh.free_block(10)
-    s = Settings(data_dir=tmp_path, redis_url=valkey.url, runtime_base_port=base, heartbeat_seconds=0.5,
+    s = Settings(data_dir=tmp_path, redis_url=valkey.url, runtime_base_port=0, heartbeat_seconds=0.5,
                  lease_seconds=1.0, cold_start_timeout_seconds=30.0, load_timeout_seconds=30.0)
     write_sklearn(tmp_path / "pvc" / "vol" / "mnist-svm.joblib")
     env = {k: v for k, v in s.as_env().items() if k in ("MESHSERVE_RUNTIME_BASE_PORT", "MESHSERVE_HOST", "MESHSERVE_DATA_DIR")}
-    proc = RuntimeProcess("builtin", builtin_argv(0), env, log_path=tmp_path / "runtime.log")
+    proc = RuntimeProcess("builtin", builtin_argv(0, tmp_path / "ports.json"), env, log_path=tmp_path / "runtime.log")
     state = st.State.from_url(valkey.url)  # connects on first use
-    rest, grpc_port, _ = s.pod_ports(0)
     tasks: list[asyncio.Task[Any]] = []
     runner: web.AppRunner | None = None
     gsrv: grpc.aio.Server | None = None
     storage = {"parameters": {"type": "pvc", "name": "vol"}, "path": "mnist-svm.joblib"}
     await proc.start()
     try:
+        ports = await read_ports(tmp_path / "ports.json", proc)  # it binds port 0 and says what it got
         await state.r.flushdb()
         async with aiohttp.ClientSession() as session:
             try:
-                rt = RuntimeClient(f"http://127.0.0.1:{s.pod_control_port(0)}", session)
-                agent = Agent(s, Pod("pod-0", "127.0.0.1", rest, grpc_port, 1 << 30, ["sklearn"], max_loading=2), rt, state, process=proc)
+                rt = RuntimeClient(f"http://127.0.0.1:{ports['control']}", session)
+                agent = Agent(s, Pod("pod-0", "127.0.0.1", ports["rest"], ports["grpc"], 1 << 30, ["sklearn"], max_loading=2), rt, state)
                 await rt.wait_ready(60)
                 await agent.register()
                 sched = Scheduler(s, state)
@@ -134,8 +134,8 @@ async def mesh(valkey: devmesh.Valkey, tmp_path: Path) -> AsyncIterator[Endpoint
                                              for m in (MODEL, MODEL2, MODEL3)])
                 runner = web.AppRunner(build_rest_app(act, session), access_log=None)
                 await runner.setup()
-                port = devmesh.free_port()
-                await web.TCPSite(runner, "127.0.0.1", port).start()
+                await web.TCPSite(runner, "127.0.0.1", 0).start()
+                port = runner.addresses[0][1]
                 gsrv = grpc.aio.server()
                 gsrv.add_generic_rpc_handlers((GrpcActivator(act),))
                 gport = gsrv.add_insecure_port("127.0.0.1:0")

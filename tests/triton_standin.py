@@ -20,7 +20,7 @@ the way its HTTP server behaves where the docs are silent (src/http_server.cc):
 Test hooks (not Triton): a model whose name starts with "ghost" answers its load with 200 but is
 never READY; `--ready-after S` answers 503 on /v2/health/ready for the first S seconds.
 
-    python tests/triton_standin.py --repo DIR --port N
+    python tests/triton_standin.py --repo DIR --port N   (N 0: any free port, printed as `port P`)
 """
 
 from __future__ import annotations
@@ -176,10 +176,21 @@ class Standin:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", type=Path, required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True, help="0: any free port, printed on stdout once bound")
     ap.add_argument("--ready-after", type=float, default=0.0)
     a = ap.parse_args()
-    web.run_app(Standin(a.repo, a.ready_after).app(), host="127.0.0.1", port=a.port, print=None)
+    asyncio.run(_serve(Standin(a.repo, a.ready_after).app(), a.port))
+
+
+async def _serve(app: web.Application, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print(f"port {runner.addresses[0][1]}", flush=True)  # the test reads the port it got
+    try:
+        await asyncio.Event().wait()  # until SIGTERM ends the process
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

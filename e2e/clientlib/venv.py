@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e.sidevenv import ensure
+from meshserve_testing.sidevenv import ensure
 
 PACKAGES = ("tritonclient[http,grpc]==2.73.0", "kserve==0.21.0")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e.faults.load import SteadyLoad
-from meshserve import devmesh
-from meshserve_xds.harness import model_route_clusters
+from meshserve_testing import devmesh
+from meshserve_testing.xds_harness import model_route_clusters
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sklearn-mnist"

@@ -18,10 +18,10 @@ import pytest
 
 from e2e.faults import pods
 from e2e.faults.load import SteadyLoad
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.settings import Settings
 from meshserve_placement.tuning import Tuning
-from meshserve_xds.harness import model_route_clusters
+from meshserve_testing.xds_harness import model_route_clusters
 
 pytestmark = pytest.mark.e2e
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "faults.json"

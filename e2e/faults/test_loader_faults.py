@@ -32,9 +32,9 @@ import redis
 
 from e2e.faults.load import SteadyLoad
 from e2e.faults.test_faults import infer_url, record
-from e2e.stores import ModelStore, knn_model
-from meshserve import devmesh
-from meshserve_xds.harness import model_route_clusters
+from meshserve_testing.model_store import ModelStore, knn_model
+from meshserve_testing import devmesh
+from meshserve_testing.xds_harness import model_route_clusters
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

@@ -32,7 +32,7 @@ import redis
 from e2e.faults import pods
 from e2e.faults.load import SteadyLoad
 from e2e.faults.test_faults import infer_url, record, warm
-from meshserve import devmesh
+from meshserve_testing import devmesh
 from meshserve.settings import Settings
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ import asyncio
 
 from meshserve import logs
 from meshserve.settings import Settings
-from meshserve_loader.agent import run
+from meshserve_loader.run import run
 
 
 def pod_index(s: Settings, index: int | None) -> int:

@@ -16,51 +16,37 @@ context back to the leader.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import time
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from meshserve import failures
-from meshserve import state as st
 from meshserve import tracing
 from meshserve.model import CopyState, ModelSpec, Pod
-from meshserve.registry import ADAPTER_CONFIG, base_from_adapter_config
-from meshserve.yamlfile import ConfigError
 from meshserve.settings import Settings
-from meshserve.store import ops
-from meshserve_loader.builtin_client import RuntimeClient
-from meshserve_loader.diskcache import DiskCache
-from meshserve_loader.fetch import Fetcher
+from meshserve.store import State, ops
+from meshserve.store.messages import LoadOrder, LoadResult, PodEvent, PodRegistered, UnloadOrder, UnloadResult, decode_order
+from meshserve_loader.bases import base_params
+from meshserve_loader.fetch import Fetcher, make_fetcher
 from meshserve_loader.metrics import LoaderMetrics
 from meshserve_loader.process import RuntimeProcess
+from meshserve_loader.servers import Adapter
 from meshserve_loader.progress import NO_PROGRESS, LoadProgress, ProgressPublisher
 from meshserve_loader.storage import StorageError, predict_size
-from meshserve_loader.storage_config import StorageConfigError, StorageConfigSource
+from meshserve_loader.storage_config import StorageConfigError
 
 log = logging.getLogger("meshserve.loader")
 
-GROUP = "loader"
+__all__ = ["Agent"]
 GATEWAY_POLL_S = 0.01  # an unload's look at the gateways' revisions: one HGETALL
-# Pod lifecycle news (drain, runtime restarts and the models they lost), for operators and any
-# component that wants it. Kept off ms:events, whose readers expect one model per event.
-POD_EVENTS = st.POD_EVENTS  # the schema lives in meshserve/state.py, beside its reader `meshserve describe`
 
-__all__ = ["Agent", "RuntimeClient", "Runtime", "make_fetcher"]
-
-
-class Runtime(Protocol):
-    """What the agent needs of a pod's model server (built-in, MLServer, ModelRuntime SPI)."""
-
-    async def wait_ready(self, timeout: float = ...) -> None: ...
-    async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int: ...
-    async def unload(self, model_id: str) -> None: ...
-    async def stats(self) -> dict[str, Any]: ...
+# Reconnecting to Redis after a failed read: exponential backoff with jitter, so the loaders of a
+# cluster don't all come back at once when Redis does.
+RECONNECT_WAIT = wait_random_exponential(multiplier=0.1, max=10.0)
 
 
 class Agent:
@@ -68,17 +54,14 @@ class Agent:
         self,
         settings: Settings,
         pod: Pod,
-        runtime: Runtime,
-        state: st.State,
+        server: Adapter,
+        state: State,
         fetcher: Fetcher | None = None,
-        process: RuntimeProcess | None = None,
         load_timeout: float | None = None,
         metrics: LoaderMetrics | None = None,
     ):
-        self.s, self.pod, self.rt, self.state = settings, pod, runtime, state
-        self.key = st.orders_key(pod.id)
+        self.s, self.pod, self.server, self.state = settings, pod, server, state
         self.fetcher = fetcher or make_fetcher(settings, pod.id)
-        self.process = process
         self.load_timeout = load_timeout or settings.load_timeout_seconds
         self.metrics = metrics or LoaderMetrics()
         self.progress = ProgressPublisher(state.r, pod.id)  # ms:progress:<model>|<pod>, for `meshserve load`
@@ -90,22 +73,19 @@ class Agent:
         self._runtime_up.set()
         self.draining = False
 
+    @property
+    def process(self) -> RuntimeProcess | None:
+        """The server's process when the loader runs it (restarted by watch_runtime)."""
+        return getattr(self.server, "process", None)
+
     async def register(self) -> None:
-        r = self.state.r
-        try:
-            await r.xgroup_create(self.key, GROUP, id="0", mkstream=True)
-        except aioredis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        await r.zadd(st.HEARTBEATS, {self.pod.id: time.time()})
-        await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
-        stats = await asyncio.wait_for(self.rt.stats(), self.s.heartbeat_seconds * 5)
+        await ops.register_pod(self.state, self.pod)
+        stats = await asyncio.wait_for(self.server.stats(), self.s.heartbeat_seconds * 5)
         held = list(stats.keys())
         self.loaded = {m: self.loaded.get(m) or int(stats[m].get("size") or 0) for m in held}
         # The sizes let placement keep what this pod still holds when it had forgotten the pod
         # (withdrawn while the loader was paused): it adopts a copy it still wants, unloads the rest.
-        sizes = {m: self.loaded[m] for m in held}
-        await r.xadd(st.EVENTS, {"op": "register", "pod": self.pod.id, "models": json.dumps(held), "sizes": json.dumps(sizes)})
+        await ops.announce_registered(self.state.r, PodRegistered(self.pod.id, {m: self.loaded[m] for m in held}))
         self.metrics.capacity.set(self.pod.capacity_bytes)
         log.info("registered pod %s runtime=%s capacity=%d formats=%s holding %d models", self.pod.id, self.pod.runtime, self.pod.capacity_bytes, ",".join(self.pod.formats), len(held))
 
@@ -118,9 +98,7 @@ class Agent:
         registering: asyncio.Task[None] | None = None
         while True:
             try:
-                async with self.state.r.pipeline(transaction=False) as p:
-                    p.zadd(st.HEARTBEATS, {self.pod.id: time.time()}).hexists(st.PODS, self.pod.id)
-                    _, known = await p.execute()
+                known = await ops.heartbeat(self.state.r, self.pod.id)
                 if not known and not self.draining and self._runtime_up.is_set() and (registering is None or registering.done()):
                     log.warning("placement has forgotten pod %s (withdrawn while its heartbeats stopped): registering again", self.pod.id)
                     self.metrics.reregistrations.inc()
@@ -150,7 +128,7 @@ class Agent:
 
     async def _report_usage(self) -> None:
         # Recency comes from the runtime's own counters: no Python hop on the data path.
-        stats = await self.rt.stats()
+        stats = await self.server.stats()
         used = {}
         for model_id, s in stats.items():
             n = int(s.get("requests", 0))
@@ -158,24 +136,19 @@ class Agent:
                 self._seen_requests[model_id] = n
                 if s.get("last_used"):
                     used[model_id] = float(s["last_used"])
-        if used:
-            await self.state.r.zadd(st.LAST_USED, used, gt=True)
+        await ops.mark_used(self.state.r, used)
         self.metrics.used.set(sum(self.loaded.values()))
         self.metrics.cache_bytes.set(self.fetcher.cache.used_bytes())
 
     async def order_loop(self) -> None:
-        r = self.state.r
         # First the orders this pod took but never acknowledged (a restart), then new ones.
         cursor = "0"
         running: set[asyncio.Task[None]] = set()
         while True:
-            try:
-                resp = await r.xreadgroup(GROUP, self.pod.id, {self.key: cursor}, count=16, block=1000)
-            except aioredis.RedisError as e:
-                log.warning("reading orders failed: %s", e)
-                await asyncio.sleep(0.5)
-                continue
-            entries = resp[0][1] if resp else []
+            async for attempt in AsyncRetrying(wait=RECONNECT_WAIT, retry=retry_if_exception_type(aioredis.RedisError),
+                                               before_sleep=_log_retry("reading orders")):
+                with attempt:
+                    entries = await ops.read_orders(self.state.r, self.pod.id, cursor)
             if cursor == "0" and not entries:
                 cursor = ">"
                 continue
@@ -193,7 +166,7 @@ class Agent:
                 t.add_done_callback(running.discard)
 
     async def _handle(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
-        with tracing.handling(fields.get(b"model", b"").decode(), fields):
+        with tracing.handling(_peek(fields)[1], fields):
             await self._handle_order(eid, fields)
 
     async def _routes_withdrawn(self) -> None:
@@ -216,17 +189,22 @@ class Agent:
             await asyncio.sleep(min(GATEWAY_POLL_S, left))
 
     async def _handle_order(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
-        op = fields.get(b"op", b"").decode()
-        model_id = fields.get(b"model", b"").decode()
-        event: dict[str, Any] = {"pod": self.pod.id, "model": model_id, "op": op, "ok": 0, "size": 0, "reason": ""}
+        op, model_id = _peek(fields)
+        if op not in (LoadOrder.op, UnloadOrder.op):
+            reason = f"unknown order {op!r}: no loader carries it out"
+            log.warning("dropping order %s of %s: %s", eid, model_id, reason)
+            self.metrics.orders.labels("other", "failed").inc()
+            await ops.drop_order(self.state.r, self.pod.id, eid, PodEvent("order_dropped", self.pod.id, (model_id,), reason))
+            return
+        ok, size, predicted, reason = False, 0, None, ""
         t0 = time.monotonic()
         try:
+            order = decode_order(fields)  # a load whose spec is unreadable fails as a load
             await asyncio.wait_for(self._runtime_up.wait(), self.load_timeout)
-            if op == "load":
-                spec = ModelSpec.from_json(fields[b"spec"])
-                async with self._load_slots, self.progress.track(spec.id, background=True) as progress:
-                    event["size"], event["predicted"] = await self._load(spec, progress)
-            elif op == "unload":
+            if isinstance(order, LoadOrder):
+                async with self._load_slots, self.progress.track(order.spec.id, background=True) as progress:
+                    size, predicted = await self._load(order.spec, progress)
+            else:
                 if self.draining:
                     # preStop: the copy is reported gone at once (placement drops it; its routes
                     # went with the unload order), but the runtime keeps serving it until the
@@ -237,44 +215,39 @@ class Agent:
                     # The route withdrawal committed with this order is still on its way to the
                     # gateways: requests they route here meanwhile are served, not 404ed.
                     await self._routes_withdrawn()
-                    await self.rt.unload(model_id)
+                    await self.server.unload(model_id)
                 self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)
-            else:
-                raise ValueError(f"unknown order {op!r}")
-            event["ok"] = 1
+            ok = True
         # Each reason says its kind first (meshserve/failures.py): inference clients are told the
         # kind only, since the detail names endpoints, buckets and paths.
         except asyncio.TimeoutError:
-            event["reason"] = failures.tag(failures.TIMEOUT, f"{op} timed out after {self.load_timeout:g}s (the runtime's modelLoadingTimeoutMillis)")
-            if op == "load":
+            reason = failures.tag(failures.TIMEOUT, f"{op} timed out after {self.load_timeout:g}s (the runtime's modelLoadingTimeoutMillis)")
+            if op == LoadOrder.op:
                 # The runtime may still finish it: unload so memory placement doesn't know of isn't held.
                 asyncio.create_task(self._unload_quietly(model_id))
         except (StorageError, StorageConfigError) as e:
-            event["reason"] = failures.tag(failures.STORAGE, str(e) or type(e).__name__)
+            reason = failures.tag(failures.STORAGE, str(e) or type(e).__name__)
         except aiohttp.ClientError as e:
-            event["reason"] = failures.tag(failures.RUNTIME, str(e) or type(e).__name__)
+            reason = failures.tag(failures.RUNTIME, str(e) or type(e).__name__)
         except (RuntimeError, ValueError, KeyError) as e:
-            event["reason"] = failures.tag(failures.LOAD, str(e) or type(e).__name__)
+            reason = failures.tag(failures.LOAD, str(e) or type(e).__name__)
         except Exception as e:  # noqa: BLE001 - a failed load must never take the agent down
             log.exception("%s of %s failed unexpectedly", op, model_id)
-            event["reason"] = failures.tag(failures.INTERNAL, f"{type(e).__name__}: {e}")
-        self.metrics.orders.labels(op if op in ("load", "unload") else "other", "ok" if event["ok"] else "failed").inc()
-        if op == "load":
+            reason = failures.tag(failures.INTERNAL, f"{type(e).__name__}: {e}")
+        self.metrics.orders.labels(op, "ok" if ok else "failed").inc()
+        if op == LoadOrder.op:
             self.metrics.load_seconds.observe(time.monotonic() - t0)
-        elif op == "unload" and event["ok"]:
+        elif ok:
             self.metrics.unload_seconds.observe(time.monotonic() - t0)
-        if not event["ok"]:
-            log.warning("%s of %s failed: %s", op, model_id, event["reason"])
+        if not ok:
+            log.warning("%s of %s failed: %s", op, model_id, reason)
         else:
-            log.info("%s of %s done (size=%s)", op, model_id, event["size"])
-        event["ts"] = time.time()
-        tracing.inject(event)
-        async with self.state.r.pipeline(transaction=True) as p:
-            p.xadd(st.EVENTS, {k: str(v) for k, v in event.items()}, maxlen=100_000, approximate=True)
-            p.xack(self.key, GROUP, eid)
-            p.xdel(self.key, eid)
-            await p.execute()
+            log.info("%s of %s done (size=%s)", op, model_id, size)
+        trace = tracing.inject({})  # the result carries the order's context back to the leader
+        result = (LoadResult(self.pod.id, model_id, ok, size, reason, trace=trace, predicted=predicted) if op == LoadOrder.op
+                  else UnloadResult(self.pod.id, model_id, ok, size, reason, trace=trace))
+        await ops.report_result(self.state.r, self.pod.id, eid, result)
 
     async def _drop_withdrawn(self, eid: bytes, fields: dict[bytes, bytes]) -> bool:
         """A load order re-read after a restart can outlive its placement: when the pod missed its
@@ -283,20 +256,16 @@ class Agent:
         expects. Carrying it out would pull the model again and hold memory placement does not
         know of, so it is dropped (acknowledged, with a pod event saying why). A load whose copy
         here is still LOADING (the loader came back in time) goes ahead."""
-        if fields.get(b"op") != b"load":
+        op, model_id = _peek(fields)
+        if op != LoadOrder.op:
             return False
-        model_id = fields.get(b"model", b"").decode()
         try:
             copy = (await self.state.copies(model_id)).get(self.pod.id)
             if copy is not None and copy.state == CopyState.LOADING:
                 return False
             reason = f"load order outlived its placement (now {copy.state if copy else 'none'} here): withdrawn while the loader was down"
             log.warning("dropping load of %s: %s", model_id, reason)
-            async with self.state.r.pipeline(transaction=True) as p:
-                p.xadd(POD_EVENTS, {"op": "order_dropped", "pod": self.pod.id, "models": json.dumps([model_id]), "reason": reason, "ts": str(time.time())})
-                p.xack(self.key, GROUP, eid)
-                p.xdel(self.key, eid)
-                await p.execute()
+            await ops.drop_order(self.state.r, self.pod.id, eid, PodEvent("order_dropped", self.pod.id, (model_id,), reason))
         except aioredis.RedisError as e:  # can't tell: carry it out, as before
             log.warning("checking the placement of %s failed: %s", model_id, e)
             return False
@@ -308,8 +277,8 @@ class Agent:
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             try:
-                if model_id in await self.rt.stats():
-                    await self.rt.unload(model_id)
+                if model_id in await self.server.stats():
+                    await self.server.unload(model_id)
                     log.info("unloaded %s, which finished loading after its timeout", model_id)
                     return
             except Exception as e:  # noqa: BLE001 - cleanup is best effort
@@ -328,43 +297,14 @@ class Agent:
         progress.loading()
         predicted = spec.size_hint or predict_size(path, spec.format)
         params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
-        params.update(await self._base_params(spec, path))
+        params.update(await base_params(self.state, self.fetcher, spec, path))
         with tr.start_as_current_span("loader.load", attributes={**attrs, "meshserve.predicted_bytes": predicted}) as span:
-            measured = await asyncio.wait_for(self.rt.load(spec.id, params, self.load_timeout), self.load_timeout)
+            measured = await asyncio.wait_for(self.server.load(spec.id, params, self.load_timeout), self.load_timeout)
             span.set_attribute("meshserve.measured_bytes", measured)
         self.metrics.observe_size(predicted, measured)
         size = max(measured, predicted)
         self.loaded[spec.id] = size
         return size, predicted
-
-    async def _base_params(self, spec: ModelSpec, path: Path) -> dict[str, Any]:
-        """An adapter's base (issue 17): the registered model its spec names (meshserve.io/
-        base-model), else the one its PEFT adapter_config.json names, fetched like any model, for
-        the runtime to load once and share (`base_path`). {} for a model without a base.
-
-        Placement does not know of bases yet (issue 17 item 2): the base is fetched here even
-        when it is not placed on this pod, and its memory is carried by the adapter that
-        brought it (builtin/server.py `load_with_base`)."""
-        name = spec.base
-        if not name:
-            cfg = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
-            if not cfg.is_file():
-                return {}
-            try:
-                name = base_from_adapter_config(cfg.read_text(), f"{spec.alias}/{ADAPTER_CONFIG}")
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
-            if not name:
-                return {}
-        base_id = await self.state.resolve(name)
-        base = await self.state.model(base_id) if base_id else None
-        if base is None:
-            raise ValueError(f"{spec.alias}'s base model '{name}' is not registered: register it (an InferenceService named {name!r})")
-        if base.base:
-            raise ValueError(f"{spec.alias}'s base '{name}' is itself an adapter (of '{base.base}'): a base must be a full model")
-        base_path = await self.fetcher.fetch(base.storage)
-        return {"base_path": str(base_path), "base_format": base.format, "base_model": base.id,
-                "base_predicted_size": base.size_hint or predict_size(base_path, base.format)}
 
     async def watch_runtime(self) -> None:
         """Restart the runtime process when it dies, and report the models it took with it."""
@@ -380,19 +320,18 @@ class Agent:
             self.metrics.runtime_restarts.inc()
             reason = f"runtime process exited with code {code}"
             log.error("%s; lost %d models (%s); restarting it", reason, len(lost), ", ".join(lost) or "none")
-            await self.state.r.xadd(
-                POD_EVENTS, {"op": "runtime_restart", "pod": self.pod.id, "models": json.dumps(lost), "reason": reason, "ts": str(time.time())}
-            )
+            await ops.report_pod_event(self.state.r, PodEvent("runtime_restart", self.pod.id, tuple(lost), reason))
             self.loaded.clear()
             self._seen_requests.clear()
-            # Back off a little when it keeps dying, so a broken runtime doesn't spin the CPU.
-            await asyncio.sleep(min(0.5 * self.process.restarts, 10.0))
-            await self.process.start()
+            # Back off when it keeps dying, so a broken runtime doesn't spin the CPU.
+            await asyncio.sleep(RESTART_WAIT(_Attempts(self.process.restarts)))
             try:
-                await self.rt.wait_ready()
-            except TimeoutError as e:
+                endpoints = await self.server.restart()
+            except (TimeoutError, RuntimeError) as e:
                 log.error("restarted runtime is not ready: %s", e)
                 continue
+            # A server on port 0 came back on new ports: the pod registers with them.
+            self.pod.rest_port, self.pod.grpc_port = endpoints.rest, endpoints.grpc
             await self.register()  # placement drops the lost copies (the pod now holds none)
             self._runtime_up.set()
 
@@ -405,8 +344,8 @@ class Agent:
         requests in flight finish; then the pod exits."""
         self.draining = True
         self.pod.draining = True
-        await self.state.commit([["HSET", st.PODS, self.pod.id, self.pod.to_json()]], [(st.KIND_POD, self.pod.id)])
-        await self.state.r.xadd(POD_EVENTS, {"op": "drain", "pod": self.pod.id, "models": json.dumps(sorted(self.loaded)), "ts": str(time.time())})
+        await ops.publish_pod(self.state, self.pod)
+        await ops.report_pod_event(self.state.r, PodEvent("drain", self.pod.id, tuple(sorted(self.loaded))))
         log.info("draining pod %s: %d models to move", self.pod.id, len(self.loaded))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.loaded:
@@ -424,7 +363,7 @@ class Agent:
         since = time.monotonic()
         while time.monotonic() < deadline:
             try:
-                stats = await self.rt.stats()
+                stats = await self.server.stats()
             except Exception as e:  # noqa: BLE001 - a runtime that is gone serves nothing
                 log.debug("drain: runtime stats: %s", e)
                 return
@@ -440,45 +379,24 @@ class Agent:
         log.warning("drain of pod %s timed out: copies left %s", self.pod.id, sorted(self.loaded) or "none")
 
 
-def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
-    # The storage-config is re-read at each pull when its file (or mounted Secret) changed, so a
-    # Secret edited in Kubernetes applies without a restart. A bad entry fails only the models
-    # naming it, and an unreadable storage-config only the models that need it: local/pvc and
-    # plain http models always load. Read once here so problems show in the log at start.
-    config = StorageConfigSource(settings.storage_config)
-    snap = config.current()
-    return Fetcher(
-        pvc_root=settings.pvc_root,
-        stores=snap.stores,
-        cache=DiskCache(settings.pod_cache_dir(pod_id), settings.cache_max_bytes),
-        max_model_bytes=settings.max_model_bytes,
-        progress_min_bytes=settings.pull_progress_bytes,
-        model_roots=settings.extra_model_roots,
-        config=config,
-    )
+def _peek(fields: dict[bytes, bytes]) -> tuple[str, str]:
+    """(op, model) of an orders entry before it is decoded (messages.decode_order), so that one
+    that can't be decoded is still reported against its model, and the trace names it."""
+    return fields.get(b"op", b"").decode(), fields.get(b"model", b"").decode()
 
 
-async def run(settings: Settings, index: int) -> None:
-    from meshserve_loader.pod import build_pod
+RESTART_WAIT = wait_random_exponential(multiplier=0.5, max=10.0)
 
-    async with aiohttp.ClientSession() as session:
-        built = await build_pod(settings, index, session)
-        state = st.State.from_url(settings.redis_url)
-        agent = Agent(settings, built.pod, built.runtime, state, process=built.process, load_timeout=built.load_timeout, metrics=built.metrics)
-        runner = await built.metrics.serve(settings.host, settings.pod_ports(index)[2])
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        try:
-            await built.runtime.wait_ready()
-            await agent.register()
-            tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.usage_loop(), agent.order_loop(), agent.watch_runtime())]
-            await stop.wait()
-            await agent.drain(settings.drain_timeout_seconds)
-            for t in tasks:
-                t.cancel()
-        finally:
-            if built.process is not None:
-                await built.process.stop()
-            await runner.cleanup()
+
+class _Attempts:
+    """The retry state tenacity's wait strategies read (attempt_number), for a loop of our own."""
+
+    def __init__(self, n: int):
+        self.attempt_number = max(1, n)
+
+
+def _log_retry(what: str) -> Any:
+    def before_sleep(rs: Any) -> None:
+        log.warning("%s failed (attempt %d): %s; retrying in %.1fs", what, rs.attempt_number, rs.outcome.exception(),
+                    rs.next_action.sleep if rs.next_action else 0.0)
+    return before_sleep

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry import trace
 
+from meshserve.settings import Settings
 from meshserve_loader.diskcache import DiskCache
 from meshserve_loader.pull_azure import pull_azure
 from meshserve_loader.pull_gcs import pull_gcs
@@ -179,3 +180,21 @@ class Fetcher:
             finally:
                 if staged.exists():
                     shutil.rmtree(staged, ignore_errors=True)
+
+
+def make_fetcher(settings: Settings, pod_id: str) -> Fetcher:
+    # The storage-config is re-read at each pull when its file (or mounted Secret) changed, so a
+    # Secret edited in Kubernetes applies without a restart. A bad entry fails only the models
+    # naming it, and an unreadable storage-config only the models that need it: local/pvc and
+    # plain http models always load. Read once here so problems show in the log at start.
+    config = StorageConfigSource(settings.storage_config)
+    snap = config.current()
+    return Fetcher(
+        pvc_root=settings.pvc_root,
+        stores=snap.stores,
+        cache=DiskCache(settings.pod_cache_dir(pod_id), settings.cache_max_bytes),
+        max_model_bytes=settings.max_model_bytes,
+        progress_min_bytes=settings.pull_progress_bytes,
+        model_roots=settings.extra_model_roots,
+        config=config,
+    )

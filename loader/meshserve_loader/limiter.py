@@ -148,14 +148,17 @@ class LimitingProxy:
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0: a port the kernel picks); the port it listens on."""
         self._channel = grpc.aio.insecure_channel(self.upstream, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
         self._server.add_generic_rpc_handlers((_Forward(self._channel, self.limits, self.rename),))
-        if not self._server.add_insecure_port(f"{host}:{port}"):
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if not bound:
             raise OSError(f"the concurrency-limiting proxy could not listen on {host}:{port}: is the port taken?")
         await self._server.start()
-        log.info("gRPC pass-through%s on %s:%d -> %s", " (renaming to the model id)" if self.rename else "", host, port, self.upstream)
+        log.info("gRPC pass-through%s on %s:%d -> %s", " (renaming to the model id)" if self.rename else "", host, bound, self.upstream)
+        return bound
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import aiohttp
 
-from meshserve.devmesh import free_block, free_port
 from meshserve_loader import example_models as ex
-from meshserve_loader.builtin_client import RuntimeClient
-from meshserve_loader.process import RuntimeProcess, builtin_argv, mlserver_env
+from meshserve_loader.process import RuntimeProcess
+from meshserve_loader.servers.builtin import RuntimeClient, builtin_argv, read_ports
 from meshserve_loader.storage import predict_size
 
 
@@ -26,15 +25,16 @@ def _models(d: Path) -> dict[str, Path]:
 
 
 async def _builtin(models: dict[str, Path], tmp: Path) -> list[tuple[str, str, int, int, int, int]]:
-    base = free_block(10)
     rows = []
     async with aiohttp.ClientSession() as s:
         for fmt, path in models.items():
             # A fresh runtime per model: each delta is that model's alone, first load included.
-            proc = RuntimeProcess("builtin", builtin_argv(0), _env(base, tmp), log_path=tmp / "rt.log")
+            proc = RuntimeProcess("builtin", builtin_argv(0, tmp / "ports.json"), _env(tmp), log_path=tmp / "rt.log")
+            (tmp / "ports.json").unlink(missing_ok=True)
             await proc.start()
             try:
-                rt = RuntimeClient(f"http://127.0.0.1:{base + 4}", s)  # the control port: loads go there
+                ports = await read_ports(tmp / "ports.json", proc)
+                rt = RuntimeClient(f"http://127.0.0.1:{ports['control']}", s)  # the control port: loads go there
                 await rt.wait_ready(60)
                 fmt_name = fmt.split(" ")[0]
                 # Follow the weights link: the prediction is meant to see the model's bytes.
@@ -50,26 +50,28 @@ async def _builtin(models: dict[str, Path], tmp: Path) -> list[tuple[str, str, i
     return rows
 
 
-def _env(base: int, tmp: Path) -> dict[str, str]:
-    # 127.0.0.1 only; the runtime loads from its allowed roots, so the temp dir is one.
-    return {"MESHSERVE_HOST": "127.0.0.1", "MESHSERVE_RUNTIME_BASE_PORT": str(base), "MESHSERVE_MODEL_ROOTS": str(tmp)}
+def _env(tmp: Path) -> dict[str, str]:
+    # 127.0.0.1 only, on ports the kernel picks; the runtime loads from its allowed roots, so
+    # the temp dir is one.
+    return {"MESHSERVE_HOST": "127.0.0.1", "MESHSERVE_RUNTIME_BASE_PORT": "0", "MESHSERVE_MODEL_ROOTS": str(tmp)}
 
 
 async def _repeat(src: Path, fmt: str, n: int, tmp: Path) -> list[int]:
     """The sizes one built-in runtime reports for `n` identical copies of `src` loaded under `n`
     ids, while two clients send inference to a first copy (as a pod serves while it loads)."""
-    base = free_block(10)
     paths = []
     for i in range(n + 1):
         d = tmp / "repeat" / f"m{i}"
         d.mkdir(parents=True)
         paths.append(Path(shutil.copy(src, d / src.name)))
     predicted = predict_size(paths[0], fmt)
-    proc = RuntimeProcess("builtin", builtin_argv(0), _env(base, tmp), log_path=tmp / "rt-repeat.log")
+    proc = RuntimeProcess("builtin", builtin_argv(0, tmp / "ports-repeat.json"), _env(tmp), log_path=tmp / "rt-repeat.log")
     await proc.start()
     try:
+        ports = await read_ports(tmp / "ports-repeat.json", proc)
+        base = ports["rest"]
         async with aiohttp.ClientSession() as s:
-            rt = RuntimeClient(f"http://127.0.0.1:{base + 4}", s)
+            rt = RuntimeClient(f"http://127.0.0.1:{ports['control']}", s)
             await rt.wait_ready(60)
             params = {"format": fmt, "predicted_size": predicted}
             await rt.load("m0", {**params, "path": str(paths[0])}, 120)
@@ -92,19 +94,14 @@ async def _repeat(src: Path, fmt: str, n: int, tmp: Path) -> list[int]:
 
 
 async def _mlserver(path: Path, tmp: Path) -> list[tuple[str, str, int, int, int, int]]:
-    from meshserve_loader.mlserver import MLServerClient
-    from meshserve_loader.mlserver_venv import ensure_mlserver
+    from meshserve_loader.servers.mlserver import MLServerClient, start_mlserver
+    from meshserve_loader.servers.mlserver_venv import ensure_mlserver
 
     exe = ensure_mlserver(Path(__file__).resolve().parents[2])
-    rest = free_port()
-    models = tmp / "mlserver-models"
-    proc = RuntimeProcess("mlserver", [str(exe), "start", str(models)],
-                          mlserver_env("127.0.0.1", rest, free_port(), free_port(), models, {}), log_path=tmp / "mls.log")
-    models.mkdir()
-    await proc.start()
+    proc, url, models = await start_mlserver(exe, tmp)
     try:
         async with aiohttp.ClientSession() as s:
-            c = MLServerClient(f"http://127.0.0.1:{rest}", s, models, pid=lambda: proc.pid)
+            c = MLServerClient(url, s, models, pid=lambda: proc.pid)
             await c.wait_ready(120)
             measured = await c.load("sklearn-example", {"path": str(path), "format": "sklearn"}, 120)
             again = await c.load("sklearn-example-2", {"path": str(path), "format": "sklearn"}, 120)

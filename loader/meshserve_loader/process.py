@@ -1,5 +1,6 @@
-"""The runtime process a loader agent runs and watches (MLServer, or our built-in runtime when
-the agent owns it): start, notice death, restart. The agent reports the models a death lost."""
+"""The model server process a loader agent runs and watches (the built-in runtime, MLServer or
+Triton, when the loader runs it): start, notice death, stop. The adapters (servers/) say what to
+run; the agent restarts it and reports the models a death lost."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import ctypes
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,36 +80,3 @@ class RuntimeProcess:
                 break
             except asyncio.TimeoutError:
                 continue
-
-
-def builtin_argv(index: int) -> list[str]:
-    return [sys.executable, "-m", "meshserve_loader.builtin", "--index", str(index)]
-
-
-def mlserver_env(host: str, rest: int, grpc_port: int, metrics_port: int, models_dir: Path, extra: dict[str, str]) -> dict[str, str]:
-    """MLServer's settings for a pod: our ports and models dir win over the ServingRuntime's env
-    (they must match what the pod advertised); loads happen only on our orders."""
-    return {
-        "MLSERVER_PARALLEL_WORKERS": "0",  # in-process: lower memory, and the RSS delta is the model's
-        **extra,
-        "MLSERVER_HOST": host,
-        "MLSERVER_HTTP_PORT": str(rest),
-        "MLSERVER_GRPC_PORT": str(grpc_port),
-        "MLSERVER_METRICS_PORT": str(metrics_port),
-        "MLSERVER_MODELS_DIR": str(models_dir),
-        "MLSERVER_LOAD_MODELS_AT_STARTUP": "false",
-    }
-
-
-async def start_mlserver(exe: Path, work: Path, host: str = "127.0.0.1") -> tuple[RuntimeProcess, str, Path]:
-    """A standalone MLServer on free ports with its models dir under `work`, loading only on
-    request: (process, REST URL, models dir). For tests and the peer benchmark."""
-    from meshserve.devmesh import free_port
-
-    rest, grpc_port, metrics = free_port(), free_port(), free_port()
-    models = work / "mlserver-models"
-    models.mkdir()
-    proc = RuntimeProcess("mlserver", [str(exe), "start", str(models)], mlserver_env(host, rest, grpc_port, metrics, models, {}),
-                          log_path=work / "mlserver.log")
-    await proc.start()
-    return proc, f"http://{host}:{rest}", models

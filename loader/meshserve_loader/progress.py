@@ -1,7 +1,7 @@
 """Publishing the progress of each pull and load to Redis, for `meshserve load` and `status`.
 
-One string key per load, `ms:progress:<model>|<pod>` (meshserve/state.py), holding JSON
-{phase, done_bytes, total_bytes, started, updated, reason}, with a TTL:
+One string key per load, `ms:progress:<model>|<pod>` (meshserve/store/keys.py), holding a
+messages.Progress (JSON: phase, done_bytes, total_bytes, started, updated, reason), with a TTL:
 
 - throttled: a small task per load writes at most every `interval` (4 times a second), and
   only when something moved, so a fast pull costs a handful of writes however many chunks it has;
@@ -23,15 +23,15 @@ is best effort: a Redis error is logged and never fails the load.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 
-from meshserve import state as st
+from meshserve.store import ops
+from meshserve.store.messages import Progress
 
 log = logging.getLogger("meshserve.loader.progress")
 
@@ -56,9 +56,8 @@ class LoadProgress:
         """The files are local (pulled, from the disk cache, or a PVC): loading into the runtime."""
         self.phase = LOADING
 
-    def doc(self) -> dict[str, Any]:
-        return {"phase": self.phase, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
-                "started": self.started, "updated": time.time(), "reason": self.reason}
+    def message(self) -> Progress:
+        return Progress(self.phase, self.done_bytes, self.total_bytes, self.started, time.time(), self.reason)
 
     def _mark(self) -> tuple[str, int, int]:
         return self.phase, self.done_bytes, self.total_bytes
@@ -82,7 +81,7 @@ class ProgressPublisher:
         waiting for the last (both still happen, in order): the load on a cold request's path
         waits for no progress round trip (issue 19 §4)."""
         p = LoadProgress()
-        key = st.progress_key(model_id, self.pod_id)
+        key = model_id  # the store keys it by model and this pod
         stop = asyncio.Event()
         if background:
             task = asyncio.create_task(self._first_then_loop(key, p, stop))
@@ -133,6 +132,6 @@ class ProgressPublisher:
 
     async def _write(self, key: str, p: LoadProgress, ttl: float) -> None:
         try:
-            await self.r.set(key, json.dumps(p.doc(), separators=(",", ":")), px=int(ttl * 1000))
+            await ops.set_progress(self.r, key, self.pod_id, p.message().encode(), ttl)
         except (aioredis.RedisError, OSError) as e:
-            log.debug("publishing progress to %s: %s", key, e)
+            log.debug("publishing progress of %s: %s", key, e)

@@ -123,7 +123,7 @@ def allow_server_types(runtimes: dict[str, Runtime], allowed: frozenset[str] | N
 def runtime_of(spec: ModelSpec, runtimes: dict[str, Runtime]) -> str | None:
     """The ServingRuntime that serves `spec`: the one it names, else the first by name of the
     enabled runtimes that auto-select its format (KServe's rule; loader/meshserve_loader/
-    runtimes.py `select_runtime` is the same rule over parsed YAML). None when none does."""
+    serving_runtime.py `select_runtime` is the same rule over parsed YAML). None when none does."""
     if spec.runtime:
         r = runtimes.get(spec.runtime)
         return spec.runtime if r is not None and not r.disabled else None

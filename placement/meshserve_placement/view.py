@@ -466,7 +466,7 @@ class ClusterView:
         """The runtime that serves `model`: the one it names, else KServe's rule, the first by
         name that auto-selects its format, over the declared runtimes when they are known
         (`runtimes`), or else over the ones the registered pods run. The rule is the same as
-        loader/meshserve_loader/runtimes.py `select_runtime`. None when nothing auto-selects it."""
+        loader/meshserve_loader/serving_runtime.py `select_runtime`. None when nothing auto-selects it."""
         if model.runtime:
             return model.runtime
         if self.runtimes:

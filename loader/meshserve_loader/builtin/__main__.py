@@ -1,9 +1,12 @@
-"""`python -m meshserve_loader.builtin --index N`: the built-in runtime of runtime pod N."""
+"""`python -m meshserve_loader.builtin --index N [--ports-file F]`: the built-in runtime of
+runtime pod N. With MESHSERVE_RUNTIME_BASE_PORT=0 every listener binds port 0; `--ports-file`
+gets the ports bound, for whoever started it (the loader: servers/builtin.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
 from meshserve import logs
 from meshserve.settings import Settings
@@ -13,13 +16,15 @@ from meshserve_loader.builtin.server import serve
 def main() -> None:
     ap = argparse.ArgumentParser(prog="meshserve_loader.builtin")
     ap.add_argument("--index", type=int, required=True, help="runtime pod number (sets its ports)")
+    ap.add_argument("--ports-file", type=Path, default=None, help="write the ports bound here, as JSON {rest, grpc, control}")
     args = ap.parse_args()
     s = Settings.from_env()
     logs.setup(f"runtime-{args.index}", s.log_json)
     rest, grpc_port, _ = s.pod_ports(args.index)
     # The roots are the ones the loader of this pod fetches into (same settings, same pod id).
     asyncio.run(serve(s.host, rest, grpc_port, s.allow_executable_formats, s.load_timeout_seconds,
-                      control_port=s.pod_control_port(args.index), allowed_roots=s.allowed_model_roots(s.pod_name(args.index))))
+                      control_port=s.pod_control_port(args.index), allowed_roots=s.allowed_model_roots(s.pod_name(args.index)),
+                      ports_file=args.ports_file))
 
 
 if __name__ == "__main__":

@@ -352,7 +352,7 @@ def load_text_encoder(path: Path, params: dict[str, Any]) -> Model:
 
 def load_peft_adapter(path: Path, params: dict[str, Any]) -> Model:
     """The `peft` format: an adapter over its base's loaded model, which the runtime hands in as
-    `base_model_object` (server.Runtime loads or shares the base; an adapter never does)."""
+    `base_model_object` (table.Runtime loads or shares the base; an adapter never does)."""
     from meshserve_loader.builtin.text import load_adapter
 
     base = params.get(BASE_OBJECT)

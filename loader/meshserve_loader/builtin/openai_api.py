@@ -98,8 +98,8 @@ def embeddings_response(name: str, vectors: np.ndarray, tokens: int, encoding: s
 
 
 def add_routes(r: web.RouteTableDef, rt: Any) -> None:
-    """The /v1 endpoints over the runtime's model table (`rt`: server.Runtime)."""
-    from meshserve_loader.builtin.server import ModelNotFound
+    """The /v1 endpoints over the runtime's model table (`rt`: table.Runtime)."""
+    from meshserve_loader.builtin.table import ModelNotFound
 
     @r.post("/v1/embeddings")
     async def embeddings(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ and adapters that share it.
     and `label` when it has labels); /v1/embeddings returns the scores.
 
 Adapters are constructed with the base's loaded model (the runtime hands it in; see
-server.Runtime), never load one themselves. No file here runs code when loaded.
+table.Runtime), never load one themselves. No file here runs code when loaded.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class TextEncoder:
         out = (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return out, int(mask.sum())
 
-    # The OpenAI endpoint's view (server.py): vectors and tokens.
+    # The OpenAI endpoint's view (openai_api.py): vectors and tokens.
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         return self.encode(texts)
 

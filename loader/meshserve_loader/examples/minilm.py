@@ -6,6 +6,10 @@ same BERT encoder, mean pooling and normalisation in numpy instead: one small de
 (`tokenizers`), no network, no Hugging Face hub (nothing here could reach it, so
 HF_HUB_OFFLINE=1 holds by construction).
 
+Self-contained on purpose, although builtin/text.py's TextEncoder runs the same encoder: this
+file is also the peft-model-server image's own module (mesh-config/examples/peft-model-server/
+minilm_numpy.py links here), which runs in MLServer's environment, where meshserve_loader is not.
+
 Input: one BYTES tensor (any name; the users' request calls it `content`) of UTF-8 texts.
 Output: `embedding`, FP32 [N, 384], unit length.
 The model dir holds model-settings.json and `weights/` (the package's model folder).

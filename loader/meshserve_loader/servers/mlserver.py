@@ -4,20 +4,34 @@ The loader lays out one folder per model in MLServer's models dir, holding a mod
 that names the model (its concrete id), the implementation for its format and the path of the
 pulled files, then calls `POST /v2/repository/models/{id}/load`. Unload removes the folder.
 MLServer reports no sizes, so the size is the resident-memory delta of its process tree.
+
+`MLServerAdapter` runs it from its own venv (mlserver_venv.py; a ServingRuntime's image may be a
+local folder: runtime_image.py) when the loader runs the server, else reaches the MLServer
+container beside it. MLServer takes port numbers and reports none: its ports are fixed or
+reserved (servers/base.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import aiohttp
 
+if TYPE_CHECKING:
+    from meshserve.settings import Settings
+
 from meshserve_loader.memory import tree_rss_bytes
+from meshserve_loader.process import RuntimeProcess
+from meshserve_loader.servers.base import Adapter, Endpoints, wait_http_ready
+
+log = logging.getLogger("meshserve.loader")
+REPO = Path(__file__).resolve().parents[3]
 
 # KServe modelFormat name -> MLServer runtime class (the packages mlserver-<name> provide them).
 IMPLEMENTATIONS = {
@@ -94,7 +108,6 @@ class MLServerClient:
     pid: Callable[[], int] = lambda: 0  # the runtime's process, for the RSS delta (0: unknown)
     kind: str = "mlserver"
     default_implementation: str = ""  # the runtime's MLSERVER_MODEL_IMPLEMENTATION
-    grpc_proxy: Any = None  # the renaming gRPC pass-through in front of it (pod.py), if any
 
     def __post_init__(self) -> None:
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -102,18 +115,7 @@ class MLServerClient:
         self._lock = asyncio.Lock()
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                async with self.session.get(f"{self.base_url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if loop.time() > deadline:
-                raise TimeoutError(f"MLServer at {self.base_url} not ready after {timeout:g}s")
-            await asyncio.sleep(0.2)
+        await wait_http_ready(self.session, self.base_url, timeout, "MLServer", 0.2)
 
     async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
         path = Path(str(params["path"]))
@@ -157,3 +159,101 @@ def _error_text(body: str) -> str:
         return str(doc.get("error") or doc.get("detail") or body) if isinstance(doc, dict) else body
     except ValueError:
         return body[:500]
+
+
+def mlserver_env(host: str, rest: int, grpc_port: int, metrics_port: int, models_dir: Path, extra: dict[str, str]) -> dict[str, str]:
+    """MLServer's settings for a pod: our ports and models dir win over the ServingRuntime's env
+    (they must match what the pod advertised); loads happen only on our orders."""
+    return {
+        "MLSERVER_PARALLEL_WORKERS": "0",  # in-process: lower memory, and the RSS delta is the model's
+        **extra,
+        "MLSERVER_HOST": host,
+        "MLSERVER_HTTP_PORT": str(rest),
+        "MLSERVER_GRPC_PORT": str(grpc_port),
+        "MLSERVER_METRICS_PORT": str(metrics_port),
+        "MLSERVER_MODELS_DIR": str(models_dir),
+        "MLSERVER_LOAD_MODELS_AT_STARTUP": "false",
+    }
+
+
+async def start_mlserver(exe: Path, work: Path, host: str = "127.0.0.1") -> tuple[RuntimeProcess, str, Path]:
+    """A standalone MLServer on reserved ports (held for this process's life) with its models
+    dir under `work`, loading only on request: (process, REST URL, models dir). For tests and the
+    peer benchmark."""
+    from meshserve.ports import reserve_port
+
+    rest, grpc_port, metrics = reserve_port(), reserve_port(), reserve_port()
+    models = work / "mlserver-models"
+    models.mkdir()
+    proc = RuntimeProcess("mlserver", [str(exe), "start", str(models)], mlserver_env(host, rest, grpc_port, metrics, models, {}),
+                          log_path=work / "mlserver.log")
+    await proc.start()
+    return proc, f"http://{host}:{rest}", models
+
+
+def mlserver_models_dir(settings: "Settings", pod_id: str) -> Path:
+    """Where the loader lays out MLServer's model folders: MLServer's MLSERVER_MODELS_DIR. Local
+    pods share one data dir, so each has its own folder; a cluster pod's data dir is its own
+    volume, and the path is fixed (<data_dir>/mlserver) for the MLServer container to name."""
+    base = settings.data_dir / "mlserver"
+    return (base if settings.cluster_pod else base / pod_id).resolve()
+
+
+class MLServerAdapter(Adapter):
+    kind = "mlserver"
+
+    async def start(self) -> Endpoints:
+        s, spec = self.settings, self.spec
+        rest, grpc_port, _ = s.pod_ports(self.index)
+        models_dir = mlserver_models_dir(s, self.pod_id)
+        # A ServingRuntime's own per-model MLServer settings (MLSERVER_MODEL_NAME, _URI) don't
+        # apply to a multi-model server; its default class (a custom image's
+        # MLSERVER_MODEL_IMPLEMENTATION) does, for every model that names none.
+        extra = {k: v for k, v in spec.env if not k.startswith("MLSERVER_MODEL_") or k == "MLSERVER_MODEL_IMPLEMENTATION"}
+        if not s.loader_runs_runtime:
+            # MLServer is the container beside this one (istio/runtime-mlserver.yaml), started
+            # with these ports and MLSERVER_MODELS_DIR on the volume both mount. Its process is
+            # not ours to see, so a load's size is the prediction, not an RSS delta.
+            url = f"http://{s.host}:{rest}"
+            log.info("runtime %s is MLServer in its own container at %s, models dir %s", spec.name, url, models_dir)
+            self.client = MLServerClient(url, self.session, models_dir, default_implementation=extra.get("MLSERVER_MODEL_IMPLEMENTATION", ""))
+            self.endpoints = Endpoints(rest, grpc_port)
+            return self.endpoints
+        from meshserve_loader.limiter import LimitingProxy, ModelLimits
+        from meshserve_loader.runtime_image import ensure_local_image, parse_images
+        from meshserve_loader.servers.mlserver_venv import ensure_mlserver
+
+        log.info("runtime %s is MLServer: making sure its venv exists (a few minutes the first time)", spec.name)
+        exe = ensure_mlserver(REPO)
+        argv = [str(exe), "start", str(models_dir)]
+        folder = parse_images(s.runtime_images).get(spec.image) if spec.image else None
+        if folder is not None:
+            # The runtime's image is a local folder: its own venv over MLServer's, its code on
+            # the path, its Dockerfile's ENV under the ServingRuntime's env (runtime_image.py).
+            image = ensure_local_image(spec.image, folder, exe.parent / "python", REPO)
+            argv = [str(image.python), *argv]
+            extra = {**image.env, **{k: v for k, v in extra.items() if k != "PYTHONPATH"}}
+            log.info("runtime %s: image %s is %s", spec.name, spec.image, folder)
+        # MLServer knows a model only by the id it was loaded under, and a gRPC client names the
+        # alias in the message: the pod's gRPC port is a pass-through that renames (limiter.py),
+        # MLServer's own is beside it. REST needs none: the gateway rewrites the path.
+        # The class for models that name none: the ServingRuntime's env over its image's ENV.
+        default_impl = extra.get("MLSERVER_MODEL_IMPLEMENTATION", "")
+        rest, mlserver_grpc, metrics_port = self.server_ports(3, (0, 5, 3))
+        env = mlserver_env(s.host, rest, mlserver_grpc, metrics_port, models_dir, extra)
+        self.process = RuntimeProcess(spec.name, argv, env, log_path=s.data_dir / f"{self.pod_id}-mlserver.log")
+        models_dir.mkdir(parents=True, exist_ok=True)
+        await self.process.start()
+        self.proxy = LimitingProxy(ModelLimits(), f"{s.host}:{mlserver_grpc}", rename=True)
+        grpc_port = await self.proxy.start(s.host, grpc_port)
+        proc = self.process
+        self.client = MLServerClient(f"http://{s.host}:{rest}", self.session, models_dir, pid=lambda: proc.pid,
+                                     default_implementation=default_impl)
+        self.endpoints = Endpoints(rest, grpc_port)
+        return self.endpoints
+
+    async def stop(self) -> None:
+        proxy = getattr(self, "proxy", None)
+        if proxy is not None:
+            await proxy.stop()
+        await super().stop()

@@ -8,13 +8,10 @@ from __future__ import annotations
 import datetime
 import fcntl
 import os
-import queue
-import re
 import shutil
 import ssl
 import subprocess
 import sys
-import threading
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from meshserve.devmesh import free_port, http_get, stop, wait_until
+from meshserve_testing.devmesh import announced, free_port, http_get, moto_url, stop, wait_until
 
 # Azurite's well-known development account (documented by Microsoft, the same in every Azurite).
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -85,14 +82,14 @@ def make_ca(d: Path) -> ServerCA:
 
 @contextmanager
 def moto_server(tls: ServerCA | None = None) -> Iterator[str]:
-    """moto in server mode; with `tls`, HTTPS with that CA's server certificate. Yields the URL."""
-    port = free_port()
-    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    """moto in server mode on a port of its own choosing (port 0, read back from its start-up
+    line); with `tls`, HTTPS with that CA's server certificate. Yields the URL."""
+    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
     if tls:
         args += ["--ssl-cert", str(tls.cert), "--ssl-key", str(tls.key)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        url = moto_url(proc)
         if tls:
             ctx = ssl.create_default_context(cadata=tls.ca_pem)
 
@@ -117,6 +114,8 @@ def gcs_emulator() -> Iterator[str]:
     """gcp-storage-emulator (PyPI, the test extra), in memory. Yields its URL: the client's
     api_endpoint, and a gcs store's endpoint_url."""
     pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is in the test extra: run `make install`")
+    # It can't report a port it bound (it prints the one it was given, and puts it in URLs):
+    # a reserved port (meshserve.ports).
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1", "--port", str(port), "-M", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,30 +162,8 @@ def azurite(workdir: Path) -> Iterator[str]:
          "--skipApiVersionCheck", "--disableTelemetry"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
     )
-    lines: "queue.Queue[str]" = queue.Queue()
-
-    def drain() -> None:  # reads to the end so the pipe never fills and blocks Azurite
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-
-    threading.Thread(target=drain, daemon=True).start()
     try:
-        seen: list[str] = []
-
-        def listening() -> str | None:
-            while True:
-                try:
-                    line = lines.get_nowait()
-                except queue.Empty:
-                    return "exited" if proc.poll() is not None else None
-                seen.append(line)
-                m = re.search(r"listens on (http://127\.0\.0\.1:\d+)", line)
-                if m:
-                    return m.group(1)
-
-        base = wait_until(listening, 60, "Azurite blob service listening")
-        assert base != "exited", f"Azurite exited at start: {''.join(seen)[-2000:]}"
+        base = announced(proc, r"listens on (http://127\.0\.0\.1:\d+)", 60, "Azurite blob service listening")[1]
         yield f"{base}/{AZURITE_ACCOUNT}"
     finally:
         stop(proc)

@@ -1,8 +1,10 @@
 """Runtimes written for ModelMesh's `ModelRuntime` gRPC SPI, driven by the loader agent.
 
-`SpiClient` is the agent's side (the Runtime protocol over the SPI); `SpiServer` is a small SPI
-server of our own around the built-in formats, to test the client against a real gRPC server
-and as an example for runtime authors.
+`SpiAdapter` is the agent's side: the runtime runs beside the agent (its own container, on
+builtInAdapter.runtimeManagementPort, never started by the loader) and its runtimeStatus sets
+the pod's capacity, load concurrency and timeout, as in ModelMesh. `SpiClient` speaks the SPI;
+`SpiServer` is a small SPI server of our own around the built-in formats, to test the client
+against a real gRPC server and as an example for runtime authors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import grpc
 
 from meshserve_loader.builtin.formats import ModelLoadError, load_model
 from meshserve_loader.limiter import LimitingProxy, ModelLimits
+from meshserve_loader.servers.base import Adapter, Endpoints, Terms
 from meshserve_loader.storage import predict_size
 from meshserve_proto import model_runtime_pb2 as mr
 from meshserve_proto import model_runtime_pb2_grpc as mrg
@@ -47,12 +50,12 @@ class SpiClient:
         self.limits: ModelLimits | None = None
         self._proxy: LimitingProxy | None = None
 
-    async def limit_concurrency(self, limits: ModelLimits, host: str, port: int, data_target: str) -> None:
-        """Serve the pod's gRPC on host:port through a pass-through to `data_target` that holds
-        each model to the maxConcurrency its load answered."""
+    async def limit_concurrency(self, limits: ModelLimits, host: str, port: int, data_target: str) -> int:
+        """Serve the pod's gRPC on host:port (0: the kernel's pick) through a pass-through to
+        `data_target` that holds each model to the maxConcurrency its load answered; the port."""
         self.limits = limits
         self._proxy = LimitingProxy(limits, data_target)
-        await self._proxy.start(host, port)
+        return await self._proxy.start(host, port)
 
     async def close(self) -> None:
         if self._proxy is not None:
@@ -118,6 +121,38 @@ class SpiClient:
         return {m: {"size": s} for m, s in self.loaded.items()}
 
 
+class SpiAdapter(Adapter):
+    kind = "modelruntime"
+
+    async def start(self) -> Endpoints:
+        s, spec = self.settings, self.spec
+        if not spec.runtime_management_port:
+            raise SystemExit(f"runtime {spec.name!r}: a modelruntime needs builtInAdapter.runtimeManagementPort (its SPI gRPC port)")
+        self.client = client = SpiClient(f"{s.host}:{spec.runtime_management_port}")
+        await client.wait_ready(120)
+        status = await client.status()
+        rest, grpc_port, _ = s.pod_ports(self.index)
+        if s.ephemeral_pod_ports:
+            # Nothing of ours serves REST for an SPI runtime; the number is held so it stays unused.
+            rest = self.server_ports(1, (0,))[0]
+        if status.limit_model_concurrency:
+            # Envoy reaches this pod's gRPC through the limiting pass-through (limiter.py), which
+            # forwards to the runtime's data endpoint (grpcDataEndpoint, else its SPI port).
+            data = spec.grpc_data_port or spec.runtime_management_port
+            if data == grpc_port:
+                raise SystemExit(f"runtime {spec.name!r} limits per-model concurrency, so the pod's gRPC port {grpc_port} is the "
+                                 f"loader's pass-through; serve inference on another port (grpcDataEndpoint)")
+            grpc_port = await client.limit_concurrency(ModelLimits(s.request_queue_timeout_seconds, self.metrics.registry), s.host,
+                                                       grpc_port, f"{s.host}:{data}")
+        elif spec.grpc_data_port:
+            grpc_port = spec.grpc_data_port  # Envoy goes straight to the runtime's data endpoint
+        elif s.ephemeral_pod_ports:
+            grpc_port = spec.runtime_management_port  # the SPI port serves inference too
+        self.terms = Terms(status.capacity_bytes, status.max_loading, status.loading_timeout_ms)
+        self.endpoints = Endpoints(rest, grpc_port)
+        return self.endpoints
+
+
 def _predict_req(model_id: str, params: dict[str, Any]) -> mr.PredictModelSizeRequest:
     return mr.PredictModelSizeRequest(model_id=model_id, model_type=str(params.get("format", "")), model_path=str(params.get("path", "")))
 
@@ -164,9 +199,10 @@ class SpiServer(mrg.ModelRuntimeServicer):
         return mr.ModelSizeResponse(size_in_bytes=entry[1])
 
 
-async def serve_spi(servicer: SpiServer, host: str, port: int) -> grpc.aio.Server:
+async def serve_spi(servicer: SpiServer, host: str, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """The SPI server on host:port (0: the kernel's pick) and the port it listens on."""
     server = grpc.aio.server()
     mrg.add_ModelRuntimeServicer_to_server(servicer, server)
-    server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    return server
+    return server, bound

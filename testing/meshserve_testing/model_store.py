@@ -11,7 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from meshserve import devmesh
+from meshserve_testing import devmesh
 
 CHUNK = 64 << 10
 
@@ -97,7 +97,7 @@ class ModelStore:
                     if store.rate:
                         time.sleep(len(piece) / store.rate)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", devmesh.free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
 

@@ -1,4 +1,4 @@
-"""Start real meshes and stores on free loopback ports: for tests, benchmarks and demos.
+"""Start real meshes and stores on loopback ports: for tests, benchmarks and demos.
 
 Everything binds to 127.0.0.1 and is always stopped (context managers), so a running
 `make up` and any number of test meshes can share one machine.
@@ -7,12 +7,13 @@ Everything binds to 127.0.0.1 and is always stopped (context managers), so a run
 from __future__ import annotations
 
 import os
-import random
+import queue
+import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-REPO = Path(__file__).resolve().parent.parent
+from meshserve import ports
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def inference_service(name: str, model_format: str, storage: str) -> str:
@@ -62,47 +65,15 @@ def stop(proc: "subprocess.Popen[bytes] | subprocess.Popen[str]", grace: float =
         proc.wait(10)
 
 
-def _quiet_range() -> tuple[int, int]:
-    """Ports the kernel never hands out on its own. A port picked with bind(0) comes from the
-    ephemeral range, which outgoing connections (a Redis client, Envoy's upstreams) draw their
-    local ports from too: freed and bound again later by a test server, it was sometimes taken
-    meanwhile ("Address already in use" in CI). Outside that range only another test can take it."""
-    try:
-        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        lo, hi = 32768, 60999
-    return (10000, lo - 1) if lo - 10000 >= 2000 else (hi + 1, 65000)
-
-
-_handed_out: set[int] = set()  # never the same port twice in one process, even once freed again
-
-
-def _bindable(p: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", p))
-        except OSError:
-            return False
-    return True
-
-
 def free_port() -> int:
-    """A port for a test server that can't bind port 0 itself (one named in a config file)."""
-    return free_block(1)
+    """A reserved port (meshserve.ports) for a test server that can't bind port 0 and report
+    the port it got (one told its port on the command line or in a config file)."""
+    return ports.reserve_port()
 
 
 def free_block(size: int = 100) -> int:
-    """A base port with `size` consecutive free ports after it, outside the ephemeral range."""
-    lo, hi = _quiet_range()
-    for _ in range(500):
-        base = random.randrange(lo, hi - size)
-        block = range(base, base + size)
-        if any(p in _handed_out for p in block):
-            continue
-        if all(_bindable(p) for p in block):
-            _handed_out.update(block)
-            return base
-    raise RuntimeError("no free port block")
+    """A reserved base port with `size` consecutive ports after it (meshserve.ports)."""
+    return ports.reserve_block(size)
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
@@ -119,6 +90,36 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.05):  # type
     raise TimeoutError(f"{what} not true within {timeout}s" + (f" (last error: {last_exc})" if last_exc else ""))
 
 
+def announced(proc: "subprocess.Popen[str]", pattern: str, timeout: float, what: str) -> "re.Match[str]":
+    """The first match of `pattern` in the output of `proc` (started with stdout=PIPE, text,
+    stderr into stdout): how a server bound to port 0 tells the port it got. The output is read
+    to its end in a thread, so the pipe never fills and blocks the server."""
+    lines: "queue.Queue[str]" = queue.Queue()
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    seen: list[str] = []
+
+    def found() -> "re.Match[str] | str | None":
+        while True:
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                return "exited" if proc.poll() is not None else None
+            seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+
+    got = wait_until(found, timeout, what)
+    if not isinstance(got, re.Match):
+        raise RuntimeError(f"{what}: the process exited at start:\n{''.join(seen)[-2000:]}")
+    return got
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -129,14 +130,17 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 @dataclass
 class Valkey:
-    port: int
+    port: int  # 0: no TCP port, the unix socket only
     dir: Path
     proc: subprocess.Popen[bytes]
     password: str = ""
+    socket: str = ""
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.socket:
+            return f"unix://{auth}{self.socket}?db=0"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -144,40 +148,53 @@ class Valkey:
         self.proc.wait(10)
 
     def restart(self) -> None:
-        self.proc = _spawn_valkey(self.port, self.dir, self.password)
+        self.proc = _spawn_valkey(self.port, self.dir, self.password, self.socket)
 
 
-def _spawn_valkey(port: int, d: Path, password: str = "") -> subprocess.Popen[bytes]:
+def _spawn_valkey(port: int, d: Path, password: str = "", sock: str = "") -> subprocess.Popen[bytes]:
     from meshserve.up import valkey_binary
 
     argv = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--appendonly", "yes",
             "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
+    if sock:
+        argv += ["--unixsocket", sock, "--unixsocketperm", "700"]
     if password:
         argv += ["--requirepass", password]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import redis
 
-    r = redis.Redis(port=port, password=password or None)
-    wait_until(lambda: r.ping(), 20, f"valkey on {port}")
+    r = redis.Redis(unix_socket_path=sock, password=password or None) if sock else redis.Redis(port=port, password=password or None)
+    wait_until(lambda: proc.poll() is not None or r.ping(), 20, f"valkey on {sock or port}")
     r.close()
+    if proc.poll() is not None:
+        raise RuntimeError(f"valkey on {sock or port} exited at start ({proc.returncode})")
     return proc
 
 
 @contextmanager
-def valkey(dir: Path | None = None, password: str = "") -> Iterator[Valkey]:
+def valkey(dir: Path | None = None, password: str = "", tcp: bool = False) -> Iterator[Valkey]:
+    """A Valkey for a test, always stopped. By default it listens on a unix socket only: Valkey
+    can't bind an ephemeral TCP port and report it (`--port 0` turns TCP off), and every client
+    of a test Valkey is redis-py (in the test or in our processes), which takes a unix:// URL.
+    `tcp`: on a reserved TCP port instead (meshserve.ports), for a test that needs host:port."""
     with tempfile.TemporaryDirectory(prefix="ms-valkey-") as tmp:
         d = Path(dir or tmp)
-        port = free_port()
-        v = Valkey(port, d, _spawn_valkey(port, d, password), password)
+        sock = "" if tcp else str(Path(tmp) / "valkey.sock")  # in the short temp dir: a socket path is at most 107 bytes
+        port = ports.reserve_port() if tcp else 0
         try:
-            yield v
+            v = Valkey(port, d, _spawn_valkey(port, d, password, sock), password, sock)
+            try:
+                yield v
+            finally:
+                if v.proc.poll() is None:
+                    v.proc.terminate()
+                    try:
+                        v.proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        v.proc.kill()
         finally:
-            if v.proc.poll() is None:
-                v.proc.terminate()
-                try:
-                    v.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    v.proc.kill()
+            if port:
+                ports.release(port)
 
 
 @dataclass
@@ -233,7 +250,7 @@ class Mesh:
 
 def mesh_env(data_dir: Path, config_dir: Path | None = None, pods: int = 2, **extra: object) -> tuple[dict[str, str], dict[str, int]]:
     base = free_block(60)
-    ports = {
+    p = {
         "gateway_rest_port": base,
         "gateway_grpc_port": base + 1,
         "envoy_admin_port": base + 2,
@@ -245,21 +262,23 @@ def mesh_env(data_dir: Path, config_dir: Path | None = None, pods: int = 2, **ex
         "redis_port": base + 8,
         "runtime_base_port": base + 20,
     }
-    env = {f"MESHSERVE_{k.upper()}": str(v) for k, v in ports.items()}
+    env = {f"MESHSERVE_{k.upper()}": str(v) for k, v in p.items()}
     env["MESHSERVE_DATA_DIR"] = str(data_dir)
     env["MESHSERVE_CONFIG_DIR"] = str(config_dir or REPO / "mesh-config")
     env["MESHSERVE_PODS"] = str(pods)
     for k, v in extra.items():
         env[f"MESHSERVE_{k.upper()}"] = str(v)
-    return env, ports
+    return env, p
 
 
 @contextmanager
 def mesh(config_dir: Path | None = None, pods: int = 2, timeout: float = 120, **extra: object) -> Iterator[Mesh]:
     with tempfile.TemporaryDirectory(prefix="ms-mesh-") as tmp:
         data = Path(tmp) / "data"
-        env, ports = mesh_env(data, config_dir, pods, **extra)
-        m = Mesh(env, data, ports=ports, log_path=Path(tmp) / "mesh.log")
+        # `meshserve up` is told its ports (every component, Valkey and the runtimes' base+N):
+        # one reserved block (meshserve.ports), given back once the mesh has stopped.
+        env, p = mesh_env(data, config_dir, pods, **extra)
+        m = Mesh(env, data, ports=p, log_path=Path(tmp) / "mesh.log")
         with open(m.log_path, "wb") as logf:
             m.proc = subprocess.Popen(
                 [sys.executable, "-m", "meshserve.cli", "up"],
@@ -273,23 +292,29 @@ def mesh(config_dir: Path | None = None, pods: int = 2, timeout: float = 120, **
                 yield m
             finally:
                 stop_mesh(m)
+                ports.release(p["gateway_rest_port"])
 
 
 @contextmanager
 def s3_server(timeout: float = 30) -> Iterator[str]:
-    """A real S3-compatible server (moto in server mode, a separate process) on 127.0.0.1;
-    yields its endpoint URL and always stops it. Any credentials are accepted."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    """A real S3-compatible server (moto in server mode, a separate process) on 127.0.0.1, on
+    a port of its own choosing (port 0, read back from its start-up line); yields its endpoint
+    URL and always stops it. Any credentials are accepted."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        url = moto_url(proc, timeout)
         wait_until(lambda: proc.poll() is not None or http_get(url + "/moto-api/")[0] == 200, timeout, "moto server")
         if proc.poll() is not None:
             raise RuntimeError("moto server exited at start: is moto[server] installed (`make install`)?")
         yield url
     finally:
         stop(proc)
+
+
+def moto_url(proc: "subprocess.Popen[str]", timeout: float = 30) -> str:
+    """The URL a moto server started with `-p 0` announces (werkzeug's " * Running on URL")."""
+    return announced(proc, r"Running on (https?://127\.0\.0\.1:\d+)", timeout, "moto server's port")[1]
 
 
 def stop_mesh(m: Mesh) -> None:

@@ -1,4 +1,4 @@
-"""ServingRuntime resources and which runtime serves a model. Pure.
+"""ServingRuntime resources (parsed into RuntimeSpec) and which one serves a model. Pure.
 
 KServe's rule, as ModelMesh applies it: an explicit `runtime:` in the InferenceService picks that
 runtime, which must declare the model's format; otherwise the runtimes that declare the format
@@ -8,6 +8,7 @@ name wins so every component picks the same one.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -128,3 +129,24 @@ def select_runtime(fmt: str, version: str, explicit: str, runtimes: Iterable[Run
 def builtin_runtime(formats: Iterable[str]) -> RuntimeSpec:
     """Our built-in runtime as a ServingRuntime would declare it: every format, autoSelect."""
     return RuntimeSpec(BUILTIN, tuple(Format(f, "", True) for f in sorted(formats)), "builtin")
+
+
+def infer_server_type(spec: RuntimeSpec, docs: Iterable[Document]) -> RuntimeSpec:
+    """A ServingRuntime with no builtInAdapter.serverType whose container is Triton (the users'
+    servingruntime-triton.yaml: KServe's form, image nvcr.io/nvidia/tritonserver) is run as a
+    Triton runtime. Every other runtime is returned unchanged."""
+    if spec.server_type != "builtin":
+        return spec
+    for doc in docs:
+        d = doc.data
+        if not isinstance(d, Mapping) or d.get("kind") != "ServingRuntime" or (d.get("metadata") or {}).get("name") != spec.name:
+            continue
+        s = d.get("spec") or {}
+        if (s.get("builtInAdapter") or {}).get("serverType"):
+            return spec
+        for c in s.get("containers") or []:
+            image = str((c or {}).get("image") or "")
+            repo = image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0]
+            if repo == "tritonserver":
+                return dataclasses.replace(spec, server_type="triton")
+    return spec

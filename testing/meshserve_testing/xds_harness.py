@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import grpc
 
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from meshserve.devmesh import free_port, wait_until
+from meshserve_testing.devmesh import wait_until
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
 from meshserve_xds.server import AdsServer
@@ -36,12 +36,12 @@ class AdsThread:
     """An AdsServer (with its cache) served by grpc.aio on a private event loop thread."""
 
     def __init__(self, port: int = 0, cache: SnapshotCache | None = None):
-        self.port = port or free_port()
+        self.port = port  # 0: the server binds any free port and `port` becomes the one it got
         self.loop = asyncio.new_event_loop()
         self.cache: SnapshotCache | None = cache
         self.ads: AdsServer | None = None
         self._server: grpc.aio.Server | None = None
-        self._thread = threading.Thread(target=self.loop.run_forever, name=f"ads-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ads", daemon=True)
 
     def start(self) -> "AdsThread":
         self._thread.start()
@@ -54,7 +54,7 @@ class AdsThread:
         self.ads = AdsServer(self.cache)
         self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 512 << 20)])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, self._server)
-        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self._server.start()
 
     def call(self, coro: Awaitable[T], timeout: float = 120) -> T:
@@ -70,9 +70,9 @@ class AdsThread:
         return self.call(wrap())
 
     def set(self, group: str, res: r.Resources) -> list[str]:
-        assert self.cache is not None
         cache = self.cache
-        return self.run(lambda: cache.set(group, res))  # the cache is sync since 1a2319e: on its loop
+        assert cache is not None
+        return self.run(lambda: cache.set(group, res))  # on the server's loop: the cache is not thread-safe
 
     def stop_server(self) -> None:
         """Stop serving gRPC (streams drop) but keep the loop, to restart on the same port."""
@@ -138,6 +138,18 @@ class Envoy:
     def route_versions(self) -> dict[str, str]:
         return {c["route_config"]["name"]: c["version_info"] for c in self.config_dump("dynamic_route_configs")}
 
+    def listener_port(self, name: str, timeout: float = 30) -> int:
+        """The port listener `name` got, read back from the admin API: give listeners port 0
+        in their xDS config (r.ListenerConfig("127.0.0.1", 0, 0)) and Envoy binds free ones."""
+
+        def bound() -> int | None:
+            for st in json.loads(self.get("/listeners?format=json")).get("listener_statuses", []):
+                if st.get("name") == name:
+                    return st.get("local_address", {}).get("socket_address", {}).get("port_value") or None
+            return None
+
+        return wait_for(bound, timeout, f"listener {name} bound")
+
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -153,19 +165,27 @@ def envoy_binary() -> str:
 
 
 @contextmanager
-def envoy(bootstrap_json: str, admin_port: int, concurrency: int = 1, log_level: str = "warn") -> Iterator[Envoy]:
+def envoy(bootstrap_json: str, admin_port: int = 0, concurrency: int = 1, log_level: str = "warn") -> Iterator[Envoy]:
+    """A real Envoy on `bootstrap_json`. With `admin_port` 0 (the bootstrap's admin port 0 too),
+    Envoy binds any free port and writes it to --admin-address-path, where it is read back."""
     with tempfile.TemporaryDirectory(prefix="ms-envoy-") as tmp:
         boot = Path(tmp) / "bootstrap.json"
         boot.write_text(bootstrap_json)
         logp = Path(tmp) / "envoy.log"
+        addr = Path(tmp) / "admin-address"
         with open(logp, "wb") as logf:
             proc = subprocess.Popen(
                 [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", log_level,
-                 "--concurrency", str(concurrency)],
+                 "--concurrency", str(concurrency), "--admin-address-path", str(addr)],
                 stdout=logf, stderr=subprocess.STDOUT,
             )
             e = Envoy(proc, admin_port, logp)
             try:
+                if not admin_port:
+                    got = wait_until(lambda: proc.poll() is not None or addr.read_text().strip(), 60, "envoy admin address")
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"envoy exited early:\n{e.log()[-3000:]}")
+                    e.admin_port = int(str(got).rsplit(":", 1)[1])
                 wait_until(lambda: e.get("/ready", timeout=2).strip() == "LIVE" or proc.poll() is not None, 60, "envoy ready")
                 if proc.poll() is not None:
                     raise RuntimeError(f"envoy exited early:\n{e.log()[-3000:]}")

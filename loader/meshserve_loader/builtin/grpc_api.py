@@ -1,0 +1,131 @@
+"""The built-in runtime's gRPC listener: KServe v2 inference over the model table, with
+ModelInfer taking and returning bytes (parsed on an inference thread); the repository methods
+are refused here (the control port has them)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from meshserve.settings import MAX_REQUEST_BYTES
+from meshserve_loader.builtin import binary, codec
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+from meshserve_loader.builtin.table import REPOSITORY_ELSEWHERE, MODEL_ID_HEADER, Entry, ModelNotFound, Runtime
+
+log = logging.getLogger("meshserve.runtime")
+
+
+class GrpcServicer(pbg.GRPCInferenceServiceServicer):
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    @staticmethod
+    def _name(context: grpc.aio.ServicerContext, fallback: str) -> str:
+        for k, v in context.invocation_metadata() or ():
+            if k == MODEL_ID_HEADER:
+                return v
+        return fallback
+
+    async def ServerLive(self, request, context):  # noqa: N802 (gRPC method names)
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        return pb.ServerMetadataResponse(name=self.rt.name, version="0.1.0", extensions=["binary_tensor_data"])
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        return pb.ModelReadyResponse(ready=self._name(context, request.name) in self.rt.models)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        name = self._name(context, request.name)
+        try:
+            md = self.rt.metadata(name)
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        resp = pb.ModelMetadataResponse(name=name, platform=md.get("platform", ""))
+        for t in md.get("inputs", []):
+            resp.inputs.add(**t)
+        for t in md.get("outputs", []):
+            resp.outputs.add(**t)
+        return resp
+
+    async def ModelInfer(self, request: bytes, context):  # noqa: N802
+        """`request` is the serialized message (add_servicer): parsed here, off the loop, so a
+        malformed one is INVALID_ARGUMENT with a plain message."""
+        name = self._name(context, "")
+        code = "200"
+        try:
+            msg: pb.ModelInferRequest | None = None
+            if not name:  # no routing header: the name is inside the message
+                msg = await asyncio.get_running_loop().run_in_executor(self.rt._pool, parse_infer_request, request)
+                name = msg.model_name
+
+            def work(e: Entry) -> bytes:
+                m = msg if msg is not None else parse_infer_request(request)
+                out = self.rt.infer(name, codec.decode_grpc_request(m), e)
+                if m.raw_input_contents:  # raw in, raw out (see binary.py)
+                    return binary.raw_grpc_response(name, m.id, out).SerializeToString()
+                return codec.encode_grpc_response(name, m.id, out).SerializeToString()
+
+            return await self.rt.run(name, work)
+        except ModelNotFound as e:
+            code = "404"
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except codec.CodecError as e:
+            code = "400"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # a model's own bug: INTERNAL with its message, never a traceback
+            code = "500"
+            log.exception("inference failed for %s", name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"model '{name}' failed: {type(e).__name__}: {e}")
+        finally:
+            self.rt.m_requests.labels(name, code).inc()
+
+    # The gRPC port is the data port, reachable from the pod network: no repository API here (the
+    # loader uses the REST control port).
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, REPOSITORY_ELSEWHERE)
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, REPOSITORY_ELSEWHERE)
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, REPOSITORY_ELSEWHERE)
+
+
+GRPC_MAX_MESSAGE = MAX_REQUEST_BYTES
+
+
+def parse_infer_request(data: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(data)
+    except DecodeError as e:
+        raise codec.CodecError(f"request is not a valid ModelInferRequest message ({e})") from None
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def add_servicer(server: grpc.aio.Server, servicer: GrpcServicer) -> None:
+    """The generated add_GRPCInferenceServiceServicer_to_server, except that ModelInfer takes
+    and returns bytes. grpc would parse the request before the handler and turn a malformed one
+    into UNKNOWN with a Python exception's name in its details; the handler parses it instead
+    (on an inference thread, as it serializes the response there)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for m in service.methods:
+        raw = m.name == "ModelInfer"
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=_identity if raw else getattr(pb, m.input_type.name).FromString,
+            response_serializer=_identity if raw else getattr(pb, m.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
