@@ -40,3 +40,31 @@ def test_churn_answers_every_request_with_200(tmp_path: Path) -> None:
     assert p99 < P99_BOUND_S, f"p99 {p99:.1f}s: new models starve behind busy copies"
     # It was churn: more distinct models than fit, so placement evicted to make room.
     assert len(set(seq)) > 2 * PER_POD and counts.get("unloads", 0) > 0, counts
+
+
+def test_a_cold_request_waits_while_every_loader_is_late(tmp_path: Path) -> None:
+    """Issue 19, the side-by-side run with Ray Serve on a loaded 2-core machine: 114 and 11 ×
+    503 "no runtime pod can hold it" for models that fit. Starved of CPU, every loader's
+    heartbeat was late at once and the decision refused every pod as unhealthy, for good.
+    Here both loaders are frozen (SIGSTOP) past the heartbeat limit; their runtimes still
+    answer, so the pods stay registered (stalled). A cold request then must wait for them,
+    and get its 200 once they are back."""
+    import os
+    import signal
+    import threading
+
+    with churn.churn_mesh(tmp_path, 4, PER_POD) as (mesh, names):
+        pids = [mesh.pids()[f"loader-{i}"] for i in (0, 1)]
+        out: list[churn.Result] = []
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(3.0)  # past heartbeat_misses x heartbeat_seconds (2 s), short of the stall grace
+            t = threading.Thread(target=lambda: out.append(churn.run(mesh.rest, [names[0]], 1.0, threads=1, timeout=70)))
+            t.start()
+            time.sleep(2.0)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        t.join(70)
+    assert out and out[0].bad() == 0 and sum(out[0].statuses.values()) == 1, (out[0].statuses, out[0].samples) if out else "no answer"

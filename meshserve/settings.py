@@ -87,6 +87,10 @@ class Settings:
     # before the runtime drops the model, or a request routed meanwhile gets a 404
     # (docs/design/placement.md, "Unloads wait for the routes").
     unload_grace_seconds: float = 0.5
+    # ... but no longer than until every gateway ACKed routes at least as new as the order (the
+    # xDS servers publish that, ms:xds:synced): 0.5 s was the whole of a cold start into a full
+    # cache (issue 19). False: always the whole grace, as before.
+    unload_waits_for_gateways: bool = True
     debounce_quiet_ms: int = 20
     debounce_max_ms: int = 200
     log_json: bool = False

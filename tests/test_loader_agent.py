@@ -125,6 +125,42 @@ async def test_failures_are_reported_and_crash_nothing(agent: Agent) -> None:
     assert 'meshserve_model_size_bytes_count{kind="measured"} 1.0' in text
 
 
+async def test_an_unload_waits_for_the_gateways_and_no_longer(agent: Agent) -> None:
+    """Issue 19: the unload of an evicted copy used to wait a fixed grace (0.5 s) for the route
+    withdrawal to reach the gateways, the whole of a cold start into a full cache. It now waits
+    until every gateway the xDS servers report ACKed routes as new as the order, bounded by the
+    grace; with no gateway reported it waits the grace, as before."""
+    from meshserve.store.keys import REV, XDS_SYNCED
+    from meshserve.store.messages import GatewaySync
+
+    agent.s.unload_grace_seconds = 3.0
+    spec = _spec("mnist__isvc-0000000011", "mnist-svm.joblib")
+    r = agent.state.r
+
+    async def unload_took(catch_up_after: float | None) -> float:
+        await r.delete(st.EVENTS)
+        await _order(agent, "load", spec)
+        await _results(agent, 1)
+        await r.set(REV, 10)
+        await r.hset(XDS_SYNCED, mapping={"gw-a/1": GatewaySync(10, time.time()).encode(), "gw-b/2": GatewaySync(9, time.time()).encode()})
+        t0 = time.monotonic()
+        await _order(agent, "unload", spec)
+        if catch_up_after is not None:
+            await asyncio.sleep(catch_up_after)
+            assert spec.id in await agent.server.stats()  # gw-b still routes by revision 9: kept
+            await r.hset(XDS_SYNCED, "gw-b/2", GatewaySync(10, time.time()).encode())
+        evs = await _results(agent, 2)
+        assert evs[-1]["op"] == "unload" and evs[-1]["ok"] == "1"
+        return time.monotonic() - t0
+
+    took = unload_took(0.5)
+    assert await took < 1.5  # unloaded once gw-b caught up, not after the 3 s grace
+    assert spec.id not in await agent.server.stats()
+    await r.delete(XDS_SYNCED)  # an xDS server that does not report: the whole grace
+    agent.s.unload_grace_seconds = 1.0
+    assert await unload_took(None) >= 1.0
+
+
 async def test_runtime_death_is_restarted_and_losses_reported(agent: Agent) -> None:
     spec = _spec("mnist__isvc-00000000aa", "mnist-svm.joblib")
     await _order(agent, "load", spec)

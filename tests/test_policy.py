@@ -148,6 +148,31 @@ def test_waits_for_room_held_by_loads_and_busy_copies_instead_of_failing() -> No
     assert "pinned or kept for minCopies" in d.reason
 
 
+def test_waits_for_a_pod_whose_heartbeat_is_late_instead_of_failing() -> None:
+    """Issue 19 (peer run, loaded 2-core machine): "no runtime pod can hold it" for a model
+    that fits. When the loaders, or the leader reading their heartbeats, are starved for two
+    periods, every pod looks unhealthy at once, and the decision said never. A pod that is still
+    registered comes back or is withdrawn: the request waits for it (up to the cold-start
+    timeout), and only a pod that could not take the model anyway is no reason to wait."""
+    cv = cluster(a={"pod-0": Copy(CopyState.LOADED, 40 * MB)})
+    for p in cv.pods.values():
+        p.healthy = False
+    d = policy.place(cv.models["new"], cv, now=1000.0)
+    assert d.pod is None and d.waits_for_room == ["pod-0", "pod-1"], d.explain()
+    assert "heartbeat" in d.reason
+    # The heartbeats come back: placed.
+    for p in cv.pods.values():
+        p.healthy = True
+    assert policy.place(cv.models["new"], cv, now=1001.0).pod == "pod-1"
+    # Too big for any pod, or a runtime the late pod does not serve: no wait.
+    for p in cv.pods.values():
+        p.healthy = False
+    cv.set_model(policy.ModelView("huge", "sklearn", 101 * MB))
+    assert policy.place(cv.models["huge"], cv, now=1002.0).waits_for_room == []
+    cv.set_model(policy.ModelView("onnx", "onnx", 1 * MB))
+    assert policy.place(cv.models["onnx"], cv, now=1002.0).waits_for_room == []
+
+
 def test_explains_every_rejection() -> None:
     cv = cluster(new={"pod-0": Copy(CopyState.LOADED, 40 * MB)})
     cv.pods["pod-1"].formats = ["xgboost"]

@@ -146,3 +146,19 @@ def test_an_unknown_order_is_an_error_and_an_unknown_event_is_skipped() -> None:
         raise AssertionError("an unknown order decoded")
     assert m.decode_event({b"op": b"explode"}) is None
     assert m.decode_event({b"op": b"load"}) is None  # unreadable: no pod or model
+
+
+def test_gateways_caught_up_needs_every_live_gateway_at_the_revision() -> None:
+    """Kind: unit (pure). An unload waits until every gateway known to be connected applied the
+    route withdrawal's revision; an entry its xDS server stopped refreshing says nothing, and
+    with no gateway known at all the loader keeps its fixed grace (False)."""
+    assert m.GatewaySync.decode(m.GatewaySync(42, 1000.25).encode()) == m.GatewaySync(42, 1000.25)
+    synced = {b"gw-a/1": m.GatewaySync(10, 1000.0).encode().encode(), "gw-b/2": m.GatewaySync(9, 1000.0).encode()}
+    assert not m.gateways_caught_up(synced, 10, now=1000.5)  # gw-b is behind
+    synced["gw-b/2"] = m.GatewaySync(11, 1000.4).encode()
+    assert m.gateways_caught_up(synced, 10, now=1000.5)
+    # gw-a's server went away without removing it: stale, ignored once past the limit.
+    synced["gw-a/1"] = m.GatewaySync(3, 1000.0).encode()
+    assert not m.gateways_caught_up(synced, 10, now=1000.5)
+    assert m.gateways_caught_up(synced, 10, now=1000.0 + m.SYNCED_STALE_SECONDS + 0.1)
+    assert not m.gateways_caught_up({}, 10, now=1000.0)

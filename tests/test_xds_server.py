@@ -198,3 +198,34 @@ def test_an_istio_gateway_gets_the_matcher_gateways_routes_without_listeners() -
     # With the scoped gateway layout the Istio group builds its own matcher routes.
     alone = extra_layout(ISTIO_GROUP, gateway_layout("scoped", r.ListenerConfig())).build_full(st)
     assert set(alone.by_type[r.ROUTE_TYPE]) == {r.REST, r.GRPC} and alone.by_type[r.LISTENER_TYPE] == {}
+
+
+def test_a_gateway_is_synced_at_the_revision_only_once_it_acked_the_current_snapshot() -> None:
+    """Issue 19: what the xDS server publishes for the loaders' unloads (synced.py). A gateway
+    is at the source's revision once it ACKed every type it subscribes to; while a newer
+    snapshot is unsent or unACKed it stays at the revision it had, and a NACK keeps it there."""
+    from meshserve_xds.synced import synced_revs
+
+    ads = _server({"m": ["p0"]})
+    ss = SotwStream(ads.cache)
+    streams = {"s1": ss}
+    assert synced_revs(streams, 5, {}) == {}  # has not said who it is yet
+    ss.on_request(discovery_pb2.DiscoveryRequest(node=NODE, type_url=r.ROUTE_TYPE, resource_names=[r.REST]))
+    sent = ss.due()
+    assert synced_revs(streams, 5, {}) == {"gw/s1": 0}  # known, and behind: its answer is pending
+    ss.on_request(discovery_pb2.DiscoveryRequest(type_url=r.ROUTE_TYPE, resource_names=[r.REST], version_info=sent[0].version_info, response_nonce=sent[0].nonce))
+    assert synced_revs(streams, 5, {}) == {"gw/s1": 5}
+    # Revision 6 withdraws the copy: not synced at 6 until the new routes are ACKed.
+    ads.cache.set(GATEWAY_GROUP, matcher.build_all(_state({"m": ["p1"]}), r.ListenerConfig()))
+    before = {"gw/s1": 5}
+    assert synced_revs(streams, 6, before) == {"gw/s1": 5}
+    again = ss.due()
+    assert synced_revs(streams, 6, before) == {"gw/s1": 5}
+    ss.on_request(discovery_pb2.DiscoveryRequest(type_url=r.ROUTE_TYPE, resource_names=[r.REST], response_nonce=again[0].nonce, error_detail=status_pb2.Status(message="bad")))
+    assert synced_revs(streams, 6, before) == {"gw/s1": 5}  # rejected: it still routes by the old ones
+    # A revision that changes nothing for the group: an up-to-date gateway is at it at once.
+    ads.cache.set(GATEWAY_GROUP, matcher.build_all(_state({"m": ["p0", "p1"]}), r.ListenerConfig()))
+    third = ss.due()
+    ss.on_request(discovery_pb2.DiscoveryRequest(type_url=r.ROUTE_TYPE, resource_names=[r.REST], version_info=third[0].version_info, response_nonce=third[0].nonce))
+    assert synced_revs(streams, 7, before) == {"gw/s1": 7}
+    assert synced_revs(streams, 8, {"gw/s1": 7}) == {"gw/s1": 8}

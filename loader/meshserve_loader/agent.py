@@ -42,6 +42,7 @@ from meshserve_loader.storage_config import StorageConfigError
 log = logging.getLogger("meshserve.loader")
 
 __all__ = ["Agent"]
+GATEWAY_POLL_S = 0.01  # an unload's look at the gateways' revisions: one HGETALL
 
 # Reconnecting to Redis after a failed read: exponential backoff with jitter, so the loaders of a
 # cluster don't all come back at once when Redis does.
@@ -168,6 +169,25 @@ class Agent:
         with tracing.handling(_peek(fields)[1], fields):
             await self._handle_order(eid, fields)
 
+    async def _routes_withdrawn(self) -> None:
+        """Until every gateway applied the routes as of now (the xDS servers publish the
+        revision each one ACKed, keys.XDS_SYNCED), at most `unload_grace_seconds`. The order
+        arrived after its commit, so the revision read here includes the route's withdrawal.
+        With no gateway known (an xDS server that does not report), the whole grace."""
+        deadline = time.monotonic() + self.s.unload_grace_seconds
+        rev: int | None = None
+        while True:
+            try:
+                rev, there = await ops.gateways_at(self.state.r, rev)
+                if there and self.s.unload_waits_for_gateways:
+                    return
+            except (aioredis.RedisError, OSError) as e:
+                log.debug("unload: gateways' revisions: %s", e)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(GATEWAY_POLL_S, left))
+
     async def _handle_order(self, eid: bytes, fields: dict[bytes, bytes]) -> None:
         op, model_id = _peek(fields)
         if op not in (LoadOrder.op, UnloadOrder.op):
@@ -194,7 +214,7 @@ class Agent:
                 else:
                     # The route withdrawal committed with this order is still on its way to the
                     # gateways: requests they route here meanwhile are served, not 404ed.
-                    await asyncio.sleep(self.s.unload_grace_seconds)
+                    await self._routes_withdrawn()
                     await self.server.unload(model_id)
                 self.loaded.pop(model_id, None)
                 self._seen_requests.pop(model_id, None)

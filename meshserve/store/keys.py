@@ -38,6 +38,12 @@ PROGRESS_PREFIX = PREFIX + "progress:"
 # Written whole by the controller, read by placement each pod refresh to resolve a model's
 # runtime (ms:pods alone would miss a pool scaled to zero). Not routing state: no revision.
 RUNTIMES = PREFIX + "runtimes"
+# Which revision each gateway's routes reflect, hash: "<node>/<stream>" -> messages.GatewaySync
+# ("<rev> <unix time>"). Written only by the xDS servers, for the streams they hold: a field
+# says the gateway ACKed every route type as built at `rev`, refreshed every second, removed
+# when the stream ends. Read by loaders: an unload waits until every gateway caught up with
+# the revision that withdrew the route (loader agent, docs/design/placement.md).
+XDS_SYNCED = PREFIX + "xds:synced"
 # Transformers (docs/design/transformer.md), hash: name -> record JSON; written by `meshserve up`.
 TRANSFORMERS = PREFIX + "transformers"
 

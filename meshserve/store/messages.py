@@ -302,3 +302,31 @@ class Progress:
         d = json.loads(raw)
         return cls(str(d.get("phase", "")), int(d.get("done_bytes") or 0), int(d.get("total_bytes") or 0),
                    float(d.get("started") or 0), float(d.get("updated") or 0), str(d.get("reason", "")))
+
+
+# A gateway's entry in keys.XDS_SYNCED: older than this, its xDS server is presumed gone (it
+# refreshes every second) and the entry says nothing.
+SYNCED_STALE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class GatewaySync:
+    rev: int  # every route type the gateway ACKed was built from the state at this revision
+    at: float  # unix time the xDS server last confirmed it
+
+    def encode(self) -> str:
+        return f"{self.rev} {self.at:.3f}"
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> "GatewaySync":
+        rev, _, at = _str(raw).partition(" ")
+        return cls(_int(rev), _float(at))
+
+
+def gateways_caught_up(synced: Mapping[Any, Any], rev: int, now: float) -> bool:
+    """Pure. Have the gateways applied the routes as of `rev`? True when at least one gateway
+    is known (an entry refreshed within SYNCED_STALE_SECONDS) and every known one is at `rev`
+    or later. With no known gateway (an xDS server that does not report, or none connected)
+    nothing can be told: False, and the caller falls back to its fixed grace."""
+    live = [g for g in (GatewaySync.decode(v) for v in synced.values()) if now - g.at <= SYNCED_STALE_SECONDS]
+    return bool(live) and all(g.rev >= rev for g in live)

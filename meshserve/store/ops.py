@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from meshserve.model import Copy, ModelSpec, Pod, copies_to_json
 from meshserve.store import keys as k
 from meshserve.store.messages import (
-    KIND_POD, Change, Event, LoadRequest, Order, PodEvent, PodRegistered, _Result, decode_event,
+    KIND_POD, Change, Event, GatewaySync, LoadRequest, Order, PodEvent, PodRegistered, _Result, decode_event, gateways_caught_up,
 )
 from meshserve.store.state import State
 
@@ -217,6 +217,30 @@ async def mark_used(r: aioredis.Redis, used: Mapping[str, float]) -> None:
     """Request recency: only ever moves forward."""
     if used:
         await r.zadd(k.LAST_USED, dict(used), gt=True)
+
+
+async def report_synced(r: aioredis.Redis, put: Mapping[str, GatewaySync], gone: list[str]) -> None:
+    """An xDS server's gateway streams: the revision each one's ACKed routes reflect
+    (keys.XDS_SYNCED), and the streams that ended."""
+    async with r.pipeline(transaction=False) as p:
+        if put:
+            p.hset(k.XDS_SYNCED, mapping={f: g.encode() for f, g in put.items()})
+        if gone:
+            p.hdel(k.XDS_SYNCED, *gone)
+        await p.execute()
+
+
+async def gateways_at(r: aioredis.Redis, rev: int | None) -> tuple[int, bool]:
+    """For an unload: the revision to wait for (`rev`, or the current one when None) and whether
+    every live gateway applied it (messages.gateways_caught_up), in one round trip."""
+    async with r.pipeline(transaction=False) as p:
+        if rev is None:
+            p.get(k.REV)
+        p.hgetall(k.XDS_SYNCED)
+        got = await p.execute()
+    if rev is None:
+        rev = int(got[0] or 0)
+    return rev, gateways_caught_up(got[-1], rev, time.time())
 
 
 async def set_progress(r: aioredis.Redis, model_id: str, pod_id: str, doc: str, ttl: float) -> None:

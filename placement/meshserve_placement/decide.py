@@ -155,3 +155,15 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
             best, best_score = p, total
     assert best is not None
     return Decision(model.id, best.id, ctx.evictions.get(best.id, []), trace, "", considered, len(cluster.pods), evict_busy=ctx.busy.get(best.id, []))
+
+
+# Filters whose verdict depends only on the pod, the model's runtime, format and size, and the
+# cluster: not on the model's own copies or exclusions.
+GENERIC_FILTERS = frozenset({"pod-healthy", "not-draining", "serves-model", "fits"})
+
+
+def generic_refusal(d: Decision) -> bool:
+    """Pure. A refusal that any model of the same runtime, format and size would get from the
+    same view at the same time: every pod was checked (no sampled candidate set) and each was
+    refused by a filter that does not look at the model's own copies or exclusions."""
+    return d.pod is None and not d.candidates and bool(d.trace) and all(s.step in GENERIC_FILTERS for s in d.trace)

@@ -15,7 +15,7 @@ from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import UnloadOrder
-from meshserve_placement.decide import Decision, place
+from meshserve_placement.decide import Decision, generic_refusal, place
 from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
@@ -106,6 +106,12 @@ class Decisions:
             return
         now = time.time()
         self._mark_health(now)
+        # (runtime, format, size) that found no room in this pass for reasons no model of its own made
+        # (decide.generic_refusal): another waiting model of that runtime, format and size would get the
+        # same verdict from the same view, so it is not decided again. Without this a pass cost
+        # one decision per waiting model and ran on every load request, result and 0.25 s:
+        # quadratic in the waiting models, which saturated the leader under churn (issue 19 §3).
+        nofit: set[tuple[str | None, str, int]] = set()
         for model, (since, asked) in sorted(self.room.items(), key=lambda kv: (kv[1][0], kv[0])):
             spec, mv = self.specs.get(model), self.view.models.get(model)
             placed = any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(model, {}).values())
@@ -119,7 +125,12 @@ class Decisions:
                 self.waiting.discard(model)
                 continue
             # Pure and cheap: only a model that now fits goes through a decision that commits.
+            cls = (self.view.serving_runtime(mv), mv.format, mv.size)
+            if cls in nofit:
+                continue
             d = place(mv, self.view, now)
+            if d.pod is None and self._room_frees(model, d) and generic_refusal(d):
+                nofit.add(cls)
             if d.pod is not None or not self._room_frees(model, d):
                 del self.room[model]
                 await self._place(spec, waiting=True, why=f"room freed up after {now - since:.1f}s waiting")

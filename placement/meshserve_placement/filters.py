@@ -32,7 +32,14 @@ class Filter:
 
 
 def _healthy(p: PodView, ctx: Context) -> str:
-    return "" if p.healthy else "pod heartbeat expired"
+    if p.healthy:
+        return ""
+    # A pod still registered with a late heartbeat comes back or is withdrawn within the stall
+    # grace. Under CPU starvation every pod's heartbeat is late at once (issue 19's peer run:
+    # "no runtime pod can hold it" for models that fit): worth waiting for, like room.
+    if not _runtime(p, ctx) and p.capacity - ctx.cluster.kept_bytes(p.id) >= ctx.model.size:
+        ctx.later[p.id] = "its heartbeat is late (placed once it comes back)"
+    return "pod heartbeat expired"
 
 
 def _not_draining(p: PodView, ctx: Context) -> str:

@@ -17,6 +17,7 @@ from meshserve_xds.cache import SnapshotCache
 from meshserve_xds.health import Health, bind_hosts, make_app
 from meshserve_xds.health import serve as serve_http
 from meshserve_xds.server import AdsServer
+from meshserve_xds.synced import SyncReporter
 from meshserve_xds.source import RedisSource
 
 log = logging.getLogger("meshserve.xds")
@@ -70,9 +71,12 @@ async def main() -> None:
         raise SystemExit(f"meshserve xds: HTTP listener on {s.xds_debug_host}:{s.xds_debug_port}: {e}") from None
     log.info("xDS (ADS, %s) on %s:%d; /healthz and /metrics on %s:%d, /debug/config on loopback only",
              mode, s.host, s.xds_port, " and ".join(bind_hosts(s.xds_debug_host)), s.xds_debug_port)
+    # The revision each gateway's routes reflect, for the loaders' unloads (synced.py).
+    reporter = asyncio.create_task(SyncReporter(ads.streams, lambda: source.rev, state).run())
     try:
         await source.run()
     finally:
+        reporter.cancel()
         await runner.cleanup()
         await server.stop(1)
 
