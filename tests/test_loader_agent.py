@@ -138,7 +138,7 @@ async def test_an_unload_waits_for_the_gateways_and_no_longer(agent: Agent) -> N
     r = agent.state.r
 
     async def unload_took(catch_up_after: float | None) -> float:
-        await r.delete(st.EVENTS)
+        await r.delete(keys.EVENTS)
         await _order(agent, "load", spec)
         await _results(agent, 1)
         await r.set(REV, 10)

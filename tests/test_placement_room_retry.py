@@ -13,7 +13,7 @@ from typing import Any
 
 from meshserve.model import CopyState
 from meshserve.store.messages import LoadRequest
-from meshserve_placement import policy
+from meshserve_placement import decisions
 from tests.test_placement_findings import MB, _handle, _leader
 
 
@@ -26,13 +26,13 @@ async def test_a_pass_over_models_waiting_for_room_decides_each_kind_once(monkey
     assert {m for m, cs in sched.view.copies.items() if any(c.state == CopyState.LOADING for c in cs.values())} == {"a", "b"}
     assert set(sched.room) == {*waiting, "big"}
     calls: list[str] = []
-    place = policy.place
+    place = decisions.place
 
     def counting(mv: Any, view: Any, now: float) -> Any:
         calls.append(mv.id)
         return place(mv, view, now)
 
-    monkeypatch.setattr(policy, "place", counting)
+    monkeypatch.setattr(decisions, "place", counting)  # the name the retry pass calls
     await _handle(sched, sched._retry_room())
     # One decision for the 1 MB kind (the oldest waiter), one for the 2 MB one: not 21.
     assert calls == ["w0", "big"], calls
