@@ -21,11 +21,10 @@ from typing import Any, AsyncIterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
 
 log = logging.getLogger("meshserve.loader.limiter")
 
-MODEL_ID_HEADER = "mm-model-id"
-VMODEL_ID_HEADER = "mm-vmodel-id"
 DEFAULT_QUEUE_TIMEOUT_S = 30.0
 
 

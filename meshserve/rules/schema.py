@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import jsonschema
 
+from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
 from meshserve.yamlfile import ConfigError, Document
 
 API_VERSION = "meshserve.io/v1alpha1"
@@ -152,7 +153,7 @@ _VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 # written `X-User` would silently never match what the user thinks it matches.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 _NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
-_RESERVED_HEADERS = {"mm-model-id", "mm-vmodel-id", "host", "content-length"}
+_RESERVED_HEADERS = {MODEL_ID_HEADER, VMODEL_ID_HEADER, "host", "content-length"}
 
 
 def parse_duration(text: str) -> float:

@@ -26,7 +26,6 @@ import aiohttp
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import Counter, Histogram
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential, wait_random
 
 from meshserve import failures
@@ -38,27 +37,13 @@ from meshserve.store import State
 from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_POD, LoadRequest
+from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
+from meshserve_placement import openai_routes
+from meshserve_placement.coldpath import HOP_BY_HOP, M_COLD, M_COLD_WAIT, LoadFailed, log
 
-log = logging.getLogger("meshserve.activator")
-
-M_COLD = Counter("meshserve_activator_requests", "Requests that reached the activator (cold path)", ["protocol", "code"])
-M_COLD_WAIT = Histogram(
-    "meshserve_cache_miss_seconds", "Time a request for an unloaded model waited for its load",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-
-MODEL_ID_HEADER = "mm-model-id"
-VMODEL_ID_HEADER = "mm-vmodel-id"
 # Forwarding to a copy that turns out gone (404 from the pod) sends the request back to wait.
 FORWARD_ATTEMPTS = 3
 R = TypeVar("R")
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
-
-
-class LoadFailed(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class Activator:
@@ -391,8 +376,6 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
     app.router.add_post("/v2/repository/models/{name}/load", repository_load)
     app.router.add_post("/v2/repository/models/{name}/unload", repository_unload)
     app.router.add_route("*", r"/v2/models/{name:[^/]+}{tail:(/.*)?}", model_route)
-    from meshserve_placement import openai_routes
-
     openai_routes.add_routes(app, act, session)  # /v1: OpenAI-compatible endpoints (issue 17)
     app.router.add_route("*", "/{path:.*}", not_found)
     return app

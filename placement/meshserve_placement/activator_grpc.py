@@ -12,7 +12,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from meshserve import tracing
 from meshserve.store import keys as k
-from meshserve_placement.activator import M_COLD, M_COLD_WAIT, MODEL_ID_HEADER, VMODEL_ID_HEADER, Activator, LoadFailed
+from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
+from meshserve_placement.activator import Activator
+from meshserve_placement.coldpath import M_COLD, M_COLD_WAIT, LoadFailed
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 
 

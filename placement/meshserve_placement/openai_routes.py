@@ -25,7 +25,9 @@ from aiohttp import web
 
 from meshserve.model import ModelSpec, Pod
 from meshserve.store import keys as k
+from meshserve.headers import MODEL_ID_HEADER
 from meshserve.settings import MAX_REQUEST_BYTES
+from meshserve_placement.coldpath import HOP_BY_HOP, M_COLD, LoadFailed, log
 
 ENDPOINTS = ("embeddings", "completions", "chat/completions")
 
@@ -54,7 +56,6 @@ def _listing(models: dict[bytes, bytes], aliases: dict[bytes, bytes]) -> list[di
 
 def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -> None:
     """Register the /v1 routes on the activator's REST app (`act`: activator.Activator)."""
-    from meshserve_placement.activator import HOP_BY_HOP, M_COLD, MODEL_ID_HEADER, LoadFailed, log
 
     async def models(request: web.Request) -> web.Response:
         async with act.state.r.pipeline(transaction=False) as p:

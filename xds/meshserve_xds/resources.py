@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -27,8 +28,6 @@ REST = "meshserve_rest"
 GRPC = "meshserve_grpc"
 ACTIVATOR_REST = "meshserve_activator_rest"
 ACTIVATOR_GRPC = "meshserve_activator_grpc"
-MODEL_ID_HEADER = "mm-model-id"
-VMODEL_ID_HEADER = "mm-vmodel-id"
 MODELS_PREFIX = "/v2/models/"
 GRPC_PREFIX = "/inference.GRPCInferenceService/"
 # The scoped layout's routing key: one header, set by the Lua filter (lua.py), keyed on by scopes.

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 from aiohttp import web
+from meshserve.headers import MODEL_ID_HEADER
 
-MODEL_ID_HEADER = "mm-model-id"
 MAX_INPUTS = 2048  # OpenAI's own limit on the number of inputs per request
 
 

@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from meshserve_loader.builtin import codec
 from meshserve_loader.builtin.footprint import footprint
 from meshserve_loader.builtin.formats import BASE_OBJECT, Model, ModelLoadError, load_model
+from meshserve.headers import MODEL_ID_HEADER
 
 log = logging.getLogger("meshserve.runtime")
 
-MODEL_ID_HEADER = "mm-model-id"
 REPOSITORY_ELSEWHERE = "the repository API (load, unload, index) is served only on the runtime's loopback control port, to the loader beside it"
 
 
