@@ -170,9 +170,9 @@ def test_kubectl_get_isvc_shows_modelmesh_columns() -> None:
 
 def test_plan_registers_changes_and_removes_the_rest() -> None:
     (spec,) = read_models(REPO / "mesh-config")
-    assert ob.plan({spec.alias: spec}, {spec.alias: spec}).register == []
+    assert ob.diff_registrations({spec.alias: spec}, {spec.alias: spec}).register == []
     changed = type(spec)(**{**spec.__dict__, "min_copies": 2})
-    p = ob.plan({spec.alias: changed}, {spec.alias: spec, "gone": spec})
+    p = ob.diff_registrations({spec.alias: changed}, {spec.alias: spec, "gone": spec})
     assert p.register == [changed] and p.remove_aliases == ["gone"]
 
 

@@ -38,19 +38,19 @@ def pool(name: str, runtime: str, replicas: int) -> dict[str, Any]:
 # --- unit: the pure parts ------------------------------------------------------------------
 def test_plan_wakes_a_used_pool_at_once_and_sleeps_an_unused_one_after_the_grace() -> None:
     pools = [ob.Pool("rt-builtin", "meshserve-builtin", 2), ob.Pool("rt-mlserver", "mlserver-1.x", 0)]
-    todo, since = scaling.plan(pools, {"meshserve-builtin", "mlserver-1.x"}, {}, now=100.0, grace_seconds=60)
+    todo, since = scaling.plan_scaling(pools, {"meshserve-builtin", "mlserver-1.x"}, {}, now=100.0, grace_seconds=60)
     assert [(s.workload, s.replicas) for s in todo] == [("rt-mlserver", 1)]
     assert "uses ServingRuntime mlserver-1.x" in todo[0].why
     # The last InferenceService using mlserver goes: nothing until the grace has passed.
     pools[1] = ob.Pool("rt-mlserver", "mlserver-1.x", 1)
-    todo, since = scaling.plan(pools, {"meshserve-builtin"}, since, now=200.0, grace_seconds=60)
+    todo, since = scaling.plan_scaling(pools, {"meshserve-builtin"}, since, now=200.0, grace_seconds=60)
     assert todo == [] and since == {"mlserver-1.x": 200.0}
-    todo, since = scaling.plan(pools, {"meshserve-builtin"}, since, now=259.0, grace_seconds=60)
+    todo, since = scaling.plan_scaling(pools, {"meshserve-builtin"}, since, now=259.0, grace_seconds=60)
     assert todo == []
-    todo, since = scaling.plan(pools, {"meshserve-builtin"}, since, now=261.0, grace_seconds=60)
+    todo, since = scaling.plan_scaling(pools, {"meshserve-builtin"}, since, now=261.0, grace_seconds=60)
     assert [(s.workload, s.replicas) for s in todo] == [("rt-mlserver", 0)]
     # Used again within the grace: the clock restarts next time it is unused.
-    todo, since = scaling.plan(pools, {"meshserve-builtin", "mlserver-1.x"}, {"mlserver-1.x": 200.0}, now=230.0)
+    todo, since = scaling.plan_scaling(pools, {"meshserve-builtin", "mlserver-1.x"}, {"mlserver-1.x": 200.0}, now=230.0)
     assert todo == [] and since == {}
 
 

@@ -336,7 +336,7 @@ def test_scaling_and_server_types_from_model_serving_config() -> None:
     from meshserve.k8s import objects as ob
     from meshserve_controller import scaling
 
-    todo, _ = scaling.plan([ob.Pool("pool-a", "a", 0)], {"a"}, {}, 0.0, replicas=3)
+    todo, _ = scaling.plan_scaling([ob.Pool("pool-a", "a", 0)], {"a"}, {}, 0.0, replicas=3)
     assert [(s.workload, s.replicas) for s in todo] == [("pool-a", 3)]
     runtimes = {r.name: r for r in map(ob.parse_runtime, [
         {"metadata": {"name": "triton-2.x"}, "spec": {"builtInAdapter": {"serverType": "triton"}, "supportedModelFormats": [{"name": "onnx"}]}},

@@ -29,27 +29,27 @@ T = Tuning(scale_up_rps=10.0, scale_down_after_seconds=30.0, idle_unload_seconds
 def test_hot_model_gets_another_copy_up_to_max() -> None:
     cv = view()
     cv.set_copies("a", loaded("p0"))
-    acts = cp.plan(cv, {"a": 25.0}, now=100.0, tuning=T, last_added={})
+    acts = cp.plan_copies(cv, {"a": 25.0}, now=100.0, tuning=T, last_added={})
     assert [(a.op, a.model) for a in acts] == [("add", "a")] and "exceeds" in acts[0].why
     cv.set_model(replace(cv.models["a"], max_copies=1))
-    assert cp.plan(cv, {"a": 25.0}, now=100.0, tuning=T, last_added={}) == []
+    assert cp.plan_copies(cv, {"a": 25.0}, now=100.0, tuning=T, last_added={}) == []
 
 
 def test_quiet_model_loses_copies_but_not_below_min_and_not_too_soon() -> None:
     cv = view()
     cv.set_copies("a", loaded("p0", "p1", "p2"))
-    assert cp.plan(cv, {"a": 1.0}, now=100.0, tuning=T, last_added={"a": 90.0}) == []  # just scaled up
-    acts = cp.plan(cv, {"a": 1.0}, now=200.0, tuning=T, last_added={"a": 90.0})
+    assert cp.plan_copies(cv, {"a": 1.0}, now=100.0, tuning=T, last_added={"a": 90.0}) == []  # just scaled up
+    acts = cp.plan_copies(cv, {"a": 1.0}, now=200.0, tuning=T, last_added={"a": 90.0})
     assert [(a.op, a.model) for a in acts] == [("remove", "a")]
     cv.set_model(replace(cv.models["a"], min_copies=3))
-    assert cp.plan(cv, {"a": 1.0}, now=200.0, tuning=T, last_added={}) == []
+    assert cp.plan_copies(cv, {"a": 1.0}, now=200.0, tuning=T, last_added={}) == []
 
 
 def test_min_copies_and_pinned_load_eagerly() -> None:
     cv = view()
     cv.set_model(replace(cv.models["a"], min_copies=2))
     cv.set_model(replace(cv.models["b"], pinned=True))
-    acts = cp.plan(cv, {}, now=1.0, tuning=T, last_added={})
+    acts = cp.plan_copies(cv, {}, now=1.0, tuning=T, last_added={})
     assert sorted((a.op, a.model) for a in acts) == [("add", "a"), ("add", "b")]
 
 
@@ -60,20 +60,20 @@ def test_idle_unload_to_zero_spares_busy_pinned_and_minimum() -> None:
     cv.set_copies("b", loaded("p1"))
     cv.touch("a", 10.0)
     cv.touch("b", 10.0)
-    acts = cp.plan(cv, {}, now=100.0, tuning=t, last_added={})
+    acts = cp.plan_copies(cv, {}, now=100.0, tuning=t, last_added={})
     assert sorted((a.op, a.model, a.pod) for a in acts) == [("remove", "a", "p0"), ("remove", "b", "p1")]
     cv.in_flight = {"a"}
     cv.set_model(replace(cv.models["b"], pinned=True))
-    assert cp.plan(cv, {}, now=100.0, tuning=t, last_added={}) == []
+    assert cp.plan_copies(cv, {}, now=100.0, tuning=t, last_added={}) == []
 
 
 def test_draining_pod_models_move_then_go() -> None:
     cv = view()
     cv.set_copies("a", loaded("p0"))
-    acts = cp.plan(cv, {}, now=1.0, tuning=T, last_added={}, draining={"p0"})
+    acts = cp.plan_copies(cv, {}, now=1.0, tuning=T, last_added={}, draining={"p0"})
     assert [(a.op, a.model) for a in acts] == [("add", "a")]
     cv.set_copies("a", {**loaded("p0"), **loaded("p1")})
-    acts = cp.plan(cv, {}, now=1.0, tuning=T, last_added={}, draining={"p0"})
+    acts = cp.plan_copies(cv, {}, now=1.0, tuning=T, last_added={}, draining={"p0"})
     assert [(a.op, a.model, a.pod) for a in acts] == [("remove", "a", "p0")]
 
 

@@ -74,6 +74,6 @@ def test_a_new_leader_removes_no_copy_before_it_has_measured_rates() -> None:
     """Issue 18 §5: after a failover the new leader saw 0 requests/s and unloaded a busy copy."""
     cv = _view()
     cv.set_copies("a", {"p0": Copy(CopyState.LOADED, 10 * MB), "p1": Copy(CopyState.LOADED, 10 * MB)})
-    assert cp.plan(cv, {}, now=1000.0, tuning=T, last_added={}, scale_down=False) == []
-    removed = cp.plan(cv, {}, now=1000.0, tuning=T, last_added={}, scale_down=True)
+    assert cp.plan_copies(cv, {}, now=1000.0, tuning=T, last_added={}, scale_down=False) == []
+    removed = cp.plan_copies(cv, {}, now=1000.0, tuning=T, last_added={}, scale_down=True)
     assert [a.op for a in removed] == ["remove"]

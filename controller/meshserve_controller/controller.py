@@ -279,7 +279,7 @@ class Controller:
             elif name in registered:
                 # A bad update keeps the last good version serving (ModelMesh does the same).
                 desired[name] = registered[name]
-        p = ob.plan(desired, registered)
+        p = ob.diff_registrations(desired, registered)
         if p.register:
             await self.state.register_models(p.register)
             M_REGISTERED.inc(len(p.register))
@@ -336,7 +336,7 @@ class Controller:
             return
         in_use = {rt for rt in (ob.runtime_of(s, runtimes) for s in desired.values()) if rt}
         pools = [p for p in map(ob.parse_pool, self.watchers[POOL].snapshot()) if p is not None]
-        todo, self._unused_since = scaling.plan(pools, in_use, self._unused_since, time.monotonic(), self.scale_grace, self.pool_replicas)
+        todo, self._unused_since = scaling.plan_scaling(pools, in_use, self._unused_since, time.monotonic(), self.scale_grace, self.pool_replicas)
         for sc in todo:
             try:
                 await asyncio.to_thread(

@@ -26,7 +26,7 @@ class Scale:
     why: str
 
 
-def plan(
+def plan_scaling(
     pools: Iterable[Pool], in_use: set[str], unused_since: dict[str, float], now: float, grace_seconds: float = DEFAULT_GRACE_SECONDS,
     replicas: int = 1,
 ) -> tuple[list[Scale], dict[str, float]]:

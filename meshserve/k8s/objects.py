@@ -384,7 +384,7 @@ class Plan:
     remove_aliases: list[str] = field(default_factory=list)
 
 
-def plan(desired: dict[str, ModelSpec], registered: dict[str, ModelSpec]) -> Plan:
+def diff_registrations(desired: dict[str, ModelSpec], registered: dict[str, ModelSpec]) -> Plan:
     """`desired`: alias -> spec from the cluster; `registered`: alias -> the spec its alias
     points at in Redis (only aliases of this controller's namespace). Registers new or changed
     specs (annotations such as minCopies change the spec, not the id) and removes the rest."""

@@ -34,7 +34,7 @@ def floor_copies(cluster: ClusterView, model: str) -> int:
     return max(mv.min_copies, 1 if mv.pinned else 0)
 
 
-def plan(
+def plan_copies(
     cluster: ClusterView,
     rates: dict[str, float],
     now: float,

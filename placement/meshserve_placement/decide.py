@@ -23,7 +23,7 @@ VICTIM_PODS = 3  # pods holding the globally cheapest evictions added to the can
 
 
 @dataclass
-class Step:
+class Verdict:
     pod: str
     step: str
     result: str = ""
@@ -41,7 +41,7 @@ class Decision:
     model: str
     pod: str | None
     evict: list[str]
-    trace: list[Step]
+    trace: list[Verdict]
     reason: str = ""
     candidates: dict[str, str] = field(default_factory=dict)  # on large clusters: pod -> why considered
     pods_total: int = 0
@@ -113,7 +113,7 @@ def candidate_pods(model: ModelView, cluster: ClusterView, now: float, runtime: 
 def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
     """Choose a pod for one more copy of `model`, with the evictions that make room."""
     ctx = Context(model, cluster, now, cluster.index(), cluster.copies.get(model.id) or {}, runtime=cluster.serving_runtime(model))
-    trace: list[Step] = []
+    trace: list[Verdict] = []
     candidates: list[PodView] = []
     if cluster.waits_for_pool(ctx.runtime):
         assert ctx.runtime is not None
@@ -124,7 +124,7 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
         for f in FILTERS:
             why = f.check(p, ctx)
             if why:
-                trace.append(Step(p.id, f.name, "rejected: " + why))
+                trace.append(Verdict(p.id, f.name, "rejected: " + why))
                 break
         else:
             candidates.append(p)
@@ -150,7 +150,7 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
         total = 0.0
         for (w, _), v in zip(weighted, scores):
             total += w * v
-        trace.append(Step(p.id, "score", scores=scores))
+        trace.append(Verdict(p.id, "score", scores=scores))
         if total > best_score:
             best, best_score = p, total
     assert best is not None

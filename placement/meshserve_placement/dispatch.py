@@ -1,6 +1,6 @@
 """Sending queued loads to a pod while it has free loading slots and the room.
 
-`plan` is the pure decision (which queued loads go now, which queue entries are stale);
+`plan_dispatch` is the pure decision (which queued loads go now, which queue entries are stale);
 `Dispatch._dispatch` commits it: the orders, the queue entries removed, the copies no longer
 marked queued, and only then the leader's in-memory queue follows.
 """
@@ -38,7 +38,7 @@ def queued_loading(view: ClusterView, pod: str, queue: Mapping[str, float]) -> l
     return [c for m in queue if (c := held.get(m)) is not None and c.state == CopyState.LOADING]
 
 
-def plan(view: ClusterView, pod: str, queue: Mapping[str, float], specs: Mapping[str, ModelSpec], overlap_fraction: float) -> Plan:
+def plan_dispatch(view: ClusterView, pod: str, queue: Mapping[str, float], specs: Mapping[str, ModelSpec], overlap_fraction: float) -> Plan:
     """Which queued loads the pod takes now: waiting requests first (lowest priority value),
     while it has a free loading slot and the bytes it really holds leave room."""
     out = Plan()
@@ -77,7 +77,7 @@ class Dispatch:
         traces = {m: self._traces.get((pod, m), {}) for m in q}
         if queued is not None:
             q[queued[0]], traces[queued[0]] = queued[1], queued[2]
-        p = plan(self.view, pod, q, self.specs, self.t.unload_overlap_fraction)
+        p = plan_dispatch(self.view, pod, q, self.specs, self.t.unload_overlap_fraction)
         ops = list(ops or [])
         changes = list(changes or [])
         now = time.time()

@@ -39,7 +39,7 @@ class Maintain:
     async def _reconcile_copies(self, now: float) -> None:
         self._mark_health(now)
         draining = {p for p, pv in self.view.pods.items() if pv.draining}
-        for a in copyplan.plan(self.view, self.rates, now, self.t, self.last_added, draining, scale_down=self._rate_rounds > 0):
+        for a in copyplan.plan_copies(self.view, self.rates, now, self.t, self.last_added, draining, scale_down=self._rate_rounds > 0):
             spec = self.specs.get(a.model)
             if a.op == "add" and spec is not None:
                 if await self._place(spec, waiting=a.model in self.waiting, why=a.why):

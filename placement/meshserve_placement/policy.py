@@ -17,7 +17,7 @@ directly.
 
 from __future__ import annotations
 
-from meshserve_placement.decide import FULL_SCAN_PODS, SAMPLE_PODS, VICTIM_PODS, Decision, Step, candidate_pods, generic_refusal, place
+from meshserve_placement.decide import FULL_SCAN_PODS, SAMPLE_PODS, VICTIM_PODS, Decision, Verdict, candidate_pods, generic_refusal, place
 from meshserve_placement.filters import FILTERS, Context, Filter
 from meshserve_placement.scorers import SCORERS, Scorer
 from meshserve_placement.view import (
@@ -25,7 +25,7 @@ from meshserve_placement.view import (
 )
 
 __all__ = [
-    "FULL_SCAN_PODS", "SAMPLE_PODS", "VICTIM_PODS", "Decision", "Step", "candidate_pods", "generic_refusal", "place",
+    "FULL_SCAN_PODS", "SAMPLE_PODS", "VICTIM_PODS", "Decision", "Verdict", "candidate_pods", "generic_refusal", "place",
     "FILTERS", "Context", "Filter", "SCORERS", "Scorer",
     "DEFAULT_HORIZON_S", "DEFAULT_LANDED_GRACE_S", "DEFAULT_REF_SIZE", "ClusterView", "ModelView", "PodView", "RuntimeView", "evictable",
 ]

@@ -64,7 +64,7 @@ def _counts(copies: dict[str, Copy], since: float) -> tuple[int, int, list[str]]
 
 
 @dataclass
-class Step:
+class TransitionAction:
     """What the controller should do for one transition now."""
 
     transition: pl.Transition | None = None  # new value to store, if changed
@@ -76,7 +76,7 @@ class Step:
 
 
 def step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: dict[str, Copy], now: float,
-                    last_request: float, load_timeout_s: float, old_in_use: bool) -> Step:
+                    last_request: float, load_timeout_s: float, old_in_use: bool) -> TransitionAction:
     out = _step_transition(t, new_copies, old_copies, now, last_request, load_timeout_s, old_in_use)
     if out.transition is not None and out.transition.phase in (pl.T_DRAINING, pl.T_FAILED) and "minCopies" in t.extra:
         out.restore_spec = True
@@ -84,8 +84,8 @@ def step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: d
 
 
 def _step_transition(t: pl.Transition, new_copies: dict[str, Copy], old_copies: dict[str, Copy], now: float,
-                     last_request: float, load_timeout_s: float, old_in_use: bool) -> Step:
-    out = Step()
+                     last_request: float, load_timeout_s: float, old_in_use: bool) -> TransitionAction:
+    out = TransitionAction()
     if t.phase == pl.T_LOADING:
         loaded, loading, failed = _counts(new_copies, t.since)
         if loaded >= t.copies or (loaded and not loading and now - t.extra.get("firstLoaded", now) > PARTIAL_COPIES_AFTER_S):
