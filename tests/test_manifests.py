@@ -1,3 +1,4 @@
+# Over 400 lines: one check per manifest family, all over the same loaded schemas; split, each file would load them again.
 """Every manifest in istio/ (and the InferenceService/ServingRuntime examples) validates offline:
 core kinds with kubernetes-validate (strict: unknown fields fail), Istio kinds against Istio's
 CRD schemas and KServe kinds against KServe's, both from ../shared/schemas, made strict the
