@@ -181,3 +181,20 @@ def test_the_checks_see_what_they_check() -> None:
     g = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}}
     assert cycles(g) == [{"p.a", "p.b", "p.c"}]
     assert graph()["meshserve.store.ops"] >= {"meshserve.store.keys", "meshserve.store.messages", "meshserve.store.state"}
+
+
+def test_the_routing_headers_are_defined_once() -> None:
+    """Issue 15: `mm-model-id` was defined in four places; the product spells ModelMesh's two
+    routing headers only in meshserve/headers.py (docstrings and Lua text aside)."""
+    spelled = []
+    for mod, path in modules().items():
+        if mod.split(".")[0] == TESTING or mod == "meshserve.headers":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in ("mm-model-id", "mm-vmodel-id") and id(node) not in docs:
+                spelled.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not spelled, f"import MODEL_ID_HEADER / VMODEL_ID_HEADER from meshserve.headers instead: {spelled}"
