@@ -4,13 +4,23 @@ gets the ports bound, for whoever started it (the loader: servers/builtin.py).""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-from pathlib import Path
+import os
+
+# One BLAS thread per inference thread: the runtime already runs one inference thread per CPU
+# (table.worker_count), and OpenBLAS's own threads on top spin-wait for each other. On a busy
+# 2-core machine a MiniLM embedding took 1.1-1.4 s with OpenBLAS's default against 81-88 ms
+# with one thread (median of 15, side by side; docs/design/adapters.md). Before numpy loads;
+# a value the operator set wins.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from meshserve import logs
-from meshserve.settings import Settings
-from meshserve_loader.builtin.server import serve
+from meshserve.settings import Settings  # noqa: E402
+from meshserve_loader.builtin.server import serve  # noqa: E402
 
 
 def main() -> None:
