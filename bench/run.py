@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "xds_debounce": (["bench.xds_debounce"], 600),
     "churn": (["bench.churn", "--seconds", "90"], 900),
     "pull": (["bench.pull", "--mib", "1024", "--repeats", "3"], 900),
+    "adapters": (["bench.adapters"], 2400),
     # Installs Ray Serve in .venv-ray the first time (a few minutes); needs root for `unshare -n`.
     "peer_rayserve": (["bench.peer_rayserve"], 3000),
 }

@@ -1,0 +1,25 @@
+"""bench/adapters.py runs (issue 17's live benchmarks), small: its figures mean little here.
+
+Kind: e2e. `meshserve up` (real Valkey, Envoy, placement, activator, 2 built-in runtime pods),
+a MiniLM base and 12 adapters over it: a Zipf trace, every adapter asked for once, cold starts
+of adapters whose base is resident, and warm /v1/embeddings through the gateway and straight
+to the pod (`hey`). The ModelMesh-style mesh is left out to keep it short.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import adapters
+
+pytestmark = pytest.mark.e2e
+
+
+def test_quick_adapters_benchmark_runs() -> None:
+    res = adapters.main(["--quick", "--skip-modelmesh", "--out", ""])
+    shared = res["shared"]
+    assert 0 < shared["zipf"]["hit_ratio"] <= 1 and shared["zipf"]["hits"] + shared["zipf"]["misses"] == 25
+    # Every adapter fits over the one base: all 12 are held once each was asked for.
+    assert shared["memory_all_asked"]["adapters_resident"] == 12
+    assert res["cold_start"]["adapters"] == 4 and res["cold_start"]["cold_request_ms"]["p50"] > 0
+    assert res["warm"]["errors"] == 0 and res["warm"]["p50_ratio"] > 0
