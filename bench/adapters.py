@@ -14,8 +14,8 @@ value, every fifth a classification head).
 2. Cold start of an adapter whose base is resident on its pod, through the gateway (/v1/
    embeddings, activator, placement, loader, runtime), and side by side the same runtime
    loading an identical adapter through its repository API and answering once.
-3. Warm /v1/embeddings p50 through the gateway against the same request straight to the pod
-   (`hey`, interleaved, repeated; medians).
+3. Warm /v1/embeddings p50 through the gateway against the same request straight to the pod,
+   alternately request by request.
 
     .venv/bin/python -m bench.adapters [--adapters 1000] [--requests 1000] [--cold 40] [--hops]
     .venv/bin/python -m bench.adapters --quick      # small and bounded (tests/test_bench_adapters.py)
@@ -24,6 +24,7 @@ value, every fifth a classification head).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import statistics
@@ -34,10 +35,11 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from bench import hops
 from bench.churn import loaded_now, placement_counts, zipf_sequence
-from bench.common import REPO, hey, install_hey, pct, write
+from bench.common import REPO, pct, write
 from meshserve_testing import devmesh
 
 PVC = "bench"
@@ -259,34 +261,40 @@ def cold(m: devmesh.Mesh, names: list[str], base_dir: Path) -> dict[str, Any]:
                            "runtime_first_embed": [round(x, 2) for x in embeds]}}
 
 
-def warm(m: devmesh.Mesh, name: str, tmp: Path, rps: int, workers: int, seconds: int, repeats: int) -> dict[str, Any]:
-    """The same /v1/embeddings body through the gateway and straight to the pod holding it.
-    By default one worker in a closed loop (rps 0): each figure is one request's time, never
-    a queue's (the pod's embeddings are slow on a busy machine and a fixed rate saturates it)."""
+def warm(m: devmesh.Mesh, name: str, pairs: int) -> dict[str, Any]:
+    """The same /v1/embeddings request through the gateway and straight to the pod holding it,
+    alternately, one at a time (which goes first alternates too), each side on its own
+    keep-alive connection: whatever the machine's other load does hits both sides alike, and
+    no figure includes a queue. The first 20 pairs warm up and are not recorded."""
     idof = ids(m)
     embed(m.rest, name)
     where = [i for i, p in enumerate(resident(m)) if idof[name] in p]
-    body = tmp / "embed.json"
-    body.write_text(json.dumps({"model": name, "input": TEXT}))
-    ctype = "Content-Type: application/json"
-    sides = (("direct", f"{m.pod_rest(where[0])}/v1/embeddings", (ctype, f"mm-model-id: {idof[name]}")),
-             ("gateway", f"{m.rest}/v1/embeddings", (ctype,)))
-    for _, url, h in sides:  # warm-up, not recorded
-        hey(url, body, rps, 2, workers=workers, headers=h)
-    rows = []
-    for rep in range(repeats):
-        for side, url, h in (sides if rep % 2 == 0 else sides[::-1]):
-            r = hey(url, body, rps, seconds, workers=workers, headers=h)
-            r.update(path=side, repeat=rep)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    med = {s: {k: statistics.median(r[k] for r in rows if r["path"] == s) for k in ("p50_ms", "p99_ms")} for s, _, _ in sides}
-    return {"adapter": name, "copies": len(where), "rps": rps, "workers": workers, "seconds_per_point": seconds, "repeats": repeats, "rows": rows,
-            "direct_p50_ms": med["direct"]["p50_ms"], "gateway_p50_ms": med["gateway"]["p50_ms"],
-            "direct_p99_ms": med["direct"]["p99_ms"], "gateway_p99_ms": med["gateway"]["p99_ms"],
-            "p50_ratio": round(med["gateway"]["p50_ms"] / med["direct"]["p50_ms"], 3),
-            "target_p50_ratio_le_1_2": med["gateway"]["p50_ms"] <= 1.2 * med["direct"]["p50_ms"],
-            "errors": sum(r["errors"] for r in rows)}
+    body = json.dumps({"model": name, "input": TEXT}).encode()
+    sides = {"direct": (m.pod_rest(where[0]), {"mm-model-id": idof[name]}), "gateway": (m.rest, {})}
+    conns = {s: http.client.HTTPConnection(urlsplit(base).netloc, timeout=60) for s, (base, _) in sides.items()}
+    ms: dict[str, list[float]] = {s: [] for s in sides}
+    errors = 0
+    try:
+        for k in range(pairs + 20):
+            for s in (("direct", "gateway") if k % 2 else ("gateway", "direct")):
+                t0 = time.perf_counter()
+                conns[s].request("POST", "/v1/embeddings", body, {"Content-Type": "application/json", **sides[s][1]})
+                r = conns[s].getresponse()
+                r.read()
+                dt = (time.perf_counter() - t0) * 1000
+                errors += r.status != 200
+                if k >= 20:
+                    ms[s].append(dt)
+    finally:
+        for c in conns.values():
+            c.close()
+    d, g = pct(ms["direct"], 50), pct(ms["gateway"], 50)
+    return {"adapter": name, "copies": len(where), "pairs": pairs, "errors": errors,
+            "direct_p50_ms": round(d, 2), "gateway_p50_ms": round(g, 2),
+            "direct_p99_ms": round(pct(ms["direct"], 99), 2), "gateway_p99_ms": round(pct(ms["gateway"], 99), 2),
+            "p50_ratio": round(g / d, 3), "target_p50_ratio_le_1_2": g <= 1.2 * d,
+            "p50_of_pair_differences_ms": round(statistics.median(b - a for a, b in zip(ms["direct"], ms["gateway"])), 2),
+            "samples_ms": {s: [round(x, 2) for x in v] for s, v in ms.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -296,18 +304,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=200, help="of those, the first ones not counted")
     ap.add_argument("--capacity-mib", type=int, default=1024, help="each pod's capacity (the same on both meshes)")
     ap.add_argument("--cold", type=int, default=40, help="cold starts of adapters whose base is resident")
-    ap.add_argument("--rps", type=int, default=0, help="warm phase: hey's total rate; 0, a closed loop")
-    ap.add_argument("--workers", type=int, default=1, help="warm phase: hey's workers")
-    ap.add_argument("--seconds", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=400, help="warm requests, each side")
     ap.add_argument("--skip-modelmesh", action="store_true", help="the shared mesh only")
     ap.add_argument("--hops", action="store_true", help="time each hop of the cold path (bench/hops.py)")
     ap.add_argument("--quick", action="store_true", help="small and bounded: the code runs, the figures mean little")
     ap.add_argument("--out", default="adapters", help="result name under bench/results/; empty: write nothing")
     if ap.parse_known_args(argv)[0].quick:  # smaller defaults; what is given on the line still wins
-        ap.set_defaults(adapters=12, requests=30, warmup=5, cold=4, seconds=1, repeats=1)
+        ap.set_defaults(adapters=12, requests=30, warmup=5, cold=4, pairs=20)
     args = ap.parse_args(argv)
-    install_hey()
     names = [f"a{i}" for i in range(args.adapters)]
     cold_names = [f"a{i}" for i in range(args.adapters, args.adapters + args.cold + 8)]
     sequence = zipf_sequence(names, args.requests)
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res["cold_start"]["hops_ms"] = hops.hops(collector.spans, set(left[: args.cold]))
                 collector.close()
             print(json.dumps({k: v for k, v in res["cold_start"].items() if k != "samples_ms"}, indent=1), flush=True)
-            res["warm"] = warm(m, names[0], tmp, args.rps, args.workers, args.seconds, args.repeats)
+            res["warm"] = warm(m, names[0], args.pairs)
         if not args.skip_modelmesh:
             with adapter_mesh(tmp, files, names, True, capacity) as m:
                 res["modelmesh"] = memory_and_hits(m, names, sequence, args.warmup, fill=False)
