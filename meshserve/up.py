@@ -105,7 +105,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     tls = XdsClientTls.from_settings(s)  # a half-configured MESHSERVE_XDS_TLS_* fails here, before anything starts
     started = time.time()
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    ensure_example_model(s.pvc_root)
+    await asyncio.to_thread(ensure_example_model, s.pvc_root)  # a child process trains it (example.py)
     py = sys.executable
     if not s.redis_url:
         vdir = (s.data_dir / "valkey").resolve()
