@@ -99,6 +99,13 @@ def apply_serving_config(s: Settings, explicit: set[str]) -> list[str]:
     return out + [f"warning: {w}" for w in cfg.serving.warnings]
 
 
+def predictor(s: Settings):  # type: ignore[no-untyped-def]
+    """The loader's size prediction from stored files, for registration (sizes.py)."""
+    from meshserve_loader.predict import Predictor
+
+    return Predictor.from_settings(s)
+
+
 async def start_mesh(s: Settings, sup: Supervisor) -> None:
     from meshserve_xds.bootstrap import XdsClientTls, gateway_bootstrap
 
@@ -120,7 +127,7 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     sup.env.update(s.as_env())
     state = State.from_url(s.redis_url)
     try:
-        specs = await apply_path(state, s.config_dir)
+        specs = await apply_path(state, s.config_dir, predict=predictor(s))
     finally:
         await state.close()
     for spec in specs:
