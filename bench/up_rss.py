@@ -32,56 +32,45 @@ FORMATS = (("sklearn", "sklearn/mnist-svm/model.joblib"), ("xgboost", "xgboost/m
            ("lightgbm", "lightgbm/mushroom/model.bst"), ("onnx", "onnx/onnx-mnist/mnist-8.onnx"))
 
 
-def _status(pid: int, field: str) -> int:
+def _rollup_kib(pid: int) -> dict[str, int]:
+    """The process's memory totals from smaps_rollup, kB by name (Rss, Pss...); {} once it is gone."""
+    out: dict[str, int] = {}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, _, rest = line.partition(":")
+            out[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return out
 
 
-def _pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            out.setdefault(ppid, []).append(int(d.name))
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren...: the kernel's own list of each process's children."""
+    out, todo = [], [pid]
+    while todo:
+        try:
+            kids = [int(c) for f in Path(f"/proc/{todo.pop()}/task").glob("*/children") for c in f.read_text().split()]
+        except OSError:
+            continue
+        out += kids
+        todo += kids
     return out
 
 
 def processes(up_pid: int, named: dict[str, int]) -> dict[str, int]:
     """Every process of the mesh, name -> pid: `up` itself, the components it names in pids.json,
     and their children (a loader's runtime: `runtime-<i>`; anything else by its pid)."""
-    kids = _children()
     out = {"up": up_pid, **named}
     for name, pid in named.items():
-        todo = list(kids.get(pid, []))
-        while todo:
-            p = todo.pop()
-            label = name.replace("loader-", "runtime-") if name.startswith("loader-") else f"{name}-child-{p}"
+        for p in _descendants(pid):
+            label = name.replace("loader-", "runtime-") if name.startswith("loader-") else f"{name}-child"
             out[label if label not in out else f"{label}-{p}"] = p
-            todo.extend(kids.get(p, []))
     return out
 
 
 def snapshot(procs: dict[str, int]) -> dict[str, dict[str, float]]:
-    return {name: {"rss_mib": round(_status(pid, "VmRSS") / 1024, 1), "pss_mib": round(_pss_kib(pid) / 1024, 1)}
-            for name, pid in sorted(procs.items())}
+    rollups = {name: _rollup_kib(pid) for name, pid in sorted(procs.items())}
+    return {name: {"rss_mib": round(r.get("Rss", 0) / 1024, 1), "pss_mib": round(r.get("Pss", 0) / 1024, 1)} for name, r in rollups.items()}
 
 
 def total(snap: dict[str, dict[str, float]], key: str) -> float:
