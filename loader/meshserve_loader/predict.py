@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from meshserve.model import ModelSpec
 from meshserve.settings import Settings
 from meshserve_loader.fetch import Source, plan_source
-from meshserve_loader.storage import from_disk, predict_size, resolve_local
+from meshserve_loader.storage import StorageError, from_disk, predict_size, resolve_local
 from meshserve_loader.storage_config import AnyStore, StorageConfigSource
 
 log = logging.getLogger("meshserve.loader.predict")
@@ -47,7 +47,7 @@ def listed_bytes(src: Source) -> int:
 
         objects = azure_objects(azure_client(src.store).get_container_client(src.bucket), key)
     else:
-        return 0  # http: no listing; the loader predicts after the pull
+        raise ValueError(f"no listing for a {src.kind} source")
     return sum(size for _, size in objects)
 
 
@@ -68,8 +68,12 @@ class Predictor:
         src = plan_source(storage, self.stores, self.config_error)
         if src.kind == "local":
             return predict_size(resolve_local(dict(src.storage), self.pvc_root, self.model_roots), fmt)
+        if src.kind == "http":
+            return 0  # nothing to list: the loader predicts after the pull
         disk = listed_bytes(src)
-        return from_disk(disk) if disk else 0
+        if not disk:
+            raise StorageError(f"{src.shown}: no such object or prefix")
+        return from_disk(disk)
 
     async def __call__(self, specs: list[ModelSpec]) -> dict[str, int]:
         """Model id -> predicted bytes, for the specs whose files could be listed."""
