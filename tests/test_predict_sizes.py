@@ -33,7 +33,7 @@ def test_local_files_are_predicted_and_an_unlistable_store_falls_back_with_a_log
     with caplog.at_level(logging.WARNING, logger="meshserve.loader.predict"):
         got = asyncio.run(Predictor(tmp_path / "pvc", {})([local, missing]))
     assert got == {local.id: int(400_000 * 1.25) + 64 * 1024} and got[local.id] == predict_size(folder, "sklearn")
-    assert "no size prediction for missing" in caplog.text and "nowhere" in caplog.text
+    assert "no size prediction for 1 model(s)" in caplog.text and "missing (StorageError" in caplog.text and "nowhere" in caplog.text
 
 
 def test_registration_lists_only_what_it_does_not_know() -> None:

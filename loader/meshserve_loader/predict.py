@@ -76,17 +76,22 @@ class Predictor:
         return from_disk(disk)
 
     async def __call__(self, specs: list[ModelSpec]) -> dict[str, int]:
-        """Model id -> predicted bytes, for the specs whose files could be listed."""
+        """Model id -> predicted bytes, for the specs whose files could be listed. The others are
+        named in one log line (a config of thousands whose files come later says so once)."""
         sem = asyncio.Semaphore(CONCURRENCY)
+        failed: list[str] = []
 
         async def one(spec: ModelSpec) -> tuple[str, int]:
             async with sem:
                 try:
                     return spec.id, await asyncio.wait_for(asyncio.to_thread(self.predict_one, spec.storage, spec.format), TIMEOUT_S)
                 except Exception as e:  # noqa: BLE001 - any failure means "not predicted", logged
-                    why = f"took over {TIMEOUT_S:g}s" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-                    log.warning("no size prediction for %s (its files could not be listed: %s); placement books it at the "
-                                "unknown-size default until its first load", spec.alias, why)
+                    failed.append(f"{spec.alias} ({f'took over {TIMEOUT_S:g}s' if isinstance(e, TimeoutError) else f'{type(e).__name__}: {e}'})")
                     return spec.id, 0
 
-        return {i: n for i, n in await asyncio.gather(*(one(s) for s in specs)) if n > 0}
+        got = {i: n for i, n in await asyncio.gather(*(one(s) for s in specs)) if n > 0}
+        if failed:
+            log.warning("no size prediction for %d model(s) whose files could not be listed; placement books them at the "
+                        "unknown-size default until their first load: %s%s", len(failed), "; ".join(failed[:3]),
+                        f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
+        return got
