@@ -34,9 +34,9 @@ def listed_bytes(src: Source) -> int:
     assert src.store is not None
     key = src.key.strip("/")
     if src.kind == "s3":
-        from meshserve_loader.pull_s3 import _objects, cached_client
+        from meshserve_loader.pull_s3 import cached_client, s3_objects
 
-        objects = _objects(cached_client(src.store), src.bucket, key)
+        objects = s3_objects(cached_client(src.store), src.bucket, key)
     elif src.kind == "gcs":
         from meshserve_loader.pull_gcs import gcs_client, gcs_objects
 
