@@ -99,14 +99,8 @@ def apply_serving_config(s: Settings, explicit: set[str]) -> list[str]:
     return out + [f"warning: {w}" for w in cfg.serving.warnings]
 
 
-def predictor(s: Settings):  # type: ignore[no-untyped-def]
-    """The loader's size prediction from stored files, for registration (sizes.py)."""
-    from meshserve_loader.predict import Predictor
-
-    return Predictor.from_settings(s)
-
-
 async def start_mesh(s: Settings, sup: Supervisor) -> None:
+    from meshserve_loader.predict import Predictor
     from meshserve_xds.bootstrap import XdsClientTls, gateway_bootstrap
 
     tls = XdsClientTls.from_settings(s)  # a half-configured MESHSERVE_XDS_TLS_* fails here, before anything starts
@@ -127,7 +121,8 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     sup.env.update(s.as_env())
     state = State.from_url(s.redis_url)
     try:
-        specs = await apply_path(state, s.config_dir, predict=predictor(s))
+        # Sizes predicted from the stored files, for placement to book before first loads (sizes.py).
+        specs = await apply_path(state, s.config_dir, predict=Predictor.from_settings(s))
     finally:
         await state.close()
     for spec in specs:

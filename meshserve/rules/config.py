@@ -169,10 +169,10 @@ async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = N
 
     cfg = read_config(list(paths), stdin)
     snap = await state.snapshot()
-    await predict_sizes(cfg.specs, snap.models, predict)
     rules, statuses, transitions = await store.read_all(state)
     owners = {spec["model"]: name for name, spec in rules.items()}
     validate_rules(cfg, set(snap.aliases) | set(snap.models), owners)
+    await predict_sizes(cfg.specs, snap.models, predict)  # only once all of it is valid
     loaded = {m: sum(1 for c in cs.values() if c.state == CopyState.LOADED) for m, cs in snap.placements.items()}
     now = time.time()
     ops, changes, notes = moves.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
