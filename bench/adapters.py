@@ -18,7 +18,7 @@ value, every fifth a classification head).
    alternately request by request.
 
     .venv/bin/python -m bench.adapters [--adapters 1000] [--requests 1000] [--cold 40] [--hops]
-    .venv/bin/python -m bench.adapters --quick      # small and bounded (tests/test_bench_adapters.py)
+    .venv/bin/python -m bench.adapters --quick      # small and bounded (e2e/test_bench_adapters.py)
 """
 
 from __future__ import annotations
@@ -156,12 +156,12 @@ def rss(pid: int) -> int:
     return 0
 
 
-def trace(m: devmesh.Mesh, names: list[str], sequence: list[str], warmup: int) -> dict[str, Any]:
+def trace(m: devmesh.Mesh, sequence: list[str], warmup: int) -> dict[str, Any]:
     """Send `sequence` one request at a time through the gateway; hits over the requests after
     `warmup` (a hit: the adapter was loaded on a pod when its request was sent)."""
     idof = ids(m)
-    hits = misses = 0
-    hit_ms, miss_ms = [], []
+    hit_ms: list[float] = []
+    miss_ms: list[float] = []
     since = time.time()
     for k, name in enumerate(sequence):
         if k == warmup:
@@ -170,11 +170,9 @@ def trace(m: devmesh.Mesh, names: list[str], sequence: list[str], warmup: int) -
         ms = embed(m.rest, name)
         if k < warmup:
             continue
-        if idof[name] in held:
-            hits, _ = hits + 1, hit_ms.append(ms)
-        else:
-            misses, _ = misses + 1, miss_ms.append(ms)
+        (hit_ms if idof[name] in held else miss_ms).append(ms)
     per_pod = resident(m)
+    hits, misses = len(hit_ms), len(miss_ms)
     return {
         "requests": len(sequence) - warmup, "warmup_requests": warmup, "distinct_adapters_asked": len(set(sequence[warmup:])),
         "hits": hits, "misses": misses, "hit_ratio": round(hits / max(1, hits + misses), 4),
@@ -199,7 +197,7 @@ def memory_and_hits(m: devmesh.Mesh, names: list[str], sequence: list[str], warm
     pids = runtime_pids(m)
     idle = [rss(p) for p in pids]
     t0 = time.monotonic()
-    out: dict[str, Any] = {"zipf": trace(m, names, sequence, warmup), "trace_seconds": round(time.monotonic() - t0, 1)}
+    out: dict[str, Any] = {"zipf": trace(m, sequence, warmup), "trace_seconds": round(time.monotonic() - t0, 1)}
     out["memory_after_trace"] = memory(m, pids, idle)
     if fill:  # every adapter asked for once: does the capacity hold them all?
         t0 = time.monotonic()
