@@ -146,4 +146,16 @@ def adopt(cluster: ClusterView, pod: str, held: dict[str, int], rates: dict[str,
         else:
             keep[m] = size
             free -= size
+    for m in sorted(keep):  # an adapter kept keeps its base there, or goes too (bases.py)
+        base = cluster.models[m].base
+        if not base or base in keep or (base in known and known[base].state in (CopyState.LOADED, CopyState.LOADING)):
+            continue
+        size = held.get(base, 0) or (cluster.models[base].size if base in cluster.models else 0)
+        if base in held and base in cluster.models and size <= free:
+            keep[base] = size
+            drop.pop(base, None)
+            free -= size
+        else:
+            free += keep.pop(m)
+            drop[m] = f"its base {base} is not kept on the pod"
     return Adoption(keep, drop)
