@@ -50,9 +50,11 @@ def workload(adapters: int = 1000, requests: int = 200_000, s: float = 1.0, seed
     return Workload(own.tolist(), trace.tolist(), 1000.0, requests // 2)
 
 
-def simulate(w: Workload, pods: int, per_pod: int, shared: bool) -> dict[str, Any]:
+def simulate(w: Workload, pods: int, per_pod: int, shared: bool, stated: bool = False) -> dict[str, Any]:
     """The live policy over `pods` pods of `per_pod` bytes. `shared`: adapters declare their
-    base; else each adapter is an ordinary model carrying the base's bytes."""
+    base; else each adapter is an ordinary model carrying the base's bytes. `stated`: each
+    adapter states its size (`meshserve.io/memory`), so its first load books that instead of
+    the unknown-size default (64 MiB, sizes.py)."""
     t0 = time.perf_counter()
     formats = ["sentence-transformers", "peft"]
     view = policy.ClusterView(pods={f"pod-{i}": policy.PodView(f"pod-{i}", per_pod, formats) for i in range(pods)}, models={})
@@ -78,7 +80,8 @@ def simulate(w: Workload, pods: int, per_pod: int, shared: bool) -> dict[str, An
         mv = view.models.get(m)
         if mv is None:
             # Booked as the leader books it: unknown until its first load reports (sizes.py).
-            mv = policy.ModelView(m, "peft", sizes.booked_size(0, reported.get(m, 0)), base=BASE if shared else "")
+            say = (w.sizes[mi] + (0 if shared else BASE_BYTES)) if stated else 0
+            mv = policy.ModelView(m, "peft", sizes.booked_size(say, reported.get(m, 0)), base=BASE if shared else "")
             view.set_model(mv)
         d = policy.place(mv, view, now)
         if d.pod is None:
@@ -105,8 +108,9 @@ def simulate(w: Workload, pods: int, per_pod: int, shared: bool) -> dict[str, An
     measured = len(w.trace) - w.warmup
     resident = resident_sum / max(1, samples)
     held = bytes_sum / max(1, samples)
+    name = "meshserve, base shared" if shared else "meshserve policy, base with each adapter"
     return {
-        "policy": "meshserve, base shared" if shared else "meshserve policy, base with each adapter",
+        "policy": name + (", sizes stated" if stated else ""),
         "hit_ratio": round(hits / measured, 4), "adapter_loads": loads, "base_loads": base_loads,
         "evictions": evictions, "rejected": rejected,
         "resident_adapters_mean": round(resident, 1), "bytes_held_mean": int(held),
@@ -127,12 +131,12 @@ def simulate_modelmesh(w: Workload, pods: int, per_pod: int) -> dict[str, Any]:
             "wall_seconds": round(r.seconds, 2)}
 
 
-def run(w: Workload, pods: int, per_pod: int) -> dict[str, Any]:
-    shared = simulate(w, pods, per_pod, True)
-    each = simulate(w, pods, per_pod, False)
+def run(w: Workload, pods: int, per_pod: int, stated: bool = False) -> dict[str, Any]:
+    shared = simulate(w, pods, per_pod, True, stated)
+    each = simulate(w, pods, per_pod, False, stated)
     mm = simulate_modelmesh(w, pods, per_pod)
     return {
-        "pod_bytes": per_pod, "results": [shared, each, mm],
+        "pod_bytes": per_pod, "sizes_stated": stated, "results": [shared, each, mm],
         "memory_ratio": round(each["bytes_per_resident_adapter"] / shared["bytes_per_resident_adapter"], 1)
         if shared["bytes_per_resident_adapter"] and each["bytes_per_resident_adapter"] else None,
         "hit_ratio_shared": shared["hit_ratio"], "hit_ratio_base_with_each": each["hit_ratio"], "hit_ratio_modelmesh": mm["hit_ratio"],
@@ -151,6 +155,9 @@ def main() -> None:
     # All of them fit in one pod when the base is shared (90 MB + 1,000 x ~150 KB); with the base
     # in every adapter, 1 GiB holds 11 of them per pod.
     rows = {f"{gib:g} GiB": run(w, args.pods, int(gib * (1 << 30))) for gib in (0.25, 1.0, 4.0)}
+    # Pods too small for the base plus an adapter booked at the unknown-size default (90 MB +
+    # 64 MiB): adapters that state their size, and fewer of them fit than there are.
+    rows["0.125 GiB, sizes stated"] = run(w, args.pods, 1 << 27, stated=True)
     for cap, r in rows.items():
         print(f"{cap} per pod: memory per resident adapter {r['memory_ratio']}x less with the base shared; hit ratio "
               f"{r['hit_ratio_shared']:.4f} shared, {r['hit_ratio_base_with_each']:.4f} base with each adapter, {r['hit_ratio_modelmesh']:.4f} ModelMesh-like")
