@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.placement_sim import Workload, simulate_pod_lru
+from bench.placement_sim import Workload, land, simulate_pod_lru
 from meshserve.model import Copy, CopyState
 from meshserve_placement import policy, sizes
 
@@ -87,8 +87,6 @@ def simulate(w: Workload, pods: int, per_pod: int, shared: bool, stated: bool = 
         if d.pod is None:
             rejected += measuring
             continue
-        for v in d.evict:
-            view.set_copies(v, {p: c for p, c in copies[v].items() if p != d.pod})
         if d.with_base:
             # The base's copy, loaded first (bases.waits_for_base): it reports the base's bytes.
             reported[BASE] = BASE_BYTES
@@ -99,9 +97,7 @@ def simulate(w: Workload, pods: int, per_pod: int, shared: bool, stated: bool = 
         # The adapter's load reports its own bytes when the base is resident (shared), or base
         # plus adapter when every adapter carries its own base.
         reported[m] = w.sizes[mi] + (0 if shared else BASE_BYTES)
-        mv = replace(mv, size=sizes.booked_size(0, reported[m]))
-        view.set_model(mv)
-        view.set_copies(m, {d.pod: Copy(CopyState.LOADED, mv.size, now)})
+        land(view, d, mv, reported[m], now)
         if measuring:
             loads += 1
             evictions += len(d.evict)
