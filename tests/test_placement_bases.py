@@ -57,17 +57,27 @@ def test_without_its_base_anywhere_an_adapter_goes_where_base_plus_adapter_fit()
     assert d.to_dict()["with_base"] is True and d.to_dict()["base"] == "base"
 
 
-def test_a_pod_that_cannot_load_the_base_is_refused_and_an_unloading_base_is_waited_for() -> None:
+def test_a_base_that_failed_here_or_is_being_unloaded_keeps_its_adapters_away() -> None:
     cv = cluster()
-    cv.pods["pod-0"].formats = ["peft"]  # its runtime would serve the adapter but not its base
-    cv.pods_changed()
+    cv.exclude("base", "pod-0", until=100.0)
     d = policy.place(cv.models["a1"], cv, now=10.0)
-    assert d.pod == "pod-1"
-    assert any(s.pod == "pod-0" and s.step == "base-loadable" and "would not load here" in s.result for s in d.trace)
+    assert d.pod == "pod-1" and d.with_base
+    assert any(s.pod == "pod-0" and s.step == "base-loadable" and "a load of its base base failed here" in s.result for s in d.trace)
     cv.set_copies("base", {"pod-1": Copy(CopyState.UNLOADING, 90 * MB, 0.0)})
     d = policy.place(cv.models["a1"], cv, now=10.0)
     assert d.pod is None and d.waits_for_room == ["pod-1"] and "being unloaded" in d.reason
     assert not policy.generic_refusal(d)
+
+
+def test_a_base_another_runtime_serves_is_not_placed_beside_the_adapter() -> None:
+    """An MLServer pool's adapter whose base the builtin runtime serves: the pool's MLModel
+    loads the base from the path the loader hands it; no copy of the base can go there."""
+    cv = cluster()
+    for p in cv.pods.values():
+        p.formats, p.runtime = ["peft"], "mlserver"
+    cv.pods_changed()
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.pod is not None and not d.with_base and d.evict == []
 
 
 def test_the_base_is_booked_once_per_pod_however_many_adapters() -> None:

@@ -88,7 +88,8 @@ class Decisions:
             # The adapter's base is booked on the pod once, as a copy of its own model, queued
             # just ahead of the adapter, whose order waits until it is LOADED (bases.py).
             bm = self.view.models[decision.base]
-            bc = {**self.view.copies.get(decision.base, {}), pod: Copy(CopyState.LOADING, bm.size, now, f"{QUEUED}; the base of {spec.id}")}
+            bc = {p: c for p, c in self.view.copies.get(decision.base, {}).items() if p != "-"}
+            bc[pod] = Copy(CopyState.LOADING, bm.size, now, f"{QUEUED}; the base of {spec.id}")
             self._set_copies(decision.base, bc, ops, changes)
             ops.append(cmd.enqueue(pod, decision.base, bases.base_priority(prio)))
             queued.insert(0, (decision.base, bases.base_priority(prio), carried))

@@ -86,13 +86,14 @@ def _base_loadable(p: PodView, ctx: Context) -> str:
     bm = ctx.base
     if bm is None:
         return f"its base {base} is not registered"
-    rt = ctx.cluster.serving_runtime(bm)
-    if p.runtime != rt or bm.format not in p.formats:
-        return f"its base {base} ({bm.format}) would not load here: its runtime is {rt or 'none'}, this pod runs {p.runtime or 'an unnamed runtime'}"
     until = ctx.cluster.excluded.get((base, p.id), 0.0) if ctx.cluster.excluded else 0.0
     if until > ctx.now:
         return f"a load of its base {base} failed here; excluded for {until - ctx.now:.0f}s more"
-    ctx.with_base.add(p.id)  # `fits` books base plus adapter; the decision loads the base first
+    if p.runtime == ctx.cluster.serving_runtime(bm) and bm.format in p.formats:
+        ctx.with_base.add(p.id)  # `fits` books base plus adapter; the decision loads the base first
+    # Else the base is served by another runtime than the adapter's (an MLServer pool whose
+    # MLModel loads the base from the path the loader hands it): no copy of the base can go
+    # here, and the adapter is booked as an ordinary model, at what its load reports.
     return ""
 
 
@@ -142,6 +143,6 @@ FILTERS: list[Filter] = [
     Filter("serves-model", "the pod runs the model's runtime (its `runtime:`, else the first by name that auto-selects its format), which declares the format", _runtime),
     Filter("not-holding", "the pod does not already hold or load this model", _not_holding),
     Filter("not-excluded", "no load of this model failed on the pod recently", _not_excluded),
-    Filter("base-loadable", "an adapter's pod holds its base or can load it there (the base's runtime and format, no recent failed load of the base, the base not being unloaded)", _base_loadable),
+    Filter("base-loadable", "an adapter's pod holds its base or can load it (no recent failed load of the base there, the base not being unloaded there); where the base's runtime runs, a copy of the base is booked and loaded with the adapter", _base_loadable),
     Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU; a base only after all of its adapters there, never the adapter's own base) and, as a last resort, the cheapest busy ones (never pinned or minCopies), cover the model, and its base when the pod does not hold it (when only loading, unloading or just-loaded copies are in the way, the decision is to wait for them)", _fits),
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from meshserve.model import CopyState
 from meshserve_placement.filters import _EMPTY, Context
 from meshserve_placement.view import PodView
 
@@ -41,7 +42,10 @@ def _holds_base(p: PodView, ctx: Context) -> float:
     # a copy of the base too. Weighted to beat free space, models and loads together, but not
     # a pod that needs no eviction over one that does: a second copy of the base in idle memory
     # is better than evicting for the adapter.
-    return 1.0 if ctx.model.base and p.id not in ctx.with_base else 0.0
+    if not ctx.model.base:
+        return 0.0
+    c = ctx.ix.get(p.id, _EMPTY).models.get(ctx.model.base)
+    return 1.0 if c is not None and c.state in (CopyState.LOADED, CopyState.LOADING) else 0.0
 
 
 def _fewest_models(p: PodView, ctx: Context) -> float:
