@@ -153,7 +153,9 @@ def test_an_adapters_load_order_waits_for_its_base_on_that_pod() -> None:
     assert bases.waits_for_base(cv, "a1", "pod-0")
     cv.set_copies("base", loaded(90 * MB, "pod-0"))
     assert plan_dispatch(cv, "pod-0", {"a1": 1.0}, specs, 0.0).send == ["a1"]  # type: ignore[arg-type]
-    cv.set_copies("base", {})  # a base copy that failed or went does not hold the adapter forever
+    cv.set_copies("base", {"pod-0": Copy(CopyState.FAILED, 0, 0.0)})  # the leader fails a1 here next
+    assert bases.waits_for_base(cv, "a1", "pod-0")
+    cv.set_copies("base", {})  # a base copy that went does not hold the adapter forever
     assert not bases.waits_for_base(cv, "a1", "pod-0")
 
 

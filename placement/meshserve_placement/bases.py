@@ -38,13 +38,15 @@ def resolve_base(name: str, aliases: Mapping[str, str], models: Mapping[str, obj
 def waits_for_base(view: ClusterView, model: str, pod: str) -> bool:
     """The adapter `model`'s load on `pod` waits: its base's copy there is still loading. Once
     the base is LOADED the adapter's order goes and the runtime shares the resident base. A
-    base copy that failed or went meanwhile does not hold the adapter up: the runtime then loads
-    the base itself with the adapter and reports both (the old, conservative booking)."""
+    base copy that failed holds it too: the leader fails the adapters queued behind it in the
+    same handler (events.py), and none may be sent meanwhile. A base copy gone for another
+    reason does not hold the adapter up: the runtime then loads the base itself with the
+    adapter and reports both (the old, conservative booking)."""
     mv = view.models.get(model)
     if mv is None or not mv.base:
         return False
     c = view.copies.get(mv.base, {}).get(pod)
-    return c is not None and c.state == CopyState.LOADING
+    return c is not None and c.state in (CopyState.LOADING, CopyState.FAILED)
 
 
 def base_priority(prio: float) -> float:
