@@ -89,7 +89,9 @@ class Reload:
         if not raw_spec:
             return self.specs.get(model_id)
         spec = ModelSpec.from_json(raw_spec)
-        if spec.base:  # an adapter: its base's current model, and its spec when new here
+        if spec.base and self.aliases.get(spec.base) not in self.specs:
+            # An adapter whose base is new to the leader: its current model and spec. Known
+            # bases are kept current by _refresh_specs, so the cold path has no round trip more.
             for b in await self._refresh_bases([spec.base]):
                 self._apply_spec(b)
         self._apply_spec(spec)
@@ -151,7 +153,8 @@ class Reload:
             specs = [ModelSpec.from_json(v) for v in await self.state.r.hmget(k.MODELS, order) if v]
         else:
             return
-        named = [s.base for s in specs if s.base]
+        # Bases named by changed adapters, and known bases with a changed model (a new version).
+        named = [s.base for s in specs if s.base] + [s.alias for s in specs if s.alias in self.aliases]
         if named:
             ids = {s.id for s in specs}
             specs = [b for b in await self._refresh_bases(named) if b.id not in ids] + specs  # bases first
