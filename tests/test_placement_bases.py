@@ -174,3 +174,13 @@ def test_a_base_is_named_by_its_inference_service_name() -> None:
     assert bases.resolve_base("minilm", {"minilm": "minilm__isvc-1"}, {}) == "minilm__isvc-1"
     assert bases.resolve_base("m__isvc-2", {}, {"m__isvc-2": object()}) == "m__isvc-2"
     assert bases.resolve_base("gone", {}, {}) == "" and bases.resolve_base("", {}, {}) == ""
+
+
+def test_a_pod_registering_again_keeps_an_adapter_only_with_its_base() -> None:
+    cv = cluster(base=loaded(90 * MB, "pod-1"))  # re-placed on pod-1 while pod-0 was away
+    cv.touch("a1", 5.0)
+    kept = cp.adopt(cv, "pod-0", {"base": 90 * MB, "a1": 1 * MB}, {}, Tuning())
+    assert kept.keep == {"a1": 1 * MB, "base": 90 * MB} and kept.drop == {}
+    small = cluster(capacity=50 * MB, base=loaded(90 * MB, "pod-1"))  # no room for the base here: the adapter goes too
+    kept = cp.adopt(small, "pod-0", {"base": 90 * MB, "a1": 1 * MB}, {}, Tuning())
+    assert kept.keep == {} and set(kept.drop) == {"a1", "base"}
