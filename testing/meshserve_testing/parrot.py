@@ -3,7 +3,7 @@ deterministic, so tests can check what the runtime does with its pieces (max_tok
 streaming). Loaded by the built-in runtime's `custom` format as
 `meshserve_testing.parrot.Parrot`.
 
-`complete(prompt)` yields "echo:" then the prompt's words one by one, then "la" forever (so
+`complete(prompt)` yields "echo:" (or model-settings `parameters.extra.greeting`) then the prompt's words one by one, then "la" forever (so
 only max_tokens ends it when the prompt has no stop string); with a seed it first yields
 "#<seed>". `chat(messages)` does the same with the last user message. A prompt holding
 "BOOM" raises after two pieces (a model failing mid-stream). `delay` (model-settings
@@ -20,6 +20,7 @@ class Parrot:
     def __init__(self, settings: dict[str, Any]):
         extra = (settings.get("parameters") or {}).get("extra") or {}
         self.delay = float(extra.get("delay") or 0)
+        self.greeting = str(extra.get("greeting") or "echo:")
 
     def load(self) -> bool:
         return True
@@ -27,7 +28,7 @@ class Parrot:
     def complete(self, prompt: str, seed: int | None = None, **_: Any) -> Iterator[str]:
         if seed is not None:
             yield f"#{seed} "
-        for i, w in enumerate(["echo:", *prompt.split()]):
+        for i, w in enumerate([self.greeting, *prompt.split()]):
             if i == 2 and "BOOM" in prompt:
                 raise RuntimeError("the parrot choked")
             time.sleep(self.delay)

@@ -73,7 +73,8 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     )
     # /v1/ (OpenAI): the body's `model`, which the listener's filters put in x-ms-model, looked
     # up like a name; a cold or unknown one, or none (GET /v1/models), goes to the activator.
-    prefix[OPENAI_PREFIX] = matcher_pb2.Matcher.OnMatch(matcher=header_tree(KEY_HEADER, "exact_match_map", openai_, fallback))
+    if openai_:
+        prefix[OPENAI_PREFIX] = matcher_pb2.Matcher.OnMatch(matcher=header_tree(KEY_HEADER, "exact_match_map", openai_, fallback))
     matcher = header_tree(":path", "exact_match_map", exact, matcher_pb2.Matcher.OnMatch(matcher=header_tree(":path", "prefix_match_map", prefix, fallback)))
     vh = rc.VirtualHost(name="models", domains=["*"], matcher=matcher)
     return route_pb2.RouteConfiguration(name=REST, virtual_hosts=[vh])
