@@ -68,12 +68,13 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.S
     try:
         async for data in upstream.content.iter_any():
             await resp.write(data)
+        await resp.write_eof()
+    except ConnectionResetError:  # the client left (it may close as soon as it read [DONE])
+        pass
     except aiohttp.ClientError as e:
         log.warning("stream from the pod broke: %s", e)
         if request.transport is not None:  # cut the client's too, rather than end it cleanly
             request.transport.close()
-        return resp
-    await resp.write_eof()
     return resp
 
 

@@ -250,6 +250,8 @@ async def stream(request: web.Request, rt: Any, name: str, asked: str, req: text
                 await resp.write(sse(textgen.chunk(rid, asked, req.chat, created, [], textgen.usage(prompt, choices))))
         await resp.write(sse(b"[DONE]"))
         await resp.write_eof()
+    except ConnectionResetError:  # the client left: nobody to tell
+        pass
     finally:
         cancelled.set()  # the client left (or we are done): the model stops at its next piece
     return resp

@@ -219,7 +219,7 @@ def run_choice(fn: Callable[..., Any], arg: Any, req: GenRequest, index: int, em
     if "seed" in params and req.n > 1:
         params["seed"] = int(params["seed"]) + index % req.n
     it: Iterator[str] = iter(pieces(fn(arg, **_accepted(fn, params))))
-    scan, choice, parts = StopScanner(req.stop), Choice(index), []
+    scan, choice, parts, stopped = StopScanner(req.stop), Choice(index), [], False
     try:
         for piece in it:
             if cancelled.is_set():
@@ -237,7 +237,7 @@ def run_choice(fn: Callable[..., Any], arg: Any, req: GenRequest, index: int, em
             if choice.tokens >= req.max_tokens:
                 choice.finish_reason = "length"
                 break
-        else:
+        if not stopped:  # ended without a stop string: what was held back is text after all
             rest = scan.flush()
             if rest:
                 parts.append(rest)
