@@ -59,6 +59,14 @@ def _listing(models: dict[bytes, bytes], aliases: dict[bytes, bytes]) -> list[di
     return out
 
 
+def _openai_error(body: bytes) -> bool:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("error"), dict)
+
+
 async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     """A streamed answer (server-sent events) passed on chunk by chunk as the pod sends it, not
     read whole first: the client sees the first token of a cold request as soon as the pod
@@ -129,6 +137,12 @@ def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -
                     if r.status == 200 and r.content_type == EVENT_STREAM:
                         return r.status, await relay(request, r)
                     out = await r.read()
+                    if r.status == 404 and not _openai_error(out):
+                        # Not the runtime saying the model is gone (that is OpenAI's error JSON,
+                        # and the copy is waited for again): a runtime with no /v1 endpoints,
+                        # such as MLServer. Said plainly, and not retried.
+                        return 400, error(400, f"The model '{name}' is served by a runtime that has no {request.path} endpoint "
+                                               "(the built-in runtime has; MLServer has not)", param="model", code="unsupported_endpoint")
                     return r.status, web.Response(status=r.status, body=out, content_type=r.content_type or "application/json")
             except aiohttp.ClientError as e:
                 log.warning("forwarding %s to %s failed: %s", model_id, pod.id, e)
