@@ -96,6 +96,7 @@ def test_generation_through_the_gateway(tmp_path: Path, layout: str) -> None:
             assert text == "echo: warm la la la la " and times[-1] - times[0] > 3 * DELAY, times
             assert _activator_hits(m) == hits, "warm /v1 requests went through the activator"
 
+            assert {"parrot", "parrot-b"} <= {x.id for x in client.models.list()}  # GET /v1/models: the activator's
             with pytest.raises(openai.BadRequestError) as e:
                 client.completions.create(model="parrot", prompt="x", max_tokens=-1)
             assert e.value.body["param"] == "max_tokens"

@@ -23,6 +23,7 @@ import numpy as np
 
 from meshserve.extras import needs
 from meshserve_loader.builtin.codec import CodecError, InferRequest
+from meshserve_loader.builtin.textgen import v2_predict
 
 
 class ModelLoadError(RuntimeError):
@@ -271,7 +272,6 @@ class UserModel:
 
     def predict(self, req: InferRequest) -> dict[str, np.ndarray]:
         if not callable(getattr(self.obj, "predict", None)):  # a class that only generates (textgen.py)
-            from meshserve_loader.builtin.textgen import v2_predict
             return v2_predict(self.obj, req)
         out = _run_maybe_async(self.obj.predict({t.name: t.array for t in req.inputs}))
         if not isinstance(out, dict):
