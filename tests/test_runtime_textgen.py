@@ -118,3 +118,29 @@ def test_runtime_generates_plain_and_streamed(tmp_path: Path) -> None:
         rt.close()
 
     asyncio.run(go())
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_model(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from meshserve_loader.builtin.http_api import build_rest_app
+
+    (tmp_path / "model-settings.json").write_text(json.dumps({"implementation": PARROT, "parameters": {"extra": {"delay": 0.01}}}))
+
+    async def go() -> None:
+        rt = Runtime()
+        await rt.load("parrot", "custom", str(tmp_path), {})
+        async with TestClient(TestServer(build_rest_app(rt))) as c:
+            # 100,000 pieces at 10 ms each would hold an inference thread for 17 minutes.
+            r = await c.post("/v1/completions", json={"model": "parrot", "prompt": "x", "max_tokens": 100_000, "stream": True})
+            await r.content.readuntil(b"\n\n")
+            await r.content.readuntil(b"\n\n")
+            r.close()
+            for _ in range(100):  # the run ends (and is counted) once the model saw it was cancelled
+                if rt.models["parrot"].requests:
+                    break
+                await asyncio.sleep(0.05)
+            assert rt.models["parrot"].requests == 1, "the model kept generating for a client that left"
+        rt.close()
+
+    asyncio.run(go())

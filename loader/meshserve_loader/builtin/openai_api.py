@@ -29,6 +29,7 @@ from meshserve.headers import MODEL_ID_HEADER
 from meshserve_loader.builtin import textgen
 
 MAX_INPUTS = 2048  # OpenAI's own limit on the number of inputs per request
+STREAM_AHEAD = 64  # pieces a streaming model may run ahead of the client
 
 
 class OpenAIError(Exception):
@@ -217,7 +218,14 @@ async def stream(request: web.Request, rt: Any, name: str, asked: str, req: text
     cancelled = threading.Event()
     created = int(time.time())
 
+    # Back-pressure: the model runs at most STREAM_AHEAD pieces ahead of what the client took,
+    # so a client that reads slowly (or stalls) does not make the queue grow without bound.
+    ahead = threading.Semaphore(STREAM_AHEAD)
+
     def emit(index: int, text: str) -> None:
+        while not ahead.acquire(timeout=0.5):
+            if cancelled.is_set():
+                return  # nobody reads any more; the model stops at its next piece
         loop.call_soon_threadsafe(q.put_nowait, (index, text))
 
     def work(e: Any) -> tuple[list[textgen.Choice], int]:
@@ -237,6 +245,7 @@ async def stream(request: web.Request, rt: Any, name: str, asked: str, req: text
                 await resp.write(sse(textgen.chunk(rid, asked, True, created, [textgen.delta(True, i, "", role=True)])))
         while (item := await q.get()) is not None:
             await resp.write(sse(textgen.chunk(rid, asked, req.chat, created, [textgen.delta(req.chat, item[0], item[1])])))
+            ahead.release()
         try:
             choices, prompt = await task
         except Exception as e:  # noqa: BLE001 - the status line is gone: the error goes in the stream
