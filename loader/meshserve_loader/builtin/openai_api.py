@@ -30,6 +30,7 @@ from meshserve_loader.builtin import textgen
 
 MAX_INPUTS = 2048  # OpenAI's own limit on the number of inputs per request
 STREAM_AHEAD = 64  # pieces a streaming model may run ahead of the client
+SERVED = web.RequestKey("served_model", str)  # the model a /v1 request was for, for its counter
 
 
 class OpenAIError(Exception):
@@ -108,9 +109,9 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
 
     def openai_handler(fn: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """Errors in OpenAI's shape and the per-model request counter, for every /v1 POST. The
-        handler names the model it served in request["model"]."""
+        handler names the model it served in request[SERVED]."""
         async def handler(request: web.Request) -> web.StreamResponse:
-            request["model"], code = request.headers.get(MODEL_ID_HEADER, ""), "200"
+            request[SERVED], code = request.headers.get(MODEL_ID_HEADER, ""), "200"
             try:
                 return await fn(request)
             except OpenAIError as e:
@@ -118,20 +119,20 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
                 return e.response()
             except ModelNotFound:  # unloaded between the look and the run
                 code = "404"
-                return not_found(request["model"]).response()
+                return not_found(request[SERVED]).response()
             except Exception as e:  # a model's own bug must not take the runtime down
                 code = "500"
-                return error_response(500, f"model '{request['model']}' failed: {type(e).__name__}: {e}", "server_error")
+                return error_response(500, f"model '{request[SERVED]}' failed: {type(e).__name__}: {e}", "server_error")
             finally:
-                if request["model"]:
-                    rt.m_requests.labels(request["model"], code).inc()
+                if request[SERVED]:
+                    rt.m_requests.labels(request[SERVED], code).inc()
 
         return handler
 
     def lookup(request: web.Request, body: dict[str, Any]) -> tuple[str, str, Any]:
         """(the name asked for, the model id served, its table entry)."""
         asked = body_model(body)
-        request["model"] = name = request["model"] or asked
+        request[SERVED] = name = request[SERVED] or asked
         try:
             return asked, name, rt.get(name)
         except ModelNotFound:
