@@ -19,9 +19,9 @@ from __future__ import annotations
 from google.protobuf import wrappers_pb2
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import extension_pb2 as ext_core
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
-from envoy.config.core.v3 import extension_pb2 as ext_core
 from meshserve_xds import openai
 from meshserve_xds.openai import J2M_NAMESPACE
 from meshserve_xds.pb import pack_any
