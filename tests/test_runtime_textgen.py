@@ -144,3 +144,20 @@ def test_a_client_that_leaves_mid_stream_stops_the_model(tmp_path: Path) -> None
         rt.close()
 
     asyncio.run(go())
+
+
+def test_async_classes_generate_too() -> None:
+    """MLServer users write async code: `async def complete` and async generators both serve."""
+
+    class Async:
+        async def complete(self, prompt: str, **_: Any) -> str:
+            return "one two three"
+
+        async def chat(self, messages: list, **_: Any):  # type: ignore[no-untyped-def]
+            for w in ("a ", "b ", "c "):
+                yield w
+
+    choices, _ = textgen.generate(Async(), textgen.parse({"prompt": "x", "max_tokens": 2}, chat=False))
+    assert choices[0].text == "one two " and choices[0].finish_reason == "length"
+    choices, _ = textgen.generate(Async(), textgen.parse({"messages": [{"role": "user", "content": "x"}], "stop": "c"}, chat=True))
+    assert choices[0].text == "a b " and choices[0].finish_reason == "stop"

@@ -6,7 +6,7 @@ No built-in format generates text. A user's model class does, MLServer style (th
 format), with either or both of:
 
 - `complete(prompt: str, **params)` -> str, or an iterable of str (one token each, streamed as
-  they come);
+  they come); either may be async (a coroutine, an async generator);
 - `chat(messages: list[dict], **params)` -> the same. A class with only `complete` serves chat
   too: the messages are rendered as "role: content" lines ending in "assistant:".
 
@@ -23,6 +23,7 @@ words). The same class serves v2 infer: a BYTES input of prompts, a BYTES `text`
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import threading
@@ -172,8 +173,27 @@ def _accepted(fn: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in sig.parameters}
 
 
+def _sync(agen: Any) -> Iterator[str]:
+    """An async generator's items, on an event loop of this (inference) thread's own."""
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
+
+
 def pieces(out: Any) -> Iterable[str]:
-    """A model's answer as tokens: an iterable's items, or a str's words (spacing kept)."""
+    """A model's answer as tokens: an iterable's items (an async one's too), or a str's words
+    (spacing kept). An awaitable is awaited first (`async def complete`)."""
+    if inspect.isawaitable(out):
+        out = asyncio.run(out)  # inference threads have no event loop of their own
+    if hasattr(out, "__anext__"):
+        return _sync(out)
     if isinstance(out, str):
         return _WORD.findall(out) or ([out] if out else [])
     if isinstance(out, (bytes, bytearray)) or not isinstance(out, Iterable):
