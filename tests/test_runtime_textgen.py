@@ -33,7 +33,9 @@ def test_bad_parameters_name_the_param() -> None:
     for body, chat, param in [({"prompt": 3}, False, "prompt"), ({"prompt": "x", "max_tokens": 0}, False, "max_tokens"),
                               ({"prompt": "x", "n": 0}, False, "n"), ({"prompt": "x", "stop": ["a"] * 5}, False, "stop"),
                               ({"prompt": "x", "temperature": 3}, False, "temperature"), ({"prompt": "x", "stream": "yes"}, False, "stream"),
-                              ({"prompt": "x", "logprobs": 2}, False, "logprobs"), ({"messages": []}, True, "messages"),
+                              ({"prompt": "x", "logprobs": 2}, False, "logprobs"), ({"prompt": "x", "logprobs": 1}, False, "logprobs"),
+                              ({"prompt": "x", "logprobs": 0}, False, "logprobs"), ({"prompt": "x", "echo": True}, False, "echo"),
+                              ({"prompt": "x", "best_of": 3}, False, "best_of"), ({"messages": []}, True, "messages"),
                               ({"messages": [{"role": "robot", "content": "x"}]}, True, "messages[0].role"),
                               ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, True, "stream_options")]:
         try:
@@ -42,6 +44,8 @@ def test_bad_parameters_name_the_param() -> None:
             assert e.param == param, (body, e)
         else:
             raise AssertionError(f"{body} was accepted")
+    # What asks for nothing is accepted, as the openai client may send it.
+    textgen.parse({"prompt": "x", "logprobs": None, "echo": False, "best_of": 1, "suffix": None, "top_logprobs": 0}, False)
 
 
 def _events(raw: bytes) -> list[Any]:

@@ -82,6 +82,11 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int
     return v
 
 
+def _same_as_any(v: Any, values: tuple[Any, ...]) -> bool:
+    """`v in values`, types included: in Python 0 == False, and logprobs 0 asks for something."""
+    return any(type(v) is type(x) and v == x for x in values)
+
+
 def parse(body: dict[str, Any], chat: bool) -> GenRequest:
     """The request's generation fields, checked as OpenAI checks them (GenError: a 400)."""
     if chat:
@@ -119,9 +124,11 @@ def parse(body: dict[str, Any], chat: bool) -> GenRequest:
     opts = body.get("stream_options")
     if opts is not None and (not stream or not isinstance(opts, dict)):
         raise GenError("'stream_options' is allowed only with stream: true, as an object", "stream_options")
-    if body.get("logprobs") or body.get("top_logprobs") or body.get("echo") or (body.get("best_of") or 1) != 1 or body.get("suffix"):
-        bad = next(k for k in ("logprobs", "top_logprobs", "echo", "best_of", "suffix") if body.get(k) not in (None, False, 1, 0, ""))
-        raise GenError(f"'{bad}' is not supported by this runtime", bad)
+    # What this runtime does not do, each with the values that ask for nothing.
+    refused = [k for k, nothing in (("logprobs", (None, False)), ("top_logprobs", (None, 0)), ("echo", (None, False)),
+                                    ("best_of", (None, 1)), ("suffix", (None, ""))) if not _same_as_any(body.get(k), nothing)]
+    if refused:
+        raise GenError(f"'{refused[0]}' is not supported by this runtime", refused[0])
     params = {k: body[k] for k in PARAMS if body.get(k) is not None}
     params["max_tokens"] = max_tokens
     return GenRequest(chat, inputs, n, max_tokens, stops, stream, bool((opts or {}).get("include_usage")), params)
