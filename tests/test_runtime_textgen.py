@@ -165,3 +165,14 @@ def test_async_classes_generate_too() -> None:
     assert choices[0].text == "one two " and choices[0].finish_reason == "length"
     choices, _ = textgen.generate(Async(), textgen.parse({"messages": [{"role": "user", "content": "x"}], "stop": "c"}, chat=True))
     assert choices[0].text == "a b " and choices[0].finish_reason == "stop"
+
+
+def test_a_class_that_only_completes_serves_chat_with_the_messages_as_a_prompt() -> None:
+    class Plain:  # takes no sampling parameters at all
+        def complete(self, prompt: str) -> str:
+            return prompt.replace("\n", " | ")
+
+    req = textgen.parse({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                         "temperature": 0.5, "max_tokens": 50}, chat=True)
+    choices, prompt = textgen.generate(Plain(), req)
+    assert choices[0].text == "system: be brief | user: hi | assistant:" and prompt == 3

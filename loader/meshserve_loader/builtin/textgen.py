@@ -161,7 +161,7 @@ def generator(model: Any, chat: bool) -> Callable[..., Any] | None:
         if fn is not None:
             return fn
         complete = _method(model, "complete")
-        return (lambda messages, **p: complete(render_chat(messages), **p)) if complete else None
+        return (lambda messages, **p: complete(render_chat(messages), **_accepted(complete, p))) if complete else None
     return _method(model, "complete")
 
 
