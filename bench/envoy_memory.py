@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from bench.xds_routing import Client, model_id
-from meshserve_testing.xds_harness import AdsThread, Upstream, envoy
+from meshserve_testing.devmesh import stop, wait_until
+from meshserve_testing.xds_harness import AdsThread, Envoy, Upstream, envoy_binary
 from meshserve_xds import resources as r
 from meshserve_xds import scoped
 from meshserve_xds.bootstrap import gateway_bootstrap
@@ -144,7 +148,10 @@ VARIANTS: dict[str, Callable[[r.RoutingState, r.ListenerConfig], r.Resources]] =
     "rc_one_route": _with_model_routes(_one_route),
 }
 # Variants that change only the bootstrap: name -> (builder, bootstrap edit on the JSON dict).
-BOOT: dict[str, Callable[[dict[str, Any]], None]] = {}
+BOOT: dict[str, Callable[[dict[str, Any]], None]] = {
+    "release": lambda b: b.update(memoryAllocatorManager={"bytesToRelease": str(64 << 20), "memoryReleaseInterval": "1s"}),
+}
+VARIANTS_BOOT = {"release": "prod"}
 
 
 def _memory(gw: Any) -> dict[str, float]:
@@ -168,8 +175,31 @@ def _settle_rss(gw: Any, quiet_s: float = 3.0, most_s: float = 60.0) -> float:
     return last
 
 
+@contextmanager
+def _envoy(bootstrap_json: str, timeout: float) -> Iterator[Envoy]:
+    """The harness's Envoy, given `timeout` to come up: at 10^5 models it is not LIVE until the
+    initial scopes and RouteConfigurations are in, which takes longer than the harness's 60 s
+    on a loaded machine."""
+    with tempfile.TemporaryDirectory(prefix="ms-envoy-") as tmp:
+        boot, logp, addr = Path(tmp) / "bootstrap.json", Path(tmp) / "envoy.log", Path(tmp) / "admin-address"
+        boot.write_text(bootstrap_json)
+        with open(logp, "wb") as logf:
+            proc = subprocess.Popen([envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warn",
+                                     "--concurrency", "1", "--admin-address-path", str(addr)], stdout=logf, stderr=subprocess.STDOUT)
+            e = Envoy(proc, 0, logp)
+            try:
+                got = wait_until(lambda: proc.poll() is not None or (addr.exists() and addr.read_text().strip()), 60, "envoy admin address")
+                if proc.poll() is not None:
+                    raise RuntimeError(e.log()[-3000:])
+                e.admin_port = int(str(got).rsplit(":", 1)[1])
+                wait_until(lambda: proc.poll() is not None or e.get("/ready", timeout=5).strip() == "LIVE", timeout, "envoy ready")
+                yield e
+            finally:
+                stop(proc)
+
+
 def run(variant: str, n: int, timeout: float) -> dict[str, Any]:
-    build = VARIANTS[variant]
+    build = VARIANTS[VARIANTS_BOOT.get(variant, variant)]
     out: dict[str, Any] = {"variant": variant, "models": n}
     ups = [Upstream(f"pod-{k}") for k in range(PODS)]
     act = Upstream("activator")
@@ -199,7 +229,7 @@ def run(variant: str, n: int, timeout: float) -> dict[str, Any]:
         if variant in BOOT:  # noqa: SIM102
             BOOT[variant](boot)
         t0 = time.monotonic()
-        with envoy(json.dumps(boot), 0, concurrency=1) as gw:
+        with _envoy(json.dumps(boot), timeout) as gw:
             cl = Client(port)
             cold = variant == "scopes_only"
             checks = [(0, f"m0"), (n - 1, f"m{n - 1}"), (n - 1, model_id(n - 1)), (n // 2, f"m{n // 2}")]
