@@ -22,7 +22,7 @@ from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, c
 # the gateway's memory nearer what its config needs (docs/design/routing.md, "Memory"). Only
 # RDS: Envoy's listener waits for every RouteConfiguration its scopes name, so a gateway is
 # not ready before the last batch, whereas scopes count as received with the first one.
-MAX_RESOURCES = 2_000
+MAX_RESOURCES = 5_000
 BATCHED = {ROUTE_TYPE}
 PARTIAL_SUFFIX = "+partial"  # version of a response that left resources for the next one
 
@@ -77,7 +77,7 @@ class DeltaType(TypeStatus):
     resumed: bool = False  # the client said what it holds on its first request
     synced_seq: int | None = None  # the type's change-log position this stream has diffed up to
     held_back: set[str] = field(default_factory=set)  # clusters only: removals waiting for routes
-    backlog: set[str] = field(default_factory=set)  # due but left for the next batch (MAX_RESOURCES)
+    backlog: list[str] = field(default_factory=list)  # due but left for the next batches (MAX_RESOURCES)
 
 
 class DeltaStream(Stream[DeltaType]):
@@ -142,12 +142,14 @@ class DeltaStream(Stream[DeltaType]):
                 continue  # the next batch goes once the gateway has taken this one
             if type_url in ROUTE_TYPES and not self.clusters_settled():
                 continue  # routes may name new clusters: wait until those are warm
-            d = diff(snap, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered | ts.held_back | ts.backlog)
+            # Only the next batch of the backlog is looked at: a batch costs its own size.
+            later = ts.backlog[MAX_RESOURCES:]
+            d = diff(snap, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered | ts.held_back | set(ts.backlog[:MAX_RESOURCES]))
             ts.synced_seq = d.seq
             ts.unanswered = set()
             ts.answered_once = True
             if type_url in BATCHED:
-                ts.backlog = {n for n, _, _ in d.updated[MAX_RESOURCES:]}
+                ts.backlog = list(dict.fromkeys([n for n, _, _ in d.updated[MAX_RESOURCES:]] + later))
                 del d.updated[MAX_RESOURCES:]
             if snap is not None:
                 # Until the last batch the gateway does not hold this version: not "in sync",
