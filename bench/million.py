@@ -148,13 +148,13 @@ def _settled(pid: int, quiet_s: float = 3.0, most_s: float = 60.0) -> float:
 async def full_build(url: str) -> dict[str, float]:
     """The production source's resync in this process: read and parse, then build and pack."""
     from meshserve_xds.cache import SnapshotCache
-    from meshserve_xds.source import RedisSource
+    from meshserve_xds.source import RedisSource, read_snapshot
 
     state = State.from_url(url)
     try:
         src = RedisSource(Settings(redis_url=url), state, SnapshotCache())
         t0 = time.perf_counter()
-        snap = await state.snapshot()
+        snap = await read_snapshot(state)  # what a resync reads
         t1 = time.perf_counter()
         src.snap = snap
         gc.collect()
