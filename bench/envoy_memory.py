@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from bench import xds_routing
 from bench.xds_routing import Client, model_id
 from meshserve_testing.devmesh import stop, wait_until
 from meshserve_testing.xds_harness import AdsThread, Envoy, Upstream, envoy_binary
@@ -39,14 +40,10 @@ PODS = 4
 
 
 def routing_state(n: int, pods: dict[str, r.Endpoint], activator: r.Endpoint) -> r.RoutingState:
-    names = sorted(pods)
-    return r.RoutingState(
-        pods=pods,
-        loaded={model_id(i): [names[i % len(names)]] for i in range(n)},
-        aliases={f"m{i}": model_id(i) for i in range(n)},
-        registered={model_id(i) for i in range(n)},
-        activator=activator,
-    )
+    """xds_routing's: n models loaded, an alias each; every one registered."""
+    st = xds_routing.routing_state(n, pods, activator)
+    st.registered = set(st.loaded)
+    return st
 
 
 def prod(state: r.RoutingState, lc: r.ListenerConfig) -> r.Resources:
@@ -129,7 +126,7 @@ def shared(state: r.RoutingState, lc: r.ListenerConfig) -> r.Resources:
             pod = state.loaded[sc.route_configuration_name[6:]][0]
             sc.route_configuration_name = f"pod/{pod}"
             if sc.route_configuration_name not in routes:
-                rc = sr.model_routes(state, sc.route_configuration_name[6:] if False else next(m for m, p in state.loaded.items() if p == [pod]))
+                rc = sr.model_routes(state, next(m for m, p in state.loaded.items() if p == [pod]))
                 rc.name = sc.route_configuration_name
                 routes[rc.name] = rc
     return res
@@ -226,7 +223,7 @@ def run(variant: str, n: int, timeout: float) -> dict[str, Any]:
         counts = {t.rsplit(".", 1)[1]: len(ts.resources) for t, ts in ads.cache.group(GATEWAY_GROUP).types.items()}  # type: ignore[union-attr]
         out["resources"] = counts
         boot = json.loads(gateway_bootstrap("bench-mem", "127.0.0.1", ads.port, 0, delta=True))
-        if variant in BOOT:  # noqa: SIM102
+        if variant in BOOT:
             BOOT[variant](boot)
         t0 = time.monotonic()
         with _envoy(json.dumps(boot), timeout) as gw:
