@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from prometheus_client import Histogram
 
 from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadOrder
+from meshserve_placement.bases import waits_for_base
 from meshserve_placement.types import Changes, Ops
 from meshserve_placement.view import ClusterView
 
@@ -58,6 +59,8 @@ def plan_dispatch(view: ClusterView, pod: str, queue: Mapping[str, float], specs
         if c is None or c.state != CopyState.LOADING or model not in specs:
             out.drop.append(model)
             continue
+        if waits_for_base(view, model, pod):
+            continue  # an adapter: its base's copy here loads first (bases.py)
         if slots <= 0 or held + c.size > capacity:
             break  # in priority order: wait for a slot, or for the evictions' unloads to finish
         slots -= 1
@@ -68,15 +71,15 @@ def plan_dispatch(view: ClusterView, pod: str, queue: Mapping[str, float], specs
 
 class Dispatch:
     async def _dispatch(self, pod: str, ops: Ops | None = None, changes: Changes | None = None,
-                        queued: tuple[str, float, dict[str, str]] | None = None) -> None:
+                        queued: Sequence[tuple[str, float, dict[str, str]]] = ()) -> None:
         """Send queued loads to the pod while it has free loading slots, waiting requests first.
         `ops` and `changes` (a decision not committed yet) are committed with the orders;
-        `queued` is that decision's load (model, priority, trace context), queued with them.
-        The in-memory queue follows only once the commit is in."""
+        `queued` are that decision's loads (model, priority, trace context: an adapter's base
+        and the adapter), queued with them. The in-memory queue follows only once the commit is in."""
         q = dict(self.queues.get(pod, {}))
         traces = {m: self._traces.get((pod, m), {}) for m in q}
-        if queued is not None:
-            q[queued[0]], traces[queued[0]] = queued[1], queued[2]
+        for model, prio, carried in queued:
+            q[model], traces[model] = prio, carried
         p = plan_dispatch(self.view, pod, q, self.specs, self.t.unload_overlap_fraction)
         ops = list(ops or [])
         changes = list(changes or [])
@@ -93,8 +96,9 @@ class Dispatch:
         for model in p.drop + p.send:
             q.pop(model, None)
             self._traces.pop((pod, model), None)
-        if queued is not None and queued[0] in q:
-            self._traces[(pod, queued[0])] = queued[2]
+        for model, _, carried in queued:
+            if model in q:
+                self._traces[(pod, model)] = carried
         for model in p.send:
             M_QUEUE_WAIT.observe(max(0.0, now - self.view.copies[model][pod].since))
         if q:
