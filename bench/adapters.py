@@ -160,6 +160,7 @@ def trace(m: devmesh.Mesh, sequence: list[str], warmup: int) -> dict[str, Any]:
     """Send `sequence` one request at a time through the gateway; hits over the requests after
     `warmup` (a hit: the adapter was loaded on a pod when its request was sent)."""
     idof = ids(m)
+    adapters = {idof[n] for n in set(sequence)}
     hit_ms: list[float] = []
     miss_ms: list[float] = []
     since = time.time()
@@ -179,17 +180,18 @@ def trace(m: devmesh.Mesh, sequence: list[str], warmup: int) -> dict[str, Any]:
         "hit_ms": {"p50": round(pct(hit_ms, 50), 2), "p99": round(pct(hit_ms, 99), 2)},
         "miss_ms": {"p50": round(pct(miss_ms, 50), 2), "p99": round(pct(miss_ms, 99), 2)},
         "placement_events": placement_counts(m.redis_url, since),
-        "adapters_resident_after": [len(p - {idof["minilm"]}) for p in per_pod],
+        "adapters_resident_after": [len(p & adapters) for p in per_pod],
     }
 
 
-def memory(m: devmesh.Mesh, pids: list[int], idle: list[int]) -> dict[str, Any]:
+def memory(m: devmesh.Mesh, names: list[str], pids: list[int], idle: list[int]) -> dict[str, Any]:
     per_pod = resident(m)
     idof = ids(m)
-    adapters = sum(len(p - {idof["minilm"]}) for p in per_pod)
+    adapters = sum(len(p & {idof[n] for n in names}) for p in per_pod)
     now = [rss(p) for p in pids]
     used = sum(now) - sum(idle)
     return {"rss_bytes": now, "rss_idle_bytes": idle, "rss_over_idle_bytes": used, "adapters_resident": adapters,
+            "adapters_resident_per_pod": [len(p & {idof[n] for n in names}) for p in per_pod],
             "bytes_per_adapter": int(used / max(1, adapters)), "booked": loaded_now(m.redis_url)}
 
 
@@ -198,7 +200,7 @@ def memory_and_hits(m: devmesh.Mesh, names: list[str], sequence: list[str], warm
     idle = [rss(p) for p in pids]
     t0 = time.monotonic()
     out: dict[str, Any] = {"zipf": trace(m, sequence, warmup), "trace_seconds": round(time.monotonic() - t0, 1)}
-    out["memory_after_trace"] = memory(m, pids, idle)
+    out["memory_after_trace"] = memory(m, names, pids, idle)
     if fill:  # every adapter asked for once: does the capacity hold them all?
         t0 = time.monotonic()
         held = set().union(*resident(m))
@@ -208,19 +210,19 @@ def memory_and_hits(m: devmesh.Mesh, names: list[str], sequence: list[str], warm
                 embed(m.rest, name)
         out["fill_seconds"] = round(time.monotonic() - t0, 1)
         time.sleep(1.0)
-        out["memory_all_asked"] = memory(m, pids, idle)
+        out["memory_all_asked"] = memory(m, names, pids, idle)
     out["load_average"] = os.getloadavg()
     return out
 
 
-def warm_base_everywhere(m: devmesh.Mesh, names: list[str]) -> list[str]:
-    """Ask for adapters until each pod holds one (so each holds the base); the rest are unused."""
+def base_resident(m: devmesh.Mesh, names: list[str]) -> list[str]:
+    """Ask for adapters until a pod holds one (so holds the base); the rest are unused. Placement
+    puts the next adapters where their base is resident (placement's bases.py)."""
     idof = ids(m)
     k = 0
-    while not all(p & {idof[n] for n in names} for p in resident(m)):
+    while not any(p & {idof[n] for n in names} for p in resident(m)):
         embed(m.rest, names[k])
         k += 1
-        assert k < len(names), "the adapters all went to one pod"
     return names[k:]
 
 
@@ -236,7 +238,8 @@ def cold(m: devmesh.Mesh, names: list[str], base_dir: Path) -> dict[str, Any]:
         proto = "v2" if k % 2 else "v1"
         ms = embed(m.rest, name, v2=proto == "v2")
         total[proto].append(ms)
-        i = k % 2
+        # The same pod that took it, base resident there: like for like.
+        i = next(j for j, p in enumerate(resident(m)) if idof[name] in p)
         scratch = f"scratch-{name}"
         t0 = time.perf_counter()
         code, body = post(f"{m.pod_control(i)}/v2/repository/models/{scratch}/load", {"parameters": {
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with adapter_mesh(tmp, files, names + cold_names, False, capacity) as m:
             res["shared"] = memory_and_hits(m, names, sequence, args.warmup, fill=True)
             print(json.dumps(res["shared"], indent=1), flush=True)
-            left = warm_base_everywhere(m, cold_names)
+            left = base_resident(m, cold_names)
             res["cold_start"] = cold(m, left[: args.cold], m.data_dir / "pvc" / PVC / "minilm")
             if collector is not None:
                 time.sleep(1.5)  # the processes export every 200 ms
