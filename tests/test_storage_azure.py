@@ -98,4 +98,4 @@ def test_registration_predicts_from_the_listing(tmp_path: Path, account: str) ->
     one = ModelSpec(id="one__isvc-1", alias="one", format="sklearn", storage={"key": "a", "path": "sklearn/mnist.joblib"})
     folder = ModelSpec(id="dir__isvc-1", alias="dir", format="mlserver", storage={"key": "a", "path": "mlserver/iris"})
     got = asyncio.run(Predictor(tmp_path / "pvc", stores)([one, folder]))
-    assert got == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1)}
+    assert {i: f.size for i, f in got.items()} == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1)}
