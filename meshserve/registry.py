@@ -146,9 +146,7 @@ def _base(doc: Document, meta: dict[str, Any], ann: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class FromStorage:
-    """What registration read from a model's stored files, for what its spec leaves open
-    (meshserve_loader/predict.py reads them; rules/config.py `read_storage` applies them)."""
-
+    """What registration read from a model's files (meshserve_loader/predict.py), for its spec."""
     size: int = 0  # bytes predicted from the files (disk x 1.25); 0: not listed
     base: str = ""  # the base its PEFT adapter_config.json names; "": none, or not read
     base_file: str = ""  # where that adapter_config.json is, for the user to see
