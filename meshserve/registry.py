@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -143,11 +144,20 @@ def _base(doc: Document, meta: dict[str, Any], ann: dict[str, Any]) -> str:
     return name
 
 
-def base_from_adapter_config(text: str, file: str = ADAPTER_CONFIG) -> str:
+@dataclass(frozen=True)
+class FromStorage:
+    """What registration read from a model's files (meshserve_loader/predict.py), for its spec."""
+    size: int = 0  # bytes predicted from the files (disk x 1.25); 0: not listed
+    base: str = ""  # the base its PEFT adapter_config.json names; "": none, or not read
+    base_file: str = ""  # where that adapter_config.json is, for the user to see
+
+
+def base_from_adapter_config(text: str, file: str = ADAPTER_CONFIG, model: str = "") -> str:
     """The base PEFT's adapter_config.json names (`base_model_name_or_path`), as a registered
     model's name: the last path segment of a hub id or folder ("sentence-transformers/
     all-MiniLM-L6-v2" -> "all-MiniLM-L6-v2"), which is how a user names its InferenceService.
-    ConfigError with file:line on a broken file; "" when the file names no base."""
+    ConfigError with file:line on a broken file, or one naming `model` itself (the adapter's own
+    name, when known); "" when the file names no base."""
     try:
         doc = json.loads(text)
     except ValueError as e:
@@ -164,6 +174,8 @@ def base_from_adapter_config(text: str, file: str = ADAPTER_CONFIG) -> str:
     name = raw.rstrip("/").rsplit("/", 1)[-1]
     if not name or name in (".", "..") or "__" in name:
         raise ConfigError(file, line, "base_model_name_or_path", f"{raw!r} names no model; give the base's InferenceService name")
+    if name == model:
+        raise ConfigError(file, line, "base_model_name_or_path", f"{raw!r} is {model} itself: a model cannot be its own base")
     return name
 
 

@@ -120,3 +120,40 @@ def test_v1_follows_a_traffic_split_in_both_layouts() -> None:
     (v1,) = [x for x in routes if x.match.prefix == "/v1/"]
     assert {c.request_headers_to_add[0].header.value for c in v1.route.weighted_clusters.clusters} == {"m__isvc-1", "n__isvc-2"}
     assert routes[-1].route.cluster == r.ACTIVATOR_REST and routes[-1].match.prefix == "/"  # after the /v1/ branch
+
+
+# -- Streams longer than the route timeout: /v1 routes bound the gaps, not the whole answer --
+
+def _streams(action: rc_pb.RouteAction, idle_s: int) -> bool:
+    return action.HasField("timeout") and action.timeout.seconds == 0 and action.idle_timeout.seconds == idle_s
+
+
+def test_v1_routes_bound_the_gaps_in_an_answer_not_its_length_in_both_layouts() -> None:
+    from meshserve.rules.plan import Branch, Plan
+
+    state = r.RoutingState(pods={"p0": r.Endpoint("127.0.0.1", 1, 2)}, loaded={"m__isvc-1": ["p0"], "n__isvc-2": ["p0"]},
+                           aliases={"m": "m__isvc-1", "n": "n__isvc-2"}, activator=r.Endpoint("127.0.0.1", 3, 4),
+                           traffic={"n": Plan(name="n", branches=[Branch((("m__isvc-1", 50), ("n__isvc-2", 50)))])})
+    cold = int(state.cold_timeout_s)
+    # Scoped: the loaded model's one REST route (v2 and /v1), the /v1 split, the activator's /v1 route.
+    grpc, rest = scoped_routes.model_routes(state, "m__isvc-1").virtual_hosts[0].routes
+    assert _streams(rest.route, r.ROUTE_TIMEOUT_S) and grpc.route.timeout.seconds == r.ROUTE_TIMEOUT_S and not grpc.route.HasField("idle_timeout")
+    for x in scoped_routes.traffic_routes(state, "n", state.traffic["n"]).virtual_hosts[0].routes:
+        assert _streams(x.route, r.ROUTE_TIMEOUT_S) == (x.match.prefix == "/v1/"), x
+    act = {x.match.prefix: x.route for x in scoped_routes.activator_routes(state).virtual_hosts[0].routes}
+    assert _streams(act["/v1/"], cold) and act["/"].timeout.seconds == cold and not act["/"].HasField("idle_timeout")
+    # Matcher: /v1 entries (plain and split) and its cold fallback stream; v2 keeps its whole-answer timeout.
+    rest_rc = matcher.build_rest_routes(state)
+    v1 = _v1_map(rest_rc)
+    assert _streams(_route(v1["entries"]["m"]).route, r.ROUTE_TIMEOUT_S) and _streams(_route(v1["entries"]["n"]).route, r.ROUTE_TIMEOUT_S)
+    assert _streams(_route(v1["fallback"]).route, cold)
+    v2 = _route(rest_rc.virtual_hosts[0].matcher.matcher_tree.exact_match_map.map["/v2/models/m"]).route
+    assert v2.timeout.seconds == r.ROUTE_TIMEOUT_S and not v2.HasField("idle_timeout")
+    assert _route(rest_rc.virtual_hosts[0].matcher.on_no_match.matcher.on_no_match).route.timeout.seconds == cold
+
+
+def test_a_stream_idle_timeout_answers_504_as_the_route_timeout_did() -> None:
+    for m in (_manager(False), _matcher_manager()):
+        si = [x for x in m.local_reply_config.mappers if "SI" in str(x.filter)]
+        assert [x.status_code.value for x in si] == [504, 504], si  # /v1 (OpenAI's shape, server_error), then any path
+        assert si[0].body_format_override.json_format["error"]["type"] == "server_error"

@@ -1,6 +1,6 @@
 """Issue 19 §2: registration predicts a model's size from its stored files (disk x 1.25) so
 placement can book it before the first load (meshserve_loader/predict.py, rules/config.py
-`predict_sizes`). The e2e case (a 16 MiB pod, local and S3 models) is e2e/test_predicted_size.py.
+`read_storage`). The e2e case (a 16 MiB pod, local and S3 models) is e2e/test_predicted_size.py.
 
 Kind: unit (local files, no store; the S3 listing runs against a real moto server in the e2e test).
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from meshserve.model import ModelSpec
-from meshserve.rules.config import predict_sizes
+from meshserve.registry import FromStorage
+from meshserve.rules.config import read_storage
 from meshserve_loader.predict import Predictor
 from meshserve_loader.storage import predict_size
 
@@ -32,27 +33,30 @@ def test_local_files_are_predicted_and_an_unlistable_store_falls_back_with_a_log
     missing = _spec("missing", {"key": "nowhere", "path": "m"})  # a storage-config key that does not exist
     with caplog.at_level(logging.WARNING, logger="meshserve.loader.predict"):
         got = asyncio.run(Predictor(tmp_path / "pvc", {})([local, missing]))
-    assert got == {local.id: int(400_000 * 1.25) + 64 * 1024} and got[local.id] == predict_size(folder, "sklearn")
+    assert got == {local.id: FromStorage(int(400_000 * 1.25) + 64 * 1024)} and got[local.id].size == predict_size(folder, "sklearn")
     assert "no size prediction for 1 model(s)" in caplog.text and "missing (StorageError" in caplog.text and "nowhere" in caplog.text
 
 
 def test_registration_lists_only_what_it_does_not_know() -> None:
     listed: list[str] = []
 
-    async def predict(specs: list[ModelSpec]) -> dict[str, int]:
+    async def predict(specs: list[ModelSpec]) -> dict[str, FromStorage]:
         listed.extend(s.alias for s in specs)
-        return {s.id: 1000 for s in specs if s.alias != "unlistable"}
+        return {s.id: FromStorage(1000) for s in specs if s.alias != "unlistable"}
 
     known = _spec("known", {})
     stored = {known.id: ModelSpec(**{**known.__dict__, "predicted_size": 777})}
     new, stated, unlistable = _spec("new", {}), _spec("stated", {}, size_hint=5000), _spec("unlistable", {})
-    specs = [_spec("known", {}), new, stated, unlistable]
-    asyncio.run(predict_sizes(specs, stored, predict))
+    stated_base = _spec("stated-base", {}, size_hint=5000)
+    stated_base.base = "minilm"
+    specs = [_spec("known", {}), new, stated, unlistable, stated_base]
+    asyncio.run(read_storage(specs, stored, predict))
     # The same id is the same storage entry: its prediction carries over without a listing. A
-    # stated size needs none; a failed listing leaves 0 (the unknown-size default).
-    assert listed == ["new", "unlistable"]
-    assert [s.predicted_size for s in specs] == [777, 1000, 0, 0]
+    # stated size needs none, but the files may still name a base; a stated size and base need
+    # nothing read. A failed listing leaves 0 (the unknown-size default).
+    assert listed == ["new", "stated", "unlistable"]
+    assert [s.predicted_size for s in specs] == [777, 1000, 0, 0, 0]
     # Without a predictor (`meshserve diff`, a dry run) what is stored still carries over.
     again = [_spec("known", {})]
-    asyncio.run(predict_sizes(again, stored, None))
+    asyncio.run(read_storage(again, stored, None))
     assert again[0].predicted_size == 777

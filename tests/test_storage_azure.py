@@ -23,6 +23,7 @@ from meshserve_testing.storage_servers import AZURITE_ACCOUNT, azurite, azurite_
 blob = pytest.importorskip("azure.storage.blob", reason="azure-storage-blob is a dependency of meshserve: run `make install`")
 
 BODY = b"azure-model-bytes" * 2000
+ADAPTER_CONFIG = b'{"peft_type": "LORA", "base_model_name_or_path": "sentence-transformers/minilm"}'
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def account(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         private.upload_blob("mlserver/iris/model-settings.json", b"{}")
         private.upload_blob("mlserver/iris/sub/extra.txt", b"x")
         private.upload_blob("big.bin", b"\0" * 300_000)
+        private.upload_blob("peft/acme/adapter_config.json", ADAPTER_CONFIG)
         svc.create_container("public", public_access="container").upload_blob("m.txt", b"public container")
         yield url
 
@@ -97,5 +99,9 @@ def test_registration_predicts_from_the_listing(tmp_path: Path, account: str) ->
     stores = parse_secret({"a": json.dumps(entry)})
     one = ModelSpec(id="one__isvc-1", alias="one", format="sklearn", storage={"key": "a", "path": "sklearn/mnist.joblib"})
     folder = ModelSpec(id="dir__isvc-1", alias="dir", format="mlserver", storage={"key": "a", "path": "mlserver/iris"})
-    got = asyncio.run(Predictor(tmp_path / "pvc", stores)([one, folder]))
-    assert got == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1)}
+    adapter = ModelSpec(id="acme__isvc-1", alias="acme", format="peft", storage={"key": "a", "path": "peft/acme"})
+    got = asyncio.run(Predictor(tmp_path / "pvc", stores)([one, folder, adapter]))
+    assert {i: f.size for i, f in got.items()} == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1),
+                                                   adapter.id: from_disk(len(ADAPTER_CONFIG))}
+    # Issue 17 item 1: an adapter's base, from its adapter_config.json, fetched with the puller's client.
+    assert (got[adapter.id].base, got[adapter.id].base_file) == ("minilm", "azure://models/peft/acme/adapter_config.json")

@@ -27,6 +27,7 @@ from meshserve_testing.storage_servers import gcs_emulator
 storage = pytest.importorskip("google.cloud.storage", reason="google-cloud-storage is a dependency of meshserve: run `make install`")
 
 BODY = b"gcs-model-bytes" * 2000
+ADAPTER_CONFIG = b'{"peft_type": "LORA", "base_model_name_or_path": "sentence-transformers/minilm"}'
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def gcs() -> Iterator[str]:
         b.blob("mlserver/iris/model-settings.json").upload_from_string(b"{}")
         b.blob("mlserver/iris/sub/extra.txt").upload_from_string(b"x")
         b.blob("big.bin").upload_from_string(b"\0" * 300_000)
+        b.blob("peft/acme/adapter_config.json").upload_from_string(ADAPTER_CONFIG)
         c.create_bucket("other").blob("m.txt").upload_from_string(b"other bucket")
         yield url
 
@@ -149,5 +151,9 @@ def test_registration_predicts_from_the_listing(tmp_path: Path, gcs: str) -> Non
     one = ModelSpec(id="one__isvc-1", alias="one", format="sklearn", storage={"key": "g", "path": "sklearn/mnist.joblib"})
     folder = ModelSpec(id="dir__isvc-1", alias="dir", format="mlserver", storage={"key": "g", "path": "mlserver/iris"})
     missing = ModelSpec(id="no__isvc-1", alias="no", format="sklearn", storage={"key": "g", "path": "nope/nothing"})
-    got = asyncio.run(Predictor(tmp_path / "pvc", stores)([one, folder, missing]))
-    assert got == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1)}  # nothing listed: no prediction
+    adapter = ModelSpec(id="acme__isvc-1", alias="acme", format="peft", storage={"key": "g", "path": "peft/acme"})
+    got = asyncio.run(Predictor(tmp_path / "pvc", stores)([one, folder, missing, adapter]))
+    assert {i: f.size for i, f in got.items()} == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1),
+                                                   adapter.id: from_disk(len(ADAPTER_CONFIG))}
+    # Issue 17 item 1: an adapter's base, from its adapter_config.json, fetched with the puller's client.
+    assert (got[adapter.id].base, got[adapter.id].base_file) == ("minilm", "gs://models/peft/acme/adapter_config.json")  # nothing listed: no prediction

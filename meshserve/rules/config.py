@@ -47,10 +47,11 @@ OTHER_READERS = {
     "ClusterServingRuntime": "read by the runtime pods from mesh-config/ when they start (MESHSERVE_POD_RUNTIMES)",
 }
 STORAGE_SECRET = "storage-config"
-# Model id -> bytes predicted from its stored files (disk x 1.25), for the specs given; a model
-# whose files could not be listed is left out. The composition root (the CLI, `meshserve up`)
-# passes the loader's (meshserve_loader/predict.py): the kernel does not read object stores.
-Predict = Callable[[list[ModelSpec]], Awaitable[dict[str, int]]]
+# Model id -> what its stored files say (bytes predicted, disk x 1.25; the base its PEFT
+# adapter_config.json names), for the specs given; a model whose files could not be listed is
+# left out; a broken adapter_config.json raises ConfigError. The composition root (the CLI,
+# `meshserve up`) passes the loader's (meshserve_loader/predict.py): the kernel reads no store.
+Predict = Callable[[list[ModelSpec]], Awaitable[dict[str, registry.FromStorage]]]
 
 
 def classify_other(doc: Document) -> str:
@@ -164,7 +165,8 @@ async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = N
                       predict: Predict | None = None) -> Applied:
     """Validate everything, then write it in one commit (models, aliases or version moves, rules).
     With `dry_run` nothing is written: the result says what would change. `predict`: lists the
-    stored files of models with no stated size, for placement to book before their first load."""
+    stored files of new models, for placement to book them before their first load (their size,
+    an adapter's base)."""
     from meshserve.rules import moves, preview
 
     cfg = read_config(list(paths), stdin)
@@ -172,7 +174,7 @@ async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = N
     rules, statuses, transitions = await store.read_all(state)
     owners = {spec["model"]: name for name, spec in rules.items()}
     validate_rules(cfg, set(snap.aliases) | set(snap.models), owners)
-    await predict_sizes(cfg.specs, snap.models, predict)  # only once all of it is valid
+    read_notes = await read_storage(cfg.specs, snap.models, predict)  # only once all of it is valid
     loaded = {m: sum(1 for c in cs.values() if c.state == CopyState.LOADED) for m, cs in snap.placements.items()}
     now = time.time()
     ops, changes, notes = moves.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
@@ -182,26 +184,38 @@ async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = N
     before = preview.stored(snap, transitions, await store.rule_docs(state), preview.names(after))
     if (ops or rops) and not dry_run:
         await state.commit(ops + rops, changes + rchanges)
-    return Applied(cfg.specs, cfg.rules, notes + cfg.skipped + cfg.warnings, cfg.kinds, cfg.serving, before, after)
+    return Applied(cfg.specs, cfg.rules, read_notes + notes + cfg.skipped + cfg.warnings, cfg.kinds, cfg.serving, before, after)
 
 
-async def predict_sizes(specs: list[ModelSpec], stored: Mapping[str, ModelSpec], predict: Predict | None) -> None:
-    """Set `predicted_size` on the specs with no stated size. A model already registered keeps
-    its prediction (the same id is the same storage entry: its files were listed then); the
-    others are listed through `predict`, if given."""
+async def read_storage(specs: list[ModelSpec], stored: Mapping[str, ModelSpec], predict: Predict | None) -> list[str]:
+    """Fill in from each model's stored files what its spec leaves open: `predicted_size` (no
+    stated size) and `base` (no `meshserve.io/base-model`: the one its PEFT adapter_config.json
+    names). A model already registered keeps what was read then (the same id is the same
+    storage entry), unless its listing failed then; the others are read through `predict`, if
+    given. Returns a note per base found so (the user sees where it came from)."""
     todo = []
     for s in specs:
-        if s.size_hint:
-            continue
         old = stored.get(s.id)
-        if old is not None and old.predicted_size:
-            s.predicted_size = old.predicted_size
-        else:
+        if old is not None:
+            s.base = s.base or old.base
+            if not s.size_hint:
+                s.predicted_size = old.predicted_size
+            if s.size_hint or old.predicted_size:
+                continue
+        if not s.size_hint or not s.base:
             todo.append(s)
-    if predict is not None and todo:
-        got = await predict(todo)
-        for s in todo:
-            s.predicted_size = got.get(s.id, 0)
+    if predict is None or not todo:
+        return []
+    got = await predict(todo)
+    notes = []
+    for s in todo:
+        found = got.get(s.id) or registry.FromStorage()
+        if not s.size_hint:
+            s.predicted_size = found.size
+        if not s.base and found.base:
+            s.base = found.base
+            notes.append(f"{s.alias}: its base is {found.base} (base_model_name_or_path in {found.base_file})")
+    return notes
 
 
 def rule_summary(name: str, spec: dict[str, Any], status: dict[str, Any]) -> str:

@@ -81,6 +81,8 @@ def connection_manager(name: str, http2_only: bool) -> hcm.HttpConnectionManager
         manager.http_filters.insert(1, lua.openai_key_filter())
         manager.local_reply_config.CopyFrom(json_errors())
         manager.local_reply_config.mappers.extend(openai.error_mappers())
+        # The scoped layout's REST route bounds gaps (routes.streaming) for v2 too: its timeout is the 504 it was.
+        manager.local_reply_config.mappers.append(hcm.ResponseMapper(filter=openai.stream_idle(), status_code=wrappers_pb2.UInt32Value(value=504)))
         # HTTP/1.0 clients (ab, some load balancers' health checks, old SDKs) were refused with
         # 426. Envoy serves them over HTTP/1.1 upstream and closes after each response; the
         # default host is for those that send no Host header.

@@ -27,7 +27,9 @@ from meshserve_xds.resources import (
     ROUTE_TIMEOUT_S, ROUTE_TYPE, VMODEL_ID_HEADER, ListenerConfig, Patch, Resources, RoutingState, names_for,
 )
 from meshserve_xds.openai import OPENAI_PREFIX
-from meshserve_xds.routes import activator_action, header_tree, on_match_route, on_match_routes, route_action, set_model_header, transformer_action
+from meshserve_xds.routes import (
+    activator_action, header_tree, on_match_route, on_match_routes, route_action, set_model_header, streaming, streaming_routes, transformer_action,
+)
 
 
 def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
@@ -37,7 +39,7 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     for model, names in names_for(state).items():
         clusters = [copies_cluster(state.loaded[model], "rest")]
         headers = set_model_header(model)
-        v1 = on_match_route(rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix="/"), route=route_action(clusters, ROUTE_TIMEOUT_S),
+        v1 = on_match_route(rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix="/"), route=streaming(route_action(clusters, ROUTE_TIMEOUT_S)),
                                      request_headers_to_add=headers))
         for name in names:
             openai_[name] = v1
@@ -63,7 +65,7 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     if state.traffic:
         traffic.add_rest_routes(state, exact, prefix)
         for name, plan in state.traffic.items():  # the same split for /v1/, the path as it came
-            openai_[name] = on_match_routes(traffic.plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix="/"), None))
+            openai_[name] = on_match_routes(streaming_routes(traffic.plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix="/"), None)))
     for name in state.transformers:
         base = MODELS_PREFIX + name
         exact[base] = on_match_route(rc.Route(stat_prefix=name, match=rc.RouteMatch(path=base), route=transformer_action(state, name)))
@@ -73,8 +75,9 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     )
     # /v1/ (OpenAI): the body's `model`, which the listener's filters put in x-ms-model, looked
     # up like a name; a cold or unknown one, or none (GET /v1/models), goes to the activator.
-    if openai_:
-        prefix[OPENAI_PREFIX] = matcher_pb2.Matcher.OnMatch(matcher=header_tree(KEY_HEADER, "exact_match_map", openai_, fallback))
+    # Its own fallback: a cold /v1 answer streams through the activator as a warm one does.
+    v1_fallback = on_match_route(rc.Route(match=rc.RouteMatch(prefix="/"), route=streaming(activator_action(state, ACTIVATOR_REST))))
+    prefix[OPENAI_PREFIX] = matcher_pb2.Matcher.OnMatch(matcher=header_tree(KEY_HEADER, "exact_match_map", openai_, v1_fallback)) if openai_ else v1_fallback
     matcher = header_tree(":path", "exact_match_map", exact, matcher_pb2.Matcher.OnMatch(matcher=header_tree(":path", "prefix_match_map", prefix, fallback)))
     vh = rc.VirtualHost(name="models", domains=["*"], matcher=matcher)
     return route_pb2.RouteConfiguration(name=REST, virtual_hosts=[vh])

@@ -6,7 +6,7 @@ layout copies it into a header its /v1/ branch looks up), the wrapper that runs 
 
 from __future__ import annotations
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2
@@ -64,18 +64,24 @@ def only_on_v1(config: ext_core.TypedExtensionConfig, name: str) -> hcm.HttpFilt
     return hcm.HttpFilter(name=name, typed_config=pack_any(wrapped))
 
 
+def stream_idle() -> accesslog_pb2.AccessLogFilter:
+    """Envoy's reply when a route's idle_timeout passed (flag SI; a 408 before any response)."""
+    return accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["SI"]))
+
+
 def error_mappers() -> list[hcm.ResponseMapper]:
     """Envoy's own replies on /v1/ paths in OpenAI's error shape, which its clients parse: an
     unregistered `model` (no scope) is 404 model_not_found; anything else (no upstream, a
     timeout) keeps its status, with the reason as the message."""
-    def mapper(extra: accesslog_pb2.AccessLogFilter | None, message: str, type_: str, code: str | None, param: str | None) -> hcm.ResponseMapper:
+    def mapper(extra: accesslog_pb2.AccessLogFilter | None, message: str, type_: str, code: str | None, param: str | None,
+               status: int = 0) -> hcm.ResponseMapper:
         on_v1 = accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(header=rc.HeaderMatcher(
             name=":path", string_match=string_pb2.StringMatcher(prefix=OPENAI_PREFIX))))
         flt = on_v1 if extra is None else accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[on_v1, extra]))
         body = struct_pb2.Struct()
         body.update({"error": {"message": message, "type": type_, "param": param, "code": code}})
         return hcm.ResponseMapper(filter=flt, body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
-            json_format=body, content_type="application/json"))
+            json_format=body, content_type="application/json"), status_code=wrappers_pb2.UInt32Value(value=status) if status else None)
 
     no_route = accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"]))
     server = accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=accesslog_pb2.ComparisonFilter(
@@ -83,6 +89,9 @@ def error_mappers() -> list[hcm.ResponseMapper]:
     return [
         mapper(no_route, f"The model '%REQ({KEY_HEADER})%' does not exist: no InferenceService or model is registered under this name",
                "invalid_request_error", "model_not_found", "model"),
+        # /v1 routes bound the gaps in an answer (routes.streaming): Envoy's 408 for that is the
+        # upstream timeout the route timeout gave before, a 504.
+        mapper(stream_idle(), "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)", "server_error", None, None, 504),
         mapper(server, "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)", "server_error", None, None),
         mapper(None, "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)", "invalid_request_error", None, None),
     ]

@@ -44,6 +44,22 @@ def route_action(clusters: list[str], timeout_s: float) -> rc.RouteAction:
     return action
 
 
+def streaming(action: rc.RouteAction) -> rc.RouteAction:
+    """`action` bounding the gaps in a response instead of the whole of it (OpenAI's /v1): a
+    generation streams for as long as it takes while its pieces keep coming, and a one-piece
+    answer keeps the bound it had (nothing comes until it does). Envoy answers a stream idle
+    timeout with 408; the listeners map that back to the route timeout's 504 (STREAM_IDLE)."""
+    action.idle_timeout.CopyFrom(action.timeout)
+    action.timeout.CopyFrom(duration_pb2.Duration())  # 0: no bound on the whole response
+    return action
+
+
+def streaming_routes(routes: list[rc.Route]) -> list[rc.Route]:
+    for r in routes:
+        streaming(r.route)
+    return routes
+
+
 def activator_action(state: RoutingState, cluster: str) -> rc.RouteAction:
     """To the activator, with a timeout that covers a cold start."""
     return rc.RouteAction(cluster=cluster, timeout=duration_pb2.Duration(seconds=int(state.cold_timeout_s)))

@@ -26,7 +26,7 @@ from meshserve_xds.resources import (
     ACTIVATOR_GRPC, ACTIVATOR_REST, GRPC_PREFIX, MODEL_ID_HEADER, MODELS_PREFIX, NO_MODEL, ROUTE_TIMEOUT_S, ROUTE_TYPE,
     SCOPED_ROUTE_TYPE, RoutingState,
 )
-from meshserve_xds.routes import NAME_SEGMENT, activator_action, route_action, set_model_header, transformer_action
+from meshserve_xds.routes import NAME_SEGMENT, activator_action, route_action, set_model_header, streaming, streaming_routes, transformer_action
 from meshserve_xds.traffic import plan_routes, target_clusters
 
 ACTIVATOR_RC = "activator"
@@ -67,7 +67,10 @@ def model_routes(state: RoutingState, model: str) -> route_pb2.RouteConfiguratio
     stat = model if state.route_stats else ""
     grpc = route_action([copies_cluster(pods, "grpc")], ROUTE_TIMEOUT_S)
     retry = grpc.retry_policy
-    rest = route_action([copies_cluster(pods, "rest")], ROUTE_TIMEOUT_S)
+    # Bounding the gaps, not the whole answer (routes.streaming): this one route carries /v1,
+    # whose generations stream for longer than ROUTE_TIMEOUT_S. v2 on it gets the same bound
+    # for a one-piece answer (and MLServer's generate_stream streams unbounded too).
+    rest = streaming(route_action([copies_cluster(pods, "rest")], ROUTE_TIMEOUT_S))
     rest.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
         pattern=regex_pb2.RegexMatcher(regex=NAME_SEGMENT), substitution=MODELS_PREFIX + model))
     # The REST route takes any path, not only /v2/models/: OpenAI-style requests (/v1/embeddings,
@@ -87,6 +90,8 @@ def model_routes(state: RoutingState, model: str) -> route_pb2.RouteConfiguratio
 def activator_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     routes = [
         rc.Route(match=rc.RouteMatch(prefix=GRPC_PREFIX), route=activator_action(state, ACTIVATOR_GRPC)),
+        # A cold /v1 answer is relayed as the pod streams it: bounded by its gaps, as a warm one.
+        rc.Route(match=rc.RouteMatch(prefix=OPENAI_PREFIX), route=streaming(activator_action(state, ACTIVATOR_REST))),
         rc.Route(match=rc.RouteMatch(prefix="/"), route=activator_action(state, ACTIVATOR_REST)),
     ]
     return route_pb2.RouteConfiguration(name=ACTIVATOR_RC, virtual_hosts=[rc.VirtualHost(name="activator", domains=["*"], routes=routes)])
@@ -118,7 +123,7 @@ def traffic_routes(state: RoutingState, name: str, plan: Any) -> route_pb2.Route
     routes += plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=base), lambda m: MODELS_PREFIX + m)
     routes += plan_routes(state, plan, "grpc", lambda: rc.RouteMatch(prefix=GRPC_PREFIX), None)
     # OpenAI-style requests (the scope came from the body's `model`): the same split, the path as it came.
-    routes += plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=OPENAI_PREFIX), None)
+    routes += streaming_routes(plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=OPENAI_PREFIX), None))
     routes.append(rc.Route(match=rc.RouteMatch(prefix="/"), route=activator_action(state, ACTIVATOR_REST)))
     return route_pb2.RouteConfiguration(name=traffic_rc_name(name), virtual_hosts=[rc.VirtualHost(name="traffic", domains=["*"], routes=routes)])
 
