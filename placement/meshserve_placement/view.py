@@ -459,6 +459,16 @@ class ClusterView:
                 continue
             chosen.append(m)
             freed += c.size
+            # Its base right after its last adapter here, before other models: evicting more
+            # adapters first would cost hits and free little (a base is most of a pair's bytes).
+            base = self._models[m].base if m in self._models else ""
+            bc = models.get(base) if base else None
+            if (bc is not None and freed < need and bc.state == CopyState.LOADED and base != spare
+                    and self.can_evict(base) and not self.base_stays(base, pod, chosen)):
+                chosen.append(base)
+                freed += bc.size
+                if base in held_back:
+                    held_back.remove(base)
         for m in held_back:  # the adapters went first; their base follows if they all go
             if freed < need and not self.base_stays(m, pod, chosen):
                 chosen.append(m)
@@ -487,18 +497,29 @@ class ClusterView:
             c = p.models.get(m)
             return c is not None and c.state == CopyState.LOADED
 
+        def evictable(m: str) -> bool:
+            c = p.models.get(m)
+            return (c is not None and c.state == CopyState.LOADED and m not in skip and m not in chosen
+                    and self.can_evict(m, busy=True) and now - c.since >= self.landed_grace_s)
+
+        # A base whose adapters are here is busy with their requests and goes right after the
+        # last of them, in the same decision. Skipping it left pods full of busy base+adapter
+        # pairs (each adapter over a base of its own, ModelMesh-style) with no room for a new
+        # pair until its requests timed out: evicting the adapter alone frees too little.
         walk = self._walk(p.heap, ok)
         try:
             for _, m in walk:
-                if m in skip or m not in self.in_flight or not self.can_evict(m, busy=True):
-                    continue
-                if self.base_stays(m, pod, [*skip, *chosen]):
-                    continue  # a base whose adapters stay (its adapters are busy: so is it)
-                c = p.models[m]
-                if now - c.since < self.landed_grace_s:
+                if p.adapters and m in p.adapters:
+                    if not evictable(m) or self.base_stays(m, pod, [*skip, *chosen]):
+                        continue  # its adapters stay: it goes, if at all, after them (below)
+                elif m not in self.in_flight or not evictable(m):
                     continue
                 chosen.append(m)
-                freed += c.size
+                freed += p.models[m].size
+                base = self._models[m].base if m in self._models else ""
+                if base and freed < need and base in p.models and evictable(base) and not self.base_stays(base, pod, [*skip, *chosen]):
+                    chosen.append(base)
+                    freed += p.models[base].size
                 if freed >= need:
                     break
         finally:
