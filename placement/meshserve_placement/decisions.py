@@ -17,11 +17,11 @@ from meshserve.store import ops as cmd
 from meshserve.store.messages import UnloadOrder
 from meshserve_placement.decide import Decision, generic_refusal, place
 from meshserve_placement.types import Changes, Ops
+from meshserve_placement.view import QUEUED  # noqa: F401 - also read from here (e2e)
 
 log = logging.getLogger("meshserve.placement")
 
 LAST_DECISIONS = 10_000  # kept in memory for the debug endpoint; ms:decisions has them all
-QUEUED = "queued for a loading slot"
 
 
 class Decisions:
