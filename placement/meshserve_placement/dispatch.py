@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Mapping
 from prometheus_client import Histogram
 
 from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadOrder
 from meshserve_placement.types import Changes, Ops
@@ -70,16 +71,21 @@ class LoadQueue(dict[str, float]):
                 heapq.heappush(self._heap, e)
 
 
-def plan_dispatch(view: ClusterView, pod: str, head: Iterable[str], specs: Mapping[str, ModelSpec], overlap_fraction: float, lookahead: int = 0) -> Plan:
-    """Which queued loads the pod takes now: waiting requests first (`head` is the queue in
-    priority order, read only as far as needed), while it has a free loading slot and the bytes
-    it really holds leave room. `lookahead` more orders than slots may be out: the loader starts
-    them as its slots free (it bounds the loads it runs), so no slot idles for the round trip
-    from a load's result to the next order."""
+def plan_dispatch(view: ClusterView, pod: str, head: Iterable[tuple[float, str]], specs: Mapping[str, ModelSpec], overlap_fraction: float, lookahead: int = 0) -> Plan:
+    """Which queued loads the pod takes now: waiting requests first (`head` is the queue as
+    (priority, model) in priority order, read only as far as needed), while it has a free
+    loading slot and the bytes it really holds leave room.
+
+    Up to `lookahead` more loads that requests wait for may be ordered than the pod has slots:
+    the loader starts each as one of its slots frees (it bounds the loads it runs), so no slot
+    idles for the round trip from a load's result through the leader to the next order. Only
+    those: a waiting request's priority is when it came, so a later request goes after them
+    anyway, whereas a background load (minCopies, scale-up) ordered early could delay one."""
     out = Plan()
     pv = view.pods.get(pod)
-    slots = max(1, pv.max_loading if pv else 1) + lookahead - view.sent(pod)
-    if slots <= 0:
+    slots = max(1, pv.max_loading if pv else 1) - view.sent(pod)
+    ahead = slots + lookahead
+    if ahead <= 0:
         return out
     # What the pod really holds now: loaded, being loaded, and not yet unloaded.
     held = view.used(pod) - view.queued_bytes(pod) + view.unloading(pod)
@@ -87,18 +93,15 @@ def plan_dispatch(view: ClusterView, pod: str, head: Iterable[str], specs: Mappi
     # Bytes still held by unloads in their grace may overlap the loads they make room for,
     # up to the tuned fraction (0: none, the pod never holds more than its capacity).
     capacity += int(capacity * overlap_fraction)
-    for model in head:
+    for prio, model in head:
         c = view.copies.get(model, {}).get(pod)
         if c is None or c.state != CopyState.LOADING or model not in specs:
             out.drop.append(model)
             continue
-        if held + c.size > capacity:
-            break  # in priority order: wait for the evictions' unloads to finish
-        slots -= 1
-        held += c.size
+        if ahead <= 0 or (slots <= 0 and prio >= k.BACKGROUND) or held + c.size > capacity:
+            break  # in priority order: wait for a slot, or for the evictions' unloads to finish
+        slots, ahead, held = slots - 1, ahead - 1, held + c.size
         out.send.append(model)
-        if slots <= 0:
-            break
     return out
 
 
@@ -114,7 +117,7 @@ class Dispatch:
             q = LoadQueue(q)
         extra = [(queued[1], queued[0])] if queued is not None else []
         with contextlib.closing(q.ordered()) as head:
-            p = plan_dispatch(self.view, pod, (m for _, m in heapq.merge(head, extra)), self.specs,
+            p = plan_dispatch(self.view, pod, heapq.merge(head, extra), self.specs,
                               self.t.unload_overlap_fraction, self.t.order_lookahead)
         ops = list(ops or [])
         changes = list(changes or [])
