@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import tempfile
 import time
@@ -38,8 +39,8 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def rss_mib(pid: int) -> float:
-    """RSS of a process and all its descendants (a loader runs its pod's runtime as a child)."""
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (a loader runs its pod's runtime as a child)."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -48,12 +49,29 @@ def rss_mib(pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d.name))
-    total, todo = 0, [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        total += _rss_kib(p)
+        out.append(p)
         todo.extend(children.get(p, []))
-    return round(total / 1024, 1)
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    """RSS of a process and all its descendants."""
+    return round(sum(_rss_kib(p) for p in _tree(pid)) / 1024, 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its live descendants."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for p in _tree(pid):
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
 
 
 def spec(i: int) -> ModelSpec:
@@ -141,6 +159,7 @@ def main() -> None:
             reg_s = asyncio.run(register(m.redis_url, args.registered))
             print(f"registered {args.registered} in {reg_s:.1f}s", flush=True)
             ids = [spec(i).id for i in range(args.loaded)]
+            cpu0 = {k: cpu_seconds(p) for k, p in m.pids().items()}
             t0 = time.monotonic()
             asyncio.run(request_loads(m.redis_url, ids))
             loaded, progress, rss_samples = 0, [], [{"loaded": 0, "rss_mib": base_rss}]
@@ -154,6 +173,9 @@ def main() -> None:
                     break
                 time.sleep(args.poll)
             all_loaded_s = time.monotonic() - t0 if loaded >= args.loaded else None
+            # Where the loads' CPU went, per component (with its children), over the loading.
+            cpu = {k: round(cpu_seconds(p) - cpu0.get(k, 0.0), 1) for k, p in m.pids().items()}
+            load_avg = os.getloadavg()
             stuck = asyncio.run(not_loaded(m.redis_url, ids)) if loaded < args.loaded else []
             for line in stuck:
                 print("not loaded:", json.dumps(line), flush=True)
@@ -179,6 +201,9 @@ def main() -> None:
                 "loads_per_second": round(loaded / all_loaded_s, 1) if all_loaded_s else None,
                 "progress": progress,
                 "not_loaded": stuck,
+                "cpu_seconds_loading": cpu,
+                "cpu_ms_per_load": {k: round(v * 1000 / max(1, loaded), 2) for k, v in cpu.items()},
+                "load_average_after": [round(x, 1) for x in load_avg],
                 "rss_mib_idle": base_rss,
                 "rss_mib_loaded": rss,
                 "rss_mib_total": round(sum(rss.values()), 1),
