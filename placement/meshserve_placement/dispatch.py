@@ -102,6 +102,8 @@ def plan_dispatch(view: ClusterView, pod: str, head: Iterable[tuple[float, str]]
             break  # in priority order: wait for a slot, or for the evictions' unloads to finish
         slots, ahead, held = slots - 1, ahead - 1, held + c.size
         out.send.append(model)
+        if ahead <= 0:
+            break
     return out
 
 
