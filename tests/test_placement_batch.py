@@ -175,3 +175,20 @@ def test_a_model_queued_again_is_dispatched_once() -> None:
     q["a"] = 1.0  # queued again at the same priority: two equal heap entries
     head = q.ordered()
     assert [m for _, m in head] == ["a", "b"]
+
+
+async def test_a_model_waiting_for_room_is_not_forgotten_by_a_reload() -> None:
+    """A leader that reloads its view (a handler failed, the lease came back) used to drop the
+    models waiting for room from its waiting set: a load asked for once was never made (19 of
+    20,000 in a density run, whose pods' heartbeats had looked late for a moment)."""
+    r, sched = await _leader({"p0": 1000 * MB}, ["a"])
+    sched.heartbeats["p0"] = time.time() - 3600  # late: the model waits for the pod
+    async with sched._deciding():
+        await sched._on_load_request(LoadRequest("a").encode())
+    assert "a" in sched.room and not sched.view.copies.get("a")
+    async with sched._lock:
+        await sched._rebuild()
+    sched.heartbeats["p0"] = time.time()
+    async with sched._deciding():
+        await sched._retry_room()
+    assert sched.view.copies["a"]["p0"].state == CopyState.LOADING
