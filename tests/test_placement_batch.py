@@ -192,3 +192,31 @@ async def test_a_model_waiting_for_room_is_not_forgotten_by_a_reload() -> None:
     async with sched._deciding():
         await sched._retry_room()
     assert sched.view.copies["a"]["p0"].state == CopyState.LOADING
+
+
+async def test_a_batch_passes_over_the_models_waiting_for_room_twice_not_per_entry() -> None:
+    """With models waiting for room, every request and result passed over all of them: 64 passes
+    a batch. Now a batch makes one pass before its entries (older waiters first) and one after."""
+    waiting = [f"w{i:03d}" for i in range(50)]
+    new = [f"n{i:03d}" for i in range(BATCH)]
+    r, sched = await _leader({"p0": 1000 * MB}, waiting + new)
+    sched.heartbeats["p0"] = time.time() - 3600  # late: every model waits for the pod
+    for m in waiting:
+        async with sched._deciding():
+            await sched._on_load_request(LoadRequest(m).encode())
+    assert set(sched.room) == set(waiting)
+    for m in new:
+        await ops.request_load(r, LoadRequest(m))
+    looked = 0
+    real = sched.view.serving_runtime
+
+    def counted(mv: Any) -> Any:  # asked once per waiting model a pass looks at
+        nonlocal looked
+        looked += 1
+        return real(mv)
+
+    sched.view.serving_runtime = counted  # type: ignore[method-assign]
+    await _consume_until(r, sched, k.LOAD_REQUESTS, sched._on_load_request,
+                         lambda: len(sched.room) == len(waiting) + BATCH and _pending(r, k.LOAD_REQUESTS) == 0)
+    # Two passes (50, then 50 + 64) and the decisions themselves; a pass per entry was over 5,000.
+    assert looked < 1000, looked

@@ -109,6 +109,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # Inside a batch (`_handle_batch`): the commits its handlers made, written as one at its end.
         self._batch: tuple[Ops, Changes] | None = None
         self._prefetched: dict[str, bytes | None] | None = None  # a batch's model specs, read in one round trip
+        self._room_tried = self._room_due = False  # a batch's pass over the models waiting for room: done, asked again
 
     # --- leadership -----------------------------------------------------------------
     async def run(self) -> None:
@@ -237,8 +238,13 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
             async with self._deciding(batch=True):
                 if key == k.LOAD_REQUESTS:
                     await self._prefetch_requests([f for _, f in entries])
+                self._room_tried = self._room_due = False
+                await self._retry_room()
                 for _, fields in entries:
                     await self._handle_entry(handler, fields)
+                if self._room_due:
+                    self._room_tried = False
+                    await self._retry_room()
                 assert self._batch is not None
                 ops, changes = self._batch
                 ops.append(cmd.ack_entries(key, GROUP, [eid for eid, _ in entries]))
