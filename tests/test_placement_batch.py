@@ -201,6 +201,7 @@ async def test_a_batch_passes_over_the_models_waiting_for_room_twice_not_per_ent
     new = [f"n{i:03d}" for i in range(BATCH)]
     r, sched = await _leader({"p0": 1000 * MB}, waiting + new)
     sched.heartbeats["p0"] = time.time() - 3600  # late: every model waits for the pod
+    await r.zadd(k.HEARTBEATS, {"p0": time.time() - 3600})
     for m in waiting:
         async with sched._deciding():
             await sched._on_load_request(LoadRequest(m).encode())
@@ -220,3 +221,17 @@ async def test_a_batch_passes_over_the_models_waiting_for_room_twice_not_per_ent
                          lambda: len(sched.room) == len(waiting) + BATCH and _pending(r, k.LOAD_REQUESTS) == 0)
     # Two passes (50, then 50 + 64) and the decisions themselves; a pass per entry was over 5,000.
     assert looked < 1000, looked
+
+
+async def test_a_batch_judges_the_pods_by_the_heartbeats_as_of_the_batch() -> None:
+    """A leader busy with batches back to back refreshed its copy of the heartbeats only between
+    two holds of its lock, judged every pod late, and had each request wait for room."""
+    models = [f"m{i:02d}" for i in range(10)]
+    r, sched = await _leader({"p0": 1000 * MB}, models)
+    sched.heartbeats["p0"] = time.time() - 3600  # the leader's copy is old; Redis has a fresh one
+    await r.zadd(k.HEARTBEATS, {"p0": time.time()})
+    for m in models:
+        await ops.request_load(r, LoadRequest(m))
+    await _consume_until(r, sched, k.LOAD_REQUESTS, sched._on_load_request, lambda: _pending(r, k.LOAD_REQUESTS) == 0 and len(sched.view.copies) == 10)
+    assert not sched.room
+    assert all(cs["p0"].state == CopyState.LOADING for cs in sched.view.copies.values())

@@ -238,6 +238,8 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
             async with self._deciding(batch=True):
                 if key == k.LOAD_REQUESTS:
                     await self._prefetch_requests([f for _, f in entries])
+                else:
+                    self._apply_heartbeats(await self.state.r.zrange(k.HEARTBEATS, 0, -1, withscores=True))
                 self._room_tried = self._room_due = False
                 await self._retry_room()
                 for _, fields in entries:

@@ -61,10 +61,18 @@ class Requests:
         trip for the batch instead of one per request (`_request_spec`)."""
         ids = sorted({m.decode() for f in entries if (m := f.get(b"model"))})
         async with self.state.r.pipeline(transaction=False) as p:
-            p.hmget(k.MODELS, ids).hgetall(k.PODS).hgetall(k.RUNTIMES)
-            raw_specs, raw, raw_runtimes = await p.execute()
+            p.hmget(k.MODELS, ids).hgetall(k.PODS).hgetall(k.RUNTIMES).zrange(k.HEARTBEATS, 0, -1, withscores=True)
+            raw_specs, raw, raw_runtimes, hb = await p.execute()
         self._apply_pods(raw, raw_runtimes)
+        self._apply_heartbeats(hb)
         self._prefetched = dict(zip(ids, raw_specs))
+
+    def _apply_heartbeats(self, hb: list[tuple[bytes, float]]) -> None:
+        """The pods' heartbeats as of this batch. The liveness loop reads them too, but only
+        between two holds of the lock: a leader busy with batches back to back judged every
+        pod's heartbeat late, and each of its decisions then waited for room at O(the pod's
+        models) (bench/density.py)."""
+        self.heartbeats.update((p.decode(), v) for p, v in hb)
 
     async def _request_spec(self, model_id: str) -> ModelSpec | None:
         """The model's spec, fresh (annotations: min/max/pinned may change): read with its
