@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "scale_latency": (["bench.scale_latency"], 1800),
     "xds_build": (["bench.xds_build", "--sizes", "10000,100000", "--repeats", "5"], 900),
     "coldstart": (["bench.coldstart", "--models", "30"], 600),
+    "up_rss": (["bench.up_rss"], 600),
     "peer_mlserver": (["bench.peer_mlserver", "--seconds", "8"], 1200),
     "placement_sim": (["bench.placement_sim"], 900),
     "placement_throughput": (["bench.placement_throughput"], 600),

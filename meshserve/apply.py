@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshserve import registry
 from meshserve.model import ModelSpec
 from meshserve.store.state import State
 from meshserve.yamlfile import ConfigError, iter_yaml_files, load_documents
+
+if TYPE_CHECKING:
+    from meshserve.rules.config import Predict
 
 
 def read_models(path: Path) -> list[ModelSpec]:
@@ -29,13 +33,13 @@ def read_models(path: Path) -> list[ModelSpec]:
     return specs
 
 
-async def apply_path(state: State, path: Path) -> list[ModelSpec]:
+async def apply_path(state: State, path: Path, predict: "Predict | None" = None) -> list[ModelSpec]:
     """Models and traffic rules under `path`. A changed InferenceService becomes a version move
     (the alias moves once the new model is loaded): meshserve/rules/config.py."""
     from meshserve import tracing
     from meshserve.rules.config import apply_paths
 
     with tracing.tracer(__name__).start_as_current_span("control.apply", attributes={"meshserve.files": [str(path)], "meshserve.by": "up"}) as span:
-        res = await apply_paths(state, [path])
+        res = await apply_paths(state, [path], predict=predict)
         span.set_attributes(tracing.applied(res.specs, res.rules))
         return res.specs

@@ -32,6 +32,10 @@ class ModelSpec:
     max_copies: int = 0  # 0 = no limit
     pinned: bool = False
     size_hint: int = 0  # bytes, 0 = predict from the file
+    # Bytes predicted from the stored files at registration (disk x 1.25, listed by `meshserve
+    # apply`/`up`: meshserve_loader/predict.py); placement books it before the first load
+    # (sizes.py). 0: not listed (no storage access, a listing failed): the unknown-size default.
+    predicted_size: int = 0
     # The model this one adapts (issue 17): the name (alias) of another registered model, whose
     # files the loader fetches too and whose weights the runtime shares between its adapters.
     # From the `meshserve.io/base-model` annotation, or PEFT's adapter_config.json

@@ -105,6 +105,10 @@ class Settings:
     max_concurrent_loads: int = 2
     # False refuses formats whose files run code when loaded (pickle/joblib, user classes).
     allow_executable_formats: bool = True
+    # Formats whose libraries the built-in runtime imports at start, comma-separated ("sklearn,onnx").
+    # The rest are imported by the first load of their format: ~1.3 CPU-s of that load, ~110 MiB saved
+    # per idle runtime for sklearn (docs/design/loader.md).
+    runtime_preimport: str = ""
     # Local directories besides the PVC root and the pod's disk cache that models may be loaded
     # from (`storageUri: file:///...`), os.pathsep-separated. The built-in runtime refuses a load
     # of any path outside these, the PVC root and its pod's cache (docs/security.md).

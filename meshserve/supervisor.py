@@ -7,21 +7,16 @@ in order) and asks the kernel to SIGTERM it if we die, even by kill -9.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import sys
 from dataclasses import dataclass
 
-PR_SET_PDEATHSIG = 1
-
+from meshserve.deathsig import die_with_parent
 
 def _child_setup() -> None:  # runs in the child between fork and exec
     os.setpgrp()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    die_with_parent()
 
 
 @dataclass

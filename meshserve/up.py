@@ -100,12 +100,13 @@ def apply_serving_config(s: Settings, explicit: set[str]) -> list[str]:
 
 
 async def start_mesh(s: Settings, sup: Supervisor) -> None:
+    from meshserve_loader.predict import Predictor
     from meshserve_xds.bootstrap import XdsClientTls, gateway_bootstrap
 
     tls = XdsClientTls.from_settings(s)  # a half-configured MESHSERVE_XDS_TLS_* fails here, before anything starts
     started = time.time()
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    ensure_example_model(s.pvc_root)
+    await asyncio.to_thread(ensure_example_model, s.pvc_root)  # a child process trains it (example.py)
     py = sys.executable
     if not s.redis_url:
         vdir = (s.data_dir / "valkey").resolve()
@@ -120,7 +121,8 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     sup.env.update(s.as_env())
     state = State.from_url(s.redis_url)
     try:
-        specs = await apply_path(state, s.config_dir)
+        # Sizes predicted from the stored files, for placement to book before first loads (sizes.py).
+        specs = await apply_path(state, s.config_dir, predict=Predictor.from_settings(s))
     finally:
         await state.close()
     for spec in specs:

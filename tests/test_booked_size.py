@@ -15,8 +15,8 @@ from meshserve_placement.sizes import UNKNOWN_MODEL_BYTES, booked_size, reported
 MiB = 1 << 20
 
 
-def _spec(name: str, size_hint: int = 0) -> ModelSpec:
-    return ModelSpec(id=f"{name}__isvc-0000000000", alias=name, format="sklearn", storage={}, size_hint=size_hint)
+def _spec(name: str, size_hint: int = 0, predicted: int = 0) -> ModelSpec:
+    return ModelSpec(id=f"{name}__isvc-0000000000", alias=name, format="sklearn", storage={}, size_hint=size_hint, predicted_size=predicted)
 
 
 def test_booked_size_prefers_reported_then_stated_then_unknown() -> None:
@@ -28,6 +28,13 @@ def test_booked_size_prefers_reported_then_stated_then_unknown() -> None:
     assert booked_size(2 * MiB, reported=496_557) == 2 * MiB
     assert booked_size(0, reported=0, unknown=1) == 1
     assert reported_of([]) == 0 and reported_of([0, 496_557, 400_000]) == 496_557
+
+
+def test_a_prediction_from_the_files_stands_in_until_a_report_or_a_stated_size() -> None:
+    assert booked_size(0, predicted=496_557) == 496_557  # listed at registration, never loaded
+    assert booked_size(0, reported=500_000, predicted=496_557) == 500_000  # the load's report wins
+    assert booked_size(2 * MiB, predicted=496_557) == 2 * MiB  # so does what the user stated
+    assert reload._model_view(_spec("a", predicted=496_557)).size == 496_557
 
 
 def test_the_leader_books_through_it() -> None:
@@ -60,6 +67,9 @@ def test_a_small_pod_takes_a_model_once_its_size_is_known() -> None:
     known = reload._model_view(_spec("a"), reported=496_557)
     view.set_model(known)
     assert policy.place(known, view, 0.0).pod == "p"
+    predicted = reload._model_view(_spec("c", predicted=496_557))  # its files listed at registration
+    view.set_model(predicted)
+    assert policy.place(predicted, view, 0.0).pod == "p"
 
 
 def test_the_simulator_books_what_the_leader_books() -> None:

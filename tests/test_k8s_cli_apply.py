@@ -6,21 +6,17 @@ stopped; each test bounded to seconds)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from kubernetes import client
 
 from meshserve.store import State, keys
 from meshserve.cli import cli
-from meshserve_testing.devmesh import valkey
-from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
+from meshserve_testing.k8s import running_controller, until
 
 REPO = Path(__file__).resolve().parent.parent
 NS = "modelmesh-serving"
@@ -28,20 +24,6 @@ MNIST = REPO / "mesh-config" / "sklearn-mnist.yaml"
 EXAMPLES = REPO / "mesh-config" / "examples"
 RUNTIME = {"metadata": {"name": "meshserve-builtin"}, "spec": {"supportedModelFormats": [{"name": "sklearn", "autoSelect": True}]}}
 NO_REDIS = "redis://127.0.0.1:1/0"  # cluster mode must never need the mesh's Redis
-
-
-@pytest.fixture(scope="module")
-def store():
-    with valkey() as v:
-        yield v
-
-
-@pytest.fixture
-async def state(store) -> AsyncIterator[State]:
-    s = State.from_url(store.url)
-    await s.r.flushdb()
-    yield s
-    await s.close()
 
 
 @pytest.fixture
@@ -68,40 +50,14 @@ def meshserve(*args: str, env: dict[str, str] | None = None) -> Any:
                               catch_exceptions=False)
 
 
-@contextlib.asynccontextmanager
-async def running(api: FakeApiServer, state: State) -> AsyncIterator[Controller]:
-    ac = client.ApiClient(client.Configuration(host=api.url))
-    c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.2, debounce_seconds=0.02, max_backoff_seconds=0.3)
-    task = asyncio.create_task(c.run())
-    try:
-        yield c
-    finally:
-        c.stop()
-        await asyncio.wait_for(task, 15)
-        ac.close()
-
-
-async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
-
-
-async def test_embedded_apply_into_a_cluster_mesh_is_undone_by_the_controller(api: FakeApiServer, state: State, store: Any) -> None:
+async def test_embedded_apply_into_a_cluster_mesh_is_undone_by_the_controller(api: FakeApiServer, state: State, valkey: Any) -> None:
     """The bug: `meshserve apply` without cluster mode writes Redis; the controller, which owns
     the registry in cluster mode, removes the alias on its next pass."""
     # In a thread: the command runs its own event loop (asyncio.run).
-    r = await asyncio.to_thread(CliRunner().invoke, cli, ["apply", "-f", str(MNIST), "--redis-url", store.url], env={"MESHSERVE_MODE": None})
+    r = await asyncio.to_thread(CliRunner().invoke, cli, ["apply", "-f", str(MNIST), "--redis-url", valkey.url], env={"MESHSERVE_MODE": None})
     assert r.exit_code == 0, r.output
     assert await state.r.hget(keys.ALIASES, "sklearn-mnist")
-    async with running(api, state) as c:
+    async with running_controller(api, state) as c:
         await until(lambda: c.reconciles >= 2, "two passes")
         await until(lambda: _no_alias(state), "alias removed")
 
@@ -120,7 +76,7 @@ async def test_cluster_mode_apply_goes_through_the_api_and_the_controller_keeps_
     assert not [q for q in api.requests if q.method in ("PUT", "PATCH")]
     # Again: unchanged, nothing written.
     assert (await asyncio.to_thread(meshserve, "apply", "-f", str(MNIST), "--kubeconfig", str(kc), "-n", NS)).output.strip() == "inferenceservice/sklearn-mnist unchanged"
-    async with running(api, state) as c:
+    async with running_controller(api, state) as c:
         alias = await until(lambda: state.r.hget(keys.ALIASES, "sklearn-mnist"), "alias registered")
         n = c.reconciles
         await until(lambda: c.reconciles >= n + 3, "three more passes")

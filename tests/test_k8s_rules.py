@@ -6,21 +6,16 @@ processes on 127.0.0.1 only, all stopped; each test bounded to seconds)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
-import pytest
-from kubernetes import client
 
-from meshserve.rules import moves
 from meshserve_rollout import controller as rollout
 from meshserve.store import State, keys
-from meshserve_testing.devmesh import valkey
 from meshserve.k8s import rules as kr
-from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
+from meshserve_testing.k8s import running_controller, until
 from meshserve.rules import store as rstore
 
 NS = "modelmesh-serving"
@@ -41,46 +36,6 @@ SPLIT = {"model": "a", "routes": [{"to": [{"model": "a", "weight": 90}, {"model"
 CANARY = {"model": "a", "canary": {"model": "b", "steps": [{"weight": 10}, {"weight": 50}, {"weight": 100}]}}
 
 
-@pytest.fixture(scope="module")
-def store():
-    with valkey() as v:
-        yield v
-
-
-@pytest.fixture
-async def state(store) -> AsyncIterator[State]:
-    s = State.from_url(store.url)
-    await s.r.flushdb()
-    yield s
-    await s.close()
-
-
-@contextlib.asynccontextmanager
-async def running(api: FakeApiServer, state: State) -> AsyncIterator[Controller]:
-    ac = client.ApiClient(client.Configuration(host=api.url))
-    c = Controller(ac, state, NS, watch_timeout_seconds=3, resync_seconds=0.3, debounce_seconds=0.02, max_backoff_seconds=0.3)
-    task = asyncio.create_task(c.run())
-    try:
-        yield c
-    finally:
-        c.stop()
-        await asyncio.wait_for(task, 15)
-        ac.close()
-
-
-async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
-
-
 def status(api: FakeApiServer, name: str) -> dict[str, Any]:
     return (api.get("trafficrules", name) or {}).get("status") or {}
 
@@ -95,7 +50,7 @@ async def test_trafficrules_are_registered_and_get_status(state: State) -> None:
         api.apply("inferenceservices", isvc("a", "a.joblib"))
         api.apply("inferenceservices", isvc("b", "b.joblib"))
         api.apply("trafficrules", trafficrule("split", SPLIT))
-        async with running(api, state):
+        async with running_controller(api, state):
             rules = await until(lambda: stored(state), "rule in Redis")
             assert rules["split"]["spec"] == SPLIT and rules["split"]["metadata"] == {"name": "split", "namespace": NS}
             s = await until(lambda: status(api, "split").get("phase") == "Active" and status(api, "split"), "status Active")
@@ -144,6 +99,6 @@ async def test_without_the_crd_rules_in_redis_are_left_alone(state: State) -> No
         ops, changes = rstore.rule_ops([{**trafficrule("local", {"model": "a", "mirror": {"model": "a", "percent": 1}}),
                                          "metadata": {"name": "local", "namespace": NS}}], {})
         await state.commit(ops, changes)
-        async with running(api, state) as c:
+        async with running_controller(api, state) as c:
             await until(lambda: c.reconciles >= 2, "two passes")
         assert "local" in await stored(state)

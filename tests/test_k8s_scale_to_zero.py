@@ -20,7 +20,8 @@ from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
 from meshserve.model import ModelSpec
 from meshserve_placement import policy
-from tests.test_k8s_watch import BUILTIN_RUNTIME, STORAGE, api, isvc, running_controller, state, store, until  # noqa: F401 (fixtures)
+from tests.test_k8s_watch import BUILTIN_RUNTIME, STORAGE, api, isvc  # noqa: F401 (fixtures)
+from meshserve_testing.k8s import running_controller, until
 
 MB = 1 << 20
 MLSERVER_RUNTIME = {

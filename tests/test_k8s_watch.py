@@ -5,11 +5,10 @@ processes and sockets on 127.0.0.1 only, every server stopped; each test bounded
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import pytest
 import yaml
@@ -18,9 +17,9 @@ from kubernetes import client
 from meshserve.store import State, keys
 from meshserve.store.messages import KIND_POD
 from meshserve.apply import read_models
-from meshserve_testing.devmesh import valkey
 from meshserve_controller.controller import Controller
 from meshserve_testing.fakeapi import FakeApiServer
+from meshserve_testing.k8s import running_controller, until
 from meshserve.model import Pod
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,12 +47,6 @@ def isvc(name: str, fmt: str = "sklearn", path: str = "mnist-svm.joblib", **mode
     }
 
 
-@pytest.fixture(scope="module")
-def store():
-    with valkey() as v:
-        yield v
-
-
 @pytest.fixture
 def api():
     with FakeApiServer(bookmark_interval=0.1) as srv:
@@ -61,46 +54,10 @@ def api():
 
 
 @pytest.fixture
-async def state(store) -> AsyncIterator[State]:
-    s = State.from_url(store.url)
-    await s.r.flushdb()
-    yield s
-    await s.close()
-
-
-@contextlib.asynccontextmanager
-async def running_controller(api: FakeApiServer, state: State, **kw: Any) -> AsyncIterator[Controller]:
-    """A Controller on the fake API server with test-sized timings (`kw` overrides), stopped after."""
-    ac = client.ApiClient(client.Configuration(host=api.url))
-    c = Controller(ac, state, NS, **{"watch_timeout_seconds": 3, "resync_seconds": 0.3, "debounce_seconds": 0.02,
-                                     "max_backoff_seconds": 0.3, **kw})
-    task = asyncio.create_task(c.run())
-    try:
-        yield c
-    finally:
-        c.stop()
-        await asyncio.wait_for(task, 15)
-        ac.close()
-
-
-@pytest.fixture
 async def controller(api: FakeApiServer, state: State) -> AsyncIterator[Controller]:
     # Pages of two objects: every list in these tests goes through `continue` tokens.
     async with running_controller(api, state, page_size=2) as c:
         yield c
-
-
-async def until(pred: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
 
 
 async def aliases(state: State) -> dict[str, str]:
@@ -234,10 +191,10 @@ async def test_dropped_connections_resume_from_bookmark_without_relisting(api: F
     assert w.lists == lists
 
 
-async def test_failing_lists_back_off_then_converge(api: FakeApiServer, state: State, store) -> None:
+async def test_failing_lists_back_off_then_converge(api: FakeApiServer, state: State, valkey) -> None:
     """The API server answers 500 to the first lists: the watchers retry with backoff and the
     controller acts only once every resource has listed (no removal based on a partial view)."""
-    s2 = State.from_url(store.url)
+    s2 = State.from_url(valkey.url)
     await s2.r.flushdb()
     await s2.register_models(read_models(REPO / "mesh-config"))  # registered earlier, still in the cluster
     api.apply("servingruntimes", BUILTIN_RUNTIME)

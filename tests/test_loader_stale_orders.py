@@ -11,7 +11,6 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from meshserve_testing import devmesh
 from meshserve.store import State, keys
@@ -19,22 +18,7 @@ from meshserve.model import Copy, CopyState, ModelSpec, Pod, copies_to_json
 from meshserve.settings import Settings
 from meshserve.store.keys import ORDERS_GROUP as GROUP, POD_EVENTS
 from meshserve_loader.agent import Agent
-
-
-class _Runtime:
-    def __init__(self) -> None:
-        self.loaded: list[str] = []
-
-    async def wait_ready(self, timeout: float = 0) -> None: ...
-
-    async def load(self, model_id: str, params: dict[str, Any], timeout: float) -> int:
-        self.loaded.append(model_id)
-        return 1000
-
-    async def unload(self, model_id: str) -> None: ...
-
-    async def stats(self) -> dict[str, Any]:
-        return {m: {"requests": 0} for m in self.loaded}
+from meshserve_testing.fake_runtime import RecordingRuntime
 
 
 def _spec(model_id: str) -> ModelSpec:
@@ -64,7 +48,7 @@ async def test_restarted_loader_drops_withdrawn_orders_and_resumes_the_rest(tmp_
             # The previous loader took all three and died before acknowledging any.
             assert len((await r.xreadgroup(GROUP, pod.id, {key: ">"}, count=10))[0][1]) == 3
 
-            rt = _Runtime()
+            rt = RecordingRuntime()
             a = Agent(s, pod, rt, state)
             await a.register()
             loop = asyncio.create_task(a.order_loop())

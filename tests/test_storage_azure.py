@@ -84,3 +84,18 @@ def test_digest_limit_and_errors(tmp_path: Path, account: str) -> None:
     with pytest.raises(StorageError, match="(AuthorizationFailure|AuthenticationFailed|403).*connection_string"):
         asyncio.run(f.fetch({"key": "badkey", "path": "sklearn/mnist.joblib"}))
     assert not list((tmp_path / "cache").glob(".tmp-*")), "no temporaries left behind"
+
+
+def test_registration_predicts_from_the_listing(tmp_path: Path, account: str) -> None:
+    """Issue 19 §2: the size placement books before the first load, from the blobs' sizes
+    (meshserve_loader/predict.py); nothing is downloaded."""
+    from meshserve.model import ModelSpec
+    from meshserve_loader.predict import Predictor
+    from meshserve_loader.storage import from_disk
+
+    entry = {"type": "azure", "account_name": AZURITE_ACCOUNT, "container": "models", "connection_string": azurite_connection_string(account)}
+    stores = parse_secret({"a": json.dumps(entry)})
+    one = ModelSpec(id="one__isvc-1", alias="one", format="sklearn", storage={"key": "a", "path": "sklearn/mnist.joblib"})
+    folder = ModelSpec(id="dir__isvc-1", alias="dir", format="mlserver", storage={"key": "a", "path": "mlserver/iris"})
+    got = asyncio.run(Predictor(tmp_path / "pvc", stores)([one, folder]))
+    assert got == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1)}

@@ -136,3 +136,18 @@ def test_service_account_key_is_used(tmp_path: Path, gcs: str) -> None:
     bad = _fetcher(tmp_path / "bad", {"sa": {**entry, "private_key": "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"}})
     with pytest.raises(StorageError, match="private_key is not a usable service account key"):
         asyncio.run(bad.fetch({"key": "sa", "path": "sklearn/mnist.joblib"}))
+
+
+def test_registration_predicts_from_the_listing(tmp_path: Path, gcs: str) -> None:
+    """Issue 19 §2: the size placement books before the first load, from the objects' sizes
+    (meshserve_loader/predict.py); nothing is downloaded."""
+    from meshserve.model import ModelSpec
+    from meshserve_loader.predict import Predictor
+    from meshserve_loader.storage import from_disk
+
+    stores = parse_secret({"g": json.dumps({"type": "gcs", "bucket": "models", "endpoint_url": gcs})})
+    one = ModelSpec(id="one__isvc-1", alias="one", format="sklearn", storage={"key": "g", "path": "sklearn/mnist.joblib"})
+    folder = ModelSpec(id="dir__isvc-1", alias="dir", format="mlserver", storage={"key": "g", "path": "mlserver/iris"})
+    missing = ModelSpec(id="no__isvc-1", alias="no", format="sklearn", storage={"key": "g", "path": "nope/nothing"})
+    got = asyncio.run(Predictor(tmp_path / "pvc", stores)([one, folder, missing]))
+    assert got == {one.id: from_disk(len(BODY)), folder.id: from_disk(10 + 2 + 1)}  # nothing listed: no prediction

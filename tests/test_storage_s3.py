@@ -128,26 +128,12 @@ async def test_agent_loads_from_s3_with_storage_config_setting(tmp_path: Path, s
     from meshserve.model import ModelSpec, Pod
     from meshserve.settings import Settings
     from meshserve_loader.agent import Agent
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.paths: list[str] = []
-
-        async def wait_ready(self, timeout: float = 0) -> None: ...
-
-        async def load(self, model_id: str, params: dict, timeout: float) -> int:
-            self.paths.append(params["path"])
-            return 0
-
-        async def unload(self, model_id: str) -> None: ...
-
-        async def stats(self) -> dict:
-            return {}
+    from meshserve_testing.fake_runtime import RecordingRuntime
 
     with devmesh.valkey() as v:
         s = Settings(data_dir=tmp_path, redis_url=v.url, storage_config=str(_config(tmp_path, s3_endpoint)))
         state = State.from_url(v.url)
-        rt = Recorder()
+        rt = RecordingRuntime()
         a = Agent(s, Pod("pod-0", "127.0.0.1", 1, 2, 1 << 30, ["sklearn"]), rt, state)
         spec = ModelSpec(id="mnist__isvc-0000000001", alias="mnist", format="sklearn", storage={"key": "localMinIO", "path": "sklearn/mnist-svm.joblib"})
         size, predicted = await a._load(spec)

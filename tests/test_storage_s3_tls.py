@@ -89,28 +89,14 @@ async def test_agent_picks_up_a_changed_secret_without_restart(tmp_path: Path, c
     from meshserve.model import ModelSpec, Pod
     from meshserve.settings import Settings
     from meshserve_loader.agent import Agent
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.paths: list[str] = []
-
-        async def wait_ready(self, timeout: float = 0) -> None: ...
-
-        async def load(self, model_id: str, params: dict, timeout: float) -> int:
-            self.paths.append(params["path"])
-            return 0
-
-        async def unload(self, model_id: str) -> None: ...
-
-        async def stats(self) -> dict:
-            return {}
+    from meshserve_testing.fake_runtime import RecordingRuntime
 
     secret = tmp_path / "storage-config"
     _mount(secret, {"gcsHalf": json.dumps({"type": "gcs", "client_email": "sa@p"}), "private": json.dumps(_entry(tls_s3))})
     with devmesh.valkey() as v:
         s = Settings(data_dir=tmp_path, redis_url=v.url, storage_config=str(secret))
         state = State.from_url(v.url)
-        rt = Recorder()
+        rt = RecordingRuntime()
         a = Agent(s, Pod("pod-0", "127.0.0.1", 1, 2, 1 << 30, ["sklearn"]), rt, state)
         spec = ModelSpec(id="mnist__isvc-0000000001", alias="mnist", format="sklearn", storage={"key": "private", "path": "sklearn/mnist.joblib"})
         with pytest.raises(StorageError, match="set 'certificate'"):

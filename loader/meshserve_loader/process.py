@@ -5,27 +5,22 @@ run; the agent restarts it and reports the models a death lost."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshserve.deathsig import die_with_parent
+
 log = logging.getLogger("meshserve.loader.process")
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
     # Its own group, so we stop it and its workers together; and the kernel stops it if the
     # agent dies, even by SIGKILL, so a runtime is never orphaned.
     os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    die_with_parent()
 
 
 @dataclass

@@ -44,6 +44,20 @@ def azure_client(store: Store):  # type: ignore[no-untyped-def]
     return BlobServiceClient(url, credential=credential, **CLIENT_KW)
 
 
+def azure_objects(cc, key: str) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    """(name, size) of blob `key` in container client `cc`, else of every blob under `key/`."""
+    from azure.core import exceptions as azexc
+
+    if key:
+        try:
+            return [(key, int(cc.get_blob_client(key).get_blob_properties().size))]
+        except azexc.ResourceNotFoundError as e:
+            if getattr(e, "error_code", None) == "ContainerNotFound":
+                raise
+    prefix = f"{key}/" if key else ""
+    return [(b.name, int(b.size)) for b in cc.list_blobs(name_starts_with=prefix or None) if not b.name.endswith("/")]
+
+
 def pull_azure(
     store: Store, container: str, key: str, dest: Path, max_bytes: int, progress_min_bytes: int, sha256: str = "",
     on_progress: Callable[[int, int], None] | None = None,
@@ -63,17 +77,7 @@ def pull_azure(
     svc = azure_client(store)
     cc = svc.get_container_client(container)
     try:
-        objects: list[tuple[str, int]] = []
-        if key:
-            try:
-                props = cc.get_blob_client(key).get_blob_properties()
-                objects = [(key, int(props.size))]
-            except azexc.ResourceNotFoundError as e:
-                if getattr(e, "error_code", None) == "ContainerNotFound":
-                    raise
-        if not objects:
-            prefix = f"{key}/" if key else ""
-            objects = [(b.name, int(b.size)) for b in cc.list_blobs(name_starts_with=prefix or None) if not b.name.endswith("/")]
+        objects = azure_objects(cc, key)
         return write_objects(what, key, objects, dest, max_bytes, progress_min_bytes, sha256, on_progress,
                              read=lambda name: cc.download_blob(name, max_concurrency=1).chunks(),
                              name_of=lambda name: f"azure://{container}/{name}")

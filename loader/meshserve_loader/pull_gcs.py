@@ -45,6 +45,15 @@ def gcs_client(store: Store):  # type: ignore[no-untyped-def]
                           client_options={"api_endpoint": store.endpoint_url} if store.endpoint_url else None)
 
 
+def gcs_objects(client, b, key: str) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    """(name, size) of blob `key` of bucket `b`, else of every blob under `key/`."""
+    blob = b.get_blob(key, timeout=TIMEOUT) if key else None
+    if blob is not None:
+        return [(blob.name, int(blob.size or 0))]
+    prefix = f"{key}/" if key else ""
+    return [(o.name, int(o.size or 0)) for o in client.list_blobs(b, prefix=prefix, timeout=TIMEOUT) if not o.name.endswith("/")]
+
+
 def pull_gcs(
     store: Store, bucket: str, key: str, dest: Path, max_bytes: int, progress_min_bytes: int, sha256: str = "",
     on_progress: Callable[[int, int], None] | None = None,
@@ -65,12 +74,7 @@ def pull_gcs(
     client = gcs_client(store)
     b = client.bucket(bucket)
     try:
-        blob = b.get_blob(key, timeout=TIMEOUT) if key else None
-        if blob is not None:
-            objects = [(blob.name, int(blob.size or 0))]
-        else:
-            prefix = f"{key}/" if key else ""
-            objects = [(o.name, int(o.size or 0)) for o in client.list_blobs(b, prefix=prefix, timeout=TIMEOUT) if not o.name.endswith("/")]
+        objects = gcs_objects(client, b, key)
 
         def read(name: str) -> Iterator[bytes]:
             with b.blob(name).open("rb", chunk_size=CHUNK, timeout=TIMEOUT) as f:

@@ -218,7 +218,7 @@ def pull_s3(
 
     try:
         return write_objects(
-            what, key, _objects(client, bucket, key), dest, max_bytes, progress_min_bytes, sha256, on_progress,
+            what, key, s3_objects(client, bucket, key), dest, max_bytes, progress_min_bytes, sha256, on_progress,
             read=None, name_of=lambda k: f"s3://{bucket}/{k}", download=download,
         )
     except ClientError as e:
@@ -243,7 +243,8 @@ def pull_s3(
         raise StorageError(f"{what}: {e}") from None
 
 
-def _objects(client, bucket: str, key: str) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+def s3_objects(client, bucket: str, key: str) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    """(key, size) of object `key`, else of every object under `key/` (placeholders skipped)."""
     from botocore.exceptions import ClientError
 
     if key:

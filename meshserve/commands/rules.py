@@ -141,7 +141,11 @@ def apply(paths: tuple[Path, ...], dry_run: str, redis_url: str, target: Target)
         return
 
     async def go(state: State) -> Any:
-        res = await apply_paths(state, paths, stdin)
+        from meshserve.settings import Settings
+        from meshserve_loader.predict import Predictor
+
+        # Lists the new models' stored files with this machine's storage-config (MESHSERVE_STORAGE_CONFIG).
+        res = await apply_paths(state, paths, stdin, predict=Predictor.from_settings(Settings.from_env()))
         trace.get_current_span().set_attributes(tracing.applied(res.specs, res.rules))
         return res
 

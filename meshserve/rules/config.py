@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from meshserve import registry, servingconfig
 from meshserve.store.state import State
@@ -47,6 +47,10 @@ OTHER_READERS = {
     "ClusterServingRuntime": "read by the runtime pods from mesh-config/ when they start (MESHSERVE_POD_RUNTIMES)",
 }
 STORAGE_SECRET = "storage-config"
+# Model id -> bytes predicted from its stored files (disk x 1.25), for the specs given; a model
+# whose files could not be listed is left out. The composition root (the CLI, `meshserve up`)
+# passes the loader's (meshserve_loader/predict.py): the kernel does not read object stores.
+Predict = Callable[[list[ModelSpec]], Awaitable[dict[str, int]]]
 
 
 def classify_other(doc: Document) -> str:
@@ -156,9 +160,11 @@ class Applied:
     after: dict[str, Any] = field(default_factory=dict)
 
 
-async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False) -> Applied:
+async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = None, dry_run: bool = False,
+                      predict: Predict | None = None) -> Applied:
     """Validate everything, then write it in one commit (models, aliases or version moves, rules).
-    With `dry_run` nothing is written: the result says what would change."""
+    With `dry_run` nothing is written: the result says what would change. `predict`: lists the
+    stored files of models with no stated size, for placement to book before their first load."""
     from meshserve.rules import moves, preview
 
     cfg = read_config(list(paths), stdin)
@@ -166,6 +172,7 @@ async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = N
     rules, statuses, transitions = await store.read_all(state)
     owners = {spec["model"]: name for name, spec in rules.items()}
     validate_rules(cfg, set(snap.aliases) | set(snap.models), owners)
+    await predict_sizes(cfg.specs, snap.models, predict)  # only once all of it is valid
     loaded = {m: sum(1 for c in cs.values() if c.state == CopyState.LOADED) for m, cs in snap.placements.items()}
     now = time.time()
     ops, changes, notes = moves.registration(cfg.specs, cfg.percents, snap.aliases, loaded, transitions, now)
@@ -176,6 +183,25 @@ async def apply_paths(state: State, paths: Iterable[Path], stdin: str | None = N
     if (ops or rops) and not dry_run:
         await state.commit(ops + rops, changes + rchanges)
     return Applied(cfg.specs, cfg.rules, notes + cfg.skipped + cfg.warnings, cfg.kinds, cfg.serving, before, after)
+
+
+async def predict_sizes(specs: list[ModelSpec], stored: Mapping[str, ModelSpec], predict: Predict | None) -> None:
+    """Set `predicted_size` on the specs with no stated size. A model already registered keeps
+    its prediction (the same id is the same storage entry: its files were listed then); the
+    others are listed through `predict`, if given."""
+    todo = []
+    for s in specs:
+        if s.size_hint:
+            continue
+        old = stored.get(s.id)
+        if old is not None and old.predicted_size:
+            s.predicted_size = old.predicted_size
+        else:
+            todo.append(s)
+    if predict is not None and todo:
+        got = await predict(todo)
+        for s in todo:
+            s.predicted_size = got.get(s.id, 0)
 
 
 def rule_summary(name: str, spec: dict[str, Any], status: dict[str, Any]) -> str:

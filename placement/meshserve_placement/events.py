@@ -50,7 +50,7 @@ class Events:
             # Reported: later decisions book it, after this copy's eviction too (identical files
             # report the same size, so it stays true). A new ModelView, so its eviction key moves.
             spec = self.specs.get(model_id)
-            self.view.set_model(replace(mv, size=booked_size(spec.size_hint if spec else 0, out.size)))
+            self.view.set_model(replace(mv, size=booked_size(spec.size_hint if spec else 0, out.size, predicted=spec.predicted_size if spec else 0)))
         if out.exclude_until:
             self.view.exclude(model_id, pod, out.exclude_until)
             ops.append(cmd.exclude(model_id, pod, out.exclude_until))

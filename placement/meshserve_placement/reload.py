@@ -168,8 +168,9 @@ class Reload:
 
 
 def _model_view(m: ModelSpec, reported: int = 0) -> ModelView:
-    # The size a load reported, else the stated size, else the unknown-size default (sizes.py).
-    return ModelView(m.id, m.format, booked_size(m.size_hint, reported), m.pinned, m.min_copies, m.max_copies, m.runtime)
+    # The size a load reported, else the stated size, else the files' prediction, else the
+    # unknown-size default (sizes.py).
+    return ModelView(m.id, m.format, booked_size(m.size_hint, reported, predicted=m.predicted_size), m.pinned, m.min_copies, m.max_copies, m.runtime)
 
 
 def _pod_view(p: Pod) -> PodView:

@@ -8,9 +8,12 @@ What it is made of:
   size (issue 19 §2; docs/design/loader.md), so a model keeps it across evictions.
 - `stated`: the size the InferenceService or Predictor states (`meshserve.io/memory`, or the
   predictor's `resources.requests.memory`; registry.py).
-- `UNKNOWN_MODEL_BYTES` for a model never loaded and with no stated size: placement cannot see
-  its files (they are in object stores it has no credentials for), and the loader predicts only
-  once it has pulled them on the chosen pod.
+- `predicted`: for a model never loaded with no stated size, the prediction from its stored
+  files made at registration (disk size x 1.25, ModelMesh's rule: `ModelSpec.predicted_size`,
+  meshserve_loader/predict.py), the same the loader floors its report at.
+- `UNKNOWN_MODEL_BYTES` when there is none of these: placement itself cannot see the files
+  (they are in object stores it has no credentials for), and the registration's listing failed
+  or was not made (cluster mode's controller does not list yet).
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from typing import Iterable
 UNKNOWN_MODEL_BYTES = 64 << 20
 
 
-def booked_size(stated: int, reported: int = 0, unknown: int = UNKNOWN_MODEL_BYTES) -> int:
-    """Bytes to book for one copy: the larger of the reported and the stated size, `unknown`
-    when there is neither. The loader already floors a report at the stated size; the max here
-    makes a stated size raised since the last load count at once (the annotation is not part of
-    the model's id, so the model and its remembered report stay)."""
+def booked_size(stated: int, reported: int = 0, unknown: int = UNKNOWN_MODEL_BYTES, predicted: int = 0) -> int:
+    """Bytes to book for one copy: the larger of the reported and the stated size, else the
+    prediction from the stored files, else `unknown`. The loader already floors a report at the
+    stated size (or the prediction); the max here makes a stated size raised since the last load
+    count at once (the annotation is not part of the model's id, so the model and its remembered
+    report stay)."""
     if reported > 0 or stated > 0:
         return max(reported, stated)
-    return unknown
+    return predicted if predicted > 0 else unknown
 
 
 def reported_of(copy_sizes: Iterable[int]) -> int:

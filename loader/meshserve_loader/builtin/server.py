@@ -15,6 +15,7 @@ and `..` (docs/security.md).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -29,39 +30,46 @@ from meshserve_loader.builtin.table import Runtime
 log = logging.getLogger("meshserve.runtime")
 
 
-def _preimport() -> None:
-    # Import the heavy libraries once at start, so a model's measured size is the model's own
-    # memory, not the libraries its first load happened to import, and cold starts skip it.
+# The libraries each format's first load imports. A runtime imports them on demand, in the
+# load's thread (formats.py), so an idle runtime holds none of them: sklearn and scipy alone are
+# ~110 MiB of RSS per runtime, most of `meshserve up`'s idle memory (bench/up_rss.py). The first
+# load of a format pays its import instead (docs/design/loader.md has the figures); formats named
+# in MESHSERVE_RUNTIME_PREIMPORT are imported at start, for a pod that prefers the memory spent
+# to that first load's wait. Sizes do not depend on it: a model's size is its own objects'
+# footprint (footprint.py), not an RSS delta that a first import would inflate.
+PREIMPORTS: dict[str, tuple[str, ...]] = {
+    "sklearn": ("joblib", "sklearn.svm", "sklearn.linear_model", "sklearn.ensemble"),
+    "xgboost": ("xgboost",),
+    "lightgbm": ("lightgbm",),
+    "onnx": ("onnxruntime",),
+}
+
+
+def preimport_modules(formats: "list[str] | tuple[str, ...]") -> list[str]:
+    """The modules to import at start for `formats` (unknown formats import nothing)."""
+    return [m for f in formats for m in PREIMPORTS.get(f.strip().lower(), ())]
+
+
+def _preimport(modules: list[str]) -> None:
     from meshserve.extras import needs
 
     with needs("runtime", "the built-in runtime"):
-        import joblib  # noqa: F401
-        import sklearn.svm  # noqa: F401
-        import sklearn.linear_model  # noqa: F401
-        import sklearn.ensemble  # noqa: F401
-
-
-def _preimport_more() -> None:
-    # The other formats' libraries (~3 s of imports on a busy 2-core box) warm up after the
-    # server answers, so the pod is up sooner; loads wait for them (Runtime.warm).
-    from meshserve.extras import needs
-
-    with needs("runtime", "the built-in runtime"):
-        import xgboost  # noqa: F401
-        import lightgbm  # noqa: F401
-        import onnxruntime  # noqa: F401
+        for m in modules:
+            importlib.import_module(m)
 
 
 async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True, load_timeout: float = 0.0,
-                control_port: int = 0, allowed_roots: "list[Path] | tuple[Path, ...]" = (), ports_file: Path | None = None) -> None:
+                control_port: int = 0, allowed_roots: "list[Path] | tuple[Path, ...]" = (), ports_file: Path | None = None,
+                preimport: "list[str] | tuple[str, ...]" = ()) -> None:
     """Data listeners on `host` (the pod IP in a cluster), the control listener on 127.0.0.1
     whatever `host` is. Loads only from `allowed_roots`: none given, none succeed. A port of 0
     is the kernel's pick; with `ports_file`, the ports bound are written there once all three
-    listen (servers/builtin.py reads it: the loader advertises those)."""
-    await asyncio.get_running_loop().run_in_executor(None, _preimport)
+    listen (servers/builtin.py reads it: the loader advertises those). `preimport`: formats
+    whose libraries are imported at start, after the listeners are up; loads wait for them."""
     roots = tuple(Path(p).resolve() for p in allowed_roots)
     rt = Runtime(allow_executable=allow_executable, load_timeout=load_timeout, allowed_roots=roots)
-    rt.warm = asyncio.get_running_loop().run_in_executor(None, _preimport_more)
+    if modules := preimport_modules(preimport):
+        rt.warm = asyncio.get_running_loop().run_in_executor(None, _preimport, modules)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", GRPC_MAX_MESSAGE), ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
     )
