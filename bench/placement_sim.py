@@ -114,19 +114,25 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
         if d.pod is None:
             rejected += measuring
             continue
-        for v in d.evict:
-            view.set_copies(v, {p: c for p, c in copies[v].items() if p != d.pod})
-        # The load reports the model's size; the copy and later decisions book it (reducers.load_result).
         reported[m] = w.sizes[mi]
-        mv = replace(mv, size=sizes.booked_size(0, reported[m]))
-        view.set_model(mv)
-        view.set_copies(m, {d.pod: Copy(CopyState.LOADED, mv.size, now)})
+        land(view, d, mv, reported[m], now)
         if measuring:
             loads += 1
             evictions += len(d.evict)
     name = "meshserve (size/frequency-aware global LRU)" if horizon_s else "meshserve policy with plain global LRU (horizon 0)"
     return _result(name, w, hits, loads, evictions, t0,
                    rejected=rejected, decisions_per_s=round(decisions / place_s) if place_s else None)
+
+
+def land(view: policy.ClusterView, d: policy.Decision, mv: policy.ModelView, reported: int, now: float) -> None:
+    """A decision carried out at once: its evictions gone, the model's copy LOADED on the pod.
+    The load reports `reported` bytes; the copy and later decisions book it (reducers.load_result)."""
+    assert d.pod is not None
+    for v in d.evict:
+        view.set_copies(v, {p: c for p, c in view.copies[v].items() if p != d.pod})
+    mv = replace(mv, size=sizes.booked_size(0, reported))
+    view.set_model(mv)
+    view.set_copies(mv.id, {d.pod: Copy(CopyState.LOADED, mv.size, now)})
 
 
 def simulate_pod_lru(w: Workload, pods: int, capacity: int, by_count: bool, seed: int = 7) -> Result:

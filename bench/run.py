@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "placement_throughput": (["bench.placement_throughput"], 600),
     "xds_debounce": (["bench.xds_debounce"], 600),
     "churn": (["bench.churn", "--seconds", "90"], 900),
+    "envoy_memory": (["bench.envoy_memory", "--models", "100000", "--variants", "prod"], 1200),
+    "million": (["bench.million", "--registered", "1000000", "--loaded", "100000"], 1800),
     "pull": (["bench.pull", "--mib", "1024", "--repeats", "3"], 900),
     # Installs Ray Serve in .venv-ray the first time (a few minutes); needs root for `unshare -n`.
     "peer_rayserve": (["bench.peer_rayserve"], 3000),

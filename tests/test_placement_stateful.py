@@ -5,11 +5,13 @@ handlers, driven directly (no stream loops, no timers).
 commands and Lua scripts the leader uses (tests/placement_fakes.py). The Valkey variant runs
 the same machine against a real Valkey, fewer examples.
 
-Random loads, failed loads, unloads that succeed or fail, scale-downs, pod deaths,
+Models include a base and two adapters over it (issue 17). Random loads, failed loads, unloads that succeed or fail, scale-downs, pod deaths,
 re-registrations (with what the runtime still holds, or nothing after a restart), leader
 failovers, and commits that fail. After every step:
 - no pod's booked bytes (LOADED + LOADING) exceed its capacity, in the view and in the store;
 - no pod really holds more than its capacity (what its runtime holds plus the loads ordered);
+- a base is resident (booked, LOADED or LOADING) on every pod where one of its adapters is
+  booked, and an adapter's load order reaches a pod only once its base has loaded there;
 - no model is double-booked on a pod: never two load orders outstanding for one (model, pod),
   never a load order for a model the pod holds already;
 - the leader's view (copies, exclusions, sizes, per-pod index, load queues) equals a fresh
@@ -43,6 +45,9 @@ from tests.placement_fakes import FakeRedis
 MB = 1 << 20
 PODS = {"p0": 100 * MB, "p1": 100 * MB, "p2": 60 * MB}
 MODELS = {f"m{i}": (20 + 10 * (i % 4)) * MB for i in range(8)}  # 20..50 MB
+# A base and two adapters over it (issue 17): the adapters' sizes are their own bytes.
+BASE, ADAPTERS = "b", {"a0": 5 * MB, "a1": 8 * MB}
+MODELS |= {BASE: 40 * MB, **ADAPTERS}
 MODEL = hs.sampled_from(sorted(MODELS))
 POD = hs.sampled_from(sorted(PODS))
 
@@ -76,7 +81,8 @@ class LeaderMachine(RuleBasedStateMachine):
         await self.r.flushdb()
         await self.r.zadd(k.HEARTBEATS, {p: time.time() + 3600 for p in PODS})
         await self.state.commit([ops.set_pod(_pod(p)) for p in PODS], [(KIND_POD, p) for p in PODS])
-        await self.state.register_models([ModelSpec(id=m, alias=m, format="sklearn", size_hint=n, storage={"path": "x"}) for m, n in MODELS.items()])
+        await self.state.register_models([ModelSpec(id=m, alias=m, format="sklearn", size_hint=n, storage={"path": "x"},
+                                                    base=BASE if m in ADAPTERS else "") for m, n in MODELS.items()])
         await self._new_leader()
 
     async def _new_leader(self) -> None:
@@ -107,6 +113,8 @@ class LeaderMachine(RuleBasedStateMachine):
     def load_result(self, data: Any, ok: bool) -> None:
         pod, op, model = data.draw(hs.sampled_from([o for o in self.inbox if o[1] == "load"]))
         self.inbox.remove((pod, op, model))
+        if model in ADAPTERS:  # its order was sent only once its base had loaded there
+            assert BASE in self.holds[pod], (pod, model, self.holds[pod])
         if ok:
             self.holds[pod][model] = MODELS[model]
         ev = LoadResult(pod, model, ok, MODELS[model] if ok else 0, "" if ok else "the runtime refused it")
@@ -197,6 +205,17 @@ class LeaderMachine(RuleBasedStateMachine):
             assert m not in self.holds[p], (p, m, self.holds[p])
 
     @invariant()
+    def a_base_is_resident_wherever_its_adapters_are(self) -> None:
+        booked = (CopyState.LOADED, CopyState.LOADING)
+        stored = self.run(self.state.snapshot()).placements
+        for copies in (self.leader.view.copies, stored):
+            for a in ADAPTERS:
+                for p, c in copies.get(a, {}).items():
+                    if c.state in booked:
+                        bc = copies.get(BASE, {}).get(p)
+                        assert bc is not None and bc.state in booked, (a, p, c, bc)
+
+    @invariant()
     def view_equals_a_fresh_reload(self) -> None:
         fresh = Scheduler(self.leader.s, self.state, self.leader.t)
         self.run(fresh._rebuild())
@@ -210,6 +229,8 @@ def _view_state(s: Scheduler) -> dict[str, Any]:
         "copies": {m: dict(cs) for m, cs in v.copies.items()},
         "excluded": dict(v.excluded),
         "sizes": {m: mv.size for m, mv in v.models.items()},
+        "bases": {m: mv.base for m, mv in v.models.items() if mv.base},
+        "adapters_here": {p: dict(v.index()[p].adapters) for p in pods if p in v.index() and v.index()[p].adapters},
         "pods": sorted(v.pods),
         "index": {p: (v.used(p), v.unloading(p), v.loading(p), dict(v.pod_models(p))) for p in pods if v.pod_models(p)},
         "queues": {p: dict(q) for p, q in s.queues.items() if q},

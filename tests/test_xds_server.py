@@ -229,3 +229,32 @@ def test_a_gateway_is_synced_at_the_revision_only_once_it_acked_the_current_snap
     ss.on_request(discovery_pb2.DiscoveryRequest(type_url=r.ROUTE_TYPE, resource_names=[r.REST], version_info=third[0].version_info, response_nonce=third[0].nonce))
     assert synced_revs(streams, 7, before) == {"gw/s1": 7}
     assert synced_revs(streams, 8, {"gw/s1": 7}) == {"gw/s1": 8}
+
+
+def test_delta_sends_many_route_configurations_in_batches_one_per_ack(monkeypatch) -> None:
+    """A gateway subscribing to more RouteConfigurations than a batch holds gets them a batch
+    per ACK, is not in sync (nor synced, for the loaders) before the last, and is after."""
+    from meshserve_xds import scoped
+
+    monkeypatch.setattr(delta, "MAX_RESOURCES", 3)
+    st = _state({f"m{i}": ["p0"] for i in range(7)})
+    st.registered = set(st.loaded)
+    cache = SnapshotCache()
+    cache.set(GATEWAY_GROUP, scoped.build_all(st, r.ListenerConfig()))
+    snap = cache.group(GATEWAY_GROUP).types[r.ROUTE_TYPE]
+    names = sorted(snap.resources)  # 7 models and the activator's
+    ss = DeltaStream(cache)
+    ss.on_request(discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=r.ROUTE_TYPE, resource_names_subscribe=names))
+    got: list[str] = []
+    for expect in (3, 3, 2):
+        out = ss.due()
+        assert len(out) == 1 and len(out[0].resources) == expect
+        assert ss.due() == []  # nothing more until this batch is ACKed
+        got += [x.name for x in out[0].resources]
+        last = out[0].system_version_info
+        if len(got) < len(names):
+            assert last == snap.version + delta.PARTIAL_SUFFIX  # not in sync yet
+        ss.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=r.ROUTE_TYPE, response_nonce=out[0].nonce))
+    assert sorted(got) == names
+    assert last == snap.version and ss.types[r.ROUTE_TYPE].acked_version == snap.version
+    assert ss.due() == []

@@ -19,9 +19,10 @@ async def base_params(state: State, fetcher: Fetcher, spec: ModelSpec, path: Pat
     base-model), else the one its PEFT adapter_config.json names, fetched like any model, for
     the runtime to load once and share (`base_path`). {} for a model without a base.
 
-    Placement does not know of bases yet (issue 17 item 2): the base is fetched here even
-    when it is not placed on this pod, and its memory is carried by the adapter that
-    brought it (builtin/table.py `load_with_base`)."""
+    Placement loads the base's own model on the pod before an adapter whose spec names it
+    (issue 17 item 2), so the fetch finds it in the disk cache and the runtime finds it
+    resident. A base named only in adapter_config.json is unknown to placement: it is fetched
+    here and its memory is carried by the adapter that brought it (builtin/table.py `load_with_base`)."""
     name = spec.base
     if not name:
         cfg = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG

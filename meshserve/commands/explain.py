@@ -126,7 +126,8 @@ def decision_lines(d: dict[str, Any]) -> list[str]:
         out.append(f"  {s['pod']}: {s['step']}: {s['result']}")
     if d.get("pod"):
         busy = f" (busy, evicted as a last resort: {', '.join(d['evict_busy'])})" if d.get("evict_busy") else ""
-        out.append(f"  => {d['pod']}" + (f", evicting {', '.join(d['evict'])}{busy}" if d.get("evict") else ""))
+        base = (f", with its base {d['base']} (loaded first)" if d.get("with_base") else f", beside its base {d['base']}") if d.get("base") else ""
+        out.append(f"  => {d['pod']}{base}" + (f", evicting {', '.join(d['evict'])}{busy}" if d.get("evict") else ""))
     else:
         out.append(f"  => not placed: {d.get('reason')}")
     return out

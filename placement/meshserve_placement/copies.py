@@ -71,7 +71,7 @@ def plan_copies(
         if moving:
             if n == 0 and (live or floor):
                 out.append(Action("add", m, why=f"its pod {moving[0]} is draining"))
-            else:
+            elif not cluster.base_stays(m, moving[0]):  # a base leaves after its adapters there
                 out.append(Action("remove", m, moving[0], f"pod {moving[0]} is draining; the model is served elsewhere"))
             continue
         if not live:
@@ -88,13 +88,19 @@ def plan_copies(
             and rate < tuning.scale_up_rps * (n - 1) / 2
             and quiet_for >= tuning.scale_down_after_seconds
         ):
-            # Drop the copy on the fullest pod: it frees the most contended memory.
-            victim = max(live, key=lambda p: (cluster.used(p) / max(1, cluster.pods[p].capacity) if p in cluster.pods else 2.0, p))
-            out.append(Action("remove", m, victim, f"{rate:.1f} requests/s needs {want} copies, not {n}"))
-            continue
+            # Drop the copy on the fullest pod: it frees the most contended memory. Never a
+            # base's copy where its adapters are: copies of a base follow its own rate, and
+            # its adapters' copies keep it where they are (bases.py).
+            free = [p for p in live if not cluster.base_stays(m, p)]
+            if free:
+                victim = max(free, key=lambda p: (cluster.used(p) / max(1, cluster.pods[p].capacity) if p in cluster.pods else 2.0, p))
+                out.append(Action("remove", m, victim, f"{rate:.1f} requests/s needs {want} copies, not {n}"))
+                continue
         idle = now - cluster.last_used.get(m, now)
         if tuning.idle_unload_seconds and not busy and floor == 0 and idle >= tuning.idle_unload_seconds:
             for p in live:
+                if cluster.base_stays(m, p):
+                    continue  # its idle adapters go this round; the base follows in a later one
                 out.append(Action("remove", m, p, f"unused for {idle:.0f}s (idle unload after {tuning.idle_unload_seconds:g}s)"))
     return out
 
@@ -140,4 +146,16 @@ def adopt(cluster: ClusterView, pod: str, held: dict[str, int], rates: dict[str,
         else:
             keep[m] = size
             free -= size
+    for m in sorted(keep):  # an adapter kept keeps its base there, or goes too (bases.py)
+        base = cluster.models[m].base
+        if not base or base in keep or (base in known and known[base].state in (CopyState.LOADED, CopyState.LOADING)):
+            continue
+        size = held.get(base, 0) or (cluster.models[base].size if base in cluster.models else 0)
+        if base in held and base in cluster.models and size <= free:
+            keep[base] = size
+            drop.pop(base, None)
+            free -= size
+        else:
+            free += keep.pop(m)
+            drop[m] = f"its base {base} is not kept on the pod"
     return Adoption(keep, drop)

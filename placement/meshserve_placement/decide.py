@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshserve.model import CopyState
 from meshserve_placement.filters import FILTERS, Context
 from meshserve_placement.scorers import SCORERS
 from meshserve_placement.view import ClusterView, ModelView, PodView
@@ -52,6 +53,10 @@ class Decision:
     # The busy copies among `evict` (requests in flight or used within the busy window): evicted
     # only because idle ones did not free enough room (the `fits` filter's last resort).
     evict_busy: list[str] = field(default_factory=list)
+    # An adapter (issue 17): its base, and whether a copy of the base goes on `pod` with this
+    # decision (booked there once, loaded before the adapter; bases.py).
+    base: str = ""
+    with_base: bool = False
 
     @property
     def considered(self) -> str:
@@ -63,7 +68,8 @@ class Decision:
         lines = [self.considered] if self.candidates else []
         lines += [f"{s.pod}: {s.step}: {s.text()}" for s in self.trace]
         busy = f" (busy, evicted as a last resort: {', '.join(self.evict_busy)})" if self.evict_busy else ""
-        lines.append(f"=> {self.pod}" + (f", evicting {', '.join(self.evict)}{busy}" if self.evict else "") if self.pod else f"=> not placed: {self.reason}")
+        base = (f", with its base {self.base} (loaded first)" if self.with_base else f", beside its base {self.base}") if self.base and self.pod else ""
+        lines.append(f"=> {self.pod}{base}" + (f", evicting {', '.join(self.evict)}{busy}" if self.evict else "") if self.pod else f"=> not placed: {self.reason}")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +78,8 @@ class Decision:
             "pod": self.pod,
             "evict": self.evict,
             "evict_busy": self.evict_busy,
+            "base": self.base,
+            "with_base": self.with_base,
             "reason": self.reason,
             "considered": self.considered,
             "trace": [{"pod": s.pod, "step": s.step, "result": s.text()} for s in self.trace],
@@ -96,6 +104,10 @@ def candidate_pods(model: ModelView, cluster: ClusterView, now: float, runtime: 
         return [cluster.pods[i] for i in ids], {i: f"runs {runtime}" for i in pool}
     pooled = len(pool) < len(cluster.pods)
     ids: dict[str, str] = {}  # pod -> why it is a candidate
+    if model.base:  # an adapter: the pods holding its base are where it costs least
+        for pod, c in sorted(cluster.copies.get(model.base, {}).items())[:SAMPLE_PODS]:
+            if pod in cluster.pods and c.state in (CopyState.LOADED, CopyState.LOADING):
+                ids[pod] = f"holds its base {model.base}"
     for m, pod in cluster.cheapest_victims(VICTIM_PODS):
         if pod in cluster.pods and (not pooled or cluster.pods[pod].runtime == runtime):
             ids.setdefault(pod, f"holds {m}, a cheapest eviction")
@@ -112,7 +124,8 @@ def candidate_pods(model: ModelView, cluster: ClusterView, now: float, runtime: 
 
 def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
     """Choose a pod for one more copy of `model`, with the evictions that make room."""
-    ctx = Context(model, cluster, now, cluster.index(), cluster.copies.get(model.id) or {}, runtime=cluster.serving_runtime(model))
+    ctx = Context(model, cluster, now, cluster.index(), cluster.copies.get(model.id) or {}, runtime=cluster.serving_runtime(model),
+                  base=cluster.models.get(model.base) if model.base else None)
     trace: list[Verdict] = []
     candidates: list[PodView] = []
     if cluster.waits_for_pool(ctx.runtime):
@@ -135,7 +148,7 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
             reason = "waiting for room: " + "; ".join(f"{pid}: {w}" for pid, w in sorted(ctx.later.items()))
         else:
             reason = "no pod can take it: " + "; ".join(f"{s.pod} {s.result}" for s in trace)
-        return Decision(model.id, None, [], trace, reason, considered, len(cluster.pods), waits_for_room=sorted(ctx.later))
+        return Decision(model.id, None, [], trace, reason, considered, len(cluster.pods), waits_for_room=sorted(ctx.later), base=model.base)
     evicting = [p.id for p in candidates if ctx.evictions.get(p.id)]
     if len(evicting) > 1:
         dearest = {pid: max(cluster.key_of(m) for m in ctx.evictions[pid]) for pid in evicting}
@@ -154,7 +167,8 @@ def place(model: ModelView, cluster: ClusterView, now: float) -> Decision:
         if total > best_score:
             best, best_score = p, total
     assert best is not None
-    return Decision(model.id, best.id, ctx.evictions.get(best.id, []), trace, "", considered, len(cluster.pods), evict_busy=ctx.busy.get(best.id, []))
+    return Decision(model.id, best.id, ctx.evictions.get(best.id, []), trace, "", considered, len(cluster.pods), evict_busy=ctx.busy.get(best.id, []),
+                    base=model.base, with_base=best.id in ctx.with_base)
 
 
 # Filters whose verdict depends only on the pod, the model's runtime, format and size, and the
@@ -166,4 +180,5 @@ def generic_refusal(d: Decision) -> bool:
     """Pure. A refusal that any model of the same runtime, format and size would get from the
     same view at the same time: every pod was checked (no sampled candidate set) and each was
     refused by a filter that does not look at the model's own copies or exclusions."""
-    return d.pod is None and not d.candidates and bool(d.trace) and all(s.step in GENERIC_FILTERS for s in d.trace)
+    # An adapter's `fits` depends on where its base is: not generic.
+    return d.pod is None and not d.base and not d.candidates and bool(d.trace) and all(s.step in GENERIC_FILTERS for s in d.trace)

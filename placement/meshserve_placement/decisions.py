@@ -15,6 +15,7 @@ from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import UnloadOrder
+from meshserve_placement import bases
 from meshserve_placement.decide import Decision, generic_refusal, place
 from meshserve_placement.types import Changes, Ops
 from meshserve_placement.view import QUEUED  # noqa: F401 - also read from here (e2e)
@@ -82,13 +83,24 @@ class Decisions:
             ops.append(cmd.order(pod, UnloadOrder(victim, carried)))
         copies = {p: c for p, c in self.view.copies.get(spec.id, {}).items() if p != "-"}
         prio = now + (0.0 if waiting else k.BACKGROUND)
+        queued = [(spec.id, prio, carried)]
+        if decision.with_base:
+            # The adapter's base is booked on the pod once, as a copy of its own model, queued
+            # just ahead of the adapter, whose order waits until it is LOADED (bases.py).
+            bm = self.view.models[decision.base]
+            bc = {p: c for p, c in self.view.copies.get(decision.base, {}).items() if p != "-"}
+            bc[pod] = Copy(CopyState.LOADING, bm.size, now, f"{QUEUED}; the base of {spec.id}")
+            self._set_copies(decision.base, bc, ops, changes)
+            ops.append(cmd.enqueue(pod, decision.base, bases.base_priority(prio)))
+            queued.insert(0, (decision.base, bases.base_priority(prio), carried))
         copies[pod] = Copy(CopyState.LOADING, mv.size, now, QUEUED)
         self._set_copies(spec.id, copies, ops, changes)
         ops.append(cmd.enqueue(pod, spec.id, prio))
-        log.info("placing %s on %s%s%s", spec.id, pod, f" evicting {decision.evict}" if decision.evict else "", f" ({why})" if why else "")
+        log.info("placing %s on %s%s%s%s", spec.id, pod, f" with its base {decision.base}" if decision.with_base else "",
+                 f" evicting {decision.evict}" if decision.evict else "", f" ({why})" if why else "")
         # The decision and, when the pod has a free slot and the room, its load order go in one
         # commit: one round trip fewer between a cold request and its load (issue 19 §4).
-        await self._dispatch(pod, ops, changes, queued=(spec.id, prio, carried))
+        await self._dispatch(pod, ops, changes, queued=queued)
         return True
 
     def _room_frees(self, model: str, d: Decision) -> bool:

@@ -11,7 +11,7 @@ import contextlib
 import heapq
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import Histogram
 
@@ -19,6 +19,7 @@ from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadOrder
+from meshserve_placement.bases import waits_for_base
 from meshserve_placement.types import Changes, Ops
 from meshserve_placement.view import ClusterView
 
@@ -98,6 +99,8 @@ def plan_dispatch(view: ClusterView, pod: str, head: Iterable[tuple[float, str]]
         if c is None or c.state != CopyState.LOADING or model not in specs:
             out.drop.append(model)
             continue
+        if waits_for_base(view, model, pod):
+            continue  # an adapter: its base's copy here loads first (bases.py)
         if ahead <= 0 or (slots <= 0 and prio >= k.BACKGROUND) or held + c.size > capacity:
             break  # in priority order: wait for a slot, or for the evictions' unloads to finish
         slots, ahead, held = slots - 1, ahead - 1, held + c.size
@@ -109,15 +112,16 @@ def plan_dispatch(view: ClusterView, pod: str, head: Iterable[tuple[float, str]]
 
 class Dispatch:
     async def _dispatch(self, pod: str, ops: Ops | None = None, changes: Changes | None = None,
-                        queued: tuple[str, float, dict[str, str]] | None = None) -> None:
+                        queued: Sequence[tuple[str, float, dict[str, str]]] = ()) -> None:
         """Send queued loads to the pod while it has free loading slots, waiting requests first.
         `ops` and `changes` (a decision not committed yet) are committed with the orders;
-        `queued` is that decision's load (model, priority, trace context), queued with them.
-        The in-memory queue follows only once the commit is in."""
+        `queued` are that decision's loads (model, priority, trace context: an adapter's base
+        and the adapter), queued with them. The in-memory queue follows only once the commit is in."""
         q = self.queues.get(pod)
         if not isinstance(q, LoadQueue):
             q = LoadQueue(q)
-        extra = [(queued[1], queued[0])] if queued is not None else []
+        carried = {model: trace for model, _, trace in queued}
+        extra = sorted((prio, model) for model, prio, _ in queued)
         with contextlib.closing(q.ordered()) as head:
             p = plan_dispatch(self.view, pod, heapq.merge(head, extra), self.specs,
                               self.t.unload_overlap_fraction, self.t.order_lookahead)
@@ -130,16 +134,17 @@ class Dispatch:
             c = self.view.copies[model][pod]
             ops.append(cmd.dequeue(pod, model))
             self._set_copies(model, {**self.view.copies[model], pod: Copy(CopyState.LOADING, c.size, c.since)}, ops, changes)
-            trace = queued[2] if queued is not None and model == queued[0] else self._traces.get((pod, model), {})
+            trace = carried[model] if model in carried else self._traces.get((pod, model), {})
             ops.append(cmd.order(pod, LoadOrder(self.specs[model], trace)))
         if ops:
             await self._commit(ops, changes)
         for model in p.drop + p.send:
             q.pop(model, None)
             self._traces.pop((pod, model), None)
-        if queued is not None and queued[0] not in p.send and queued[0] not in p.drop:
-            q[queued[0]] = queued[1]
-            self._traces[(pod, queued[0])] = queued[2]
+        for model, prio, trace in queued:
+            if model not in p.send and model not in p.drop:
+                q[model] = prio
+                self._traces[(pod, model)] = trace
         for model in p.send:
             M_QUEUE_WAIT.observe(max(0.0, now - self.view.copies[model][pod].since))
         if q:

@@ -22,6 +22,8 @@ class Context:
     runtime: str | None = None  # the runtime that serves the model (ClusterView.serving_runtime)
     later: dict[str, str] = field(default_factory=dict)  # pod -> what must free up before the model fits there
     busy: dict[str, list[str]] = field(default_factory=dict)  # pod -> busy copies among its evictions (last resort)
+    base: ModelView | None = None  # an adapter's base (issue 17), when registered
+    with_base: set[str] = field(default_factory=set)  # pods where the base must be loaded with the adapter
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,30 @@ def _not_excluded(p: PodView, ctx: Context) -> str:
     return "" if until <= ctx.now else f"a load failed here; excluded for {until - ctx.now:.0f}s more"
 
 
+def _base_loadable(p: PodView, ctx: Context) -> str:
+    base = ctx.model.base
+    if not base:
+        return ""
+    c = ctx.cluster.copies.get(base, {}).get(p.id)
+    if c is not None and c.state in (CopyState.LOADED, CopyState.LOADING):
+        return ""
+    if c is not None and c.state == CopyState.UNLOADING:
+        ctx.later[p.id] = f"its base {base} is being unloaded here"
+        return f"its base {base} is being unloaded here (placed once that is done)"
+    bm = ctx.base
+    if bm is None:
+        return f"its base {base} is not registered"
+    until = ctx.cluster.excluded.get((base, p.id), 0.0) if ctx.cluster.excluded else 0.0
+    if until > ctx.now:
+        return f"a load of its base {base} failed here; excluded for {until - ctx.now:.0f}s more"
+    if p.runtime == ctx.cluster.serving_runtime(bm) and bm.format in p.formats:
+        ctx.with_base.add(p.id)  # `fits` books base plus adapter; the decision loads the base first
+    # Else the base is served by another runtime than the adapter's (an MLServer pool whose
+    # MLModel loads the base from the path the loader hands it): no copy of the base can go
+    # here, and the adapter is booked as an ordinary model, at what its load reports.
+    return ""
+
+
 _EMPTY = _PodIndex()
 
 
@@ -78,11 +104,14 @@ def _fits(p: PodView, ctx: Context) -> str:
     pix = ctx.ix.get(p.id, _EMPTY)
     free = p.capacity - pix.used
     need = ctx.model.size
+    if p.id in ctx.with_base and ctx.base is not None:
+        need += ctx.base.size  # booked once per pod: as a copy of the base, loaded with this adapter
+    what = "model and its base need" if p.id in ctx.with_base else "model needs"
     if need > p.capacity:
-        return f"model needs {need} bytes, more than the pod's whole capacity {p.capacity}"
+        return f"{what} {need} bytes, more than the pod's whole capacity {p.capacity}"
     if free >= need:
         return ""
-    chosen, freed = ctx.cluster.victims(p.id, need - free)
+    chosen, freed = ctx.cluster.victims(p.id, need - free, spare=ctx.model.base)
     free += freed
     if free >= need:
         ctx.evictions[p.id] = chosen
@@ -90,13 +119,16 @@ def _fits(p: PodView, ctx: Context) -> str:
     # Last resort: busy copies, least valuable first. A copy used within the busy window is
     # not protected any more once idle ones cannot make room: under churn more distinct
     # models are used per window than fit, and protecting them all starved new models.
-    busy, more = ctx.cluster.busy_victims(p.id, need - free, ctx.now, chosen)
+    busy, more = ctx.cluster.busy_victims(p.id, need - free, ctx.now, chosen + [ctx.model.base] if ctx.model.base else chosen)
     if free + more >= need:
         ctx.evictions[p.id] = chosen + busy
         ctx.busy[p.id] = busy
         return ""
-    why = f"needs {need} bytes; only {free + more} free even after evicting every idle and busy model"
+    why = f"{'needs' if what == 'model needs' else 'needs, with its base,'} {need} bytes; only {free + more} free even after evicting every idle and busy model"
     kept = ctx.cluster.kept_bytes(p.id)
+    base_here = ctx.model.base and pix.models.get(ctx.model.base)
+    if base_here and base_here.state in (CopyState.LOADED, CopyState.LOADING):
+        kept += base_here.size  # the adapter's own base stays for it
     if p.capacity - kept >= need:
         # The rest is held by copies that will free up by themselves (loads land and become
         # evictable, unloads complete, a copy just landed for held requests is served): wait.
@@ -111,5 +143,6 @@ FILTERS: list[Filter] = [
     Filter("serves-model", "the pod runs the model's runtime (its `runtime:`, else the first by name that auto-selects its format), which declares the format", _runtime),
     Filter("not-holding", "the pod does not already hold or load this model", _not_holding),
     Filter("not-excluded", "no load of this model failed on the pod recently", _not_excluded),
-    Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU) and, as a last resort, the cheapest busy ones (never pinned or minCopies), cover the model (when only loading, unloading or just-loaded copies are in the way, the decision is to wait for them)", _fits),
+    Filter("base-loadable", "an adapter's pod holds its base or can load it (no recent failed load of the base there, the base not being unloaded there); where the base's runtime runs, a copy of the base is booked and loaded with the adapter", _base_loadable),
+    Filter("fits", "free bytes, after evicting the cheapest idle models (size-aware LRU; a base only after all of its adapters there, never the adapter's own base) and, as a last resort, the cheapest busy ones (never pinned or minCopies), cover the model, and its base when the pod does not hold it (when only loading, unloading or just-loaded copies are in the way, the decision is to wait for them)", _fits),
 ]

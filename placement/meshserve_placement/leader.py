@@ -73,6 +73,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self.id = f"placement-{uuid.uuid4().hex[:8]}"
         self.view = ClusterView(pods={}, models={}, horizon_s=self.t.eviction_horizon_seconds)
         self.specs: dict[str, ModelSpec] = {}
+        self.aliases: dict[str, str] = {}  # InferenceService name -> its current model (adapters' bases)
         self.pods: dict[str, Pod] = {}
         self.heartbeats: dict[str, float] = {}
         self.attempts: dict[str, int] = {}

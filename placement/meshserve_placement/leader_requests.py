@@ -128,9 +128,14 @@ class Requests:
 
     async def _prioritise(self, model_id: str) -> None:
         self.waiting.add(model_id)
-        for pod, q in self.queues.items():
+        mv = self.view.models.get(model_id)
+        base = mv.base if mv is not None else ""
+        for pod, q in list(self.queues.items()):  # a dispatch drops the queues it empties
             prio = q.get(model_id)
             if prio is not None and prio >= k.BACKGROUND:
-                await self._commit([cmd.enqueue(pod, model_id, prio - k.BACKGROUND)], [])
-                q[model_id] = prio - k.BACKGROUND
+                # An adapter's base queued on the same pod moves up with it: the adapter waits for it.
+                moved = [m for m in (base, model_id) if m and m in q and q[m] >= k.BACKGROUND]
+                await self._commit([cmd.enqueue(pod, m, q[m] - k.BACKGROUND) for m in moved], [])
+                for m in moved:
+                    q[m] -= k.BACKGROUND
                 await self._dispatch(pod)

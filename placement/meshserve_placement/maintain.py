@@ -68,8 +68,8 @@ class Maintain:
     async def _unload(self, model: str, pod: str, why: str) -> None:
         cs = dict(self.view.copies.get(model, {}))
         c = cs.get(pod)
-        if c is None or c.state != CopyState.LOADED:
-            return
+        if c is None or c.state != CopyState.LOADED or self.view.base_stays(model, pod):
+            return  # a base stays while its adapters are on the pod (bases.py)
         log.info("unloading %s from %s: %s", model, pod, why)
         ops: Ops = []
         changes: Changes = []

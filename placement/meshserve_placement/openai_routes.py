@@ -4,7 +4,8 @@ The gateway sends a /v1/ request here when its body's `model` is cold (or names 
 knows a scope for that is loaded), and GET /v1/models always:
 - POST /v1/embeddings, /v1/completions, /v1/chat/completions: resolve `model`, hold the request
   while the model loads, as for v2 requests, then forward it to the pod that has it (with
-  `mm-model-id`). Once the route is at the gateway later requests skip this hop.
+  `mm-model-id`). A streamed answer (`stream: true`, server-sent events) is relayed as the
+  pod sends it, unbuffered. Once the route is at the gateway later requests skip this hop.
 - GET /v1/models, GET /v1/models/{model}: what the mesh serves, from the registry (every
   registered name users address: InferenceService names), each with its base when it is an
   adapter (`parent`).
@@ -30,6 +31,10 @@ from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_placement.coldpath import HOP_BY_HOP, M_COLD, LoadFailed, log
 
 ENDPOINTS = ("embeddings", "completions", "chat/completions")
+EVENT_STREAM = "text/event-stream"
+# A stream lasts as long as the model generates: no total bound, only one between bytes, and the
+# connect (the session's own 120 s total would cut a long generation).
+STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> web.Response:
@@ -52,6 +57,33 @@ def _listing(models: dict[bytes, bytes], aliases: dict[bytes, bytes]) -> list[di
         out.append({"id": alias.decode(), "object": "model", "created": 0, "owned_by": spec.namespace,
                     "parent": spec.base or None, "meshserve_id": spec.id})
     return out
+
+
+def _openai_error(body: bytes) -> bool:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("error"), dict)
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """A streamed answer (server-sent events) passed on chunk by chunk as the pod sends it, not
+    read whole first: the client sees the first token of a cold request as soon as the pod
+    has it. If the pod's stream breaks, the client's ends the same way (no [DONE])."""
+    resp = web.StreamResponse(status=upstream.status, headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    try:
+        async for data in upstream.content.iter_any():
+            await resp.write(data)
+        await resp.write_eof()
+    except ConnectionResetError:  # the client left (it may close as soon as it read [DONE])
+        pass
+    except aiohttp.ClientError as e:
+        log.warning("stream from the pod broke: %s", e)
+        if request.transport is not None:  # cut the client's too, rather than end it cleanly
+            request.transport.close()
+    return resp
 
 
 def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -> None:
@@ -89,18 +121,28 @@ def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -
         act.cold_requests += 1
         t0 = time.monotonic()
         try:
-            model_id = await act.resolve(name)
+            # A traffic split's branch whose model has no copy comes here with that model in
+            # `mm-model-id` (traffic.py): it is served, not the name's default.
+            model_id = await act.resolve(request.headers.get(MODEL_ID_HEADER) or name)
         except LoadFailed:
             M_COLD.labels("openai", "404").inc()
             return _model_not_found(name)
         headers = {h: v for h, v in request.headers.items() if h.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
 
-        async def send(pod: Pod) -> tuple[int, web.Response]:
+        async def send(pod: Pod) -> tuple[int, web.StreamResponse]:
             url = f"http://{pod.host}:{pod.rest_port}/v1/{endpoint}"
             try:
-                async with session.post(url, data=payload, headers=headers) as r:
+                async with session.post(url, data=payload, headers=headers, timeout=STREAM_TIMEOUT) as r:
+                    if r.status == 200 and r.content_type == EVENT_STREAM:
+                        return r.status, await relay(request, r)
                     out = await r.read()
+                    if r.status == 404 and not _openai_error(out):
+                        # Not the runtime saying the model is gone (that is OpenAI's error JSON,
+                        # and the copy is waited for again): a runtime with no /v1 endpoints,
+                        # such as MLServer. Said plainly, and not retried.
+                        return 400, error(400, f"The model '{name}' is served by a runtime that has no {request.path} endpoint "
+                                               "(the built-in runtime has; MLServer has not)", param="model", code="unsupported_endpoint")
                     return r.status, web.Response(status=r.status, body=out, content_type=r.content_type or "application/json")
             except aiohttp.ClientError as e:
                 log.warning("forwarding %s to %s failed: %s", model_id, pod.id, e)

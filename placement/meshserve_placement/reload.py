@@ -14,6 +14,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_MODEL
 from meshserve.store.state import parse_runtimes
+from meshserve_placement.bases import resolve_base
 from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeView
 from meshserve_placement.sizes import booked_size, reported_of
 
@@ -42,6 +43,7 @@ class Reload:
             if float(v) > now:
                 excluded[(m, p)] = float(v)
         # Building the view is pure and O(models): off the event loop, so the lease keeps.
+        self.aliases = dict(snap.aliases)  # to resolve adapters' bases (bases.resolve_base)
         self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
         self._failed_unloads = {
             (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
@@ -74,7 +76,7 @@ class Reload:
     def _apply_spec(self, spec: ModelSpec) -> None:
         self.specs[spec.id] = spec
         old = self.view.models.get(spec.id)
-        mv = _model_view(spec, self.reported.get(spec.id, 0))
+        mv = _model_view(spec, self.reported.get(spec.id, 0), resolve_base(spec.base, self.aliases, self.specs))
         mv = replace(mv, pinned=mv.pinned or spec.id in self.pins)
         if old is not None and self.view.live_copies(spec.id):
             mv = replace(mv, size=old.size)  # keep the measured size once loaded
@@ -91,8 +93,26 @@ class Reload:
         if not raw_spec:
             return self.specs.get(model_id)
         spec = ModelSpec.from_json(raw_spec)
+        if spec.base and self.aliases.get(spec.base) not in self.specs:
+            # An adapter whose base is new to the leader: its current model and spec. Known
+            # bases are kept current by _refresh_specs, so the cold path has no round trip more.
+            for b in await self._refresh_bases([spec.base]):
+                self._apply_spec(b)
         self._apply_spec(spec)
         return spec
+
+    async def _refresh_bases(self, names: list[str]) -> list[ModelSpec]:
+        """The models adapters name as their base (aliases, updated here), and the specs of those
+        new to the leader (for the caller to apply under the decision lock)."""
+        names = sorted(set(names))
+        ids = await self.state.r.hmget(k.ALIASES, names)
+        for name, raw in zip(names, ids):
+            if raw:
+                self.aliases[name] = raw.decode()
+            else:
+                self.aliases.pop(name, None)
+        new = sorted({self.aliases[n] for n in names if n in self.aliases} - set(self.specs))
+        return [ModelSpec.from_json(raw) for raw in (await self.state.r.hmget(k.MODELS, new) if new else []) if raw]
 
     async def _refresh_pods(self) -> None:
         """Pods register themselves and flag draining; pick up new pods and changed fields,
@@ -137,6 +157,11 @@ class Reload:
             specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw_ids if v])
         else:
             return
+        # Bases named by changed adapters, and known bases with a changed model (a new version).
+        named = [s.base for s in specs if s.base] + [s.alias for s in specs if s.alias in self.aliases]
+        if named:
+            ids = {s.id for s in specs}
+            specs = [b for b in await self._refresh_bases(named) if b.id not in ids] + specs  # bases first
         # In slices, each under the lock on its own: 20,000 models registered at once took the
         # event loop for seconds in one go, long enough to lose the lease (2 s) and to see every
         # pod's heartbeat as late (bench/density.py).
@@ -167,10 +192,10 @@ class Reload:
                 full, ids = True, set()
 
 
-def _model_view(m: ModelSpec, reported: int = 0) -> ModelView:
+def _model_view(m: ModelSpec, reported: int = 0, base: str = "") -> ModelView:
     # The size a load reported, else the stated size, else the files' prediction, else the
     # unknown-size default (sizes.py).
-    return ModelView(m.id, m.format, booked_size(m.size_hint, reported, predicted=m.predicted_size), m.pinned, m.min_copies, m.max_copies, m.runtime)
+    return ModelView(m.id, m.format, booked_size(m.size_hint, reported, predicted=m.predicted_size), m.pinned, m.min_copies, m.max_copies, m.runtime, base)
 
 
 def _pod_view(p: Pod) -> PodView:
@@ -181,7 +206,9 @@ def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: d
     return ClusterView(
         pods={p.id: _pod_view(p) for p in snap.pods.values()},
         # A new leader knows a model's reported size from the copies it finds booked.
-        models={m.id: _model_view(m, reported_of(c.size for c in snap.placements.get(m.id, {}).values() if c.state == CopyState.LOADED)) for m in snap.models.values()},
+        # Most models have no copy: only those with one look (a fifth of the view's build at 200,000).
+        models={m.id: _model_view(m, reported_of(c.size for c in cs.values() if c.state == CopyState.LOADED) if (cs := snap.placements.get(m.id)) else 0,
+                                  resolve_base(m.base, snap.aliases, snap.models)) for m in snap.models.values()},
         copies={m: cs for m, cs in snap.placements.items() if cs},
         excluded=excluded,
         # Each recorded use counts once, as a touch would: given to the constructor, the index

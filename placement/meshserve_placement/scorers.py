@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from meshserve.model import CopyState
 from meshserve_placement.filters import _EMPTY, Context
 from meshserve_placement.view import PodView
 
@@ -36,6 +37,17 @@ def _cheap_eviction(p: PodView, ctx: Context) -> float:
     return 0.5 * (1.0 - ctx.eviction_rank.get(p.id, 1.0))
 
 
+def _holds_base(p: PodView, ctx: Context) -> float:
+    # An adapter where its base is already booked costs its own bytes only; elsewhere it costs
+    # a copy of the base too. Weighted to beat free space, models and loads together, but not
+    # a pod that needs no eviction over one that does: a second copy of the base in idle memory
+    # is better than evicting for the adapter.
+    if not ctx.model.base:
+        return 0.0
+    c = ctx.ix.get(p.id, _EMPTY).models.get(ctx.model.base)
+    return 1.0 if c is not None and c.state in (CopyState.LOADED, CopyState.LOADING) else 0.0
+
+
 def _fewest_models(p: PodView, ctx: Context) -> float:
     return 1.0 / (1.0 + len(ctx.ix.get(p.id, _EMPTY).models))
 
@@ -46,6 +58,7 @@ def _least_loading(p: PodView, ctx: Context) -> float:
 
 SCORERS: list[Scorer] = [
     Scorer("spares-busy", "prefer pods that make room without evicting a busy copy (busy eviction is the last resort)", 8.0, _spares_busy),
+    Scorer("holds-base", "prefer pods that already hold an adapter's base (issue 17: the base is booked once per pod)", 4.0, _holds_base),
     Scorer("cheapest-eviction", "prefer pods that need no eviction, then those whose evictions are cheapest (global LRU)", 4.0, _cheap_eviction),
     Scorer("free-space", "prefer pods with more free bytes", 2.0, _free_space),
     Scorer("least-loading", "prefer pods with fewer loads in progress", 1.0, _least_loading),

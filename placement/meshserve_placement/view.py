@@ -26,7 +26,8 @@ DEFAULT_REF_SIZE = 64 << 20
 # held for it are being forwarded to it right now (the activator reacts to the load within
 # milliseconds; evicting it first would send them back to wait for another load).
 DEFAULT_LANDED_GRACE_S = 1.0
-# The reason a decided load carries while it waits in its pod's load queue (no order sent yet).
+# The reason a decided load carries while it waits in its pod's load queue (no order sent yet);
+# an adapter's base queued with it says so after it.
 QUEUED = "queued for a loading slot"
 
 
@@ -61,6 +62,9 @@ class ModelView:
     min_copies: int = 0
     max_copies: int = 0
     runtime: str = ""  # the InferenceService's explicit `runtime:`, or ""
+    # The concrete id of the model this one adapts (issue 17; bases.resolve_base), "" for an
+    # ordinary model. Its copies need a copy of the base on the same pod (bases.py).
+    base: str = ""
 
 
 # Bytes a pod has promised: loaded copies and loads decided (queued or under way). An UNLOADING
@@ -78,6 +82,8 @@ class _PodIndex:
     queued_bytes: int = 0
     models: dict[str, Copy] = field(default_factory=dict)
     heap: list[tuple[float, str]] = field(default_factory=list)  # (key, model), lazily invalidated
+    # base -> how many of its adapters have a copy here (any state): such a base stays here
+    adapters: dict[str, int] = field(default_factory=dict)
 
 
 class ClusterView:
@@ -111,6 +117,10 @@ class ClusterView:
         # Read-only views for callers, made once: they follow the dicts they wrap.
         self._ro_copies, self._ro_models = MappingProxyType(self._copies), MappingProxyType(self._models)
         self._ro_excluded, self._ro_last_used = MappingProxyType(self._excluded), MappingProxyType(self._last_used)
+        for m, mv in self._models.items():  # a base's use includes its adapters' (see touch)
+            if mv.base and m in self._last_used:
+                self._last_used[mv.base] = max(self._last_used[m], self._last_used.get(mv.base, 0.0))
+                self.uses[mv.base] = self.uses.get(mv.base, 0) + self.uses.get(m, 1)
         self._journal: list[tuple[str, Any, Any]] | None = None
         self._pool_cache: tuple[Any, dict[str, list[str]], dict[str, str]] | None = None
         self._build_index()
@@ -169,6 +179,9 @@ class ClusterView:
         old = self._models.get(mv.id)
         self._log("model", mv.id, old)
         self._models[mv.id] = mv
+        if (old.base if old is not None else "") != mv.base:
+            self._count_adapter(mv.id, old.base if old is not None else "", -1)
+            self._count_adapter(mv.id, mv.base, 1)
         if old is not None and old.size != mv.size:
             loaded = [p for p, c in self._copies.get(mv.id, {}).items() if c.state == CopyState.LOADED]
             if loaded:
@@ -199,7 +212,9 @@ class ClusterView:
                 self.set_copies(k, old or {})
             elif kind == "model":
                 if old is None:
-                    self._models.pop(k, None)
+                    gone = self._models.pop(k, None)
+                    if gone is not None:
+                        self._count_adapter(k, gone.base, -1)
                 else:
                     self.set_model(old)
             elif old is None:
@@ -226,7 +241,38 @@ class ClusterView:
             p = self._ix[pod] = _PodIndex()
         return p
 
+    def _count_adapter(self, model: str, base: str, sign: int, pods: Any = None) -> None:
+        """Count (sign 1) or uncount (-1) `model`'s copies as its base's adapters on their pods."""
+        if not base:
+            return
+        for pod in (self._copies.get(model, {}) if pods is None else pods):
+            a = self._pod_ix(pod).adapters
+            n = a.get(base, 0) + sign
+            if n > 0:
+                a[base] = n
+            else:
+                a.pop(base, None)
+
+    def adapters_here(self, base: str, pod: str) -> int:
+        """How many adapters of `base` have a copy on `pod` (loading, loaded or unloading)."""
+        p = self._ix.get(pod)
+        return p.adapters.get(base, 0) if p is not None else 0
+
+    def base_stays(self, model: str, pod: str, going: Any = ()) -> bool:
+        """`model` is a base that must stay on `pod`: an adapter of it has a copy there that is
+        not among `going` (copies chosen for eviction in the same decision). A base is never
+        evicted while its adapters are resident; they go first."""
+        n = self.adapters_here(model, pod)
+        if not n:
+            return False
+        models = self._models
+        return n > sum(1 for g in going if (mv := models.get(g)) is not None and mv.base == model)
+
     def _reindex(self, model: str, old: dict[str, Copy], new: dict[str, Copy]) -> None:
+        mv = self._models.get(model)
+        if mv is not None and mv.base:
+            self._count_adapter(model, mv.base, -1, old)
+            self._count_adapter(model, mv.base, 1, new)
         for pod, c in old.items():
             p = self._pod_ix(pod)
             if c.state in _BOOKED:
@@ -235,7 +281,7 @@ class ClusterView:
                 p.unloading -= c.size
             if c.state == CopyState.LOADING:
                 p.loading -= 1
-                if c.reason == QUEUED:
+                if c.reason.startswith(QUEUED):
                     p.queued, p.queued_bytes = p.queued - 1, p.queued_bytes - c.size
             p.models.pop(model, None)
         loaded = False
@@ -247,7 +293,7 @@ class ClusterView:
                 p.unloading += c.size
             if c.state == CopyState.LOADING:
                 p.loading += 1
-                if c.reason == QUEUED:
+                if c.reason.startswith(QUEUED):
                     p.queued, p.queued_bytes = p.queued + 1, p.queued_bytes + c.size
             p.models[model] = c
             loaded = loaded or c.state == CopyState.LOADED
@@ -287,6 +333,14 @@ class ClusterView:
 
     def touch(self, model: str, when: float, uses: int = 1) -> None:
         """A model was used at `when` (`uses` times since the last report)."""
+        mv = self._models.get(model)
+        if mv is not None and mv.base and mv.base != model:
+            # A base's recency and frequency include its adapters' use: it serves them all.
+            # One level only: a base is a full model, never an adapter (loader bases.py).
+            self._touch(mv.base, when, uses)
+        self._touch(model, when, uses)
+
+    def _touch(self, model: str, when: float, uses: int) -> None:
         if when < self._last_used.get(model, -math.inf):
             return
         self._last_used[model] = when
@@ -386,12 +440,14 @@ class ClusterView:
             c = p.models.get(m)
             return c is not None and c.state == CopyState.LOADED
 
-        return (m for _, m in self._walk(p.heap, ok) if self.can_evict(m))
+        return (m for _, m in self._walk(p.heap, ok) if self.can_evict(m) and not self.base_stays(m, pod))
 
-    def victims(self, pod: str, need: int) -> tuple[list[str], int]:
+    def victims(self, pod: str, need: int, spare: str = "") -> tuple[list[str], int]:
         """The cheapest evictable models on `pod` whose bytes add up to `need`, and the bytes
-        they free (less than `need` when even evicting all of them would not do). A plain loop
-        over the lazy heap rather than `evictable()`: this is the hot path of every decision."""
+        they free (less than `need` when even evicting all of them would not do). Never
+        `spare` (the base of the adapter being placed), never a base whose adapters stay: a
+        base goes only after all of its adapters here, in the same decision or before. A plain
+        loop over the lazy heap rather than `evictable()`: this is the hot path of every decision."""
         p = self._ix.get(pod)
         if p is None:
             return [], 0
@@ -400,23 +456,32 @@ class ClusterView:
             k, m = heap[0]
             c = models.get(m)
             if keys.get(m) == k and c is not None and c.state == CopyState.LOADED:
-                if c.size >= need and self.can_evict(m):
+                if c.size >= need and m != spare and self.can_evict(m) and not (p.adapters and m in p.adapters):
                     return [m], c.size  # the common case: the cheapest copy alone makes room
                 break
             heapq.heappop(heap)
         keep: list[tuple[float, str]] = []
         chosen: list[str] = []
+        held_back: list[str] = []  # bases whose adapters are here: evictable once those are chosen
         freed = 0
         while heap and freed < need:
             e = heapq.heappop(heap)
             k, m = e
             c = models.get(m)
-            if keys.get(m) != k or c is None or c.state != CopyState.LOADED or m in chosen:
+            if keys.get(m) != k or c is None or c.state != CopyState.LOADED or m in chosen or m in held_back:
                 continue  # stale entry: used again since, evicted, or a duplicate
             keep.append(e)
-            if self.can_evict(m):
+            if m == spare or not self.can_evict(m):
+                continue
+            if p.adapters and m in p.adapters:
+                held_back.append(m)
+                continue
+            chosen.append(m)
+            freed += c.size
+        for m in held_back:  # the adapters went first; their base follows if they all go
+            if freed < need and not self.base_stays(m, pod, chosen):
                 chosen.append(m)
-                freed += c.size
+                freed += models[m].size
         for e in keep:
             heapq.heappush(heap, e)
         return chosen, freed
@@ -446,6 +511,8 @@ class ClusterView:
             for _, m in walk:
                 if m in skip or m not in self.in_flight or not self.can_evict(m, busy=True):
                     continue
+                if self.base_stays(m, pod, [*skip, *chosen]):
+                    continue  # a base whose adapters stay (its adapters are busy: so is it)
                 c = p.models[m]
                 if now - c.since < self.landed_grace_s:
                     continue

@@ -13,8 +13,18 @@ from google.protobuf import any_pb2
 
 from envoy.service.discovery.v3 import discovery_pb2
 from meshserve_xds.cache import TypeSnapshot
-from meshserve_xds.resources import CLUSTER_TYPE, PUSH_ORDER
+from meshserve_xds.resources import CLUSTER_TYPE, PUSH_ORDER, ROUTE_TYPE
 from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, count_push
+
+# At most this many RouteConfigurations per response; the rest follow, a batch per ACK. A
+# gateway that takes 10^5 of them in one message parses it whole while it builds the routes,
+# and the parse's garbage, interleaved with what stays, is kept by the allocator: batches keep
+# the gateway's memory nearer what its config needs (docs/design/routing.md, "Memory"). Only
+# RDS: Envoy's listener waits for every RouteConfiguration its scopes name, so a gateway is
+# not ready before the last batch, whereas scopes count as received with the first one.
+MAX_RESOURCES = 5_000
+BATCHED = {ROUTE_TYPE}
+PARTIAL_SUFFIX = "+partial"  # version of a response that left resources for the next one
 
 
 @dataclass
@@ -67,6 +77,7 @@ class DeltaType(TypeStatus):
     resumed: bool = False  # the client said what it holds on its first request
     synced_seq: int | None = None  # the type's change-log position this stream has diffed up to
     held_back: set[str] = field(default_factory=set)  # clusters only: removals waiting for routes
+    backlog: list[str] = field(default_factory=list)  # due but left for the next batches (MAX_RESOURCES)
 
 
 class DeltaStream(Stream[DeltaType]):
@@ -125,16 +136,25 @@ class DeltaStream(Stream[DeltaType]):
             if ts is None or not ts.subscribed:
                 continue
             first_answer = not ts.answered_once
-            if not first_answer and (snap is None or snap.version == ts.sent_version) and not ts.unanswered:
+            if not first_answer and (snap is None or snap.version == ts.sent_version) and not ts.unanswered and not ts.backlog:
                 continue
+            if ts.backlog and ts.pending:
+                continue  # the next batch goes once the gateway has taken this one
             if type_url in ROUTE_TYPES and not self.clusters_settled():
                 continue  # routes may name new clusters: wait until those are warm
-            d = diff(snap, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered | ts.held_back)
+            # Only the next batch of the backlog is looked at: a batch costs its own size.
+            later = ts.backlog[MAX_RESOURCES:]
+            d = diff(snap, ts.known, ts.wildcard, ts.names, ts.synced_seq, ts.unanswered | ts.held_back | set(ts.backlog[:MAX_RESOURCES]))
             ts.synced_seq = d.seq
             ts.unanswered = set()
             ts.answered_once = True
+            if type_url in BATCHED:
+                ts.backlog = list(dict.fromkeys([n for n, _, _ in d.updated[MAX_RESOURCES:]] + later))
+                del d.updated[MAX_RESOURCES:]
             if snap is not None:
-                ts.sent_version = snap.version
+                # Until the last batch the gateway does not hold this version: not "in sync",
+                # and removed clusters keep waiting for the routes.
+                ts.sent_version = snap.version + (PARTIAL_SUFFIX if ts.backlog else "")
             if type_url == CLUSTER_TYPE and d.removed and not self.routes_settled():
                 # Removed clusters go last (see sotw.py); looked at again on the route ACK.
                 ts.held_back = set(d.removed)

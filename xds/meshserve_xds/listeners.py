@@ -65,8 +65,9 @@ def grpc_limits() -> tuple[protocol_pb2.Http2ProtocolOptions, hcm.ResponseMapper
 
 
 def connection_manager(name: str, http2_only: bool) -> hcm.HttpConnectionManager:
-    """The matcher layout's connection manager: RDS `name`, v2 error JSON on REST, the gRPC
-    size limit and model-header Lua filter on gRPC."""
+    """The matcher layout's connection manager: RDS `name`; on REST, the OpenAI model filters
+    and v2 error JSON (OpenAI's on /v1/ paths); on gRPC, the size limit and model-header Lua
+    filter."""
     manager = hcm.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm.HttpConnectionManager.HTTP2 if http2_only else hcm.HttpConnectionManager.AUTO,
@@ -75,7 +76,11 @@ def connection_manager(name: str, http2_only: bool) -> hcm.HttpConnectionManager
         max_request_headers_kb=wrappers_pb2.UInt32Value(value=96),
     )
     if not http2_only:
+        # OpenAI-style requests: the body's `model` into `x-ms-model`, for the routes' /v1/ branch.
+        manager.http_filters.insert(0, openai.model_metadata_filter())
+        manager.http_filters.insert(1, lua.openai_key_filter())
         manager.local_reply_config.CopyFrom(json_errors())
+        manager.local_reply_config.mappers.extend(openai.error_mappers())
         # HTTP/1.0 clients (ab, some load balancers' health checks, old SDKs) were refused with
         # 426. Envoy serves them over HTTP/1.1 upstream and closes after each response; the
         # default host is for those that send no Host header.
@@ -145,8 +150,7 @@ def build_scoped_listener(name: str, host: str, port: int, http2_only: bool) -> 
             body_format_override=substitution_format_string_pb2.SubstitutionFormatString(text_format_source=base_pb2.DataSource(inline_string=message)),
             headers_to_add=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="grpc-status", value=GRPC_NOT_FOUND))],
         ))
-    else:
-        manager.local_reply_config.mappers.extend(openai.error_mappers())  # first: the first mapper that matches wins
+    else:  # openai.error_mappers() come first (connection_manager): the first mapper that matches wins
         body = struct_pb2.Struct()
         body.update({"error": message})
         manager.local_reply_config.mappers.append(hcm.ResponseMapper(

@@ -10,6 +10,8 @@ in Envoy (no Python on the data path) and only touch requests that need it.
   header `x-ms-model`, from `mm-model-id`, `mm-vmodel-id`, the REST path `/v2/models/<name>`,
   the OpenAI body's `model` (lifted into metadata by openai.py's filter), or field 1 of a gRPC
   Model* request body; anything else gets "-". Envoy picks the scope again once it is set.
+- `openai_key_filter` (the matcher layout's REST listener, /v1/ paths only): the body's `model`
+  into `x-ms-model`, which the route table's /v1/ branch looks up.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 from google.protobuf import wrappers_pb2
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import extension_pb2 as ext_core
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from meshserve_xds import openai
 from meshserve_xds.openai import J2M_NAMESPACE
 from meshserve_xds.pb import pack_any
 from meshserve_xds.resources import GRPC_PREFIX, KEY_HEADER, MODEL_ID_HEADER, NO_MODEL, VMODEL_ID_HEADER
@@ -99,11 +103,25 @@ end
 """
 
 
+OPENAI_KEY_LUA = f"""
+function envoy_on_request(h)
+  local hs = h:headers()
+  -- Only what the body says routes: a client's own header is dropped.
+  if hs:get("{KEY_HEADER}") ~= nil then hs:remove("{KEY_HEADER}") end
+  local md = h:streamInfo():dynamicMetadata():get("{J2M_NAMESPACE}")
+  if md ~= nil and type(md["model"]) == "string" and md["model"] ~= "" then hs:add("{KEY_HEADER}", md["model"]) end
+end
+"""
+
+
+def lua_config(script: str) -> lua_pb2.Lua:
+    return lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=script), clear_route_cache=wrappers_pb2.BoolValue(value=True))
+
+
 def lua_filter(script: str) -> hcm.HttpFilter:
     """A Lua filter running `script`; a header it sets clears the route cache, so the route (or
     scope) is chosen again with it."""
-    cfg = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=script), clear_route_cache=wrappers_pb2.BoolValue(value=True))
-    return hcm.HttpFilter(name="envoy.filters.http.lua", typed_config=pack_any(cfg))
+    return hcm.HttpFilter(name="envoy.filters.http.lua", typed_config=pack_any(lua_config(script)))
 
 
 def model_header_filter() -> hcm.HttpFilter:
@@ -112,3 +130,9 @@ def model_header_filter() -> hcm.HttpFilter:
 
 def scope_key_filter() -> hcm.HttpFilter:
     return lua_filter(SCOPE_KEY_LUA)
+
+
+def openai_key_filter() -> hcm.HttpFilter:
+    """The matcher layout's: runs after json_to_metadata, on /v1/ paths only (openai.only_on_v1)."""
+    return openai.only_on_v1(ext_core.TypedExtensionConfig(name="envoy.filters.http.lua", typed_config=pack_any(lua_config(OPENAI_KEY_LUA))),
+                             "meshserve.openai_key")

@@ -4,6 +4,8 @@ RouteConfiguration per listener, found through a `VirtualHost.matcher` tree. Pur
 - REST: an exact map on `:path` for `/v2/models/<name>` and a prefix map for
   `/v2/models/<name>/`, for every name of every *loaded* model; anything else falls through to
   the activator, which loads on demand, so 100,000 registered models cost nothing until used.
+  `/v1/` (OpenAI) is one more prefix entry: a map on `x-ms-model` (the body's `model`, set by
+  the listener's filters) with an entry per name of every loaded model.
 - gRPC: an exact map on `mm-model-id`, then one on `mm-vmodel-id`, then the activator.
 - Names with a traffic plan take their entries from traffic.py.
 
@@ -21,19 +23,24 @@ from meshserve_xds import traffic
 from meshserve_xds.clusters import build_clusters, copies_cluster
 from meshserve_xds.listeners import build_listener
 from meshserve_xds.resources import (
-    ACTIVATOR_GRPC, ACTIVATOR_REST, CLUSTER_TYPE, ENDPOINT_TYPE, GRPC, LISTENER_TYPE, MODEL_ID_HEADER, MODELS_PREFIX, REST,
+    ACTIVATOR_GRPC, ACTIVATOR_REST, CLUSTER_TYPE, ENDPOINT_TYPE, GRPC, KEY_HEADER, LISTENER_TYPE, MODEL_ID_HEADER, MODELS_PREFIX, REST,
     ROUTE_TIMEOUT_S, ROUTE_TYPE, VMODEL_ID_HEADER, ListenerConfig, Patch, Resources, RoutingState, names_for,
 )
-from meshserve_xds.routes import activator_action, header_tree, on_match_route, route_action, set_model_header, transformer_action
+from meshserve_xds.openai import OPENAI_PREFIX
+from meshserve_xds.routes import activator_action, header_tree, on_match_route, on_match_routes, route_action, set_model_header, transformer_action
 
 
 def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     exact: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     prefix: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+    openai_: dict[str, matcher_pb2.Matcher.OnMatch] = {}  # by the body's `model` (x-ms-model)
     for model, names in names_for(state).items():
         clusters = [copies_cluster(state.loaded[model], "rest")]
         headers = set_model_header(model)
+        v1 = on_match_route(rc.Route(stat_prefix=model, match=rc.RouteMatch(prefix="/"), route=route_action(clusters, ROUTE_TIMEOUT_S),
+                                     request_headers_to_add=headers))
         for name in names:
+            openai_[name] = v1
             base = MODELS_PREFIX + name
             exact[base] = on_match_route(
                 rc.Route(
@@ -55,6 +62,8 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
             )
     if state.traffic:
         traffic.add_rest_routes(state, exact, prefix)
+        for name, plan in state.traffic.items():  # the same split for /v1/, the path as it came
+            openai_[name] = on_match_routes(traffic.plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix="/"), None))
     for name in state.transformers:
         base = MODELS_PREFIX + name
         exact[base] = on_match_route(rc.Route(stat_prefix=name, match=rc.RouteMatch(path=base), route=transformer_action(state, name)))
@@ -62,6 +71,10 @@ def build_rest_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     fallback = on_match_route(
         rc.Route(match=rc.RouteMatch(prefix="/"), route=activator_action(state, ACTIVATOR_REST))
     )
+    # /v1/ (OpenAI): the body's `model`, which the listener's filters put in x-ms-model, looked
+    # up like a name; a cold or unknown one, or none (GET /v1/models), goes to the activator.
+    if openai_:
+        prefix[OPENAI_PREFIX] = matcher_pb2.Matcher.OnMatch(matcher=header_tree(KEY_HEADER, "exact_match_map", openai_, fallback))
     matcher = header_tree(":path", "exact_match_map", exact, matcher_pb2.Matcher.OnMatch(matcher=header_tree(":path", "prefix_match_map", prefix, fallback)))
     vh = rc.VirtualHost(name="models", domains=["*"], matcher=matcher)
     return route_pb2.RouteConfiguration(name=REST, virtual_hosts=[vh])

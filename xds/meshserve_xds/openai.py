@@ -1,7 +1,8 @@
-"""OpenAI-compatible endpoints on the scoped layout's REST listener (issue 17): the model is the
-JSON body's `model`. Pure builders for the two pieces Envoy needs (docs/design/routing.md,
-"OpenAI"): the json_to_metadata filter that lifts `model` for the scope key, and the local
-replies in OpenAI's error shape."""
+"""OpenAI-compatible endpoints on the gateway's REST listener (issue 17): the model is the JSON
+body's `model`. Pure builders for what Envoy needs (docs/design/routing.md, "OpenAI"): the
+json_to_metadata filter that lifts `model` (the scoped layout keys its scope on it; the matcher
+layout copies it into a header its /v1/ branch looks up), the wrapper that runs a filter on
+/v1/ paths only, and the local replies in OpenAI's error shape."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def model_metadata_filter() -> hcm.HttpFilter:
     # nothing and goes to the activator, which answers it in OpenAI's error shape.
     cfg = j2m.JsonToMetadata(request_rules=j2m.JsonToMetadata.MatchRules(
         rules=[rule], allow_empty_content_type=True, allow_content_types_regex=regex_pb2.RegexMatcher(regex=".*")))
+    return only_on_v1(ext_core.TypedExtensionConfig(name=J2M_NAMESPACE, typed_config=pack_any(cfg)), "meshserve.openai_model")
+
+
+def only_on_v1(config: ext_core.TypedExtensionConfig, name: str) -> hcm.HttpFilter:
+    """An HTTP filter that runs on /v1/ paths only: a match_delegate skips it on any other
+    request, on its headers alone."""
     pred = matcher_pb2.Matcher.MatcherList.Predicate
     not_v1 = pred(not_matcher=pred(single_predicate=pred.SinglePredicate(
         input=extension_pb2.TypedExtensionConfig(name="path", typed_config=pack_any(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":path"))),
@@ -52,9 +59,9 @@ def model_metadata_filter() -> hcm.HttpFilter:
     wrapped = extension_matcher_pb2.ExtensionWithMatcher(
         xds_matcher=matcher_pb2.Matcher(matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[
             matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=not_v1, on_match=skip)])),
-        extension_config=ext_core.TypedExtensionConfig(name=J2M_NAMESPACE, typed_config=pack_any(cfg)),
+        extension_config=config,
     )
-    return hcm.HttpFilter(name="meshserve.openai_model", typed_config=pack_any(wrapped))
+    return hcm.HttpFilter(name=name, typed_config=pack_any(wrapped))
 
 
 def error_mappers() -> list[hcm.ResponseMapper]:

@@ -21,6 +21,7 @@ from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from meshserve_xds import fastpb
 from meshserve_xds.clusters import copies_cluster
+from meshserve_xds.openai import OPENAI_PREFIX
 from meshserve_xds.resources import (
     ACTIVATOR_GRPC, ACTIVATOR_REST, GRPC_PREFIX, MODEL_ID_HEADER, MODELS_PREFIX, NO_MODEL, ROUTE_TIMEOUT_S, ROUTE_TYPE,
     SCOPED_ROUTE_TYPE, RoutingState,
@@ -105,6 +106,7 @@ def traffic_routes(state: RoutingState, name: str, plan: Any) -> route_pb2.Route
     - gRPC: the same branches on the gRPC prefix. A concrete id that has a plan is still pinned
       by `mm-model-id` (the Lua keys on it first): that header bypasses the plan, as it does in
       the matcher layout.
+    - /v1/ (OpenAI, routed by the body's `model`): the same branches, path untouched.
     - Anything else in this scope goes to the activator."""
     routes: list[rc.Route] = []
     if name not in state.aliases:
@@ -115,6 +117,8 @@ def traffic_routes(state: RoutingState, name: str, plan: Any) -> route_pb2.Route
     base = MODELS_PREFIX + name
     routes += plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=base), lambda m: MODELS_PREFIX + m)
     routes += plan_routes(state, plan, "grpc", lambda: rc.RouteMatch(prefix=GRPC_PREFIX), None)
+    # OpenAI-style requests (the scope came from the body's `model`): the same split, the path as it came.
+    routes += plan_routes(state, plan, "rest", lambda: rc.RouteMatch(prefix=OPENAI_PREFIX), None)
     routes.append(rc.Route(match=rc.RouteMatch(prefix="/"), route=activator_action(state, ACTIVATOR_REST)))
     return route_pb2.RouteConfiguration(name=traffic_rc_name(name), virtual_hosts=[rc.VirtualHost(name="traffic", domains=["*"], routes=routes)])
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from meshserve.extras import needs
 from meshserve_loader.builtin.codec import CodecError, InferRequest
+from meshserve_loader.builtin.textgen import v2_predict
 
 
 class ModelLoadError(RuntimeError):
@@ -270,6 +271,8 @@ class UserModel:
         self.obj, self.name = obj, name
 
     def predict(self, req: InferRequest) -> dict[str, np.ndarray]:
+        if not callable(getattr(self.obj, "predict", None)):  # a class that only generates (textgen.py)
+            return v2_predict(self.obj, req)
         out = _run_maybe_async(self.obj.predict({t.name: t.array for t in req.inputs}))
         if not isinstance(out, dict):
             raise ModelLoadError(f"{self.name}.predict must return a dict of output name -> array, got {type(out).__name__}")
@@ -281,8 +284,7 @@ class UserModel:
 
 
 def _run_maybe_async(v: Any) -> Any:
-    # Loads and inference run in worker threads, which have no event loop of their own.
-    return asyncio.run(v) if inspect.isawaitable(v) else v
+    return asyncio.run(v) if inspect.isawaitable(v) else v  # worker threads have no event loop
 
 
 def _model_settings(path: Path) -> dict[str, Any]:
@@ -329,8 +331,8 @@ def load_user_class(path: Path, params: dict[str, Any]) -> Model:
         raise ModelLoadError(f"{impl}.load() failed: {type(e).__name__}: {e}") from None
     if ok is False:
         raise ModelLoadError(f"{impl}.load() returned False")
-    if not callable(getattr(obj, "predict", None)):
-        raise ModelLoadError(f"{impl} has no predict() method")
+    if not any(callable(getattr(obj, m, None)) for m in ("predict", "complete", "chat")):
+        raise ModelLoadError(f"{impl} has no predict() method (nor complete() or chat(), for a model that generates text)")
     return UserModel(obj, impl)
 
 

@@ -4,8 +4,9 @@
   adapters (`peft`), and a user's class with an `embed(texts)` method. `input` is a string or a
   list of strings; `encoding_format` float (default) or base64 (what the `openai` client asks
   for), little-endian float32 as OpenAI sends it.
-- POST /v1/completions and /v1/chat/completions: no built-in format generates text, so a known
-  model gets a 400 saying it doesn't serve that endpoint (an unknown one a 404).
+- POST /v1/completions and /v1/chat/completions, plain or streamed (server-sent events in
+  OpenAI's chunk format), for a user's class with `complete()` or `chat()` (textgen.py); a
+  model that generates nothing gets a 400 `unsupported_endpoint` (an unknown one a 404).
 - GET /v1/models: the models loaded on this runtime (the gateway's /v1/models, answered by the
   activator, lists what the whole mesh serves).
 
@@ -15,16 +16,21 @@ The model is the gateway's `mm-model-id` header (the concrete id it routed to), 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 from aiohttp import web
 from meshserve.headers import MODEL_ID_HEADER
+from meshserve_loader.builtin import textgen
 
 MAX_INPUTS = 2048  # OpenAI's own limit on the number of inputs per request
+STREAM_AHEAD = 64  # pieces a streaming model may run ahead of the client
+SERVED = web.RequestKey("served_model", str)  # the model a /v1 request was for, for its counter
 
 
 class OpenAIError(Exception):
@@ -101,70 +107,161 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
     """The /v1 endpoints over the runtime's model table (`rt`: table.Runtime)."""
     from meshserve_loader.builtin.table import ModelNotFound
 
-    @r.post("/v1/embeddings")
-    async def embeddings(request: web.Request) -> web.Response:
-        name, code = request.headers.get(MODEL_ID_HEADER, ""), "200"
-        try:
-            body = parse_body(await request.read())
-            asked = body_model(body)
-            name = name or asked
-            texts = embed_inputs(body)
-            encoding = body.get("encoding_format") or "float"
-            if encoding not in ("float", "base64"):
-                raise OpenAIError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}", param="encoding_format")
+    def openai_handler(fn: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """Errors in OpenAI's shape and the per-model request counter, for every /v1 POST. The
+        handler names the model it served in request[SERVED]."""
+        async def handler(request: web.Request) -> web.StreamResponse:
+            request[SERVED], code = request.headers.get(MODEL_ID_HEADER, ""), "200"
             try:
-                entry = rt.get(name)
-            except ModelNotFound:
-                raise not_found(asked) from None
-            fn = embedder(entry.model)
-            if fn is None:
-                raise OpenAIError(400, f"The model '{asked}' does not support /v1/embeddings: its format gives no embeddings",
-                                  param="model", code="unsupported_endpoint")
-            dims = body.get("dimensions")
-
-            def work(e: Any) -> dict[str, Any]:
-                t0 = time.perf_counter()
-                out = fn(texts)
-                vectors, tokens = out if isinstance(out, tuple) else (out, 0)
-                vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
-                rt.m_latency.labels(name).observe(time.perf_counter() - t0)
-                if dims is not None and dims != vectors.shape[1]:
-                    raise OpenAIError(400, f"this model's embeddings have {vectors.shape[1]} dimensions; 'dimensions' cannot change that",
-                                      param="dimensions")
-                return embeddings_response(asked, vectors, int(tokens), encoding)
-
-            return web.json_response(await rt.run(name, work))
-        except OpenAIError as e:
-            code = str(e.status)
-            return e.response()
-        except ModelNotFound:  # unloaded between the look and the run
-            code = "404"
-            return not_found(name).response()
-        except Exception as e:  # a model's own bug must not take the runtime down
-            code = "500"
-            return error_response(500, f"model '{name}' failed: {type(e).__name__}: {e}", "server_error")
-        finally:
-            if name:
-                rt.m_requests.labels(name, code).inc()
-
-    def unsupported(endpoint: str) -> Any:
-        async def handler(request: web.Request) -> web.Response:
-            try:
-                body = parse_body(await request.read())
-                asked = body_model(body)
-                if (request.headers.get(MODEL_ID_HEADER) or asked) not in rt.models:
-                    raise not_found(asked)
-                raise OpenAIError(400, f"The model '{asked}' does not support {endpoint}: the built-in runtime generates no text; "
-                                       "it serves /v1/embeddings for text models", param="model", code="unsupported_endpoint")
+                return await fn(request)
             except OpenAIError as e:
+                code = str(e.status)
                 return e.response()
+            except ModelNotFound:  # unloaded between the look and the run
+                code = "404"
+                return not_found(request[SERVED]).response()
+            except Exception as e:  # a model's own bug must not take the runtime down
+                code = "500"
+                return error_response(500, f"model '{request[SERVED]}' failed: {type(e).__name__}: {e}", "server_error")
+            finally:
+                if request[SERVED]:
+                    rt.m_requests.labels(request[SERVED], code).inc()
 
         return handler
 
-    r.post("/v1/completions")(unsupported("/v1/completions"))
-    r.post("/v1/chat/completions")(unsupported("/v1/chat/completions"))
+    def lookup(request: web.Request, body: dict[str, Any]) -> tuple[str, str, Any]:
+        """(the name asked for, the model id served, its table entry)."""
+        asked = body_model(body)
+        request[SERVED] = name = request[SERVED] or asked
+        try:
+            return asked, name, rt.get(name)
+        except ModelNotFound:
+            raise not_found(asked) from None
+
+    @r.post("/v1/embeddings")
+    @openai_handler
+    async def embeddings(request: web.Request) -> web.Response:
+        body = parse_body(await request.read())
+        body_model(body)
+        texts = embed_inputs(body)
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise OpenAIError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}", param="encoding_format")
+        asked, name, entry = lookup(request, body)
+        fn = embedder(entry.model)
+        if fn is None:
+            raise OpenAIError(400, f"The model '{asked}' does not support /v1/embeddings: its format gives no embeddings",
+                              param="model", code="unsupported_endpoint")
+        dims = body.get("dimensions")
+
+        def work(e: Any) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            out = fn(texts)
+            vectors, tokens = out if isinstance(out, tuple) else (out, 0)
+            vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+            rt.m_latency.labels(name).observe(time.perf_counter() - t0)
+            if dims is not None and dims != vectors.shape[1]:
+                raise OpenAIError(400, f"this model's embeddings have {vectors.shape[1]} dimensions; 'dimensions' cannot change that",
+                                  param="dimensions")
+            return embeddings_response(asked, vectors, int(tokens), encoding)
+
+        return web.json_response(await rt.run(name, work))
+
+    def generation(endpoint: str, chat: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        @openai_handler
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body = parse_body(await request.read())
+            body_model(body)
+            try:
+                req = textgen.parse(body, chat)
+            except textgen.GenError as e:
+                raise OpenAIError(400, str(e), param=e.param) from None
+            asked, name, entry = lookup(request, body)
+            if textgen.generator(entry.model, chat) is None:
+                raise OpenAIError(400, f"The model '{asked}' does not support {endpoint}: it generates no text (a model class "
+                                       "with complete() or chat() does); text models here serve /v1/embeddings",
+                                  param="model", code="unsupported_endpoint")
+            rid = textgen.new_id(chat)
+            if req.stream:
+                return await stream(request, rt, name, asked, req, rid)
+
+            def work(e: Any) -> dict[str, Any]:
+                t0 = time.perf_counter()
+                choices, prompt = textgen.generate(e.model, req)
+                rt.m_latency.labels(name).observe(time.perf_counter() - t0)
+                return textgen.response_body(rid, asked, req, choices, prompt)
+
+            return web.json_response(await rt.run(name, work))
+
+        return handler
+
+    r.post("/v1/completions")(generation("/v1/completions", chat=False))
+    r.post("/v1/chat/completions")(generation("/v1/chat/completions", chat=True))
 
     @r.get("/v1/models")
     async def models(_: web.Request) -> web.Response:
         data = [{"id": n, "object": "model", "created": int(e.loaded_at), "owned_by": "meshserve"} for n, e in rt.models.items()]
         return web.json_response({"object": "list", "data": data})
+
+
+def sse(doc: Any) -> bytes:
+    return b"data: " + (doc if isinstance(doc, bytes) else json.dumps(doc, separators=(",", ":")).encode()) + b"\n\n"
+
+
+async def stream(request: web.Request, rt: Any, name: str, asked: str, req: textgen.GenRequest, rid: str) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format, one per piece as the model yields it, then
+    the finish reasons, the usage (with stream_options.include_usage) and `data: [DONE]`. The
+    model runs on an inference thread and hands pieces to the loop as they come; a client that
+    goes away stops the model at its next piece. An error after the stream started is sent as
+    an event with OpenAI's error object, which its client raises."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+    cancelled = threading.Event()
+    created = int(time.time())
+
+    # Back-pressure: the model runs at most STREAM_AHEAD pieces ahead of what the client took,
+    # so a client that reads slowly (or stalls) does not make the queue grow without bound.
+    ahead = threading.Semaphore(STREAM_AHEAD)
+
+    def emit(index: int, text: str) -> None:
+        while not ahead.acquire(timeout=0.5):
+            if cancelled.is_set():
+                return  # nobody reads any more; the model stops at its next piece
+        loop.call_soon_threadsafe(q.put_nowait, (index, text))
+
+    def work(e: Any) -> tuple[list[textgen.Choice], int]:
+        t0 = time.perf_counter()
+        out = textgen.generate(e.model, req, emit, cancelled)
+        rt.m_latency.labels(name).observe(time.perf_counter() - t0)
+        return out
+
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    task = asyncio.ensure_future(rt.run(name, work))
+    # After every piece the thread queued: the future settles through the same loop queue.
+    task.add_done_callback(lambda _: q.put_nowait(None))
+    try:
+        if req.chat:
+            for i in range(len(req.inputs) * req.n):
+                await resp.write(sse(textgen.chunk(rid, asked, True, created, [textgen.delta(True, i, "", role=True)])))
+        while (item := await q.get()) is not None:
+            await resp.write(sse(textgen.chunk(rid, asked, req.chat, created, [textgen.delta(req.chat, item[0], item[1])])))
+            ahead.release()
+        try:
+            choices, prompt = await task
+        except Exception as e:  # noqa: BLE001 - the status line is gone: the error goes in the stream
+            err = OpenAIError(500, f"model '{name}' failed: {type(e).__name__}: {e}", "server_error")
+            await resp.write(sse(error_body(str(err), err.type)))
+        else:
+            for c in choices:
+                finish = textgen.delta(req.chat, c.index, None if req.chat else "", c.finish_reason)
+                await resp.write(sse(textgen.chunk(rid, asked, req.chat, created, [finish])))
+            if req.include_usage:
+                await resp.write(sse(textgen.chunk(rid, asked, req.chat, created, [], textgen.usage(prompt, choices))))
+        await resp.write(sse(b"[DONE]"))
+        await resp.write_eof()
+    except ConnectionResetError:  # the client left: nobody to tell
+        pass
+    finally:
+        cancelled.set()  # the client left (or we are done): the model stops at its next piece
+    return resp

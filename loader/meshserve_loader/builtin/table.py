@@ -106,8 +106,9 @@ def load_with_base(fmt: str, path: Path, params: dict[str, Any], allow_executabl
     its size and the base when this load brought it in.
 
     An adapter's size is its own objects (the shared base is not walked), plus the base's when
-    this load brought the base: placement books sizes per model today, so the first adapter on
-    a pod carries its base's memory (adapter-aware placement is the next step, issue 17 item 2)."""
+    this load brought the base. Placement loads the base's own model on the pod first (issue 17
+    item 2, placement bases.py), so an adapter normally finds it resident and reports its own
+    bytes; the base's bytes are added only when its load had to bring the base in."""
     new: SharedBase | None = None
     if base is None and base_path is not None:
         bmodel, bsize = load_and_size(str(params.get("base_format") or "sentence-transformers"), base_path,

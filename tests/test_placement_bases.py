@@ -1,0 +1,188 @@
+"""Kind: unit (pure, in-memory fakes: a ClusterView built by hand, no Redis). Placement that
+knows an adapter's base (issue 17 item 2): where an adapter goes, the base booked once per pod,
+a base never evicted before its adapters, a base's recency including its adapters' use, copies
+per adapter and per base, and the names `meshserve explain` shows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from meshserve.model import Copy, CopyState
+from meshserve_placement import bases, copies as cp, policy
+from meshserve_placement.dispatch import plan_dispatch
+from meshserve_placement.tuning import Tuning
+from meshserve_placement.view import QUEUED
+
+MB = 1 << 20
+ADAPTERS = ("a1", "a2", "a3")
+
+
+def cluster(capacity: int = 200 * MB, **copies: dict[str, Copy]) -> policy.ClusterView:
+    pods = {p: policy.PodView(p, capacity, ["sentence-transformers", "peft", "sklearn"]) for p in ("pod-0", "pod-1")}
+    models = {"base": policy.ModelView("base", "sentence-transformers", 90 * MB), "other": policy.ModelView("other", "sklearn", 50 * MB)}
+    models.update({a: policy.ModelView(a, "peft", 1 * MB, base="base") for a in ADAPTERS})
+    return policy.ClusterView(pods=pods, models=models, copies=dict(copies))
+
+
+def loaded(size: int, *pods: str) -> dict[str, Copy]:
+    return {p: Copy(CopyState.LOADED, size, 0.0) for p in pods}
+
+
+def book(cv: policy.ClusterView, d: policy.Decision) -> None:
+    """What the leader books for a decision (decisions.py), with the loads landed at once."""
+    assert d.pod is not None
+    for v in d.evict:
+        cv.set_copies(v, {p: c for p, c in cv.copies[v].items() if p != d.pod})
+    if d.with_base:
+        cv.set_copies(d.base, {**cv.copies.get(d.base, {}), d.pod: Copy(CopyState.LOADED, cv.models[d.base].size, 0.0)})
+    cv.set_copies(d.model, {**cv.copies.get(d.model, {}), d.pod: Copy(CopyState.LOADED, cv.models[d.model].size, 0.0)})
+
+
+def test_an_adapter_goes_where_its_base_is_and_explain_says_so() -> None:
+    cv = cluster(base=loaded(90 * MB, "pod-1"))  # pod-0 is empty: more free space, fewer models
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.pod == "pod-1" and not d.with_base and d.base == "base"
+    text = "\n".join(d.explain())
+    assert "holds-base=1.00" in text and "holds-base=0.00" in text and "=> pod-1, beside its base base" in text
+    assert {"base-loadable", "fits"} <= {f.name for f in policy.FILTERS} and "holds-base" in {s.name for s in policy.SCORERS}
+
+
+def test_without_its_base_anywhere_an_adapter_goes_where_base_plus_adapter_fit() -> None:
+    cv = cluster(other={"pod-0": Copy(CopyState.LOADED, 150 * MB, 0.0)})
+    cv.set_model(replace(cv.models["other"], pinned=True))  # pod-0 has 50 MB free: the adapter alone fits, not with its base
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.pod == "pod-1" and d.with_base and d.evict == []
+    text = "\n".join(d.explain())
+    assert "pod-0: fits: rejected: needs, with its base, 91" in text or "pod-0: fits: rejected: needs, with its base, 9" in text
+    assert "=> pod-1, with its base base (loaded first)" in text
+    assert d.to_dict()["with_base"] is True and d.to_dict()["base"] == "base"
+
+
+def test_a_base_that_failed_here_or_is_being_unloaded_keeps_its_adapters_away() -> None:
+    cv = cluster()
+    cv.exclude("base", "pod-0", until=100.0)
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.pod == "pod-1" and d.with_base
+    assert any(s.pod == "pod-0" and s.step == "base-loadable" and "a load of its base base failed here" in s.result for s in d.trace)
+    cv.set_copies("base", {"pod-1": Copy(CopyState.UNLOADING, 90 * MB, 0.0)})
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.pod is None and d.waits_for_room == ["pod-1"] and "being unloaded" in d.reason
+    assert not policy.generic_refusal(d)
+
+
+def test_a_base_another_runtime_serves_is_not_placed_beside_the_adapter() -> None:
+    """An MLServer pool's adapter whose base the builtin runtime serves: the pool's MLModel
+    loads the base from the path the loader hands it; no copy of the base can go there."""
+    cv = cluster()
+    for p in cv.pods.values():
+        p.formats, p.runtime = ["peft"], "mlserver"
+    cv.pods_changed()
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.pod is not None and not d.with_base and d.evict == []
+
+
+def test_the_base_is_booked_once_per_pod_however_many_adapters() -> None:
+    cv = cluster()
+    for a in ADAPTERS:
+        book(cv, policy.place(cv.models[a], cv, now=10.0))
+    where = {p for a in ADAPTERS for p in cv.copies[a]}
+    assert where == {"pod-0"} and set(cv.copies["base"]) == {"pod-0"}
+    assert cv.used("pod-0") == 90 * MB + 3 * MB  # not 3 x (90 + 1) MB, as ModelMesh would book
+    assert cv.adapters_here("base", "pod-0") == 3
+
+
+def test_a_base_goes_only_after_all_its_adapters_on_that_pod() -> None:
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), a2=loaded(1 * MB, "pod-0"),
+                 other=loaded(150 * MB, "pod-1"))
+    cv.set_model(replace(cv.models["other"], pinned=True))
+    cv.touch("base", 1.0)  # the base is the oldest by its own use...
+    cv.touch("a1", 2.0)
+    cv.touch("a2", 3.0)  # ...but its adapters' use counts for it: it is now as recent as a2
+    assert cv.last_used["base"] == 3.0 and cv.uses["base"] == 3
+    big = policy.ModelView("big", "sklearn", 150 * MB)
+    cv.set_model(big)
+    d = policy.place(big, cv, now=10.0)
+    assert d.pod == "pod-0" and d.evict[-1] == "base" and set(d.evict) == {"a1", "a2", "base"}
+    # Room for less than the adapters free: the base stays, whatever its key.
+    small = policy.ModelView("small", "sklearn", 110 * MB - 1)
+    cv.set_model(small)
+    d = policy.place(small, cv, now=10.0)
+    assert "base" not in d.evict and d.evict
+    assert "base" not in list(cv.evictable("pod-0"))
+
+
+def test_an_adapter_never_evicts_its_own_base() -> None:
+    cv = cluster(capacity=100 * MB, base=loaded(90 * MB, "pod-0"), other=loaded(5 * MB, "pod-0"))
+    cv.set_copies("blocker", loaded(100 * MB, "pod-1"))
+    cv.set_model(policy.ModelView("blocker", "sklearn", 100 * MB, pinned=True))
+    cv.touch("other", 50.0)  # the base is older: without the rule it would be the cheapest eviction
+    cv.set_model(replace(cv.models["a1"], size=8 * MB))  # 5 MB free: something must go
+    d = policy.place(cv.models["a1"], cv, now=100.0)
+    assert d.pod == "pod-0" and d.evict == ["other"] and not d.with_base
+    cv.set_model(replace(cv.models["a1"], size=11 * MB))  # more than all but the base frees: never fits here
+    d = policy.place(cv.models["a1"], cv, now=100.0)
+    assert d.pod is None and d.waits_for_room == []
+
+
+def test_copies_of_a_base_are_never_removed_where_its_adapters_are() -> None:
+    cv = cluster(base=loaded(90 * MB, "pod-0", "pod-1"), a1=loaded(1 * MB, "pod-0"))
+    cv.touch("a1", 1.0)  # and, through it, the base
+    t = Tuning(scale_up_rps=10.0, scale_down_after_seconds=0.0, idle_unload_seconds=60.0)
+    acts = cp.plan_copies(cv, {}, now=1000.0, tuning=t, last_added={})
+    # Scale-down and idle unload drop the base from pod-1 only; a1 is idle and goes from pod-0.
+    assert ("remove", "base", "pod-1") in {(a.op, a.model, a.pod) for a in acts}
+    assert ("remove", "base", "pod-0") not in {(a.op, a.model, a.pod) for a in acts}
+    assert ("remove", "a1", "pod-0") in {(a.op, a.model, a.pod) for a in acts}
+    cv.pods["pod-0"].draining = True
+    acts = cp.plan_copies(cv, {"a1": 1.0}, now=1000.0, tuning=Tuning(), last_added={}, draining={"pod-0"})
+    assert ("remove", "base", "pod-0") not in {(a.op, a.model, a.pod) for a in acts}
+
+
+def test_an_adapters_copies_follow_its_own_load_and_bring_the_base() -> None:
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"))
+    acts = cp.plan_copies(cv, {"a1": 50.0}, now=1000.0, tuning=Tuning(scale_up_rps=10.0), last_added={})
+    assert [(a.op, a.model) for a in acts] == [("add", "a1")]
+    d = policy.place(cv.models["a1"], cv, now=1000.0)
+    assert d.pod == "pod-1" and d.with_base  # a second copy of the adapter brings a copy of its base
+
+
+def test_an_adapters_load_order_waits_for_its_base_on_that_pod() -> None:
+    # Both queued (no order sent yet); the plan reads the queue as (priority, model) from its head.
+    cv = cluster(base={"pod-0": Copy(CopyState.LOADING, 90 * MB, 0.0, QUEUED)}, a1={"pod-0": Copy(CopyState.LOADING, 1 * MB, 0.0, QUEUED)})
+    specs = {m: object() for m in ("base", "a1")}
+    queue = [(1.0 - 1e-3, "base"), (1.0, "a1")]
+    assert plan_dispatch(cv, "pod-0", queue, specs, 0.0).send == ["base"]  # type: ignore[arg-type]
+    assert bases.waits_for_base(cv, "a1", "pod-0")
+    cv.set_copies("base", loaded(90 * MB, "pod-0"))
+    assert plan_dispatch(cv, "pod-0", [(1.0, "a1")], specs, 0.0).send == ["a1"]  # type: ignore[arg-type]
+    cv.set_copies("base", {"pod-0": Copy(CopyState.FAILED, 0, 0.0)})  # the leader fails a1 here next
+    assert bases.waits_for_base(cv, "a1", "pod-0")
+    cv.set_copies("base", {})  # a base copy that went does not hold the adapter forever
+    assert not bases.waits_for_base(cv, "a1", "pod-0")
+
+
+def test_the_adapter_index_follows_rollback() -> None:
+    cv = cluster(base=loaded(90 * MB, "pod-0"))
+    cv.begin()
+    cv.set_copies("a1", loaded(1 * MB, "pod-0"))
+    cv.set_model(policy.ModelView("a9", "peft", MB, base="base"))
+    cv.set_copies("a9", loaded(1 * MB, "pod-0"))
+    assert cv.adapters_here("base", "pod-0") == 2
+    cv.rollback()
+    assert cv.adapters_here("base", "pod-0") == 0 and "a9" not in cv.models
+
+
+def test_a_base_is_named_by_its_inference_service_name() -> None:
+    assert bases.resolve_base("minilm", {"minilm": "minilm__isvc-1"}, {}) == "minilm__isvc-1"
+    assert bases.resolve_base("m__isvc-2", {}, {"m__isvc-2": object()}) == "m__isvc-2"
+    assert bases.resolve_base("gone", {}, {}) == "" and bases.resolve_base("", {}, {}) == ""
+
+
+def test_a_pod_registering_again_keeps_an_adapter_only_with_its_base() -> None:
+    cv = cluster(base=loaded(90 * MB, "pod-1"))  # re-placed on pod-1 while pod-0 was away
+    cv.touch("a1", 5.0)
+    kept = cp.adopt(cv, "pod-0", {"base": 90 * MB, "a1": 1 * MB}, {}, Tuning())
+    assert kept.keep == {"a1": 1 * MB, "base": 90 * MB} and kept.drop == {}
+    small = cluster(capacity=50 * MB, base=loaded(90 * MB, "pod-1"))  # no room for the base here: the adapter goes too
+    kept = cp.adopt(small, "pod-0", {"base": 90 * MB, "a1": 1 * MB}, {}, Tuning())
+    assert kept.keep == {} and set(kept.drop) == {"a1", "base"}
