@@ -22,6 +22,7 @@ class FakeRedis:
         self.data: dict[bytes, Any] = {}
         self.fail_next = False
         self._seq = 0
+        self.scripts_run = 0  # commits and fenced writes carried out (the leader's write round trips)
 
     # --- scripts ------------------------------------------------------------------------
     def register_script(self, lua: str) -> Any:
@@ -29,6 +30,7 @@ class FakeRedis:
             if self.fail_next:
                 self.fail_next = False
                 raise redis.exceptions.ConnectionError("injected: connection lost")
+            self.scripts_run += 1
             if "INCR" in lua:  # State.commit: fence, ops, rev, changes
                 if args[2] and self.data.get(_b(keys[2])) != _b(args[2]):
                     raise redis.exceptions.ResponseError("NOTLEADER lease lost")
@@ -72,6 +74,10 @@ class FakeRedis:
                 self.data.pop(key, None)
         elif verb == "DEL":
             self.data.pop(key, None)
+        elif verb == "XACK":
+            pending = self.data[b"groups:" + key][rest[0]]["pending"]
+            for i in rest[1:]:
+                pending.pop(_b(i), None)
         elif verb == "XADD":
             if str(rest[0]).upper() == "MAXLEN":
                 rest = rest[3:]

@@ -6,6 +6,7 @@ whole once it is lost (the rollout controller's writes, issue 15)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -47,3 +48,18 @@ async def test_a_write_fenced_by_a_lost_lease_fails_whole(state: State) -> None:
     with pytest.raises(NotLeader):
         await state.commit([store_ops.set_alias("m", "m__2")], [("alias", "m")], **fence)
     assert await state.resolve("m") == "m__1" and await state.rev() == rev
+
+
+async def test_the_lease_is_kept_while_the_event_loop_stalls_and_let_go_when_it_stays_stuck(state: State) -> None:
+    """A leader reloading 100,000 models on a starved machine blocked its event loop for longer
+    than its lease, lost it on every reload and reloaded again (bench/density.py). The keeper
+    now renews from its own thread; a loop stuck past `stall` still loses the lease."""
+    a = Lease(state.r, keys.ROLLOUT_LEASE, "a", 0.3)
+    assert await a.hold()
+    async with a.kept(stall=1.0) as lost:
+        time.sleep(0.8)  # the loop blocked for well over the lease
+        await asyncio.sleep(0.05)
+        assert not lost.is_set() and (await state.r.get(keys.ROLLOUT_LEASE)) == b"a"
+        time.sleep(1.6)  # stuck past the stall limit: the keeper lets it go
+        await asyncio.wait_for(lost.wait(), 2.0)
+    assert not await a.renew()

@@ -68,6 +68,25 @@ async def test_throttled_then_marked_loaded(valkey: Any) -> None:
         await state.close()
 
 
+async def test_a_background_load_over_within_the_interval_writes_nothing(valkey: Any) -> None:
+    """The agent's loads (background): a tiny one finished before the first write was due costs
+    no Redis write (bench/density.py); a longer one is published and then marked loaded."""
+    state = State.from_url(valkey.url)
+    try:
+        pub = ProgressPublisher(state.r, "pod-0", interval=0.2)
+        written = _counting(pub)
+        async with pub.track("tiny__isvc-03", background=True):
+            await asyncio.sleep(0.01)
+        async with pub.track("slow__isvc-04", background=True):
+            await asyncio.sleep(0.5)
+        await asyncio.gather(*pub._pending)
+        assert await state.r.get(keys.progress_key("tiny__isvc-03", "pod-0")) is None
+        assert json.loads(await state.r.get(keys.progress_key("slow__isvc-04", "pod-0")))["phase"] == "loaded"
+        assert written and written[-1]["phase"] == "loaded" and len(written) <= 5
+    finally:
+        await state.close()
+
+
 async def test_failure_carries_the_reason(valkey: Any) -> None:
     state = State.from_url(valkey.url)
     try:

@@ -11,6 +11,7 @@ from meshserve.model import Copy, CopyState
 from meshserve_placement import bases, copies as cp, policy
 from meshserve_placement.dispatch import plan_dispatch
 from meshserve_placement.tuning import Tuning
+from meshserve_placement.view import QUEUED
 
 MB = 1 << 20
 ADAPTERS = ("a1", "a2", "a3")
@@ -146,13 +147,14 @@ def test_an_adapters_copies_follow_its_own_load_and_bring_the_base() -> None:
 
 
 def test_an_adapters_load_order_waits_for_its_base_on_that_pod() -> None:
-    cv = cluster(base={"pod-0": Copy(CopyState.LOADING, 90 * MB, 0.0)}, a1={"pod-0": Copy(CopyState.LOADING, 1 * MB, 0.0)})
+    # Both queued (no order sent yet); the plan reads the queue as (priority, model) from its head.
+    cv = cluster(base={"pod-0": Copy(CopyState.LOADING, 90 * MB, 0.0, QUEUED)}, a1={"pod-0": Copy(CopyState.LOADING, 1 * MB, 0.0, QUEUED)})
     specs = {m: object() for m in ("base", "a1")}
-    queue = {"base": 1.0 - 1e-3, "a1": 1.0}
+    queue = [(1.0 - 1e-3, "base"), (1.0, "a1")]
     assert plan_dispatch(cv, "pod-0", queue, specs, 0.0).send == ["base"]  # type: ignore[arg-type]
     assert bases.waits_for_base(cv, "a1", "pod-0")
     cv.set_copies("base", loaded(90 * MB, "pod-0"))
-    assert plan_dispatch(cv, "pod-0", {"a1": 1.0}, specs, 0.0).send == ["a1"]  # type: ignore[arg-type]
+    assert plan_dispatch(cv, "pod-0", [(1.0, "a1")], specs, 0.0).send == ["a1"]  # type: ignore[arg-type]
     cv.set_copies("base", {"pod-0": Copy(CopyState.FAILED, 0, 0.0)})  # the leader fails a1 here next
     assert bases.waits_for_base(cv, "a1", "pod-0")
     cv.set_copies("base", {})  # a base copy that went does not hold the adapter forever

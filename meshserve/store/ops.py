@@ -111,6 +111,11 @@ def exclude(model_id: str, pod_id: str, until: float) -> Cmd:
     return ["HSET", k.EXCLUDED, k.excluded_field(model_id, pod_id), until]
 
 
+def ack_entries(stream: str, group: str, eids: list[bytes]) -> Cmd:
+    """Stream entries handled, acknowledged in the same commit as what handling them wrote."""
+    return ["XACK", stream, group, *(e.decode() if isinstance(e, bytes) else e for e in eids)]
+
+
 def set_decision(model_id: str, record: Mapping[str, Any]) -> Cmd:
     return ["HSET", k.DECISIONS, model_id, json.dumps(record, separators=(",", ":"))]
 

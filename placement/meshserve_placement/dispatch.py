@@ -7,13 +7,16 @@ marked queued, and only then the leader's in-memory queue follows.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import Histogram
 
 from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadOrder
 from meshserve_placement.bases import waits_for_base
@@ -32,40 +35,78 @@ class Plan:
     drop: list[str] = field(default_factory=list)  # queue entries whose copy was withdrawn meanwhile
 
 
-def queued_loading(view: ClusterView, pod: str, queue: Mapping[str, float]) -> list[Copy]:
-    """The pod's queued loads, as booked (a queued load is a LOADING copy not sent yet).
-    O(queue), never O(the pod's models): this runs on every event."""
-    held = view.pod_models(pod)
-    return [c for m in queue if (c := held.get(m)) is not None and c.state == CopyState.LOADING]
+class LoadQueue(dict[str, float]):
+    """A pod's load queue in memory (model -> priority, the mirror of ms:loadq:<pod>), with a
+    heap for its head: a dispatch reads only as far down the queue as it sends, never the whole
+    queue. With 20,000 loads asked for at once, sorting a 10,000-entry queue on every request
+    and every load result made the leader quadratic (bench/density.py)."""
+
+    def __init__(self, items: Mapping[str, float] | None = None):
+        super().__init__(items or {})
+        self._heap = [(p, m) for m, p in self.items()]
+        heapq.heapify(self._heap)
+
+    def __setitem__(self, model: str, priority: float) -> None:
+        super().__setitem__(model, priority)
+        heapq.heappush(self._heap, (priority, model))
+        if len(self._heap) > 64 + 2 * len(self):
+            # Re-prioritised and removed entries stay in the heap until they reach its top.
+            self._heap = [(p, m) for m, p in self.items()]
+            heapq.heapify(self._heap)
+
+    def ordered(self) -> Iterator[tuple[float, str]]:
+        """(priority, model) from the head, lowest priority value first, ties by model. The
+        entries read are put back when the iterator is closed (use contextlib.closing)."""
+        taken: list[tuple[float, str]] = []
+        seen: set[str] = set()
+        try:
+            while self._heap:
+                p, m = heapq.heappop(self._heap)
+                if self.get(m) != p or m in seen:
+                    continue  # removed or re-prioritised since it was pushed, or pushed twice
+                seen.add(m)
+                taken.append((p, m))
+                yield p, m
+        finally:
+            for e in taken:
+                heapq.heappush(self._heap, e)
 
 
-def plan_dispatch(view: ClusterView, pod: str, queue: Mapping[str, float], specs: Mapping[str, ModelSpec], overlap_fraction: float) -> Plan:
-    """Which queued loads the pod takes now: waiting requests first (lowest priority value),
-    while it has a free loading slot and the bytes it really holds leave room."""
+def plan_dispatch(view: ClusterView, pod: str, head: Iterable[tuple[float, str]], specs: Mapping[str, ModelSpec], overlap_fraction: float, lookahead: int = 0) -> Plan:
+    """Which queued loads the pod takes now: waiting requests first (`head` is the queue as
+    (priority, model) in priority order, read only as far as needed), while it has a free
+    loading slot and the bytes it really holds leave room.
+
+    Up to `lookahead` more loads that requests wait for may be ordered than the pod has slots:
+    the loader starts each as one of its slots frees (it bounds the loads it runs), so no slot
+    idles for the round trip from a load's result through the leader to the next order. Only
+    those: a waiting request's priority is when it came, so a later request goes after them
+    anyway, whereas a background load (minCopies, scale-up) ordered early could delay one."""
     out = Plan()
-    if not queue:
-        return out
     pv = view.pods.get(pod)
-    queued = queued_loading(view, pod, queue)
-    slots = max(1, pv.max_loading if pv else 1) - (view.loading(pod) - len(queued))
+    slots = max(1, pv.max_loading if pv else 1) - view.sent(pod)
+    ahead = slots + lookahead
+    if ahead <= 0:
+        return out
     # What the pod really holds now: loaded, being loaded, and not yet unloaded.
-    held = view.used(pod) - sum(c.size for c in queued) + view.unloading(pod)
+    held = view.used(pod) - view.queued_bytes(pod) + view.unloading(pod)
     capacity = pv.capacity if pv else 0
     # Bytes still held by unloads in their grace may overlap the loads they make room for,
     # up to the tuned fraction (0: none, the pod never holds more than its capacity).
     capacity += int(capacity * overlap_fraction)
-    for model in sorted(queue, key=lambda m: (queue[m], m)):
+    for prio, model in head:
         c = view.copies.get(model, {}).get(pod)
         if c is None or c.state != CopyState.LOADING or model not in specs:
             out.drop.append(model)
             continue
         if waits_for_base(view, model, pod):
             continue  # an adapter: its base's copy here loads first (bases.py)
-        if slots <= 0 or held + c.size > capacity:
+        if ahead <= 0 or (slots <= 0 and prio >= k.BACKGROUND) or held + c.size > capacity:
             break  # in priority order: wait for a slot, or for the evictions' unloads to finish
-        slots -= 1
-        held += c.size
+        slots, ahead, held = slots - 1, ahead - 1, held + c.size
         out.send.append(model)
+        if ahead <= 0:
+            break
     return out
 
 
@@ -76,11 +117,14 @@ class Dispatch:
         `ops` and `changes` (a decision not committed yet) are committed with the orders;
         `queued` are that decision's loads (model, priority, trace context: an adapter's base
         and the adapter), queued with them. The in-memory queue follows only once the commit is in."""
-        q = dict(self.queues.get(pod, {}))
-        traces = {m: self._traces.get((pod, m), {}) for m in q}
-        for model, prio, carried in queued:
-            q[model], traces[model] = prio, carried
-        p = plan_dispatch(self.view, pod, q, self.specs, self.t.unload_overlap_fraction)
+        q = self.queues.get(pod)
+        if not isinstance(q, LoadQueue):
+            q = LoadQueue(q)
+        carried = {model: trace for model, _, trace in queued}
+        extra = sorted((prio, model) for model, prio, _ in queued)
+        with contextlib.closing(q.ordered()) as head:
+            p = plan_dispatch(self.view, pod, heapq.merge(head, extra), self.specs,
+                              self.t.unload_overlap_fraction, self.t.order_lookahead)
         ops = list(ops or [])
         changes = list(changes or [])
         now = time.time()
@@ -90,15 +134,17 @@ class Dispatch:
             c = self.view.copies[model][pod]
             ops.append(cmd.dequeue(pod, model))
             self._set_copies(model, {**self.view.copies[model], pod: Copy(CopyState.LOADING, c.size, c.since)}, ops, changes)
-            ops.append(cmd.order(pod, LoadOrder(self.specs[model], traces[model])))
+            trace = carried[model] if model in carried else self._traces.get((pod, model), {})
+            ops.append(cmd.order(pod, LoadOrder(self.specs[model], trace)))
         if ops:
             await self._commit(ops, changes)
         for model in p.drop + p.send:
             q.pop(model, None)
             self._traces.pop((pod, model), None)
-        for model, _, carried in queued:
-            if model in q:
-                self._traces[(pod, model)] = carried
+        for model, prio, trace in queued:
+            if model not in p.send and model not in p.drop:
+                q[model] = prio
+                self._traces[(pod, model)] = trace
         for model in p.send:
             M_QUEUE_WAIT.observe(max(0.0, now - self.view.copies[model][pod].since))
         if q:

@@ -60,6 +60,10 @@ log = logging.getLogger("meshserve.placement")
 
 GROUP, CONSUMER = k.LEADER_GROUP, k.LEADER_CONSUMER
 HANDLER_TRIES = 3  # a stream entry whose handler keeps failing is dropped (logged) after this many
+# Stream entries read, handled and committed together (one commit, acknowledged in it). 20,000
+# load requests with their results cost 6 round trips and a Lua commit each when handled one at
+# a time (bench/density.py); a batch is bounded so other handlers wait at most one batch for the lock.
+BATCH = 64
 
 
 class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, Rates):
@@ -103,6 +107,10 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self.last_decisions: OrderedDict[str, Decision] = OrderedDict()  # the newest, for /debug
         self._traces: dict[tuple[str, str], dict[str, str]] = {}  # (pod, model) -> the decision's trace fields, until its order is sent
         self._decided: dict[str, trace.SpanContext] = {}  # model -> its latest decision's span (joined loads link to it)
+        # Inside a batch (`_handle_batch`): the commits its handlers made, written as one at its end.
+        self._batch: tuple[Ops, Changes] | None = None
+        self._prefetched: dict[str, bytes | None] | None = None  # a batch's model specs, read in one round trip
+        self._room_tried = self._room_due = False  # a batch's pass over the models waiting for room: done, asked again
 
     # --- leadership -----------------------------------------------------------------
     async def run(self) -> None:
@@ -167,33 +175,37 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
             await cmd.ensure_group(self.state.r, key, GROUP)
 
     @contextlib.asynccontextmanager
-    async def _deciding(self) -> AsyncIterator[None]:
-        """One decision at a time, and its view writes journaled until committed (`_commit`)."""
+    async def _deciding(self, batch: bool = False) -> AsyncIterator[None]:
+        """One decision at a time, and its view writes journaled until committed (`_commit`).
+        `batch`: the commits made inside are gathered (`_batch`) for the caller to write as one."""
         async with self._lock:
             view = self.view
             view.begin()
+            self._batch = ([], []) if batch else None
             try:
                 yield
             except BaseException:
                 view.rollback()
                 raise
             finally:
+                self._batch, self._prefetched = None, None
                 view.end()
 
     async def _consume(self, key: str, handler: Any) -> None:
         cursor = "0"
         failures_seen: dict[bytes, int] = {}
         while True:
-            entries = await cmd.read_group(self.state.r, key, GROUP, CONSUMER, cursor, count=64, block=1000)
+            entries = await cmd.read_group(self.state.r, key, GROUP, CONSUMER, cursor, count=BATCH, block=1000)
             if cursor == "0" and not entries:
                 cursor = ">"
                 continue
+            if cursor == ">" and len(entries) > 1 and await self._handle_batch(key, handler, entries):
+                continue
+            # One at a time: entries re-read after a failure (a failing one is retried alone).
             for eid, fields in entries:
                 try:
                     async with self._deciding():
-                        f = {name.decode(): v.decode() for name, v in fields.items()}
-                        with tracing.handling(f.get("model", ""), f):
-                            await handler(f)
+                        await self._handle_entry(handler, fields)
                 except NotLeader:
                     raise
                 except Exception:
@@ -212,8 +224,53 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
                 failures_seen.pop(eid, None)
                 await cmd.ack(self.state.r, key, GROUP, eid)
 
-    async def _commit(self, ops: Ops, changes: Changes) -> int:
-        """Commit fenced by the lease; the view's journaled writes are kept only once it is in."""
+    async def _handle_entry(self, handler: Any, fields: dict[bytes, bytes]) -> None:
+        f = {name.decode(): v.decode() for name, v in fields.items()}
+        with tracing.handling(f.get("model", ""), f):
+            await handler(f)
+
+    async def _handle_batch(self, key: str, handler: Any, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> bool:
+        """Handle the entries in order as one transaction: every commit their handlers make is
+        written as one at the end, with the entries acknowledged in it; the view's writes are
+        kept only then, as for a single entry. False when a handler or the commit failed:
+        nothing of the batch is in Redis, the view is reloaded, and the caller handles the
+        entries one at a time."""
+        try:
+            async with self._deciding(batch=True):
+                if key == k.LOAD_REQUESTS:
+                    await self._prefetch_requests([f for _, f in entries])
+                else:
+                    self._apply_heartbeats(await self.state.r.zrange(k.HEARTBEATS, 0, -1, withscores=True))
+                self._room_tried = self._room_due = False
+                await self._retry_room()
+                for _, fields in entries:
+                    await self._handle_entry(handler, fields)
+                if self._room_due:
+                    self._room_tried = False
+                    await self._retry_room()
+                assert self._batch is not None
+                ops, changes = self._batch
+                ops.append(cmd.ack_entries(key, GROUP, [eid for eid, _ in entries]))
+                await self._commit_now(ops, list(dict.fromkeys(changes)))
+            return True
+        except NotLeader:
+            raise
+        except Exception:
+            log.exception("placement: a batch of %d %s entries failed; reloading the view and handling them one at a time", len(entries), key)
+            async with self._lock:
+                await self._rebuild()
+            return False
+
+    async def _commit(self, ops: Ops, changes: Changes) -> None:
+        """Commit fenced by the lease; the view's journaled writes are kept only once it is in.
+        Inside a batch the writes join the batch's one commit (`_handle_batch`)."""
+        if self._batch is not None:
+            self._batch[0].extend(ops)
+            self._batch[1].extend(changes)
+            return
+        await self._commit_now(ops, changes)
+
+    async def _commit_now(self, ops: Ops, changes: Changes) -> int:
         try:
             rev = await self._write(ops, changes)
         except BaseException:

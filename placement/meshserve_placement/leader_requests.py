@@ -11,7 +11,7 @@ from dataclasses import replace
 from opentelemetry import trace
 
 from meshserve import tracing
-from meshserve.model import Copy, CopyState
+from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadRequest, UnloadOrder
@@ -47,7 +47,7 @@ class Requests:
             self.room[model_id][1] = time.time()  # still wanted: keep it waiting
             await self._retry_room()
             return
-        spec = await self._refresh_model_and_pods(model_id)
+        spec = await self._request_spec(model_id)
         if spec is None:
             return
         # Requests already waiting for room go first: a newcomer must not take the room they wait for.
@@ -55,6 +55,36 @@ class Requests:
         self.attempts[model_id] = 0
         self.waiting.add(model_id)
         await self._place(spec, waiting=True)
+
+    async def _prefetch_requests(self, entries: list[dict[bytes, bytes]]) -> None:
+        """A batch of requests: the specs of the models they name and the pods, in one round
+        trip for the batch instead of one per request (`_request_spec`)."""
+        ids = sorted({m.decode() for f in entries if (m := f.get(b"model"))})
+        async with self.state.r.pipeline(transaction=False) as p:
+            p.hmget(k.MODELS, ids).hgetall(k.PODS).hgetall(k.RUNTIMES).zrange(k.HEARTBEATS, 0, -1, withscores=True)
+            raw_specs, raw, raw_runtimes, hb = await p.execute()
+        self._apply_pods(raw, raw_runtimes)
+        self._apply_heartbeats(hb)
+        self._prefetched = dict(zip(ids, raw_specs))
+
+    def _apply_heartbeats(self, hb: list[tuple[bytes, float]]) -> None:
+        """The pods' heartbeats as of this batch. The liveness loop reads them too, but only
+        between two holds of the lock: a leader busy with batches back to back judged every
+        pod's heartbeat late, and each of its decisions then waited for room at O(the pod's
+        models) (bench/density.py)."""
+        self.heartbeats.update((p.decode(), v) for p, v in hb)
+
+    async def _request_spec(self, model_id: str) -> ModelSpec | None:
+        """The model's spec, fresh (annotations: min/max/pinned may change): read with its
+        batch (`_prefetch_requests`), else now with the pods (`_refresh_model_and_pods`)."""
+        if self._prefetched is None or model_id not in self._prefetched:
+            return await self._refresh_model_and_pods(model_id)
+        raw = self._prefetched[model_id]
+        if not raw:
+            return self.specs.get(model_id)
+        spec = ModelSpec.from_json(raw)
+        self._apply_spec(spec)
+        return spec
 
     async def _retire(self, model_id: str, orders: bool, why: str) -> None:
         """A superseded version, on the rollout controller's request (it asks; only the leader
@@ -100,7 +130,7 @@ class Requests:
         self.waiting.add(model_id)
         mv = self.view.models.get(model_id)
         base = mv.base if mv is not None else ""
-        for pod, q in self.queues.items():
+        for pod, q in list(self.queues.items()):  # a dispatch drops the queues it empties
             prio = q.get(model_id)
             if prio is not None and prio >= k.BACKGROUND:
                 # An adapter's base queued on the same pod moves up with it: the adapter waits for it.

@@ -19,6 +19,7 @@ from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeVie
 from meshserve_placement.sizes import booked_size, reported_of
 
 log = logging.getLogger("meshserve.placement")
+SPEC_SLICE = 1000  # specs applied per hold of the leader's lock (_refresh_specs)
 
 
 class Reload:
@@ -59,7 +60,10 @@ class Reload:
             q = await r.zrange(k.loadq_key(pod), 0, -1, withscores=True)
             if q:
                 self.queues[pod] = {m.decode(): v for m, v in q}
-        self.waiting = {m for q in self.queues.values() for m, prio in q.items() if prio < k.BACKGROUND}
+        # Models whose requests wait for room or for a pool (in memory only) stay waiting across
+        # a reload by this process: forgetting them left loads asked for once never made.
+        held = {m for m in self.waiting if m in self.room or m in self.pending}
+        self.waiting = {m for q in self.queues.values() for m, prio in q.items() if prio < k.BACKGROUND} | held
         log.info("%s: state reloaded: %d models, %d pods, %d placements, %d queued loads", self.id,
                  len(self.specs), len(self.pods), len(snap.placements), sum(len(q) for q in self.queues.values()))
 
@@ -149,8 +153,8 @@ class Reload:
             raw = await self.state.r.hgetall(k.MODELS)
             specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw.values()])
         elif ids:
-            order = sorted(ids)
-            specs = [ModelSpec.from_json(v) for v in await self.state.r.hmget(k.MODELS, order) if v]
+            raw_ids = await self.state.r.hmget(k.MODELS, sorted(ids))
+            specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw_ids if v])
         else:
             return
         # Bases named by changed adapters, and known bases with a changed model (a new version).
@@ -158,9 +162,13 @@ class Reload:
         if named:
             ids = {s.id for s in specs}
             specs = [b for b in await self._refresh_bases(named) if b.id not in ids] + specs  # bases first
-        async with self._deciding():
-            for spec in specs:
-                self._apply_spec(spec)
+        # In slices, each under the lock on its own: 20,000 models registered at once took the
+        # event loop for seconds in one go, long enough to lose the lease (2 s) and to see every
+        # pod's heartbeat as late (bench/density.py).
+        for i in range(0, len(specs), SPEC_SLICE):
+            async with self._deciding():
+                for spec in specs[i:i + SPEC_SLICE]:
+                    self._apply_spec(spec)
 
     async def _changed_models(self, batch: int = 10_000, most: int = 20_000) -> tuple[set[str], bool]:
         """Model ids named by ms:changes since the last call, or (∅, True) when that cannot be

@@ -39,6 +39,11 @@ class Tuning:
     # load that evicts waits for its unloads (at least the grace; under churn most of a miss's
     # time, docs/benchmarks.md "Churn"). Booking is unchanged: decisions never book over capacity.
     unload_overlap_fraction: float = 0.0
+    # Loads that requests wait for, ordered to a pod beyond its loading slots (max_loading):
+    # the loader starts each as one of its slots frees, so a slot does not idle for the round
+    # trip from a load's result through the leader to the next order (dispatch.plan_dispatch).
+    # Background loads never go ahead, so no later request waits behind them. 0: an order per free slot.
+    order_lookahead: int = 2
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Tuning":

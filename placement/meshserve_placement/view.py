@@ -26,6 +26,9 @@ DEFAULT_REF_SIZE = 64 << 20
 # held for it are being forwarded to it right now (the activator reacts to the load within
 # milliseconds; evicting it first would send them back to wait for another load).
 DEFAULT_LANDED_GRACE_S = 1.0
+# The reason a decided load carries while it waits in its pod's load queue (no order sent yet);
+# an adapter's base queued with it says so after it.
+QUEUED = "queued for a loading slot"
 
 
 @dataclass
@@ -75,6 +78,8 @@ class _PodIndex:
     used: int = 0  # booked bytes: LOADED + LOADING copies
     unloading: int = 0  # bytes still held by copies being unloaded
     loading: int = 0
+    queued: int = 0  # of the loading ones, those still in the pod's load queue (no order sent)
+    queued_bytes: int = 0
     models: dict[str, Copy] = field(default_factory=dict)
     heap: list[tuple[float, str]] = field(default_factory=list)  # (key, model), lazily invalidated
     # base -> how many of its adapters have a copy here (any state): such a base stays here
@@ -276,6 +281,8 @@ class ClusterView:
                 p.unloading -= c.size
             if c.state == CopyState.LOADING:
                 p.loading -= 1
+                if c.reason.startswith(QUEUED):
+                    p.queued, p.queued_bytes = p.queued - 1, p.queued_bytes - c.size
             p.models.pop(model, None)
         loaded = False
         for pod, c in new.items():
@@ -286,6 +293,8 @@ class ClusterView:
                 p.unloading += c.size
             if c.state == CopyState.LOADING:
                 p.loading += 1
+                if c.reason.startswith(QUEUED):
+                    p.queued, p.queued_bytes = p.queued + 1, p.queued_bytes + c.size
             p.models[model] = c
             loaded = loaded or c.state == CopyState.LOADED
         if loaded:
@@ -358,6 +367,16 @@ class ClusterView:
     def loading(self, pod: str) -> int:
         p = self._ix.get(pod)
         return p.loading if p is not None else 0
+
+    def sent(self, pod: str) -> int:
+        """Loads ordered on the pod and not finished (loading, no longer queued)."""
+        p = self._ix.get(pod)
+        return p.loading - p.queued if p is not None else 0
+
+    def queued_bytes(self, pod: str) -> int:
+        """Bytes booked by the pod's queued loads (decided, no order sent yet)."""
+        p = self._ix.get(pod)
+        return p.queued_bytes if p is not None else 0
 
     def live_copies(self, model: str) -> int:
         return sum(1 for c in self._copies.get(model, {}).values() if c.state == CopyState.LOADED)
