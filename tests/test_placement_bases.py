@@ -188,11 +188,9 @@ def test_a_pod_registering_again_keeps_an_adapter_only_with_its_base() -> None:
     assert kept.keep == {} and set(kept.drop) == {"a1", "base"}
 
 
-def test_a_base_whose_adapters_are_all_busy_goes_with_them_as_a_last_resort() -> None:
-    """ModelMesh-style churn (each adapter over a base of its own, bench/adapters.py): every pod
-    full of base+adapter pairs whose adapters have requests in flight. A new pair must still get
-    room by evicting a busy adapter *and* its base, as a last resort; evicting only the adapter
-    frees too little, and the request used to wait for room until its cold-start timeout."""
+def full_of_pairs() -> policy.ClusterView:
+    """Two pods each full with two base+adapter pairs (a_i over b_i, ModelMesh-style: a base per
+    adapter), used in the order a0..a3, and a fifth pair a4/b4 registered but not loaded."""
     pods = {p: policy.PodView(p, 200 * MB, ["sentence-transformers", "peft"]) for p in ("pod-0", "pod-1")}
     models = {f"b{i}": policy.ModelView(f"b{i}", "sentence-transformers", 90 * MB) for i in range(5)}
     models.update({f"a{i}": policy.ModelView(f"a{i}", "peft", 1 * MB, base=f"b{i}") for i in range(5)})
@@ -203,6 +201,15 @@ def test_a_base_whose_adapters_are_all_busy_goes_with_them_as_a_last_resort() ->
     cv = policy.ClusterView(pods=pods, models=models, copies=copies)
     for i in range(4):
         cv.touch(f"a{i}", float(i + 1))
+    return cv
+
+
+def test_a_base_whose_adapters_are_all_busy_goes_with_them_as_a_last_resort() -> None:
+    """ModelMesh-style churn (each adapter over a base of its own, bench/adapters.py): every pod
+    full of base+adapter pairs whose adapters have requests in flight. A new pair must still get
+    room by evicting a busy adapter *and* its base, as a last resort; evicting only the adapter
+    frees too little, and the request used to wait for room until its cold-start timeout."""
+    cv = full_of_pairs()
     cv.in_flight = {"a0", "a1", "a2", "a3"}
     d = policy.place(cv.models["a4"], cv, now=100.0)
     assert d.pod is not None, d.reason
@@ -213,16 +220,7 @@ def test_a_base_whose_adapters_are_all_busy_goes_with_them_as_a_last_resort() ->
 
 def test_an_idle_adapters_base_goes_with_it_before_other_adapters_are_evicted() -> None:
     """The same pairs, idle: room for a new pair costs one old pair, not every adapter first."""
-    pods = {p: policy.PodView(p, 200 * MB, ["sentence-transformers", "peft"]) for p in ("pod-0", "pod-1")}
-    models = {f"b{i}": policy.ModelView(f"b{i}", "sentence-transformers", 90 * MB) for i in range(5)}
-    models.update({f"a{i}": policy.ModelView(f"a{i}", "peft", 1 * MB, base=f"b{i}") for i in range(5)})
-    copies = {}
-    for i, pod in enumerate(("pod-0", "pod-0", "pod-1", "pod-1")):
-        copies[f"b{i}"] = loaded(90 * MB, pod)
-        copies[f"a{i}"] = loaded(1 * MB, pod)
-    cv = policy.ClusterView(pods=pods, models=models, copies=copies)
-    for i in range(4):
-        cv.touch(f"a{i}", float(i + 1))
+    cv = full_of_pairs()
     d = policy.place(cv.models["a4"], cv, now=100.0)
     assert d.pod is not None and d.with_base and not d.evict_busy
     assert len(d.evict) == 2 and {m[0] for m in d.evict} == {"a", "b"}
