@@ -224,3 +224,18 @@ def test_an_idle_adapters_base_goes_with_it_before_other_adapters_are_evicted() 
     d = policy.place(cv.models["a4"], cv, now=100.0)
     assert d.pod is not None and d.with_base and not d.evict_busy
     assert len(d.evict) == 2 and {m[0] for m in d.evict} == {"a", "b"}
+
+
+def test_a_queued_load_that_no_longer_fits_is_decided_again_not_left_waiting() -> None:
+    """Found by bench.adapters (a base per adapter): the adapter was booked beside its base, the
+    base then reported more bytes than it had booked, and the adapter's queued load no longer
+    fitted. Nothing on the pod was loading or unloading, so no room would ever free: its request
+    got a 503 after 60 s. The plan now marks such a head load stuck (the leader withdraws it and
+    decides it again, evicting); while an unload or a load is under way it still waits."""
+    cv = cluster(capacity=100 * MB, base=loaded(95 * MB, "pod-0"), a1={"pod-0": Copy(CopyState.LOADING, 8 * MB, 0.0, QUEUED)})
+    specs = {m: object() for m in ("base", "a1")}
+    plan = plan_dispatch(cv, "pod-0", [(1.0, "a1")], specs, 0.0)  # type: ignore[arg-type]
+    assert plan.send == [] and plan.stuck == ["a1"]
+    cv.set_copies("other", {"pod-0": Copy(CopyState.UNLOADING, 5 * MB, 0.0)})  # room is on its way
+    plan = plan_dispatch(cv, "pod-0", [(1.0, "a1")], specs, 0.0)  # type: ignore[arg-type]
+    assert plan.send == [] and plan.stuck == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -23,6 +24,8 @@ from meshserve_placement.bases import waits_for_base
 from meshserve_placement.types import Changes, Ops
 from meshserve_placement.view import ClusterView
 
+log = logging.getLogger("meshserve.placement")
+
 M_QUEUE_WAIT = Histogram(
     "meshserve_placement_queue_seconds", "Time a decided load waited in its pod's load queue before its order was sent",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
@@ -33,6 +36,10 @@ M_QUEUE_WAIT = Histogram(
 class Plan:
     send: list[str] = field(default_factory=list)  # models whose load orders go now, in order
     drop: list[str] = field(default_factory=list)  # queue entries whose copy was withdrawn meanwhile
+    # The head load, when it cannot fit and nothing on the pod will free room by itself (no load
+    # under way, no unload): sizes grew since its decision (a base that reported more than it
+    # booked, say). Waiting would be for ever; it is decided again, evicting what it needs.
+    stuck: list[str] = field(default_factory=list)
 
 
 class LoadQueue(dict[str, float]):
@@ -101,8 +108,12 @@ def plan_dispatch(view: ClusterView, pod: str, head: Iterable[tuple[float, str]]
             continue
         if waits_for_base(view, model, pod):
             continue  # an adapter: its base's copy here loads first (bases.py)
-        if ahead <= 0 or (slots <= 0 and prio >= k.BACKGROUND) or held + c.size > capacity:
-            break  # in priority order: wait for a slot, or for the evictions' unloads to finish
+        if ahead <= 0 or (slots <= 0 and prio >= k.BACKGROUND):
+            break  # in priority order: wait for a slot
+        if held + c.size > capacity:
+            if not out.send and view.sent(pod) == 0 and view.unloading(pod) == 0:
+                out.stuck.append(model)
+            break  # wait for the evictions' unloads to finish
         slots, ahead, held = slots - 1, ahead - 1, held + c.size
         out.send.append(model)
         if ahead <= 0:
@@ -130,6 +141,9 @@ class Dispatch:
         now = time.time()
         for model in p.drop:
             ops.append(cmd.dequeue(pod, model))
+        for model in p.stuck:
+            ops.append(cmd.dequeue(pod, model))
+            self._set_copies(model, {q_: c for q_, c in self.view.copies[model].items() if q_ != pod}, ops, changes)
         for model in p.send:
             c = self.view.copies[model][pod]
             ops.append(cmd.dequeue(pod, model))
@@ -138,11 +152,15 @@ class Dispatch:
             ops.append(cmd.order(pod, LoadOrder(self.specs[model], trace)))
         if ops:
             await self._commit(ops, changes)
-        for model in p.drop + p.send:
+        for model in p.drop + p.send + p.stuck:
             q.pop(model, None)
             self._traces.pop((pod, model), None)
+        for model in p.stuck:
+            log.warning("%s: its queued load on %s no longer fits (sizes grew since it was decided); deciding it again", model, pod)
+            if model in self.waiting:
+                self.room.setdefault(model, [now, now])  # _retry_room decides it again, evicting
         for model, prio, trace in queued:
-            if model not in p.send and model not in p.drop:
+            if model not in p.send and model not in p.drop and model not in p.stuck:
                 q[model] = prio
                 self._traces[(pod, model)] = trace
         for model in p.send:
