@@ -50,8 +50,19 @@ def test_rest_routes_rewrite_alias_to_concrete_model() -> None:
 
 
 def test_empty_mesh_routes_everything_to_the_activator() -> None:
-    rc = matcher.build_rest_routes(state(n_models=0))
-    assert not rc.virtual_hosts[0].matcher.HasField("matcher_tree")
+    """No model loaded: every path, /v1 included (its own route, for its stream timeouts),
+    goes to the activator, which loads on first use."""
+    from envoy.config.route.v3 import route_components_pb2
+
+    m = matcher.build_rest_routes(state(n_models=0)).virtual_hosts[0].matcher
+    actions = [m.on_no_match.action, *(v.action for v in m.matcher_tree.prefix_match_map.map.values()),
+               *(v.action for v in m.matcher_tree.exact_match_map.map.values())]
+    clusters = set()
+    for a in actions:
+        route = route_components_pb2.Route()
+        a.typed_config.Unpack(route)
+        clusters.add(route.route.cluster)
+    assert clusters == {"meshserve_activator_rest"}
 
 
 def _static_bootstrap(res: r.Resources) -> dict:

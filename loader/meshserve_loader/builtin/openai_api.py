@@ -30,7 +30,9 @@ from meshserve_loader.builtin import textgen
 
 MAX_INPUTS = 2048  # OpenAI's own limit on the number of inputs per request
 STREAM_AHEAD = 64  # pieces a streaming model may run ahead of the client
-SERVED = web.RequestKey("served_model", str)  # the model a /v1 request was for, for its counter
+# The model a /v1 request was for, for its counter. A typed key where aiohttp has them (3.12+:
+# a str key warns there); a str key on the older releases our floor (aiohttp>=3.9) allows.
+SERVED: Any = web.RequestKey("served_model", str) if hasattr(web, "RequestKey") else "served_model"
 
 
 class OpenAIError(Exception):
