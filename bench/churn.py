@@ -29,6 +29,7 @@ from typing import Iterator
 
 from bench import hops
 from bench.common import pct, write
+from meshserve_placement.view import unload_reserve
 from meshserve_testing import devmesh
 
 # A row of scikit-learn's digits set (the example model predicts 8 for it): the request body of
@@ -74,10 +75,20 @@ async def _size_hints(url: str, size: int, pinned: tuple[str, ...] = ()) -> None
         await state.close()
 
 
+def capacity_for(need: int, extra: dict[str, object], max_loading: int = 2) -> int:
+    """A pod capacity whose bookable part holds `need` bytes: placement keeps an unload reserve
+    aside (view.unload_reserve), so "room for N" holds N models, as it did before the reserve."""
+    fraction = float(str(extra.get("unload_reserve_fraction", -1.0)))
+    cap = need
+    while cap - unload_reserve(cap, max_loading, fraction) < need:
+        cap = need + unload_reserve(cap, max_loading, fraction) + 1
+    return cap
+
+
 @contextmanager
 def churn_mesh(tmp: Path, models: int, per_pod: int, pods: int = 2, pinned: tuple[str, ...] = (), **extra: object) -> Iterator[tuple[devmesh.Mesh, list[str]]]:
     names = config(tmp / "config", models)
-    with devmesh.mesh(config_dir=tmp / "config", pods=pods, pod_capacity_bytes=per_pod * MODEL_BYTES, **extra) as m:
+    with devmesh.mesh(config_dir=tmp / "config", pods=pods, pod_capacity_bytes=capacity_for(per_pod * MODEL_BYTES, extra), **extra) as m:
         asyncio.run(_size_hints(m.redis_url, MODEL_BYTES, pinned))
         yield m, names
 
@@ -244,12 +255,17 @@ def main() -> None:
     ap.add_argument("--zipf-s", type=float, default=1.0)
     ap.add_argument("--probe-seconds", type=float, default=15.0, help="hot-path probe alone, before the churn (0: no probe)")
     ap.add_argument("--unload-overlap", type=float, default=0.0, help="placement's unload_overlap_fraction (0: loads wait for their unloads)")
+    ap.add_argument("--unload-reserve", type=float, default=-1.0,
+                    help="placement's unload_reserve_fraction (below 0: ModelMesh's unload buffer, the default; 0: none)")
+    ap.add_argument("--out", default="churn", help="the result's name under bench/results/")
     ap.add_argument("--hops", action="store_true", help="time each hop of the cold requests from the trace spans (bench/hops.py)")
     args = ap.parse_args()
     collector = hops.Collector() if args.hops else None
     probe_name = f"digits-{args.models - 1:04d}"  # outside the Zipf set when zipf_over < models
     pinned = (probe_name,) if args.probe_seconds and args.zipf_over < args.models else ()
-    extra = {"unload_overlap_fraction": args.unload_overlap} if args.unload_overlap else {}
+    extra: dict[str, object] = {"unload_overlap_fraction": args.unload_overlap} if args.unload_overlap else {}
+    if args.unload_reserve >= 0:
+        extra["unload_reserve_fraction"] = args.unload_reserve
     with tempfile.TemporaryDirectory(prefix="ms-churn-") as tmp, churn_mesh(Path(tmp), args.models, args.per_pod, args.pods, pinned, **extra) as (mesh, names):
         seq = zipf_sequence(names[: args.zipf_over], int(args.rps * args.seconds), args.zipf_s)
         hot: dict[str, object] = {}
@@ -267,6 +283,7 @@ def main() -> None:
             "registered": args.models, "zipf_over": args.zipf_over, "zipf_s": args.zipf_s, "pods": args.pods,
             "capacity_copies_per_pod": args.per_pod, "copy_bytes_booked": MODEL_BYTES, "rps": args.rps,
             "seconds": args.seconds, "distinct_models_requested": len(set(seq)), "unload_overlap_fraction": args.unload_overlap,
+            "unload_reserve_fraction": args.unload_reserve,
             **summary(res), "placement": placement_counts(mesh.redis_url, t0), "loaded_at_end": loaded_now(mesh.redis_url),
             "wall_seconds": round(time.time() - t0, 1), "hot_path_probe": hot,
         }
@@ -277,7 +294,7 @@ def main() -> None:
             doc["slowest_cold_hops_ms"] = hops.hops(spans, set(names), slowest=0.05)
             collector.close()
     print(json.dumps(doc, indent=2))
-    print(write("churn", doc))
+    print(write(args.out, doc))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def simulate_policy(w: Workload, pods: int, capacity: int, horizon_s: float = po
         models={},
         horizon_s=horizon_s,
     )
+    for pv in view.pods.values():  # the live leader's booking: the unload reserve kept aside
+        policy.reserve_room(pv, per_pod, pv.max_loading)
     names = [f"m{i}" for i in range(len(w.sizes))]
     reported: dict[str, int] = {}  # model -> the size its load reported (the leader's `reported`)
     hits = loads = evictions = rejected = decisions = 0

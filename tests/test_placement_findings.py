@@ -37,13 +37,13 @@ MB = 1 << 20
 PLACEMENT = Path(__file__).resolve().parents[1] / "placement" / "meshserve_placement"
 
 
-async def _leader(pods: dict[str, int], models: dict[str, int]) -> tuple[FakeRedis, Scheduler]:
+async def _leader(pods: dict[str, int], models: dict[str, int], **tuning: Any) -> tuple[FakeRedis, Scheduler]:
     r = FakeRedis()
     state = State(r)
     await r.zadd(k.HEARTBEATS, {p: time.time() + 3600 for p in pods})
     await state.commit([ops.set_pod(Pod(p, "127.0.0.1", 1, 2, n, ["sklearn"])) for p, n in pods.items()], [(KIND_POD, p) for p in pods])
     await state.register_models([ModelSpec(id=m, alias=m, format="sklearn", size_hint=n, storage={"path": "x"}) for m, n in models.items()])
-    sched = Scheduler(Settings(redis_url="redis://unused", lease_seconds=5.0), state, Tuning(busy_window_seconds=0.0))
+    sched = Scheduler(Settings(redis_url="redis://unused", lease_seconds=5.0), state, Tuning(**{"busy_window_seconds": 0.0, **tuning}))
     await r.set(k.LEASE, sched.id)
     await sched._reload()
     return r, sched

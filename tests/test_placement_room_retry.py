@@ -19,7 +19,8 @@ from tests.test_placement_findings import MB, _handle, _leader
 
 async def test_a_pass_over_models_waiting_for_room_decides_each_kind_once(monkeypatch: Any) -> None:
     waiting = [f"w{i}" for i in range(20)]
-    r, sched = await _leader({"p0": 2 * MB}, {"a": MB, "b": MB, "big": 2 * MB, **{w: MB for w in waiting}})
+    # Room counted to the byte: no unload reserve.
+    r, sched = await _leader({"p0": 2 * MB}, {"a": MB, "b": MB, "big": 2 * MB, **{w: MB for w in waiting}}, unload_reserve_fraction=0.0)
     for m in ("a", "b", *waiting, "big"):
         await _handle(sched, sched._on_load_request(LoadRequest(m).encode()))
     # a and b are loading (their room frees once they land): everyone else waits, no 503.

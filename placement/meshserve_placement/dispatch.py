@@ -97,9 +97,10 @@ def plan_dispatch(view: ClusterView, pod: str, head: Iterable[tuple[float, str]]
         return out
     # What the pod really holds now: loaded, being loaded, and not yet unloaded.
     held = view.used(pod) - view.queued_bytes(pod) + view.unloading(pod)
-    capacity = pv.capacity if pv else 0
-    # Bytes still held by unloads in their grace may overlap the loads they make room for,
-    # up to the tuned fraction (0: none, the pod never holds more than its capacity).
+    # What the pod may hold: its capacity, of which placement books all but the unload reserve
+    # (view.unload_reserve): unloads in their grace use the reserve while the loads they made
+    # room for start. The overlap fraction goes beyond it (0: the pod never holds more).
+    capacity = (pv.limit or pv.capacity) if pv else 0
     capacity += int(capacity * overlap_fraction)
     for prio, model in head:
         c = view.copies.get(model, {}).get(pod)

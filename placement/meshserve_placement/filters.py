@@ -108,6 +108,9 @@ def _fits(p: PodView, ctx: Context) -> str:
         need += ctx.base.size  # booked once per pod: as a copy of the base, loaded with this adapter
     what = "model and its base need" if p.id in ctx.with_base else "model needs"
     if need > p.capacity:
+        if p.limit > p.capacity:
+            return (f"{what} {need} bytes, more than the pod's whole capacity {p.capacity} "
+                    f"({p.limit} less {p.limit - p.capacity} kept for unloads: unload_reserve_fraction)")
         return f"{what} {need} bytes, more than the pod's whole capacity {p.capacity}"
     if free >= need:
         return ""

@@ -22,10 +22,12 @@ from meshserve_placement.filters import FILTERS, Context, Filter
 from meshserve_placement.scorers import SCORERS, Scorer
 from meshserve_placement.view import (
     DEFAULT_HORIZON_S, DEFAULT_LANDED_GRACE_S, DEFAULT_REF_SIZE, ClusterView, ModelView, PodView, RuntimeView, evictable,
+    reserve_room, unload_reserve,
 )
 
 __all__ = [
     "FULL_SCAN_PODS", "SAMPLE_PODS", "VICTIM_PODS", "Decision", "Verdict", "candidate_pods", "generic_refusal", "place",
     "FILTERS", "Context", "Filter", "SCORERS", "Scorer",
     "DEFAULT_HORIZON_S", "DEFAULT_LANDED_GRACE_S", "DEFAULT_REF_SIZE", "ClusterView", "ModelView", "PodView", "RuntimeView", "evictable",
+    "reserve_room", "unload_reserve",
 ]

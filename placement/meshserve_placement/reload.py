@@ -15,7 +15,7 @@ from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_MODEL
 from meshserve.store.state import parse_runtimes
 from meshserve_placement.bases import resolve_base
-from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeView
+from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeView, reserve_room
 from meshserve_placement.sizes import booked_size, reported_of
 
 log = logging.getLogger("meshserve.placement")
@@ -44,7 +44,7 @@ class Reload:
                 excluded[(m, p)] = float(v)
         # Building the view is pure and O(models): off the event loop, so the lease keeps.
         self.aliases = dict(snap.aliases)  # to resolve adapters' bases (bases.resolve_base)
-        self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
+        self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds, self.t.unload_reserve_fraction)
         self._failed_unloads = {
             (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
             if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
@@ -132,13 +132,14 @@ class Reload:
             self.pods[pid] = p
             pv = self.view.pods.get(pid)
             if pv is None:
-                self.view.pods[pid] = _pod_view(p)
+                self.view.pods[pid] = _pod_view(p, self.t.unload_reserve_fraction)
                 self.heartbeats.setdefault(pid, time.time())
             else:
                 if (pv.runtime, pv.formats, pv.auto_formats) != (p.runtime, p.formats, p.auto_formats):
                     pv.runtime, pv.formats, pv.auto_formats = p.runtime, p.formats, p.auto_formats
                     self.view.pods_changed()
-                pv.capacity, pv.max_loading, pv.draining = p.capacity_bytes, p.max_loading, p.draining
+                pv.max_loading, pv.draining = p.max_loading, p.draining
+                reserve_room(pv, p.capacity_bytes, p.max_loading, self.t.unload_reserve_fraction)
 
     def _mark_health(self, now: float) -> None:
         for pid, pv in self.view.pods.items():
@@ -198,13 +199,16 @@ def _model_view(m: ModelSpec, reported: int = 0, base: str = "") -> ModelView:
     return ModelView(m.id, m.format, booked_size(m.size_hint, reported, predicted=m.predicted_size), m.pinned, m.min_copies, m.max_copies, m.runtime, base)
 
 
-def _pod_view(p: Pod) -> PodView:
-    return PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
+def _pod_view(p: Pod, reserve_fraction: float) -> PodView:
+    pv = PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
+    reserve_room(pv, p.capacity_bytes, p.max_loading, reserve_fraction)
+    return pv
 
 
-def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> ClusterView:
+def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float,
+                reserve_fraction: float = -1.0) -> ClusterView:
     return ClusterView(
-        pods={p.id: _pod_view(p) for p in snap.pods.values()},
+        pods={p.id: _pod_view(p, reserve_fraction) for p in snap.pods.values()},
         # A new leader knows a model's reported size from the copies it finds booked.
         # Most models have no copy: only those with one look (a fifth of the view's build at 200,000).
         models={m.id: _model_view(m, reported_of(c.size for c in cs.values() if c.state == CopyState.LOADED) if (cs := snap.placements.get(m.id)) else 0,

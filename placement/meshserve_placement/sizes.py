@@ -13,7 +13,7 @@ What it is made of:
   meshserve_loader/predict.py), the same the loader floors its report at.
 - `UNKNOWN_MODEL_BYTES` when there is none of these: placement itself cannot see the files
   (they are in object stores it has no credentials for), and the registration's listing failed
-  or was not made (cluster mode's controller does not list yet).
+  or was not made (cluster mode's controller lists S3 only, controller/meshserve_controller/storage_facts.py).
 """
 
 from __future__ import annotations

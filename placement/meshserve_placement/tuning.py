@@ -39,6 +39,11 @@ class Tuning:
     # load that evicts waits for its unloads (at least the grace; under churn most of a miss's
     # time, docs/benchmarks.md "Churn"). Booking is unchanged: decisions never book over capacity.
     unload_overlap_fraction: float = 0.0
+    # The part of each pod's capacity placement keeps for copies being unloaded (their grace, the
+    # gateways withdrawing the routes), so a load that evicts starts at once and the pod still
+    # never holds more than its capacity. Below 0: ModelMesh's unload buffer (1% to 10% of the
+    # capacity, view.unload_reserve); 0: none, a load that evicts waits for its unloads.
+    unload_reserve_fraction: float = -1.0
     # Loads that requests wait for, ordered to a pod beyond its loading slots (max_loading):
     # the loader starts each as one of its slots frees, so a slot does not idle for the round
     # trip from a load's result through the leader to the next order (dispatch.plan_dispatch).

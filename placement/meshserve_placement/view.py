@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 from meshserve.model import Copy, CopyState, auto_selected
+from meshserve_placement.sizes import UNKNOWN_MODEL_BYTES
 
 
 # Eviction value: a copy is kept in order of `last_used + horizon * ln(uses * ref / size)`,
@@ -41,6 +42,31 @@ class PodView:
     draining: bool = False  # the pod is shutting down: nothing new goes there
     runtime: str = ""  # its ServingRuntime's name
     auto_formats: list[str] | None = None  # formats it is picked for without `runtime:`; None: all of `formats`
+    # What the pod may really hold at once; 0: `capacity`. Where an unload reserve is kept
+    # (unload_reserve), `capacity` is what placement books against, the pod's capacity less the
+    # reserve, and `limit` the pod's own: the bytes of unloads still in their grace use the
+    # difference while the loads they made room for start (dispatch.plan_dispatch).
+    limit: int = 0
+
+
+def unload_reserve(capacity: int, max_loading: int, fraction: float = -1.0) -> int:
+    """The part of a pod's capacity kept for copies being unloaded, so that a load which evicts
+    starts at once instead of waiting out its victims' unload grace, and the pod still never
+    holds more than its capacity. `fraction` >= 0 sets it; below 0 (the default) it is
+    ModelMesh's unload buffer (ModelMesh.java, `unloadsReservedSizeUnits`): one default-sized
+    model per loading slot, halved for up to 2 slots and quartered above, kept between 1% and
+    10% of the capacity. Our default-sized model is the unknown-size default."""
+    if fraction >= 0:
+        return int(capacity * min(fraction, 0.9))
+    want = max_loading * UNKNOWN_MODEL_BYTES // (2 if max_loading <= 2 else 4)
+    return max(capacity // 100, min(capacity // 10, want))
+
+
+def reserve_room(pv: PodView, capacity: int, max_loading: int, fraction: float = -1.0) -> None:
+    """Set the pod's booking capacity and its limit from its reported capacity (the leader on
+    each pod record, the simulator on its pods: both keep the same reserve)."""
+    pv.limit = capacity
+    pv.capacity = capacity - unload_reserve(capacity, max_loading, fraction)
 
 
 @dataclass(frozen=True)
@@ -69,7 +95,8 @@ class ModelView:
 
 # Bytes a pod has promised: loaded copies and loads decided (queued or under way). An UNLOADING
 # copy's bytes are already promised to the load that evicted it; the leader dispatches that load
-# only once the unload is confirmed, so the pod's real memory never exceeds its capacity either.
+# while the pod's unload reserve holds them, else once the unload is confirmed, so the pod's real
+# memory never exceeds its capacity either (dispatch.plan_dispatch).
 _BOOKED = (CopyState.LOADED, CopyState.LOADING)
 
 
