@@ -30,7 +30,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALIAS, KIND_MODEL, KIND_PLACEMENT, KIND_POD, KIND_RULE, KIND_TRANSITION, Change
 from meshserve.store.state import Snapshot, State
-from meshserve.model import CopyState, Pod, copies_from_json
+from meshserve.model import CopyState, Pod, alias_of_id, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
 from meshserve_xds import resources as r
@@ -46,13 +46,17 @@ M_RESYNCS = Counter("meshserve_xds_resyncs", "Full rebuilds from Redis")
 M_INCREMENTAL = Counter("meshserve_xds_incremental_updates", "Change batches applied by targeted re-reads")
 
 
-def routing_state(snap: Snapshot, settings: Settings) -> r.RoutingState:
+def routing_state(snap: Snapshot, settings: Settings, claims: dict[str, dict[str, tuple[str, ...]]] | None = None) -> r.RoutingState:
+    """The routing state of a snapshot. `claims`, when given, is filled with alias -> model ->
+    pods holding any copy, for every model named after its alias (`held_by_alias`)."""
     pods = {p.id: r.Endpoint(p.host, p.rest_port, p.grpc_port) for p in snap.pods.values()}
     loaded: dict[str, list[str]] = {}
+    claims = {} if claims is None else claims
     for model, copies in snap.placements.items():
         holders = sorted(p for p, c in copies.items() if c.state == CopyState.LOADED and p in pods)
         if holders:
             loaded[model] = holders
+        _claim(claims, model, copies)
     return r.RoutingState(
         pods=pods,
         loaded=loaded,
@@ -61,7 +65,27 @@ def routing_state(snap: Snapshot, settings: Settings) -> r.RoutingState:
         activator=r.Endpoint(settings.host, settings.activator_rest_port, settings.activator_grpc_port),
         cold_timeout_s=settings.cold_start_timeout_seconds + 5,
         route_stats=settings.xds_route_stats,
+        resolving={p.id for p in snap.pods.values() if p.resolves_names},
+        shared_routes=settings.xds_shared_routes,
+        contested={a: dict(ms) for a, ms in claims.items() if len(ms) > 1},
     )
+
+
+def _claim(claims: dict[str, dict[str, tuple[str, ...]]], model: str, copies: dict) -> None:
+    """Record in `claims` the pods where `model` has a copy a runtime may hold (any state but
+    failed), under the alias its id was made for; a model without such copies is dropped."""
+    alias = alias_of_id(model)
+    if alias is None:
+        return
+    on = tuple(p for p, c in copies.items() if c.state != CopyState.FAILED)
+    if on:
+        claims.setdefault(alias, {})[model] = on
+    else:
+        held = claims.get(alias)
+        if held is not None:
+            held.pop(model, None)
+            if not held:
+                del claims[alias]
 
 
 async def read_snapshot(state: State) -> Snapshot:
@@ -149,6 +173,8 @@ class RedisSource:
         self._full = True  # the next publish builds every group whole (start, resync)
         self._alias_of: dict[str, str] = {}
         self._aliases_by_model: dict[str, set[str]] = {}
+        # alias -> model -> pods with a copy, for models named after their alias (routing_state)
+        self._claims: dict[str, dict[str, tuple[str, ...]]] = {}
         self.rev = 0
         self.snap: Snapshot | None = None
         self.traffic: dict = {}
@@ -206,7 +232,8 @@ class RedisSource:
 
     def _routing_state(self) -> r.RoutingState:
         assert self.snap is not None
-        rs = routing_state(self.snap, self.s)
+        self._claims = {}
+        rs = routing_state(self.snap, self.s, self._claims)
         rs.traffic = self.traffic
         rs.transformers = self.transformers
         return rs
@@ -258,8 +285,23 @@ class RedisSource:
                 self._alias_of[a] = new
             else:
                 self._alias_of.pop(a, None)
+        # A copy coming or going may make a model's alias name another model on a pod, or stop
+        # doing so (scoped_routes.loaded_target): the alias's scope is looked at again, with its
+        # current target.
+        for m in ids.get(KIND_PLACEMENT, ()):
+            _claim(self._claims, m, snap.placements.get(m, {}))
+        for m in list(models):
+            a = alias_of_id(m)
+            if a is not None and a in snap.aliases:
+                names.add(a)
+                models.add(snap.aliases[a])
         aliases = {a: m for m in models for a in self._aliases_by_model.get(m, ())}
         names |= models | set(aliases)
+        contested = {}
+        for m in models:
+            a = alias_of_id(m)
+            if a is not None and len(self._claims.get(a, ())) > 1:
+                contested[a] = dict(self._claims[a])
         loaded = {}
         for m in models:
             holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
@@ -272,6 +314,9 @@ class RedisSource:
             activator=r.Endpoint(self.s.host, self.s.activator_rest_port, self.s.activator_grpc_port),
             cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
             route_stats=self.s.xds_route_stats,
+            resolving={p for p in held if snap.pods[p].resolves_names},
+            shared_routes=self.s.xds_shared_routes,
+            contested=contested,
         )
         layouts = {r.GATEWAY_GROUP: self.layout, **{g: self.extras[g] for g in self.published if g in self.extras}}
         for group, layout in layouts.items():
