@@ -268,7 +268,7 @@ def model_route_clusters(dump: Any, model_id: str) -> set[str]:
     out: set[str] = set()
     # The scoped layout with shared routes: the id's scope names its pod set's RouteConfiguration
     # (`gateway_route_dump` puts the scopes in the dump).
-    mine = {"model/" + model_id} | {rc for rc in _scope_targets(dump, model_id) if rc.startswith("pods/")}
+    mine = {"model/" + model_id} | {rc for rc in scope_targets(dump, model_id) if rc.startswith("pods/")}
 
     def walk(node: Any, own: bool = False) -> None:
         if isinstance(node, dict):
@@ -291,7 +291,7 @@ def model_route_clusters(dump: Any, model_id: str) -> set[str]:
     return out
 
 
-def _scope_targets(node: Any, name: str) -> set[str]:
+def scope_targets(node: Any, name: str) -> set[str]:
     """The RouteConfigurations the scopes keyed on `name` name, anywhere in a dump."""
     out: set[str] = set()
     if isinstance(node, dict):
@@ -299,10 +299,10 @@ def _scope_targets(node: Any, name: str) -> set[str]:
         if "route_configuration_name" in node and frags and frags[0].get("string_key") == name:
             out.add(node["route_configuration_name"])
         for v in node.values():
-            out |= _scope_targets(v, name)
+            out |= scope_targets(v, name)
     elif isinstance(node, list):
         for v in node:
-            out |= _scope_targets(v, name)
+            out |= scope_targets(v, name)
     return out
 
 
