@@ -46,17 +46,26 @@ M_RESYNCS = Counter("meshserve_xds_resyncs", "Full rebuilds from Redis")
 M_INCREMENTAL = Counter("meshserve_xds_incremental_updates", "Change batches applied by targeted re-reads")
 
 
-def routing_state(snap: Snapshot, settings: Settings, claims: dict[str, dict[str, tuple[str, ...]]] | None = None) -> r.RoutingState:
-    """The routing state of a snapshot. `claims`, when given, is filled with alias -> model ->
-    pods holding any copy, for every model named after its alias (`held_by_alias`)."""
+def routing_state(snap: Snapshot, settings: Settings, versions: dict[str, str | set[str]] | None = None) -> r.RoutingState:
+    """The routing state of a snapshot. `versions`, when given, is filled with alias -> the
+    models named after it that have a placement (`alias_of_id`): one id, or a set of several."""
     pods = {p.id: r.Endpoint(p.host, p.rest_port, p.grpc_port) for p in snap.pods.values()}
     loaded: dict[str, list[str]] = {}
-    claims = {} if claims is None else claims
+    versions = {} if versions is None else versions
+    get = versions.get
     for model, copies in snap.placements.items():
         holders = sorted(p for p, c in copies.items() if c.state == CopyState.LOADED and p in pods)
         if holders:
             loaded[model] = holders
-        _claim(claims, model, copies)
+        alias, sep, _ = model.partition("__")  # alias_of_id(), inlined: this runs per placement
+        if sep and alias:
+            v = get(alias)
+            if v is None:
+                versions[alias] = model
+            elif isinstance(v, str):
+                versions[alias] = {v, model}
+            else:
+                v.add(model)
     return r.RoutingState(
         pods=pods,
         loaded=loaded,
@@ -67,25 +76,37 @@ def routing_state(snap: Snapshot, settings: Settings, claims: dict[str, dict[str
         route_stats=settings.xds_route_stats,
         resolving={p.id for p in snap.pods.values() if p.resolves_names},
         shared_routes=settings.xds_shared_routes,
-        contested={a: dict(ms) for a, ms in claims.items() if len(ms) > 1},
+        contested={a: holding(snap, v) for a, v in versions.items() if not isinstance(v, str)},
     )
 
 
-def _claim(claims: dict[str, dict[str, tuple[str, ...]]], model: str, copies: dict) -> None:
-    """Record in `claims` the pods where `model` has a copy a runtime may hold (any state but
-    failed), under the alias its id was made for; a model without such copies is dropped."""
+def holding(snap: Snapshot, models: set[str]) -> dict[str, tuple[str, ...]]:
+    """model -> the pods where it has a copy a runtime may hold (any state but failed): where
+    two models with one alias have one on the same pod, the alias needs the gateway's rewrite
+    (scoped_routes.loaded_target)."""
+    return {m: tuple(p for p, c in snap.placements.get(m, {}).items() if c.state != CopyState.FAILED) for m in models}
+
+
+def _note_version(versions: dict[str, str | set[str]], model: str, placed: bool) -> None:
+    """Keep `versions` (routing_state) up to date for one model whose placement changed."""
     alias = alias_of_id(model)
     if alias is None:
         return
-    on = tuple(p for p, c in copies.items() if c.state != CopyState.FAILED)
-    if on:
-        claims.setdefault(alias, {})[model] = on
-    else:
-        held = claims.get(alias)
-        if held is not None:
-            held.pop(model, None)
-            if not held:
-                del claims[alias]
+    v = versions.get(alias)
+    if placed:
+        if v is None:
+            versions[alias] = model
+        elif isinstance(v, str):
+            if v != model:
+                versions[alias] = {v, model}
+        else:
+            v.add(model)
+    elif v == model:
+        del versions[alias]
+    elif isinstance(v, set):
+        v.discard(model)
+        if len(v) == 1:
+            versions[alias] = next(iter(v))
 
 
 async def read_snapshot(state: State) -> Snapshot:
@@ -173,8 +194,8 @@ class RedisSource:
         self._full = True  # the next publish builds every group whole (start, resync)
         self._alias_of: dict[str, str] = {}
         self._aliases_by_model: dict[str, set[str]] = {}
-        # alias -> model -> pods with a copy, for models named after their alias (routing_state)
-        self._claims: dict[str, dict[str, tuple[str, ...]]] = {}
+        # alias -> the models named after it with a placement (routing_state)
+        self._versions: dict[str, str | set[str]] = {}
         self.rev = 0
         self.snap: Snapshot | None = None
         self.traffic: dict = {}
@@ -232,8 +253,8 @@ class RedisSource:
 
     def _routing_state(self) -> r.RoutingState:
         assert self.snap is not None
-        self._claims = {}
-        rs = routing_state(self.snap, self.s, self._claims)
+        self._versions = {}
+        rs = routing_state(self.snap, self.s, self._versions)
         rs.traffic = self.traffic
         rs.transformers = self.transformers
         return rs
@@ -289,7 +310,7 @@ class RedisSource:
         # doing so (scoped_routes.loaded_target): the alias's scope is looked at again, with its
         # current target.
         for m in ids.get(KIND_PLACEMENT, ()):
-            _claim(self._claims, m, snap.placements.get(m, {}))
+            _note_version(self._versions, m, m in snap.placements)
         for m in list(models):
             a = alias_of_id(m)
             if a is not None and a in snap.aliases:
@@ -300,8 +321,8 @@ class RedisSource:
         contested = {}
         for m in models:
             a = alias_of_id(m)
-            if a is not None and len(self._claims.get(a, ())) > 1:
-                contested[a] = dict(self._claims[a])
+            if a is not None and isinstance(self._versions.get(a), set):
+                contested[a] = holding(snap, self._versions[a])  # type: ignore[arg-type]
         loaded = {}
         for m in models:
             holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
