@@ -53,10 +53,13 @@ def routing_state(snap: Snapshot, settings: Settings, versions: dict[str, str | 
     loaded: dict[str, list[str]] = {}
     versions = {} if versions is None else versions
     get = versions.get
+    resolving = {p.id for p in snap.pods.values() if p.resolves_names} if settings.xds_shared_routes else set()
     for model, copies in snap.placements.items():
         holders = sorted(p for p, c in copies.items() if c.state == CopyState.LOADED and p in pods)
         if holders:
             loaded[model] = holders
+        if not resolving:
+            continue  # nothing shares routes: versions are not looked at (0.07 s at 10^5 placements)
         alias, sep, _ = model.partition("__")  # alias_of_id(), inlined: this runs per placement
         if sep and alias:
             v = get(alias)
@@ -74,7 +77,7 @@ def routing_state(snap: Snapshot, settings: Settings, versions: dict[str, str | 
         activator=r.Endpoint(settings.host, settings.activator_rest_port, settings.activator_grpc_port),
         cold_timeout_s=settings.cold_start_timeout_seconds + 5,
         route_stats=settings.xds_route_stats,
-        resolving={p.id for p in snap.pods.values() if p.resolves_names},
+        resolving=resolving,
         shared_routes=settings.xds_shared_routes,
         contested={a: holding(snap, v) for a, v in versions.items() if not isinstance(v, str)},
     )
