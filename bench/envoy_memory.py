@@ -10,6 +10,7 @@ their pod by alias and by id, lets Envoy settle, and records its RSS and tcmallo
 
     .venv/bin/python -m bench.envoy_memory --models 100000 --variants prod
     .venv/bin/python -m bench.envoy_memory --models 20000 --variants prod,scopes_only,rc_bare
+    .venv/bin/python -m bench.envoy_memory --models 20000,100000 --variants prod,prod_shared --loads 20
 
 Writes bench/results/envoy_memory.json (merged by variant and size).
 """
@@ -47,7 +48,20 @@ def routing_state(n: int, pods: dict[str, r.Endpoint], activator: r.Endpoint) ->
 
 
 def prod(state: r.RoutingState, lc: r.ListenerConfig) -> r.Resources:
+    """Production with every pod's runtime resolving nothing itself (MLServer, Triton; and main
+    before shared routes): a RouteConfiguration per loaded model."""
     return scoped.ScopedLayout(lc, GATEWAY_GROUP).build_full(state)
+
+
+def prod_shared(state: r.RoutingState, lc: r.ListenerConfig) -> r.Resources:
+    """Production with built-in runtimes (they resolve aliases): the scopes of every model on
+    one pod name that pod's shared RouteConfiguration (docs/design/routing.md "Shared routes")."""
+    return scoped.ScopedLayout(lc, GATEWAY_GROUP).build_full(_sharing(state))
+
+
+def _sharing(state: r.RoutingState) -> r.RoutingState:
+    state.resolving, state.shared_routes = set(state.pods), True
+    return state
 
 
 def scopes_only(state: r.RoutingState, lc: r.ListenerConfig) -> r.Resources:
@@ -133,6 +147,7 @@ def shared(state: r.RoutingState, lc: r.ListenerConfig) -> r.Resources:
 
 
 VARIANTS: dict[str, Callable[[r.RoutingState, r.ListenerConfig], r.Resources]] = {
+    "prod_shared": prod_shared,
     "inline": inline,
     "shared": shared,
     "rest_only": rest_only,
@@ -195,7 +210,64 @@ def _envoy(bootstrap_json: str, timeout: float) -> Iterator[Envoy]:
                 stop(proc)
 
 
-def run(variant: str, n: int, timeout: float) -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far, summed over its threads from /proc's schedstat (ns; the
+    clock-tick counters in stat are 10 ms coarse, more than one load costs)."""
+    total = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+def _loads(ads: AdsThread, gw: Envoy, state: r.RoutingState, lc: r.ListenerConfig, variant: str, n: int, k: int,
+           timeout: float) -> dict[str, Any]:
+    """Load `k` registered cold models one after another, each an O(change) patch from the
+    production layout (its scopes, and with per-model routes its RouteConfiguration), and time
+    each until a request by alias reaches its pod; Envoy's CPU over the loads, less its idle
+    CPU over as long a time with the same polling."""
+    layout = scoped.ScopedLayout(lc, GATEWAY_GROUP)
+    full = prod_shared if variant == "prod_shared" else prod
+    layout.index = scoped.index(state if full is prod else _sharing(state))
+    cl = Client(lc.rest_port)
+    pods = sorted(state.pods)
+    applied: list[float] = []
+    polls = 0
+    cpu0, t0 = _cpu_s(gw.proc.pid), time.monotonic()
+    for j in range(n, n + k):
+        m, alias, pod = model_id(j), f"m{j}", pods[j % len(pods)]
+        state.loaded[m] = [pod]
+        part = r.RoutingState(pods={pod: state.pods[pod]}, loaded={m: [pod]}, aliases={alias: m}, activator=state.activator,
+                              registered={m}, resolving=set(state.resolving), shared_routes=state.shared_routes)
+        s0 = time.monotonic()
+        patch = layout.apply_partial(part, {m}, {m, alias})
+        assert patch is not None
+        ads.call(_apply(ads, patch))
+        while cl.upstream(alias, {}) != pod:
+            polls += 1
+            if time.monotonic() - s0 > timeout:
+                raise RuntimeError(f"{alias} not routed to {pod} within {timeout:.0f}s")
+            time.sleep(0.005)
+        applied.append(time.monotonic() - s0)
+    busy, wall = _cpu_s(gw.proc.pid) - cpu0, time.monotonic() - t0
+    cpu1 = _cpu_s(gw.proc.pid)
+    for _ in range(polls + k):  # the same requests, no changes: what Envoy spends regardless
+        cl.upstream(f"m{n // 2}", {})
+        time.sleep(wall / max(1, polls + k))
+    idle = _cpu_s(gw.proc.pid) - cpu1
+    applied.sort()
+    return {"loads": k, "load_apply_ms_p50": round(1000 * applied[len(applied) // 2], 1), "load_apply_ms_max": round(1000 * applied[-1], 1),
+            "envoy_cpu_ms_per_load": round(1000 * (busy - idle) / k, 1), "envoy_cpu_ms_idle_per_load": round(1000 * idle / k, 1)}
+
+
+async def _apply(ads: AdsThread, patch: r.Patch) -> None:
+    assert ads.cache is not None
+    ads.cache.apply(GATEWAY_GROUP, patch)
+
+
+def run(variant: str, n: int, timeout: float, loads: int = 0) -> dict[str, Any]:
     build = VARIANTS[VARIANTS_BOOT.get(variant, variant)]
     out: dict[str, Any] = {"variant": variant, "models": n}
     ups = [Upstream(f"pod-{k}") for k in range(PODS)]
@@ -206,6 +278,9 @@ def run(variant: str, n: int, timeout: float) -> dict[str, Any]:
     try:
         pods = {u.name: r.Endpoint("127.0.0.1", u.port, u.port) for u in ups}
         state = routing_state(n, pods, r.Endpoint("127.0.0.1", act.port, act.port))
+        extra = {model_id(j): f"m{j}" for j in range(n, n + loads)}  # registered, loaded by _loads
+        state.registered |= set(extra)
+        state.aliases.update({a: m for m, a in extra.items()})
         from meshserve_testing.devmesh import free_port
 
         port = free_port()
@@ -236,8 +311,11 @@ def run(variant: str, n: int, timeout: float) -> dict[str, Any]:
                     out["error"] = f"{name} not routed to {want} within {timeout:.0f}s"
                     break
             out["apply_s"] = round(time.monotonic() - t0, 1)
+            out["envoy_cpu_s_start"] = round(_cpu_s(gw.proc.pid), 1)
             out["rss_mib"] = round(_settle_rss(gw) / 2**20, 1)
             out["memory_mib"] = _memory(gw)
+            if loads and variant in ("prod", "prod_shared"):
+                out.update(_loads(ads, gw, state, lc, variant, n, loads, timeout))
         out["load_avg"] = round(os.getloadavg()[0], 1)
         return out
     finally:
@@ -251,11 +329,12 @@ def main() -> None:
     ap.add_argument("--models", default="100000")
     ap.add_argument("--variants", default="prod")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--loads", type=int, default=0, help="then load this many cold models one by one (prod, prod_shared)")
     args = ap.parse_args()
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for n in (int(x) for x in args.models.split(",")):
         for v in args.variants.split(","):
-            res = run(v, n, args.timeout)
+            res = run(v, n, args.timeout, args.loads)
             res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             print(json.dumps(res), flush=True)
             results[f"{v}/{n}"] = res

@@ -23,6 +23,7 @@ from meshserve.cli import cli
 from meshserve.model import CopyState
 from meshserve.rules import store
 
+from meshserve_testing.xds_harness import gateway_route_dump, scope_targets
 from test_traffic_rules import Client, fire, isvc  # e2e/ is on sys.path under pytest (rootdir conftest)
 
 pytestmark = pytest.mark.e2e
@@ -127,6 +128,11 @@ def test_version_move_under_load_has_zero_failed_requests(rmesh: devmesh.Mesh, t
     n = len(load.answers)
     print(f"\nversion move under load: {n} requests, 0 failed")
     assert n > 200
+    # Once moved, the alias means the new version only, while the old one may still be loaded
+    # beside it: the runtime there holds both under one alias, so the gateway names the new id
+    # (docs/design/routing.md "Shared routes").
+    counts, failures = fire(rmesh, "tr-move", 200, full=True)
+    assert not failures and set(counts) == {t.new}, counts
     # The old version is gone from the pods (unload ordered after the drain).
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -135,6 +141,12 @@ def test_version_move_under_load_has_zero_failed_requests(rmesh: devmesh.Mesh, t
             break
         time.sleep(0.2)
     assert not any(c.state == CopyState.LOADED for c in snap.placements.get(v1, {}).values()), snap.placements.get(v1)
+    # v1 gone, the built-in runtimes resolve the alias themselves: its scope names the pods'
+    # shared RouteConfiguration, and requests by alias still reach v2.
+    devmesh.wait_until(lambda: any(rc.startswith("pods/") for rc in scope_targets(gateway_route_dump(rmesh.admin), "tr-move")), 20,
+                       "tr-move on its pods' shared routes")
+    counts, failures = fire(rmesh, "tr-move", 50, full=True)
+    assert not failures and set(counts) == {t.new}, counts
 
 
 def test_failed_load_keeps_traffic_and_reports_transition_failed(rmesh: devmesh.Mesh, tmp_path: Path) -> None:

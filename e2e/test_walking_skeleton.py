@@ -17,7 +17,7 @@ import pytest
 from meshserve_testing import devmesh
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
-from meshserve_testing.xds_harness import model_route_clusters
+from meshserve_testing.xds_harness import gateway_route_dump, model_route_clusters
 
 pytestmark = pytest.mark.e2e
 MODEL_ID = re.compile(r"^sklearn-mnist__isvc-[0-9a-f]{10}$")
@@ -98,8 +98,7 @@ def test_loaded_model_bypasses_python(mesh: devmesh.Mesh, fixtures: Path) -> Non
     model_id = resp["modelName"]
 
     def routed() -> bool:
-        _, dump = devmesh.http_get(f"{mesh.admin}/config_dump?resource=dynamic_route_configs")
-        clusters = model_route_clusters(json.loads(dump), model_id)  # either xDS layout
+        clusters = model_route_clusters(gateway_route_dump(mesh.admin), model_id)  # either xDS layout
         return bool(clusters) and all(c.startswith(("pod_pod-", "pods_pod-")) for c in clusters)
 
     devmesh.wait_until(routed, 10, "gateway route to the pod")

@@ -64,6 +64,11 @@ class Pod:
     auto_formats: list[str] | None = None
     max_loading: int = 2
     draining: bool = False  # preStop: placement should move its models and place nothing new
+    # Its runtime finds a model by any of its names (the built-in: an alias is resolved by the
+    # runtime, loader/meshserve_loader/builtin/table.py), so the gateway need not rewrite the
+    # name to the id: its models can share one RouteConfiguration per pod set
+    # (docs/design/routing.md "Shared routes"). False, as pods registered by older versions say.
+    resolves_names: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True)
@@ -81,6 +86,15 @@ def auto_selected(fmt: str, auto_formats: dict[str, Any]) -> str | None:
         if fmt in auto_formats[name]:
             return name
     return None
+
+
+def alias_of_id(model_id: str) -> str | None:
+    """The alias a concrete id was made for: ModelMesh's naming (`<alias>__isvc-<hash>`,
+    `<alias>__ksp-<hash>`; registry.py `concrete_model_id`; aliases never hold '__'). None for
+    an id not named that way. The loader tells the runtime a model's alias only when this agrees
+    with it, and xDS reads no specs: both sides then know a loaded model's alias the same way."""
+    alias, sep, _ = model_id.partition("__")
+    return alias if sep and alias else None
 
 
 @dataclass

@@ -40,6 +40,11 @@ class Settings:
     # per-model metrics (meshserve_runtime_requests, meshserve_runtime_inference_seconds)
     # are always there.
     xds_route_stats: bool = False
+    # Scopes of a loaded model whose every pod resolves names itself (the built-in runtime)
+    # name one RouteConfiguration per pod set instead of the model's own: 11-14 KiB of gateway
+    # memory less per loaded model (docs/design/routing.md "Shared routes"). Off with route stats
+    # on (those are per model).
+    xds_shared_routes: bool = True
     xds_debug_port: int = 18001
     # Where xds's HTTP listener (/healthz, /metrics, /debug/config) binds. Loopback by default:
     # /debug/config shows the whole routing state (model ids, pod addresses). In a cluster set it

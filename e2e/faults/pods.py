@@ -15,7 +15,7 @@ from typing import Any
 
 from e2e.faults.load import SteadyLoad
 from meshserve_testing import devmesh
-from meshserve_testing.xds_harness import model_route_clusters
+from meshserve_testing.xds_harness import gateway_route_dump, model_route_clusters
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "sklearn-mnist"
@@ -73,7 +73,7 @@ def pods_of_cluster(name: str) -> set[str]:
 
 def gateway_pods(m: devmesh.Mesh, model_id: str) -> set[str]:
     """The pods the gateway's REST routes send `model_id` to, from Envoy's config dump."""
-    dump = json.loads(devmesh.http_get(f"{m.admin}/config_dump?resource=dynamic_route_configs", timeout=2)[1])
+    dump = gateway_route_dump(m.admin, timeout=2)
     out: set[str] = set()
     for name in model_route_clusters(dump, model_id):  # either xDS layout
         out |= pods_of_cluster(name)

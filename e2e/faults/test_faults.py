@@ -21,7 +21,7 @@ from e2e.faults.load import SteadyLoad
 from meshserve_testing import devmesh
 from meshserve.settings import Settings
 from meshserve_placement.tuning import Tuning
-from meshserve_testing.xds_harness import model_route_clusters
+from meshserve_testing.xds_harness import gateway_route_dump, model_route_clusters
 
 pytestmark = pytest.mark.e2e
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "faults.json"
@@ -41,7 +41,7 @@ def infer_url(mesh: devmesh.Mesh, model: str = "sklearn-mnist") -> str:
 
 def routed_at_gateway(mesh: devmesh.Mesh, model_id: str) -> bool:
     """The gateway has a route for `model_id`, in either xDS layout (matcher tree or scoped)."""
-    return bool(model_route_clusters(json.loads(devmesh.http_get(f"{mesh.admin}/config_dump?resource=dynamic_route_configs")[1]), model_id))
+    return bool(model_route_clusters(gateway_route_dump(mesh.admin), model_id))
 
 
 def warm(mesh: devmesh.Mesh, body: bytes, model: str = "sklearn-mnist") -> str:

@@ -34,7 +34,7 @@ from e2e.faults.load import SteadyLoad
 from e2e.faults.test_faults import infer_url, record
 from meshserve_testing.model_store import ModelStore, knn_model
 from meshserve_testing import devmesh
-from meshserve_testing.xds_harness import model_route_clusters
+from meshserve_testing.xds_harness import gateway_route_dump, model_route_clusters
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def warm(m: devmesh.Mesh, body: bytes, model: str = "sklearn-mnist") -> str:
     status, out, _ = _post(infer_url(m, model), body)
     assert status == 200, out
     model_id = out.get("modelName") or out.get("model_name")
-    devmesh.wait_until(lambda: model_route_clusters(json.loads(devmesh.http_get(f"{m.admin}/config_dump?resource=dynamic_route_configs")[1]), model_id),
+    devmesh.wait_until(lambda: model_route_clusters(gateway_route_dump(m.admin), model_id),
                        15, "route at the gateway")
     return model_id
 

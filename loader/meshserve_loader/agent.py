@@ -26,7 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 
 from meshserve import failures
 from meshserve import tracing
-from meshserve.model import CopyState, ModelSpec, Pod
+from meshserve.model import CopyState, ModelSpec, Pod, alias_of_id
 from meshserve.settings import Settings
 from meshserve.store import State, ops
 from meshserve.store.messages import LoadOrder, LoadResult, PodEvent, PodRegistered, UnloadOrder, UnloadResult, decode_order
@@ -296,7 +296,12 @@ class Agent:
             path = await self.fetcher.fetch(spec.storage, progress.pulled)
         progress.loading()
         predicted = spec.size_hint or predict_size(path, spec.format)
-        params = {"path": str(path), "format": spec.format, "predicted_size": predicted}
+        params: dict[str, Any] = {"path": str(path), "format": spec.format, "predicted_size": predicted}
+        # The built-in runtime then answers to the alias too (the gateway may send a request by
+        # alias, docs/design/routing.md "Shared routes"); only when the id says the same alias,
+        # which is how the xDS server, reading no specs, knows it (alias_of_id).
+        if spec.alias and alias_of_id(spec.id) == spec.alias:
+            params["alias"] = spec.alias
         params.update(await base_params(self.state, self.fetcher, spec, path))
         with tr.start_as_current_span("loader.load", attributes={**attrs, "meshserve.predicted_bytes": predicted}) as span:
             measured = await asyncio.wait_for(self.server.load(spec.id, params, self.load_timeout), self.load_timeout)

@@ -96,6 +96,7 @@ def describe_pod(settings: Settings, index: int, spec: RuntimeSpec, server: Adap
         runtime=spec.name,
         auto_formats=auto_formats(spec),
         max_loading=max_loading,
+        resolves_names=server.resolves_names,
     )
 
 

@@ -266,10 +266,13 @@ def model_route_clusters(dump: Any, model_id: str) -> set[str]:
     for it (a cold model goes to the activator by the fallback)."""
     want = {r.MODELS_PREFIX + model_id, r.MODELS_PREFIX + model_id + "/"}
     out: set[str] = set()
+    # The scoped layout with shared routes: the id's scope names its pod set's RouteConfiguration
+    # (`gateway_route_dump` puts the scopes in the dump).
+    mine = {"model/" + model_id} | {rc for rc in scope_targets(dump, model_id) if rc.startswith("pods/")}
 
     def walk(node: Any, own: bool = False) -> None:
         if isinstance(node, dict):
-            if node.get("name") == "model/" + model_id and "virtual_hosts" in node:
+            if node.get("name") in mine and "virtual_hosts" in node:
                 own = True  # the scoped layout's RouteConfiguration of this model
             match, action = node.get("match"), node.get("route")
             # Its REST route: prefix "/" (it takes /v1 OpenAI-style paths too), or /v2/models/.
@@ -286,3 +289,30 @@ def model_route_clusters(dump: Any, model_id: str) -> set[str]:
 
     walk(dump)
     return out
+
+
+def scope_targets(node: Any, name: str) -> set[str]:
+    """The RouteConfigurations the scopes keyed on `name` name, anywhere in a dump."""
+    out: set[str] = set()
+    if isinstance(node, dict):
+        frags = node.get("key", {}).get("fragments") if isinstance(node.get("key"), dict) else None
+        if "route_configuration_name" in node and frags and frags[0].get("string_key") == name:
+            out.add(node["route_configuration_name"])
+        for v in node.values():
+            out |= scope_targets(v, name)
+    elif isinstance(node, list):
+        for v in node:
+            out |= scope_targets(v, name)
+    return out
+
+
+def gateway_route_dump(admin_url: str, timeout: float = 5) -> dict[str, Any]:
+    """A gateway's RouteConfigurations and its scopes from its admin API, as one parsed dump
+    for `model_route_clusters` (which finds a model's route through its scope when the scope
+    names a shared RouteConfiguration)."""
+    from meshserve_testing import devmesh
+
+    routes = json.loads(devmesh.http_get(f"{admin_url}/config_dump?resource=dynamic_route_configs", timeout=timeout)[1])
+    code, raw = devmesh.http_get(f"{admin_url}/config_dump?resource=dynamic_scoped_route_configs", timeout=timeout)
+    routes["scopes"] = json.loads(raw).get("configs", []) if code == 200 else []
+    return routes

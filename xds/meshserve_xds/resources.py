@@ -74,6 +74,16 @@ class RoutingState:
     # InferenceService name -> its transformer; that name routes to the transformer, ahead of
     # any model or plan of the same name
     transformers: dict[str, Transformer] = field(default_factory=dict)
+    # Shared routes (the scoped layout, docs/design/routing.md "Shared routes"): pods whose
+    # runtime resolves an alias itself (Pod.resolves_names), and whether to use them
+    # (Settings.xds_shared_routes)
+    resolving: set[str] = field(default_factory=set)
+    shared_routes: bool = False
+    # alias -> model -> pods holding any copy of it (loading, loaded or unloading), for the
+    # aliases that more than one model with a copy somewhere has (meshserve.model.alias_of_id):
+    # where two share an alias on a pod, that pod's runtime cannot tell which one the alias
+    # means, and the gateway rewrites it to the id
+    contested: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -33,8 +33,9 @@ from meshserve_xds.resources import (
     RoutingState, Transformer,
 )
 from meshserve_xds.scoped_routes import (
-    ACTIVATOR_RC, activator_routes, model_rc_name, model_routes, model_routes_wire, plan_models, scope, scope_name,
-    scope_targets, scopes_wire, traffic_key, traffic_rc_name, traffic_routes, transformer_rc_name, transformer_routes,
+    ACTIVATOR_RC, activator_routes, loaded_routes, loaded_target, model_rc_name, model_routes, model_routes_wire, plan_models,
+    scope, scope_name, scope_targets, scopes_wire, shared_routes, traffic_key, traffic_rc_name, traffic_routes,
+    transformer_rc_name, transformer_routes, rc_pods,
 )
 
 
@@ -52,15 +53,23 @@ def build_all(state: RoutingState, listeners: ListenerConfig, wire: bool = True,
     res.by_type[CLUSTER_TYPE] = clusters
     res.by_type[ENDPOINT_TYPE] = endpoints
     res.by_type[LISTENER_TYPE] = listener_table if listener_table is not None else scoped_listeners(listeners)
+    targets = scope_targets(state)
+    # Only the loaded models' RouteConfigurations some scope names: with shared routes most
+    # models have none of their own (scoped_routes.loaded_target).
+    named = set(targets.values())
+    own = [m for m in state.loaded if "model/" + m in named]
     if wire:
-        res.by_type[SCOPED_ROUTE_TYPE] = scopes_wire(scope_targets(state))
-        table = model_routes_wire(state, state.loaded)
+        res.by_type[SCOPED_ROUTE_TYPE] = scopes_wire(targets)
+        table = model_routes_wire(state, own)
         routes = table.wire
     else:
-        res.by_type[SCOPED_ROUTE_TYPE] = {scope_name(n): scope(n, t) for n, t in scope_targets(state).items()}
+        res.by_type[SCOPED_ROUTE_TYPE] = {scope_name(n): scope(n, t) for n, t in targets.items()}
         routes = {}
-        for model in state.loaded:
+        for model in own:
             routes[model_rc_name(model)] = model_routes(state, model)
+    for name in named:
+        if name.startswith("pods/"):
+            routes[name] = shared_routes(state, rc_pods(name))
     routes = {ACTIVATOR_RC: activator_routes(state), **routes}
     for name, plan in state.traffic.items():
         routes[traffic_rc_name(name)] = traffic_routes(state, name, plan)
@@ -93,6 +102,9 @@ class Index:
     # clusters exist while that is above zero
     sets: dict[tuple[str, ...], int] = field(default_factory=dict)
     transformers: dict[str, Transformer] = field(default_factory=dict)
+    # loaded models' RouteConfigurations (`model/<id>`, `pods/<pods>`) -> how many scopes name
+    # it: one exists while a scope names it, created with the first and removed with the last
+    refs: dict[str, int] = field(default_factory=dict)
 
 
 def index(state: RoutingState) -> Index:
@@ -105,10 +117,18 @@ def index(state: RoutingState) -> Index:
     for pods in models.values():
         if len(pods) > 1:
             sets[pods] = sets.get(pods, 0) + 1
+    targets = scope_targets(state)
+    refs: dict[str, int] = {}
+    for t in targets.values():
+        if t.startswith(LOADED_RCS):
+            refs[t] = refs.get(t, 0) + 1
     return Index(
-        scope_targets(state), models,
-        {name: traffic_key(state, name, plan) for name, plan in state.traffic.items()}, plans_of, sets, dict(state.transformers),
+        targets, models,
+        {name: traffic_key(state, name, plan) for name, plan in state.traffic.items()}, plans_of, sets, dict(state.transformers), refs,
     )
+
+
+LOADED_RCS = ("model/", "pods/")
 
 
 def involves_traffic(idx: Index, models: set[str], names: set[str]) -> bool:
@@ -128,10 +148,11 @@ def diff(old: Index, state: RoutingState) -> tuple[Patch, Index]:
             scopes[scope_name(n)] = scope(n, t)
     p.removes[SCOPED_ROUTE_TYPE] = [scope_name(n) for n in old.targets if n not in new.targets]
     routes = p.upserts.setdefault(ROUTE_TYPE, {ACTIVATOR_RC: activator_routes(state)})
-    for m, key in new.models.items():
-        if old.models.get(m) != key:
-            routes[model_rc_name(m)] = model_routes(state, m)
-    p.removes[ROUTE_TYPE] = [model_rc_name(m) for m in old.models if m not in new.models]
+    for name in new.refs:
+        # New, or a model's own whose pods moved (a shared one depends on its name alone).
+        if name not in old.refs or (name.startswith("model/") and old.models.get(name[6:]) != new.models.get(name[6:])):
+            routes[name] = loaded_routes(state, name)
+    p.removes[ROUTE_TYPE] = [name for name in old.refs if name not in new.refs]
     # A plan's RouteConfiguration is rebuilt when the plan changed or a model it names moved.
     for name, key in new.traffic.items():
         if old.traffic.get(name) != key:
@@ -156,34 +177,67 @@ def diff_partial(old: Index, part: RoutingState, models: set[str], names: set[st
     model routes to any more loses them."""
     types = (CLUSTER_TYPE, ENDPOINT_TYPE, SCOPED_ROUTE_TYPE, ROUTE_TYPE)
     p = Patch(upserts={t: {} for t in types}, removes={t: [] for t in types})
+    share = part.shared_routes and not part.route_stats
     for m in models:
         key = tuple(sorted(part.loaded[m])) if m in part.loaded else None
         before = old.models.get(m)
         if key is None:
-            if old.models.pop(m, None) is not None:
-                p.removes[ROUTE_TYPE].append(model_rc_name(m))
+            old.models.pop(m, None)  # its RouteConfiguration goes with the last scope naming it (below)
         elif before != key:
             old.models[m] = key
-            p.upserts[ROUTE_TYPE][model_rc_name(m)] = model_routes(part, m)
+            if old.refs.get(model_rc_name(m)):
+                p.upserts[ROUTE_TYPE][model_rc_name(m)] = model_routes(part, m)
         _move_set(old, p, part, before or (), key or ())
     for n in names:
         if n in old.transformers:
             continue  # a transformer's name keeps its scope whatever models do
         if n in part.aliases:
-            target: str | None = model_rc_name(part.aliases[n]) if part.aliases[n] in part.loaded else ACTIVATOR_RC
+            m = part.aliases[n]
+            target: str | None = ((loaded_target(part, n, m) if share else model_rc_name(m)) if m in part.loaded else ACTIVATOR_RC)
         elif n in part.loaded:
-            target = model_rc_name(n)
+            target = loaded_target(part, n, n) if share else model_rc_name(n)
         elif n in part.registered or n in part.aliases.values():
             target = ACTIVATOR_RC
         else:
             target = None
+        was = old.targets.get(n)
+        if target == was:
+            continue
+        # The new target first: a RouteConfiguration both name is never dropped in between.
         if target is None:
-            if old.targets.pop(n, None) is not None:
-                p.removes[SCOPED_ROUTE_TYPE].append(scope_name(n))
-        elif old.targets.get(n) != target:
+            del old.targets[n]
+            p.removes[SCOPED_ROUTE_TYPE].append(scope_name(n))
+        else:
             old.targets[n] = target
             p.upserts[SCOPED_ROUTE_TYPE][scope_name(n)] = scope(n, target)
+            _ref(old, p, part, target)
+        if was is not None:
+            _unref(old, p, was)
     return p
+
+
+def _ref(idx: Index, p: Patch, part: RoutingState, rc_name: str) -> None:
+    """One more scope names `rc_name`: the first brings the RouteConfiguration into the patch
+    (`part` holds what it is built from: the model's pods, or the pods in its name)."""
+    if not rc_name.startswith(LOADED_RCS):
+        return
+    n = idx.refs.get(rc_name, 0) + 1
+    idx.refs[rc_name] = n
+    if n == 1:
+        p.upserts[ROUTE_TYPE][rc_name] = loaded_routes(part, rc_name)
+        if rc_name in p.removes[ROUTE_TYPE]:
+            p.removes[ROUTE_TYPE].remove(rc_name)
+
+
+def _unref(idx: Index, p: Patch, rc_name: str) -> None:
+    """One scope fewer names `rc_name`: the last one takes the RouteConfiguration away."""
+    if not rc_name.startswith(LOADED_RCS) or rc_name not in idx.refs:
+        return
+    idx.refs[rc_name] -= 1
+    if idx.refs[rc_name] <= 0:
+        del idx.refs[rc_name]
+        p.upserts[ROUTE_TYPE].pop(rc_name, None)
+        p.removes[ROUTE_TYPE].append(rc_name)
 
 
 def _move_set(idx: Index, p: Patch, part: RoutingState, was: tuple[str, ...], now: tuple[str, ...]) -> None:

@@ -22,18 +22,74 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from meshserve_xds import fastpb
 from meshserve_xds.clusters import copies_cluster
 from meshserve_xds.openai import OPENAI_PREFIX
+from meshserve.model import alias_of_id
 from meshserve_xds.resources import (
-    ACTIVATOR_GRPC, ACTIVATOR_REST, GRPC_PREFIX, MODEL_ID_HEADER, MODELS_PREFIX, NO_MODEL, ROUTE_TIMEOUT_S, ROUTE_TYPE,
+    ACTIVATOR_GRPC, ACTIVATOR_REST, GRPC_PREFIX, KEY_HEADER, MODEL_ID_HEADER, MODELS_PREFIX, NO_MODEL, ROUTE_TIMEOUT_S, ROUTE_TYPE,
     SCOPED_ROUTE_TYPE, RoutingState,
 )
 from meshserve_xds.routes import NAME_SEGMENT, activator_action, route_action, set_model_header, streaming, streaming_routes, transformer_action
 from meshserve_xds.traffic import plan_routes, target_clusters
 
 ACTIVATOR_RC = "activator"
+# The scope key the Lua filter set (lua.py): what the shared RouteConfiguration tells the runtime.
+KEY_VALUE = "%REQ(" + KEY_HEADER + ")%"
 
 
 def model_rc_name(model: str) -> str:
     return f"model/{model}"
+
+
+def pods_rc_name(pods: Iterable[str]) -> str:
+    """The RouteConfiguration every model on exactly these pods shares (pod ids never hold '+')."""
+    return "pods/" + "+".join(sorted(pods))
+
+
+def rc_pods(name: str) -> list[str]:
+    """`pods_rc_name`'s pods back."""
+    return name[5:].split("+")
+
+
+def loaded_target(state: RoutingState, name: str, model: str) -> str:
+    """The RouteConfiguration the scope of `name` (the loaded `model`'s id or an alias of it)
+    names: its pod set's shared one when every pod of it finds the model by that name itself
+    (docs/design/routing.md "Shared routes"), else the model's own, which rewrites the name to
+    the id. By id: any name-resolving pod holding it. By alias: the alias must be the one the
+    model's id was made for (what the loader told the runtime) and no other model with a copy on
+    one of those pods may have it (a rollout's old and new version: the runtime would serve the
+    one it loaded first, and the alias may already mean the other)."""
+    pods = state.loaded[model]
+    if not state.shared_routes or state.route_stats or not all(p in state.resolving for p in pods):
+        return "model/" + model  # model_rc_name(), inlined
+    if name != model:
+        if alias_of_id(model) != name:
+            return "model/" + model
+        rivals = state.contested.get(name)
+        if rivals and any(m != model and any(p in on for p in pods) for m, on in rivals.items()):
+            return "model/" + model
+    return "pods/" + "+".join(pods if len(pods) == 1 else sorted(pods))  # pods_rc_name(), inlined
+
+
+def shared_routes(state: RoutingState, pods: list[str]) -> route_pb2.RouteConfiguration:
+    """`pods/<pods>`: what `model_routes` is, for every model held by exactly these pods and
+    reached by a name their runtime resolves: no rewrite (the path keeps the name the client
+    used), and `mm-model-id` set to the scope key, the name the scope was picked by, whichever
+    way the request named it (path, header, gRPC message, /v1 body)."""
+    pods = sorted(pods)
+    grpc = route_action([copies_cluster(pods, "grpc")], ROUTE_TIMEOUT_S)
+    retry = grpc.retry_policy
+    rest = streaming(route_action([copies_cluster(pods, "rest")], ROUTE_TIMEOUT_S))
+    routes = [rc.Route(match=rc.RouteMatch(prefix=GRPC_PREFIX), route=grpc), rc.Route(match=rc.RouteMatch(prefix="/"), route=rest)]
+    for rt in routes:
+        rt.route.ClearField("retry_policy")
+    vh = rc.VirtualHost(name="pods", domains=["*"], routes=routes, retry_policy=retry, request_headers_to_add=set_model_header(KEY_VALUE))
+    return route_pb2.RouteConfiguration(name=pods_rc_name(pods), virtual_hosts=[vh])
+
+
+def loaded_routes(state: RoutingState, name: str) -> route_pb2.RouteConfiguration:
+    """A loaded model's RouteConfiguration by name: `model/<id>` or `pods/<pods>`."""
+    if name.startswith("pods/"):
+        return shared_routes(state, rc_pods(name))
+    return model_routes(state, name[len("model/"):])
 
 
 def scope_name(name: str) -> str:
@@ -154,18 +210,22 @@ def traffic_key(state: RoutingState, name: str, plan: Any) -> tuple:
 
 
 def scope_targets(state: RoutingState) -> dict[str, str]:
-    """name -> the RouteConfiguration its scope names: the model's own when loaded, else the
-    activator's. Every registered name gets one, so a cold model still loads on demand. A name
+    """name -> the RouteConfiguration its scope names: when loaded, the model's own or its pod
+    set's shared one (`loaded_target`), else the activator's. Every registered name gets one, so a cold model still loads on demand. A name
     with a traffic plan names the plan's own RouteConfiguration instead."""
     targets = {NO_MODEL: ACTIVATOR_RC}
     targets.update(dict.fromkeys(state.registered, ACTIVATOR_RC))
     loaded = state.loaded
+    share = state.shared_routes and not state.route_stats
     for alias, model in state.aliases.items():
-        targets[alias] = "model/" + model if model in loaded else ACTIVATOR_RC  # model_rc_name(), inlined
+        if model in loaded:
+            targets[alias] = loaded_target(state, alias, model) if share else "model/" + model  # model_rc_name(), inlined
+        else:
+            targets[alias] = ACTIVATOR_RC
         if model not in targets:
             targets[model] = ACTIVATOR_RC
     for model in loaded:
-        targets[model] = "model/" + model
+        targets[model] = loaded_target(state, model, model) if share else "model/" + model
     for name in state.traffic:
         targets[name] = traffic_rc_name(name)
     for name in state.transformers:

@@ -30,7 +30,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALIAS, KIND_MODEL, KIND_PLACEMENT, KIND_POD, KIND_RULE, KIND_TRANSITION, Change
 from meshserve.store.state import Snapshot, State
-from meshserve.model import CopyState, Pod, copies_from_json
+from meshserve.model import CopyState, Pod, alias_of_id, copies_from_json
 from meshserve.rules import store as rules_store
 from meshserve.settings import Settings
 from meshserve_xds import resources as r
@@ -46,13 +46,29 @@ M_RESYNCS = Counter("meshserve_xds_resyncs", "Full rebuilds from Redis")
 M_INCREMENTAL = Counter("meshserve_xds_incremental_updates", "Change batches applied by targeted re-reads")
 
 
-def routing_state(snap: Snapshot, settings: Settings) -> r.RoutingState:
+def routing_state(snap: Snapshot, settings: Settings, versions: dict[str, str | set[str]] | None = None) -> r.RoutingState:
+    """The routing state of a snapshot. `versions`, when given, is filled with alias -> the
+    models named after it that have a placement (`alias_of_id`): one id, or a set of several."""
     pods = {p.id: r.Endpoint(p.host, p.rest_port, p.grpc_port) for p in snap.pods.values()}
     loaded: dict[str, list[str]] = {}
+    versions = {} if versions is None else versions
+    get = versions.get
+    resolving = {p.id for p in snap.pods.values() if p.resolves_names} if settings.xds_shared_routes else set()
     for model, copies in snap.placements.items():
         holders = sorted(p for p, c in copies.items() if c.state == CopyState.LOADED and p in pods)
         if holders:
             loaded[model] = holders
+        if not resolving:
+            continue  # nothing shares routes: versions are not looked at (0.07 s at 10^5 placements)
+        alias, sep, _ = model.partition("__")  # alias_of_id(), inlined: this runs per placement
+        if sep and alias:
+            v = get(alias)
+            if v is None:
+                versions[alias] = model
+            elif isinstance(v, str):
+                versions[alias] = {v, model}
+            else:
+                v.add(model)
     return r.RoutingState(
         pods=pods,
         loaded=loaded,
@@ -61,7 +77,39 @@ def routing_state(snap: Snapshot, settings: Settings) -> r.RoutingState:
         activator=r.Endpoint(settings.host, settings.activator_rest_port, settings.activator_grpc_port),
         cold_timeout_s=settings.cold_start_timeout_seconds + 5,
         route_stats=settings.xds_route_stats,
+        resolving=resolving,
+        shared_routes=settings.xds_shared_routes,
+        contested={a: holding(snap, v) for a, v in versions.items() if not isinstance(v, str)},
     )
+
+
+def holding(snap: Snapshot, models: set[str]) -> dict[str, tuple[str, ...]]:
+    """model -> the pods where it has a copy a runtime may hold (any state but failed): where
+    two models with one alias have one on the same pod, the alias needs the gateway's rewrite
+    (scoped_routes.loaded_target)."""
+    return {m: tuple(p for p, c in snap.placements.get(m, {}).items() if c.state != CopyState.FAILED) for m in models}
+
+
+def _note_version(versions: dict[str, str | set[str]], model: str, placed: bool) -> None:
+    """Keep `versions` (routing_state) up to date for one model whose placement changed."""
+    alias = alias_of_id(model)
+    if alias is None:
+        return
+    v = versions.get(alias)
+    if placed:
+        if v is None:
+            versions[alias] = model
+        elif isinstance(v, str):
+            if v != model:
+                versions[alias] = {v, model}
+        else:
+            v.add(model)
+    elif v == model:
+        del versions[alias]
+    elif isinstance(v, set):
+        v.discard(model)
+        if len(v) == 1:
+            versions[alias] = next(iter(v))
 
 
 async def read_snapshot(state: State) -> Snapshot:
@@ -149,6 +197,8 @@ class RedisSource:
         self._full = True  # the next publish builds every group whole (start, resync)
         self._alias_of: dict[str, str] = {}
         self._aliases_by_model: dict[str, set[str]] = {}
+        # alias -> the models named after it with a placement (routing_state)
+        self._versions: dict[str, str | set[str]] = {}
         self.rev = 0
         self.snap: Snapshot | None = None
         self.traffic: dict = {}
@@ -206,7 +256,8 @@ class RedisSource:
 
     def _routing_state(self) -> r.RoutingState:
         assert self.snap is not None
-        rs = routing_state(self.snap, self.s)
+        self._versions = {}
+        rs = routing_state(self.snap, self.s, self._versions)
         rs.traffic = self.traffic
         rs.transformers = self.transformers
         return rs
@@ -258,8 +309,23 @@ class RedisSource:
                 self._alias_of[a] = new
             else:
                 self._alias_of.pop(a, None)
+        # A copy coming or going may make a model's alias name another model on a pod, or stop
+        # doing so (scoped_routes.loaded_target): the alias's scope is looked at again, with its
+        # current target.
+        for m in ids.get(KIND_PLACEMENT, ()):
+            _note_version(self._versions, m, m in snap.placements)
+        for m in list(models):
+            a = alias_of_id(m)
+            if a is not None and a in snap.aliases:
+                names.add(a)
+                models.add(snap.aliases[a])
         aliases = {a: m for m in models for a in self._aliases_by_model.get(m, ())}
         names |= models | set(aliases)
+        contested = {}
+        for m in models:
+            a = alias_of_id(m)
+            if a is not None and isinstance(self._versions.get(a), set):
+                contested[a] = holding(snap, self._versions[a])  # type: ignore[arg-type]
         loaded = {}
         for m in models:
             holders = sorted(p for p, c in snap.placements.get(m, {}).items() if c.state == CopyState.LOADED and p in snap.pods)
@@ -272,6 +338,9 @@ class RedisSource:
             activator=r.Endpoint(self.s.host, self.s.activator_rest_port, self.s.activator_grpc_port),
             cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
             route_stats=self.s.xds_route_stats,
+            resolving={p for p in held if snap.pods[p].resolves_names},
+            shared_routes=self.s.xds_shared_routes,
+            contested=contested,
         )
         layouts = {r.GATEWAY_GROUP: self.layout, **{g: self.extras[g] for g in self.published if g in self.extras}}
         for group, layout in layouts.items():

@@ -23,12 +23,15 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    @staticmethod
-    def _name(context: grpc.aio.ServicerContext, fallback: str) -> str:
+    def _name(self, context: grpc.aio.ServicerContext, fallback: str) -> str:
+        """The routing header, else `fallback` (the message's name); either may be an alias
+        (Runtime.resolve). "" stays "": ModelInfer then reads the name from the message."""
+        name = fallback
         for k, v in context.invocation_metadata() or ():
             if k == MODEL_ID_HEADER:
-                return v
-        return fallback
+                name = v
+                break
+        return self.rt.resolve(name) if name else name
 
     async def ServerLive(self, request, context):  # noqa: N802 (gRPC method names)
         return pb.ServerLiveResponse(live=True)
@@ -64,7 +67,7 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
             msg: pb.ModelInferRequest | None = None
             if not name:  # no routing header: the name is inside the message
                 msg = await asyncio.get_running_loop().run_in_executor(self.rt._pool, parse_infer_request, request)
-                name = msg.model_name
+                name = self.rt.resolve(msg.model_name)
 
             def work(e: Entry) -> bytes:
                 m = msg if msg is not None else parse_infer_request(request)

@@ -138,7 +138,8 @@ def build_rest_app(rt: Runtime) -> web.Application:
     r = web.RouteTableDef()
 
     def model_name(request: web.Request) -> str:
-        return request.headers.get(MODEL_ID_HEADER) or request.match_info["name"]
+        # The gateway's header, else the path's name; either may be an alias (Runtime.resolve).
+        return rt.resolve(request.headers.get(MODEL_ID_HEADER) or request.match_info["name"])
 
     @r.get("/v2")
     async def server_md(_: web.Request) -> web.Response:

@@ -134,7 +134,8 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
     def lookup(request: web.Request, body: dict[str, Any]) -> tuple[str, str, Any]:
         """(the name asked for, the model id served, its table entry)."""
         asked = body_model(body)
-        request[SERVED] = name = request[SERVED] or asked
+        # The gateway's header or the body's name, either an id or an alias (Runtime.resolve).
+        request[SERVED] = name = rt.resolve(request[SERVED] or asked)
         try:
             return asked, name, rt.get(name)
         except ModelNotFound:

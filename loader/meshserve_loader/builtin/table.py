@@ -168,6 +168,11 @@ class Runtime:
     # resolved path -> a base loaded once and shared (issue 17); model name -> the base it uses
     bases: dict[str, SharedBase] = field(default_factory=dict)
     base_of: dict[str, str] = field(default_factory=dict)
+    # alias -> the loaded models that have it, in load order (the loader's `alias` load
+    # parameter). The gateway may send a request by alias without rewriting it to the id
+    # (docs/design/routing.md "Shared routes"): `resolve` finds the model.
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    alias_of: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
@@ -187,6 +192,17 @@ class Runtime:
             registry=self.registry,
         )
         self.abandoned = 0
+
+    def resolve(self, name: str) -> str:
+        """The loaded model a request's name means: the id itself when loaded, else the model
+        loaded first of those with that alias (a rollout holds the old version and the new one
+        for a while; the gateway rewrites to the id whenever two share an alias on a pod, so
+        this order decides only in the moment before it learns of the second), else `name`
+        unchanged (the caller's lookup answers 404 naming it)."""
+        if name in self.models:
+            return name
+        held = self.aliases.get(name)
+        return held[0] if held else name
 
     def get(self, name: str) -> Entry:
         e = self.models.get(name)
@@ -243,6 +259,12 @@ class Runtime:
             base.users.add(name)
             self.base_of[name] = base.key
         self.models[name] = Entry(model, size, time.time())
+        alias = str(params.get("alias") or "")
+        if alias and alias != name:
+            held = self.aliases.setdefault(alias, [])
+            if name not in held:
+                held.append(name)
+            self.alias_of[name] = alias
         self.m_models.set(len(self.models))
         log.info("loaded model %s (%s) size=%d", name, fmt, size)
         return size
@@ -279,6 +301,12 @@ class Runtime:
     def unload(self, name: str) -> bool:
         e = self.models.pop(name, None)
         self.m_models.set(len(self.models))
+        alias = self.alias_of.pop(name, None)
+        held = self.aliases.get(alias) if alias is not None else None
+        if held is not None and name in held:
+            held.remove(name)
+            if not held:
+                del self.aliases[alias]
         key = self.base_of.pop(name, None)
         base = self.bases.get(key) if key else None
         if base is not None:

@@ -53,6 +53,8 @@ class Adapter:
     restart, readiness, and the agent's load, unload and stats through `client`."""
 
     kind = ""
+    # The server finds a model by its alias as well as its id (Pod.resolves_names): the built-in.
+    resolves_names = False
 
     def __init__(self, settings: Settings, index: int, spec: RuntimeSpec, session: aiohttp.ClientSession,
                  metrics: LoaderMetrics | None = None):

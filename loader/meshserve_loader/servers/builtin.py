@@ -85,6 +85,7 @@ log = logging.getLogger("meshserve.loader")
 
 class BuiltinAdapter(Adapter):
     kind = "builtin"
+    resolves_names = True  # table.py Runtime.resolve; the loader passes each model's alias
 
     async def start(self) -> Endpoints:
         s = self.settings
