@@ -231,14 +231,18 @@ class TextEncoder:
             dt = delta(i, "attention.output.dense", ctx.T)
             if dt is not None:
                 a += dt
-            x = _layer_norm(x + a.T + L.out_b, *L.ln1, self.eps)
+            a = a.T  # [m, hidden], a view: the residual sums in place
+            a += x
+            a += L.out_b
+            x = _layer_norm(a, *L.ln1, self.eps)
             xt = x.T
             h = L.inter @ xt  # [intermediate, m]
             h += L.inter_b
             dt = delta(i, "intermediate.dense", xt)
             if dt is not None:
                 h += dt
-            g = erf(h * np.float32(1 / np.sqrt(2.0)))  # GELU, erf form: 0.5 h (1 + erf(h / sqrt 2))
+            g = h * np.float32(1 / np.sqrt(2.0))  # GELU, erf form: 0.5 h (1 + erf(h / sqrt 2))
+            erf(g, out=g)
             g += 1.0
             g *= h
             g *= 0.5
@@ -246,7 +250,10 @@ class TextEncoder:
             dt = delta(i, "output.dense", g)
             if dt is not None:
                 o += dt
-            x = _layer_norm(x + o.T + L.down_b, *L.ln2, self.eps)
+            o = o.T
+            o += x
+            o += L.down_b
+            x = _layer_norm(o, *L.ln2, self.eps)
         x3 = x.reshape(n, t, hid)
         pooled = (x3 * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
         out = (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
@@ -306,7 +313,7 @@ def lora_from_tensors(tensors: dict[str, np.ndarray], cfg: dict[str, Any], base:
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
         if module not in LINEAR or layer >= base.layers:
             raise TextModelError(f"{LORA_WEIGHTS}: {name!r} adapts no linear layer of the base")
-        parts.setdefault((layer, module), {})[which] = arr.astype(np.float32)
+        parts.setdefault((layer, module), {})[which] = arr.astype(np.float32, copy=False)
     out: Lora = {}
     for (layer, module), ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
