@@ -349,14 +349,18 @@ def forward(rev: str, rounds: int) -> dict[str, Any]:
         for case, run in cases.items():
             run("before"), run("after")  # first calls (imports, caches) are not what is compared
             ms: dict[str, list[float]] = {"before": [], "after": []}
+            cpu: dict[str, list[float]] = {"before": [], "after": []}  # this thread's CPU time: less of the others' load in it
             for k in range(rounds):
                 for side in (("before", "after") if k % 2 else ("after", "before")):
-                    t1 = time.perf_counter()
+                    t1, c1 = time.perf_counter(), time.thread_time()
                     run(side)
+                    cpu[side].append((time.thread_time() - c1) * 1000)
                     ms[side].append((time.perf_counter() - t1) * 1000)
             b, a = statistics.median(ms["before"]), statistics.median(ms["after"])
+            cb, ca = statistics.median(cpu["before"]), statistics.median(cpu["after"])
             diff = float(np.abs(run("before")[0].astype(np.float64) - run("after")[0]).max())
             out[case] = {"before_p50_ms": round(b, 3), "after_p50_ms": round(a, 3), "speedup": round(b / a, 2),
+                         "before_cpu_p50_ms": round(cb, 3), "after_cpu_p50_ms": round(ca, 3), "cpu_speedup": round(cb / ca, 2),
                          "max_abs_difference": diff}
             print(case, out[case], flush=True)
         # The adapter's load, in process (files in the page cache), the same way alternately.
