@@ -93,6 +93,18 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.n
     return c
 
 
+def _layer_norm_t(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """Layer norm of a transposed hidden state ([hidden, m], normalised over axis 0), in place;
+    w and b are [hidden, 1]."""
+    mu = x.mean(0, keepdims=True)
+    x -= mu
+    var = np.square(x).mean(0, keepdims=True)
+    x *= 1.0 / np.sqrt(var + eps)
+    x *= w
+    x += b
+    return x
+
+
 @dataclass(frozen=True)
 class LoraDelta:
     a: np.ndarray  # [r, in]
@@ -115,12 +127,12 @@ class _Layer:
     for them are views into it, so the stacking costs no memory."""
 
     qkv: np.ndarray
-    qkv_b: np.ndarray  # [3 x hidden, 1]
+    qkv_b: np.ndarray  # [3 x hidden, 1]: the biases and norms are columns, the state being [hidden, m]
     out: np.ndarray
     out_b: np.ndarray
     ln1: tuple[np.ndarray, np.ndarray]
     inter: np.ndarray
-    inter_b: np.ndarray  # [intermediate, 1]
+    inter_b: np.ndarray
     down: np.ndarray
     down_b: np.ndarray
     ln2: tuple[np.ndarray, np.ndarray]
@@ -173,10 +185,10 @@ class TextEncoder:
             w[p + m + ".weight"], w[p + m + ".bias"] = qkv[k * h : (k + 1) * h], qkv_b[k * h : (k + 1) * h]
         for m in ("attention.output.dense", "intermediate.dense", "output.dense"):
             w[p + m + ".weight"], w[p + m + ".bias"] = f32(w[p + m + ".weight"]), f32(w[p + m + ".bias"])
-        ln = lambda n: (f32(w[p + n + ".weight"]), f32(w[p + n + ".bias"]))  # noqa: E731
-        return _Layer(qkv, qkv_b[:, None], w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"],
+        ln = lambda n: (f32(w[p + n + ".weight"])[:, None], f32(w[p + n + ".bias"])[:, None])  # noqa: E731
+        return _Layer(qkv, qkv_b[:, None], w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"][:, None],
                       ln("attention.output.LayerNorm"), w[p + "intermediate.dense.weight"],
-                      w[p + "intermediate.dense.bias"][:, None], w[p + "output.dense.weight"], w[p + "output.dense.bias"],
+                      w[p + "intermediate.dense.bias"][:, None], w[p + "output.dense.weight"], w[p + "output.dense.bias"][:, None],
                       ln("output.LayerNorm"))
 
     def encode(self, texts: list[str], lora: Lora | None = None) -> tuple[np.ndarray, int]:
@@ -206,8 +218,10 @@ class TextEncoder:
             dl = lora.get((i, name)) if lora else None
             return None if dl is None else dl.b @ ((dl.a @ xt) * dl.scale)
 
+        # From here the hidden state is carried transposed, [hidden, m] and contiguous: every
+        # product is W @ x^T with no copy, and the residual sums and layer norms run on it as is.
+        xt = np.ascontiguousarray(x.T)
         for i, L in enumerate(self._layers):
-            xt = x.T  # [hidden, m], a view
             r = L.qkv @ xt  # [3 hidden, m]
             r += L.qkv_b
             if lora:
@@ -226,16 +240,14 @@ class TextEncoder:
             s -= s.max(-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(-1, keepdims=True)
-            ctx = (s @ v).transpose(0, 2, 1, 3).reshape(m, hid)  # [m, hidden], heads side by side
-            a = L.out @ ctx.T
-            dt = delta(i, "attention.output.dense", ctx.T)
+            ctx = (s @ v).transpose(1, 3, 0, 2).reshape(hid, m)  # [hidden, m], heads one above the other
+            a = L.out @ ctx
+            dt = delta(i, "attention.output.dense", ctx)
             if dt is not None:
                 a += dt
-            a = a.T  # [m, hidden], a view: the residual sums in place
-            a += x
+            a += xt
             a += L.out_b
-            x = _layer_norm(a, *L.ln1, self.eps)
-            xt = x.T
+            xt = _layer_norm_t(a, *L.ln1, self.eps)
             h = L.inter @ xt  # [intermediate, m]
             h += L.inter_b
             dt = delta(i, "intermediate.dense", xt)
@@ -250,12 +262,11 @@ class TextEncoder:
             dt = delta(i, "output.dense", g)
             if dt is not None:
                 o += dt
-            o = o.T
-            o += x
+            o += xt
             o += L.down_b
-            x = _layer_norm(o, *L.ln2, self.eps)
-        x3 = x.reshape(n, t, hid)
-        pooled = (x3 * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
+            xt = _layer_norm_t(o, *L.ln2, self.eps)
+        x3 = xt.reshape(hid, n, t)
+        pooled = (x3 * mask[None]).sum(2).T / np.maximum(mask.sum(1, keepdims=True), 1e-9)  # [n, hidden]
         out = (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return out, int(mask.sum())
 
