@@ -19,6 +19,9 @@ value, every fifth a classification head).
 
     .venv/bin/python -m bench.adapters [--adapters 1000] [--requests 1000] [--cold 40] [--hops]
     .venv/bin/python -m bench.adapters --quick      # small and bounded (e2e/test_bench_adapters.py)
+    .venv/bin/python -m bench.adapters --cold-only  # 2 and 3 only: no trace, no ModelMesh mesh
+    .venv/bin/python -m bench.adapters --forward main   # in process, no mesh: the encoder at a git
+                                                        # revision against this tree's, alternating
 """
 
 from __future__ import annotations
@@ -298,6 +301,81 @@ def warm(m: devmesh.Mesh, name: str, pairs: int) -> dict[str, Any]:
             "samples_ms": {s: [round(x, 2) for x in v] for s, v in ms.items()}}
 
 
+def _blas_threads() -> Any:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return [i.get("num_threads") for i in threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        return os.environ.get("OPENBLAS_NUM_THREADS")
+
+
+def forward(rev: str, rounds: int) -> dict[str, Any]:
+    """The text encoder's forward pass in process, no mesh: builtin/text.py as it is at git
+    revision `rev` against this tree's, over the same weights and the same LoRA adapter,
+    alternately call by call (which goes first alternates too), so the machine's other load
+    hits both alike. Per case the medians, their ratio and the largest difference between the
+    two sides' vectors. One BLAS thread, as the runtime runs (builtin/__main__.py)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from meshserve_loader.builtin import text
+    from meshserve_loader.examples.minilm_setup import ensure_weights
+
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:loader/meshserve_loader/builtin/text.py"],
+                         capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="bench-forward-") as tmp_s:
+        tmp = Path(tmp_s)
+        (tmp / "text_before.py").write_text(src)
+        spec = importlib.util.spec_from_file_location("text_before", tmp / "text_before.py")
+        assert spec is not None and spec.loader is not None
+        old = importlib.util.module_from_spec(spec)
+        sys.modules["text_before"] = old  # its dataclasses look their module up
+        spec.loader.exec_module(old)
+        weights = ensure_weights(REPO / ".cache-models")
+        enc = {"before": old.TextEncoder(weights), "after": text.TextEncoder(weights)}
+        d = text.make_lora(tmp / "lora", enc["after"], "minilm", seed=1000)
+        ad = {"before": old.load_adapter(d, enc["before"]), "after": text.load_adapter(d, enc["after"])}
+        batch = [TEXT, "A man is eating a piece of bread.", "The girl is carrying a baby.", "A man is riding a horse.",
+                 "A woman is playing violin.", "Two men pushed carts through the woods.", "A man is riding a white horse on an enclosed ground.",
+                 "A monkey is playing drums."] * 2
+        cases = {"base, 1 text": (lambda side: enc[side].encode([TEXT])), "lora, 1 text": (lambda side: ad[side].embed([TEXT])),
+                 "lora, 16 texts": (lambda side: ad[side].embed(batch))}
+        out: dict[str, Any] = {"rev": rev, "rounds": rounds, "load_average_start": os.getloadavg(),
+                               "blas_threads": _blas_threads()}
+        for case, run in cases.items():
+            run("before"), run("after")  # first calls (imports, caches) are not what is compared
+            ms: dict[str, list[float]] = {"before": [], "after": []}
+            cpu: dict[str, list[float]] = {"before": [], "after": []}  # this thread's CPU time: less of the others' load in it
+            for k in range(rounds):
+                for side in (("before", "after") if k % 2 else ("after", "before")):
+                    t1, c1 = time.perf_counter(), time.thread_time()
+                    run(side)
+                    cpu[side].append((time.thread_time() - c1) * 1000)
+                    ms[side].append((time.perf_counter() - t1) * 1000)
+            b, a = statistics.median(ms["before"]), statistics.median(ms["after"])
+            cb, ca = statistics.median(cpu["before"]), statistics.median(cpu["after"])
+            diff = float(np.abs(run("before")[0].astype(np.float64) - run("after")[0]).max())
+            out[case] = {"before_p50_ms": round(b, 3), "after_p50_ms": round(a, 3), "speedup": round(b / a, 2),
+                         "before_cpu_p50_ms": round(cb, 3), "after_cpu_p50_ms": round(ca, 3), "cpu_speedup": round(cb / ca, 2),
+                         "max_abs_difference": diff}
+            print(case, out[case], flush=True)
+        # The adapter's load, in process (files in the page cache), the same way alternately.
+        ms = {"before": [], "after": []}
+        for k in range(rounds):
+            for side, mod in ((("before", old), ("after", text)) if k % 2 else (("after", text), ("before", old))):
+                t1 = time.perf_counter()
+                mod.load_adapter(d, enc[side])
+                ms[side].append((time.perf_counter() - t1) * 1000)
+        out["lora load"] = {"before_p50_ms": round(statistics.median(ms["before"]), 3), "after_p50_ms": round(statistics.median(ms["after"]), 3)}
+        print("lora load", out["lora load"], flush=True)
+        out["load_average_end"] = os.getloadavg()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, default=1000, help="adapters over the base in the memory and hit-ratio runs")
@@ -309,13 +387,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-modelmesh", action="store_true", help="the shared mesh only")
     ap.add_argument("--hops", action="store_true", help="time each hop of the cold path (bench/hops.py)")
     ap.add_argument("--quick", action="store_true", help="small and bounded: the code runs, the figures mean little")
+    ap.add_argument("--cold-only", action="store_true", help="the shared mesh's cold-start and warm figures only (no trace, no fill, no ModelMesh mesh)")
+    ap.add_argument("--forward", metavar="REV", help="no mesh: the encoder's forward pass at git revision REV against this tree's, in process")
+    ap.add_argument("--rounds", type=int, default=200, help="with --forward: calls per side and case")
     ap.add_argument("--out", default="adapters", help="result name under bench/results/; empty: write nothing")
     if ap.parse_known_args(argv)[0].quick:  # smaller defaults; what is given on the line still wins
         ap.set_defaults(adapters=12, requests=30, warmup=5, cold=4, pairs=20)
     args = ap.parse_args(argv)
+    if args.forward:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # read when numpy loads: numpy is not loaded yet here
+        res = {"params": vars(args), "forward": forward(args.forward, args.rounds)}
+        if args.out:
+            print(write(args.out, res))
+        return res
+    if args.cold_only:
+        args.adapters, args.requests, args.skip_modelmesh = 0, 0, True
     names = [f"a{i}" for i in range(args.adapters)]
     cold_names = [f"a{i}" for i in range(args.adapters, args.adapters + args.cold + 8)]
-    sequence = zipf_sequence(names, args.requests)
+    sequence = zipf_sequence(names, args.requests) if names else []
     capacity = args.capacity_mib << 20
     res: dict[str, Any] = {"params": vars(args), "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp_s:
@@ -324,8 +413,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         make_files(files, len(names) + len(cold_names), 0 if args.skip_modelmesh else len(names))
         collector = hops.Collector() if args.hops else None
         with adapter_mesh(tmp, files, names + cold_names, False, capacity) as m:
-            res["shared"] = memory_and_hits(m, names, sequence, args.warmup, fill=True)
-            print(json.dumps(res["shared"], indent=1), flush=True)
+            if names:
+                res["shared"] = memory_and_hits(m, names, sequence, args.warmup, fill=True)
+                print(json.dumps(res["shared"], indent=1), flush=True)
             left = base_resident(m, cold_names)
             res["cold_start"] = cold(m, left[: args.cold], m.data_dir / "pvc" / PVC / "minilm")
             if collector is not None:
@@ -333,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res["cold_start"]["hops_ms"] = hops.hops(collector.spans, set(left[: args.cold]))
                 collector.close()
             print(json.dumps({k: v for k, v in res["cold_start"].items() if k != "samples_ms"}, indent=1), flush=True)
-            res["warm"] = warm(m, names[0], args.pairs)
+            res["warm"] = warm(m, names[0] if names else cold_names[0], args.pairs)
         if not args.skip_modelmesh:
             with adapter_mesh(tmp, files, names, True, capacity) as m:
                 res["modelmesh"] = memory_and_hits(m, names, sequence, args.warmup, fill=False)

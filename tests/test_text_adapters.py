@@ -39,6 +39,76 @@ def test_base_embeds_like_sentence_transformers(base: text.TextEncoder) -> None:
     assert sim[0, 1] > 0.7 and sim[0, 2] < 0.2  # sentence-transformers' published example: 0.755
 
 
+def _reference(base: text.TextEncoder, texts: list[str], lora: text.Lora | None = None) -> np.ndarray:
+    """The encoder written the plain way, in float64: every linear layer x W^T + b with the LoRA
+    term scale (x A^T) B^T beside it, one head at a time, the padding masked. The runtime's
+    fused float32 pass must give the same vectors."""
+    from scipy.special import erf
+
+    w, cfg = {k: v.astype(np.float64) for k, v in base.w.items()}, base.cfg
+    eps, heads = float(cfg.get("layer_norm_eps", 1e-12)), int(cfg["num_attention_heads"])
+
+    def ln(x: np.ndarray, name: str) -> np.ndarray:
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + w[name + ".bias"]
+
+    out = []
+    for s in texts:  # one text at a time: no padding at all
+        e = base.tok.encode(s)
+        ids, t = np.array(e.ids), len(e.ids)
+        x = ln(w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:t]
+               + w["embeddings.token_type_embeddings.weight"][np.array(e.type_ids)], "embeddings.LayerNorm")
+        for i in range(base.layers):
+            p = f"encoder.layer.{i}."
+
+            def lin(h: np.ndarray, m: str) -> np.ndarray:
+                y = h @ w[p + m + ".weight"].T + w[p + m + ".bias"]
+                dl = (lora or {}).get((i, m))
+                return y if dl is None else y + dl.scale * (h @ dl.a.T.astype(np.float64)) @ dl.b.T.astype(np.float64)
+
+            q, k, v = (lin(x, f"attention.self.{m}") for m in ("query", "key", "value"))
+            d = x.shape[1] // heads
+            ctx = np.zeros_like(x)
+            for hd in range(heads):
+                sl = slice(hd * d, (hd + 1) * d)
+                sc = q[:, sl] @ k[:, sl].T / np.sqrt(d)
+                pr = np.exp(sc - sc.max(1, keepdims=True))
+                ctx[:, sl] = (pr / pr.sum(1, keepdims=True)) @ v[:, sl]
+            x = ln(x + lin(ctx, "attention.output.dense"), p + "attention.output.LayerNorm")
+            h = lin(x, "intermediate.dense")
+            x = ln(x + lin(0.5 * h * (1 + erf(h / np.sqrt(2))), "output.dense"), p + "output.LayerNorm")
+        pooled = x.mean(0)
+        out.append(pooled / np.linalg.norm(pooled))
+    return np.array(out)
+
+
+def test_fast_pass_equals_the_plain_encoder(base: text.TextEncoder, tmp_path: Path) -> None:
+    """The forward pass (float32, q/k/v stacked, weights on the left, LoRA as its own product)
+    gives the plain float64 encoder's vectors: the base, a LoRA adapter on query and value, one
+    on all six linear layers, and a batch whose texts differ in length (so it is padded)."""
+    texts = TEXTS + ["Short.", "A much longer sentence, with commas, numbers like 12,345 and words: " * 6]
+    got, tokens = base.embed(texts)
+    assert got.dtype == np.float32 and tokens == sum(len(base.tok.encode(s).ids) for s in texts)
+    assert np.abs(got - _reference(base, texts)).max() < 2e-5
+    qv = text.load_adapter(text.make_lora(tmp_path / "qv", base, "minilm", seed=11), base)
+    every = text.load_adapter(text.make_lora(tmp_path / "all", base, "minilm", seed=12, modules=text.LINEAR), base)
+    for a in (qv, every):
+        got = a.embed(texts)[0]
+        assert np.abs(got - _reference(base, texts, a.lora)).max() < 2e-5
+        assert np.abs(got - base.embed(texts)[0]).max() > 1e-2  # and the adapter does change them
+    # One text alone and the same text inside a padded batch: the same vector.
+    assert np.abs(every.embed(texts[3:4])[0][0] - every.embed(texts)[0][3]).max() < 1e-5
+
+
+def test_stacked_weights_stay_shared(base: text.TextEncoder) -> None:
+    """Stacking q/k/v for one BLAS call keeps the base's memory: the named weights are views
+    into the stack, not copies."""
+    for i in range(base.layers):
+        stack = base._layers[i].qkv
+        for m in ("query", "key", "value"):
+            assert np.shares_memory(base.w[f"encoder.layer.{i}.attention.self.{m}.weight"], stack)
+
+
 def test_zero_lora_delta_is_the_base(base: text.TextEncoder, tmp_path: Path) -> None:
     d = text.make_lora(tmp_path / "zero", base, "minilm", seed=1, zero=True)
     a = text.load_adapter(d, base)
