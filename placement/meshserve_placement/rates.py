@@ -65,4 +65,7 @@ class Rates:
             self._recent[m] = max(lu, self._recent.get(m, 0.0))
         if interval > 0:
             self._rate_rounds += 1
+            before = self.rates
             self.rates = ewma(self.rates, deltas, interval, first=self._rate_rounds == 1)
+            # Models with a rate, before or now: the copy reconcile decides them again (maintain.py).
+            self._copy_plan().dirty.update(before.keys() | self.rates.keys())
