@@ -67,6 +67,7 @@ class Agent:
         self.progress = ProgressPublisher(state.r, pod.id)  # ms:progress:<model>|<pod>, for `meshserve load`
         self.loaded: dict[str, int] = {}  # model -> size reported, as this agent knows it
         self._seen_requests: dict[str, int] = {}
+        self._usage_since = 0.0  # when the last usage report read the runtime (0: never: read everything)
         # A pod's loads are bounded (ModelMesh's maxLoadingConcurrency); unloads never wait.
         self._load_slots = asyncio.Semaphore(max(1, settings.max_concurrent_loads))
         self._runtime_up = asyncio.Event()
@@ -127,8 +128,14 @@ class Agent:
             await asyncio.sleep(self.s.heartbeat_seconds)
 
     async def _report_usage(self) -> None:
-        # Recency comes from the runtime's own counters: no Python hop on the data path.
-        stats = await self.server.stats()
+        # Recency comes from the runtime's own counters: no Python hop on the data path. Only
+        # the models used since the last report (less a second for a use that finished as
+        # that one was read): reading every loaded model's counters each heartbeat was 4.5% of
+        # the loader at 10,000 loaded (docs/benchmarks.md, "Density").
+        started = time.time()
+        since = getattr(self.server, "used_since", None)
+        stats = await (since(self._usage_since - 1.0) if since is not None and self._usage_since else self.server.stats())
+        self._usage_since = started
         used = {}
         for model_id, s in stats.items():
             n = int(s.get("requests", 0))
