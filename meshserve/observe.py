@@ -37,8 +37,10 @@ LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # every FULL_EVERY seconds as a safety net for a last-used time written behind the ones seen.
 FULL_EVERY = 300.0
 LAST_USED_SLACK = 10.0  # a loader reports a use it saw up to a heartbeat or two ago
-CHANGES_PER_READ = 10_000
-MAX_CHANGE_READS = 10  # more changes than this between two refreshes: read the hash whole instead
+# More changes than placements (at least CHANGE_BUDGET) between two refreshes (100,000 models
+# registered at once): reading the hash whole costs less than reading them.
+CHANGES_PER_READ = 2_000
+CHANGE_BUDGET = 5_000
 
 
 class PlacementTally:
@@ -204,8 +206,12 @@ class MeshStateCollector(Collector):
         caller reads everything."""
         ids: set[str] = set()
         rev, cid = self._rev, self._change_id
-        for _ in range(MAX_CHANGE_READS):
+        budget = max(CHANGE_BUDGET, len(self.tally.copies))
+        while True:
+            if budget <= 0:
+                return False
             entries = await store_ops.changes_since(self.state.r, cid, CHANGES_PER_READ)
+            budget -= len(entries)
             for eid, ch in entries:
                 cid = eid.decode() if isinstance(eid, bytes) else eid
                 if ch.rev <= self._rev:
@@ -219,8 +225,6 @@ class MeshStateCollector(Collector):
                 rev = ch.rev
             if len(entries) < CHANGES_PER_READ:
                 break
-        else:
-            return False
         if ids:
             id_list = sorted(ids)
             raws = await self.state.r.hmget(keys.PLACEMENTS, id_list)
