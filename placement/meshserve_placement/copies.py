@@ -126,6 +126,8 @@ def recheck_at(cluster: ClusterView, m: str, now: float, tuning: Tuning, last_ad
     scale-down quiet period ending, or its idle-unload time coming. None: never, until its
     copies, spec, rate or in-flight state change (and the caller decides it again then)."""
     copies = cluster.copies.get(m, {})
+    if len(copies) < 2 and not tuning.idle_unload_seconds:
+        return None  # one copy at most: no scale-down, and no idle unload configured
     live = sum(1 for c in copies.values() if c.state == CopyState.LOADED)
     if not live:
         return None

@@ -162,7 +162,7 @@ class CopyPlan:
     def decided(self, view: ClusterView, todo: set[str] | None, now: float, tuning: Tuning,
                 last_added: dict[str, float], actions: list[copyplan.Action]) -> None:
         """Remember when each model just decided should be looked at again."""
-        for m in copyplan.needs_planning(view) if todo is None else todo:
+        for m in list(view.copies) if todo is None else todo:  # a model without copies: never (recheck_at)
             t = copyplan.recheck_at(view, m, now, tuning, last_added)
             if t is None:
                 self._due_at.pop(m, None)
