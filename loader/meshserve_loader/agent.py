@@ -43,6 +43,7 @@ log = logging.getLogger("meshserve.loader")
 
 __all__ = ["Agent"]
 GATEWAY_POLL_S = 0.01  # an unload's look at the gateways' revisions: one HGETALL
+CACHE_MEASURE_SECONDS = 30.0  # the disk cache gauge (meshserve_loader_disk_cache_bytes) is this fresh
 
 # Reconnecting to Redis after a failed read: exponential backoff with jitter, so the loaders of a
 # cluster don't all come back at once when Redis does.
@@ -68,6 +69,7 @@ class Agent:
         self.loaded: dict[str, int] = {}  # model -> size reported, as this agent knows it
         self._seen_requests: dict[str, int] = {}
         self._usage_since = 0.0  # when the last usage report read the runtime (0: never: read everything)
+        self._cache_measured = 0.0  # when the disk cache's size was last measured for its gauge
         # A pod's loads are bounded (ModelMesh's maxLoadingConcurrency); unloads never wait.
         self._load_slots = asyncio.Semaphore(max(1, settings.max_concurrent_loads))
         self._runtime_up = asyncio.Event()
@@ -145,7 +147,10 @@ class Agent:
                     used[model_id] = float(s["last_used"])
         await ops.mark_used(self.state.r, used)
         self.metrics.used.set(sum(self.loaded.values()))
-        self.metrics.cache_bytes.set(self.fetcher.cache.used_bytes())
+        if started - self._cache_measured >= CACHE_MEASURE_SECONDS:
+            # It walks every entry of the disk cache: not each heartbeat.
+            self._cache_measured = started
+            self.metrics.cache_bytes.set(self.fetcher.cache.used_bytes())
 
     async def order_loop(self) -> None:
         # First the orders this pod took but never acknowledged (a restart), then new ones.
