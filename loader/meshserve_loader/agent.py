@@ -43,6 +43,7 @@ log = logging.getLogger("meshserve.loader")
 
 __all__ = ["Agent"]
 GATEWAY_POLL_S = 0.01  # an unload's look at the gateways' revisions: one HGETALL
+CACHE_MEASURE_SECONDS = 30.0  # the disk cache gauge (meshserve_loader_disk_cache_bytes) is this fresh
 
 # Reconnecting to Redis after a failed read: exponential backoff with jitter, so the loaders of a
 # cluster don't all come back at once when Redis does.
@@ -67,6 +68,8 @@ class Agent:
         self.progress = ProgressPublisher(state.r, pod.id)  # ms:progress:<model>|<pod>, for `meshserve load`
         self.loaded: dict[str, int] = {}  # model -> size reported, as this agent knows it
         self._seen_requests: dict[str, int] = {}
+        self._usage_since = 0.0  # when the last usage report read the runtime (0: never: read everything)
+        self._cache_measured = 0.0  # when the disk cache's size was last measured for its gauge
         # A pod's loads are bounded (ModelMesh's maxLoadingConcurrency); unloads never wait.
         self._load_slots = asyncio.Semaphore(max(1, settings.max_concurrent_loads))
         self._runtime_up = asyncio.Event()
@@ -127,8 +130,14 @@ class Agent:
             await asyncio.sleep(self.s.heartbeat_seconds)
 
     async def _report_usage(self) -> None:
-        # Recency comes from the runtime's own counters: no Python hop on the data path.
-        stats = await self.server.stats()
+        # Recency comes from the runtime's own counters: no Python hop on the data path. Only
+        # the models used since the last report (less a second for a use that finished as
+        # that one was read): reading every loaded model's counters each heartbeat was 4.5% of
+        # the loader at 10,000 loaded (docs/benchmarks.md, "Density").
+        started = time.time()
+        since = getattr(self.server, "used_since", None)
+        stats = await (since(self._usage_since - 1.0) if since is not None and self._usage_since else self.server.stats())
+        self._usage_since = started
         used = {}
         for model_id, s in stats.items():
             n = int(s.get("requests", 0))
@@ -138,7 +147,10 @@ class Agent:
                     used[model_id] = float(s["last_used"])
         await ops.mark_used(self.state.r, used)
         self.metrics.used.set(sum(self.loaded.values()))
-        self.metrics.cache_bytes.set(self.fetcher.cache.used_bytes())
+        if started - self._cache_measured >= CACHE_MEASURE_SECONDS:
+            # It walks every entry of the disk cache: not each heartbeat.
+            self._cache_measured = started
+            self.metrics.cache_bytes.set(self.fetcher.cache.used_bytes())
 
     async def order_loop(self) -> None:
         # First the orders this pod took but never acknowledged (a restart), then new ones.

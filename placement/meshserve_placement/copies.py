@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 from meshserve.model import CopyState
 from meshserve_placement.view import ClusterView
@@ -42,14 +43,19 @@ def plan_copies(
     last_added: dict[str, float],
     draining: set[str] = frozenset(),  # type: ignore[assignment]
     scale_down: bool = True,
+    only: Iterable[str] | None = None,
 ) -> list[Action]:
     """At most one action per model per round, so every change is decided on fresh state.
     `scale_down` False: the rates are not measured yet (a leader that just took over), so no
-    copy is removed for being under-used."""
+    copy is removed for being under-used. `only`: decide just these models (the ones whose
+    copies, spec, rate or in-flight state changed, or whose `recheck_at` came); None: every
+    model that can need an action."""
     out: list[Action] = []
     usable_pods = sum(1 for p in cluster.pods.values() if p.healthy and p.id not in draining)
-    # Only models with copies, or with a floor, can need an action.
-    todo = set(cluster.copies) | {m for m, mv in cluster.models.items() if mv.min_copies or mv.pinned}
+    if only is None:
+        todo = needs_planning(cluster)
+    else:
+        todo = {m for m in only if m in cluster.copies or _has_floor(cluster, m)}
     for m in sorted(todo):
         mv = cluster.models.get(m)
         if mv is None:
@@ -103,6 +109,36 @@ def plan_copies(
                     continue  # its idle adapters go this round; the base follows in a later one
                 out.append(Action("remove", m, p, f"unused for {idle:.0f}s (idle unload after {tuning.idle_unload_seconds:g}s)"))
     return out
+
+
+def _has_floor(cluster: ClusterView, m: str) -> bool:
+    mv = cluster.models.get(m)
+    return mv is not None and bool(mv.min_copies or mv.pinned)
+
+
+def needs_planning(cluster: ClusterView) -> set[str]:
+    """Every model that can need an action: those with copies, or with a floor. O(models)."""
+    return set(cluster.copies) | {m for m, mv in cluster.models.items() if mv.min_copies or mv.pinned}
+
+
+def recheck_at(cluster: ClusterView, m: str, now: float, tuning: Tuning, last_added: dict[str, float]) -> float | None:
+    """When time alone (nothing else changing) could change plan_copies' verdict on `m`: its
+    scale-down quiet period ending, or its idle-unload time coming. None: never, until its
+    copies, spec, rate or in-flight state change (and the caller decides it again then)."""
+    copies = cluster.copies.get(m, {})
+    if len(copies) < 2 and not tuning.idle_unload_seconds:
+        return None  # one copy at most: no scale-down, and no idle unload configured
+    live = sum(1 for c in copies.values() if c.state == CopyState.LOADED)
+    if not live:
+        return None
+    floor = floor_copies(cluster, m)
+    out: list[float] = []
+    if live > max(floor, 1):
+        out.append(last_added.get(m, 0.0) + tuning.scale_down_after_seconds)
+    if tuning.idle_unload_seconds and floor == 0 and m in cluster.last_used:
+        out.append(cluster.last_used[m] + tuning.idle_unload_seconds)
+    future = [t for t in out if t > now]
+    return min(future) if future else None
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class ClusterView:
                 self._last_used[mv.base] = max(self._last_used[m], self._last_used.get(mv.base, 0.0))
                 self.uses[mv.base] = self.uses.get(mv.base, 0) + self.uses.get(m, 1)
         self._journal: list[tuple[str, Any, Any]] | None = None
+        self.changed: set[str] = set()  # models whose copies or spec changed: see take_changed
         self._pool_cache: tuple[Any, dict[str, list[str]], dict[str, str]] | None = None
         self._build_index()
 
@@ -195,6 +196,7 @@ class ClusterView:
         """Replace a model's copies ({} drops them). The dict is the view's from now on."""
         old = self._copies.get(model, {})
         self._log("copies", model, old if model in self._copies else None)
+        self.changed.add(model)
         self._reindex(model, old, copies)
         if copies:
             self._copies[model] = copies
@@ -205,6 +207,7 @@ class ClusterView:
         """Add or replace a model. A changed size moves its eviction key (the heaps are re-pushed)."""
         old = self._models.get(mv.id)
         self._log("model", mv.id, old)
+        self.changed.add(mv.id)
         self._models[mv.id] = mv
         if (old.base if old is not None else "") != mv.base:
             self._count_adapter(mv.id, old.base if old is not None else "", -1)
@@ -213,6 +216,12 @@ class ClusterView:
             loaded = [p for p, c in self._copies.get(mv.id, {}).items() if c.state == CopyState.LOADED]
             if loaded:
                 self._push(mv.id, loaded, push_global=True)
+
+    def take_changed(self) -> set[str]:
+        """The models whose copies or spec changed since the last call (the copy reconcile
+        decides only those again, maintain.py), and forget them."""
+        out, self.changed = self.changed, set()
+        return out
 
     def exclude(self, model: str, pod: str, until: float) -> None:
         self._log("excluded", (model, pod), self._excluded.get((model, pod)))

@@ -85,8 +85,13 @@ def _add_read_only(r: web.RouteTableDef, rt: Runtime) -> None:
         return web.json_response({"ready": True})
 
     @r.get("/v2/meshserve/stats")
-    async def stats(_: web.Request) -> web.Response:
-        return web.json_response(rt.stats())
+    async def stats(request: web.Request) -> web.Response:
+        # ?since=<unix time>: only the models used since then (the loader's usage report).
+        since = request.query.get("since")
+        try:
+            return web.json_response(rt.stats(float(since) if since else None))
+        except ValueError:
+            return _err(400, f"since must be a unix time, not {since!r}")
 
 
 def build_control_app(rt: Runtime) -> web.Application:

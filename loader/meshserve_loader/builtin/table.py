@@ -176,6 +176,9 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
+        # Loaded models in the order of their last use, the most recent last (a dict: a use
+        # moves its model to the end), so `stats(since)` reads only the models used lately.
+        self._by_use: dict[str, None] = {}
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="infer")
         self.m_requests = Counter(
             "meshserve_runtime_requests", "Inference requests served by this runtime", ["model", "code"], registry=self.registry
@@ -300,6 +303,7 @@ class Runtime:
 
     def unload(self, name: str) -> bool:
         e = self.models.pop(name, None)
+        self._by_use.pop(name, None)
         self.m_models.set(len(self.models))
         alias = self.alias_of.pop(name, None)
         held = self.aliases.get(alias) if alias is not None else None
@@ -346,6 +350,9 @@ class Runtime:
         out = await asyncio.get_running_loop().run_in_executor(self._pool, work, e)
         e.requests += 1
         e.last_used = time.time()
+        if self.models.get(name) is e:  # not if it was unloaded meanwhile
+            self._by_use.pop(name, None)
+            self._by_use[name] = None
         return out
 
     def close(self) -> None:
@@ -356,5 +363,15 @@ class Runtime:
         md = e.model.metadata()
         return {"name": name, "versions": [], **md}
 
-    def stats(self) -> dict[str, Any]:
-        return {n: {"requests": e.requests, "last_used": e.last_used, "size": e.size} for n, e in self.models.items()}
+    def stats(self, since: float | None = None) -> dict[str, Any]:
+        """Every loaded model's counters; with `since`, only the models used at or after it
+        (the loader's usage report each heartbeat: O(models used), not O(models loaded))."""
+        if since is None:
+            return {n: {"requests": e.requests, "last_used": e.last_used, "size": e.size} for n, e in self.models.items()}
+        out: dict[str, Any] = {}
+        for n in reversed(self._by_use):
+            e = self.models[n]
+            if e.last_used < since:
+                break
+            out[n] = {"requests": e.requests, "last_used": e.last_used, "size": e.size}
+        return out

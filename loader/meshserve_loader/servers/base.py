@@ -112,6 +112,12 @@ class Adapter:
     async def stats(self) -> dict[str, Any]:
         return dict(await self.client.stats())
 
+    async def used_since(self, since: float) -> dict[str, Any]:
+        """The stats of the models used at or after `since` (a server that cannot say: all of them,
+        as `stats`; the agent keeps only those whose counters moved)."""
+        ask = getattr(self.client, "used_since", None)
+        return dict(await ask(since)) if ask is not None else await self.stats()
+
 
 async def wait_http_ready(session: aiohttp.ClientSession, base_url: str, timeout: float, what: str, interval: float = 0.1) -> None:
     """Until `GET /v2/health/ready` answers 200 (KServe v2: every HTTP server here speaks it);

@@ -60,6 +60,11 @@ class RuntimeClient:
         async with self.session.get(f"{self.base_url}/v2/meshserve/stats") as r:
             return await r.json() if r.status == 200 else {}
 
+    async def used_since(self, since: float) -> dict[str, Any]:
+        """The counters of the models used at or after `since` only."""
+        async with self.session.get(f"{self.base_url}/v2/meshserve/stats", params={"since": repr(since)}) as r:
+            return await r.json() if r.status == 200 else {}
+
 
 def builtin_argv(index: int, ports_file: Path | None = None) -> list[str]:
     # The index last: operators (and e2e/test_loader_restart.py) find pod N's runtime by it.
