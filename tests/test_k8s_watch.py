@@ -224,7 +224,10 @@ async def test_deleted_runtime_pod_is_withdrawn_ahead_of_heartbeats(api: FakeApi
     api.apply("pods", {"metadata": {"name": "runtime-abc", "labels": labels},
                        "status": {"podIP": "10.1.2.3", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
     api.apply("pods", {"metadata": {"name": "unrelated"}, "status": {"podIP": "10.9.9.9"}})
-    await asyncio.sleep(0.5)
+    # Deleted only once the controller's watch has the pod: a delete before its first list
+    # would be no event at all (a fresh CI machine under load took over 0.5 s to list).
+    await until(lambda: any(o["metadata"]["name"] == "runtime-abc" for o in controller.watchers["pods"].snapshot()), "the pod watched")
+    await asyncio.sleep(0.3)
     assert await state.r.zscore(keys.HEARTBEATS, pod.id) is not None
     api.delete("pods", "runtime-abc")
     await until(lambda: _no_heartbeat(state, pod.id), "heartbeat dropped")
