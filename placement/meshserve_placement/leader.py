@@ -48,7 +48,7 @@ from meshserve_placement.decisions import Decisions
 from meshserve_placement.dispatch import Dispatch
 from meshserve_placement.events import Events
 from meshserve_placement.leader_requests import Requests
-from meshserve_placement.maintain import Maintain
+from meshserve_placement.maintain import CopyPlan, Maintain
 from meshserve_placement.pods import Pods
 from meshserve_placement.rates import Rates
 from meshserve_placement.reload import Reload
@@ -95,6 +95,12 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # makes no scale-down decision before it has measured them (it would see 0 requests/s
         # everywhere and unload copies that are under load).
         self._rate_rounds = 0
+        # The rate poll's per-pod cursor (the latest use each runtime reported) and its count:
+        # after a full poll a runtime is asked only for the models used since (rates.py).
+        self._rate_since: dict[str, float] = {}
+        self._rate_polls = 0
+        # Models whose copies the reconcile must look at again (maintain.py).
+        self._copyplan = CopyPlan()
         self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
         self.pins: set[str] = set()  # models pinned through the repository API (store keys.PINS)
         self._failed_unloads: dict[tuple[str, str], float] = {}  # (model, pod) -> when last ordered

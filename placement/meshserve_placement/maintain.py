@@ -40,10 +40,7 @@ class Maintain:
                 await self._retry_unloads(now)
 
     def _copy_plan(self) -> "CopyPlan":
-        plan = self.__dict__.get("_copyplan")
-        if plan is None:
-            plan = self.__dict__["_copyplan"] = CopyPlan()
-        return plan
+        return self._copyplan
 
     async def _reconcile_copies(self, now: float) -> None:
         self._mark_health(now)

@@ -65,8 +65,9 @@ class Rates:
         A pod that answered a full poll before is asked only for the models used since the
         latest use it reported (its own clock): at 20,000 loaded, every counter every 2 s was
         a 20,000-entry reply parsed on the leader's loop."""
-        since_of: dict[str, float] = self.__dict__.setdefault("_rate_since", {})
-        polls = self.__dict__["_rate_polls"] = self.__dict__.get("_rate_polls", 0) + 1
+        since_of = self._rate_since
+        self._rate_polls += 1
+        polls = self._rate_polls
         if self._rate_rounds == 0 or polls % FULL_POLL_EVERY == 0:
             since_of.clear()  # a new leader (its counts are gone), or the periodic full poll
         partial: set[str] = set()
