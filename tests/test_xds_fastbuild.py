@@ -268,3 +268,15 @@ def test_responses_written_from_bytes_equal_the_built_ones(type_url: str) -> Non
         assert fastpb.discovery_response(version, type_url, nonce, values) == want_sotw.SerializeToString()
         assert fastpb.discovery_response(version, type_url, nonce, []) == discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce).SerializeToString()
+
+
+def test_the_full_build_renders_scopes_in_a_loop_as_scopes_wire_does() -> None:
+    """scoped._scopes_table (Template.render_table): the same table, order and bytes as
+    scopes_wire, cold and loaded names, the empty one and unicode and long ones among them."""
+    targets = {"": "activator", "a": "activator", "é" * 300: "activator", "b": "model/b", "c" * 5000: "activator",
+               "d": "traffic/d", "-": "activator"}
+    fast, slow = scoped._scopes_table(targets), scoped_routes.scopes_wire(targets)
+    assert list(fast) == list(slow)
+    for n in slow:
+        assert _bytes(fast.wire[n]) == _bytes(slow.wire[n]) == scoped_routes.scope(n[len("scope/"):], targets[n[len("scope/"):]]).SerializeToString(), n
+    assert sum(isinstance(v, bytes) for v in fast.wire.values()) == len(targets) - 1  # the empty name is a message

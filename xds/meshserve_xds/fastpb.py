@@ -147,7 +147,12 @@ def _split(payload: bytes) -> list[bytes | int]:
 
 class Template:
     """The wire bytes of one message with some strings left open, rendered by a function
-    generated for it (straight-line joins, no interpretation per part)."""
+    generated for it (straight-line joins, no interpretation per part).
+
+    A one-slot template also has `render_table(items, out, prefix, only, other)`: for each
+    (key, t) of `items`, `out[prefix + key]` is the template rendered with the key where
+    `t == only` (and the key is not empty), else `other(key, t)`; in `items`' order. The
+    same body in one loop: at 2,000,000 scopes a call each was a fifth of the build."""
 
     def __init__(self, data: bytes, desc: Descriptor, slots: int):
         self.slots = slots
@@ -231,6 +236,20 @@ class Template:
         self.source = "\n".join(src)
         ns: dict[str, Any] = {"K": tuple(consts), "VT": VT, "VB": varint}
         exec(self.source, ns)  # generated from the template's structure: names and indices, no data
+        if self.slots == 1:
+            # The same body in a loop over a table (`render_table`): no call per resource.
+            body = [line for line in src[1:] if not line.lstrip().startswith("if ")]
+            table = ["def render_table(items, out, prefix, only, other):",
+                     "    for k, t in items:",
+                     "        if t != only or not k:",
+                     "            out[prefix + k] = other(k, t)",
+                     "            continue",
+                     "        s0 = k.encode()"]
+            table += [f"    {line}" for line in body[:-1]]
+            table.append("        out[prefix + k] = " + body[-1].strip()[len("return "):])
+            self.table_source = "\n".join(table)
+            exec(self.table_source, ns)  # as above: names and indices only
+            self.render_table = ns["render_table"]
         return ns["render"]
 
 

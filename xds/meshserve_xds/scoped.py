@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from meshserve_xds import fastpb
 from meshserve_xds.clusters import build_clusters, build_copy_set, copies_cluster
 from meshserve_xds.listeners import build_scoped_listener
@@ -59,7 +59,7 @@ def build_all(
     if targets is None:
         targets = scope_targets(state)
     if wire:
-        res.by_type[SCOPED_ROUTE_TYPE] = scopes_wire(targets)
+        res.by_type[SCOPED_ROUTE_TYPE] = _scopes_table(targets)
         table = model_routes_wire(state, state.loaded)
         routes = table.wire
     else:
@@ -74,6 +74,29 @@ def build_all(
         routes[transformer_rc_name(name)] = transformer_routes(state, name)
     res.by_type[ROUTE_TYPE] = fastpb.WireTable(ROUTE_TYPE, route_pb2.RouteConfiguration, routes) if wire else routes
     return res
+
+
+_templates: list[fastpb.Template | None] = []
+
+
+def _scopes_table(targets: dict[str, str]) -> fastpb.WireTable:
+    """`scopes_wire(targets)`, the same table in the same order, faster: the cold names'
+    scopes (most of them: 1,900,001 of 2,000,001 at a million registered models) rendered in
+    one loop (`Template.render_table`), the others one by one as scopes_wire does."""
+    if not _templates:
+        _templates.extend((fastpb.compile_checked(lambda n: scope(n, ACTIVATOR_RC), 1), fastpb.compile_checked(scope, 2)))
+    act, both = _templates
+    if act is None or both is None:  # not expected: the builder stopped fitting a template
+        return scopes_wire(targets)
+    render = both.render
+
+    def other(n: str, t: str) -> object:
+        b = render(n.encode(), t.encode())
+        return b if b is not None else scope(n, t)
+
+    out: dict[str, object] = {}
+    act.render_table(targets.items(), out, "scope/", ACTIVATOR_RC, other)  # "scope/": scope_name()
+    return fastpb.WireTable(SCOPED_ROUTE_TYPE, scoped_route_pb2.ScopedRouteConfiguration, out)
 
 
 def scoped_listeners(lc: ListenerConfig) -> dict[str, object]:
