@@ -13,7 +13,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from meshserve_xds import fastpb
 from meshserve_xds.cache import TypeSnapshot
 from meshserve_xds.resources import CLUSTER_TYPE, PUSH_ORDER, ROUTE_TYPE
-from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, count_push
+from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, WireResponse, count_push
 
 # At most this many RouteConfigurations per response; the rest follow, a batch per ACK. A
 # gateway that takes 10^5 of them in one message parses it whole while it builds the routes,
@@ -140,7 +140,7 @@ class DeltaStream(Stream[DeltaType]):
             ts.unanswered |= subscribe
         return first or bool(subscribe) or answered
 
-    def due(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    def due(self) -> list[WireResponse]:
         g = self.cache.group(self.group)
         out = []
         for type_url in PUSH_ORDER:
@@ -189,9 +189,9 @@ class DeltaStream(Stream[DeltaType]):
             ts.nonce = uuid.uuid4().hex[:12]
             ts.sent_at = time.monotonic()
             ts.pending = True
-            # Written from the cache's bytes and parsed once (in C) rather than built a Resource
-            # and an Any at a time: the same message (fastpb.delta_response).
+            # Written from the cache's bytes rather than built a Resource and an Any at a
+            # time: the same message (fastpb.delta_response), sent as these bytes.
             wire = fastpb.delta_response(ts.sent_version, type_url, ts.nonce, [(n, dg.hex(), v) for n, dg, v in d.updated], d.removed)
-            out.append(discovery_pb2.DeltaDiscoveryResponse.FromString(wire))
+            out.append(WireResponse(discovery_pb2.DeltaDiscoveryResponse, wire))
             count_push(type_url, sum(len(v) for _, _, v in d.updated))
         return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3 import discovery_pb2
 from meshserve_xds import fastpb
 from meshserve_xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, PUSH_ORDER, ROUTE_TYPE, VHOST_TYPE
-from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, count_push
+from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, WireResponse, count_push
 
 # Subscriptions to these types name their resources; the others are wildcard.
 NAMED_TYPES = {ENDPOINT_TYPE, ROUTE_TYPE, VHOST_TYPE}
@@ -51,7 +51,7 @@ class SotwStream(Stream[SotwType]):
         # removed clusters wait for routes.
         return first or new_names or answered
 
-    def due(self) -> list[discovery_pb2.DiscoveryResponse]:
+    def due(self) -> list[WireResponse]:
         g = self.cache.group(self.group)
         out = []
         for type_url in PUSH_ORDER:
@@ -84,8 +84,8 @@ class SotwStream(Stream[SotwType]):
             ts.sent_version = version
             ts.sent_at = time.monotonic()
             ts.pending = True
-            # Written from the cache's bytes, parsed once (fastpb.discovery_response).
+            # Written from the cache's bytes, sent as they are (fastpb.discovery_response).
             wire = fastpb.discovery_response(version, type_url, ts.nonce, items)
-            out.append(discovery_pb2.DiscoveryResponse.FromString(wire))
+            out.append(WireResponse(discovery_pb2.DiscoveryResponse, wire))
             count_push(type_url, sum(len(v) for v in items))
         return out

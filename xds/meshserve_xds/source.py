@@ -74,10 +74,14 @@ async def read_snapshot(state: State) -> Snapshot:
         rev, ids, aliases, pods, placements = await p.execute()
 
     def parse() -> Snapshot:
+        # An alias's model id is the registered id's own string object, not a copy decoded
+        # again: a million aliases held a million duplicate id strings (~75 MiB).
+        canon = {i: i for i in map(bytes.decode, ids)}
+        get = canon.get
         return Snapshot(
             rev=int(rev or 0),
-            models=dict.fromkeys(i.decode() for i in ids),  # type: ignore[arg-type]  # ids only
-            aliases={a.decode(): m.decode() for a, m in aliases.items()},
+            models=dict.fromkeys(canon),  # type: ignore[arg-type]  # ids only
+            aliases={a.decode(): get(m := v.decode(), m) for a, v in aliases.items()},
             pods={i.decode(): Pod.from_json(v) for i, v in pods.items()},
             placements={i.decode(): copies_from_json(v) for i, v in placements.items()},
         )
