@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -24,6 +25,7 @@ from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, W
 MAX_RESOURCES = 5_000
 BATCHED = {ROUTE_TYPE}
 PARTIAL_SUFFIX = "+partial"  # version of a response that left resources for the next one
+_NAME, _DIGEST, _VALUE = itemgetter(0), itemgetter(1), itemgetter(2)  # of DeltaDiff.updated's entries
 
 
 @dataclass
@@ -46,6 +48,11 @@ def diff(
     `also` (new subscriptions), are looked at, so a change costs what it touched."""
     if snap is None:
         return DeltaDiff([], [], 0)
+    if wildcard and not known and since_seq is None:
+        # A fresh wildcard subscriber (a gateway's first scopes: 2,000,001 at a million
+        # models): everything, with no per-name comparisons.
+        res = snap.resources
+        return DeltaDiff(sorted([(n, d, res[n]) for n, d in snap.digests.items()]), [], snap.seq)
     candidates = snap.names_since(since_seq) if since_seq is not None else None
     if candidates is None:
         candidates = set(snap.digests) if wildcard else set(subscribed)
@@ -64,7 +71,8 @@ def diff(
             continue
         if known.get(n) != d:
             updated.append((n, d, snap.resources[n]))
-    return DeltaDiff(sorted(updated, key=lambda u: u[0]), sorted(removed), snap.seq)
+    updated.sort()  # by name: names are unique, so the tuples never compare further
+    return DeltaDiff(updated, sorted(removed), snap.seq)
 
 
 def known_versions(versions: dict[str, str] | object) -> dict[str, bytes | str]:
@@ -182,8 +190,7 @@ class DeltaStream(Stream[DeltaType]):
                 if not ts.pending:
                     ts.acked_version = ts.sent_version  # it already holds all of this version
                 continue
-            for n, v, _ in d.updated:
-                ts.known[n] = v
+            ts.known.update(zip(map(_NAME, d.updated), map(_DIGEST, d.updated)))
             for n in d.removed:
                 ts.known.pop(n, None)
             ts.nonce = uuid.uuid4().hex[:12]
@@ -193,5 +200,5 @@ class DeltaStream(Stream[DeltaType]):
             # time: the same message (fastpb.delta_response), sent as these bytes.
             wire = fastpb.delta_response(ts.sent_version, type_url, ts.nonce, [(n, dg.hex(), v) for n, dg, v in d.updated], d.removed)
             out.append(WireResponse(discovery_pb2.DeltaDiscoveryResponse, wire))
-            count_push(type_url, sum(len(v) for _, _, v in d.updated))
+            count_push(type_url, sum(map(len, map(_VALUE, d.updated))))
         return out

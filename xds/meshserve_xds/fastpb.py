@@ -53,6 +53,7 @@ def varint(n: int) -> bytes:
 
 # Length prefixes below 4 KiB come from this table; longer ones are encoded.
 VT = [varint(i) for i in range(_VT_MAX)]
+_VTL = [len(v) for v in VT]
 
 
 def placeholder(i: int) -> str:
@@ -355,9 +356,19 @@ def delta_response(system_version_info: str, type_url: str, nonce: str, updated:
     hl = len(head)
     out = [_string(b"\x0a", system_version_info)]
     add = out.extend
+    hl1 = hl + 1
     for name, version, v in updated:
         vb, nb = version.encode(), name.encode()
         lver, lname, lv = len(vb), len(nb), len(v)
+        if lver and lname and lv and lver < _VT_MAX and lname < _VT_MAX and lv < _VT_MAX:
+            # The usual resource, in one step: every field present, short length prefixes.
+            lvb = VT[lv]
+            na = hl1 + _VTL[lv] + lv
+            nab = VT[na] if na < _VT_MAX else varint(na)
+            nr = 3 + _VTL[lver] + lver + len(nab) + na + _VTL[lname] + lname
+            add((b"\x12", VT[nr] if nr < _VT_MAX else varint(nr), b"\x0a", VT[lver], vb, b"\x12", nab, head, b"\x12", lvb, v,
+                 b"\x1a", VT[lname], nb))
+            continue
         if lv:
             lvb = VT[lv] if lv < _VT_MAX else varint(lv)
             na = hl + 1 + len(lvb) + lv
