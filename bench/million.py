@@ -21,7 +21,8 @@ Writes bench/results/million.json.
 
 `--publish` times the xDS source's whole-state publish alone (`RedisSource._publish`: routing
 state, `build_full`, the cache) on the same shape made in memory, no Valkey, in a fresh process
-per measurement: wall and CPU seconds and the RSS it adds. With `--baseline TREE` (another
+per measurement: wall and CPU seconds and the RSS it adds; then a fresh gateway's first delta
+answers from that cache (`first_delta`). With `--baseline TREE` (another
 checkout, e.g. `git archive <commit> | tar -x -C /tmp/base`) the baseline's xDS code and this
 one alternate, side by side in one run:
 
@@ -245,8 +246,39 @@ def publish_worker(registered: int, loaded: int, pods: int) -> dict[str, Any]:
     w1, c1 = time.perf_counter(), time.process_time()
     gc.collect()
     g = src.cache.group(GATEWAY_GROUP)
-    return {"wall_s": round(w1 - w0, 2), "cpu_s": round(c1 - c0, 2), "rss_added_mib": round(rss_mib(os.getpid()) - rss0, 1),
-            "resources": {t.rsplit(".", 1)[-1]: len(ts.digests) for t, ts in g.types.items()}, "load_avg": round(os.getloadavg()[0], 1)}
+    out = {"wall_s": round(w1 - w0, 2), "cpu_s": round(c1 - c0, 2), "rss_added_mib": round(rss_mib(os.getpid()) - rss0, 1),
+           "resources": {t.rsplit(".", 1)[-1]: len(ts.digests) for t, ts in g.types.items()}}
+    out["first_delta"] = first_delta(src.cache)
+    out["load_avg"] = round(os.getloadavg()[0], 1)
+    return out
+
+
+def first_delta(cache: Any) -> dict[str, float]:
+    """A fresh gateway's first delta answers, every type (wildcard), each ACKed, serialized as
+    gRPC would send them: what a gateway (re)connecting costs the xDS process."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+    from meshserve_xds import resources as r
+    from meshserve_xds.delta import DeltaStream
+
+    node = base_pb2.Node(id="gw", cluster=r.GATEWAY_GROUP)
+    ss = DeltaStream(cache)
+    rss0 = rss_mib(os.getpid())
+    w0, c0 = time.perf_counter(), time.process_time()
+    sent = 0
+    for t in r.PUSH_ORDER:
+        ss.on_request(discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=t))
+        while True:  # batched types answer a batch per ACK
+            resps = ss.due()
+            sent += sum(len(x.SerializeToString()) for x in resps)
+            acks = [discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=tt, response_nonce=ts.nonce) for tt, ts in ss.types.items() if ts.pending]
+            for a in acks:
+                ss.on_request(a)
+            if not resps:
+                break
+    w1, c1 = time.perf_counter(), time.process_time()
+    return {"wall_s": round(w1 - w0, 2), "cpu_s": round(c1 - c0, 2), "sent_mb": round(sent / 1e6, 1),
+            "rss_after_mib": round(rss_mib(os.getpid()) - rss0, 1)}
 
 
 def publish_versus(args: argparse.Namespace) -> dict[str, Any]:
