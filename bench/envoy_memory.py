@@ -292,7 +292,7 @@ def run(variant: str, n: int, timeout: float, loads: int = 0) -> dict[str, Any]:
             assert ads.cache is not None
             ads.cache.set(GATEWAY_GROUP, res)
             g = ads.cache.group(GATEWAY_GROUP)
-            return time.perf_counter() - t0, sum(len(a.value) for ts in g.types.values() for a in ts.resources.values())
+            return time.perf_counter() - t0, sum(len(b) for ts in g.types.values() for b in ts.resources.values())
 
         out["build_s"], out["config_bytes"] = ads.call(publish(), timeout=600)
         counts = {t.rsplit(".", 1)[1]: len(ts.resources) for t, ts in ads.cache.group(GATEWAY_GROUP).types.items()}  # type: ignore[union-attr]

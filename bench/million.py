@@ -18,6 +18,17 @@ Records:
     .venv/bin/python -m bench.million [--registered 1000000] [--loaded 100000] [--pods 20]
 
 Writes bench/results/million.json.
+
+`--publish` times the xDS source's whole-state publish alone (`RedisSource._publish`: routing
+state, `build_full`, the cache) on the same shape made in memory, no Valkey, in a fresh process
+per measurement: wall and CPU seconds and the RSS it adds; then a fresh gateway's first delta
+answers from that cache (`first_delta`). With `--baseline TREE` (another
+checkout, e.g. `git archive <commit> | tar -x -C /tmp/base`) the baseline's xDS code and this
+one alternate, side by side in one run:
+
+    .venv/bin/python -m bench.million --publish --registered 1000000 --loaded 100000 --baseline /tmp/base --rounds 2
+
+Writes bench/results/million_publish.json.
 """
 
 from __future__ import annotations
@@ -213,13 +224,102 @@ def run(registered: int, loaded: int, pods: int, timeout: float) -> dict[str, An
     return out
 
 
+def publish_worker(registered: int, loaded: int, pods: int) -> dict[str, Any]:
+    """The xDS source's full publish on a snapshot like the one `fill` writes, as read back
+    (`read_snapshot`: ids only), in this process."""
+    from meshserve.store.state import Snapshot
+    from meshserve_xds.cache import SnapshotCache
+    from meshserve_xds.resources import GATEWAY_GROUP
+    from meshserve_xds.source import RedisSource
+
+    ids = [spec(i).id if i < 2 else f"m{i:07d}__isvc-{i:010x}" for i in range(registered)]
+    assert ids[1] == spec(1).id
+    ps = {f"pod-{k}": Pod(f"pod-{k}", "127.0.0.1", 20000 + 2 * k, 20001 + 2 * k, 1 << 40, formats=["sklearn"]) for k in range(pods)}
+    snap = Snapshot(rev=1, models=dict.fromkeys(ids), aliases={f"m{i:07d}": ids[i] for i in range(registered)}, pods=ps,  # type: ignore[arg-type]
+                    placements={ids[i]: {f"pod-{i % pods}": Copy(CopyState.LOADED, 1 << 20, 1.0)} for i in range(loaded)})
+    gc.collect()
+    rss0 = rss_mib(os.getpid())
+    src = RedisSource(Settings(), None, SnapshotCache())  # type: ignore[arg-type]  # no reads: the snapshot is given
+    src.snap = snap
+    w0, c0 = time.perf_counter(), time.process_time()
+    src._publish()  # noqa: SLF001
+    w1, c1 = time.perf_counter(), time.process_time()
+    gc.collect()
+    g = src.cache.group(GATEWAY_GROUP)
+    out = {"wall_s": round(w1 - w0, 2), "cpu_s": round(c1 - c0, 2), "rss_added_mib": round(rss_mib(os.getpid()) - rss0, 1),
+           "resources": {t.rsplit(".", 1)[-1]: len(ts.digests) for t, ts in g.types.items()}}
+    out["first_delta"] = first_delta(src.cache)
+    out["load_avg"] = round(os.getloadavg()[0], 1)
+    return out
+
+
+def first_delta(cache: Any) -> dict[str, float]:
+    """A fresh gateway's first delta answers, every type (wildcard), each ACKed, serialized as
+    gRPC would send them: what a gateway (re)connecting costs the xDS process."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+    from meshserve_xds import resources as r
+    from meshserve_xds.delta import DeltaStream
+
+    node = base_pb2.Node(id="gw", cluster=r.GATEWAY_GROUP)
+    ss = DeltaStream(cache)
+    rss0 = rss_mib(os.getpid())
+    w0, c0 = time.perf_counter(), time.process_time()
+    sent = 0
+    for t in r.PUSH_ORDER:
+        ss.on_request(discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=t))
+        while True:  # batched types answer a batch per ACK
+            resps = ss.due()
+            sent += sum(len(x.SerializeToString()) for x in resps)
+            acks = [discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=tt, response_nonce=ts.nonce) for tt, ts in ss.types.items() if ts.pending]
+            for a in acks:
+                ss.on_request(a)
+            if not resps:
+                break
+    w1, c1 = time.perf_counter(), time.process_time()
+    return {"wall_s": round(w1 - w0, 2), "cpu_s": round(c1 - c0, 2), "sent_mb": round(sent / 1e6, 1),
+            "rss_after_mib": round(rss_mib(os.getpid()) - rss0, 1)}
+
+
+def publish_versus(args: argparse.Namespace) -> dict[str, Any]:
+    """This tree's xDS code, and the baseline's (its component folders first on PYTHONPATH)
+    when given, alternating in fresh processes."""
+    here = Path(__file__).resolve().parent.parent
+    trees = {"this": here, **({"baseline": Path(args.baseline)} if args.baseline else {})}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
+    for i in range(args.rounds):
+        for name in (list(trees) if i % 2 == 0 else list(trees)[::-1]):
+            env = dict(os.environ)
+            if name == "baseline":
+                folders = sorted({str(p.parent) for p in trees[name].glob("*/meshserve_*") if p.is_dir()})
+                env["PYTHONPATH"] = os.pathsep.join([*folders, str(trees[name])])
+            # This file's worker, loaded by path: the baseline's packages come first on the path.
+            cmd = [sys.executable, "-c", "import importlib.util as u, json, sys; s = u.spec_from_file_location('million_here', sys.argv[1]); "
+                   "m = u.module_from_spec(s); s.loader.exec_module(m); print(json.dumps(m.publish_worker(*map(int, sys.argv[2:]))))",
+                   __file__, str(args.registered), str(args.loaded), str(args.pods)]
+            out = subprocess.run(cmd, env=env, cwd=trees[name], capture_output=True, text=True, timeout=3600)
+            if out.returncode != 0:
+                raise SystemExit(f"{name}: {out.stderr[-3000:]}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"{name}: {runs[name][-1]}", flush=True)
+    return {"registered": args.registered, "loaded": args.loaded, "pods": args.pods, "baseline": args.baseline, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--registered", type=int, default=1_000_000)
     ap.add_argument("--loaded", type=int, default=100_000)
     ap.add_argument("--pods", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--publish", action="store_true", help="time the xDS publish alone, in memory (no Valkey)")
+    ap.add_argument("--baseline", help="with --publish: another checkout to alternate with")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    if args.publish:
+        res = publish_versus(args)
+        res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write("million_publish", res)
+        return
     res = run(args.registered, args.loaded, args.pods, args.timeout)
     res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(json.dumps(res), flush=True)

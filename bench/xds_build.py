@@ -88,7 +88,7 @@ def worker(path: str, registered: int, loaded: int) -> dict[str, Any]:
         "build_s": w1 - w0, "pack_s": w2 - w1, "total_s": w2 - w0, "total_cpu_s": c2 - c0, "gc_after_s": w3 - w2,
         "resources": {t.rsplit(".", 1)[-1]: len(ts.digests) for t, ts in g.types.items()},
         "snapshot_rss_mib": round(held, 1),
-        "config_bytes": sum(len(a.value) for ts in g.types.values() for a in ts.resources.values()),
+        "config_bytes": sum(len(b) for ts in g.types.values() for b in ts.resources.values()),
         "versions": {t.rsplit(".", 1)[-1]: ts.version for t, ts in g.types.items()},
         "fingerprint": fp.hexdigest(),
     }

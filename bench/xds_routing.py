@@ -107,7 +107,7 @@ def run_one(layout: Layout, n: int, timeout: float, changes_n: int = 5, per_reso
             ads.cache.set(GATEWAY_GROUP, res)
             dt = time.perf_counter() - t0
             g = ads.cache.group(GATEWAY_GROUP)
-            return dt, sum(len(a.value) for ts in g.types.values() for a in ts.resources.values())
+            return dt, sum(len(b) for ts in g.types.values() for b in ts.resources.values())
 
         out["build_s"], out["config_bytes"] = ads.call(build(), timeout=600)
         print(f"  {layout.name} n={n}: built in {out['build_s']:.2f}s, {out['config_bytes'] / 1e6:.1f} MB", flush=True)

@@ -41,7 +41,7 @@ class Replica:
     def snapshot(self) -> dict[str, tuple[str, dict[str, bytes]]]:
         assert self.ads.cache is not None
         g = self.ads.run(lambda: self.ads.cache.group(GATEWAY_GROUP))  # type: ignore[union-attr]
-        return {t: (s.version, {n: a.value for n, a in s.resources.items()}) for t, s in g.types.items()}
+        return {t: (s.version, dict(s.resources)) for t, s in g.types.items()}
 
     def stop(self) -> None:
         self.task.cancel()

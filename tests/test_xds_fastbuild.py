@@ -177,7 +177,7 @@ def test_full_build_is_byte_identical_to_the_protobuf_build() -> None:
 
 
 def test_the_cache_packs_serialized_resources_as_it_packs_messages() -> None:
-    """Same Any (type URL and value), same digests, same type versions; twice the same."""
+    """Same bytes, same digests, same type versions; twice the same."""
     s = _state()
     caches = []
     for wire in (True, False, True):
@@ -187,15 +187,15 @@ def test_the_cache_packs_serialized_resources_as_it_packs_messages() -> None:
     for t, snap in caches[1].items():
         for other in (caches[0], caches[2]):
             assert other[t].version == snap.version and other[t].digests == snap.digests, t
-            for n, a in snap.resources.items():
-                assert (other[t].resources[n].type_url, other[t].resources[n].value) == (a.type_url, a.value)
-                assert hashlib.blake2b(a.value, digest_size=16).digest() == snap.digests[n]
+            for n, b in snap.resources.items():
+                assert other[t].resources[n] == b and b.__class__ is bytes
+                assert hashlib.blake2b(b, digest_size=16).digest() == snap.digests[n]
 
 
 def test_pack_takes_bytes_and_patch_takes_a_wire_table() -> None:
     msg = scoped_routes.scope("m", "activator")
-    a, d = pack(msg.SerializeToString(), r.SCOPED_ROUTE_TYPE)
-    assert isinstance(a, any_pb2.Any) and (a, d) == pack(msg)
+    b, d = pack(msg.SerializeToString(), r.SCOPED_ROUTE_TYPE)
+    assert b == msg.SerializeToString() and (b, d) == pack(msg) == pack(any_pb2.Any(value=b))
     c = SnapshotCache()
     c.patch("g", r.SCOPED_ROUTE_TYPE, scoped_routes.scopes_wire({"m": "activator", "n": "model/n"}))
     c.patch("g", r.SCOPED_ROUTE_TYPE, {"scope/k": scoped_routes.scope("k", "activator")})
@@ -242,3 +242,41 @@ def test_wire_table_reads_as_a_mapping_of_messages() -> None:
     table["scope/c"] = scoped_routes.scope("c", "activator")
     del table["scope/a"]
     assert list(table) == ["scope/b", "scope/c"] and table["scope/c"] == scoped_routes.scope("c", "activator")
+
+
+@pytest.mark.parametrize("type_url", [r.SCOPED_ROUTE_TYPE, ""])
+def test_responses_written_from_bytes_equal_the_built_ones(type_url: str) -> None:
+    """fastpb's delta and SotW responses: the bytes protobuf gives for the same response, over
+    empty, unicode and long names, versions and values (two-byte length prefixes, over 4 KiB)."""
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    values = [b"", b"x", scoped_routes.scope("m", "activator").SerializeToString(), b"\x01" * 5000, b"\x02" * 200]
+    names = ["", "scope/é", "n" * 300, "scope/m", "x" * 5000]
+    versions = ["", "0123abcd" * 4, "v" * 200, "1", "é"]
+    updated = list(zip(names, versions, values))
+    for removed in ([], ["gone", "", "é" * 100]):
+        for nonce, version in (("", ""), ("abc", "0123456789abcdef+partial")):
+            want = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version, type_url=type_url, nonce=nonce, removed_resources=removed,
+                resources=[discovery_pb2.Resource(name=n, version=v, resource=any_pb2.Any(type_url=type_url, value=b)) for n, v, b in updated],
+            )
+            assert fastpb.delta_response(version, type_url, nonce, updated, removed) == want.SerializeToString()
+            assert fastpb.delta_response(version, type_url, nonce, [], removed) == discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version, type_url=type_url, nonce=nonce, removed_resources=removed).SerializeToString()
+        want_sotw = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
+                                                    resources=[any_pb2.Any(type_url=type_url, value=b) for b in values])
+        assert fastpb.discovery_response(version, type_url, nonce, values) == want_sotw.SerializeToString()
+        assert fastpb.discovery_response(version, type_url, nonce, []) == discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=type_url, nonce=nonce).SerializeToString()
+
+
+def test_the_full_build_renders_scopes_in_a_loop_as_scopes_wire_does() -> None:
+    """scoped._scopes_table (Template.render_table): the same table, order and bytes as
+    scopes_wire, cold and loaded names, the empty one and unicode and long ones among them."""
+    targets = {"": "activator", "a": "activator", "é" * 300: "activator", "b": "model/b", "c" * 5000: "activator",
+               "d": "traffic/d", "-": "activator"}
+    fast, slow = scoped._scopes_table(targets), scoped_routes.scopes_wire(targets)
+    assert list(fast) == list(slow)
+    for n in slow:
+        assert _bytes(fast.wire[n]) == _bytes(slow.wire[n]) == scoped_routes.scope(n[len("scope/"):], targets[n[len("scope/"):]]).SerializeToString(), n
+    assert sum(isinstance(v, bytes) for v in fast.wire.values()) == len(targets) - 1  # the empty name is a message

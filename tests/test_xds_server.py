@@ -106,7 +106,7 @@ def test_patch_costs_the_change_and_delta_diffs_only_what_moved() -> None:
     rcs = {f"r{i}": route_pb2.RouteConfiguration(name=f"r{i}") for i in range(100)}
     cache.set(GATEWAY_GROUP, r.Resources(by_type={r.ROUTE_TYPE: dict(rcs)}))
     snap = cache.group(GATEWAY_GROUP).types[r.ROUTE_TYPE]
-    known = {n: snap.resource_version(n) for n in rcs}
+    known = delta.known_versions({n: snap.resource_version(n) for n in rcs})  # as a stream keeps them
     seq = snap.seq
     changed = route_pb2.RouteConfiguration(name="r7", request_headers_to_remove=["x"])
     assert cache.patch(GATEWAY_GROUP, r.ROUTE_TYPE, {"r7": changed}, removes=["r9"])

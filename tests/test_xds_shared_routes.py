@@ -101,7 +101,7 @@ def _digests(c: SnapshotCache) -> dict[str, dict[str, bytes]]:
 def _scope(c: SnapshotCache, name: str) -> Any:
     from envoy.config.route.v3 import scoped_route_pb2
 
-    return scoped_route_pb2.ScopedRouteConfiguration.FromString(c.group(r.GATEWAY_GROUP).types[r.SCOPED_ROUTE_TYPE].resources[f"scope/{name}"].value)
+    return scoped_route_pb2.ScopedRouteConfiguration.FromString(c.group(r.GATEWAY_GROUP).types[r.SCOPED_ROUTE_TYPE].resources[f"scope/{name}"])
 
 
 async def test_a_rollout_through_the_source_patches_what_a_full_build_gives(state: State) -> None:

@@ -88,3 +88,18 @@ def test_the_source_holds_one_layout_object_per_group() -> None:
     assert isinstance(RedisSource(Settings(), None, SnapshotCache(), layout="matcher").layout, MatcherLayout)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scoped, matcher"):
         RedisSource(Settings(), None, SnapshotCache(), layout="trie")  # type: ignore[arg-type]
+
+
+def test_aliases_by_model_keeps_one_alias_as_a_string_and_several_as_a_set() -> None:
+    from meshserve_xds import source as s
+
+    m = s.aliases_by_model({"a": "m1", "b": "m2", "c": "m2", "d": "m3", "e": "m2"})
+    assert m == {"m1": "a", "m2": {"b", "c", "e"}, "m3": "d"}
+    assert set(s._aliases_of(m, "m2")) == {"b", "c", "e"} and s._aliases_of(m, "m1") == ("a",) and s._aliases_of(m, "x") == ()
+    s._add_alias(m, "m1", "a")  # already there: unchanged
+    s._add_alias(m, "m1", "f")
+    s._add_alias(m, "m4", "g")
+    s._drop_alias(m, "m3", "d")
+    s._drop_alias(m, "m3", "d")
+    s._drop_alias(m, "m2", "c")
+    assert m == {"m1": {"a", "f"}, "m2": {"b", "e"}, "m4": "g"}

@@ -23,7 +23,6 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import grpc
 
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from meshserve_testing.devmesh import stop, wait_until
 from meshserve_xds import resources as r
 from meshserve_xds.cache import SnapshotCache
@@ -53,7 +52,7 @@ class AdsThread:
             self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
         self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 512 << 20)])
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, self._server)
+        self.ads.add_to(self._server)  # responses sent as the bytes the streams wrote
         self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self._server.start()
 

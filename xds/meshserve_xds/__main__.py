@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from meshserve import logs
 from meshserve.store import State
 from meshserve.settings import Settings
@@ -49,7 +48,7 @@ async def main() -> None:
     cache = SnapshotCache()
     ads = AdsServer(cache)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20), ("grpc.keepalive_time_ms", 30_000)])
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+    ads.add_to(server)  # responses sent as the bytes the streams wrote
     try:
         mode = add_port(server, s)
     except (ValueError, OSError) as e:

@@ -1,7 +1,8 @@
 """Versioned snapshots per node group, as go-control-plane's cache keeps them.
 
-A snapshot holds each resource already packed into an Any, so a change is serialized once per
-group however many gateways are connected. Per-type versions only move when that type's
+A snapshot holds each resource serialized (bytes, no message object), so a change is serialized
+once per group however many gateways are connected, and a response is written by joining bytes
+(fastpb.discovery_response, fastpb.delta_response). Per-type versions only move when that type's
 content changed, so an unrelated change never re-sends (or re-warms) anything.
 
 Versions are derived from content, never from a counter: two xDS replicas reading the same
@@ -16,14 +17,12 @@ same resource has the same version whichever way it came.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from google.protobuf import any_pb2
 
-from envoy.service.discovery.v3 import discovery_pb2
 from meshserve_xds.fastpb import WireTable
 from meshserve_xds.resources import PUSH_ORDER, Patch, Resources
 
@@ -34,10 +33,14 @@ LOG_KEEP = 1024  # change-log entries kept per type; a stream further behind dif
 @dataclass
 class TypeSnapshot:
     version: str
-    resources: dict[str, any_pb2.Any]
+    # name -> the resource serialized (what an Any of this type carries as its value). Bytes,
+    # not Anys: at 2,000,000 scopes an Any each cost ~3x the memory and most of a full build
+    # (docs/design/routing.md, "Full build"); responses are written from these bytes
+    # (fastpb.discovery_response, fastpb.delta_response).
+    resources: dict[str, bytes]
     # name -> content digest; the digest's hex is the resource's version in delta xDS
     digests: dict[str, bytes]
-    # XOR of per-resource hashes: the type's version, updated in O(change) by a patch
+    # XOR of the resources' digests: the type's version, updated in O(change) by a patch
     acc: int = 0
     seq: int = 0
     # (seq, names changed or removed at that seq): lets a delta stream diff only what moved
@@ -68,39 +71,48 @@ class Group:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def pack(msg: object, type_url: str = "") -> tuple[any_pb2.Any, bytes]:
-    """A resource packed into an Any, and its digest. `msg` is a message, an Any (already
-    packed), or bytes: a `type_url` message already serialized (fastpb), packed as it is."""
+def serialize(msg: object) -> bytes:
+    """A resource as the cache keeps it: a message serialized as `Any.Pack` does, an Any's
+    value, or bytes (already serialized: fastpb) as they are."""
     if msg.__class__ is bytes:
-        a = any_pb2.Any()
-        a.type_url = type_url
-        a.value = msg  # type: ignore[assignment]
-    elif isinstance(msg, any_pb2.Any):
-        a = msg
-    else:
-        a = any_pb2.Any()
-        a.Pack(msg)  # type: ignore[arg-type]
-    return a, hashlib.blake2b(a.value, digest_size=16).digest()
+        return msg  # type: ignore[return-value]
+    if isinstance(msg, any_pb2.Any):
+        return msg.value
+    return msg.SerializeToString()  # type: ignore[attr-defined]
+
+
+def digest(value: bytes) -> bytes:
+    return hashlib.blake2b(value, digest_size=16).digest()
+
+
+def pack(msg: object, type_url: str = "") -> tuple[bytes, bytes]:
+    """A resource serialized (`serialize`), and its digest."""
+    b = serialize(msg)
+    return b, digest(b)
 
 
 def _entries(items: Mapping[str, object]) -> Iterable[tuple[str, object]]:
     """name -> resource pairs of one type. A WireTable hands over what it holds (mostly bytes),
-    so serialized resources are packed without being parsed."""
+    so serialized resources are taken without being parsed."""
     return items.wire.items() if isinstance(items, WireTable) else items.items()
 
 
-def _h(name: str, digest: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode() + digest, digest_size=8).digest(), "big")
+def _h(digest: bytes) -> int:
+    """A resource's share of its type's version. The digest alone, not the name with it (one
+    hash a resource, not two: a second was a third of a full build's packing): every xDS
+    resource carries its own name (Cluster.name, RouteConfiguration.name, ...), so two names
+    never hold the same bytes and cannot cancel out."""
+    return int.from_bytes(digest, "big")
 
 
 def _version(acc: int) -> str:
-    return f"{acc:016x}"
+    return f"{acc & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def type_version(digests: dict[str, bytes]) -> str:
     acc = 0
-    for name, d in digests.items():
-        acc ^= _h(name, d)
+    for d in digests.values():
+        acc ^= _h(d)
     return _version(acc)
 
 
@@ -123,49 +135,35 @@ class SnapshotCache:
     def set_many(self, by_group: dict[str, Resources]) -> dict[str, list[str]]:
         """Install several groups at once. A message object shared between groups (the same
         clusters and routes, with or without listeners) is serialized once, not per group."""
-        memo: dict[int, tuple[any_pb2.Any, bytes]] = {}
+        memo: dict[int, tuple[bytes, bytes]] = {}
         return {name: self._set(name, res, memo) for name, res in by_group.items()}
 
-    def _set(self, name: str, res: Resources, memo: dict[int, tuple[any_pb2.Any, bytes]]) -> list[str]:
-        # A full set makes one Any per resource, each a tracked object that lives on: at 10^5
-        # resources the cyclic collector's repeated full passes over a growing heap cost about
-        # as much as the packing itself (none of these objects is in a cycle). So it waits for
-        # the end: one pass instead of several.
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            return self._set_all(name, res, memo)
-        finally:
-            if paused:
-                gc.enable()
-
-    def _set_all(self, name: str, res: Resources, memo: dict[int, tuple[any_pb2.Any, bytes]]) -> list[str]:
+    def _set(self, name: str, res: Resources, memo: dict[int, tuple[bytes, bytes]]) -> list[str]:
         g = self.group(name)
         moved = []
         blake2b, from_bytes = hashlib.blake2b, int.from_bytes
         for type_url, items in res.by_type.items():
-            packed: dict[str, any_pb2.Any] = {}
+            # A WireTable is mostly bytes already: its dict copied whole (in C), then the few
+            # messages in it replaced by their bytes.
+            wire = isinstance(items, WireTable)
+            packed: dict[str, bytes] = dict(items.wire) if wire else {}
             digests: dict[str, bytes] = {}
-            # Serialized resources are packed into Anys that share one arena (elements of one
-            # repeated field): 3x less memory than an arena each, and faster to make.
-            new_any = discovery_pb2.DiscoveryResponse().resources.add
+            acc = 0
             for rname, msg in _entries(items):
-                if msg.__class__ is bytes:  # serialized already: pack() inlined, 10^5 times
-                    a = new_any()
-                    a.type_url = type_url
-                    a.value = msg  # type: ignore[assignment]
-                    packed[rname], digests[rname] = a, blake2b(msg, digest_size=16).digest()  # type: ignore[arg-type]
-                    continue
-                hit = memo.get(id(msg))
-                if hit is None:
-                    hit = memo[id(msg)] = pack(msg, type_url)
-                packed[rname], digests[rname] = hit
+                if msg.__class__ is bytes:  # serialized already: digest() inlined, 10^6 times
+                    d = blake2b(msg, digest_size=16).digest()  # type: ignore[arg-type]
+                    if not wire:
+                        packed[rname] = msg  # type: ignore[assignment]
+                else:
+                    hit = memo.get(id(msg))
+                    if hit is None:
+                        hit = memo[id(msg)] = pack(msg, type_url)
+                    packed[rname], d = hit
+                digests[rname] = d
+                acc ^= from_bytes(d, "big")  # _h() inlined
             old = g.types.get(type_url)
             if old is not None and old.digests == digests:
                 continue
-            acc = 0
-            for rname, d in digests.items():  # _h() inlined
-                acc ^= from_bytes(blake2b(rname.encode() + d, digest_size=8).digest(), "big")
             if old is None:
                 g.types[type_url] = TypeSnapshot(_version(acc), packed, digests, acc, 1, [])
             else:
@@ -187,21 +185,21 @@ class SnapshotCache:
             snap = g.types[type_url] = TypeSnapshot(_version(0), {}, {}, 0, 0, [])
         touched = []
         for rname, msg in _entries(upserts):
-            a, d = pack(msg, type_url)
+            b, d = pack(msg, type_url)
             old = snap.digests.get(rname)
             if old == d:
                 continue
             if old is not None:
-                snap.acc ^= _h(rname, old)
-            snap.acc ^= _h(rname, d)
-            snap.resources[rname], snap.digests[rname] = a, d
+                snap.acc ^= _h(old)
+            snap.acc ^= _h(d)
+            snap.resources[rname], snap.digests[rname] = b, d
             touched.append(rname)
         for rname in removes:
             old = snap.digests.pop(rname, None)
             if old is None:
                 continue
             snap.resources.pop(rname, None)
-            snap.acc ^= _h(rname, old)
+            snap.acc ^= _h(old)
             touched.append(rname)
         if not touched:
             return False

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from google.protobuf import any_pb2
-
 from envoy.service.discovery.v3 import discovery_pb2
+from meshserve_xds import fastpb
 from meshserve_xds.cache import TypeSnapshot
 from meshserve_xds.resources import CLUSTER_TYPE, PUSH_ORDER, ROUTE_TYPE
-from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, count_push
+from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, WireResponse, count_push
 
 # At most this many RouteConfigurations per response; the rest follow, a batch per ACK. A
 # gateway that takes 10^5 of them in one message parses it whole while it builds the routes,
@@ -25,27 +25,34 @@ from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, c
 MAX_RESOURCES = 5_000
 BATCHED = {ROUTE_TYPE}
 PARTIAL_SUFFIX = "+partial"  # version of a response that left resources for the next one
+_NAME, _DIGEST, _VALUE = itemgetter(0), itemgetter(1), itemgetter(2)  # of DeltaDiff.updated's entries
 
 
 @dataclass
 class DeltaDiff:
     """What one delta stream must send for one type to catch up with the snapshot."""
 
-    updated: list[tuple[str, str, any_pb2.Any]]  # name, version, resource
+    updated: list[tuple[str, bytes, bytes]]  # name, digest (its hex is the version), resource serialized
     removed: list[str]
     seq: int = 0  # the snapshot's seq this diff brings the stream up to
 
 
 def diff(
-    snap: TypeSnapshot | None, known: dict[str, str], wildcard: bool, subscribed: set[str],
+    snap: TypeSnapshot | None, known: dict[str, bytes | str], wildcard: bool, subscribed: set[str],
     since_seq: int | None = None, also: Iterable[str] = (),
 ) -> DeltaDiff:
     """Resources a delta client lacks or holds an old version of, and names it holds that
-    are gone. `known` is name -> version the client has (or was last sent). With
+    are gone. `known` is name -> what the client has (or was last sent): the digest we sent,
+    or the version it told us (`known_versions`). With
     `since_seq` (the seq of the stream's last diff) only names touched since then, plus
     `also` (new subscriptions), are looked at, so a change costs what it touched."""
     if snap is None:
         return DeltaDiff([], [], 0)
+    if wildcard and not known and since_seq is None:
+        # A fresh wildcard subscriber (a gateway's first scopes: 2,000,001 at a million
+        # models): everything, with no per-name comparisons.
+        res = snap.resources
+        return DeltaDiff(sorted([(n, d, res[n]) for n, d in snap.digests.items()]), [], snap.seq)
     candidates = snap.names_since(since_seq) if since_seq is not None else None
     if candidates is None:
         candidates = set(snap.digests) if wildcard else set(subscribed)
@@ -62,16 +69,30 @@ def diff(
             if n in known:
                 removed.append(n)
             continue
-        v = d.hex()
-        if known.get(n) != v:
-            updated.append((n, v, snap.resources[n]))
-    return DeltaDiff(sorted(updated, key=lambda u: u[0]), sorted(removed), snap.seq)
+        if known.get(n) != d:
+            updated.append((n, d, snap.resources[n]))
+    updated.sort()  # by name: names are unique, so the tuples never compare further
+    return DeltaDiff(updated, sorted(removed), snap.seq)
+
+
+def known_versions(versions: dict[str, str] | object) -> dict[str, bytes | str]:
+    """A resuming client's name -> version, as digests: ours are a digest's hex. A version that
+    is not one (another control plane's) stays a string, which never equals a digest."""
+    out: dict[str, bytes | str] = {}
+    for n, v in versions.items():  # type: ignore[attr-defined]
+        try:
+            out[n] = bytes.fromhex(v)
+        except ValueError:
+            out[n] = v
+    return out
 
 
 @dataclass
 class DeltaType(TypeStatus):
     wildcard: bool = False
-    known: dict[str, str] = field(default_factory=dict)  # what the client holds: name -> version
+    # What the client holds: name -> digest (the cache's own object, shared: no hex string per
+    # resource per gateway, 2,000,000 of them at a million models).
+    known: dict[str, bytes | str] = field(default_factory=dict)
     unanswered: set[str] = field(default_factory=set)  # subscribed, answered even if nothing moved
     answered_once: bool = False
     resumed: bool = False  # the client said what it holds on its first request
@@ -107,7 +128,7 @@ class DeltaStream(Stream[DeltaType]):
         if first:
             # An empty first subscription is a wildcard one (LDS, CDS); "*" says so explicitly.
             ts.wildcard = not subscribe or "*" in subscribe
-            ts.known = dict(req.initial_resource_versions)
+            ts.known = known_versions(req.initial_resource_versions)
             ts.resumed = bool(ts.known)
         if "*" in subscribe:
             ts.wildcard = True
@@ -127,7 +148,7 @@ class DeltaStream(Stream[DeltaType]):
             ts.unanswered |= subscribe
         return first or bool(subscribe) or answered
 
-    def due(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    def due(self) -> list[WireResponse]:
         g = self.cache.group(self.group)
         out = []
         for type_url in PUSH_ORDER:
@@ -169,19 +190,15 @@ class DeltaStream(Stream[DeltaType]):
                 if not ts.pending:
                     ts.acked_version = ts.sent_version  # it already holds all of this version
                 continue
-            for n, v, _ in d.updated:
-                ts.known[n] = v
+            ts.known.update(zip(map(_NAME, d.updated), map(_DIGEST, d.updated)))
             for n in d.removed:
                 ts.known.pop(n, None)
             ts.nonce = uuid.uuid4().hex[:12]
             ts.sent_at = time.monotonic()
             ts.pending = True
-            out.append(discovery_pb2.DeltaDiscoveryResponse(
-                system_version_info=ts.sent_version,
-                type_url=type_url,
-                nonce=ts.nonce,
-                resources=[discovery_pb2.Resource(name=n, version=v, resource=a) for n, v, a in d.updated],
-                removed_resources=d.removed,
-            ))
-            count_push(type_url, sum(len(a.value) for _, _, a in d.updated))
+            # Written from the cache's bytes rather than built a Resource and an Any at a
+            # time: the same message (fastpb.delta_response), sent as these bytes.
+            wire = fastpb.delta_response(ts.sent_version, type_url, ts.nonce, [(n, dg.hex(), v) for n, dg, v in d.updated], d.removed)
+            out.append(WireResponse(discovery_pb2.DeltaDiscoveryResponse, wire))
+            count_push(type_url, sum(map(len, map(_VALUE, d.updated))))
         return out

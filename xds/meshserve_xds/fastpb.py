@@ -53,6 +53,7 @@ def varint(n: int) -> bytes:
 
 # Length prefixes below 4 KiB come from this table; longer ones are encoded.
 VT = [varint(i) for i in range(_VT_MAX)]
+_VTL = [len(v) for v in VT]
 
 
 def placeholder(i: int) -> str:
@@ -147,7 +148,12 @@ def _split(payload: bytes) -> list[bytes | int]:
 
 class Template:
     """The wire bytes of one message with some strings left open, rendered by a function
-    generated for it (straight-line joins, no interpretation per part)."""
+    generated for it (straight-line joins, no interpretation per part).
+
+    A one-slot template also has `render_table(items, out, prefix, only, other)`: for each
+    (key, t) of `items`, `out[prefix + key]` is the template rendered with the key where
+    `t == only` (and the key is not empty), else `other(key, t)`; in `items`' order. The
+    same body in one loop: at 2,000,000 scopes a call each was a fifth of the build."""
 
     def __init__(self, data: bytes, desc: Descriptor, slots: int):
         self.slots = slots
@@ -231,6 +237,20 @@ class Template:
         self.source = "\n".join(src)
         ns: dict[str, Any] = {"K": tuple(consts), "VT": VT, "VB": varint}
         exec(self.source, ns)  # generated from the template's structure: names and indices, no data
+        if self.slots == 1:
+            # The same body in a loop over a table (`render_table`): no call per resource.
+            body = [line for line in src[1:] if not line.lstrip().startswith("if ")]
+            table = ["def render_table(items, out, prefix, only, other):",
+                     "    for k, t in items:",
+                     "        if t != only or not k:",
+                     "            out[prefix + k] = other(k, t)",
+                     "            continue",
+                     "        s0 = k.encode()"]
+            table += [f"    {line}" for line in body[:-1]]
+            table.append("        out[prefix + k] = " + body[-1].strip()[len("return "):])
+            self.table_source = "\n".join(table)
+            exec(self.table_source, ns)  # as above: names and indices only
+            self.render_table = ns["render_table"]
         return ns["render"]
 
 
@@ -285,3 +305,82 @@ class WireTable(MutableMapping):
 
     def __repr__(self) -> str:
         return f"WireTable({self.type_url.rsplit('.', 1)[-1]}, {len(self.wire)} resources)"
+
+
+# Discovery responses written from the cache's bytes (cache.py keeps each resource serialized):
+# the same bytes as the protobuf-built response (tests/test_xds_fastbuild.py compares them), at
+# a join per resource instead of an Any and a Resource message each, ~2,000,000 of them in the
+# first scoped-route response at a million registered models. Field numbers from
+# envoy/service/discovery/v3/discovery.proto, written in ascending order as protobuf does.
+
+
+def _len(n: int) -> bytes:
+    return VT[n] if n < _VT_MAX else varint(n)
+
+
+def _string(tag: bytes, s: str) -> bytes:
+    """A string field, left out when empty (proto3)."""
+    b = s.encode()
+    return tag + _len(len(b)) + b if b else b""
+
+
+def _any_head(type_url: str) -> bytes:
+    """An Any's type_url field: what every resource of a type starts with."""
+    return _string(b"\x0a", type_url)
+
+
+def discovery_response(version_info: str, type_url: str, nonce: str, values: list[bytes]) -> bytes:
+    """`DiscoveryResponse(version_info, resources=[Any(type_url, value) ...], type_url, nonce)`
+    serialized, for resources given as their serialized messages (`values`)."""
+    head = _any_head(type_url)
+    hl = len(head)
+    out = [_string(b"\x0a", version_info)]
+    add = out.extend
+    for v in values:
+        lv = len(v)
+        if lv:
+            lvb = VT[lv] if lv < _VT_MAX else varint(lv)
+            n = hl + 1 + len(lvb) + lv
+            add((b"\x12", VT[n] if n < _VT_MAX else varint(n), head, b"\x12", lvb, v))
+        else:  # an empty value is left out of the Any
+            add((b"\x12", _len(hl), head))
+    out += (_string(b"\x22", type_url), _string(b"\x2a", nonce))
+    return b"".join(out)
+
+
+def delta_response(system_version_info: str, type_url: str, nonce: str, updated: list[tuple[str, str, bytes]], removed: list[str]) -> bytes:
+    """`DeltaDiscoveryResponse(system_version_info, resources=[Resource(name, version,
+    resource=Any(type_url, value)) ...], type_url, nonce, removed_resources)` serialized, for
+    `updated` as (name, version, serialized message)."""
+    head = _any_head(type_url)
+    hl = len(head)
+    out = [_string(b"\x0a", system_version_info)]
+    add = out.extend
+    hl1 = hl + 1
+    for name, version, v in updated:
+        vb, nb = version.encode(), name.encode()
+        lver, lname, lv = len(vb), len(nb), len(v)
+        if lver and lname and lv and lver < _VT_MAX and lname < _VT_MAX and lv < _VT_MAX:
+            # The usual resource, in one step: every field present, short length prefixes.
+            lvb = VT[lv]
+            na = hl1 + _VTL[lv] + lv
+            nab = VT[na] if na < _VT_MAX else varint(na)
+            nr = 3 + _VTL[lver] + lver + len(nab) + na + _VTL[lname] + lname
+            add((b"\x12", VT[nr] if nr < _VT_MAX else varint(nr), b"\x0a", VT[lver], vb, b"\x12", nab, head, b"\x12", lvb, v,
+                 b"\x1a", VT[lname], nb))
+            continue
+        if lv:
+            lvb = VT[lv] if lv < _VT_MAX else varint(lv)
+            na = hl + 1 + len(lvb) + lv
+            any_parts: tuple[bytes, ...] = (head, b"\x12", lvb, v)
+        else:
+            na, any_parts = hl, (head,)
+        nab = VT[na] if na < _VT_MAX else varint(na)
+        # Resource: version (1), resource (2: a message set, so present even if empty), name (3)
+        ver = (b"\x0a", _len(lver), vb) if lver else ()
+        nm = (b"\x1a", _len(lname), nb) if lname else ()
+        nr = (1 + len(_len(lver)) + lver if lver else 0) + 1 + len(nab) + na + (1 + len(_len(lname)) + lname if lname else 0)
+        add((b"\x12", VT[nr] if nr < _VT_MAX else varint(nr), *ver, b"\x12", nab, *any_parts, *nm))
+    out += (_string(b"\x22", type_url), _string(b"\x2a", nonce))
+    out += [_string(b"\x32", n) or b"\x32\x00" for n in removed]
+    return b"".join(out)

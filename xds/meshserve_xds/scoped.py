@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from meshserve_xds import fastpb
 from meshserve_xds.clusters import build_clusters, build_copy_set, copies_cluster
 from meshserve_xds.listeners import build_scoped_listener
@@ -39,13 +39,17 @@ from meshserve_xds.scoped_routes import (
 )
 
 
-def build_all(state: RoutingState, listeners: ListenerConfig, wire: bool = True, listener_table: dict[str, object] | None = None) -> Resources:
+def build_all(
+    state: RoutingState, listeners: ListenerConfig, wire: bool = True, listener_table: dict[str, object] | None = None,
+    targets: dict[str, str] | None = None,
+) -> Resources:
     """Every resource of the gateway group, built whole (a start or a resync).
 
     With `wire` (the default) the scopes and the loaded models' RouteConfigurations come
     serialized from templates (fastpb: the same bytes as building the messages, which
     `wire=False` does, at a fraction of the cost: ~200,000 scopes at 100,000 registered
-    models). They read as messages all the same (`fastpb.WireTable`)."""
+    models). They read as messages all the same (`fastpb.WireTable`). `targets` is
+    `scope_targets(state)` when the caller has it already (`ScopedLayout.build_full`)."""
     # Pod clusters plus one per copy set: a model with several copies routes to its set's
     # cluster, so Envoy's retry of a refused or reset request reaches another copy.
     clusters, endpoints = build_clusters(state, copy_sets=True)
@@ -53,13 +57,14 @@ def build_all(state: RoutingState, listeners: ListenerConfig, wire: bool = True,
     res.by_type[CLUSTER_TYPE] = clusters
     res.by_type[ENDPOINT_TYPE] = endpoints
     res.by_type[LISTENER_TYPE] = listener_table if listener_table is not None else scoped_listeners(listeners)
-    targets = scope_targets(state)
+    if targets is None:
+        targets = scope_targets(state)
     # Only the loaded models' RouteConfigurations some scope names: with shared routes most
     # models have none of their own (scoped_routes.loaded_target).
     named = set(targets.values())
     own = [m for m in state.loaded if "model/" + m in named]
     if wire:
-        res.by_type[SCOPED_ROUTE_TYPE] = scopes_wire(targets)
+        res.by_type[SCOPED_ROUTE_TYPE] = _scopes_table(targets)
         table = model_routes_wire(state, own)
         routes = table.wire
     else:
@@ -77,6 +82,29 @@ def build_all(state: RoutingState, listeners: ListenerConfig, wire: bool = True,
         routes[transformer_rc_name(name)] = transformer_routes(state, name)
     res.by_type[ROUTE_TYPE] = fastpb.WireTable(ROUTE_TYPE, route_pb2.RouteConfiguration, routes) if wire else routes
     return res
+
+
+_templates: list[fastpb.Template | None] = []
+
+
+def _scopes_table(targets: dict[str, str]) -> fastpb.WireTable:
+    """`scopes_wire(targets)`, the same table in the same order, faster: the cold names'
+    scopes (most of them: 1,900,001 of 2,000,001 at a million registered models) rendered in
+    one loop (`Template.render_table`), the others one by one as scopes_wire does."""
+    if not _templates:
+        _templates.extend((fastpb.compile_checked(lambda n: scope(n, ACTIVATOR_RC), 1), fastpb.compile_checked(scope, 2)))
+    act, both = _templates
+    if act is None or both is None:  # not expected: the builder stopped fitting a template
+        return scopes_wire(targets)
+    render = both.render
+
+    def other(n: str, t: str) -> object:
+        b = render(n.encode(), t.encode())
+        return b if b is not None else scope(n, t)
+
+    out: dict[str, object] = {}
+    act.render_table(targets.items(), out, "scope/", ACTIVATOR_RC, other)  # "scope/": scope_name()
+    return fastpb.WireTable(SCOPED_ROUTE_TYPE, scoped_route_pb2.ScopedRouteConfiguration, out)
 
 
 def scoped_listeners(lc: ListenerConfig) -> dict[str, object]:
@@ -107,7 +135,7 @@ class Index:
     refs: dict[str, int] = field(default_factory=dict)
 
 
-def index(state: RoutingState) -> Index:
+def index(state: RoutingState, targets: dict[str, str] | None = None) -> Index:
     plans_of: dict[str, set[str]] = {}
     for name, plan in state.traffic.items():
         for m in plan_models(name, plan):
@@ -117,7 +145,8 @@ def index(state: RoutingState) -> Index:
     for pods in models.values():
         if len(pods) > 1:
             sets[pods] = sets.get(pods, 0) + 1
-    targets = scope_targets(state)
+    if targets is None:
+        targets = scope_targets(state)
     refs: dict[str, int] = {}
     for t in targets.values():
         if t.startswith(LOADED_RCS):
@@ -277,8 +306,12 @@ class ScopedLayout:
         return self._listeners
 
     def build_full(self, state: RoutingState) -> Resources:
-        res = build_all(state, self.listeners, listener_table=self._listener_table())
-        self.index = index(state)
+        # One name -> target map for both: 2,000,001 entries at a million registered models,
+        # a second one was 0.15 s of a 2.5 s build at 200,000 and its memory. The build only
+        # reads it, so the index keeps it.
+        targets = scope_targets(state)
+        res = build_all(state, self.listeners, listener_table=self._listener_table(), targets=targets)
+        self.index = index(state, targets)
         return res
 
     def apply_change(self, state: RoutingState) -> Resources | Patch:

@@ -33,10 +33,37 @@ __all__ = ["AdsServer", "GATEWAY_GROUP", "GROUPS", "ISTIO_GROUP", "PROXYLESS_GRO
 M_CONNECTED = Gauge("meshserve_xds_connected_gateways", "Gateways with an open ADS stream")
 
 
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+def _serialize(resp: object) -> bytes:
+    """A response's bytes: a WireResponse's own, or a message serialized."""
+    return resp.SerializeToString()  # type: ignore[attr-defined]
+
+
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, cache: SnapshotCache):
         self.cache = cache
         self.streams: dict[str, Stream] = {}
+        # Responses go out as the bytes the streams wrote (`add_to`); registered by the
+        # generated `add_AggregatedDiscoveryServiceServicer_to_server`, whose serializers
+        # take messages only, they are parsed first.
+        self.raw = False
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Serve ADS on `server`, as the generated registration does, with a response
+        serializer that takes the streams' bytes as they are (stream.WireResponse)."""
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.StreamAggregatedResources, request_deserializer=discovery_pb2.DiscoveryRequest.FromString, response_serializer=_serialize),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.DeltaAggregatedResources, request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_serialize),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),))
+        if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63, as the generated code
+            server.add_registered_method_handlers(ADS_SERVICE, handlers)
+        self.raw = True
 
     async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
@@ -75,7 +102,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             while True:
                 changed = g.changed
                 for resp in ss.due():
-                    await out.put(resp)
+                    await out.put(resp if self.raw else resp.message())
                 waiter = asyncio.ensure_future(changed.wait())
                 wake_task = asyncio.ensure_future(wake.wait())
                 await asyncio.wait({waiter, wake_task}, return_when=asyncio.FIRST_COMPLETED)

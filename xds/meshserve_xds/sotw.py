@@ -8,8 +8,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
+from meshserve_xds import fastpb
 from meshserve_xds.resources import CLUSTER_TYPE, ENDPOINT_TYPE, PUSH_ORDER, ROUTE_TYPE, VHOST_TYPE
-from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, count_push
+from meshserve_xds.stream import KEEP_SUFFIX, ROUTE_TYPES, Stream, TypeStatus, WireResponse, count_push
 
 # Subscriptions to these types name their resources; the others are wildcard.
 NAMED_TYPES = {ENDPOINT_TYPE, ROUTE_TYPE, VHOST_TYPE}
@@ -18,7 +19,7 @@ NAMED_TYPES = {ENDPOINT_TYPE, ROUTE_TYPE, VHOST_TYPE}
 @dataclass
 class SotwType(TypeStatus):
     # clusters only: what the stream holds, removed clusters included until routes settle
-    held: dict[str, object] = field(default_factory=dict)
+    held: dict[str, bytes] = field(default_factory=dict)
 
 
 class SotwStream(Stream[SotwType]):
@@ -50,7 +51,7 @@ class SotwStream(Stream[SotwType]):
         # removed clusters wait for routes.
         return first or new_names or answered
 
-    def due(self) -> list[discovery_pb2.DiscoveryResponse]:
+    def due(self) -> list[WireResponse]:
         g = self.cache.group(self.group)
         out = []
         for type_url in PUSH_ORDER:
@@ -83,6 +84,8 @@ class SotwStream(Stream[SotwType]):
             ts.sent_version = version
             ts.sent_at = time.monotonic()
             ts.pending = True
-            out.append(discovery_pb2.DiscoveryResponse(version_info=version, resources=items, type_url=type_url, nonce=ts.nonce))
-            count_push(type_url, sum(len(a.value) for a in items))
+            # Written from the cache's bytes, sent as they are (fastpb.discovery_response).
+            wire = fastpb.discovery_response(version, type_url, ts.nonce, items)
+            out.append(WireResponse(discovery_pb2.DiscoveryResponse, wire))
+            count_push(type_url, sum(len(v) for v in items))
         return out

@@ -122,10 +122,14 @@ async def read_snapshot(state: State) -> Snapshot:
         rev, ids, aliases, pods, placements = await p.execute()
 
     def parse() -> Snapshot:
+        # An alias's model id is the registered id's own string object, not a copy decoded
+        # again: a million aliases held a million duplicate id strings (~75 MiB).
+        canon = {i: i for i in map(bytes.decode, ids)}
+        get = canon.get
         return Snapshot(
             rev=int(rev or 0),
-            models=dict.fromkeys(i.decode() for i in ids),  # type: ignore[arg-type]  # ids only
-            aliases={a.decode(): m.decode() for a, m in aliases.items()},
+            models=dict.fromkeys(canon),  # type: ignore[arg-type]  # ids only
+            aliases={a.decode(): get(m := v.decode(), m) for a, v in aliases.items()},
             pods={i.decode(): Pod.from_json(v) for i, v in pods.items()},
             placements={i.decode(): copies_from_json(v) for i, v in placements.items()},
         )
@@ -196,7 +200,7 @@ class RedisSource:
         self.extras: dict[str, Layout] = {}
         self._full = True  # the next publish builds every group whole (start, resync)
         self._alias_of: dict[str, str] = {}
-        self._aliases_by_model: dict[str, set[str]] = {}
+        self._aliases_by_model: dict[str, str | set[str]] = {}  # see aliases_by_model
         # alias -> the models named after it with a placement (routing_state)
         self._versions: dict[str, str | set[str]] = {}
         self.rev = 0
@@ -267,10 +271,9 @@ class RedisSource:
         group just wanted, else as each layout's change (the scoped layout patches)."""
         rs = self._routing_state()
         # The alias maps let a later change find a model's names without walking all aliases.
-        self._alias_of = dict(rs.aliases)
-        self._aliases_by_model = {}
-        for a, m in rs.aliases.items():
-            self._aliases_by_model.setdefault(m, set()).add(a)
+        # rs.aliases is this publish's own copy (routing_state), kept as it is.
+        self._alias_of = rs.aliases
+        self._aliases_by_model = aliases_by_model(rs.aliases)
         updates: dict[str, r.Resources | r.Patch] = {}
         # The gateway first: the Istio group may share its build.
         updates[r.GATEWAY_GROUP] = self.layout.build_full(rs) if self._full else self.layout.apply_change(rs)
@@ -298,13 +301,14 @@ class RedisSource:
         snap = self.snap
         models = set(ids.get(KIND_PLACEMENT, ())) | set(ids.get(KIND_MODEL, ()))
         names = set(models) | set(ids.get(KIND_ALIAS, ()))
+        by_model = self._aliases_by_model
         for a in ids.get(KIND_ALIAS, ()):
             old, new = self._alias_of.get(a), snap.aliases.get(a)
             if old is not None:
-                self._aliases_by_model.get(old, set()).discard(a)
+                _drop_alias(by_model, old, a)
                 models.add(old)
             if new is not None:
-                self._aliases_by_model.setdefault(new, set()).add(a)
+                _add_alias(by_model, new, a)
                 models.add(new)
                 self._alias_of[a] = new
             else:
@@ -319,7 +323,7 @@ class RedisSource:
             if a is not None and a in snap.aliases:
                 names.add(a)
                 models.add(snap.aliases[a])
-        aliases = {a: m for m in models for a in self._aliases_by_model.get(m, ())}
+        aliases = {a: m for m in models for a in _aliases_of(by_model, m)}
         names |= models | set(aliases)
         contested = {}
         for m in models:
@@ -408,6 +412,49 @@ class RedisSource:
                 entries += more
                 last = entries[-1][0]
             await self.apply(entries)
+
+
+def aliases_by_model(aliases: dict[str, str]) -> dict[str, str | set[str]]:
+    """model -> its alias, or a set of them when it has several. A set per model was 1,000,000
+    sets (~200 MiB) and 1.5 s of a resync at a million models with one alias each; built by a
+    comprehension, then a pass for the models that have more than one."""
+    out: dict[str, str | set[str]] = {m: a for a, m in aliases.items()}
+    if len(out) != len(aliases):
+        for a, m in aliases.items():
+            x = out[m]
+            if x.__class__ is str:
+                if x != a:
+                    out[m] = {x, a}
+            else:
+                x.add(a)  # type: ignore[union-attr]
+    return out
+
+
+def _aliases_of(by_model: dict[str, str | set[str]], model: str) -> tuple[str, ...] | set[str]:
+    x = by_model.get(model)
+    return () if x is None else (x,) if x.__class__ is str else x  # type: ignore[return-value]
+
+
+def _add_alias(by_model: dict[str, str | set[str]], model: str, alias: str) -> None:
+    x = by_model.get(model)
+    if x is None:
+        by_model[model] = alias
+    elif x.__class__ is str:
+        if x != alias:
+            by_model[model] = {x, alias}  # type: ignore[arg-type]
+    else:
+        x.add(alias)  # type: ignore[union-attr]
+
+
+def _drop_alias(by_model: dict[str, str | set[str]], model: str, alias: str) -> None:
+    x = by_model.get(model)
+    if x is None:
+        return
+    if x.__class__ is str:
+        if x == alias:
+            del by_model[model]
+    else:
+        x.discard(alias)  # type: ignore[union-attr]
 
 
 class _Lost(Exception):
