@@ -65,6 +65,19 @@ class Snapshot:
     placements: dict[str, dict[str, Copy]]
 
 
+@dataclass
+class RawSnapshot:
+    """What the placement leader reloads from, read at one revision: the model specs as the
+    JSON bytes the hash holds (id bytes -> spec bytes), the rest parsed. Parsing a million
+    specs into `ModelSpec`s took most of a leader's reload and 1.2 KiB a model it never
+    used; the leader parses one when it needs it (placement reload.py `Specs`)."""
+
+    rev: int
+    models: dict[bytes, bytes]
+    pods: dict[str, Pod]
+    placements: dict[str, dict[str, Copy]]
+
+
 class State:
     """Thin async access to the schema. All policy lives elsewhere."""
 
@@ -117,6 +130,17 @@ class State:
         # Parsing 100,000 models takes about a second: in a thread, so the caller's event loop
         # (lease renewal, heartbeats, streams) keeps running meanwhile.
         return await asyncio.to_thread(_parse_snapshot, *raw)
+
+    async def snapshot_raw(self) -> RawSnapshot:
+        """`snapshot` without the aliases, and with the model specs left unparsed."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.get(REV).hgetall(MODELS).hgetall(PODS).hgetall(PLACEMENTS)
+            rev, models, pods, placements = await p.execute()
+        return await asyncio.to_thread(lambda: RawSnapshot(
+            rev=int(rev or 0), models=models,
+            pods={k.decode(): Pod.from_json(v) for k, v in pods.items()},
+            placements={k.decode(): copies_from_json(v) for k, v in placements.items()},
+        ))
 
     async def model(self, model_id: str) -> ModelSpec | None:
         raw = await self.r.hget(MODELS, model_id)

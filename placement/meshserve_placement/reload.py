@@ -8,8 +8,8 @@ import logging
 import time
 from dataclasses import replace
 
-from meshserve.model import CopyState, ModelSpec, Pod
-from meshserve.store import Snapshot
+from meshserve.model import Copy, CopyState, ModelSpec, Pod
+from meshserve.store.state import RawSnapshot
 from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_MODEL
@@ -17,6 +17,7 @@ from meshserve.store.state import parse_runtimes
 from meshserve_placement.bases import resolve_base
 from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeView
 from meshserve_placement.sizes import booked_size, reported_of
+from meshserve_placement.specs import Fields, Specs, view_fields
 
 log = logging.getLogger("meshserve.placement")
 SPEC_SLICE = 1000  # specs applied per hold of the leader's lock (_refresh_specs)
@@ -30,8 +31,10 @@ class Reload:
         # the two is read again (harmless), never missed.
         last_id, self._changes_rev = await ops.last_change(r)
         self._changes_id = last_id.decode()
-        snap = await self.state.snapshot()
-        self.specs = snap.models
+        snap = await self.state.snapshot_raw()
+        # The specs stay the bytes Redis sent until one is asked for (specs.py): parsing a
+        # million took most of a reload and 1.2 KiB a model.
+        self.specs = Specs(snap.models)
         self.pods = dict(snap.pods)
         hb = await r.zrange(k.HEARTBEATS, 0, -1, withscores=True)
         self.heartbeats = {p.decode(): v for p, v in hb}
@@ -43,8 +46,15 @@ class Reload:
             if float(v) > now:
                 excluded[(m, p)] = float(v)
         # Building the view is pure and O(models): off the event loop, so the lease keeps.
-        self.aliases = dict(snap.aliases)  # to resolve adapters' bases (bases.resolve_base)
-        self.view = await asyncio.to_thread(_build_view, snap, lu, excluded, self.t.eviction_horizon_seconds)
+        models, adapters = await asyncio.to_thread(_model_views, self.specs, snap.placements)
+        # The aliases adapters name as their base, and only those: the leader resolves no other
+        # name (bases.resolve_base), and a million aliases cost 170 MB. Read after the snapshot:
+        # a base re-registered in between is a change on ms:changes, followed from before it.
+        names = sorted({b for _, b in adapters})
+        self.aliases = {n: v.decode() for n, v in zip(names, await r.hmget(k.ALIASES, names) if names else []) if v}
+        for m, b in adapters:
+            models[m] = replace(models[m], base=resolve_base(b, self.aliases, self.specs))
+        self.view = await asyncio.to_thread(_build_view, snap, models, lu, excluded, self.t.eviction_horizon_seconds)
         self._failed_unloads = {
             (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
             if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
@@ -193,22 +203,44 @@ class Reload:
 
 
 def _model_view(m: ModelSpec, reported: int = 0, base: str = "") -> ModelView:
+    return _view_of(m.id, m, reported, base)
+
+
+def _view_of(model: str, f: ModelSpec | Fields, reported: int = 0, base: str = "") -> ModelView:
     # The size a load reported, else the stated size, else the files' prediction, else the
-    # unknown-size default (sizes.py).
-    return ModelView(m.id, m.format, booked_size(m.size_hint, reported, predicted=m.predicted_size), m.pinned, m.min_copies, m.max_copies, m.runtime, base)
+    # unknown-size default (sizes.py). Equal sizes share one int (a million models, a few sizes).
+    size = booked_size(f.size_hint, reported, predicted=f.predicted_size)
+    return ModelView(model, f.format, _SIZES.setdefault(size, size), f.pinned, f.min_copies, f.max_copies, f.runtime, base)
+
+
+_SIZES: dict[int, int] = {}
+
+
+def _model_views(specs: Specs, placements: dict[str, dict[str, Copy]]) -> tuple[dict[str, ModelView], list[tuple[str, str]]]:
+    """Every model's view from its spec's bytes (specs.view_fields), and the (model, base name)
+    of the adapters, whose bases the caller resolves. A new leader knows a model's reported
+    size from the copies it finds booked; most models have none, and only those are looked at."""
+    models: dict[str, ModelView] = {}
+    adapters: list[tuple[str, str]] = []
+    for key, raw in specs.raw_items():
+        m = key.decode()
+        f = view_fields(raw)
+        cs = placements.get(m)
+        models[m] = _view_of(m, f, reported_of(c.size for c in cs.values() if c.state == CopyState.LOADED) if cs else 0)
+        if f.base:
+            adapters.append((m, f.base))
+    return models, adapters
 
 
 def _pod_view(p: Pod) -> PodView:
     return PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
 
 
-def _build_view(snap: Snapshot, lastused: list[tuple[bytes, float]], excluded: dict[tuple[str, str], float], horizon_s: float) -> ClusterView:
+def _build_view(snap: RawSnapshot, models: dict[str, ModelView], lastused: list[tuple[bytes, float]],
+                excluded: dict[tuple[str, str], float], horizon_s: float) -> ClusterView:
     return ClusterView(
         pods={p.id: _pod_view(p) for p in snap.pods.values()},
-        # A new leader knows a model's reported size from the copies it finds booked.
-        # Most models have no copy: only those with one look (a fifth of the view's build at 200,000).
-        models={m.id: _model_view(m, reported_of(c.size for c in cs.values() if c.state == CopyState.LOADED) if (cs := snap.placements.get(m.id)) else 0,
-                                  resolve_base(m.base, snap.aliases, snap.models)) for m in snap.models.values()},
+        models=models,
         copies={m: cs for m, cs in snap.placements.items() if cs},
         excluded=excluded,
         # Each recorded use counts once, as a touch would: given to the constructor, the index
