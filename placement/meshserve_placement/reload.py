@@ -7,9 +7,10 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 from meshserve.model import Copy, CopyState, ModelSpec, Pod
-from meshserve.store.state import RawSnapshot
+from meshserve.store.state import PlacedSnapshot
 from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_MODEL
@@ -25,16 +26,21 @@ SPEC_SLICE = 1000  # specs applied per hold of the leader's lock (_refresh_specs
 
 class Reload:
     async def _rebuild(self) -> None:
-        """Everything the previous leader decided is in Redis: rebuild the view from it."""
+        """Everything the previous leader decided is in Redis: rebuild the view from it.
+
+        The view holds the models the leader has a use for, not every registered one: those
+        with copies, pinned ones, those whose requests wait here, and the bases of adapters
+        among them; a model asked for later joins with its request (`_refresh_model_and_pods`),
+        a registration with its change (`_refresh_specs`), and a model that must keep copies
+        without having any (minCopies, pinned by annotation) with the walk over the registry
+        that follows the reload (`_find_kept`). At a million registered models, reading and
+        parsing every spec took most of a reload and 2 KiB a model (docs/benchmarks.md)."""
         r = self.state.r
         # Where to follow ms:changes from: taken before the snapshot, so a change made between
         # the two is read again (harmless), never missed.
         last_id, self._changes_rev = await ops.last_change(r)
         self._changes_id = last_id.decode()
-        snap = await self.state.snapshot_raw()
-        # The specs stay the bytes Redis sent until one is asked for (specs.py): parsing a
-        # million took most of a reload and 1.2 KiB a model.
-        self.specs = Specs(snap.models)
+        snap = await self.state.placed_snapshot()
         self.pods = dict(snap.pods)
         hb = await r.zrange(k.HEARTBEATS, 0, -1, withscores=True)
         self.heartbeats = {p.decode(): v for p, v in hb}
@@ -45,26 +51,7 @@ class Reload:
             m, _, p = field.decode().rpartition("|")
             if float(v) > now:
                 excluded[(m, p)] = float(v)
-        # Building the view is pure and O(models): off the event loop, so the lease keeps.
-        models, adapters = await asyncio.to_thread(_model_views, self.specs, snap.placements)
-        # The aliases adapters name as their base, and only those: the leader resolves no other
-        # name (bases.resolve_base), and a million aliases cost 170 MB. Read after the snapshot:
-        # a base re-registered in between is a change on ms:changes, followed from before it.
-        names = sorted({b for _, b in adapters})
-        self.aliases = {n: v.decode() for n, v in zip(names, await r.hmget(k.ALIASES, names) if names else []) if v}
-        for m, b in adapters:
-            models[m] = replace(models[m], base=resolve_base(b, self.aliases, self.specs))
-        self.view = await asyncio.to_thread(_build_view, snap, models, lu, excluded, self.t.eviction_horizon_seconds)
-        self._failed_unloads = {
-            (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
-            if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
-        }
         self.pins = {m.decode() for m in await r.hkeys(k.PINS)}
-        for m in self.pins:
-            if m in self.view.models:
-                self.view.set_model(replace(self.view.models[m], pinned=True))
-        await self._refresh_pods()  # the declared runtimes too, before any decision on the new view
-        self._lastused_seen = max((v for _, v in lu), default=0.0)
         self.queues = {}
         for pod in self.pods:
             q = await r.zrange(k.loadq_key(pod), 0, -1, withscores=True)
@@ -73,9 +60,55 @@ class Reload:
         # Models whose requests wait for room or for a pool (in memory only) stay waiting across
         # a reload by this process: forgetting them left loads asked for once never made.
         held = {m for m in self.waiting if m in self.room or m in self.pending}
+        wanted = set(snap.placements) | self.pins | held | {m for q in self.queues.values() for m in q}
+        # The specs stay the bytes Redis sent until one is asked for (specs.py).
+        self.specs = Specs(await self.state.models_raw(sorted(wanted)))
+        # Building the view is pure and O(its models): off the event loop, so the lease keeps.
+        models, adapters = await asyncio.to_thread(_model_views, self.specs, snap.placements)
+        # The aliases adapters name as their base, and only those: the leader resolves no other
+        # name (bases.resolve_base); bases not in the view yet join it.
+        self.aliases = {}
+        for b in await self._refresh_bases([b for _, b in adapters]):
+            self.specs[b.id] = b
+            models[b.id] = _model_view(b)
+        for m, b in adapters:
+            models[m] = replace(models[m], base=resolve_base(b, self.aliases, self.specs))
+        self.view = await asyncio.to_thread(_build_view, snap, models, lu, excluded, self.t.eviction_horizon_seconds)
+        self._failed_unloads = {
+            (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
+            if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
+        }
+        for m in self.pins:
+            if m in self.view.models:
+                self.view.set_model(replace(self.view.models[m], pinned=True))
+        await self._refresh_pods()  # the declared runtimes too, before any decision on the new view
+        self._lastused_seen = max((v for _, v in lu), default=0.0)
         self.waiting = {m for q in self.queues.values() for m, prio in q.items() if prio < k.BACKGROUND} | held
-        log.info("%s: state reloaded: %d models, %d pods, %d placements, %d queued loads", self.id,
+        self._rebuilds += 1  # the registry is walked again for this view (`_walk_registry`)
+        log.info("%s: state reloaded: %d models in view, %d pods, %d placements, %d queued loads", self.id,
                  len(self.specs), len(self.pods), len(snap.placements), sum(len(q) for q in self.queues.values()))
+
+    async def _walk_registry(self) -> None:
+        """While leading: the registry walk after every rebuild of the view (`_find_kept`)."""
+        while True:
+            if self._walked != self._rebuilds:
+                await self._find_kept()
+            await asyncio.sleep(self.t.maintain_seconds)
+
+    async def _find_kept(self) -> None:
+        """The walk over the registry that follows a reload: models that must keep copies
+        (minCopies, the pinned annotation) but have none join the view, for the copy reconcile
+        to place them. In chunks (HSCAN), each applied under the lock on its own; the fields
+        are decoded without a full parse (specs.view_fields). Until it ends, such a model waits
+        for its copies a little longer than one that has some: a failover's gap, at most."""
+        gen, n = self._rebuilds, 0
+        async for batch in self.state.scan_models():
+            found = await asyncio.to_thread(_kept_in, batch, self.view.models)
+            if found:
+                n += len(found)
+                await self._apply_specs([ModelSpec.from_json(v) for v in found])
+        self._walked = gen
+        log.info("%s: registry walked: %d models to keep copies of joined the view", self.id, n)
 
     async def _reload(self) -> None:
         await self._rebuild()
@@ -115,13 +148,16 @@ class Reload:
         """The models adapters name as their base (aliases, updated here), and the specs of those
         new to the leader (for the caller to apply under the decision lock)."""
         names = sorted(set(names))
+        if not names:
+            return []
         ids = await self.state.r.hmget(k.ALIASES, names)
         for name, raw in zip(names, ids):
             if raw:
                 self.aliases[name] = raw.decode()
             else:
                 self.aliases.pop(name, None)
-        new = sorted({self.aliases[n] for n in names if n in self.aliases} - set(self.specs))
+        # A name that is no alias may be a concrete id (resolve_base): read it as one.
+        new = sorted({i for n in names if (i := self.aliases.get(n, n)) not in self.specs})
         return [ModelSpec.from_json(raw) for raw in (await self.state.r.hmget(k.MODELS, new) if new else []) if raw]
 
     async def _refresh_pods(self) -> None:
@@ -167,6 +203,14 @@ class Reload:
             specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw_ids if v])
         else:
             return
+        if full:
+            # Only the models the view holds, and those that must keep copies: the rest join it
+            # when asked for (a rev gap must not pull a million models into the view).
+            specs = [s for s in specs if s.id in self.view.models or s.min_copies > 0 or s.pinned]
+        await self._apply_specs(specs)
+
+    async def _apply_specs(self, specs: list[ModelSpec]) -> None:
+        """Apply specs read from Redis, the bases their adapters name first."""
         # Bases named by changed adapters, and known bases with a changed model (a new version).
         named = [s.base for s in specs if s.base] + [s.alias for s in specs if s.alias in self.aliases]
         if named:
@@ -236,7 +280,18 @@ def _pod_view(p: Pod) -> PodView:
     return PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
 
 
-def _build_view(snap: RawSnapshot, models: dict[str, ModelView], lastused: list[tuple[bytes, float]],
+def _kept_in(batch: dict[bytes, bytes], known: Any) -> list[bytes]:
+    """The specs of `batch` for models not in the view that must keep copies."""
+    out = []
+    for key, raw in batch.items():
+        if key.decode() not in known:
+            f = view_fields(raw)
+            if f.min_copies > 0 or f.pinned:
+                out.append(raw)
+    return out
+
+
+def _build_view(snap: PlacedSnapshot, models: dict[str, ModelView], lastused: list[tuple[bytes, float]],
                 excluded: dict[tuple[str, str], float], horizon_s: float) -> ClusterView:
     return ClusterView(
         pods={p.id: _pod_view(p) for p in snap.pods.values()},
