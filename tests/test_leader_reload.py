@@ -106,3 +106,26 @@ def test_the_fields_without_msgspec(monkeypatch: pytest.MonkeyPatch) -> None:
     fast = view_fields(sp.to_json().encode())
     monkeypatch.setattr(specs_mod, "msgspec", None)
     assert specs_mod.view_fields(sp.to_json().encode()) == fast
+
+
+def test_a_revision_gap_refreshes_the_view_not_the_registry(valkey: Any) -> None:
+    """Changes trimmed away: the leader re-reads the registry (in chunks) but takes into its
+    view only the models it holds and those that must keep copies."""
+
+    async def go() -> None:
+        state = State.from_url(valkey.url)
+        try:
+            s = await _fill(state)
+            leader = Scheduler(Settings(redis_url=valkey.url), state)
+            await leader._rebuild()
+            bigger = ModelSpec(**{**s["apinned"].__dict__, "max_copies": 4})
+            await state.register_models([bigger, _spec("newplain"), _spec("newkept", min_copies=1)])
+            leader._changes_rev -= 5  # as if entries were trimmed: a gap
+            await leader._refresh_specs()
+            v = leader.view
+            assert v.models[bigger.id].max_copies == 4 and v.models[bigger.id].pinned  # still pinned by the API
+            assert _spec("newkept").id in v.models and _spec("newplain").id not in v.models
+        finally:
+            await state.close()
+
+    asyncio.run(go())

@@ -196,17 +196,17 @@ class Reload:
         registry's (100,000 models re-read every poll would starve everything else)."""
         ids, full = await self._changed_models()
         if full:
-            raw = await self.state.r.hgetall(k.MODELS)
-            specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw.values()])
+            # Only the models the view holds, and those that must keep copies: the rest join it
+            # when asked for (a revision gap must not parse a million specs into the view).
+            # The same walk as after a reload, in chunks.
+            specs = []
+            async for batch in self.state.scan_models():
+                specs += [ModelSpec.from_json(v) for v in await asyncio.to_thread(_kept_in, batch, self.view.models, True)]
         elif ids:
             raw_ids = await self.state.r.hmget(k.MODELS, sorted(ids))
             specs = await asyncio.to_thread(lambda: [ModelSpec.from_json(v) for v in raw_ids if v])
         else:
             return
-        if full:
-            # Only the models the view holds, and those that must keep copies: the rest join it
-            # when asked for (a rev gap must not pull a million models into the view).
-            specs = [s for s in specs if s.id in self.view.models or s.min_copies > 0 or s.pinned]
         await self._apply_specs(specs)
 
     async def _apply_specs(self, specs: list[ModelSpec]) -> None:
@@ -280,11 +280,15 @@ def _pod_view(p: Pod) -> PodView:
     return PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
 
 
-def _kept_in(batch: dict[bytes, bytes], known: Any) -> list[bytes]:
-    """The specs of `batch` for models not in the view that must keep copies."""
+def _kept_in(batch: dict[bytes, bytes], known: Any, and_known: bool = False) -> list[bytes]:
+    """The specs of `batch` for models not in the view (`known`) that must keep copies, and
+    with `and_known` those in the view too."""
     out = []
     for key, raw in batch.items():
-        if key.decode() not in known:
+        if key.decode() in known:
+            if and_known:
+                out.append(raw)
+        else:
             f = view_fields(raw)
             if f.min_copies > 0 or f.pinned:
                 out.append(raw)
