@@ -129,3 +129,27 @@ def test_a_revision_gap_refreshes_the_view_not_the_registry(valkey: Any) -> None
             await state.close()
 
     asyncio.run(go())
+
+
+def test_a_pod_that_registers_again_keeps_a_model_the_reload_left_out(valkey: Any) -> None:
+    """A model without copies is not in a new leader's view; a pod that comes back holding it
+    (withdrawn while its loader was paused) keeps it, as for any registered model, rather than
+    having it unloaded as 'no longer registered'."""
+
+    async def go() -> None:
+        state = State.from_url(valkey.url)
+        try:
+            s = await _fill(state)
+            leader = Scheduler(Settings(redis_url=valkey.url), state)
+            await leader._rebuild()
+            plain, gone = s["plain1"].id, "unregistered__isvc-0"
+            assert plain not in leader.view.models
+            await state.r.set(keys.LEASE, leader.id)  # its commits are fenced by the lease
+            async with leader._deciding():
+                await leader._reconcile_pod("p0", {plain: MB, gone: MB})
+            assert leader.view.copies[plain]["p0"].state == CopyState.LOADED and plain in leader.view.models
+            assert leader.view.copies[gone]["p0"].state == CopyState.UNLOADING  # not registered: unloaded
+        finally:
+            await state.close()
+
+    asyncio.run(go())

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterable
 
 from meshserve.model import Copy, CopyState, ModelSpec, Pod
 from meshserve.store.state import PlacedSnapshot
@@ -143,6 +143,20 @@ class Reload:
                 self._apply_spec(b)
         self._apply_spec(spec)
         return spec
+
+    async def _join_models(self, ids: Iterable[str]) -> None:
+        """Models the leader has a use for now that its view lacks (it holds only what it has
+        a use for, `_rebuild`): their specs read and applied, an adapter's base first. The
+        caller holds the lock. A model not registered stays out."""
+        new = sorted({m for m in ids if m not in self.view.models})
+        if not new:
+            return
+        specs = [ModelSpec.from_json(v) for v in (await self.state.models_raw(new)).values()]
+        bases = [s.base for s in specs if s.base]
+        if bases:
+            specs = [b for b in await self._refresh_bases(bases) if b.id not in new] + specs
+        for spec in specs:
+            self._apply_spec(spec)
 
     async def _refresh_bases(self, names: list[str]) -> list[ModelSpec]:
         """The models adapters name as their base (aliases, updated here), and the specs of those
