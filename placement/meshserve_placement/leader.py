@@ -2,7 +2,8 @@
 
 Only the lease holder writes placements and orders, and every write is fenced by the lease
 inside the same Lua commit, so a deposed leader can never double-book memory. The leader keeps
-a ClusterView in memory, rebuilt from Redis when it takes the lease (reload.py): everything it
+a ClusterView in memory of the models it has a use for, rebuilt from Redis when it takes the
+lease (reload.py; the rest join when asked for): everything it
 decides is in Redis (placements, per-pod load queues, exclusions, decision traces), so a new
 leader continues exactly where the old one stopped.
 
