@@ -111,6 +111,10 @@ class FakeRedis:
         h = self.data.get(_b(key), {})
         return [h.get(_b(f)) for f in fields]
 
+    async def hscan(self, key: str, cursor: int = 0, count: int | None = None) -> tuple[int, dict[bytes, bytes]]:
+        # One pass returns everything (cursor 0: done), as HSCAN may for a small hash.
+        return 0, dict(self.data.get(_b(key), {}))
+
     async def zadd(self, key: str, mapping: dict[str, float], gt: bool = False) -> int:
         z = self.data.setdefault(_b(key), {})
         for m, s in mapping.items():

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from bench import placement_sim as sim
 from meshserve.model import Copy, CopyState, ModelSpec, Pod
-from meshserve.store import Snapshot
+from meshserve.store.state import PlacedSnapshot
 from meshserve_placement import policy, reload
 from meshserve_placement.sizes import UNKNOWN_MODEL_BYTES, booked_size, reported_of
+from meshserve_placement.specs import Specs
 
 MiB = 1 << 20
 
@@ -45,10 +46,11 @@ def test_the_leader_books_through_it() -> None:
     # A leader that takes over remembers reported sizes from the LOADED copies it finds, not the
     # placeholder a LOADING copy was booked at.
     a, b = _spec("a"), _spec("b")
-    snap = Snapshot(rev=1, models={a.id: a, b.id: b}, aliases={},
-                    pods={"p": Pod("p", "127.0.0.1", 1, 2, 8 * MiB, ["sklearn"])},
-                    placements={a.id: {"p": Copy(CopyState.LOADED, 496_557)}, b.id: {"p": Copy(CopyState.LOADING, UNKNOWN_MODEL_BYTES)}})
-    view = reload._build_view(snap, [], {}, 60.0)
+    snap = PlacedSnapshot(rev=1, pods={"p": Pod("p", "127.0.0.1", 1, 2, 8 * MiB, ["sklearn"])},
+                          placements={a.id: {"p": Copy(CopyState.LOADED, 496_557)}, b.id: {"p": Copy(CopyState.LOADING, UNKNOWN_MODEL_BYTES)}})
+    models, adapters = reload._model_views(Specs({a.id.encode(): a.to_json().encode(), b.id.encode(): b.to_json().encode()}), snap.placements)
+    assert adapters == []
+    view = reload._build_view(snap, models, [], {}, 60.0)
     assert view.models[a.id].size == 496_557
     assert view.models[b.id].size == UNKNOWN_MODEL_BYTES
 

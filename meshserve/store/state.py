@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Iterable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -61,6 +61,19 @@ class Snapshot:
     rev: int
     models: dict[str, ModelSpec]
     aliases: dict[str, str]
+    pods: dict[str, Pod]
+    placements: dict[str, dict[str, Copy]]
+
+
+@dataclass
+class PlacedSnapshot:
+    """What the placement leader reloads from, read at one revision: pods and placements. No
+    model specs: at a million registered models, reading and parsing them all was most of a
+    reload and of the leader's memory, for models that mostly have no copy. The leader reads
+    the specs of the models it has a use for (`models_raw`) and finds the rest as it needs
+    them (placement reload.py)."""
+
+    rev: int
     pods: dict[str, Pod]
     placements: dict[str, dict[str, Copy]]
 
@@ -117,6 +130,43 @@ class State:
         # Parsing 100,000 models takes about a second: in a thread, so the caller's event loop
         # (lease renewal, heartbeats, streams) keeps running meanwhile.
         return await asyncio.to_thread(_parse_snapshot, *raw)
+
+    async def placed_snapshot(self) -> PlacedSnapshot:
+        """Pods and placements at one revision (inside MULTI)."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.get(REV).hgetall(PODS).hgetall(PLACEMENTS)
+            rev, pods, placements = await p.execute()
+        return await asyncio.to_thread(lambda: PlacedSnapshot(
+            rev=int(rev or 0),
+            pods={k.decode(): Pod.from_json(v) for k, v in pods.items()},
+            placements={k.decode(): copies_from_json(v) for k, v in placements.items()},
+        ))
+
+    async def models_raw(self, ids: Sequence[str], chunk: int = 10_000) -> dict[bytes, bytes]:
+        """The specs of these models as stored (id bytes -> JSON bytes), unregistered ones left
+        out: HMGETs of `chunk` ids, pipelined, so no single reply holds the event loop long."""
+        out: dict[bytes, bytes] = {}
+        if not ids:
+            return out
+        async with self.r.pipeline(transaction=False) as p:
+            for i in range(0, len(ids), chunk):
+                p.hmget(MODELS, ids[i:i + chunk])
+            replies = await p.execute()
+        for i, vals in zip(range(0, len(ids), chunk), replies):
+            out.update((m.encode(), v) for m, v in zip(ids[i:i + chunk], vals) if v)
+        return out
+
+    async def scan_models(self, count: int = 10_000) -> AsyncIterator[dict[bytes, bytes]]:
+        """Every registered model's spec as stored, `count` or so at a time (HSCAN): for a walk
+        over a million that lets everything else run in between. A model changed during the
+        walk may come twice or in either version; follow ms:changes from before it for those."""
+        cursor = 0
+        while True:
+            cursor, batch = await self.r.hscan(MODELS, cursor, count=count)
+            if batch:
+                yield batch
+            if not cursor:
+                return
 
     async def model(self, model_id: str) -> ModelSpec | None:
         raw = await self.r.hget(MODELS, model_id)

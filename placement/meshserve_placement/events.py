@@ -117,6 +117,7 @@ class Events:
         for m in reducers.lost_on_restart(self.view.pod_models(pod), held):
             self._set_copies(m, reducers.without_pod(self.view.copies[m], pod), ops, changes)
         self._mark_health(time.time())
+        await self._join_models(held)  # a model it holds may have had no copy when the view was built
         taken = copyplan.adopt(self.view, pod, held, self.rates, self.t)
         now = time.time()
         for m, size in taken.keep.items():

@@ -2,7 +2,8 @@
 
 Only the lease holder writes placements and orders, and every write is fenced by the lease
 inside the same Lua commit, so a deposed leader can never double-book memory. The leader keeps
-a ClusterView in memory, rebuilt from Redis when it takes the lease (reload.py): everything it
+a ClusterView in memory of the models it has a use for, rebuilt from Redis when it takes the
+lease (reload.py; the rest join when asked for): everything it
 decides is in Redis (placements, per-pod load queues, exclusions, decision traces), so a new
 leader continues exactly where the old one stopped.
 
@@ -107,6 +108,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
+        self._rebuilds, self._walked = 0, 0  # views rebuilt, and the last one whose registry walk ended (reload.py)
         self.lease = Lease(state.r, k.LEASE, self.id, settings.lease_seconds)
         self._lock = asyncio.Lock()  # one decision at a time: the view is shared by all handlers
         self.leading = asyncio.Event()
@@ -164,6 +166,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
                 asyncio.create_task(self._expire_pods(http)),
                 asyncio.create_task(self._maintain(http)),
                 asyncio.create_task(self._room_loop()),
+                asyncio.create_task(self._walk_registry()),
             ]
             try:
                 while not lost.is_set():
