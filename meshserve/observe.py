@@ -191,11 +191,13 @@ class MeshStateCollector(Collector):
         """The whole placements hash and ms:lastused, at one revision, parsed in a thread (the
         event loop keeps serving meanwhile)."""
         async with self.state.r.pipeline(transaction=True) as p:
-            p.get(keys.REV).xrevrange(keys.CHANGES, count=1).hgetall(keys.PLACEMENTS).zrange(keys.LAST_USED, 0, -1, withscores=True)
+            p.get(keys.REV)
+            store_ops.queue_last_change_id(p)
+            p.hgetall(keys.PLACEMENTS).zrange(keys.LAST_USED, 0, -1, withscores=True)
             rev, last, placements, lu = await p.execute()
         self.tally = await asyncio.to_thread(tally_from, placements, lu)
         self._rev = int(rev or 0)
-        self._change_id = last[0][0].decode() if last else "0-0"
+        self._change_id = store_ops.last_change_id(last)
         self._lu_seen = max((v for _, v in lu), default=0.0)
         self._full_at = time.monotonic()
         self.full_reads += 1

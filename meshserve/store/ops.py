@@ -275,6 +275,17 @@ async def changes_since(r: aioredis.Redis, after: bytes | str, count: int) -> li
     return [(eid, Change.decode(f)) for eid, f in await r.xrange(k.CHANGES, min="(" + after, count=count)]
 
 
+def queue_last_change_id(pipe: Any) -> None:
+    """Add to a pipeline the read of the newest ms:changes entry; its reply gives the id
+    through `last_change_id`."""
+    pipe.xrevrange(k.CHANGES, count=1)
+
+
+def last_change_id(reply: list[Entry]) -> str:
+    """The id a `queue_last_change_id` read gave, "0-0" when the stream is empty."""
+    return reply[0][0].decode() if reply else "0-0"
+
+
 async def last_change(r: aioredis.Redis) -> tuple[bytes, int]:
     """The newest ms:changes entry's id and revision, (b"0-0", 0) when there is none."""
     last = await r.xrevrange(k.CHANGES, count=1)
