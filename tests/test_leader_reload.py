@@ -7,7 +7,8 @@ registered models took 53 s and 2 GiB to reload)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -32,6 +33,19 @@ def _spec(name: str, **kw: Any) -> ModelSpec:
     return ModelSpec(id=f"{name}__isvc-0", alias=name, format="sklearn", storage={"path": name}, size_hint=MB, **kw)
 
 
+@contextlib.asynccontextmanager
+async def _rebuilt(url: str) -> AsyncIterator[tuple[State, dict[str, ModelSpec], Scheduler]]:
+    """The registry of `_fill` and a leader that has just rebuilt its view of it."""
+    state = State.from_url(url)
+    try:
+        s = await _fill(state)
+        leader = Scheduler(Settings(redis_url=url), state)
+        await leader._rebuild()
+        yield state, s, leader
+    finally:
+        await state.close()
+
+
 async def _fill(state: State) -> dict[str, ModelSpec]:
     s = {sp.alias: sp for sp in [
         _spec("loaded"), _spec("minc", min_copies=2), _spec("pinned", pinned=True), _spec("base"),
@@ -50,11 +64,7 @@ async def _fill(state: State) -> dict[str, ModelSpec]:
 
 def test_a_reload_holds_the_models_in_use_and_the_walk_adds_those_to_keep(valkey: Any) -> None:
     async def go() -> None:
-        state = State.from_url(valkey.url)
-        try:
-            s = await _fill(state)
-            leader = Scheduler(Settings(redis_url=valkey.url), state)
-            await leader._rebuild()
+        async with _rebuilt(valkey.url) as (state, s, leader):
             ids = {n: sp.id for n, sp in s.items()}
             v = leader.view
             assert set(v.models) == {ids["loaded"], ids["adapter"], ids["base"], ids["apinned"]}
@@ -72,8 +82,6 @@ def test_a_reload_holds_the_models_in_use_and_the_walk_adds_those_to_keep(valkey
 
             spec = await leader._refresh_model_and_pods(ids["plain3"])  # a request for it
             assert spec == s["plain3"] and ids["plain3"] in v.models and leader.specs[ids["plain3"]] == spec
-        finally:
-            await state.close()
 
     asyncio.run(go())
 
@@ -113,11 +121,7 @@ def test_a_revision_gap_refreshes_the_view_not_the_registry(valkey: Any) -> None
     view only the models it holds and those that must keep copies."""
 
     async def go() -> None:
-        state = State.from_url(valkey.url)
-        try:
-            s = await _fill(state)
-            leader = Scheduler(Settings(redis_url=valkey.url), state)
-            await leader._rebuild()
+        async with _rebuilt(valkey.url) as (state, s, leader):
             bigger = ModelSpec(**{**s["apinned"].__dict__, "max_copies": 4})
             await state.register_models([bigger, _spec("newplain"), _spec("newkept", min_copies=1)])
             leader._changes_rev -= 5  # as if entries were trimmed: a gap
@@ -125,8 +129,6 @@ def test_a_revision_gap_refreshes_the_view_not_the_registry(valkey: Any) -> None
             v = leader.view
             assert v.models[bigger.id].max_copies == 4 and v.models[bigger.id].pinned  # still pinned by the API
             assert _spec("newkept").id in v.models and _spec("newplain").id not in v.models
-        finally:
-            await state.close()
 
     asyncio.run(go())
 
@@ -137,11 +139,7 @@ def test_a_pod_that_registers_again_keeps_a_model_the_reload_left_out(valkey: An
     having it unloaded as 'no longer registered'."""
 
     async def go() -> None:
-        state = State.from_url(valkey.url)
-        try:
-            s = await _fill(state)
-            leader = Scheduler(Settings(redis_url=valkey.url), state)
-            await leader._rebuild()
+        async with _rebuilt(valkey.url) as (state, s, leader):
             plain, gone = s["plain1"].id, "unregistered__isvc-0"
             assert plain not in leader.view.models
             await state.r.set(keys.LEASE, leader.id)  # its commits are fenced by the lease
@@ -149,7 +147,5 @@ def test_a_pod_that_registers_again_keeps_a_model_the_reload_left_out(valkey: An
                 await leader._reconcile_pod("p0", {plain: MB, gone: MB})
             assert leader.view.copies[plain]["p0"].state == CopyState.LOADED and plain in leader.view.models
             assert leader.view.copies[gone]["p0"].state == CopyState.UNLOADING  # not registered: unloaded
-        finally:
-            await state.close()
 
     asyncio.run(go())

@@ -218,6 +218,17 @@ class TextEncoder:
             dl = lora.get((i, name)) if lora else None
             return None if dl is None else dl.b @ ((dl.a @ xt) * dl.scale)
 
+        def dense_add_norm(i: int, name: str, weight: np.ndarray, bias_: np.ndarray, xin: np.ndarray,
+                           residual: np.ndarray, ln: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+            """BERT's output sublayer, transposed: LayerNorm(W x^T (+ LoRA) + residual + b), in place."""
+            y = weight @ xin
+            dt = delta(i, name, xin)
+            if dt is not None:
+                y += dt
+            y += residual
+            y += bias_
+            return _layer_norm_t(y, *ln, self.eps)
+
         # From here the hidden state is carried transposed, [hidden, m] and contiguous: every
         # product is W @ x^T with no copy, and the residual sums and layer norms run on it as is.
         xt = np.ascontiguousarray(x.T)
@@ -241,13 +252,7 @@ class TextEncoder:
             np.exp(s, out=s)
             s /= s.sum(-1, keepdims=True)
             ctx = (s @ v).transpose(1, 3, 0, 2).reshape(hid, m)  # [hidden, m], heads one above the other
-            a = L.out @ ctx
-            dt = delta(i, "attention.output.dense", ctx)
-            if dt is not None:
-                a += dt
-            a += xt
-            a += L.out_b
-            xt = _layer_norm_t(a, *L.ln1, self.eps)
+            xt = dense_add_norm(i, "attention.output.dense", L.out, L.out_b, ctx, xt, L.ln1)
             h = L.inter @ xt  # [intermediate, m]
             h += L.inter_b
             dt = delta(i, "intermediate.dense", xt)
@@ -258,13 +263,7 @@ class TextEncoder:
             g += 1.0
             g *= h
             g *= 0.5
-            o = L.down @ g  # [hidden, m]
-            dt = delta(i, "output.dense", g)
-            if dt is not None:
-                o += dt
-            o += xt
-            o += L.down_b
-            xt = _layer_norm_t(o, *L.ln2, self.eps)
+            xt = dense_add_norm(i, "output.dense", L.down, L.down_b, g, xt, L.ln2)  # [hidden, m]
         x3 = xt.reshape(hid, n, t)
         pooled = (x3 * mask[None]).sum(2).T / np.maximum(mask.sum(1, keepdims=True), 1e-9)  # [n, hidden]
         out = (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
