@@ -168,6 +168,12 @@ class Activator:
             if loaded:
                 pod = await self.pod(random.choice(loaded))
                 if pod is not None:
+                    # The load asked for is done: once no other request is held for the model,
+                    # the next one that finds no copy (evicted meanwhile: under churn, within a
+                    # second) asks at once. Kept, the 2 s dedupe made it wait for the 1 s
+                    # re-check and ask only then (a 1 s tail, issue 19 §3).
+                    if self._holding.get(model_id, 0) <= 1:
+                        self._requested.pop(model_id, None)
                     return pod
             pending = any(c.state == CopyState.LOADING for c in copies.values())
             asked = self._requested.get(model_id, 0.0)

@@ -5,6 +5,7 @@ models held while they wait for room to free up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -60,6 +61,7 @@ class Decisions:
             log.info("%s waits for room: %s", spec.id, decision.reason)
             await self._commit(ops, changes)
             self.room.setdefault(spec.id, [now, now])[1] = now
+            self.room_waiters.set()
             return False
         if decision.pod is None:
             log.warning("cannot place %s: %s", spec.id, decision.reason)
@@ -159,7 +161,14 @@ class Decisions:
         # grace (1 s) and becomes evictable. While requests wait, look a few times within that
         # grace rather than once a maintain period (a retry is a pure decision until it fits).
         while True:
-            quick = self.view.landed_grace_s / 4
-            await asyncio.sleep(min(self.t.maintain_seconds, quick) if self.room else self.t.maintain_seconds)
+            quick = min(self.t.maintain_seconds, self.view.landed_grace_s / 4)
+            if not self.room:
+                # A sleep of the whole period begun while nobody waited held the first waiter's
+                # retries for up to that period (a 1 s tail under churn, issue 19 §3).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.room_waiters.wait(), timeout=self.t.maintain_seconds)
+            self.room_waiters.clear()
+            if self.room:
+                await asyncio.sleep(quick)
             async with self._deciding():
                 await self._retry_room()

@@ -160,6 +160,7 @@ class Dispatch:
             log.warning("%s: its queued load on %s no longer fits (sizes grew since it was decided); deciding it again", model, pod)
             if model in self.waiting:
                 self.room.setdefault(model, [now, now])  # _retry_room decides it again, evicting
+                self.room_waiters.set()
         for model, prio, trace in queued:
             if model not in p.send and model not in p.drop and model not in p.stuck:
                 q[model] = prio

@@ -88,6 +88,9 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # cold-start timeout. In memory only: the activator asks again every 2 s while a
         # request waits, so a new leader learns them again within that.
         self.room: dict[str, list[float]] = {}
+        # Set when a model starts waiting for room: the room loop, idle at the maintain period
+        # while nobody waits, looks again within the landed grace instead (decisions._room_loop).
+        self.room_waiters = asyncio.Event()
         self.queues: dict[str, dict[str, float]] = {}  # pod -> model -> priority (mirror of ms:loadq:<pod>)
         self.rates: dict[str, float] = {}  # requests/s per model, from the runtimes' counters
         self.last_added: dict[str, float] = {}
