@@ -163,8 +163,9 @@ class Decisions:
         while True:
             quick = min(self.t.maintain_seconds, self.view.landed_grace_s / 4)
             if not self.room:
-                # A sleep of the whole period begun while nobody waited held the first waiter's
-                # retries for up to that period (a 1 s tail under churn, issue 19 §3).
+                # A sleep of the whole period begun while nobody waited would hold the first
+                # waiter's retries for up to that period. (Measured: not what made the churn
+                # tail's 1 s; that was the activator's ask dedupe, docs/benchmarks.md "Churn".)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.room_waiters.wait(), timeout=self.t.maintain_seconds)
             self.room_waiters.clear()

@@ -39,13 +39,10 @@ class Maintain:
                 await self._reconcile_copies(now)
                 await self._retry_unloads(now)
 
-    def _copy_plan(self) -> "CopyPlan":
-        return self._copyplan
-
     async def _reconcile_copies(self, now: float) -> None:
         self._mark_health(now)
         draining = {p for p, pv in self.view.pods.items() if pv.draining}
-        plan = self._copy_plan()
+        plan = self._copyplan
         scale_down = self._rate_rounds > 0
         todo = plan.todo(self.view, now, scale_down)
         actions = copyplan.plan_copies(self.view, self.rates, now, self.t, self.last_added, draining, scale_down=scale_down, only=todo)
@@ -93,7 +90,7 @@ class Maintain:
         """Recent uses (runtime counters copied by the loaders, cold hits from the activator)."""
         since = self._lastused_seen - 2 * self.s.heartbeat_seconds
         recent = await self.state.r.zrangebyscore(k.LAST_USED, since, "+inf", withscores=True)
-        plan = self._copy_plan()
+        plan = self._copyplan
         for key, v in recent:
             m = key.decode()
             self.view.touch(m, v)

@@ -100,4 +100,4 @@ class Rates:
             before = self.rates
             self.rates = ewma(self.rates, deltas, interval, first=self._rate_rounds == 1)
             # Models with a rate, before or now: the copy reconcile decides them again (maintain.py).
-            self._copy_plan().dirty.update(before.keys() | self.rates.keys())
+            self._copyplan.dirty.update(before.keys() | self.rates.keys())
