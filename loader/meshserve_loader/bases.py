@@ -34,8 +34,7 @@ async def base_params(state: State, fetcher: Fetcher, spec: ModelSpec, path: Pat
             raise ValueError(str(e)) from None
         if not name:
             return {}
-    base_id = await state.resolve(name)
-    base = await state.model(base_id) if base_id else None
+    base = await state.resolve_model(name)
     if base is None:
         raise ValueError(f"{spec.alias}'s base model '{name}' is not registered: register it (an InferenceService named {name!r})")
     if base.base:

@@ -269,6 +269,17 @@ async def read_changes(r: aioredis.Redis, after: bytes | str, count: int, block:
     return [(eid, Change.decode(f)) for eid, f in (resp[0][1] if resp else [])]
 
 
+async def read_changes_and_results(r: aioredis.Redis, after_changes: bytes | str, after_events: bytes | str, count: int,
+                                   block: int | None = None) -> tuple[list[tuple[bytes, Change]], list[tuple[bytes, Event | None]]]:
+    """ms:changes and ms:events entries after the two ids, in one XREAD (waiting up to `block`
+    ms for either): the activator wakes on a load's result as the loader reports it, not only
+    once the leader has committed it."""
+    resp = await r.xread({k.CHANGES: after_changes, k.EVENTS: after_events}, count=count, block=block)
+    by = {(name.decode() if isinstance(name, bytes) else name): entries for name, entries in (resp or [])}
+    return ([(eid, Change.decode(f)) for eid, f in by.get(k.CHANGES, [])],
+            [(eid, decode_event(f)) for eid, f in by.get(k.EVENTS, [])])
+
+
 async def changes_since(r: aioredis.Redis, after: bytes | str, count: int) -> list[tuple[bytes, Change]]:
     """Like read_changes, never waiting (XRANGE from just after `after`)."""
     after = after.decode() if isinstance(after, bytes) else after

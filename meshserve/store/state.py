@@ -50,6 +50,14 @@ return 1
 """
 
 
+# KEYS: aliases, models; ARGV[1]: an alias or a concrete id. {id, spec JSON or false}.
+_RESOLVE_MODEL_LUA = """
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+if not id then id = ARGV[1] end
+return {id, redis.call('HGET', KEYS[2], id)}
+"""
+
+
 class NotLeader(RuntimeError):
     pass
 
@@ -85,6 +93,7 @@ class State:
         self.r = r
         self._commit = r.register_script(_COMMIT_LUA)
         self._fenced_write = r.register_script(_FENCED_WRITE_LUA)
+        self._resolve_model = r.register_script(_RESOLVE_MODEL_LUA)
 
     @classmethod
     def from_url(cls, url: str) -> "State":
@@ -170,6 +179,12 @@ class State:
 
     async def model(self, model_id: str) -> ModelSpec | None:
         raw = await self.r.hget(MODELS, model_id)
+        return ModelSpec.from_json(raw) if raw else None
+
+    async def resolve_model(self, name: str) -> ModelSpec | None:
+        """`resolve` then `model`, in one round trip: the spec registered under an alias or a
+        concrete id, or None. (An adapter's load reads its base's this way, on the cold path.)"""
+        _, raw = await self._resolve_model(keys=[ALIASES, MODELS], args=[name])
         return ModelSpec.from_json(raw) if raw else None
 
     async def resolve(self, name: str) -> str | None:

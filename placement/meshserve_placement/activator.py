@@ -36,7 +36,7 @@ from meshserve.settings import MAX_REQUEST_BYTES, Settings
 from meshserve.store import State
 from meshserve.store import keys as k
 from meshserve.store import ops
-from meshserve.store.messages import KIND_ALL, KIND_POD, LoadRequest
+from meshserve.store.messages import KIND_ALL, KIND_POD, LoadRequest, LoadResult
 from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
 from meshserve_placement import openai_routes
 from meshserve_placement.coldpath import HOP_BY_HOP, M_COLD, M_COLD_WAIT, LoadFailed, log
@@ -55,6 +55,10 @@ class Activator:
         # event per look let one waiter erase the wake-up another had not seen yet.)
         self._waiters: dict[str, asyncio.Event] = {}
         self._holding: dict[str, int] = {}  # model -> requests held for it; its entries go at 0
+        # model -> the pod whose loader reported it loaded, for a model with requests held: they
+        # go there at once instead of waiting for the leader's commit of the copy and its change
+        # to come round (two hops of the cold path, issue 19 §4). Dropped with the hold.
+        self._loaded_on: dict[str, str] = {}
         self._requested: dict[str, float] = {}
         self._requested_by: dict[str, trace.SpanContext] = {}  # model -> the hold span that asked for its load
         self.cold_requests = 0
@@ -88,6 +92,7 @@ class Activator:
     async def watch_changes(self) -> None:
         """Wake waiters when their model's placement changes."""
         last: bytes | str = "$"
+        last_result: bytes | str = "$"
         while True:
             # Redis down: waiters time out with a reason meanwhile; the read is tried again with
             # exponential backoff and jitter, so a fleet of activators does not hammer it.
@@ -97,7 +102,12 @@ class Activator:
                 before_sleep=self._changes_unread,
             ):
                 with attempt:
-                    entries = await ops.read_changes(self.state.r, last, count=1000, block=1000)
+                    entries, results = await ops.read_changes_and_results(self.state.r, last, last_result, count=1000, block=1000)
+            for eid, ev in results:
+                last_result = eid
+                if isinstance(ev, LoadResult) and ev.ok and ev.model in self._holding:
+                    self._loaded_on[ev.model] = ev.pod
+                    self.wake(ev.model)
             for eid, ch in entries:
                 last = eid
                 if ch.kind == KIND_POD:
@@ -136,7 +146,7 @@ class Activator:
         if n > 0:
             self._holding[model_id] = n
             return
-        for d in (self._holding, self._waiters, self._requested_by):
+        for d in (self._holding, self._waiters, self._requested_by, self._loaded_on):
             d.pop(model_id, None)
         # The time of the last load request outlives the hold by its 2 s dedupe window only.
         cutoff = time.time() - 2.0
@@ -150,6 +160,13 @@ class Activator:
         deadline = time.monotonic() + self.s.cold_start_timeout_seconds
         while True:
             ev = self._waiters.setdefault(model_id, asyncio.Event())
+            on = self._loaded_on.get(model_id)
+            if on is not None:
+                pod = await self.pod(on)
+                if pod is not None:
+                    if self._holding.get(model_id, 0) <= 1:
+                        self._requested.pop(model_id, None)  # as below: the load asked for is done
+                    return pod
             asked = self._requested.get(model_id, 0.0)
             if not asked or time.time() - asked > self.s.cold_start_timeout_seconds:
                 # Not asked for lately (the usual cold request): read the copies and ask for the
@@ -251,6 +268,8 @@ class Activator:
             status, out = await send(pod)
             if status != 404 or attempt == FORWARD_ATTEMPTS - 1:
                 return out
+            if self._loaded_on.get(model_id) == pod.id:
+                del self._loaded_on[model_id]  # that load's copy is gone: wait for the placement
             log.info("%s was gone from %s when forwarded to; waiting for a copy again", model_id, pod.id)
         raise AssertionError("unreachable")
 
