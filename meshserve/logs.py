@@ -55,6 +55,18 @@ _TRACEBACKS = logging.Formatter()
 _listener: "logging.handlers.QueueListener | None" = None
 
 
+def stop() -> None:
+    """Write out every queued record and end the writer thread: at the process's exit (before
+    logging's own flush, atexit running last-registered first), or before a new `setup`."""
+    global _listener
+    if _listener is not None:
+        listener, _listener = _listener, None
+        listener.stop()
+
+
+atexit.register(stop)
+
+
 def setup(component: str, json_lines: bool = False, level: int | None = None) -> None:
     """`level`: else MESHSERVE_LOG_LEVEL (Settings.log_level, checked when settings are read)."""
     if level is None:
@@ -74,13 +86,10 @@ def setup(component: str, json_lines: bool = False, level: int | None = None) ->
     # 2-core pod takes the CPU from the writer: a fifth of the leader's time per cold-start
     # decision was the "placing ..." line, waiting in that write (py-spy, docs/design/placement.md).
     global _listener
-    if _listener is not None:  # set up again (tests): the last writer finishes its queue and goes
-        _listener.stop()
-        atexit.unregister(_listener.stop)
+    stop()  # set up again (tests): the last writer finishes its queue and goes
     records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
     _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
     _listener.start()
-    atexit.register(_listener.stop)  # before logging's own atexit flush: every record queued is written
     queued = _Queued(records)
     # On the handler, not the logger: records from every child logger pass through it. On the
     # queueing one, which runs in the logging thread, where the span and model are current.
