@@ -13,15 +13,20 @@ and the adapter reports its own bytes only (loader/meshserve_loader/builtin/tabl
 - a base is never evicted while its adapters have copies on the pod; they go first, the base in
   the same decision once they all go (ClusterView.victims, `base_stays`); never scaled down or
   unloaded from such a pod either (copies.plan_copies);
-- a base's recency and frequency include its adapters' use (ClusterView.touch).
+- a base's recency and frequency include its adapters' use (ClusterView.touch);
+- a base rolled to a new version (the rollout controller's withdraw and retire of the old
+  version's id): the adapters are re-pointed to the new version at once (the leader), so their
+  next loads go over it; where adapters are still loaded over the old version, its copy is
+  withdrawn from routing but stays booked, HELD, and is unloaded only once the last of them
+  left that pod (`retire`, `releasable`; ClusterView.copy_base says which base a copy is over).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from meshserve.model import CopyState
-from meshserve_placement.view import ClusterView
+from meshserve.model import Copy, CopyState
+from meshserve_placement.view import HELD, ClusterView, resident
 
 
 def resolve_base(name: str, aliases: Mapping[str, str], models: Mapping[str, object]) -> str:
@@ -52,3 +57,66 @@ def waits_for_base(view: ClusterView, model: str, pod: str) -> bool:
 def base_priority(prio: float) -> float:
     """The queue priority of a base loaded for an adapter: just ahead of the adapter's."""
     return prio - 1e-3
+
+
+def retire(view: ClusterView, model: str, orders: bool, now: float, why: str) -> tuple[dict[str, Copy], list[str]]:
+    """A superseded version's copies, withdrawn (`orders` False) or retired (True), and the pods
+    to send its unload order to. A loaded copy becomes UNLOADING: no route, as for any model.
+    Where adapters are still loaded over it (a base rolled to a new version), it becomes HELD
+    instead: still booked, since the runtime keeps a base's weights while an adapter uses them,
+    and no unload order until the last of them leaves the pod (`releasable`); unloading the
+    copy earlier would unbook memory the pod still holds. Copies being loaded are left alone."""
+    cs = dict(view.copies.get(model, {}))
+    send: list[str] = []
+    for pod, c in list(cs.items()):
+        kept = view.adapters_here(model, pod) > 0
+        if c.state == CopyState.LOADED:
+            c = cs[pod] = Copy(CopyState.UNLOADING, c.size, now, f"{HELD}; {why}" if kept else why)
+        if orders and c.state == CopyState.UNLOADING:
+            if c.reason.startswith(HELD):
+                if kept:
+                    continue
+                cs[pod] = released(c)
+            send.append(pod)
+    return cs, send
+
+
+def held(view: ClusterView, copies: Mapping[str, Mapping[str, Copy]] | None = None) -> set[tuple[str, str]]:
+    """(base, pod) of every HELD copy: what a new leader watches for release. O(copies)."""
+    return {(m, p) for m, cs in (view.copies if copies is None else copies).items() for p, c in cs.items()
+            if c.state == CopyState.UNLOADING and c.reason.startswith(HELD)}
+
+
+def releasable(view: ClusterView, candidates: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The HELD base copies among `candidates` that no adapter on their pod is loaded over any
+    more: their unload orders go now (`released`)."""
+    out = []
+    for m, p in sorted(candidates):
+        c = view.copies.get(m, {}).get(p)
+        if c is not None and c.state == CopyState.UNLOADING and c.reason.startswith(HELD) and not view.adapters_here(m, p):
+            out.append((m, p))
+    return out
+
+
+def released(c: Copy) -> Copy:
+    """A HELD copy once its adapters left: an ordinary unload, its bytes held until confirmed."""
+    why = c.reason[len(HELD):].lstrip("; ") or "superseded by a new version"
+    return Copy(CopyState.UNLOADING, c.size, c.since, f"{why} (its adapters left)")
+
+
+def held_over(view: ClusterView, base: str, pod: str, current: str) -> list[str]:
+    """For a new leader: the adapters on `pod` still loaded over `base`, a HELD copy there of a
+    superseded version whose InferenceService's current model is `current`. The adapters' views
+    name `current` (their alias resolves to it); those whose copy there was resident before
+    the base was withdrawn (loaded no later than the HELD copy's `since`, or being unloaded) are
+    taken to be over the old one. Conservative: one loaded between the alias move and the
+    withdrawal is counted for the old base too, which then stays booked a little longer."""
+    hc = view.copies.get(base, {}).get(pod)
+    if hc is None or not current or current == base:
+        return []
+    out = []
+    for a in sorted(view.adapters_of(current)):
+        c = view.copies.get(a, {}).get(pod)
+        if c is not None and resident(c) and (c.state == CopyState.UNLOADING or c.since <= hc.since):
+            out.append(a)
+    return out

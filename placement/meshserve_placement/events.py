@@ -99,6 +99,7 @@ class Events:
         await self._commit(ops, changes)
         if ev.ok:
             self._failed_unloads.pop((ev.model, ev.pod), None)
+            await self._release_held()  # an adapter gone: a superseded base it kept may go now
         else:
             log.warning("unload of %s on %s failed: %s", ev.model, ev.pod, ev.reason)
             self._failed_unloads[(ev.model, ev.pod)] = now

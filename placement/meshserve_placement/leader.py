@@ -108,6 +108,9 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
         self.pins: set[str] = set()  # models pinned through the repository API (store keys.PINS)
         self._failed_unloads: dict[tuple[str, str], float] = {}  # (model, pod) -> when last ordered
+        # (base, pod): superseded bases' copies HELD for the adapters loaded over them, unloaded
+        # once those leave (leader_requests._release_held); rebuilt from their reason on reload.
+        self._held: set[tuple[str, str]] = set()
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed

@@ -38,6 +38,8 @@ class Maintain:
             async with self._deciding():
                 await self._reconcile_copies(now)
                 await self._retry_unloads(now)
+                # Adapters also leave by failed loads, pod deaths and restarts: O(held copies).
+                await self._release_held()
 
     async def _reconcile_copies(self, now: float) -> None:
         self._mark_health(now)

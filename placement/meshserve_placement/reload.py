@@ -15,6 +15,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_MODEL
 from meshserve.store.state import parse_runtimes
+from meshserve_placement import bases
 from meshserve_placement.bases import resolve_base
 from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeView, reserve_room
 from meshserve_placement.sizes import booked_size, reported_of
@@ -79,6 +80,13 @@ class Reload:
             (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
             if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
         }
+        # Superseded bases kept for the adapters loaded over them (bases.py): which adapter copies
+        # those are is not in Redis; it is told from when each copy landed (bases.held_over).
+        self._held = bases.held(self.view)
+        for b, pod in sorted(self._held):
+            name = self.specs[b].alias if b in self.specs else ""
+            for a in bases.held_over(self.view, b, pod, self.aliases.get(name, "")):
+                self.view.hold_over(a, pod, b)
         for m in self.pins:
             if m in self.view.models:
                 self.view.set_model(replace(self.view.models[m], pinned=True))
