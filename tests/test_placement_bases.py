@@ -11,7 +11,7 @@ from meshserve.model import Copy, CopyState
 from meshserve_placement import bases, copies as cp, policy
 from meshserve_placement.dispatch import plan_dispatch
 from meshserve_placement.tuning import Tuning
-from meshserve_placement.view import QUEUED
+from meshserve_placement.view import HELD, QUEUED
 
 MB = 1 << 20
 ADAPTERS = ("a1", "a2", "a3")
@@ -239,3 +239,116 @@ def test_a_queued_load_that_no_longer_fits_is_decided_again_not_left_waiting() -
     cv.set_copies("other", {"pod-0": Copy(CopyState.UNLOADING, 5 * MB, 0.0)})  # room is on its way
     plan = plan_dispatch(cv, "pod-0", [(1.0, "a1")], specs, 0.0)  # type: ignore[arg-type]
     assert plan.send == [] and plan.stuck == []
+
+
+# --- a base rolled to a new version (bases.retire, ClusterView.copy_base) ---------------------
+
+
+def rolled(**extra: dict[str, Copy]) -> policy.ClusterView:
+    """`base` (v1) on pod-0 with a1 and a2 loaded over it; `base2`, its new version, registered
+    (the rollout loaded it on pod-1); the adapters re-pointed to it, as the leader does when the
+    old version is withdrawn (leader_requests._repoint_adapters)."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), a2=loaded(1 * MB, "pod-0"),
+                 base2=loaded(90 * MB, "pod-1"), **extra)
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    for a in ADAPTERS:
+        cv.set_model(replace(cv.models[a], base="base2"))
+    return cv
+
+
+def test_adapters_loaded_over_a_rolled_base_keep_it_booked_until_they_leave() -> None:
+    """What the user sees on pod-0: the runtime keeps v1's weights while a1 and a2 use them, so
+    v1 stays booked (HELD: no route) and no unload order goes until the last of them is gone;
+    then it is unloaded like any superseded version."""
+    cv = rolled()
+    assert cv.models["a1"].base == "base2" and cv.adapters_of("base2") == frozenset(ADAPTERS)
+    # The copies already loaded are over v1: v1 stays counted there, v2 is not needed there for them.
+    assert cv.copy_base("a1", "pod-0") == "base" and cv.adapters_here("base", "pod-0") == 2
+    assert cv.adapters_here("base2", "pod-0") == 0
+    booked_before = cv.used("pod-0")
+    assert booked_before == 92 * MB
+
+    copies, send = bases.retire(cv, "base", orders=False, now=5.0, why="superseded by base2")
+    assert send == [] and copies["pod-0"].state == CopyState.UNLOADING and copies["pod-0"].reason.startswith(HELD)
+    cv.set_copies("base", copies)
+    assert cv.used("pod-0") == booked_before and cv.unloading("pod-0") == 0  # booked = what the pod holds
+    copies, send = bases.retire(cv, "base", orders=True, now=6.0, why="superseded by base2")
+    assert send == [] and copies == cv.copies["base"]  # the retire sends nothing while they are there
+    assert bases.held(cv) == {("base", "pod-0")}
+    assert "base" not in list(cv.evictable("pod-0"))
+
+    # The adapters keep answering over v1 (LOADED, routed); a1 goes (say, evicted): v1 still kept for a2.
+    cv.set_copies("a1", {"pod-0": Copy(CopyState.UNLOADING, 1 * MB, 7.0)})
+    assert bases.releasable(cv, bases.held(cv)) == []
+    cv.set_copies("a1", {})  # its unload confirmed
+    assert bases.releasable(cv, bases.held(cv)) == []
+    cv.set_copies("a2", {})
+    assert bases.releasable(cv, bases.held(cv)) == [("base", "pod-0")]
+    gone = bases.released(cv.copies["base"]["pod-0"])
+    assert gone.state == CopyState.UNLOADING and not gone.reason.startswith(HELD) and "superseded by base2" in gone.reason
+    cv.set_copies("base", {"pod-0": gone})
+    assert cv.used("pod-0") == 0 and cv.unloading("pod-0") == 90 * MB  # held until the pod confirms
+    # Loaded again on pod-0, an adapter goes over v2 (and brings it there).
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.base == "base2"
+
+
+def test_a_rolled_base_without_adapters_is_unloaded_as_before() -> None:
+    cv = rolled()
+    cv.set_copies("a1", {})
+    cv.set_copies("a2", {})
+    copies, send = bases.retire(cv, "base", orders=False, now=5.0, why="superseded")
+    assert send == [] and copies["pod-0"] == Copy(CopyState.UNLOADING, 90 * MB, 5.0, "superseded")
+    cv.set_copies("base", copies)
+    assert cv.used("pod-0") == 0 and cv.unloading("pod-0") == 90 * MB
+    assert bases.retire(cv, "base", orders=True, now=6.0, why="superseded")[1] == ["pod-0"]
+
+
+def test_a_queued_adapter_load_follows_the_new_base_at_once() -> None:
+    """A load decided before the roll and still queued (no order sent): the loader will resolve
+    the base's name to v2, so it counts for v2 and waits for v2's copy there, not v1's."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"),
+                 a3={"pod-0": Copy(CopyState.LOADING, 1 * MB, 0.0, QUEUED)})
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    assert cv.adapters_here("base", "pod-0") == 2
+    for a in ("a1", "a3"):
+        cv.set_model(replace(cv.models[a], base="base2"))
+    assert cv.adapters_here("base", "pod-0") == 1 and cv.adapters_here("base2", "pod-0") == 1
+    assert cv.copy_base("a3", "pod-0") == "base2" and cv.copy_base("a1", "pod-0") == "base"
+
+
+def test_the_roll_is_taken_back_with_a_failed_commit() -> None:
+    """The re-pointing and the copies that went are journaled: a commit that fails leaves the
+    index as it was (ClusterView.rollback), over the old base."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), a2=loaded(1 * MB, "pod-0"))
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    before = ({p: dict(ix.adapters) for p, ix in cv.index().items()}, cv.used("pod-0"))
+    cv.begin()
+    for a in ADAPTERS:
+        cv.set_model(replace(cv.models[a], base="base2"))
+    cv.set_copies("base", bases.retire(cv, "base", orders=False, now=5.0, why="x")[0])
+    cv.set_copies("a1", {})
+    cv.set_copies("a3", loaded(1 * MB, "pod-0"))  # a new copy: over v2
+    assert cv.adapters_here("base", "pod-0") == 1 and cv.adapters_here("base2", "pod-0") == 1
+    cv.rollback()
+    assert ({p: dict(ix.adapters) for p, ix in cv.index().items()}, cv.used("pod-0")) == before
+    assert cv.models["a1"].base == "base" and cv.copy_base("a2", "pod-0") == "base"
+    assert cv.adapters_of("base") == frozenset(ADAPTERS) and not cv.adapters_of("base2")
+
+
+def test_a_new_leader_finds_which_adapters_are_over_a_held_base() -> None:
+    """After a failover the view is rebuilt from Redis, which has the HELD copy but not which
+    adapter copies are over it: those that landed before the base was withdrawn (bases.held_over).
+    The rebuilt index equals the old leader's."""
+    cv = rolled()
+    cv.set_copies("a3", {"pod-0": Copy(CopyState.LOADED, 1 * MB, 9.0)})  # landed after the withdrawal: over v2
+    cv.set_copies("base2", {**cv.copies["base2"], "pod-0": Copy(CopyState.LOADED, 90 * MB, 8.5)})
+    cv.set_copies("base", bases.retire(cv, "base", orders=True, now=5.0, why="superseded")[0])
+    models = {m: mv for m, mv in cv.models.items()}  # the adapters resolve to v2, as a reload resolves them
+    fresh = policy.ClusterView(pods=cv.pods, models=models, copies={m: dict(cs) for m, cs in cv.copies.items()})
+    assert fresh.adapters_here("base", "pod-0") == 0  # without help, v1 would be unbooked under a1 and a2
+    for b, pod in sorted(bases.held(fresh)):
+        for a in bases.held_over(fresh, b, pod, "base2"):
+            fresh.hold_over(a, pod, b)
+    assert {p: dict(ix.adapters) for p, ix in fresh.index().items()} == {p: dict(ix.adapters) for p, ix in cv.index().items()}
+    assert fresh.used("pod-0") == cv.used("pod-0") == (90 + 90 + 3) * MB
