@@ -19,6 +19,8 @@ rollout/meshserve_rollout/controller.py sends them after moving the alias.
 from __future__ import annotations
 
 import time
+
+import pytest
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +144,10 @@ class Mesh:
             assert self.leader.view.used(p) + self.leader.view.unloading(p) == booked_here
 
 
-async def test_a_base_rolled_under_its_adapters_stays_booked_until_they_leave(state: State) -> None:
+@pytest.mark.parametrize("follow", [True, False], ids=["alias-followed", "at-withdrawal"])
+async def test_a_base_rolled_under_its_adapters_stays_booked_until_they_leave(state: State, follow: bool) -> None:
+    """`follow`: the leader's spec refresh sees the alias move before the withdrawal comes (and
+    re-points the adapters then), or not (the withdrawal re-points them)."""
     m = Mesh(state)
     await m.start()
     for a in ("a1", "a2"):
@@ -156,6 +161,10 @@ async def test_a_base_rolled_under_its_adapters_stays_booked_until_they_leave(st
     await state.commit([["HSET", k.MODELS, V2, _spec(V2, "minilm", 90 * MB).to_json()]], [(KIND_MODEL, V2)])
     await m.ask(V2)
     await state.commit([ops.set_alias("minilm", V2)], [(KIND_ALIAS, "minilm")])
+    if follow:
+        await m.leader._refresh_specs()  # what the maintain loop runs every rate poll
+        assert {m.leader.view.models[a].base for a in ("a1", "a2")} == {V2}
+        await m.check_booked_is_held()
     # ... and, after its drain, asks placement to withdraw v1's routes, then to unload it.
     await m.ask(V1, "withdraw")
     v1 = (await m.placed())[V1][pod]

@@ -113,10 +113,12 @@ class Requests:
         self._held |= kept
 
     async def _repoint_adapters(self, base: str) -> None:
-        """`base` is being retired: the adapters whose base it is follow their base's name to its
-        current model now, not when their specs are next read, so their next loads go over the
-        new version (ClusterView.set_model keeps the copies loaded over the old one counted for
-        it). The names are read again here: the alias moved a few seconds ago (rollout DRAIN_S)."""
+        """`base` is superseded (its name moved, reload._follow_bases, or it is being withdrawn):
+        the adapters whose base it is follow their base's name to its current model now, not
+        when their specs are next read, so their next loads go over the new version
+        (ClusterView.set_model keeps the copies loaded over the old one counted for it). The
+        names are read again here: the alias moved a few seconds before the withdrawal
+        (rollout DRAIN_S), and the spec refresh may not have followed it yet."""
         if not self.view.adapters_of(base):
             return
         # Its InferenceService's name: the leader's aliases may have followed it already.
