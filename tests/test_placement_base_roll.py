@@ -205,3 +205,34 @@ async def test_a_base_rolled_under_its_adapters_stays_booked_until_they_leave(st
     assert V1 not in await m.placed() and V1 not in m.pods[pod].bases
     await m.check_booked_is_held()
     assert not m.leader._held
+
+
+async def test_the_copy_reconcile_moves_the_adapters_onto_the_new_base_copy_first(state: State) -> None:
+    """Hot adapters need not wait to be evicted: the copy reconcile gives each a copy over v2
+    (beside v2 on the other pod), then unloads the one over v1; v1 goes after the last. Every
+    adapter has a loaded copy at every step, and booked equals held throughout."""
+    m = Mesh(state)
+    await m.start()
+    for a in ("a1", "a2"):
+        await m.ask(a)
+    (pod, _), = (await m.placed())[V1].items()
+    await state.commit([["HSET", k.MODELS, V2, _spec(V2, "minilm", 90 * MB).to_json()]], [(KIND_MODEL, V2)])
+    await m.ask(V2)
+    await state.commit([ops.set_alias("minilm", V2)], [(KIND_ALIAS, "minilm")])
+    await m.ask(V1, "withdraw")
+    await m.ask(V1, "retire")
+    (other,) = set(PODS) - {pod}
+    assert set((await m.placed())[V2]) == {other}
+    for _ in range(6):  # maintain rounds: a copy over v2 first, then the stale one goes
+        await m.handle(lambda: m.leader._reconcile_copies(time.time()))
+        await m.run_pods()
+        placed = await m.placed()
+        for a in ("a1", "a2"):
+            assert any(c.state == CopyState.LOADED for c in placed[a].values()), (a, placed[a])
+        await m.check_booked_is_held()
+        if V1 not in placed:
+            break
+    placed = await m.placed()
+    assert V1 not in placed and V1 not in m.pods[pod].bases, placed
+    assert {a: set(placed[a]) for a in ("a1", "a2")} == {"a1": {other}, "a2": {other}}
+    assert m.pods[other].bases[V2][1] == {V2, "a1", "a2"}  # over v2, which the pod holds once

@@ -352,3 +352,29 @@ def test_a_new_leader_finds_which_adapters_are_over_a_held_base() -> None:
             fresh.hold_over(a, pod, b)
     assert {p: dict(ix.adapters) for p, ix in fresh.index().items()} == {p: dict(ix.adapters) for p, ix in cv.index().items()}
     assert fresh.used("pod-0") == cv.used("pod-0") == (90 + 90 + 3) * MB
+
+
+def test_adapters_over_a_rolled_base_move_to_the_new_one_copy_first() -> None:
+    """The copy reconcile moves an adapter still loaded over the old version as it moves a copy
+    off a draining pod: a copy over the new version first (`rebase`: the leader places one; the
+    pod holding the stale copy cannot take a second), then the stale copy goes, and with the
+    last of them the old version's HELD copy can go."""
+    cv = rolled()
+    cv.set_copies("base", bases.retire(cv, "base", orders=True, now=5.0, why="superseded")[0])
+    acts = cp.plan_copies(cv, {}, now=100.0, tuning=Tuning(), last_added={})
+    assert {(a.op, a.model, a.pod) for a in acts} == {("rebase", "a1", "pod-0"), ("rebase", "a2", "pod-0")}
+    d = policy.place(cv.models["a1"], cv, now=100.0)
+    assert d.pod == "pod-1" and not d.with_base and d.base == "base2"  # beside v2, which the rollout loaded there
+    book(cv, d)
+    acts = cp.plan_copies(cv, {}, now=101.0, tuning=Tuning(), last_added={})
+    assert ("remove", "a1", "pod-0") in {(a.op, a.model, a.pod) for a in acts}
+    cv.set_copies("a1", {"pod-1": cv.copies["a1"]["pod-1"]})  # the stale copy unloaded
+    assert cv.adapters_here("base", "pod-0") == 1 and not bases.releasable(cv, bases.held(cv))
+    # A single pod: nowhere else to go. It is not unloaded first (its requests would wait for a
+    # copy that cannot go elsewhere): the leader tries again later, and it keeps answering.
+    lone = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"))
+    del lone.pods["pod-1"]
+    lone.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    lone.set_model(replace(lone.models["a1"], base="base2"))
+    assert [(a.op, a.pod) for a in cp.plan_copies(lone, {}, now=100.0, tuning=Tuning(), last_added={})] == [("rebase", "pod-0")]
+    assert policy.place(lone.models["a1"], lone, now=100.0).pod is None

@@ -112,6 +112,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # once those leave (leader_requests._release_held); rebuilt from their reason on reload.
         self._held: set[tuple[str, str]] = set()
         self._moved_aliases: set[str] = set()  # base names whose alias moved since the last spec refresh
+        self._rebase_tried: dict[str, float] = {}  # adapter -> when a copy over its new base was last tried (maintain.py)
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
