@@ -180,6 +180,13 @@ async def test_a_base_rolled_under_its_adapters_stays_booked_until_they_leave(st
         assert placed[a] == {pod: placed[a][pod]} and placed[a][pod].state == CopyState.LOADED
     await m.check_booked_is_held()
     assert {m.leader.view.models[a].base for a in ("a1", "a2")} == {V2}  # re-pointed at once
+    # A request for v1's own id meanwhile: its kept copy serves it again (routed), no load order.
+    await m.handle(lambda: m.leader._on_load_request(LoadRequest(V1).encode()))
+    assert (await m.placed())[V1][pod].state == CopyState.LOADED and await m.run_pods() == []
+    await m.check_booked_is_held()
+    await m.ask(V1, "withdraw")  # and the rollout's requests again: kept again for a1 and a2
+    await m.ask(V1, "retire")
+    assert (await m.placed())[V1][pod].reason.startswith(HELD)
 
     # An adapter loaded now goes over v2 (booked with it where the pod lacks it) and reports its own bytes.
     await m.ask("a3")

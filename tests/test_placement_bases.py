@@ -378,3 +378,18 @@ def test_adapters_over_a_rolled_base_move_to_the_new_one_copy_first() -> None:
     lone.set_model(replace(lone.models["a1"], base="base2"))
     assert [(a.op, a.pod) for a in cp.plan_copies(lone, {}, now=100.0, tuning=Tuning(), last_added={})] == [("rebase", "pod-0")]
     assert policy.place(lone.models["a1"], lone, now=100.0).pod is None
+
+
+def test_a_held_base_asked_for_again_serves_again_where_it_is() -> None:
+    """A roll taken back (the alias moved back to v1), or a request for v1's id: its HELD copy
+    is still in the runtime (no unload order went), so it is LOADED again, routed, no load."""
+    cv = rolled()
+    cv.set_copies("base", bases.retire(cv, "base", orders=True, now=5.0, why="superseded")[0])
+    back = bases.revived(cv.copies["base"], now=9.0)
+    assert back["pod-0"].state == CopyState.LOADED and back["pod-0"].size == 90 * MB
+    cv.set_copies("base", back)
+    assert cv.used("pod-0") == 92 * MB and not bases.held(cv)
+    for a in ADAPTERS:  # the name moved back: the adapters follow it, and are over it again
+        cv.set_model(replace(cv.models[a], base="base"))
+    assert cv.copy_base("a1", "pod-0") == "base" and cv.adapters_here("base", "pod-0") == 2
+    assert not cp.plan_copies(cv, {}, now=100.0, tuning=Tuning(), last_added={})  # nothing stale to move

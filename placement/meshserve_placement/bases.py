@@ -104,6 +104,14 @@ def released(c: Copy) -> Copy:
     return Copy(CopyState.UNLOADING, c.size, c.since, f"{why} (its adapters left)")
 
 
+def revived(copies: Mapping[str, Copy], now: float) -> dict[str, Copy]:
+    """A model asked for again (a request for its id, a rollout moving back to it) while copies
+    of it are HELD: those copies serve again. No load is needed: the runtime never got their
+    unload order and still holds them; LOADED gives them their routes back."""
+    return {p: (Copy(CopyState.LOADED, c.size, now, "asked for again while kept for its adapters")
+                if c.state == CopyState.UNLOADING and c.reason.startswith(HELD) else c) for p, c in copies.items()}
+
+
 def held_over(view: ClusterView, base: str, pod: str, current: str) -> list[str]:
     """For a new leader: the adapters on `pod` still loaded over `base`, a HELD copy there of a
     superseded version whose InferenceService's current model is `current`. The adapters' views

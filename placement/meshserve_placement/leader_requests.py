@@ -45,6 +45,16 @@ class Requests:
             ):
                 await self._prioritise(model_id)
             return
+        if any(c.state == CopyState.UNLOADING and c.reason.startswith(HELD) for c in copies.values()):
+            # A superseded base still kept for its adapters, asked for again (by its id, or the
+            # rollout moving back to it): it serves again where it is, no load (bases.revived).
+            ops: Ops = []
+            changes: Changes = []
+            self._set_copies(model_id, bases.revived(copies, time.time()), ops, changes)
+            log.info("%s asked for again: its copies kept for its adapters serve again", model_id)
+            await self._commit(ops, changes)
+            self._held = {(m, p) for m, p in self._held if m != model_id}
+            return
         if model_id in self.room:
             self.room[model_id][1] = time.time()  # still wanted: keep it waiting
             await self._retry_room()
