@@ -115,15 +115,15 @@ class Mesh:
             for p in PODS:
                 for eid, f in await self.r.xrange(k.orders_key(p), min="(" + self.cursor[p]):
                     self.cursor[p] = eid.decode()
-                    batch.append((p, f[b"op"].decode(), f[b"model"].decode()))
+                    batch.append((p, f[b"op"].decode(), f[b"model"].decode(), f.get(b"spec")))
             if not batch:
                 return done
-            for p, op, model in batch:
+            for p, op, model, raw in batch:
                 done.append((p, op, model))
                 rt = self.pods[p]
                 if op == "load":
-                    spec = await self.state.model(model)
-                    assert spec is not None
+                    # As the loader: the base the order's spec names, resolved when it loads.
+                    spec = ModelSpec.from_json(raw)
                     base_id = (await self.state.resolve(spec.base) or "") if spec.base else ""
                     ev: Any = LoadResult(p, model, True, rt.load(spec, base_id, self.sizes), "")
                 else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from meshserve.model import Copy, CopyState
+from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve_placement import bases, copies as cp, policy
 from meshserve_placement.dispatch import plan_dispatch
 from meshserve_placement.tuning import Tuning
@@ -304,17 +304,23 @@ def test_a_rolled_base_without_adapters_is_unloaded_as_before() -> None:
     assert bases.retire(cv, "base", orders=True, now=6.0, why="superseded")[1] == ["pod-0"]
 
 
-def test_a_queued_adapter_load_follows_the_new_base_at_once() -> None:
-    """A load decided before the roll and still queued (no order sent): the loader will resolve
-    the base's name to v2, so it counts for v2 and waits for v2's copy there, not v1's."""
-    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"),
+def test_a_load_queued_before_the_roll_goes_over_the_base_it_was_booked_with() -> None:
+    """A load decided before the roll, still queued behind its base's (v1's) copy: it stays
+    counted for v1, waits for v1 there, and its order names v1 by id, so the loader loads it
+    over the base placement booked even though the name now means v2. A copy placed after the
+    roll is over v2."""
+    cv = cluster(base={"pod-0": Copy(CopyState.LOADING, 90 * MB, 0.0, QUEUED)},
                  a3={"pod-0": Copy(CopyState.LOADING, 1 * MB, 0.0, QUEUED)})
     cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
-    assert cv.adapters_here("base", "pod-0") == 2
-    for a in ("a1", "a3"):
-        cv.set_model(replace(cv.models[a], base="base2"))
-    assert cv.adapters_here("base", "pod-0") == 1 and cv.adapters_here("base2", "pod-0") == 1
-    assert cv.copy_base("a3", "pod-0") == "base2" and cv.copy_base("a1", "pod-0") == "base"
+    cv.set_model(replace(cv.models["a3"], base="base2"))
+    assert cv.copy_base("a3", "pod-0") == "base" and cv.adapters_here("base", "pod-0") == 1
+    assert bases.waits_for_base(cv, "a3", "pod-0")
+    spec = ModelSpec(id="a3", alias="a3", format="peft", storage={"path": "a3"}, base="minilm")
+    assert bases.order_spec(spec, cv, "pod-0").base == "base"
+    cv.set_copies("a3", {**cv.copies["a3"], "pod-1": Copy(CopyState.LOADING, 1 * MB, 1.0, QUEUED)})
+    assert cv.copy_base("a3", "pod-1") == "base2" and bases.order_spec(spec, cv, "pod-1").base == "base2"
+    plain = ModelSpec(id="other", alias="other", format="sklearn", storage={"path": "o"})
+    assert bases.order_spec(plain, cv, "pod-0") is plain
 
 
 def test_the_roll_is_taken_back_with_a_failed_commit() -> None:

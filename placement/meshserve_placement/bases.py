@@ -23,10 +23,11 @@ and the adapter reports its own bytes only (loader/meshserve_loader/builtin/tabl
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Mapping
 
-from meshserve.model import Copy, CopyState
-from meshserve_placement.view import HELD, ClusterView, resident
+from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve_placement.view import HELD, ClusterView
 
 
 def resolve_base(name: str, aliases: Mapping[str, str], models: Mapping[str, object]) -> str:
@@ -47,11 +48,23 @@ def waits_for_base(view: ClusterView, model: str, pod: str) -> bool:
     same handler (events.py), and none may be sent meanwhile. A base copy gone for another
     reason does not hold the adapter up: the runtime then loads the base itself with the
     adapter and reports both (the old, conservative booking)."""
-    mv = view.models.get(model)
-    if mv is None or not mv.base:
+    base = view.copy_base(model, pod)
+    if not base:
         return False
-    c = view.copies.get(mv.base, {}).get(pod)
+    c = view.copies.get(base, {}).get(pod)
     return c is not None and c.state in (CopyState.LOADING, CopyState.FAILED)
+
+
+def order_spec(spec: ModelSpec, view: ClusterView, pod: str) -> ModelSpec:
+    """The spec a load order carries: an adapter's base named by the id of the base placement
+    booked it with on `pod` (`copy_base`), not by its InferenceService name. The loader resolves
+    either (loader bases.base_params); by id it loads over exactly that base, even when the name
+    moved to a new version between the order and the load (a base rolling), so what the pod
+    holds is what placement counted."""
+    base = view.copy_base(spec.id, pod)
+    if not base or not spec.base or spec.base == base:
+        return spec
+    return replace(spec, base=base)
 
 
 def base_priority(prio: float) -> float:
@@ -117,7 +130,7 @@ def held_over(view: ClusterView, base: str, pod: str, current: str) -> list[str]
     superseded version whose InferenceService's current model is `current`. The adapters' views
     name `current` (their alias resolves to it); those whose copy there was resident before
     the base was withdrawn (loaded no later than the HELD copy's `since`, or being unloaded) are
-    taken to be over the old one. Conservative: one loaded between the alias move and the
+    taken to be over the old one. Conservative: one placed between the alias move and the
     withdrawal is counted for the old base too, which then stays booked a little longer."""
     hc = view.copies.get(base, {}).get(pod)
     if hc is None or not current or current == base:
@@ -125,6 +138,6 @@ def held_over(view: ClusterView, base: str, pod: str, current: str) -> list[str]
     out = []
     for a in sorted(view.adapters_of(current)):
         c = view.copies.get(a, {}).get(pod)
-        if c is not None and resident(c) and (c.state == CopyState.UNLOADING or c.since <= hc.since):
+        if c is not None and c.state != CopyState.FAILED and (c.state == CopyState.UNLOADING or c.since <= hc.since):
             out.append(a)
     return out

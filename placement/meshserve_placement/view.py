@@ -112,9 +112,6 @@ def booked(c: Copy) -> bool:
     return c.state in _BOOKED or (c.state == CopyState.UNLOADING and c.reason.startswith(HELD))
 
 
-def resident(c: Copy) -> bool:
-    """The copy is in the runtime, or its load was ordered: what it was loaded over is fixed."""
-    return c.state in (CopyState.LOADED, CopyState.UNLOADING) or (c.state == CopyState.LOADING and not c.reason.startswith(QUEUED))
 
 
 @dataclass
@@ -235,23 +232,21 @@ class ClusterView:
     def set_model(self, mv: ModelView) -> None:
         """Add or replace a model. A changed size moves its eviction key (the heaps are re-pushed).
 
-        An adapter whose base changes (its base rolled to a new version): its copies that are
-        resident (loaded, unloading, or their load ordered) stay counted for the base they were
-        loaded over (`copy_base`), so that base stays booked beside them; copies still queued
-        will load over the new base and count for it now."""
+        An adapter whose base changes (its base rolled to a new version): its copies stay counted
+        for the base they were booked with (`copy_base`), so that base stays booked beside them;
+        a load still queued is ordered over that base too (dispatch: the order names it by id).
+        Copies placed from now on are over the new base."""
         old = self._models.get(mv.id)
         was = old.base if old is not None else ""
         if was != mv.base:
             # Before the model's own journal entry: a rollback restores the model first, and
             # the copies' old bases after it (see rollback).
             over = self._over.get(mv.id, {})
-            for pod, c in self._copies.get(mv.id, {}).items():
+            for pod in self._copies.get(mv.id, {}):
                 cur = over.get(pod, was)
-                if cur and resident(c):
+                if cur:
                     self._set_over(mv.id, pod, "" if cur == mv.base else cur)
-                else:
-                    self._count_adapter(mv.id, cur, -1, (pod,))
-                    self._set_over(mv.id, pod, "")
+                else:  # an adapter's first base (or a model becoming one): counted for it
                     self._count_adapter(mv.id, mv.base, 1, (pod,))
             if was:
                 self._adapters_of.get(was, set()).discard(mv.id)
@@ -371,8 +366,8 @@ class ClusterView:
                 self._over.pop(model, None)
 
     def copy_base(self, model: str, pod: str) -> str:
-        """The base `model`'s copy on `pod` was loaded over: its model's base, unless that base
-        rolled to a new version since the copy's load was ordered. "" for a model without one."""
+        """The base `model`'s copy on `pod` is (or will be loaded) over: its model's base, unless
+        that base rolled to a new version since the copy was placed. "" for a model without one."""
         o = self._over.get(model)
         if o is not None and pod in o:
             return o[pod]
