@@ -343,21 +343,41 @@ def test_the_roll_is_taken_back_with_a_failed_commit() -> None:
 
 
 def test_a_new_leader_finds_which_adapters_are_over_a_held_base() -> None:
-    """After a failover the view is rebuilt from Redis, which has the HELD copy but not which
-    adapter copies are over it: those that landed before the base was withdrawn (bases.held_over).
-    The rebuilt index equals the old leader's."""
-    cv = rolled()
-    cv.set_copies("a3", {"pod-0": Copy(CopyState.LOADED, 1 * MB, 9.0)})  # landed after the withdrawal: over v2
+    """After a failover the view is rebuilt from Redis: the copies, and which adapter copies are
+    over a superseded base (the entries bases.over_ops writes, read back with hold_over). The
+    rebuilt index equals the old leader's; without the entries v1 would be unbooked under a1, a2."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), a2=loaded(1 * MB, "pod-0"),
+                 base2=loaded(90 * MB, "pod-1"))
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    redis: dict[str, str] = {}  # the OVER hash, as the leader's commits write it
+
+    def write(cmds: list[list[str]]) -> None:
+        for c in cmds:
+            if c[0] == "HSET":
+                redis[c[2]] = c[3]
+            else:
+                for f in c[2:]:
+                    redis.pop(f, None)
+
+    for a in ADAPTERS:
+        before = dict(cv.over_of(a))
+        cv.set_model(replace(cv.models[a], base="base2"))
+        write(bases.over_ops(a, before, cv.over_of(a)))
+    assert redis == {"a1|pod-0": "base", "a2|pod-0": "base"}
+    cv.set_copies("a3", {"pod-0": Copy(CopyState.LOADED, 1 * MB, 9.0)})  # placed after the roll: over v2
     cv.set_copies("base2", {**cv.copies["base2"], "pod-0": Copy(CopyState.LOADED, 90 * MB, 8.5)})
     cv.set_copies("base", bases.retire(cv, "base", orders=True, now=5.0, why="superseded")[0])
-    models = {m: mv for m, mv in cv.models.items()}  # the adapters resolve to v2, as a reload resolves them
-    fresh = policy.ClusterView(pods=cv.pods, models=models, copies={m: dict(cs) for m, cs in cv.copies.items()})
-    assert fresh.adapters_here("base", "pod-0") == 0  # without help, v1 would be unbooked under a1 and a2
-    for b, pod in sorted(bases.held(fresh)):
-        for a in bases.held_over(fresh, b, pod, "base2"):
-            fresh.hold_over(a, pod, b)
+    fresh = policy.ClusterView(pods=cv.pods, models=dict(cv.models), copies={m: dict(cs) for m, cs in cv.copies.items()})
+    assert fresh.adapters_here("base", "pod-0") == 0
+    for field, b in redis.items():
+        a, _, pod = field.rpartition("|")
+        fresh.hold_over(a, pod, b)
     assert {p: dict(ix.adapters) for p, ix in fresh.index().items()} == {p: dict(ix.adapters) for p, ix in cv.index().items()}
     assert fresh.used("pod-0") == cv.used("pod-0") == (90 + 90 + 3) * MB
+    before = dict(cv.over_of("a1"))
+    cv.set_copies("a1", {})  # its copy went: its entry goes in the same commit
+    write(bases.over_ops("a1", before, cv.over_of("a1")))
+    assert redis == {"a2|pod-0": "base"}
 
 
 def test_adapters_over_a_rolled_base_move_to_the_new_one_copy_first() -> None:

@@ -30,6 +30,28 @@ from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve_placement.view import HELD, ClusterView
 
 
+# Redis hash "adapter|pod" -> base: the copies ClusterView.copy_base says are over a base that
+# is no longer their adapter's (`over_of`), written by the leader in the commits that change
+# them, so a new leader knows which adapter copies keep a superseded base booked.
+OVER = "ms:placement:over"
+
+
+def over_field(adapter: str, pod: str) -> str:
+    return f"{adapter}|{pod}"
+
+
+def over_ops(adapter: str, before: Mapping[str, str], after: Mapping[str, str]) -> list[list[str]]:
+    """The writes that make OVER follow one adapter's entries from `before` to `after`."""
+    out: list[list[str]] = []
+    gone = [over_field(adapter, p) for p in before if p not in after]
+    if gone:
+        out.append(["HDEL", OVER, *gone])
+    for p, b in sorted(after.items()):
+        if before.get(p) != b:
+            out.append(["HSET", OVER, over_field(adapter, p), b])
+    return out
+
+
 def resolve_base(name: str, aliases: Mapping[str, str], models: Mapping[str, object]) -> str:
     """The concrete id of the base an adapter names (an InferenceService name, or a concrete
     id): the alias's current model, as the loader resolves it (State.resolve). "" when the
@@ -123,21 +145,3 @@ def revived(copies: Mapping[str, Copy], now: float) -> dict[str, Copy]:
     unload order and still holds them; LOADED gives them their routes back."""
     return {p: (Copy(CopyState.LOADED, c.size, now, "asked for again while kept for its adapters")
                 if c.state == CopyState.UNLOADING and c.reason.startswith(HELD) else c) for p, c in copies.items()}
-
-
-def held_over(view: ClusterView, base: str, pod: str, current: str) -> list[str]:
-    """For a new leader: the adapters on `pod` still loaded over `base`, a HELD copy there of a
-    superseded version whose InferenceService's current model is `current`. The adapters' views
-    name `current` (their alias resolves to it); those whose copy there was resident before
-    the base was withdrawn (loaded no later than the HELD copy's `since`, or being unloaded) are
-    taken to be over the old one. Conservative: one placed between the alias move and the
-    withdrawal is counted for the old base too, which then stays booked a little longer."""
-    hc = view.copies.get(base, {}).get(pod)
-    if hc is None or not current or current == base:
-        return []
-    out = []
-    for a in sorted(view.adapters_of(current)):
-        c = view.copies.get(a, {}).get(pod)
-        if c is not None and c.state != CopyState.FAILED and (c.state == CopyState.UNLOADING or c.since <= hc.since):
-            out.append(a)
-    return out

@@ -44,6 +44,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import KIND_PLACEMENT
 from meshserve.settings import Settings
+from meshserve_placement import bases
 from meshserve_placement.decide import Decision
 from meshserve_placement.decisions import Decisions
 from meshserve_placement.dispatch import Dispatch
@@ -305,6 +306,9 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
 
     def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
         """Book a model's new copies in the view (journaled) and in the commit being built."""
+        before = dict(self.view.over_of(model))
         self.view.set_copies(model, copies)
+        if before:  # a copy over a superseded base went: so does its entry (bases.OVER)
+            ops += bases.over_ops(model, before, self.view.over_of(model))
         ops.append(cmd.set_copies(model, copies))
         changes.append((KIND_PLACEMENT, model))

@@ -136,14 +136,19 @@ class Requests:
         for spec in await self._refresh_bases(names):
             self._apply_spec(spec)
         moved = []
+        ops: Ops = []
         for a in sorted(self.view.adapters_of(base)):
             spec, mv = self.specs.get(a), self.view.models.get(a)
             if spec is None or mv is None:
                 continue
             new = bases.resolve_base(spec.base, self.aliases, self.specs)
             if new and new != base:
+                before = dict(self.view.over_of(a))
                 self.view.set_model(replace(mv, base=new))
+                ops += bases.over_ops(a, before, self.view.over_of(a))
                 moved.append(a)
+        if ops:  # which copies are over the old version: a new leader reads it back (reload.py)
+            await self._commit(ops, [])
         if moved:
             log.info("%s superseded: %d adapters now load over %s", base, len(moved), self.aliases.get(names[0], "?"))
 

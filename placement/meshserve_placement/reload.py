@@ -80,13 +80,12 @@ class Reload:
             (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
             if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
         }
-        # Superseded bases kept for the adapters loaded over them (bases.py): which adapter copies
-        # those are is not in Redis; it is told from when each copy landed (bases.held_over).
+        # Adapter copies over a superseded version of their base (bases.OVER), and the copies of
+        # such versions kept for them.
+        for field, b in (await r.hgetall(bases.OVER)).items():
+            a, _, pod = field.decode().rpartition("|")
+            self.view.hold_over(a, pod, b.decode())
         self._held = bases.held(self.view)
-        for b, pod in sorted(self._held):
-            name = self.specs[b].alias if b in self.specs else ""
-            for a in bases.held_over(self.view, b, pod, self.aliases.get(name, "")):
-                self.view.hold_over(a, pod, b)
         for m in self.pins:
             if m in self.view.models:
                 self.view.set_model(replace(self.view.models[m], pinned=True))

@@ -375,8 +375,8 @@ class ClusterView:
         return mv.base if mv is not None else ""
 
     def hold_over(self, model: str, pod: str, base: str) -> None:
-        """`model`'s copy on `pod` is over `base` (a new leader learning it from a HELD base copy:
-        bases.held_over). Moves its count from the base it was counted for."""
+        """`model`'s copy on `pod` is over `base` (a new leader reading it back: bases.OVER).
+        Moves its count from the base it was counted for. Nothing for a copy that is gone."""
         if model not in self._copies or pod not in self._copies[model]:
             return
         cur = self.copy_base(model, pod)
@@ -386,6 +386,10 @@ class ClusterView:
         self._count_adapter(model, cur, -1, (pod,))
         self._set_over(model, pod, "" if mv is not None and mv.base == base else base)
         self._count_adapter(model, base, 1, (pod,))
+
+    def over_of(self, model: str) -> Mapping[str, str]:
+        """pod -> base, for `model`'s copies over a base that is no longer its base (read-only)."""
+        return MappingProxyType(self._over.get(model, {}))
 
     def adapters_of(self, base: str) -> frozenset[str]:
         """The adapters whose base is `base` now (by their ModelView)."""
