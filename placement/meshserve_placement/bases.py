@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Iterable, Mapping
 
 from meshserve.model import Copy, CopyState, ModelSpec
-from meshserve_placement.view import HELD, ClusterView
+from meshserve_placement.view import AFTER_ADAPTERS, HELD, ClusterView
 
 
 # Redis hash "adapter|pod" -> base: the copies ClusterView.copy_base says are over a base that
@@ -116,26 +116,42 @@ def retire(view: ClusterView, model: str, orders: bool, now: float, why: str) ->
     return cs, send
 
 
+def waits_for_adapters(c: Copy) -> bool:
+    """A base's copy whose unload order waits for its adapters on the pod to go (HELD, or
+    AFTER_ADAPTERS: evicted with them)."""
+    return c.state == CopyState.UNLOADING and c.reason.startswith((HELD, AFTER_ADAPTERS))
+
+
 def held(view: ClusterView, copies: Mapping[str, Mapping[str, Copy]] | None = None) -> set[tuple[str, str]]:
-    """(base, pod) of every HELD copy: what a new leader watches for release. O(copies)."""
-    return {(m, p) for m, cs in (view.copies if copies is None else copies).items() for p, c in cs.items()
-            if c.state == CopyState.UNLOADING and c.reason.startswith(HELD)}
+    """(base, pod) of every copy whose unload waits for its adapters (`waits_for_adapters`):
+    what the leader, and a new leader, watch for release. O(copies)."""
+    return {(m, p) for m, cs in (view.copies if copies is None else copies).items() for p, c in cs.items() if waits_for_adapters(c)}
+
+
+def evicted(view: ClusterView, base: str, pod: str, c: Copy, now: float, why: str) -> tuple[Copy, bool]:
+    """A copy evicted (`c` on `pod`), and whether its unload order goes now: not for a base
+    whose adapters there are still on the pod (evicted in the same decision, just before it):
+    its order follows theirs once confirmed (`releasable`)."""
+    if view.adapters_here(base, pod):
+        return Copy(CopyState.UNLOADING, c.size, now, f"{AFTER_ADAPTERS}; {why}"), False
+    return Copy(CopyState.UNLOADING, c.size, now, why), True
 
 
 def releasable(view: ClusterView, candidates: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The HELD base copies among `candidates` that no adapter on their pod is loaded over any
-    more: their unload orders go now (`released`)."""
+    """The base copies among `candidates` whose unload waits for their adapters, once no adapter
+    on their pod is over them any more: their unload orders go now (`released`)."""
     out = []
     for m, p in sorted(candidates):
         c = view.copies.get(m, {}).get(p)
-        if c is not None and c.state == CopyState.UNLOADING and c.reason.startswith(HELD) and not view.adapters_here(m, p):
+        if c is not None and waits_for_adapters(c) and not view.adapters_here(m, p):
             out.append((m, p))
     return out
 
 
 def released(c: Copy) -> Copy:
-    """A HELD copy once its adapters left: an ordinary unload, its bytes held until confirmed."""
-    why = c.reason[len(HELD):].lstrip("; ") or "superseded by a new version"
+    """A copy waiting for its adapters, once they left: an ordinary unload, its bytes held
+    until confirmed."""
+    why = c.reason.removeprefix(HELD).removeprefix(AFTER_ADAPTERS).lstrip("; ") or "superseded by a new version"
     return Copy(CopyState.UNLOADING, c.size, c.since, f"{why} (its adapters left)")
 
 

@@ -83,7 +83,7 @@ class Events:
         if not ev.ok:
             # A base that failed to load here fails the adapters queued behind it here (their
             # orders wait for it, bases.waits_for_base): each is retried elsewhere with its base.
-            for a in [a for a in self.queues.get(pod, {}) if (mv := self.view.models.get(a)) is not None and mv.base == model_id]:
+            for a in [a for a in self.queues.get(pod, {}) if self.view.copy_base(a, pod) == model_id]:
                 await self._load_result(LoadResult(pod, a, False, 0, f"its base {model_id} failed to load here: {ev.reason}"[:300]))
         await self._dispatch(pod)
         await self._retry_room()  # a landed load or a failure: room may have freed

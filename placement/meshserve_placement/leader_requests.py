@@ -129,10 +129,13 @@ class Requests:
         (ClusterView.set_model keeps the copies loaded over the old one counted for it). The
         names are read again here: the alias moved a few seconds before the withdrawal
         (rollout DRAIN_S), and the spec refresh may not have followed it yet."""
-        if not self.view.adapters_of(base):
+        # The names adapters use that meant it: by the leader's aliases, or its own InferenceService
+        # name (the aliases may have followed it already). Read again even with no adapter in
+        # the view: one asked for later must resolve its base to the new version.
+        own = self.specs[base].alias if base in self.specs else ""
+        names = sorted({n for n, i in self.aliases.items() if i == base} | ({own} if own in self.aliases else set()))
+        if not names:
             return
-        # Its InferenceService's name: the leader's aliases may have followed it already.
-        names = sorted({n for n, i in self.aliases.items() if i == base} | ({self.specs[base].alias} if base in self.specs else set()))
         for spec in await self._refresh_bases(names):
             self._apply_spec(spec)
         moved = []
@@ -153,7 +156,8 @@ class Requests:
             log.info("%s superseded: %d adapters now load over %s", base, len(moved), self.aliases.get(names[0], "?"))
 
     async def _release_held(self) -> None:
-        """HELD base copies whose adapters all left their pod: the unload orders go now."""
+        """Base copies waiting for their adapters (HELD superseded versions, bases evicted with
+        their adapters) whose adapters all left their pod: the unload orders go now."""
         if not self._held:
             return
         ops: Ops = []
@@ -163,10 +167,9 @@ class Requests:
             self._set_copies(m, {**self.view.copies[m], pod: bases.released(self.view.copies[m][pod])}, ops, changes)
             ops.append(cmd.order(pod, UnloadOrder(m)))
         if ops:
-            log.info("unloading superseded bases no adapter uses any more: %s", ", ".join(f"{m} on {p}" for m, p in go))
+            log.info("unloading bases no adapter uses any more: %s", ", ".join(f"{m} on {p}" for m, p in go))
             await self._commit(ops, changes)
-        self._held = {(m, p) for m, p in self._held
-                      if (c := self.view.copies.get(m, {}).get(p)) is not None and c.state == CopyState.UNLOADING and c.reason.startswith(HELD)}
+        self._held = {(m, p) for m, p in self._held if (c := self.view.copies.get(m, {}).get(p)) is not None and bases.waits_for_adapters(c)}
 
     async def _set_pin(self, model_id: str, pinned: bool) -> bool:
         """The repository API's load (pin) and unload (unpin). A pinned model keeps at least one

@@ -35,6 +35,11 @@ QUEUED = "queued for a loading slot"
 # runtime holds its weights while those adapters use them), and no unload order sent until the
 # last of them leaves the pod. A new leader finds these copies by this prefix.
 HELD = "kept for the adapters loaded over it"
+# The reason of a base's copy evicted with its adapters in one decision: UNLOADING (its bytes
+# count as being freed, for the load that evicted it) but its unload order waits until those
+# adapters' unloads are confirmed, since the runtime keeps a base's weights while an adapter
+# uses them (an adapter's unload that fails would otherwise leave the base in memory unbooked).
+AFTER_ADAPTERS = "unloaded after its adapters here"
 
 
 @dataclass
