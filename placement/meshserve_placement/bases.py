@@ -108,7 +108,7 @@ def retire(view: ClusterView, model: str, orders: bool, now: float, why: str) ->
         if c.state == CopyState.LOADED:
             c = cs[pod] = Copy(CopyState.UNLOADING, c.size, now, f"{HELD}; {why}" if kept else why)
         if orders and c.state == CopyState.UNLOADING:
-            if c.reason.startswith(HELD):
+            if waits_for_adapters(c):
                 if kept:
                     continue
                 cs[pod] = released(c)
@@ -135,6 +135,26 @@ def evicted(view: ClusterView, base: str, pod: str, c: Copy, now: float, why: st
     if view.adapters_here(base, pod):
         return Copy(CopyState.UNLOADING, c.size, now, f"{AFTER_ADAPTERS}; {why}"), False
     return Copy(CopyState.UNLOADING, c.size, now, why), True
+
+
+def adopted_over(view: ClusterView, pod: str, held: Iterable[str], name_of: Mapping[str, str],
+                 base_name_of: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A pod registering again (copies.adopt): (adapter, base) for its adapters that may be over
+    another version of their base than the current one: the pod holds such a version (`name_of`:
+    model -> its InferenceService name; `base_name_of`: adapter -> the name its spec gives its
+    base). Which version a runtime loaded an adapter over is not reported; taking the older one
+    keeps that version booked while the adapter is there, never less than the pod holds."""
+    held = sorted(held)
+    out = []
+    for a in held:
+        mv = view.models.get(a)
+        name = base_name_of.get(a, "")
+        if mv is None or not mv.base or not name or pod not in view.copies.get(a, {}):
+            continue
+        older = [m for m in held if m != mv.base and m != a and name_of.get(m) == name]
+        if older:
+            out.append((a, older[0]))
+    return out
 
 
 def releasable(view: ClusterView, candidates: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ from meshserve import tracing
 from meshserve.model import Copy, CopyState
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadResult, PodRegistered, UnloadOrder, UnloadResult, decode_event
+from meshserve_placement import bases
 from meshserve_placement import copies as copyplan
 from meshserve_placement import reducers
 from meshserve_placement.sizes import booked_size
@@ -130,7 +131,22 @@ class Events:
             mv = self.view.models.get(m)
             cs = {**self.view.copies.get(m, {}), pod: Copy(CopyState.UNLOADING, held[m] or (mv.size if mv else 0), now, why)}
             self._set_copies(m, cs, ops, changes)
-            ops.append(cmd.order(pod, UnloadOrder(m)))
+        # Its adapters may be over an older version of their base that it holds (a base rolled
+        # while it was away): counted for that one, which then stays while they do (bases.py).
+        names = {m: self.specs[m].alias for m in held if m in self.specs}
+        base_names = {m: self.specs[m].base for m in held if m in self.specs and self.specs[m].base}
+        for a, b in bases.adopted_over(self.view, pod, held, names, base_names):
+            before = dict(self.view.over_of(a))
+            self.view.hold_over(a, pod, b)
+            ops += bases.over_ops(a, before, self.view.over_of(a))
+        for m in taken.drop:
+            c = self.view.copies[m][pod]
+            c2, now_too = bases.evicted(self.view, m, pod, c, c.since, c.reason)
+            if now_too:
+                ops.append(cmd.order(pod, UnloadOrder(m)))
+            else:  # a base dropped with its adapters: unloaded after them
+                self._set_copies(m, {**self.view.copies[m], pod: c2}, ops, changes)
+                self._held.add((m, pod))
         if taken.keep or taken.drop:
             log.info("pod %s registered again holding %d models placement had dropped: kept %s, unloading %s",
                      pod, len(taken.keep) + len(taken.drop), sorted(taken.keep), sorted(taken.drop))
