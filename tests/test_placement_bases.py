@@ -419,3 +419,42 @@ def test_a_held_base_asked_for_again_serves_again_where_it_is() -> None:
         cv.set_model(replace(cv.models[a], base="base"))
     assert cv.copy_base("a1", "pod-0") == "base" and cv.adapters_here("base", "pod-0") == 2
     assert not cp.plan_copies(cv, {}, now=100.0, tuning=Tuning(), last_added={})  # nothing stale to move
+
+
+def test_a_base_evicted_with_its_adapters_is_unloaded_after_them() -> None:
+    """The runtime keeps a base while an adapter loaded over it is there: an adapter whose unload
+    failed (or is slow) would keep the base's weights after the base's own unload, unbooked.
+    So in one eviction the adapters' orders go now and the base's once they are confirmed; its
+    bytes count as being freed meanwhile (the load that evicted it waits for them, dispatch)."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), other=loaded(150 * MB, "pod-1"))
+    cv.set_model(replace(cv.models["other"], pinned=True))
+    big = policy.ModelView("big", "sklearn", 150 * MB)
+    cv.set_model(big)
+    d = policy.place(big, cv, now=10.0)
+    assert d.pod == "pod-0" and d.evict == ["a1", "base"]
+    sent = []
+    for v in d.evict:  # as decisions.py applies them, in order
+        c, now_too = bases.evicted(cv, v, "pod-0", cv.copies[v]["pod-0"], 10.0, "evicted to make room for big")
+        cv.set_copies(v, {"pod-0": c})
+        sent += [v] if now_too else []
+    assert sent == ["a1"] and bases.held(cv) == {("base", "pod-0")}
+    assert cv.used("pod-0") == 0 and cv.unloading("pod-0") == 91 * MB
+    assert bases.releasable(cv, bases.held(cv)) == []  # a1's unload not confirmed yet (or failed)
+    cv.set_copies("a1", {})
+    assert bases.releasable(cv, bases.held(cv)) == [("base", "pod-0")]
+    assert "evicted to make room for big" in bases.released(cv.copies["base"]["pod-0"]).reason
+
+
+def test_a_pod_back_after_a_roll_keeps_the_older_version_it_holds_for_its_adapters() -> None:
+    """A pod that was away while the base rolled registers again holding an adapter and v1: the
+    adapter may be over v1 (its runtime loaded it before the roll), so it counts for v1."""
+    cv = cluster(base2=loaded(90 * MB, "pod-1"))
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    cv.set_model(replace(cv.models["a1"], base="base2"))
+    cv.set_copies("a1", {"pod-0": Copy(CopyState.LOADED, 1 * MB, 1.0)})  # adopted back
+    cv.set_copies("base", {"pod-0": Copy(CopyState.UNLOADING, 90 * MB, 1.0, "placed elsewhere meanwhile")})
+    over = bases.adopted_over(cv, "pod-0", {"a1", "base"}, {"base": "minilm", "base2": "minilm", "a1": "a1"}, {"a1": "minilm"})
+    assert over == [("a1", "base")]
+    cv.hold_over("a1", "pod-0", "base")
+    c, now_too = bases.evicted(cv, "base", "pod-0", cv.copies["base"]["pod-0"], 1.0, "placed elsewhere meanwhile")
+    assert not now_too and bases.waits_for_adapters(c)
