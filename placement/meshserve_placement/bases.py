@@ -14,11 +14,16 @@ and the adapter reports its own bytes only (loader/meshserve_loader/builtin/tabl
   the same decision once they all go (ClusterView.victims, `base_stays`); never scaled down or
   unloaded from such a pod either (copies.plan_copies);
 - a base's recency and frequency include its adapters' use (ClusterView.touch);
+- a base's unload order waits for its adapters' on the pod: evicted with them, it goes once
+  theirs are confirmed (`evicted`, AFTER_ADAPTERS), since the runtime keeps a base while an
+  adapter uses it;
 - a base rolled to a new version (the rollout controller's withdraw and retire of the old
   version's id): the adapters are re-pointed to the new version at once (the leader), so their
-  next loads go over it; where adapters are still loaded over the old version, its copy is
-  withdrawn from routing but stays booked, HELD, and is unloaded only once the last of them
-  left that pod (`retire`, `releasable`; ClusterView.copy_base says which base a copy is over).
+  next loads go over it; each copy stays over the base it was booked with
+  (ClusterView.copy_base; its load order names that base by id, `order_spec`); where adapters
+  are still over the old version, its copy is withdrawn from routing but stays booked, HELD,
+  and is unloaded only once the last of them left that pod (`retire`, `releasable`); the copy
+  reconcile moves them onto the new version, a copy first (copies.plan_copies, `rebase`).
 """
 
 from __future__ import annotations
