@@ -306,9 +306,11 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
 
     def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
         """Book a model's new copies in the view (journaled) and in the commit being built."""
-        before = dict(self.view.over_of(model))
-        self.view.set_copies(model, copies)
-        if before:  # a copy over a superseded base went: so does its entry (bases.OVER)
-            ops += bases.over_ops(model, before, self.view.over_of(model))
+        if not self.view.has_over(model):  # nearly always: no copy over a superseded base
+            self.view.set_copies(model, copies)
+        else:
+            before = dict(self.view.over_of(model))
+            self.view.set_copies(model, copies)
+            ops += bases.over_ops(model, before, self.view.over_of(model))  # the entries of copies that went
         ops.append(cmd.set_copies(model, copies))
         changes.append((KIND_PLACEMENT, model))

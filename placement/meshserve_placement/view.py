@@ -392,6 +392,10 @@ class ClusterView:
         self._set_over(model, pod, "" if mv is not None and mv.base == base else base)
         self._count_adapter(model, base, 1, (pod,))
 
+    def has_over(self, model: str) -> bool:
+        """`model` has copies over a base that is no longer its base (cheap: every commit asks)."""
+        return model in self._over
+
     def over_of(self, model: str) -> Mapping[str, str]:
         """pod -> base, for `model`'s copies over a base that is no longer its base (read-only)."""
         return MappingProxyType(self._over.get(model, {}))
