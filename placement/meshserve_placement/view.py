@@ -117,8 +117,6 @@ def booked(c: Copy) -> bool:
     return c.state in _BOOKED or (c.state == CopyState.UNLOADING and c.reason.startswith(HELD))
 
 
-
-
 @dataclass
 class _PodIndex:
     used: int = 0  # booked bytes: LOADED + LOADING copies (and HELD bases: `booked`)
