@@ -101,6 +101,9 @@ class FakeRedis:
     async def hget(self, key: str, field: str) -> bytes | None:
         return self.data.get(_b(key), {}).get(_b(field))
 
+    async def hexists(self, key: str, field: str) -> bool:
+        return _b(field) in self.data.get(_b(key), {})
+
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         return dict(self.data.get(_b(key), {}))
 

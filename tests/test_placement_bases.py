@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from meshserve.model import Copy, CopyState
+from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve_placement import bases, copies as cp, policy
 from meshserve_placement.dispatch import plan_dispatch
 from meshserve_placement.tuning import Tuning
-from meshserve_placement.view import QUEUED
+from meshserve_placement.view import HELD, QUEUED
 
 MB = 1 << 20
 ADAPTERS = ("a1", "a2", "a3")
@@ -239,3 +239,222 @@ def test_a_queued_load_that_no_longer_fits_is_decided_again_not_left_waiting() -
     cv.set_copies("other", {"pod-0": Copy(CopyState.UNLOADING, 5 * MB, 0.0)})  # room is on its way
     plan = plan_dispatch(cv, "pod-0", [(1.0, "a1")], specs, 0.0)  # type: ignore[arg-type]
     assert plan.send == [] and plan.stuck == []
+
+
+# --- a base rolled to a new version (bases.retire, ClusterView.copy_base) ---------------------
+
+
+def rolled(**extra: dict[str, Copy]) -> policy.ClusterView:
+    """`base` (v1) on pod-0 with a1 and a2 loaded over it; `base2`, its new version, registered
+    (the rollout loaded it on pod-1); the adapters re-pointed to it, as the leader does when the
+    old version is withdrawn (leader_requests._repoint_adapters)."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), a2=loaded(1 * MB, "pod-0"),
+                 base2=loaded(90 * MB, "pod-1"), **extra)
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    for a in ADAPTERS:
+        cv.set_model(replace(cv.models[a], base="base2"))
+    return cv
+
+
+def test_adapters_loaded_over_a_rolled_base_keep_it_booked_until_they_leave() -> None:
+    """What the user sees on pod-0: the runtime keeps v1's weights while a1 and a2 use them, so
+    v1 stays booked (HELD: no route) and no unload order goes until the last of them is gone;
+    then it is unloaded like any superseded version."""
+    cv = rolled()
+    assert cv.models["a1"].base == "base2" and cv.adapters_of("base2") == frozenset(ADAPTERS)
+    # The copies already loaded are over v1: v1 stays counted there, v2 is not needed there for them.
+    assert cv.copy_base("a1", "pod-0") == "base" and cv.adapters_here("base", "pod-0") == 2
+    assert cv.adapters_here("base2", "pod-0") == 0
+    booked_before = cv.used("pod-0")
+    assert booked_before == 92 * MB
+
+    copies, send = bases.retire(cv, "base", orders=False, now=5.0, why="superseded by base2")
+    assert send == [] and copies["pod-0"].state == CopyState.UNLOADING and copies["pod-0"].reason.startswith(HELD)
+    cv.set_copies("base", copies)
+    assert cv.used("pod-0") == booked_before and cv.unloading("pod-0") == 0  # booked = what the pod holds
+    copies, send = bases.retire(cv, "base", orders=True, now=6.0, why="superseded by base2")
+    assert send == [] and copies == cv.copies["base"]  # the retire sends nothing while they are there
+    assert bases.held(cv) == {("base", "pod-0")}
+    assert "base" not in list(cv.evictable("pod-0"))
+
+    # The adapters keep answering over v1 (LOADED, routed); a1 goes (say, evicted): v1 still kept for a2.
+    cv.set_copies("a1", {"pod-0": Copy(CopyState.UNLOADING, 1 * MB, 7.0)})
+    assert bases.releasable(cv, bases.held(cv)) == []
+    cv.set_copies("a1", {})  # its unload confirmed
+    assert bases.releasable(cv, bases.held(cv)) == []
+    cv.set_copies("a2", {})
+    assert bases.releasable(cv, bases.held(cv)) == [("base", "pod-0")]
+    gone = bases.released(cv.copies["base"]["pod-0"])
+    assert gone.state == CopyState.UNLOADING and not gone.reason.startswith(HELD) and "superseded by base2" in gone.reason
+    cv.set_copies("base", {"pod-0": gone})
+    assert cv.used("pod-0") == 0 and cv.unloading("pod-0") == 90 * MB  # held until the pod confirms
+    # Loaded again on pod-0, an adapter goes over v2 (and brings it there).
+    d = policy.place(cv.models["a1"], cv, now=10.0)
+    assert d.base == "base2"
+
+
+def test_a_rolled_base_without_adapters_is_unloaded_as_before() -> None:
+    cv = rolled()
+    cv.set_copies("a1", {})
+    cv.set_copies("a2", {})
+    copies, send = bases.retire(cv, "base", orders=False, now=5.0, why="superseded")
+    assert send == [] and copies["pod-0"] == Copy(CopyState.UNLOADING, 90 * MB, 5.0, "superseded")
+    cv.set_copies("base", copies)
+    assert cv.used("pod-0") == 0 and cv.unloading("pod-0") == 90 * MB
+    assert bases.retire(cv, "base", orders=True, now=6.0, why="superseded")[1] == ["pod-0"]
+
+
+def test_a_load_queued_before_the_roll_goes_over_the_base_it_was_booked_with() -> None:
+    """A load decided before the roll, still queued behind its base's (v1's) copy: it stays
+    counted for v1, waits for v1 there, and its order names v1 by id, so the loader loads it
+    over the base placement booked even though the name now means v2. A copy placed after the
+    roll is over v2."""
+    cv = cluster(base={"pod-0": Copy(CopyState.LOADING, 90 * MB, 0.0, QUEUED)},
+                 a3={"pod-0": Copy(CopyState.LOADING, 1 * MB, 0.0, QUEUED)})
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    cv.set_model(replace(cv.models["a3"], base="base2"))
+    assert cv.copy_base("a3", "pod-0") == "base" and cv.adapters_here("base", "pod-0") == 1
+    assert bases.waits_for_base(cv, "a3", "pod-0")
+    spec = ModelSpec(id="a3", alias="a3", format="peft", storage={"path": "a3"}, base="minilm")
+    assert bases.order_spec(spec, cv, "pod-0").base == "base"
+    cv.set_copies("a3", {**cv.copies["a3"], "pod-1": Copy(CopyState.LOADING, 1 * MB, 1.0, QUEUED)})
+    assert cv.copy_base("a3", "pod-1") == "base2" and bases.order_spec(spec, cv, "pod-1").base == "base2"
+    plain = ModelSpec(id="other", alias="other", format="sklearn", storage={"path": "o"})
+    assert bases.order_spec(plain, cv, "pod-0") is plain
+
+
+def test_the_roll_is_taken_back_with_a_failed_commit() -> None:
+    """The re-pointing and the copies that went are journaled: a commit that fails leaves the
+    index as it was (ClusterView.rollback), over the old base."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), a2=loaded(1 * MB, "pod-0"))
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    before = ({p: dict(ix.adapters) for p, ix in cv.index().items()}, cv.used("pod-0"))
+    cv.begin()
+    for a in ADAPTERS:
+        cv.set_model(replace(cv.models[a], base="base2"))
+    cv.set_copies("base", bases.retire(cv, "base", orders=False, now=5.0, why="x")[0])
+    cv.set_copies("a1", {})
+    cv.set_copies("a3", loaded(1 * MB, "pod-0"))  # a new copy: over v2
+    assert cv.adapters_here("base", "pod-0") == 1 and cv.adapters_here("base2", "pod-0") == 1
+    cv.rollback()
+    assert ({p: dict(ix.adapters) for p, ix in cv.index().items()}, cv.used("pod-0")) == before
+    assert cv.models["a1"].base == "base" and cv.copy_base("a2", "pod-0") == "base"
+    assert cv.adapters_of("base") == frozenset(ADAPTERS) and not cv.adapters_of("base2")
+
+
+def test_a_new_leader_finds_which_adapters_are_over_a_held_base() -> None:
+    """After a failover the view is rebuilt from Redis: the copies, and which adapter copies are
+    over a superseded base (the entries bases.over_ops writes, read back with hold_over). The
+    rebuilt index equals the old leader's; without the entries v1 would be unbooked under a1, a2."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), a2=loaded(1 * MB, "pod-0"),
+                 base2=loaded(90 * MB, "pod-1"))
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    redis: dict[str, str] = {}  # the OVER hash, as the leader's commits write it
+
+    def write(cmds: list[list[str]]) -> None:
+        for c in cmds:
+            if c[0] == "HSET":
+                redis[c[2]] = c[3]
+            else:
+                for f in c[2:]:
+                    redis.pop(f, None)
+
+    for a in ADAPTERS:
+        before = dict(cv.over_of(a))
+        cv.set_model(replace(cv.models[a], base="base2"))
+        write(bases.over_ops(a, before, cv.over_of(a)))
+    assert redis == {"a1|pod-0": "base", "a2|pod-0": "base"}
+    cv.set_copies("a3", {"pod-0": Copy(CopyState.LOADED, 1 * MB, 9.0)})  # placed after the roll: over v2
+    cv.set_copies("base2", {**cv.copies["base2"], "pod-0": Copy(CopyState.LOADED, 90 * MB, 8.5)})
+    cv.set_copies("base", bases.retire(cv, "base", orders=True, now=5.0, why="superseded")[0])
+    fresh = policy.ClusterView(pods=cv.pods, models=dict(cv.models), copies={m: dict(cs) for m, cs in cv.copies.items()})
+    assert fresh.adapters_here("base", "pod-0") == 0
+    for field, b in redis.items():
+        a, _, pod = field.rpartition("|")
+        fresh.hold_over(a, pod, b)
+    assert {p: dict(ix.adapters) for p, ix in fresh.index().items()} == {p: dict(ix.adapters) for p, ix in cv.index().items()}
+    assert fresh.used("pod-0") == cv.used("pod-0") == (90 + 90 + 3) * MB
+    before = dict(cv.over_of("a1"))
+    cv.set_copies("a1", {})  # its copy went: its entry goes in the same commit
+    write(bases.over_ops("a1", before, cv.over_of("a1")))
+    assert redis == {"a2|pod-0": "base"}
+
+
+def test_adapters_over_a_rolled_base_move_to_the_new_one_copy_first() -> None:
+    """The copy reconcile moves an adapter still loaded over the old version as it moves a copy
+    off a draining pod: a copy over the new version first (`rebase`: the leader places one; the
+    pod holding the stale copy cannot take a second), then the stale copy goes, and with the
+    last of them the old version's HELD copy can go."""
+    cv = rolled()
+    cv.set_copies("base", bases.retire(cv, "base", orders=True, now=5.0, why="superseded")[0])
+    acts = cp.plan_copies(cv, {}, now=100.0, tuning=Tuning(), last_added={})
+    assert {(a.op, a.model, a.pod) for a in acts} == {("rebase", "a1", "pod-0"), ("rebase", "a2", "pod-0")}
+    d = policy.place(cv.models["a1"], cv, now=100.0)
+    assert d.pod == "pod-1" and not d.with_base and d.base == "base2"  # beside v2, which the rollout loaded there
+    book(cv, d)
+    acts = cp.plan_copies(cv, {}, now=101.0, tuning=Tuning(), last_added={})
+    assert ("remove", "a1", "pod-0") in {(a.op, a.model, a.pod) for a in acts}
+    cv.set_copies("a1", {"pod-1": cv.copies["a1"]["pod-1"]})  # the stale copy unloaded
+    assert cv.adapters_here("base", "pod-0") == 1 and not bases.releasable(cv, bases.held(cv))
+    # A single pod: nowhere else to go. It is not unloaded first (its requests would wait for a
+    # copy that cannot go elsewhere): the leader tries again later, and it keeps answering.
+    lone = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"))
+    del lone.pods["pod-1"]
+    lone.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    lone.set_model(replace(lone.models["a1"], base="base2"))
+    assert [(a.op, a.pod) for a in cp.plan_copies(lone, {}, now=100.0, tuning=Tuning(), last_added={})] == [("rebase", "pod-0")]
+    assert policy.place(lone.models["a1"], lone, now=100.0).pod is None
+
+
+def test_a_held_base_asked_for_again_serves_again_where_it_is() -> None:
+    """A roll taken back (the alias moved back to v1), or a request for v1's id: its HELD copy
+    is still in the runtime (no unload order went), so it is LOADED again, routed, no load."""
+    cv = rolled()
+    cv.set_copies("base", bases.retire(cv, "base", orders=True, now=5.0, why="superseded")[0])
+    back = bases.revived(cv.copies["base"], now=9.0)
+    assert back["pod-0"].state == CopyState.LOADED and back["pod-0"].size == 90 * MB
+    cv.set_copies("base", back)
+    assert cv.used("pod-0") == 92 * MB and not bases.held(cv)
+    for a in ADAPTERS:  # the name moved back: the adapters follow it, and are over it again
+        cv.set_model(replace(cv.models[a], base="base"))
+    assert cv.copy_base("a1", "pod-0") == "base" and cv.adapters_here("base", "pod-0") == 2
+    assert not cp.plan_copies(cv, {}, now=100.0, tuning=Tuning(), last_added={})  # nothing stale to move
+
+
+def test_a_base_evicted_with_its_adapters_is_unloaded_after_them() -> None:
+    """The runtime keeps a base while an adapter loaded over it is there: an adapter whose unload
+    failed (or is slow) would keep the base's weights after the base's own unload, unbooked.
+    So in one eviction the adapters' orders go now and the base's once they are confirmed; its
+    bytes count as being freed meanwhile (the load that evicted it waits for them, dispatch)."""
+    cv = cluster(base=loaded(90 * MB, "pod-0"), a1=loaded(1 * MB, "pod-0"), other=loaded(150 * MB, "pod-1"))
+    cv.set_model(replace(cv.models["other"], pinned=True))
+    big = policy.ModelView("big", "sklearn", 150 * MB)
+    cv.set_model(big)
+    d = policy.place(big, cv, now=10.0)
+    assert d.pod == "pod-0" and d.evict == ["a1", "base"]
+    sent = []
+    for v in d.evict:  # as decisions.py applies them, in order
+        c, now_too = bases.evicted(cv, v, "pod-0", cv.copies[v]["pod-0"], 10.0, "evicted to make room for big")
+        cv.set_copies(v, {"pod-0": c})
+        sent += [v] if now_too else []
+    assert sent == ["a1"] and bases.held(cv) == {("base", "pod-0")}
+    assert cv.used("pod-0") == 0 and cv.unloading("pod-0") == 91 * MB
+    assert bases.releasable(cv, bases.held(cv)) == []  # a1's unload not confirmed yet (or failed)
+    cv.set_copies("a1", {})
+    assert bases.releasable(cv, bases.held(cv)) == [("base", "pod-0")]
+    assert "evicted to make room for big" in bases.released(cv.copies["base"]["pod-0"]).reason
+
+
+def test_a_pod_back_after_a_roll_keeps_the_older_version_it_holds_for_its_adapters() -> None:
+    """A pod that was away while the base rolled registers again holding an adapter and v1: the
+    adapter may be over v1 (its runtime loaded it before the roll), so it counts for v1."""
+    cv = cluster(base2=loaded(90 * MB, "pod-1"))
+    cv.set_model(policy.ModelView("base2", "sentence-transformers", 90 * MB))
+    cv.set_model(replace(cv.models["a1"], base="base2"))
+    cv.set_copies("a1", {"pod-0": Copy(CopyState.LOADED, 1 * MB, 1.0)})  # adopted back
+    cv.set_copies("base", {"pod-0": Copy(CopyState.UNLOADING, 90 * MB, 1.0, "placed elsewhere meanwhile")})
+    over = bases.adopted_over(cv, "pod-0", {"a1", "base"}, {"base": "minilm", "base2": "minilm", "a1": "a1"}, {"a1": "minilm"})
+    assert over == [("a1", "base")]
+    cv.hold_over("a1", "pod-0", "base")
+    c, now_too = bases.evicted(cv, "base", "pod-0", cv.copies["base"]["pod-0"], 1.0, "placed elsewhere meanwhile")
+    assert not now_too and bases.waits_for_adapters(c)

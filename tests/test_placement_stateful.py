@@ -5,13 +5,20 @@ handlers, driven directly (no stream loops, no timers).
 commands and Lua scripts the leader uses (tests/placement_fakes.py). The Valkey variant runs
 the same machine against a real Valkey, fewer examples.
 
-Models include a base and two adapters over it (issue 17). Random loads, failed loads, unloads that succeed or fail, scale-downs, pod deaths,
-re-registrations (with what the runtime still holds, or nothing after a restart), leader
-failovers, and commits that fail. After every step:
+Models include a base in two versions and two adapters over it (issue 17). Random loads, failed
+loads, unloads that succeed or fail, scale-downs, pod deaths, re-registrations (with what the
+runtime still holds, or nothing after a restart), leader failovers, commits that fail, and the
+base rolled from one version to the other and back (the alias moved, the old version withdrawn
+and retired as the rollout controller asks, the copy reconcile moving the adapters). The fake
+runtimes share a base as the built-in one does: an adapter loads over the base its order names
+(resolved when it loads), and a base's weights stay while an adapter loaded over them is there.
+After every step:
 - no pod's booked bytes (LOADED + LOADING) exceed its capacity, in the view and in the store;
-- no pod really holds more than its capacity (what its runtime holds plus the loads ordered);
-- a base is resident (booked, LOADED or LOADING) on every pod where one of its adapters is
-  booked, and an adapter's load order reaches a pod only once its base has loaded there;
+- no pod really holds more than its capacity (what its runtime holds plus the loads ordered),
+  nor more than placement books on it (booked copies and unloads not yet confirmed);
+- a base is resident (booked: LOADED, LOADING, or kept for its adapters) on every pod where one
+  of its adapters is booked, for the version that adapter copy is over, and an adapter's load
+  order reaches a pod only once that base has loaded there;
 - no model is double-booked on a pod: never two load orders outstanding for one (model, pod),
   never a load order for a model the pod holds already;
 - the leader's view (copies, exclusions, sizes, per-pod index, load queues) equals a fresh
@@ -37,7 +44,8 @@ from meshserve.settings import Settings
 from meshserve.store import State
 from meshserve.store import keys as k
 from meshserve.store import ops
-from meshserve.store.messages import KIND_POD, LoadRequest, LoadResult, PodRegistered, UnloadResult
+from meshserve.store.messages import KIND_ALIAS, KIND_MODEL, KIND_POD, LoadRequest, LoadResult, PodRegistered, UnloadResult
+from meshserve_placement.view import booked as is_booked
 from meshserve_placement.leader import Scheduler
 from meshserve_placement.tuning import Tuning
 from tests.placement_fakes import FakeRedis
@@ -45,9 +53,10 @@ from tests.placement_fakes import FakeRedis
 MB = 1 << 20
 PODS = {"p0": 100 * MB, "p1": 100 * MB, "p2": 60 * MB}
 MODELS = {f"m{i}": (20 + 10 * (i % 4)) * MB for i in range(8)}  # 20..50 MB
-# A base and two adapters over it (issue 17): the adapters' sizes are their own bytes.
-BASE, ADAPTERS = "b", {"a0": 5 * MB, "a1": 8 * MB}
-MODELS |= {BASE: 40 * MB, **ADAPTERS}
+# A base in two versions (InferenceService "b"; b__v2 registered, the alias on b__v1) and two
+# adapters over it (issue 17), naming it "b": the adapters' sizes are their own bytes.
+BASE, BASE2, ADAPTERS = "b__v1", "b__v2", {"a0": 5 * MB, "a1": 8 * MB}
+MODELS |= {BASE: 40 * MB, BASE2: 40 * MB, **ADAPTERS}
 MODEL = hs.sampled_from(sorted(MODELS))
 POD = hs.sampled_from(sorted(PODS))
 
@@ -65,6 +74,8 @@ class LeaderMachine(RuleBasedStateMachine):
         self.r: Any = aioredis.from_url(self.redis_url) if self.redis_url else FakeRedis()
         self.state = State(self.r)
         self.holds: dict[str, dict[str, int]] = {p: {} for p in PODS}  # what each runtime really holds
+        self.over: dict[str, dict[str, str]] = {p: {} for p in PODS}  # adapter -> the base it is over, per runtime
+        self.order_base: dict[tuple[str, str], str] = {}  # (pod, adapter) -> the base its load order names
         self.inbox: list[tuple[str, str, str]] = []  # (pod, op, model): orders not carried out yet
         self.cursor = {p: "0-0" for p in PODS}
         self.dead: set[str] = set()
@@ -81,8 +92,10 @@ class LeaderMachine(RuleBasedStateMachine):
         await self.r.flushdb()
         await self.r.zadd(k.HEARTBEATS, {p: time.time() + 3600 for p in PODS})
         await self.state.commit([ops.set_pod(_pod(p)) for p in PODS], [(KIND_POD, p) for p in PODS])
-        await self.state.register_models([ModelSpec(id=m, alias=m, format="sklearn", size_hint=n, storage={"path": "x"},
-                                                    base=BASE if m in ADAPTERS else "") for m, n in MODELS.items()])
+        await self.state.register_models([ModelSpec(id=m, alias="b" if m == BASE else m, format="sklearn", size_hint=n, storage={"path": "x"},
+                                                    base="b" if m in ADAPTERS else "") for m, n in MODELS.items() if m != BASE2])
+        v2 = ModelSpec(id=BASE2, alias="b", format="sklearn", size_hint=MODELS[BASE2], storage={"path": "y"})
+        await self.state.commit([["HSET", k.MODELS, BASE2, v2.to_json()]], [(KIND_MODEL, BASE2)])  # the alias stays on v1
         await self._new_leader()
 
     async def _new_leader(self) -> None:
@@ -102,6 +115,17 @@ class LeaderMachine(RuleBasedStateMachine):
                 self.cursor[p] = eid.decode()
                 if p not in self.dead:
                     self.inbox.append((p, f[b"op"].decode(), f[b"model"].decode()))
+                    if f.get(b"spec") and (base := ModelSpec.from_json(f[b"spec"]).base):
+                        self.order_base[(p, f[b"model"].decode())] = base
+
+    def memory(self, pod: str) -> int:
+        """What the pod's runtime holds: its models, and the bases adapters still use."""
+        held = self.holds[pod]
+        return sum(held.values()) + sum(MODELS[b] for b in set(self.over[pod].values()) if b not in held)
+
+    def _unloaded(self, pod: str, model: str) -> None:
+        self.holds[pod].pop(model, None)
+        self.over[pod].pop(model, None)
 
     # --- rules ------------------------------------------------------------------------------
     @rule(model=MODEL)
@@ -113,11 +137,16 @@ class LeaderMachine(RuleBasedStateMachine):
     def load_result(self, data: Any, ok: bool) -> None:
         pod, op, model = data.draw(hs.sampled_from([o for o in self.inbox if o[1] == "load"]))
         self.inbox.remove((pod, op, model))
-        if model in ADAPTERS:  # its order was sent only once its base had loaded there
-            assert BASE in self.holds[pod], (pod, model, self.holds[pod])
+        size = MODELS[model]
+        if model in ADAPTERS:  # over the base its order names, resolved now (as the loader does)
+            base = self.run(self.state.resolve(self.order_base.pop((pod, model))))
+            # Its order was sent only once that base had loaded there.
+            assert base in self.holds[pod], (pod, model, base, self.holds[pod])
+            if ok:
+                self.over[pod][model] = base
         if ok:
-            self.holds[pod][model] = MODELS[model]
-        ev = LoadResult(pod, model, ok, MODELS[model] if ok else 0, "" if ok else "the runtime refused it")
+            self.holds[pod][model] = size
+        ev = LoadResult(pod, model, ok, size if ok else 0, "" if ok else "the runtime refused it")
         self.run(self._handle(lambda: self.leader._on_event(ev.encode())))
 
     @precondition(lambda self: any(op == "unload" for _, op, _ in self.inbox))
@@ -126,7 +155,7 @@ class LeaderMachine(RuleBasedStateMachine):
         pod, op, model = data.draw(hs.sampled_from([o for o in self.inbox if o[1] == "unload"]))
         self.inbox.remove((pod, op, model))
         if ok:
-            self.holds[pod].pop(model, None)
+            self._unloaded(pod, model)
         ev = UnloadResult(pod, model, ok, 0, "" if ok else "the runtime refused the unload")
         self.run(self._handle(lambda: self.leader._on_event(ev.encode())))
 
@@ -152,7 +181,7 @@ class LeaderMachine(RuleBasedStateMachine):
         pod = data.draw(hs.sampled_from(sorted(self.dead)))
         self.dead.discard(pod)
         if restarted:
-            self.holds[pod] = {}  # a new runtime holds nothing; a paused loader's runtime kept its models
+            self.holds[pod], self.over[pod] = {}, {}  # a new runtime holds nothing; a paused loader's runtime kept its models
 
         async def back() -> None:
             await self.r.zadd(k.HEARTBEATS, {pod: time.time() + 3600})
@@ -160,6 +189,36 @@ class LeaderMachine(RuleBasedStateMachine):
             await self._handle(lambda: self.leader._on_event(PodRegistered(pod, dict(self.holds[pod])).encode()))
 
         self.run(back())
+
+    @rule(follow=hs.booleans())
+    def base_rolls(self, follow: bool) -> None:
+        """The rollout moves "b" to its other version and, after the drain, asks placement to
+        withdraw the old one; `follow`: the leader's spec refresh saw the alias move first."""
+        async def roll() -> None:
+            old = (await self.r.hget(k.ALIASES, "b")).decode()
+            await self.state.commit([ops.set_alias("b", BASE2 if old == BASE else BASE)], [(KIND_ALIAS, "b")])
+            if follow:
+                await self.leader._refresh_specs()
+                await self._read_orders()
+            await self._handle(lambda: self.leader._on_load_request(LoadRequest(old, "withdraw").encode()))
+
+        self.run(roll())
+
+    @rule()
+    def old_base_retired(self) -> None:
+        """The rollout's `retire` of the version "b" does not point at (its unload orders)."""
+        old = BASE2 if self.run(self.r.hget(k.ALIASES, "b")) == BASE.encode() else BASE
+        self.run(self._handle(lambda: self.leader._on_load_request(LoadRequest(old, "retire").encode())))
+
+    @rule()
+    def copies_reconciled(self) -> None:
+        """A maintain round: the copy reconcile (adapters moved off a superseded base) and kept
+        bases whose adapters left."""
+        async def go() -> None:
+            await self.leader._reconcile_copies(time.time())
+            await self.leader._release_held()
+
+        self.run(self._handle(go))
 
     @rule()
     def leader_fails_over(self) -> None:
@@ -193,9 +252,12 @@ class LeaderMachine(RuleBasedStateMachine):
 
     @invariant()
     def real_memory_fits(self) -> None:
+        view = self.leader.view
         for p in PODS:
             ordered = sum(MODELS[m] for q, op, m in self.inbox if q == p and op == "load")
-            assert sum(self.holds[p].values()) + ordered <= PODS[p], (p, self.holds[p], self.inbox)
+            assert self.memory(p) + ordered <= PODS[p], (p, self.holds[p], self.over[p], self.inbox)
+            if p not in self.dead:  # what the runtime holds is booked (a dead pod's copies are dropped)
+                assert self.memory(p) <= view.used(p) + view.unloading(p), (p, self.holds[p], self.over[p], dict(view.pod_models(p)))
 
     @invariant()
     def never_double_booked(self) -> None:
@@ -208,12 +270,14 @@ class LeaderMachine(RuleBasedStateMachine):
     def a_base_is_resident_wherever_its_adapters_are(self) -> None:
         booked = (CopyState.LOADED, CopyState.LOADING)
         stored = self.run(self.state.snapshot()).placements
-        for copies in (self.leader.view.copies, stored):
+        view = self.leader.view
+        for copies in (view.copies, stored):
             for a in ADAPTERS:
                 for p, c in copies.get(a, {}).items():
                     if c.state in booked:
-                        bc = copies.get(BASE, {}).get(p)
-                        assert bc is not None and bc.state in booked, (a, p, c, bc)
+                        base = view.copy_base(a, p)  # the version this copy is (to be) loaded over
+                        bc = copies.get(base, {}).get(p)
+                        assert bc is not None and is_booked(bc), (a, p, c, base, bc)
 
     @invariant()
     def view_equals_a_fresh_reload(self) -> None:

@@ -14,6 +14,9 @@ ALIASES = PREFIX + "aliases"  # hash: alias -> concrete id
 PODS = PREFIX + "pods"  # hash: pod id -> Pod JSON
 HEARTBEATS = PREFIX + "heartbeats"  # zset: pod id -> unix time of last heartbeat
 PLACEMENTS = PREFIX + "placements"  # hash: concrete id -> {pod: Copy} JSON; the placement leader only
+# hash: "<adapter id>|<pod>" -> base id, for adapter copies over a superseded version of their
+# base (a rolled base kept booked for them); the placement leader only (placement bases.py)
+PLACEMENT_OVER = PREFIX + "placement:over"
 LAST_USED = PREFIX + "lastused"  # zset: concrete id -> unix time of last use
 LOAD_REQUESTS = PREFIX + "loadreq"  # stream of messages.LoadRequest: asks to the placement leader
 EVENTS = PREFIX + "events"  # stream of messages.LoadResult/UnloadResult/PodRegistered: loaders to the leader

@@ -22,7 +22,9 @@ from meshserve_placement.tuning import Tuning
 
 @dataclass(frozen=True)
 class Action:
-    op: str  # "add": place one more copy; "remove": unload the copy on `pod`
+    # "add": place one more copy; "remove": unload the copy on `pod`; "rebase": place one more
+    # copy of an adapter, over its base's new version, where `pod` has one over the old version
+    op: str
     model: str
     pod: str = ""
     why: str = ""
@@ -81,6 +83,18 @@ def plan_copies(
                 out.append(Action("remove", m, moving[0], f"pod {moving[0]} is draining; the model is served elsewhere"))
             continue
         if not live:
+            continue
+        stale = [p for p in live if mv.base and cluster.copy_base(m, p) != mv.base]
+        if stale:
+            # An adapter still loaded over its base's superseded version (a base rolled, bases.py):
+            # moved like a copy on a draining pod, a copy over the new version first, then the
+            # old one goes; its base's old copy goes after its last adapter there.
+            old = cluster.copy_base(m, stale[0])
+            fresh = [p for p in live if p not in stale and p not in draining]
+            if fresh:
+                out.append(Action("remove", m, stale[0], f"loaded over {old}, superseded by {mv.base}, which serves it on {fresh[0]}"))
+            else:
+                out.append(Action("rebase", m, stale[0], f"loaded over {old}, superseded by {mv.base}: a copy over {mv.base} first"))
             continue
         if rate > tuning.scale_up_rps * n and n < cap:
             out.append(Action("add", m, why=f"{rate:.1f} requests/s over {n} copies exceeds {tuning.scale_up_rps:g}/s per copy"))

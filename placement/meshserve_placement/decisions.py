@@ -77,12 +77,16 @@ class Decisions:
         pod = decision.pod
         span.set_attributes({tracing.ATTR_POD: pod, "meshserve.evict": list(decision.evict)})
         carried = dict(tracing.inject({}))  # the orders below carry this decision's context
-        for victim in decision.evict:
+        for victim in decision.evict:  # adapters before their base (ClusterView.victims)
             vc = dict(self.view.copies[victim])
-            vc[pod] = Copy(CopyState.UNLOADING, vc[pod].size, now, f"evicted to make room for {spec.id}")
+            vc[pod], now_too = bases.evicted(self.view, victim, pod, vc[pod], now, f"evicted to make room for {spec.id}")
             self._set_copies(victim, vc, ops, changes)
-            # Unloads never wait for a slot: they free the memory the load was promised.
-            ops.append(cmd.order(pod, UnloadOrder(victim, carried)))
+            # Unloads never wait for a slot: they free the memory the load was promised. A base
+            # evicted with its adapters waits for theirs (leader_requests._release_held).
+            if now_too:
+                ops.append(cmd.order(pod, UnloadOrder(victim, carried)))
+            else:
+                self._held.add((victim, pod))
         copies = {p: c for p, c in self.view.copies.get(spec.id, {}).items() if p != "-"}
         prio = now + (0.0 if waiting else k.BACKGROUND)
         queued = [(spec.id, prio, carried)]

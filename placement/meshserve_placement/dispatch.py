@@ -20,7 +20,7 @@ from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadOrder
-from meshserve_placement.bases import waits_for_base
+from meshserve_placement.bases import order_spec, waits_for_base
 from meshserve_placement.types import Changes, Ops
 from meshserve_placement.view import ClusterView
 
@@ -150,7 +150,7 @@ class Dispatch:
             ops.append(cmd.dequeue(pod, model))
             self._set_copies(model, {**self.view.copies[model], pod: Copy(CopyState.LOADING, c.size, c.since)}, ops, changes)
             trace = carried[model] if model in carried else self._traces.get((pod, model), {})
-            ops.append(cmd.order(pod, LoadOrder(self.specs[model], trace)))
+            ops.append(cmd.order(pod, LoadOrder(order_spec(self.specs[model], self.view, pod), trace)))
         if ops:
             await self._commit(ops, changes)
         for model in p.drop + p.send + p.stuck:

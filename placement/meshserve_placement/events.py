@@ -13,6 +13,7 @@ from meshserve import tracing
 from meshserve.model import Copy, CopyState
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadResult, PodRegistered, UnloadOrder, UnloadResult, decode_event
+from meshserve_placement import bases
 from meshserve_placement import copies as copyplan
 from meshserve_placement import reducers
 from meshserve_placement.sizes import booked_size
@@ -83,7 +84,7 @@ class Events:
         if not ev.ok:
             # A base that failed to load here fails the adapters queued behind it here (their
             # orders wait for it, bases.waits_for_base): each is retried elsewhere with its base.
-            for a in [a for a in self.queues.get(pod, {}) if (mv := self.view.models.get(a)) is not None and mv.base == model_id]:
+            for a in [a for a in self.queues.get(pod, {}) if self.view.copy_base(a, pod) == model_id]:
                 await self._load_result(LoadResult(pod, a, False, 0, f"its base {model_id} failed to load here: {ev.reason}"[:300]))
         await self._dispatch(pod)
         await self._retry_room()  # a landed load or a failure: room may have freed
@@ -99,6 +100,7 @@ class Events:
         await self._commit(ops, changes)
         if ev.ok:
             self._failed_unloads.pop((ev.model, ev.pod), None)
+            await self._release_held()  # an adapter gone: a superseded base it kept may go now
         else:
             log.warning("unload of %s on %s failed: %s", ev.model, ev.pod, ev.reason)
             self._failed_unloads[(ev.model, ev.pod)] = now
@@ -129,7 +131,22 @@ class Events:
             mv = self.view.models.get(m)
             cs = {**self.view.copies.get(m, {}), pod: Copy(CopyState.UNLOADING, held[m] or (mv.size if mv else 0), now, why)}
             self._set_copies(m, cs, ops, changes)
-            ops.append(cmd.order(pod, UnloadOrder(m)))
+        # Its adapters may be over an older version of their base that it holds (a base rolled
+        # while it was away): counted for that one, which then stays while they do (bases.py).
+        names = {m: self.specs[m].alias for m in held if m in self.specs}
+        base_names = {m: self.specs[m].base for m in held if m in self.specs and self.specs[m].base}
+        for a, b in bases.adopted_over(self.view, pod, held, names, base_names):
+            before = dict(self.view.over_of(a))
+            self.view.hold_over(a, pod, b)
+            ops += bases.over_ops(a, before, self.view.over_of(a))
+        for m in taken.drop:
+            c = self.view.copies[m][pod]
+            c2, now_too = bases.evicted(self.view, m, pod, c, c.since, c.reason)
+            if now_too:
+                ops.append(cmd.order(pod, UnloadOrder(m)))
+            else:  # a base dropped with its adapters: unloaded after them
+                self._set_copies(m, {**self.view.copies[m], pod: c2}, ops, changes)
+                self._held.add((m, pod))
         if taken.keep or taken.drop:
             log.info("pod %s registered again holding %d models placement had dropped: kept %s, unloading %s",
                      pod, len(taken.keep) + len(taken.drop), sorted(taken.keep), sorted(taken.drop))

@@ -44,6 +44,7 @@ from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import KIND_PLACEMENT
 from meshserve.settings import Settings
+from meshserve_placement import bases
 from meshserve_placement.decide import Decision
 from meshserve_placement.decisions import Decisions
 from meshserve_placement.dispatch import Dispatch
@@ -108,6 +109,11 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
         self.pins: set[str] = set()  # models pinned through the repository API (store keys.PINS)
         self._failed_unloads: dict[tuple[str, str], float] = {}  # (model, pod) -> when last ordered
+        # (base, pod): superseded bases' copies HELD for the adapters loaded over them, unloaded
+        # once those leave (leader_requests._release_held); rebuilt from their reason on reload.
+        self._held: set[tuple[str, str]] = set()
+        self._moved_aliases: set[str] = set()  # base names whose alias moved since the last spec refresh
+        self._rebase_tried: dict[str, float] = {}  # adapter -> when a copy over its new base was last tried (maintain.py)
         self._lastused_seen = 0.0
         self._recent: dict[str, float] = {}  # models used within the busy window -> last use
         self._changes_id, self._changes_rev = "0-0", 0  # how far ms:changes was followed
@@ -300,6 +306,11 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
 
     def _set_copies(self, model: str, copies: dict[str, Copy], ops: Ops, changes: Changes) -> None:
         """Book a model's new copies in the view (journaled) and in the commit being built."""
-        self.view.set_copies(model, copies)
+        if not self.view.has_over(model):  # nearly always: no copy over a superseded base
+            self.view.set_copies(model, copies)
+        else:
+            before = dict(self.view.over_of(model))
+            self.view.set_copies(model, copies)
+            ops += bases.over_ops(model, before, self.view.over_of(model))  # the entries of copies that went
         ops.append(cmd.set_copies(model, copies))
         changes.append((KIND_PLACEMENT, model))

@@ -11,11 +11,13 @@ from dataclasses import replace
 from opentelemetry import trace
 
 from meshserve import tracing
-from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.model import CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import LoadRequest, UnloadOrder
+from meshserve_placement import bases
 from meshserve_placement.types import Changes, Ops
+from meshserve_placement.view import HELD
 
 log = logging.getLogger("meshserve.placement")
 
@@ -42,6 +44,16 @@ class Requests:
                 links=[trace.Link(made)] if made else None,
             ):
                 await self._prioritise(model_id)
+            return
+        if any(c.state == CopyState.UNLOADING and c.reason.startswith(HELD) for c in copies.values()):
+            # A superseded base still kept for its adapters, asked for again (by its id, or the
+            # rollout moving back to it): it serves again where it is, no load (bases.revived).
+            ops: Ops = []
+            changes: Changes = []
+            self._set_copies(model_id, bases.revived(copies, time.time()), ops, changes)
+            log.info("%s asked for again: its copies kept for its adapters serve again", model_id)
+            await self._commit(ops, changes)
+            self._held = {(m, p) for m, p in self._held if m != model_id}
             return
         if model_id in self.room:
             self.room[model_id][1] = time.time()  # still wanted: keep it waiting
@@ -90,21 +102,74 @@ class Requests:
         """A superseded version, on the rollout controller's request (it asks; only the leader
         writes placements and orders). `withdraw`: its loaded copies become UNLOADING, which takes
         their routes away while their memory stays booked. `retire`, a little later, once the
-        gateways stopped sending there: the unload orders."""
+        gateways stopped sending there: the unload orders.
+
+        A base rolled to a new version (bases.py): its adapters are re-pointed to the new
+        version first, and a copy with adapters still loaded over it is HELD (no route, still
+        booked) instead, its unload ordered once the last of them left (`_release_held`)."""
+        await self._repoint_adapters(model_id)
         ops: Ops = []
         changes: Changes = []
-        now = time.time()
-        cs = dict(self.view.copies.get(model_id, {}))
-        for pod, c in list(cs.items()):
-            if c.state == CopyState.LOADED:
-                cs[pod] = Copy(CopyState.UNLOADING, c.size, now, why or "superseded by a new version")
-            if orders and cs[pod].state == CopyState.UNLOADING:
-                ops.append(cmd.order(pod, UnloadOrder(model_id)))
+        cs, send = bases.retire(self.view, model_id, orders, time.time(), why or "superseded by a new version")
+        for pod in send:
+            ops.append(cmd.order(pod, UnloadOrder(model_id)))
         if cs != self.view.copies.get(model_id, {}):
             self._set_copies(model_id, cs, ops, changes)
+        kept = bases.held(self.view, {model_id: cs})
         if ops:
-            log.info("%s %s: %s", "retiring" if orders else "withdrawing", model_id, why or "superseded by a new version")
+            log.info("%s %s: %s%s", "retiring" if orders else "withdrawing", model_id, why or "superseded by a new version",
+                     f"; kept booked on {sorted(p for _, p in kept)} for the adapters loaded over it" if kept else "")
             await self._commit(ops, changes)
+        self._held |= kept
+
+    async def _repoint_adapters(self, base: str) -> None:
+        """`base` is superseded (its name moved, reload._follow_bases, or it is being withdrawn):
+        the adapters whose base it is follow their base's name to its current model now, not
+        when their specs are next read, so their next loads go over the new version
+        (ClusterView.set_model keeps the copies loaded over the old one counted for it). The
+        names are read again here: the alias moved a few seconds before the withdrawal
+        (rollout DRAIN_S), and the spec refresh may not have followed it yet."""
+        # The names adapters use that meant it: by the leader's aliases, or its own InferenceService
+        # name (the aliases may have followed it already). Read again even with no adapter in
+        # the view: one asked for later must resolve its base to the new version.
+        own = self.specs[base].alias if base in self.specs else ""
+        names = sorted({n for n, i in self.aliases.items() if i == base} | ({own} if own in self.aliases else set()))
+        if not names:
+            return
+        for spec in await self._refresh_bases(names):
+            self._apply_spec(spec)
+        moved = []
+        ops: Ops = []
+        for a in sorted(self.view.adapters_of(base)):
+            spec, mv = self.specs.get(a), self.view.models.get(a)
+            if spec is None or mv is None:
+                continue
+            new = bases.resolve_base(spec.base, self.aliases, self.specs)
+            if new and new != base:
+                before = dict(self.view.over_of(a))
+                self.view.set_model(replace(mv, base=new))
+                ops += bases.over_ops(a, before, self.view.over_of(a))
+                moved.append(a)
+        if ops:  # which copies are over the old version: a new leader reads it back (reload.py)
+            await self._commit(ops, [])
+        if moved:
+            log.info("%s superseded: %d adapters now load over %s", base, len(moved), self.aliases.get(names[0], "?"))
+
+    async def _release_held(self) -> None:
+        """Base copies waiting for their adapters (HELD superseded versions, bases evicted with
+        their adapters) whose adapters all left their pod: the unload orders go now."""
+        if not self._held:
+            return
+        ops: Ops = []
+        changes: Changes = []
+        go = bases.releasable(self.view, self._held)
+        for m, pod in go:
+            self._set_copies(m, {**self.view.copies[m], pod: bases.released(self.view.copies[m][pod])}, ops, changes)
+            ops.append(cmd.order(pod, UnloadOrder(m)))
+        if ops:
+            log.info("unloading bases no adapter uses any more: %s", ", ".join(f"{m} on {p}" for m, p in go))
+            await self._commit(ops, changes)
+        self._held = {(m, p) for m, p in self._held if (c := self.view.copies.get(m, {}).get(p)) is not None and bases.waits_for_adapters(c)}
 
     async def _set_pin(self, model_id: str, pinned: bool) -> bool:
         """The repository API's load (pin) and unload (unpin). A pinned model keeps at least one

@@ -22,6 +22,8 @@ from meshserve_placement.view import ClusterView
 log = logging.getLogger("meshserve.placement")
 
 UNLOAD_RETRY_SECONDS = 30.0  # an unload that failed is ordered again after this long
+# An adapter over a superseded base that no other pod could take is placed again after this long.
+REBASE_RETRY_SECONDS = 30.0
 
 
 class Maintain:
@@ -38,6 +40,8 @@ class Maintain:
             async with self._deciding():
                 await self._reconcile_copies(now)
                 await self._retry_unloads(now)
+                # Adapters also leave by failed loads, pod deaths and restarts: O(held copies).
+                await self._release_held()
 
     async def _reconcile_copies(self, now: float) -> None:
         self._mark_health(now)
@@ -47,6 +51,8 @@ class Maintain:
         todo = plan.todo(self.view, now, scale_down)
         actions = copyplan.plan_copies(self.view, self.rates, now, self.t, self.last_added, draining, scale_down=scale_down, only=todo)
         plan.decided(self.view, todo, now, self.t, self.last_added, actions)
+        if self._rebase_tried:
+            self._rebase_tried = {m: t for m, t in self._rebase_tried.items() if now - t < REBASE_RETRY_SECONDS}
         for a in actions:
             spec = self.specs.get(a.model)
             if a.op == "add" and spec is not None:
@@ -54,6 +60,13 @@ class Maintain:
                     self.last_added[a.model] = now
             elif a.op == "remove":
                 await self._unload(a.model, a.pod, a.why)
+            elif a.op == "rebase" and spec is not None and now - self._rebase_tried.get(a.model, -REBASE_RETRY_SECONDS) >= REBASE_RETRY_SECONDS:
+                # No other pod may take it (one pod, or all full): it keeps answering over the
+                # old version where it is, until it is unloaded, and is tried again later. Not
+                # unloaded first: its requests would wait for a copy that cannot go elsewhere.
+                self._rebase_tried[a.model] = now
+                if await self._place(spec, waiting=False, why=a.why):
+                    self.last_added[a.model] = now
 
     async def _retry_unloads(self, now: float) -> None:
         """Unloads a pod reported failed are ordered again, each at most every UNLOAD_RETRY_SECONDS.

@@ -13,8 +13,9 @@ from meshserve.model import Copy, CopyState, ModelSpec, Pod
 from meshserve.store.state import PlacedSnapshot
 from meshserve.store import keys as k
 from meshserve.store import ops
-from meshserve.store.messages import KIND_ALL, KIND_MODEL
+from meshserve.store.messages import KIND_ALIAS, KIND_ALL, KIND_MODEL
 from meshserve.store.state import parse_runtimes
+from meshserve_placement import bases
 from meshserve_placement.bases import resolve_base
 from meshserve_placement.view import ClusterView, ModelView, PodView, RuntimeView, reserve_room
 from meshserve_placement.sizes import booked_size, reported_of
@@ -79,6 +80,12 @@ class Reload:
             (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
             if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
         }
+        # Adapter copies over a superseded version of their base (bases.OVER), and the copies of
+        # such versions kept for them.
+        for field, b in (await r.hgetall(bases.OVER)).items():
+            a, _, pod = field.decode().rpartition("|")
+            self.view.hold_over(a, pod, b.decode())
+        self._held = bases.held(self.view)
         for m in self.pins:
             if m in self.view.models:
                 self.view.set_model(replace(self.view.models[m], pinned=True))
@@ -211,6 +218,9 @@ class Reload:
         apply without a request. Follows ms:changes: the cost is the changes', not the
         registry's (100,000 models re-read every poll would starve everything else)."""
         ids, full = await self._changed_models()
+        moved, self._moved_aliases = self._moved_aliases, set()
+        if moved:
+            await self._follow_bases(moved)
         if full:
             # Only the models the view holds, and those that must keep copies: the rest join it
             # when asked for (a revision gap must not parse a million specs into the view).
@@ -240,6 +250,16 @@ class Reload:
                 for spec in specs[i:i + SPEC_SLICE]:
                     self._apply_spec(spec)
 
+    async def _follow_bases(self, names: set[str]) -> None:
+        """Names adapters use as their base whose alias moved (a rollout moved it to a new
+        version): the adapters follow it now, so their next loads go over the new version, not
+        only once their specs are read again. The copies already loaded stay counted for the
+        version they are over (ClusterView.set_model); the old version's copies are kept for
+        them when the rollout withdraws it (leader_requests._retire)."""
+        async with self._deciding():
+            for old in sorted({self.aliases[n] for n in names if n in self.aliases}):
+                await self._repoint_adapters(old)
+
     async def _changed_models(self, batch: int = 10_000, most: int = 20_000) -> tuple[set[str], bool]:
         """Model ids named by ms:changes since the last call, or (∅, True) when that cannot be
         told: a revision gap (entries trimmed away) or more changes than are worth targeting."""
@@ -257,6 +277,8 @@ class Reload:
                     full = True
                 elif ch.kind == KIND_MODEL and not full:
                     ids.add(ch.id)
+                elif ch.kind == KIND_ALIAS and ch.id in self.aliases:
+                    self._moved_aliases.add(ch.id)  # a base's name moved: its adapters follow (_follow_bases)
             self._changes_id = entries[-1][0].decode()
             if len(ids) > most:
                 full, ids = True, set()

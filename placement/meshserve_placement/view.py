@@ -30,6 +30,16 @@ DEFAULT_LANDED_GRACE_S = 1.0
 # The reason a decided load carries while it waits in its pod's load queue (no order sent yet);
 # an adapter's base queued with it says so after it.
 QUEUED = "queued for a loading slot"
+# The reason of a superseded base's copy kept for the adapters still loaded over it (a base
+# rolled to a new version, bases.py): UNLOADING, so it carries no route, but still booked (the
+# runtime holds its weights while those adapters use them), and no unload order sent until the
+# last of them leaves the pod. A new leader finds these copies by this prefix.
+HELD = "kept for the adapters loaded over it"
+# The reason of a base's copy evicted with its adapters in one decision: UNLOADING (its bytes
+# count as being freed, for the load that evicted it) but its unload order waits until those
+# adapters' unloads are confirmed, since the runtime keeps a base's weights while an adapter
+# uses them (an adapter's unload that fails would otherwise leave the base in memory unbooked).
+AFTER_ADAPTERS = "unloaded after its adapters here"
 
 
 @dataclass
@@ -101,16 +111,24 @@ class ModelView:
 _BOOKED = (CopyState.LOADED, CopyState.LOADING)
 
 
+def booked(c: Copy) -> bool:
+    """The copy's bytes are booked on its pod: loaded, being loaded, or a superseded base kept
+    for its adapters (HELD: withdrawn from routing, its memory still in use)."""
+    return c.state in _BOOKED or (c.state == CopyState.UNLOADING and c.reason.startswith(HELD))
+
+
 @dataclass
 class _PodIndex:
-    used: int = 0  # booked bytes: LOADED + LOADING copies
+    used: int = 0  # booked bytes: LOADED + LOADING copies (and HELD bases: `booked`)
     unloading: int = 0  # bytes still held by copies being unloaded
     loading: int = 0
     queued: int = 0  # of the loading ones, those still in the pod's load queue (no order sent)
     queued_bytes: int = 0
     models: dict[str, Copy] = field(default_factory=dict)
     heap: list[tuple[float, str]] = field(default_factory=list)  # (key, model), lazily invalidated
-    # base -> how many of its adapters have a copy here (any state): such a base stays here
+    # base -> how many adapters have a copy here over it (any state): such a base stays here.
+    # A copy counts for the base it was loaded over (`ClusterView.copy_base`), which is its
+    # model's base unless that base rolled to a new version since.
     adapters: dict[str, int] = field(default_factory=dict)
 
 
@@ -150,6 +168,15 @@ class ClusterView:
                 self._last_used[mv.base] = max(self._last_used[m], self._last_used.get(mv.base, 0.0))
                 self.uses[mv.base] = self.uses.get(mv.base, 0) + self.uses.get(m, 1)
         self._journal: list[tuple[str, Any, Any]] | None = None
+        # adapter -> pod -> the base its copy there was loaded over, where that is no longer
+        # the adapter's base (its base rolled to a new version: `set_model`); such a copy keeps
+        # counting for the old base, which stays booked there until the copy goes (bases.py).
+        self._over: dict[str, dict[str, str]] = {}
+        # base -> the adapters whose ModelView names it (a rolled base's adapters are re-pointed at once)
+        self._adapters_of: dict[str, set[str]] = {}
+        for m, mv in self._models.items():
+            if mv.base:
+                self._adapters_of.setdefault(mv.base, set()).add(m)
         self.changed: set[str] = set()  # models whose copies or spec changed: see take_changed
         self._pool_cache: tuple[Any, dict[str, list[str]], dict[str, str]] | None = None
         self._build_index()
@@ -164,6 +191,7 @@ class ClusterView:
         """A whole new set of copies (tests, the simulator): the index is rebuilt."""
         self._copies = {m: dict(cs) for m, cs in copies.items() if cs}
         self._ro_copies = MappingProxyType(self._copies)
+        self._over = {m: over for m, o in self._over.items() if (over := {p: b for p, b in o.items() if p in self._copies.get(m, {})})}
         self._build_index()
 
     @property
@@ -205,14 +233,33 @@ class ClusterView:
             self._copies.pop(model, None)
 
     def set_model(self, mv: ModelView) -> None:
-        """Add or replace a model. A changed size moves its eviction key (the heaps are re-pushed)."""
+        """Add or replace a model. A changed size moves its eviction key (the heaps are re-pushed).
+
+        An adapter whose base changes (its base rolled to a new version): its copies stay counted
+        for the base they were booked with (`copy_base`), so that base stays booked beside them;
+        a load still queued is ordered over that base too (dispatch: the order names it by id).
+        Copies placed from now on are over the new base."""
         old = self._models.get(mv.id)
+        was = old.base if old is not None else ""
+        if was != mv.base:
+            # Before the model's own journal entry: a rollback restores the model first, and
+            # the copies' old bases after it (see rollback).
+            over = self._over.get(mv.id, {})
+            for pod in self._copies.get(mv.id, {}):
+                cur = over.get(pod, was)
+                if cur:
+                    self._set_over(mv.id, pod, "" if cur == mv.base else cur)
+                else:  # an adapter's first base (or a model becoming one): counted for it
+                    self._count_adapter(mv.id, mv.base, 1, (pod,))
+            if was:
+                self._adapters_of.get(was, set()).discard(mv.id)
+                if not self._adapters_of.get(was, True):
+                    del self._adapters_of[was]
+            if mv.base:
+                self._adapters_of.setdefault(mv.base, set()).add(mv.id)
         self._log("model", mv.id, old)
         self.changed.add(mv.id)
         self._models[mv.id] = mv
-        if (old.base if old is not None else "") != mv.base:
-            self._count_adapter(mv.id, old.base if old is not None else "", -1)
-            self._count_adapter(mv.id, mv.base, 1)
         if old is not None and old.size != mv.size:
             loaded = [p for p, c in self._copies.get(mv.id, {}).items() if c.state == CopyState.LOADED]
             if loaded:
@@ -249,11 +296,18 @@ class ClusterView:
                 self.set_copies(k, old or {})
             elif kind == "model":
                 if old is None:
-                    gone = self._models.pop(k, None)
-                    if gone is not None:
-                        self._count_adapter(k, gone.base, -1)
+                    if k in self._models:
+                        pods = self._copies.get(k, {})
+                        for pod in pods:
+                            self._count_adapter(k, self.copy_base(k, pod), -1, (pod,))
+                        gone = self._models.pop(k)
+                        self._over.pop(k, None)
+                        self._adapters_of.get(gone.base, set()).discard(k)
                 else:
                     self.set_model(old)
+            elif kind == "over":
+                adapter, pod = k
+                self._set_over(adapter, pod, old or "")
             elif old is None:
                 self._excluded.pop(k, None)
             else:
@@ -287,17 +341,66 @@ class ClusterView:
             p = self._ix[pod] = _PodIndex()
         return p
 
-    def _count_adapter(self, model: str, base: str, sign: int, pods: Any = None) -> None:
-        """Count (sign 1) or uncount (-1) `model`'s copies as its base's adapters on their pods."""
+    def _count_adapter(self, model: str, base: str, sign: int, pods: Any) -> None:
+        """Count (sign 1) or uncount (-1) `model`'s copies on `pods` as adapters over `base`."""
         if not base:
             return
-        for pod in (self._copies.get(model, {}) if pods is None else pods):
+        for pod in pods:
             a = self._pod_ix(pod).adapters
             n = a.get(base, 0) + sign
             if n > 0:
                 a[base] = n
             else:
                 a.pop(base, None)
+
+    def _set_over(self, model: str, pod: str, base: str) -> None:
+        """Record ("" forgets) the base `model`'s copy on `pod` is over, when not its model's
+        base. The map only: the caller moves the counts (`_count_adapter`)."""
+        over = self._over.get(model, {})
+        old = over.get(pod, "")
+        if old == base:
+            return
+        self._log("over", (model, pod), old)
+        if base:
+            self._over.setdefault(model, {})[pod] = base
+        else:
+            over.pop(pod, None)
+            if not over:
+                self._over.pop(model, None)
+
+    def copy_base(self, model: str, pod: str) -> str:
+        """The base `model`'s copy on `pod` is (or will be loaded) over: its model's base, unless
+        that base rolled to a new version since the copy was placed. "" for a model without one."""
+        o = self._over.get(model)
+        if o is not None and pod in o:
+            return o[pod]
+        mv = self._models.get(model)
+        return mv.base if mv is not None else ""
+
+    def hold_over(self, model: str, pod: str, base: str) -> None:
+        """`model`'s copy on `pod` is over `base` (a new leader reading it back: bases.OVER).
+        Moves its count from the base it was counted for. Nothing for a copy that is gone."""
+        if model not in self._copies or pod not in self._copies[model]:
+            return
+        cur = self.copy_base(model, pod)
+        if cur == base:
+            return
+        mv = self._models.get(model)
+        self._count_adapter(model, cur, -1, (pod,))
+        self._set_over(model, pod, "" if mv is not None and mv.base == base else base)
+        self._count_adapter(model, base, 1, (pod,))
+
+    def has_over(self, model: str) -> bool:
+        """`model` has copies over a base that is no longer its base (cheap: every commit asks)."""
+        return model in self._over
+
+    def over_of(self, model: str) -> Mapping[str, str]:
+        """pod -> base, for `model`'s copies over a base that is no longer its base (read-only)."""
+        return MappingProxyType(self._over.get(model, {}))
+
+    def adapters_of(self, base: str) -> frozenset[str]:
+        """The adapters whose base is `base` now (by their ModelView)."""
+        return frozenset(self._adapters_of.get(base, ()))
 
     def adapters_here(self, base: str, pod: str) -> int:
         """How many adapters of `base` have a copy on `pod` (loading, loaded or unloading)."""
@@ -311,17 +414,20 @@ class ClusterView:
         n = self.adapters_here(model, pod)
         if not n:
             return False
-        models = self._models
-        return n > sum(1 for g in going if (mv := models.get(g)) is not None and mv.base == model)
+        return n > sum(1 for g in going if self.copy_base(g, pod) == model)
 
     def _reindex(self, model: str, old: dict[str, Copy], new: dict[str, Copy]) -> None:
         mv = self._models.get(model)
-        if mv is not None and mv.base:
-            self._count_adapter(model, mv.base, -1, old)
-            self._count_adapter(model, mv.base, 1, new)
+        if mv is not None and (mv.base or model in self._over):
+            for pod in old:
+                self._count_adapter(model, self.copy_base(model, pod), -1, (pod,))
+            for pod in [p for p in self._over.get(model, {}) if p not in new]:
+                self._set_over(model, pod, "")  # that copy went: a new one there loads over the current base
+            for pod in new:
+                self._count_adapter(model, self.copy_base(model, pod), 1, (pod,))
         for pod, c in old.items():
             p = self._pod_ix(pod)
-            if c.state in _BOOKED:
+            if booked(c):
                 p.used -= c.size
             elif c.state == CopyState.UNLOADING:
                 p.unloading -= c.size
@@ -333,7 +439,7 @@ class ClusterView:
         loaded = False
         for pod, c in new.items():
             p = self._pod_ix(pod)
-            if c.state in _BOOKED:
+            if booked(c):
                 p.used += c.size
             elif c.state == CopyState.UNLOADING:
                 p.unloading += c.size
@@ -532,7 +638,7 @@ class ClusterView:
             freed += c.size
             # Its base right after its last adapter here, before other models: evicting more
             # adapters first would cost hits and free little (a base is most of a pair's bytes).
-            base = self._models[m].base if m in self._models else ""
+            base = self.copy_base(m, pod)
             bc = models.get(base) if base else None
             if (bc is not None and freed < need and bc.state == CopyState.LOADED and base != spare
                     and self.can_evict(base) and not self.base_stays(base, pod, chosen)):
@@ -587,7 +693,7 @@ class ClusterView:
                     continue
                 chosen.append(m)
                 freed += p.models[m].size
-                base = self._models[m].base if m in self._models else ""
+                base = self.copy_base(m, pod)
                 if base and freed < need and base in p.models and evictable(base) and not self.base_stays(base, pod, [*skip, *chosen]):
                     chosen.append(base)
                     freed += p.models[base].size
