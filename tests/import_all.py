@@ -17,9 +17,7 @@ from pathlib import Path
 
 PACKAGES = ("meshserve", "meshserve_xds", "meshserve_placement", "meshserve_loader", "meshserve_proto")
 # Imported by product code but deliberately in no runtime extra, with why.
-NOT_RUNTIME = {
-    "onnx": "test extra: meshserve_loader.example_models.write_onnx builds test models with it",
-}
+NOT_RUNTIME: dict[str, str] = {}
 
 
 def main() -> int:

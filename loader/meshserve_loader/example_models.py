@@ -61,7 +61,7 @@ def write_lightgbm(target: Path) -> Path:
 
 def write_onnx(target: Path) -> Path:
     """A logistic regression on digits as an ONNX graph (Gemm, then ArgMax): input `predict`
-    [N, 64] FP32, output `label` [N, 1] INT64. Needs the `onnx` package (a test extra)."""
+    [N, 64] FP32, output `label` [N, 1] INT64. Needs the `onnx` package (the runtime extra)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from sklearn.linear_model import LogisticRegression

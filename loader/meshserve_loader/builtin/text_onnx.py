@@ -18,8 +18,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+
+from meshserve.extras import needs
+
+with needs("runtime", "the text encoder (sentence-transformers models and their adapters)"):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
 
 # The linear layers of one encoder layer, by their name under `encoder.layer.<i>.`.
 LINEAR = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
