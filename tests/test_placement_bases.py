@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from meshserve.model import Copy, CopyState, ModelSpec
+from meshserve.store import ops as store_ops
 from meshserve_placement import bases, copies as cp, policy
 from meshserve_placement.dispatch import plan_dispatch
 from meshserve_placement.tuning import Tuning
@@ -354,7 +355,7 @@ def test_a_new_leader_finds_which_adapters_are_over_a_held_base() -> None:
     def write(cmds: list[list[str]]) -> None:
         for c in cmds:
             if c[0] == "HSET":
-                redis[c[2]] = c[3]
+                redis.update(zip(c[2::2], c[3::2]))
             else:
                 for f in c[2:]:
                     redis.pop(f, None)
@@ -370,7 +371,7 @@ def test_a_new_leader_finds_which_adapters_are_over_a_held_base() -> None:
     fresh = policy.ClusterView(pods=cv.pods, models=dict(cv.models), copies={m: dict(cs) for m, cs in cv.copies.items()})
     assert fresh.adapters_here("base", "pod-0") == 0
     for field, b in redis.items():
-        a, _, pod = field.rpartition("|")
+        a, pod = store_ops.parse_over_field(field)
         fresh.hold_over(a, pod, b)
     assert {p: dict(ix.adapters) for p, ix in fresh.index().items()} == {p: dict(ix.adapters) for p, ix in cv.index().items()}
     assert fresh.used("pod-0") == cv.used("pod-0") == (90 + 90 + 3) * MB

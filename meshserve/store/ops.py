@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import redis.asyncio as aioredis
 
@@ -81,6 +81,31 @@ def request(req: LoadRequest) -> Cmd:
 
 
 # The placement leader's writes: only its module may call these (tests/test_one_writer.py).
+
+
+def over_field(adapter: str, pod: str) -> str:
+    """keys.PLACEMENT_OVER's field for an adapter's copy on a pod."""
+    return f"{adapter}|{pod}"
+
+
+def parse_over_field(field: bytes | str) -> tuple[str, str]:
+    """(adapter, pod) of a keys.PLACEMENT_OVER field."""
+    adapter, _, pod = (field.decode() if isinstance(field, bytes) else field).rpartition("|")
+    return adapter, pod
+
+
+def set_over(adapter: str, bases: Mapping[str, str]) -> Cmd:
+    """The adapter's copies on these pods are over these (superseded) bases."""
+    return ["HSET", k.PLACEMENT_OVER, *(x for pod, base in sorted(bases.items()) for x in (over_field(adapter, pod), base))]
+
+
+def drop_over(adapter: str, pods: Iterable[str]) -> Cmd:
+    return ["HDEL", k.PLACEMENT_OVER, *(over_field(adapter, pod) for pod in pods)]
+
+
+async def read_over(r: aioredis.Redis) -> list[tuple[str, str, str]]:
+    """(adapter, pod, base) for every adapter copy over a superseded base."""
+    return [(*parse_over_field(f), b.decode()) for f, b in (await r.hgetall(k.PLACEMENT_OVER)).items()]
 
 
 def set_copies(model_id: str, copies: Mapping[str, Copy]) -> Cmd:

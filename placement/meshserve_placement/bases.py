@@ -32,29 +32,22 @@ from dataclasses import replace
 from typing import Iterable, Mapping
 
 from meshserve.model import Copy, CopyState, ModelSpec
-from meshserve.store import keys
+from meshserve.store import ops as store_ops
 from meshserve_placement.view import AFTER_ADAPTERS, HELD, ClusterView
 
 
-# keys.PLACEMENT_OVER: the copies ClusterView.copy_base says are over a base that is no longer
-# their adapter's (`over_of`), written by the leader in the commits that change them, so a new
-# leader knows which adapter copies keep a superseded base booked.
-OVER = keys.PLACEMENT_OVER
-
-
-def over_field(adapter: str, pod: str) -> str:
-    return f"{adapter}|{pod}"
-
-
 def over_ops(adapter: str, before: Mapping[str, str], after: Mapping[str, str]) -> list[list[str]]:
-    """The writes that make OVER follow one adapter's entries from `before` to `after`."""
+    """The writes that make keys.PLACEMENT_OVER follow one adapter's entries (pod -> the
+    superseded base its copy there is over, ClusterView.over_of) from `before` to `after`: the
+    leader writes them in the commits that change those copies, so a new leader knows which
+    adapter copies keep a superseded base booked."""
     out: list[list[str]] = []
-    gone = [over_field(adapter, p) for p in before if p not in after]
+    gone = [p for p in before if p not in after]
     if gone:
-        out.append(["HDEL", OVER, *gone])
-    for p, b in sorted(after.items()):
-        if before.get(p) != b:
-            out.append(["HSET", OVER, over_field(adapter, p), b])
+        out.append(store_ops.drop_over(adapter, gone))
+    changed = {p: b for p, b in after.items() if before.get(p) != b}
+    if changed:
+        out.append(store_ops.set_over(adapter, changed))
     return out
 
 

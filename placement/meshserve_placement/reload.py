@@ -80,11 +80,10 @@ class Reload:
             (m, p): time.time() for m, cs in self.view.copies.items() for p, c in cs.items()
             if c.state == CopyState.UNLOADING and c.reason.startswith("unload failed")
         }
-        # Adapter copies over a superseded version of their base (bases.OVER), and the copies of
-        # such versions kept for them.
-        for field, b in (await r.hgetall(bases.OVER)).items():
-            a, _, pod = field.decode().rpartition("|")
-            self.view.hold_over(a, pod, b.decode())
+        # Adapter copies over a superseded version of their base (keys.PLACEMENT_OVER), and the
+        # copies of such versions kept for them.
+        for a, pod, b in await ops.read_over(r):
+            self.view.hold_over(a, pod, b)
         self._held = bases.held(self.view)
         for m in self.pins:
             if m in self.view.models:
