@@ -112,6 +112,10 @@ def two_copy_mesh(request: pytest.FixtureRequest, tmp_path: Path) -> "Iterator[d
         yield m
 
 
+WITHDRAWN = {"placement_withdrawn", "gateway_withdrawn", "replaced_decided", "replaced_loaded"}
+RESUMED = {"victim_reloading", "gateway_withdrawn", "replaced_decided", "replaced_loaded"}
+
+
 def test_kill_9_a_pod_holding_one_of_two_copies(two_copy_mesh: devmesh.Mesh, body: bytes) -> None:
     """Case 3: kill -9 a whole runtime pod (its loader and its runtime) holding one of a model's
     two copies, under load. The model's route names one cluster holding both copies: Envoy
@@ -140,14 +144,18 @@ def test_kill_9_a_pod_holding_one_of_two_copies(two_copy_mesh: devmesh.Mesh, bod
             kill_wall, t0 = time.time(), time.monotonic()
             loader_pid, _ = pods.kill_pod(m, index)
             deadline = t0 + 60
-            while time.monotonic() < deadline and len(t) < 4:
+            while time.monotonic() < deadline and not (set(t) >= WITHDRAWN or set(t) >= RESUMED):
                 now = time.monotonic() - t0
                 cs = pods.copies(r, mid)
                 if "placement_withdrawn" not in t and victim not in cs:
                     t["placement_withdrawn"] = now
                 if "gateway_withdrawn" not in t and victim not in pods.gateway_pods(m, mid):
                     t["gateway_withdrawn"] = now
-                if "placement_withdrawn" in t:
+                if "placement_withdrawn" not in t and "victim_reloading" not in t and cs.get(victim, "loaded") != "loaded":
+                    # `meshserve up` restarted the pod and it registered again, empty, before its
+                    # heartbeats lapsed: placement loads the lost copy there again instead.
+                    t["victim_reloading"] = now
+                if "placement_withdrawn" in t or "victim_reloading" in t:
                     if "replaced_decided" not in t and sum(st in ("loading", "loaded") for st in cs.values()) == 2:
                         t["replaced_decided"] = now
                     if "replaced_loaded" not in t and len(pods.loaded(r, mid)) == 2:
@@ -172,7 +180,9 @@ def test_kill_9_a_pod_holding_one_of_two_copies(two_copy_mesh: devmesh.Mesh, bod
     )
     print(f"\ncase 3 ({layout}): {load.sent} sent, {load.failed} failed; {victim} killed {since_hb:.2f}s after its last heartbeat; "
           + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + f" after the kill; copies {holders} -> {after}")
-    assert set(t) == {"placement_withdrawn", "gateway_withdrawn", "replaced_decided", "replaced_loaded"}, (t, m.log()[-3000:])
+    # Withdrawn (the pod stayed away past its heartbeats: its copy re-placed), or resumed (it was
+    # back, empty, first: the copy loaded there again); 1 in 4 fresh-clone runs took the second.
+    assert set(t) >= WITHDRAWN or set(t) >= RESUMED, (t, m.log()[-3000:])
     assert load.sent > 300
     assert load.failed == 0, load.failures
     # Back to two copies: on the third pod, or on the killed one if `meshserve up` restarted it
@@ -184,7 +194,8 @@ def test_kill_9_a_pod_holding_one_of_two_copies(two_copy_mesh: devmesh.Mesh, bod
     # is two periods plus that half period and the push (measured: 1.4-2.0 s).
     assert t["gateway_withdrawn"] <= period * s.heartbeat_misses + period / 2 + 0.25, t
     # Re-placed at the next copy reconcile after the withdrawal (the load itself is ~20 ms here).
-    assert t["replaced_decided"] <= t["placement_withdrawn"] + maintain_s + 0.5, t
+    if "placement_withdrawn" in t:
+        assert t["replaced_decided"] <= t["placement_withdrawn"] + maintain_s + 0.5, t
 
 
 def test_restart_redis_with_aof(mesh: devmesh.Mesh, body: bytes) -> None:
