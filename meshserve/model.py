@@ -69,6 +69,10 @@ class Pod:
     # name to the id: its models can share one RouteConfiguration per pod set
     # (docs/design/routing.md "Shared routes"). False, as pods registered by older versions say.
     resolves_names: bool = False
+    # Its runtime holds a request sent with `ms-await-load` until the load of its model ends
+    # (headers.AWAIT_LOAD_HEADER: the built-in), so the activator may send a cold request
+    # ahead of the load. False, as pods registered by older versions say.
+    awaits_loads: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True)

@@ -97,6 +97,7 @@ def describe_pod(settings: Settings, index: int, spec: RuntimeSpec, server: Adap
         auto_formats=auto_formats(spec),
         max_loading=max_loading,
         resolves_names=server.resolves_names,
+        awaits_loads=server.awaits_loads,
     )
 
 

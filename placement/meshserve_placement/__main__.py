@@ -14,7 +14,7 @@ from meshserve import logs
 from meshserve.store import State
 from meshserve.observe import MeshStateCollector
 from meshserve.settings import Settings
-from meshserve_placement.activator import Activator, build_rest_app
+from meshserve_placement.activator import FORWARD_SECONDS, Activator, build_rest_app
 from meshserve_placement.activator_grpc import GrpcActivator
 from meshserve_placement.leader import Scheduler
 
@@ -30,7 +30,7 @@ async def main() -> None:
     # Mesh-wide cache metrics (capacity, used, cache age, loads) come from this process.
     collector = MeshStateCollector(state)
     REGISTRY.register(collector)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_SECONDS)) as session:
         runner = web.AppRunner(build_rest_app(act, session), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, s.host, s.activator_rest_port, backlog=1024).start()

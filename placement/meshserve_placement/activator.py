@@ -7,7 +7,14 @@ models that cannot be loaded get 503, both as KServe v2 error JSON.
 
 Traces (meshserve/tracing.py): a cold request is an `activator.request` span (continuing the
 caller's traceparent when it sent one) with two children, `activator.hold` (the wait for the
-load) and `activator.forward` (the first inference, on the pod that loaded it). The hold span's
+load) and `activator.forward` (the first inference, on the pod that loaded it).
+
+Sent ahead of the load: once the leader has put the load on a pod whose runtime can hold a
+request for it (Pod.awaits_loads, the built-in), the request goes there at once with
+`ms-await-load`, and the runtime serves it the moment its load ends. The load's result then
+need not come round through Redis to the activator, nor the request travel after it: both
+overlap the load instead. Should the copy there fail or go before the pod answered, the forward
+is dropped and the request waits as before (`_send_ahead`). The hold span's
 context rides on the ms:loadreq entry, so the leader's decision and the pod's pull and load join
 the same trace. Only the hold that writes the load request is their parent: other requests for
 the same model held by this activator meanwhile link to that hold span instead (one load, many
@@ -20,6 +27,7 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
@@ -37,13 +45,31 @@ from meshserve.store import State
 from meshserve.store import keys as k
 from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_POD, LoadRequest, LoadResult
-from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
+from meshserve.headers import AWAIT_LOAD_HEADER, MODEL_ID_HEADER, VMODEL_ID_HEADER
 from meshserve_placement import openai_routes
 from meshserve_placement.coldpath import HOP_BY_HOP, M_COLD, M_COLD_WAIT, LoadFailed, log
 
 # Forwarding to a copy that turns out gone (404 from the pod) sends the request back to wait.
 FORWARD_ATTEMPTS = 3
+FORWARD_SECONDS = 120.0  # a forward's own time (the session's timeout, __main__.py)
 R = TypeVar("R")
+
+
+@dataclass
+class Ahead:
+    """A forward sent while the copy on its pod still loads (the module's "Sent ahead"): the
+    runtime holds it for up to `seconds`. The front's send sets `answered` once the pod's
+    answer has begun; from then on the forward is not dropped (a stream may be under way)."""
+
+    seconds: float
+    answered: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return {AWAIT_LOAD_HEADER: f"{self.seconds:.3f}"}
+
+
+# A front's forward of one request: to this pod, ahead of the load or not.
+Send = Callable[[Pod, "Ahead | None"], Awaitable[tuple[int, R]]]
 
 
 class Activator:
@@ -128,16 +154,24 @@ class Activator:
             ev.set()
 
     async def ensure_loaded(self, model_id: str) -> Pod:
+        """A pod with `model_id` loaded, once there is one (up to the cold-start timeout)."""
+        return (await self._hold(model_id, ahead_ok=False))[0]
+
+    async def _hold(self, model_id: str, ahead_ok: bool) -> tuple[Pod, bool]:
+        """(a pod, whether its copy is still loading): a pod where the model is loaded, or with
+        `ahead_ok` one that loads it and can hold a request for it (Pod.awaits_loads)."""
         with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
             "activator.hold", attributes={tracing.ATTR_MODEL: model_id}
         ) as span:
             self._holding[model_id] = self._holding.get(model_id, 0) + 1
             try:
-                pod = await self._wait_loaded(model_id, span)
+                pod, loading = await self._wait_placed(model_id, span, ahead_ok)
             finally:
                 self._release(model_id)
             span.set_attribute(tracing.ATTR_POD, pod.id)
-            return pod
+            if loading:
+                span.set_attribute("meshserve.sent_ahead", True)
+            return pod, loading
 
     def _release(self, model_id: str) -> None:
         """The per-model entries live while a request is held for the model, no longer: at a
@@ -156,6 +190,9 @@ class Activator:
             self._requested = {m: t for m, t in self._requested.items() if t >= cutoff}
 
     async def _wait_loaded(self, model_id: str, span: trace.Span) -> Pod:
+        return (await self._wait_placed(model_id, span, ahead_ok=False))[0]
+
+    async def _wait_placed(self, model_id: str, span: trace.Span, ahead_ok: bool) -> tuple[Pod, bool]:
         linked = False
         deadline = time.monotonic() + self.s.cold_start_timeout_seconds
         while True:
@@ -166,7 +203,7 @@ class Activator:
                 if pod is not None:
                     if self._holding.get(model_id, 0) <= 1:
                         self._requested.pop(model_id, None)  # as below: the load asked for is done
-                    return pod
+                    return pod, False
             asked = self._requested.get(model_id, 0.0)
             if not asked or time.time() - asked > self.s.cold_start_timeout_seconds:
                 # Not asked for lately (the usual cold request): read the copies and ask for the
@@ -191,8 +228,14 @@ class Activator:
                     # re-check and ask only then (a 1 s tail, issue 19 §3).
                     if self._holding.get(model_id, 0) <= 1:
                         self._requested.pop(model_id, None)
-                    return pod
-            pending = any(c.state == CopyState.LOADING for c in copies.values())
+                    return pod, False
+            loading = [p for p, c in copies.items() if c.state == CopyState.LOADING]
+            if ahead_ok and loading:
+                for pod_id in loading:
+                    pod = await self.pod(pod_id)
+                    if pod is not None and pod.awaits_loads:
+                        return pod, True
+            pending = bool(loading)
             asked = self._requested.get(model_id, 0.0)
             # Only failures after our own request count; older ones are history.
             # (pod, reason); pod "-" is placement's own failure (no pod can hold it).
@@ -250,28 +293,73 @@ class Activator:
         span.set_attribute("meshserve.load_requested", True)
         return LoadRequest(model_id, trace=dict(tracing.inject({})))
 
-    async def serve_cold(self, model_id: str, protocol: str, t0: float, send: Callable[[Pod], Awaitable[tuple[int, R]]]) -> R:
-        """Hold the request until a copy is loaded, then `send` it to that pod. A 404 from the
-        pod means the copy went between our look and the forward (evicted under churn): a
-        registered model never answers 404, so the request waits for a copy again, up to
-        FORWARD_ATTEMPTS. Raises LoadFailed when no copy comes (counted per protocol)."""
-        for attempt in range(FORWARD_ATTEMPTS):
+    async def serve_cold(self, model_id: str, protocol: str, t0: float, send: "Send[R]") -> R:
+        """Hold the request until a copy is loaded, then `send` it to that pod, or send it
+        ahead to the pod loading it (the module's "Sent ahead"). A 404 from the pod means the
+        copy went between our look and the forward (evicted under churn), or the load it was
+        sent ahead of did not bring it: a registered model never answers 404, so the request
+        waits for a copy again, up to FORWARD_ATTEMPTS. Raises LoadFailed when no copy comes
+        (counted per protocol)."""
+        deadline = t0 + self.s.cold_start_timeout_seconds
+        attempt = 0
+        while True:
             try:
-                pod = await self.ensure_loaded(model_id)
+                # Sent ahead once at most: after that the request waits for a loaded copy.
+                pod, loading = await self._hold(model_id, ahead_ok=attempt == 0)
             except LoadFailed as e:
                 M_COLD.labels(protocol, str(e.status)).inc()
                 raise
             if attempt == 0:
                 M_COLD.labels(protocol, "200").inc()
                 M_COLD_WAIT.observe(time.monotonic() - t0)
+            attempt += 1
             self.touch_soon(model_id)
-            status, out = await send(pod)
-            if status != 404 or attempt == FORWARD_ATTEMPTS - 1:
+            if loading:
+                got = await self._send_ahead(model_id, pod, send, max(deadline - time.monotonic(), 0.1))
+                if got is None:  # its copy there failed or went before the pod answered
+                    continue
+                status, out = got
+            else:
+                status, out = await send(pod, None)
+            if status != 404 or attempt >= FORWARD_ATTEMPTS:
                 return out
             if self._loaded_on.get(model_id) == pod.id:
                 del self._loaded_on[model_id]  # that load's copy is gone: wait for the placement
             log.info("%s was gone from %s when forwarded to; waiting for a copy again", model_id, pod.id)
-        raise AssertionError("unreachable")
+
+    async def _send_ahead(self, model_id: str, pod: Pod, send: "Send[R]", seconds: float) -> tuple[int, R] | None:
+        """`send` to `pod` while its copy still loads, watching the copy meanwhile: should it
+        fail or go before the pod answered, the forward is dropped and None returned (the
+        runtime, which never got that load, would hold the request to its end)."""
+        ahead = Ahead(seconds)
+        task = asyncio.create_task(send(pod, ahead))
+        self._holding[model_id] = self._holding.get(model_id, 0) + 1  # keeps its wake-ups coming
+        try:
+            while True:
+                ev = self._waiters.setdefault(model_id, asyncio.Event())
+                woken = asyncio.create_task(ev.wait())
+                try:
+                    await asyncio.wait((task, woken), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if task.done() or ahead.answered or self._loaded_on.get(model_id) == pod.id:
+                    return await task  # answered, answering, or loaded there: its answer comes
+                copy = (await self.state.copies(model_id)).get(pod.id)
+                if copy is None or copy.state not in (CopyState.LOADING, CopyState.LOADED):
+                    if ahead.answered:
+                        return await task
+                    task.cancel()
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
+                    log.info("%s's copy on %s %s while a request waited there; waiting for a copy again", model_id, pod.id,
+                             "failed" if copy is not None and copy.state == CopyState.FAILED else "went")
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()
+            self._release(model_id)
 
     async def resolve(self, name: str) -> str:
         model_id = await self.state.resolve(name)
@@ -339,8 +427,8 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         headers = {h: v for h, v in request.headers.items() if h.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
 
-        async def send(pod: Pod) -> tuple[int, web.Response]:
-            resp = await forward(request, pod, model_id, tail, payload, headers)
+        async def send(pod: Pod, ahead: Ahead | None = None) -> tuple[int, web.Response]:
+            resp = await forward(request, pod, model_id, tail, payload, headers, ahead)
             return resp.status, resp
 
         try:
@@ -348,15 +436,22 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         except LoadFailed as e:
             return _error(e.status, str(e))
 
-    async def forward(request: web.Request, pod: Pod, model_id: str, tail: str, payload: bytes, headers: dict[str, str]) -> web.Response:
+    async def forward(request: web.Request, pod: Pod, model_id: str, tail: str, payload: bytes, headers: dict[str, str],
+                      ahead: Ahead | None) -> web.Response:
         url = f"http://{pod.host}:{pod.rest_port}/v2/models/{model_id}{tail}"
         with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
             "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
         ) as fspan:
             headers = {k: v for k, v in headers.items() if k.lower() not in (tracing.TRACEPARENT, tracing.TRACESTATE)}
             tracing.inject(headers)  # the pod continues this trace if it traces
+            if ahead is not None:
+                headers.update(ahead.headers())
             try:
-                async with session.request(request.method, url, data=payload, headers=headers) as r:
+                # Ahead of a load, the pod's answer also waits for the load: that wait is added.
+                extra = {"timeout": aiohttp.ClientTimeout(total=FORWARD_SECONDS + ahead.seconds)} if ahead else {}
+                async with session.request(request.method, url, data=payload, headers=headers, **extra) as r:
+                    if ahead is not None:
+                        ahead.answered = True
                     body = await r.read()
                     fspan.set_attribute("http.response.status_code", r.status)
                     # Binary tensor answers (Triton's extension) are split by this header.

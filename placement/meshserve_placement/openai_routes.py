@@ -130,10 +130,16 @@ def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -
         headers = {h: v for h, v in request.headers.items() if h.lower() not in HOP_BY_HOP}
         headers[MODEL_ID_HEADER] = model_id
 
-        async def send(pod: Pod) -> tuple[int, web.StreamResponse]:
+        async def send(pod: Pod, ahead: Any = None) -> tuple[int, web.StreamResponse]:
+            """`ahead`: activator.Ahead when sent ahead of the model's load there."""
             url = f"http://{pod.host}:{pod.rest_port}/v1/{endpoint}"
             try:
-                async with session.post(url, data=payload, headers=headers, timeout=STREAM_TIMEOUT) as r:
+                # Ahead of a load, the pod's first byte also waits for the load: that wait is added.
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120 + ahead.seconds) if ahead else STREAM_TIMEOUT
+                async with session.post(url, data=payload, headers={**headers, **ahead.headers()} if ahead else headers,
+                                        timeout=timeout) as r:
+                    if ahead is not None:
+                        ahead.answered = True
                     if r.status == 200 and r.content_type == EVENT_STREAM:
                         return r.status, await relay(request, r)
                     out = await r.read()

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from typing import Any
 
 from aiohttp import hdrs, web
 from prometheus_client import generate_latest
+
+from meshserve.headers import AWAIT_LOAD_HEADER
 
 from meshserve.httpbody import drain
 from meshserve.settings import MAX_REQUEST_BYTES
@@ -137,9 +140,29 @@ def build_control_app(rt: Runtime) -> web.Application:
     return app
 
 
+def awaiting_load(rt: Runtime) -> Any:
+    """A request the activator sent ahead of its model's load waits here for the load to end
+    (Runtime.await_load) before its handler looks the model up."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        wait = request.headers.get(AWAIT_LOAD_HEADER)
+        name = request.headers.get(MODEL_ID_HEADER)
+        if wait and name:
+            try:
+                seconds = float(wait)
+            except ValueError:
+                seconds = 0.0
+            await rt.await_load(name, seconds)
+        return await handler(request)
+
+    return middleware
+
+
 def build_rest_app(rt: Runtime) -> web.Application:
     # No automatic decompression: aiohttp would inflate on the event loop (decode_body).
-    app = web.Application(client_max_size=MAX_BODY_BYTES, handler_args={"auto_decompress": False})
+    app = web.Application(client_max_size=MAX_BODY_BYTES, handler_args={"auto_decompress": False},
+                          middlewares=[awaiting_load(rt)])
     r = web.RouteTableDef()
 
     def model_name(request: web.Request) -> str:

@@ -49,6 +49,13 @@ def confine(path: str, roots: "list[Path] | tuple[Path, ...]") -> Path:
     raise PathRefused(f"path {path!r} is outside this runtime's model roots; it loads only from its pod's disk cache and storage roots")
 
 
+# Requests held for a load at once (Runtime.await_load), and how long one may be held whatever
+# its header says: the data port is reachable from every peer of the pod network, so what a
+# header can make the runtime hold is bounded. Past the count a request is answered at once.
+MAX_AWAITING = 1024
+MAX_AWAIT_SECONDS = 300.0
+
+
 class ModelNotFound(LookupError):
     """No such model here. Its own class, so that a model's IndexError or KeyError (also
     LookupErrors) is never mistaken for it and answered 404."""
@@ -211,6 +218,9 @@ class Runtime:
         # moves its model to the end), so `stats(since)` reads only the models used lately.
         self._by_use: dict[str, None] = {}
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="infer")
+        # model -> (the event its load's end sets, requests held on it): await_load
+        self._arrivals: dict[str, tuple[asyncio.Event, int]] = {}
+        self._awaiting = 0
         self.m_requests = Counter(
             "meshserve_runtime_requests", "Inference requests served by this runtime", ["model", "code"], registry=self.registry
         )
@@ -244,7 +254,43 @@ class Runtime:
             raise ModelNotFound(f"model '{name}' is not loaded on this runtime")
         return e
 
+    async def await_load(self, name: str, seconds: float) -> None:
+        """Hold a request the activator sent ahead of its model's load (headers.AWAIT_LOAD_HEADER)
+        until a load of `name` here ends, well or not, or `seconds` pass (at most
+        MAX_AWAIT_SECONDS). The request then goes on as any other: served if the model is loaded,
+        else 404, on which the activator waits for a copy again. Returns at once when `name` is
+        loaded, and for a request past MAX_AWAITING."""
+        if name in self.models or not seconds > 0 or self._awaiting >= MAX_AWAITING:  # NaN too
+            return
+        ev, n = self._arrivals.get(name) or (asyncio.Event(), 0)
+        self._arrivals[name] = (ev, n + 1)
+        self._awaiting += 1
+        try:
+            await asyncio.wait_for(ev.wait(), min(seconds, MAX_AWAIT_SECONDS))
+        except TimeoutError:
+            pass
+        finally:
+            self._awaiting -= 1
+            held = self._arrivals.get(name)
+            if held is not None and held[0] is ev:
+                if held[1] <= 1:
+                    del self._arrivals[name]
+                else:
+                    self._arrivals[name] = (ev, held[1] - 1)
+
+    def _arrived(self, name: str) -> None:
+        """A load of `name` ended: the requests held for it go on."""
+        held = self._arrivals.pop(name, None)
+        if held is not None:
+            held[0].set()
+
     async def load(self, name: str, fmt: str, path: str, params: dict[str, Any]) -> int:
+        try:
+            return await self._load(name, fmt, path, params)
+        finally:
+            self._arrived(name)
+
+    async def _load(self, name: str, fmt: str, path: str, params: dict[str, Any]) -> int:
         if self.allowed_roots is not None:
             # Before the already-loaded shortcut too: a refused path must be refused every time.
             path = str(confine(path, self.allowed_roots))

@@ -55,6 +55,9 @@ class Adapter:
     kind = ""
     # The server finds a model by its alias as well as its id (Pod.resolves_names): the built-in.
     resolves_names = False
+    # The server holds a request sent with `ms-await-load` until its model's load ends
+    # (Pod.awaits_loads): the built-in.
+    awaits_loads = False
 
     def __init__(self, settings: Settings, index: int, spec: RuntimeSpec, session: aiohttp.ClientSession,
                  metrics: LoaderMetrics | None = None):

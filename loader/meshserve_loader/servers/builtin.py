@@ -91,6 +91,7 @@ log = logging.getLogger("meshserve.loader")
 class BuiltinAdapter(Adapter):
     kind = "builtin"
     resolves_names = True  # table.py Runtime.resolve; the loader passes each model's alias
+    awaits_loads = True  # table.py Runtime.await_load
 
     async def start(self) -> Endpoints:
         s = self.settings

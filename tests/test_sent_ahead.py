@@ -1,0 +1,159 @@
+"""A cold request sent ahead of its model's load (activator.py "Sent ahead"): the activator
+forwards it to the pod loading the model, whose runtime holds it until the load ends. The
+client's answer then needs neither the load's result in Redis nor the leader's commit; a copy
+that fails before the runtime got its load releases the request at once with the reason.
+
+Kind: integration. Real Valkey for the state, the built-in runtime's real REST app and the
+activator's real REST app on 127.0.0.1 (aiohttp test servers), a real sklearn model file. No
+leader and no loader: the test writes the copies as the leader would and drives the runtime's
+load as the loader would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from meshserve.headers import AWAIT_LOAD_HEADER, MODEL_ID_HEADER
+from meshserve.model import Copy, CopyState, Pod
+from meshserve.settings import Settings
+from meshserve.store import State
+from meshserve.store import keys as k
+from meshserve.store import ops
+from meshserve.store.messages import KIND_PLACEMENT
+from meshserve_loader import example_models as ex
+from meshserve_loader.builtin import http_api
+from meshserve_loader.builtin.table import Runtime
+from meshserve_placement.activator import Activator, build_rest_app
+
+ROW = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[tuple[Runtime, TestServer]]:
+    rt = Runtime()
+    server = TestServer(http_api.build_rest_app(rt), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield rt, server
+    finally:
+        await server.close()
+        rt.close()
+
+
+@pytest.fixture
+async def gateway(state: State, runtime: tuple[Runtime, TestServer]) -> AsyncIterator[tuple[Activator, str, Pod]]:
+    """The activator's REST app over `state`, and the runtime registered as pod p0."""
+    act = Activator(Settings(cold_start_timeout_seconds=10), state)
+    pod = Pod("p0", "127.0.0.1", runtime[1].port, 1, 1 << 30, runtime="builtin", awaits_loads=True)
+    await ops.register_pod(state, pod)
+    watcher = asyncio.create_task(act.watch_changes())
+    async with aiohttp.ClientSession() as session:
+        server = TestServer(build_rest_app(act, session), host="127.0.0.1")
+        await server.start_server()
+        await asyncio.sleep(0.1)  # the watcher's first XREAD is out
+        try:
+            yield act, f"http://127.0.0.1:{server.port}", pod
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await server.close()
+
+
+async def _set_copy(state: State, model: str, pod: str, copy: Copy) -> None:
+    await state.commit([ops.set_copies(model, {pod: copy})], [(KIND_PLACEMENT, model)])
+
+
+async def _register(state: State, model: str) -> None:
+    await state.r.hset(k.ALIASES, model, model)  # name -> id, as the registry writes it
+
+
+async def test_a_request_sent_ahead_is_answered_when_the_load_lands_without_its_result(
+        state: State, runtime: tuple[Runtime, TestServer], gateway: tuple[Activator, str, Pod], tmp_path: Path) -> None:
+    rt, _ = runtime
+    _, url, _ = gateway
+    model = ex.write_sklearn(tmp_path / "mnist.joblib")
+    await _register(state, "m")
+    async with aiohttp.ClientSession() as c:
+        req = asyncio.create_task(c.post(f"{url}/v2/models/m/infer", json=ROW))
+        await asyncio.sleep(0.2)
+        await _set_copy(state, "m", "p0", Copy(CopyState.LOADING, 1, time.time()))  # the leader's order
+        for _ in range(100):  # the activator sent it ahead: the runtime holds it
+            if rt._awaiting == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert rt._awaiting == 1 and not req.done()
+        t0 = time.monotonic()
+        await rt.load("m", "sklearn", str(model), {})  # the loader's load; no result, no commit
+        r = await asyncio.wait_for(req, 5)
+        assert r.status == 200, await r.text()
+        assert (await r.json())["outputs"][0]["shape"] == [1, 1]
+        assert time.monotonic() - t0 < 1.0
+    # Redis still says LOADING: the answer came without the load's result coming round.
+    assert (await state.copies("m"))["p0"].state == CopyState.LOADING
+    assert rt._awaiting == 0 and rt._arrivals == {}
+
+
+async def test_a_copy_that_fails_before_the_pod_loads_releases_the_request_with_the_reason(
+        state: State, runtime: tuple[Runtime, TestServer], gateway: tuple[Activator, str, Pod]) -> None:
+    rt, _ = runtime
+    _, url, _ = gateway
+    await _register(state, "m")
+    async with aiohttp.ClientSession() as c:
+        req = asyncio.create_task(c.post(f"{url}/v2/models/m/infer", json=ROW))
+        await asyncio.sleep(0.2)
+        await _set_copy(state, "m", "p0", Copy(CopyState.LOADING, 1, time.time()))
+        for _ in range(100):
+            if rt._awaiting == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert rt._awaiting == 1
+        t0 = time.monotonic()
+        # The loader could not fetch the files: the runtime never hears of this load.
+        await _set_copy(state, "m", "p0", Copy(CopyState.FAILED, 0, time.time(), "storage: NoSuchKey: s3://b/m"))
+        r = await asyncio.wait_for(req, 5)
+        assert time.monotonic() - t0 < 1.5
+        assert r.status == 503 and "m" in (await r.json())["error"]
+    for _ in range(50):  # the forward was dropped: nothing stays held on the runtime
+        if rt._awaiting == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert rt._awaiting == 0 and rt._arrivals == {}
+
+
+async def test_the_runtime_holds_a_request_for_a_load_no_longer_than_it_may(runtime: tuple[Runtime, TestServer], tmp_path: Path) -> None:
+    """The runtime alone: a hold ends with the load (served), with a failed load (404 at once),
+    or with its time (404); a header that is not a positive number holds nothing."""
+    rt, server = runtime
+    base = f"http://127.0.0.1:{server.port}/v2/models/m/infer"
+    model = ex.write_sklearn(tmp_path / "mnist.joblib")
+
+    async def post(c: aiohttp.ClientSession, wait: str) -> tuple[int, float]:
+        t0 = time.monotonic()
+        async with c.post(base, json=ROW, headers={MODEL_ID_HEADER: "m", AWAIT_LOAD_HEADER: wait}) as r:
+            await r.read()
+            return r.status, time.monotonic() - t0
+
+    async with aiohttp.ClientSession() as c:
+        for bad in ("nan", "-1", "soon", "0"):
+            status, took = await post(c, bad)
+            assert status == 404 and took < 0.5, bad
+        status, took = await post(c, "0.3")  # nothing loads it
+        assert status == 404 and 0.3 <= took < 1.5
+        held = asyncio.create_task(post(c, "10"))
+        await asyncio.sleep(0.2)
+        with pytest.raises(Exception):
+            await rt.load("m", "sklearn", str(tmp_path / "missing.joblib"), {})
+        status, took = await asyncio.wait_for(held, 5)
+        assert status == 404 and took < 2.0  # the failed load ended the hold
+        held = asyncio.create_task(post(c, "10"))
+        await asyncio.sleep(0.2)
+        await rt.load("m", "sklearn", str(model), {})
+        status, took = await asyncio.wait_for(held, 5)
+        assert status == 200 and took < 2.0
+    assert rt._awaiting == 0 and rt._arrivals == {}
