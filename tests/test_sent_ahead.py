@@ -17,6 +17,7 @@ from typing import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from meshserve.headers import AWAIT_LOAD_HEADER, MODEL_ID_HEADER
@@ -35,22 +36,25 @@ ROW = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0
 
 
 @pytest.fixture
-async def runtime() -> AsyncIterator[tuple[Runtime, TestServer]]:
+async def runtime() -> AsyncIterator[tuple[Runtime, int]]:
+    """The runtime's data app served as `server.serve` serves it: aiohttp's AppRunner, which
+    does not cancel a handler whose client left (a test server would)."""
     rt = Runtime()
-    server = TestServer(http_api.build_rest_app(rt), host="127.0.0.1")
-    await server.start_server()
+    runner = web.AppRunner(http_api.build_rest_app(rt), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        yield rt, server
+        yield rt, runner.addresses[0][1]
     finally:
-        await server.close()
+        await runner.cleanup()
         rt.close()
 
 
 @pytest.fixture
-async def gateway(state: State, runtime: tuple[Runtime, TestServer]) -> AsyncIterator[tuple[Activator, str, Pod]]:
+async def gateway(state: State, runtime: tuple[Runtime, int]) -> AsyncIterator[tuple[Activator, str, Pod]]:
     """The activator's REST app over `state`, and the runtime registered as pod p0."""
     act = Activator(Settings(cold_start_timeout_seconds=10), state)
-    pod = Pod("p0", "127.0.0.1", runtime[1].port, 1, 1 << 30, runtime="builtin", awaits_loads=True)
+    pod = Pod("p0", "127.0.0.1", runtime[1], 1, 1 << 30, runtime="builtin", awaits_loads=True)
     await ops.register_pod(state, pod)
     watcher = asyncio.create_task(act.watch_changes())
     async with aiohttp.ClientSession() as session:
@@ -74,7 +78,7 @@ async def _register(state: State, model: str) -> None:
 
 
 async def test_a_request_sent_ahead_is_answered_when_the_load_lands_without_its_result(
-        state: State, runtime: tuple[Runtime, TestServer], gateway: tuple[Activator, str, Pod], tmp_path: Path) -> None:
+        state: State, runtime: tuple[Runtime, int], gateway: tuple[Activator, str, Pod], tmp_path: Path) -> None:
     rt, _ = runtime
     _, url, _ = gateway
     model = ex.write_sklearn(tmp_path / "mnist.joblib")
@@ -100,7 +104,7 @@ async def test_a_request_sent_ahead_is_answered_when_the_load_lands_without_its_
 
 
 async def test_a_copy_that_fails_before_the_pod_loads_releases_the_request_with_the_reason(
-        state: State, runtime: tuple[Runtime, TestServer], gateway: tuple[Activator, str, Pod]) -> None:
+        state: State, runtime: tuple[Runtime, int], gateway: tuple[Activator, str, Pod]) -> None:
     rt, _ = runtime
     _, url, _ = gateway
     await _register(state, "m")
@@ -122,15 +126,15 @@ async def test_a_copy_that_fails_before_the_pod_loads_releases_the_request_with_
     for _ in range(50):  # the forward was dropped: nothing stays held on the runtime
         if rt._awaiting == 0:
             break
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # (it looks for its client every AWAIT_CHECK_SECONDS)
     assert rt._awaiting == 0 and rt._arrivals == {}
 
 
-async def test_the_runtime_holds_a_request_for_a_load_no_longer_than_it_may(runtime: tuple[Runtime, TestServer], tmp_path: Path) -> None:
+async def test_the_runtime_holds_a_request_for_a_load_no_longer_than_it_may(runtime: tuple[Runtime, int], tmp_path: Path) -> None:
     """The runtime alone: a hold ends with the load (served), with a failed load (404 at once),
     or with its time (404); a header that is not a positive number holds nothing."""
-    rt, server = runtime
-    base = f"http://127.0.0.1:{server.port}/v2/models/m/infer"
+    rt, port = runtime
+    base = f"http://127.0.0.1:{port}/v2/models/m/infer"
     model = ex.write_sklearn(tmp_path / "mnist.joblib")
 
     async def post(c: aiohttp.ClientSession, wait: str) -> tuple[int, float]:

@@ -153,7 +153,7 @@ def awaiting_load(rt: Runtime) -> Any:
                 seconds = float(wait)
             except ValueError:
                 seconds = 0.0
-            await rt.await_load(name, seconds)
+            await rt.await_load(name, seconds, gone=lambda: request.transport is None or request.transport.is_closing())
         return await handler(request)
 
     return middleware

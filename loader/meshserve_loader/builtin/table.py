@@ -54,6 +54,7 @@ def confine(path: str, roots: "list[Path] | tuple[Path, ...]") -> Path:
 # header can make the runtime hold is bounded. Past the count a request is answered at once.
 MAX_AWAITING = 1024
 MAX_AWAIT_SECONDS = 300.0
+AWAIT_CHECK_SECONDS = 0.25  # how often a held request looks whether its client is still there
 
 
 class ModelNotFound(LookupError):
@@ -254,21 +255,26 @@ class Runtime:
             raise ModelNotFound(f"model '{name}' is not loaded on this runtime")
         return e
 
-    async def await_load(self, name: str, seconds: float) -> None:
+    async def await_load(self, name: str, seconds: float, gone: "Callable[[], bool]" = lambda: False) -> None:
         """Hold a request the activator sent ahead of its model's load (headers.AWAIT_LOAD_HEADER)
         until a load of `name` here ends, well or not, or `seconds` pass (at most
         MAX_AWAIT_SECONDS). The request then goes on as any other: served if the model is loaded,
         else 404, on which the activator waits for a copy again. Returns at once when `name` is
-        loaded, and for a request past MAX_AWAITING."""
+        loaded, and for a request past MAX_AWAITING; within AWAIT_CHECK_SECONDS once `gone()`
+        (the activator dropped the request: aiohttp does not cancel a handler whose client left)."""
         if name in self.models or not seconds > 0 or self._awaiting >= MAX_AWAITING:  # NaN too
             return
         ev, n = self._arrivals.get(name) or (asyncio.Event(), 0)
         self._arrivals[name] = (ev, n + 1)
         self._awaiting += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(seconds, MAX_AWAIT_SECONDS)
         try:
-            await asyncio.wait_for(ev.wait(), min(seconds, MAX_AWAIT_SECONDS))
-        except TimeoutError:
-            pass
+            while not ev.is_set() and not gone() and (left := deadline - loop.time()) > 0:
+                try:
+                    await asyncio.wait_for(ev.wait(), min(left, AWAIT_CHECK_SECONDS))
+                except TimeoutError:
+                    pass
         finally:
             self._awaiting -= 1
             held = self._arrivals.get(name)
