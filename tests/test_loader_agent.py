@@ -6,6 +6,7 @@ its models reported lost; loads are bounded per pod; sizes are predicted and mea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -104,9 +105,15 @@ async def test_failures_are_reported_and_crash_nothing(agent: Agent) -> None:
         _spec("wrongfmt__isvc-0000000003", "mnist-svm.joblib", fmt="pytorch"),
         _spec("missing__isvc-0000000004", "nope.joblib"),
         _spec("slow__isvc-0000000005", "slow", fmt="custom"),
+        # An adapter whose base is not registered; one whose own files are missing as well
+        # (its base is looked up while its files come: the files' error is the one reported).
+        dataclasses.replace(_spec("orphan__isvc-0000000006", "mnist-svm.joblib"), base="nobase"),
+        dataclasses.replace(_spec("lost__isvc-0000000007", "nope.joblib"), base="nobase"),
     ):
         await _order(agent, "load", spec)
-    evs = {e["model"]: e for e in await _results(agent, 5, timeout=60)}
+    evs = {e["model"]: e for e in await _results(agent, 7, timeout=60)}
+    assert "base model 'nobase' is not registered" in evs["orphan__isvc-0000000006"]["reason"]
+    assert "does not exist" in evs["lost__isvc-0000000007"]["reason"]
     assert evs["corrupt__isvc-0000000002"]["ok"] == "0" and "cannot read corrupt.joblib" in evs["corrupt__isvc-0000000002"]["reason"]
     assert "cannot load format 'pytorch'" in evs["wrongfmt__isvc-0000000003"]["reason"]
     assert "does not exist" in evs["missing__isvc-0000000004"]["reason"]

@@ -14,7 +14,7 @@ from meshserve_loader.fetch import Fetcher
 from meshserve_loader.storage import predict_size
 
 
-async def base_params(state: State, fetcher: Fetcher, spec: ModelSpec, path: Path) -> dict[str, Any]:
+async def base_params(state: State, fetcher: Fetcher, spec: ModelSpec, path: Path | None) -> dict[str, Any]:
     """An adapter's base (issue 17): the registered model its spec names (meshserve.io/
     base-model), else the one its PEFT adapter_config.json names, fetched like any model, for
     the runtime to load once and share (`base_path`). {} for a model without a base.
@@ -22,9 +22,13 @@ async def base_params(state: State, fetcher: Fetcher, spec: ModelSpec, path: Pat
     Placement loads the base's own model on the pod before an adapter whose spec names it
     (issue 17 item 2), so the fetch finds it in the disk cache and the runtime finds it
     resident. A base named only in adapter_config.json is unknown to placement: it is fetched
-    here and its memory is carried by the adapter that brought it (builtin/table.py `load_with_base`)."""
+    here and its memory is carried by the adapter that brought it (builtin/table.py `load_with_base`).
+    `path`, the adapter's own files, is read only when the spec names no base (None: not yet
+    fetched; then only the spec's base counts)."""
     name = spec.base
     if not name:
+        if path is None:
+            return {}
         cfg = (path if path.is_dir() else path.parent) / ADAPTER_CONFIG
         if not cfg.is_file():
             return {}
