@@ -1,4 +1,4 @@
-"""A cold request sent ahead of its model's load (activator.py "Sent ahead"): the activator
+"""A cold request (REST or gRPC) sent ahead of its model's load (activator.py "Sent ahead"): the activator
 forwards it to the pod loading the model, whose runtime holds it until the load ends. The
 client's answer then needs neither the load's result in Redis nor the leader's commit; a copy
 that fails before the runtime got its load releases the request at once with the reason.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
+import grpc
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -29,8 +30,12 @@ from meshserve.store import ops
 from meshserve.store.messages import KIND_PLACEMENT
 from meshserve_loader import example_models as ex
 from meshserve_loader.builtin import http_api
+from meshserve_loader.builtin.grpc_api import GrpcServicer, add_servicer
 from meshserve_loader.builtin.table import Runtime
 from meshserve_placement.activator import Activator, build_rest_app
+from meshserve_placement.activator_grpc import GrpcActivator
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 
 ROW = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
 
@@ -161,3 +166,64 @@ async def test_the_runtime_holds_a_request_for_a_load_no_longer_than_it_may(runt
         status, took = await asyncio.wait_for(held, 5)
         assert status == 200 and took < 2.0
     assert rt._awaiting == 0 and rt._arrivals == {}
+
+
+async def test_a_grpc_call_is_sent_ahead_too_and_a_failed_copy_is_unavailable_with_its_reason(
+        state: State, runtime: tuple[Runtime, int], tmp_path: Path) -> None:
+    """The same over gRPC: the activator's gRPC front forwards a ModelInfer to the loading pod's
+    gRPC port with the header as metadata; the runtime holds it until the load lands."""
+    rt, _ = runtime
+    model = ex.write_sklearn(tmp_path / "mnist.joblib")
+    rsrv = grpc.aio.server()
+    add_servicer(rsrv, GrpcServicer(rt))
+    rport = rsrv.add_insecure_port("127.0.0.1:0")
+    await rsrv.start()
+    act = Activator(Settings(cold_start_timeout_seconds=10), state)
+    await ops.register_pod(state, Pod("p0", "127.0.0.1", 1, rport, 1 << 30, runtime="builtin", awaits_loads=True))
+    watcher = asyncio.create_task(act.watch_changes())
+    asrv = grpc.aio.server()
+    asrv.add_generic_rpc_handlers((GrpcActivator(act),))
+    aport = asrv.add_insecure_port("127.0.0.1:0")
+    await asrv.start()
+    await _register(state, "m")
+    await _register(state, "f")
+    req = pb.ModelInferRequest(model_name="m", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="x", datatype="FP32", shape=[1, 64], contents=pb.InferTensorContents(fp32_contents=[0.0] * 64))])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{aport}") as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+            call = asyncio.ensure_future(stub.ModelInfer(req, metadata=[("mm-vmodel-id", "m")], timeout=10))
+            await asyncio.sleep(0.2)
+            await _set_copy(state, "m", "p0", Copy(CopyState.LOADING, 1, time.time()))
+            for _ in range(100):
+                if rt._awaiting == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert rt._awaiting == 1 and not call.done()
+            await rt.load("m", "sklearn", str(model), {})  # no result, no commit
+            resp = await asyncio.wait_for(call, 5)
+            assert resp.model_name == "m" and list(resp.outputs[0].shape) == [1, 1]
+
+            req.model_name = "f"
+            call = asyncio.ensure_future(stub.ModelInfer(req, metadata=[("mm-vmodel-id", "f")], timeout=10))
+            await asyncio.sleep(0.2)
+            await _set_copy(state, "f", "p0", Copy(CopyState.LOADING, 1, time.time()))
+            for _ in range(100):
+                if rt._awaiting == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert rt._awaiting == 1
+            await _set_copy(state, "f", "p0", Copy(CopyState.FAILED, 0, time.time(), "storage: NoSuchKey: s3://b/f"))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await asyncio.wait_for(call, 5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "'f'" in (e.value.details() or "")
+        for _ in range(50):
+            if rt._awaiting == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert rt._awaiting == 0 and rt._arrivals == {}
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await asrv.stop(0)
+        await rsrv.stop(0)

@@ -1,5 +1,6 @@
 """The activator's gRPC side: any GRPCInferenceService call for a cold model is held until a
-copy is loaded, then forwarded to that pod."""
+copy is loaded, then forwarded to that pod, or sent ahead to the pod loading it (activator.py
+"Sent ahead"), as on REST: the same `Activator.serve_cold`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from meshserve import tracing
 from meshserve.store import keys as k
 from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
-from meshserve_placement.activator import Activator
-from meshserve_placement.coldpath import M_COLD, M_COLD_WAIT, LoadFailed
+from meshserve.model import Pod
+from meshserve_placement.activator import Activator, Ahead
+from meshserve_placement.coldpath import M_COLD, LoadFailed
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 
 
@@ -74,31 +76,38 @@ class GrpcActivator(grpc.GenericRpcHandler):
         t0 = time.monotonic()
         try:
             model_id = await self.act.resolve(name)
-            span.set_attribute(tracing.ATTR_MODEL, model_id)
-            pod = await self.act.ensure_loaded(model_id)
-            M_COLD.labels("grpc", "200").inc()
-            M_COLD_WAIT.observe(time.monotonic() - t0)
         except LoadFailed as e:
             M_COLD.labels("grpc", str(e.status)).inc()
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        span.set_attribute(tracing.ATTR_MODEL, model_id)
+        drop = (MODEL_ID_HEADER, VMODEL_ID_HEADER, tracing.TRACEPARENT, tracing.TRACESTATE)
+        fwd_md = [(h, v) for h, v in md.items() if h not in drop and not h.startswith(":")]
+        fwd_md.append((MODEL_ID_HEADER, model_id))
+
+        async def send(pod: Pod, ahead: Ahead | None = None) -> tuple[int, bytes | grpc.aio.AioRpcError]:
+            """The call's answer, or the pod's error (NOT_FOUND as a 404: the copy went, or the
+            load it was sent ahead of did not bring it; serve_cold then waits for a copy again)."""
+            ch = self._channels.get(pod.id)
+            if ch is None:
+                ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
+            with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
+                "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
+            ) as fspan:
+                call_md = fwd_md + list(tracing.inject({}).items()) + (list(ahead.headers().items()) if ahead else [])
+                try:
+                    return 200, await ch.unary_unary(method)(request, metadata=call_md)
+                except grpc.aio.AioRpcError as e:
+                    fspan.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
+                    return (404 if e.code() == grpc.StatusCode.NOT_FOUND else 500), e
+
+        try:
+            out = await self.act.serve_cold(model_id, "grpc", t0, send)
+        except LoadFailed as e:
             code = grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE
             if e.status >= 500:
                 span.set_status(Status(StatusCode.ERROR, str(e)))
             await context.abort(code, str(e))
-        self.act.touch_soon(model_id)
-        ch = self._channels.get(pod.id)
-        if ch is None:
-            ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
-        drop = (MODEL_ID_HEADER, VMODEL_ID_HEADER, tracing.TRACEPARENT, tracing.TRACESTATE)
-        fwd_md = [(h, v) for h, v in md.items() if h not in drop and not h.startswith(":")]
-        fwd_md.append((MODEL_ID_HEADER, model_id))
-        with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
-            "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
-        ) as fspan:
-            fwd_md += list(tracing.inject({}).items())
-            try:
-                return await ch.unary_unary(method)(request, metadata=fwd_md)
-            except grpc.aio.AioRpcError as e:
-                fspan.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
-                span.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
-                await context.abort(e.code(), e.details() or "")
-        raise AssertionError("unreachable")  # context.abort raises
+        if isinstance(out, grpc.aio.AioRpcError):
+            span.set_status(Status(StatusCode.ERROR, f"{out.code().name}: {out.details()}"))
+            await context.abort(out.code(), out.details() or "")
+        return out

@@ -10,6 +10,7 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
+from meshserve.headers import AWAIT_LOAD_HEADER
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_loader.builtin import binary, codec
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -42,10 +43,24 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name=self.rt.name, version="0.1.0", extensions=["binary_tensor_data"])
 
+    async def _await_load(self, context: grpc.aio.ServicerContext) -> None:
+        """A call the activator sent ahead of its model's load waits for the load to end
+        (Runtime.await_load; the REST port's `awaiting_load` middleware does the same)."""
+        md = dict(context.invocation_metadata() or ())
+        wait, name = md.get(AWAIT_LOAD_HEADER), md.get(MODEL_ID_HEADER)
+        if wait and name:
+            try:
+                seconds = float(wait)
+            except ValueError:
+                return
+            await self.rt.await_load(name, seconds, gone=context.done)
+
     async def ModelReady(self, request, context):  # noqa: N802
+        await self._await_load(context)
         return pb.ModelReadyResponse(ready=self._name(context, request.name) in self.rt.models)
 
     async def ModelMetadata(self, request, context):  # noqa: N802
+        await self._await_load(context)
         name = self._name(context, request.name)
         try:
             md = self.rt.metadata(name)
@@ -61,6 +76,7 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: bytes, context):  # noqa: N802
         """`request` is the serialized message (add_servicer): parsed here, off the loop, so a
         malformed one is INVALID_ARGUMENT with a plain message."""
+        await self._await_load(context)
         name = self._name(context, "")
         code = "200"
         try:
