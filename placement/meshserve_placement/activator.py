@@ -7,18 +7,19 @@ models that cannot be loaded get 503, both as KServe v2 error JSON.
 
 Traces (meshserve/tracing.py): a cold request is an `activator.request` span (continuing the
 caller's traceparent when it sent one) with two children, `activator.hold` (the wait for the
-load) and `activator.forward` (the first inference, on the pod that loaded it).
+load) and `activator.forward` (the first inference, on the pod that loaded it). The hold span's
+context rides on the ms:loadreq entry, so the leader's decision and the pod's pull and load join
+the same trace. Only the hold that writes the load request is their parent: other requests for
+the same model held by this activator meanwhile link to that hold span instead (one load, many
+waiters; a link keeps each request its own trace and still leads to the load).
 
 Sent ahead of the load: once the leader has put the load on a pod whose runtime can hold a
 request for it (Pod.awaits_loads, the built-in), the request goes there at once with
 `ms-await-load`, and the runtime serves it the moment its load ends. The load's result then
 need not come round through Redis to the activator, nor the request travel after it: both
 overlap the load instead. Should the copy there fail or go before the pod answered, the forward
-is dropped and the request waits as before (`_send_ahead`). The hold span's
-context rides on the ms:loadreq entry, so the leader's decision and the pod's pull and load join
-the same trace. Only the hold that writes the load request is their parent: other requests for
-the same model held by this activator meanwhile link to that hold span instead (one load, many
-waiters; a link keeps each request its own trace and still leads to the load).
+is dropped and the request waits as before (`_send_ahead`). The hold span then ends when the
+request is sent (attribute `meshserve.sent_ahead`), and the forward span covers the load's end.
 """
 
 from __future__ import annotations
@@ -309,17 +310,21 @@ class Activator:
             except LoadFailed as e:
                 M_COLD.labels(protocol, str(e.status)).inc()
                 raise
-            if attempt == 0:
+            first = attempt == 0
+            if first:
                 M_COLD.labels(protocol, "200").inc()
-                M_COLD_WAIT.observe(time.monotonic() - t0)
             attempt += 1
             self.touch_soon(model_id)
             if loading:
                 got = await self._send_ahead(model_id, pod, send, max(deadline - time.monotonic(), 0.1))
                 if got is None:  # its copy there failed or went before the pod answered
                     continue
+                if first:  # the load ended on the pod, with the first inference after it
+                    M_COLD_WAIT.observe(time.monotonic() - t0)
                 status, out = got
             else:
+                if first:
+                    M_COLD_WAIT.observe(time.monotonic() - t0)
                 status, out = await send(pod, None)
             if status != 404 or attempt >= FORWARD_ATTEMPTS:
                 return out
