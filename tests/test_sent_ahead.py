@@ -135,6 +135,52 @@ async def test_a_copy_that_fails_before_the_pod_loads_releases_the_request_with_
     assert rt._awaiting == 0 and rt._arrivals == {}
 
 
+async def test_a_pod_that_dies_holding_a_request_sent_ahead_sends_it_back_to_wait(
+        state: State, runtime: tuple[Runtime, int], tmp_path: Path) -> None:
+    """The loader killed mid-load (e2e/faults test_loader_killed_mid_download): the runtime
+    holding the request goes with it, the connection breaks before any answer, and the request
+    waits for a copy again instead of getting a 503. Pod p0 is a socket that takes the request
+    and closes; p1 is a real runtime that loads the model once placement moves the copy there."""
+    rt, port = runtime
+    model = ex.write_sklearn(tmp_path / "mnist.joblib")
+    arrived, die = asyncio.Event(), asyncio.Event()
+
+    async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        arrived.set()
+        await die.wait()
+        writer.close()
+
+    dead = await asyncio.start_server(dying, "127.0.0.1", 0)
+    act = Activator(Settings(cold_start_timeout_seconds=10), state)
+    for pod in (Pod("p0", "127.0.0.1", dead.sockets[0].getsockname()[1], 1, 1 << 30, runtime="builtin", awaits_loads=True),
+                Pod("p1", "127.0.0.1", port, 1, 1 << 30, runtime="builtin", awaits_loads=True)):
+        await ops.register_pod(state, pod)
+    await _register(state, "m")
+    watcher = asyncio.create_task(act.watch_changes())
+    try:
+        async with aiohttp.ClientSession() as session, aiohttp.ClientSession() as c:
+            server = TestServer(build_rest_app(act, session), host="127.0.0.1")
+            await server.start_server()
+            await asyncio.sleep(0.1)
+            req = asyncio.create_task(c.post(f"http://127.0.0.1:{server.port}/v2/models/m/infer", json=ROW))
+            await asyncio.sleep(0.2)
+            await _set_copy(state, "m", "p0", Copy(CopyState.LOADING, 1, time.time()))
+            await asyncio.wait_for(arrived.wait(), 5)  # sent ahead to p0
+            die.set()
+            await asyncio.sleep(0.3)
+            assert not req.done()  # waiting again, not a 503
+            await rt.load("m", "sklearn", str(model), {})  # placed on p1 and loaded there
+            await state.commit([ops.set_copies("m", {"p1": Copy(CopyState.LOADED, 1, time.time())})], [(KIND_PLACEMENT, "m")])
+            r = await asyncio.wait_for(req, 5)
+            assert r.status == 200, await r.text()
+            await server.close()
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        dead.close()
+
+
 async def test_the_runtime_holds_a_request_for_a_load_no_longer_than_it_may(runtime: tuple[Runtime, int], tmp_path: Path) -> None:
     """The runtime alone: a hold ends with the load (served), with a failed load (404 at once),
     or with its time (404); a header that is not a positive number holds nothing."""

@@ -60,7 +60,8 @@ R = TypeVar("R")
 class Ahead:
     """A forward sent while the copy on its pod still loads (the module's "Sent ahead"): the
     runtime holds it for up to `seconds`. The front's send sets `answered` once the pod's
-    answer has begun; from then on the forward is not dropped (a stream may be under way)."""
+    answer has begun; from then on the forward is not dropped (a stream may be under way). A
+    send that ends with `answered` unset never reached the pod's runtime: the request waits."""
 
     seconds: float
     answered: bool = False
@@ -347,6 +348,11 @@ class Activator:
                     await asyncio.wait((task, woken), return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     woken.cancel()
+                if task.done() and not ahead.answered:
+                    # The pod never answered: its connection broke (its runtime restarting, its
+                    # loader killed mid-load and the pod's copies withdrawn). Wait for a copy.
+                    log.info("%s: %s did not answer a request sent ahead of its load; waiting for a copy again", model_id, pod.id)
+                    return None
                 if task.done() or ahead.answered or self._loaded_on.get(model_id) == pod.id:
                     return await task  # answered, answering, or loaded there: its answer comes
                 copy = (await self.state.copies(model_id)).get(pod.id)

@@ -95,10 +95,15 @@ class GrpcActivator(grpc.GenericRpcHandler):
             ) as fspan:
                 call_md = fwd_md + list(tracing.inject({}).items()) + (list(ahead.headers().items()) if ahead else [])
                 try:
-                    return 200, await ch.unary_unary(method)(request, metadata=call_md)
+                    out = await ch.unary_unary(method)(request, metadata=call_md)
                 except grpc.aio.AioRpcError as e:
                     fspan.set_status(Status(StatusCode.ERROR, f"{e.code().name}: {e.details()}"))
+                    if ahead is not None and e.code() != grpc.StatusCode.UNAVAILABLE:
+                        ahead.answered = True  # the runtime's own status, not a broken connection
                     return (404 if e.code() == grpc.StatusCode.NOT_FOUND else 500), e
+                if ahead is not None:
+                    ahead.answered = True
+                return 200, out
 
         try:
             out = await self.act.serve_cold(model_id, "grpc", t0, send)
