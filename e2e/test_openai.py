@@ -83,6 +83,18 @@ def test_openai_client_through_the_gateway(tmp_path: Path) -> None:
             again = _vectors(client.embeddings.create(model="acme-lora", input=TEXTS))
             assert np.allclose(again, lora, atol=1e-5)
 
+            # Token arrays (OpenAI's other input form): the model's own ids, special tokens
+            # included, as its tokenizer gives them: the same vectors as the text.
+            ids = [e.ids for e in enc.tok.encode_batch(TEXTS)]
+            ids = [x[: x.index(0)] if 0 in x else x for x in ids]  # the tokenizer pads the batch with id 0
+            by_ids = _vectors(client.embeddings.create(model="acme-lora", input=ids))
+            assert np.allclose(by_ids, lora, atol=1e-4)
+            one = _vectors(client.embeddings.create(model="minilm", input=ids[0]))
+            assert np.allclose(one[0], base[0], atol=1e-4)
+            with pytest.raises(openai.BadRequestError) as e:
+                client.embeddings.create(model="minilm", input=[[101, 10 ** 9, 102]])
+            assert e.value.body["param"] == "input" and "vocabulary" in e.value.body["message"]
+
             listed = {x.id: x for x in client.models.list()}
             assert {"minilm", "acme-lora", "acme-head"} <= set(listed)
             assert getattr(listed["acme-lora"], "parent", None) == "minilm"

@@ -220,11 +220,22 @@ def test_runtime_openai_embeddings(base: text.TextEncoder, weights: Path, tmp_pa
             v = np.frombuffer(base64.b64decode(doc["data"][0]["embedding"]), "<f4")
             assert v.shape == (384,) and doc["model"] == "x" and not np.allclose(v, e[0], atol=1e-3)
             for body, status, param in [({"model": "nope", "input": "x"}, 404, "model"), ({"model": "minilm"}, 400, "input"),
-                                        ({"model": "minilm", "input": [1, 2]}, 400, "input"), ({"input": "x"}, 400, "model"),
+                                        ({"model": "minilm", "input": [1, "a"]}, 400, "input"), ({"input": "x"}, 400, "model"),
+                                        ({"model": "minilm", "input": [[101, 30522]]}, 400, "input"),
+                                        ({"model": "minilm", "input": [[101] * 257]}, 400, "input"),
+                                        ({"model": "minilm", "input": [[]]}, 400, "input"),
+                                        ({"model": "minilm", "input": [[101, True]]}, 400, "input"),
                                         ({"model": "sk", "input": "x"}, 400, "model")]:
                 r = await c.post("/v1/embeddings", json=body)
                 err = (await r.json())["error"]
                 assert r.status == status and err["param"] == param and set(err) == {"message", "type", "param", "code"}, err
+            # Token arrays: the model's own ids, used as given (one array, or a list of them).
+            ids = base.tok.encode(TEXTS[0]).ids
+            for body in ({"model": "minilm", "input": ids}, {"model": "minilm", "input": [ids]}):
+                r = await c.post("/v1/embeddings", json=body)
+                doc = await r.json()
+                assert r.status == 200 and doc["usage"]["prompt_tokens"] == len(ids), doc
+                assert np.allclose(doc["data"][0]["embedding"], e[0], atol=1e-5)
             r = await c.post("/v1/embeddings", data=b"{not json", headers={"content-type": "application/json"})
             assert r.status == 400 and "JSON" in (await r.json())["error"]["message"]
             r = await c.post("/v1/chat/completions", json={"model": "minilm", "messages": [{"role": "user", "content": "hi"}]})

@@ -27,6 +27,7 @@ import numpy as np
 from aiohttp import web
 from meshserve.headers import MODEL_ID_HEADER
 from meshserve_loader.builtin import textgen
+from meshserve_loader.builtin.codec import CodecError
 
 MAX_INPUTS = 2048  # OpenAI's own limit on the number of inputs per request
 STREAM_AHEAD = 64  # pieces a streaming model may run ahead of the client
@@ -75,23 +76,36 @@ def body_model(body: dict[str, Any]) -> str:
     return m
 
 
-def embed_inputs(body: dict[str, Any]) -> list[str]:
+def _token(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def embed_inputs(body: dict[str, Any]) -> tuple[list[Any], bool]:
+    """(the inputs, whether they are token arrays). OpenAI's four forms: a string, a list of
+    strings, one token array (a list of ints), a list of token arrays; not mixed."""
     x = body.get("input")
     if isinstance(x, str):
         x = [x]
+    elif isinstance(x, list) and x and all(_token(v) for v in x):
+        x = [x]
     if not isinstance(x, list) or not x:
-        raise OpenAIError(400, "'input' must be a non-empty string or list of strings", param="input")
-    if not all(isinstance(v, str) for v in x):
-        raise OpenAIError(400, "'input' must hold strings: token arrays are not supported by this runtime", param="input")
+        raise OpenAIError(400, "'input' must be a non-empty string, list of strings, token array or list of token arrays", param="input")
+    tokens = all(isinstance(v, list) for v in x)
+    if tokens:
+        if not all(v and all(_token(t) for t in v) for v in x):
+            raise OpenAIError(400, "'input': every token array must be a non-empty list of integers", param="input")
+    elif not all(isinstance(v, str) for v in x):
+        raise OpenAIError(400, "'input' must hold strings or token arrays (lists of integers), not a mix", param="input")
     if len(x) > MAX_INPUTS:
         raise OpenAIError(400, f"'input' has {len(x)} items; at most {MAX_INPUTS} per request", param="input")
-    return x
+    return x, tokens
 
 
-def embedder(model: Any) -> Callable[[list[str]], Any] | None:
-    """The model's `embed(texts)`, or a user class's (UserModel wraps it as `.obj`)."""
+def embedder(model: Any, tokens: bool = False) -> Callable[[list[Any]], Any] | None:
+    """The model's `embed(texts)`, or with `tokens` its `embed_tokens(token_arrays)`, or a user
+    class's (UserModel wraps it as `.obj`)."""
     for obj in (model, getattr(model, "obj", None)):
-        fn = getattr(obj, "embed", None)
+        fn = getattr(obj, "embed_tokens" if tokens else "embed", None)
         if callable(fn):
             return fn
     return None
@@ -146,12 +160,15 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
     async def embeddings(request: web.Request) -> web.Response:
         body = parse_body(await request.read())
         body_model(body)
-        texts = embed_inputs(body)
+        texts, tokens = embed_inputs(body)
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise OpenAIError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}", param="encoding_format")
         asked, name, entry = lookup(request, body)
-        fn = embedder(entry.model)
+        fn = embedder(entry.model, tokens)
+        if fn is None and tokens and embedder(entry.model) is not None:
+            raise OpenAIError(400, f"The model '{asked}' takes text only: send 'input' as strings (token arrays need a model "
+                                   "with embed_tokens, as the built-in text formats have)", param="input")
         if fn is None:
             raise OpenAIError(400, f"The model '{asked}' does not support /v1/embeddings: its format gives no embeddings",
                               param="model", code="unsupported_endpoint")
@@ -159,7 +176,10 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
 
         def work(e: Any) -> dict[str, Any]:
             t0 = time.perf_counter()
-            out = fn(texts)
+            try:
+                out = fn(texts)
+            except CodecError as err:  # input this model cannot read (token ids outside its vocabulary)
+                raise OpenAIError(400, str(err), param="input") from None
             vectors, tokens = out if isinstance(out, tuple) else (out, 0)
             vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
             rt.m_latency.labels(name).observe(time.perf_counter() - t0)

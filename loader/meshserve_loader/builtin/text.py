@@ -155,6 +155,34 @@ class TextEncoder:
         ids = np.array([e.ids for e in enc], dtype=np.int64)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
         types = np.array([e.type_ids for e in enc], dtype=np.int64)
+        return self._forward(ids, mask, types, lora)
+
+    def check_tokens(self, seqs: list[list[int]]) -> None:
+        """Token arrays as OpenAI's API takes them: ids in this model's own vocabulary, special
+        tokens included (what its tokenizer gives by default), used as they are. Raises
+        CodecError (the request's fault: a 400) naming the first bad one."""
+        vocab = int(self.cfg.get("vocab_size") or self.tok.get_vocab_size())
+        for i, seq in enumerate(seqs):
+            if not seq:
+                raise CodecError(f"token array {i} is empty")
+            if len(seq) > self.max_len:
+                raise CodecError(f"token array {i} has {len(seq)} tokens; this model reads at most {self.max_len}")
+            bad = next((t for t in seq if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise CodecError(f"token array {i} holds {bad}, outside this model's vocabulary (0..{vocab - 1})")
+
+    def encode_tokens(self, seqs: list[list[int]], lora: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
+        """`encode` for token arrays (`check_tokens`): padded with the model's pad id."""
+        self.check_tokens(seqs)
+        t = max(len(x) for x in seqs)
+        ids = np.full((len(seqs), t), int(self.cfg.get("pad_token_id", 0)), dtype=np.int64)
+        mask = np.zeros((len(seqs), t), dtype=np.int64)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
+        return self._forward(ids, mask, np.zeros_like(ids), lora)
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, lora: dict[str, np.ndarray] | None) -> tuple[np.ndarray, int]:
         n, t = ids.shape
         hidden = self._session.run(["hidden"], {"ids": ids, "mask": mask, "types": types, **(lora or self._no_lora)})[0]
         m = mask.astype(np.float32)
@@ -165,6 +193,9 @@ class TextEncoder:
     # The OpenAI endpoint's view (openai_api.py): vectors and tokens.
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         return self.encode(texts)
+
+    def embed_tokens(self, seqs: list[list[int]]) -> tuple[np.ndarray, int]:
+        return self.encode_tokens(seqs)
 
     def predict(self, req: InferRequest) -> dict[str, np.ndarray]:
         return {"embedding": self.embed(_texts(req))[0]}
@@ -242,6 +273,9 @@ class LoraAdapter:
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         return self.base.encode(texts, self.inputs)
 
+    def embed_tokens(self, seqs: list[list[int]]) -> tuple[np.ndarray, int]:
+        return self.base.encode_tokens(seqs, self.inputs)
+
     def predict(self, req: InferRequest) -> dict[str, np.ndarray]:
         return {"embedding": self.embed(_texts(req))[0]}
 
@@ -264,6 +298,10 @@ class HeadAdapter:
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         return self.scores(texts)
+
+    def embed_tokens(self, seqs: list[list[int]]) -> tuple[np.ndarray, int]:
+        e, tokens = self.base.encode_tokens(seqs)
+        return (e @ self.weight.T + self.bias).astype(np.float32), tokens
 
     def predict(self, req: InferRequest) -> dict[str, np.ndarray]:
         s, _ = self.scores(_texts(req))
