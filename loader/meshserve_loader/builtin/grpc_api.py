@@ -47,13 +47,7 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         """A call the activator sent ahead of its model's load waits for the load to end
         (Runtime.await_load; the REST port's `awaiting_load` middleware does the same)."""
         md = dict(context.invocation_metadata() or ())
-        wait, name = md.get(AWAIT_LOAD_HEADER), md.get(MODEL_ID_HEADER)
-        if wait and name:
-            try:
-                seconds = float(wait)
-            except ValueError:
-                return
-            await self.rt.await_load(name, seconds, gone=context.done)
+        await self.rt.await_sent_ahead(md.get(MODEL_ID_HEADER), md.get(AWAIT_LOAD_HEADER), gone=context.done)
 
     async def ModelReady(self, request, context):  # noqa: N802
         await self._await_load(context)

@@ -13,7 +13,6 @@ from aiohttp import hdrs, web
 from prometheus_client import generate_latest
 
 from meshserve.headers import AWAIT_LOAD_HEADER
-
 from meshserve.httpbody import drain
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_loader.builtin import binary, codec
@@ -146,14 +145,8 @@ def awaiting_load(rt: Runtime) -> Any:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        wait = request.headers.get(AWAIT_LOAD_HEADER)
-        name = request.headers.get(MODEL_ID_HEADER)
-        if wait and name:
-            try:
-                seconds = float(wait)
-            except ValueError:
-                seconds = 0.0
-            await rt.await_load(name, seconds, gone=lambda: request.transport is None or request.transport.is_closing())
+        await rt.await_sent_ahead(request.headers.get(MODEL_ID_HEADER), request.headers.get(AWAIT_LOAD_HEADER),
+                                  gone=lambda: request.transport is None or request.transport.is_closing())
         return await handler(request)
 
     return middleware

@@ -284,6 +284,18 @@ class Runtime:
                 else:
                     self._arrivals[name] = (ev, held[1] - 1)
 
+    async def await_sent_ahead(self, name: str | None, wait: str | None, gone: "Callable[[], bool]") -> None:
+        """`await_load` for a request's routing header (`name`) and AWAIT_LOAD_HEADER (`wait`), as
+        the transports read them: nothing to wait for when either is missing or `wait` is not a
+        number."""
+        if not wait or not name:
+            return
+        try:
+            seconds = float(wait)
+        except ValueError:
+            return
+        await self.await_load(name, seconds, gone)
+
     def _arrived(self, name: str) -> None:
         """A load of `name` ended: the requests held for it go on."""
         held = self._arrivals.pop(name, None)
