@@ -106,6 +106,8 @@ async def test_a_request_sent_ahead_is_answered_when_the_load_lands_without_its_
     # Redis still says LOADING: the answer came without the load's result coming round.
     assert (await state.copies("m"))["p0"].state == CopyState.LOADING
     assert rt._awaiting == 0 and rt._arrivals == {}
+    act = gateway[0]  # and the activator keeps nothing for the model once its request is done
+    assert act._holding == {} and act._waiters == {} and act._requested_by == {} and act._loaded_on == {}
 
 
 async def test_a_copy_that_fails_before_the_pod_loads_releases_the_request_with_the_reason(

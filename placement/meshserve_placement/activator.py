@@ -166,10 +166,14 @@ class Activator:
             "activator.hold", attributes={tracing.ATTR_MODEL: model_id}
         ) as span:
             self._holding[model_id] = self._holding.get(model_id, 0) + 1
+            loading = False
             try:
                 pod, loading = await self._wait_placed(model_id, span, ahead_ok)
             finally:
-                self._release(model_id)
+                # Sent ahead, the request stays held (its wake-ups, and the record of who asked
+                # for the load, which later requests link to) until `_send_ahead` releases it.
+                if not loading:
+                    self._release(model_id)
             span.set_attribute(tracing.ATTR_POD, pod.id)
             if loading:
                 span.set_attribute("meshserve.sent_ahead", True)
@@ -220,6 +224,10 @@ class Activator:
                 copies = copies_from_json(raw)
             else:
                 copies = await self.state.copies(model_id)
+            by = self._requested_by.get(model_id)
+            if not linked and by is not None and by != span.get_span_context():
+                span.add_link(by, {"meshserve.link": "load requested by"})  # waits on a load another request asked for
+                linked = True
             loaded = [p for p, c in copies.items() if c.state == CopyState.LOADED]
             if loaded:
                 pod = await self.pod(random.choice(loaded))
@@ -247,10 +255,6 @@ class Activator:
                     raise LoadFailed(503, _load_failure(model_id, *failed[-1]))
                 if time.time() - asked > 2.0:
                     await ops.request_load(self.state.r, self._ask(model_id, span))
-            by = self._requested_by.get(model_id)
-            if not linked and by is not None and by != span.get_span_context():
-                span.add_link(by, {"meshserve.link": "load requested by"})  # waits on a load another request asked for
-                linked = True
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
@@ -339,8 +343,7 @@ class Activator:
         runtime, which never got that load, would hold the request to its end)."""
         ahead = Ahead(seconds)
         task = asyncio.create_task(send(pod, ahead))
-        self._holding[model_id] = self._holding.get(model_id, 0) + 1  # keeps its wake-ups coming
-        try:
+        try:  # still held (`_hold` left it so): its wake-ups keep coming
             while True:
                 ev = self._waiters.setdefault(model_id, asyncio.Event())
                 woken = asyncio.create_task(ev.wait())
