@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "million": (["bench.million", "--registered", "1000000", "--loaded", "100000"], 1800),
     "pull": (["bench.pull", "--mib", "1024", "--repeats", "3"], 900),
     "adapters": (["bench.adapters"], 2400),
+    "ort_threads": (["bench.ort_threads"], 300),
     # Installs Ray Serve in .venv-ray the first time (a few minutes); needs root for `unshare -n`.
     "peer_rayserve": (["bench.peer_rayserve"], 3000),
 }
