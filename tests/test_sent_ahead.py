@@ -82,6 +82,26 @@ async def _register(state: State, model: str) -> None:
     await state.r.hset(k.ALIASES, model, model)  # name -> id, as the registry writes it
 
 
+async def _placed_and_held(state: State, rt: Runtime, model: str, pod: str = "p0") -> None:
+    """Commit the copy LOADING on `pod` (the leader's order) and wait until the runtime holds the
+    request the activator sent ahead."""
+    await _set_copy(state, model, pod, Copy(CopyState.LOADING, 1, time.time()))
+    for _ in range(100):
+        if rt._awaiting == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert rt._awaiting == 1
+
+
+async def _nothing_held(rt: Runtime) -> None:
+    """The runtime holds nothing (a dropped forward is seen within AWAIT_CHECK_SECONDS)."""
+    for _ in range(50):
+        if rt._awaiting == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert rt._awaiting == 0 and rt._arrivals == {}
+
+
 async def test_a_request_sent_ahead_is_answered_when_the_load_lands_without_its_result(
         state: State, runtime: tuple[Runtime, int], gateway: tuple[Activator, str, Pod], tmp_path: Path) -> None:
     rt, _ = runtime
@@ -91,12 +111,8 @@ async def test_a_request_sent_ahead_is_answered_when_the_load_lands_without_its_
     async with aiohttp.ClientSession() as c:
         req = asyncio.create_task(c.post(f"{url}/v2/models/m/infer", json=ROW))
         await asyncio.sleep(0.2)
-        await _set_copy(state, "m", "p0", Copy(CopyState.LOADING, 1, time.time()))  # the leader's order
-        for _ in range(100):  # the activator sent it ahead: the runtime holds it
-            if rt._awaiting == 1:
-                break
-            await asyncio.sleep(0.02)
-        assert rt._awaiting == 1 and not req.done()
+        await _placed_and_held(state, rt, "m")  # the leader's order; the activator sent it ahead
+        assert not req.done()
         t0 = time.monotonic()
         await rt.load("m", "sklearn", str(model), {})  # the loader's load; no result, no commit
         r = await asyncio.wait_for(req, 5)
@@ -118,23 +134,14 @@ async def test_a_copy_that_fails_before_the_pod_loads_releases_the_request_with_
     async with aiohttp.ClientSession() as c:
         req = asyncio.create_task(c.post(f"{url}/v2/models/m/infer", json=ROW))
         await asyncio.sleep(0.2)
-        await _set_copy(state, "m", "p0", Copy(CopyState.LOADING, 1, time.time()))
-        for _ in range(100):
-            if rt._awaiting == 1:
-                break
-            await asyncio.sleep(0.02)
-        assert rt._awaiting == 1
+        await _placed_and_held(state, rt, "m")  # the leader's order; the activator sent it ahead
         t0 = time.monotonic()
         # The loader could not fetch the files: the runtime never hears of this load.
         await _set_copy(state, "m", "p0", Copy(CopyState.FAILED, 0, time.time(), "storage: NoSuchKey: s3://b/m"))
         r = await asyncio.wait_for(req, 5)
         assert time.monotonic() - t0 < 1.5
         assert r.status == 503 and "m" in (await r.json())["error"]
-    for _ in range(50):  # the forward was dropped: nothing stays held on the runtime
-        if rt._awaiting == 0:
-            break
-        await asyncio.sleep(0.02)  # (it looks for its client every AWAIT_CHECK_SECONDS)
-    assert rt._awaiting == 0 and rt._arrivals == {}
+    await _nothing_held(rt)
 
 
 async def test_a_pod_that_dies_holding_a_request_sent_ahead_sends_it_back_to_wait(
@@ -242,12 +249,8 @@ async def test_a_grpc_call_is_sent_ahead_too_and_a_failed_copy_is_unavailable_wi
             stub = pbg.GRPCInferenceServiceStub(ch)
             call = asyncio.ensure_future(stub.ModelInfer(req, metadata=[("mm-vmodel-id", "m")], timeout=10))
             await asyncio.sleep(0.2)
-            await _set_copy(state, "m", "p0", Copy(CopyState.LOADING, 1, time.time()))
-            for _ in range(100):
-                if rt._awaiting == 1:
-                    break
-                await asyncio.sleep(0.02)
-            assert rt._awaiting == 1 and not call.done()
+            await _placed_and_held(state, rt, "m")  # the leader's order; the activator sent it ahead
+            assert not call.done()
             await rt.load("m", "sklearn", str(model), {})  # no result, no commit
             resp = await asyncio.wait_for(call, 5)
             assert resp.model_name == "m" and list(resp.outputs[0].shape) == [1, 1]
@@ -255,21 +258,12 @@ async def test_a_grpc_call_is_sent_ahead_too_and_a_failed_copy_is_unavailable_wi
             req.model_name = "f"
             call = asyncio.ensure_future(stub.ModelInfer(req, metadata=[("mm-vmodel-id", "f")], timeout=10))
             await asyncio.sleep(0.2)
-            await _set_copy(state, "f", "p0", Copy(CopyState.LOADING, 1, time.time()))
-            for _ in range(100):
-                if rt._awaiting == 1:
-                    break
-                await asyncio.sleep(0.02)
-            assert rt._awaiting == 1
+            await _placed_and_held(state, rt, "f")  # the leader's order; the activator sent it ahead
             await _set_copy(state, "f", "p0", Copy(CopyState.FAILED, 0, time.time(), "storage: NoSuchKey: s3://b/f"))
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await asyncio.wait_for(call, 5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "'f'" in (e.value.details() or "")
-        for _ in range(50):
-            if rt._awaiting == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert rt._awaiting == 0 and rt._arrivals == {}
+        await _nothing_held(rt)
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
