@@ -30,7 +30,7 @@ from meshserve.model import CopyState, ModelSpec, Pod, alias_of_id
 from meshserve.settings import Settings
 from meshserve.store import State, ops
 from meshserve.store.messages import LoadOrder, LoadResult, PodEvent, PodRegistered, UnloadOrder, UnloadResult, decode_order
-from meshserve_loader.bases import base_params
+from meshserve_loader.bases import Bases
 from meshserve_loader.fetch import Fetcher, make_fetcher
 from meshserve_loader.metrics import LoaderMetrics
 from meshserve_loader.process import RuntimeProcess
@@ -63,6 +63,7 @@ class Agent:
     ):
         self.s, self.pod, self.server, self.state = settings, pod, server, state
         self.fetcher = fetcher or make_fetcher(settings, pod.id)
+        self.bases = Bases(state, self.fetcher)
         self.load_timeout = load_timeout or settings.load_timeout_seconds
         self.metrics = metrics or LoaderMetrics()
         self.progress = ProgressPublisher(state.r, pod.id)  # ms:progress:<model>|<pod>, for `meshserve load`
@@ -307,7 +308,7 @@ class Agent:
         # A base named in the spec is looked up and found in the disk cache while the adapter's
         # own files come: a round trip and the cache's checks off the cold path. (A base named
         # only in the adapter's files waits for them.)
-        base = asyncio.ensure_future(base_params(self.state, self.fetcher, spec, None)) if spec.base else None
+        base = asyncio.ensure_future(self.bases.params(spec, None)) if spec.base else None
         try:
             with tr.start_as_current_span("loader.pull", attributes=attrs):
                 path = await self.fetcher.fetch(spec.storage, progress.pulled)
@@ -324,7 +325,7 @@ class Agent:
         # which is how the xDS server, reading no specs, knows it (alias_of_id).
         if spec.alias and alias_of_id(spec.id) == spec.alias:
             params["alias"] = spec.alias
-        params.update(await base if base is not None else await base_params(self.state, self.fetcher, spec, path))
+        params.update(await base if base is not None else await self.bases.params(spec, path))
         with tr.start_as_current_span("loader.load", attributes={**attrs, "meshserve.predicted_bytes": predicted}) as span:
             measured = await asyncio.wait_for(self.server.load(spec.id, params, self.load_timeout), self.load_timeout)
             span.set_attribute("meshserve.measured_bytes", measured)

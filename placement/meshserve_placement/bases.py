@@ -79,7 +79,7 @@ def waits_for_base(view: ClusterView, model: str, pod: str) -> bool:
 def order_spec(spec: ModelSpec, view: ClusterView, pod: str) -> ModelSpec:
     """The spec a load order carries: an adapter's base named by the id of the base placement
     booked it with on `pod` (`copy_base`), not by its InferenceService name. The loader resolves
-    either (loader bases.base_params); by id it loads over exactly that base, even when the name
+    either (loader bases.Bases); by id it loads over exactly that base, even when the name
     moved to a new version between the order and the load (a base rolling), so what the pod
     holds is what placement counted."""
     base = view.copy_base(spec.id, pod)
