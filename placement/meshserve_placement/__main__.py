@@ -26,7 +26,7 @@ async def main() -> None:
     logs.setup("placement", s.log_json)
     state = State.from_url(s.redis_url)
     scheduler = Scheduler(s, state)
-    act = Activator(s, state, ask_local=scheduler.ask_local)
+    act = Activator(s, state)
     # Mesh-wide cache metrics (capacity, used, cache age, loads) come from this process.
     collector = MeshStateCollector(state)
     REGISTRY.register(collector)

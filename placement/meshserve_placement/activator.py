@@ -75,11 +75,8 @@ Send = Callable[[Pod, "Ahead | None"], Awaitable[tuple[int, R]]]
 
 
 class Activator:
-    def __init__(self, settings: Settings, state: State, ask_local: "Callable[[LoadRequest], bool] | None" = None):
+    def __init__(self, settings: Settings, state: State):
         self.s, self.state = settings, state
-        # The placement leader's in-memory ask when it runs in this process (Scheduler.ask_local):
-        # True if it took the request, False (not leading) to write ms:loadreq instead.
-        self._ask_local = ask_local
         # model -> the event the next change of its placement sets. A change replaces it (set
         # the old one, put a fresh one): a waiter takes the current one *before* it reads the
         # state, so a change that lands during that read still wakes it. (Clearing one shared
@@ -220,15 +217,11 @@ class Activator:
                 # loading already, the leader ignores the request, or moves that load up its
                 # queue. Failures before this ask are history either way.
                 req = self._ask(model_id, span)
-                if self._ask_local is not None and self._ask_local(req):
-                    # The leader in this process decides while the copies are read.
-                    copies = await self.state.copies(model_id)
-                else:
-                    async with self.state.r.pipeline(transaction=False) as p:
-                        p.hget(k.PLACEMENTS, model_id)
-                        ops.queue_request(p, req)
-                        raw, _ = await p.execute()
-                    copies = copies_from_json(raw)
+                async with self.state.r.pipeline(transaction=False) as p:
+                    p.hget(k.PLACEMENTS, model_id)
+                    ops.queue_request(p, req)
+                    raw, _ = await p.execute()
+                copies = copies_from_json(raw)
             else:
                 copies = await self.state.copies(model_id)
             by = self._requested_by.get(model_id)
@@ -261,9 +254,7 @@ class Activator:
                 if failed:
                     raise LoadFailed(503, _load_failure(model_id, *failed[-1]))
                 if time.time() - asked > 2.0:
-                    req = self._ask(model_id, span)
-                    if self._ask_local is None or not self._ask_local(req):
-                        await ops.request_load(self.state.r, req)
+                    await ops.request_load(self.state.r, self._ask(model_id, span))
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:

@@ -42,7 +42,7 @@ from meshserve.model import Copy, ModelSpec, Pod
 from meshserve.store import Lease, NotLeader, State
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
-from meshserve.store.messages import KIND_PLACEMENT, LoadRequest
+from meshserve.store.messages import KIND_PLACEMENT
 from meshserve.settings import Settings
 from meshserve_placement import bases
 from meshserve_placement.decide import Decision
@@ -128,8 +128,6 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         self._batch: tuple[Ops, Changes] | None = None
         self._prefetched: dict[str, bytes | None] | None = None  # a batch's model specs, read in one round trip
         self._room_tried = self._room_due = False  # a batch's pass over the models waiting for room: done, asked again
-        # Requests from the activator in this process while it leads (`ask_local`); None otherwise.
-        self._local: asyncio.Queue[LoadRequest] | None = None
 
     # --- leadership -----------------------------------------------------------------
     async def run(self) -> None:
@@ -169,12 +167,10 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         await self._reload()
         if lost.is_set():
             return
-        self._local = asyncio.Queue()
         self.leading.set()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, self.t.rate_poll_seconds))) as http:
             tasks = [
                 asyncio.create_task(self._consume(k.LOAD_REQUESTS, self._on_load_request)),
-                asyncio.create_task(self._consume_local(self._local)),
                 asyncio.create_task(self._consume(k.EVENTS, self._on_event)),
                 asyncio.create_task(self._expire_pods(http)),
                 asyncio.create_task(self._maintain(http)),
@@ -188,45 +184,9 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
                         if t.done() and t.exception():
                             raise t.exception()  # type: ignore[misc]
             finally:
-                self._local = None  # what is left in it is dropped: its requests ask again (`ask_local`)
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-
-    def ask_local(self, req: LoadRequest) -> bool:
-        """A request from the activator in this process (they share it, __main__.py), handed
-        over in memory while this process leads: the ask's trip through ms:loadreq, a Redis round
-        trip and the leader's wake-up, was the first hop of every cold start (docs/design/
-        placement.md "Asked in process"). False when it does not lead: the activator writes the
-        stream then. Not durable, which costs nothing here: it is lost only with this process,
-        and with it the request that waits on it; a request still waiting asks again after 2 s."""
-        q = self._local
-        if q is None or not self.leading.is_set():
-            return False
-        q.put_nowait(req)
-        return True
-
-    async def _consume_local(self, q: "asyncio.Queue[LoadRequest]") -> None:
-        """`ask_local`'s requests, handled as ms:loadreq's entries are (batched when several
-        wait) but with nothing to acknowledge. A handler that fails is not retried: the view is
-        reloaded and the request's activator asks again, through the stream, 2 s later."""
-        while True:
-            reqs = [await q.get()]
-            while len(reqs) < BATCH and not q.empty():
-                reqs.append(q.get_nowait())
-            entries = [(b"", {n.encode(): v.encode() for n, v in r.encode().items()}) for r in reqs]
-            if len(entries) > 1 and await self._handle_batch(k.LOAD_REQUESTS, self._on_load_request, entries, ack=False):
-                continue
-            for _, fields in entries:
-                try:
-                    async with self._deciding():
-                        await self._handle_entry(self._on_load_request, fields)
-                except NotLeader:
-                    raise
-                except Exception:
-                    log.exception("placement: handling the activator's request %s failed; reloading the view", fields)
-                    async with self._lock:
-                        await self._rebuild()
 
     async def _ensure_groups(self) -> None:
         for key in (k.LOAD_REQUESTS, k.EVENTS):
@@ -287,7 +247,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         with tracing.handling(f.get("model", ""), f):
             await handler(f)
 
-    async def _handle_batch(self, key: str, handler: Any, entries: list[tuple[bytes, dict[bytes, bytes]]], ack: bool = True) -> bool:
+    async def _handle_batch(self, key: str, handler: Any, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> bool:
         """Handle the entries in order as one transaction: every commit their handlers make is
         written as one at the end, with the entries acknowledged in it; the view's writes are
         kept only then, as for a single entry. False when a handler or the commit failed:
@@ -308,8 +268,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
                     await self._retry_room()
                 assert self._batch is not None
                 ops, changes = self._batch
-                if ack:
-                    ops.append(cmd.ack_entries(key, GROUP, [eid for eid, _ in entries]))
+                ops.append(cmd.ack_entries(key, GROUP, [eid for eid, _ in entries]))
                 await self._commit_now(ops, list(dict.fromkeys(changes)))
             return True
         except NotLeader:
