@@ -83,6 +83,9 @@ def test_generation_through_the_gateway(tmp_path: Path, layout: str) -> None:
             assert [c.text for c in done.choices] == ["echo: one two la la ", "echo: one two la la ", "echo:", "echo:"]
             assert [c.finish_reason for c in done.choices] == ["length", "length", "stop", "stop"]
             assert done.usage.prompt_tokens == 3 and done.usage.completion_tokens == 5 + 5 + 2 + 2
+            # Token arrays as the prompt (the class's detokenize() makes them text).
+            done = client.completions.create(model="parrot", prompt=[[5, 6], [7]], max_tokens=3)
+            assert [c.text for c in done.choices] == ["echo: t5 t6 ", "echo: t7 la "] and done.usage.prompt_tokens == 3
             chat = client.chat.completions.create(model="parrot", max_tokens=4, messages=[
                 {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}])
             assert chat.choices[0].message.content == "echo: hello there la " and chat.choices[0].finish_reason == "length"

@@ -37,7 +37,11 @@ def test_bad_parameters_name_the_param() -> None:
                               ({"prompt": "x", "logprobs": 0}, False, "logprobs"), ({"prompt": "x", "echo": True}, False, "echo"),
                               ({"prompt": "x", "best_of": 3}, False, "best_of"), ({"messages": []}, True, "messages"),
                               ({"messages": [{"role": "robot", "content": "x"}]}, True, "messages[0].role"),
-                              ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, True, "stream_options")]:
+                              ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, True, "stream_options"),
+                              ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+                               True, "tools"),
+                              ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, True,
+                               "response_format")]:
         try:
             textgen.parse(body, chat)
         except textgen.GenError as e:
@@ -46,6 +50,7 @@ def test_bad_parameters_name_the_param() -> None:
             raise AssertionError(f"{body} was accepted")
     # What asks for nothing is accepted, as the openai client may send it.
     textgen.parse({"prompt": "x", "logprobs": None, "echo": False, "best_of": 1, "suffix": None, "top_logprobs": 0}, False)
+    textgen.parse({"messages": [{"role": "user", "content": "x"}], "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}, True)
 
 
 def _events(raw: bytes) -> list[Any]:
@@ -176,3 +181,46 @@ def test_a_class_that_only_completes_serves_chat_with_the_messages_as_a_prompt()
                          "temperature": 0.5, "max_tokens": 50}, chat=True)
     choices, prompt = textgen.generate(Plain(), req)
     assert choices[0].text == "system: be brief | user: hi | assistant:" and prompt == 3
+
+
+def test_token_array_prompts_go_through_the_class_detokenize(tmp_path: Path) -> None:
+    """OpenAI's prompt shapes beyond text: one token array, or several. A class with
+    detokenize() takes them (usage counts the tokens); one without gets a 400 naming `prompt`."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from meshserve_loader.builtin.http_api import build_rest_app
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.py").write_text("class Plain:\n    def __init__(self, settings): pass\n"
+                                                 "    def load(self): return True\n"
+                                                 "    def complete(self, prompt): return prompt\n")
+    (tmp_path / "plain" / "model-settings.json").write_text(json.dumps({"implementation": "model.Plain"}))
+
+    async def go() -> None:
+        rt = Runtime()
+        await rt.load("parrot", "custom", str(tmp_path), {"implementation": PARROT})
+        await rt.load("plain", "custom", str(tmp_path / "plain"), {})
+        async with TestClient(TestServer(build_rest_app(rt))) as c:
+            r = await c.post("/v1/completions", json={"model": "parrot", "prompt": [5, 6], "max_tokens": 3})
+            doc = await r.json()
+            assert r.status == 200 and doc["choices"][0]["text"] == "echo: t5 t6 ", doc
+            assert doc["usage"]["prompt_tokens"] == 2
+            r = await c.post("/v1/completions", json={"model": "parrot", "prompt": [[1], [2, 3]], "max_tokens": 2, "stream": True})
+            ev = _events(await r.read())
+            texts: dict[int, str] = {}
+            for e in ev[:-1]:
+                for ch in e["choices"]:
+                    texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+            assert texts == {0: "echo: t1 ", 1: "echo: t2 "}
+            for model, prompt, status in [("plain", [1, 2], 400), ("parrot", [1, -2], 400), ("parrot", [[1], []], 400),
+                                          ("parrot", [1, "two"], 400), ("parrot", [True], 400)]:
+                r = await c.post("/v1/completions", json={"model": model, "prompt": prompt})
+                err = (await r.json())["error"]
+                assert r.status == status and err["param"] == "prompt", (prompt, err)
+            r = await c.post("/v1/completions", json={"model": "plain", "prompt": [1, 2]})
+            assert "no detokenize(tokens) method" in (await r.json())["error"]["message"]
+            r = await c.post("/v1/completions", json={"model": "plain", "prompt": "still fine"})
+            assert (await r.json())["choices"][0]["text"] == "still fine"
+        rt.close()
+
+    asyncio.run(go())

@@ -5,7 +5,7 @@ streaming). Loaded by the built-in runtime's `custom` format as
 
 `complete(prompt)` yields "echo:" (or model-settings `parameters.extra.greeting`) then the prompt's words one by one, then "la" forever (so
 only max_tokens ends it when the prompt has no stop string); with a seed it first yields
-"#<seed>". `chat(messages)` does the same with the last user message. A prompt holding
+"#<seed>". `detokenize(tokens)` makes token 7 the word "t7". `chat(messages)` does the same with the last user message. A prompt holding
 "BOOM" raises after two pieces (a model failing mid-stream). `delay` (model-settings
 `parameters.extra.delay`, seconds) sleeps before each piece, so streaming can be seen arriving.
 """
@@ -40,6 +40,9 @@ class Parrot:
     def chat(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[str]:
         last = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
         return self.complete(str(last), **params)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return " ".join(f"t{t}" for t in tokens)
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

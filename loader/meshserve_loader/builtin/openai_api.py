@@ -204,6 +204,9 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
                 raise OpenAIError(400, f"The model '{asked}' does not support {endpoint}: it generates no text (a model class "
                                        "with complete() or chat() does); text models here serve /v1/embeddings",
                                   param="model", code="unsupported_endpoint")
+            if req.tokens and textgen.detokenizer(entry.model) is None:
+                raise OpenAIError(400, f"The model '{asked}' takes no token arrays as prompts: its class has no "
+                                       "detokenize(tokens) method. Send the prompt as text", param="prompt")
             rid = textgen.new_id(chat)
             if req.stream:
                 return await stream(request, rt, name, asked, req, rid)

@@ -10,6 +10,11 @@ format), with either or both of:
 - `chat(messages: list[dict], **params)` -> the same. A class with only `complete` serves chat
   too: the messages are rendered as "role: content" lines ending in "assistant:".
 
+A class that also has `detokenize(tokens: list[int]) -> str` takes prompts as token arrays
+(OpenAI's `prompt: [1, 2, 3]` or `[[1, 2], [3]]`): each is turned into text with it, on the
+inference thread, and `complete` gets the text; usage counts the array's length. Without it a
+token-array prompt is a 400 naming `prompt`.
+
 `params` are the request's sampling parameters (max_tokens, temperature, top_p, seed, stop,
 presence_penalty, frequency_penalty, user), those the method's signature accepts. Whatever the
 model does with them, the runtime enforces `max_tokens` (finish_reason "length") and `stop`
@@ -65,6 +70,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    tokens: bool = False  # the prompts are token arrays (`detokenize`)
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
@@ -101,11 +107,7 @@ def parse(body: dict[str, Any], chat: bool) -> GenRequest:
                 raise GenError(f"messages[{i}].content must be a string or a list of content parts", f"messages[{i}].content")
         inputs: list[Any] = [msgs]
     else:
-        p = body.get("prompt")
-        prompts = [p] if isinstance(p, str) else p
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) for x in prompts):
-            raise GenError("'prompt' must be a string or a non-empty list of strings: token arrays are not supported by this runtime", "prompt")
-        inputs = prompts
+        inputs, tokens = _prompts(body.get("prompt"))
     n = _int(body, "n", 1, MAX_N) or 1
     max_tokens = _int(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens", 1)
     max_tokens = max_tokens or DEFAULT_MAX_TOKENS["chat" if chat else "completion"]
@@ -127,11 +129,37 @@ def parse(body: dict[str, Any], chat: bool) -> GenRequest:
     # What this runtime does not do, each with the values that ask for nothing.
     refused = [k for k, nothing in (("logprobs", (None, False)), ("top_logprobs", (None, 0)), ("echo", (None, False)),
                                     ("best_of", (None, 1)), ("suffix", (None, ""))) if not _same_as_any(body.get(k), nothing)]
+    # Chat's structured output and tool calls: the runtime could not keep their promise (valid
+    # JSON, a tool call) for a class that only yields text, so they are refused, not ignored.
+    refused += [k for k, nothing in (("tools", (None, [])), ("tool_choice", (None, "none")), ("functions", (None, [])),
+                                     ("function_call", (None, "none")), ("response_format", (None, {"type": "text"})))
+                if body.get(k) not in nothing]
     if refused:
         raise GenError(f"'{refused[0]}' is not supported by this runtime", refused[0])
     params = {k: body[k] for k in PARAMS if body.get(k) is not None}
     params["max_tokens"] = max_tokens
-    return GenRequest(chat, inputs, n, max_tokens, stops, stream, bool((opts or {}).get("include_usage")), params)
+    return GenRequest(chat, inputs, n, max_tokens, stops, stream, bool((opts or {}).get("include_usage")), params,
+                      tokens=not chat and tokens)
+
+
+def _is_token(v: Any) -> bool:
+    return type(v) is int and v >= 0  # not bool: true is not a token
+
+
+def _prompts(p: Any) -> tuple[list[Any], bool]:
+    """OpenAI's four shapes of `prompt`: a string, a list of strings, a token array, a list of
+    token arrays. (prompts, whether they are token arrays)."""
+    if isinstance(p, str):
+        return [p], False
+    if isinstance(p, list) and p:
+        if all(isinstance(x, str) for x in p):
+            return p, False
+        if all(_is_token(x) for x in p):
+            return [p], True
+        if all(isinstance(x, list) and x and all(_is_token(t) for t in x) for x in p):
+            return p, True
+    raise GenError("'prompt' must be a string, a non-empty list of strings, a token array (integers of at least 0) "
+                   "or a non-empty list of non-empty token arrays", "prompt")
 
 
 def _method(model: Any, name: str) -> Callable[..., Any] | None:
@@ -163,6 +191,11 @@ def generator(model: Any, chat: bool) -> Callable[..., Any] | None:
         complete = _method(model, "complete")
         return (lambda messages, **p: complete(render_chat(messages), **_accepted(complete, p))) if complete else None
     return _method(model, "complete")
+
+
+def detokenizer(model: Any) -> Callable[[list[int]], Any] | None:
+    """The class's `detokenize(tokens) -> str`, which token-array prompts need, or None."""
+    return _method(model, "detokenize")
 
 
 def counter(model: Any) -> Callable[[str], int]:
@@ -279,6 +312,8 @@ def run_choice(fn: Callable[..., Any], arg: Any, req: GenRequest, index: int, em
 
 
 def prompt_tokens(model: Any, req: GenRequest) -> int:
+    if req.tokens:
+        return sum(len(p) for p in req.inputs)
     count = counter(model)
     if req.chat:
         return sum(count(content_text(m.get("content"))) for m in req.inputs[0])
@@ -292,8 +327,18 @@ def generate(model: Any, req: GenRequest, emit: Callable[[int, str], None] | Non
     fn = generator(model, req.chat)
     assert fn is not None
     stop = cancelled or threading.Event()
-    choices = [run_choice(fn, arg, req, i * req.n + j, emit, stop) for i, arg in enumerate(req.inputs) for j in range(req.n)]
+    args = req.inputs if not req.tokens else [_detokenized(model, p) for p in req.inputs]
+    choices = [run_choice(fn, arg, req, i * req.n + j, emit, stop) for i, arg in enumerate(args) for j in range(req.n)]
     return choices, prompt_tokens(model, req)  # counted once whatever n is, as OpenAI does
+
+
+def _detokenized(model: Any, tokens: list[int]) -> str:
+    detok = detokenizer(model)
+    assert detok is not None  # the endpoint refused token arrays for a model without it
+    text = detok(list(tokens))
+    if not isinstance(text, str):
+        raise TypeError(f"detokenize() must return a str, got {type(text).__name__}")
+    return text
 
 
 def usage(prompt: int, choices: list[Choice]) -> dict[str, int]:
