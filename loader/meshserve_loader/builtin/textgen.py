@@ -106,6 +106,7 @@ def parse(body: dict[str, Any], chat: bool) -> GenRequest:
             if c is not None and not isinstance(c, str) and not (isinstance(c, list) and all(isinstance(p, dict) for p in c)):
                 raise GenError(f"messages[{i}].content must be a string or a list of content parts", f"messages[{i}].content")
         inputs: list[Any] = [msgs]
+        tokens = False
     else:
         inputs, tokens = _prompts(body.get("prompt"))
     n = _int(body, "n", 1, MAX_N) or 1
@@ -138,8 +139,7 @@ def parse(body: dict[str, Any], chat: bool) -> GenRequest:
         raise GenError(f"'{refused[0]}' is not supported by this runtime", refused[0])
     params = {k: body[k] for k in PARAMS if body.get(k) is not None}
     params["max_tokens"] = max_tokens
-    return GenRequest(chat, inputs, n, max_tokens, stops, stream, bool((opts or {}).get("include_usage")), params,
-                      tokens=not chat and tokens)
+    return GenRequest(chat, inputs, n, max_tokens, stops, stream, bool((opts or {}).get("include_usage")), params, tokens=tokens)
 
 
 def _is_token(v: Any) -> bool:
