@@ -145,8 +145,19 @@ def test_xds_mtls_gateway_works_and_other_clients_are_refused(pki: Pki, fixtures
         assert status == 200 and out["outputs"][0]["contents"]["int64Contents"] == ["8"], out
         _, stats = devmesh.http_get(f"{m.admin}/stats?filter=^cluster\\.meshserve_xds\\.ssl\\.handshake$")
         assert int(stats.decode().split(":")[1]) >= 1, stats
-        _, debug = devmesh.http_get(f"http://127.0.0.1:{m.ports['xds_debug_port']}/debug/config")
-        gw = [g for g in json.loads(debug)["gateways"] if g["node"] == "gateway-0"]
+
+        def gateway() -> list[dict]:
+            _, debug = devmesh.http_get(f"http://127.0.0.1:{m.ports['xds_debug_port']}/debug/config")
+            return [g for g in json.loads(debug)["gateways"] if g["node"] == "gateway-0"]
+
+        def synced() -> bool:
+            gw = gateway()
+            return bool(gw) and all(t["in_sync"] and t["acked"] for t in gw[0]["types"].values())
+
+        # The load just made a new route: the gateway ACKs it a moment later (a fresh-clone run
+        # read the debug page before that ACK, 2026-12-03).
+        devmesh.wait_until(synced, 10, "the gateway to ACK the routes over mTLS")
+        gw = gateway()
         assert gw and all(t["in_sync"] and t["acked"] for t in gw[0]["types"].values()), gw
         assert {"ClusterLoadAssignment", "Listener"} <= set(gw[0]["types"]), gw
 
