@@ -229,18 +229,29 @@ def base_resident(m: devmesh.Mesh, names: list[str]) -> list[str]:
     return names[k:]
 
 
-def cold(m: devmesh.Mesh, names: list[str], base_dir: Path) -> dict[str, Any]:
+def cold(m: devmesh.Mesh, names: list[str], base_dir: Path, spacing_ms: float = 0.0) -> dict[str, Any]:
     """Cold requests for adapters whose base is resident, alternately /v1/embeddings and a v2
     infer (the activator's trace spans, which bench/hops.py reads, are on the v2 path), and the
     runtime's own share side by side: the same pod loading an identical adapter through its
-    repository API and answering once."""
+    repository API and answering once.
+
+    With `spacing_ms`, every other pair of cold requests waits that long first, so that the
+    mesh's work after the previous one (its commit, the new routes built and pushed to Envoy)
+    is over: one cold start on a quiet mesh, against one that shares the 2 cores with that
+    work, side by side in the same run."""
     idof = ids(m)
     total: dict[str, list[float]] = {"v1": [], "v2": []}
+    spaced: list[float] = []
+    back_to_back: list[float] = []
     direct, loads, embeds, over = [], [], [], []
     for k, name in enumerate(names):
         proto = "v2" if k % 2 else "v1"
+        pause = spacing_ms > 0 and (k // 2) % 2 == 1
+        if pause:
+            time.sleep(spacing_ms / 1000)
         ms = embed(m.rest, name, v2=proto == "v2")
         total[proto].append(ms)
+        (spaced if pause else back_to_back).append(ms)
         # The same pod that took it, base resident there: like for like.
         i = next(j for j, p in enumerate(resident(m)) if idof[name] in p)
         scratch = f"scratch-{name}"
@@ -260,6 +271,8 @@ def cold(m: devmesh.Mesh, names: list[str], base_dir: Path) -> dict[str, Any]:
     return {"adapters": len(both), "cold_request_ms": q(both), "cold_request_v1_ms": q(total["v1"]), "cold_request_v2_ms": q(total["v2"]),
             "runtime_load_and_embed_ms": q(direct), "runtime_load_ms": q(loads), "runtime_first_embed_ms": q(embeds),
             "overhead_ms": q(over), "target_p50_le_20ms": pct(both, 50) <= 20.0,
+            **({"spacing_ms": spacing_ms, "cold_request_spaced_ms": q(spaced), "cold_request_back_to_back_ms": q(back_to_back)}
+               if spacing_ms > 0 else {}),
             "samples_ms": {"cold_request_v1": [round(x, 2) for x in total["v1"]], "cold_request_v2": [round(x, 2) for x in total["v2"]],
                            "runtime_load_and_embed": [round(x, 2) for x in direct], "runtime_load": [round(x, 2) for x in loads],
                            "runtime_first_embed": [round(x, 2) for x in embeds]}}
@@ -384,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--capacity-mib", type=int, default=1024, help="each pod's capacity (the same on both meshes)")
     ap.add_argument("--cold", type=int, default=40, help="cold starts of adapters whose base is resident")
     ap.add_argument("--pairs", type=int, default=400, help="warm requests, each side")
+    ap.add_argument("--spacing-ms", type=float, default=0.0,
+                    help="every other pair of cold requests waits this long first (a quiet mesh), reported apart")
     ap.add_argument("--skip-modelmesh", action="store_true", help="the shared mesh only")
     ap.add_argument("--hops", action="store_true", help="time each hop of the cold path (bench/hops.py)")
     ap.add_argument("--quick", action="store_true", help="small and bounded: the code runs, the figures mean little")
@@ -417,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res["shared"] = memory_and_hits(m, names, sequence, args.warmup, fill=True)
                 print(json.dumps(res["shared"], indent=1), flush=True)
             left = base_resident(m, cold_names)
-            res["cold_start"] = cold(m, left[: args.cold], m.data_dir / "pvc" / PVC / "minilm")
+            res["cold_start"] = cold(m, left[: args.cold], m.data_dir / "pvc" / PVC / "minilm", args.spacing_ms)
             if collector is not None:
                 time.sleep(1.5)  # the processes export every 200 ms
                 res["cold_start"]["hops_ms"] = hops.hops(collector.spans, set(left[: args.cold]))
