@@ -62,6 +62,8 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
     containers = {c["name"]: c for c in template["spec"]["containers"]}
     menv, lenv = plain_env(containers["mlserver"]), plain_env(containers["loader"])
     pod_port = int(lenv["MESHSERVE_POD_PORT"])
+    data_port = int(menv["MLSERVER_GRPC_PORT"])
+    assert f"grpcDataEndpoint: port:{data_port}" in next(iter(cm["data"].values()))
     base = devmesh.free_block(10)
 
     with tempfile.TemporaryDirectory(prefix="ms-mlpool-") as tmp:
@@ -81,7 +83,8 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
         real = cfg / "..2025_01_01_00_00_00.1"
         real.mkdir(parents=True)
         for k, v in cm["data"].items():
-            (real / k).write_text(v)
+            # MLServer's gRPC (the ServingRuntime's grpcDataEndpoint) moves with the other ports.
+            (real / k).write_text(v.replace(f"port:{data_port}", f"port:{port(str(data_port))}"))
             os.symlink(f"..data/{k}", cfg / k)
         os.symlink(real.name, cfg / "..data")
         (root / "tmp").mkdir()
@@ -120,6 +123,16 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
                                   "-H", "Content-Type: application/json", "--data-binary", "@-", "--max-time", "30"],
                                  input=req, capture_output=True, timeout=60)
             assert json.loads(out.stdout)["outputs"][0]["data"] == [8], out.stdout
+            # gRPC as a ModelMesh client sends it through the gateway: the InferenceService's
+            # name in the message, the model id in `mm-model-id` (the route adds it). The pod's
+            # gRPC port is the loader's pass-through, which puts the id in the message for
+            # MLServer; without it MLServer answers NOT_FOUND for the name.
+            assert _grpc_infer(base + 1, "sklearn-mnist", spec.id, fixtures).model_name == spec.id
+            import grpc
+
+            with pytest.raises(grpc.RpcError) as miss:
+                _grpc_infer(int(port(str(data_port))), "sklearn-mnist", spec.id, fixtures)
+            assert miss.value.code() == grpc.StatusCode.NOT_FOUND
             # Why the pool ships at 0 replicas: the seed's proto3-JSON body (`contents`) is refused.
             proto = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                                     f"http://127.0.0.1:{base}/v2/models/{spec.id}/infer", "-H", "Content-Type: application/json",
@@ -138,6 +151,20 @@ def test_the_mlserver_pool_pod_loads_and_serves(mlserver_exe: Path, valkey: devm
             for p in reversed(procs):
                 devmesh.stop(p, 20)
             r.close()
+
+
+def _grpc_infer(port: int, name: str, model_id: str, fixtures: Path) -> Any:
+    import grpc
+
+    from meshserve_proto import grpc_predict_v2_pb2 as pb
+    from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+
+    doc = json.loads((fixtures / "mnist-request-v2-rest.json").read_text())["inputs"][0]
+    req = pb.ModelInferRequest(model_name=name)
+    inp = req.inputs.add(name=doc["name"], datatype="FP32", shape=doc["shape"])
+    inp.contents.fp32_contents.extend(doc["data"])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return pbg.GRPCInferenceServiceStub(ch).ModelInfer(req, metadata=[("mm-model-id", model_id)], timeout=60)
 
 
 def _event(r: redis.Redis, model: str, op: str, timeout: float = 120) -> dict[str, str]:

@@ -108,9 +108,11 @@ def _mlserver_config(d: Path) -> Path:
     return cfg
 
 
-async def test_a_cluster_mlserver_pod_talks_to_the_mlserver_container_beside_it(tmp_path: Path) -> None:
+async def test_a_cluster_mlserver_pod_talks_to_the_mlserver_container_beside_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """No venv, no process: MLServer is the container beside the loader (istio/runtime-mlserver.yaml),
-    on the pod's ports, with its models dir at <data_dir>/mlserver."""
+    on the pod's ports, with its models dir at <data_dir>/mlserver. This ServingRuntime names no
+    grpcDataEndpoint, so MLServer's own gRPC is the pod's, and the loader says what that costs
+    (e2e/test_k8s_mlserver_pool.py runs the manifest's, which has the pass-through)."""
     from meshserve_loader.servers.mlserver import MLServerClient
     from meshserve_loader.pod import build_pod, mlserver_models_dir
 
@@ -124,6 +126,7 @@ async def test_a_cluster_mlserver_pod_talks_to_the_mlserver_container_beside_it(
     assert built.server.client.models_dir.is_dir()
     p = built.pod
     assert (p.id, p.rest_port, p.grpc_port, p.runtime, p.formats) == ("meshserve-runtime-mlserver-0", 8080, 8081, "mlserver-1.x", ["sklearn"])
+    assert "give the ServingRuntime a grpcDataEndpoint on another port" in caplog.text
     assert built.load_timeout == 90.0  # the ServingRuntime's modelLoadingTimeoutMillis
     # Local pods share a data dir: each keeps its own folder there.
     local = Settings(data_dir=tmp_path / "data")

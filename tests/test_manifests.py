@@ -466,7 +466,12 @@ def test_the_mlserver_pool_meets_its_loader() -> None:
         spec = find_runtime(s.config_dir, runtime_name_of_pod(s, 0))
     assert spec.server_type == "mlserver" and not s.loader_runs_runtime and "MESHSERVE_LOADER_RUNS_RUNTIME" not in lenv
     rest, grpc_port, loader_metrics = s.pod_ports(0)
-    assert (int(menv["MLSERVER_HTTP_PORT"]), int(menv["MLSERVER_GRPC_PORT"])) == (rest, grpc_port)
+    # MLServer's REST is the pod's; its gRPC is the ServingRuntime's grpcDataEndpoint, behind the
+    # loader's renaming pass-through on the pod's gRPC port, which the loader container declares.
+    assert int(menv["MLSERVER_HTTP_PORT"]) == rest
+    assert int(menv["MLSERVER_GRPC_PORT"]) == spec.grpc_data_port not in (rest, grpc_port, loader_metrics, rest + 3)
+    assert {p["name"]: p["containerPort"] for p in loader["ports"]}["grpc"] == grpc_port
+    assert {p["name"]: p["containerPort"] for p in mlserver["ports"]}["mlserver-grpc"] == spec.grpc_data_port
     assert int(menv["MLSERVER_METRICS_PORT"]) == rest + 3 != loader_metrics
     assert Path(menv["MLSERVER_MODELS_DIR"]) == mlserver_models_dir(s, s.pod_id)
     assert menv["MLSERVER_LOAD_MODELS_AT_STARTUP"] == "false"

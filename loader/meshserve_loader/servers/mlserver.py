@@ -217,6 +217,20 @@ class MLServerAdapter(Adapter):
             url = f"http://{s.host}:{rest}"
             log.info("runtime %s is MLServer in its own container at %s, models dir %s", spec.name, url, models_dir)
             self.client = MLServerClient(url, self.session, models_dir, default_implementation=extra.get("MLSERVER_MODEL_IMPLEMENTATION", ""))
+            data = spec.grpc_data_port
+            if data and data != grpc_port:
+                # MLServer serves gRPC on the ServingRuntime's grpcDataEndpoint, and the pod's gRPC
+                # port is this loader's renaming pass-through to it (limiter.py), as ModelMesh's
+                # container fronts the same endpoint: MLServer knows a model only by its id, and a
+                # ModelMesh client names the InferenceService in the message.
+                from meshserve_loader.limiter import LimitingProxy, ModelLimits
+
+                self.proxy = LimitingProxy(ModelLimits(), f"{s.host}:{data}", rename=True)
+                grpc_port = await self.proxy.start(s.host, grpc_port)
+            else:
+                log.warning("runtime %s: MLServer serves gRPC on the pod's port %d itself, so a gRPC request that names an "
+                            "InferenceService (not its model id) is NOT_FOUND there; give the ServingRuntime a "
+                            "grpcDataEndpoint on another port (MLSERVER_GRPC_PORT) and the loader fronts it", spec.name, grpc_port)
             self.endpoints = Endpoints(rest, grpc_port)
             return self.endpoints
         from meshserve_loader.limiter import LimitingProxy, ModelLimits
