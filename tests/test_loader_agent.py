@@ -144,7 +144,7 @@ async def test_an_unload_waits_for_the_gateways_and_no_longer(agent: Agent) -> N
     from meshserve.store.keys import REV, XDS_SYNCED
     from meshserve.store.messages import GatewaySync
 
-    agent.s.unload_grace_seconds = 3.0
+    agent.s.unload_grace_seconds = 6.0
     spec = _spec("mnist__isvc-0000000011", "mnist-svm.joblib")
     r = agent.state.r
 
@@ -165,7 +165,7 @@ async def test_an_unload_waits_for_the_gateways_and_no_longer(agent: Agent) -> N
         return time.monotonic() - t0
 
     took = unload_took(0.5)
-    assert await took < 1.5  # unloaded once gw-b caught up, not after the 3 s grace
+    assert await took < 3.0  # unloaded once gw-b caught up (0.5 s), not after the 6 s grace
     assert spec.id not in await agent.server.stats()
     await r.delete(XDS_SYNCED)  # an xDS server that does not report: the whole grace
     agent.s.unload_grace_seconds = 1.0
