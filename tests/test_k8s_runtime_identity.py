@@ -149,6 +149,41 @@ async def test_a_cluster_triton_pod_uses_the_fixed_ports_too(tmp_path: Path) -> 
     assert built.pod.id == "meshserve-runtime-triton-0" and (built.pod.rest_port, built.pod.grpc_port) == (8080, 8081)
 
 
+async def test_the_users_modelmesh_mlserver_runtime_in_a_cluster_pool(tmp_path: Path) -> None:
+    """The users' ServingRuntime written for ModelMesh (../shared/fixtures), unchanged, as the
+    runtime of a cluster pool: MLServer listens where its env and grpcDataEndpoint say (REST 8002,
+    gRPC 8001), so the loader talks to 8002, the pod advertises 8002 for REST, and its gRPC port
+    is the loader's renaming pass-through to 8001."""
+    from meshserve_loader.pod import build_pod
+
+    fixture = REPO.parent / "shared" / "fixtures" / "servingruntime-custom-mlserver.yaml"
+    if not fixture.exists():
+        pytest.skip("../shared/fixtures is not beside the repository")
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    (cfg / "peft.yaml").write_text(fixture.read_text())
+    port = devmesh.free_block(5)  # the pass-through binds the pod's gRPC port
+    s = Settings(pod_id="meshserve-runtime-peft-0", pod_port=port, host="127.0.0.1", data_dir=tmp_path / "data", config_dir=cfg,
+                 pod_runtimes="peft-model-server", pod_capacity_bytes=1 << 30)
+    async with aiohttp.ClientSession() as session:
+        built = await build_pod(s, 0, session)
+        try:
+            assert built.server.client.base_url == "http://127.0.0.1:8002"
+            assert (built.pod.rest_port, built.pod.grpc_port) == (8002, port + 1)
+            assert built.server.proxy.upstream == "127.0.0.1:8001"
+        finally:
+            await built.server.stop()
+
+
+def test_a_port_in_the_runtimes_env_must_be_a_port() -> None:
+    from meshserve_loader.servers.mlserver import _port_in_env
+
+    assert _port_in_env("r", {}, "MLSERVER_HTTP_PORT") == 0
+    assert _port_in_env("r", {"MLSERVER_HTTP_PORT": "8002"}, "MLSERVER_HTTP_PORT") == 8002
+    with pytest.raises(SystemExit, match="MLSERVER_HTTP_PORT='80a'.*not a port number"):
+        _port_in_env("r", {"MLSERVER_HTTP_PORT": "80a"}, "MLSERVER_HTTP_PORT")
+
+
 # --- a builtin pool pod, both containers as the manifest starts them ---------------------------
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,15 @@ def mlserver_models_dir(settings: "Settings", pod_id: str) -> Path:
     return (base if settings.cluster_pod else base / pod_id).resolve()
 
 
+def _port_in_env(runtime: str, env: dict[str, str], name: str) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SystemExit(f"runtime {runtime!r}: its container env sets {name}={raw!r}, which is not a port number")
+    return int(raw)
+
+
 class MLServerAdapter(Adapter):
     kind = "mlserver"
 
@@ -213,7 +222,11 @@ class MLServerAdapter(Adapter):
         if not s.loader_runs_runtime:
             # MLServer is the container beside this one (istio/runtime-mlserver.yaml), started
             # with these ports and MLSERVER_MODELS_DIR on the volume both mount. Its process is
-            # not ours to see, so a load's size is the prediction, not an RSS delta.
+            # not ours to see, so a load's size is the prediction, not an RSS delta. A
+            # ServingRuntime written for ModelMesh states MLServer's REST port in its env
+            # (MLSERVER_HTTP_PORT, e.g. 8002): that is where MLServer listens, so the loader and
+            # the gateway go there; without it, the pod's REST port.
+            rest = _port_in_env(spec.name, extra, "MLSERVER_HTTP_PORT") or rest
             url = f"http://{s.host}:{rest}"
             log.info("runtime %s is MLServer in its own container at %s, models dir %s", spec.name, url, models_dir)
             self.client = MLServerClient(url, self.session, models_dir, default_implementation=extra.get("MLSERVER_MODEL_IMPLEMENTATION", ""))
