@@ -114,6 +114,10 @@ class Settings:
     # The rest are imported by the first load of their format: ~1.3 CPU-s of that load, ~110 MiB saved
     # per idle runtime for sklearn (docs/design/loader.md).
     runtime_preimport: str = ""
+    # ModelMesh's payload processors (the built-in runtime's payloads.py): whitespace-separated
+    # URIs such as http://trustyai-service/consumer/kserve/v2 or logger:///*?<model id>. Empty:
+    # the runtime reads ModelMesh's own MM_PAYLOAD_PROCESSORS, so a pod spec for ModelMesh works.
+    payload_processors: str = ""
     # Local directories besides the PVC root and the pod's disk cache that models may be loaded
     # from (`storageUri: file:///...`), os.pathsep-separated. The built-in runtime refuses a load
     # of any path outside these, the PVC root and its pod's cache (docs/security.md).

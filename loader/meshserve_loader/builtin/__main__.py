@@ -34,7 +34,8 @@ def main() -> None:
     # The roots are the ones the loader of this pod fetches into (same settings, same pod id).
     asyncio.run(serve(s.host, rest, grpc_port, s.allow_executable_formats, s.load_timeout_seconds,
                       control_port=s.pod_control_port(args.index), allowed_roots=s.allowed_model_roots(s.pod_name(args.index)),
-                      ports_file=args.ports_file, preimport=[f for f in s.runtime_preimport.split(",") if f.strip()]))
+                      ports_file=args.ports_file, preimport=[f for f in s.runtime_preimport.split(",") if f.strip()],
+                      payload_processors=s.payload_processors))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 
 from meshserve.headers import AWAIT_LOAD_HEADER
 from meshserve.settings import MAX_REQUEST_BYTES
-from meshserve_loader.builtin import binary, codec
+from meshserve_loader.builtin import binary, codec, payloads
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 from meshserve_loader.builtin.table import REPOSITORY_ELSEWHERE, MODEL_ID_HEADER, Entry, ModelNotFound, Runtime
@@ -73,6 +73,7 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         await self._await_load(context)
         name = self._name(context, "")
         code = "200"
+        answer: bytes | None = None
         try:
             msg: pb.ModelInferRequest | None = None
             if not name:  # no routing header: the name is inside the message
@@ -86,7 +87,8 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
                     return binary.raw_grpc_response(name, m.id, out).SerializeToString()
                 return codec.encode_grpc_response(name, m.id, out).SerializeToString()
 
-            return await self.rt.run(name, work)
+            answer = await self.rt.run(name, work)
+            return answer
         except ModelNotFound as e:
             code = "404"
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -99,6 +101,9 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"model '{name}' failed: {type(e).__name__}: {e}")
         finally:
             self.rt.m_requests.labels(name, code).inc()
+            if self.rt.payloads is not None:  # ModelMesh's payload processors: the bytes as they came and went
+                self.rt.payloads.record(name, request, answer, payloads.status_of_http(int(code)),
+                                        payloads.plain_headers(context.invocation_metadata() or ()))
 
     # The gRPC port is the data port, reachable from the pod network: no repository API here (the
     # loader uses the REST control port).

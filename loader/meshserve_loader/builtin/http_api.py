@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from meshserve.headers import AWAIT_LOAD_HEADER
 from meshserve.httpbody import drain
 from meshserve.settings import MAX_REQUEST_BYTES
-from meshserve_loader.builtin import binary, codec
+from meshserve_loader.builtin import binary, codec, payloads
 from meshserve_loader.builtin.formats import ModelLoadError
 from meshserve_loader.builtin.table import REPOSITORY_ELSEWHERE, MODEL_ID_HEADER, Entry, LoadTimeout, ModelNotFound, PathRefused, Runtime
 
@@ -152,6 +152,16 @@ def awaiting_load(rt: Runtime) -> Any:
     return middleware
 
 
+def _record_rest(sink: payloads.PayloadSink, name: str, seen: list[Any], code: str, request: web.Request) -> None:
+    """A REST inference, to the payload processors as the gRPC messages ModelMesh's REST proxy
+    would have made of it (encoded later, on the payload thread)."""
+    req = seen[0]
+    out = seen[1] if len(seen) > 1 else None
+    sink.record(name, lambda: codec.encode_grpc_request(name, req).SerializeToString(),
+                (lambda: codec.encode_grpc_response(name, req.id, out).SerializeToString()) if out is not None else None,
+                payloads.status_of_http(int(code)), payloads.plain_headers(request.headers.items()))
+
+
 def build_rest_app(rt: Runtime) -> web.Application:
     # No automatic decompression: aiohttp would inflate on the event loop (decode_body).
     app = web.Application(client_max_size=MAX_BODY_BYTES, handler_args={"auto_decompress": False},
@@ -188,6 +198,7 @@ def build_rest_app(rt: Runtime) -> web.Application:
     async def infer(request: web.Request) -> web.Response:
         name = model_name(request)
         code = "200"
+        seen: list[Any] = []  # the decoded request, then its outputs: for the payload processors
         try:
             raw = await request.read()
             encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
@@ -201,7 +212,12 @@ def build_rest_app(rt: Runtime) -> web.Application:
                     req = codec.decode_json_request(data)
                     # Binary outputs can be asked for by a plain JSON request too.
                     wants = binary.output_wants(json.loads(data)) if b"binary_data" in data else binary.OutputWants()
-                return binary.encode_response(name, req, rt.infer(name, req, e), wants)
+                if rt.payloads is not None:
+                    seen.append(req)
+                out = rt.infer(name, req, e)
+                if rt.payloads is not None:
+                    seen.append(out)
+                return binary.encode_response(name, req, out, wants)
 
             body, json_len = await rt.run(name, work)
             if json_len is None:
@@ -229,6 +245,8 @@ def build_rest_app(rt: Runtime) -> web.Application:
             return _err(500, f"model '{name}' failed: {type(e).__name__}: {e}")
         finally:
             rt.m_requests.labels(name, code).inc()
+            if rt.payloads is not None and seen:
+                _record_rest(rt.payloads, name, seen, code, request)
 
     @r.route("*", "/v2/repository{tail:.*}")
     async def repository(_: web.Request) -> web.Response:

@@ -18,11 +18,13 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import grpc
 from aiohttp import web
 
+from meshserve_loader.builtin import payloads
 from meshserve_loader.builtin.grpc_api import GRPC_MAX_MESSAGE, GrpcServicer, add_servicer
 from meshserve_loader.builtin.http_api import CONTROL_HOST, build_control_app, build_rest_app
 from meshserve_loader.builtin.table import Runtime
@@ -60,14 +62,19 @@ def _preimport(modules: list[str]) -> None:
 
 async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: bool = True, load_timeout: float = 0.0,
                 control_port: int = 0, allowed_roots: "list[Path] | tuple[Path, ...]" = (), ports_file: Path | None = None,
-                preimport: "list[str] | tuple[str, ...]" = ()) -> None:
+                preimport: "list[str] | tuple[str, ...]" = (), payload_processors: str = "") -> None:
     """Data listeners on `host` (the pod IP in a cluster), the control listener on 127.0.0.1
     whatever `host` is. Loads only from `allowed_roots`: none given, none succeed. A port of 0
     is the kernel's pick; with `ports_file`, the ports bound are written there once all three
     listen (servers/builtin.py reads it: the loader advertises those). `preimport`: formats
-    whose libraries are imported at start, after the listeners are up; loads wait for them."""
+    whose libraries are imported at start, after the listeners are up; loads wait for them.
+    `payload_processors`: MESHSERVE_PAYLOAD_PROCESSORS, else ModelMesh's MM_PAYLOAD_PROCESSORS
+    from the environment (payloads.py)."""
     roots = tuple(Path(p).resolve() for p in allowed_roots)
     rt = Runtime(allow_executable=allow_executable, load_timeout=load_timeout, allowed_roots=roots)
+    rt.payloads = payloads.from_env(os.environ, payload_processors, rt.registry)
+    if rt.payloads is not None:
+        rt.payloads.start()
     if modules := preimport_modules(preimport):
         rt.warm = asyncio.get_running_loop().run_in_executor(None, _preimport, modules)
     server = grpc.aio.server(
@@ -97,4 +104,6 @@ async def serve(host: str, rest_port: int, grpc_port: int, allow_executable: boo
         await server.stop(1)
         await runner.cleanup()
         await control.cleanup()
+        if rt.payloads is not None:
+            await rt.payloads.close()
         rt.close()

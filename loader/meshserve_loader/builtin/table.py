@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -21,6 +21,9 @@ from meshserve_loader.builtin import codec
 from meshserve_loader.builtin.footprint import footprint
 from meshserve_loader.builtin.formats import BASE_OBJECT, Model, ModelLoadError, load_model
 from meshserve.headers import MODEL_ID_HEADER
+
+if TYPE_CHECKING:
+    from meshserve_loader.builtin.payloads import PayloadSink
 
 log = logging.getLogger("meshserve.runtime")
 
@@ -212,6 +215,8 @@ class Runtime:
     # (docs/design/routing.md "Shared routes"): `resolve` finds the model.
     aliases: dict[str, list[str]] = field(default_factory=dict)
     alias_of: dict[str, str] = field(default_factory=dict)
+    # ModelMesh's payload processors (MM_PAYLOAD_PROCESSORS, payloads.py); None: none configured.
+    payloads: "PayloadSink | None" = None
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
