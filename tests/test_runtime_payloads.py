@@ -24,7 +24,7 @@ import grpc
 import pytest
 from aiohttp import web
 
-from meshserve_loader.builtin.payloads import Processor, parse
+from meshserve_loader.builtin.payloads import Processor, from_env, parse
 from meshserve_loader.example_models import write_sklearn
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
@@ -52,6 +52,13 @@ def test_definitions_are_read_as_modelmesh_reads_them(caplog: pytest.LogCaptureF
     assert "no processor for scheme 'ftp'" in caplog.text and "names no host" in caplog.text
     assert parse("") == [] and parse("   ") == []
     assert Processor("logger", "", "a", None).takes("a", "m") and not Processor("logger", "", "a", None).takes("b", "m")
+    # MESHSERVE_PAYLOAD_PROCESSORS first, else ModelMesh's variables; a bad size says which.
+    assert from_env({"MM_PAYLOAD_PROCESSORS": ""}, "") is None
+    sink = from_env({"MM_PAYLOAD_PROCESSORS": "logger://*", "MM_PAYLOAD_PROCESSORS_CAPACITY": "8"}, "")
+    assert sink is not None and (sink.capacity, sink.workers, sink.processors) == (8, 2, [Processor("logger")])
+    assert from_env({"MM_PAYLOAD_PROCESSORS": "logger://*"}, "http://a/b").processors == [Processor("remote", "http://a/b")]
+    with pytest.raises(SystemExit, match="MM_PAYLOAD_PROCESSORS_THREADS='two'"):
+        from_env({"MM_PAYLOAD_PROCESSORS": "logger://*", "MM_PAYLOAD_PROCESSORS_THREADS": "two"}, "")
 
 
 class Consumer:

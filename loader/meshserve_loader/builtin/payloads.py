@@ -229,7 +229,7 @@ def from_env(env: Mapping[str, str], configured: str, registry: CollectorRegistr
         if not raw:
             return default
         if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"{var}={raw!r}: expected a positive whole number")
+            raise SystemExit(f"{var}={raw!r}: expected a positive whole number (the payload processors' queue size and senders)")
         return int(raw)
 
     return PayloadSink(processors, registry, capacity=number("MM_PAYLOAD_PROCESSORS_CAPACITY", DEFAULT_CAPACITY),
