@@ -15,40 +15,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from bench.common import pct, write
 from meshserve_loader.example_models import write_sklearn
+from meshserve_testing.payload_processor import recording_processor
 
 MODEL = "mnist__isvc-0000000001"
 PIXELS = [0.0, 0.0, 1.0, 11.0, 14.0, 15.0, 3.0, 0.0, 0.0, 1.0, 13.0, 16.0, 12.0, 16.0, 8.0, 0.0, 0.0, 8.0, 16.0, 4.0, 6.0, 16.0,
           5.0, 0.0, 0.0, 5.0, 15.0, 11.0, 13.0, 14.0, 0.0, 0.0, 0.0, 0.0, 2.0, 12.0, 16.0, 13.0, 0.0, 0.0, 0.0, 0.0, 0.0, 13.0,
           16.0, 16.0, 6.0, 0.0, 0.0, 0.0, 0.0, 16.0, 16.0, 16.0, 7.0, 0.0, 0.0, 0.0, 0.0, 11.0, 13.0, 12.0, 1.0, 0.0]
-
-
-class _Count:
-    n = 0
-
-
-def _processor() -> tuple[ThreadingHTTPServer, str]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            _Count.n += 1
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/consumer/kserve/v2"
 
 
 def _runtime(d: Path, model: Path, processors: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
@@ -118,11 +96,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--pairs", type=int, default=1000, help="requests per side and transport (after 50 not counted)")
     ap.add_argument("--out", default="payloads", help="result name under bench/results/; empty: write nothing")
     args = ap.parse_args(argv)
-    server, url = _processor()
     procs = []
     res: dict[str, Any] = {"params": vars(args), "load_average_start": os.getloadavg()}
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-payloads-") as tmp:
+    with recording_processor() as (got, url), tempfile.TemporaryDirectory(prefix="bench-payloads-") as tmp:
+        try:
             d = Path(tmp)
             model = write_sklearn(d / "models" / "mnist-svm.joblib")
             bounds = {}
@@ -136,14 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res[name] = {"on_p50_ms": round(on, 3), "off_p50_ms": round(off, 3), "p50_ratio_on_over_off": round(on / off, 3),
                              "on_p99_ms": round(pct(ms["on"], 99), 3), "off_p99_ms": round(pct(ms["off"], 99), 3)}
             time.sleep(1.0)
-            res["payloads_received"] = _Count.n
+            res["payloads_received"] = len(got)
             res["payloads_expected"] = 2 * 2 * (args.pairs + 50)
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(20)
-        server.shutdown()
-        server.server_close()
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(20)
     res["load_average_end"] = os.getloadavg()
     print(json.dumps(res, indent=1))
     if args.out:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +21,7 @@ import pytest
 from e2e.clientlib.venv import ensure_clients
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_testing import devmesh
+from meshserve_testing.payload_processor import recording_processor
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[1]
@@ -30,26 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def processor() -> Iterator[tuple[list[dict[str, Any]], str]]:
-    got: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield got, f"http://127.0.0.1:{server.server_address[1]}/consumer/kserve/v2"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with recording_processor() as p:
+        yield p
 
 
 def test_every_inference_through_the_gateway_reaches_the_processor(processor: tuple[list[dict[str, Any]], str]) -> None:
