@@ -66,7 +66,7 @@ class Processor:
 
 
 def _any_if_blank(v: str) -> str | None:
-    v = v.removeprefix("/") if v.startswith("/") else v
+    v = v.removeprefix("/")
     return None if v in ("", "*") else v
 
 
