@@ -201,3 +201,25 @@ async def test_a_processor_that_is_down_or_filtered_out_costs_the_request_nothin
         assert p.poll() is None
     finally:
         _stop(p)
+
+
+def test_a_rest_request_becomes_the_grpc_message_that_decodes_to_it() -> None:
+    """Unit: what the processors get for REST decodes back to the request, typed contents or,
+    when a datatype has no contents field (FP16, BF16), raw for every input."""
+    import numpy as np
+
+    from meshserve_loader.builtin import binary, codec
+
+    typed = codec.decode_json_request(json.dumps({"id": "r1", "inputs": [
+        {"name": "x", "shape": [2], "datatype": "INT32", "data": [1, 2]},
+        {"name": "s", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "outputs": [{"name": "y"}]}).encode())
+    msg = binary.grpc_request("m", typed)
+    assert (msg.model_name, msg.id, [o.name for o in msg.outputs], msg.raw_input_contents) == ("m", "r1", ["y"], [])
+    assert list(msg.inputs[0].contents.int_contents) == [1, 2] and list(msg.inputs[1].contents.bytes_contents) == [b"hi"]
+    raw = codec.decode_json_request(json.dumps({"inputs": [
+        {"name": "h", "shape": [2], "datatype": "FP16", "data": [0.5, -2.0]},
+        {"name": "b", "shape": [2], "datatype": "BF16", "data": [1.5, 3.0]},
+        {"name": "s", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}).encode())
+    back = codec.decode_grpc_request(pb.ModelInferRequest.FromString(binary.grpc_request("m", raw).SerializeToString()))
+    for a, b in zip(raw.inputs, back.inputs):
+        assert a.datatype == b.datatype and np.array_equal(a.array, b.array), a.name

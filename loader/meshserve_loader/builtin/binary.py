@@ -158,3 +158,26 @@ def raw_grpc_response(model_name: str, req_id: str, outputs: dict[str, np.ndarra
         resp.outputs.add(name=name, datatype=codec.datatype_of(a), shape=codec._output_shape(a))
         resp.raw_output_contents.append(tensor_bytes(a))
     return resp
+
+
+def grpc_request(model_name: str, req: codec.InferRequest) -> pb.ModelInferRequest:
+    """A decoded request as the gRPC message a gRPC client would have sent (for the payload
+    processors, which see every inference as gRPC, as ModelMesh's REST proxy makes it). Typed
+    `contents` where the datatype has a field; if one has none (FP16, BF16), every input goes
+    as raw_input_contents, since the protocol forbids mixing the two."""
+    msg = pb.ModelInferRequest(model_name=model_name, id=req.id)
+    raw = any(not codec.DATATYPES[t.datatype][1] for t in req.inputs)
+    for t in req.inputs:
+        inp = msg.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if raw:
+            # BF16 arrives widened to float32 (codec); its raw form is the top half again.
+            a = (t.array.astype("<f4").view("<u4") >> 16).astype("<u2") if t.datatype == "BF16" else t.array
+            msg.raw_input_contents.append(tensor_bytes(a))
+        elif t.datatype == "BYTES":
+            inp.contents.bytes_contents.extend(x if isinstance(x, bytes) else str(x).encode() for x in t.array.reshape(-1))
+        else:
+            getattr(inp.contents, codec.DATATYPES[t.datatype][1]).extend(t.array.reshape(-1).tolist())
+    for name in req.outputs or ():
+        msg.outputs.add(name=name)
+    return msg
+

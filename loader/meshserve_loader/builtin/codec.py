@@ -272,35 +272,6 @@ def encode_grpc_response(model_name: str, req_id: str, outputs: dict[str, np.nda
     return resp
 
 
-def encode_grpc_request(model_name: str, req: InferRequest) -> pb.ModelInferRequest:
-    """A decoded request as the gRPC message a gRPC client would have sent (for the payload
-    processors, which see every inference as gRPC, as ModelMesh's REST proxy makes it). Typed
-    `contents` where the datatype has a field; if one has none (FP16, BF16), every input goes
-    as raw_input_contents, since the protocol forbids mixing the two."""
-    msg = pb.ModelInferRequest(model_name=model_name, id=req.id)
-    raw = any(not DATATYPES[t.datatype][1] for t in req.inputs)
-    for t in req.inputs:
-        inp = msg.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        flat = t.array.reshape(-1)
-        if raw:
-            msg.raw_input_contents.append(_raw_bytes(t.datatype, flat))
-        elif t.datatype == "BYTES":
-            inp.contents.bytes_contents.extend(_as_bytes(x) for x in flat)
-        else:
-            getattr(inp.contents, DATATYPES[t.datatype][1]).extend(flat.tolist())
-    for name in req.outputs or ():
-        msg.outputs.add(name=name)
-    return msg
-
-
-def _raw_bytes(datatype: str, flat: np.ndarray) -> bytes:
-    if datatype == "BYTES":
-        return b"".join(len(b).to_bytes(4, "little") + b for b in map(_as_bytes, flat))
-    if datatype == "BF16":
-        return (np.asarray(flat, dtype="<f4").view("<u4") >> 16).astype("<u2").tobytes()
-    return np.asarray(flat, dtype=np.dtype(DATATYPES[datatype][0]).newbyteorder("<")).tobytes()
-
-
 def _as_text(output: str, b: bytes) -> str:
     """A BYTES element as JSON text. JSON carries only text: bytes that are not UTF-8 would come
     out altered (replacement characters), so they are refused, saying how to get them whole."""

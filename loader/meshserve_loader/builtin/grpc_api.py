@@ -102,8 +102,7 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         finally:
             self.rt.m_requests.labels(name, code).inc()
             if self.rt.payloads is not None:  # ModelMesh's payload processors: the bytes as they came and went
-                self.rt.payloads.record(name, request, answer, payloads.status_of_http(int(code)),
-                                        payloads.plain_headers(context.invocation_metadata() or ()))
+                self.rt.payloads.record(name, request, answer, payloads.status_of_http(int(code)), context.invocation_metadata() or ())
 
     # The gRPC port is the data port, reachable from the pod network: no repository API here (the
     # loader uses the REST control port).

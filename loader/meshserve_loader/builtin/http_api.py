@@ -157,9 +157,9 @@ def _record_rest(sink: payloads.PayloadSink, name: str, seen: list[Any], code: s
     would have made of it (encoded later, on the payload thread)."""
     req = seen[0]
     out = seen[1] if len(seen) > 1 else None
-    sink.record(name, lambda: codec.encode_grpc_request(name, req).SerializeToString(),
+    sink.record(name, lambda: binary.grpc_request(name, req).SerializeToString(),
                 (lambda: codec.encode_grpc_response(name, req.id, out).SerializeToString()) if out is not None else None,
-                payloads.status_of_http(int(code)), payloads.plain_headers(request.headers.items()))
+                payloads.status_of_http(int(code)), request.headers.items())
 
 
 def build_rest_app(rt: Runtime) -> web.Application:

@@ -161,13 +161,14 @@ class PayloadSink:
         return any(p.takes(model_id, method) for p in self.processors)
 
     def record(self, model_id: str, request: Callable[[], bytes] | bytes | None, response: Callable[[], bytes] | bytes | None,
-               status: str, metadata: Mapping[str, str], method: str = INFER_METHOD) -> None:
+               status: str, headers: Iterable[tuple[str, Any]], method: str = INFER_METHOD) -> None:
         """Queue one inference's two payloads; never waits. `request` and `response` are the
-        gRPC messages' bytes, or functions that make them (called on the payload thread)."""
+        gRPC messages' bytes, or functions that make them (called on the payload thread);
+        `headers` the request's, read only when a processor takes this model."""
         if self._queue is None or not self.wants(model_id, method):
             return
         try:
-            self._queue.put_nowait(_Exchange(model_id, method, request, response, status, metadata))
+            self._queue.put_nowait(_Exchange(model_id, method, request, response, status, plain_headers(headers)))
         except asyncio.QueueFull:
             self.m_payloads.labels("dropped").inc(2)
 

@@ -236,17 +236,13 @@ class MLServerAdapter(Adapter):
                 # port is this loader's renaming pass-through to it (limiter.py), as ModelMesh's
                 # container fronts the same endpoint: MLServer knows a model only by its id, and a
                 # ModelMesh client names the InferenceService in the message.
-                from meshserve_loader.limiter import LimitingProxy, ModelLimits
-
-                self.proxy = LimitingProxy(ModelLimits(), f"{s.host}:{data}", rename=True)
-                grpc_port = await self.proxy.start(s.host, grpc_port)
+                grpc_port = await self._front_grpc(data, grpc_port)
             else:
                 log.warning("runtime %s: MLServer serves gRPC on the pod's port %d itself, so a gRPC request that names an "
                             "InferenceService (not its model id) is NOT_FOUND there; give the ServingRuntime a "
                             "grpcDataEndpoint on another port (MLSERVER_GRPC_PORT) and the loader fronts it", spec.name, grpc_port)
             self.endpoints = Endpoints(rest, grpc_port)
             return self.endpoints
-        from meshserve_loader.limiter import LimitingProxy, ModelLimits
         from meshserve_loader.runtime_image import ensure_local_image, parse_images
         from meshserve_loader.servers.mlserver_venv import ensure_mlserver
 
@@ -271,13 +267,22 @@ class MLServerAdapter(Adapter):
         self.process = RuntimeProcess(spec.name, argv, env, log_path=s.data_dir / f"{self.pod_id}-mlserver.log")
         models_dir.mkdir(parents=True, exist_ok=True)
         await self.process.start()
-        self.proxy = LimitingProxy(ModelLimits(), f"{s.host}:{mlserver_grpc}", rename=True)
-        grpc_port = await self.proxy.start(s.host, grpc_port)
+        grpc_port = await self._front_grpc(mlserver_grpc, grpc_port)
         proc = self.process
         self.client = MLServerClient(f"http://{s.host}:{rest}", self.session, models_dir, pid=lambda: proc.pid,
                                      default_implementation=default_impl)
         self.endpoints = Endpoints(rest, grpc_port)
         return self.endpoints
+
+    async def _front_grpc(self, mlserver_grpc: int, pod_grpc: int) -> int:
+        """The renaming pass-through (limiter.py) on the pod's gRPC port, in front of MLServer's
+        own: MLServer knows a model only by its id, a client names the InferenceService.
+        Returns the port it bound."""
+        from meshserve_loader.limiter import LimitingProxy, ModelLimits
+
+        host = self.settings.host
+        self.proxy = LimitingProxy(ModelLimits(), f"{host}:{mlserver_grpc}", rename=True)
+        return await self.proxy.start(host, pod_grpc)
 
     async def stop(self) -> None:
         proxy = getattr(self, "proxy", None)
