@@ -80,6 +80,11 @@ class Settings:
     # stalled loader (paused, starved, restarting): its copies and routes stay, nothing new is
     # placed there, for up to this many seconds. 0: withdraw on missed heartbeats alone.
     loader_stall_grace_seconds: float = 30.0
+    # A pod whose heartbeats stopped and whose runtime accepts connections but does not answer
+    # is paused as a whole (SIGSTOP, a frozen cgroup, a VM being migrated): kept, with nothing new
+    # placed there, for up to this many seconds. A dead runtime refuses, an unreachable node does
+    # not accept: both are withdrawn at once. 0: withdraw paused pods at once too.
+    paused_pod_grace_seconds: float = 10.0
     lease_seconds: float = 2.0
     cold_start_timeout_seconds: float = 60.0
     load_timeout_seconds: float = 90.0

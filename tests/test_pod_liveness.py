@@ -8,7 +8,7 @@ from __future__ import annotations
 from meshserve.model import Copy, CopyState
 from meshserve_placement import copies as cp
 from meshserve_placement import policy
-from meshserve_placement.liveness import Liveness, judge
+from meshserve_placement.liveness import ANSWERED, Liveness, Probe, judge
 from meshserve_placement.tuning import Tuning
 
 MB = 1 << 20
@@ -16,26 +16,41 @@ T = Tuning(scale_up_rps=10.0, scale_down_after_seconds=0.0, idle_unload_seconds=
 
 
 def test_a_fresh_heartbeat_is_alive_whatever_the_probe() -> None:
-    assert judge(100.0, 99.0, 1.0, 2, None, 30.0).liveness == Liveness.ALIVE
-    assert judge(100.0, 98.5, 1.0, 2, "refused", 30.0).liveness == Liveness.ALIVE
+    assert judge(100.0, 99.0, 1.0, 2, ANSWERED, 30.0).liveness == Liveness.ALIVE
+    assert judge(100.0, 98.5, 1.0, 2, Probe("refused"), 30.0).liveness == Liveness.ALIVE
 
 
 def test_a_paused_loader_whose_runtime_serves_keeps_its_pod() -> None:
     """The repro: kill -STOP the loader for 4 s. Its runtime still answers: the pod stays."""
-    v = judge(104.0, 100.0, 1.0, 2, None, 30.0)
+    v = judge(104.0, 100.0, 1.0, 2, ANSWERED, 30.0)
     assert v.liveness == Liveness.STALLED
     assert "runtime still answers" in v.reason
 
 
 def test_a_dead_runtime_is_withdrawn_at_the_heartbeat_limit() -> None:
-    v = judge(102.5, 100.0, 1.0, 2, "Cannot connect to host 127.0.0.1:9 [Connection refused]", 30.0)
+    v = judge(102.5, 100.0, 1.0, 2, Probe("Cannot connect to host 127.0.0.1:9 [Connection refused]"), 30.0, 10.0)
     assert v.liveness == Liveness.GONE
     assert "Connection refused" in v.reason and "no heartbeat for 2.5s" in v.reason
 
 
 def test_a_stall_past_its_grace_is_withdrawn_and_grace_zero_is_the_old_rule() -> None:
-    assert judge(140.0, 100.0, 1.0, 2, None, 30.0).liveness == Liveness.GONE
-    assert judge(102.5, 100.0, 1.0, 2, None, 0.0).liveness == Liveness.GONE
+    assert judge(140.0, 100.0, 1.0, 2, ANSWERED, 30.0).liveness == Liveness.GONE
+    assert judge(102.5, 100.0, 1.0, 2, ANSWERED, 0.0).liveness == Liveness.GONE
+
+
+def test_a_pod_paused_whole_keeps_its_pod_for_the_paused_grace() -> None:
+    """The repro: kill -STOP a pod's loader and runtime for 3 s. The runtime's port accepts but
+    nothing answers: kept (was withdrawn at 3.0 s though it came back a second later)."""
+    paused = Probe("connection accepted, no answer within 0.5s", accepted=True)
+    v = judge(103.0, 100.0, 1.0, 2, paused, 30.0, 10.0)
+    assert v.liveness == Liveness.STALLED and "paused" in v.reason
+    gone = judge(112.5, 100.0, 1.0, 2, paused, 30.0, 10.0)
+    assert gone.liveness == Liveness.GONE and "10s paused-pod grace" in gone.reason
+    assert judge(103.0, 100.0, 1.0, 2, paused, 30.0, 0.0).liveness == Liveness.GONE
+
+
+def test_an_unreachable_node_is_withdrawn_at_once() -> None:
+    assert judge(102.5, 100.0, 1.0, 2, Probe("no connection within 0.5s"), 30.0, 10.0).liveness == Liveness.GONE
 
 
 def _view() -> policy.ClusterView:

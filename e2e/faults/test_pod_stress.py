@@ -89,6 +89,42 @@ def test_loader_paused_4s_keeps_its_pod(mesh: devmesh.Mesh, body: bytes, which: 
     assert not set(victims) & set(withdrawn), withdrawn
 
 
+@pytest.mark.parametrize("which", ["holder", "both"])
+def test_pod_paused_whole_4s_keeps_its_pod(mesh: devmesh.Mesh, body: bytes, which: str) -> None:
+    """kill -STOP a pod's loader and runtime together for 4 s (a frozen cgroup, a VM paused for
+    migration): the runtime's port still accepts connections, so placement keeps the pod, its
+    copies and its routes, and the requests sent meanwhile are answered once it resumes. Before:
+    withdrawn at 3.0 s ("its runtime did not answer"), registered again on resume."""
+    model = warm(mesh, body)
+    r = redis.Redis.from_url(mesh.redis_url)
+    try:
+        holder = _holder(r, model)
+        victims = [holder] if which == "holder" else ["pod-0", "pod-1"]
+        with SteadyLoad(infer_url(mesh), body, rps=20, max_seconds=30) as load:
+            time.sleep(1)
+            stopped = [pods.kill_pod(mesh, int(p.rsplit("-", 1)[1]), signal.SIGSTOP) for p in victims]
+            try:
+                time.sleep(4)
+                during = {p: pods.copies(r, model).get(p) for p in victims}
+                registered = {p: r.hexists("ms:pods", p) for p in victims}
+            finally:
+                for loader, runtimes in stopped:
+                    for pid in [loader, *runtimes]:
+                        os.kill(pid, signal.SIGCONT)
+            time.sleep(2)
+        after = pods.copies(r, model)
+        withdrawn = _withdrawn(r)
+    finally:
+        r.close()
+    record(f"pod_paused_whole_4s[{which}]", sent=load.sent, failed=load.failed, failures=load.failures[:5],
+           paused=victims, still_registered_while_paused=registered, withdrawn=sorted(withdrawn))
+    assert load.failed == 0, load.failures
+    assert all(registered.values()), registered
+    assert during[holder] == "loaded", during
+    assert after.get(holder) == "loaded", after
+    assert not set(victims) & set(withdrawn), withdrawn
+
+
 def _grpc_batch(mesh: devmesh.Mesh, rows: int, out: dict[str, Any]) -> None:
     import grpc
 

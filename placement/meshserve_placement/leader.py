@@ -172,7 +172,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
             tasks = [
                 asyncio.create_task(self._consume(k.LOAD_REQUESTS, self._on_load_request)),
                 asyncio.create_task(self._consume(k.EVENTS, self._on_event)),
-                asyncio.create_task(self._expire_pods(http)),
+                asyncio.create_task(self._expire_pods()),
                 asyncio.create_task(self._maintain(http)),
                 asyncio.create_task(self._room_loop()),
                 asyncio.create_task(self._walk_registry()),

@@ -14,14 +14,18 @@ from meshserve.store import keys as k
 from meshserve.store import ops as cmd
 from meshserve.store.messages import KIND_POD
 from meshserve_placement import reducers
-from meshserve_placement.liveness import Liveness, judge
+from meshserve_placement.liveness import ANSWERED, Liveness, Probe, judge
 from meshserve_placement.types import Changes, Ops
 
 log = logging.getLogger("meshserve.placement")
 
 
 class Pods:
-    async def _expire_pods(self, http: aiohttp.ClientSession) -> None:
+    async def _expire_pods(self) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            await self._expire_pods_with(http)
+
+    async def _expire_pods_with(self, http: aiohttp.ClientSession) -> None:
         period = self.s.heartbeat_seconds
         while True:
             await asyncio.sleep(period / 2)
@@ -39,7 +43,8 @@ class Pods:
                         if self.stalled.pop(pod, None) is not None:
                             log.info("pod %s: its loader is back", pod)
                         continue
-                    v = judge(now, self.heartbeats.get(pod, 0), period, self.s.heartbeat_misses, answers[pod], self.s.loader_stall_grace_seconds)
+                    v = judge(now, self.heartbeats.get(pod, 0), period, self.s.heartbeat_misses, answers[pod],
+                              self.s.loader_stall_grace_seconds, self.s.paused_pod_grace_seconds)
                     if v.liveness == Liveness.GONE:
                         self.stalled.pop(pod, None)
                         await self._withdraw_pod(pod, v.reason)
@@ -48,24 +53,11 @@ class Pods:
                         self.stalled[pod] = v.reason
                 await self._place_pending()
 
-    async def _probe(self, http: aiohttp.ClientSession, pod_id: str) -> str | None:
-        """None when the pod's runtime answers (its data plane is up), else why not. REST
-        readiness where the runtime serves REST, else a TCP connect to its gRPC port."""
+    async def _probe(self, http: aiohttp.ClientSession, pod_id: str) -> Probe:
         pod = self.pods.get(pod_id)
         if pod is None:
-            return "not registered"
-        timeout = max(0.2, self.s.heartbeat_seconds / 2)
-        try:
-            if pod.rest_port:
-                async with http.get(f"http://{pod.host}:{pod.rest_port}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                    return None if r.status == 200 else f"readiness answered HTTP {r.status}"
-            _, w = await asyncio.wait_for(asyncio.open_connection(pod.host, pod.grpc_port), timeout)
-            w.close()
-            return None
-        except asyncio.TimeoutError:
-            return f"no answer within {timeout:g}s"
-        except (aiohttp.ClientError, OSError) as e:
-            return str(e) or type(e).__name__
+            return Probe("not registered")
+        return await probe_runtime(http, pod.host, pod.rest_port, pod.grpc_port, max(0.2, self.s.heartbeat_seconds / 2))
 
     async def _place_pending(self) -> None:
         """Requests held for a pool with no pods: place them once one of its pods is up."""
@@ -96,3 +88,23 @@ class Pods:
             spec = self.specs.get(m)
             if spec is not None and not any(c.state in (CopyState.LOADED, CopyState.LOADING) for c in self.view.copies.get(m, {}).values()):
                 await self._place(spec, waiting=True, why=f"pod {pod} died before loading it")
+
+
+async def probe_runtime(http: aiohttp.ClientSession, host: str, rest_port: int | None, grpc_port: int, timeout: float) -> Probe:
+    """REST readiness where the runtime serves REST, else a TCP connect to its gRPC port. `http`
+    must open a new connection per request (`force_close`): a pooled one would hide whether the
+    port still accepts connections, which is what tells a paused pod from an unreachable one."""
+    try:
+        if rest_port:
+            limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+            async with http.get(f"http://{host}:{rest_port}/v2/health/ready", timeout=limits) as r:
+                return ANSWERED if r.status == 200 else Probe(f"readiness answered HTTP {r.status}")
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, grpc_port), timeout)
+        w.close()
+        return ANSWERED
+    except aiohttp.SocketTimeoutError:
+        return Probe(f"connection accepted, no answer within {timeout:g}s", accepted=True)
+    except asyncio.TimeoutError:  # aiohttp's connect timeout is one too
+        return Probe(f"no connection within {timeout:g}s")
+    except (aiohttp.ClientError, OSError) as e:
+        return Probe(str(e) or type(e).__name__)
