@@ -99,3 +99,43 @@ async def test_a_forgotten_pod_registers_again_within_a_period(stuck: tuple[Agen
     assert json.loads(reg[-1][b"models"]) == ["m__isvc-1"]
     assert json.loads(reg[-1][b"sizes"]) == {"m__isvc-1": 4096}
     assert agent.metrics.reregistrations._value.get() == 1
+
+
+class ServingRuntime(StuckRuntime):
+    """Answers at once; `m__isvc-1` was used once, at `held[...]["last_used"]`."""
+
+    async def stats(self) -> dict[str, Any]:
+        return self.held
+
+
+async def test_uses_read_while_redis_is_paused_reach_it_afterwards(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Valkey stopped (SIGSTOP) across a few usage reports: each says Redis was slow, not the
+    runtime (it used to blame the runtime), and the use read meanwhile is written once Redis
+    answers again, although the runtime's counter no longer changes (it used to be dropped)."""
+    import os
+    import signal
+
+    with devmesh.valkey() as v:
+        s = Settings(data_dir=tmp_path, redis_url=v.url, heartbeat_seconds=PERIOD)
+        state = State.from_url(v.url)
+        rt = ServingRuntime()
+        a = Agent(s, Pod("pod-0", "127.0.0.1", 1, 2, 1 << 30, ["sklearn"]), rt, state)
+        a._runtime_up.set()
+        caplog.set_level("INFO", logger="meshserve.loader")
+        os.kill(v.proc.pid, signal.SIGSTOP)
+        task = asyncio.create_task(a.usage_loop())
+        try:
+            await asyncio.sleep(PERIOD * 6)
+            os.kill(v.proc.pid, signal.SIGCONT)
+            t0 = time.monotonic()
+            while await state.r.zscore(keys.LAST_USED, "m__isvc-1") is None:
+                assert time.monotonic() - t0 < 10, "the use read while Redis was paused never reached it"
+                await asyncio.sleep(0.05)
+            assert await state.r.zscore(keys.LAST_USED, "m__isvc-1") == pytest.approx(rt.held["m__isvc-1"]["last_used"])
+        finally:
+            os.kill(v.proc.pid, signal.SIGCONT)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await state.close()
+    skipped = [r.getMessage() for r in caplog.records if "usage report skipped" in r.getMessage()]
+    assert skipped and all("Redis did not answer" in m for m in skipped), skipped

@@ -70,6 +70,7 @@ class Agent:
         self.loaded: dict[str, int] = {}  # model -> size reported, as this agent knows it
         self._seen_requests: dict[str, int] = {}
         self._usage_since = 0.0  # when the last usage report read the runtime (0: never: read everything)
+        self._unsent_use: dict[str, float] = {}  # read from the runtime, not yet written (Redis was slow)
         self._cache_measured = 0.0  # when the disk cache's size was last measured for its gauge
         # A pod's loads are bounded (ModelMesh's maxLoadingConcurrency); unloads never wait.
         self._load_slots = asyncio.Semaphore(max(1, settings.max_concurrent_loads))
@@ -123,30 +124,43 @@ class Agent:
         while True:
             if self._runtime_up.is_set():
                 try:
-                    await asyncio.wait_for(self._report_usage(), self.s.heartbeat_seconds)
-                except asyncio.TimeoutError:
-                    log.info("usage report skipped: the runtime did not answer within %.1fs", self.s.heartbeat_seconds)
+                    await self._report_usage(self.s.heartbeat_seconds)
+                except asyncio.TimeoutError as e:
+                    log.info("usage report skipped: %s", e)
                 except (aioredis.RedisError, aiohttp.ClientError, OSError, ValueError) as e:
                     log.warning("usage report failed: %s", e)
             await asyncio.sleep(self.s.heartbeat_seconds)
 
-    async def _report_usage(self) -> None:
+    async def _report_usage(self, limit: float) -> None:
+        """Each of its two waits (the runtime's counters, Redis) is bounded by `limit`; a
+        TimeoutError says which one was slow."""
         # Recency comes from the runtime's own counters: no Python hop on the data path. Only
         # the models used since the last report (less a second for a use that finished as
         # that one was read): reading every loaded model's counters each heartbeat was 4.5% of
         # the loader at 10,000 loaded (docs/benchmarks.md, "Density").
         started = time.time()
         since = getattr(self.server, "used_since", None)
-        stats = await (since(self._usage_since - 1.0) if since is not None and self._usage_since else self.server.stats())
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that lands
+        # as its awaitable finishes, and this loop then outlived its agent's shutdown.
+        try:
+            async with asyncio.timeout(limit):
+                stats = await (since(self._usage_since - 1.0) if since is not None and self._usage_since else self.server.stats())
+        except TimeoutError:
+            raise asyncio.TimeoutError(f"the runtime did not answer within {limit:.1f}s") from None
         self._usage_since = started
-        used = {}
+        used = self._unsent_use
         for model_id, s in stats.items():
             n = int(s.get("requests", 0))
             if n != self._seen_requests.get(model_id):
                 self._seen_requests[model_id] = n
                 if s.get("last_used"):
                     used[model_id] = float(s["last_used"])
-        await ops.mark_used(self.state.r, used)
+        try:
+            async with asyncio.timeout(limit):
+                await ops.mark_used(self.state.r, used)
+        except TimeoutError:
+            raise asyncio.TimeoutError(f"Redis did not answer within {limit:.1f}s; the uses read are sent with the next report") from None
+        self._unsent_use = {}
         self.metrics.used.set(sum(self.loaded.values()))
         if started - self._cache_measured >= CACHE_MEASURE_SECONDS:
             # It walks every entry of the disk cache: not each heartbeat.

@@ -25,6 +25,7 @@ request is sent (attribute `meshserve.sent_ahead`), and the forward span covers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -260,10 +261,9 @@ class Activator:
             if remaining <= 0:
                 why = f"; last failure: {failures.describe(failed[-1][1], failed[-1][0] == '-')}" if failed else ""
                 raise LoadFailed(503, f"model '{model_id}' was not loaded within {self.s.cold_start_timeout_seconds:g}s{why}")
-            try:
-                await asyncio.wait_for(ev.wait(), timeout=min(remaining, 1.0))
-            except asyncio.TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):  # not wait_for: it can swallow a client's cancel on 3.11
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await ev.wait()
 
     async def ask(self, model_id: str, op: str) -> None:
         """A request to the placement leader, the only writer of placements: `pin` or `unpin`."""

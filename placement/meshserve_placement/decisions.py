@@ -170,8 +170,11 @@ class Decisions:
                 # A sleep of the whole period begun while nobody waited would hold the first
                 # waiter's retries for up to that period. (Measured: not what made the churn
                 # tail's 1 s; that was the activator's ask dedupe, docs/benchmarks.md "Churn".)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.room_waiters.wait(), timeout=self.t.maintain_seconds)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
+                # of a lost lease that lands as a waiter arrives, and this loop outlived its term.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.t.maintain_seconds):
+                        await self.room_waiters.wait()
             self.room_waiters.clear()
             if self.room:
                 await asyncio.sleep(quick)
