@@ -122,6 +122,25 @@ def test_hostile_json_is_a_400(mesh: devmesh.Mesh, fixtures: Path, body: bytes, 
     good(mesh, fixtures)
 
 
+V1_HOSTILE = [
+    (b'{"model": "sklearn-mnist", "input": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"model": "sklearn-mnist", "input": ', "could not parse the JSON body"),
+    (b'{"model": ["sklearn-mnist"], "input": "x"}', "you must provide a model parameter"),
+]
+
+
+@pytest.mark.parametrize("body, message", V1_HOSTILE, ids=["deep-input", "deep", "truncated", "model-list"])
+def test_hostile_openai_json_is_a_400_in_openai_shape(mesh: devmesh.Mesh, fixtures: Path, body: bytes, message: str) -> None:
+    """Whichever hop reads the body (Envoy's json_to_metadata cannot, so the activator does; a
+    warm model's runtime otherwise), the answer is OpenAI's 400. Before: 10,000 nested arrays
+    under `input` were a 500 "Server got itself in trouble" from the activator."""
+    code, text = curl("-X", "POST", f"{mesh.rest}/v1/embeddings", "-H", "content-type: application/json", "--data-binary", "@-", input_bytes=body)
+    err = json.loads(text)["error"]
+    assert code == 400 and message in err["message"] and err["type"] == "invalid_request_error", text
+    good(mesh, fixtures)
+
+
 def test_content_encoding(mesh: devmesh.Mesh, fixtures: Path) -> None:
     plain = (fixtures / "mnist-request-proto-json.json").read_bytes()
     code, text = _infer(mesh, gzip.compress(plain), "Content-Encoding: gzip")

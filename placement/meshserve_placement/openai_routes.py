@@ -27,6 +27,7 @@ from aiohttp import web
 from meshserve.model import ModelSpec, Pod
 from meshserve.store import keys as k
 from meshserve.headers import MODEL_ID_HEADER
+from meshserve.openai_protocol import OpenAIError, body_model, error_body, parse_body
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_placement.coldpath import HOP_BY_HOP, M_COLD, LoadFailed, log
 
@@ -38,7 +39,7 @@ STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=12
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status)
+    return web.json_response(error_body(message, type_, param, code), status=status)
 
 
 def _model_not_found(name: str) -> web.Response:
@@ -62,7 +63,7 @@ def _listing(models: dict[bytes, bytes], aliases: dict[bytes, bytes]) -> list[di
 def _openai_error(body: bytes) -> bool:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(doc, dict) and isinstance(doc.get("error"), dict)
 
@@ -109,15 +110,10 @@ def add_routes(app: web.Application, act: Any, session: aiohttp.ClientSession) -
         except web.HTTPRequestEntityTooLarge:
             return error(413, f"request body is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit")
         try:
-            body = json.loads(payload or b"null")
-        except ValueError as e:
-            return error(400, f"We could not parse the JSON body of your request: {e}")
-        if not isinstance(body, dict):
-            return error(400, "The request body must be a JSON object")
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
-            return error(400, "you must provide a model parameter (a string)", param="model",
-                         code="missing_required_parameter" if name is None else None)
+            body = parse_body(payload)
+            name = body_model(body)
+        except OpenAIError as e:
+            return web.json_response(e.body(), status=e.status)
         act.cold_requests += 1
         t0 = time.monotonic()
         try:

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from aiohttp import web
 from meshserve.headers import MODEL_ID_HEADER
+from meshserve.openai_protocol import OpenAIError, body_model, error_body, parse_body
 from meshserve_loader.builtin import textgen
 from meshserve_loader.builtin.codec import CodecError
 
@@ -36,44 +37,17 @@ STREAM_AHEAD = 64  # pieces a streaming model may run ahead of the client
 SERVED: Any = web.RequestKey("served_model", str) if hasattr(web, "RequestKey") else "served_model"
 
 
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.type, self.param, self.code = status, type_, param, code
-
-    def response(self) -> web.Response:
-        return error_response(self.status, str(self), self.type, self.param, self.code)
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> web.Response:
     return web.json_response(error_body(message, type_, param, code), status=status)
 
 
+def respond(e: OpenAIError) -> web.Response:
+    return web.json_response(e.body(), status=e.status)
+
+
 def not_found(name: str) -> OpenAIError:
     return OpenAIError(404, f"The model '{name}' does not exist or is not served here", param="model", code="model_not_found")
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw or b"null")
-    except ValueError as e:
-        raise OpenAIError(400, f"We could not parse the JSON body of your request: {e}") from None
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "The request body must be a JSON object")
-    return body
-
-
-def body_model(body: dict[str, Any]) -> str:
-    m = body.get("model")
-    if not isinstance(m, str) or not m:
-        raise OpenAIError(400, "you must provide a model parameter (a string)", param="model", code="missing_required_parameter" if m is None else None)
-    return m
 
 
 def _token(v: Any) -> bool:
@@ -132,10 +106,10 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
                 return await fn(request)
             except OpenAIError as e:
                 code = str(e.status)
-                return e.response()
+                return respond(e)
             except ModelNotFound:  # unloaded between the look and the run
                 code = "404"
-                return not_found(request[SERVED]).response()
+                return respond(not_found(request[SERVED]))
             except Exception as e:  # a model's own bug must not take the runtime down
                 code = "500"
                 return error_response(500, f"model '{request[SERVED]}' failed: {type(e).__name__}: {e}", "server_error")
