@@ -228,6 +228,10 @@ def _predictor_model(doc: Document, predictor: dict[str, Any]) -> tuple[dict[str
                     f"required: spec.predictor.model (with modelFormat) or a framework field ({', '.join(LEGACY_FRAMEWORKS)})")
 
 
+def _yaml_type(v: Any) -> str:
+    return {dict: "mapping", list: "list", bool: "boolean", int: "number", float: "number"}.get(type(v), type(v).__name__)
+
+
 def parse_inference_service(doc: Document) -> ModelSpec:
     d = doc.data
     if not isinstance(d, dict):
@@ -244,8 +248,10 @@ def parse_inference_service(doc: Document) -> ModelSpec:
         fmt_name, fmt_version = framework, str(model.get("runtimeVersion") or "")
     else:
         fmt = model.get("modelFormat")
-        if not isinstance(fmt, dict) or not isinstance(fmt.get("name"), str):
+        if not isinstance(fmt, dict) or fmt.get("name") in (None, ""):
             raise doc.error(at + ("modelFormat", "name"), "required, e.g. sklearn")
+        if not isinstance(fmt["name"], str):
+            raise doc.error(at + ("modelFormat", "name"), f"must be a string, e.g. sklearn; got a {_yaml_type(fmt['name'])}")
         fmt_name, fmt_version = fmt["name"], str(fmt.get("version") or "")
     raw_storage = model.get("storage") or {}
     if not isinstance(raw_storage, dict):

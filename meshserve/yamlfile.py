@@ -64,7 +64,33 @@ def load_documents(path: Path | str, text: str | None = None) -> list[Document]:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         raise ConfigError(name, line, "", f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    for node in nodes:
+        _refuse_duplicate_keys(name, node)
     return [Document(name, d, n) for d, n in zip(datas, nodes) if d is not None]
+
+
+def _refuse_duplicate_keys(file: str, root: yaml.Node) -> None:
+    """PyYAML keeps the last of two equal keys; kubectl refuses the file ("mapping key already
+    defined"), and so do we: `name: a` then `name: b` registered b without a word."""
+    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
+    seen_nodes: set[int] = set()  # an alias is the same node again: walk it once
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                if key is not None and k.tag != "tag:yaml.org,2002:merge":
+                    if key in first:
+                        raise ConfigError(file, k.start_mark.line + 1, ".".join(str(p) for p in (*path, key)),
+                                          f"mapping key '{key}' is already defined at line {first[key]}; give each key once")
+                    first[key] = k.start_mark.line + 1
+                stack.append((v, (*path, key if key is not None else "?")))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, (*path, i)) for i, v in enumerate(node.value))
 
 
 def iter_yaml_files(path: Path) -> Iterator[Path]:

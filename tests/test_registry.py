@@ -51,3 +51,28 @@ def test_errors_name_file_line_and_field(tmp_path: Path) -> None:
     f.write_text("kind: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
         read_models(f)
+
+
+def test_a_key_given_twice_is_refused_where_it_repeats(tmp_path: Path) -> None:
+    """kubectl refuses a mapping key defined twice; PyYAML alone keeps the last one, so
+    `name: dupe` then `name: dupe2` registered dupe2 without a word. Anchors and merge keys
+    (`<<: *base`) are not repeats."""
+    f = tmp_path / "dup.yaml"
+    f.write_text(
+        "apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata:\n  name: dupe\n  name: dupe2\n"
+        "spec:\n  predictor:\n    model:\n      modelFormat: {name: sklearn}\n      storage: {path: x}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        read_models(f)
+    assert (e.value.line, e.value.field) == (5, "metadata.name")
+    assert "'name' is already defined at line 4" in str(e.value)
+    f.write_text("base: &b {a: 1}\nthere: {<<: *b, c: 2}\nagain: *b\n")
+    assert load_documents(f)[0].data["there"] == {"a": 1, "c": 2}
+
+
+def test_a_model_format_that_is_not_a_string_says_so(tmp_path: Path) -> None:
+    f = tmp_path / "typed.yaml"
+    f.write_text("apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata:\n  name: m\n"
+                 "spec:\n  predictor:\n    model:\n      modelFormat:\n        name: [sklearn]\n      storage: {path: x}\n")
+    with pytest.raises(ConfigError, match=r"typed.yaml:9: spec.predictor.model.modelFormat.name: must be a string, e.g. sklearn; got a list"):
+        read_models(f)
