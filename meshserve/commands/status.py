@@ -69,8 +69,9 @@ async def gather(url: str) -> dict[str, Any]:
     pods = [
         {
             **asdict(p), "used_bytes": used.get(p.id, 0), "heartbeat_age_s": round(now - hb.get(p.id, 0), 1),
-            # Placement keeps a pod whose loader went silent while its runtime answers (stalled).
-            "condition": "draining" if p.draining else ("ok" if now - hb.get(p.id, 0) <= limit else "loader silent: serving, nothing new placed"),
+            # Placement keeps a pod whose loader went silent while its runtime answers or is
+            # paused (stalled), for a grace; status does not probe, so it cannot say which.
+            "condition": "draining" if p.draining else ("ok" if now - hb.get(p.id, 0) <= limit else "heartbeat late: kept for now, nothing new placed"),
         }
         for p in sorted(snap.pods.values(), key=lambda p: p.id)
     ]
