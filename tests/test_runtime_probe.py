@@ -4,11 +4,14 @@ has its connections accepted by the kernel and answers nothing; a dead one refus
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
@@ -36,6 +39,22 @@ asyncio.run(main())
 """
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP, and wait until every thread is stopped: the signal is delivered asynchronously,
+    and a gRPC server's poller thread answered in the meantime."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = []
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                states.append((t / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 @pytest.fixture()
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
@@ -48,7 +67,7 @@ async def test_a_stopped_runtime_is_paused_and_a_killed_one_refuses(http: aiohtt
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
         assert await probe_runtime(http, "127.0.0.1", port, 0, 0.5) == ANSWERED
-        os.kill(proc.pid, signal.SIGSTOP)
+        _stop(proc.pid)
         try:
             paused = await probe_runtime(http, "127.0.0.1", port, 0, 0.5)
         finally:
@@ -72,3 +91,38 @@ async def test_a_port_nobody_listens_on_is_gone(http: aiohttp.ClientSession) -> 
         grpc = await probe_runtime(http, "127.0.0.1", 0, port, 0.5)
     assert rest.failure and not rest.accepted
     assert grpc.failure and not grpc.accepted
+
+
+# A gRPC server with no services (a ModelMesh SPI runtime serves gRPC only): port 0, printed.
+_GRPC_RUNTIME = """
+import asyncio, grpc
+
+async def main():
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_stopped_grpc_only_runtime_is_paused(http: aiohttp.ClientSession) -> None:
+    """A TCP connect alone, the probe before, passed for a stopped process: the pod was kept for
+    the loader's 30 s grace instead of the paused pod's."""
+    proc = subprocess.Popen([sys.executable, "-c", _GRPC_RUNTIME], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        assert await probe_runtime(http, "127.0.0.1", 0, port, 0.5) == ANSWERED
+        _stop(proc.pid)
+        try:
+            paused = await probe_runtime(http, "127.0.0.1", 0, port, 0.5)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert paused.accepted and "no HTTP/2 frame within 0.5s" in (paused.failure or ""), paused
+        assert await probe_runtime(http, "127.0.0.1", 0, port, 0.5) == ANSWERED
+    finally:
+        proc.kill()
+        proc.wait(10)

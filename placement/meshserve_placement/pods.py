@@ -91,7 +91,7 @@ class Pods:
 
 
 async def probe_runtime(http: aiohttp.ClientSession, host: str, rest_port: int | None, grpc_port: int, timeout: float) -> Probe:
-    """REST readiness where the runtime serves REST, else a TCP connect to its gRPC port. `http`
+    """REST readiness where the runtime serves REST, else its gRPC port's first HTTP/2 frame. `http`
     must open a new connection per request (`force_close`): a pooled one would hide whether the
     port still accepts connections, which is what tells a paused pod from an unreachable one."""
     try:
@@ -99,12 +99,33 @@ async def probe_runtime(http: aiohttp.ClientSession, host: str, rest_port: int |
             limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
             async with http.get(f"http://{host}:{rest_port}/v2/health/ready", timeout=limits) as r:
                 return ANSWERED if r.status == 200 else Probe(f"readiness answered HTTP {r.status}")
-        _, w = await asyncio.wait_for(asyncio.open_connection(host, grpc_port), timeout)
-        w.close()
-        return ANSWERED
+        return await _http2_answers(host, grpc_port, timeout)
     except aiohttp.SocketTimeoutError:
         return Probe(f"connection accepted, no answer within {timeout:g}s", accepted=True)
     except asyncio.TimeoutError:  # aiohttp's connect timeout is one too
         return Probe(f"no connection within {timeout:g}s")
     except (aiohttp.ClientError, OSError) as e:
         return Probe(str(e) or type(e).__name__)
+
+
+# The client's connection preface and an empty SETTINGS frame (RFC 9113 §3.4, §6.5): any HTTP/2
+# server, so any gRPC server, answers with a SETTINGS frame of its own before anything else.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+async def _http2_answers(host: str, port: int, timeout: float) -> Probe:
+    """A runtime that serves gRPC only: a TCP connect alone passes for a paused process too, so
+    wait for the server's first frame. No gRPC call: the runtime need implement no health
+    service."""
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        w.write(_H2_PREFACE)
+        try:
+            await asyncio.wait_for(r.read(9), timeout)
+        except asyncio.TimeoutError:
+            return Probe(f"connection accepted, no HTTP/2 frame within {timeout:g}s", accepted=True)
+        except OSError:
+            pass  # reset: a process that is running did it (a TLS port may answer so)
+        return ANSWERED  # a frame, or a close: either way the process runs
+    finally:
+        w.close()
