@@ -209,6 +209,7 @@ class MeshStateCollector(Collector):
         ids: set[str] = set()
         rev, cid = self._rev, self._change_id
         budget = max(CHANGE_BUDGET, len(self.tally.copies))
+        behind = False
         while True:
             if budget <= 0:
                 return False
@@ -217,7 +218,8 @@ class MeshStateCollector(Collector):
             for eid, ch in entries:
                 cid = eid.decode() if isinstance(eid, bytes) else eid
                 if ch.rev <= self._rev:
-                    continue  # already in the tally (the full read was at this revision or later)
+                    behind = True  # already in the tally (the full read was at this revision or later)?
+                    continue
                 if ch.rev > rev + 1:
                     return False  # a revision skipped: entries trimmed or missed
                 if ch.kind == KIND_ALL:
@@ -227,6 +229,8 @@ class MeshStateCollector(Collector):
                 rev = ch.rev
             if len(entries) < CHANGES_PER_READ:
                 break
+        if behind and await self.state.rev() < self._rev:
+            return False  # or the revision started again: Redis lost its data, everything is new
         if ids:
             id_list = sorted(ids)
             raws = await self.state.r.hmget(keys.PLACEMENTS, id_list)

@@ -113,3 +113,22 @@ async def test_the_collector_reads_only_what_changed_and_everything_after_a_gap(
     await col.refresh()
     v = values(col)
     assert col.full_reads == 2 and v[("meshserve_pod_used_bytes", ("pod-0",))] == 13 and v[("meshserve_models_loaded", ())] == 3
+
+
+async def test_the_collector_counts_afresh_when_redis_lost_its_data(state: State) -> None:
+    """Redis restarted without its data: the revision starts again from 0. Before, the entries
+    at revisions below the collector's were taken as already counted, and the metrics kept the
+    old placements."""
+    await store_ops.register_pod(state, Pod("pod-0", "127.0.0.1", 1, 2, 1000, ["sklearn"]))
+    for m in "abc":
+        await state.commit([store_ops.set_copies(m, {"pod-0": Copy(CopyState.LOADED, 10, 100.0)})], [(KIND_PLACEMENT, m)])
+    col = MeshStateCollector(state)
+    await col.refresh()
+    assert values(col)[("meshserve_models_loaded", ())] == 3
+    await state.r.flushall()
+    await store_ops.register_pod(state, Pod("pod-0", "127.0.0.1", 1, 2, 1000, ["sklearn"]))
+    await state.commit([store_ops.set_copies("z", {"pod-0": Copy(CopyState.LOADED, 4, 500.0)})], [(KIND_PLACEMENT, "z")])
+    await col.refresh()
+    v = values(col)
+    assert col.full_reads == 2
+    assert v[("meshserve_models_loaded", ())] == 1 and v[("meshserve_pod_used_bytes", ("pod-0",))] == 4

@@ -103,3 +103,10 @@ def test_aliases_by_model_keeps_one_alias_as_a_string_and_several_as_a_set() -> 
     s._drop_alias(m, "m3", "d")
     s._drop_alias(m, "m2", "c")
     assert m == {"m1": {"a", "f"}, "m2": {"b", "e"}, "m4": "g"}
+
+
+def test_entries_at_or_below_the_snapshot_mark_the_batch_behind() -> None:
+    """Normal just after a resync; after Redis lost its data it is how the source learns that
+    the revision started again (it then asks Redis for its revision and resyncs if lower)."""
+    assert plan_batch(12, [entry(3, st.KIND_POD, "p")]).behind
+    assert not plan_batch(12, [entry(13, st.KIND_POD, "p")]).behind

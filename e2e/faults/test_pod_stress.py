@@ -261,3 +261,55 @@ def test_new_leader_keeps_copies_under_load(hot_mesh: devmesh.Mesh, body: bytes)
            loaded_copy_counts_seen=sorted(seen), copies_after=after)
     assert load.failed == 0, load.failures
     assert seen == {2}, (seen, after)
+
+
+def test_redis_that_lost_its_data_is_followed_again(e2e_config: Path, body: bytes, tmp_path: Path) -> None:
+    """Redis restarted without its data (no persistence, a common cluster setup; FLUSHALL here)
+    after the mesh had run a while: the state's revision starts again from 0. The xDS server
+    followed only revisions above the one it had, so the gateway kept routing the model to a pod
+    that had since unloaded it: 404 "not loaded on this runtime" until the new revisions passed
+    the old. Now it resyncs when the revision goes back, and once the model is applied again
+    (as the cluster controller does by itself within its resync) the next request loads it."""
+    from click.testing import CliRunner
+
+    from meshserve.cli import cli
+
+    with devmesh.mesh(config_dir=e2e_config) as m:
+        warm(m, body)
+        r = redis.Redis.from_url(m.redis_url)
+        try:
+            # A mesh that has run a while is far past revision 60: registrations to get there.
+            spec = tmp_path / "b.yaml"
+            text = (e2e_config / "sklearn-mnist-b.yaml").read_text()
+            for i in range(80):
+                spec.write_text(text.replace("ModelMesh\n", f'ModelMesh\n    meshserve.io/maxCopies: "{2 + i % 2}"\n', 1))
+                res = CliRunner().invoke(cli, ["apply", "-f", str(spec)], env={"MESHSERVE_REDIS_URL": m.redis_url})
+                assert res.exit_code == 0, res.output
+                if int(r.get("ms:rev") or 0) > 60:
+                    break
+            before = int(r.get("ms:rev") or 0)
+            assert before > 60, before
+            r.flushall()
+
+            def xds_followed() -> bool:
+                synced = [int(v.split()[0]) for v in r.hvals("ms:xds:synced")]
+                return bool(synced) and max(synced) <= int(r.get("ms:rev") or 0)
+
+            devmesh.wait_until(xds_followed, 20, "the xDS server follows the new revisions")
+            res = CliRunner().invoke(cli, ["apply", "-f", str(e2e_config / "sklearn-mnist.yaml")], env={"MESHSERVE_REDIS_URL": m.redis_url})
+            assert res.exit_code == 0, res.output
+            after = int(r.get("ms:rev") or 0)
+            # apply returns once the registry has it; the gateway has its route a push later.
+            devmesh.wait_until(lambda: min(int(v.split()[0]) for v in r.hvals("ms:xds:synced") or [b"0"]) >= after, 20,
+                               "the gateway has the route of the model applied again")
+        finally:
+            r.close()
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(urllib.request.Request(infer_url(m), data=body, method="POST"), timeout=60) as resp:
+                assert json.loads(resp.read())["outputs"][0]["contents"]["int64Contents"] == ["8"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
+    record("redis_lost_its_data", revision_before=before, revision_after_reapply=after)

@@ -158,6 +158,9 @@ class ChangeBatch:
     resync: bool
     rev: int
     ids: dict[str, set[str]] = field(default_factory=dict)  # kind -> ids to re-read
+    # An entry at or below the snapshot's revision: normal just after a resync (committed
+    # before it was read), or the state's revision starting again (Redis lost its data).
+    behind: bool = False
 
 
 # Kinds whose objects are re-read one by one; rules are few and re-read whole.
@@ -175,8 +178,10 @@ def plan_batch(current_rev: int, entries: list[tuple[bytes, Change]]) -> ChangeB
     we don't know means something may be missing: resync from the hashes."""
     rev = current_rev
     ids: dict[str, set[str]] = {}
+    behind = False
     for _, c in entries:
         if c.rev <= current_rev:
+            behind = True
             continue
         if c.rev > rev + 1:
             return ChangeBatch(True, c.rev)
@@ -184,7 +189,7 @@ def plan_batch(current_rev: int, entries: list[tuple[bytes, Change]]) -> ChangeB
         if c.kind not in _TARGETED and c.kind not in _RULE_KINDS:
             return ChangeBatch(True, rev)
         ids.setdefault(c.kind, set()).add(c.id)
-    return ChangeBatch(False, rev, ids)
+    return ChangeBatch(False, rev, ids, behind)
 
 
 class RedisSource:
@@ -227,6 +232,12 @@ class RedisSource:
     async def apply(self, entries: list[tuple[bytes, Change]]) -> None:
         """Follow a batch of change entries: re-read only what they name."""
         batch = plan_batch(self.rev, entries)
+        if batch.behind and (now := await self.state.rev()) < self.rev:
+            # Without this the gateway kept the old routes until the new revisions passed the
+            # old ones: requests went to pods that had since unloaded their models (404).
+            log.warning("xds: the state's revision went back from %d to %d (Redis restarted without its data?); resyncing", self.rev, now)
+            await self.rebuild()
+            return
         if batch.resync or self.snap is None:
             log.info("xds: revision gap or unknown change after %d; resyncing", self.rev)
             await self.rebuild()
