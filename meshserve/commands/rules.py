@@ -147,6 +147,10 @@ def apply(paths: tuple[Path, ...], dry_run: str, redis_url: str, target: Target)
         # Lists the new models' stored files with this machine's storage-config (MESHSERVE_STORAGE_CONFIG).
         res = await apply_paths(state, paths, stdin, predict=Predictor.from_settings(Settings.from_env()))
         trace.get_current_span().set_attributes(tracing.applied(res.specs, res.rules))
+        if res.specs or res.rules:
+            # Return once the gateways route what was applied: `apply && curl` got a 404 when
+            # the request beat the routes' push (tens of ms).
+            res.notes.extend(_gateways_note(await store_ops.wait_for_gateways(state.r, APPLY_WAIT_SECONDS)))
         return res
 
     res = _run(_url(redis_url), go, "apply", {"meshserve.files": [str(p) for p in paths]})
@@ -156,6 +160,15 @@ def apply(paths: tuple[Path, ...], dry_run: str, redis_url: str, target: Target)
         click.echo(f"trafficrule/{r.name} applied (model {r.model})")
     for n in res.notes:
         click.echo(f"  {n}")
+
+
+APPLY_WAIT_SECONDS = 10.0
+
+
+def _gateways_note(caught_up: bool | None) -> list[str]:
+    if caught_up is False:
+        return [f"the gateways have not applied the new routes after {APPLY_WAIT_SECONDS:g}s; requests may get 404 until they do (meshserve status)"]
+    return []
 
 
 @click.command()

@@ -11,6 +11,7 @@ Which process may call which writer is in docs/design/state.md ("written by").
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Iterable, Mapping
@@ -20,7 +21,7 @@ import redis.asyncio as aioredis
 from meshserve.model import Copy, ModelSpec, Pod, copies_to_json
 from meshserve.store import keys as k
 from meshserve.store.messages import (
-    KIND_POD, Change, Event, GatewaySync, LoadRequest, Order, PodEvent, PodRegistered, _Result, decode_event, gateways_caught_up,
+    KIND_POD, Change, Event, GatewaySync, LoadRequest, Order, PodEvent, PodRegistered, _Result, decode_event, gateways_caught_up, SYNCED_STALE_SECONDS,
 )
 from meshserve.store.state import State
 
@@ -258,6 +259,24 @@ async def report_synced(r: aioredis.Redis, put: Mapping[str, GatewaySync], gone:
         if gone:
             p.hdel(k.XDS_SYNCED, *gone)
         await p.execute()
+
+
+async def wait_for_gateways(r: aioredis.Redis, timeout: float, poll: float = 0.02) -> bool | None:
+    """Wait until every live gateway applied the routes as of the current revision. None when
+    no gateway is known (none connected, or an xDS server that does not report): nothing to
+    wait for; False when `timeout` passed first."""
+    rev, ok = await gateways_at(r, None)
+    if ok:
+        return True
+    now = time.time()
+    if not any(now - GatewaySync.decode(v).at <= SYNCED_STALE_SECONDS for v in (await r.hgetall(k.XDS_SYNCED)).values()):
+        return None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+        if (await gateways_at(r, rev))[1]:
+            return True
+    return False
 
 
 async def gateways_at(r: aioredis.Redis, rev: int | None) -> tuple[int, bool]:
