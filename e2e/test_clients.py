@@ -67,6 +67,10 @@ def test_tritonclient_model_control_through_the_gateway(mesh: devmesh.Mesh, clie
     assert all(m["state"] in ("READY", "LOADING", "UNAVAILABLE") for m in names.values())
     assert res["ready_after_load"] is True
     assert "not found" in res["unknown"], res["unknown"]
+    # {"ready": true}: only READY models, as Triton filters them; the one just loaded among them.
+    assert {m["state"] for m in res["ready_index"]} == {"READY"} and "sklearn-mnist-b" in {m["name"] for m in res["ready_index"]}
+    # A config override Triton would load with is refused by name, not ignored.
+    assert "parameter 'config' is not supported" in res["config_override"], res["config_override"]
     r = redis.Redis.from_url(mesh.redis_url)
     try:
         model_id = r.hget("ms:aliases", "sklearn-mnist-b").decode()

@@ -86,13 +86,29 @@ def triton_repository(rest: str, model: str) -> Any:
     out: dict[str, Any] = {"index": c.get_model_repository_index()}
     c.load_model(model)
     out["ready_after_load"] = c.is_model_ready(model)
+    out["ready_index"] = _ready_index(rest)
     c.unload_model(model)
     try:
         c.load_model("no-such-model")
         out["unknown"] = "loaded?"
     except InferenceServerException as e:
         out["unknown"] = str(e)
+    try:  # Triton would load with this config; meshserve cannot, and says so
+        c.load_model(model, config='{"backend": "onnxruntime"}')
+        out["config_override"] = "loaded?"
+    except InferenceServerException as e:
+        out["config_override"] = str(e)
     return out
+
+
+def _ready_index(rest: str) -> Any:
+    """`{"ready": true}`: only the models ready for inference. tritonclient.http has no argument for it."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{rest}/v2/repository/index", data=json.dumps({"ready": True}).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ from meshserve.store import ops
 from meshserve.store.messages import KIND_ALL, KIND_POD, LoadRequest, LoadResult
 from meshserve.headers import AWAIT_LOAD_HEADER, MODEL_ID_HEADER, VMODEL_ID_HEADER
 from meshserve_placement import openai_routes
+from meshserve_placement import repository_api as repo
 from meshserve_placement.coldpath import HOP_BY_HOP, M_COLD, M_COLD_WAIT, LoadFailed, log
 
 # Forwarding to a copy that turns out gone (404 from the pod) sends the request back to wait.
@@ -477,13 +478,27 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
                 log.warning("forwarding %s to %s failed: %s", model_id, pod.id, e)
                 return _error(503, f"model '{model_id}' is loaded but its runtime pod did not answer")
 
-    async def repository_index(_: web.Request) -> web.Response:
-        return web.json_response(await act.repository_index())
+    async def repository_body(request: web.Request, check: Callable[[dict], object]) -> object:
+        try:
+            return check(repo.read_body(await request.read()))
+        except web.HTTPRequestEntityTooLarge:
+            raise LoadFailed(413, f"request body is larger than the {MAX_REQUEST_BYTES >> 20} MiB limit") from None
+        except repo.RepositoryBodyError as e:
+            raise LoadFailed(400, str(e)) from None
+
+    async def repository_index(request: web.Request) -> web.Response:
+        try:
+            ready_only = await repository_body(request, repo.index_ready_only)
+        except LoadFailed as e:
+            return _error(e.status, str(e))
+        index = await act.repository_index()
+        return web.json_response([m for m in index if m["state"] == "READY"] if ready_only else index)
 
     async def repository_load(request: web.Request) -> web.Response:
         """Triton's explicit load, by InferenceService name: pins a copy, then answers once it
         is loaded (the load is held like a cold request, for up to the cold-start timeout)."""
         try:
+            await repository_body(request, repo.check_load)
             model_id = await act.resolve(request.match_info["name"])
             await act.ask(model_id, "pin")
             await act.ensure_loaded(model_id)
@@ -494,6 +509,7 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
     async def repository_unload(request: web.Request) -> web.Response:
         """Drops the pin of an explicit load; the copies then go as the cache needs the room."""
         try:
+            await repository_body(request, repo.check_unload)
             model_id = await act.resolve(request.match_info["name"])
         except LoadFailed as e:
             return _error(e.status, str(e))
