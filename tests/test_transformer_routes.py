@@ -34,7 +34,7 @@ def test_an_isvc_with_a_transformer_registers_its_predictor_under_the_derived_na
 
 def test_a_transformer_needs_an_image(tmp_path: Path) -> None:
     f = tmp_path / "t.yaml"
-    f.write_text((EXAMPLE / "inferenceservice.yaml").read_text().replace("image: registry.example/digits-transformer:latest", "name: x"))
+    f.write_text((EXAMPLE / "inferenceservice.yaml").read_text().replace("image: registry.example/digits-transformer:latest", "workingDir: /x"))
     (doc,) = load_documents(f)
     with pytest.raises(ConfigError, match="needs a container with an image"):
         parse_transformer(doc)
