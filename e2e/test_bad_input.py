@@ -250,6 +250,29 @@ def test_grpc_hostile_messages(mesh: devmesh.Mesh, fixtures: Path) -> None:
     good(mesh, fixtures)
 
 
+def test_grpc_hostile_repository_calls(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    """Triton's repository RPCs at the gateway: bytes that are no message, a repository name,
+    and a load parameter meshserve cannot honour each get their gRPC status, then inference
+    goes on."""
+    load = pb.RepositoryModelLoadRequest(model_name="sklearn-mnist")
+    load.parameters["file:1/model.onnx"].bytes_param = b"\x00"
+    cases = [
+        ("RepositoryModelLoad", b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a valid protobuf message"),
+        ("RepositoryIndex", b"\x0a\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a valid protobuf message"),
+        ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(repository_name="r", model_name="sklearn-mnist").SerializeToString(),
+         grpc.StatusCode.UNIMPLEMENTED, "'repository_name' specification is not supported"),
+        ("RepositoryModelLoad", load.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "parameter 'file:1/model.onnx' is not supported"),
+    ]
+    with grpc.insecure_channel(mesh.grpc) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        for method, message, code, want in cases:
+            call = ch.unary_unary(f"/inference.GRPCInferenceService/{method}", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as e:
+                call(message, timeout=30)
+            assert e.value.code() == code and want in (e.value.details() or ""), (method, e.value.code(), e.value.details())
+            _grpc_good(stub, fixtures)
+
+
 def _message_of(size: int) -> pb.ModelInferRequest:
     """A ModelInferRequest for sklearn-mnist serializing to exactly `size` bytes."""
     pad = size

@@ -56,12 +56,23 @@ def test_tritonclient_model_control_through_the_gateway(mesh: devmesh.Mesh, clie
     """The v2 repository extension at the gateway (issue 14 item 3), by InferenceService name:
     the index lists every registered model with its state, an explicit load pins a copy (the
     placement leader keeps it, as the `meshserve.io/pinned` annotation does) and answers once it
-    is loaded, an unload drops the pin, and an unknown name is a 404. Before: 404 for all."""
+    is loaded, an unload drops the pin, and an unknown name is a 404. Before: 404 for all. The
+    same over tritonclient.grpc (before: UNIMPLEMENTED, ServerMetadata included)."""
     import redis
 
-    got = _calls(client_python, mesh, "sklearn-mnist-b", ("repository",))["repository"]
+    calls = _calls(client_python, mesh, "sklearn-mnist-b", ("repository",))
+    got = calls["repository"]
     assert "ok" in got, got
     res = got["ok"]
+    # The same over gRPC (Triton's repository RPCs; before: UNIMPLEMENTED, ServerMetadata too).
+    g = calls["repository grpc"]
+    assert "ok" in g, g
+    g = g["ok"]
+    assert g["server"]["name"] == "meshserve" and "model_repository" in g["server"]["extensions"], g["server"]
+    assert g["ready_after_load"] is True
+    assert {"name": "sklearn-mnist-b", "state": "READY"}.items() <= next(m for m in g["index"] if m["name"] == "sklearn-mnist-b").items(), g["index"]
+    assert g["unknown"].startswith("StatusCode.NOT_FOUND") and "not found" in g["unknown"], g["unknown"]
+    assert g["config_override"].startswith("StatusCode.INVALID_ARGUMENT") and "parameter 'config' is not supported" in g["config_override"], g["config_override"]
     names = {m["name"]: m for m in res["index"]}
     assert {"sklearn-mnist", "sklearn-mnist-b", "broken-model"} <= set(names), names
     assert all(m["state"] in ("READY", "LOADING", "UNAVAILABLE") for m in names.values())

@@ -38,7 +38,7 @@ def test_index_ready_filter() -> None:
     ({"config": "{}"}, "parameter 'config' is not supported"),
     ({"file:1/model.onnx": "AAAA"}, "parameter 'file:1/model.onnx' is not supported"),
     ({"priority": "high"}, "unknown load parameter 'priority'"),
-    ({"config": 5}, "must be a string"),
+    ({"config": 5}, "parameter 'config' is not supported"),
 ])
 def test_load_parameters_meshserve_cannot_honour_are_refused(params: dict, message: str) -> None:
     with pytest.raises(repo.RepositoryBodyError, match=message):

@@ -101,6 +101,27 @@ def triton_repository(rest: str, model: str) -> Any:
     return out
 
 
+def triton_grpc_repository(grpc_addr: str, model: str) -> Any:
+    """The same model control over tritonclient.grpc (Triton's RepositoryIndex,
+    RepositoryModelLoad, RepositoryModelUnload), and ServerMetadata."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    c = tg.InferenceServerClient(grpc_addr)
+    out: dict[str, Any] = {"server": c.get_server_metadata(as_json=True)}
+    c.load_model(model)
+    out["ready_after_load"] = c.is_model_ready(model)
+    out["index"] = c.get_model_repository_index(as_json=True).get("models", [])
+    c.unload_model(model, unload_dependents=True)
+    for key, call in (("unknown", lambda: c.load_model("no-such-model")), ("config_override", lambda: c.load_model(model, config="{}"))):
+        try:
+            call()
+            out[key] = "loaded?"
+        except InferenceServerException as e:
+            out[key] = f"{e.status()}: {e.message()}"
+    return out
+
+
 def _ready_index(rest: str) -> Any:
     """`{"ready": true}`: only the models ready for inference. tritonclient.http has no argument for it."""
     import json
@@ -123,6 +144,7 @@ def main() -> None:
         "kserve rest json": lambda: kserve_rest(rest, model, False),
         "kserve grpc": lambda: kserve_grpc(grpc_addr, model),
         "repository": lambda: triton_repository(rest, model),
+        "repository grpc": lambda: triton_grpc_repository(grpc_addr, model),
     }
     out: dict[str, Any] = {}
     for name, call in calls.items():

@@ -376,6 +376,17 @@ class Activator:
                 task.cancel()
             self._release(model_id)
 
+    async def explicit_load(self, name: str) -> None:
+        """The repository API's load, by InferenceService name: pins a copy, then returns once it
+        is loaded (held like a cold request, for up to the cold-start timeout)."""
+        model_id = await self.resolve(name)
+        await self.ask(model_id, "pin")
+        await self.ensure_loaded(model_id)
+
+    async def explicit_unload(self, name: str) -> None:
+        """Drops the pin of an explicit load; the copies then go as the cache needs the room."""
+        await self.ask(await self.resolve(name), "unpin")
+
     async def resolve(self, name: str) -> str:
         model_id = await self.state.resolve(name)
         if model_id is None:
@@ -388,6 +399,10 @@ def _load_failure(model_id: str, pod: str, reason: str) -> str:
     buckets, key paths) goes to this log and stays on the copy for `meshserve explain`."""
     log.warning("load of %s failed on %s: %s", model_id, "placement" if pod == "-" else pod, reason)
     return failures.client_message(model_id, reason, placement=pod == "-")
+
+
+# `GET /v2` and gRPC ServerMetadata at the gateway: the mesh, not one pod's runtime.
+SERVER_METADATA = {"name": "meshserve", "version": "0.1.0", "extensions": ["model_repository", "binary_tensor_data"]}
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -410,7 +425,7 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         return web.json_response({"ready": True})
 
     async def server_md(_: web.Request) -> web.Response:
-        return web.json_response({"name": "meshserve", "version": "0.1.0", "extensions": ["model_repository", "binary_tensor_data"]})
+        return web.json_response(SERVER_METADATA)
 
     async def model_route(request: web.Request) -> web.Response:
         name = request.headers.get(MODEL_ID_HEADER) or request.match_info["name"]
@@ -499,9 +514,7 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         is loaded (the load is held like a cold request, for up to the cold-start timeout)."""
         try:
             await repository_body(request, repo.check_load)
-            model_id = await act.resolve(request.match_info["name"])
-            await act.ask(model_id, "pin")
-            await act.ensure_loaded(model_id)
+            await act.explicit_load(request.match_info["name"])
         except LoadFailed as e:
             return _error(e.status, str(e))
         return web.json_response({})
@@ -510,10 +523,9 @@ def build_rest_app(act: Activator, session: aiohttp.ClientSession) -> web.Applic
         """Drops the pin of an explicit load; the copies then go as the cache needs the room."""
         try:
             await repository_body(request, repo.check_unload)
-            model_id = await act.resolve(request.match_info["name"])
+            await act.explicit_unload(request.match_info["name"])
         except LoadFailed as e:
             return _error(e.status, str(e))
-        await act.ask(model_id, "unpin")
         return web.json_response({})
 
     async def not_found(request: web.Request) -> web.Response:

@@ -15,7 +15,8 @@ from meshserve import tracing
 from meshserve.store import keys as k
 from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
 from meshserve.model import Pod
-from meshserve_placement.activator import Activator, Ahead
+from meshserve_placement import repository_api as repo
+from meshserve_placement.activator import SERVER_METADATA, Activator, Ahead
 from meshserve_placement.coldpath import M_COLD, LoadFailed
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 
@@ -26,6 +27,8 @@ class GrpcActivator(grpc.GenericRpcHandler):
     SERVICE = "/inference.GRPCInferenceService/"
     # Where each request message carries the model name (field 1 in every one of these).
     NAMED = {"ModelInfer": pb.ModelInferRequest, "ModelMetadata": pb.ModelMetadataRequest, "ModelReady": pb.ModelReadyRequest}
+    # Triton's model repository extension, as REST's /v2/repository (the same Activator calls).
+    REPOSITORY = {"RepositoryIndex": "_index", "RepositoryModelLoad": "_load", "RepositoryModelUnload": "_unload"}
 
     def __init__(self, act: Activator):
         self.act = act
@@ -40,6 +43,10 @@ class GrpcActivator(grpc.GenericRpcHandler):
             return grpc.unary_unary_rpc_method_handler(self._live)
         if name == "ServerReady":
             return grpc.unary_unary_rpc_method_handler(self._ready)
+        if name == "ServerMetadata":
+            return grpc.unary_unary_rpc_method_handler(self._metadata)
+        if name in self.REPOSITORY:
+            return grpc.unary_unary_rpc_method_handler(getattr(self, self.REPOSITORY[name]))
         if name in self.NAMED:
             return grpc.unary_unary_rpc_method_handler(self._forwarder(method, self.NAMED[name]))
         return None
@@ -49,6 +56,37 @@ class GrpcActivator(grpc.GenericRpcHandler):
 
     async def _ready(self, request: bytes, context: Any) -> bytes:
         return pb.ServerReadyResponse(ready=await self.act.state.r.hlen(k.PODS) > 0).SerializeToString()
+
+    async def _metadata(self, request: bytes, context: Any) -> bytes:
+        return pb.ServerMetadataResponse(**SERVER_METADATA).SerializeToString()
+
+    async def _index(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = await _parse(pb.RepositoryIndexRequest, request, context)
+        index = await self.act.repository_index()
+        models = [pb.RepositoryIndexResponse.ModelIndex(**m) for m in index if not req.ready or m["state"] == "READY"]
+        return pb.RepositoryIndexResponse(models=models).SerializeToString()
+
+    async def _load(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = await _parse(pb.RepositoryModelLoadRequest, request, context)
+        await _check(context, repo.check_repository_name, req.repository_name, grpc.StatusCode.UNIMPLEMENTED)
+        await _check(context, repo.check_load_parameters, list(req.parameters))
+        try:
+            await self.act.explicit_load(req.model_name)
+        except LoadFailed as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE, str(e))
+        return pb.RepositoryModelLoadResponse().SerializeToString()
+
+    async def _unload(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        req = await _parse(pb.RepositoryModelUnloadRequest, request, context)
+        await _check(context, repo.check_repository_name, req.repository_name, grpc.StatusCode.UNIMPLEMENTED)
+        ud = req.parameters["unload_dependents"] if "unload_dependents" in req.parameters else pb.ModelRepositoryParameter(bool_param=False)
+        kind = ud.WhichOneof("parameter_choice")
+        await _check(context, repo.check_unload_dependents, getattr(ud, kind) if kind else None)
+        try:
+            await self.act.explicit_unload(req.model_name)
+        except LoadFailed as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE, str(e))
+        return pb.RepositoryModelUnloadResponse().SerializeToString()
 
     def _forwarder(self, method: str, msg_type: Any) -> Any:
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -116,3 +154,17 @@ class GrpcActivator(grpc.GenericRpcHandler):
             span.set_status(Status(StatusCode.ERROR, f"{out.code().name}: {out.details()}"))
             await context.abort(out.code(), out.details() or "")
         return out
+
+
+async def _parse(msg_type: Any, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    try:
+        return msg_type.FromString(raw)
+    except Exception:  # noqa: BLE001 - any decode failure is the caller's bad message
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message")
+
+
+async def _check(context: grpc.aio.ServicerContext, check: Any, value: Any, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+    try:
+        check(value)
+    except repo.RepositoryBodyError as e:
+        await context.abort(code, str(e))

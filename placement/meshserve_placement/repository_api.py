@@ -14,7 +14,7 @@ or files), the answer is a 400 naming it, not a load that silently ignores it.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterable
 
 
 class RepositoryBodyError(ValueError):
@@ -46,9 +46,12 @@ def check_load(body: dict[str, Any]) -> None:
     params = body.get("parameters", {})
     if not isinstance(params, dict):
         raise RepositoryBodyError("'parameters' must be a JSON object")
-    for name, value in params.items():
-        if not isinstance(value, str):
-            raise RepositoryBodyError(f"parameter '{name}' must be a string, as Triton reads it")
+    check_load_parameters(params)
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """Every load parameter Triton has asks for something meshserve cannot do: each is refused."""
+    for name in names:
         if name == "config" or name.startswith("file:"):
             raise RepositoryBodyError(
                 f"parameter '{name}' is not supported: meshserve loads a model from the storage its InferenceService "
@@ -60,6 +63,15 @@ def check_unload(body: dict[str, Any]) -> None:
     params = body.get("parameters", {})
     if not isinstance(params, dict):
         raise RepositoryBodyError("'parameters' must be a JSON object")
-    ud = params.get("unload_dependents", False)
-    if not isinstance(ud, bool):
-        raise RepositoryBodyError(f"Unable to parse 'unload_dependents': must be a boolean, got {json.dumps(ud)}")
+    check_unload_dependents(params.get("unload_dependents", False))
+
+
+def check_unload_dependents(value: object) -> None:
+    """A boolean; either way there is nothing more to unload (meshserve has no ensembles)."""
+    if not isinstance(value, bool):
+        raise RepositoryBodyError(f"Unable to parse 'unload_dependents': must be a boolean, got {json.dumps(value, default=str)}")
+
+
+def check_repository_name(name: str) -> None:
+    if name:
+        raise RepositoryBodyError("'repository_name' specification is not supported")
