@@ -80,6 +80,9 @@ def test_tritonclient_model_control_through_the_gateway(mesh: devmesh.Mesh, clie
     assert "not found" in res["unknown"], res["unknown"]
     # {"ready": true}: only READY models, as Triton filters them; the one just loaded among them.
     assert {m["state"] for m in res["ready_index"]} == {"READY"} and "sklearn-mnist-b" in {m["name"] for m in res["ready_index"]}
+    # Triton's config extension: a 404 in v2 error JSON (was aiohttp's text, which the client
+    # could not parse: "an exception occurred in the client while decoding the response").
+    assert res["config"].startswith("404: no such endpoint") and "not served" in res["config"], res["config"]
     # A config override Triton would load with is refused by name, not ignored.
     assert "parameter 'config' is not supported" in res["config_override"], res["config_override"]
     r = redis.Redis.from_url(mesh.redis_url)

@@ -87,6 +87,10 @@ def triton_repository(rest: str, model: str) -> Any:
     c.load_model(model)
     out["ready_after_load"] = c.is_model_ready(model)
     out["ready_index"] = _ready_index(rest)
+    try:  # a Triton extension the built-in runtime does not serve: an error the client can read
+        out["config"] = c.get_model_config(model)
+    except InferenceServerException as e:
+        out["config"] = f"{e.status()}: {e.message()}"
     c.unload_model(model)
     try:
         c.load_model("no-such-model")

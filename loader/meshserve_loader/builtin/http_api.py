@@ -263,4 +263,12 @@ def build_rest_app(rt: Runtime) -> web.Application:
         return web.Response(body=generate_latest(rt.registry), content_type="text/plain")
 
     app.add_routes(r)
+
+    async def no_such_endpoint(request: web.Request) -> web.Response:
+        # In v2 error JSON: aiohttp's own "404: Not Found" text broke tritonclient, which
+        # parses every error body (get_model_config, a Triton extension, met it).
+        extension = " (Triton's model configuration and statistics extensions are not served)" if request.path.endswith(("/config", "/stats")) else ""
+        return _err(404, f"no such endpoint: {request.method} {request.path}{extension}; see the KServe v2 protocol (/v2/models/<name>/infer)")
+
+    app.router.add_route("*", "/{tail:.*}", no_such_endpoint)  # last: every route above wins
     return app
