@@ -101,6 +101,17 @@ async def test_cluster_mode_apply_goes_through_the_api_and_the_controller_keeps_
         r = await asyncio.to_thread(meshserve, "delete", "rule", "sklearn-mnist-split", "--kubeconfig", str(kc))
         assert r.exit_code == 0 and api.get("trafficrules", "sklearn-mnist-split") is None, r.output
         await until(lambda: _rule_gone(state, "sklearn-mnist-split"), "rule removed from Redis")
+        # The same for an InferenceService: the object goes, and the controller drops its name.
+        r = await asyncio.to_thread(meshserve, "delete", "isvc", "sklearn-mnist-v2", "--kubeconfig", str(kc))
+        assert r.exit_code == 0 and r.output.strip() == "inferenceservice/sklearn-mnist-v2 deleted", r.output
+        assert api.get("inferenceservices", "sklearn-mnist-v2") is None
+        await until(lambda: _alias_gone(state, "sklearn-mnist-v2"), "alias removed from Redis")
+        r = await asyncio.to_thread(meshserve, "delete", "isvc", "sklearn-mnist-v2", "--kubeconfig", str(kc))
+        assert r.exit_code == 1 and "no InferenceService named 'sklearn-mnist-v2'" in r.output, r.output
+
+
+async def _alias_gone(state: State, name: str) -> bool:
+    return not await state.r.hget(keys.ALIASES, name)
 
 
 async def _rule_gone(state: State, name: str) -> bool:

@@ -295,7 +295,7 @@ class Controller:
             for s in p.register:
                 log.info("controller: registered %s -> %s", s.alias, s.id)
         if p.remove_aliases:
-            await store.remove_aliases(self.state, p.remove_aliases)
+            await self.state.remove_aliases(p.remove_aliases)
             M_REMOVED.inc(len(p.remove_aliases))
             log.info("controller: removed aliases %s", ", ".join(p.remove_aliases))
 

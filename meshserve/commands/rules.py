@@ -343,6 +343,46 @@ def delete() -> None:
     """Remove mesh resources."""
 
 
+def _delete_model(kind: str) -> click.Command:
+    @click.command(kind.lower(), help=f"Remove {kind} NAME: its name stops routing at once (what the cluster controller does "
+                                      f"when the object is deleted); the model's loaded copies age out of the cache. In cluster mode, "
+                                      f"deletes the {kind} object.")
+    @click.argument("name")
+    @redis_option
+    @cluster_options
+    def delete_model(name: str, redis_url: str, target: Target) -> None:
+        from meshserve.rules import store
+
+        if target.mode == CLUSTER:
+            def go_cluster(c: Any) -> str:
+                if not c.delete(kind, name):
+                    raise LookupError(f"no {kind} named {name!r} in namespace {c.ns}")
+                return f"{kind.lower()}/{name} deleted"
+
+            click.echo(_in_cluster(target, go_cluster, "delete"))
+            return
+
+        async def go(state: State) -> list[str]:
+            if not await state.r.hexists(keys.ALIASES, name):
+                raise LookupError(f"no InferenceService or Predictor named {name!r} (meshserve models lists them)")
+            await state.remove_aliases([name])
+            out = [f"{kind.lower()}/{name} deleted: requests for it now get 404; its loaded copies age out of the cache"]
+            out += _gateways_note(await store_ops.wait_for_gateways(state.r, APPLY_WAIT_SECONDS))
+            out += [f"  trafficrule/{r} still names it as its model: delete the rule too (meshserve delete rule {r})"
+                    for r, d in sorted((await store.rule_docs(state)).items()) if d.get("spec", {}).get("model") == name]
+            return out
+
+        for line in _run(_url(redis_url), go, "delete"):
+            click.echo(line)
+
+    return delete_model
+
+
+delete.add_command(_delete_model("InferenceService"))
+delete.add_command(_delete_model("InferenceService"), name="isvc")
+delete.add_command(_delete_model("Predictor"))
+
+
 @delete.command("rule")
 @click.argument("name")
 @redis_option

@@ -48,10 +48,6 @@ def set_alias(alias: str, model_id: str) -> Cmd:
     return ["HSET", k.ALIASES, alias, model_id]
 
 
-def del_aliases(*aliases: str) -> Cmd:
-    return ["HDEL", k.ALIASES, *aliases]
-
-
 def set_transition(alias: str, record: Mapping[str, Any]) -> Cmd:
     return ["HSET", k.TRANSITIONS, alias, _j(record)]
 

@@ -235,6 +235,14 @@ class State:
             changes += [(KIND_MODEL, s.id), (KIND_ALIAS, s.alias)]
         return await self.commit(ops, changes)
 
+    async def remove_aliases(self, aliases: Sequence[str]) -> int:
+        """Drop aliases (a deleted InferenceService), in one commit so the xDS servers see it.
+        The concrete models stay registered: copies already loaded age out by LRU instead of
+        failing requests that name the concrete id."""
+        if not aliases:
+            return await self.rev()
+        return await self.commit([["HDEL", ALIASES, *aliases]], [(KIND_ALIAS, a) for a in aliases])
+
 
 async def _fenced(call: Awaitable[Any]) -> Any:
     try:
