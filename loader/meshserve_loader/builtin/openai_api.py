@@ -37,11 +37,6 @@ STREAM_AHEAD = 64  # pieces a streaming model may run ahead of the client
 SERVED: Any = web.RequestKey("served_model", str) if hasattr(web, "RequestKey") else "served_model"
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> web.Response:
-    return web.json_response(error_body(message, type_, param, code), status=status)
-
-
 def respond(e: OpenAIError) -> web.Response:
     return web.json_response(e.body(), status=e.status)
 
@@ -112,7 +107,7 @@ def add_routes(r: web.RouteTableDef, rt: Any) -> None:
                 return respond(not_found(request[SERVED]))
             except Exception as e:  # a model's own bug must not take the runtime down
                 code = "500"
-                return error_response(500, f"model '{request[SERVED]}' failed: {type(e).__name__}: {e}", "server_error")
+                return respond(OpenAIError(500, f"model '{request[SERVED]}' failed: {type(e).__name__}: {e}", "server_error"))
             finally:
                 if request[SERVED]:
                     rt.m_requests.labels(request[SERVED], code).inc()
