@@ -198,6 +198,124 @@ def test_kill_9_a_pod_holding_one_of_two_copies(two_copy_mesh: devmesh.Mesh, bod
         assert t["replaced_decided"] <= t["placement_withdrawn"] + maintain_s + 0.5, t
 
 
+class OpenLoad:
+    """Requests started at a steady rate whatever the earlier ones are doing (a thread each), so
+    a request stuck on a paused pod holds up no other; each one's start, time and status kept.
+    Bounded in count and time; the threads are joined at exit."""
+
+    def __init__(self, url: str, body: bytes, rps: float, max_seconds: float, timeout: float = 30.0):
+        import threading
+
+        self.url, self.body, self.rps, self.max_seconds, self.timeout = url, body, rps, max_seconds, timeout
+        self.results: list[tuple[float, float, str]] = []  # (started, seconds, status)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pacer = threading.Thread(target=self._pace, daemon=True)
+
+    def __enter__(self) -> "OpenLoad":
+        self._pacer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._pacer.join(5)
+        for t in list(self._threads):
+            t.join(self.timeout + 5)
+
+    def _one(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url, data=self.body, method="POST"), timeout=self.timeout) as r:
+                status = str(r.status)
+        except urllib.error.HTTPError as e:
+            status = str(e.code)
+        except Exception as e:
+            status = type(e).__name__
+        self.results.append((t0, time.monotonic() - t0, status))
+
+    def _pace(self) -> None:
+        import threading
+
+        end = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < end and len(self._threads) < self.rps * self.max_seconds:
+            t = threading.Thread(target=self._one, daemon=True)
+            t.start()
+            self._threads.append(t)
+            self._stop.wait(1.0 / self.rps)
+
+
+def test_a_paused_pod_holding_one_of_two_copies_gets_no_new_requests(two_copy_mesh: devmesh.Mesh, body: bytes) -> None:
+    """kill -STOP a whole pod (loader and runtime) holding one of a model's two copies for 8 s.
+    Its port accepts connections and answers nothing, so the requests Envoy sends it wait for
+    it to resume: Envoy sees no error to retry or eject for. Once placement judges the pod
+    paused (heartbeat late and the probe accepted but unanswered: about 3 s) the gateway sends
+    the copy set's traffic to the other copy. Before: half the requests sent during the whole
+    pause waited for the resume. The pod keeps its copy (paused-pod grace) and takes traffic
+    again once it answers."""
+    import asyncio
+    import urllib.request
+
+    import redis
+
+    from meshserve.commands import status
+
+    m = two_copy_mesh
+    layout = m.env["MESHSERVE_XDS_LAYOUT"]
+    r = redis.Redis.from_url(m.redis_url)
+    pause_s = 8.0
+    try:
+        mid = pods.model_id(r)
+        devmesh.wait_until(lambda: len(pods.loaded(r, mid)) == 2, 120, "two copies loaded")
+        devmesh.wait_until(lambda: pods.gateway_pods(m, mid) == pods.loaded(r, mid), 30, "gateway routes to both copies")
+        victim = sorted(pods.loaded(r, mid))[0]
+        index = int(victim.rsplit("-", 1)[1])
+        loader = m.pids()[f"loader-{index}"]
+
+        def served() -> int:
+            """The requests the victim's runtime has answered for the model."""
+            with urllib.request.urlopen(f"{m.pod_rest(index)}/v2/meshserve/stats", timeout=5) as resp:
+                return int(json.loads(resp.read()).get(mid, {}).get("requests", 0))
+
+        pids = [loader, *pods.children(loader)]
+        with OpenLoad(infer_url(m), body, rps=20, max_seconds=pause_s + 6) as load:
+            time.sleep(2)
+            t0 = time.monotonic()
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                marked = devmesh.wait_until(lambda: r.hexists("ms:paused", victim) and time.monotonic(), pause_s - 2, f"{victim} marked paused")
+                shown = {p["id"]: p["condition"] for p in asyncio.run(status.gather(m.redis_url))["pods"]}
+                time.sleep(max(0.0, t0 + pause_s - time.monotonic()))
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            devmesh.wait_until(lambda: not r.hexists("ms:paused", victim), 10, f"{victim} no longer marked paused")
+            cleared = time.monotonic()
+            served_then = served()
+            time.sleep(2)
+        after = sorted(pods.loaded(r, mid))
+        served_after = served()
+    finally:
+        r.close()
+    # Sent once the gateway had a second to take the mark, while the pod was still paused.
+    steered = [(round(t - t0, 2), round(sec, 3), st) for t, sec, st in load.results if marked + 1.0 <= t < t0 + pause_s - 0.5]
+    before = [(round(t - t0, 2), round(sec, 3), st) for t, sec, st in load.results if t0 <= t < marked]
+    record(f"pod_paused_copy_steered[{layout}]", paused=victim, pause_s=pause_s, marked_after_s=round(marked - t0, 2),
+           cleared_after_resume_s=round(cleared - t0 - pause_s, 2), sent=len(load.results),
+           not_200=[x for x in load.results if x[2] != "200"][:5],
+           steered=len(steered), steered_slowest_s=max((x[1] for x in steered), default=None),
+           before_mark_waited_for_resume=sum(1 for x in before if x[1] > 1.0), before_mark=len(before))
+    assert all(st == "200" for _, _, st in load.results), [x for x in load.results if x[2] != "200"][:5]
+    assert len(steered) >= 40, steered
+    assert max(sec for _, sec, _ in steered) < 1.0, steered
+    assert shown[victim].startswith("paused"), shown  # what `meshserve status` said meanwhile
+    assert victim in after, after  # kept its copy
+    assert served_after > served_then, (served_then, served_after)  # and takes traffic again
+
+
 def test_restart_redis_with_aof(mesh: devmesh.Mesh, body: bytes) -> None:
     """Case 4: kill -9 Redis (AOF on) and let it restart: registry, placements survive; routes don't flap."""
     import redis

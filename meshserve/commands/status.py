@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from meshserve.store import keys
+from meshserve.store import keys, ops
 from meshserve.store.state import State
 from meshserve.commands import exits
 from meshserve.commands.output import WIDE, emit, is_data, output_option
@@ -37,6 +37,7 @@ async def gather(url: str) -> dict[str, Any]:
         pairs = sorted((m, p) for m, cs in snap.placements.items() for p, c in cs.items() if c.state == CopyState.LOADING)
         progress = await state.progress(pairs)
         withdrawn = {k.decode(): json.loads(v) for k, v in (await state.r.hgetall(keys.WITHDRAWN)).items()}
+        paused = set(await ops.read_paused(state.r))
     finally:
         await state.close()
     now = time.time()
@@ -70,8 +71,10 @@ async def gather(url: str) -> dict[str, Any]:
         {
             **asdict(p), "used_bytes": used.get(p.id, 0), "heartbeat_age_s": round(now - hb.get(p.id, 0), 1),
             # Placement keeps a pod whose loader went silent while its runtime answers or is
-            # paused (stalled), for a grace; status does not probe, so it cannot say which.
-            "condition": "draining" if p.draining else ("ok" if now - hb.get(p.id, 0) <= limit else "heartbeat late: kept for now, nothing new placed"),
+            # paused (stalled), for a grace; it marks the paused ones (keys.PAUSED).
+            "condition": "draining" if p.draining else (
+                "paused: kept for now, its copies' traffic sent to other copies" if p.id in paused
+                else "ok" if now - hb.get(p.id, 0) <= limit else "heartbeat late: kept for now, nothing new placed"),
         }
         for p in sorted(snap.pods.values(), key=lambda p: p.id)
     ]

@@ -26,6 +26,10 @@ POD_EVENTS = PREFIX + "pod-events"
 # Pods placement withdrew, hash: pod id -> JSON {last_heartbeat, withdrawn_at, reason}, for
 # `meshserve status`. Written by the placement leader only; the entry goes when the pod registers again.
 WITHDRAWN = PREFIX + "withdrawn"
+# Pods placement judged paused, hash: pod id -> why. Their runtime accepts connections but does not
+# answer (a frozen cgroup, a VM paused for migration): the gateways send their copies' traffic to
+# the other copies until the pod answers again or is withdrawn. Written by the placement leader only.
+PAUSED = PREFIX + "paused"
 LEASE = PREFIX + "leader"  # string: placement leader's id, with a TTL (the commit's fence)
 ORDERS_PREFIX = PREFIX + "orders:"  # stream per pod of messages.LoadOrder/UnloadOrder; the leader only
 # Traffic rules (docs/design/traffic.md).

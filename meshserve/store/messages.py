@@ -258,6 +258,7 @@ class PodEvent:
 KIND_MODEL = "model"
 KIND_ALIAS = "alias"
 KIND_POD = "pod"
+KIND_PAUSED = "paused"  # a pod judged paused, or no longer (keys.PAUSED)
 KIND_PLACEMENT = "placement"
 KIND_ALL = "all"
 KIND_RULE = "rule"

@@ -143,8 +143,21 @@ def set_decision(model_id: str, record: Mapping[str, Any]) -> Cmd:
 
 
 def withdraw_pod(pod_id: str, record: Mapping[str, Any]) -> list[Cmd]:
-    return [["HDEL", k.PODS, pod_id], ["ZREM", k.HEARTBEATS, pod_id], ["DEL", k.loadq_key(pod_id)],
+    return [["HDEL", k.PODS, pod_id], ["ZREM", k.HEARTBEATS, pod_id], ["DEL", k.loadq_key(pod_id)], ["HDEL", k.PAUSED, pod_id],
             ["HSET", k.WITHDRAWN, pod_id, json.dumps(record, separators=(",", ":"))]]
+
+
+def set_paused(pod_id: str, why: str) -> Cmd:
+    return ["HSET", k.PAUSED, pod_id, why]
+
+
+def clear_paused(pod_ids: Iterable[str]) -> Cmd:
+    return ["HDEL", k.PAUSED, *pod_ids]
+
+
+async def read_paused(r: aioredis.Redis) -> dict[str, str]:
+    """Pod id -> why, for the pods placement judged paused (keys.PAUSED)."""
+    return {p.decode(): v.decode() for p, v in (await r.hgetall(k.PAUSED)).items()}
 
 
 def forget_withdrawn(pod_id: str) -> Cmd:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence
 
 import redis.asyncio as aioredis
@@ -71,6 +71,8 @@ class Snapshot:
     aliases: dict[str, str]
     pods: dict[str, Pod]
     placements: dict[str, dict[str, Copy]]
+    # pod id -> why, for pods placement judged paused (keys.PAUSED); read by the xDS server only
+    paused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

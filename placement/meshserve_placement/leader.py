@@ -107,6 +107,9 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
         # Models whose copies the reconcile must look at again (maintain.py).
         self._copyplan = CopyPlan()
         self.stalled: dict[str, str] = {}  # pod -> why: heartbeat stale, runtime still serving
+        # pod -> why, as committed to keys.PAUSED (the gateways steer around these); None until
+        # read back from Redis after taking the lead, so a previous leader's entries are cleared
+        self.paused: dict[str, str] | None = None
         self.pins: set[str] = set()  # models pinned through the repository API (store keys.PINS)
         self._failed_unloads: dict[tuple[str, str], float] = {}  # (model, pod) -> when last ordered
         # (base, pod): superseded bases' copies HELD for the adapters loaded over them, unloaded
@@ -163,7 +166,7 @@ class Scheduler(Reload, Requests, Decisions, Dispatch, Events, Pods, Maintain, R
 
     async def _lead_kept(self, lost: asyncio.Event) -> None:
         await self._ensure_groups()
-        self._rate_rounds, self.rates, self._counts, self.stalled = 0, {}, {}, {}
+        self._rate_rounds, self.rates, self._counts, self.stalled, self.paused = 0, {}, {}, {}, None
         await self._reload()
         if lost.is_set():
             return

@@ -32,6 +32,9 @@ class Liveness(str, Enum):
 class Verdict:
     liveness: Liveness
     reason: str = ""
+    # STALLED with a runtime that accepts connections and does not answer: requests sent to it
+    # wait for it to resume, so the gateways send its copies' traffic to other copies meanwhile.
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def judge(now: float, last_heartbeat: float, period: float, misses: int, probe: 
         if silent > limit + paused_grace:
             return Verdict(Liveness.GONE, f"{missed}: its runtime accepts connections but has been silent past the {paused_grace:g}s paused-pod grace")
         return Verdict(Liveness.STALLED, f"{missed}; its runtime accepts connections but does not answer ({probe.failure}): "
-                                         f"paused, so its routes stay for up to {paused_grace:g}s")
+                                         f"paused, so its routes stay for up to {paused_grace:g}s", paused=True)
     if grace <= 0:
         return Verdict(Liveness.GONE, f"{missed}; stall grace is off")
     if silent > limit + grace:

@@ -12,7 +12,7 @@ import aiohttp
 from meshserve.model import CopyState
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
-from meshserve.store.messages import KIND_POD
+from meshserve.store.messages import KIND_PAUSED, KIND_POD
 from meshserve_placement import reducers
 from meshserve_placement.liveness import ANSWERED, Liveness, Probe, judge
 from meshserve_placement.types import Changes, Ops
@@ -38,6 +38,7 @@ class Pods:
             async with self._deciding():
                 await self._refresh_pods()
                 now = time.time()
+                paused: dict[str, str] = {}
                 for pod in list(self.view.pods):
                     if pod not in answers:
                         if self.stalled.pop(pod, None) is not None:
@@ -48,10 +49,34 @@ class Pods:
                     if v.liveness == Liveness.GONE:
                         self.stalled.pop(pod, None)
                         await self._withdraw_pod(pod, v.reason)
-                    elif v.liveness == Liveness.STALLED and pod not in self.stalled:
+                        continue
+                    if v.liveness == Liveness.STALLED and pod not in self.stalled:
                         log.warning("pod %s: %s", pod, v.reason)
                         self.stalled[pod] = v.reason
+                    if v.paused:
+                        paused[pod] = self.paused.get(pod, v.reason) if self.paused else v.reason
+                await self._mark_paused(paused)
                 await self._place_pending()
+
+    async def _mark_paused(self, paused: dict[str, str]) -> None:
+        """Commit which pods are paused (keys.PAUSED) where it changed: the gateways then send
+        their copies' traffic to the pods that answer (xds clusters.build_copy_set)."""
+        if self.paused is None:
+            self.paused = await cmd.read_paused(self.state.r)
+        came = {p: why for p, why in paused.items() if p not in self.paused}
+        went = [p for p in self.paused if p not in paused]
+        if not came and not went:
+            return
+        ops: Ops = [cmd.set_paused(p, why) for p, why in came.items()]
+        if went:
+            ops.append(cmd.clear_paused(went))
+        await self._commit(ops, [(KIND_PAUSED, p) for p in [*came, *went]])
+        for p in went:
+            log.info("pod %s answers again: its copies take traffic again", p)
+            del self.paused[p]
+        for p, why in came.items():
+            log.warning("pod %s paused: its copies' traffic goes to other copies while it is (%s)", p, why)
+            self.paused[p] = why
 
     async def _probe(self, http: aiohttp.ClientSession, pod_id: str) -> Probe:
         pod = self.pods.get(pod_id)
@@ -77,7 +102,11 @@ class Pods:
         changes: Changes = [(KIND_POD, pod)]
         for m in list(self.view.pod_models(pod)):
             self._set_copies(m, reducers.without_pod(self.view.copies[m], pod), ops, changes)
+        if self.paused and pod in self.paused:
+            changes.append((KIND_PAUSED, pod))  # withdraw_pod dropped it from keys.PAUSED
         await self._commit(ops, changes)
+        if self.paused:
+            self.paused.pop(pod, None)
         self.view.pods.pop(pod, None)
         self.pods.pop(pod, None)
         self.heartbeats.pop(pod, None)

@@ -118,6 +118,14 @@ def build_clusters(state: RoutingState, copy_sets: bool = True) -> tuple[dict[st
     return clusters, endpoints
 
 
+def serving(pods: "list[str] | tuple[str, ...]", endpoints: dict[str, Endpoint]) -> list[str]:
+    """The pods of a copy set that take its traffic: all but the paused ones, unless all are.
+    A paused pod accepts connections and answers nothing, so a request sent there waits for it
+    to resume (outlier detection sees no error to eject it for). Its copies stay, and its own
+    cluster still routes the models only it holds."""
+    return [p for p in pods if not endpoints[p].paused] or list(pods)
+
+
 def copy_sets_of(placements: Any, pods: dict[str, Endpoint]) -> set[tuple[str, ...]]:
     """The distinct sets of two or more known pods that hold a model: one cluster pair each."""
     return {tuple(sorted(ps)) for ps in placements if len(ps) > 1 and all(p in pods for p in ps)}
@@ -129,7 +137,7 @@ def build_copy_set(pods: tuple[str, ...], endpoints: dict[str, Endpoint]) -> tup
     assignments: dict[str, object] = {}
     for proto, http2 in (("rest", False), ("grpc", True)):
         name = copies_cluster(list(pods), proto)
-        addrs = [(endpoints[p].host, endpoints[p].grpc_port if http2 else endpoints[p].rest_port) for p in pods]
+        addrs = [(endpoints[p].host, endpoints[p].grpc_port if http2 else endpoints[p].rest_port) for p in serving(pods, endpoints)]
         clusters[name] = build_copy_set_cluster(name, http2)
         assignments[name] = build_load_assignment(name, *addrs[0], *addrs[1:])
     return clusters, assignments

@@ -19,7 +19,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import string_pb2
-from meshserve_xds.clusters import build_cluster, pod_cluster
+from meshserve_xds.clusters import build_cluster, pod_cluster, serving
 from meshserve_xds.listeners import router
 from meshserve_xds.pb import ads_source, pack_any
 from meshserve_xds.resources import (
@@ -47,7 +47,7 @@ def _header_route(header: str, value: str, clusters: list[str]) -> rc.Route:
 def build_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     routes = []
     for model, names in sorted(names_for(state).items()):
-        clusters = [pod_cluster(p, "grpc") for p in sorted(state.loaded[model])]
+        clusters = [pod_cluster(p, "grpc") for p in serving(sorted(state.loaded[model]), state.pods)]
         routes.append(_header_route(MODEL_ID_HEADER, model, clusters))
         for name in names:
             routes.append(_header_route(VMODEL_ID_HEADER, name, clusters))

@@ -41,6 +41,9 @@ class Endpoint:
     host: str
     rest_port: int
     grpc_port: int
+    # Placement judged its pod paused (store keys.PAUSED): it takes a copy set's traffic only
+    # when every pod of the set is paused.
+    paused: bool = False
 
 
 @dataclass(frozen=True)

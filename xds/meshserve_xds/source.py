@@ -28,7 +28,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, ret
 
 from meshserve.store import keys as k
 from meshserve.store import ops
-from meshserve.store.messages import KIND_ALIAS, KIND_MODEL, KIND_PLACEMENT, KIND_POD, KIND_RULE, KIND_TRANSITION, Change
+from meshserve.store.messages import KIND_ALIAS, KIND_MODEL, KIND_PAUSED, KIND_PLACEMENT, KIND_POD, KIND_RULE, KIND_TRANSITION, Change
 from meshserve.store.state import Snapshot, State
 from meshserve.model import CopyState, Pod, alias_of_id, copies_from_json
 from meshserve.rules import store as rules_store
@@ -49,7 +49,7 @@ M_INCREMENTAL = Counter("meshserve_xds_incremental_updates", "Change batches app
 def routing_state(snap: Snapshot, settings: Settings, versions: dict[str, str | set[str]] | None = None) -> r.RoutingState:
     """The routing state of a snapshot. `versions`, when given, is filled with alias -> the
     models named after it that have a placement (`alias_of_id`): one id, or a set of several."""
-    pods = {p.id: r.Endpoint(p.host, p.rest_port, p.grpc_port) for p in snap.pods.values()}
+    pods = {p.id: r.Endpoint(p.host, p.rest_port, p.grpc_port, p.id in snap.paused) for p in snap.pods.values()}
     loaded: dict[str, list[str]] = {}
     versions = {} if versions is None else versions
     get = versions.get
@@ -118,8 +118,8 @@ async def read_snapshot(state: State) -> Snapshot:
     their values left None. At 1,000,000 registered models that skips about 280 MB of replies
     and a million JSON parses, most of a resync (docs/benchmarks.md, "A million models")."""
     async with state.r.pipeline(transaction=True) as p:
-        p.get(k.REV).hkeys(k.MODELS).hgetall(k.ALIASES).hgetall(k.PODS).hgetall(k.PLACEMENTS)
-        rev, ids, aliases, pods, placements = await p.execute()
+        p.get(k.REV).hkeys(k.MODELS).hgetall(k.ALIASES).hgetall(k.PODS).hgetall(k.PLACEMENTS).hgetall(k.PAUSED)
+        rev, ids, aliases, pods, placements, paused = await p.execute()
 
     def parse() -> Snapshot:
         # An alias's model id is the registered id's own string object, not a copy decoded
@@ -132,6 +132,7 @@ async def read_snapshot(state: State) -> Snapshot:
             aliases={a.decode(): get(m := v.decode(), m) for a, v in aliases.items()},
             pods={i.decode(): Pod.from_json(v) for i, v in pods.items()},
             placements={i.decode(): copies_from_json(v) for i, v in placements.items()},
+            paused={i.decode(): v.decode() for i, v in paused.items()},
         )
 
     return await asyncio.to_thread(parse)
@@ -164,7 +165,7 @@ class ChangeBatch:
 
 
 # Kinds whose objects are re-read one by one; rules are few and re-read whole.
-_TARGETED = {KIND_MODEL: k.MODELS, KIND_ALIAS: k.ALIASES, KIND_POD: k.PODS, KIND_PLACEMENT: k.PLACEMENTS}
+_TARGETED = {KIND_MODEL: k.MODELS, KIND_ALIAS: k.ALIASES, KIND_POD: k.PODS, KIND_PLACEMENT: k.PLACEMENTS, KIND_PAUSED: k.PAUSED}
 _RULE_KINDS = {KIND_RULE, KIND_TRANSITION}
 # Reconnecting to Redis: 0.1 s doubling to 10 s, with up to 1 s of jitter so that replicas
 # that lost it together do not come back in step.
@@ -348,7 +349,7 @@ class RedisSource:
                 loaded[m] = holders
         held = {p for ps in loaded.values() for p in ps}
         part = r.RoutingState(
-            pods={p: r.Endpoint(snap.pods[p].host, snap.pods[p].rest_port, snap.pods[p].grpc_port) for p in held},
+            pods={p: r.Endpoint(snap.pods[p].host, snap.pods[p].rest_port, snap.pods[p].grpc_port, p in snap.paused) for p in held},
             loaded=loaded, aliases=aliases, registered={m for m in models if m in snap.models},
             activator=r.Endpoint(self.s.host, self.s.activator_rest_port, self.s.activator_grpc_port),
             cold_timeout_s=self.s.cold_start_timeout_seconds + 5,
@@ -490,6 +491,11 @@ def _apply_values(snap: Snapshot, kind: str, ids: list[str], vals: list[bytes | 
                 snap.pods.pop(i, None)
             else:
                 snap.pods[i] = Pod.from_json(v)
+        elif kind == KIND_PAUSED:
+            if v is None:
+                snap.paused.pop(i, None)
+            else:
+                snap.paused[i] = v.decode()
         elif kind == KIND_PLACEMENT:
             copies = copies_from_json(v)
             if copies:
