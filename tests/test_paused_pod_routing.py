@@ -128,6 +128,7 @@ async def test_a_new_leader_clears_the_marks_of_pods_no_longer_paused(state: Sta
     class Leader(Pods):
         def __init__(self) -> None:
             self.state, self.paused, self.commits = state, None, []
+            self.view = type("View", (), {"pods": {}})()
 
         async def _commit(self, ops_: Any, changes: Any) -> None:
             self.commits.append(list(changes))

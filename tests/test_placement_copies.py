@@ -83,3 +83,29 @@ def test_draining_pod_takes_no_new_model() -> None:
     d = policy.place(cv.models["a"], cv, now=1.0)
     assert d.pod == "p1"
     assert any(s.step == "not-draining" for s in d.trace)
+
+
+def test_a_model_in_use_whose_copies_are_all_paused_gets_one_that_answers() -> None:
+    """A paused pod (its runtime accepts connections, answers nothing) keeps its copies, and a
+    model only it holds that was used lately gets a copy elsewhere; the pod is placed nothing
+    new. Not for a model unused for paused_cover_seconds, nor one with a copy that answers, nor
+    once it has the second copy (the usual scale-down takes one away after the pause)."""
+    cv = view(2)
+    cv.pods["p0"].healthy, cv.pods["p0"].paused = False, True  # as the leader marks it
+    cv.set_copies("a", loaded("p0"))
+    cv.set_copies("b", loaded("p0"))
+    cv.touch("a", 95.0)
+    cv.touch("b", 10.0)
+    acts = cp.plan_copies(cv, {}, now=100.0, tuning=T, last_added={})
+    assert [(a.op, a.model) for a in acts] == [("add", "a")] and "paused" in acts[0].why
+    assert policy.place(cv.models["a"], cv, now=100.0).pod == "p1"
+    cv.set_copies("a", {**loaded("p0"), **loaded("p1")})
+    assert cp.plan_copies(cv, {}, now=100.0, tuning=T, last_added={}) == []  # nor scaled down while p0 is paused
+    cv.pods["p0"].healthy, cv.pods["p0"].paused = True, False
+    assert [(a.op, a.model) for a in cp.plan_copies(cv, {}, now=100.0, tuning=T, last_added={})] == [("remove", "a")]  # back
+    cv.pods["p0"].healthy, cv.pods["p0"].paused = False, True
+    cv.set_copies("a", loaded("p0"))
+    assert cp.plan_copies(cv, {}, now=100.0, tuning=replace(T, paused_cover_seconds=0.0), last_added={}) == []
+    cv.pods["p1"].healthy = False  # nowhere that answers: nothing to do but wait
+    cv.set_copies("a", loaded("p0"))
+    assert cp.plan_copies(cv, {}, now=100.0, tuning=T, last_added={}) == []

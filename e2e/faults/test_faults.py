@@ -12,7 +12,8 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -247,14 +248,24 @@ class OpenLoad:
             self._stop.wait(1.0 / self.rps)
 
 
-def test_a_paused_pod_holding_one_of_two_copies_gets_no_new_requests(two_copy_mesh: devmesh.Mesh, body: bytes) -> None:
-    """kill -STOP a whole pod (loader and runtime) holding one of a model's two copies for 8 s.
-    Its port accepts connections and answers nothing, so the requests Envoy sends it wait for
-    it to resume: Envoy sees no error to retry or eject for. Once placement judges the pod
-    paused (heartbeat late and the probe accepted but unanswered: about 3 s) the gateway sends
-    the copy set's traffic to the other copy. Before: half the requests sent during the whole
-    pause waited for the resume. The pod keeps its copy (paused-pod grace) and takes traffic
-    again once it answers."""
+@dataclass
+class Paused:
+    """What `pause_under_load` saw (monotonic seconds)."""
+
+    load: "OpenLoad"
+    stopped: float  # SIGSTOP sent
+    marked: float  # ms:paused has the pod
+    cleared: float  # ms:paused no longer has it, after SIGCONT
+    status: dict[str, str]  # pod -> `meshserve status`'s condition, once marked
+    served: tuple[int, int]  # the pod's requests for the model when cleared, and 2 s later
+    during: Any = None  # what `during` returned
+
+
+def pause_under_load(m: devmesh.Mesh, mid: str, victim: str, body: bytes, pause_s: float,
+                     during: "Callable[[float], Any] | None" = None) -> Paused:
+    """kill -STOP the whole pod `victim` (loader and runtime) for `pause_s` under 20 req/s to
+    `mid`'s alias, each request on its own thread; `during(stopped)` runs once the pod is marked
+    paused, while it still is. Then -CONT, and 2 s more of load."""
     import asyncio
     import urllib.request
 
@@ -262,24 +273,16 @@ def test_a_paused_pod_holding_one_of_two_copies_gets_no_new_requests(two_copy_me
 
     from meshserve.commands import status
 
-    m = two_copy_mesh
-    layout = m.env["MESHSERVE_XDS_LAYOUT"]
+    index = int(victim.rsplit("-", 1)[1])
+    loader = m.pids()[f"loader-{index}"]
+    pids = [loader, *pods.children(loader)]
+
+    def served() -> int:
+        with urllib.request.urlopen(f"{m.pod_rest(index)}/v2/meshserve/stats", timeout=5) as resp:
+            return int(json.loads(resp.read()).get(mid, {}).get("requests", 0))
+
     r = redis.Redis.from_url(m.redis_url)
-    pause_s = 8.0
     try:
-        mid = pods.model_id(r)
-        devmesh.wait_until(lambda: len(pods.loaded(r, mid)) == 2, 120, "two copies loaded")
-        devmesh.wait_until(lambda: pods.gateway_pods(m, mid) == pods.loaded(r, mid), 30, "gateway routes to both copies")
-        victim = sorted(pods.loaded(r, mid))[0]
-        index = int(victim.rsplit("-", 1)[1])
-        loader = m.pids()[f"loader-{index}"]
-
-        def served() -> int:
-            """The requests the victim's runtime has answered for the model."""
-            with urllib.request.urlopen(f"{m.pod_rest(index)}/v2/meshserve/stats", timeout=5) as resp:
-                return int(json.loads(resp.read()).get(mid, {}).get("requests", 0))
-
-        pids = [loader, *pods.children(loader)]
         with OpenLoad(infer_url(m), body, rps=20, max_seconds=pause_s + 6) as load:
             time.sleep(2)
             t0 = time.monotonic()
@@ -288,6 +291,7 @@ def test_a_paused_pod_holding_one_of_two_copies_gets_no_new_requests(two_copy_me
             try:
                 marked = devmesh.wait_until(lambda: r.hexists("ms:paused", victim) and time.monotonic(), pause_s - 2, f"{victim} marked paused")
                 shown = {p["id"]: p["condition"] for p in asyncio.run(status.gather(m.redis_url))["pods"]}
+                got = during(t0) if during is not None else None
                 time.sleep(max(0.0, t0 + pause_s - time.monotonic()))
             finally:
                 for pid in pids:
@@ -296,24 +300,95 @@ def test_a_paused_pod_holding_one_of_two_copies_gets_no_new_requests(two_copy_me
             cleared = time.monotonic()
             served_then = served()
             time.sleep(2)
-        after = sorted(pods.loaded(r, mid))
-        served_after = served()
+        return Paused(load, t0, marked, cleared, shown, (served_then, served()), got)
     finally:
         r.close()
-    # Sent once the gateway had a second to take the mark, while the pod was still paused.
-    steered = [(round(t - t0, 2), round(sec, 3), st) for t, sec, st in load.results if marked + 1.0 <= t < t0 + pause_s - 0.5]
-    before = [(round(t - t0, 2), round(sec, 3), st) for t, sec, st in load.results if t0 <= t < marked]
-    record(f"pod_paused_copy_steered[{layout}]", paused=victim, pause_s=pause_s, marked_after_s=round(marked - t0, 2),
-           cleared_after_resume_s=round(cleared - t0 - pause_s, 2), sent=len(load.results),
-           not_200=[x for x in load.results if x[2] != "200"][:5],
+
+
+def _answered_after(p: Paused, since: float, pause_s: float) -> list[tuple[float, float, str]]:
+    """(sent after the stop, seconds, status) of the requests sent from `since` until just
+    before the resume."""
+    return [(round(t - p.stopped, 2), round(sec, 3), st) for t, sec, st in p.load.results if since <= t < p.stopped + pause_s - 0.5]
+
+
+def test_a_paused_pod_holding_one_of_two_copies_gets_no_new_requests(two_copy_mesh: devmesh.Mesh, body: bytes) -> None:
+    """Case 8c: kill -STOP a whole pod (loader and runtime) holding one of a model's two copies
+    for 8 s. Its port accepts connections and answers nothing, so the requests Envoy sends it
+    wait for it to resume: Envoy sees no error to retry or eject for. Once placement judges the
+    pod paused (heartbeat late and the probe accepted but unanswered: about 2-3 s) the gateway
+    sends the copy set's traffic to the other copy. Before: half the requests sent during the
+    whole pause waited for the resume. The pod keeps its copy (paused-pod grace) and takes
+    traffic again once it answers."""
+    import redis
+
+    m = two_copy_mesh
+    layout = m.env["MESHSERVE_XDS_LAYOUT"]
+    pause_s = 8.0
+    r = redis.Redis.from_url(m.redis_url)
+    try:
+        mid = pods.model_id(r)
+        devmesh.wait_until(lambda: len(pods.loaded(r, mid)) == 2, 120, "two copies loaded")
+        devmesh.wait_until(lambda: pods.gateway_pods(m, mid) == pods.loaded(r, mid), 30, "gateway routes to both copies")
+        victim = sorted(pods.loaded(r, mid))[0]
+        p = pause_under_load(m, mid, victim, body, pause_s)
+        after = sorted(pods.loaded(r, mid))
+    finally:
+        r.close()
+    results = p.load.results
+    steered = _answered_after(p, p.marked + 1.0, pause_s)  # the gateway had a second to take the mark
+    before = [x for x in _answered_after(p, p.stopped, pause_s) if x[0] < p.marked - p.stopped]
+    record(f"pod_paused_copy_steered[{layout}]", paused=victim, pause_s=pause_s, marked_after_s=round(p.marked - p.stopped, 2),
+           cleared_after_resume_s=round(p.cleared - p.stopped - pause_s, 2), sent=len(results),
+           not_200=[x for x in results if x[2] != "200"][:5],
            steered=len(steered), steered_slowest_s=max((x[1] for x in steered), default=None),
            before_mark_waited_for_resume=sum(1 for x in before if x[1] > 1.0), before_mark=len(before))
-    assert all(st == "200" for _, _, st in load.results), [x for x in load.results if x[2] != "200"][:5]
+    assert all(st == "200" for _, _, st in results), [x for x in results if x[2] != "200"][:5]
     assert len(steered) >= 40, steered
     assert max(sec for _, sec, _ in steered) < 1.0, steered
-    assert shown[victim].startswith("paused"), shown  # what `meshserve status` said meanwhile
+    assert p.status[victim].startswith("paused"), p.status  # what `meshserve status` said meanwhile
     assert victim in after, after  # kept its copy
-    assert served_after > served_then, (served_then, served_after)  # and takes traffic again
+    assert p.served[1] > p.served[0], p.served  # and takes traffic again
+
+
+def test_a_paused_pod_holding_a_models_only_copy_gets_it_a_copy_elsewhere(e2e_config: Path, body: bytes) -> None:
+    """Case 8d: the same pause, 10 s, of the pod holding a model's only copy. The model was in
+    use, so placement loads a copy on the other pod (copies.plan_copies; the pod itself is
+    placed nothing new), and the gateway sends the model's requests there. Before: every
+    request waited for the resume (or, past the paused-pod grace, for the pod's withdrawal and
+    a load elsewhere). The paused pod keeps its copy."""
+    import redis
+
+    pause_s = 10.0
+    with devmesh.mesh(config_dir=e2e_config, pods=2) as m:
+        mid = warm(m, body)
+        r = redis.Redis.from_url(m.redis_url)
+        try:
+            victim = _holder_of(r, mid)
+            other = next(p for p in ("pod-0", "pod-1") if p != victim)
+            p = pause_under_load(m, mid, victim, body, pause_s, during=lambda _: devmesh.wait_until(
+                lambda: other in pods.loaded(r, mid) and time.monotonic(), pause_s - 4, f"a copy of {mid} on {other}"))
+            after = sorted(pods.loaded(r, mid))
+            decision = json.loads(r.hget("ms:decisions", mid) or b"{}")
+        finally:
+            r.close()
+    results = p.load.results
+    covered = _answered_after(p, p.during + 1.0, pause_s)
+    record("pod_paused_only_copy_covered", paused=victim, pause_s=pause_s, marked_after_s=round(p.marked - p.stopped, 2),
+           copy_elsewhere_loaded_after_s=round(p.during - p.stopped, 2), sent=len(results),
+           not_200=[x for x in results if x[2] != "200"][:5], covered=len(covered),
+           covered_slowest_s=max((x[1] for x in covered), default=None),
+           waited_for_resume=sum(1 for x in results if x[1] > 1.0), why=decision.get("why"))
+    assert all(st == "200" for _, _, st in results), [x for x in results if x[2] != "200"][:5]
+    assert len(covered) >= 40, covered
+    assert max(sec for _, sec, _ in covered) < 1.0, covered
+    assert set(after) == {victim, other}, after  # the paused pod kept its copy
+    assert "paused" in str(decision.get("why")), decision
+
+
+def _holder_of(r: Any, mid: str) -> str:
+    held = devmesh.wait_until(lambda: pods.loaded(r, mid), 30, f"{mid} loaded")
+    assert len(held) == 1, held
+    return next(iter(held))
 
 
 def test_restart_redis_with_aof(mesh: devmesh.Mesh, body: bytes) -> None:

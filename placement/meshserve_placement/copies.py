@@ -6,6 +6,7 @@ request rates, applied by the leader (leader.py) every `maintain_seconds`.
 - minCopies and pinned models are loaded eagerly and kept (pinned means at least one copy).
 - With `idle_unload_seconds`, an unused model's copies all go, down to zero.
 - Copies on a draining pod are re-placed elsewhere first, then dropped.
+- A model in use whose every copy is on a paused pod gets one on a pod that answers.
 Copies with requests in flight (see ClusterView.in_flight) are never removed here.
 """
 
@@ -84,6 +85,16 @@ def plan_copies(
             continue
         if not live:
             continue
+        if all(p in cluster.pods and cluster.pods[p].paused for p in live):
+            # Requests to it wait for the pause to end (or for the pod's withdrawal, then a
+            # load); a copy elsewhere takes the new ones (the gateways leave a paused pod out
+            # of its copy sets). The pod keeps its copy: it is likely back in seconds.
+            used = now - cluster.last_used.get(m, float("-inf"))
+            # A base its adapters hold there comes along with their copies elsewhere.
+            theirs = any(cluster.base_stays(m, p) for p in live)
+            if tuning.paused_cover_seconds and used <= tuning.paused_cover_seconds and usable_pods and not theirs:
+                out.append(Action("add", m, why=f"its copies are all on paused pods ({', '.join(sorted(live))}) and it was used {used:.0f}s ago"))
+            continue
         stale = [p for p in live if mv.base and cluster.copy_base(m, p) != mv.base]
         if stale:
             # An adapter still loaded over its base's superseded version (a base rolled, bases.py):
@@ -104,6 +115,7 @@ def plan_copies(
         quiet_for = now - last_added.get(m, 0.0)
         if (
             scale_down
+            and not any(p in cluster.pods and cluster.pods[p].paused for p in live)  # it may not come back
             and n > want
             and rate < tuning.scale_up_rps * (n - 1) / 2
             and quiet_for >= tuning.scale_down_after_seconds

@@ -129,8 +129,8 @@ class CopyPlan:
     A model is decided again when its copies or spec changed (ClusterView.changed, with the
     base of an adapter that changed: a base leaves a pod after its adapters), its rate moved,
     it was used or stopped being busy, it got an action last round (an add that found no room
-    is tried again), or its `recheck_at` time came. Everything is decided when the pods' health
-    or draining changed, scale-down turned on, the view was rebuilt, or FULL_PASS_SECONDS went by."""
+    is tried again), or its `recheck_at` time came. Everything is decided when the pods' health,
+    draining or pausing changed, scale-down turned on, the view was rebuilt, or FULL_PASS_SECONDS went by."""
 
     def __init__(self) -> None:
         self.dirty: set[str] = set()
@@ -144,7 +144,7 @@ class CopyPlan:
 
     def todo(self, view: ClusterView, now: float, scale_down: bool) -> set[str] | None:
         """The models to decide this round; None: all of them."""
-        sig = (scale_down, tuple(sorted((p, pv.healthy, pv.draining) for p, pv in view.pods.items())))
+        sig = (scale_down, tuple(sorted((p, pv.healthy, pv.draining, pv.paused) for p, pv in view.pods.items())))
         changed = view.take_changed()
         if view is not self._view or sig != self._sig or now - self._full_at >= FULL_PASS_SECONDS:
             self._view, self._sig, self._full_at = view, sig, now

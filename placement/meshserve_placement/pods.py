@@ -66,6 +66,7 @@ class Pods:
         came = {p: why for p, why in paused.items() if p not in self.paused}
         went = [p for p in self.paused if p not in paused]
         if not came and not went:
+            self._view_paused()  # the view may have been rebuilt meanwhile
             return
         ops: Ops = [cmd.set_paused(p, why) for p, why in came.items()]
         if went:
@@ -77,6 +78,13 @@ class Pods:
         for p, why in came.items():
             log.warning("pod %s paused: its copies' traffic goes to other copies while it is (%s)", p, why)
             self.paused[p] = why
+        self._view_paused()
+
+    def _view_paused(self) -> None:
+        """The view's pods marked as committed (copies.plan_copies covers their models)."""
+        marked = self.paused or {}
+        for p, pv in self.view.pods.items():
+            pv.paused = p in marked
 
     async def _probe(self, http: aiohttp.ClientSession, pod_id: str) -> Probe:
         pod = self.pods.get(pod_id)

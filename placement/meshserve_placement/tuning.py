@@ -27,6 +27,10 @@ class Tuning:
     # Unload a model's last copy after this long unused (0: never; eviction still applies).
     # Pinned models and models with minCopies are never unloaded this way.
     idle_unload_seconds: float = 0.0
+    # A model used within this long whose every copy is on a paused pod (placement's Pod
+    # liveness) gets a copy on a pod that answers, so its requests stop waiting for the pause to
+    # end; the extra copy goes by the usual scale-down once the pod is back. 0: never.
+    paused_cover_seconds: float = 60.0
     # How often the leader reconciles copies (scale, minimums, idle, draining pods).
     maintain_seconds: float = 1.0
     # Eviction value horizon (see view.ClusterView.eviction_key); 0 gives plain global LRU.
