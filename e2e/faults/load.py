@@ -53,3 +53,43 @@ class SteadyLoad:
         self.failed += 1
         if len(self.failures) < 20:
             self.failures.append(why)
+
+
+@dataclass
+class OpenLoad(SteadyLoad):
+    """Requests started at a steady rate whatever the earlier ones are doing (a thread each), so
+    a request stuck on a paused pod holds up no other; each one's start, time and status kept
+    in `results`. Bounded in count and time; the requests' threads are joined at exit."""
+
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.results: list[tuple[float, float, str]] = []  # (started, seconds, status)
+        self._requests: list[threading.Thread] = []
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for t in list(self._requests):
+            t.join(self.timeout + 5)
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < end and self.sent < self.max_requests:
+            t = threading.Thread(target=self._one, daemon=True)
+            t.start()
+            self._requests.append(t)
+            self.sent += 1
+            self._stop.wait(1.0 / self.rps)
+
+    def _one(self) -> None:
+        t0 = time.monotonic()
+        try:
+            req = urllib.request.Request(self.url, data=self.body, method="POST")
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                status = str(r.status)
+        except urllib.error.HTTPError as e:
+            status = str(e.code)
+        except Exception as e:  # noqa: BLE001 - recorded, as the test's subject
+            status = type(e).__name__
+        self.results.append((t0, time.monotonic() - t0, status))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from e2e.faults import pods
-from e2e.faults.load import SteadyLoad
+from e2e.faults.load import OpenLoad, SteadyLoad
 from meshserve_testing import devmesh
 from meshserve.settings import Settings
 from meshserve_placement.tuning import Tuning
@@ -197,55 +197,6 @@ def test_kill_9_a_pod_holding_one_of_two_copies(two_copy_mesh: devmesh.Mesh, bod
     # Re-placed at the next copy reconcile after the withdrawal (the load itself is ~20 ms here).
     if "placement_withdrawn" in t:
         assert t["replaced_decided"] <= t["placement_withdrawn"] + maintain_s + 0.5, t
-
-
-class OpenLoad:
-    """Requests started at a steady rate whatever the earlier ones are doing (a thread each), so
-    a request stuck on a paused pod holds up no other; each one's start, time and status kept.
-    Bounded in count and time; the threads are joined at exit."""
-
-    def __init__(self, url: str, body: bytes, rps: float, max_seconds: float, timeout: float = 30.0):
-        import threading
-
-        self.url, self.body, self.rps, self.max_seconds, self.timeout = url, body, rps, max_seconds, timeout
-        self.results: list[tuple[float, float, str]] = []  # (started, seconds, status)
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._pacer = threading.Thread(target=self._pace, daemon=True)
-
-    def __enter__(self) -> "OpenLoad":
-        self._pacer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._pacer.join(5)
-        for t in list(self._threads):
-            t.join(self.timeout + 5)
-
-    def _one(self) -> None:
-        import urllib.error
-        import urllib.request
-
-        t0 = time.monotonic()
-        try:
-            with urllib.request.urlopen(urllib.request.Request(self.url, data=self.body, method="POST"), timeout=self.timeout) as r:
-                status = str(r.status)
-        except urllib.error.HTTPError as e:
-            status = str(e.code)
-        except Exception as e:
-            status = type(e).__name__
-        self.results.append((t0, time.monotonic() - t0, status))
-
-    def _pace(self) -> None:
-        import threading
-
-        end = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < end and len(self._threads) < self.rps * self.max_seconds:
-            t = threading.Thread(target=self._one, daemon=True)
-            t.start()
-            self._threads.append(t)
-            self._stop.wait(1.0 / self.rps)
 
 
 @dataclass
