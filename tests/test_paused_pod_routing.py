@@ -8,6 +8,7 @@ ops.clear_paused, ops.withdraw_pod) and reads the gateway's endpoints from its c
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -143,3 +144,26 @@ async def test_a_new_leader_clears_the_marks_of_pods_no_longer_paused(state: Sta
     assert len(lead.commits) == 1  # nothing changed: no commit, no gateway rebuild
     await lead._mark_paused({})
     assert await ops.read_paused(state.r) == {} and lead.paused == {}
+
+
+async def test_the_activator_forwards_to_a_copy_that_answers(state: State) -> None:
+    """A request the activator forwards (no route at the gateway yet, a cold request whose
+    model turned out loaded) goes to a copy on a pod that is not marked paused, while there is
+    one; the mark is read again after a `paused` change."""
+    from meshserve_placement.activator import Activator
+
+    act = Activator(Settings(redis_url=""), state)
+    await state.commit([ops.set_paused("p0", "silent")], [(KIND_PAUSED, "p0")])
+    assert {tuple(await act._answering(["p0", "p1"])) for _ in range(20)} == {("p1",)}
+    assert await act._answering(["p0"]) == ["p0"]  # nowhere else to go
+    watch = asyncio.create_task(act.watch_changes())
+    try:
+        await asyncio.sleep(0.2)  # it reads from the stream's end: the change below comes after
+        await state.commit([ops.clear_paused(["p0"])], [(KIND_PAUSED, "p0")])
+        for _ in range(100):
+            if act._paused is None:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        watch.cancel()
+    assert await act._answering(["p0", "p1"]) == ["p0", "p1"]

@@ -46,7 +46,7 @@ from meshserve.settings import MAX_REQUEST_BYTES, Settings
 from meshserve.store import State
 from meshserve.store import keys as k
 from meshserve.store import ops
-from meshserve.store.messages import KIND_ALL, KIND_POD, LoadRequest, LoadResult
+from meshserve.store.messages import KIND_ALL, KIND_PAUSED, KIND_POD, LoadRequest, LoadResult
 from meshserve.headers import AWAIT_LOAD_HEADER, MODEL_ID_HEADER, VMODEL_ID_HEADER
 from meshserve_placement import openai_routes
 from meshserve_placement import repository_api as repo
@@ -96,6 +96,9 @@ class Activator:
         # another Redis round trip for the pod's address. Every write of a pod's record is a
         # commit with a `pod` change, and watch_changes drops the entry when it sees one.
         self._pods: dict[str, Pod] = {}
+        # The pods placement marked paused (store keys.PAUSED), read when a model with several
+        # loaded copies needs one and dropped on a `paused` change: None until then.
+        self._paused: set[str] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def pod(self, pod_id: str) -> Pod | None:
@@ -105,6 +108,15 @@ class Activator:
             if pod is not None:
                 self._pods[pod_id] = pod
         return pod
+
+    async def _answering(self, pods: list[str]) -> list[str]:
+        """`pods` less those placement marked paused, unless that is all of them: a request
+        forwarded to a paused pod waits for it to resume (the gateways skip them the same way)."""
+        if len(pods) < 2:
+            return pods
+        if self._paused is None:
+            self._paused = set(await ops.read_paused(self.state.r))
+        return [p for p in pods if p not in self._paused] or pods
 
     def touch_soon(self, model_id: str) -> None:
         """Record the cold hit's recency without holding up the forward (one round trip off
@@ -142,13 +154,17 @@ class Activator:
                 last = eid
                 if ch.kind == KIND_POD:
                     self._pods.pop(ch.id, None)
+                elif ch.kind == KIND_PAUSED:
+                    self._paused = None
                 elif ch.kind == KIND_ALL:
                     self._pods.clear()
+                    self._paused = None
                 self.wake(ch.id)
 
     def _changes_unread(self, rs: RetryCallState) -> None:
         log.warning("activator: reading changes failed: %s", rs.outcome.exception() if rs.outcome else "")
         self._pods.clear()  # pod changes may be missed meanwhile
+        self._paused = None
 
     def wake(self, model_id: str) -> None:
         """Every request held for `model_id` looks at its placement again."""
@@ -232,7 +248,7 @@ class Activator:
                 linked = True
             loaded = [p for p, c in copies.items() if c.state == CopyState.LOADED]
             if loaded:
-                pod = await self.pod(random.choice(loaded))
+                pod = await self.pod(random.choice(await self._answering(loaded)))
                 if pod is not None:
                     # The load asked for is done: once no other request is held for the model,
                     # the next one that finds no copy (evicted meanwhile: under churn, within a
