@@ -167,3 +167,12 @@ async def test_the_activator_forwards_to_a_copy_that_answers(state: State) -> No
     finally:
         watch.cancel()
     assert await act._answering(["p0", "p1"]) == ["p0", "p1"]
+
+
+def test_a_pod_joins_the_leaders_view_not_paused() -> None:
+    """The view's pods start unpaused whatever they run (a positional field once made every
+    registered pod look paused to the copy reconcile: its runtime's name in that slot)."""
+    from meshserve_placement.reload import _pod_view
+
+    pv = _pod_view(Pod("p0", "127.0.0.1", 1, 2, 1 << 30, formats=["sklearn"], runtime="builtin", max_loading=3, draining=True), -1.0)
+    assert (pv.paused, pv.runtime, pv.max_loading, pv.draining, pv.formats) == (False, "builtin", 3, True, ["sklearn"])

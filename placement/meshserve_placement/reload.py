@@ -314,7 +314,8 @@ def _model_views(specs: Specs, placements: dict[str, dict[str, Copy]]) -> tuple[
 
 
 def _pod_view(p: Pod, reserve_fraction: float) -> PodView:
-    pv = PodView(p.id, p.capacity_bytes, p.formats, True, p.max_loading, p.draining, p.runtime, p.auto_formats)
+    pv = PodView(p.id, p.capacity_bytes, p.formats, max_loading=p.max_loading, draining=p.draining, runtime=p.runtime,
+                 auto_formats=p.auto_formats)
     reserve_room(pv, p.capacity_bytes, p.max_loading, reserve_fraction)
     return pv
 

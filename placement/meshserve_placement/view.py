@@ -50,9 +50,6 @@ class PodView:
     healthy: bool = True
     max_loading: int = 2
     draining: bool = False  # the pod is shutting down: nothing new goes there
-    # placement judged it paused (store keys.PAUSED): its runtime accepts connections and answers
-    # nothing; a model only it holds gets a copy on a pod that answers (copies.plan_copies)
-    paused: bool = False
     runtime: str = ""  # its ServingRuntime's name
     auto_formats: list[str] | None = None  # formats it is picked for without `runtime:`; None: all of `formats`
     # What the pod may really hold at once; 0: `capacity`. Where an unload reserve is kept
@@ -60,6 +57,9 @@ class PodView:
     # reserve, and `limit` the pod's own: the bytes of unloads still in their grace use the
     # difference while the loads they made room for start (dispatch.plan_dispatch).
     limit: int = 0
+    # placement judged it paused (store keys.PAUSED): its runtime accepts connections and answers
+    # nothing; a model only it holds gets a copy on a pod that answers (copies.plan_copies)
+    paused: bool = False
 
 
 def unload_reserve(capacity: int, max_loading: int, fraction: float = -1.0) -> int:
