@@ -54,7 +54,7 @@ class Pods:
                         log.warning("pod %s: %s", pod, v.reason)
                         self.stalled[pod] = v.reason
                     if v.paused:
-                        paused[pod] = self.paused.get(pod, v.reason) if self.paused else v.reason
+                        paused[pod] = v.reason  # a pod marked already keeps its first reason (_mark_paused)
                 await self._mark_paused(paused)
                 await self._place_pending()
 
