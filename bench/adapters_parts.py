@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import adapters as A
-from bench.common import REPO, pct, write
+from bench.common import REPO, cpu_s, pct, write
 
 TEXT = A.TEXT
 
@@ -85,18 +85,6 @@ def alone(few: int, many: int, rounds: int) -> dict[str, Any]:
                 p.wait(10)
 
 
-def _cpu_seconds(pid: int) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for t in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            f = (t / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(f[11]) + int(f[12])
-    return total / tick
-
-
 def cpu(resident: int, cold: int) -> dict[str, Any]:
     names = [f"a{i}" for i in range(resident)]
     cold_names = [f"a{i}" for i in range(resident, resident + cold + 8)]
@@ -111,7 +99,7 @@ def cpu(resident: int, cold: int) -> dict[str, Any]:
             left = A.base_resident(m, cold_names)[:cold]
             rt = A.runtime_pids(m)
             procs = {**m.pids(), "runtime-0": rt[0], "runtime-1": rt[1]}
-            snap = lambda: {k: _cpu_seconds(v) for k, v in procs.items()}  # noqa: E731
+            snap = lambda: {k: cpu_s(v) for k, v in procs.items()}  # noqa: E731
             a = snap()
             time.sleep(3)
             b = snap()

@@ -27,6 +27,18 @@ def machine() -> dict[str, object]:
     }
 
 
+def cpu_s(pid: int) -> float:
+    """A process's CPU time so far, summed over its threads from /proc's schedstat (ns; the
+    clock-tick counters in stat are 10 ms coarse, more than one load or cold request costs)."""
+    total = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

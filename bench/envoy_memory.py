@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from bench.common import cpu_s
 from bench import xds_routing
 from bench.xds_routing import Client, model_id
 from meshserve_testing.devmesh import stop, wait_until
@@ -210,18 +211,6 @@ def _envoy(bootstrap_json: str, timeout: float) -> Iterator[Envoy]:
                 stop(proc)
 
 
-def _cpu_s(pid: int) -> float:
-    """A process's CPU time so far, summed over its threads from /proc's schedstat (ns; the
-    clock-tick counters in stat are 10 ms coarse, more than one load costs)."""
-    total = 0
-    for t in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((t / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that just ended
-    return total / 1e9
-
-
 def _loads(ads: AdsThread, gw: Envoy, state: r.RoutingState, lc: r.ListenerConfig, variant: str, n: int, k: int,
            timeout: float) -> dict[str, Any]:
     """Load `k` registered cold models one after another, each an O(change) patch from the
@@ -235,7 +224,7 @@ def _loads(ads: AdsThread, gw: Envoy, state: r.RoutingState, lc: r.ListenerConfi
     pods = sorted(state.pods)
     applied: list[float] = []
     polls = 0
-    cpu0, t0 = _cpu_s(gw.proc.pid), time.monotonic()
+    cpu0, t0 = cpu_s(gw.proc.pid), time.monotonic()
     for j in range(n, n + k):
         m, alias, pod = model_id(j), f"m{j}", pods[j % len(pods)]
         state.loaded[m] = [pod]
@@ -251,12 +240,12 @@ def _loads(ads: AdsThread, gw: Envoy, state: r.RoutingState, lc: r.ListenerConfi
                 raise RuntimeError(f"{alias} not routed to {pod} within {timeout:.0f}s")
             time.sleep(0.005)
         applied.append(time.monotonic() - s0)
-    busy, wall = _cpu_s(gw.proc.pid) - cpu0, time.monotonic() - t0
-    cpu1 = _cpu_s(gw.proc.pid)
+    busy, wall = cpu_s(gw.proc.pid) - cpu0, time.monotonic() - t0
+    cpu1 = cpu_s(gw.proc.pid)
     for _ in range(polls + k):  # the same requests, no changes: what Envoy spends regardless
         cl.upstream(f"m{n // 2}", {})
         time.sleep(wall / max(1, polls + k))
-    idle = _cpu_s(gw.proc.pid) - cpu1
+    idle = cpu_s(gw.proc.pid) - cpu1
     applied.sort()
     return {"loads": k, "load_apply_ms_p50": round(1000 * applied[len(applied) // 2], 1), "load_apply_ms_max": round(1000 * applied[-1], 1),
             "envoy_cpu_ms_per_load": round(1000 * (busy - idle) / k, 1), "envoy_cpu_ms_idle_per_load": round(1000 * idle / k, 1)}
@@ -311,7 +300,7 @@ def run(variant: str, n: int, timeout: float, loads: int = 0) -> dict[str, Any]:
                     out["error"] = f"{name} not routed to {want} within {timeout:.0f}s"
                     break
             out["apply_s"] = round(time.monotonic() - t0, 1)
-            out["envoy_cpu_s_start"] = round(_cpu_s(gw.proc.pid), 1)
+            out["envoy_cpu_s_start"] = round(cpu_s(gw.proc.pid), 1)
             out["rss_mib"] = round(_settle_rss(gw) / 2**20, 1)
             out["memory_mib"] = _memory(gw)
             if loads and variant in ("prod", "prod_shared"):
