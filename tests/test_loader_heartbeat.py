@@ -5,6 +5,7 @@ period, telling placement what it still holds and at what size (issue 18 §1).""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ async def stuck(valkey: Any, tmp_path: Path) -> AsyncIterator[tuple[Agent, Stuck
     rt.release.set()
     await a.register()
     rt.release.clear()
+    # A full collection in a pytest process hundreds of tests old stalls every task here at once;
+    # done now, not in the timed part.
+    gc.collect()
     tasks = [asyncio.create_task(a.heartbeat_loop()), asyncio.create_task(a.usage_loop())]
     try:
         yield a, rt, state
@@ -78,7 +82,15 @@ async def test_heartbeats_go_on_while_the_runtime_does_not_answer(stuck: tuple[A
     await asyncio.sleep(PERIOD * 8)
     last = await state.r.zscore(keys.HEARTBEATS, "pod-0")
     assert last - first >= PERIOD * 5, (first, last)
-    assert time.time() - last < PERIOD * 2
+    # And they go on after that, the runtime still stuck. Waited for rather than read at once:
+    # CI's first run of this test saw the newest heartbeat 0.98 s old, the whole test process
+    # having stalled (a 2-core machine, a pytest process 900 tests old) for about 1 s.
+    end = time.time()
+    deadline = time.monotonic() + 10
+    while (await state.r.zscore(keys.HEARTBEATS, "pod-0")) <= end:
+        assert time.monotonic() < deadline, "the heartbeats stopped while the runtime was stuck"
+        await asyncio.sleep(PERIOD / 4)
+    assert not rt.release.is_set()
 
 
 async def test_a_forgotten_pod_registers_again_within_a_period(stuck: tuple[Agent, StuckRuntime, State]) -> None:
