@@ -5,7 +5,6 @@ period, telling placement what it still holds and at what size (issue 18 §1).""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 from pathlib import Path
@@ -61,9 +60,6 @@ async def stuck(valkey: Any, tmp_path: Path) -> AsyncIterator[tuple[Agent, Stuck
     rt.release.set()
     await a.register()
     rt.release.clear()
-    # A full collection in a pytest process hundreds of tests old stalls every task here at once;
-    # done now, not in the timed part.
-    gc.collect()
     tasks = [asyncio.create_task(a.heartbeat_loop()), asyncio.create_task(a.usage_loop())]
     try:
         yield a, rt, state
