@@ -56,6 +56,23 @@ def test_confine_accepts_paths_under_a_root_only(layout: dict[str, Path]) -> Non
             confine(bad, roots)
 
 
+def test_a_root_that_moves_is_followed(layout: dict[str, Path]) -> None:
+    """The roots' resolution is kept between loads; a root given as a symlink that is then
+    pointed elsewhere confines to where it points now."""
+    first, second = layout["tmp"] / "first", layout["tmp"] / "second"
+    for d in (first, second):
+        d.mkdir()
+        (d / "m.txt").write_text("a model")
+    link = layout["tmp"] / "models"
+    os.symlink(first, link)
+    assert confine(str(first / "m.txt"), [link]) == first / "m.txt"
+    link.unlink()
+    os.symlink(second, link)
+    assert confine(str(second / "m.txt"), [link]) == second / "m.txt"
+    with pytest.raises(PathRefused):
+        confine(str(layout["secret"]), [link])
+
+
 async def test_runtime_with_roots_refuses_a_load_outside_them(layout: dict[str, Path]) -> None:
     rt = Runtime(allowed_roots=tuple(Settings(data_dir=layout["data"]).allowed_model_roots("pod-0")))
     try:

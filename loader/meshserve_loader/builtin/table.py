@@ -5,6 +5,7 @@ threads. Both transports (http_api.py, grpc_api.py) serve from it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -38,6 +39,11 @@ class PathRefused(ModelLoadError):
     """A load named a path outside the runtime's allowed roots."""
 
 
+@functools.lru_cache(maxsize=8)
+def _resolved_roots(roots: "tuple[Path, ...]") -> "tuple[Path, ...]":
+    return tuple(Path(r).resolve() for r in roots)
+
+
 def confine(path: str, roots: "list[Path] | tuple[Path, ...]") -> Path:
     """`path` resolved (symlinks, `..`), if it lies in one of `roots` (resolved themselves);
     else PathRefused. Without the check a load could read any file the runtime can (the
@@ -45,10 +51,15 @@ def confine(path: str, roots: "list[Path] | tuple[Path, ...]") -> Path:
     if not path:
         raise PathRefused("a load needs a path")
     target = Path(path).resolve()
-    for root in roots:
-        r = Path(root).resolve()
-        if target == r or r in target.parents:
-            return target
+    # The roots as resolved before (the runtime's are resolved at its start anyway,
+    # Settings.allowed_model_roots), then, should that refuse, as they resolve now: resolving
+    # them on every load was 0.3 of a cold load's 0.5 ms of path checks in the runtime.
+    for fresh in (False, True):
+        if fresh:
+            _resolved_roots.cache_clear()
+        for r in _resolved_roots(tuple(roots)):
+            if target == r or r in target.parents:
+                return target
     raise PathRefused(f"path {path!r} is outside this runtime's model roots; it loads only from its pod's disk cache and storage roots")
 
 
