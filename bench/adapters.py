@@ -375,8 +375,8 @@ def _blas_threads() -> Any:
 
 
 def forward(rev: str, rounds: int) -> dict[str, Any]:
-    """The text encoder's forward pass in process, no mesh: builtin/text.py as it is at git
-    revision `rev` against this tree's, over the same weights and the same LoRA adapter,
+    """The text encoder's forward pass in process, no mesh: builtin/text.py (and text_onnx.py,
+    its graph) as they are at git revision `rev` against this tree's, over the same weights and the same LoRA adapter,
     alternately call by call (which goes first alternates too), so the machine's other load
     hits both alike. Per case the medians, their ratio and the largest difference between the
     two sides' vectors. One BLAS thread, as the runtime runs (builtin/__main__.py)."""
@@ -389,16 +389,29 @@ def forward(rev: str, rounds: int) -> dict[str, Any]:
     from meshserve_loader.builtin import text
     from meshserve_loader.examples.minilm_setup import ensure_weights
 
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:loader/meshserve_loader/builtin/text.py"],
-                         capture_output=True, text=True, check=True).stdout
+    def show(path: str) -> str | None:
+        got = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:loader/meshserve_loader/builtin/{path}"], capture_output=True, text=True)
+        return got.stdout if got.returncode == 0 else None
+
+    def module(name: str, source: str, tmp: Path) -> Any:
+        (tmp / f"{name}.py").write_text(source)
+        spec = importlib.util.spec_from_file_location(name, tmp / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # its dataclasses look their module up
+        spec.loader.exec_module(mod)
+        return mod
+
+    src = show("text.py")
+    assert src is not None, f"no builtin/text.py at {rev}"
+    graph = show("text_onnx.py")  # the onnxruntime graph, since 2026-12-02: compared at rev too
     with tempfile.TemporaryDirectory(prefix="bench-forward-") as tmp_s:
         tmp = Path(tmp_s)
-        (tmp / "text_before.py").write_text(src)
-        spec = importlib.util.spec_from_file_location("text_before", tmp / "text_before.py")
-        assert spec is not None and spec.loader is not None
-        old = importlib.util.module_from_spec(spec)
-        sys.modules["text_before"] = old  # its dataclasses look their module up
-        spec.loader.exec_module(old)
+        if graph is not None:
+            module("text_onnx_before", graph, tmp)
+            src = src.replace("from meshserve_loader.builtin.text_onnx import", "from text_onnx_before import")
+            src = src.replace("from meshserve_loader.builtin import text_onnx", "import text_onnx_before as text_onnx")
+        old = module("text_before", src, tmp)
         weights = ensure_weights(REPO / ".cache-models")
         enc = {"before": old.TextEncoder(weights), "after": text.TextEncoder(weights)}
         d = text.make_lora(tmp / "lora", enc["after"], "minilm", seed=1000)
