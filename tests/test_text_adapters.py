@@ -90,8 +90,7 @@ def _reference(base: text.TextEncoder, texts: list[str], lora: text.Lora | None 
 def test_fast_pass_equals_the_plain_encoder(base: text.TextEncoder, tmp_path: Path) -> None:
     """The forward pass (float32, one onnxruntime graph, q/k/v stacked, LoRA as its own
     low-rank product) gives the plain float64 encoder's vectors: the base, a LoRA adapter on query and value, one
-    on all six linear layers, one on key and the feed-forward output only (the middle of the
-    stacked q/k/v term), and a batch whose texts differ in length (so it is padded)."""
+    on all six linear layers, one on key and the feed-forward output only, and a batch whose texts differ in length (so it is padded)."""
     texts = TEXTS + ["Short.", "A much longer sentence, with commas, numbers like 12,345 and words: " * 6]
     got, tokens = base.embed(texts)
     assert got.dtype == np.float32 and tokens == sum(len(base.tok.encode(s).ids) for s in texts)
@@ -116,7 +115,7 @@ def test_the_base_weights_are_held_once(base: text.TextEncoder, tmp_path: Path) 
     assert sum(v.nbytes for v in a.inputs.values()) < 1_000_000
     # The layers it leaves alone are fed the base's own zeros, not copies of them.
     own = [k for k, v in a.inputs.items() if v is not base._no_lora[k]]
-    assert len(own) == 2 * base.layers and all(k.endswith(".qkv") for k in own)
+    assert len(own) == 4 * base.layers and all(k.endswith((".query", ".value")) for k in own)
 
 
 def test_zero_lora_delta_is_the_base(base: text.TextEncoder, tmp_path: Path) -> None:

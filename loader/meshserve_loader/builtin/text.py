@@ -127,20 +127,24 @@ class TextEncoder:
         self.eps = float(self.cfg.get("layer_norm_eps", 1e-12))
         try:
             self._session = text_onnx.build_session(w, self.layers, self.hidden, self.heads, self.eps)
-            # [out, in] of each weight, for checking adapters against; the arrays themselves are the
-            # session's now (kept here too, they would be in memory twice).
-            self.shapes = {name: tuple(a.shape) for name, a in w.items()}
-            self._no_lora = text_onnx.lora_feeds(self.shapes, self.layers)
+            self._no_lora = text_onnx.zero_lora(w, self.layers)
         except KeyError as e:
             raise TextModelError(f"model.safetensors has no tensor {e} for a BERT encoder of {self.layers} layers") from None
+        # [out, in] of each weight, for checking adapters against; the arrays themselves are the
+        # session's now (kept here too, they would be in memory twice).
+        self.shapes = {name: tuple(a.shape) for name, a in w.items()}
 
     def lora_inputs(self, lora: Lora) -> dict[str, np.ndarray]:
         """An adapter's low-rank matrices as the session's inputs (zeros for the layers it
         leaves alone): made once, when the adapter loads."""
-        from meshserve_loader.builtin.text_onnx import lora_feeds
+        from meshserve_loader.builtin.text_onnx import lora_names
 
-        return lora_feeds(self.shapes, self.layers, {key: ((dl.a * np.float32(dl.scale)).T, dl.b.T) for key, dl in lora.items()},
-                          self._no_lora)
+        feeds = dict(self._no_lora)
+        for (i, module), dl in lora.items():
+            la, lb = lora_names(i, module)
+            feeds[la] = np.ascontiguousarray((dl.a * np.float32(dl.scale)).T, dtype=np.float32)
+            feeds[lb] = np.ascontiguousarray(dl.b.T, dtype=np.float32)
+        return feeds
 
     def encode(self, texts: list[str], lora: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
         """(unit-length embeddings [N, hidden] float32, number of tokens read). `lora`: an

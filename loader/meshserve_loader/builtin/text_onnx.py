@@ -9,16 +9,8 @@ onnxruntime packing the weights once for its GEMM kernels: with prepacking off i
 LoRA adapters share the one session. Every linear layer of every encoder layer has a low-rank
 term whose matrices are inputs: `x @ la @ lb` with la = (scale A)^T [in, r] and lb = B^T [r, out]
 (PEFT's A [r, in] and B [out, r]); r is free per call. A layer an adapter leaves alone, and the
-base itself, get rank-1 zeros (`lora_feeds`). So one copy of the base's weights serves the base
+base itself, get rank-1 zeros (`zero_lora`). So one copy of the base's weights serves the base
 and all its adapters, whatever layers each adapts.
-
-The terms cost their node count more than their arithmetic (rank 1 to 8 against 384-1536 wide
-layers): the base's pass with all 36 terms at zero took 4.17 ms against 3.69 ms in a graph with
-none (in process, 300 calls, 2026-12-04). So each term is two nodes, `Gemm(x @ la, lb, C=y)`
-adding onto the layer's own output, and query, key and value share one term per layer (their
-la side by side, their lb block-diagonal), as they share one GEMM: 24 terms of two nodes
-instead of 36 of three, plus a Concat per layer (base and adapter 1.06-1.07x faster side by
-side, docs/design/adapters.md "The forward pass").
 """
 
 from __future__ import annotations
@@ -39,14 +31,9 @@ LINEAR = ("attention.self.query", "attention.self.key", "attention.self.value", 
 _QKV = LINEAR[:3]
 
 
-# The low-rank terms of one encoder layer: query, key and value as one (QKV), then the others.
-QKV = "qkv"
-TERMS = (QKV,) + LINEAR[3:]
-
-
-def lora_names(layer: int, term: str) -> tuple[str, str]:
-    """The graph's two inputs for low-rank term `term` (one of TERMS) of encoder layer `layer`."""
-    return f"la.{layer}.{term}", f"lb.{layer}.{term}"
+def lora_names(layer: int, module: str) -> tuple[str, str]:
+    """The graph's two inputs for the low-rank term of `module` in encoder layer `layer`."""
+    return f"la.{layer}.{module}", f"lb.{layer}.{module}"
 
 
 class _Graph:
@@ -91,21 +78,22 @@ def build_session(w: Mapping[str, np.ndarray], layers: int, hidden: int, heads: 
     scale, inv_sqrt2, half = g.const("scale", 1.0 / np.sqrt(d)), g.const("inv_sqrt2", 1.0 / np.sqrt(2.0)), g.const("half", 0.5)
     lora_inputs: list[str] = []
 
-    def plus_lora(i: int, term: str, xin: str, y: str) -> str:
-        """y + (xin @ la) @ lb, the sum done by the second GEMM (its C input)."""
-        la, lb = lora_names(i, term)
+    def lora(i: int, module: str, xin: str) -> str:
+        la, lb = lora_names(i, module)
         lora_inputs.extend((la, lb))
-        return g.op("Gemm", g.op("MatMul", xin, la), lb, y)
+        return g.op("MatMul", g.op("MatMul", xin, la), lb)
 
     def linear(i: int, module: str, xin: str, weight: np.ndarray, bias: np.ndarray) -> str:
         p = f"encoder.layer.{i}.{module}"
-        return plus_lora(i, module, xin, g.op("Gemm", xin, g.const(p + ".weight", weight), g.const(p + ".bias", bias), transB=1))
+        y = g.op("Gemm", xin, g.const(p + ".weight", weight), g.const(p + ".bias", bias), transB=1)
+        return g.op("Add", y, lora(i, module, xin))
 
     for i in range(layers):
         p = f"encoder.layer.{i}."
         qkv_w = np.concatenate([f32(p + m + ".weight") for m in _QKV])
         qkv_b = np.concatenate([f32(p + m + ".bias") for m in _QKV])
-        r = plus_lora(i, QKV, x, g.op("Gemm", x, g.const(p + "qkv.weight", qkv_w), g.const(p + "qkv.bias", qkv_b), transB=1))
+        r = g.op("Gemm", x, g.const(p + "qkv.weight", qkv_w), g.const(p + "qkv.bias", qkv_b), transB=1)
+        r = g.op("Add", r, g.op("Concat", *(lora(i, m, x) for m in _QKV), axis=1))
         r = g.op("Transpose", g.op("Reshape", r, qkv_shape), perm=[2, 0, 3, 1, 4])  # [3, n, heads, t, d]
         q, k, v = (g.op("Gather", r, g.const(f"{p}pick{j}", j, np.int64), axis=0) for j in range(3))
         s = g.op("Add", g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale), mask)
@@ -135,43 +123,12 @@ def build_session(w: Mapping[str, np.ndarray], layers: int, hidden: int, heads: 
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def lora_feeds(shapes: Mapping[str, tuple[int, ...]], layers: int,
-               deltas: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {},
-               zeros: Mapping[str, np.ndarray] = {}) -> dict[str, np.ndarray]:
-    """The session's low-rank inputs for `deltas` ((layer, module) -> (la [in, r], lb [r, out]),
-    module one of LINEAR; none for the base). `shapes`: the base's weights' [out, in] by their
-    Hugging Face names. A term nothing adapts gets rank-1 zeros; query, key and value go into
-    their layer's one QKV term, la side by side and lb block-diagonal (the others' columns zero).
-    `zeros`: the base's own feeds, whose zero arrays an adapter's feeds share rather than copy
-    (110 KB each for a query-and-value adapter of MiniLM)."""
+def zero_lora(w: Mapping[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
+    """Rank-1 zeros for every low-rank input: the base, or the layers an adapter leaves alone."""
     out: dict[str, np.ndarray] = {}
-
-    def zero(name: str, shape: tuple[int, int]) -> np.ndarray:
-        z = zeros.get(name)
-        return z if z is not None and z.shape == shape else np.zeros(shape, np.float32)
-
     for i in range(layers):
-        rows = [shapes[f"encoder.layer.{i}.{m}.weight"][0] for m in _QKV]
-        cols = shapes[f"encoder.layer.{i}.{_QKV[0]}.weight"][1]
-        held = [(j, deltas[(i, m)]) for j, m in enumerate(_QKV) if (i, m) in deltas]
-        la_name, lb_name = lora_names(i, QKV)
-        if held:
-            out[la_name] = np.ascontiguousarray(np.concatenate([la for _, (la, _lb) in held], axis=1), dtype=np.float32)
-            lb_all = np.zeros((out[la_name].shape[1], sum(rows)), np.float32)
-            r0 = 0
-            for j, (la, lb) in held:
-                c0 = sum(rows[:j])
-                lb_all[r0 : r0 + la.shape[1], c0 : c0 + rows[j]] = lb
-                r0 += la.shape[1]
-            out[lb_name] = lb_all
-        else:
-            out[la_name], out[lb_name] = zero(la_name, (cols, 1)), zero(lb_name, (1, sum(rows)))
-        for m in LINEAR[3:]:
-            la_name, lb_name = lora_names(i, m)
-            if (i, m) in deltas:
-                la, lb = deltas[(i, m)]
-                out[la_name], out[lb_name] = np.ascontiguousarray(la, dtype=np.float32), np.ascontiguousarray(lb, dtype=np.float32)
-            else:
-                r, c = shapes[f"encoder.layer.{i}.{m}.weight"]  # [out, in]
-                out[la_name], out[lb_name] = zero(la_name, (c, 1)), zero(lb_name, (1, r))
+        for m in LINEAR:
+            rows, cols = w[f"encoder.layer.{i}.{m}.weight"].shape  # [out, in]
+            la, lb = lora_names(i, m)
+            out[la], out[lb] = np.zeros((cols, 1), np.float32), np.zeros((1, rows), np.float32)
     return out
