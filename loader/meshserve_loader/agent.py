@@ -68,6 +68,9 @@ class Agent:
         self.metrics = metrics or LoaderMetrics()
         self.progress = ProgressPublisher(state.r, pod.id)  # ms:progress:<model>|<pod>, for `meshserve load`
         self.loaded: dict[str, int] = {}  # model -> size reported, as this agent knows it
+        # model -> the files of the base it was loaded over, pinned in the disk cache while it is
+        # loaded (DiskCache.pin: the next adapter's load must not pull the base again)
+        self._base_files: dict[str, str] = {}
         self._seen_requests: dict[str, int] = {}
         self._usage_since = 0.0  # when the last usage report read the runtime (0: never: read everything)
         self._unsent_use: dict[str, float] = {}  # read from the runtime, not yet written (Redis was slow)
@@ -87,6 +90,8 @@ class Agent:
         await ops.register_pod(self.state, self.pod)
         stats = await asyncio.wait_for(self.server.stats(), self.s.heartbeat_seconds * 5)
         held = list(stats.keys())
+        for m in set(self._base_files) - set(held):
+            self._forget(m)
         self.loaded = {m: self.loaded.get(m) or int(stats[m].get("size") or 0) for m in held}
         # The sizes let placement keep what this pod still holds when it had forgotten the pod
         # (withdrawn while the loader was paused): it adopts a copy it still wants, unloads the rest.
@@ -243,8 +248,7 @@ class Agent:
                     # gateways: requests they route here meanwhile are served, not 404ed.
                     await self._routes_withdrawn()
                     await self.server.unload(model_id)
-                self.loaded.pop(model_id, None)
-                self._seen_requests.pop(model_id, None)
+                self._forget(model_id)
             ok = True
         # Each reason says its kind first (meshserve/failures.py): inference clients are told the
         # kind only, since the detail names endpoints, buckets and paths.
@@ -345,8 +349,19 @@ class Agent:
             span.set_attribute("meshserve.measured_bytes", measured)
         self.metrics.observe_size(predicted, measured)
         size = max(measured, predicted)
+        if params.get("base_path") and spec.id not in self._base_files:
+            self._base_files[spec.id] = str(params["base_path"])
+            self.fetcher.cache.pin(self._base_files[spec.id])
         self.loaded[spec.id] = size
         return size, predicted
+
+    def _forget(self, model_id: str) -> None:
+        """`model_id` is no longer loaded here: its bookkeeping goes, and its base's pin."""
+        self.loaded.pop(model_id, None)
+        self._seen_requests.pop(model_id, None)
+        base = self._base_files.pop(model_id, None)
+        if base is not None:
+            self.fetcher.cache.unpin(base)
 
     async def watch_runtime(self) -> None:
         """Restart the runtime process when it dies, and report the models it took with it."""
@@ -363,7 +378,8 @@ class Agent:
             reason = f"runtime process exited with code {code}"
             log.error("%s; lost %d models (%s); restarting it", reason, len(lost), ", ".join(lost) or "none")
             await ops.report_pod_event(self.state.r, PodEvent("runtime_restart", self.pod.id, tuple(lost), reason))
-            self.loaded.clear()
+            for m in list(self.loaded):
+                self._forget(m)
             self._seen_requests.clear()
             # Back off when it keeps dying, so a broken runtime doesn't spin the CPU.
             await asyncio.sleep(RESTART_WAIT(_Attempts(self.process.restarts)))

@@ -5,6 +5,12 @@ name, then renamed), so a crash never leaves a half-pulled model that looks comp
 file inside says which path in the entry is the model and is touched on every use: its mtime is
 the LRU clock. Evicting a model from memory keeps its entry, so a reload skips the download.
 
+An entry can be pinned (`pin`): the loader pins the files of a base while adapters over it are
+loaded on the pod. The runtime holds the base in memory and reads its files no more, but every
+further adapter's load names the base by its files' path, so evicting them would pull the whole
+base again (gigabytes for an LLM) for the next 150 KB adapter. A pinned entry is never evicted;
+the cache may then exceed its limit by the pinned bytes, and says so in its log.
+
 A temporary is flock'ed by the process filling it. The kernel drops that lock when the process
 dies, even by SIGKILL, so the half-pulled temporaries of a killed loader are told from live
 pulls and removed when the loader starts again and before each pull, instead of taking disk
@@ -41,6 +47,7 @@ class DiskCache:
     root: Path
     max_bytes: int
     _held: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # our temporaries' lock fds
+    _pins: dict[Path, int] = field(default_factory=dict, init=False, repr=False)  # entry dir -> holders
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -98,6 +105,28 @@ class DiskCache:
         self.evict(keep=d)
         return d / rel_path if rel_path else d
 
+    def _entry_of(self, path: Path | str) -> Path | None:
+        """The entry dir holding `path`, or None for a path outside the cache (a PVC's model)."""
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            return None
+        return self.root / rel.parts[0] if rel.parts else None
+
+    def pin(self, path: Path | str) -> None:
+        """Keep the entry holding `path` until as many `unpin`s; nothing for a path outside the cache."""
+        d = self._entry_of(path)
+        if d is not None:
+            self._pins[d] = self._pins.get(d, 0) + 1
+
+    def unpin(self, path: Path | str) -> None:
+        d = self._entry_of(path)
+        if d is None or d not in self._pins:
+            return
+        self._pins[d] -= 1
+        if not self._pins[d]:
+            del self._pins[d]
+
     def entries(self) -> list[tuple[float, int, Path]]:
         """(last used, bytes, dir) for each complete entry, oldest first."""
         out = []
@@ -119,12 +148,15 @@ class DiskCache:
         for _, size, d in entries:
             if total <= self.max_bytes:
                 break
-            if keep is not None and d == keep:
+            if (keep is not None and d == keep) or d in self._pins:
                 continue
             shutil.rmtree(d, ignore_errors=True)
             total -= size
             removed.append(d)
             log.info("disk cache: evicted %s (%d bytes), now %d of %d bytes", d.name, size, total, self.max_bytes)
+        if total > self.max_bytes and self._pins:
+            log.warning("disk cache: %d bytes over its limit of %d, held by the files of %d base(s) in use by loaded adapters",
+                        total - self.max_bytes, self.max_bytes, len(self._pins))
         return removed
 
     def clean_staging(self, older_than: float = 3600.0) -> list[Path]:
