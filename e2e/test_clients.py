@@ -94,3 +94,38 @@ def test_tritonclient_model_control_through_the_gateway(mesh: devmesh.Mesh, clie
     finally:
         r.close()
     assert loaded, "the model was loaded by the explicit load"
+
+
+def test_tritonclient_streams_through_the_gateway(mesh: devmesh.Mesh, client_python: Path, tmp_path: Path) -> None:
+    """tritonclient.grpc's stream (Triton's ModelStreamInfer) through the gateway, to a model
+    loaded and to one registered a moment before (cold: the stream waits for its load), with
+    `mm-vmodel-id` (Envoy routes the stream to the pod) and without (the activator reads the
+    first request's model and passes the stream on). Each stream: an answer per request in
+    order, a bad request's error in its place (Triton's: its id kept), and the next request
+    answered. Before: UNIMPLEMENTED from the runtime; without the header, the gateway held
+    the stream until the client closed it."""
+    from click.testing import CliRunner
+
+    from meshserve.cli import cli
+
+    text = (REPO / "mesh-config" / "sklearn-mnist.yaml").read_text()
+    env = {"MESHSERVE_REDIS_URL": mesh.redis_url}
+    cold = ["stream-mnist-a", "stream-mnist-b"]
+    for name in cold:
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(text.replace("name: sklearn-mnist", f"name: {name}"))
+        res = CliRunner().invoke(cli, ["apply", "-f", str(f)], env=env)
+        assert res.exit_code == 0, res.output
+    try:
+        got = {**{f"cold {k}": v for k, v in _calls(client_python, mesh, cold[0], ("stream",)).items() if k == "stream"},
+               **{f"cold {k}": v for k, v in _calls(client_python, mesh, cold[1], ("stream",)).items() if k == "stream mm-vmodel-id"},
+               **{f"warm {k}": v for k, v in _calls(client_python, mesh, "sklearn-mnist", ("stream",)).items()}}
+    finally:
+        for name in cold:
+            CliRunner().invoke(cli, ["delete", "isvc", name], env=env)
+    assert len(got) == 4, got
+    for call, v in got.items():
+        assert "ok" in v, (call, v)
+        first, bad, last = v["ok"]
+        assert first == {"id": "a", "predict": [[8]]} and last == {"id": "b", "predict": [[8]]}, (call, v["ok"])
+        assert "error" in bad and "3" in bad["error"] and "64" in bad["error"], (call, bad)

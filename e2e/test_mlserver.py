@@ -132,6 +132,28 @@ def test_v2_rest_through_the_gateway_to_mlserver(mlserver_exe: Path, fixtures: P
         assert "runtime=mlserver-1.x" in m.log()
 
 
+def test_mlserver_streams_through_the_gateway(mlserver_exe: Path, fixtures: Path, tmp_path: Path) -> None:
+    """MLServer's gRPC stream (ModelStreamInfer, MLServer 1.7's `predict_stream`) through the
+    gateway, with MLServer's own client stub: cold (the activator holds the stream until the
+    load, then passes it on), warm with `mm-vmodel-id` (Envoy to the pod), and with no header
+    (the activator reads the model from the first request). The loader's pass-through renames
+    each request to the model's id, as it does a unary one. ModelMesh answers streams with
+    "Streaming not yet supported" (kserve/modelmesh#133); before this, meshserve's pass-through
+    forwarded unary calls only."""
+    stream = REPO / "e2e" / "clientlib" / "mlserver_stream.py"
+    request = fixtures / "mnist-request-v2-rest.json"
+    with devmesh.mesh(config_dir=_mlserver_config(tmp_path), pods=1, pod_runtimes="mlserver-1.x") as m:
+        for attempt, header in (("cold", "header"), ("warm", "header"), ("no header", "no-header")):
+            out = subprocess.run([str(mlserver_exe.parent / "python"), str(stream), m.grpc, "sklearn-mnist", str(request), header],
+                                 capture_output=True, text=True, timeout=180)
+            assert out.returncode == 0, out.stderr[-3000:]
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            assert "ok" in got, f"{attempt}: {got}\n{m.log()[-4000:]}"
+            (answer,) = got["ok"]
+            assert answer["modelName"].startswith("sklearn-mnist__isvc-") and answer["id"] == "s1", (attempt, answer)
+            assert answer["outputs"][0]["contents"]["int64Contents"] == ["8"], (attempt, answer)
+
+
 def test_each_model_goes_to_its_runtime_pool(mlserver_exe: Path, fixtures: Path, tmp_path: Path) -> None:
     """Issues 5 and 7: one built-in pod and one MLServer pod, both auto-selecting sklearn. The
     seed's sklearn-mnist names no runtime, so KServe's rule (the first runtime by name that

@@ -36,6 +36,11 @@ class FakeRuntime(pbg.GRPCInferenceServiceServicer):
         md = dict(context.invocation_metadata())
         return pb.ModelInferResponse(model_name=md.get(r.MODEL_ID_HEADER, ""), id=self.name, model_version=md.get(r.VMODEL_ID_HEADER, ""))
 
+    def ModelStreamInfer(self, requests: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext) -> Iterator[pb.ModelStreamInferResponse]:  # noqa: N802
+        md = dict(context.invocation_metadata())
+        for req in requests:
+            yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(model_name=md.get(r.MODEL_ID_HEADER, ""), id=self.name))
+
 
 def _serve(name: str) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -90,3 +95,31 @@ def test_headers_still_win_over_the_message(gateway: str) -> None:
     """A header names the model: the message's model_name is not looked at."""
     assert _infer(gateway, "something-else", [("mm-vmodel-id", "m0")]).id == "pod-0"
     assert _infer(gateway, "m0", [("mm-model-id", "cold__isvc-0000000000")]).id == "activator"
+
+
+def _stream_first_answer(target: str, model: str, metadata: list[tuple[str, str]]) -> pb.ModelInferResponse:
+    """The answer to a stream's first request, read while the stream is still open (as a
+    streaming client does): a gateway that held the stream's body back would never answer."""
+    import queue
+
+    more: "queue.Queue[pb.ModelInferRequest | None]" = queue.Queue()
+    more.put(pb.ModelInferRequest(model_name=model, id="s1"))
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        while (req := more.get()) is not None:
+            yield req
+
+    with grpc.insecure_channel(target) as ch:
+        answers = pbg.GRPCInferenceServiceStub(ch).ModelStreamInfer(requests(), metadata=metadata, timeout=10)
+        try:
+            return next(answers).infer_response
+        finally:
+            more.put(None)
+            answers.cancel()
+
+
+def test_a_stream_goes_by_its_header_and_without_one_to_the_activator(gateway: str) -> None:
+    """ModelStreamInfer: with `mm-vmodel-id`, Envoy routes it to the pod; without, to the
+    activator (which reads the first request's model), answered while the stream is open."""
+    assert _stream_first_answer(gateway, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0"
+    assert _stream_first_answer(gateway, "m0", []).id == "activator"

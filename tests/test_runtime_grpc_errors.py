@@ -85,3 +85,50 @@ def test_grpc_errors_say_whose_fault_in_plain_words() -> None:
     assert "DecodeError" not in details and "Traceback" not in details
     assert got["missing"] == (grpc.StatusCode.NOT_FOUND, "model 'missing' is not loaded on this runtime")
     assert got["ready"] == (grpc.StatusCode.OK, "True")
+
+
+async def _stream_scenario(metadata: list[tuple[str, str]]) -> list[pb.ModelStreamInferResponse]:
+    rt = Runtime(workers=1)
+    for name, model in (("zero", Buggy(ZeroDivisionError("division by zero"))), ("echo", Echo(None))):  # type: ignore[arg-type]
+        rt.models[name] = Entry(model, 1, time.time())
+    server = grpc.aio.server()
+    add_servicer(server, GrpcServicer(rt))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            raw = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+                                   response_deserializer=pb.ModelStreamInferResponse.FromString)
+            ok, bug, other = _request("echo"), _request("zero"), _request("missing")
+            ok.id, bug.id, other.id = "a", "bug", "other"
+            sent = [ok.SerializeToString(), bug.SerializeToString(), ok.SerializeToString()[:-3], other.SerializeToString(),
+                    ok.SerializeToString()]
+            return [a async for a in raw(iter(sent), metadata=metadata, timeout=10)]
+    finally:
+        await server.stop(0)
+        rt.close()
+
+
+def test_a_stream_answers_each_request_and_goes_on_after_a_failure() -> None:
+    """Triton's ModelStreamInfer on the built-in runtime, straight to it (no routing header:
+    each request names its model, as on Triton): one answer per request, in order; a failed one
+    carries its error and its request's id (Triton's stream_infer_handler.cc keeps the id), and
+    the next request is answered."""
+    got = asyncio.run(asyncio.wait_for(_stream_scenario([]), 60))
+    assert len(got) == 5, got
+    assert not got[0].error_message and got[0].infer_response.id == "a" and list(got[0].infer_response.outputs[0].contents.fp32_contents) == [1.0, 2.0]
+    assert got[1].error_message == "model 'zero' failed: ZeroDivisionError: division by zero" and got[1].infer_response.id == "bug"
+    assert "not a valid ModelInferRequest" in got[2].error_message and got[2].infer_response.id == ""
+    assert got[3].error_message == "model 'missing' is not loaded on this runtime" and got[3].infer_response.id == "other"
+    assert not got[4].error_message and got[4].infer_response.id == "a"
+
+
+def test_a_routed_stream_refuses_a_request_for_another_model() -> None:
+    """Through the gateway a stream carries one routing header for all its requests (the
+    model of its header or first request): one naming another model is refused by name, not
+    answered by the stream's model; the stream goes on."""
+    got = asyncio.run(asyncio.wait_for(_stream_scenario([("mm-model-id", "echo")]), 60))
+    assert [a.infer_response.id for a in got] == ["a", "bug", "", "other", "a"], got
+    assert "this stream is for model 'echo', not 'zero'" in got[1].error_message and "one stream per model" in got[1].error_message
+    assert "this stream is for model 'echo', not 'missing'" in got[3].error_message
+    assert not got[0].error_message and not got[4].error_message

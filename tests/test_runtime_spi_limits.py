@@ -63,6 +63,11 @@ class LimitingRuntime(SpiServer, pbg.GRPCInferenceServiceServicer):
             self.in_flight[name] -= 1
         return pb.ModelInferResponse(model_name=name, id=request.id)
 
+    async def ModelStreamInfer(self, requests, context):  # noqa: N802
+        md = dict(context.invocation_metadata())
+        async for request in requests:
+            yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(model_name=md.get("mm-model-id", ""), id=request.id))
+
 
 SR = """apiVersion: serving.kserve.io/v1alpha1
 kind: ServingRuntime
@@ -179,3 +184,34 @@ def test_status_field_numbers_are_the_spis() -> None:
     f = {fd.name: fd.number for fd in mr.LoadModelResponse.DESCRIPTOR.fields}
     assert f["max_concurrency"] == 2
     assert {fd.name: fd.number for fd in mr.RuntimeStatusResponse.DESCRIPTOR.fields}["limit_model_concurrency"] == 9
+
+
+async def test_a_stream_passes_through_and_holds_one_slot_while_open(tmp_path: Path, runtime_port) -> None:  # type: ignore[no-untyped-def]
+    """ModelStreamInfer through the pass-through: each request goes on and each answer comes
+    back while the stream is open; the open stream holds one of its model's slots, so a unary
+    request to a model limited to one waits (here past its queue timeout), and is served once
+    the stream ends."""
+    servicer, port = runtime_port
+    s, built = await limited_pod(tmp_path, port, queue_timeout_s=0.5)
+    try:
+        await built.server.client.load("one-a", {"path": str(tmp_path / "hello.txt"), "format": "string"}, 10)
+        target = f"127.0.0.1:{built.pod.grpc_port}"
+        more: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
+
+        async def requests():  # type: ignore[no-untyped-def]
+            while (req := await more.get()) is not None:
+                yield req
+
+        async with grpc.aio.insecure_channel(target) as ch:
+            stream = pbg.GRPCInferenceServiceStub(ch).ModelStreamInfer(requests(), metadata=[("mm-model-id", "one-a")], timeout=30)
+            answers = []
+            for i in range(2):
+                await more.put(pb.ModelInferRequest(model_name="alias", id=f"s{i}"))
+                answers.append(await stream.read())
+            assert [(a.infer_response.model_name, a.infer_response.id) for a in answers] == [("one-a", "s0"), ("one-a", "s1")]
+            assert [c for c, _ in await _infer_many(target, "one-a", 1)] == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+            await more.put(None)
+            assert await stream.read() == grpc.aio.EOF
+        assert [c for c, _ in await _infer_many(target, "one-a", 1)] == [grpc.StatusCode.OK]
+    finally:
+        await built.server.stop()

@@ -126,6 +126,32 @@ def triton_grpc_repository(grpc_addr: str, model: str) -> Any:
     return out
 
 
+def triton_stream(grpc_addr: str, model: str, header: bool) -> Any:
+    """tritonclient.grpc's stream (Triton's ModelStreamInfer), as a user's streaming code runs
+    it: three requests on one stream, the middle one with a wrong shape; each answer as the
+    callback got it, in order: [[8]], the error, [[8]]."""
+    import queue
+
+    import tritonclient.grpc as tg
+
+    got: "queue.Queue[Any]" = queue.Queue()
+    c = tg.InferenceServerClient(grpc_addr)
+    c.start_stream(callback=lambda result, error: got.put((result, error)), headers={"mm-vmodel-id": model} if header else None)
+    try:
+        for rid, x in (("a", X), ("bad", np.zeros((1, 3), dtype=np.float32)), ("b", X)):
+            inp = tg.InferInput("predict", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            c.async_stream_infer(model, [inp], request_id=rid)
+        out = []
+        for _ in range(3):
+            result, error = got.get(timeout=120)
+            out.append({"error": str(error)} if error is not None else {"id": result.get_response().id, "predict": result.as_numpy("predict").tolist()})
+        return out
+    finally:
+        c.stop_stream()
+        c.close()
+
+
 def _ready_index(rest: str) -> Any:
     """`{"ready": true}`: only the models ready for inference. tritonclient.http has no argument for it."""
     import json
@@ -149,6 +175,8 @@ def main() -> None:
         "kserve grpc": lambda: kserve_grpc(grpc_addr, model),
         "repository": lambda: triton_repository(rest, model),
         "repository grpc": lambda: triton_grpc_repository(grpc_addr, model),
+        "stream": lambda: triton_stream(grpc_addr, model, False),
+        "stream mm-vmodel-id": lambda: triton_stream(grpc_addr, model, True),
     }
     out: dict[str, Any] = {}
     for name, call in calls.items():

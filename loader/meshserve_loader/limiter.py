@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from meshserve import wire
 from meshserve.headers import MODEL_ID_HEADER, VMODEL_ID_HEADER
 
 log = logging.getLogger("meshserve.loader.limiter")
@@ -81,23 +82,16 @@ class ModelLimits:
 
 # The v2 methods whose request names the model in field 1 (model_name / name).
 NAMED_METHODS = frozenset(f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelMetadata", "ModelReady"))
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+# Streams of ModelInferRequest both ways (Triton's and MLServer's ModelStreamInfer); each
+# request names its model in field 1, as ModelInfer's.
+STREAM_METHODS = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"})
 
 
 def renamed(request: bytes, model_id: str) -> bytes:
     """The request with field 1 (the model's name) set to `model_id`, without parsing it: a
     singular field that occurs twice takes its last value (protobuf's merge rule), so one more
     field 1 at the end wins over the client's alias. A tensor of any size is left untouched."""
-    raw = model_id.encode()
-    return request + b"\x0a" + _varint(len(raw)) + raw
+    return request + wire.length_delimited(1, model_id.encode())
 
 
 def _model_of(metadata: Any) -> str:
@@ -106,7 +100,7 @@ def _model_of(metadata: Any) -> str:
 
 
 class _Forward(grpc.GenericRpcHandler):
-    """Every unary method, as bytes, to the same method upstream; streams are not forwarded."""
+    """Every unary method, and ModelStreamInfer, as bytes, to the same method upstream."""
 
     def __init__(self, channel: grpc.aio.Channel, limits: ModelLimits, rename: bool = False):
         self.channel, self.limits, self.rename = channel, limits, rename
@@ -116,7 +110,10 @@ class _Forward(grpc.GenericRpcHandler):
         method = details.method
         model = _model_of(details.invocation_metadata)
         md_ = {k: v for k, v in (details.invocation_metadata or ())}
-        concrete = str(md_.get(MODEL_ID_HEADER) or "") if self.rename and method in NAMED_METHODS else ""
+        named = method in NAMED_METHODS or method in STREAM_METHODS
+        concrete = str(md_.get(MODEL_ID_HEADER) or "") if self.rename and named else ""
+        if method in STREAM_METHODS:
+            return self._stream(method, model, concrete)
         upstream = self._upstream.get(method)
         if upstream is None:
             upstream = self._upstream[method] = self.channel.unary_unary(method)  # no (de)serializers: bytes through
@@ -134,6 +131,33 @@ class _Forward(grpc.GenericRpcHandler):
             raise AssertionError("unreachable")  # abort raises
 
         return grpc.unary_unary_rpc_method_handler(call)
+
+    def _stream(self, method: str, model: str, concrete: str) -> grpc.RpcMethodHandler:
+        """A stream both ways: each request renamed as a unary one, each answer passed on as
+        it comes. The stream holds one of its model's slots while it lasts."""
+        upstream = self._upstream.get(method)
+        if upstream is None:
+            upstream = self._upstream[method] = self.channel.stream_stream(method)
+
+        async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            md = [(k, v) for k, v in context.invocation_metadata() or () if not k.startswith(("grpc-", ":")) and k != "user-agent"]
+
+            async def onward() -> AsyncIterator[bytes]:
+                async for r in requests:
+                    yield renamed(r, concrete) if concrete else r
+
+            try:
+                async with self.limits.slot(model):
+                    remaining = context.time_remaining()
+                    answers = upstream(onward(), metadata=md, timeout=remaining if remaining is not None and remaining < 1e9 else None)
+                    async for answer in answers:
+                        yield answer
+            except Overloaded as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except grpc.aio.AioRpcError as e:
+                await context.abort(e.code(), e.details() or "")
+
+        return grpc.stream_stream_rpc_method_handler(call)
 
 
 class LimitingProxy:

@@ -5,7 +5,7 @@ copy is loaded, then forwarded to that pod, or sent ahead to the pod loading it 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import grpc
 from opentelemetry import trace
@@ -49,6 +49,8 @@ class GrpcActivator(grpc.GenericRpcHandler):
             return grpc.unary_unary_rpc_method_handler(getattr(self, self.REPOSITORY[name]))
         if name in self.NAMED:
             return grpc.unary_unary_rpc_method_handler(self._forwarder(method, self.NAMED[name]))
+        if name == "ModelStreamInfer":
+            return grpc.stream_stream_rpc_method_handler(self._stream(method))
         return None
 
     async def _live(self, request: bytes, context: Any) -> bytes:
@@ -125,9 +127,7 @@ class GrpcActivator(grpc.GenericRpcHandler):
         async def send(pod: Pod, ahead: Ahead | None = None) -> tuple[int, bytes | grpc.aio.AioRpcError]:
             """The call's answer, or the pod's error (NOT_FOUND as a 404: the copy went, or the
             load it was sent ahead of did not bring it; serve_cold then waits for a copy again)."""
-            ch = self._channels.get(pod.id)
-            if ch is None:
-                ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
+            ch = self._channel(pod)
             with tracing.handling(model_id), tracing.tracer(__name__).start_as_current_span(
                 "activator.forward", kind=SpanKind.CLIENT, attributes={tracing.ATTR_MODEL: model_id, tracing.ATTR_POD: pod.id}
             ) as fspan:
@@ -154,6 +154,60 @@ class GrpcActivator(grpc.GenericRpcHandler):
             span.set_status(Status(StatusCode.ERROR, f"{out.code().name}: {out.details()}"))
             await context.abort(out.code(), out.details() or "")
         return out
+
+
+    def _stream(self, method: str) -> Any:
+        """ModelStreamInfer: a stream for a cold model, or one that came with no routing header
+        (the gateway routes a stream by its headers alone: it can't hold a stream's first message
+        back to read its model, as it does a unary call's). The model is the header's, else the
+        first request's; the stream goes on to a pod once the model is loaded there, the
+        requests and answers passed through as they come. Not sent ahead of a load: a stream
+        is held whole until its copy is loaded."""
+
+        async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            md = dict(context.invocation_metadata() or ())
+            name = md.get(MODEL_ID_HEADER) or md.get(VMODEL_ID_HEADER)
+            incoming = requests.__aiter__()
+            first: bytes | None = None
+            if not name:
+                try:
+                    first = await incoming.__anext__()
+                except StopAsyncIteration:
+                    return  # closed before its first request: nothing to answer
+                name = (await _parse(pb.ModelInferRequest, first, context)).model_name
+            if not name:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no model named: set mm-vmodel-id or the first request's model name")
+            self.act.cold_requests += 1
+            try:
+                model_id = await self.act.resolve(name)
+                pod = await self.act.ensure_loaded(model_id)
+            except LoadFailed as e:
+                M_COLD.labels("grpc", str(e.status)).inc()
+                await context.abort(grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.UNAVAILABLE, str(e))
+            M_COLD.labels("grpc", "200").inc()
+            self.act.touch_soon(model_id)
+            drop = (MODEL_ID_HEADER, VMODEL_ID_HEADER, tracing.TRACEPARENT, tracing.TRACESTATE)
+            call_md = [(h, v) for h, v in md.items() if h not in drop and not h.startswith(":")] + [(MODEL_ID_HEADER, model_id)]
+
+            async def onward() -> AsyncIterator[bytes]:
+                if first is not None:
+                    yield first
+                async for r in incoming:
+                    yield r
+
+            try:
+                async for answer in self._channel(pod).stream_stream(method)(onward(), metadata=call_md):
+                    yield answer
+            except grpc.aio.AioRpcError as e:
+                await context.abort(e.code(), e.details() or "")
+
+        return stream
+
+    def _channel(self, pod: Pod) -> grpc.aio.Channel:
+        ch = self._channels.get(pod.id)
+        if ch is None:
+            ch = self._channels[pod.id] = grpc.aio.insecure_channel(f"{pod.host}:{pod.grpc_port}")
+        return ch
 
 
 async def _parse(msg_type: Any, raw: bytes, context: grpc.aio.ServicerContext) -> Any:

@@ -9,7 +9,8 @@ in Envoy (no Python on the data path) and only touch requests that need it.
 - `scope_key_filter` (the scoped layout's listeners): every request gets one routing key, the
   header `x-ms-model`, from `mm-model-id`, `mm-vmodel-id`, the REST path `/v2/models/<name>`,
   the OpenAI body's `model` (lifted into metadata by openai.py's filter), or field 1 of a gRPC
-  Model* request body; anything else gets "-". Envoy picks the scope again once it is set.
+  Model* request body (not ModelStreamInfer's: reading it would hold the stream back); anything
+  else gets "-". Envoy picks the scope again once it is set.
 - `openai_key_filter` (the matcher layout's REST listener, /v1/ paths only): the body's `model`
   into `x-ms-model`, which the route table's /v1/ branch looks up.
 """
@@ -47,6 +48,7 @@ local function field1(b)
 end"""
 
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
 # How far into the message to look: the gRPC frame prefix (5), field 1's tag (1), its length
 # varint (up to 5) and a model name of up to 1 KiB.
 SCAN = 5 + 1 + 5 + 1024
@@ -73,6 +75,7 @@ end
 
 SCOPE_KEY_LUA = f"""
 local GRPC = "{GRPC_PREFIX}"
+local STREAM = "{MODEL_STREAM_INFER_PATH}"
 
 {FIELD1}
 function envoy_on_request(h)
@@ -89,7 +92,9 @@ function envoy_on_request(h)
     if md ~= nil and type(md["model"]) == "string" and md["model"] ~= "" then name = md["model"] end
   end
   if name == nil then name = hs:get("{MODEL_ID_HEADER}") or hs:get("{VMODEL_ID_HEADER}") end
-  if name == nil and string.sub(path, 1, #GRPC + 5) == GRPC .. "Model" then
+  -- Not a stream's: body() would wait for the whole stream. A stream with no routing header
+  -- goes to the activator, which reads its first request (activator_grpc.py).
+  if name == nil and string.sub(path, 1, #GRPC + 5) == GRPC .. "Model" and path ~= STREAM then
     local body = h:body()
     if body ~= nil then
       name = field1(body:getBytes(0, math.min(body:length(), {SCAN})))

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from meshserve import wire
 from meshserve.headers import AWAIT_LOAD_HEADER
 from meshserve.settings import MAX_REQUEST_BYTES
 from meshserve_loader.builtin import binary, codec, payloads
@@ -71,17 +73,57 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
         """`request` is the serialized message (add_servicer): parsed here, off the loop, so a
         malformed one is INVALID_ARGUMENT with a plain message."""
         await self._await_load(context)
+        try:
+            return await self._infer(request, self._name(context, ""), context)
+        except InferFailed as e:
+            await context.abort(e.code, e.message)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[bytes], context):  # noqa: N802
+        """Triton's stream: each request answered in turn, in the order they came (Triton's for
+        a model that is not decoupled). A request that fails gets an answer with its error and
+        its id (Triton: "repopulate the id so that client knows which request failed",
+        src/grpc/stream_infer_handler.cc) and the stream goes on. Without a routing header each
+        request names its own model, as on Triton. With one (the gateway's, set once for the
+        stream, from its header or its first request) every request goes to that model, so one
+        that names another than the first did is refused rather than answered by the wrong one."""
+        await self._await_load(context)
         name = self._name(context, "")
+        first: list[str] = []  # the model the stream's first request named
+
+        def one_model(m: pb.ModelInferRequest) -> None:
+            if not first:
+                first.append(m.model_name)
+            elif m.model_name and first[0] and m.model_name != first[0]:
+                raise codec.CodecError(f"this stream is for model '{first[0]}', not '{m.model_name}': the gateway routes a "
+                                       "stream by its first request, so open one stream per model")
+
+        async for request in requests:
+            try:
+                answer = await self._infer(request, name, context, one_model if name else None)
+            except InferFailed as e:
+                yield pb.ModelStreamInferResponse(error_message=e.message, infer_response=pb.ModelInferResponse(id=e.request_id)).SerializeToString()
+                continue
+            yield wire.length_delimited(STREAM_ANSWER_FIELD, answer)  # no re-parse of the answer
+
+    async def _infer(self, request: bytes, name: str, context: grpc.aio.ServicerContext,
+                     check: Callable[[pb.ModelInferRequest], None] | None = None) -> bytes:
+        """One ModelInferRequest's serialized answer; InferFailed (with the gRPC status) if not."""
         code = "200"
         answer: bytes | None = None
+        msg: pb.ModelInferRequest | None = None
         try:
-            msg: pb.ModelInferRequest | None = None
             if not name:  # no routing header: the name is inside the message
                 msg = await asyncio.get_running_loop().run_in_executor(self.rt._pool, parse_infer_request, request)
+                if check is not None:
+                    check(msg)
                 name = self.rt.resolve(msg.model_name)
 
             def work(e: Entry) -> bytes:
-                m = msg if msg is not None else parse_infer_request(request)
+                nonlocal msg
+                parsed = msg is not None
+                msg = m = msg if msg is not None else parse_infer_request(request)
+                if check is not None and not parsed:
+                    check(m)
                 out = self.rt.infer(name, codec.decode_grpc_request(m), e)
                 if m.raw_input_contents:  # raw in, raw out (see binary.py)
                     return binary.raw_grpc_response(name, m.id, out).SerializeToString()
@@ -91,14 +133,14 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
             return answer
         except ModelNotFound as e:
             code = "404"
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            raise InferFailed(grpc.StatusCode.NOT_FOUND, str(e), msg) from None
         except codec.CodecError as e:
             code = "400"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise InferFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e), msg) from None
         except Exception as e:  # a model's own bug: INTERNAL with its message, never a traceback
             code = "500"
             log.exception("inference failed for %s", name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"model '{name}' failed: {type(e).__name__}: {e}")
+            raise InferFailed(grpc.StatusCode.INTERNAL, f"model '{name}' failed: {type(e).__name__}: {e}", msg) from None
         finally:
             self.rt.m_requests.labels(name, code).inc()
             if self.rt.payloads is not None:  # ModelMesh's payload processors: the bytes as they came and went
@@ -117,6 +159,16 @@ class GrpcServicer(pbg.GRPCInferenceServiceServicer):
 
 
 GRPC_MAX_MESSAGE = MAX_REQUEST_BYTES
+STREAM_ANSWER_FIELD = pb.ModelStreamInferResponse.INFER_RESPONSE_FIELD_NUMBER
+
+
+class InferFailed(Exception):
+    """A request's failure as a gRPC status: the unary call aborts with it, a stream answers it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, msg: "pb.ModelInferRequest | None"):
+        super().__init__(message)
+        self.code, self.message = code, message
+        self.request_id = msg.id if msg is not None else ""
 
 
 def parse_infer_request(data: bytes) -> pb.ModelInferRequest:
@@ -138,6 +190,9 @@ def add_servicer(server: grpc.aio.Server, servicer: GrpcServicer) -> None:
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for m in service.methods:
+        if m.name == "ModelStreamInfer":  # bytes both ways, as ModelInfer
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer, request_deserializer=_identity, response_serializer=_identity)
+            continue
         raw = m.name == "ModelInfer"
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, m.name),
