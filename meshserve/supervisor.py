@@ -28,6 +28,7 @@ class Child:
     env: dict[str, str] | None
     restarts: int = 0
     next_restart: float = 0.0
+    stop_signal: int = signal.SIGTERM
 
 
 class Supervisor:
@@ -37,9 +38,9 @@ class Supervisor:
         self.exited = asyncio.Event()
         self.pid_file = pid_file
 
-    async def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    async def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, stop_signal: int = signal.SIGTERM) -> Child:
         proc = await self._spawn(argv, env)
-        child = Child(name, proc, asyncio.create_task(self._pump(name, proc)), argv, env)
+        child = Child(name, proc, asyncio.create_task(self._pump(name, proc)), argv, env, stop_signal=stop_signal)
         self.children.append(child)
         self._write_pids()
         return child
@@ -111,7 +112,7 @@ class Supervisor:
         p = child.proc
         if p.returncode is None:
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, child.stop_signal)
             except ProcessLookupError:
                 pass
             try:

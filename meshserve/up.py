@@ -134,7 +134,11 @@ async def start_mesh(s: Settings, sup: Supervisor) -> None:
     await sup.start("rollout", [py, "-m", "meshserve_rollout"])  # version moves, canaries (traffic.md)
     for i in range(s.pods):
         # Each pod's loader agent starts its runtime and restarts it if it dies.
-        await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)], env={"MESHSERVE_LOADER_RUNS_RUNTIME": "true"})
+        # SIGINT, not SIGTERM, when the whole mesh stops: no drain (placement and the other pods
+        # are stopping too, so there is nowhere to move the models; it only cost a second per pod
+        # and a "drain timed out" warning on every Ctrl-C). A loader stopped alone still drains.
+        await sup.start(f"loader-{i}", [py, "-m", "meshserve_loader", "--index", str(i)], env={"MESHSERVE_LOADER_RUNS_RUNTIME": "true"},
+                        stop_signal=signal.SIGINT)
 
     boot = s.data_dir / "envoy-bootstrap.json"
     boot.write_text(gateway_bootstrap("gateway-0", s.host, s.xds_port, s.envoy_admin_port, tls=tls))

@@ -1,5 +1,5 @@
 """`python -m meshserve_loader`'s process: the pod's server started through its adapter, the
-agent's loops, the metrics listener, and a drain on SIGTERM."""
+agent's loops, the metrics listener, and a drain on SIGTERM (none on SIGINT)."""
 
 from __future__ import annotations
 
@@ -27,15 +27,25 @@ async def run(settings: Settings, index: int) -> None:
         log.info("pod %s: REST %d, gRPC %d, loader metrics %d", built.pod.id, built.pod.rest_port, built.pod.grpc_port,
                  runner.addresses[0][1] if runner.addresses else 0)
         stop = asyncio.Event()
+        drain = True
         loop = asyncio.get_running_loop()
+
+        def interrupted() -> None:
+            nonlocal drain
+            drain = False
+            stop.set()
+
+        # SIGTERM is a pod's preStop: drain first. SIGINT (Ctrl-C, or `meshserve up` stopping
+        # every process at once) stops at once.
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGINT, interrupted)
         try:
             await built.server.wait_ready()
             await agent.register()
             tasks = [asyncio.create_task(c) for c in (agent.heartbeat_loop(), agent.usage_loop(), agent.order_loop(), agent.watch_runtime())]
             await stop.wait()
-            await agent.drain(settings.drain_timeout_seconds)
+            if drain:
+                await agent.drain(settings.drain_timeout_seconds)
             for t in tasks:
                 t.cancel()
         finally:
