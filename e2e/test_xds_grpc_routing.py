@@ -8,6 +8,7 @@ as a pod and the activator.
 
 from __future__ import annotations
 
+import time
 from concurrent import futures
 from typing import Iterator
 
@@ -123,3 +124,48 @@ def test_a_stream_goes_by_its_header_and_without_one_to_the_activator(gateway: s
     activator (which reads the first request's model), answered while the stream is open."""
     assert _stream_first_answer(gateway, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0"
     assert _stream_first_answer(gateway, "m0", []).id == "activator"
+
+
+@pytest.fixture
+def short_timeout_gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The same gateway with a route timeout of 1 s (no activator: nothing here goes to it)."""
+    monkeypatch.setattr(matcher, "ROUTE_TIMEOUT_S", 1)
+    pod, pod_port = _serve("pod-0")
+    ads = AdsThread().start()
+    try:
+        state = r.RoutingState(pods={"pod-0": r.Endpoint("127.0.0.1", free_port(), pod_port)}, loaded={M0: ["pod-0"]}, aliases={"m0": M0},
+                               activator=r.Endpoint("127.0.0.1", free_port(), free_port()))
+        ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))
+        with envoy(gateway_bootstrap("gw-grpc-short", "127.0.0.1", ads.port, 0), 0) as gw:
+            target = f"127.0.0.1:{gw.listener_port(r.GRPC)}"
+            wait_for(lambda: _infer(target, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0", 20, "gRPC route up")
+            yield target
+    finally:
+        ads.stop()
+        pod.stop(0)
+
+
+def test_a_stream_outlives_the_route_timeout_while_its_client_sends(short_timeout_gateway: str) -> None:
+    """A stream open three times the route timeout, a request every 0.3 s, gets every answer:
+    Envoy starts a route's timeout once the client has sent all of its request (end of
+    stream), and a streaming client (tritonclient keeps one stream for the life of its
+    process) closes its side only when it is done. After that the last answers have the
+    route timeout to come."""
+    import queue
+
+    more: "queue.Queue[pb.ModelInferRequest | None]" = queue.Queue()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        while (req := more.get()) is not None:
+            yield req
+
+    with grpc.insecure_channel(short_timeout_gateway) as ch:
+        answers = pbg.GRPCInferenceServiceStub(ch).ModelStreamInfer(requests(), metadata=[("mm-vmodel-id", "m0")], timeout=30)
+        got = []
+        t0 = time.monotonic()
+        for i in range(10):
+            more.put(pb.ModelInferRequest(model_name="m0", id=str(i)))
+            got.append(next(answers).infer_response.id)
+            time.sleep(0.3)
+        more.put(None)
+        assert list(answers) == [] and got == ["pod-0"] * 10 and time.monotonic() - t0 > 3
