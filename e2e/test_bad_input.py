@@ -350,3 +350,44 @@ def test_cold_models_get_the_same_answers_to_encoded_and_oversized_bodies(cold_m
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     code, text = _infer(m, plain, model="cold-3")
     assert code == 200 and json.loads(text)["outputs"][0]["contents"]["int64Contents"] == ["8"], text
+
+
+def test_grpc_hostile_streams(mesh: devmesh.Mesh, fixtures: Path) -> None:
+    """ModelStreamInfer through the gateway, routed by header or by its first request: the
+    same hostile messages as unary ones get their errors in the stream's answers (Triton's
+    error_message) and the stream goes on; a stream whose first message is not a request, or
+    names no model, is INVALID_ARGUMENT; one for an unknown model NOT_FOUND; one for a model
+    whose load fails UNAVAILABLE with the reason; and nothing is left broken."""
+    nan_row = pb.ModelInferRequest(model_name="sklearn-mnist", id="nan")
+    nan_row.inputs.add(name="predict", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend([float("nan")] + [0.0] * 63)
+    ok = _fixture_request(fixtures)
+    with grpc.insecure_channel(mesh.grpc) as ch:
+        stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+                                  response_deserializer=pb.ModelStreamInferResponse.FromString)
+        for metadata in ([("mm-vmodel-id", "sklearn-mnist")], []):
+            sent = [ok.SerializeToString(), nan_row.SerializeToString(), nan_row.SerializeToString()[:-7], ok.SerializeToString()]
+            got = list(stream(iter(sent), metadata=metadata, timeout=120))
+            assert [bool(a.error_message) for a in got] == [False, True, True, False], got
+            assert "Input X contains NaN" in got[1].error_message and got[1].infer_response.id == "nan", got[1]
+            assert "not a valid ModelInferRequest" in got[2].error_message, got[2]
+            assert list(got[3].infer_response.outputs[0].contents.int64_contents) == [8]
+        cases = [
+            ([b"\xff\xff\xff"], [], grpc.StatusCode.INVALID_ARGUMENT, "not a valid protobuf message"),
+            ([pb.ModelInferRequest().SerializeToString()], [], grpc.StatusCode.INVALID_ARGUMENT, "no model named"),
+            ([ok.SerializeToString()], [("mm-vmodel-id", "no-such-model")], grpc.StatusCode.NOT_FOUND, "no-such-model"),
+            ([ok.SerializeToString()], [("mm-vmodel-id", "broken-model")], grpc.StatusCode.UNAVAILABLE, "could not be loaded"),
+        ]
+        for sent, metadata, code, want in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stream(iter(sent), metadata=metadata, timeout=120))
+            assert e.value.code() == code and want in (e.value.details() or ""), (want, e.value.code(), e.value.details())
+        _grpc_good(pbg.GRPCInferenceServiceStub(ch), fixtures)
+    good(mesh, fixtures)
+
+
+def _fixture_request(fixtures: Path) -> pb.ModelInferRequest:
+    from google.protobuf import json_format
+
+    req = json_format.Parse((fixtures / "mnist-request-proto-json.json").read_text(), pb.ModelInferRequest())
+    req.model_name = "sklearn-mnist"
+    return req
