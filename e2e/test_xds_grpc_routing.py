@@ -8,6 +8,7 @@ as a pod and the activator.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent import futures
 from typing import Iterator
@@ -51,13 +52,14 @@ def _serve(name: str) -> tuple[grpc.Server, int]:
     return server, port
 
 
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[str]:
+@contextlib.contextmanager
+def _gateway(node: str, with_activator: bool) -> Iterator[str]:
+    """A real Envoy fed by the matcher layout: m0 loaded on a stand-in pod, and a stand-in
+    activator (or none); the gRPC listener's address."""
     pod, pod_port = _serve("pod-0")
-    act, act_port = _serve("activator")
+    act, act_port = _serve("activator") if with_activator else (None, free_port())
     ads = AdsThread().start()
     try:
-        admin = 0  # Envoy binds any free admin port; the harness reads it back
         state = r.RoutingState(
             pods={"pod-0": r.Endpoint("127.0.0.1", free_port(), pod_port)},
             loaded={M0: ["pod-0"]},
@@ -65,14 +67,21 @@ def gateway() -> Iterator[str]:
             activator=r.Endpoint("127.0.0.1", free_port(), act_port),
         )
         ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))  # free ports, read back
-        with envoy(gateway_bootstrap("gw-grpc", "127.0.0.1", ads.port, admin), admin) as gw:
+        with envoy(gateway_bootstrap(node, "127.0.0.1", ads.port, 0), 0) as gw:  # admin port 0: the harness reads it back
             target = f"127.0.0.1:{gw.listener_port(r.GRPC)}"
             wait_for(lambda: _infer(target, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0", 20, "gRPC route up")
             yield target
     finally:
         ads.stop()
         pod.stop(0)
-        act.stop(0)
+        if act is not None:
+            act.stop(0)
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    with _gateway("gw-grpc", with_activator=True) as target:
+        yield target
 
 
 def _infer(target: str, model: str, metadata: list[tuple[str, str]] | None = None) -> pb.ModelInferResponse:
@@ -130,19 +139,8 @@ def test_a_stream_goes_by_its_header_and_without_one_to_the_activator(gateway: s
 def short_timeout_gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The same gateway with a route timeout of 1 s (no activator: nothing here goes to it)."""
     monkeypatch.setattr(matcher, "ROUTE_TIMEOUT_S", 1)
-    pod, pod_port = _serve("pod-0")
-    ads = AdsThread().start()
-    try:
-        state = r.RoutingState(pods={"pod-0": r.Endpoint("127.0.0.1", free_port(), pod_port)}, loaded={M0: ["pod-0"]}, aliases={"m0": M0},
-                               activator=r.Endpoint("127.0.0.1", free_port(), free_port()))
-        ads.set(GATEWAY_GROUP, matcher.build_all(state, r.ListenerConfig("127.0.0.1", 0, 0)))
-        with envoy(gateway_bootstrap("gw-grpc-short", "127.0.0.1", ads.port, 0), 0) as gw:
-            target = f"127.0.0.1:{gw.listener_port(r.GRPC)}"
-            wait_for(lambda: _infer(target, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0", 20, "gRPC route up")
-            yield target
-    finally:
-        ads.stop()
-        pod.stop(0)
+    with _gateway("gw-grpc-short", with_activator=False) as target:
+        yield target
 
 
 def test_a_stream_outlives_the_route_timeout_while_its_client_sends(short_timeout_gateway: str) -> None:

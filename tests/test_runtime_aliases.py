@@ -12,7 +12,7 @@ import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from meshserve_loader.builtin.grpc_api import GrpcServicer, add_servicer
+from meshserve_testing.runtime_grpc import runtime_channel
 from meshserve_loader.builtin.http_api import build_rest_app
 from meshserve_loader.builtin.table import Runtime
 from meshserve_proto import grpc_predict_v2_pb2 as pb
@@ -62,12 +62,8 @@ async def test_rest_by_alias_in_the_path_or_the_header(tmp_path: Path) -> None:
 
 async def test_grpc_by_alias_in_the_message_or_the_header(tmp_path: Path) -> None:
     rt = await _runtime(tmp_path)
-    server = grpc.aio.server()
-    add_servicer(server, GrpcServicer(rt))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with runtime_channel(rt) as ch:
             stub = pbg.GRPCInferenceServiceStub(ch)
             req = pb.ModelInferRequest(model_name="a", inputs=[pb.ModelInferRequest.InferInputTensor(
                 name="input", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"x"]))])
@@ -81,7 +77,6 @@ async def test_grpc_by_alias_in_the_message_or_the_header(tmp_path: Path) -> Non
                 await stub.ModelInfer(pb.ModelInferRequest(model_name="b"), timeout=10)
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
-        await server.stop(0)
         rt.close()
 
 

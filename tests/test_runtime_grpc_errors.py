@@ -12,10 +12,10 @@ import grpc
 import numpy as np
 
 from meshserve_loader.builtin.codec import InferRequest
-from meshserve_loader.builtin.grpc_api import GrpcServicer, add_servicer
 from meshserve_loader.builtin.table import Entry, Runtime
 from meshserve_proto import grpc_predict_v2_pb2 as pb
 from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
+from meshserve_testing.runtime_grpc import runtime_channel
 
 
 class Buggy:
@@ -44,13 +44,9 @@ async def _scenario() -> list[tuple[str, grpc.StatusCode, str]]:
     rt = Runtime(workers=1)
     for name, model in (("zero", Buggy(ZeroDivisionError("division by zero"))), ("index", Buggy(IndexError("list index out of range"))), ("echo", Echo(None))):  # type: ignore[arg-type]
         rt.models[name] = Entry(model, 1, time.time())
-    server = grpc.aio.server()
-    add_servicer(server, GrpcServicer(rt))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     out: list[tuple[str, grpc.StatusCode, str]] = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with runtime_channel(rt) as ch:
             stub = pbg.GRPCInferenceServiceStub(ch)
             resp = await stub.ModelInfer(_request("echo"), timeout=10)
             out.append(("echo", grpc.StatusCode.OK, f"{resp.id} {list(resp.outputs[0].contents.fp32_contents)}"))
@@ -70,7 +66,6 @@ async def _scenario() -> list[tuple[str, grpc.StatusCode, str]]:
             ready = await stub.ServerReady(pb.ServerReadyRequest(), timeout=10)  # other methods still registered
             out.append(("ready", grpc.StatusCode.OK, str(ready.ready)))
     finally:
-        await server.stop(0)
         rt.close()
     return out
 
@@ -91,12 +86,8 @@ async def _stream_scenario(metadata: list[tuple[str, str]]) -> list[pb.ModelStre
     rt = Runtime(workers=1)
     for name, model in (("zero", Buggy(ZeroDivisionError("division by zero"))), ("echo", Echo(None))):  # type: ignore[arg-type]
         rt.models[name] = Entry(model, 1, time.time())
-    server = grpc.aio.server()
-    add_servicer(server, GrpcServicer(rt))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with runtime_channel(rt) as ch:
             raw = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
                                    response_deserializer=pb.ModelStreamInferResponse.FromString)
             ok, bug, other = _request("echo"), _request("zero"), _request("missing")
@@ -105,7 +96,6 @@ async def _stream_scenario(metadata: list[tuple[str, str]]) -> list[pb.ModelStre
                     ok.SerializeToString()]
             return [a async for a in raw(iter(sent), metadata=metadata, timeout=10)]
     finally:
-        await server.stop(0)
         rt.close()
 
 
