@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[list[str], int]] = {
     "pull": (["bench.pull", "--mib", "1024", "--repeats", "3"], 900),
     "adapters": (["bench.adapters"], 2400),
     "ort_threads": (["bench.ort_threads"], 300),
+    "grpc_stream": (["bench.grpc_stream"], 600),
     # Installs Ray Serve in .venv-ray the first time (a few minutes); needs root for `unshare -n`.
     "peer_rayserve": (["bench.peer_rayserve"], 3000),
 }
