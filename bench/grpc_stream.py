@@ -1,7 +1,7 @@
 """gRPC streams through the gateway: a request's round trip on one open ModelStreamInfer stream
 against a unary ModelInfer, both with `mm-vmodel-id` (Envoy straight to the pod), and a stream
-with no routing header (the activator passes it through). Sequential requests (send, wait for
-the answer, send the next), one warm tiny model, sides alternated round by round in one mesh so
+with no routing header (Envoy reads its first request's model: grpc_fields.py). Sequential requests (send, wait for
+the answer, send the next), and the first answer of new streams, one warm tiny model, sides alternated round by round in one mesh so
 machine noise hits them alike.
 
     .venv/bin/python -m bench.grpc_stream [--rounds 6] [--requests 300]   # -> bench/results/grpc_stream.json
@@ -50,7 +50,7 @@ def _stream(stub: pbg.GRPCInferenceServiceStub, n: int, metadata: list[tuple[str
             yield req
 
     answers = stub.ModelStreamInfer(requests(), metadata=metadata, timeout=300)
-    more.put(_request(-1))  # the stream's set-up (and, with no header, the activator's look-up) is not a request's
+    more.put(_request(-1))  # the stream's set-up (and, with no header, its first message read for routing) is not a request's
     assert not next(answers).error_message
     out = []
     for i in range(n):
@@ -64,10 +64,23 @@ def _stream(stub: pbg.GRPCInferenceServiceStub, n: int, metadata: list[tuple[str
     return out
 
 
+def _first_answers(stub: pbg.GRPCInferenceServiceStub, n: int, metadata: list[tuple[str, str]]) -> list[float]:
+    """n streams, each opened, sent one request and closed: the time to its answer (a stream's
+    set-up, and without a header Envoy's read of its first message, included)."""
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        (a,) = list(stub.ModelStreamInfer(iter([_request(i)]), metadata=metadata, timeout=30))
+        out.append((time.perf_counter() - t0) * 1000)
+        assert not a.error_message, a.error_message
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--requests", type=int, default=300, help="sequential requests per side and round")
+    ap.add_argument("--streams", type=int, default=50, help="one-request streams per side and round (their first answer)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, string_model_mesh(Path(tmp), ["tiny"]) as mesh:
         with grpc.insecure_channel(mesh.grpc) as ch:
@@ -77,7 +90,9 @@ def main() -> None:
             sides: dict[str, Callable[[], list[float]]] = {
                 "unary, mm-vmodel-id": lambda: _unary(stub, args.requests),
                 "stream, mm-vmodel-id": lambda: _stream(stub, args.requests, HEADER),
-                "stream, no header (activator)": lambda: _stream(stub, args.requests, []),
+                "stream, no header": lambda: _stream(stub, args.requests, []),
+                "first answer of a new stream, mm-vmodel-id": lambda: _first_answers(stub, args.streams, HEADER),
+                "first answer of a new stream, no header": lambda: _first_answers(stub, args.streams, []),
             }
             for run in sides.values():  # warm-up, not recorded
                 run()
@@ -93,7 +108,7 @@ def main() -> None:
     unary = statistics.median(lat["unary, mm-vmodel-id"])
     summary = {side: {"p50_ms": round(statistics.median(v), 3), "p99_ms": round(pct(v, 99), 3), "round_p50s_ms": per_round[side],
                       "p50_vs_unary": round(statistics.median(v) / unary, 3)} for side, v in lat.items()}
-    doc = {"rounds": args.rounds, "requests_per_round": args.requests, "model": "string (built-in runtime), warm", "sides": summary}
+    doc = {"rounds": args.rounds, "requests_per_round": args.requests, "streams_per_round": args.streams, "model": "string (built-in runtime), warm", "sides": summary}
     print(json.dumps(doc, indent=1))
     print(write("grpc_stream", doc))
 

@@ -301,6 +301,17 @@ def test_grpc_limit_is_the_same_with_and_without_a_routing_header(mesh: devmesh.
                 if want == grpc.StatusCode.INVALID_ARGUMENT:
                     assert "not BYTES" in (e.value.details() or "")
                 _grpc_good(stub, fixtures)
+        # A stream's first request: without a header the gateway reads that one message for its
+        # model (gRPC field extraction), bounded the same way; the answer comes in the stream.
+        stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+                                  response_deserializer=pb.ModelStreamInferResponse.FromString)
+        for metadata in ([("mm-vmodel-id", "sklearn-mnist")], []):
+            (answer,) = list(stream(iter([_message_of(MAX_REQUEST_BYTES).SerializeToString()]), metadata=metadata, timeout=60))
+            assert "not BYTES" in answer.error_message, (metadata, answer.error_message)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stream(iter([_message_of(MAX_REQUEST_BYTES + 1).SerializeToString()]), metadata=metadata, timeout=60))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (metadata, e.value.code(), e.value.details())
+            _grpc_good(stub, fixtures)
     good(mesh, fixtures)
 
 

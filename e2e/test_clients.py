@@ -96,11 +96,16 @@ def test_tritonclient_model_control_through_the_gateway(mesh: devmesh.Mesh, clie
     assert loaded, "the model was loaded by the explicit load"
 
 
+def _activator_requests(mesh: devmesh.Mesh) -> float:
+    _, text = devmesh.http_get(f"http://127.0.0.1:{mesh.ports['placement_metrics_port']}/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines() if line.startswith("meshserve_activator_requests_total{"))
+
+
 def test_tritonclient_streams_through_the_gateway(mesh: devmesh.Mesh, client_python: Path, tmp_path: Path) -> None:
     """tritonclient.grpc's stream (Triton's ModelStreamInfer) through the gateway, to a model
-    loaded and to one registered a moment before (cold: the stream waits for its load), with
-    `mm-vmodel-id` (Envoy routes the stream to the pod) and without (the activator reads the
-    first request's model and passes the stream on). Each stream: an answer per request in
+    loaded and to one registered a moment before (cold: the activator holds the stream until
+    the load, then passes it on), with `mm-vmodel-id` and without (Envoy reads the first
+    request's model); warm, either way, Envoy sends it straight to the pod. Each stream: an answer per request in
     order, a bad request's error in its place (Triton's: its id kept), and the next request
     answered. Before: UNIMPLEMENTED from the runtime; without the header, the gateway held
     the stream until the client closed it."""
@@ -118,8 +123,12 @@ def test_tritonclient_streams_through_the_gateway(mesh: devmesh.Mesh, client_pyt
         assert res.exit_code == 0, res.output
     try:
         got = {**{f"cold {k}": v for k, v in _calls(client_python, mesh, cold[0], ("stream",)).items() if k == "stream"},
-               **{f"cold {k}": v for k, v in _calls(client_python, mesh, cold[1], ("stream",)).items() if k == "stream mm-vmodel-id"},
-               **{f"warm {k}": v for k, v in _calls(client_python, mesh, "sklearn-mnist", ("stream",)).items()}}
+               **{f"cold {k}": v for k, v in _calls(client_python, mesh, cold[1], ("stream",)).items() if k == "stream mm-vmodel-id"}}
+        _calls(client_python, mesh, "sklearn-mnist", ("stream",))  # loads it, if no test before did
+        before = _activator_requests(mesh)
+        got.update({f"warm {k}": v for k, v in _calls(client_python, mesh, "sklearn-mnist", ("stream",)).items()})
+        # Warm, with or without the header, Envoy sends the stream to the pod itself.
+        assert _activator_requests(mesh) == before
     finally:
         for name in cold:
             CliRunner().invoke(cli, ["delete", "isvc", name], env=env)

@@ -128,11 +128,14 @@ def _stream_first_answer(target: str, model: str, metadata: list[tuple[str, str]
             answers.cancel()
 
 
-def test_a_stream_goes_by_its_header_and_without_one_to_the_activator(gateway: str) -> None:
-    """ModelStreamInfer: with `mm-vmodel-id`, Envoy routes it to the pod; without, to the
-    activator (which reads the first request's model), answered while the stream is open."""
+def test_a_stream_goes_by_its_header_or_its_first_request(gateway: str) -> None:
+    """ModelStreamInfer: with `mm-vmodel-id`, or without a header by its first request's model
+    (Envoy's gRPC field extraction reads that message alone), Envoy routes the stream to the
+    pod, answered while the stream is open; a cold model's stream goes to the activator."""
     assert _stream_first_answer(gateway, "m0", [("mm-vmodel-id", "m0")]).id == "pod-0"
-    assert _stream_first_answer(gateway, "m0", []).id == "activator"
+    assert _stream_first_answer(gateway, "m0", []).id == "pod-0"
+    assert _stream_first_answer(gateway, M0, []).id == "pod-0"
+    assert _stream_first_answer(gateway, "not-loaded", []).id == "activator"
 
 
 @pytest.fixture

@@ -98,14 +98,15 @@ def test_real_envoy_accepts_the_resources(tmp_path: Path) -> None:
 def test_scoped_listeners_key_then_wait_for_new_route_configs_then_route() -> None:
     """The scoped layout's listeners: the Lua filter sets the scope key, the on_demand filter holds
     a request whose scope names a RouteConfiguration not received yet (a model that just
-    loaded), then the router. On REST the OpenAI body reader comes first (tests/test_openai_routes.py)."""
+    loaded), then the router. On REST the OpenAI body reader comes first (tests/test_openai_routes.py),
+    on gRPC the field extraction that reads a stream's first request (grpc_fields.py)."""
     from meshserve_xds import scoped
 
     res = scoped.build_all(state(), r.ListenerConfig())
     for name, lst in res.by_type[r.LISTENER_TYPE].items():
         m = hcm.HttpConnectionManager()
         lst.filter_chains[0].filters[0].typed_config.Unpack(m)
-        first = ["meshserve.openai_model"] if name == r.REST else []
+        first = ["meshserve.openai_model"] if name == r.REST else ["envoy.filters.http.grpc_field_extraction"]
         assert [f.name for f in m.http_filters] == first + ["envoy.filters.http.lua", "envoy.filters.http.on_demand", "envoy.filters.http.router"]
         assert m.scoped_routes.scoped_rds.HasField("scoped_rds_config_source") and not m.HasField("rds")
 

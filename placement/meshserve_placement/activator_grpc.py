@@ -157,12 +157,11 @@ class GrpcActivator(grpc.GenericRpcHandler):
 
 
     def _stream(self, method: str) -> Any:
-        """ModelStreamInfer: a stream for a cold model, or one that came with no routing header
-        (the gateway routes a stream by its headers alone: it can't hold a stream's first message
-        back to read its model, as it does a unary call's). The model is the header's, else the
-        first request's; the stream goes on to a pod once the model is loaded there, the
-        requests and answers passed through as they come. Not sent ahead of a load: a stream
-        is held whole until its copy is loaded."""
+        """ModelStreamInfer for a cold model (the gateway routes a warm one itself, by its header
+        or its first request's model). The model is the header's, else the first request's;
+        the stream goes on to a pod once the model is loaded there, the requests and answers
+        passed through as they come. Not sent ahead of a load: a stream is held whole until
+        its copy is loaded."""
 
         async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             md = dict(context.invocation_metadata() or ())

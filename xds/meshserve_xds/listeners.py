@@ -17,7 +17,7 @@ from envoy.extensions.filters.http.on_demand.v3 import on_demand_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from meshserve.settings import MAX_REQUEST_BYTES
-from meshserve_xds import lua, openai
+from meshserve_xds import grpc_fields, lua, openai
 from meshserve_xds.pb import ads_source, pack_any
 from meshserve_xds.resources import KEY_HEADER
 
@@ -42,7 +42,7 @@ def json_errors() -> hcm.LocalReplyConfig:
     )
 
 
-def grpc_limits() -> tuple[protocol_pb2.Http2ProtocolOptions, hcm.ResponseMapper]:
+def grpc_limits() -> tuple[protocol_pb2.Http2ProtocolOptions, list[hcm.ResponseMapper]]:
     """One request size limit for gRPC whether or not the client sends a routing header.
 
     Without one, the Lua filter buffers the message to read the model name, and Envoy caps a
@@ -61,7 +61,12 @@ def grpc_limits() -> tuple[protocol_pb2.Http2ProtocolOptions, hcm.ResponseMapper
         ),
         headers_to_add=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="grpc-status", value=GRPC_RESOURCE_EXHAUSTED))],
     )
-    return h2, too_large
+    # A stream's first message over the same window: the field extraction filter (grpc_fields)
+    # refuses it as FAILED_PRECONDITION "internal buffer limits"; the same answer as above.
+    stream_too_large = hcm.ResponseMapper()
+    stream_too_large.CopyFrom(too_large)
+    stream_too_large.filter.CopyFrom(grpc_fields.buffer_overflow())
+    return h2, [too_large, stream_too_large]
 
 
 def connection_manager(name: str, http2_only: bool) -> hcm.HttpConnectionManager:
@@ -90,9 +95,10 @@ def connection_manager(name: str, http2_only: bool) -> hcm.HttpConnectionManager
     else:
         # gRPC clients that send no mm-vmodel-id / mm-model-id: route by the message's model_name.
         manager.http_filters.insert(0, lua.model_header_filter())
+        manager.http_filters.insert(0, grpc_fields.stream_model_filter())
         h2, too_large = grpc_limits()
         manager.http2_protocol_options.CopyFrom(h2)
-        manager.local_reply_config.mappers.append(too_large)
+        manager.local_reply_config.mappers.extend(too_large)
     return manager
 
 
@@ -139,7 +145,7 @@ def build_scoped_listener(name: str, host: str, port: int, http2_only: bool) -> 
     manager.ClearField("rds")
     manager.scoped_routes.CopyFrom(scoped_routes())
     del manager.http_filters[:]
-    first = [] if http2_only else [openai.model_metadata_filter()]
+    first = [grpc_fields.stream_model_filter()] if http2_only else [openai.model_metadata_filter()]
     manager.http_filters.extend([*first, lua.scope_key_filter(), on_demand(), router()])
     # No scope: nobody registered that name. Say which, as the activator does in the other
     # layout: KServe v2 error JSON on REST, NOT_FOUND on gRPC (Envoy's own mapping of a local

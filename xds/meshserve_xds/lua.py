@@ -5,12 +5,14 @@ request message (field 1, `model_name`), as ModelMesh reads it. Both scripts rea
 in Envoy (no Python on the data path) and only touch requests that need it.
 
 - `model_header_filter` (the matcher layout's gRPC listener): a ModelInfer request with neither
-  routing header gets `mm-vmodel-id` from its message, and the route is chosen again with it.
+  routing header gets `mm-vmodel-id` from its message, and the route is chosen again with it; a
+  ModelStreamInfer stream gets it from its first request, which Envoy's gRPC field extraction
+  filter read into dynamic metadata (grpc_fields.py): body() would wait for the whole stream.
 - `scope_key_filter` (the scoped layout's listeners): every request gets one routing key, the
   header `x-ms-model`, from `mm-model-id`, `mm-vmodel-id`, the REST path `/v2/models/<name>`,
-  the OpenAI body's `model` (lifted into metadata by openai.py's filter), or field 1 of a gRPC
-  Model* request body (not ModelStreamInfer's: reading it would hold the stream back); anything
-  else gets "-". Envoy picks the scope again once it is set.
+  the OpenAI body's `model` (lifted into metadata by openai.py's filter), field 1 of a gRPC
+  Model* request body, or a stream's first request's model (grpc_fields.py); anything else
+  gets "-". Envoy picks the scope again once it is set.
 - `openai_key_filter` (the matcher layout's REST listener, /v1/ paths only): the body's `model`
   into `x-ms-model`, which the route table's /v1/ branch looks up.
 """
@@ -49,17 +51,26 @@ end"""
 
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
+# Where Envoy's gRPC field extraction filter puts a stream's first request's model_name (grpc_fields.py).
+FIELDS_NAMESPACE = "envoy.filters.http.grpc_field_extraction"
 # How far into the message to look: the gRPC frame prefix (5), field 1's tag (1), its length
 # varint (up to 5) and a model name of up to 1 KiB.
 SCAN = 5 + 1 + 5 + 1024
 
 MODEL_HEADER_LUA = f"""
 local PATH = "{MODEL_INFER_PATH}"
+local STREAM = "{MODEL_STREAM_INFER_PATH}"
 
 {FIELD1}
 function envoy_on_request(h)
   local hs = h:headers()
   if hs:get("{MODEL_ID_HEADER}") ~= nil or hs:get("{VMODEL_ID_HEADER}") ~= nil then return end
+  if hs:get(":path") == STREAM then
+    local md = h:streamInfo():dynamicMetadata():get("{FIELDS_NAMESPACE}")
+    local name = md ~= nil and type(md["model_name"]) == "table" and md["model_name"][1]
+    if name and name ~= "" then hs:add("{VMODEL_ID_HEADER}", name) end
+    return
+  end
   if hs:get(":path") ~= PATH then return end
   local body = h:body()
   if body == nil then return end
@@ -92,9 +103,16 @@ function envoy_on_request(h)
     if md ~= nil and type(md["model"]) == "string" and md["model"] ~= "" then name = md["model"] end
   end
   if name == nil then name = hs:get("{MODEL_ID_HEADER}") or hs:get("{VMODEL_ID_HEADER}") end
-  -- Not a stream's: body() would wait for the whole stream. A stream with no routing header
-  -- goes to the activator, which reads its first request (activator_grpc.py).
-  if name == nil and string.sub(path, 1, #GRPC + 5) == GRPC .. "Model" and path ~= STREAM then
+  -- A stream's model is its first request's, which the field extraction filter before this one
+  -- read (body() would wait for the whole stream).
+  if name == nil and path == STREAM then
+    local md = h:streamInfo():dynamicMetadata():get("{FIELDS_NAMESPACE}")
+    local first = md ~= nil and type(md["model_name"]) == "table" and md["model_name"][1]
+    if first and first ~= "" then
+      name = first
+      hs:add("{VMODEL_ID_HEADER}", name)
+    end
+  elseif name == nil and string.sub(path, 1, #GRPC + 5) == GRPC .. "Model" then
     local body = h:body()
     if body ~= nil then
       name = field1(body:getBytes(0, math.min(body:length(), {SCAN})))
