@@ -136,7 +136,7 @@ def test_mlserver_streams_through_the_gateway(mlserver_exe: Path, fixtures: Path
     """MLServer's gRPC stream (ModelStreamInfer, MLServer 1.7's `predict_stream`) through the
     gateway, with MLServer's own client stub: cold (the activator holds the stream until the
     load, then passes it on), warm with `mm-vmodel-id` (Envoy to the pod), and with no header
-    (the activator reads the model from the first request). The loader's pass-through renames
+    (Envoy reads the model from the first request). The loader's pass-through renames
     each request to the model's id, as it does a unary one. ModelMesh answers streams with
     "Streaming not yet supported" (kserve/modelmesh#133); before this, meshserve's pass-through
     forwarded unary calls only."""
