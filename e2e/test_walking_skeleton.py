@@ -134,6 +134,22 @@ def test_bad_requests_get_v2_errors_and_nothing_breaks(mesh: devmesh.Mesh, fixtu
     assert mesh.proc is not None and mesh.proc.poll() is None
 
 
+def test_a_model_whose_load_fails_everywhere_keeps_saying_why(e2e_config: Path, fixtures: Path) -> None:
+    """A separate mesh whose requests ask again after 2 s (the cold-start timeout): the corrupt
+    model fails on one pod, then on the other, and then placement refuses both pods for a while
+    (ModelMesh's 15-minute exclusion). The third request was told "no runtime pod can hold it";
+    every one now reads that the runtime could not load the model's files (CI, 2026-12-04: the
+    session mesh's requests for it had spread over minutes)."""
+    with devmesh.mesh(config_dir=e2e_config, cold_start_timeout_seconds=2) as m:
+        (m.data_dir / "pvc" / "my-models-pvc" / "corrupt.joblib").write_bytes(b"this is not a joblib file")
+        errors = []
+        for _ in range(3):
+            code, body = curl("-X", "POST", f"{m.rest}/v2/models/broken-model/infer", "-d", f"@{fixtures / 'mnist-request-proto-json.json'}")
+            errors.append((code, body.get("error", body)))
+            time.sleep(2.5)
+        assert all(code == 503 and "the runtime could not load the model's files" in e for code, e in errors), errors
+
+
 def test_ctrl_c_leaves_no_orphans(tmp_path: Path, fixtures: Path) -> None:
     """A separate mesh: SIGINT to `meshserve up` stops every process it started, with a model
     loaded, quietly: no drain (it had nowhere to move the model, since everything stops, and

@@ -41,8 +41,10 @@ def kind_of(reason: str) -> str:
 
 
 def describe(reason: str, placement: bool = False) -> str:
-    """The kind of failure in a client's words."""
-    return CLIENT_TEXT.get(PLACEMENT if placement else kind_of(reason), UNKNOWN_TEXT)
+    """The kind of failure in a client's words. Placement's own failure says no pod can hold the
+    model, unless its reason is tagged with the load failure that made it so (a model whose
+    load failed on every pod that could take it is refused there for a while)."""
+    return CLIENT_TEXT.get(kind_of(reason) or (PLACEMENT if placement else ""), UNKNOWN_TEXT)
 
 
 def client_message(model: str, reason: str, placement: bool = False) -> str:

@@ -93,3 +93,24 @@ def test_tags_round_trip_and_unknown_heads_are_not_kinds() -> None:
     assert failures.kind_of(S3_REASON) == failures.STORAGE
     assert failures.kind_of("s3: something") == "" and failures.kind_of("plain reason") == ""
     assert failures.describe("plain reason", placement=True) == failures.CLIENT_TEXT[failures.PLACEMENT]
+
+
+def test_a_model_refused_after_its_load_failed_everywhere_keeps_the_load_failure() -> None:
+    """Kind: unit (pure). Once a model's load failed on every pod that can take it, placement
+    refuses those pods for a while; the request waiting then is told the load failure's kind,
+    as the requests before it were, not "no runtime pod can hold it"."""
+    from meshserve.model import Copy, CopyState
+    from meshserve_placement.decide import Decision, Verdict
+    from meshserve_placement.decisions import _placement_reason
+
+    excluded = Decision(MODEL, None, [], [Verdict("pod-0", "not-excluded", "a load failed here; excluded for 25s more"),
+                                         Verdict("pod-1", "runtime", "runs mlserver-1.x; the model's runtime is meshserve-builtin")],
+                        reason="no pod can take it: pod-0 a load failed here; pod-1 runs mlserver-1.x")
+    copies = {"pod-0": Copy(CopyState.FAILED, 0, 10.0, failures.tag(failures.LOAD, "corrupt.joblib: not a joblib file")),
+              "pod-1": Copy(CopyState.FAILED, 0, 5.0, failures.tag(failures.STORAGE, "s3 said no"))}
+    reason = _placement_reason(excluded, copies)
+    assert failures.client_message(MODEL, reason, placement=True) == (
+        f"model '{MODEL}' could not be loaded: the runtime could not load the model's files (details: `meshserve explain {MODEL}`)")
+    # Refused for room or runtime only: still placement's own words.
+    full = Decision(MODEL, None, [], [Verdict("pod-0", "fits", "needs 2 GiB, 1 GiB free")], reason="no pod can take it: pod-0 needs 2 GiB")
+    assert failures.describe(_placement_reason(full, copies), placement=True) == failures.CLIENT_TEXT[failures.PLACEMENT]

@@ -58,6 +58,10 @@ class Decision:
     base: str = ""
     with_base: bool = False
 
+    def refused_after_failures(self) -> bool:
+        """Not placed, and some pod refused only because a load of the model failed there."""
+        return self.pod is None and any(v.step == "not-excluded" for v in self.trace)
+
     @property
     def considered(self) -> str:
         if not self.candidates:

@@ -11,7 +11,7 @@ import time
 
 from opentelemetry import trace
 
-from meshserve import tracing
+from meshserve import failures, tracing
 from meshserve.model import Copy, CopyState, ModelSpec
 from meshserve.store import keys as k
 from meshserve.store import ops as cmd
@@ -68,7 +68,7 @@ class Decisions:
             if waiting:
                 # Tell the waiting activators: a "-" pseudo-copy carries the reason to the 503.
                 copies = dict(self.view.copies.get(spec.id, {}))
-                copies["-"] = Copy(CopyState.FAILED, 0, now, decision.reason)
+                copies["-"] = Copy(CopyState.FAILED, 0, now, _placement_reason(decision, copies))
                 self._set_copies(spec.id, copies, ops, changes)
             await self._commit(ops, changes)
             if waiting:
@@ -180,3 +180,15 @@ class Decisions:
                 await asyncio.sleep(quick)
             async with self._deciding():
                 await self._retry_room()
+
+
+def _placement_reason(decision: Decision, copies: dict[str, Copy]) -> str:
+    """The reason a waiting request is told: the decision's, tagged with the kind of the latest
+    load failure when that failure is why pods refused the model (so a client keeps reading
+    "could not load the model's files", not "no runtime pod can hold it", after its retries)."""
+    if decision.refused_after_failures():
+        failed = [(c.since, kind) for p, c in copies.items()
+                  if p != "-" and c.state == CopyState.FAILED and (kind := failures.kind_of(c.reason))]
+        if failed:
+            return failures.tag(max(failed)[1], decision.reason)
+    return decision.reason
