@@ -65,6 +65,18 @@ def test_empty_mesh_routes_everything_to_the_activator() -> None:
     assert clusters == {"meshserve_activator_rest"}
 
 
+def test_server_reflection_goes_to_the_activator_in_either_layout() -> None:
+    """grpcurl without -proto asks /grpc.reflection.* first, with its -H model headers on it: the
+    activator answers it (e2e/test_grpc_reflection.py runs it through Envoy)."""
+    from meshserve_xds import lua, scoped_routes
+
+    act = {x.match.prefix: x.route.cluster for x in scoped_routes.activator_routes(state()).virtual_hosts[0].routes}
+    assert act[r.REFLECTION_PREFIX] == r.ACTIVATOR_GRPC
+    # The scope key ignores the headers on it; the matcher layout drops them, so its fallback takes it.
+    assert f'hs:add("{r.KEY_HEADER}", "{r.NO_MODEL}")' in lua.SCOPE_KEY_LUA.split("REFLECTION then", 1)[1].split("end", 1)[0]
+    assert f'hs:remove("{r.VMODEL_ID_HEADER}")' in lua.MODEL_HEADER_LUA.split("REFLECTION then", 1)[1].split("end", 1)[0]
+
+
 def _static_bootstrap(res: r.Resources) -> dict:
     b = bootstrap_pb2.Bootstrap()
     for name, lst in res.by_type[r.LISTENER_TYPE].items():

@@ -15,7 +15,7 @@ from meshserve.store import State
 from meshserve.observe import MeshStateCollector
 from meshserve.settings import Settings
 from meshserve_placement.activator import FORWARD_SECONDS, Activator, build_rest_app
-from meshserve_placement.activator_grpc import GrpcActivator
+from meshserve_placement import activator_grpc
 from meshserve_placement.leader import Scheduler
 
 log = logging.getLogger("meshserve.placement")
@@ -35,7 +35,7 @@ async def main() -> None:
         await runner.setup()
         await web.TCPSite(runner, s.host, s.activator_rest_port, backlog=1024).start()
         gsrv = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
-        gsrv.add_generic_rpc_handlers((GrpcActivator(act),))
+        activator_grpc.serve_on(gsrv, act)
         gsrv.add_insecure_port(f"{s.host}:{s.activator_grpc_port}")
         await gsrv.start()
 

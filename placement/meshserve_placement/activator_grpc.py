@@ -8,6 +8,7 @@ import time
 from typing import Any, AsyncIterator
 
 import grpc
+from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -19,6 +20,17 @@ from meshserve_placement import repository_api as repo
 from meshserve_placement.activator import SERVER_METADATA, Activator, Ahead
 from meshserve_placement.coldpath import M_COLD, LoadFailed
 from meshserve_proto import grpc_predict_v2_pb2 as pb
+
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def serve_on(server: grpc.aio.Server, act: Activator) -> None:
+    """The gateway's own gRPC API on `server`: the activator's GRPCInferenceService, and server
+    reflection describing it, so that grpcurl, Postman and grpcui work without the .proto file
+    (the gateway routes every /grpc.reflection. call here: docs/design/routing.md, "Server reflection")."""
+    server.add_generic_rpc_handlers((GrpcActivator(act),))
+    reflection.enable_server_reflection((INFERENCE_SERVICE, reflection.SERVICE_NAME), server)
 
 
 class GrpcActivator(grpc.GenericRpcHandler):

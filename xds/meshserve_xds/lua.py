@@ -8,11 +8,13 @@ in Envoy (no Python on the data path) and only touch requests that need it.
   routing header gets `mm-vmodel-id` from its message, and the route is chosen again with it; a
   ModelStreamInfer stream gets it from its first request, which Envoy's gRPC field extraction
   filter read into dynamic metadata (grpc_fields.py): body() would wait for the whole stream.
+  A server reflection call loses its model headers, so it goes to the activator.
 - `scope_key_filter` (the scoped layout's listeners): every request gets one routing key, the
   header `x-ms-model`, from `mm-model-id`, `mm-vmodel-id`, the REST path `/v2/models/<name>`,
   the OpenAI body's `model` (lifted into metadata by openai.py's filter), field 1 of a gRPC
   Model* request body, or a stream's first request's model (grpc_fields.py); anything else
-  gets "-". Envoy picks the scope again once it is set.
+  gets "-", as does a server reflection call whatever its headers. Envoy picks the scope
+  again once it is set.
 - `openai_key_filter` (the matcher layout's REST listener, /v1/ paths only): the body's `model`
   into `x-ms-model`, which the route table's /v1/ branch looks up.
 """
@@ -28,7 +30,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from meshserve_xds import openai
 from meshserve_xds.openai import J2M_NAMESPACE
 from meshserve_xds.pb import pack_any
-from meshserve_xds.resources import GRPC_PREFIX, KEY_HEADER, MODEL_ID_HEADER, NO_MODEL, VMODEL_ID_HEADER
+from meshserve_xds.resources import GRPC_PREFIX, KEY_HEADER, MODEL_ID_HEADER, NO_MODEL, REFLECTION_PREFIX, VMODEL_ID_HEADER
 
 # Field 1 (model_name / name, wire type 2) of the first message in a gRPC request body, or nil:
 # a gRPC frame is a 1-byte "compressed" flag and a 4-byte length, then the message; protobuf
@@ -60,18 +62,27 @@ SCAN = 5 + 1 + 5 + 1024
 MODEL_HEADER_LUA = f"""
 local PATH = "{MODEL_INFER_PATH}"
 local STREAM = "{MODEL_STREAM_INFER_PATH}"
+local REFLECTION = "{REFLECTION_PREFIX}"
 
 {FIELD1}
 function envoy_on_request(h)
   local hs = h:headers()
+  local path = hs:get(":path") or ""
+  if string.sub(path, 1, #REFLECTION) == REFLECTION then
+    -- Reflection is the gateway's, not a model's: without its model headers the fallback
+    -- route takes it to the activator.
+    hs:remove("{MODEL_ID_HEADER}")
+    hs:remove("{VMODEL_ID_HEADER}")
+    return
+  end
   if hs:get("{MODEL_ID_HEADER}") ~= nil or hs:get("{VMODEL_ID_HEADER}") ~= nil then return end
-  if hs:get(":path") == STREAM then
+  if path == STREAM then
     local md = h:streamInfo():dynamicMetadata():get("{FIELDS_NAMESPACE}")
     local name = md ~= nil and type(md["model_name"]) == "table" and md["model_name"][1]
     if name and name ~= "" then hs:add("{VMODEL_ID_HEADER}", name) end
     return
   end
-  if hs:get(":path") ~= PATH then return end
+  if path ~= PATH then return end
   local body = h:body()
   if body == nil then return end
   local n = body:length()
@@ -87,12 +98,18 @@ end
 SCOPE_KEY_LUA = f"""
 local GRPC = "{GRPC_PREFIX}"
 local STREAM = "{MODEL_STREAM_INFER_PATH}"
+local REFLECTION = "{REFLECTION_PREFIX}"
 
 {FIELD1}
 function envoy_on_request(h)
   local hs = h:headers()
   if hs:get("{KEY_HEADER}") ~= nil then hs:remove("{KEY_HEADER}") end
   local path = hs:get(":path") or ""
+  -- Reflection is the gateway's, whatever model header came with it (grpcurl's -H does).
+  if string.sub(path, 1, #REFLECTION) == REFLECTION then
+    hs:add("{KEY_HEADER}", "{NO_MODEL}")
+    return
+  end
   -- The REST path wins: a scope then pins segment 3 exactly, so one prefix route per name is
   -- enough (no "/v2/models/m1" matching "/v2/models/m10").
   local name = string.match(path, "^/v2/models/([^/?]+)")

@@ -30,6 +30,10 @@ ACTIVATOR_REST = "meshserve_activator_rest"
 ACTIVATOR_GRPC = "meshserve_activator_grpc"
 MODELS_PREFIX = "/v2/models/"
 GRPC_PREFIX = "/inference.GRPCInferenceService/"
+# gRPC server reflection (v1alpha and v1), what grpcurl and Postman ask before a call made
+# without the .proto file: the activator answers it for the gateway, whatever model header the
+# client sends with it (grpcurl's -H goes on its reflection calls too).
+REFLECTION_PREFIX = "/grpc.reflection."
 # The scoped layout's routing key: one header, set by the Lua filter (lua.py), keyed on by scopes.
 KEY_HEADER = "x-ms-model"
 NO_MODEL = "-"  # the key of a request that names no model

@@ -24,7 +24,7 @@ from meshserve_xds.clusters import copies_cluster
 from meshserve_xds.openai import OPENAI_PREFIX
 from meshserve.model import alias_of_id
 from meshserve_xds.resources import (
-    ACTIVATOR_GRPC, ACTIVATOR_REST, GRPC_PREFIX, KEY_HEADER, MODEL_ID_HEADER, MODELS_PREFIX, NO_MODEL, ROUTE_TIMEOUT_S, ROUTE_TYPE,
+    ACTIVATOR_GRPC, ACTIVATOR_REST, GRPC_PREFIX, KEY_HEADER, MODEL_ID_HEADER, MODELS_PREFIX, NO_MODEL, REFLECTION_PREFIX, ROUTE_TIMEOUT_S, ROUTE_TYPE,
     SCOPED_ROUTE_TYPE, RoutingState,
 )
 from meshserve_xds.routes import NAME_SEGMENT, activator_action, route_action, set_model_header, streaming, streaming_routes, transformer_action
@@ -146,6 +146,7 @@ def model_routes(state: RoutingState, model: str) -> route_pb2.RouteConfiguratio
 def activator_routes(state: RoutingState) -> route_pb2.RouteConfiguration:
     routes = [
         rc.Route(match=rc.RouteMatch(prefix=GRPC_PREFIX), route=activator_action(state, ACTIVATOR_GRPC)),
+        rc.Route(match=rc.RouteMatch(prefix=REFLECTION_PREFIX), route=activator_action(state, ACTIVATOR_GRPC)),
         # A cold /v1 answer is relayed as the pod streams it: bounded by its gaps, as a warm one.
         rc.Route(match=rc.RouteMatch(prefix=OPENAI_PREFIX), route=streaming(activator_action(state, ACTIVATOR_REST))),
         rc.Route(match=rc.RouteMatch(prefix="/"), route=activator_action(state, ACTIVATOR_REST)),
