@@ -1,18 +1,18 @@
 """Every Grafana dashboard has `cluster` and `namespace` variables and scopes every panel's
-PromQL by them. Kind: unit (the generator's output; promtool, when installed, parses each query)."""
+PromQL by them. Kind: unit (the generator's output; promtool parses each query, installed from
+Debian's prometheus package when missing, as e2e/test_alerts.py does)."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from meshserve import dashboards
+from meshserve_testing.tools import apt_binary
 
 SCOPE = 'cluster=~"$cluster",namespace=~"$namespace"'
 METRIC = re.compile(r'(?<![\w"$.])((?:meshserve|envoy)_[A-Za-z0-9_:]+|up)\b(?![(\w])')
@@ -59,8 +59,8 @@ def test_scoping_keeps_functions_labels_and_ranges() -> None:
                  '/ clamp_min(sum(x{' + SCOPE + '}), 1e-9) or vector(0)')
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
 def test_every_scoped_query_parses(tmp_path: Path) -> None:
+    promtool = apt_binary("promtool", "prometheus")
     rules = []
     for name, d in rendered().items():
         for p in d["panels"]:
@@ -69,5 +69,5 @@ def test_every_scoped_query_parses(tmp_path: Path) -> None:
                 rules.append({"record": f"check:{len(rules)}", "expr": expr})
     f = tmp_path / "rules.yaml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
-    out = subprocess.run(["promtool", "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
