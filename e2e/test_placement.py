@@ -371,3 +371,71 @@ async def test_a_request_waits_for_its_runtime_pool_to_come_back_from_zero(valke
             if runner is not None:
                 runner.cancel()
             await asyncio.gather(watcher, *([runner] if runner else []), return_exceptions=True)
+
+
+async def test_a_hot_adapter_gets_a_copy_that_brings_its_base_and_its_siblings_stay(valkey: devmesh.Valkey) -> None:
+    """Issue 17 item 2, copies per adapter: an adapter's request rate adds copies of that adapter
+    only, and each new copy on a pod without the base brings a copy of the base, loaded first."""
+    async with cluster(valkey.url, pods=2, capacity=1000 * MB, scale_up_rps=20.0, busy_window_seconds=0.5,
+                       scale_down_after_seconds=60.0) as (sched, pods, state):
+        base, a1, a2 = spec("base", 100 * MB), spec("a1", 10 * MB, base="base", max_copies=2), spec("a2", 10 * MB, base="base")
+        await state.register_models([base, a1, a2])
+        for m in (a1, a2):
+            await state.r.xadd(keys.LOAD_REQUESTS, {"model": m.id})
+            await until(lambda m=m: _loaded(state, m.id), what=f"{m.alias} loaded")
+        home = next(p for p in pods if a1.id in p.held)
+        other = next(p for p in pods if p is not home)
+        # The base was never asked for: placement loaded it first, beside the first adapter.
+        assert home.orders == [("load", base.id), ("load", a1.id), ("load", a2.id)], home.orders
+        assert other.orders == []
+
+        async def hammer() -> None:
+            while True:
+                for p in pods:
+                    if a1.id in p.held:
+                        p.use(a1.id, 30)  # 600 requests/s on each copy of a1; none for a2
+                await asyncio.sleep(0.05)
+
+        h = asyncio.create_task(hammer())
+        try:
+            await until(lambda: _count_loaded(state, a1.id, 2), timeout=15, what="a second copy of the hot adapter")
+        finally:
+            h.cancel()
+        assert other.orders == [("load", base.id), ("load", a1.id)], other.orders  # its base first, then it
+        assert set(await state.copies(base.id)) == {"pod-0", "pod-1"}
+        assert list(await state.copies(a2.id)) == [home.pod.id]  # the quiet sibling keeps one copy
+
+
+async def test_evictions_take_the_adapters_first_and_their_base_only_after_them(valkey: devmesh.Valkey) -> None:
+    """Issue 17 item 2, eviction: on a full pod the least recently used adapter goes while its
+    sibling keeps the base resident; when the base's room is needed it goes only with its
+    adapters, and its unload is ordered after theirs."""
+    # No unload reserve, so the sizes alone say what fits; a short busy window, so a copy used a
+    # moment ago is idle (evictable in recency order, not as a busy last resort) when x comes.
+    async with cluster(valkey.url, pods=1, capacity=130 * MB, unload_reserve_fraction=0.0, busy_window_seconds=0.3) as (sched, (pod,), state):
+        base, a1, a2 = spec("base", 100 * MB), spec("a1", 10 * MB, base="base"), spec("a2", 10 * MB, base="base")
+        x, y = spec("x", 15 * MB), spec("y", 60 * MB)
+        await state.register_models([base, a1, a2, x, y])
+        for m in (a1, a2):
+            await state.r.xadd(keys.LOAD_REQUESTS, {"model": m.id})
+            await until(lambda m=m: _loaded(state, m.id), what=f"{m.alias} loaded")
+        await asyncio.sleep(1.2)  # past the landed grace of a2's copy
+        pod.use(a1.id)  # a2 is now the least recently used; the base is as recent as a1
+        await state.touch([a1.id])
+
+
+        async def a1_seen_idle() -> bool:  # the leader polled the use, and the busy window passed
+            v = sched.view
+            return v.last_used.get(a1.id, 0.0) > v.last_used.get(a2.id, 0.0) and a1.id not in v.in_flight
+
+        await until(a1_seen_idle, what="the leader to see a1 used after a2, and idle again")
+
+        await state.r.xadd(keys.LOAD_REQUESTS, {"model": x.id})  # needs 5 MB more than is free
+        await until(lambda: _loaded(state, x.id), what="x loaded")
+        assert set(pod.held) == {base.id, a1.id, x.id}, pod.orders
+        assert ("unload", base.id) not in pod.orders
+
+        await state.r.xadd(keys.LOAD_REQUESTS, {"model": y.id})  # 60 MB: only the base's room will do
+        await until(lambda: _loaded(state, y.id), timeout=10, what="y loaded")
+        assert base.id not in pod.held and a1.id not in pod.held, pod.orders
+        assert pod.orders.index(("unload", a1.id)) < pod.orders.index(("unload", base.id)), pod.orders
