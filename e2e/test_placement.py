@@ -90,18 +90,19 @@ async def cluster(url: str, pods: int = 2, capacity: int = 100 * MB, max_loading
     fakes: list[FakePod] = []
     runners: list[web.AppRunner] = []
     for i in range(pods):
-        fp = FakePod(Pod(f"pod-{i}", "127.0.0.1", devmesh.free_port(), 0, capacity, ["sklearn"], max_loading=max_loading), state)
+        held: dict[str, dict[str, float]] = {}
         app = web.Application()
 
-        async def stats(_: web.Request, fp: FakePod = fp) -> web.Response:
-            return web.json_response(fp.held)
+        async def stats(_: web.Request, held: dict[str, dict[str, float]] = held) -> web.Response:
+            return web.json_response(held)
 
         app.router.add_get("/v2/meshserve/stats", stats)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", fp.pod.rest_port).start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()  # the kernel's port, read back
+        port = runner.addresses[0][1]
+        fakes.append(FakePod(Pod(f"pod-{i}", "127.0.0.1", port, 0, capacity, ["sklearn"], max_loading=max_loading), state, held=held))
         runners.append(runner)
-        fakes.append(fp)
     tasks = [asyncio.create_task(fp.run()) for fp in fakes]
     await asyncio.sleep(0.2)
     sched = Scheduler(s, state, Tuning(**{"maintain_seconds": 0.2, "rate_poll_seconds": 0.3, **tuning}))
